@@ -11,6 +11,7 @@
 //! | [`nar`] | NAR writer (from a tree) and streaming decoder (to a tree or a stream) |
 //! | [`export`] | `nix-store --export` / ImportPaths framing |
 //! | [`machines`] | machines files and the `builders` setting |
+//! | [`store_uri`] | store URIs (`ssh://user@host?remote-store=…`, `local`, paths) |
 //! | [`serve`] | serve-protocol (`nix-store --serve`) messages |
 //!
 //! Parsers take `&[u8]` or `std::io::Read` and return errors, never panic, on bad input.
@@ -25,4 +26,5 @@ pub mod nar;
 pub mod nixbase32;
 pub mod serve;
 pub mod store_path;
+pub mod store_uri;
 pub mod wire;
