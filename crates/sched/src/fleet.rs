@@ -1,0 +1,109 @@
+//! The machines a plan may use: what each can build, how many builds at once, how fast,
+//! and how far its link is from the client (where offload runs).
+
+use crate::graph::NodeSpec;
+
+/// Index of a machine in the fleet.
+pub type MachineId = usize;
+
+/// One machine, local or remote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineSpec {
+    /// What messages call it (its store URI, or `local`).
+    pub name: String,
+    /// Systems it builds for, including emulated ones.
+    pub systems: Vec<String>,
+    pub supported_features: Vec<String>,
+    /// Features a derivation must require to be built here.
+    pub mandatory_features: Vec<String>,
+    /// Builds at once (`max-jobs`, machines-file field 4).
+    pub slots: u32,
+    /// Relative speed (machines-file field 5); durations divide by it.
+    pub speed: f64,
+    /// The machine offload runs on: inputs and outputs need no transfer to the client.
+    pub is_local: bool,
+    /// Bytes per second between the client and this machine.
+    pub bandwidth: f64,
+    /// Seconds of fixed cost per transfer or build round trip.
+    pub latency: f64,
+}
+
+impl MachineSpec {
+    /// Whether this machine can build `node`, by Nix's rule: the system is one of its
+    /// systems (or `builtin`), every required feature is supported or mandatory here,
+    /// and every mandatory feature is required.
+    pub fn can_build(&self, node: &NodeSpec) -> bool {
+        (node.system == "builtin" || self.systems.contains(&node.system))
+            && node
+                .required_features
+                .iter()
+                .all(|f| self.supported_features.contains(f) || self.mandatory_features.contains(f))
+            && self
+                .mandatory_features
+                .iter()
+                .all(|f| node.required_features.contains(f))
+    }
+
+    /// Seconds to build `node` here.
+    pub fn build_time(&self, node: &NodeSpec) -> f64 {
+        node.duration.max(0.0) / self.speed.max(1e-6)
+    }
+
+    /// Seconds to move `bytes` between the client and this machine.
+    pub fn transfer_time(&self, bytes: u64) -> f64 {
+        if self.is_local || bytes == 0 {
+            0.0
+        } else {
+            self.latency + bytes as f64 / self.bandwidth.max(1.0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(systems: &[&str], supported: &[&str], mandatory: &[&str]) -> MachineSpec {
+        MachineSpec {
+            name: "m".into(),
+            systems: systems.iter().map(|s| s.to_string()).collect(),
+            supported_features: supported.iter().map(|s| s.to_string()).collect(),
+            mandatory_features: mandatory.iter().map(|s| s.to_string()).collect(),
+            slots: 1,
+            speed: 1.0,
+            is_local: false,
+            bandwidth: 1e8,
+            latency: 0.001,
+        }
+    }
+
+    fn node(system: &str, features: &[&str]) -> NodeSpec {
+        NodeSpec {
+            key: "n".into(),
+            system: system.into(),
+            required_features: features.iter().map(|s| s.to_string()).collect(),
+            deps: vec![],
+            duration: 1.0,
+            output_bytes: 0,
+            prefer_local: false,
+        }
+    }
+
+    #[test]
+    fn matching_follows_nix() {
+        let m = machine(
+            &["x86_64-linux", "aarch64-linux"],
+            &["kvm"],
+            &["big-parallel"],
+        );
+        assert!(m.can_build(&node("aarch64-linux", &["big-parallel"])));
+        assert!(m.can_build(&node("x86_64-linux", &["big-parallel", "kvm"])));
+        // Mandatory features must be asked for.
+        assert!(!m.can_build(&node("x86_64-linux", &[])));
+        assert!(!m.can_build(&node("x86_64-darwin", &["big-parallel"])));
+        assert!(!m.can_build(&node("x86_64-linux", &["big-parallel", "cuda"])));
+        assert!(m.can_build(&node("builtin", &["big-parallel"])));
+        let plain = machine(&["x86_64-linux"], &[], &[]);
+        assert!(plain.can_build(&node("x86_64-linux", &[])));
+    }
+}

@@ -1,0 +1,19 @@
+//! The pure build scheduler of offload.
+//!
+//! Given a build graph ([`Graph`]: derivations, dependencies, estimated durations and
+//! output sizes) and a fleet ([`MachineSpec`]: systems, features, slots, speed, link),
+//! the [`Scheduler`] decides which derivation runs where and when. Its whole interface
+//! is [`Scheduler::start`] and [`Scheduler::handle`]: events in, [`Action`]s out, with
+//! the current time passed in.
+//!
+//! This crate must not depend on tokio, on any I/O (`std::{fs, net, process}`) or read a
+//! clock (`clippy.toml` bans `Instant::now`/`SystemTime::now`): the live driver and a
+//! simulator run the same code and get the same plan from the same inputs.
+
+pub mod fleet;
+pub mod graph;
+pub mod scheduler;
+
+pub use fleet::{MachineId, MachineSpec};
+pub use graph::{Graph, GraphError, NodeId, NodeSpec};
+pub use scheduler::{Action, Event, Failure, NodeState, Outcome, Scheduler, MAX_ATTEMPTS};
