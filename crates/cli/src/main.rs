@@ -1,1 +1,81 @@
-fn main() {}
+//! The `offload` binary: parses flags, sets up logging, runs a command and maps the
+//! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up).
+
+mod args;
+mod copy;
+mod render;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::args::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            render::error(&anyhow::Error::new(e).context("cannot start the async runtime"));
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Copy(args) => copy::run(args).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            render::error(&failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// An error with the exit code it maps to.
+pub struct Failure {
+    pub error: anyhow::Error,
+    pub code: u8,
+}
+
+impl Failure {
+    /// The user's input or set-up is wrong (exit 2).
+    pub fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Failure {
+            error: error.into(),
+            code: 2,
+        }
+    }
+
+    /// The work itself failed (exit 1).
+    pub fn work(error: impl Into<anyhow::Error>) -> Self {
+        Failure {
+            error: error.into(),
+            code: 1,
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}

@@ -1,1 +1,33 @@
-//! (being written)
+//! The driver: everything that talks to machines. It runs Nix's serve protocol
+//! (`nix-store --serve --write`) over OpenSSH or a local process, moves store paths
+//! between machines, and executes the scheduler's plan.
+//!
+//! Main types:
+//! - [`Endpoint`] — how to reach a store (ssh host, local process, chroot store);
+//! - [`ServeConn`] — one serve session: queries, NAR streaming, imports, builds;
+//! - [`copy_closure`] — copies a closure between two stores, several transfers at once;
+//! - [`build::run`] — builds a graph of derivations over a fleet, as the scheduler plans;
+//! - [`History`] — build durations in SQLite, for estimates;
+//! - [`DriverError`] — what went wrong, naming the machine and the next step.
+//!
+//! This crate depends on `offload-nix` for formats and framing and on `offload-sched`
+//! for decisions; it makes none of its own.
+
+pub mod build;
+mod conn;
+mod copy;
+pub mod dry_run;
+mod error;
+mod history;
+pub mod nixconf;
+mod paths;
+mod pool;
+mod transport;
+
+pub use conn::{ServeConn, HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
+pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
+pub use error::DriverError;
+pub use history::{package_name, EstimateSource, History, HistoryError, DEFAULT_SECONDS};
+pub use paths::PathRegistry;
+pub use pool::Pool;
+pub use transport::{shell_quote, Endpoint, Route, NIX_SSHOPTS};

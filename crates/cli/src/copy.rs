@@ -1,0 +1,118 @@
+//! `offload copy`: copies closures between stores (the local one or any other).
+
+use std::path::{Component, Path, PathBuf};
+
+use offload_driver::{copy_closure, CopyOptions, Endpoint};
+use offload_nix::store_path::STORE_DIR;
+
+use crate::args::CopyArgs;
+use crate::Failure;
+
+pub async fn run(args: CopyArgs) -> Result<(), Failure> {
+    let endpoint =
+        |uri: Option<&String>| Endpoint::parse(uri.unwrap_or(&args.store)).map_err(Failure::usage);
+    let from = endpoint(args.from.as_ref())?;
+    let to = endpoint(args.to.as_ref())?;
+    let paths = args
+        .paths
+        .iter()
+        .map(|p| store_path_of(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Failure::usage)?;
+    let options = CopyOptions {
+        jobs: args.jobs.max(1),
+    };
+    let stats = copy_closure(&from, &to, &paths, &options)
+        .await
+        .map_err(Failure::work)?;
+    let secs = stats.elapsed.as_secs_f64();
+    eprintln!(
+        "copied {} paths ({}) from {} to {} in {:.2} s; {} of {} already there",
+        stats.copied,
+        human_bytes(stats.bytes),
+        from.name,
+        to.name,
+        secs,
+        stats.already_present,
+        stats.closure,
+    );
+    Ok(())
+}
+
+/// The store path named by `arg`: a store path, a file inside one, or a symlink (such as
+/// `./result`) to one. Chroot stores keep `/nix/store/…` as the logical path, so links
+/// are read, not resolved on disk.
+fn store_path_of(arg: &Path) -> anyhow::Result<String> {
+    let mut path = arg.to_path_buf();
+    for _ in 0..40 {
+        if let Some(store_path) = store_prefix(&path) {
+            return Ok(store_path);
+        }
+        let target = match std::fs::read_link(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                anyhow::bail!("{}: no such file or directory", arg.display())
+            }
+            Err(_) => anyhow::bail!(
+                "{} is neither a store path (under {STORE_DIR}) nor a symlink to one",
+                arg.display()
+            ),
+        };
+        path = match path.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    anyhow::bail!("{}: too many levels of symbolic links", arg.display())
+}
+
+fn store_prefix(path: &Path) -> Option<String> {
+    let rest = path.strip_prefix(STORE_DIR).ok()?;
+    match rest.components().next() {
+        Some(Component::Normal(name)) => Some(
+            PathBuf::from(STORE_DIR)
+                .join(name)
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        _ => None,
+    }
+}
+
+/// Bytes in the units Nix prints (KiB, MiB, GiB).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_prefix_takes_the_top_path() {
+        let p = Path::new("/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi/bin/x");
+        assert_eq!(
+            store_prefix(p).as_deref(),
+            Some("/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi")
+        );
+        assert_eq!(store_prefix(Path::new("/tmp/x")), None);
+        assert_eq!(store_prefix(Path::new("/nix/store")), None);
+    }
+
+    #[test]
+    fn bytes_read_well() {
+        assert_eq!(human_bytes(100), "100 B");
+        assert_eq!(human_bytes(2048), "2.0 KiB");
+        assert_eq!(human_bytes(200 * 1024 * 1024), "200.0 MiB");
+    }
+}

@@ -1,0 +1,169 @@
+//! Errors of the driver: each names the machine, the operation and, where one exists,
+//! the next step for the user ([`DriverError::hint`]).
+
+use std::io;
+
+use offload_nix::nar::NarError;
+use offload_nix::wire::WireError;
+use thiserror::Error;
+
+/// Something went wrong talking to a machine's Nix store.
+#[derive(Debug, Error)]
+pub enum DriverError {
+    #[error("cannot start `{program}` for {machine}")]
+    Spawn {
+        machine: String,
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ssh to {machine} was refused: authentication failed\n{stderr}")]
+    SshAuth { machine: String, stderr: String },
+    #[error("ssh to {machine} failed: the host key is unknown or does not match\n{stderr}")]
+    SshHostKey { machine: String, stderr: String },
+    #[error("ssh to {machine} failed: connection refused or host unreachable\n{stderr}")]
+    SshUnreachable { machine: String, stderr: String },
+    #[error("ssh to {machine} failed (exit status 255)\n{stderr}")]
+    Ssh { machine: String, stderr: String },
+    #[error(
+        "{machine} printed text before the Nix serve protocol started: {got:?} \
+         (serialised integer {word:#x} is too big for the handshake)"
+    )]
+    NotServeProtocol {
+        machine: String,
+        got: String,
+        word: u64,
+    },
+    #[error("{machine} speaks serve protocol version {version:#x}; offload needs 2.4 or later")]
+    IncompatibleVersion { machine: String, version: u64 },
+    #[error("{machine}: `{command}` ended during {op} ({status}){stderr}")]
+    Exited {
+        machine: String,
+        command: String,
+        op: &'static str,
+        status: String,
+        /// The last lines of its stderr, prefixed by a newline, or empty.
+        stderr: String,
+    },
+    #[error("{machine}: malformed reply during {op}")]
+    Protocol {
+        machine: String,
+        op: &'static str,
+        #[source]
+        source: WireError,
+    },
+    #[error("{machine}: bad NAR during {op} of {path}")]
+    Nar {
+        machine: String,
+        op: &'static str,
+        path: String,
+        #[source]
+        source: NarError,
+    },
+    #[error("{machine}: I/O error during {op}")]
+    Io {
+        machine: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{machine}: {op} timed out after {secs} s")]
+    Timeout {
+        machine: String,
+        op: &'static str,
+        secs: u64,
+    },
+    #[error(
+        "{machine}: NAR of {path} does not match its recorded {what} \
+         (recorded {expected}, received {got})"
+    )]
+    NarMismatch {
+        machine: String,
+        path: String,
+        what: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error("{machine}: {path} is not valid there")]
+    NotValid { machine: String, path: String },
+    #[error("{machine}: {op} was refused (reply {reply})")]
+    Refused {
+        machine: String,
+        op: &'static str,
+        reply: u64,
+    },
+    #[error("{uri:?} is not a store offload can reach: {reason}")]
+    BadStoreUri { uri: String, reason: String },
+}
+
+impl DriverError {
+    /// The machine the error is about.
+    pub fn machine(&self) -> &str {
+        match self {
+            DriverError::Spawn { machine, .. }
+            | DriverError::SshAuth { machine, .. }
+            | DriverError::SshHostKey { machine, .. }
+            | DriverError::SshUnreachable { machine, .. }
+            | DriverError::Ssh { machine, .. }
+            | DriverError::NotServeProtocol { machine, .. }
+            | DriverError::IncompatibleVersion { machine, .. }
+            | DriverError::Exited { machine, .. }
+            | DriverError::Protocol { machine, .. }
+            | DriverError::Nar { machine, .. }
+            | DriverError::Io { machine, .. }
+            | DriverError::Timeout { machine, .. }
+            | DriverError::NarMismatch { machine, .. }
+            | DriverError::NotValid { machine, .. }
+            | DriverError::Refused { machine, .. } => machine,
+            DriverError::BadStoreUri { uri, .. } => uri,
+        }
+    }
+
+    /// What the user can do about it, when there is something to say.
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            DriverError::Spawn { program, .. } => format!(
+                "install `{program}` or put it on PATH (Nix comes with `apt-get install nix-bin`)"
+            ),
+            DriverError::SshAuth { machine, .. } => format!(
+                "check that `ssh {}` logs in without a password: give the key in the machines \
+                 file (field 3) or the URI (`?ssh-key=PATH`), or load it into ssh-agent",
+                ssh_host(machine)
+            ),
+            DriverError::SshHostKey { machine, .. } => format!(
+                "add the host's key to known_hosts (`ssh {}` once, after checking its \
+                 fingerprint) or put its base64 public key in field 8 of the machines file; \
+                 offload never turns host-key checking off",
+                ssh_host(machine)
+            ),
+            DriverError::SshUnreachable { machine, .. } => format!(
+                "check that sshd runs on {} and that its address and port (ssh config) are right",
+                ssh_host(machine)
+            ),
+            DriverError::NotServeProtocol { .. } => "the remote shell prints to stdout for \
+                 non-interactive logins (a `.bashrc` banner, `echo` in a profile): make those \
+                 lines print only when the shell is interactive (`[[ $- == *i* ]]`) or to stderr"
+                .to_string(),
+            DriverError::Exited { stderr, .. } if stderr.contains("not found") => {
+                "the machine has no `nix-store` on the PATH of non-interactive ssh sessions: \
+                 install Nix there or set `?remote-program=/path/to/nix-store` in the store URI"
+                    .to_string()
+            }
+            DriverError::IncompatibleVersion { .. } => {
+                "upgrade Nix on that machine to 2.3 or later".to_string()
+            }
+            DriverError::NarMismatch { machine, path, .. } => format!(
+                "the store on {machine} may be corrupt: run `nix-store --verify-path {path}` there"
+            ),
+            DriverError::BadStoreUri { .. } => "use `ssh://[user@]host[?remote-store=DIR]`, \
+                 `local`, `daemon`, `auto` or an absolute path to a chroot store"
+                .to_string(),
+            _ => return None,
+        })
+    }
+}
+
+fn ssh_host(machine: &str) -> &str {
+    let rest = machine.strip_prefix("ssh://").unwrap_or(machine);
+    rest.split(['?', '/']).next().unwrap_or(rest)
+}

@@ -1,0 +1,283 @@
+//! How a serve session reaches a store: the command line of `nix-store --serve --write`,
+//! run through OpenSSH for remote machines, or as a local process for the local store and
+//! for host `localhost` (as Nix itself does, so `ssh://localhost?remote-store=/dir`
+//! addresses a chroot store without any ssh).
+//!
+//! OpenSSH runs as a child process so that the user's ssh config, agent, ControlMaster
+//! and known_hosts all apply. Host-key checking is never turned off: a public host key
+//! from the machines file goes into a private known_hosts file for that session.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+use base64::Engine as _;
+use offload_nix::store_uri::StoreUri;
+
+use crate::error::DriverError;
+
+/// Environment variable with extra ssh options, split on whitespace (as Nix does).
+pub const NIX_SSHOPTS: &str = "NIX_SSHOPTS";
+
+/// How the command reaches the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A child process on this machine.
+    LocalProcess,
+    /// `ssh HOST -- COMMAND`.
+    Ssh {
+        /// `[user@]host` or an ssh config alias, passed to ssh verbatim.
+        host: String,
+        /// Identity file (machines-file field 3, `?ssh-key=`).
+        ssh_key: Option<PathBuf>,
+        /// Decoded public host key line (`ssh-ed25519 AAAA…`), machines-file field 8.
+        host_public_key: Option<String>,
+        /// `?compress=true`: ssh `-C`.
+        compress: bool,
+    },
+}
+
+/// A store reachable through the serve protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// What messages call it: the store URI as the user wrote it.
+    pub name: String,
+    pub route: Route,
+    /// The program run with `--serve --write`; `nix-store` by default.
+    pub remote_program: String,
+    /// `--store` for that program: a chroot store directory or store URI.
+    pub remote_store: Option<String>,
+    /// Further arguments, e.g. `--option cores 4` to give builds more cores.
+    pub extra_args: Vec<String>,
+}
+
+impl Endpoint {
+    /// The local store (`store` = None), or a chroot store / store URI on this machine.
+    pub fn local(name: impl Into<String>, store: Option<String>) -> Self {
+        Endpoint {
+            name: name.into(),
+            route: Route::LocalProcess,
+            remote_program: "nix-store".into(),
+            remote_store: store,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The endpoint for a Nix store URI: `ssh://[user@]host[?remote-store=…&…]`,
+    /// `local`, `daemon`, `auto`, or a chroot store directory.
+    pub fn parse(uri: &str) -> Result<Endpoint, DriverError> {
+        let parsed = StoreUri::parse(uri).map_err(|e| DriverError::BadStoreUri {
+            uri: uri.to_string(),
+            reason: e.reason,
+        })?;
+        let bad = |reason: &str| DriverError::BadStoreUri {
+            uri: uri.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut endpoint = Endpoint::local(uri, None);
+        match parsed.scheme.as_str() {
+            "ssh" => {
+                endpoint.remote_program = parsed.remote_program().to_string();
+                endpoint.remote_store = parsed.remote_store().map(str::to_string);
+                if !parsed.is_localhost() {
+                    let host_public_key = match parsed.base64_host_key() {
+                        Some(b64) => Some(decode_host_key(b64).ok_or_else(|| {
+                            bad("base64-ssh-public-host-key is not valid base64 of a key line")
+                        })?),
+                        None => None,
+                    };
+                    endpoint.route = Route::Ssh {
+                        host: parsed.authority.clone(),
+                        ssh_key: parsed.ssh_key().map(PathBuf::from),
+                        host_public_key,
+                        compress: parsed.compress(),
+                    };
+                }
+            }
+            "ssh-ng" => {
+                return Err(bad(
+                    "offload drives Nix through the serve protocol of ssh:// stores; \
+                     write ssh:// instead of ssh-ng://",
+                ))
+            }
+            "path" => endpoint.remote_store = Some(parsed.authority.clone()),
+            "local" | "daemon" => endpoint.remote_store = Some(parsed.scheme.clone()),
+            "auto" => {}
+            _ => return Err(bad(
+                "binary caches and other stores have no serve protocol; use `nix copy` for them",
+            )),
+        }
+        Ok(endpoint)
+    }
+
+    /// Whether the server runs as a process on this machine.
+    pub fn is_local_process(&self) -> bool {
+        self.route == Route::LocalProcess
+    }
+
+    /// The shell command that starts the server on the machine.
+    pub fn server_command(&self) -> String {
+        let mut cmd = format!("{} --serve --write", self.remote_program);
+        if let Some(store) = &self.remote_store {
+            cmd.push_str(" --store ");
+            cmd.push_str(&shell_quote(store));
+        }
+        for arg in &self.extra_args {
+            cmd.push(' ');
+            cmd.push_str(&shell_quote(arg));
+        }
+        cmd
+    }
+
+    /// The full local command line, for messages.
+    pub fn describe(&self) -> String {
+        match &self.route {
+            Route::LocalProcess => self.server_command(),
+            Route::Ssh { host, .. } => format!("ssh {host} {}", self.server_command()),
+        }
+    }
+
+    /// Starts the server process with piped stdio. The returned guard keeps a private
+    /// known_hosts file alive for as long as the session runs.
+    pub(crate) fn spawn(&self) -> Result<(Child, Option<tempfile::NamedTempFile>), DriverError> {
+        let (mut cmd, known_hosts) = match &self.route {
+            Route::LocalProcess => {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c").arg(self.server_command());
+                (cmd, None)
+            }
+            Route::Ssh {
+                host,
+                ssh_key,
+                host_public_key,
+                compress,
+            } => {
+                let mut cmd = Command::new("ssh");
+                // No X11 or agent forwarding, never a password prompt.
+                cmd.args(["-x", "-a", "-oBatchMode=yes"]);
+                if let Ok(opts) = std::env::var(NIX_SSHOPTS) {
+                    cmd.args(opts.split_whitespace());
+                }
+                if let Some(key) = ssh_key {
+                    cmd.arg("-i").arg(key);
+                }
+                let known_hosts = match host_public_key {
+                    Some(key) => {
+                        let file = write_known_hosts(&self.name, host, key)?;
+                        cmd.arg(format!("-oUserKnownHostsFile={}", file.path().display()));
+                        Some(file)
+                    }
+                    None => None,
+                };
+                if *compress {
+                    cmd.arg("-C");
+                }
+                cmd.arg("--").arg(host).arg(self.server_command());
+                (cmd, known_hosts)
+            }
+        };
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let program = match self.route {
+            Route::LocalProcess => self.remote_program.clone(),
+            Route::Ssh { .. } => "ssh".to_string(),
+        };
+        let child = cmd.spawn().map_err(|source| DriverError::Spawn {
+            machine: self.name.clone(),
+            program,
+            source,
+        })?;
+        Ok((child, known_hosts))
+    }
+}
+
+/// Decodes a machines-file host key (base64 of `ssh-ed25519 AAAA…`).
+pub fn decode_host_key(b64: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let line = String::from_utf8(bytes).ok()?;
+    let line = line.trim();
+    (line.split_whitespace().count() >= 2).then(|| line.to_string())
+}
+
+fn write_known_hosts(
+    machine: &str,
+    host: &str,
+    key: &str,
+) -> Result<tempfile::NamedTempFile, DriverError> {
+    let io_err = |source| DriverError::Io {
+        machine: machine.to_string(),
+        op: "writing the known_hosts file for its public host key",
+        source,
+    };
+    let host_only = host.rsplit('@').next().unwrap_or(host);
+    let mut file = tempfile::Builder::new()
+        .prefix("offload-known-hosts")
+        .tempfile()
+        .map_err(io_err)?;
+    writeln!(file, "{host_only} {}", key.trim()).map_err(io_err)?;
+    file.flush().map_err(io_err)?;
+    Ok(file)
+}
+
+/// Quotes a word for a POSIX shell unless it is plainly safe.
+pub fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_map_to_routes() {
+        let e = Endpoint::parse("ssh://localhost?remote-store=/tmp/fleet/m1").unwrap();
+        assert_eq!(e.route, Route::LocalProcess);
+        assert_eq!(
+            e.server_command(),
+            "nix-store --serve --write --store /tmp/fleet/m1"
+        );
+        let e = Endpoint::parse("ssh://root@b1?ssh-key=/k&compress=true").unwrap();
+        assert!(
+            matches!(e.route, Route::Ssh { ref host, compress: true, .. } if host == "root@b1")
+        );
+        assert_eq!(
+            Endpoint::parse("/tmp/s").unwrap().remote_store.as_deref(),
+            Some("/tmp/s")
+        );
+        assert_eq!(Endpoint::parse("auto").unwrap().remote_store, None);
+        assert!(Endpoint::parse("ssh-ng://h").is_err());
+        assert!(Endpoint::parse("file:///tmp/cache").is_err());
+        assert!(Endpoint::parse("ssh://h?base64-ssh-public-host-key=!!").is_err());
+        let key = "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUhyZQo=";
+        assert_eq!(
+            decode_host_key(key).as_deref(),
+            Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHre")
+        );
+    }
+
+    #[test]
+    fn server_command_quotes_store() {
+        let mut e = Endpoint::local("x", Some("/tmp/my store".into()));
+        e.extra_args = vec!["--option".into(), "cores".into(), "4".into()];
+        assert_eq!(
+            e.server_command(),
+            "nix-store --serve --write --store '/tmp/my store' --option cores 4"
+        );
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}
