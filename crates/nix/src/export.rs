@@ -5,7 +5,9 @@
 use std::io::BufRead;
 
 use crate::nar::{copy_nar, NarError, NarSummary};
-use crate::wire::{put_bytes, put_strings, put_u64, read_string, read_strings, read_u64, WireError, MAX_STRING_LEN};
+use crate::wire::{
+    put_bytes, put_strings, put_u64, read_string, read_strings, read_u64, WireError, MAX_STRING_LEN,
+};
 
 /// "NIXE", little-endian, between a NAR and its metadata.
 pub const EXPORT_MAGIC: u64 = 0x4558_494e;
@@ -37,7 +39,9 @@ pub enum ExportError {
     Nar(#[from] NarError),
     #[error("bad export stream: expected 0 or 1 before a path, found {0}")]
     BadMarker(u64),
-    #[error("bad export stream: expected the magic 0x4558494e after the NAR of a path, found {0:#x}")]
+    #[error(
+        "bad export stream: expected the magic 0x4558494e after the NAR of a path, found {0:#x}"
+    )]
     BadMagic(u64),
 }
 

@@ -91,9 +91,20 @@ impl Hash {
             reason,
         };
         let (algo, digest, sri) = if let Some((a, d)) = text.split_once(':') {
-            (HashAlgo::parse(a).ok_or(err("unknown hash algorithm"))?, d, false)
-        } else if let Some((a, d)) = text.split_once('-').filter(|(a, _)| HashAlgo::parse(a).is_some()) {
-            (HashAlgo::parse(a).ok_or(err("unknown hash algorithm"))?, d, true)
+            (
+                HashAlgo::parse(a).ok_or(err("unknown hash algorithm"))?,
+                d,
+                false,
+            )
+        } else if let Some((a, d)) = text
+            .split_once('-')
+            .filter(|(a, _)| HashAlgo::parse(a).is_some())
+        {
+            (
+                HashAlgo::parse(a).ok_or(err("unknown hash algorithm"))?,
+                d,
+                true,
+            )
         } else {
             (expected.ok_or(err("no hash algorithm given"))?, text, false)
         };
@@ -160,9 +171,15 @@ mod tests {
         assert_eq!(h.to_base16(), HEX);
         assert_eq!(Hash::parse(HEX, Some(HashAlgo::Sha256)).unwrap(), h);
         assert_eq!(Hash::parse(&h.to_sri(), None).unwrap(), h);
-        assert_eq!(Hash::parse(&format!("sha256:{}", h.to_base64()), None).unwrap(), h);
+        assert_eq!(
+            Hash::parse(&format!("sha256:{}", h.to_base64()), None).unwrap(),
+            h
+        );
         assert_eq!(h.to_typed_nix32(), format!("sha256:{NIX32}"));
-        assert_eq!(to_base16(&sha256(b"")), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            to_base16(&sha256(b"")),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 
     #[test]

@@ -95,10 +95,19 @@ mod tests {
     fn matches_nix_hash_to_base32() {
         // `nix-hash --type sha256 --to-base32 <hex>` on Nix 2.8.
         let empty = hex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-        assert_eq!(encode(&empty), "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
+        assert_eq!(
+            encode(&empty),
+            "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
+        );
         let hi_nar = hex("10551daed7fa467d0b58826e7eb9a0f2af7d693de319f2ef775fffcda244b9f6");
-        assert_eq!(encode(&hi_nar), "1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h");
-        assert_eq!(decode(b"1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h").unwrap(), hi_nar);
+        assert_eq!(
+            encode(&hi_nar),
+            "1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"
+        );
+        assert_eq!(
+            decode(b"1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h").unwrap(),
+            hi_nar
+        );
         assert_eq!(encoded_len(32), 52);
         assert_eq!(encoded_len(20), 32);
     }
@@ -109,7 +118,10 @@ mod tests {
         // 52 chars decode to 32 bytes; a leading 'z' sets bits past byte 31.
         let mut s = encode(&[0xff; 32]);
         s.replace_range(0..1, "z");
-        assert!(matches!(decode(s.as_bytes()), Err(Nixbase32Error::Overflow(_))));
+        assert!(matches!(
+            decode(s.as_bytes()),
+            Err(Nixbase32Error::Overflow(_))
+        ));
     }
 
     proptest::proptest! {

@@ -388,9 +388,7 @@ mod decode {
     }
 
     /// Reads a path list reply (QueryValidPaths, QueryClosure). Not cancel-safe.
-    pub async fn read_path_list<R: AsyncRead + Unpin>(
-        r: &mut R,
-    ) -> Result<Vec<String>, WireError> {
+    pub async fn read_path_list<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<String>, WireError> {
         read_strings(r, "store path list", MAX_REPLY_STRING).await
     }
 

@@ -123,7 +123,11 @@ fn validate_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// `makeStorePath`: the path for a fingerprint of kind `kind` over `inner` (a SHA-256).
-pub fn make_store_path(kind: &str, inner: &[u8; 32], name: &str) -> Result<StorePath, StorePathError> {
+pub fn make_store_path(
+    kind: &str,
+    inner: &[u8; 32],
+    name: &str,
+) -> Result<StorePath, StorePathError> {
     let fingerprint = format!("{kind}:sha256:{}:{STORE_DIR}:{name}", to_base16(inner));
     let h = sha256(fingerprint.as_bytes());
     let mut folded = [0u8; 20];
@@ -148,13 +152,25 @@ fn with_refs(kind: &str, references: &[StorePath], self_ref: bool) -> String {
 }
 
 /// The path of a text file such as a `.drv`, with its references.
-pub fn make_text_path(name: &str, contents: &[u8], references: &[StorePath]) -> Result<StorePath, StorePathError> {
-    make_store_path(&with_refs("text", references, false), &sha256(contents), name)
+pub fn make_text_path(
+    name: &str,
+    contents: &[u8],
+    references: &[StorePath],
+) -> Result<StorePath, StorePathError> {
+    make_store_path(
+        &with_refs("text", references, false),
+        &sha256(contents),
+        name,
+    )
 }
 
 /// The path of fixed-output content: the `source` form for recursive SHA-256 (as
 /// `nix-store --add` and `r:sha256` outputs), the `fixed:out:` form otherwise.
-pub fn make_fixed_output_path(recursive: bool, hash: &Hash, name: &str) -> Result<StorePath, StorePathError> {
+pub fn make_fixed_output_path(
+    recursive: bool,
+    hash: &Hash,
+    name: &str,
+) -> Result<StorePath, StorePathError> {
     if recursive && hash.algo == HashAlgo::Sha256 {
         let mut inner = [0u8; 32];
         inner.copy_from_slice(&hash.bytes);
@@ -171,7 +187,11 @@ pub fn make_fixed_output_path(recursive: bool, hash: &Hash, name: &str) -> Resul
 }
 
 /// The path of output `output` of an input-addressed derivation named `drv_name`.
-pub fn make_output_path(output: &str, hash_modulo: &[u8; 32], drv_name: &str) -> Result<StorePath, StorePathError> {
+pub fn make_output_path(
+    output: &str,
+    hash_modulo: &[u8; 32],
+    drv_name: &str,
+) -> Result<StorePath, StorePathError> {
     let name = if output == "out" {
         drv_name.to_string()
     } else {
@@ -196,25 +216,57 @@ mod tests {
     fn computes_the_paths_nix_prints() {
         // Worked examples checked against nix-instantiate on Nix 2.8.
         let hi = hex32("6d33a31d86bc2c1a66da88c8fac3df1da7456dd12468b6b503a32e7a416f917f");
-        assert_eq!(make_output_path("out", &hi, "hi").unwrap().to_string(), "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi");
+        assert_eq!(
+            make_output_path("out", &hi, "hi").unwrap().to_string(),
+            "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi"
+        );
         let top = hex32("36f49043c4bae75d22f8f6bc5c2654c9d7adf57dd4303577888d89c366da5096");
-        assert_eq!(make_output_path("out", &top, "top").unwrap().to_string(), "/nix/store/mh8lam7z03g1a390lvk5w94g03r5gyfx-top");
-        assert_eq!(make_output_path("dev", &top, "top").unwrap().to_string(), "/nix/store/fhfwimhx5r393fmyv6vmjlb0dghdg6zb-top-dev");
-        let fod = Hash::parse("sha256:8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4", None).unwrap();
-        assert_eq!(make_fixed_output_path(false, &fod, "fod").unwrap().to_string(), "/nix/store/3ajymwa6hv8pq7bjmbfgdgsh454sikdm-fod");
-        let src = Hash::parse("sha256:3303a3057656d214947fc51de11f4036f27d92a0023e265dea3695084f252a49", None).unwrap();
-        assert_eq!(make_fixed_output_path(true, &src, "hi.nix").unwrap().to_string(), "/nix/store/45rh2paql15fiakgpdnvzmwgjcvjmiqg-hi.nix");
+        assert_eq!(
+            make_output_path("out", &top, "top").unwrap().to_string(),
+            "/nix/store/mh8lam7z03g1a390lvk5w94g03r5gyfx-top"
+        );
+        assert_eq!(
+            make_output_path("dev", &top, "top").unwrap().to_string(),
+            "/nix/store/fhfwimhx5r393fmyv6vmjlb0dghdg6zb-top-dev"
+        );
+        let fod = Hash::parse(
+            "sha256:8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            make_fixed_output_path(false, &fod, "fod")
+                .unwrap()
+                .to_string(),
+            "/nix/store/3ajymwa6hv8pq7bjmbfgdgsh454sikdm-fod"
+        );
+        let src = Hash::parse(
+            "sha256:3303a3057656d214947fc51de11f4036f27d92a0023e265dea3695084f252a49",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            make_fixed_output_path(true, &src, "hi.nix")
+                .unwrap()
+                .to_string(),
+            "/nix/store/45rh2paql15fiakgpdnvzmwgjcvjmiqg-hi.nix"
+        );
     }
 
     #[test]
     fn parses_and_validates() {
-        let p = StorePath::from_absolute_path("/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi").unwrap();
+        let p = StorePath::from_absolute_path("/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi")
+            .unwrap();
         assert_eq!(p.name(), "hi");
         assert_eq!(p.hash_part(), "agv9y5spdscfhh7lbxa5bf94hgx9bbx3");
         assert!(!p.is_derivation());
-        for bad in ["/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3", "/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x",
-            "/tmp/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi", "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-.hidden",
-            "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-a b"] {
+        for bad in [
+            "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3",
+            "/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x",
+            "/tmp/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi",
+            "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-.hidden",
+            "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-a b",
+        ] {
             assert!(StorePath::from_absolute_path(bad).is_err(), "{bad}");
         }
     }

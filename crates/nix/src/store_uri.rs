@@ -70,21 +70,32 @@ impl StoreUri {
             None => (uri, None),
         };
         let mut params = BTreeMap::new();
-        for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+        for pair in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+        {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v)
                 .ok_or_else(|| err(&format!("parameter {k:?} has a bad %-escape")))?;
             params.insert(k.to_string(), v);
         }
         let (scheme, authority) = if let Some((scheme, rest)) = base.split_once("://") {
-            if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) {
+            if scheme.is_empty()
+                || !scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            {
                 return Err(err("the scheme is not valid"));
             }
             (scheme.to_string(), rest.to_string())
         } else if base.starts_with('/') {
             ("path".to_string(), base.to_string())
         } else if matches!(base, "local" | "daemon" | "auto" | "") {
-            (if base.is_empty() { "auto" } else { base }.to_string(), String::new())
+            (
+                if base.is_empty() { "auto" } else { base }.to_string(),
+                String::new(),
+            )
         } else {
             return Err(err(
                 "expected scheme://…, `local`, `daemon`, `auto` or an absolute path",
@@ -148,7 +159,8 @@ impl StoreUri {
 
     /// `base64-ssh-public-host-key`.
     pub fn base64_host_key(&self) -> Option<&str> {
-        self.param("base64-ssh-public-host-key").filter(|s| !s.is_empty())
+        self.param("base64-ssh-public-host-key")
+            .filter(|s| !s.is_empty())
     }
 
     /// `compress=true`.
@@ -161,11 +173,18 @@ impl fmt::Display for StoreUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.scheme.as_str() {
             "path" => write!(f, "{}", self.authority)?,
-            "local" | "daemon" | "auto" if self.authority.is_empty() => write!(f, "{}", self.scheme)?,
+            "local" | "daemon" | "auto" if self.authority.is_empty() => {
+                write!(f, "{}", self.scheme)?
+            }
             _ => write!(f, "{}://{}", self.scheme, self.authority)?,
         }
         for (i, (k, v)) in self.params.iter().enumerate() {
-            write!(f, "{}{k}={}", if i == 0 { '?' } else { '&' }, percent_encode(v))?;
+            write!(
+                f,
+                "{}{k}={}",
+                if i == 0 { '?' } else { '&' },
+                percent_encode(v)
+            )?;
         }
         Ok(())
     }
@@ -177,17 +196,23 @@ mod tests {
 
     #[test]
     fn parses_the_forms_nix_accepts() {
-        let u = StoreUri::parse("ssh://root@builder1?remote-store=/tmp/fleet/m1&compress=true").unwrap();
+        let u = StoreUri::parse("ssh://root@builder1?remote-store=/tmp/fleet/m1&compress=true")
+            .unwrap();
         assert!(u.is_ssh());
         assert_eq!(u.host(), Some("root@builder1"));
         assert_eq!(u.hostname(), Some("builder1"));
         assert_eq!(u.remote_store(), Some("/tmp/fleet/m1"));
         assert_eq!(u.remote_program(), "nix-store");
         assert!(u.compress());
-        assert!(StoreUri::parse("ssh://localhost?remote-store=/x").unwrap().is_localhost());
+        assert!(StoreUri::parse("ssh://localhost?remote-store=/x")
+            .unwrap()
+            .is_localhost());
         assert_eq!(StoreUri::parse("/tmp/store").unwrap().scheme, "path");
         assert_eq!(StoreUri::parse("local").unwrap().scheme, "local");
-        assert_eq!(StoreUri::parse("file:///tmp/cache").unwrap().authority, "/tmp/cache");
+        assert_eq!(
+            StoreUri::parse("file:///tmp/cache").unwrap().authority,
+            "/tmp/cache"
+        );
         let k = StoreUri::parse("ssh://h?remote-program=%2Fopt%2Fnix%20store").unwrap();
         assert_eq!(k.remote_program(), "/opt/nix store");
     }
@@ -202,7 +227,12 @@ mod tests {
 
     #[test]
     fn displays_back() {
-        for s in ["ssh://root@h?remote-store=/tmp/m1", "local", "/tmp/s", "ssh://h"] {
+        for s in [
+            "ssh://root@h?remote-store=/tmp/m1",
+            "local",
+            "/tmp/s",
+            "ssh://h",
+        ] {
             assert_eq!(StoreUri::parse(s).unwrap().to_string(), s);
         }
     }

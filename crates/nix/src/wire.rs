@@ -204,8 +204,7 @@ pub mod tokio_io {
         what: &'static str,
         max: usize,
     ) -> Result<String, WireError> {
-        String::from_utf8(read_bytes(r, what, max).await?)
-            .map_err(|_| WireError::NotUtf8 { what })
+        String::from_utf8(read_bytes(r, what, max).await?).map_err(|_| WireError::NotUtf8 { what })
     }
 
     /// Reads a list of UTF-8 strings. Not cancel-safe.

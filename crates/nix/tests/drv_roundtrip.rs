@@ -51,14 +51,26 @@ fn instantiate(dir: &Path) -> Option<Vec<String>> {
             return None;
         }
     };
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    Some(String::from_utf8(out.stdout).unwrap().lines().map(|l| l.split('!').next().unwrap().to_string()).collect())
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.split('!').next().unwrap().to_string())
+            .collect(),
+    )
 }
 
 #[test]
 fn every_drv_nix_writes_roundtrips_and_hashes_the_same() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(roots) = instantiate(dir.path()) else { return };
+    let Some(roots) = instantiate(dir.path()) else {
+        return;
+    };
     assert!(roots.len() >= 200, "only {} derivations", roots.len());
     let store_dir = dir.path().join("store/nix/store");
     let mut drvs: HashMap<StorePath, Derivation> = HashMap::new();
@@ -73,8 +85,15 @@ fn every_drv_nix_writes_roundtrips_and_hashes_the_same() {
         let path = StorePath::from_base_name(&name).unwrap();
         let text = std::fs::read(entry.path()).unwrap();
         let drv = Derivation::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert!(drv.to_aterm() == text, "{name} does not print back byte for byte");
-        assert_eq!(drv.drv_path(name_from_drv_path(&path)).unwrap(), path, "{name}: .drv path");
+        assert!(
+            drv.to_aterm() == text,
+            "{name} does not print back byte for byte"
+        );
+        assert_eq!(
+            drv.drv_path(name_from_drv_path(&path)).unwrap(),
+            path,
+            "{name}: .drv path"
+        );
         fixed += usize::from(drv.is_fixed_output());
         multi += usize::from(drv.outputs.len() > 1);
         drvs.insert(path, drv);
@@ -85,12 +104,18 @@ fn every_drv_nix_writes_roundtrips_and_hashes_the_same() {
 
     // Output paths: hash modulo over the inputs, memoised, unmasked for inputs.
     let mut memo: HashMap<StorePath, [u8; 32]> = HashMap::new();
-    fn unmasked(p: &StorePath, drvs: &HashMap<StorePath, Derivation>, memo: &mut HashMap<StorePath, [u8; 32]>) -> [u8; 32] {
+    fn unmasked(
+        p: &StorePath,
+        drvs: &HashMap<StorePath, Derivation>,
+        memo: &mut HashMap<StorePath, [u8; 32]>,
+    ) -> [u8; 32] {
         if let Some(h) = memo.get(p) {
             return *h;
         }
         let drv = &drvs[p];
-        let h = drv.hash_modulo(false, |i| Ok::<_, Infallible>(unmasked(i, drvs, memo))).unwrap();
+        let h = drv
+            .hash_modulo(false, |i| Ok::<_, Infallible>(unmasked(i, drvs, memo)))
+            .unwrap();
         memo.insert(p.clone(), h);
         h
     }
@@ -98,10 +123,18 @@ fn every_drv_nix_writes_roundtrips_and_hashes_the_same() {
         if drv.is_fixed_output() {
             continue;
         }
-        let masked = drv.hash_modulo(true, |i| Ok::<_, Infallible>(unmasked(i, &drvs, &mut memo))).unwrap();
-        let expected = drv.expected_output_paths(name_from_drv_path(path), &masked).unwrap();
+        let masked = drv
+            .hash_modulo(true, |i| Ok::<_, Infallible>(unmasked(i, &drvs, &mut memo)))
+            .unwrap();
+        let expected = drv
+            .expected_output_paths(name_from_drv_path(path), &masked)
+            .unwrap();
         for (name, output) in &drv.outputs {
-            assert_eq!(output.path.as_ref(), Some(&expected[name]), "{path}: output {name}");
+            assert_eq!(
+                output.path.as_ref(),
+                Some(&expected[name]),
+                "{path}: output {name}"
+            );
         }
     }
 }

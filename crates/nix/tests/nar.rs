@@ -27,7 +27,10 @@ fn hex(s: &str) -> Vec<u8> {
 }
 
 fn nix_available() -> bool {
-    let ok = Command::new("nix-store").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("skipped: nix-store not found (scripts/setup.sh installs Nix)");
     }
@@ -35,8 +38,16 @@ fn nix_available() -> bool {
 }
 
 fn nix_dump(path: &Path) -> Vec<u8> {
-    let out = Command::new("nix-store").arg("--dump").arg(path).output().expect("nix-store");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("nix-store")
+        .arg("--dump")
+        .arg(path)
+        .output()
+        .expect("nix-store");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -100,7 +111,10 @@ fn export_matches_golden_layout() {
     let mut nars = Vec::new();
     let paths = read_export(&mut &stream[..], &mut nars).unwrap();
     assert_eq!(paths.len(), 1);
-    assert_eq!(paths[0].path, "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi");
+    assert_eq!(
+        paths[0].path,
+        "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi"
+    );
     assert_eq!(paths[0].nar.size, 120);
     assert_eq!(nars, hex(HI_NAR));
 }
@@ -124,9 +138,19 @@ fn dump_matches_nix_store_dump_and_restores() {
 
     // Our restore of Nix's NAR dumps back to the same bytes.
     let back = dir.path().join("back");
-    assert_eq!(restore(&mut &theirs[..], &back).unwrap(), theirs.len() as u64);
+    assert_eq!(
+        restore(&mut &theirs[..], &back).unwrap(),
+        theirs.len() as u64
+    );
     assert!(nix_dump(&back) == theirs);
-    assert!(fs::metadata(back.join("bin/run")).unwrap().permissions().mode() & 0o111 != 0);
+    assert!(
+        fs::metadata(back.join("bin/run"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o111
+            != 0
+    );
 
     // Nix restores our NAR.
     let nix_back = dir.path().join("nix-back");
@@ -156,7 +180,11 @@ fn export_reads_nix_store_export() {
         .arg(&tree)
         .output()
         .unwrap();
-    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
     let path = String::from_utf8(add.stdout).unwrap().trim().to_string();
     let export = Command::new("nix-store")
         .env("NIX_CONFIG", "substituters =")
@@ -188,11 +216,17 @@ fn decoder_stops_at_the_end_and_reports_errors() {
     // A length prefix of 2^60 is refused, not allocated.
     let mut huge = golden[..16].to_vec();
     huge.splice(0..8, (1u64 << 60).to_le_bytes());
-    assert!(matches!(copy_nar(&mut &huge[..], &mut Vec::new()), Err(NarError::TooLong { .. })));
+    assert!(matches!(
+        copy_nar(&mut &huge[..], &mut Vec::new()),
+        Err(NarError::TooLong { .. })
+    ));
     // Non-zero padding.
     let mut bad = golden.clone();
     bad[0x63] = 1;
-    assert!(matches!(copy_nar(&mut &bad[..], &mut Vec::new()), Err(NarError::BadPadding { .. })));
+    assert!(matches!(
+        copy_nar(&mut &bad[..], &mut Vec::new()),
+        Err(NarError::BadPadding { .. })
+    ));
 }
 
 #[test]
@@ -205,14 +239,23 @@ fn unsorted_or_duplicate_entries_are_refused() {
     let mut nar = Vec::new();
     dump_path(&tree, &mut nar).unwrap();
     // Swap the names "a" and "b" (same lengths, so the framing stays valid).
-    let a = nar.windows(9).position(|w| w == b"\x01\0\0\0\0\0\0\0a").unwrap();
-    let b = nar.windows(9).position(|w| w == b"\x01\0\0\0\0\0\0\0b").unwrap();
+    let a = nar
+        .windows(9)
+        .position(|w| w == b"\x01\0\0\0\0\0\0\0a")
+        .unwrap();
+    let b = nar
+        .windows(9)
+        .position(|w| w == b"\x01\0\0\0\0\0\0\0b")
+        .unwrap();
     nar[a + 8] = b'b';
     nar[b + 8] = b'a';
     let err = copy_nar(&mut &nar[..], &mut Vec::new()).unwrap_err();
     assert!(matches!(err, NarError::Unsorted { .. }), "{err}");
     nar[b + 8] = b'b';
-    assert!(matches!(copy_nar(&mut &nar[..], &mut Vec::new()), Err(NarError::Unsorted { .. })));
+    assert!(matches!(
+        copy_nar(&mut &nar[..], &mut Vec::new()),
+        Err(NarError::Unsorted { .. })
+    ));
 }
 
 fn events(nar: &[u8], step: usize) -> Vec<String> {

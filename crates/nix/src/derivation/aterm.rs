@@ -21,7 +21,10 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn err(&self, expected: &'static str) -> DerivationError {
-        let found = self.input.get(self.pos..(self.pos + 20).min(self.input.len())).unwrap_or(&[]);
+        let found = self
+            .input
+            .get(self.pos..(self.pos + 20).min(self.input.len()))
+            .unwrap_or(&[]);
         DerivationError::Syntax {
             offset: self.pos,
             expected,
@@ -53,7 +56,11 @@ impl Parser<'_> {
                     return Ok(out);
                 }
                 Some(b'\\') => {
-                    let c = self.input.get(self.pos + 1).copied().ok_or_else(|| self.err("an escaped character"))?;
+                    let c = self
+                        .input
+                        .get(self.pos + 1)
+                        .copied()
+                        .ok_or_else(|| self.err("an escaped character"))?;
                     out.push(match c {
                         b'n' => b'\n',
                         b'r' => b'\r',
@@ -72,17 +79,26 @@ impl Parser<'_> {
 
     fn utf8(&mut self, what: &'static str) -> Result<String, DerivationError> {
         let start = self.pos;
-        String::from_utf8(self.string()?).map_err(|_| DerivationError::NotUtf8 { offset: start, what })
+        String::from_utf8(self.string()?).map_err(|_| DerivationError::NotUtf8 {
+            offset: start,
+            what,
+        })
     }
 
     fn path(&mut self) -> Result<StorePath, DerivationError> {
         let start = self.pos;
         let s = self.utf8("store path")?;
-        StorePath::from_absolute_path(&s).map_err(|e| DerivationError::BadPath { offset: start, source: e })
+        StorePath::from_absolute_path(&s).map_err(|e| DerivationError::BadPath {
+            offset: start,
+            source: e,
+        })
     }
 
     /// `[item,item,…]`
-    fn list<T>(&mut self, mut item: impl FnMut(&mut Self) -> Result<T, DerivationError>) -> Result<Vec<T>, DerivationError> {
+    fn list<T>(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<T, DerivationError>,
+    ) -> Result<Vec<T>, DerivationError> {
         self.literal("[")?;
         let mut out = Vec::new();
         if self.peek() == Some(b']') {
@@ -120,7 +136,12 @@ pub fn parse(input: &[u8]) -> Result<Derivation, DerivationError> {
         let path = if path.is_empty() {
             None
         } else {
-            Some(StorePath::from_absolute_path(&path).map_err(|e| DerivationError::BadPath { offset: start, source: e })?)
+            Some(
+                StorePath::from_absolute_path(&path).map_err(|e| DerivationError::BadPath {
+                    offset: start,
+                    source: e,
+                })?,
+            )
         };
         p.literal(",")?;
         let algo = p.utf8("output hash algorithm")?;
@@ -129,9 +150,16 @@ pub fn parse(input: &[u8]) -> Result<Derivation, DerivationError> {
         p.literal(")")?;
         Ok((name, path, algo, hash))
     })? {
-        let output = Output { path, hash_algo: algo, hash };
+        let output = Output {
+            path,
+            hash_algo: algo,
+            hash,
+        };
         if outputs.insert(name.clone(), output).is_some() {
-            return Err(DerivationError::Duplicate { what: "output", name });
+            return Err(DerivationError::Duplicate {
+                what: "output",
+                name,
+            });
         }
     }
     p.literal(",")?;
@@ -145,8 +173,14 @@ pub fn parse(input: &[u8]) -> Result<Derivation, DerivationError> {
         Ok((path, outs))
     })? {
         let name = path.to_string();
-        if input_drvs.insert(path, outs.into_iter().collect::<BTreeSet<_>>()).is_some() {
-            return Err(DerivationError::Duplicate { what: "input derivation", name });
+        if input_drvs
+            .insert(path, outs.into_iter().collect::<BTreeSet<_>>())
+            .is_some()
+        {
+            return Err(DerivationError::Duplicate {
+                what: "input derivation",
+                name,
+            });
         }
     }
     p.literal(",")?;
@@ -210,7 +244,11 @@ fn put_plain(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-fn put_list<T>(out: &mut Vec<u8>, items: impl IntoIterator<Item = T>, mut each: impl FnMut(&mut Vec<u8>, T)) {
+fn put_list<T>(
+    out: &mut Vec<u8>,
+    items: impl IntoIterator<Item = T>,
+    mut each: impl FnMut(&mut Vec<u8>, T),
+) {
     out.push(b'[');
     for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
@@ -224,14 +262,25 @@ fn put_list<T>(out: &mut Vec<u8>, items: impl IntoIterator<Item = T>, mut each: 
 /// Prints `drv`. With `mask_outputs`, output paths are blanked in the outputs and in
 /// the environment (what hash modulo hashes); `input_drvs` replaces the input
 /// derivation list when given (keys already rendered, sorted by the caller).
-pub(super) fn print(drv: &Derivation, mask_outputs: bool, input_drvs: Option<&BTreeMap<String, BTreeSet<String>>>) -> Vec<u8> {
+pub(super) fn print(
+    drv: &Derivation,
+    mask_outputs: bool,
+    input_drvs: Option<&BTreeMap<String, BTreeSet<String>>>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(b"Derive(");
     put_list(&mut out, &drv.outputs, |out, (name, o)| {
         out.push(b'(');
         put_plain(out, name);
         out.push(b',');
-        let path = if mask_outputs { String::new() } else { o.path.as_ref().map(StorePath::to_absolute).unwrap_or_default() };
+        let path = if mask_outputs {
+            String::new()
+        } else {
+            o.path
+                .as_ref()
+                .map(StorePath::to_absolute)
+                .unwrap_or_default()
+        };
         put_plain(out, &path);
         out.push(b',');
         put_plain(out, &o.hash_algo);
@@ -244,7 +293,11 @@ pub(super) fn print(drv: &Derivation, mask_outputs: bool, input_drvs: Option<&BT
     let inputs = match input_drvs {
         Some(m) => m,
         None => {
-            rendered = drv.input_drvs.iter().map(|(p, o)| (p.to_absolute(), o.clone())).collect();
+            rendered = drv
+                .input_drvs
+                .iter()
+                .map(|(p, o)| (p.to_absolute(), o.clone()))
+                .collect();
             &rendered
         }
     };
@@ -256,7 +309,9 @@ pub(super) fn print(drv: &Derivation, mask_outputs: bool, input_drvs: Option<&BT
         out.push(b')');
     });
     out.push(b',');
-    put_list(&mut out, &drv.input_srcs, |out, p| put_plain(out, &p.to_absolute()));
+    put_list(&mut out, &drv.input_srcs, |out, p| {
+        put_plain(out, &p.to_absolute())
+    });
     out.push(b',');
     put_plain(&mut out, &drv.system);
     out.push(b',');
@@ -268,7 +323,8 @@ pub(super) fn print(drv: &Derivation, mask_outputs: bool, input_drvs: Option<&BT
         out.push(b'(');
         put_escaped(out, k);
         out.push(b',');
-        let masked = mask_outputs && std::str::from_utf8(k).is_ok_and(|k| drv.outputs.contains_key(k));
+        let masked =
+            mask_outputs && std::str::from_utf8(k).is_ok_and(|k| drv.outputs.contains_key(k));
         put_escaped(out, if masked { b"" } else { v });
         out.push(b')');
     });

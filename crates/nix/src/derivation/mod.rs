@@ -140,7 +140,11 @@ impl Derivation {
     ) -> Result<[u8; 32], E> {
         if self.is_fixed_output() {
             let out = &self.outputs["out"];
-            let path = out.path.as_ref().map(StorePath::to_absolute).unwrap_or_default();
+            let path = out
+                .path
+                .as_ref()
+                .map(StorePath::to_absolute)
+                .unwrap_or_default();
             let text = format!("fixed:out:{}:{}:{path}", out.hash_algo, out.hash);
             return Ok(sha256(text.as_bytes()));
         }
@@ -176,7 +180,11 @@ impl Derivation {
                 .iter()
                 .map(|(name, o)| WireOutput {
                     name: name.clone(),
-                    path: o.path.as_ref().map(StorePath::to_absolute).unwrap_or_default(),
+                    path: o
+                        .path
+                        .as_ref()
+                        .map(StorePath::to_absolute)
+                        .unwrap_or_default(),
                     hash_algo: o.hash_algo.clone(),
                     hash: o.hash.clone(),
                 })
@@ -185,7 +193,11 @@ impl Derivation {
             platform: self.system.clone(),
             builder: self.builder.clone(),
             args: self.args.clone(),
-            env: self.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 }

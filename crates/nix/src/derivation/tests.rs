@@ -16,7 +16,9 @@ fn hi_drv_roundtrips_and_hashes_like_nix() {
         drv.drv_path("hi").unwrap().to_string(),
         "/nix/store/8pql3j9cyj94hnchzwcidj1jj3pqhbf8-hi.drv"
     );
-    let masked = drv.hash_modulo(true, |_| Ok::<_, Infallible>([0; 32])).unwrap();
+    let masked = drv
+        .hash_modulo(true, |_| Ok::<_, Infallible>([0; 32]))
+        .unwrap();
     assert_eq!(
         to_base16(&masked),
         "6d33a31d86bc2c1a66da88c8fac3df1da7456dd12468b6b503a32e7a416f917f"
@@ -24,7 +26,9 @@ fn hi_drv_roundtrips_and_hashes_like_nix() {
     let outs = drv.expected_output_paths("hi", &masked).unwrap();
     assert_eq!(outs["out"], *drv.outputs["out"].path.as_ref().unwrap());
     // As an input, it is hashed unmasked: the sha256 of its text.
-    let unmasked = drv.hash_modulo(false, |_| Ok::<_, Infallible>([0; 32])).unwrap();
+    let unmasked = drv
+        .hash_modulo(false, |_| Ok::<_, Infallible>([0; 32]))
+        .unwrap();
     assert_eq!(
         to_base16(&unmasked),
         "348ecf71fbd0a2fc12f78b1d2eff3967f43d6f023c1226c0a2cc458301df4c85"
@@ -51,8 +55,14 @@ fn errors_give_the_offset() {
             other => panic!("{bad}: {other:?}"),
         }
     }
-    let bad_path = HI_DRV.replace("agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi\",\"\"", "eeee-hi\",\"\"");
-    assert!(matches!(Derivation::parse(bad_path.as_bytes()), Err(DerivationError::BadPath { .. })));
+    let bad_path = HI_DRV.replace(
+        "agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi\",\"\"",
+        "eeee-hi\",\"\"",
+    );
+    assert!(matches!(
+        Derivation::parse(bad_path.as_bytes()),
+        Err(DerivationError::BadPath { .. })
+    ));
     let mut trailing = HI_DRV.to_string();
     trailing.push('\n');
     assert!(Derivation::parse(trailing.as_bytes()).is_err());

@@ -8,15 +8,22 @@ use crate::wire::padding_len;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NarEvent<'a> {
     /// A regular file starts; `size` bytes of [`NarEvent::Contents`] follow.
-    Regular { executable: bool, size: u64 },
+    Regular {
+        executable: bool,
+        size: u64,
+    },
     /// A piece of the current file's contents, borrowed from the input.
     Contents(&'a [u8]),
     /// The current regular file is complete.
     RegularEnd,
-    Symlink { target: Vec<u8> },
+    Symlink {
+        target: Vec<u8>,
+    },
     DirectoryStart,
     /// A directory entry; the next node belongs to it.
-    Entry { name: Vec<u8> },
+    Entry {
+        name: Vec<u8>,
+    },
     /// The current entry's node is complete.
     EntryEnd,
     DirectoryEnd,
@@ -34,8 +41,13 @@ enum State {
     ExecutableValue,
     ContentsKeyword,
     ContentsLength,
-    Contents { remaining: u64, pad: usize },
-    ContentsPadding { pad: usize },
+    Contents {
+        remaining: u64,
+        pad: usize,
+    },
+    ContentsPadding {
+        pad: usize,
+    },
     /// ")" closing a regular file.
     RegularClose,
     SymlinkKeyword,

@@ -27,9 +27,9 @@ mod writer;
 
 use thiserror::Error;
 
-pub use copy::{copy_nar, NarSummary};
 #[cfg(feature = "async")]
 pub use copy::tokio_io;
+pub use copy::{copy_nar, NarSummary};
 pub use decoder::{NarDecoder, NarEvent};
 pub use restore::restore;
 pub use writer::{dump_path, dump_path_hashed};
@@ -80,7 +80,9 @@ pub enum NarError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: unsupported file type (only regular files, directories and symlinks go in a NAR)")]
+    #[error(
+        "{path}: unsupported file type (only regular files, directories and symlinks go in a NAR)"
+    )]
     UnsupportedFile { path: String },
 }
 

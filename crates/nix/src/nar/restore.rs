@@ -52,7 +52,11 @@ pub fn restore(r: &mut impl Read, dest: &Path) -> Result<u64, NarError> {
                 NarEvent::RegularEnd => {
                     if let Some((f, executable)) = file.take() {
                         if executable {
-                            let mode = f.metadata().map_err(io(&current, "reading its mode"))?.permissions().mode();
+                            let mode = f
+                                .metadata()
+                                .map_err(io(&current, "reading its mode"))?
+                                .permissions()
+                                .mode();
                             f.set_permissions(fs::Permissions::from_mode(mode | 0o111))
                                 .map_err(io(&current, "making it executable"))?;
                         }
