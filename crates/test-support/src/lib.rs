@@ -1,1 +1,240 @@
-//! (being written)
+//! Test-only helpers for offload's integration tests: real Nix, real OpenSSH.
+//!
+//! - [`nix_available`] tells whether the Nix binaries are installed (tests print
+//!   `skipped: …` and return when they are not; `scripts/setup.sh` installs them);
+//! - [`SshFleet`] starts real `sshd` hosts on 127.0.0.1, each in its own mount namespace
+//!   with a private `/nix` (its own store) and `/etc/nix`, reached through a generated
+//!   ssh config with one `Host` alias per host and pinned host keys.
+//!
+//! Nothing here is used outside tests.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The environment every Nix call in tests runs with: no binary cache is reachable.
+pub const NIX_CONFIG: (&str, &str) = ("NIX_CONFIG", "substituters =");
+
+/// Whether `nix-store` runs here; prints a `skipped:` line when not.
+pub fn nix_available() -> bool {
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: nix-store not found (scripts/setup.sh installs Nix)");
+    }
+    ok
+}
+
+fn run(cmd: &mut Command) -> Result<Output, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Real sshd hosts on loopback. Dropping the fleet stops them.
+pub struct SshFleet {
+    dir: tempfile::TempDir,
+    hosts: Vec<Host>,
+}
+
+struct Host {
+    alias: String,
+    pid_file: PathBuf,
+}
+
+impl SshFleet {
+    /// Starts `n` hosts, or says why it cannot (not root, no sshd, no `unshare`).
+    pub fn start(n: usize) -> Result<SshFleet, String> {
+        if !Path::new("/usr/sbin/sshd").exists() {
+            return Err("no /usr/sbin/sshd (scripts/setup.sh installs openssh-server)".into());
+        }
+        // Mount namespaces need root.
+        let id = run(Command::new("id").arg("-u"))?;
+        if String::from_utf8_lossy(&id.stdout).trim() != "0" {
+            return Err("starting sshd hosts with private stores needs root".into());
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("offload-sshfleet")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let d = dir.path();
+        fs::create_dir_all("/run/sshd").map_err(|e| e.to_string())?;
+        let key = d.join("client_key");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", ""])
+            .arg("-f")
+            .arg(&key))?;
+        fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).map_err(|e| e.to_string())?;
+        let system_conf = fs::read_to_string("/etc/nix/nix.conf").unwrap_or_default();
+        let mut known_hosts = String::new();
+        let mut ssh_config = String::new();
+        let mut hosts = Vec::new();
+        for i in 1..=n {
+            let h = d.join(format!("h{i}"));
+            for sub in ["nix", "etc-nix"] {
+                fs::create_dir_all(h.join(sub)).map_err(|e| e.to_string())?;
+            }
+            // Builds without build users: the nixbld uids are shared by every host on
+            // this machine, and Nix kills all processes of a build user around a build.
+            let conf: String = system_conf
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("build-users-group"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            fs::write(
+                h.join("etc-nix/nix.conf"),
+                conf + "build-users-group =\nsubstituters =\n",
+            )
+            .map_err(|e| e.to_string())?;
+            let host_key = h.join("host_key");
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", ""])
+                .arg("-f")
+                .arg(&host_key))?;
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| e.to_string())?
+                .port();
+            let pid_file = h.join("sshd.pid");
+            fs::write(
+                h.join("sshd_config"),
+                format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
+                     AuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+                     PasswordAuthentication no\nStrictModes no\nUsePAM no\n",
+                    host_key.display(),
+                    pid_file.display(),
+                    d.join("authorized_keys").display()
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let script = format!(
+                "mount --bind '{nix}' /nix && mount --bind '{etc}' /etc/nix && exec /usr/sbin/sshd -f '{cfg}' -E '{log}'",
+                nix = h.join("nix").display(),
+                etc = h.join("etc-nix").display(),
+                cfg = h.join("sshd_config").display(),
+                log = h.join("sshd.log").display(),
+            );
+            run(Command::new("unshare").args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ]))?;
+            let pubkey = fs::read_to_string(h.join("host_key.pub")).map_err(|e| e.to_string())?;
+            let pubkey: Vec<&str> = pubkey.split_whitespace().take(2).collect();
+            known_hosts.push_str(&format!("[127.0.0.1]:{port} {}\n", pubkey.join(" ")));
+            let alias = format!("offload-test-h{i}");
+            ssh_config.push_str(&format!(
+                "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {}\n  \
+                 IdentitiesOnly yes\n  UserKnownHostsFile {}\n  BatchMode yes\n\n",
+                key.display(),
+                d.join("known_hosts").display()
+            ));
+            hosts.push(Host { alias, pid_file });
+        }
+        fs::write(d.join("known_hosts"), known_hosts).map_err(|e| e.to_string())?;
+        fs::write(d.join("ssh_config"), ssh_config).map_err(|e| e.to_string())?;
+        // A fleet kept in a `static` is never dropped: a watcher stops the hosts when
+        // this process exits, whatever way it does.
+        let pid_files: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("'{}'", h.pid_file.display()))
+            .collect();
+        let watcher = format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; for f in {files}; do kill $(cat $f) 2>/dev/null; done",
+            me = std::process::id(),
+            files = pid_files.join(" ")
+        );
+        Command::new("sh")
+            .args(["-c", &watcher])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting the fleet watcher: {e}"))?;
+        let fleet = SshFleet { dir, hosts };
+        for i in 0..n {
+            fleet.wait_ready(i)?;
+        }
+        Ok(fleet)
+    }
+
+    fn wait_ready(&self, i: usize) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.ssh(i, "true") {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    let log =
+                        fs::read_to_string(self.dir.path().join(format!("h{}/sshd.log", i + 1)))
+                            .unwrap_or_default();
+                    return Err(format!(
+                        "host {} did not come up: {e}\nsshd log:\n{log}",
+                        self.hosts[i].alias
+                    ));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// The ssh config file with the hosts' aliases.
+    pub fn ssh_config(&self) -> PathBuf {
+        self.dir.path().join("ssh_config")
+    }
+
+    /// `NIX_SSHOPTS` pointing ssh (for Nix and offload alike) at the fleet's config.
+    pub fn ssh_opts(&self) -> (&'static str, String) {
+        ("NIX_SSHOPTS", format!("-F {}", self.ssh_config().display()))
+    }
+
+    /// The ssh alias of host `i` (0-based).
+    pub fn alias(&self, i: usize) -> &str {
+        &self.hosts[i].alias
+    }
+
+    /// `ssh://alias` of host `i`.
+    pub fn store_uri(&self, i: usize) -> String {
+        format!("ssh://{}", self.hosts[i].alias)
+    }
+
+    /// Runs a shell command on host `i` (in its namespace, so its store).
+    pub fn ssh(&self, i: usize, command: &str) -> Result<String, String> {
+        let out = run(Command::new("ssh")
+            .arg("-F")
+            .arg(self.ssh_config())
+            .arg(&self.hosts[i].alias)
+            .arg(format!("NIX_CONFIG='substituters =' {command}")))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether `path` is valid in host `i`'s store.
+    pub fn is_valid(&self, i: usize, path: &str) -> bool {
+        self.ssh(i, &format!("nix-store --check-validity {path}"))
+            .is_ok()
+    }
+}
+
+impl Drop for SshFleet {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            if let Ok(pid) = fs::read_to_string(&h.pid_file) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+}

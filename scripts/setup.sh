@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up a Debian machine for offload: Nix 2.8 (nix-bin), OpenSSH client and server,
+# the nix.conf line chroot-store builds need, and a Rust toolchain check. Idempotent:
+# it installs only what is missing, and says nothing else when everything is there.
+#
+#   bash scripts/setup.sh
+set -euo pipefail
+
+SUDO=
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "setup: run as root, or install sudo" >&2; exit 2; }
+  SUDO=sudo
+fi
+
+# Debian package → a file it installs.
+declare -A WANT=(
+  [nix-bin]=/usr/bin/nix-store
+  [openssh-client]=/usr/bin/ssh
+  [openssh-server]=/usr/sbin/sshd
+  [util-linux]=/usr/bin/unshare
+  [python3]=/usr/bin/python3
+  [time]=/usr/bin/time
+)
+missing=()
+for pkg in "${!WANT[@]}"; do
+  [ -e "${WANT[$pkg]}" ] || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Builds in chroot stores (`--store DIR`, `remote-store=DIR`) run without a sandbox
+# here and need the host's /bin and libraries.
+CONF=/etc/nix/nix.conf
+if ! grep -qs '^extra-sandbox-paths' "$CONF"; then
+  echo "setup: adding extra-sandbox-paths to $CONF"
+  $SUDO mkdir -p /etc/nix
+  echo 'extra-sandbox-paths = /bin /lib /lib64 /usr' | $SUDO tee -a "$CONF" >/dev/null
+fi
+# sshd refuses to start without its privilege-separation directory.
+[ -d /run/sshd ] || $SUDO mkdir -p /run/sshd
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found: installing Debian's Rust toolchain (offload needs Rust 1.85 or later)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cargo rustc >/dev/null
+fi
