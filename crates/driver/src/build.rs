@@ -291,10 +291,7 @@ pub async fn run(
     }
     tasks.shutdown().await;
 
-    let copy_back_error = match ensure_on(&shared, local, &wanted, None).await {
-        Ok(()) => None,
-        Err(e) => Some(e),
-    };
+    let copy_back_error = ensure_on(&shared, local, &wanted, None).await.err();
     for pool in &shared.pools {
         pool.close().await;
     }

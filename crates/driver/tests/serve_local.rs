@@ -90,9 +90,12 @@ async fn queries_and_dump_match_nix() {
         .query_valid_paths(&[out.clone(), missing.clone()], false, false)
         .await
         .unwrap();
-    assert_eq!(valid, [out.clone()]);
+    assert_eq!(valid, std::slice::from_ref(&out));
 
-    let closure = conn.query_closure(&[out.clone()], false).await.unwrap();
+    let closure = conn
+        .query_closure(std::slice::from_ref(&out), false)
+        .await
+        .unwrap();
     assert_eq!(closure.len(), 3);
     let expected = nix(&["nix-store", "--store", store.to_str().unwrap(), "-qR", &out]);
     let mut expected: Vec<_> = expected.lines().map(str::to_string).collect();
@@ -138,7 +141,7 @@ async fn queries_and_dump_match_nix() {
         conn.query_valid_paths(std::slice::from_ref(&out), false, false)
             .await
             .unwrap(),
-        [out.clone()]
+        std::slice::from_ref(&out)
     );
     conn.close().await.unwrap();
 }
@@ -173,9 +176,14 @@ async fn copy_closure_between_stores_verifies_clean() {
     let out = build(&src, &chain_expr("copy", 12)).remove(0);
 
     let opts = CopyOptions { jobs: 3 };
-    let stats = copy_closure(&local(&src), &local(&dst), &[out.clone()], &opts)
-        .await
-        .unwrap();
+    let stats = copy_closure(
+        &local(&src),
+        &local(&dst),
+        std::slice::from_ref(&out),
+        &opts,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (stats.closure, stats.already_present, stats.copied),
         (12, 0, 12)
