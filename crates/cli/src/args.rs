@@ -41,6 +41,98 @@ pub enum Command {
     ///   offload copy --from 'ssh://localhost?remote-store=/tmp/fleet/m1' /nix/store/…-hello
     ///   offload copy --from ssh://builder1 --to ssh://builder2 /nix/store/…-hello
     Copy(CopyArgs),
+
+    /// Build derivations over the fleet and the local machine, planned as one graph.
+    ///
+    /// Takes what nix-build takes: a Nix file (with -A), an expression (-E) or .drv
+    /// paths. Nix evaluates it; offload reads the derivation graph, builds exactly what
+    /// Nix would build (valid outputs are skipped, substitutable ones are fetched by Nix),
+    /// and places every build on the machine where it finishes first — the local
+    /// machine included.
+    ///
+    /// Examples:
+    ///   offload build default.nix -A hello
+    ///   offload build -E 'with import <nixpkgs> {}; hello' --on builder1,builder2
+    ///   offload build /nix/store/…-hello.drv --builders 'ssh://b1 x86_64-linux - 8 2' -j4
+    Build(BuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Nix files or .drv paths to build (default: ./default.nix).
+    #[arg(value_name = "FILE|DRV")]
+    pub targets: Vec<String>,
+
+    /// Attribute to build from the file (repeatable).
+    #[arg(short = 'A', long = "attr", value_name = "ATTR")]
+    pub attrs: Vec<String>,
+
+    /// Build the result of this Nix expression instead of a file.
+    #[arg(
+        short = 'E',
+        long = "expr",
+        value_name = "EXPR",
+        conflicts_with = "targets"
+    )]
+    pub expr: Option<String>,
+
+    /// Pass `--arg NAME EXPR` to the evaluation.
+    #[arg(long, num_args = 2, value_names = ["NAME", "EXPR"])]
+    pub arg: Vec<String>,
+
+    /// Pass `--argstr NAME STRING` to the evaluation.
+    #[arg(long, num_args = 2, value_names = ["NAME", "STRING"])]
+    pub argstr: Vec<String>,
+
+    /// Machines in Nix's syntax (`builders` setting): `'ssh://b1 x86_64-linux - 4 2; b2'`
+    /// or `@FILE`. Default: Nix's own `builders` setting.
+    #[arg(long, value_name = "SPEC")]
+    pub builders: Option<String>,
+
+    /// Use only these machines (store URIs or host names, comma-separated).
+    #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
+    pub on: Vec<String>,
+
+    /// Do not use these machines.
+    #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+
+    /// Build everything on the local machine.
+    #[arg(long, conflicts_with_all = ["on", "builders"])]
+    pub local_only: bool,
+
+    /// Local build slots (Nix's max-jobs); 0 keeps builds off the local machine.
+    #[arg(short = 'j', long = "max-jobs", value_name = "N")]
+    pub max_jobs: Option<u32>,
+
+    /// Go on with everything that does not depend on a failed build.
+    #[arg(short = 'k', long)]
+    pub keep_going: bool,
+
+    /// Name of the output links (like nix-build's `--out-link`).
+    #[arg(short = 'o', long, value_name = "PATH", default_value = "result")]
+    pub out_link: String,
+
+    /// Create no output links.
+    #[arg(long)]
+    pub no_out_link: bool,
+
+    /// Build-duration history (SQLite). Default: $OFFLOAD_HISTORY or
+    /// ~/.local/state/offload/history.sqlite.
+    #[arg(long, value_name = "FILE")]
+    pub history: Option<PathBuf>,
+
+    /// Seconds of silence before a build is killed (0: no limit).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub max_silent_time: u64,
+
+    /// Seconds before a build is killed (0: no limit).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub timeout: u64,
+
+    /// Do not print build logs while building.
+    #[arg(long)]
+    pub no_build_output: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,7 +8,7 @@ use offload_nix::store_path::STORE_DIR;
 use crate::args::CopyArgs;
 use crate::Failure;
 
-pub async fn run(args: CopyArgs) -> Result<(), Failure> {
+pub async fn run(args: CopyArgs, quiet: bool) -> Result<(), Failure> {
     let endpoint =
         |uri: Option<&String>| Endpoint::parse(uri.unwrap_or(&args.store)).map_err(Failure::usage);
     let from = endpoint(args.from.as_ref())?;
@@ -25,6 +25,9 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     let stats = copy_closure(&from, &to, &paths, &options)
         .await
         .map_err(Failure::work)?;
+    if quiet {
+        return Ok(());
+    }
     let secs = stats.elapsed.as_secs_f64();
     eprintln!(
         "copied {} paths ({}) from {} to {} in {:.2} s; {} of {} already there",

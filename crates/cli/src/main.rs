@@ -2,7 +2,9 @@
 //! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up).
 
 mod args;
+mod build;
 mod copy;
+mod output;
 mod render;
 
 use std::process::ExitCode;
@@ -25,9 +27,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let quiet = cli.quiet;
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Copy(args) => copy::run(args).await,
+            Command::Copy(args) => copy::run(args, quiet).await,
+            Command::Build(args) => build::run(args, quiet).await,
         }
     });
     match outcome {

@@ -63,6 +63,9 @@ pub struct BuildOptions {
     /// Go on after a failure with everything that does not depend on it (`-k`).
     pub keep_going: bool,
     pub settings: BuildSettings,
+    /// Nix's log directory (`/nix/var/log/nix`): each build's log is written to
+    /// `drvs/XX/REST` there, where `nix log` and `nix-store -l` find it.
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 /// Progress, for the CLI to show.
@@ -118,6 +121,7 @@ struct Shared {
     upload_locks: Vec<tokio::sync::Mutex<()>>,
     nodes: Vec<BuildNode>,
     settings: BuildSettings,
+    log_dir: Option<std::path::PathBuf>,
     reporter: Arc<dyn Reporter>,
 }
 
@@ -183,6 +187,7 @@ pub async fn run(
         registry: Mutex::new(PathRegistry::default()),
         nodes,
         settings: options.settings.clone(),
+        log_dir: options.log_dir.clone(),
         reporter,
     });
     learn_local_inputs(&shared, local).await?;
@@ -484,6 +489,7 @@ async fn build_task(shared: Arc<Shared>, node: usize, machine: MachineId) -> Tas
         .closure(&n.inputs);
     drv.input_srcs.sort();
 
+    let mut log_file = open_log(shared.log_dir.as_deref(), &n.drv_path);
     let (tx, mut rx) = mpsc::unbounded_channel();
     conn.set_log_sink(Some(tx));
     let mut tail = std::collections::VecDeque::new();
@@ -495,6 +501,7 @@ async fn build_task(shared: Arc<Shared>, node: usize, machine: MachineId) -> Tas
                 r = &mut build => break r,
                 Some(line) = rx.recv() => {
                     shared.reporter.build_log(&n.drv_path, &shared.names[machine], &line);
+                    write_log(&mut log_file, &line);
                     tail.push_back(line);
                     if tail.len() > LOG_TAIL_LINES { tail.pop_front(); }
                 }
@@ -571,4 +578,32 @@ async fn build_task(shared: Arc<Shared>, node: usize, machine: MachineId) -> Tas
     }
     shared.pools[machine].put(conn);
     done(Outcome::Built, tail, false)
+}
+
+/// Opens the log file Nix would write for `drv_path` (`drvs/XX/REST` under the log
+/// directory). A log that cannot be written is not worth failing a build over.
+fn open_log(log_dir: Option<&std::path::Path>, drv_path: &str) -> Option<std::fs::File> {
+    let dir = log_dir?;
+    let base = drv_path.rsplit('/').next()?;
+    let (head, rest) = (base.get(..2)?, base.get(2..)?);
+    let sub = dir.join("drvs").join(head);
+    if let Err(e) = std::fs::create_dir_all(&sub) {
+        tracing::warn!(
+            "cannot keep the build log of {drv_path} in {}: {e}",
+            sub.display()
+        );
+        return None;
+    }
+    std::fs::File::create(sub.join(rest))
+        .map_err(|e| tracing::warn!("cannot keep the build log of {drv_path}: {e}"))
+        .ok()
+}
+
+fn write_log(file: &mut Option<std::fs::File>, line: &str) {
+    use std::io::Write as _;
+    if let Some(f) = file {
+        if writeln!(f, "{line}").is_err() {
+            *file = None;
+        }
+    }
 }

@@ -21,6 +21,7 @@ mod error;
 mod history;
 pub mod nixconf;
 mod paths;
+pub mod plan;
 mod pool;
 mod transport;
 
