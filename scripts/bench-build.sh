@@ -58,8 +58,9 @@ for case in $CASES; do
     --history "$hist" --no-build-output >/dev/null 2>"$WORK/offload-warm.log"
   t3=$(now)
   tn=$(secs "$t0" "$t1"); tc=$(secs "$t1" "$t2"); tw=$(secs "$t2" "$t3")
-  printf '   nix-build --builders:        %7.2f s  (%.2fx the lower bound)\n' "$tn" "$(awk "BEGIN {print $tn / $lb}")"
-  printf '   offload, empty history:      %7.2f s  (%.2fx the lower bound, %.2fx faster than Nix)\n' "$tc" "$(awk "BEGIN {print $tc / $lb}")" "$(awk "BEGIN {print $tn / $tc}")"
-  printf '   offload, with history:       %7.2f s  (%.2fx the lower bound, %.2fx faster than Nix)\n' "$tw" "$(awk "BEGIN {print $tw / $lb}")" "$(awk "BEGIN {print $tn / $tw}")"
+  vs_lb() { awk -v t="$1" -v lb="$lb" 'BEGIN {if (lb > 0) printf "%.2fx the lower bound", t / lb; else printf "lower bound 0"}'; }
+  printf '   nix-build --builders:        %7.2f s  (%s)\n' "$tn" "$(vs_lb "$tn")"
+  printf '   offload, empty history:      %7.2f s  (%s, %.2fx faster than Nix)\n' "$tc" "$(vs_lb "$tc")" "$(awk "BEGIN {print $tn / $tc}")"
+  printf '   offload, with history:       %7.2f s  (%s, %.2fx faster than Nix)\n' "$tw" "$(vs_lb "$tw")" "$(awk "BEGIN {print $tn / $tw}")"
   grep -h '^built' "$WORK/offload-cold.log" "$WORK/offload-warm.log" | sed 's/^/   /'
 done

@@ -314,10 +314,15 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
             .iter()
             .map(|(_, n)| n)
             .sum::<usize>();
+        let cpu = own_cpu_seconds();
         eprintln!(
-            "built {built} derivations in {:.2} s (lower bound {:.2} s by the estimates); builds per machine: {}",
+            "built {built} derivations in {:.2} s; lower bound {:.2} s by the measured build times \
+             ({:.2}x); offload's own CPU {:.0} ms ({:.1} ms per build)\nbuilds per machine: {}",
             report.wall_seconds,
-            report.lower_bound,
+            report.measured_lower_bound,
+            report.wall_seconds / report.measured_lower_bound.max(1e-9),
+            cpu * 1e3,
+            cpu * 1e3 / built.max(1) as f64,
             if used.is_empty() { "none".to_string() } else { used.join(", ") }
         );
     }
@@ -369,4 +374,21 @@ fn add_root(link: &str, path: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// CPU seconds this process used (user + system), from /proc; 0 where unavailable.
+/// Children (the serve processes, Nix) are not counted.
+fn own_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // Linux reports these in USER_HZ, 100 on every architecture it supports.
+    ticks / 100.0
 }

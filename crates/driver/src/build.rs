@@ -97,6 +97,8 @@ pub struct BuildReport {
     pub builds_per_machine: Vec<(String, usize)>,
     /// max(critical path, total work / total slots) by the estimates, in seconds.
     pub lower_bound: f64,
+    /// The same bound by the measured build times (scaled to speed 1), in seconds.
+    pub measured_lower_bound: f64,
     /// Set when copying the requested outputs back failed.
     pub copy_back_error: Option<DriverError>,
 }
@@ -295,6 +297,7 @@ pub async fn run(
         ));
     }
     tasks.shutdown().await;
+    let measured_lower_bound = measured_bound(&shared.nodes, &results, &specs);
 
     let copy_back_error = ensure_on(&shared, local, &wanted, None).await.err();
     for pool in &shared.pools {
@@ -318,8 +321,42 @@ pub async fn run(
             .zip(builds_per_machine)
             .collect(),
         lower_bound,
+        measured_lower_bound,
         copy_back_error,
     })
+}
+
+/// max(critical path, total work / total slots) over the builds' measured times, each
+/// scaled to speed 1 by its machine's speed factor.
+fn measured_bound(
+    nodes: &[BuildNode],
+    results: &[Option<NodeResult>],
+    specs: &[MachineSpec],
+) -> f64 {
+    let speed: HashMap<&str, f64> = specs.iter().map(|s| (s.name.as_str(), s.speed)).collect();
+    let specs_nodes: Vec<NodeSpec> = nodes
+        .iter()
+        .zip(results)
+        .map(|(n, r)| NodeSpec {
+            key: n.drv_path.clone(),
+            system: n.system.clone(),
+            required_features: Vec::new(),
+            deps: n.deps.clone(),
+            duration: match r {
+                Some(NodeResult::Built { machine, seconds }) => {
+                    seconds * speed.get(machine.as_str()).copied().unwrap_or(1.0)
+                }
+                _ => 0.0,
+            },
+            output_bytes: 0,
+            prefer_local: false,
+        })
+        .collect();
+    let slots: f64 = specs.iter().map(|s| f64::from(s.slots) * s.speed).sum();
+    match Graph::new(specs_nodes) {
+        Ok(g) => g.critical_path().max(g.total_work() / slots.max(1.0)),
+        Err(_) => 0.0,
+    }
 }
 
 fn describe_failure(shared: &Shared, failure: &Failure) -> String {
