@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use offload_nix::serve::{BasicDerivation, BuildSettings};
 use offload_sched::{
-    Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, Outcome, Scheduler,
+    Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -198,7 +198,7 @@ pub async fn run(
     let mut results: Vec<Option<NodeResult>> = vec![None; shared.nodes.len()];
     let mut builds_per_machine = vec![0usize; specs.len()];
     let mut tasks: JoinSet<TaskDone> = JoinSet::new();
-    let mut running: HashMap<usize, tokio::task::AbortHandle> = HashMap::new();
+    let mut running: HashMap<usize, (tokio::task::AbortHandle, MachineId)> = HashMap::new();
     let mut actions = sched.start(0.0);
     loop {
         for action in actions.drain(..) {
@@ -208,10 +208,10 @@ pub async fn run(
                         .reporter
                         .build_started(&shared.nodes[node].drv_path, &shared.names[machine]);
                     let handle = tasks.spawn(build_task(shared.clone(), node, machine));
-                    running.insert(node, handle);
+                    running.insert(node, (handle, machine));
                 }
                 Action::Cancel { node, .. } => {
-                    if let Some(h) = running.remove(&node) {
+                    if let Some((h, _)) = running.remove(&node) {
                         h.abort();
                     }
                 }
@@ -238,6 +238,44 @@ pub async fn run(
         running.remove(&done.node);
         let now = started.elapsed().as_secs_f64();
         let drv = &shared.nodes[done.node];
+        if done.machine_down {
+            // Its other builds go elsewhere: stop them here.
+            running.retain(|_, (h, m)| {
+                if *m == done.machine {
+                    h.abort();
+                }
+                *m != done.machine
+            });
+            shared
+                .registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove_machine(done.machine);
+            actions.extend(sched.handle(
+                Event::MachineLost {
+                    machine: done.machine,
+                },
+                now,
+            ));
+        }
+        if let Outcome::Lost { reason } = &done.outcome {
+            tracing::warn!(machine = %shared.names[done.machine], drv = %drv.drv_path, "build lost, will retry elsewhere: {reason}");
+        }
+        let outcome = done.outcome.clone();
+        actions.extend(sched.handle(
+            Event::Finished {
+                node: done.node,
+                machine: done.machine,
+                outcome,
+            },
+            now,
+        ));
+        // Count only what the scheduler took: a build of a lost machine is stale.
+        let accepted = matches!(sched.state(done.node), NodeState::Done { machine, .. } if *machine == done.machine)
+            || matches!(sched.state(done.node), NodeState::Failed(Failure::BuildFailed { machine, .. }) if *machine == done.machine);
+        if !accepted {
+            continue;
+        }
         match &done.outcome {
             Outcome::Built => {
                 builds_per_machine[done.machine] += 1;
@@ -264,9 +302,7 @@ pub async fn run(
                     log_tail: done.log_tail.clone(),
                 });
             }
-            Outcome::Lost { reason } => {
-                tracing::warn!(machine = %shared.names[done.machine], drv = %drv.drv_path, "build lost, will retry elsewhere: {reason}");
-            }
+            Outcome::Lost { .. } => {}
         }
         shared.reporter.build_finished(
             &drv.drv_path,
@@ -274,31 +310,22 @@ pub async fn run(
             done.outcome == Outcome::Built,
             done.seconds,
         );
-        if done.machine_down {
-            shared
-                .registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove_machine(done.machine);
-            actions.extend(sched.handle(
-                Event::MachineLost {
-                    machine: done.machine,
-                },
-                now,
-            ));
-        }
-        actions.extend(sched.handle(
-            Event::Finished {
-                node: done.node,
-                machine: done.machine,
-                outcome: done.outcome,
-            },
-            now,
-        ));
     }
     tasks.shutdown().await;
     let measured_lower_bound = measured_bound(&shared.nodes, &results, &specs);
 
+    // Outputs of derivations that failed cannot come back; the rest do, with -k too.
+    let unbuilt: std::collections::HashSet<&str> = shared
+        .nodes
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| !matches!(r, Some(NodeResult::Built { .. })))
+        .flat_map(|(n, _)| n.outputs.iter().map(|(_, p)| p.as_str()))
+        .collect();
+    let wanted: Vec<String> = wanted
+        .into_iter()
+        .filter(|p| !unbuilt.contains(p.as_str()))
+        .collect();
     let copy_back_error = ensure_on(&shared, local, &wanted, None).await.err();
     for pool in &shared.pools {
         pool.close().await;

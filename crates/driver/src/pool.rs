@@ -9,6 +9,9 @@ use crate::conn::ServeConn;
 use crate::error::DriverError;
 use crate::transport::Endpoint;
 
+/// How often a new session is tried before the machine counts as lost.
+pub const OPEN_ATTEMPTS: u32 = 3;
+
 /// Idle sessions with one machine.
 pub struct Pool {
     endpoint: Endpoint,
@@ -27,12 +30,31 @@ impl Pool {
         &self.endpoint
     }
 
-    /// An idle session, or a new one. Cancel-safe: a cancelled open kills its process.
+    /// An idle session, or a new one. A new session that fails for a reason that may
+    /// pass (the server exited, a timeout: e.g. two first sessions racing to initialise
+    /// a fresh store) is tried again, up to [`OPEN_ATTEMPTS`] times; authentication and
+    /// host-key failures are not. Cancel-safe: a cancelled open kills its process.
     pub async fn get(&self) -> Result<ServeConn, DriverError> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match idle {
-            Some(conn) => Ok(conn),
-            None => ServeConn::open(&self.endpoint).await,
+        if let Some(conn) = idle {
+            return Ok(conn);
+        }
+        let mut attempt = 1;
+        loop {
+            match ServeConn::open(&self.endpoint).await {
+                Ok(conn) => return Ok(conn),
+                Err(
+                    e @ (DriverError::Exited { .. }
+                    | DriverError::Timeout { .. }
+                    | DriverError::Ssh { .. }),
+                ) if attempt < OPEN_ATTEMPTS => {
+                    tracing::debug!(machine = %self.endpoint.name, "opening a session failed, trying again: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt as u64))
+                        .await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
