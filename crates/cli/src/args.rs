@@ -133,6 +133,19 @@ pub struct BuildArgs {
     /// Do not print build logs while building.
     #[arg(long)]
     pub no_build_output: bool,
+
+    /// Let builders fetch inputs from their own substituters instead of receiving them
+    /// from this machine (default: Nix's `builders-use-substitutes`).
+    #[arg(long)]
+    pub builders_use_substitutes: bool,
+
+    /// Copy every built output to the local store, not only the requested ones.
+    #[arg(long)]
+    pub fetch_all_outputs: bool,
+
+    /// Show what would be built and fetched, and the machines, then stop.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

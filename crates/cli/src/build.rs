@@ -185,10 +185,14 @@ fn fleet(args: &BuildArgs, settings: &NixSettings) -> Result<(Vec<MachineConfig>
                 *host_public_key = m.host_key_line();
             }
         }
+        let mut name = short_name(&m);
+        if configs.iter().any(|c| c.spec.name == name) {
+            name = m.uri.clone();
+        }
         configs.push(MachineConfig {
             endpoint,
             spec: MachineSpec {
-                name: m.uri.clone(),
+                name,
                 systems: m.systems.clone(),
                 supported_features: m.supported_features.iter().cloned().collect(),
                 mandatory_features: m.mandatory_features.iter().cloned().collect(),
@@ -203,6 +207,17 @@ fn fleet(args: &BuildArgs, settings: &NixSettings) -> Result<(Vec<MachineConfig>
     Ok((configs, 0))
 }
 
+/// What reports call a machine: `host`, or `host:STORE` with a remote store.
+fn short_name(m: &Machine) -> String {
+    match m.store_uri() {
+        Ok(u) if u.is_ssh() => match u.remote_store() {
+            Some(store) => format!("{}:{store}", u.authority),
+            None => u.authority.clone(),
+        },
+        _ => m.uri.clone(),
+    }
+}
+
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
@@ -210,12 +225,42 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     let (machines, local) = fleet(&args, &settings)?;
     let targets = evaluate(&args)?;
     let roots: Vec<StorePath> = targets.iter().map(|t| t.drv.clone()).collect();
+    let read_started = std::time::Instant::now();
     let drvs = tokio::task::block_in_place(|| read_drv_closure(Path::new("/"), &roots))
         .map_err(Failure::work)?;
+    tracing::info!(
+        "read {} derivations in {:.0} ms",
+        drvs.len(),
+        read_started.elapsed().as_secs_f64() * 1e3
+    );
 
     // Nix decides what must be built and what it can fetch; offload builds the first.
     let root_args: Vec<String> = roots.iter().map(StorePath::to_absolute).collect();
     let plan = dry_run(None, &root_args).map_err(Failure::work)?;
+    if args.dry_run {
+        let mut text = format!(
+            "{} derivations to build, {} paths to fetch\nmachines:\n",
+            plan.will_build.len(),
+            plan.will_fetch.len()
+        );
+        for m in &machines {
+            text.push_str(&format!(
+                "  {} ({} slots, speed {}, {})\n",
+                m.spec.name,
+                m.spec.slots,
+                m.spec.speed,
+                m.spec.systems.join(",")
+            ));
+        }
+        for d in &plan.will_build {
+            text.push_str(&format!("  build {d}\n"));
+        }
+        for p in &plan.will_fetch {
+            text.push_str(&format!("  fetch {p}\n"));
+        }
+        eprint!("{text}");
+        return Ok(());
+    }
     if !plan.will_fetch.is_empty() {
         if !quiet {
             eprintln!("fetching {} paths from substituters", plan.will_fetch.len());
@@ -270,8 +315,17 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         }
     }
 
+    if args.fetch_all_outputs {
+        wanted.extend(
+            nodes
+                .iter()
+                .flat_map(|n| n.outputs.iter().map(|(_, p)| p.clone())),
+        );
+    }
     let options = BuildOptions {
         keep_going: args.keep_going,
+        builders_use_substitutes: args.builders_use_substitutes
+            || settings.builders_use_substitutes,
         settings: BuildSettings {
             max_silent_time: args.max_silent_time,
             build_timeout: args.timeout,

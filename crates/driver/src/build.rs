@@ -62,6 +62,8 @@ pub struct MachineConfig {
 pub struct BuildOptions {
     /// Go on after a failure with everything that does not depend on it (`-k`).
     pub keep_going: bool,
+    /// Builders first try their own substituters for inputs they lack.
+    pub builders_use_substitutes: bool,
     pub settings: BuildSettings,
     /// Nix's log directory (`/nix/var/log/nix`): each build's log is written to
     /// `drvs/XX/REST` there, where `nix log` and `nix-store -l` find it.
@@ -123,6 +125,7 @@ struct Shared {
     upload_locks: Vec<tokio::sync::Mutex<()>>,
     nodes: Vec<BuildNode>,
     settings: BuildSettings,
+    builders_use_substitutes: bool,
     log_dir: Option<std::path::PathBuf>,
     reporter: Arc<dyn Reporter>,
 }
@@ -189,6 +192,7 @@ pub async fn run(
         registry: Mutex::new(PathRegistry::default()),
         nodes,
         settings: options.settings.clone(),
+        builders_use_substitutes: options.builders_use_substitutes,
         log_dir: options.log_dir.clone(),
         reporter,
     });
@@ -228,7 +232,17 @@ pub async fn run(
         if sched.is_finished() {
             break;
         }
-        let Some(joined) = tasks.join_next().await else {
+        let joined = tokio::select! {
+            joined = tasks.join_next() => joined,
+            _ = tokio::signal::ctrl_c() => {
+                // Dropping the sessions kills their processes, which stops the builds
+                // on every machine; nothing half-done is ever registered.
+                let stopped = running.len();
+                tasks.shutdown().await;
+                return Err(DriverError::Interrupted { stopped });
+            }
+        };
+        let Some(joined) = joined else {
             break;
         };
         let Ok(done) = joined else {
@@ -475,8 +489,12 @@ async fn ensure_on(
         Some(c) => c,
         None => own.insert(shared.pools[machine].get().await?),
     };
-    // The machine may have some already (an earlier run, its own substitutes).
-    let present = target.query_valid_paths(&unknown, false, false).await?;
+    // The machine may have some already (an earlier run), or fetch them from its own
+    // substituters when allowed.
+    let substitute = shared.builders_use_substitutes && machine != shared.local;
+    let present = target
+        .query_valid_paths(&unknown, false, substitute)
+        .await?;
     {
         let mut registry = shared.registry.lock().unwrap_or_else(|p| p.into_inner());
         for p in &present {

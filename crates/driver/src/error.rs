@@ -92,6 +92,8 @@ pub enum DriverError {
         op: &'static str,
         reply: u64,
     },
+    #[error("interrupted: {stopped} running builds were stopped")]
+    Interrupted { stopped: usize },
     #[error("{uri:?} is not a store offload can reach: {reason}")]
     BadStoreUri { uri: String, reason: String },
 }
@@ -116,6 +118,7 @@ impl DriverError {
             | DriverError::NotValid { machine, .. }
             | DriverError::Refused { machine, .. } => machine,
             DriverError::BadStoreUri { uri, .. } => uri,
+            DriverError::Interrupted { .. } => "local",
         }
     }
 
