@@ -169,6 +169,7 @@ fn fleet(args: &BuildArgs, settings: &NixSettings) -> Result<(Vec<MachineConfig>
             bandwidth: f64::INFINITY,
             latency: 0.0,
         },
+        cores: Some(local_cores(settings)),
     }];
     for m in machines {
         let mut endpoint = Endpoint::parse(&m.uri).map_err(Failure::usage)?;
@@ -202,9 +203,20 @@ fn fleet(args: &BuildArgs, settings: &NixSettings) -> Result<(Vec<MachineConfig>
                 bandwidth: DEFAULT_BANDWIDTH,
                 latency: DEFAULT_LATENCY,
             },
+            // A remote's core count is not in the machines file; its own setting stays.
+            cores: None,
         });
     }
     Ok((configs, 0))
+}
+
+/// Cores of this machine: Nix's `cores` when set, else all of them.
+fn local_cores(settings: &NixSettings) -> u32 {
+    if settings.cores > 0 {
+        settings.cores
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    }
 }
 
 /// What reports call a machine: `host`, or `host:STORE` with a remote store.

@@ -55,6 +55,10 @@ pub struct BuildNode {
 pub struct MachineConfig {
     pub endpoint: Endpoint,
     pub spec: MachineSpec,
+    /// Its CPU cores, when known: builds then share them (`NIX_BUILD_CORES`), a lone
+    /// build getting all, many builds a fair part each. `None` leaves the machine's own
+    /// `cores` setting alone.
+    pub cores: Option<u32>,
 }
 
 /// How the run behaves.
@@ -120,6 +124,7 @@ struct Shared {
     local: MachineId,
     pools: Vec<Pool>,
     names: Vec<String>,
+    cores: Vec<Option<u32>>,
     registry: Mutex<PathRegistry>,
     /// One upload at a time per machine, so no path goes to a machine twice at once.
     upload_locks: Vec<tokio::sync::Mutex<()>>,
@@ -181,6 +186,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         local,
         names: machines.iter().map(|m| m.spec.name.clone()).collect(),
+        cores: machines.iter().map(|m| m.cores).collect(),
         upload_locks: machines
             .iter()
             .map(|_| tokio::sync::Mutex::new(()))
@@ -211,7 +217,12 @@ pub async fn run(
                     shared
                         .reporter
                         .build_started(&shared.nodes[node].drv_path, &shared.names[machine]);
-                    let handle = tasks.spawn(build_task(shared.clone(), node, machine));
+                    // Builds running there now, this one included, share its cores.
+                    let cores = shared.cores[machine].map(|total| {
+                        let sharing = sched.running_on(machine).len().max(1) as u32;
+                        (total / sharing).max(1)
+                    });
+                    let handle = tasks.spawn(build_task(shared.clone(), node, machine, cores));
                     running.insert(node, (handle, machine));
                 }
                 Action::Cancel { node, .. } => {
@@ -530,7 +541,12 @@ async fn ensure_on(
     Ok(())
 }
 
-async fn build_task(shared: Arc<Shared>, node: usize, machine: MachineId) -> TaskDone {
+async fn build_task(
+    shared: Arc<Shared>,
+    node: usize,
+    machine: MachineId,
+    cores: Option<u32>,
+) -> TaskDone {
     let started = Instant::now();
     let done = |outcome, log_tail, machine_down| TaskDone {
         node,
@@ -540,7 +556,7 @@ async fn build_task(shared: Arc<Shared>, node: usize, machine: MachineId) -> Tas
         seconds: started.elapsed().as_secs_f64(),
         machine_down,
     };
-    let mut conn = match shared.pools[machine].get().await {
+    let mut conn = match shared.pools[machine].get_with_cores(cores).await {
         Ok(c) => c,
         Err(e) => {
             return done(

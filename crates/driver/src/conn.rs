@@ -54,6 +54,8 @@ pub struct ServeConn {
     stderr_task: JoinHandle<()>,
     server_version: u64,
     broken: bool,
+    /// `--option cores` the server was started with, if any.
+    cores: Option<u32>,
     _known_hosts: Option<tempfile::NamedTempFile>,
 }
 
@@ -90,6 +92,7 @@ impl ServeConn {
             stderr_task,
             server_version: 0,
             broken: false,
+            cores: None,
             _known_hosts: known_hosts,
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake()).await {
@@ -142,6 +145,17 @@ impl ServeConn {
         }
         self.server_version = version;
         Ok(())
+    }
+
+    /// Records the `--option cores` the session was started with.
+    pub fn with_cores(mut self, cores: Option<u32>) -> Self {
+        self.cores = cores;
+        self
+    }
+
+    /// The cores its builds get, when set for the session.
+    pub fn cores(&self) -> Option<u32> {
+        self.cores
     }
 
     /// The store this session talks to, as the user named it.

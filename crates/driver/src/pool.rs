@@ -2,7 +2,12 @@
 //! sessions are taken for one operation (a build with its uploads, a transfer) and put
 //! back afterwards. A session that failed or was cancelled mid-frame is dropped, never
 //! put back, since the protocol cannot resynchronise.
+//!
+//! The cores a build gets (`NIX_BUILD_CORES`) are fixed per session: the serve protocol
+//! carries no `cores`, so a session started with `--option cores N` builds with N. Idle
+//! sessions are therefore kept per cores value; `None` is the machine's own setting.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::conn::ServeConn;
@@ -15,14 +20,14 @@ pub const OPEN_ATTEMPTS: u32 = 3;
 /// Idle sessions with one machine.
 pub struct Pool {
     endpoint: Endpoint,
-    idle: Mutex<Vec<ServeConn>>,
+    idle: Mutex<HashMap<Option<u32>, Vec<ServeConn>>>,
 }
 
 impl Pool {
     pub fn new(endpoint: Endpoint) -> Pool {
         Pool {
             endpoint,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(HashMap::new()),
         }
     }
 
@@ -30,26 +35,45 @@ impl Pool {
         &self.endpoint
     }
 
-    /// An idle session, or a new one. A new session that fails for a reason that may
-    /// pass (the server exited, a timeout: e.g. two first sessions racing to initialise
-    /// a fresh store) is tried again, up to [`OPEN_ATTEMPTS`] times; authentication and
-    /// host-key failures are not. Cancel-safe: a cancelled open kills its process.
+    /// An idle session with the machine's own cores setting, or a new one.
     pub async fn get(&self) -> Result<ServeConn, DriverError> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        self.get_with_cores(None).await
+    }
+
+    /// An idle session whose builds get `cores` cores, or a new one. A new session that
+    /// fails for a reason that may pass (the server exited, a timeout: e.g. two first
+    /// sessions racing to initialise a fresh store) is tried again, up to
+    /// [`OPEN_ATTEMPTS`] times; authentication and host-key failures are not.
+    /// Cancel-safe: a cancelled open kills its process.
+    pub async fn get_with_cores(&self, cores: Option<u32>) -> Result<ServeConn, DriverError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&cores)
+            .and_then(Vec::pop);
         if let Some(conn) = idle {
             return Ok(conn);
         }
+        let mut endpoint = self.endpoint.clone();
+        if let Some(n) = cores {
+            endpoint.extra_args.extend([
+                "--option".to_string(),
+                "cores".to_string(),
+                n.to_string(),
+            ]);
+        }
         let mut attempt = 1;
         loop {
-            match ServeConn::open(&self.endpoint).await {
-                Ok(conn) => return Ok(conn),
+            match ServeConn::open(&endpoint).await {
+                Ok(conn) => return Ok(conn.with_cores(cores)),
                 Err(
                     e @ (DriverError::Exited { .. }
                     | DriverError::Timeout { .. }
                     | DriverError::Ssh { .. }),
                 ) if attempt < OPEN_ATTEMPTS => {
                     tracing::debug!(machine = %self.endpoint.name, "opening a session failed, trying again: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt as u64))
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
                         .await;
                     attempt += 1;
                 }
@@ -64,14 +88,19 @@ impl Pool {
             self.idle
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .entry(conn.cores())
+                .or_default()
                 .push(conn);
         }
     }
 
-    /// Closes every idle session cleanly.
+    /// Closes every idle session.
     pub async fn close(&self) {
         let conns: Vec<ServeConn> =
-            std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+            std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .flatten()
+                .collect();
         for conn in conns {
             let _ = conn.close().await;
         }
