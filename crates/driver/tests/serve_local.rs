@@ -6,19 +6,9 @@ use std::process::Command;
 
 use offload_driver::{copy_closure, CopyOptions, DriverError, Endpoint, ServeConn};
 use offload_nix::serve::{BasicDerivation, BuildSettings, BuildStatus, WireOutput};
+use offload_test_support::nix_available;
 
 const SYSTEM: &str = "x86_64-linux";
-
-fn nix_available() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: nix-store not found (scripts/setup.sh installs Nix)");
-    }
-    ok
-}
 
 fn nix(args: &[&str]) -> String {
     let out = Command::new(args[0])

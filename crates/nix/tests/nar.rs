@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use offload_nix::export::{put_trailer, read_export, EXPORT_MAGIC};
 use offload_nix::nar::{copy_nar, dump_path, restore, NarDecoder, NarError, NarEvent};
 use offload_nix::nixbase32;
+use offload_test_support::nix_available;
 use proptest::prelude::*;
 
 /// `nix-store --dump` of a file containing "hi\n" (120 bytes), captured from Nix 2.8.
@@ -24,17 +25,6 @@ fn hex(s: &str) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
         .collect()
-}
-
-fn nix_available() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: nix-store not found (scripts/setup.sh installs Nix)");
-    }
-    ok
 }
 
 fn nix_dump(path: &Path) -> Vec<u8> {
