@@ -403,3 +403,66 @@ fn substitutable_outputs_are_fetched_not_built() {
         "a cached leaf was built: {stderr}"
     );
 }
+
+#[test]
+fn builds_of_a_machine_that_dies_run_elsewhere() {
+    if !nix_available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    // m1's sessions die half a second in, whatever they are doing.
+    let dying = fleet.dir.path().join("nix-store-dying");
+    std::fs::write(
+        &dying,
+        "#!/bin/sh\nexec timeout -s KILL 0.5 nix-store --option build-users-group '' \"$@\"\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&dying)
+        .status()
+        .unwrap();
+    let spec = format!(
+        "ssh://localhost?remote-store={}/m1&remote-program={} x86_64-linux - 4 4;{} x86_64-linux - 2 1",
+        fleet.dir.path().display(),
+        dying.display(),
+        fleet.uri(2)
+    );
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("slow.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"map (i: derivation {{ name = "slow${{toString i}}"; system = builtins.currentSystem; builder = "/bin/sh";
+                 salt = "{}"; args = [ "-c" "/bin/sleep 1; echo > $out" ]; }}) [ 1 2 3 4 ]"#,
+            salt()
+        ),
+    )
+    .unwrap();
+    let out = offload(
+        &[
+            "build",
+            file.to_str().unwrap(),
+            "--builders",
+            &spec,
+            "-j",
+            "0",
+            "--no-out-link",
+        ],
+        work.path(),
+        &work.path().join("h.sqlite"),
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("build lost, will retry elsewhere"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("built 4 derivations"), "{stderr}");
+    assert!(
+        stderr.contains("/m2 4"),
+        "all four should end up on m2: {stderr}"
+    );
+    assert_eq!(text(&out.stdout).lines().count(), 4);
+}

@@ -141,8 +141,10 @@ fn lost(e: DriverError) -> Outcome {
     }
 }
 
-/// Ships the inputs, builds, and learns the outputs. Returns the outcome and whether the
-/// machine could not be reached at all.
+/// Ships the inputs, builds, and learns the outputs. Returns the outcome and whether
+/// the machine is to be taken out of the run: as for Nix's build hook, a machine whose
+/// session breaks (it cannot be reached, or the connection dies mid-operation) gets no
+/// more work, and what it was doing runs elsewhere.
 async fn build_on(
     shared: &Shared,
     node: usize,
@@ -156,7 +158,8 @@ async fn build_on(
     };
     let n = &shared.nodes[node];
     if let Err(e) = ensure_on(shared, machine, &n.inputs, Some(&mut conn)).await {
-        return (lost(e), false);
+        let down = conn.is_broken();
+        return (lost(e), down);
     }
     // As Nix's build hook does: the inputs are the whole shipped closure, as sources.
     let mut drv = n.drv.clone();
@@ -185,7 +188,7 @@ async fn build_on(
     }
     let result = match result {
         Ok(r) => r,
-        Err(e) => return (lost(e), false),
+        Err(e) => return (lost(e), true),
     };
     if !result.status.is_success() {
         shared.pools[machine].put(conn);
@@ -199,7 +202,7 @@ async fn build_on(
     let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
     let infos = match conn.query_path_infos(&outputs).await {
         Ok(infos) => infos,
-        Err(e) => return (lost(e), false),
+        Err(e) => return (lost(e), true),
     };
     shared.pools[machine].put(conn);
     if infos.len() < outputs.len() {
