@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use offload_nix::nar::tokio_io::copy_nar;
 use offload_nix::nar::NarSummary;
+use offload_nix::serve::MAX_REPLY_STRING;
 use offload_nix::serve::{self, BasicDerivation, BuildResult, BuildSettings, PathInfo, Request};
+use offload_nix::wire::tokio_io as wire_read;
 use offload_nix::wire::{put_bytes, put_strings, put_u64, WireError};
 use offload_nix::{export, nixbase32};
 use tokio::io::{
@@ -347,6 +349,95 @@ impl ServeConn {
                 self.broken = true;
                 Err(self.nar_failure(OP, path, e).await)
             }
+        }
+    }
+
+    /// Streams the export format (`nix-store --export`) of `paths` into `sink`, checking
+    /// every NAR as it passes; returns the paths' metadata in stream order.
+    pub async fn export_paths<W: AsyncWrite + Unpin>(
+        &mut self,
+        paths: &[String],
+        sink: &mut W,
+    ) -> Result<Vec<export::ExportedPath>, DriverError> {
+        const OP: &str = "ExportPaths";
+        self.send(OP, &Request::ExportPaths { paths }.encode())
+            .await?;
+        let mut exported = Vec::new();
+        loop {
+            let marker = match serve::read_ack(&mut self.from).await {
+                Ok(m) => m,
+                Err(e) => return Err(self.fail(OP, e).await),
+            };
+            sink.write_all(&marker.to_le_bytes())
+                .await
+                .map_err(|source| self.io_error(OP, source))?;
+            match marker {
+                0 => return Ok(exported),
+                1 => {}
+                other => {
+                    self.broken = true;
+                    return Err(DriverError::Refused {
+                        machine: self.machine.clone(),
+                        op: OP,
+                        reply: other,
+                    });
+                }
+            }
+            let nar = match copy_nar(&mut self.from, sink).await {
+                Ok(n) => n,
+                Err(e) => return Err(self.nar_failure(OP, "an exported path", e).await),
+            };
+            // The trailer: magic, path, references, deriver, signature flag.
+            let mut trailer = Vec::new();
+            let read = async {
+                let magic = wire_read::read_u64(&mut self.from, "export magic").await?;
+                let path =
+                    wire_read::read_string(&mut self.from, "exported path", MAX_REPLY_STRING)
+                        .await?;
+                let references = wire_read::read_strings(
+                    &mut self.from,
+                    "exported references",
+                    MAX_REPLY_STRING,
+                )
+                .await?;
+                let deriver =
+                    wire_read::read_string(&mut self.from, "exported deriver", MAX_REPLY_STRING)
+                        .await?;
+                let signed = wire_read::read_u64(&mut self.from, "signature flag").await?;
+                Ok::<_, WireError>((magic, path, references, deriver, signed))
+            };
+            let (magic, path, references, deriver, signed) = match read.await {
+                Ok(t) => t,
+                Err(e) => return Err(self.fail(OP, e).await),
+            };
+            if magic != export::EXPORT_MAGIC || signed != 0 {
+                self.broken = true;
+                return Err(DriverError::Refused {
+                    machine: self.machine.clone(),
+                    op: OP,
+                    reply: magic,
+                });
+            }
+            let deriver = (!deriver.is_empty()).then_some(deriver);
+            export::put_trailer(&mut trailer, &path, &references, deriver.as_deref());
+            sink.write_all(&trailer)
+                .await
+                .map_err(|source| self.io_error(OP, source))?;
+            exported.push(export::ExportedPath {
+                path,
+                references,
+                deriver,
+                nar,
+            });
+        }
+    }
+
+    fn io_error(&mut self, op: &'static str, source: std::io::Error) -> DriverError {
+        self.broken = true;
+        DriverError::Io {
+            machine: self.machine.clone(),
+            op,
+            source,
         }
     }
 

@@ -126,6 +126,25 @@ async fn queries_and_dump_match_nix() {
         "DumpStorePath and nix-store --dump differ"
     );
 
+    // ExportPaths gives the bytes `nix-store --export` writes.
+    let mut exported = Vec::new();
+    let entries = conn
+        .export_paths(std::slice::from_ref(&out), &mut exported)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].nar.size, info.nar_size);
+    let theirs = Command::new("nix-store")
+        .env("NIX_CONFIG", "substituters =")
+        .args(["--store", store.to_str().unwrap(), "--export", &out])
+        .output()
+        .unwrap();
+    assert!(theirs.status.success());
+    assert!(
+        exported == theirs.stdout,
+        "ExportPaths and nix-store --export differ"
+    );
+
     // The session is still in step after a streamed NAR.
     assert_eq!(
         conn.query_valid_paths(std::slice::from_ref(&out), false, false)
