@@ -4,6 +4,8 @@ durations and output sizes, for the build benchmarks and tests.
 
   gen-dag.py SHAPE N SEED OUT.nix        SHAPE: layered | nixpkgs | wide | chain | trivial
 
+It also writes OUT.json, the same graph for `offload simulate --dag`.
+
 The expression takes `salt` (so every run gets fresh output paths) and evaluates to a
 list of the graph's sinks. The graph's critical path and total work, in seconds, are
 printed as `critical_path=… total_work=… nodes=…`.
@@ -61,4 +63,10 @@ with open(out, "w") as f:
         f.write(f'  n{i} = mk "{name}" "{dur}" {size} [ {" ".join(f"n{d}" for d in deps)} ];\n')
     sinks = [i for i in range(len(nodes)) if dependents[i] == 0]
     f.write(f'in [ {" ".join(f"n{i}" for i in sinks)} ]\n')
+# The same graph in the schema of `offload simulate --dag`.
+import json
+with open(out.rsplit(".", 1)[0] + ".json", "w") as f:
+    json.dump({"nodes": [{"id": f"n{i}", "deps": [f"n{d}" for d in deps], "duration_s": dur,
+                          "system": "x86_64-linux", "required_features": [], "output_bytes": size}
+                         for i, (name, dur, size, deps) in enumerate(nodes)]}, f)
 print(f"critical_path={max(finish):.2f} total_work={sum(x[1] for x in nodes):.2f} nodes={len(nodes)}")

@@ -55,6 +55,74 @@ pub enum Command {
     ///   offload build -E 'with import <nixpkgs> {}; hello' --on builder1,builder2
     ///   offload build /nix/store/…-hello.drv --builders 'ssh://b1 x86_64-linux - 8 2' -j4
     Build(BuildArgs),
+
+    /// Simulate a build graph on a fleet: offload's scheduler against models of Nix's
+    /// build hook and Hydra's queue runner.
+    ///
+    /// The graph comes from a JSON file, a real .drv closure (durations from the
+    /// history), or a generator; machines from Nix's syntax plus an optional JSON file
+    /// with link figures and failures:
+    ///   {"bandwidth": 1e8, "latency": 0.005,
+    ///    "links": {"HOST": {"bandwidth": 1e7, "latency": 0.05}},
+    ///    "failures": [{"machine": "HOST", "at": 30.0}]}
+    ///
+    /// Examples:
+    ///   offload simulate --generate nixpkgs:2000:1 --builders @machines --local-slots 8
+    ///   offload simulate --dag graph.json --builders 'b1 x86_64-linux - 4 2' --policy all
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The graph as JSON: {"nodes":[{"id","deps","duration_s","system",
+    /// "required_features","output_bytes"}]}.
+    #[arg(long, value_name = "FILE", group = "graph")]
+    pub dag: Option<PathBuf>,
+
+    /// A generated graph: layered, nixpkgs, wide or chain, N nodes, optional seed.
+    #[arg(long, value_name = "SHAPE:N[:SEED]", group = "graph")]
+    pub generate: Option<String>,
+
+    /// A real derivation closure, durations from the build history.
+    #[arg(long, value_name = "DRV", group = "graph")]
+    pub from_drv: Option<String>,
+
+    /// Machines in Nix's syntax, or @FILE.
+    #[arg(long, value_name = "SPEC", default_value = "")]
+    pub builders: String,
+
+    /// Machines file (same as --builders @FILE).
+    #[arg(long, value_name = "FILE", conflicts_with = "builders")]
+    pub machines: Option<PathBuf>,
+
+    /// Slots of the local machine (where offload or Nix runs).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub local_slots: u32,
+
+    /// Link figures and machine failures (JSON, see above).
+    #[arg(long, value_name = "FILE")]
+    pub fleet: Option<PathBuf>,
+
+    /// offload, nix, hydra or all.
+    #[arg(long, default_value = "all")]
+    pub policy: String,
+
+    /// offload plans without a duration history (every estimate the default).
+    #[arg(long)]
+    pub cold: bool,
+
+    /// JSON Lines on stdout, one object per policy.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write a Chrome trace (chrome://tracing, Perfetto) of each policy's run to
+    /// FILE (with the policy name added when several run).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+
+    /// The history for --from-drv estimates.
+    #[arg(long, value_name = "FILE")]
+    pub history: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ mod build;
 mod copy;
 mod output;
 mod render;
+mod simulate;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Copy(args) => copy::run(args, quiet).await,
             Command::Build(args) => build::run(args, quiet).await,
+            Command::Simulate(args) => simulate::run(args),
         }
     });
     match outcome {

@@ -462,8 +462,18 @@ impl Scheduler {
         let local_ids: Vec<MachineId> = (0..self.machines.len())
             .filter(|&m| self.machines[m].is_local && self.alive[m])
             .collect();
+        // Once no slot is free anywhere, nothing more can start in this round: the rest
+        // of the ready set is not looked at (what keeps a decision cheap when thousands
+        // of derivations are ready).
+        let mut free_slots: usize = slots
+            .iter()
+            .map(|s| s.iter().filter(|(_, free)| *free).count())
+            .sum();
         let order: Vec<ReadyKey> = self.ready.iter().copied().collect();
         for key in order {
+            if free_slots == 0 {
+                break;
+            }
             let id = key.node;
             let node = self.graph.node(id);
             let local_ok =
@@ -477,9 +487,12 @@ impl Scheduler {
                     continue;
                 };
                 let finish = slot_time + self.transfer_in(id, m) + spec.build_time(node);
+                // Earliest finish; at a tie, a slot free now beats waiting for one.
                 let better = match best {
                     None => true,
-                    Some((f, _, _)) => finish < f - 1e-9,
+                    Some((f, best_free, _)) => {
+                        finish < f - 1e-9 || (finish <= f + 1e-9 && is_free && !best_free)
+                    }
                 };
                 if better {
                     best = Some((finish, is_free, m));
@@ -492,6 +505,7 @@ impl Scheduler {
             slots[m][0] = (finish, false);
             slots[m].sort_by(slot_order);
             if is_free {
+                free_slots -= 1;
                 self.ready.remove(&key);
                 self.state[id] = NodeState::Running {
                     machine: m,

@@ -1,0 +1,261 @@
+//! `offload simulate`: the scheduler on a simulated fleet, next to models of Nix's hook
+//! and Hydra.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, Context as _};
+use offload_driver::nixconf::NixSettings;
+use offload_driver::plan::{build_nodes, read_drv_closure};
+use offload_driver::History;
+use offload_nix::machines::parse_builders;
+use offload_nix::store_path::StorePath;
+use offload_sched::{Graph, MachineSpec, NodeSpec};
+use offload_sim::dag::{generate, DagFile};
+use offload_sim::{run_policy, Report};
+use serde_json::Value;
+
+use crate::args::SimulateArgs;
+use crate::Failure;
+
+const DEFAULT_BANDWIDTH: f64 = 100e6;
+const DEFAULT_LATENCY: f64 = 0.005;
+
+fn read_json(path: &Path) -> Result<Value, Failure> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))
+        .map_err(Failure::usage)?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))
+        .map_err(Failure::usage)
+}
+
+fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
+    if let Some(path) = &args.dag {
+        let dag: DagFile = serde_json::from_value(read_json(path)?)
+            .with_context(|| {
+                format!(
+                    "{} does not follow the graph schema (see --help)",
+                    path.display()
+                )
+            })
+            .map_err(Failure::usage)?;
+        return dag
+            .to_graph()
+            .with_context(|| format!("{}", path.display()))
+            .map_err(Failure::usage);
+    }
+    if let Some(spec) = &args.generate {
+        let mut parts = spec.split(':');
+        let shape = parts.next().unwrap_or("");
+        let n: usize = parts.next().and_then(|n| n.parse().ok()).ok_or_else(|| {
+            Failure::usage(anyhow!(
+                "--generate {spec}: expected SHAPE:N[:SEED], N a whole number"
+            ))
+        })?;
+        let seed: u64 = match parts.next() {
+            Some(s) => s.parse().map_err(|_| {
+                Failure::usage(anyhow!(
+                    "--generate {spec}: the seed must be a whole number"
+                ))
+            })?,
+            None => 1,
+        };
+        return generate(shape, n, seed)
+            .and_then(|d| d.to_graph())
+            .map_err(|e| Failure::usage(anyhow!("--generate {spec}: {e}")));
+    }
+    if let Some(drv) = &args.from_drv {
+        let root = StorePath::from_absolute_path(drv).map_err(Failure::usage)?;
+        let drvs = read_drv_closure(Path::new("/"), &[root]).map_err(Failure::usage)?;
+        let history =
+            History::open(&args.history.clone().unwrap_or_else(History::default_path)).ok();
+        let all: Vec<StorePath> = drvs.keys().cloned().collect();
+        let nodes = build_nodes(&drvs, &all, history.as_ref()).map_err(Failure::usage)?;
+        let specs = nodes
+            .into_iter()
+            .map(|n| NodeSpec {
+                key: n.drv_path,
+                system: n.system,
+                required_features: n.required_features,
+                deps: n.deps,
+                duration: n.estimate,
+                output_bytes: 1 << 20,
+                prefer_local: n.prefer_local,
+            })
+            .collect();
+        return Graph::new(specs).map_err(Failure::usage);
+    }
+    Err(Failure::usage(anyhow!(
+        "give the graph: --dag FILE, --generate SHAPE:N[:SEED] or --from-drv DRV"
+    )))
+}
+
+/// The simulated machines, and failures as (machine index, seconds).
+type SimFleet = (Vec<MachineSpec>, Vec<(usize, f64)>);
+
+fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
+    let local_system = NixSettings::load()
+        .map(|s| s.system)
+        .unwrap_or_else(|_| "x86_64-linux".into());
+    let spec = match &args.machines {
+        Some(path) => format!("@{}", path.display()),
+        None => args.builders.clone(),
+    };
+    let parsed = parse_builders(&spec, "--builders", &local_system).map_err(Failure::usage)?;
+    let extra = match &args.fleet {
+        Some(p) => read_json(p)?,
+        None => Value::Null,
+    };
+    let num =
+        |v: &Value, key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
+    let bandwidth = num(&extra, "bandwidth", DEFAULT_BANDWIDTH);
+    let latency = num(&extra, "latency", DEFAULT_LATENCY);
+    let mut machines = vec![MachineSpec {
+        name: "local".into(),
+        systems: vec![local_system],
+        supported_features: vec![],
+        mandatory_features: vec![],
+        slots: args.local_slots,
+        speed: 1.0,
+        is_local: true,
+        bandwidth: f64::INFINITY,
+        latency: 0.0,
+    }];
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in parsed {
+        let host = m.uri.strip_prefix("ssh://").unwrap_or(&m.uri).to_string();
+        let count = seen.entry(host.clone()).or_insert(0);
+        *count += 1;
+        let name = if *count > 1 {
+            format!("{host}#{count}")
+        } else {
+            host.clone()
+        };
+        let link = extra
+            .get("links")
+            .and_then(|l| l.get(&name).or_else(|| l.get(&host)));
+        machines.push(MachineSpec {
+            name,
+            systems: m.systems,
+            supported_features: m.supported_features.into_iter().collect(),
+            mandatory_features: m.mandatory_features.into_iter().collect(),
+            slots: m.max_jobs,
+            speed: f64::from(m.speed_factor),
+            is_local: false,
+            bandwidth: link.map_or(bandwidth, |l| num(l, "bandwidth", bandwidth)),
+            latency: link.map_or(latency, |l| num(l, "latency", latency)),
+        });
+    }
+    let mut failures = Vec::new();
+    for f in extra
+        .get("failures")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = f.get("machine").and_then(Value::as_str).unwrap_or("");
+        let at = f.get("at").and_then(Value::as_f64);
+        let index = machines.iter().position(|m| m.name == name);
+        match (index, at) {
+            (Some(i), Some(at)) => failures.push((i, at)),
+            _ => {
+                return Err(Failure::usage(anyhow!(
+                    "fleet file: failure {f} needs \"machine\" (one of: {}) and \"at\" (seconds)",
+                    machines
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        }
+    }
+    Ok((machines, failures))
+}
+
+fn human_bytes(n: u64) -> String {
+    crate::copy::human_bytes(n)
+}
+
+pub fn run(args: SimulateArgs) -> Result<(), Failure> {
+    let graph = graph(&args)?;
+    let (machines, failures) = fleet(&args)?;
+    if machines.iter().all(|m| m.slots == 0) {
+        return Err(Failure::usage(anyhow!(
+            "no machine has a build slot: give --builders/--machines or --local-slots"
+        )));
+    }
+    let policies: Vec<&str> = match args.policy.as_str() {
+        "all" => vec!["offload", "nix", "hydra"],
+        p @ ("offload" | "nix" | "hydra") => vec![p],
+        other => {
+            return Err(Failure::usage(anyhow!(
+                "--policy {other}: use offload, nix, hydra or all"
+            )))
+        }
+    };
+    let mut reports: Vec<Report> = Vec::new();
+    for p in &policies {
+        let report = run_policy(
+            p,
+            &graph,
+            &machines,
+            &failures,
+            args.cold,
+            args.trace.is_some(),
+        )
+        .ok_or_else(|| Failure::usage(anyhow!("unknown policy {p}")))?;
+        if let Some(path) = &args.trace {
+            let path = if policies.len() > 1 {
+                path.with_file_name(format!(
+                    "{}.{p}.json",
+                    path.file_stem().and_then(|s| s.to_str()).unwrap_or("trace")
+                ))
+            } else {
+                path.clone()
+            };
+            std::fs::write(&path, report.chrome_trace().to_string())
+                .with_context(|| format!("writing {}", path.display()))
+                .map_err(Failure::usage)?;
+        }
+        reports.push(report);
+    }
+    let mut out = String::new();
+    if args.json {
+        for r in &reports {
+            let mut v = serde_json::to_value(r).map_err(|e| Failure::usage(anyhow!(e)))?;
+            v["type"] = Value::from("simulation");
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+    } else {
+        out.push_str(&format!(
+            "{} derivations, {} machines ({} slots); critical path {:.2} s, total work {:.2} s\n",
+            graph.len(),
+            machines.iter().filter(|m| m.slots > 0).count(),
+            machines.iter().map(|m| m.slots).sum::<u32>(),
+            graph.critical_path(),
+            graph.total_work()
+        ));
+        out.push_str(
+            "policy    makespan   lower bound   ratio   utilisation   built        bytes moved\n",
+        );
+        for r in &reports {
+            let bytes: u64 = r.bytes_per_link.iter().map(|(_, b)| b).sum();
+            out.push_str(&format!(
+                "{:<8} {:>8.2} s {:>11.2} s {:>7.2} {:>12.0}% {:>7}/{:<6} {:>11}\n",
+                r.policy,
+                r.makespan_s,
+                r.lower_bound_s,
+                r.ratio,
+                r.utilisation * 100.0,
+                r.built,
+                r.nodes,
+                human_bytes(bytes)
+            ));
+        }
+    }
+    crate::output::stdout(&out);
+    Ok(())
+}

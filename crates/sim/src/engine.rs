@@ -1,0 +1,250 @@
+//! The discrete-event engine: a fake clock, machines with slots, links between the
+//! client (where offload or Nix runs) and each machine, machine failures at given times,
+//! and a [`Policy`] deciding which build starts where.
+//!
+//! A build started on machine M at time t occupies a slot of M while (1) the inputs M
+//! lacks arrive — from the client, or from the machine that built them through the
+//! client —, (2) it runs for `duration / speed` plus the policy's fixed per-build cost,
+//! and (3) for policies that copy every output back (Nix's hook, Hydra), its outputs go
+//! to the client. Policies that decide one build at a time on the client add a serial
+//! dispatch cost per build.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use offload_sched::{Graph, MachineId, MachineSpec, NodeId};
+
+use crate::report::{Report, TraceEvent};
+
+/// Per-build costs of a policy, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Costs {
+    /// Client-side work per build start, done one build at a time.
+    pub dispatch_serial: f64,
+    /// Fixed time per build on its machine (session, round trips).
+    pub per_build: f64,
+}
+
+/// A scheduling policy under simulation.
+pub trait Policy {
+    fn name(&self) -> &'static str;
+    fn costs(&self) -> Costs;
+    /// Whether each output is copied to the client right after its build.
+    fn copies_outputs_back(&self) -> bool;
+    /// First starts.
+    fn start(&mut self, now: f64) -> Vec<(NodeId, MachineId)>;
+    /// A build ended successfully.
+    fn finished(&mut self, node: NodeId, machine: MachineId, now: f64) -> Vec<(NodeId, MachineId)>;
+    /// A machine failed; its running builds (`lost`) must run again.
+    fn machine_lost(
+        &mut self,
+        machine: MachineId,
+        lost: &[NodeId],
+        now: f64,
+    ) -> Vec<(NodeId, MachineId)>;
+    /// When the policy wants to be woken with nothing else happening (Nix's poll
+    /// interval for postponed builds).
+    fn next_wakeup(&self) -> Option<f64> {
+        None
+    }
+    /// Woken at [`Policy::next_wakeup`].
+    fn wake(&mut self, _now: f64) -> Vec<(NodeId, MachineId)> {
+        Vec::new()
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Pending {
+    at: f64,
+    node: NodeId,
+    machine: MachineId,
+    generation: u64,
+}
+
+impl Eq for Pending {}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Earliest first (BinaryHeap is a max-heap), then by node for determinism.
+        other
+            .at
+            .total_cmp(&self.at)
+            .then_with(|| other.node.cmp(&self.node))
+    }
+}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The machine the client runs on, if it is in the fleet.
+fn client_machine(machines: &[MachineSpec]) -> Option<MachineId> {
+    machines.iter().position(|m| m.is_local)
+}
+
+/// Runs `policy` on `graph` over `machines`, with `failures` (machine, time).
+pub fn simulate(
+    graph: &Graph,
+    machines: &[MachineSpec],
+    failures: &[(MachineId, f64)],
+    policy: &mut dyn Policy,
+    trace: bool,
+) -> Report {
+    let n = graph.len();
+    let costs = policy.costs();
+    let client = client_machine(machines);
+    // Where each node's outputs are: machines, and whether the client has them.
+    let mut on_machine: Vec<Vec<MachineId>> = vec![Vec::new(); n];
+    let mut at_client = vec![false; n];
+    let mut link_bytes = vec![0u64; machines.len()];
+    let mut busy = vec![0.0f64; machines.len()];
+    let mut running: Vec<Vec<NodeId>> = vec![Vec::new(); machines.len()];
+    let mut generation = vec![0u64; n];
+    let mut done = vec![false; n];
+    let mut alive = vec![true; machines.len()];
+    let mut events = BinaryHeap::new();
+    let mut trace_events = Vec::new();
+    let mut dispatcher_free = 0.0f64;
+    let mut failures: Vec<(MachineId, f64)> = failures.to_vec();
+    failures.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut now = 0.0;
+    let mut starts = policy.start(now);
+    let mut finished = 0usize;
+    loop {
+        for (node, m) in starts.drain(..) {
+            if done[node] {
+                // Built before, but its outputs were lost with their machine: again.
+                done[node] = false;
+                finished -= 1;
+            }
+            let spec = &machines[m];
+            let begin = if costs.dispatch_serial > 0.0 {
+                let t = now.max(dispatcher_free) + costs.dispatch_serial;
+                dispatcher_free = t;
+                t
+            } else {
+                now
+            };
+            let mut transfer = 0.0;
+            for &d in &graph.node(node).deps {
+                if on_machine[d].contains(&m) || (spec.is_local && at_client[d]) {
+                    continue;
+                }
+                let bytes = graph.node(d).output_bytes;
+                if !at_client[d] {
+                    // From the builder that has it, through the client.
+                    if let Some(&h) = on_machine[d].iter().min_by(|a, b| {
+                        machines[**a]
+                            .transfer_time(bytes)
+                            .total_cmp(&machines[**b].transfer_time(bytes))
+                    }) {
+                        transfer += machines[h].transfer_time(bytes);
+                        link_bytes[h] += bytes;
+                    }
+                }
+                transfer += spec.transfer_time(bytes);
+                if !spec.is_local {
+                    link_bytes[m] += bytes;
+                }
+                on_machine[d].push(m);
+            }
+            let build = spec.build_time(graph.node(node)) + costs.per_build;
+            let back = if policy.copies_outputs_back() && !spec.is_local {
+                link_bytes[m] += graph.node(node).output_bytes;
+                spec.transfer_time(graph.node(node).output_bytes)
+            } else {
+                0.0
+            };
+            let end = begin + transfer + build + back;
+            running[m].push(node);
+            generation[node] += 1;
+            if trace {
+                trace_events.push(TraceEvent {
+                    name: graph.node(node).key.clone(),
+                    machine: m,
+                    start: begin,
+                    duration: end - begin,
+                });
+            }
+            events.push(Pending {
+                at: end,
+                node,
+                machine: m,
+                generation: generation[node],
+            });
+        }
+        // The next thing to happen: a machine failing, a build ending, a wake-up.
+        let next_failure = failures.last().copied();
+        let next_end = events.peek().map(|p: &Pending| p.at);
+        let wakeup = policy.next_wakeup();
+        let first = [next_failure.map(|f| f.1), next_end, wakeup]
+            .into_iter()
+            .flatten()
+            .fold(f64::INFINITY, f64::min);
+        match (next_failure, next_end, wakeup) {
+            (Some((m, at)), _, _) if at <= first => {
+                failures.pop();
+                now = at;
+                if m >= machines.len() || !alive[m] {
+                    continue;
+                }
+                alive[m] = false;
+                let lost = std::mem::take(&mut running[m]);
+                for &node in &lost {
+                    generation[node] += 1;
+                }
+                for holders in &mut on_machine {
+                    holders.retain(|&h| h != m);
+                }
+                starts = policy.machine_lost(m, &lost, now);
+            }
+            (_, Some(end), _) if end <= first => {
+                let Some(p) = events.pop() else { break };
+                if p.generation != generation[p.node] || done[p.node] {
+                    continue;
+                }
+                now = p.at;
+                running[p.machine].retain(|&x| x != p.node);
+                let spec = &machines[p.machine];
+                busy[p.machine] += spec.build_time(graph.node(p.node)) + costs.per_build;
+                done[p.node] = true;
+                finished += 1;
+                on_machine[p.node].push(p.machine);
+                if policy.copies_outputs_back() || Some(p.machine) == client {
+                    at_client[p.node] = true;
+                }
+                starts = policy.finished(p.node, p.machine, now);
+            }
+            (_, _, Some(at)) => {
+                now = now.max(at);
+                starts = policy.wake(now);
+            }
+            _ => break,
+        }
+    }
+    // The requested outputs (the sinks) end up on the client; policies that kept
+    // outputs on the builders copy them now, each link in parallel.
+    let mut copy_back = vec![0.0f64; machines.len()];
+    for id in 0..n {
+        if graph.dependents(id).is_empty() && done[id] && !at_client[id] {
+            if let Some(&m) = on_machine[id].first() {
+                let bytes = graph.node(id).output_bytes;
+                copy_back[m] += machines[m].transfer_time(bytes);
+                link_bytes[m] += bytes;
+            }
+        }
+    }
+    let makespan = now + copy_back.iter().copied().fold(0.0, f64::max);
+    Report::new(
+        policy.name(),
+        graph,
+        machines,
+        makespan,
+        finished,
+        busy,
+        link_bytes,
+        trace_events,
+    )
+}

@@ -1,0 +1,103 @@
+//! Simulating builds on a fleet, to measure the scheduler where a real fleet cannot be
+//! had: the same `offload-sched` code the live driver runs, against models of Nix's
+//! build hook and Hydra's queue runner, on a discrete-event model of machines, slots,
+//! speeds, links and failures.
+//!
+//! - [`dag`]: the JSON graph schema and generated shapes;
+//! - [`engine`]: the event loop and the [`engine::Policy`] trait;
+//! - [`policy`]: offload's scheduler and the Nix and Hydra models;
+//! - [`report`]: makespan, lower bound, utilisation, bytes per link, Chrome traces.
+//!
+//! Like the scheduler, this crate does no I/O and reads no clock.
+
+pub mod dag;
+pub mod engine;
+pub mod policy;
+pub mod report;
+
+use offload_sched::{Graph, MachineId, MachineSpec};
+
+pub use engine::{simulate, Costs};
+pub use report::Report;
+
+/// Costs calibrated against loopback runs of Nix 2.8 and offload (see the README).
+pub mod calibration {
+    use super::Costs;
+
+    /// offload: a persistent session per slot, a BuildDerivation round trip per build.
+    pub const OFFLOAD: Costs = Costs {
+        dispatch_serial: 0.0,
+        per_build: 0.11,
+    };
+    /// Nix's hook: a hook process and a fresh `nix-store --serve` per build; the
+    /// decisions one at a time are modelled in the policy itself.
+    pub const NIX: Costs = Costs {
+        dispatch_serial: 0.0,
+        per_build: 0.09,
+    };
+    /// Hydra: a connection per step, queue-runner bookkeeping per step.
+    pub const HYDRA: Costs = Costs {
+        dispatch_serial: 0.0,
+        per_build: 0.1,
+    };
+}
+
+/// Runs the named policy (`offload`, `nix`, `hydra`). With `cold`, offload plans with
+/// no duration history (every estimate [`DEFAULT_ESTIMATE`]) while builds take their
+/// real time.
+pub fn run_policy(
+    name: &str,
+    graph: &Graph,
+    machines: &[MachineSpec],
+    failures: &[(MachineId, f64)],
+    cold: bool,
+    trace: bool,
+) -> Option<Report> {
+    use policy::{OffloadPolicy, QueueKind, QueuePolicy};
+    let report = match name {
+        "offload" => {
+            let planning = if cold {
+                with_unknown_durations(graph)
+            } else {
+                graph.clone()
+            };
+            let mut p = OffloadPolicy::new(planning, machines.to_vec(), calibration::OFFLOAD);
+            simulate(graph, machines, failures, &mut p, trace)
+        }
+        "nix" => {
+            let mut p = QueuePolicy::new(
+                QueueKind::NixHook,
+                graph.clone(),
+                machines.to_vec(),
+                calibration::NIX,
+            );
+            simulate(graph, machines, failures, &mut p, trace)
+        }
+        "hydra" => {
+            let mut p = QueuePolicy::new(
+                QueueKind::Hydra,
+                graph.clone(),
+                machines.to_vec(),
+                calibration::HYDRA,
+            );
+            simulate(graph, machines, failures, &mut p, trace)
+        }
+        _ => return None,
+    };
+    Some(report)
+}
+
+/// What offload estimates for a derivation it has never built.
+pub const DEFAULT_ESTIMATE: f64 = 5.0;
+
+fn with_unknown_durations(graph: &Graph) -> Graph {
+    let nodes = graph
+        .nodes()
+        .iter()
+        .map(|n| offload_sched::NodeSpec {
+            duration: DEFAULT_ESTIMATE,
+            ..n.clone()
+        })
+        .collect();
+    Graph::new(nodes).expect("same edges as a valid graph")
+}

@@ -1,0 +1,66 @@
+//! offload's own policy: the real scheduler of `offload-sched`, unchanged.
+
+use offload_sched::{Action, Event, Graph, MachineId, MachineSpec, NodeId, Outcome, Scheduler};
+
+use crate::engine::{Costs, Policy};
+
+/// The live scheduler, driven by simulated events.
+pub struct OffloadPolicy {
+    sched: Scheduler,
+    costs: Costs,
+}
+
+impl OffloadPolicy {
+    pub fn new(graph: Graph, machines: Vec<MachineSpec>, costs: Costs) -> Self {
+        OffloadPolicy {
+            sched: Scheduler::new(graph, machines, true),
+            costs,
+        }
+    }
+
+    fn starts(actions: Vec<Action>) -> Vec<(NodeId, MachineId)> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Start { node, machine } => Some((node, machine)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Policy for OffloadPolicy {
+    fn name(&self) -> &'static str {
+        "offload"
+    }
+
+    fn costs(&self) -> Costs {
+        self.costs
+    }
+
+    fn copies_outputs_back(&self) -> bool {
+        false
+    }
+
+    fn start(&mut self, now: f64) -> Vec<(NodeId, MachineId)> {
+        Self::starts(self.sched.start(now))
+    }
+
+    fn finished(&mut self, node: NodeId, machine: MachineId, now: f64) -> Vec<(NodeId, MachineId)> {
+        let event = Event::Finished {
+            node,
+            machine,
+            outcome: Outcome::Built,
+        };
+        Self::starts(self.sched.handle(event, now))
+    }
+
+    fn machine_lost(
+        &mut self,
+        machine: MachineId,
+        _lost: &[NodeId],
+        now: f64,
+    ) -> Vec<(NodeId, MachineId)> {
+        Self::starts(self.sched.handle(Event::MachineLost { machine }, now))
+    }
+}

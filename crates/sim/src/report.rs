@@ -1,0 +1,121 @@
+//! What a simulation found: makespan against the lower bound, utilisation, bytes per
+//! link, the critical path, and a Chrome trace (`chrome://tracing`, Perfetto).
+
+use offload_sched::{Graph, MachineId, MachineSpec};
+use serde::Serialize;
+
+/// One build in the trace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceEvent {
+    pub name: String,
+    pub machine: MachineId,
+    pub start: f64,
+    pub duration: f64,
+}
+
+/// The result of one simulated run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub policy: &'static str,
+    pub makespan_s: f64,
+    /// max(critical path, total work / total slot-speed).
+    pub lower_bound_s: f64,
+    pub ratio: f64,
+    /// Busy slot-seconds over available slot-seconds.
+    pub utilisation: f64,
+    pub built: usize,
+    pub nodes: usize,
+    /// Bytes moved between the client and each machine.
+    pub bytes_per_link: Vec<(String, u64)>,
+    /// Keys of the nodes on the duration-weighted critical path, first to last.
+    pub critical_path: Vec<String>,
+    #[serde(skip)]
+    pub trace: Vec<TraceEvent>,
+    #[serde(skip)]
+    machine_names: Vec<String>,
+}
+
+/// The lower bound of any schedule of `graph` on `machines`.
+pub fn lower_bound(graph: &Graph, machines: &[MachineSpec]) -> f64 {
+    let capacity: f64 = machines.iter().map(|m| f64::from(m.slots) * m.speed).sum();
+    let fastest = machines
+        .iter()
+        .map(|m| m.speed)
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    (graph.critical_path() / fastest).max(graph.total_work() / capacity.max(1e-9))
+}
+
+impl Report {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one constructor for the engine's totals"
+    )]
+    pub(crate) fn new(
+        policy: &'static str,
+        graph: &Graph,
+        machines: &[MachineSpec],
+        makespan: f64,
+        built: usize,
+        busy: Vec<f64>,
+        link_bytes: Vec<u64>,
+        trace: Vec<TraceEvent>,
+    ) -> Report {
+        let lb = lower_bound(graph, machines);
+        let slot_seconds: f64 = machines.iter().map(|m| f64::from(m.slots)).sum::<f64>() * makespan;
+        // Walk the critical path from the highest-ranked node along the highest-ranked
+        // dependents.
+        let mut critical_path = Vec::new();
+        let mut cur = (0..graph.len()).max_by(|a, b| graph.rank(*a).total_cmp(&graph.rank(*b)));
+        while let Some(id) = cur {
+            critical_path.push(graph.node(id).key.clone());
+            cur = graph
+                .dependents(id)
+                .iter()
+                .copied()
+                .max_by(|a, b| graph.rank(*a).total_cmp(&graph.rank(*b)));
+        }
+        Report {
+            policy,
+            makespan_s: makespan,
+            lower_bound_s: lb,
+            ratio: if lb > 0.0 { makespan / lb } else { 0.0 },
+            utilisation: if slot_seconds > 0.0 {
+                busy.iter().sum::<f64>() / slot_seconds
+            } else {
+                0.0
+            },
+            built,
+            nodes: graph.len(),
+            bytes_per_link: machines
+                .iter()
+                .zip(link_bytes)
+                .filter(|(m, _)| !m.is_local)
+                .map(|(m, b)| (m.name.clone(), b))
+                .collect(),
+            critical_path,
+            trace,
+            machine_names: machines.iter().map(|m| m.name.clone()).collect(),
+        }
+    }
+
+    /// The trace in Chrome's trace-event JSON: one process per machine, one complete
+    /// event (`"ph":"X"`) per build, times in microseconds.
+    pub fn chrome_trace(&self) -> serde_json::Value {
+        let mut events: Vec<serde_json::Value> = self
+            .machine_names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                serde_json::json!({"name": "process_name", "ph": "M", "pid": i, "args": {"name": name}})
+            })
+            .collect();
+        for e in &self.trace {
+            events.push(serde_json::json!({
+                "name": e.name, "ph": "X", "pid": e.machine, "tid": 0,
+                "ts": (e.start * 1e6).round(), "dur": (e.duration * 1e6).round(),
+            }));
+        }
+        serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+    }
+}

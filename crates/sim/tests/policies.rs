@@ -1,0 +1,115 @@
+//! The simulator and its policies: every policy builds everything, no schedule beats
+//! the lower bound, failures are survived, traces are well formed.
+
+use offload_sched::{Graph, MachineSpec};
+use offload_sim::dag::generate;
+use offload_sim::report::lower_bound;
+use offload_sim::run_policy;
+use proptest::prelude::*;
+
+fn machine(name: &str, slots: u32, speed: f64, is_local: bool) -> MachineSpec {
+    MachineSpec {
+        name: name.into(),
+        systems: vec!["x86_64-linux".into()],
+        supported_features: vec![],
+        mandatory_features: vec![],
+        slots,
+        speed,
+        is_local,
+        bandwidth: if is_local { f64::INFINITY } else { 1e9 },
+        latency: if is_local { 0.0 } else { 0.002 },
+    }
+}
+
+fn fleet() -> Vec<MachineSpec> {
+    vec![
+        machine("local", 2, 1.0, true),
+        machine("b1", 2, 1.0, false),
+        machine("b2", 2, 1.0, false),
+        machine("b3", 2, 1.0, false),
+    ]
+}
+
+#[test]
+fn offload_plans_closest_to_the_bound_on_a_layered_graph() {
+    let graph = generate("layered", 40, 1).unwrap().to_graph().unwrap();
+    let machines = fleet();
+    let off = run_policy("offload", &graph, &machines, &[], false, false).unwrap();
+    let nix = run_policy("nix", &graph, &machines, &[], false, false).unwrap();
+    let hydra = run_policy("hydra", &graph, &machines, &[], false, false).unwrap();
+    for r in [&off, &nix, &hydra] {
+        assert_eq!(r.built, 40, "{}", r.policy);
+        assert!(r.makespan_s >= r.lower_bound_s - 1e-9, "{}", r.policy);
+    }
+    assert!(
+        off.makespan_s < nix.makespan_s,
+        "offload {} vs nix {}",
+        off.makespan_s,
+        nix.makespan_s
+    );
+    assert!(off.makespan_s <= hydra.makespan_s + 1e-9);
+    assert!(off.ratio < 1.15, "offload at {}x the bound", off.ratio);
+    assert!(!off.critical_path.is_empty());
+}
+
+#[test]
+fn a_failing_machine_costs_time_but_no_builds() {
+    let graph = generate("wide", 60, 3).unwrap().to_graph().unwrap();
+    let machines = fleet();
+    for policy in ["offload", "nix", "hydra"] {
+        let ok = run_policy(policy, &graph, &machines, &[], false, false).unwrap();
+        let failed = run_policy(
+            policy,
+            &graph,
+            &machines,
+            &[(1, 1.0), (2, 2.0)],
+            false,
+            false,
+        )
+        .unwrap();
+        assert_eq!(failed.built, 60, "{policy}");
+        assert!(failed.makespan_s >= ok.makespan_s - 1e-9, "{policy}");
+    }
+}
+
+#[test]
+fn traces_are_chrome_trace_events() {
+    let graph = generate("chain", 5, 1).unwrap().to_graph().unwrap();
+    let r = run_policy("offload", &graph, &fleet(), &[], false, true).unwrap();
+    let trace = r.chrome_trace();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let builds: Vec<_> = events.iter().filter(|e| e["ph"] == "X").collect();
+    assert_eq!(builds.len(), 5);
+    assert!(builds.iter().all(|e| e["dur"].as_f64().unwrap() > 0.0));
+}
+
+#[test]
+fn lower_bound_counts_speed() {
+    let graph = Graph::new(
+        generate("wide", 8, 1)
+            .unwrap()
+            .to_graph()
+            .unwrap()
+            .nodes()
+            .to_vec(),
+    )
+    .unwrap();
+    let slow = vec![machine("a", 1, 1.0, false)];
+    let fast = vec![machine("a", 1, 2.0, false)];
+    assert!((lower_bound(&graph, &slow) - 2.0 * lower_bound(&graph, &fast)).abs() < 1e-9);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    #[test]
+    fn every_policy_finishes_every_graph(shape in prop::sample::select(vec!["layered", "nixpkgs", "wide", "chain"]), n in 1usize..80, seed in any::<u64>(), cold in any::<bool>()) {
+        let graph = generate(shape, n, seed).unwrap().to_graph().unwrap();
+        let machines = fleet();
+        for policy in ["offload", "nix", "hydra"] {
+            let r = run_policy(policy, &graph, &machines, &[(2, 1.5)], cold, false).unwrap();
+            prop_assert_eq!(r.built, n, "{} did not finish", policy);
+            prop_assert!(r.makespan_s + 1e-9 >= r.lower_bound_s, "{} beat the lower bound", policy);
+        }
+    }
+}
