@@ -23,7 +23,10 @@ fn fleet(n: usize) -> Vec<MachineSpec> {
         .collect()
 }
 
-#[expect(clippy::disallowed_methods, reason = "a benchmark measures time; the crate itself never reads a clock")]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a benchmark measures time; the crate itself never reads a clock"
+)]
 fn main() {
     let sizes: &[(&str, usize, usize)] = &[
         ("nixpkgs", 10_000, 100),

@@ -1,0 +1,116 @@
+//! `offload simulate` through the real binary.
+
+use std::process::Command;
+
+fn offload(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_offload"))
+        .env("NIX_CONFIG", "substituters =")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn json_lines_per_policy() {
+    let out = offload(&[
+        "simulate",
+        "--generate",
+        "layered:40:1",
+        "--builders",
+        "b1 x86_64-linux - 2 1; b2 x86_64-linux - 2 1; b3 x86_64-linux - 2 2",
+        "--local-slots",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let policies: Vec<&str> = lines
+        .iter()
+        .map(|v| v["policy"].as_str().unwrap())
+        .collect();
+    assert_eq!(policies, ["offload", "nix", "hydra"]);
+    for v in &lines {
+        assert_eq!(v["type"], "simulation");
+        assert_eq!(v["built"], 40);
+        assert!(v["makespan_s"].as_f64().unwrap() >= v["lower_bound_s"].as_f64().unwrap());
+        assert_eq!(v["bytes_per_link"].as_array().unwrap().len(), 3);
+    }
+}
+
+#[test]
+fn a_bad_graph_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let dag = dir.path().join("g.json");
+    std::fs::write(
+        &dag,
+        r#"{"nodes":[{"id":"a","deps":["ghost"],"duration_s":1}]}"#,
+    )
+    .unwrap();
+    let out = offload(&[
+        "simulate",
+        "--dag",
+        dag.to_str().unwrap(),
+        "--local-slots",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("g.json") && stderr.contains("ghost"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn traces_and_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet.json");
+    std::fs::write(
+        &fleet,
+        r#"{"bandwidth": 1e8, "failures": [{"machine": "b1", "at": 1.0}]}"#,
+    )
+    .unwrap();
+    let trace = dir.path().join("t.json");
+    let out = offload(&[
+        "simulate",
+        "--generate",
+        "wide:30:2",
+        "--builders",
+        "b1 x86_64-linux - 4 1; b2 x86_64-linux - 4 1",
+        "--fleet",
+        fleet.to_str().unwrap(),
+        "--policy",
+        "offload",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("30/30"));
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert!(t["traceEvents"].as_array().unwrap().len() >= 30);
+    std::fs::write(&fleet, r#"{"failures": [{"machine": "nope", "at": 1.0}]}"#).unwrap();
+    let out = offload(&[
+        "simulate",
+        "--generate",
+        "wide:3",
+        "--builders",
+        "b1",
+        "--fleet",
+        fleet.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("b1"));
+}
