@@ -469,11 +469,22 @@ impl Scheduler {
             .iter()
             .map(|s| s.iter().filter(|(_, free)| *free).count())
             .sum();
-        let order: Vec<ReadyKey> = self.ready.iter().copied().collect();
-        for key in order {
+        // Walk the ready set in priority order without copying it: it may hold
+        // thousands of entries while only a few slots are free.
+        let mut cursor: Option<ReadyKey> = None;
+        loop {
             if free_slots == 0 {
                 break;
             }
+            let next = match cursor {
+                None => self.ready.iter().next(),
+                Some(c) => self
+                    .ready
+                    .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                    .next(),
+            };
+            let Some(&key) = next else { break };
+            cursor = Some(key);
             let id = key.node;
             let node = self.graph.node(id);
             let local_ok =
