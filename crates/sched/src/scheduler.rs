@@ -124,6 +124,9 @@ pub struct Scheduler {
     running: Vec<Vec<NodeId>>,
     keep_going: bool,
     stopping: bool,
+    /// Interchangeable machines, and each machine's group.
+    classes: Vec<Vec<MachineId>>,
+    class_of: Vec<usize>,
 }
 
 impl Scheduler {
@@ -133,6 +136,7 @@ impl Scheduler {
         let state = (0..n)
             .map(|i| NodeState::Waiting(graph.node(i).deps.len()))
             .collect();
+        let (classes, class_of) = machine_classes(&machines);
         Scheduler {
             graph,
             alive: vec![true; m],
@@ -145,6 +149,8 @@ impl Scheduler {
             ready: BTreeSet::new(),
             keep_going,
             stopping: false,
+            classes,
+            class_of,
         }
     }
 
@@ -459,6 +465,17 @@ impl Scheduler {
                 times
             })
             .collect();
+        // Per class of interchangeable machines, its machines by their first slot.
+        let mut queues: Vec<BTreeSet<SlotKey>> = self
+            .classes
+            .iter()
+            .map(|class| {
+                class
+                    .iter()
+                    .filter_map(|&m| slots[m].first().map(|&(t, free)| SlotKey::new(t, free, m)))
+                    .collect()
+            })
+            .collect();
         let local_ids: Vec<MachineId> = (0..self.machines.len())
             .filter(|&m| self.machines[m].is_local && self.alive[m])
             .collect();
@@ -469,9 +486,15 @@ impl Scheduler {
             .iter()
             .map(|s| s.iter().filter(|(_, free)| *free).count())
             .sum();
+        // Past this many derivations that chose to wait for a busy machine, the rest
+        // take what is free: on a large fleet waiting could otherwise be weighed for
+        // thousands of derivations at every event.
+        let patience = free_slots + RESERVATIONS_PER_ROUND;
+        let mut considered = 0usize;
         // Walk the ready set in priority order without copying it: it may hold
         // thousands of entries while only a few slots are free.
         let mut cursor: Option<ReadyKey> = None;
+        let mut holders: Vec<MachineId> = Vec::new();
         loop {
             if free_slots == 0 {
                 break;
@@ -485,36 +508,71 @@ impl Scheduler {
             };
             let Some(&key) = next else { break };
             cursor = Some(key);
+            considered += 1;
+            let only_free = considered > patience;
             let id = key.node;
             let node = self.graph.node(id);
             let local_ok =
                 node.prefer_local && local_ids.iter().any(|&m| self.machines[m].can_build(node));
+            // Machines holding some of its inputs are weighed one by one; of the
+            // others, only the earliest of each class can be best.
+            holders.clear();
+            for &d in &node.deps {
+                holders.extend(self.holders[d].iter().copied());
+            }
+            holders.sort_unstable();
+            holders.dedup();
             let mut best: Option<(f64, bool, MachineId)> = None;
-            for (m, spec) in self.machines.iter().enumerate() {
-                if !self.alive[m] || !spec.can_build(node) || (local_ok && !spec.is_local) {
+            for (c, class) in self.classes.iter().enumerate() {
+                let spec = &self.machines[class[0]];
+                if !spec.can_build(node) || (local_ok && !spec.is_local) {
                     continue;
                 }
-                let Some(&(slot_time, is_free)) = slots[m].first() else {
-                    continue;
-                };
-                let finish = slot_time + self.transfer_in(id, m) + spec.build_time(node);
-                // Earliest finish; at a tie, a slot free now beats waiting for one.
-                let better = match best {
-                    None => true,
-                    Some((f, best_free, _)) => {
-                        finish < f - 1e-9 || (finish <= f + 1e-9 && is_free && !best_free)
+                let earliest = queues[c]
+                    .iter()
+                    .find(|k| holders.binary_search(&k.machine).is_err())
+                    .map(|k| k.machine);
+                let in_class = holders
+                    .iter()
+                    .copied()
+                    .filter(|&h| self.class_of[h] == c && self.alive[h]);
+                for m in earliest.into_iter().chain(in_class) {
+                    let Some(&(slot_time, is_free)) = slots[m].first() else {
+                        continue;
+                    };
+                    if only_free && !is_free {
+                        continue;
                     }
-                };
-                if better {
-                    best = Some((finish, is_free, m));
+                    let finish = slot_time + self.transfer_in(id, m) + spec.build_time(node);
+                    // Earliest finish; at a tie, a slot free now beats waiting for one,
+                    // then the lower machine index.
+                    let better = match best {
+                        None => true,
+                        Some((f, best_free, bm)) => {
+                            finish < f - 1e-9
+                                || (finish <= f + 1e-9
+                                    && ((is_free && !best_free)
+                                        || (is_free == best_free && m < bm)))
+                        }
+                    };
+                    if better {
+                        best = Some((finish, is_free, m));
+                    }
                 }
             }
             let Some((finish, is_free, m)) = best else {
                 continue;
             };
             // Book the slot: it is busy until `finish` for everything planned after.
+            let class = self.class_of[m];
+            if let Some(&(t, free)) = slots[m].first() {
+                queues[class].remove(&SlotKey::new(t, free, m));
+            }
             slots[m][0] = (finish, false);
             slots[m].sort_by(slot_order);
+            if let Some(&(t, free)) = slots[m].first() {
+                queues[class].insert(SlotKey::new(t, free, m));
+            }
             if is_free {
                 free_slots -= 1;
                 self.ready.remove(&key);
@@ -531,6 +589,80 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// How many ready derivations per round may choose to wait for a busy machine beyond
+/// the number of free slots.
+pub const RESERVATIONS_PER_ROUND: usize = 64;
+
+/// A machine's first slot, ordered: earliest, free before busy, lower index.
+#[derive(Debug, Clone, Copy)]
+struct SlotKey {
+    time: f64,
+    busy: bool,
+    machine: MachineId,
+}
+
+impl SlotKey {
+    fn new(time: f64, free: bool, machine: MachineId) -> Self {
+        SlotKey {
+            time,
+            busy: !free,
+            machine,
+        }
+    }
+}
+
+impl PartialEq for SlotKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for SlotKey {}
+
+impl PartialOrd for SlotKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SlotKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.time
+            .total_cmp(&other.time)
+            .then(self.busy.cmp(&other.busy))
+            .then(self.machine.cmp(&other.machine))
+    }
+}
+
+/// Groups machines that are interchangeable for planning (same systems, features,
+/// slots, speed and link): a decision weighs one machine per group, plus those that
+/// hold inputs.
+fn machine_classes(machines: &[MachineSpec]) -> (Vec<Vec<MachineId>>, Vec<usize>) {
+    let mut classes: Vec<Vec<MachineId>> = Vec::new();
+    let mut class_of = vec![0; machines.len()];
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (m, spec) in machines.iter().enumerate() {
+        let key = format!(
+            "{:?}|{:?}|{:?}|{}|{}|{}|{}|{}",
+            spec.systems,
+            spec.supported_features,
+            spec.mandatory_features,
+            spec.slots,
+            spec.speed.to_bits(),
+            spec.is_local,
+            spec.bandwidth.to_bits(),
+            spec.latency.to_bits()
+        );
+        let c = *index.entry(key).or_insert_with(|| {
+            classes.push(Vec::new());
+            classes.len() - 1
+        });
+        classes[c].push(m);
+        class_of[m] = c;
+    }
+    (classes, class_of)
 }
 
 /// Earliest first; at equal times a free slot before a busy one.
