@@ -44,7 +44,7 @@ pub enum DagError {
     BadDuration { node: String, duration: f64 },
     #[error(transparent)]
     Graph(#[from] GraphError),
-    #[error("unknown shape {0:?}: use layered, nixpkgs, wide or chain")]
+    #[error("unknown shape {0:?}: use layered, nixpkgs, nixpkgs-mixed, wide or chain")]
     UnknownShape(String),
 }
 
@@ -132,7 +132,8 @@ fn node(id: String, duration: f64, bytes: u64, deps: Vec<usize>, all: &[DagNode]
 
 /// A generated graph: `layered` (4 layers, 0.2–3 s, each node on 1–3 of the previous
 /// layer), `nixpkgs` (a chain of long toolchain builds, then many short packages on its
-/// upper half), `wide` (independent 0.2–2 s builds), `chain` (one long line).
+/// upper half), `nixpkgs-mixed` (the same on x86_64-linux and aarch64-linux, 7 % needing
+/// big-parallel or kvm), `wide` (independent 0.2–2 s builds), `chain` (one long line).
 pub fn generate(shape: &str, n: usize, seed: u64) -> Result<DagFile, DagError> {
     let mut rng = Rng::new(seed);
     let mut nodes: Vec<DagNode> = Vec::with_capacity(n);
@@ -163,7 +164,8 @@ pub fn generate(shape: &str, n: usize, seed: u64) -> Result<DagFile, DagError> {
             }
         }
         "nixpkgs" => {
-            let chain = (n / 10).max(2).min(n);
+            // A toolchain of a few dozen long builds, as stdenv bootstraps are.
+            let chain = (n / 10).clamp(2, 60).min(n);
             for i in 0..chain {
                 let deps = if i == 0 { vec![] } else { vec![i - 1] };
                 let d = rng.uniform(2.0, 4.0);
@@ -179,6 +181,24 @@ pub fn generate(shape: &str, n: usize, seed: u64) -> Result<DagFile, DagError> {
                 let d = rng.uniform(0.1, 1.0);
                 let bytes = (1 + rng.below(32) as u64) * 1024;
                 nodes.push(node(format!("pkg{}", nodes.len()), d, bytes, deps, &nodes));
+            }
+        }
+        "nixpkgs-mixed" => {
+            // nixpkgs-like, on two systems, some needing big-parallel or kvm.
+            let base = generate("nixpkgs", n, seed)?;
+            nodes = base.nodes;
+            // The toolchain stays x86_64 (cross-built for the other system).
+            for node in nodes.iter_mut().filter(|n| n.id.starts_with("pkg")) {
+                let aarch64 = rng.uniform(0.0, 1.0) < 0.35;
+                if aarch64 {
+                    node.system = "aarch64-linux".into();
+                }
+                let f = rng.uniform(0.0, 1.0);
+                if f < 0.05 {
+                    node.required_features.push("big-parallel".into());
+                } else if f < 0.07 && !aarch64 {
+                    node.required_features.push("kvm".into());
+                }
             }
         }
         "wide" => {
