@@ -127,6 +127,8 @@ pub struct Scheduler {
     /// Interchangeable machines, and each machine's group.
     classes: Vec<Vec<MachineId>>,
     class_of: Vec<usize>,
+    /// Per-machine slot lists, reused from round to round.
+    slot_buffers: Vec<Vec<(f64, bool)>>,
 }
 
 impl Scheduler {
@@ -151,6 +153,7 @@ impl Scheduler {
             stopping: false,
             classes,
             class_of,
+            slot_buffers: Vec::new(),
         }
     }
 
@@ -443,37 +446,36 @@ impl Scheduler {
             return;
         }
         // When each slot of each machine is expected to be free, and whether it is
-        // free now (an overdue build still holds its slot).
-        let mut slots: Vec<Vec<(f64, bool)>> = self
-            .machines
-            .iter()
-            .enumerate()
-            .map(|(m, spec)| {
-                if !self.alive[m] {
-                    return Vec::new();
-                }
-                let mut times: Vec<(f64, bool)> = self.running[m]
-                    .iter()
-                    .map(|&n| match self.state[n] {
-                        NodeState::Running { expected_end, .. } => (expected_end.max(now), false),
-                        _ => (now, false),
-                    })
-                    .collect();
-                let free = (spec.slots as usize).saturating_sub(times.len());
-                times.extend(std::iter::repeat_n((now, true), free));
-                times.sort_by(slot_order);
-                times
-            })
-            .collect();
-        // Per class of interchangeable machines, its machines by their first slot.
-        let mut queues: Vec<BTreeSet<SlotKey>> = self
+        // free now (an overdue build still holds its slot). The buffers are kept
+        // between rounds: a round on a large fleet should not allocate per machine.
+        let mut slots = std::mem::take(&mut self.slot_buffers);
+        slots.resize_with(self.machines.len(), Vec::new);
+        for (m, spec) in self.machines.iter().enumerate() {
+            let times = &mut slots[m];
+            times.clear();
+            if !self.alive[m] {
+                continue;
+            }
+            times.extend(self.running[m].iter().map(|&n| match self.state[n] {
+                NodeState::Running { expected_end, .. } => (expected_end.max(now), false),
+                _ => (now, false),
+            }));
+            let free = (spec.slots as usize).saturating_sub(times.len());
+            times.extend(std::iter::repeat_n((now, true), free));
+            times.sort_unstable_by(slot_order);
+        }
+        // Per class of interchangeable machines, its machines by their first slot
+        // (sorted vectors: built once per round, changed only where a slot is booked).
+        let mut queues: Vec<Vec<SlotKey>> = self
             .classes
             .iter()
             .map(|class| {
-                class
+                let mut q: Vec<SlotKey> = class
                     .iter()
                     .filter_map(|&m| slots[m].first().map(|&(t, free)| SlotKey::new(t, free, m)))
-                    .collect()
+                    .collect();
+                q.sort_unstable();
+                q
             })
             .collect();
         let local_ids: Vec<MachineId> = (0..self.machines.len())
@@ -564,14 +566,18 @@ impl Scheduler {
                 continue;
             };
             // Book the slot: it is busy until `finish` for everything planned after.
-            let class = self.class_of[m];
+            let queue = &mut queues[self.class_of[m]];
             if let Some(&(t, free)) = slots[m].first() {
-                queues[class].remove(&SlotKey::new(t, free, m));
+                if let Ok(i) = queue.binary_search(&SlotKey::new(t, free, m)) {
+                    queue.remove(i);
+                }
             }
             slots[m][0] = (finish, false);
-            slots[m].sort_by(slot_order);
+            slots[m].sort_unstable_by(slot_order);
             if let Some(&(t, free)) = slots[m].first() {
-                queues[class].insert(SlotKey::new(t, free, m));
+                let key = SlotKey::new(t, free, m);
+                let i = queue.binary_search(&key).unwrap_or_else(|i| i);
+                queue.insert(i, key);
             }
             if is_free {
                 free_slots -= 1;
@@ -588,6 +594,7 @@ impl Scheduler {
                 });
             }
         }
+        self.slot_buffers = slots;
     }
 }
 
