@@ -103,6 +103,14 @@ impl QueuePolicy {
         }
     }
 
+    /// No machine left can ever build it: Nix and Hydra fail such a derivation.
+    fn unbuildable(&self, node: NodeId) -> bool {
+        let spec = self.graph.node(node);
+        !(0..self.machines.len()).any(|m| {
+            self.alive[m] && self.machines[m].slots > 0 && self.machines[m].can_build(spec)
+        })
+    }
+
     fn free(&self, m: MachineId) -> bool {
         self.alive[m] && self.load[m] < self.machines[m].slots
     }
@@ -138,6 +146,9 @@ impl QueuePolicy {
         let mut starts = Vec::new();
         let mut kept = VecDeque::with_capacity(self.ready.len());
         while let Some(node) = self.ready.pop_front() {
+            if self.unbuildable(node) {
+                continue;
+            }
             match self.pick(node) {
                 Some(m) => {
                     self.load[m] += 1;
@@ -159,6 +170,10 @@ impl QueuePolicy {
             return Vec::new();
         };
         self.next_decision = now + NIX_DECISION_SECONDS;
+        if self.unbuildable(node) {
+            // "Failed to find a machine for remote build", then no local build either.
+            return Vec::new();
+        }
         match self.pick(node) {
             Some(m) => {
                 self.load[m] += 1;
