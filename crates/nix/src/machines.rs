@@ -50,7 +50,7 @@ pub enum MachinesError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{place}: @{file} includes itself (through {chain})")]
+    #[error("{place}: @{file} includes itself, or nests deeper than 16 files (through {chain})")]
     IncludeCycle {
         place: String,
         file: PathBuf,
@@ -169,16 +169,7 @@ fn parse_into(
             }
             if let Some(file) = text.strip_prefix('@') {
                 let file = PathBuf::from(file.trim());
-                if includes.contains(&file) {
-                    let chain: Vec<String> =
-                        includes.iter().map(|p| p.display().to_string()).collect();
-                    return Err(MachinesError::IncludeCycle {
-                        place,
-                        file,
-                        chain: chain.join(" → "),
-                    });
-                }
-                if includes.len() >= MAX_INCLUDE_DEPTH {
+                if includes.contains(&file) || includes.len() >= MAX_INCLUDE_DEPTH {
                     let chain: Vec<String> =
                         includes.iter().map(|p| p.display().to_string()).collect();
                     return Err(MachinesError::IncludeCycle {
