@@ -210,6 +210,10 @@ pub async fn run(
     let mut results: Vec<Option<NodeResult>> = vec![None; shared.nodes.len()];
     let mut builds_per_machine = vec![0usize; specs.len()];
     let mut tasks: JoinSet<TaskDone> = JoinSet::new();
+    // Requested outputs start back to this machine as soon as they are built, while
+    // the rest of the graph builds; the copy at the end only picks up what is left.
+    let wanted_set: std::collections::HashSet<String> = wanted.iter().cloned().collect();
+    let mut early_copies: JoinSet<()> = JoinSet::new();
     let mut running: HashMap<usize, (tokio::task::AbortHandle, MachineId)> = HashMap::new();
     let mut actions = sched.start(0.0);
     loop {
@@ -305,6 +309,21 @@ pub async fn run(
         }
         match &done.outcome {
             Outcome::Built => {
+                let back: Vec<String> = drv
+                    .outputs
+                    .iter()
+                    .map(|(_, p)| p.clone())
+                    .filter(|p| wanted_set.contains(p))
+                    .collect();
+                if !back.is_empty() && done.machine != local {
+                    let shared = shared.clone();
+                    early_copies.spawn(async move {
+                        // Best effort: the copy at the end reports what still fails.
+                        if let Err(e) = ensure_on(&shared, local, &back, None).await {
+                            tracing::debug!("early copy of {back:?} failed: {e}");
+                        }
+                    });
+                }
                 builds_per_machine[done.machine] += 1;
                 results[done.node] = Some(NodeResult::Built {
                     machine: shared.names[done.machine].clone(),
@@ -339,6 +358,7 @@ pub async fn run(
         );
     }
     tasks.shutdown().await;
+    while early_copies.join_next().await.is_some() {}
     let measured_lower_bound = measured_bound(&shared.nodes, &results, &specs);
 
     // Outputs of derivations that failed cannot come back; the rest do, with -k too.
