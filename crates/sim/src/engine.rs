@@ -6,8 +6,9 @@
 //! lacks arrive — from the client, or from the machine that built them through the
 //! client —, (2) it runs for `duration / speed` plus the policy's fixed per-build cost,
 //! and (3) for policies that copy every output back (Nix's hook, Hydra), its outputs go
-//! to the client. Policies that decide one build at a time on the client add a serial
-//! dispatch cost per build.
+//! to the client. Other policies copy only the requested outputs (the graph's sinks),
+//! each as soon as it is built, over its machine's link. Policies that decide one build
+//! at a time on the client add a serial dispatch cost per build.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -107,6 +108,9 @@ pub fn simulate(
     let mut events = BinaryHeap::new();
     let mut trace_events = Vec::new();
     let mut dispatcher_free = 0.0f64;
+    // When each machine's link to the client is next free for copying requested
+    // outputs back (policies that keep outputs on the builders copy each as it ends).
+    let mut copy_link_free = vec![0.0f64; machines.len()];
     let mut failures: Vec<(MachineId, f64)> = failures.to_vec();
     failures.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut now = 0.0;
@@ -214,6 +218,12 @@ pub fn simulate(
                 on_machine[p.node].push(p.machine);
                 if policy.copies_outputs_back() || Some(p.machine) == client {
                     at_client[p.node] = true;
+                } else if graph.dependents(p.node).is_empty() {
+                    let bytes = graph.node(p.node).output_bytes;
+                    let link = &mut copy_link_free[p.machine];
+                    *link = link.max(now) + spec.transfer_time(bytes);
+                    link_bytes[p.machine] += bytes;
+                    at_client[p.node] = true;
                 }
                 starts = policy.finished(p.node, p.machine, now);
             }
@@ -224,19 +234,8 @@ pub fn simulate(
             _ => break,
         }
     }
-    // The requested outputs (the sinks) end up on the client; policies that kept
-    // outputs on the builders copy them now, each link in parallel.
-    let mut copy_back = vec![0.0f64; machines.len()];
-    for id in 0..n {
-        if graph.dependents(id).is_empty() && done[id] && !at_client[id] {
-            if let Some(&m) = on_machine[id].first() {
-                let bytes = graph.node(id).output_bytes;
-                copy_back[m] += machines[m].transfer_time(bytes);
-                link_bytes[m] += bytes;
-            }
-        }
-    }
-    let makespan = now + copy_back.iter().copied().fold(0.0, f64::max);
+    // The run ends when the last requested output has reached the client.
+    let makespan = copy_link_free.iter().copied().fold(now, f64::max);
     Report::new(
         policy.name(),
         graph,
