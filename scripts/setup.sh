@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up a Debian machine for offload: Nix 2.8 (nix-bin), OpenSSH client and server,
-# the nix.conf line chroot-store builds need, and a Rust toolchain check. Idempotent:
-# it installs only what is missing, and says nothing else when everything is there.
+# Sets up a Debian machine for offload: Nix 2.8 (nix-bin) and its build users, OpenSSH
+# client and server, the nix.conf line chroot-store builds need, and a Rust toolchain
+# check. Idempotent: it installs only what is missing, and says nothing else when
+# everything is there.
 #
 #   bash scripts/setup.sh
 set -euo pipefail
@@ -30,6 +31,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Local builds run as the `nixbld` build users. Debian creates them in the package
+# nix-setup-systemd, which needs systemd; without it, make the same group and ten users.
+if ! getent group nixbld >/dev/null; then
+  echo "setup: creating the nixbld group and build users nixbld1..nixbld10"
+  $SUDO groupadd --system nixbld
+fi
+for i in $(seq 1 10); do
+  if ! getent passwd "nixbld$i" >/dev/null; then
+    $SUDO useradd --system --no-create-home --home-dir /var/empty --shell /usr/sbin/nologin \
+      --gid nixbld --groups nixbld --comment "Nix build user $i" "nixbld$i"
+  fi
+done
 
 # Builds in chroot stores (`--store DIR`, `remote-store=DIR`) run without a sandbox
 # here and need the host's /bin and libraries.

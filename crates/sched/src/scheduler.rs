@@ -9,7 +9,7 @@
 //! machine is busy the derivation waits for it rather than taking a free slot that
 //! would finish later; the wait is reserved so lower priorities plan around it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::fleet::{MachineId, MachineSpec};
 use crate::graph::{Graph, NodeId};
@@ -110,25 +110,51 @@ struct ReadyKey {
 
 /// The scheduler. Create it, call [`Scheduler::start`], then [`Scheduler::handle`] for
 /// every event until [`Scheduler::is_finished`].
+///
+/// Cost of a decision: the fleet is grouped into classes of interchangeable machines,
+/// each with its machines ordered by their first free slot, and the ready derivations
+/// into kinds (same system, features, `preferLocalBuild`), each in priority order. A
+/// round of placements looks only at kinds that have a free slot somewhere and, per
+/// derivation, at the first machine of each class that can build it and at the
+/// machines that hold its inputs: no scan of the whole fleet or of every ready node.
 #[derive(Debug, Clone)]
 pub struct Scheduler {
     graph: Graph,
     machines: Vec<MachineSpec>,
     alive: Vec<bool>,
     state: Vec<NodeState>,
+    /// Nodes that are done or failed.
+    settled: usize,
     started_at: Vec<f64>,
     attempts: Vec<u32>,
     /// Machines that hold each node's outputs.
     holders: Vec<Vec<MachineId>>,
-    ready: BTreeSet<ReadyKey>,
     running: Vec<Vec<NodeId>>,
+    running_count: usize,
     keep_going: bool,
     stopping: bool,
-    /// Interchangeable machines, and each machine's group.
+    /// Interchangeable machines, and each machine's class.
     classes: Vec<Vec<MachineId>>,
     class_of: Vec<usize>,
-    /// Per-machine slot lists, reused from round to round.
-    slot_buffers: Vec<Vec<(f64, bool)>>,
+    /// Per class, its live machines by their first slot; each machine's key there.
+    queues: Vec<BTreeSet<SlotKey>>,
+    queued: Vec<Option<SlotKey>>,
+    /// Per class, its free slots.
+    free_in_class: Vec<usize>,
+    /// Kinds of nodes (interchangeable for placement), each node's kind, and the ready
+    /// nodes of each kind in priority order.
+    kinds: Vec<Kind>,
+    kind_of: Vec<usize>,
+    ready: Vec<BTreeSet<ReadyKey>>,
+}
+
+/// Nodes the same machines can build.
+#[derive(Debug, Clone)]
+struct Kind {
+    /// One node of the kind, to match machines against.
+    example: NodeId,
+    /// Classes that may take nodes of this kind, fastest first.
+    classes: Vec<usize>,
 }
 
 impl Scheduler {
@@ -139,22 +165,35 @@ impl Scheduler {
             .map(|i| NodeState::Waiting(graph.node(i).deps.len()))
             .collect();
         let (classes, class_of) = machine_classes(&machines);
-        Scheduler {
+        let (kinds, kind_of) = node_kinds(&graph);
+        let mut sched = Scheduler {
             graph,
             alive: vec![true; m],
             running: vec![Vec::new(); m],
+            running_count: 0,
             machines,
             state,
+            settled: 0,
             started_at: vec![0.0; n],
             attempts: vec![0; n],
             holders: vec![Vec::new(); n],
-            ready: BTreeSet::new(),
             keep_going,
             stopping: false,
+            queues: vec![BTreeSet::new(); classes.len()],
+            queued: vec![None; m],
+            free_in_class: vec![0; classes.len()],
             classes,
             class_of,
-            slot_buffers: Vec::new(),
+            ready: vec![BTreeSet::new(); kinds.len()],
+            kinds,
+            kind_of,
+        };
+        for m in 0..m {
+            sched.replace_queue_key(m);
+            sched.free_in_class[sched.class_of[m]] += sched.machines[m].slots as usize;
         }
+        sched.match_kinds();
+        sched
     }
 
     pub fn graph(&self) -> &Graph {
@@ -172,17 +211,7 @@ impl Scheduler {
     /// The first actions: fails what no machine can build, starts what can start.
     pub fn start(&mut self, now: f64) -> Vec<Action> {
         let mut actions = Vec::new();
-        for id in 0..self.graph.len() {
-            let node = self.graph.node(id);
-            if !self.machines.iter().any(|m| m.can_build(node)) {
-                let failure = Failure::NoMachine {
-                    system: node.system.clone(),
-                    features: node.required_features.clone(),
-                    considered: self.machines.iter().map(|m| m.name.clone()).collect(),
-                };
-                self.fail(id, failure, &mut actions);
-            }
-        }
+        self.fail_unplaceable(&mut actions);
         for id in 0..self.graph.len() {
             if self.state[id] == NodeState::Waiting(0) {
                 self.make_ready(id);
@@ -206,11 +235,11 @@ impl Scheduler {
                     // Stale: the build was already requeued (its machine was lost).
                     return actions;
                 }
-                self.running[machine].retain(|&n| n != node);
+                self.release(node, machine);
                 match outcome {
                     Outcome::Built => {
                         let seconds = now - self.started_at[node];
-                        self.state[node] = NodeState::Done { machine, seconds };
+                        self.set_state(node, NodeState::Done { machine, seconds });
                         self.holders[node] = vec![machine];
                         for i in 0..self.graph.dependents(node).len() {
                             let d = self.graph.dependents(node)[i];
@@ -230,8 +259,13 @@ impl Scheduler {
             }
             Event::MachineLost { machine } => {
                 if machine < self.alive.len() && self.alive[machine] {
+                    let class = self.class_of[machine];
+                    self.free_in_class[class] -= self.free_on(machine);
                     self.alive[machine] = false;
-                    for node in std::mem::take(&mut self.running[machine]) {
+                    self.replace_queue_key(machine);
+                    let lost = std::mem::take(&mut self.running[machine]);
+                    self.running_count -= lost.len();
+                    for node in lost {
                         self.requeue(
                             node,
                             format!("{} was lost", self.machines[machine].name),
@@ -241,6 +275,7 @@ impl Scheduler {
                     for h in &mut self.holders {
                         h.retain(|&m| m != machine);
                     }
+                    self.match_kinds();
                     self.rebuild_lost_outputs();
                     self.fail_unplaceable(&mut actions);
                 }
@@ -252,17 +287,38 @@ impl Scheduler {
             }
         }
         self.dispatch(now, &mut actions);
+        #[cfg(debug_assertions)]
+        self.check_bookkeeping();
         actions
+    }
+
+    /// The incremental counts and queues agree with a recount (debug builds: tests).
+    #[cfg(debug_assertions)]
+    fn check_bookkeeping(&self) {
+        for (c, class) in self.classes.iter().enumerate() {
+            let free: usize = class
+                .iter()
+                .filter(|&&m| self.alive[m])
+                .map(|&m| self.free_on(m))
+                .sum();
+            assert_eq!(self.free_in_class[c], free, "free slots of class {c}");
+            let keys: Vec<SlotKey> = class.iter().filter_map(|&m| self.first_slot(m)).collect();
+            assert_eq!(self.queues[c].len(), keys.len(), "queue of class {c}");
+            assert!(keys.iter().all(|k| self.queues[c].contains(k)));
+        }
+        let running: usize = self.running.iter().map(Vec::len).sum();
+        assert_eq!(self.running_count, running);
+        let settled = self
+            .state
+            .iter()
+            .filter(|s| matches!(s, NodeState::Done { .. } | NodeState::Failed(_)))
+            .count();
+        assert_eq!(self.settled, settled);
     }
 
     /// True when nothing runs and nothing more will start.
     pub fn is_finished(&self) -> bool {
-        self.running.iter().all(Vec::is_empty)
-            && (self.stopping
-                || self
-                    .state
-                    .iter()
-                    .all(|s| matches!(s, NodeState::Done { .. } | NodeState::Failed(_))))
+        self.running_count == 0 && (self.stopping || self.settled == self.graph.len())
     }
 
     /// Builds running now, per machine.
@@ -270,9 +326,25 @@ impl Scheduler {
         &self.running[machine]
     }
 
+    fn set_state(&mut self, id: NodeId, state: NodeState) {
+        let settled = |s: &NodeState| matches!(s, NodeState::Done { .. } | NodeState::Failed(_));
+        match (settled(&self.state[id]), settled(&state)) {
+            (false, true) => self.settled += 1,
+            (true, false) => self.settled -= 1,
+            _ => {}
+        }
+        self.state[id] = state;
+    }
+
     fn make_ready(&mut self, id: NodeId) {
-        self.state[id] = NodeState::Ready;
-        self.ready.insert(self.ready_key(id));
+        self.set_state(id, NodeState::Ready);
+        let key = self.ready_key(id);
+        self.ready[self.kind_of[id]].insert(key);
+    }
+
+    fn unready(&mut self, id: NodeId) {
+        let key = self.ready_key(id);
+        self.ready[self.kind_of[id]].remove(&key);
     }
 
     fn ready_key(&self, id: NodeId) -> ReadyKey {
@@ -280,6 +352,102 @@ impl Scheduler {
         ReadyKey {
             neg_rank_bits: -(self.graph.rank(id).to_bits() as i64),
             node: id,
+        }
+    }
+
+    /// Free slots of a live machine.
+    fn free_on(&self, m: MachineId) -> usize {
+        (self.machines[m].slots as usize).saturating_sub(self.running[m].len())
+    }
+
+    /// A live machine's first slot: a free one, else the build expected to end first.
+    fn first_slot(&self, m: MachineId) -> Option<SlotKey> {
+        if !self.alive[m] || self.machines[m].slots == 0 {
+            return None;
+        }
+        if self.free_on(m) > 0 {
+            return Some(SlotKey::new(f64::NEG_INFINITY, true, m));
+        }
+        let end = self.running[m]
+            .iter()
+            .map(|&n| self.expected_end(n))
+            .fold(f64::INFINITY, f64::min);
+        Some(SlotKey::new(end, false, m))
+    }
+
+    fn expected_end(&self, node: NodeId) -> f64 {
+        match self.state[node] {
+            NodeState::Running { expected_end, .. } => expected_end,
+            _ => f64::NEG_INFINITY,
+        }
+    }
+
+    /// All slots of a live machine: (when it is expected free, whether it is free now).
+    fn slot_list(&self, m: MachineId) -> Vec<(f64, bool)> {
+        let mut slots: Vec<(f64, bool)> = self.running[m]
+            .iter()
+            .map(|&n| (self.expected_end(n), false))
+            .collect();
+        slots.extend(std::iter::repeat_n(
+            (f64::NEG_INFINITY, true),
+            self.free_on(m),
+        ));
+        slots.sort_unstable_by(slot_order);
+        slots
+    }
+
+    /// Takes `node` off `machine`'s running builds.
+    fn release(&mut self, node: NodeId, machine: MachineId) {
+        let class = self.class_of[machine];
+        let before = self.running[machine].len();
+        self.running[machine].retain(|&n| n != node);
+        let removed = before - self.running[machine].len();
+        self.running_count -= removed;
+        if self.alive[machine] {
+            self.free_in_class[class] += removed;
+        }
+        self.replace_queue_key(machine);
+    }
+
+    /// Puts `machine`'s current first slot in its class queue in place of the key it
+    /// had there.
+    fn replace_queue_key(&mut self, machine: MachineId) {
+        let class = self.class_of[machine];
+        if let Some(old) = self.queued[machine].take() {
+            self.queues[class].remove(&old);
+        }
+        let new = self.first_slot(machine);
+        if let Some(new) = new {
+            self.queues[class].insert(new);
+        }
+        self.queued[machine] = new;
+    }
+
+    /// Which classes may take each kind: those that can build it, and only local ones
+    /// for `preferLocalBuild` when a live local machine can.
+    fn match_kinds(&mut self) {
+        for kind in &mut self.kinds {
+            let node = self.graph.node(kind.example);
+            let live = |c: &Vec<MachineId>| c.iter().any(|&m| self.alive[m]);
+            let able: Vec<usize> = (0..self.classes.len())
+                .filter(|&c| {
+                    live(&self.classes[c]) && self.machines[self.classes[c][0]].can_build(node)
+                })
+                .collect();
+            let local: Vec<usize> = able
+                .iter()
+                .copied()
+                .filter(|&c| self.machines[self.classes[c][0]].is_local)
+                .collect();
+            kind.classes = if node.prefer_local && !local.is_empty() {
+                local
+            } else {
+                able
+            };
+            // Fastest first: a dispatch stops at classes too slow to finish earlier.
+            let speed = |c: usize| self.machines[self.classes[c][0]].speed;
+            kind.classes
+                .sort_by(|&a, &b| speed(b).total_cmp(&speed(a)).then(a.cmp(&b)));
         }
     }
 
@@ -299,8 +467,8 @@ impl Scheduler {
         if matches!(self.state[node], NodeState::Failed(_)) {
             return;
         }
-        self.ready.remove(&self.ready_key(node));
-        self.state[node] = NodeState::Failed(failure.clone());
+        self.unready(node);
+        self.set_state(node, NodeState::Failed(failure.clone()));
         actions.push(Action::Fail {
             node,
             reason: failure,
@@ -310,16 +478,22 @@ impl Scheduler {
             if matches!(self.state[d], NodeState::Failed(_) | NodeState::Done { .. }) {
                 continue;
             }
-            self.ready.remove(&self.ready_key(d));
+            self.unready(d);
             let f = Failure::DependencyFailed { dep: node };
-            self.state[d] = NodeState::Failed(f.clone());
+            self.set_state(d, NodeState::Failed(f.clone()));
             actions.push(Action::Fail { node: d, reason: f });
             stack.extend_from_slice(self.graph.dependents(d));
         }
         if !self.keep_going && !self.stopping {
             self.stopping = true;
             for m in 0..self.running.len() {
-                for n in std::mem::take(&mut self.running[m]) {
+                let cancelled = std::mem::take(&mut self.running[m]);
+                if self.alive[m] {
+                    self.free_in_class[self.class_of[m]] += cancelled.len();
+                }
+                self.replace_queue_key(m);
+                for n in cancelled {
+                    self.running_count -= 1;
                     actions.push(Action::Cancel {
                         node: n,
                         machine: m,
@@ -328,19 +502,21 @@ impl Scheduler {
                         node: n,
                         reason: Failure::Stopped,
                     });
-                    self.state[n] = NodeState::Failed(Failure::Stopped);
+                    self.set_state(n, NodeState::Failed(Failure::Stopped));
                 }
             }
             for id in 0..self.state.len() {
                 if matches!(self.state[id], NodeState::Ready | NodeState::Waiting(_)) {
-                    self.state[id] = NodeState::Failed(Failure::Stopped);
+                    self.set_state(id, NodeState::Failed(Failure::Stopped));
                     actions.push(Action::Fail {
                         node: id,
                         reason: Failure::Stopped,
                     });
                 }
             }
-            self.ready.clear();
+            for ready in &mut self.ready {
+                ready.clear();
+            }
         }
     }
 
@@ -355,11 +531,12 @@ impl Scheduler {
                 if !unfinished {
                     continue;
                 }
-                for &dep in &self.graph.node(id).deps {
+                for i in 0..self.graph.node(id).deps.len() {
+                    let dep = self.graph.node(id).deps[i];
                     if matches!(self.state[dep], NodeState::Done { .. })
                         && self.holders[dep].is_empty()
                     {
-                        self.state[dep] = NodeState::Waiting(0);
+                        self.set_state(dep, NodeState::Waiting(0));
                         changed = true;
                     }
                 }
@@ -380,41 +557,41 @@ impl Scheduler {
                 .iter()
                 .filter(|&&d| !matches!(self.state[d], NodeState::Done { .. }))
                 .count();
-            self.ready.remove(&self.ready_key(id));
+            self.unready(id);
             if waiting == 0 {
                 self.make_ready(id);
             } else {
-                self.state[id] = NodeState::Waiting(waiting);
+                self.set_state(id, NodeState::Waiting(waiting));
             }
         }
     }
 
-    /// Fails ready or waiting nodes that no remaining machine can build.
+    /// Fails ready or waiting nodes that no live machine can build.
     fn fail_unplaceable(&mut self, actions: &mut Vec<Action>) {
+        let unplaceable: Vec<bool> = self.kinds.iter().map(|k| k.classes.is_empty()).collect();
+        if !unplaceable.contains(&true) {
+            return;
+        }
+        let considered: Vec<String> = self
+            .machines
+            .iter()
+            .zip(&self.alive)
+            .filter(|(_, &a)| a)
+            .map(|(m, _)| m.name.clone())
+            .collect();
         for id in 0..self.graph.len() {
-            if !matches!(self.state[id], NodeState::Waiting(_) | NodeState::Ready) {
+            if !unplaceable[self.kind_of[id]]
+                || !matches!(self.state[id], NodeState::Waiting(_) | NodeState::Ready)
+            {
                 continue;
             }
             let node = self.graph.node(id);
-            let possible = self
-                .machines
-                .iter()
-                .zip(&self.alive)
-                .any(|(m, &alive)| alive && m.can_build(node));
-            if !possible {
-                let failure = Failure::NoMachine {
-                    system: node.system.clone(),
-                    features: node.required_features.clone(),
-                    considered: self
-                        .machines
-                        .iter()
-                        .zip(&self.alive)
-                        .filter(|(_, &a)| a)
-                        .map(|(m, _)| m.name.clone())
-                        .collect(),
-                };
-                self.fail(id, failure, actions);
-            }
+            let failure = Failure::NoMachine {
+                system: node.system.clone(),
+                features: node.required_features.clone(),
+                considered: considered.clone(),
+            };
+            self.fail(id, failure, actions);
         }
     }
 
@@ -439,83 +616,56 @@ impl Scheduler {
         total
     }
 
+    /// The ready node to place next: the best priority among kinds that some free slot
+    /// can take. `next` caches each kind's next candidate after its cursor.
+    fn next_ready(&self, next: &mut [Option<Option<ReadyKey>>]) -> Option<(usize, ReadyKey)> {
+        let mut best: Option<(usize, ReadyKey)> = None;
+        for (k, kind) in self.kinds.iter().enumerate() {
+            if !kind.classes.iter().any(|&c| self.free_in_class[c] > 0) {
+                continue;
+            }
+            let candidate = *next[k].get_or_insert_with(|| self.ready[k].iter().next().copied());
+            if let Some(key) = candidate {
+                if best.is_none_or(|(_, b)| key < b) {
+                    best = Some((k, key));
+                }
+            }
+        }
+        best
+    }
+
     /// Places ready nodes, best priority first, on the machine where each would finish
     /// earliest; starts those whose best machine has a free slot now.
     fn dispatch(&mut self, now: f64, actions: &mut Vec<Action>) {
         if self.stopping {
             return;
         }
-        // When each slot of each machine is expected to be free, and whether it is
-        // free now (an overdue build still holds its slot). The buffers are kept
-        // between rounds: a round on a large fleet should not allocate per machine.
-        let mut slots = std::mem::take(&mut self.slot_buffers);
-        slots.resize_with(self.machines.len(), Vec::new);
-        for (m, spec) in self.machines.iter().enumerate() {
-            let times = &mut slots[m];
-            times.clear();
-            if !self.alive[m] {
-                continue;
-            }
-            times.extend(self.running[m].iter().map(|&n| match self.state[n] {
-                NodeState::Running { expected_end, .. } => (expected_end.max(now), false),
-                _ => (now, false),
-            }));
-            let free = (spec.slots as usize).saturating_sub(times.len());
-            times.extend(std::iter::repeat_n((now, true), free));
-            times.sort_unstable_by(slot_order);
+        let mut free_slots: usize = self.free_in_class.iter().sum();
+        if free_slots == 0 {
+            return;
         }
-        // Per class of interchangeable machines, its machines by their first slot
-        // (sorted vectors: built once per round, changed only where a slot is booked).
-        let mut queues: Vec<Vec<SlotKey>> = self
-            .classes
-            .iter()
-            .map(|class| {
-                let mut q: Vec<SlotKey> = class
-                    .iter()
-                    .filter_map(|&m| slots[m].first().map(|&(t, free)| SlotKey::new(t, free, m)))
-                    .collect();
-                q.sort_unstable();
-                q
-            })
-            .collect();
-        let local_ids: Vec<MachineId> = (0..self.machines.len())
-            .filter(|&m| self.machines[m].is_local && self.alive[m])
-            .collect();
-        // Once no slot is free anywhere, nothing more can start in this round: the rest
-        // of the ready set is not looked at (what keeps a decision cheap when thousands
-        // of derivations are ready).
-        let mut free_slots: usize = slots
-            .iter()
-            .map(|s| s.iter().filter(|(_, free)| *free).count())
-            .sum();
         // Past this many derivations that chose to wait for a busy machine, the rest
         // take what is free: on a large fleet waiting could otherwise be weighed for
         // thousands of derivations at every event.
-        let patience = free_slots + RESERVATIONS_PER_ROUND;
-        let mut considered = 0usize;
-        // Walk the ready set in priority order without copying it: it may hold
-        // thousands of entries while only a few slots are free.
-        let mut cursor: Option<ReadyKey> = None;
+        let mut waits = 0usize;
+        // Slots of the machines booked in this round (waiting for a busy machine books
+        // its slot only for this round's planning).
+        let mut booked: HashMap<MachineId, Vec<(f64, bool)>> = HashMap::new();
+        let mut next: Vec<Option<Option<ReadyKey>>> = vec![None; self.kinds.len()];
         let mut holders: Vec<MachineId> = Vec::new();
-        loop {
-            if free_slots == 0 {
+        while free_slots > 0 {
+            let Some((kind, key)) = self.next_ready(&mut next) else {
                 break;
-            }
-            let next = match cursor {
-                None => self.ready.iter().next(),
-                Some(c) => self
-                    .ready
-                    .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
-                    .next(),
             };
-            let Some(&key) = next else { break };
-            cursor = Some(key);
-            considered += 1;
-            let only_free = considered > patience;
+            next[kind] = Some(
+                self.ready[kind]
+                    .range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
+                    .next()
+                    .copied(),
+            );
+            let only_free = waits >= RESERVATIONS_PER_ROUND;
             let id = key.node;
             let node = self.graph.node(id);
-            let local_ok =
-                node.prefer_local && local_ids.iter().any(|&m| self.machines[m].can_build(node));
             // Machines holding some of its inputs are weighed one by one; of the
             // others, only the earliest of each class can be best.
             holders.clear();
@@ -525,12 +675,17 @@ impl Scheduler {
             holders.sort_unstable();
             holders.dedup();
             let mut best: Option<(f64, bool, MachineId)> = None;
-            for (c, class) in self.classes.iter().enumerate() {
-                let spec = &self.machines[class[0]];
-                if !spec.can_build(node) || (local_ok && !spec.is_local) {
+            for &c in &self.kinds[kind].classes {
+                let spec = &self.machines[self.classes[c][0]];
+                let build_time = spec.build_time(node);
+                if best.is_some_and(|(f, _, _)| now + build_time > f + 1e-9) {
+                    // This class and all slower ones finish later even if free now.
+                    break;
+                }
+                if only_free && self.free_in_class[c] == 0 {
                     continue;
                 }
-                let earliest = queues[c]
+                let earliest = self.queues[c]
                     .iter()
                     .find(|k| holders.binary_search(&k.machine).is_err())
                     .map(|k| k.machine);
@@ -539,13 +694,17 @@ impl Scheduler {
                     .copied()
                     .filter(|&h| self.class_of[h] == c && self.alive[h]);
                 for m in earliest.into_iter().chain(in_class) {
-                    let Some(&(slot_time, is_free)) = slots[m].first() else {
+                    let first = match booked.get(&m) {
+                        Some(slots) => slots.first().copied(),
+                        None => self.queued[m].map(|k| (k.time, !k.busy)),
+                    };
+                    let Some((slot_time, is_free)) = first else {
                         continue;
                     };
                     if only_free && !is_free {
                         continue;
                     }
-                    let finish = slot_time + self.transfer_in(id, m) + spec.build_time(node);
+                    let finish = slot_time.max(now) + self.transfer_in(id, m) + build_time;
                     // Earliest finish; at a tie, a slot free now beats waiting for one,
                     // then the lower machine index.
                     let better = match best {
@@ -566,35 +725,50 @@ impl Scheduler {
                 continue;
             };
             // Book the slot: it is busy until `finish` for everything planned after.
-            let queue = &mut queues[self.class_of[m]];
-            if let Some(&(t, free)) = slots[m].first() {
-                if let Ok(i) = queue.binary_search(&SlotKey::new(t, free, m)) {
-                    queue.remove(i);
+            let class = self.class_of[m];
+            let slots = match booked.entry(m) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let slots = self.slot_list(m);
+                    e.insert(slots)
                 }
-            }
-            slots[m][0] = (finish, false);
-            slots[m].sort_unstable_by(slot_order);
-            if let Some(&(t, free)) = slots[m].first() {
-                let key = SlotKey::new(t, free, m);
-                let i = queue.binary_search(&key).unwrap_or_else(|i| i);
-                queue.insert(i, key);
-            }
-            if is_free {
+            };
+            let (t, free) = slots[0];
+            self.queues[class].remove(&SlotKey::new(t, free, m));
+            slots[0] = (finish, false);
+            slots.sort_unstable_by(slot_order);
+            let (t, free) = slots[0];
+            // `queued` keeps the machine's key outside this round's bookings.
+            self.queues[class].insert(SlotKey::new(t, free, m));
+            if !is_free {
+                waits += 1;
+            } else {
                 free_slots -= 1;
-                self.ready.remove(&key);
-                self.state[id] = NodeState::Running {
-                    machine: m,
-                    expected_end: finish,
-                };
+                self.free_in_class[class] -= 1;
+                self.ready[kind].remove(&key);
+                self.set_state(
+                    id,
+                    NodeState::Running {
+                        machine: m,
+                        expected_end: finish,
+                    },
+                );
                 self.started_at[id] = now;
                 self.running[m].push(id);
+                self.running_count += 1;
                 actions.push(Action::Start {
                     node: id,
                     machine: m,
                 });
             }
         }
-        self.slot_buffers = slots;
+        // Bookings of waits end with the round: the queues go back to the real slots.
+        for (m, slots) in booked {
+            let (t, free) = slots[0];
+            self.queues[self.class_of[m]].remove(&SlotKey::new(t, free, m));
+            self.queued[m] = None;
+            self.replace_queue_key(m);
+        }
     }
 }
 
@@ -602,7 +776,8 @@ impl Scheduler {
 /// the number of free slots.
 pub const RESERVATIONS_PER_ROUND: usize = 64;
 
-/// A machine's first slot, ordered: earliest, free before busy, lower index.
+/// A machine's first slot, ordered: free ones first (their time is minus infinity),
+/// then by when the slot frees, then by machine index.
 #[derive(Debug, Clone, Copy)]
 struct SlotKey {
     time: f64,
@@ -613,7 +788,7 @@ struct SlotKey {
 impl SlotKey {
     fn new(time: f64, free: bool, machine: MachineId) -> Self {
         SlotKey {
-            time,
+            time: if free { f64::NEG_INFINITY } else { time },
             busy: !free,
             machine,
         }
@@ -636,9 +811,9 @@ impl PartialOrd for SlotKey {
 
 impl Ord for SlotKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.time
-            .total_cmp(&other.time)
-            .then(self.busy.cmp(&other.busy))
+        self.busy
+            .cmp(&other.busy)
+            .then(self.time.total_cmp(&other.time))
             .then(self.machine.cmp(&other.machine))
     }
 }
@@ -649,7 +824,7 @@ impl Ord for SlotKey {
 fn machine_classes(machines: &[MachineSpec]) -> (Vec<Vec<MachineId>>, Vec<usize>) {
     let mut classes: Vec<Vec<MachineId>> = Vec::new();
     let mut class_of = vec![0; machines.len()];
-    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
     for (m, spec) in machines.iter().enumerate() {
         let key = format!(
             "{:?}|{:?}|{:?}|{}|{}|{}|{}|{}",
@@ -672,7 +847,31 @@ fn machine_classes(machines: &[MachineSpec]) -> (Vec<Vec<MachineId>>, Vec<usize>
     (classes, class_of)
 }
 
-/// Earliest first; at equal times a free slot before a busy one.
+/// Groups nodes by what decides where they may run: system, required features,
+/// `preferLocalBuild`. Their classes are filled in by `match_kinds`.
+fn node_kinds(graph: &Graph) -> (Vec<Kind>, Vec<usize>) {
+    let mut kinds = Vec::new();
+    let mut kind_of = vec![0; graph.len()];
+    let mut index: HashMap<(&str, Vec<&str>, bool), usize> = HashMap::new();
+    for (id, slot) in kind_of.iter_mut().enumerate() {
+        let node = graph.node(id);
+        let mut features: Vec<&str> = node.required_features.iter().map(String::as_str).collect();
+        features.sort_unstable();
+        features.dedup();
+        *slot = *index
+            .entry((node.system.as_str(), features, node.prefer_local))
+            .or_insert_with(|| {
+                kinds.push(Kind {
+                    example: id,
+                    classes: Vec::new(),
+                });
+                kinds.len() - 1
+            });
+    }
+    (kinds, kind_of)
+}
+
+/// Free slots first; then by when the slot frees.
 fn slot_order(a: &(f64, bool), b: &(f64, bool)) -> std::cmp::Ordering {
-    a.0.total_cmp(&b.0).then(b.1.cmp(&a.1))
+    b.1.cmp(&a.1).then(a.0.total_cmp(&b.0))
 }
