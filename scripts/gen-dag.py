@@ -66,7 +66,8 @@ with open(out, "w") as f:
 # The same graph in the schema of `offload simulate --dag`.
 import json
 with open(out.rsplit(".", 1)[0] + ".json", "w") as f:
-    json.dump({"nodes": [{"id": f"n{i}", "deps": [f"n{d}" for d in deps], "duration_s": dur,
+    # Ids are the derivation names: Nix works its goals in the order of their names.
+    json.dump({"nodes": [{"id": name, "deps": [nodes[d][0] for d in deps], "duration_s": dur,
                           "system": "x86_64-linux", "required_features": [], "output_bytes": size}
                          for i, (name, dur, size, deps) in enumerate(nodes)]}, f)
 print(f"critical_path={max(finish):.2f} total_work={sum(x[1] for x in nodes):.2f} nodes={len(nodes)}")

@@ -1,5 +1,6 @@
 //! The simulator and its policies: every policy builds everything, no schedule beats
-//! the lower bound, failures are survived, traces are well formed.
+//! the lower bound, failures are survived (by offload and Hydra; Nix fails the builds
+//! it loses), traces are well formed.
 
 use offload_sched::{Graph, MachineSpec};
 use offload_sim::dag::generate;
@@ -67,8 +68,13 @@ fn a_failing_machine_costs_time_but_no_builds() {
             false,
         )
         .unwrap();
-        assert_eq!(failed.built, 60, "{policy}");
-        assert!(failed.makespan_s >= ok.makespan_s - 1e-9, "{policy}");
+        if policy == "nix" {
+            // Nix 2.8 does not retry a build whose machine is lost: it fails.
+            assert!(failed.built < 60, "{policy}");
+        } else {
+            assert_eq!(failed.built, 60, "{policy}");
+            assert!(failed.makespan_s >= ok.makespan_s - 1e-9, "{policy}");
+        }
     }
 }
 
@@ -107,7 +113,12 @@ proptest! {
         let graph = generate(shape, n, seed).unwrap().to_graph().unwrap();
         let machines = fleet();
         for policy in ["offload", "nix", "hydra"] {
-            let r = run_policy(policy, &graph, &machines, &[(2, 1.5)], cold, false).unwrap();
+            let mut r = run_policy(policy, &graph, &machines, &[(2, 1.5)], cold, false).unwrap();
+            if policy == "nix" {
+                // Builds lost with the machine fail, and so do their dependents.
+                prop_assert!(r.built <= n);
+                r = run_policy(policy, &graph, &machines, &[], cold, false).unwrap();
+            }
             prop_assert_eq!(r.built, n, "{} did not finish", policy);
             prop_assert!(r.makespan_s + 1e-9 >= r.lower_bound_s, "{} beat the lower bound", policy);
         }

@@ -1,7 +1,9 @@
 //! The policies a simulation can run.
 
+mod hydra;
+mod nix;
 mod offload;
-mod queue;
 
+pub use hydra::HydraPolicy;
+pub use nix::NixPolicy;
 pub use offload::OffloadPolicy;
-pub use queue::{QueueKind, QueuePolicy};
