@@ -95,6 +95,11 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "builders")]
     pub machines: Option<PathBuf>,
 
+    /// Generated machines, added to the others: mixed:N[:SEED] (60 % x86_64-linux with
+    /// 4-16 slots, speed 1-4, some big-parallel and kvm; 40 % aarch64-linux).
+    #[arg(long, value_name = "SHAPE:N[:SEED]")]
+    pub generate_fleet: Option<String>,
+
     /// Slots of the local machine (where offload or Nix runs).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub local_slots: u32,

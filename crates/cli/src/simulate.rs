@@ -11,7 +11,7 @@ use offload_driver::History;
 use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineSpec, NodeSpec};
-use offload_sim::dag::{generate, DagFile};
+use offload_sim::dag::{generate, generate_fleet, DagFile};
 use offload_sim::{run_policy, Report};
 use serde_json::Value;
 
@@ -30,6 +30,24 @@ fn read_json(path: &Path) -> Result<Value, Failure> {
         .map_err(Failure::usage)
 }
 
+/// `SHAPE:N[:SEED]`, the seed 1 when not given.
+fn shape_spec<'a>(flag: &str, spec: &'a str) -> Result<(&'a str, usize, u64), Failure> {
+    let mut parts = spec.split(':');
+    let shape = parts.next().unwrap_or("");
+    let n: usize = parts.next().and_then(|n| n.parse().ok()).ok_or_else(|| {
+        Failure::usage(anyhow!(
+            "{flag} {spec}: expected SHAPE:N[:SEED], N a whole number"
+        ))
+    })?;
+    let seed: u64 = match parts.next() {
+        Some(s) => s.parse().map_err(|_| {
+            Failure::usage(anyhow!("{flag} {spec}: the seed must be a whole number"))
+        })?,
+        None => 1,
+    };
+    Ok((shape, n, seed))
+}
+
 fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
     if let Some(path) = &args.dag {
         let dag: DagFile = serde_json::from_value(read_json(path)?)
@@ -46,21 +64,7 @@ fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
             .map_err(Failure::usage);
     }
     if let Some(spec) = &args.generate {
-        let mut parts = spec.split(':');
-        let shape = parts.next().unwrap_or("");
-        let n: usize = parts.next().and_then(|n| n.parse().ok()).ok_or_else(|| {
-            Failure::usage(anyhow!(
-                "--generate {spec}: expected SHAPE:N[:SEED], N a whole number"
-            ))
-        })?;
-        let seed: u64 = match parts.next() {
-            Some(s) => s.parse().map_err(|_| {
-                Failure::usage(anyhow!(
-                    "--generate {spec}: the seed must be a whole number"
-                ))
-            })?,
-            None => 1,
-        };
+        let (shape, n, seed) = shape_spec("--generate", spec)?;
         return generate(shape, n, seed)
             .and_then(|d| d.to_graph())
             .map_err(|e| Failure::usage(anyhow!("--generate {spec}: {e}")));
@@ -146,6 +150,12 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
             bandwidth: link.map_or(bandwidth, |l| num(l, "bandwidth", bandwidth)),
             latency: link.map_or(latency, |l| num(l, "latency", latency)),
         });
+    }
+    if let Some(spec) = &args.generate_fleet {
+        let (shape, n, seed) = shape_spec("--generate-fleet", spec)?;
+        let generated = generate_fleet(shape, n, seed, bandwidth, latency)
+            .map_err(|e| Failure::usage(anyhow!("--generate-fleet {spec}: {e}")))?;
+        machines.extend(generated);
     }
     let mut failures = Vec::new();
     for f in extra

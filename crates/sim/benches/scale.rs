@@ -1,26 +1,28 @@
-//! Planning cost at scale: simulated runs of generated graphs on large fleets, offload's
-//! scheduler only. `cargo bench -p offload-sim` prints seconds per run and per decision.
+//! Planning cost at scale: offload's scheduler on generated graphs and fleets, simulated.
+//! `cargo bench -p offload-sim` prints the CPU seconds of each run and per build, for
+//! fleets of growing size: the cost per decision must grow slower than the fleet.
 
 use std::time::Instant;
 
 use offload_sched::MachineSpec;
-use offload_sim::dag::generate;
+use offload_sim::dag::{generate, generate_fleet};
 use offload_sim::run_policy;
 
+/// The generated mixed fleet plus the client's own 8 slots.
 fn fleet(n: usize) -> Vec<MachineSpec> {
-    (0..n)
-        .map(|i| MachineSpec {
-            name: format!("b{i}"),
-            systems: vec!["x86_64-linux".into()],
-            supported_features: vec![],
-            mandatory_features: vec![],
-            slots: 4,
-            speed: 1.0 + (i % 3) as f64,
-            is_local: i == 0,
-            bandwidth: 1e8,
-            latency: 0.005,
-        })
-        .collect()
+    let mut machines = vec![MachineSpec {
+        name: "local".into(),
+        systems: vec!["x86_64-linux".into()],
+        supported_features: vec![],
+        mandatory_features: vec![],
+        slots: 8,
+        speed: 1.0,
+        is_local: true,
+        bandwidth: f64::INFINITY,
+        latency: 0.0,
+    }];
+    machines.extend(generate_fleet("mixed", n, 5, 100e6, 0.005).expect("mixed fleet"));
+    machines
 }
 
 #[expect(
@@ -28,13 +30,23 @@ fn fleet(n: usize) -> Vec<MachineSpec> {
     reason = "a benchmark measures time; the crate itself never reads a clock"
 )]
 fn main() {
-    let sizes: &[(&str, usize, usize)] = &[
-        ("nixpkgs", 10_000, 100),
+    let quick = std::env::args().any(|a| a == "--quick");
+    let mut sizes: Vec<(&str, usize, usize)> = vec![
+        ("nixpkgs-mixed", 10_000, 100),
+        ("nixpkgs-mixed", 10_000, 1_000),
+        ("nixpkgs-mixed", 10_000, 10_000),
         ("layered", 10_000, 100),
-        ("nixpkgs", 100_000, 1_000),
+        ("layered", 10_000, 1_000),
+        ("layered", 10_000, 10_000),
     ];
-    println!("shape      nodes  machines   seconds   µs per build");
-    for &(shape, n, m) in sizes {
+    if !quick {
+        sizes.extend([
+            ("nixpkgs-mixed", 100_000, 1_000),
+            ("layered", 100_000, 1_000),
+        ]);
+    }
+    println!("shape             nodes  machines   seconds   µs per build   makespan / bound");
+    for (shape, n, m) in sizes {
         let graph = generate(shape, n, 1)
             .and_then(|d| d.to_graph())
             .expect("generated graph");
@@ -44,8 +56,9 @@ fn main() {
         let secs = started.elapsed().as_secs_f64();
         assert_eq!(report.built, n);
         println!(
-            "{shape:<9} {n:>6} {m:>9} {secs:>9.2} {:>14.1}",
-            secs * 1e6 / n as f64
+            "{shape:<14} {n:>8} {m:>9} {secs:>9.2} {:>14.1} {:>18.2}",
+            secs * 1e6 / n as f64,
+            report.ratio
         );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use offload_sched::{Graph, GraphError, NodeSpec};
+use offload_sched::{Graph, GraphError, MachineSpec, NodeSpec};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -46,6 +46,8 @@ pub enum DagError {
     Graph(#[from] GraphError),
     #[error("unknown shape {0:?}: use layered, nixpkgs, nixpkgs-mixed, wide or chain")]
     UnknownShape(String),
+    #[error("unknown fleet shape {0:?}: use mixed")]
+    UnknownFleet(String),
 }
 
 impl DagFile {
@@ -217,6 +219,56 @@ pub fn generate(shape: &str, n: usize, seed: u64) -> Result<DagFile, DagError> {
         other => return Err(DagError::UnknownShape(other.to_string())),
     }
     Ok(DagFile { nodes })
+}
+
+/// A generated fleet, `mixed:N[:SEED]`: 60 % x86_64-linux machines (4, 8 or 16 slots,
+/// speed 1 to 4, one in ten with big-parallel and kvm, one in seven more with kvm),
+/// 40 % aarch64-linux (4 or 8 slots, speed 1 or 2, one in eight with big-parallel).
+/// Links get `bandwidth` and `latency`.
+pub fn generate_fleet(
+    shape: &str,
+    n: usize,
+    seed: u64,
+    bandwidth: f64,
+    latency: f64,
+) -> Result<Vec<MachineSpec>, DagError> {
+    if shape != "mixed" {
+        return Err(DagError::UnknownFleet(shape.to_string()));
+    }
+    let mut rng = Rng::new(seed);
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    Ok((0..n)
+        .map(|i| {
+            let (name, system, slots, speed, features) = if i < n * 6 / 10 {
+                let features: &[&str] = if i % 10 == 0 {
+                    &["big-parallel", "kvm"]
+                } else if i % 7 == 0 {
+                    &["kvm"]
+                } else {
+                    &[]
+                };
+                let slots = [4, 8, 16][rng.below(3)];
+                let speed = 1 + rng.below(4);
+                (format!("x{i}"), "x86_64-linux", slots, speed, features)
+            } else {
+                let features: &[&str] = if i % 8 == 0 { &["big-parallel"] } else { &[] };
+                let slots = [4, 8][rng.below(2)];
+                let speed = 1 + rng.below(2);
+                (format!("a{i}"), "aarch64-linux", slots, speed, features)
+            };
+            MachineSpec {
+                name,
+                systems: strings(&[system]),
+                supported_features: strings(features),
+                mandatory_features: Vec::new(),
+                slots,
+                speed: speed as f64,
+                is_local: false,
+                bandwidth,
+                latency,
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]

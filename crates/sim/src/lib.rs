@@ -37,10 +37,11 @@ pub mod calibration {
         dispatch_serial: 0.0,
         per_build: 0.09,
     };
-    /// Hydra: a connection per step, queue-runner bookkeeping per step.
+    /// Hydra: the serve-protocol round trip of a build as offload pays it, plus a
+    /// new connection per step as Nix's hook opens one.
     pub const HYDRA: Costs = Costs {
         dispatch_serial: 0.0,
-        per_build: 0.1,
+        per_build: OFFLOAD.per_build + crate::policy::HOOK_CONNECT_SECONDS,
     };
 }
 

@@ -3,10 +3,12 @@
 //! included, with a free slot and the lowest `load / speedFactor` as a real number;
 //! every input from the client and every output back to it.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::BTreeSet;
 
 use offload_sched::{Graph, MachineId, MachineSpec, NodeId};
 
+use super::Kinds;
 use crate::engine::{Costs, Policy};
 
 /// Hydra's queue runner.
@@ -16,9 +18,11 @@ pub struct HydraPolicy {
     alive: Vec<bool>,
     load: Vec<u32>,
     waiting: Vec<usize>,
-    ready: VecDeque<NodeId>,
+    /// Runnable steps per kind, by priority: most dependents first, then oldest.
+    ready: Vec<BTreeSet<(Reverse<usize>, NodeId)>>,
     /// Hydra's priority: how many derivations depend on each, transitively.
     dependents: Vec<usize>,
+    kinds: Kinds,
     costs: Costs,
 }
 
@@ -36,6 +40,7 @@ impl HydraPolicy {
                 .map(|&d| 1 + dependents[d])
                 .sum();
         }
+        let kinds = Kinds::new(&graph, &machines, |m| m.slots > 0);
         let m = machines.len();
         let mut policy = HydraPolicy {
             graph,
@@ -43,8 +48,9 @@ impl HydraPolicy {
             load: vec![0; m],
             machines,
             waiting,
-            ready: VecDeque::new(),
+            ready: vec![BTreeSet::new(); kinds.machines.len()],
             dependents,
+            kinds,
             costs,
         };
         for id in 0..n {
@@ -56,31 +62,19 @@ impl HydraPolicy {
     }
 
     fn push_ready(&mut self, id: NodeId) {
-        let key = |p: &HydraPolicy, x: NodeId| (std::cmp::Reverse(p.dependents[x]), x);
-        let pos = self
-            .ready
+        let kind = self.kinds.of(id);
+        // A step no live machine can build fails, as in Hydra.
+        if self.kinds.machines[kind].iter().any(|&m| self.alive[m]) {
+            self.ready[kind].insert((Reverse(self.dependents[id]), id));
+        }
+    }
+
+    /// The machine with a free slot and the lowest load over speed, the faster at a tie.
+    fn pick(&self, kind: usize) -> Option<MachineId> {
+        self.kinds.machines[kind]
             .iter()
-            .position(|&other| key(self, other) > key(self, id))
-            .unwrap_or(self.ready.len());
-        self.ready.insert(pos, id);
-    }
-
-    /// No machine left can ever build it: Hydra fails such a step.
-    fn unbuildable(&self, node: NodeId) -> bool {
-        let spec = self.graph.node(node);
-        !(0..self.machines.len()).any(|m| {
-            self.alive[m] && self.machines[m].slots > 0 && self.machines[m].can_build(spec)
-        })
-    }
-
-    fn free(&self, m: MachineId) -> bool {
-        self.alive[m] && self.load[m] < self.machines[m].slots
-    }
-
-    fn pick(&self, node: NodeId) -> Option<MachineId> {
-        let spec = self.graph.node(node);
-        (0..self.machines.len())
-            .filter(|&m| self.free(m) && self.machines[m].can_build(spec))
+            .copied()
+            .filter(|&m| self.alive[m] && self.load[m] < self.machines[m].slots)
             .min_by(|&a, &b| {
                 let la = f64::from(self.load[a]) / self.machines[a].speed.max(1e-9);
                 let lb = f64::from(self.load[b]) / self.machines[b].speed.max(1e-9);
@@ -89,22 +83,21 @@ impl HydraPolicy {
             })
     }
 
+    /// Starts runnable steps in priority order while some machine can take them.
     fn dispatch(&mut self) -> Vec<(NodeId, MachineId)> {
         let mut starts = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.ready.len());
-        while let Some(node) = self.ready.pop_front() {
-            if self.unbuildable(node) {
-                continue;
-            }
-            match self.pick(node) {
-                Some(m) => {
-                    self.load[m] += 1;
-                    starts.push((node, m));
-                }
-                None => kept.push_back(node),
-            }
+        loop {
+            let best = (0..self.ready.len())
+                .filter(|&k| self.kinds.free[k] > 0)
+                .filter_map(|k| self.ready[k].first().map(|&key| (key, k)))
+                .min();
+            let Some((key, kind)) = best else { break };
+            let Some(m) = self.pick(kind) else { break };
+            self.ready[kind].remove(&key);
+            self.load[m] += 1;
+            self.kinds.take(m, 1);
+            starts.push((key.1, m));
         }
-        self.ready = kept;
         starts
     }
 }
@@ -132,7 +125,10 @@ impl Policy for HydraPolicy {
         machine: MachineId,
         _now: f64,
     ) -> Vec<(NodeId, MachineId)> {
-        self.load[machine] = self.load[machine].saturating_sub(1);
+        if self.alive[machine] && self.load[machine] > 0 {
+            self.load[machine] -= 1;
+            self.kinds.take(machine, -1);
+        }
         for i in 0..self.graph.dependents(node).len() {
             let d = self.graph.dependents(node)[i];
             self.waiting[d] -= 1;
@@ -149,8 +145,19 @@ impl Policy for HydraPolicy {
         lost: &[NodeId],
         _now: f64,
     ) -> Vec<(NodeId, MachineId)> {
-        self.alive[machine] = false;
+        if self.alive[machine] {
+            // Its slots are gone: no kind counts them as free any more.
+            let free = i64::from(self.machines[machine].slots) - i64::from(self.load[machine]);
+            self.kinds.take(machine, free);
+            self.alive[machine] = false;
+        }
         self.load[machine] = 0;
+        // Steps that no live machine can build any more fail.
+        for k in 0..self.ready.len() {
+            if !self.kinds.machines[k].iter().any(|&m| self.alive[m]) {
+                self.ready[k].clear();
+            }
+        }
         for &node in lost {
             self.push_ready(node);
         }

@@ -5,5 +5,73 @@ mod nix;
 mod offload;
 
 pub use hydra::HydraPolicy;
-pub use nix::NixPolicy;
+pub use nix::{NixPolicy, HOOK_CONNECT_SECONDS};
 pub use offload::OffloadPolicy;
+
+use offload_sched::{Graph, MachineId, MachineSpec, NodeId};
+
+/// Nodes grouped by system and required features, with the machines that can build
+/// each group and their free slots: a policy learns that nothing can take a node
+/// without looking at every machine.
+struct Kinds {
+    kind_of: Vec<usize>,
+    /// Machines able to build each kind, in fleet order.
+    machines: Vec<Vec<MachineId>>,
+    free: Vec<u64>,
+    /// Kinds each machine can build.
+    of_machine: Vec<Vec<usize>>,
+}
+
+impl Kinds {
+    /// Groups `graph`'s nodes over the machines `eligible` admits.
+    fn new(graph: &Graph, fleet: &[MachineSpec], eligible: impl Fn(&MachineSpec) -> bool) -> Self {
+        let mut index: std::collections::HashMap<(&str, Vec<&str>), usize> = Default::default();
+        let mut kind_of = vec![0; graph.len()];
+        let mut machines: Vec<Vec<MachineId>> = Vec::new();
+        for (id, slot) in kind_of.iter_mut().enumerate() {
+            let node = graph.node(id);
+            let mut features: Vec<&str> =
+                node.required_features.iter().map(String::as_str).collect();
+            features.sort_unstable();
+            *slot = *index
+                .entry((node.system.as_str(), features))
+                .or_insert_with(|| {
+                    machines.push(
+                        (0..fleet.len())
+                            .filter(|&m| eligible(&fleet[m]) && fleet[m].can_build(node))
+                            .collect(),
+                    );
+                    machines.len() - 1
+                });
+        }
+        let mut of_machine = vec![Vec::new(); fleet.len()];
+        let mut free = vec![0u64; machines.len()];
+        for (k, ms) in machines.iter().enumerate() {
+            for &m in ms {
+                of_machine[m].push(k);
+                free[k] += u64::from(fleet[m].slots);
+            }
+        }
+        Kinds {
+            kind_of,
+            machines,
+            free,
+            of_machine,
+        }
+    }
+
+    fn of(&self, node: NodeId) -> usize {
+        self.kind_of[node]
+    }
+
+    fn has_free(&self, node: NodeId) -> bool {
+        self.free[self.kind_of[node]] > 0
+    }
+
+    /// `machine` takes (`delta` > 0) or gives back slots.
+    fn take(&mut self, machine: MachineId, delta: i64) {
+        for &k in &self.of_machine[machine] {
+            self.free[k] = (self.free[k] as i64 - delta) as u64;
+        }
+    }
+}

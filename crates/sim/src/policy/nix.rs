@@ -22,6 +22,7 @@ use std::collections::BTreeSet;
 
 use offload_sched::{Graph, MachineId, MachineSpec, NodeId};
 
+use super::Kinds;
 use crate::engine::{Costs, Policy};
 
 /// Seconds to start a hook process (`nix __build-remote`: configuration, machines).
@@ -71,13 +72,8 @@ pub struct NixPolicy {
     /// started then.
     busy_until: f64,
     deciding: Vec<(NodeId, MachineId)>,
-    /// Remote machines able to build each node kind: nodes of one system and features.
-    kind_of: Vec<usize>,
-    kind_machines: Vec<Vec<MachineId>>,
-    /// Free remote slots per kind: when none, the hook's answer is known without
-    /// looking at every machine.
-    kind_free: Vec<u64>,
-    machine_kinds: Vec<Vec<usize>>,
+    /// Remote machines able to build each kind of node, and their free slots.
+    kinds: Kinds,
 }
 
 impl NixPolicy {
@@ -97,15 +93,7 @@ impl NixPolicy {
             order[id] = i as u32;
         }
         let local = machines.iter().position(|s| s.is_local);
-        let (kind_of, kind_machines) = remote_kinds(&graph, &machines);
-        let mut machine_kinds = vec![Vec::new(); m];
-        let mut kind_free = vec![0u64; kind_machines.len()];
-        for (k, ms) in kind_machines.iter().enumerate() {
-            for &mm in ms {
-                machine_kinds[mm].push(k);
-                kind_free[k] += u64::from(machines[mm].slots);
-            }
-        }
+        let kinds = Kinds::new(&graph, &machines, |m| !m.is_local);
         let mut policy = NixPolicy {
             graph,
             alive: vec![true; m],
@@ -125,10 +113,7 @@ impl NixPolicy {
             hook_ready: false,
             busy_until: 0.0,
             deciding: Vec::new(),
-            kind_of,
-            kind_machines,
-            kind_free,
-            machine_kinds,
+            kinds,
         };
         for id in 0..n {
             if policy.waiting[id] == 0 {
@@ -157,19 +142,16 @@ impl NixPolicy {
 
     fn take_remote_slot(&mut self, m: MachineId, delta: i64) {
         self.load[m] = (i64::from(self.load[m]) + delta) as u32;
-        for &k in &self.machine_kinds[m] {
-            self.kind_free[k] = (self.kind_free[k] as i64 - delta) as u64;
-        }
+        self.kinds.take(m, delta);
     }
 
     /// The hook's choice: build-remote.cc's comparison, machines in file order.
     fn pick_remote(&self, id: NodeId) -> Option<MachineId> {
-        let kind = self.kind_of[id];
-        if self.kind_free[kind] == 0 {
+        if !self.kinds.has_free(id) {
             return None;
         }
         let mut best: Option<MachineId> = None;
-        for &m in &self.kind_machines[kind] {
+        for &m in &self.kinds.machines[self.kinds.of(id)] {
             if !self.alive[m] || self.load[m] >= self.machines[m].slots {
                 continue;
             }
@@ -247,7 +229,7 @@ impl NixPolicy {
             return cost;
         }
         let willing = self.local_builds < self.local_max_jobs();
-        let right_type = self.kind_machines[self.kind_of[id]]
+        let right_type = self.kinds.machines[self.kinds.of(id)]
             .iter()
             .any(|&m| self.alive[m]);
         if willing && self.local_can_build(id) {
@@ -378,30 +360,6 @@ fn drv_name(key: &str) -> &str {
 /// Nix 2.8 reads the speed factor as an unsigned integer.
 fn nix_speed(m: &MachineSpec) -> u32 {
     (m.speed.max(1.0)) as u32
-}
-
-/// Groups nodes by system and required features, with the remote machines that can
-/// build each group, in file order.
-fn remote_kinds(graph: &Graph, machines: &[MachineSpec]) -> (Vec<usize>, Vec<Vec<MachineId>>) {
-    let mut index: std::collections::HashMap<(&str, Vec<&str>), usize> = Default::default();
-    let mut kind_of = vec![0; graph.len()];
-    let mut kinds: Vec<Vec<MachineId>> = Vec::new();
-    for (id, slot) in kind_of.iter_mut().enumerate() {
-        let node = graph.node(id);
-        let mut features: Vec<&str> = node.required_features.iter().map(String::as_str).collect();
-        features.sort_unstable();
-        *slot = *index
-            .entry((node.system.as_str(), features))
-            .or_insert_with(|| {
-                kinds.push(
-                    (0..machines.len())
-                        .filter(|&m| !machines[m].is_local && machines[m].can_build(node))
-                        .collect(),
-                );
-                kinds.len() - 1
-            });
-    }
-    (kind_of, kinds)
 }
 
 #[cfg(test)]
