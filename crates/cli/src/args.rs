@@ -40,6 +40,7 @@ pub enum Command {
     ///   offload copy --to ssh://builder1 /nix/store/…-hello
     ///   offload copy --from 'ssh://localhost?remote-store=/tmp/fleet/m1' /nix/store/…-hello
     ///   offload copy --from ssh://builder1 --to ssh://builder2 /nix/store/…-hello
+    #[command(verbatim_doc_comment)]
     Copy(CopyArgs),
 
     /// Build derivations over the fleet and the local machine, planned as one graph.
@@ -54,10 +55,13 @@ pub enum Command {
     ///   offload build default.nix -A hello
     ///   offload build -E 'with import <nixpkgs> {}; hello' --on builder1,builder2
     ///   offload build /nix/store/…-hello.drv --builders 'ssh://b1 x86_64-linux - 8 2' -j4
+    #[command(verbatim_doc_comment)]
     Build(BuildArgs),
 
-    /// Simulate a build graph on a fleet: offload's scheduler against models of Nix's
-    /// build hook and Hydra's queue runner.
+    /// Simulate a build graph on a fleet: offload against models of Nix and Hydra.
+    ///
+    /// offload's own scheduler runs against models of Nix 2.8's build hook and of
+    /// Hydra's queue runner, on a discrete-event model of the fleet.
     ///
     /// The graph comes from a JSON file, a real .drv closure (durations from the
     /// history), or a generator; machines from Nix's syntax plus an optional JSON file
@@ -69,6 +73,8 @@ pub enum Command {
     /// Examples:
     ///   offload simulate --generate nixpkgs:2000:1 --builders @machines --local-slots 8
     ///   offload simulate --dag graph.json --builders 'b1 x86_64-linux - 4 2' --policy all
+    ///   offload simulate --generate nixpkgs-mixed:100000 --generate-fleet mixed:1000 --local-slots 8
+    #[command(verbatim_doc_comment)]
     Simulate(SimulateArgs),
 }
 
@@ -79,7 +85,8 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE", group = "graph")]
     pub dag: Option<PathBuf>,
 
-    /// A generated graph: layered, nixpkgs, wide or chain, N nodes, optional seed.
+    /// A generated graph: layered, nixpkgs, nixpkgs-mixed, wide or chain, N nodes,
+    /// optional seed.
     #[arg(long, value_name = "SHAPE:N[:SEED]", group = "graph")]
     pub generate: Option<String>,
 

@@ -114,3 +114,103 @@ fn traces_and_failures() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("b1"));
 }
+
+#[test]
+fn a_generated_mixed_fleet_takes_every_system() {
+    let out = offload(&[
+        "simulate",
+        "--generate",
+        "nixpkgs-mixed:2000:3",
+        "--generate-fleet",
+        "mixed:50:2",
+        "--local-slots",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["built"], 2000, "{line}");
+        // One link per generated machine.
+        assert_eq!(v["bytes_per_link"].as_array().unwrap().len(), 50);
+    }
+    let bad = offload(&[
+        "simulate",
+        "--generate",
+        "wide:5",
+        "--generate-fleet",
+        "cloud:9",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("--generate-fleet cloud:9"), "{stderr}");
+}
+
+/// A real closure: two derivations instantiated by Nix, one with a recorded duration.
+#[test]
+fn a_drv_closure_with_durations_from_the_history() {
+    if !offload_test_support::nix_available() {
+        eprintln!("skipped: Nix is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let expr = dir.path().join("graph.nix");
+    std::fs::write(
+        &expr,
+        r#"let
+  mk = name: deps: derivation {
+    inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "echo > $out" ];
+  };
+  base = mk "sim-base-7dq2" [ ];
+in mk "sim-app-7dq2" [ base ]
+"#,
+    )
+    .unwrap();
+    let inst = Command::new("nix-instantiate")
+        .env("NIX_CONFIG", "substituters =")
+        .arg(&expr)
+        .output()
+        .unwrap();
+    assert!(
+        inst.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inst.stderr)
+    );
+    let drv = String::from_utf8(inst.stdout).unwrap().trim().to_string();
+    let history = dir.path().join("history.sqlite");
+    offload_driver::History::open(&history)
+        .unwrap()
+        .record("sim-base-7dq2", "x86_64-linux", "local", 30.0, 1.0)
+        .unwrap();
+    let out = offload(&[
+        "simulate",
+        "--from-drv",
+        &drv,
+        "--history",
+        history.to_str().unwrap(),
+        "--local-slots",
+        "1",
+        "--policy",
+        "offload",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["nodes"], 2);
+    assert_eq!(v["built"], 2);
+    // 30 s from the history, then the default estimate for the unknown app.
+    let bound = v["lower_bound_s"].as_f64().unwrap();
+    assert!(
+        (bound - (30.0 + offload_driver::DEFAULT_SECONDS)).abs() < 1e-6,
+        "{v}"
+    );
+}

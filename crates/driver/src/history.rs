@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
 /// Estimate for a derivation nothing is known about.
-pub const DEFAULT_SECONDS: f64 = 5.0;
+pub const DEFAULT_SECONDS: f64 = offload_sched::DEFAULT_ESTIMATE_SECONDS;
 /// How many recent builds of a name an estimate averages.
 const RECENT: u32 = 5;
 

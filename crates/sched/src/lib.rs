@@ -17,3 +17,8 @@ pub mod scheduler;
 pub use fleet::{MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
 pub use scheduler::{Action, Event, Failure, NodeState, Outcome, Scheduler, MAX_ATTEMPTS};
+
+/// Seconds (at speed 1) assumed for a derivation nothing is known about: what the live
+/// driver plans with before the history has a build of its name, and what a simulated
+/// run without history plans with.
+pub const DEFAULT_ESTIMATE_SECONDS: f64 = 5.0;

@@ -46,7 +46,7 @@ pub mod calibration {
 }
 
 /// Runs the named policy (`offload`, `nix`, `hydra`). With `cold`, offload plans with
-/// no duration history (every estimate [`DEFAULT_ESTIMATE`]) while builds take their
+/// no duration history (every estimate [`offload_sched::DEFAULT_ESTIMATE_SECONDS`]) while builds take their
 /// real time.
 pub fn run_policy(
     name: &str,
@@ -80,15 +80,12 @@ pub fn run_policy(
     Some(report)
 }
 
-/// What offload estimates for a derivation it has never built.
-pub const DEFAULT_ESTIMATE: f64 = 5.0;
-
 fn with_unknown_durations(graph: &Graph) -> Graph {
     let nodes = graph
         .nodes()
         .iter()
         .map(|n| offload_sched::NodeSpec {
-            duration: DEFAULT_ESTIMATE,
+            duration: offload_sched::DEFAULT_ESTIMATE_SECONDS,
             ..n.clone()
         })
         .collect();
