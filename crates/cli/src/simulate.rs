@@ -184,6 +184,25 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
     Ok((machines, failures))
 }
 
+/// "1 slot", "2 slots".
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// `a → b → … → z`, keeping the first and last `keep / 2` items.
+fn abbreviate(items: &[String], keep: usize) -> String {
+    if items.len() <= keep {
+        return items.join(" → ");
+    }
+    let head = items[..keep / 2].join(" → ");
+    let tail = items[items.len() - keep / 2..].join(" → ");
+    format!("{head} → … → {tail}")
+}
+
 fn human_bytes(n: u64) -> String {
     crate::copy::human_bytes(n)
 }
@@ -241,10 +260,10 @@ pub fn run(args: SimulateArgs) -> Result<(), Failure> {
         }
     } else {
         out.push_str(&format!(
-            "{} derivations, {} machines ({} slots); critical path {:.2} s, total work {:.2} s\n",
-            graph.len(),
-            machines.iter().filter(|m| m.slots > 0).count(),
-            machines.iter().map(|m| m.slots).sum::<u32>(),
+            "{}, {} ({}); critical path {:.2} s, total work {:.2} s\n",
+            count(graph.len(), "derivation"),
+            count(machines.iter().filter(|m| m.slots > 0).count(), "machine"),
+            count(machines.iter().map(|m| m.slots as usize).sum(), "slot"),
             graph.critical_path(),
             graph.total_work()
         ));
@@ -253,16 +272,49 @@ pub fn run(args: SimulateArgs) -> Result<(), Failure> {
         );
         for r in &reports {
             let bytes: u64 = r.bytes_per_link.iter().map(|(_, b)| b).sum();
+            // A graph of zero-length builds has no meaningful ratio.
+            let ratio = if r.lower_bound_s > 0.0 {
+                format!("{:.2}", r.ratio)
+            } else {
+                "-".to_string()
+            };
             out.push_str(&format!(
-                "{:<8} {:>8.2} s {:>11.2} s {:>7.2} {:>12.0}% {:>7}/{:<6} {:>11}\n",
+                "{:<8} {:>8.2} s {:>11.2} s {:>7} {:>12.0}% {:>7}/{:<6} {:>11}\n",
                 r.policy,
                 r.makespan_s,
                 r.lower_bound_s,
-                r.ratio,
+                ratio,
                 r.utilisation * 100.0,
                 r.built,
                 r.nodes,
                 human_bytes(bytes)
+            ));
+        }
+        if let Some(r) = reports.first() {
+            out.push_str(&format!(
+                "critical path: {}: {}\n",
+                count(r.critical_path.len(), "derivation"),
+                abbreviate(&r.critical_path, 6)
+            ));
+        }
+        for r in &reports {
+            let mut links = r.bytes_per_link.clone();
+            links.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            let busiest: Vec<String> = links
+                .iter()
+                .take(4)
+                .filter(|(_, b)| *b > 0)
+                .map(|(name, b)| format!("{name} {}", human_bytes(*b)))
+                .collect();
+            out.push_str(&format!(
+                "{}: busiest links (of {}): {}\n",
+                r.policy,
+                links.len(),
+                if busiest.is_empty() {
+                    "none used".to_string()
+                } else {
+                    busiest.join(", ")
+                }
             ));
         }
     }
