@@ -12,8 +12,9 @@ OFFLOAD=$PWD/target/release/offload
 
 for graph in nixpkgs-mixed:100000:1 layered:100000:1; do
   echo "== $graph on 1,000 mixed machines (--generate-fleet mixed:1000:5) + 8 local slots"
+  echo "policy    makespan   lower bound   ratio   utilisation   built        bytes moved"
   for p in offload nix hydra; do
     /usr/bin/time -f "   $p: %U s CPU, %M KiB peak RSS" "$OFFLOAD" simulate --generate "$graph" \
-      --generate-fleet mixed:1000:5 --local-slots 8 --policy "$p" 2>&1 | tail -2
+      --generate-fleet mixed:1000:5 --local-slots 8 --policy "$p" 2>&1 | grep -E "^$p +[0-9]|CPU"
   done
 done
