@@ -115,17 +115,7 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
         |v: &Value, key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
     let bandwidth = num(&extra, "bandwidth", DEFAULT_BANDWIDTH);
     let latency = num(&extra, "latency", DEFAULT_LATENCY);
-    let mut machines = vec![MachineSpec {
-        name: "local".into(),
-        systems: vec![local_system],
-        supported_features: vec![],
-        mandatory_features: vec![],
-        slots: args.local_slots,
-        speed: 1.0,
-        is_local: true,
-        bandwidth: f64::INFINITY,
-        latency: 0.0,
-    }];
+    let mut machines = vec![MachineSpec::local(&local_system, args.local_slots)];
     let mut seen: HashMap<String, usize> = HashMap::new();
     for m in parsed {
         let host = m.uri.strip_prefix("ssh://").unwrap_or(&m.uri).to_string();

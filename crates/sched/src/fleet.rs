@@ -29,6 +29,30 @@ pub struct MachineSpec {
 }
 
 impl MachineSpec {
+    /// A remote machine building `system`, without features, on an ideal link; set the
+    /// other fields as needed.
+    pub fn new(name: impl Into<String>, system: &str, slots: u32, speed: f64) -> MachineSpec {
+        MachineSpec {
+            name: name.into(),
+            systems: vec![system.to_string()],
+            supported_features: Vec::new(),
+            mandatory_features: Vec::new(),
+            slots,
+            speed,
+            is_local: false,
+            bandwidth: f64::INFINITY,
+            latency: 0.0,
+        }
+    }
+
+    /// The machine offload runs on, called `local`.
+    pub fn local(system: &str, slots: u32) -> MachineSpec {
+        MachineSpec {
+            is_local: true,
+            ..MachineSpec::new("local", system, slots, 1.0)
+        }
+    }
+
     /// Whether this machine can build `node`, by Nix's rule: the system is one of its
     /// systems (or `builtin`), every required feature is supported or mandatory here,
     /// and every mandatory feature is required.

@@ -9,15 +9,10 @@ use proptest::prelude::*;
 
 fn machine(name: &str, slots: u32, speed: f64, is_local: bool) -> MachineSpec {
     MachineSpec {
-        name: name.into(),
-        systems: vec!["x86_64-linux".into()],
-        supported_features: vec![],
-        mandatory_features: vec![],
-        slots,
-        speed,
         is_local,
         bandwidth: 1e8,
         latency: 0.001,
+        ..MachineSpec::new(name, "x86_64-linux", slots, speed)
     }
 }
 

@@ -10,17 +10,7 @@ use offload_sim::run_policy;
 
 /// The generated mixed fleet plus the client's own 8 slots.
 fn fleet(n: usize) -> Vec<MachineSpec> {
-    let mut machines = vec![MachineSpec {
-        name: "local".into(),
-        systems: vec!["x86_64-linux".into()],
-        supported_features: vec![],
-        mandatory_features: vec![],
-        slots: 8,
-        speed: 1.0,
-        is_local: true,
-        bandwidth: f64::INFINITY,
-        latency: 0.0,
-    }];
+    let mut machines = vec![MachineSpec::local("x86_64-linux", 8)];
     machines.extend(generate_fleet("mixed", n, 5, 100e6, 0.005).expect("mixed fleet"));
     machines
 }

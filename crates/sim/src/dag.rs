@@ -236,7 +236,6 @@ pub fn generate_fleet(
         return Err(DagError::UnknownFleet(shape.to_string()));
     }
     let mut rng = Rng::new(seed);
-    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     Ok((0..n)
         .map(|i| {
             let (name, system, slots, speed, features) = if i < n * 6 / 10 {
@@ -257,15 +256,10 @@ pub fn generate_fleet(
                 (format!("a{i}"), "aarch64-linux", slots, speed, features)
             };
             MachineSpec {
-                name,
-                systems: strings(&[system]),
-                supported_features: strings(features),
-                mandatory_features: Vec::new(),
-                slots,
-                speed: speed as f64,
-                is_local: false,
+                supported_features: features.iter().map(|f| f.to_string()).collect(),
                 bandwidth,
                 latency,
+                ..MachineSpec::new(name, system, slots, speed as f64)
             }
         })
         .collect())

@@ -10,15 +10,10 @@ use proptest::prelude::*;
 
 fn machine(name: &str, slots: u32, speed: f64, is_local: bool) -> MachineSpec {
     MachineSpec {
-        name: name.into(),
-        systems: vec!["x86_64-linux".into()],
-        supported_features: vec![],
-        mandatory_features: vec![],
-        slots,
-        speed,
         is_local,
         bandwidth: if is_local { f64::INFINITY } else { 1e9 },
         latency: if is_local { 0.0 } else { 0.002 },
+        ..MachineSpec::new(name, "x86_64-linux", slots, speed)
     }
 }
 

@@ -377,15 +377,8 @@ mod tests {
 
     fn machine(name: &str, slots: u32, is_local: bool) -> MachineSpec {
         MachineSpec {
-            name: name.into(),
-            systems: vec!["x86_64-linux".into()],
-            supported_features: vec![],
-            mandatory_features: vec![],
-            slots,
-            speed: 1.0,
             is_local,
-            bandwidth: 1e9,
-            latency: 0.0,
+            ..MachineSpec::new(name, "x86_64-linux", slots, 1.0)
         }
     }
 
