@@ -466,3 +466,86 @@ fn builds_of_a_machine_that_dies_run_elsewhere() {
     );
     assert_eq!(text(&out.stdout).lines().count(), 4);
 }
+
+/// An output built on one builder and needed by builds on others is kept in the local
+/// store on its way, so it crosses the first builder's link once; an output needed by
+/// one build only is not.
+#[test]
+fn an_input_needed_by_several_builds_stops_at_the_local_store() {
+    if !nix_available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("fanout.nix");
+    let expr = format!(
+        r#"let mk = name: deps: derivation {{
+             inherit name deps; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/bin:/usr/bin";
+             salt = "{}";
+             args = [ "-c" "sleep 0.3; mkdir $out; echo built > $out/log" ];
+           }};
+           # Outputs do not refer to their inputs: only the top's closure comes back.
+           base = mk "fanout-base" [];
+           users = builtins.genList (i: mk "fanout-user${{toString i}}" [ base ]) 2;
+         in mk "fanout-top" users"#,
+        salt()
+    );
+    std::fs::write(&file, expr).unwrap();
+    // No local builds, two builders of one slot: the two users run on both builders.
+    let out = offload(
+        &[
+            "build",
+            file.to_str().unwrap(),
+            "--builders",
+            &fleet.spec(2, 1),
+            "-j",
+            "0",
+            "--no-out-link",
+        ],
+        work.path(),
+        &work.path().join("h.sqlite"),
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let base_drv = {
+        let q = Command::new("nix-store")
+            .args(["-q", "--references", &instantiate(&file, "")])
+            .output()
+            .unwrap();
+        let users: Vec<String> = text(&q.stdout)
+            .lines()
+            .filter(|l| l.ends_with(".drv"))
+            .map(String::from)
+            .collect();
+        let q = Command::new("nix-store")
+            .args(["-q", "--references", &users[0]])
+            .output()
+            .unwrap();
+        text(&q.stdout)
+            .lines()
+            .find(|l| l.ends_with("fanout-base.drv"))
+            .unwrap()
+            .to_string()
+    };
+    let base_out = text(
+        &Command::new("nix-store")
+            .args(["-q", "--outputs", &base_drv])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let valid_locally = Command::new("nix-store")
+        .env(NIX_CONFIG.0, NIX_CONFIG.1)
+        .args(["--check-validity", &base_out])
+        .status()
+        .unwrap()
+        .success();
+    assert!(stderr.contains("on 'localhost:"), "{stderr}");
+    assert!(
+        valid_locally,
+        "{base_out} is not in the local store\n{stderr}"
+    );
+}

@@ -80,6 +80,40 @@ impl PartialOrd for Pending {
     }
 }
 
+/// Moves `bytes` over `links` at once (none: a copy within the client), starting no
+/// earlier than `ready`; returns when they have arrived. A link carries one transfer's
+/// bytes at a time; latency delays the transfer without holding the link; several
+/// links together go at the slowest one's rate and add their latencies.
+fn transfer(
+    links: &[MachineId],
+    bytes: u64,
+    ready: f64,
+    machines: &[MachineSpec],
+    link_free: &mut [f64],
+    link_bytes: &mut [u64],
+) -> f64 {
+    if links.is_empty() || bytes == 0 {
+        return ready;
+    }
+    let mut start = ready;
+    let (mut rate, mut latency) = (f64::INFINITY, 0.0);
+    for &l in links {
+        start = start.max(link_free[l]);
+        rate = rate.min(machines[l].bandwidth.max(1.0));
+        latency += machines[l].latency;
+        link_bytes[l] += bytes;
+    }
+    let sending = if rate.is_finite() {
+        bytes as f64 / rate
+    } else {
+        0.0
+    };
+    for &l in links {
+        link_free[l] = start + sending;
+    }
+    start + latency + sending
+}
+
 /// The machine the client runs on, if it is in the fleet.
 fn client_machine(machines: &[MachineSpec]) -> Option<MachineId> {
     machines.iter().position(|m| m.is_local)
@@ -108,9 +142,11 @@ pub fn simulate(
     let mut events = BinaryHeap::new();
     let mut trace_events = Vec::new();
     let mut dispatcher_free = 0.0f64;
-    // When each machine's link to the client is next free for copying requested
-    // outputs back (policies that keep outputs on the builders copy each as it ends).
-    let mut copy_link_free = vec![0.0f64; machines.len()];
+    // When each machine's link to the client is next free: inputs sent to it or
+    // streamed from it, and requested outputs copied back as each is built, queue on it.
+    let mut link_free = vec![0.0f64; machines.len()];
+    // When the last requested output copied back so far reaches the client.
+    let mut copied_back = 0.0f64;
     let mut failures: Vec<(MachineId, f64)> = failures.to_vec();
     failures.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut now = 0.0;
@@ -131,29 +167,48 @@ pub fn simulate(
             } else {
                 now
             };
-            let mut transfer = 0.0;
+            // Inputs arrive one after another, each when the links it uses are free.
+            let mut arrived = begin;
             for &d in &graph.node(node).deps {
                 if on_machine[d].contains(&m) || (spec.is_local && at_client[d]) {
                     continue;
                 }
                 let bytes = graph.node(d).output_bytes;
-                if !at_client[d] {
-                    // From the builder that has it, through the client.
-                    if let Some(&h) = on_machine[d].iter().min_by(|a, b| {
-                        machines[**a]
-                            .transfer_time(bytes)
-                            .total_cmp(&machines[**b].transfer_time(bytes))
-                    }) {
-                        transfer += machines[h].transfer_time(bytes);
-                        link_bytes[h] += bytes;
+                // From the client, else from the first builder that had it (as the
+                // live driver picks).
+                let source = if at_client[d] {
+                    None
+                } else {
+                    on_machine[d].first().copied()
+                };
+                let target = (!spec.is_local).then_some(m);
+                let hops: Vec<Vec<MachineId>> = match source {
+                    // Needed by several builds: the client keeps a copy on the way, so
+                    // later transfers cross one link and the builder serves it once.
+                    Some(h) if target.is_some() && graph.dependents(d).len() > 1 => {
+                        at_client[d] = true;
+                        vec![vec![h], vec![m]]
                     }
+                    // Streamed through the client: both links at once.
+                    Some(h) => vec![std::iter::once(h).chain(target).collect()],
+                    None => vec![target.into_iter().collect()],
+                };
+                for links in hops {
+                    arrived = transfer(
+                        &links,
+                        bytes,
+                        arrived,
+                        machines,
+                        &mut link_free,
+                        &mut link_bytes,
+                    );
                 }
-                transfer += spec.transfer_time(bytes);
-                if !spec.is_local {
-                    link_bytes[m] += bytes;
+                if spec.is_local {
+                    at_client[d] = true;
                 }
                 on_machine[d].push(m);
             }
+            let transfer = arrived - begin;
             let build = spec.build_time(graph.node(node)) + costs.per_build;
             let back = if policy.copies_outputs_back() && !spec.is_local {
                 link_bytes[m] += graph.node(node).output_bytes;
@@ -220,8 +275,10 @@ pub fn simulate(
                     at_client[p.node] = true;
                 } else if graph.dependents(p.node).is_empty() {
                     let bytes = graph.node(p.node).output_bytes;
-                    let link = &mut copy_link_free[p.machine];
-                    *link = link.max(now) + spec.transfer_time(bytes);
+                    let link = &mut link_free[p.machine];
+                    let sending = spec.transfer_time(bytes) - spec.latency;
+                    *link = link.max(now) + sending.max(0.0);
+                    copied_back = copied_back.max(*link + spec.latency);
                     link_bytes[p.machine] += bytes;
                     at_client[p.node] = true;
                 }
@@ -235,7 +292,7 @@ pub fn simulate(
         }
     }
     // The run ends when the last requested output has reached the client.
-    let makespan = copy_link_free.iter().copied().fold(now, f64::max);
+    let makespan = copied_back.max(now);
     Report::new(
         policy.name(),
         graph,

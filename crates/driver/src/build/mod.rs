@@ -131,10 +131,22 @@ struct Shared {
     /// One upload at a time per machine, so no path goes to a machine twice at once.
     upload_locks: Vec<tokio::sync::Mutex<()>>,
     nodes: Vec<BuildNode>,
+    /// How many builds take each store path as a direct input.
+    consumers: HashMap<String, usize>,
     settings: BuildSettings,
     builders_use_substitutes: bool,
     log_dir: Option<std::path::PathBuf>,
     reporter: Arc<dyn Reporter>,
+}
+
+fn count_consumers(nodes: &[BuildNode]) -> HashMap<String, usize> {
+    let mut consumers: HashMap<String, usize> = HashMap::new();
+    for node in nodes {
+        for input in &node.inputs {
+            *consumers.entry(input.clone()).or_default() += 1;
+        }
+    }
+    consumers
 }
 
 struct TaskDone {
@@ -198,6 +210,7 @@ pub async fn run(
             .map(|m| Pool::new(m.endpoint))
             .collect(),
         registry: Mutex::new(PathRegistry::default()),
+        consumers: count_consumers(&nodes),
         nodes,
         settings: options.settings.clone(),
         builders_use_substitutes: options.builders_use_substitutes,

@@ -46,7 +46,10 @@ pub(super) async fn learn_local_inputs(
 }
 
 /// Makes the closure of `paths` valid on `machine`, copying what it lacks from a holder
-/// (the local store first). `conn`, when given, is a session with `machine` to use.
+/// (the local store first). A path built on another builder and needed by more than one
+/// build comes to the local store on the way, so that later copies cross one link, not
+/// two, and the builder that made it serves it once. `conn`, when given, is a session
+/// with `machine` to use.
 pub(super) async fn ensure_on(
     shared: &Shared,
     machine: MachineId,
@@ -94,12 +97,23 @@ pub(super) async fn ensure_on(
             let holders: Vec<MachineId> = registry.holders(path).collect();
             (info, holders.into_iter().min_by_key(|&h| h != shared.local))
         };
-        let (Some(info), Some(source)) = (info, source) else {
+        let (Some(info), Some(mut source)) = (info, source) else {
             return Err(DriverError::NotValid {
                 machine: "any machine of the fleet".into(),
                 path: path.clone(),
             });
         };
+        let shared_input = shared.consumers.get(path).is_some_and(|&n| n > 1);
+        if source != shared.local && machine != shared.local && shared_input {
+            Box::pin(ensure_on(
+                shared,
+                shared.local,
+                std::slice::from_ref(path),
+                None,
+            ))
+            .await?;
+            source = shared.local;
+        }
         let mut from = shared.pools[source].get().await?;
         let result = target.add_to_store_nar_from(&info, &mut from).await;
         shared.pools[source].put(from);
