@@ -202,6 +202,11 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE")]
     pub history: Option<PathBuf>,
 
+    /// Write where and when each build ran as Chrome trace-event JSON, the format of
+    /// `offload simulate --trace`.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+
     /// Seconds of silence before a build is killed (0: no limit).
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub max_silent_time: u64,

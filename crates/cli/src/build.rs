@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::build::{self, BuildOptions, MachineConfig, NodeResult, Reporter};
+use offload_driver::build::{self, BuildOptions, BuildReport, MachineConfig, NodeResult, Reporter};
 use offload_driver::dry_run::dry_run;
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
@@ -15,6 +15,7 @@ use offload_nix::machines::{parse_builders, Machine};
 use offload_nix::serve::BuildSettings;
 use offload_nix::store_path::StorePath;
 use offload_sched::MachineSpec;
+use offload_sim::report::{chrome_trace, TraceEvent};
 
 use crate::args::BuildArgs;
 use crate::Failure;
@@ -362,6 +363,9 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     .await
     .map_err(Failure::work)?;
 
+    if let Some(path) = &args.trace {
+        write_trace(path, &names, &report)?;
+    }
     let failures: Vec<(usize, &NodeResult)> = report
         .results
         .iter()
@@ -457,4 +461,33 @@ fn own_cpu_seconds() -> f64 {
         .sum();
     // Linux reports these in USER_HZ, 100 on every architecture it supports.
     ticks / 100.0
+}
+
+/// The run as Chrome trace events: a process per machine, an event per build task.
+fn write_trace(path: &Path, drv_paths: &[String], report: &BuildReport) -> Result<(), Failure> {
+    let machines: Vec<String> = report
+        .builds_per_machine
+        .iter()
+        .map(|(m, _)| m.clone())
+        .collect();
+    let builds: Vec<TraceEvent> = drv_paths
+        .iter()
+        .zip(&report.results)
+        .filter_map(|(drv, r)| match r {
+            NodeResult::Built {
+                machine,
+                started,
+                seconds,
+            } => Some(TraceEvent {
+                name: drv.clone(),
+                machine: machines.iter().position(|m| m == machine)?,
+                start: *started,
+                duration: *seconds,
+            }),
+            NodeResult::Failed { .. } => None,
+        })
+        .collect();
+    std::fs::write(path, chrome_trace(&machines, &builds).to_string())
+        .with_context(|| format!("writing the trace to {}", path.display()))
+        .map_err(Failure::usage)
 }

@@ -116,6 +116,8 @@ fn builds_what_nix_build_would_with_the_same_paths() {
             &spec,
             "-j",
             "2",
+            "--trace",
+            "trace.json",
         ],
         work.path(),
         &work.path().join("h.sqlite"),
@@ -123,6 +125,21 @@ fn builds_what_nix_build_would_with_the_same_paths() {
     );
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    // The trace has one event per build (4 leaves, 3 middles, the top), each on a named
+    // machine and no shorter than the builder's 0.2 s sleep.
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("trace.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let builds: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    assert_eq!(builds.len(), 8, "{trace}");
+    assert!(
+        builds
+            .iter()
+            .all(|e| e["dur"].as_f64().unwrap() >= 200_000.0),
+        "{trace}"
+    );
+    let machines = events.iter().filter(|e| e["ph"] == "M").count();
+    assert_eq!(machines, 3, "local and two builders: {trace}");
     // stdout: the output paths, exactly those of the derivation nix-instantiate writes.
     let drv = instantiate(&file, "top");
     let expected = Command::new("nix-store")

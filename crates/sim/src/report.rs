@@ -78,6 +78,25 @@ pub fn lower_bound(graph: &Graph, machines: &[MachineSpec]) -> f64 {
     path.max(by_system)
 }
 
+/// Chrome trace-event JSON (`chrome://tracing`, Perfetto): one process per machine,
+/// one complete event per build. `offload build --trace` writes real runs the same way.
+pub fn chrome_trace(machine_names: &[String], builds: &[TraceEvent]) -> serde_json::Value {
+    let mut events: Vec<serde_json::Value> = machine_names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            serde_json::json!({"name": "process_name", "ph": "M", "pid": i, "args": {"name": name}})
+        })
+        .collect();
+    for e in builds {
+        events.push(serde_json::json!({
+            "name": e.name, "ph": "X", "pid": e.machine, "tid": 0,
+            "ts": (e.start * 1e6).round(), "dur": (e.duration * 1e6).round(),
+        }));
+    }
+    serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+}
+
 impl Report {
     #[expect(
         clippy::too_many_arguments,
@@ -134,20 +153,6 @@ impl Report {
     /// The trace in Chrome's trace-event JSON: one process per machine, one complete
     /// event (`"ph":"X"`) per build, times in microseconds.
     pub fn chrome_trace(&self) -> serde_json::Value {
-        let mut events: Vec<serde_json::Value> = self
-            .machine_names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                serde_json::json!({"name": "process_name", "ph": "M", "pid": i, "args": {"name": name}})
-            })
-            .collect();
-        for e in &self.trace {
-            events.push(serde_json::json!({
-                "name": e.name, "ph": "X", "pid": e.machine, "tid": 0,
-                "ts": (e.start * 1e6).round(), "dur": (e.duration * 1e6).round(),
-            }));
-        }
-        serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+        chrome_trace(&self.machine_names, &self.trace)
     }
 }

@@ -88,6 +88,9 @@ pub trait Reporter: Send + Sync {
 pub enum NodeResult {
     Built {
         machine: String,
+        /// When its task started, in seconds since the run began.
+        started: f64,
+        /// How long the task took: input copies and the build.
         seconds: f64,
     },
     Failed {
@@ -228,6 +231,7 @@ pub async fn run(
     let wanted_set: std::collections::HashSet<String> = wanted.iter().cloned().collect();
     let mut early_copies: JoinSet<()> = JoinSet::new();
     let mut running: HashMap<usize, (tokio::task::AbortHandle, MachineId)> = HashMap::new();
+    let mut started_at = vec![0.0f64; shared.nodes.len()];
     let mut actions = sched.start(0.0);
     loop {
         for action in actions.drain(..) {
@@ -241,6 +245,7 @@ pub async fn run(
                         let sharing = sched.running_on(machine).len().max(1) as u32;
                         (total / sharing).max(1)
                     });
+                    started_at[node] = started.elapsed().as_secs_f64();
                     let handle = tasks.spawn(build_task(shared.clone(), node, machine, cores));
                     running.insert(node, (handle, machine));
                 }
@@ -340,6 +345,7 @@ pub async fn run(
                 builds_per_machine[done.machine] += 1;
                 results[done.node] = Some(NodeResult::Built {
                     machine: shared.names[done.machine].clone(),
+                    started: started_at[done.node],
                     seconds: done.seconds,
                 });
                 if let Some(h) = history {
@@ -430,9 +436,9 @@ fn measured_bound(
             required_features: Vec::new(),
             deps: n.deps.clone(),
             duration: match r {
-                Some(NodeResult::Built { machine, seconds }) => {
-                    seconds * speed.get(machine.as_str()).copied().unwrap_or(1.0)
-                }
+                Some(NodeResult::Built {
+                    machine, seconds, ..
+                }) => seconds * speed.get(machine.as_str()).copied().unwrap_or(1.0),
                 _ => 0.0,
             },
             output_bytes: 0,
