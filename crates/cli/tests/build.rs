@@ -504,7 +504,7 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
            # Outputs do not refer to their inputs: only the top's closure comes back.
            base = mk "fanout-base" [];
            users = builtins.genList (i: mk "fanout-user${{toString i}}" [ base ]) 2;
-         in mk "fanout-top" users"#,
+         in {{ inherit base; top = mk "fanout-top" users; }}"#,
         salt()
     );
     std::fs::write(&file, expr).unwrap();
@@ -513,6 +513,8 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
         &[
             "build",
             file.to_str().unwrap(),
+            "-A",
+            "top",
             "--builders",
             &fleet.spec(2, 1),
             "-j",
@@ -525,26 +527,7 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
     );
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let base_drv = {
-        let q = Command::new("nix-store")
-            .args(["-q", "--references", &instantiate(&file, "")])
-            .output()
-            .unwrap();
-        let users: Vec<String> = text(&q.stdout)
-            .lines()
-            .filter(|l| l.ends_with(".drv"))
-            .map(String::from)
-            .collect();
-        let q = Command::new("nix-store")
-            .args(["-q", "--references", &users[0]])
-            .output()
-            .unwrap();
-        text(&q.stdout)
-            .lines()
-            .find(|l| l.ends_with("fanout-base.drv"))
-            .unwrap()
-            .to_string()
-    };
+    let base_drv = instantiate(&file, "base");
     let base_out = text(
         &Command::new("nix-store")
             .args(["-q", "--outputs", &base_drv])
