@@ -146,9 +146,9 @@ impl Policy for HydraPolicy {
         _now: f64,
     ) -> Vec<(NodeId, MachineId)> {
         if self.alive[machine] {
-            // Its slots are gone: no kind counts them as free any more.
-            let free = i64::from(self.machines[machine].slots) - i64::from(self.load[machine]);
-            self.kinds.take(machine, free);
+            let slots = self.machines[machine].slots;
+            self.kinds
+                .lose(machine, slots, slots.saturating_sub(self.load[machine]));
             self.alive[machine] = false;
         }
         self.load[machine] = 0;

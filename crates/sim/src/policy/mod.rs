@@ -17,6 +17,8 @@ struct Kinds {
     kind_of: Vec<usize>,
     /// Machines able to build each kind, in fleet order.
     machines: Vec<Vec<MachineId>>,
+    /// Slots, and free slots, of the live machines able to build each kind.
+    slots: Vec<u64>,
     free: Vec<u64>,
     /// Kinds each machine can build.
     of_machine: Vec<Vec<usize>>,
@@ -55,6 +57,7 @@ impl Kinds {
         Kinds {
             kind_of,
             machines,
+            slots: free.clone(),
             free,
             of_machine,
         }
@@ -66,6 +69,14 @@ impl Kinds {
 
     fn has_free(&self, node: NodeId) -> bool {
         self.free[self.kind_of[node]] > 0
+    }
+
+    /// `machine` (with `slots`) is gone: its slots no longer count, free or not.
+    fn lose(&mut self, machine: MachineId, slots: u32, free: u32) {
+        for &k in &self.of_machine[machine] {
+            self.slots[k] -= u64::from(slots);
+            self.free[k] -= u64::from(free);
+        }
     }
 
     /// `machine` takes (`delta` > 0) or gives back slots.
