@@ -304,7 +304,11 @@ impl Scheduler {
             assert_eq!(self.free_in_class[c], free, "free slots of class {c}");
             let keys: Vec<SlotKey> = class.iter().filter_map(|&m| self.first_slot(m)).collect();
             assert_eq!(self.queues[c].len(), keys.len(), "queue of class {c}");
-            assert!(keys.iter().all(|k| self.queues[c].contains(k)));
+            assert!(
+                keys.iter().all(|k| self.queues[c].contains(k)),
+                "queue of class {c}: {:?}, machines' first slots: {keys:?}",
+                self.queues[c]
+            );
         }
         let running: usize = self.running.iter().map(Vec::len).sum();
         assert_eq!(self.running_count, running);
@@ -428,7 +432,12 @@ impl Scheduler {
     fn match_kinds(&mut self) {
         for kind in &mut self.kinds {
             let node = self.graph.node(kind.example);
-            let live = |c: &Vec<MachineId>| c.iter().any(|&m| self.alive[m]);
+            // A class counts when a live machine of it has slots (`-j0` leaves the
+            // local machine in the fleet with none).
+            let live = |c: &Vec<MachineId>| {
+                c.iter()
+                    .any(|&m| self.alive[m] && self.machines[m].slots > 0)
+            };
             let able: Vec<usize> = (0..self.classes.len())
                 .filter(|&c| {
                     live(&self.classes[c]) && self.machines[self.classes[c][0]].can_build(node)
@@ -475,7 +484,12 @@ impl Scheduler {
         });
         let mut stack: Vec<NodeId> = self.graph.dependents(node).to_vec();
         while let Some(d) = stack.pop() {
-            if matches!(self.state[d], NodeState::Failed(_) | NodeState::Done { .. }) {
+            // A running dependent already has its inputs (this node was being built
+            // again only for others, its outputs lost with a machine): it goes on.
+            if matches!(
+                self.state[d],
+                NodeState::Failed(_) | NodeState::Done { .. } | NodeState::Running { .. }
+            ) {
                 continue;
             }
             self.unready(d);

@@ -255,3 +255,93 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Mixed fleets: two systems, features, interchangeable machines, preferLocalBuild,
+    /// builds that overrun their estimates, a machine lost. Each build runs only where it
+    /// may, within slots, after its inputs, and every node ends built or failed.
+    #[test]
+    fn mixed_fleets_keep_every_rule(
+        specs in proptest::collection::vec(
+            (0.1f64..4.0, proptest::collection::vec(0usize..1000, 0..3), any::<bool>(), 0u8..4, any::<bool>(), 0.5f64..2.0),
+            1..50),
+        machines in proptest::collection::vec((0u8..2, 0u8..3, 1u32..4, 1u8..3), 1..7),
+        local_slots in 0u32..3,
+        lose in proptest::option::of((1usize..7, 0.0f64..4.0)),
+    ) {
+        let systems = ["x86_64-linux", "aarch64-linux"];
+        let nodes: Vec<NodeSpec> = specs.iter().enumerate().map(|(i, (d, deps, arm, feat, local, _))| {
+            let mut deps: Vec<usize> = if i == 0 { vec![] } else { deps.iter().map(|x| x % i).collect() };
+            deps.sort();
+            deps.dedup();
+            NodeSpec {
+                system: systems[usize::from(*arm)].into(),
+                required_features: if *feat == 0 { vec!["kvm".into()] } else { vec![] },
+                prefer_local: *local,
+                ..node(&format!("n{i}"), &deps, *d)
+            }
+        }).collect();
+        let mut fleet = vec![MachineSpec::local("x86_64-linux", local_slots)];
+        for (i, &(system, features, slots, speed)) in machines.iter().enumerate() {
+            fleet.push(MachineSpec {
+                supported_features: if features == 0 { vec!["kvm".into()] } else { vec![] },
+                bandwidth: 1e8,
+                latency: 0.001,
+                ..MachineSpec::new(format!("b{i}"), systems[usize::from(system)], slots, f64::from(speed))
+            });
+        }
+        let lose = lose.filter(|(m, _)| *m < fleet.len());
+        let graph = Graph::new(nodes.clone()).unwrap();
+        let run = simulate(
+            Scheduler::new(graph, fleet.clone(), true),
+            // Real durations differ from the estimates.
+            |node, m| (nodes[node].duration * specs[node].5 / fleet[m].speed, Outcome::Built),
+            lose,
+        );
+        for (m, spec) in fleet.iter().enumerate() {
+            prop_assert!(run.max_running[m] <= spec.slots as usize);
+        }
+        for &(node, m, start) in &run.starts {
+            prop_assert!(fleet[m].can_build(&nodes[node]), "{node} on {m}");
+            let local_can = fleet[0].slots > 0 && fleet[0].can_build(&nodes[node]);
+            if nodes[node].prefer_local && local_can {
+                prop_assert_eq!(m, 0, "preferLocalBuild {} ran remotely", node);
+            }
+            for &dep in &nodes[node].deps {
+                prop_assert!(run.ends.get(&dep).is_some_and(|&e| e <= start + 1e-9));
+            }
+        }
+        for i in 0..nodes.len() {
+            prop_assert!(run.ends.contains_key(&i) || run.failed.contains_key(&i), "node {} neither built nor failed", i);
+        }
+        // Nothing fails that some live machine could have built.
+        if lose.is_none() {
+            for (&i, reason) in &run.failed {
+                let possible = fleet.iter().any(|m| m.slots > 0 && m.can_build(&nodes[i]));
+                prop_assert!(!possible || !reason.starts_with("NoMachine"), "{} failed: {}", i, reason);
+            }
+        }
+    }
+}
+
+#[test]
+fn prefer_local_builds_go_remote_when_the_local_machine_has_no_slots() {
+    // `-j0`: the local machine stays in the fleet with no slots.
+    let graph = Graph::new(vec![NodeSpec {
+        prefer_local: true,
+        ..node("writeText", &[], 0.1)
+    }])
+    .unwrap();
+    let fleet = vec![
+        MachineSpec::local("x86_64-linux", 0),
+        machine("b1", 1, 1.0, false),
+    ];
+    let run = simulate(
+        Scheduler::new(graph, fleet, true),
+        |_, _| (0.1, Outcome::Built),
+        None,
+    );
+    assert_eq!(run.starts, vec![(0, 1, 0.0)]);
+}
