@@ -119,3 +119,20 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(30))]
+
+    /// Two systems and features on a generated mixed fleet: every policy builds it all.
+    #[test]
+    fn every_policy_builds_a_mixed_graph_on_a_mixed_fleet(n in 1usize..300, machines in 10usize..40, seed in any::<u64>(), local in 0u32..3) {
+        let graph = generate("nixpkgs-mixed", n, seed).unwrap().to_graph().unwrap();
+        let mut fleet = vec![MachineSpec::local("x86_64-linux", local)];
+        fleet.extend(offload_sim::dag::generate_fleet("mixed", machines, seed, 1e8, 0.005).unwrap());
+        for policy in ["offload", "nix", "hydra"] {
+            let r = run_policy(policy, &graph, &fleet, &[], false, false).unwrap();
+            prop_assert_eq!(r.built, n, "{} did not finish", policy);
+            prop_assert!(r.makespan_s + 1e-9 >= r.lower_bound_s, "{} beat the lower bound", policy);
+        }
+    }
+}
