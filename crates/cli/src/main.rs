@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Copy(args) => copy::run(args, quiet).await,
             Command::Build(args) => build::run(args, quiet).await,
-            Command::Simulate(args) => simulate::run(args),
+            Command::Simulate(args) => simulate::run(args).await,
         }
     });
     match outcome {

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
-use offload_driver::History;
+use offload_driver::{Endpoint, History, ServeConn};
 use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineSpec, NodeSpec};
@@ -48,7 +48,28 @@ fn shape_spec<'a>(flag: &str, spec: &'a str) -> Result<(&'a str, usize, u64), Fa
     Ok((shape, n, seed))
 }
 
-fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
+/// What a `--from-drv` node's outputs are taken to weigh when they are not in the local
+/// store.
+const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;
+
+/// NAR sizes of those of `paths` that are valid in the local store; none when the store
+/// cannot be asked.
+async fn local_nar_sizes(paths: &[String]) -> HashMap<String, u64> {
+    let query = async {
+        let mut conn = ServeConn::open(&Endpoint::local("local", None)).await?;
+        let valid = conn.query_valid_paths(paths, false, false).await?;
+        conn.query_path_infos(&valid).await
+    };
+    match query.await {
+        Ok(infos) => infos.into_iter().map(|i| (i.path, i.nar_size)).collect(),
+        Err(e) => {
+            tracing::debug!("output sizes from the local store: {e}");
+            HashMap::new()
+        }
+    }
+}
+
+async fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
     if let Some(path) = &args.dag {
         let dag: DagFile = serde_json::from_value(read_json(path)?)
             .with_context(|| {
@@ -76,16 +97,26 @@ fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
             History::open(&args.history.clone().unwrap_or_else(History::default_path)).ok();
         let all: Vec<StorePath> = drvs.keys().cloned().collect();
         let nodes = build_nodes(&drvs, &all, history.as_ref()).map_err(Failure::usage)?;
+        let outputs: Vec<String> = nodes
+            .iter()
+            .flat_map(|n| n.outputs.iter().map(|(_, p)| p.clone()))
+            .collect();
+        let sizes = local_nar_sizes(&outputs).await;
         let specs = nodes
             .into_iter()
-            .map(|n| NodeSpec {
-                key: n.drv_path,
-                system: n.system,
-                required_features: n.required_features,
-                deps: n.deps,
-                duration: n.estimate,
-                output_bytes: 1 << 20,
-                prefer_local: n.prefer_local,
+            .map(|n| {
+                // The outputs' NAR sizes when they are in the local store (built before),
+                // else a default.
+                let known: Option<u64> = n.outputs.iter().map(|(_, p)| sizes.get(p)).sum();
+                NodeSpec {
+                    key: n.drv_path,
+                    system: n.system,
+                    required_features: n.required_features,
+                    deps: n.deps,
+                    duration: n.estimate,
+                    output_bytes: known.unwrap_or(DEFAULT_OUTPUT_BYTES),
+                    prefer_local: n.prefer_local,
+                }
             })
             .collect();
         return Graph::new(specs).map_err(Failure::usage);
@@ -197,8 +228,8 @@ fn human_bytes(n: u64) -> String {
     crate::copy::human_bytes(n)
 }
 
-pub fn run(args: SimulateArgs) -> Result<(), Failure> {
-    let graph = graph(&args)?;
+pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
+    let graph = graph(&args).await?;
     let (machines, failures) = fleet(&args)?;
     if machines.iter().all(|m| m.slots == 0) {
         return Err(Failure::usage(anyhow!(

@@ -164,11 +164,13 @@ fn a_drv_closure_with_durations_from_the_history() {
         r#"let
   mk = name: deps: derivation {
     inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+    salt = "SALT";
     args = [ "-c" "echo > $out" ];
   };
   base = mk "sim-base-7dq2" [ ];
 in mk "sim-app-7dq2" [ base ]
-"#,
+"#
+        .replace("SALT", &format!("{:?}", std::time::SystemTime::now())),
     )
     .unwrap();
     let inst = Command::new("nix-instantiate")
@@ -213,4 +215,32 @@ in mk "sim-app-7dq2" [ base ]
         (bound - (30.0 + offload_driver::DEFAULT_SECONDS)).abs() < 1e-6,
         "{v}"
     );
+
+    // Built once, the outputs' real NAR sizes replace the default 1 MiB: on one
+    // builder, only the app's output crosses a link (back to the client).
+    let link_bytes = |v: &serde_json::Value| v["bytes_per_link"][0][1].as_u64().unwrap();
+    let remote = [
+        "simulate",
+        "--from-drv",
+        &drv,
+        "--builders",
+        "b1 x86_64-linux - 1 1",
+        "--policy",
+        "offload",
+        "--json",
+    ];
+    let before: serde_json::Value = serde_json::from_slice(&offload(&remote).stdout).unwrap();
+    assert_eq!(link_bytes(&before), 1 << 20, "{before}");
+    let built = Command::new("nix-store")
+        .env("NIX_CONFIG", "substituters =")
+        .args(["--realise", &drv])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let after: serde_json::Value = serde_json::from_slice(&offload(&remote).stdout).unwrap();
+    assert!((1..4096).contains(&link_bytes(&after)), "{after}");
 }
