@@ -205,6 +205,40 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
     Ok((machines, failures))
 }
 
+/// A line on the derivations no machine with slots can build, and those that need them.
+fn unbuildable(graph: &Graph, machines: &[MachineSpec]) -> Option<String> {
+    let mut missing: Vec<String> = Vec::new();
+    let mut blocked = vec![false; graph.len()];
+    let mut direct = 0;
+    for &id in graph.topo_order() {
+        let node = graph.node(id);
+        if !machines.iter().any(|m| m.slots > 0 && m.can_build(node)) {
+            direct += 1;
+            blocked[id] = true;
+            let what = if node.required_features.is_empty() {
+                node.system.clone()
+            } else {
+                format!("{} with {}", node.system, node.required_features.join(", "))
+            };
+            if !missing.contains(&what) {
+                missing.push(what);
+            }
+        } else if node.deps.iter().any(|&d| blocked[d]) {
+            blocked[id] = true;
+        }
+    }
+    if direct == 0 {
+        return None;
+    }
+    let dependents = blocked.iter().filter(|&&b| b).count() - direct;
+    Some(format!(
+        "warning: {} no machine can build (needing {}), and {} that depend on them: add such machines to --builders or --generate-fleet\n",
+        count(direct, "derivation"),
+        missing.join("; "),
+        count(dependents, "derivation"),
+    ))
+}
+
 /// "1 slot", "2 slots".
 fn count(n: usize, noun: &str) -> String {
     if n == 1 {
@@ -288,6 +322,9 @@ pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
             graph.critical_path(),
             graph.total_work()
         ));
+        if let Some(warning) = unbuildable(&graph, &machines) {
+            out.push_str(&warning);
+        }
         out.push_str(
             "policy    makespan   lower bound   ratio   utilisation   built        bytes moved\n",
         );

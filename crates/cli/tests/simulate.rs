@@ -244,3 +244,22 @@ in mk "sim-app-7dq2" [ base ]
     let after: serde_json::Value = serde_json::from_slice(&offload(&remote).stdout).unwrap();
     assert!((1..4096).contains(&link_bytes(&after)), "{after}");
 }
+
+#[test]
+fn derivations_no_machine_can_build_are_named() {
+    let out = offload(&[
+        "simulate",
+        "--generate",
+        "nixpkgs-mixed:200:1",
+        "--builders",
+        "b1 x86_64-linux - 2 1",
+        "--policy",
+        "offload",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("no machine can build (needing aarch64-linux"),
+        "{text}"
+    );
+}

@@ -57,7 +57,13 @@ pub fn lower_bound(graph: &Graph, machines: &[MachineSpec]) -> f64 {
                     .fold(0.0, f64::max)
             });
         let start = node.deps.iter().map(|&d| seconds[d]).fold(0.0, f64::max);
-        seconds[id] = start + node.duration.max(0.0) / speed.max(1e-9);
+        // A node no machine can build is never built: it takes no time.
+        seconds[id] = start
+            + if speed > 0.0 {
+                node.duration.max(0.0) / speed
+            } else {
+                0.0
+            };
     }
     let path = seconds.iter().copied().fold(0.0, f64::max);
     let mut work: HashMap<&str, f64> = HashMap::new();
@@ -72,7 +78,11 @@ pub fn lower_bound(graph: &Graph, machines: &[MachineSpec]) -> f64 {
                 .filter(|m| system == "builtin" || m.systems.iter().any(|s| s == system))
                 .map(|m| f64::from(m.slots) * m.speed)
                 .sum();
-            work / capacity.max(1e-9)
+            if capacity > 0.0 {
+                work / capacity
+            } else {
+                0.0
+            }
         })
         .fold(0.0, f64::max);
     path.max(by_system)

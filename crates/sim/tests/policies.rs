@@ -123,16 +123,27 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(30))]
 
-    /// Two systems and features on a generated mixed fleet: every policy builds it all.
+    /// Two systems and features on a generated mixed fleet: every policy builds all that
+    /// some machine can build (a small fleet may lack a system's big-parallel machine).
     #[test]
     fn every_policy_builds_a_mixed_graph_on_a_mixed_fleet(n in 1usize..300, machines in 10usize..40, seed in any::<u64>(), local in 0u32..3) {
         let graph = generate("nixpkgs-mixed", n, seed).unwrap().to_graph().unwrap();
         let mut fleet = vec![MachineSpec::local("x86_64-linux", local)];
         fleet.extend(offload_sim::dag::generate_fleet("mixed", machines, seed, 1e8, 0.005).unwrap());
+        let mut buildable = vec![false; n];
+        for &id in graph.topo_order() {
+            let node = graph.node(id);
+            buildable[id] = fleet.iter().any(|m| m.slots > 0 && m.can_build(node))
+                && node.deps.iter().all(|&d| buildable[d]);
+        }
+        let expected = buildable.iter().filter(|&&b| b).count();
         for policy in ["offload", "nix", "hydra"] {
             let r = run_policy(policy, &graph, &fleet, &[], false, false).unwrap();
-            prop_assert_eq!(r.built, n, "{} did not finish", policy);
-            prop_assert!(r.makespan_s + 1e-9 >= r.lower_bound_s, "{} beat the lower bound", policy);
+            prop_assert_eq!(r.built, expected, "{} did not finish", policy);
+            if expected == n {
+                prop_assert!(r.makespan_s + 1e-9 >= r.lower_bound_s, "{} beat the lower bound", policy);
+            }
+            prop_assert!(r.lower_bound_s.is_finite() && r.lower_bound_s < 1e6);
         }
     }
 }
