@@ -1,6 +1,8 @@
 //! The build graph: derivations to build, their dependencies, and each one's priority,
 //! the duration-weighted critical path from it to a requested output.
 
+use std::collections::HashMap;
+
 use thiserror::Error;
 
 /// Index of a node in its [`Graph`].
@@ -138,6 +140,35 @@ impl Graph {
     pub fn total_work(&self) -> f64 {
         self.nodes.iter().map(|n| n.duration.max(0.0)).sum()
     }
+
+    /// Groups nodes that the same machines can build: same system and required
+    /// features, and with `by_prefer_local` the same `preferLocalBuild`. Returns each
+    /// node's group and one node of each group.
+    pub fn requirement_groups(&self, by_prefer_local: bool) -> (Vec<usize>, Vec<NodeId>) {
+        let mut index: HashMap<(&str, Vec<&str>, bool), usize> = HashMap::new();
+        let mut examples = Vec::new();
+        let group_of = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(id, node)| {
+                let mut features: Vec<&str> =
+                    node.required_features.iter().map(String::as_str).collect();
+                features.sort_unstable();
+                features.dedup();
+                let key = (
+                    node.system.as_str(),
+                    features,
+                    by_prefer_local && node.prefer_local,
+                );
+                *index.entry(key).or_insert_with(|| {
+                    examples.push(id);
+                    examples.len() - 1
+                })
+            })
+            .collect();
+        (group_of, examples)
+    }
 }
 
 #[cfg(test)]
@@ -173,6 +204,28 @@ mod tests {
         assert_eq!(g.critical_path(), 7.0);
         assert_eq!(g.total_work(), 9.0);
         assert_eq!(g.topo_order()[0], 0);
+    }
+
+    #[test]
+    fn requirement_groups_ignore_feature_order() {
+        let with = |system: &str, features: &[&str], prefer_local: bool| NodeSpec {
+            system: system.into(),
+            required_features: features.iter().map(|f| f.to_string()).collect(),
+            prefer_local,
+            ..node("n", &[], 1.0)
+        };
+        let g = Graph::new(vec![
+            with("x86_64-linux", &["kvm", "big-parallel"], false),
+            with("x86_64-linux", &["big-parallel", "kvm"], true),
+            with("aarch64-linux", &[], false),
+            with("x86_64-linux", &["big-parallel", "kvm"], false),
+        ])
+        .unwrap();
+        assert_eq!(g.requirement_groups(false), (vec![0, 0, 1, 0], vec![0, 2]));
+        assert_eq!(
+            g.requirement_groups(true),
+            (vec![0, 1, 2, 0], vec![0, 1, 2])
+        );
     }
 
     #[test]

@@ -165,7 +165,14 @@ impl Scheduler {
             .map(|i| NodeState::Waiting(graph.node(i).deps.len()))
             .collect();
         let (classes, class_of) = machine_classes(&machines);
-        let (kinds, kind_of) = node_kinds(&graph);
+        let (kind_of, examples) = graph.requirement_groups(true);
+        let kinds: Vec<Kind> = examples
+            .into_iter()
+            .map(|example| Kind {
+                example,
+                classes: Vec::new(),
+            })
+            .collect();
         let mut sched = Scheduler {
             graph,
             alive: vec![true; m],
@@ -859,30 +866,6 @@ fn machine_classes(machines: &[MachineSpec]) -> (Vec<Vec<MachineId>>, Vec<usize>
         class_of[m] = c;
     }
     (classes, class_of)
-}
-
-/// Groups nodes by what decides where they may run: system, required features,
-/// `preferLocalBuild`. Their classes are filled in by `match_kinds`.
-fn node_kinds(graph: &Graph) -> (Vec<Kind>, Vec<usize>) {
-    let mut kinds = Vec::new();
-    let mut kind_of = vec![0; graph.len()];
-    let mut index: HashMap<(&str, Vec<&str>, bool), usize> = HashMap::new();
-    for (id, slot) in kind_of.iter_mut().enumerate() {
-        let node = graph.node(id);
-        let mut features: Vec<&str> = node.required_features.iter().map(String::as_str).collect();
-        features.sort_unstable();
-        features.dedup();
-        *slot = *index
-            .entry((node.system.as_str(), features, node.prefer_local))
-            .or_insert_with(|| {
-                kinds.push(Kind {
-                    example: id,
-                    classes: Vec::new(),
-                });
-                kinds.len() - 1
-            });
-    }
-    (kinds, kind_of)
 }
 
 /// Free slots first; then by when the slot frees.

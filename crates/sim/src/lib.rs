@@ -46,8 +46,8 @@ pub mod calibration {
 }
 
 /// Runs the named policy (`offload`, `nix`, `hydra`). With `cold`, offload plans with
-/// no duration history (every estimate [`offload_sched::DEFAULT_ESTIMATE_SECONDS`]) while builds take their
-/// real time.
+/// no duration history (every estimate [`offload_sched::DEFAULT_ESTIMATE_SECONDS`])
+/// while builds take their real time.
 pub fn run_policy(
     name: &str,
     graph: &Graph,

@@ -27,25 +27,15 @@ struct Kinds {
 impl Kinds {
     /// Groups `graph`'s nodes over the machines `eligible` admits.
     fn new(graph: &Graph, fleet: &[MachineSpec], eligible: impl Fn(&MachineSpec) -> bool) -> Self {
-        let mut index: std::collections::HashMap<(&str, Vec<&str>), usize> = Default::default();
-        let mut kind_of = vec![0; graph.len()];
-        let mut machines: Vec<Vec<MachineId>> = Vec::new();
-        for (id, slot) in kind_of.iter_mut().enumerate() {
-            let node = graph.node(id);
-            let mut features: Vec<&str> =
-                node.required_features.iter().map(String::as_str).collect();
-            features.sort_unstable();
-            *slot = *index
-                .entry((node.system.as_str(), features))
-                .or_insert_with(|| {
-                    machines.push(
-                        (0..fleet.len())
-                            .filter(|&m| eligible(&fleet[m]) && fleet[m].can_build(node))
-                            .collect(),
-                    );
-                    machines.len() - 1
-                });
-        }
+        let (kind_of, examples) = graph.requirement_groups(false);
+        let machines: Vec<Vec<MachineId>> = examples
+            .into_iter()
+            .map(|id| {
+                (0..fleet.len())
+                    .filter(|&m| eligible(&fleet[m]) && fleet[m].can_build(graph.node(id)))
+                    .collect()
+            })
+            .collect();
         let mut of_machine = vec![Vec::new(); fleet.len()];
         let mut free = vec![0u64; machines.len()];
         for (k, ms) in machines.iter().enumerate() {

@@ -63,6 +63,8 @@ pub struct NixPolicy {
     load: Vec<u32>,
     local: Option<MachineId>,
     local_builds: u32,
+    /// Whether the fleet has any remote machine: without one the hook declines for good.
+    has_remotes: bool,
     waiting: Vec<usize>,
     /// Each node's place in the worker's goal order.
     order: Vec<u32>,
@@ -102,6 +104,7 @@ impl NixPolicy {
             order[id] = i as u32;
         }
         let local = machines.iter().position(|s| s.is_local);
+        let has_remotes = machines.iter().any(|m| !m.is_local);
         let kinds = Kinds::new(&graph, &machines, |m| !m.is_local);
         let mut policy = NixPolicy {
             graph,
@@ -111,6 +114,7 @@ impl NixPolicy {
             costs,
             local,
             local_builds: 0,
+            has_remotes,
             waiting,
             order,
             step: vec![Step::AskHook; n],
@@ -134,10 +138,6 @@ impl NixPolicy {
 
     fn wake_goal(&mut self, id: NodeId) {
         self.next_pass.insert((self.order[id], id));
-    }
-
-    fn has_remotes(&self) -> bool {
-        self.machines.iter().any(|m| !m.is_local)
     }
 
     fn local_max_jobs(&self) -> u32 {
@@ -217,7 +217,7 @@ impl NixPolicy {
 
     /// One question to the hook; returns the seconds it takes.
     fn ask_hook(&mut self, id: NodeId, now: f64) -> f64 {
-        if !self.has_remotes() {
+        if !self.has_remotes {
             // "decline-permanently": the worker stops asking.
             self.step[id] = Step::TryLocal;
             self.wake_goal(id);
