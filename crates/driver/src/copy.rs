@@ -19,8 +19,8 @@ use offload_nix::serve::PathInfo;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::conn::ServeConn;
 use crate::error::DriverError;
+use crate::session::ServeConn;
 use crate::transport::Endpoint;
 
 /// How a copy runs.

@@ -14,7 +14,6 @@
 //! for decisions; it makes none of its own.
 
 pub mod build;
-mod conn;
 mod copy;
 pub mod dry_run;
 mod error;
@@ -23,12 +22,13 @@ pub mod nixconf;
 mod paths;
 pub mod plan;
 mod pool;
+mod session;
 mod transport;
 
-pub use conn::{ServeConn, HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
 pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use error::DriverError;
 pub use history::{package_name, EstimateSource, History, HistoryError, DEFAULT_SECONDS};
 pub use paths::PathRegistry;
 pub use pool::Pool;
+pub use session::{ServeConn, HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
 pub use transport::{shell_quote, Endpoint, Route, NIX_SSHOPTS};

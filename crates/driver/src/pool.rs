@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::conn::ServeConn;
 use crate::error::DriverError;
+use crate::session::ServeConn;
 use crate::transport::Endpoint;
 
 /// How often a new session is tried before the machine counts as lost.

@@ -195,6 +195,29 @@ impl Endpoint {
     }
 }
 
+/// Turns the stderr of an ssh that exited with 255 (its own failure, not the remote
+/// command's) into the error that says what to fix.
+pub(crate) fn classify_ssh_failure(machine: &str, stderr: String) -> DriverError {
+    let machine = machine.to_string();
+    if stderr.contains("Permission denied") {
+        DriverError::SshAuth { machine, stderr }
+    } else if stderr.contains("Host key verification failed")
+        || stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || stderr.contains("No ED25519 host key is known")
+        || stderr.contains("host key for")
+    {
+        DriverError::SshHostKey { machine, stderr }
+    } else if stderr.contains("Connection refused")
+        || stderr.contains("Could not resolve hostname")
+        || stderr.contains("No route to host")
+        || stderr.contains("Connection timed out")
+    {
+        DriverError::SshUnreachable { machine, stderr }
+    } else {
+        DriverError::Ssh { machine, stderr }
+    }
+}
+
 /// Decodes a machines-file host key (base64 of `ssh-ed25519 AAAA…`).
 pub fn decode_host_key(b64: &str) -> Option<String> {
     let bytes = base64::engine::general_purpose::STANDARD

@@ -8,8 +8,8 @@ use offload_sched::{MachineId, Outcome};
 use tokio::sync::mpsc;
 
 use super::{Shared, TaskDone, LOG_TAIL_LINES};
-use crate::conn::ServeConn;
 use crate::error::DriverError;
+use crate::session::ServeConn;
 
 /// Learns the infos of every input that is no node's output: they are in the local
 /// store (evaluation put them there, or Nix fetched them).
