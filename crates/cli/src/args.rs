@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Runs Nix builds across a fleet of machines, planned as one graph.
 ///
@@ -78,6 +78,31 @@ pub enum Command {
     Simulate(SimulateArgs),
 }
 
+/// The schedulers `offload simulate` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyChoice {
+    /// offload's own scheduler.
+    Offload,
+    /// A model of Nix 2.8's build hook with `--builders`.
+    Nix,
+    /// A model of Hydra's queue runner.
+    Hydra,
+    /// All three, side by side.
+    All,
+}
+
+impl PolicyChoice {
+    /// The policies to run, by the simulator's names.
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            PolicyChoice::Offload => &["offload"],
+            PolicyChoice::Nix => &["nix"],
+            PolicyChoice::Hydra => &["hydra"],
+            PolicyChoice::All => &["offload", "nix", "hydra"],
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// The graph as JSON: {"nodes":[{"id","deps","duration_s","system",
@@ -115,9 +140,9 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE")]
     pub fleet: Option<PathBuf>,
 
-    /// offload, nix, hydra or all.
-    #[arg(long, default_value = "all")]
-    pub policy: String,
+    /// Which scheduler to run.
+    #[arg(long, value_enum, default_value_t = PolicyChoice::All)]
+    pub policy: PolicyChoice,
 
     /// offload plans without a duration history (every estimate the default).
     #[arg(long)]

@@ -6,23 +6,19 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::build::{self, BuildOptions, BuildReport, MachineConfig, NodeResult, Reporter};
+use offload_driver::build::{self, BuildOptions, BuildReport, NodeResult, Reporter};
 use offload_driver::dry_run::dry_run;
+use offload_driver::fleet::{build_fleet, MachineChoice};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
-use offload_driver::{Endpoint, History, Route};
-use offload_nix::machines::{parse_builders, Machine};
+use offload_driver::process;
+use offload_driver::History;
 use offload_nix::serve::BuildSettings;
 use offload_nix::store_path::StorePath;
-use offload_sched::MachineSpec;
 use offload_sim::report::{chrome_trace, TraceEvent};
 
 use crate::args::BuildArgs;
 use crate::Failure;
-
-/// Assumed link to a remote machine until measured: 100 MB/s, 5 ms.
-const DEFAULT_BANDWIDTH: f64 = 100e6;
-const DEFAULT_LATENCY: f64 = 0.005;
 
 struct Progress {
     quiet: bool,
@@ -86,17 +82,12 @@ fn evaluate(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
         for pair in args.argstr.chunks(2) {
             cmd.arg("--argstr").args(pair);
         }
-        let out = cmd
-            .output()
-            .map_err(|e| Failure::usage(anyhow!("cannot run nix-instantiate: {e}")))?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            return Err(Failure::work(anyhow!(
-                "evaluation failed (nix-instantiate {}):\n{}",
-                out.status,
-                stderr.trim()
-            )));
-        }
+        let out = process::run(&mut cmd).map_err(|e| match e {
+            process::ProcessError::Spawn { .. } => Failure::usage(e),
+            process::ProcessError::Failed { .. } => {
+                Failure::work(anyhow!(e).context("evaluation failed"))
+            }
+        })?;
         lines.extend(
             String::from_utf8_lossy(&out.stdout)
                 .lines()
@@ -117,117 +108,14 @@ fn evaluate(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
         .collect()
 }
 
-fn machine_matches(m: &Machine, wanted: &str) -> bool {
-    let host = m
-        .uri
-        .strip_prefix("ssh://")
-        .map(|h| h.split('?').next().unwrap_or(h));
-    m.uri == wanted
-        || host == Some(wanted)
-        || host.is_some_and(|h| h.rsplit('@').next() == Some(wanted))
-}
-
-fn fleet(args: &BuildArgs, settings: &NixSettings) -> Result<(Vec<MachineConfig>, usize), Failure> {
-    let (spec, origin) = match &args.builders {
-        Some(s) => (s.clone(), "--builders"),
-        None => (settings.builders.clone(), "builders setting"),
-    };
-    let mut machines = if args.local_only {
-        Vec::new()
-    } else {
-        parse_builders(&spec, origin, &settings.system).map_err(Failure::usage)?
-    };
-    if !args.on.is_empty() {
-        for wanted in &args.on {
-            if wanted != "local" && !machines.iter().any(|m| machine_matches(m, wanted)) {
-                let known: Vec<&str> = machines.iter().map(|m| m.uri.as_str()).collect();
-                return Err(Failure::usage(anyhow!(
-                    "--on {wanted}: no such machine; the machines are: local, {}",
-                    known.join(", ")
-                )));
-            }
-        }
-        machines.retain(|m| args.on.iter().any(|w| machine_matches(m, w)));
-    }
-    machines.retain(|m| !args.exclude.iter().any(|w| machine_matches(m, w)));
-    let local_excluded = args.exclude.iter().any(|w| w == "local")
-        || (!args.on.is_empty() && !args.on.iter().any(|w| w == "local"));
-    let local_slots = if local_excluded {
-        0
-    } else {
-        args.max_jobs.unwrap_or(settings.max_jobs)
-    };
-    let mut configs = vec![MachineConfig {
-        endpoint: Endpoint::local("local", None),
-        spec: MachineSpec {
-            name: "local".into(),
-            systems: settings.local_systems(),
-            supported_features: settings.system_features.clone(),
-            mandatory_features: Vec::new(),
-            slots: local_slots,
-            speed: 1.0,
-            is_local: true,
-            bandwidth: f64::INFINITY,
-            latency: 0.0,
-        },
-        cores: Some(local_cores(settings)),
-    }];
-    for m in machines {
-        let mut endpoint = Endpoint::parse(&m.uri).map_err(Failure::usage)?;
-        if let Route::Ssh {
-            ssh_key,
-            host_public_key,
-            ..
-        } = &mut endpoint.route
-        {
-            if let Some(key) = &m.ssh_key {
-                *ssh_key = Some(key.into());
-            }
-            if m.public_host_key.is_some() {
-                *host_public_key = m.host_key_line();
-            }
-        }
-        let mut name = short_name(&m);
-        if configs.iter().any(|c| c.spec.name == name) {
-            name = m.uri.clone();
-        }
-        configs.push(MachineConfig {
-            endpoint,
-            spec: MachineSpec {
-                name,
-                systems: m.systems.clone(),
-                supported_features: m.supported_features.iter().cloned().collect(),
-                mandatory_features: m.mandatory_features.iter().cloned().collect(),
-                slots: m.max_jobs,
-                speed: f64::from(m.speed_factor),
-                is_local: false,
-                bandwidth: DEFAULT_BANDWIDTH,
-                latency: DEFAULT_LATENCY,
-            },
-            // A remote's core count is not in the machines file; its own setting stays.
-            cores: None,
-        });
-    }
-    Ok((configs, 0))
-}
-
-/// Cores of this machine: Nix's `cores` when set, else all of them.
-fn local_cores(settings: &NixSettings) -> u32 {
-    if settings.cores > 0 {
-        settings.cores
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-    }
-}
-
-/// What reports call a machine: `host`, or `host:STORE` with a remote store.
-fn short_name(m: &Machine) -> String {
-    match m.store_uri() {
-        Ok(u) if u.is_ssh() => match u.remote_store() {
-            Some(store) => format!("{}:{store}", u.authority),
-            None => u.authority.clone(),
-        },
-        _ => m.uri.clone(),
+/// The machines chosen on the command line.
+fn machine_choice(args: &BuildArgs) -> MachineChoice {
+    MachineChoice {
+        builders: args.builders.clone(),
+        on: args.on.clone(),
+        exclude: args.exclude.clone(),
+        local_only: args.local_only,
+        max_jobs: args.max_jobs,
     }
 }
 
@@ -235,7 +123,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
-    let (machines, local) = fleet(&args, &settings)?;
+    let machines = build_fleet(&machine_choice(&args), &settings).map_err(Failure::usage)?;
     let targets = evaluate(&args)?;
     let roots: Vec<StorePath> = targets.iter().map(|t| t.drv.clone()).collect();
     let read_started = std::time::Instant::now();
@@ -278,18 +166,13 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         if !quiet {
             eprintln!("fetching {} paths from substituters", plan.will_fetch.len());
         }
-        let status = Command::new("nix-store")
-            .arg("--realise")
-            .args(&plan.will_fetch)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map_err(|e| Failure::usage(anyhow!("cannot run nix-store: {e}")))?;
-        if !status.success() {
-            return Err(Failure::work(anyhow!(
-                "substituting {} paths failed ({status})",
-                plan.will_fetch.len()
-            )));
-        }
+        process::run(
+            Command::new("nix-store")
+                .arg("--realise")
+                .args(&plan.will_fetch),
+        )
+        .with_context(|| format!("substituting {} paths failed", plan.will_fetch.len()))
+        .map_err(Failure::work)?;
     }
     let will_build: Vec<StorePath> = plan
         .will_build
@@ -354,7 +237,6 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     let report = build::run(
         nodes,
         machines,
-        local,
         wanted,
         history.as_ref(),
         &options,
@@ -385,15 +267,27 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
             .map(|(_, n)| n)
             .sum::<usize>();
         let cpu = own_cpu_seconds();
+        // Nothing built, or builds too short to measure: no ratio worth printing.
+        let ratio = if report.measured_lower_bound > 0.001 {
+            format!(
+                " ({:.2}x)",
+                report.wall_seconds / report.measured_lower_bound
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "built {built} derivations in {:.2} s; lower bound {:.2} s by the measured build times \
-             ({:.2}x); offload's own CPU {:.0} ms ({:.1} ms per build)\nbuilds per machine: {}",
+            "built {built} derivations in {:.2} s; lower bound {:.2} s by the measured build times\
+             {ratio}; offload's own CPU {:.0} ms ({:.1} ms per build)\nbuilds per machine: {}",
             report.wall_seconds,
             report.measured_lower_bound,
-            report.wall_seconds / report.measured_lower_bound.max(1e-9),
             cpu * 1e3,
             cpu * 1e3 / built.max(1) as f64,
-            if used.is_empty() { "none".to_string() } else { used.join(", ") }
+            if used.is_empty() {
+                "none".to_string()
+            } else {
+                used.join(", ")
+            }
         );
     }
     if !failures.is_empty() || report.copy_back_error.is_some() {
@@ -433,16 +327,14 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
 
 /// `link` → `path`, registered as a GC root the way nix-build does it.
 fn add_root(link: &str, path: &str) -> anyhow::Result<()> {
-    let out = Command::new("nix-store")
-        .args(["--add-root", link, "--indirect", "--realise", path])
-        .output()
-        .context("running nix-store --add-root")?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "cannot create the output link {link}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    process::run(Command::new("nix-store").args([
+        "--add-root",
+        link,
+        "--indirect",
+        "--realise",
+        path,
+    ]))
+    .with_context(|| format!("cannot create the output link {link}"))?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! How errors look: an `error:` line, a `Caused by:` line per source, then a hint after
 //! a blank line when offload knows the next step. Plain text, readable without colour.
 
+use offload_driver::process::ProcessError;
 use offload_driver::DriverError;
 
 /// Prints `err` on stderr.
@@ -18,6 +19,9 @@ pub fn format(err: &anyhow::Error) -> String {
     for cause in err.chain() {
         if let Some(d) = cause.downcast_ref::<DriverError>() {
             hint = hint.or_else(|| d.hint());
+        }
+        if let Some(p) = cause.downcast_ref::<ProcessError>() {
+            hint = hint.or_else(|| p.hint());
         }
     }
     if let Some(hint) = hint {

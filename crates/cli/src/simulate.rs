@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
+use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
 use offload_driver::{Endpoint, History, ServeConn};
@@ -13,13 +14,11 @@ use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineSpec, NodeSpec};
 use offload_sim::dag::{generate, generate_fleet, DagFile};
 use offload_sim::{run_policy, Report};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::args::SimulateArgs;
 use crate::Failure;
-
-const DEFAULT_BANDWIDTH: f64 = 100e6;
-const DEFAULT_LATENCY: f64 = 0.005;
 
 fn read_json(path: &Path) -> Result<Value, Failure> {
     let text = std::fs::read_to_string(path)
@@ -129,6 +128,46 @@ async fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
 /// The simulated machines, and failures as (machine index, seconds).
 type SimFleet = (Vec<MachineSpec>, Vec<(usize, f64)>);
 
+/// `--fleet FILE`: link figures and machine failures.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetFile {
+    /// Bytes per second of every link not named in `links`.
+    #[serde(default = "default_bandwidth")]
+    bandwidth: f64,
+    /// Seconds of fixed cost per transfer on every link not named in `links`.
+    #[serde(default = "default_latency")]
+    latency: f64,
+    /// Per machine (its name, or its host).
+    #[serde(default)]
+    links: HashMap<String, LinkFigures>,
+    #[serde(default)]
+    failures: Vec<MachineFailure>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkFigures {
+    bandwidth: Option<f64>,
+    latency: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineFailure {
+    machine: String,
+    /// Seconds into the run.
+    at: f64,
+}
+
+fn default_bandwidth() -> f64 {
+    DEFAULT_BANDWIDTH
+}
+
+fn default_latency() -> f64 {
+    DEFAULT_LATENCY
+}
+
 fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
     let local_system = NixSettings::load()
         .map(|s| s.system)
@@ -138,61 +177,44 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
         None => args.builders.clone(),
     };
     let parsed = parse_builders(&spec, "--builders", &local_system).map_err(Failure::usage)?;
-    let extra = match &args.fleet {
-        Some(p) => read_json(p)?,
-        None => Value::Null,
+    let extra: FleetFile = match &args.fleet {
+        Some(path) => serde_json::from_value(read_json(path)?)
+            .with_context(|| {
+                format!(
+                    "{} does not follow the fleet schema (see --help)",
+                    path.display()
+                )
+            })
+            .map_err(Failure::usage)?,
+        None => FleetFile {
+            bandwidth: DEFAULT_BANDWIDTH,
+            latency: DEFAULT_LATENCY,
+            links: HashMap::new(),
+            failures: Vec::new(),
+        },
     };
-    let num =
-        |v: &Value, key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
-    let bandwidth = num(&extra, "bandwidth", DEFAULT_BANDWIDTH);
-    let latency = num(&extra, "latency", DEFAULT_LATENCY);
     let mut machines = vec![MachineSpec::local(&local_system, args.local_slots)];
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for m in parsed {
-        let host = m.uri.strip_prefix("ssh://").unwrap_or(&m.uri).to_string();
-        let count = seen.entry(host.clone()).or_insert(0);
-        *count += 1;
-        let name = if *count > 1 {
-            format!("{host}#{count}")
-        } else {
-            host.clone()
-        };
-        let link = extra
-            .get("links")
-            .and_then(|l| l.get(&name).or_else(|| l.get(&host)));
-        machines.push(MachineSpec {
-            name,
-            systems: m.systems,
-            supported_features: m.supported_features.into_iter().collect(),
-            mandatory_features: m.mandatory_features.into_iter().collect(),
-            slots: m.max_jobs,
-            speed: f64::from(m.speed_factor),
-            is_local: false,
-            bandwidth: link.map_or(bandwidth, |l| num(l, "bandwidth", bandwidth)),
-            latency: link.map_or(latency, |l| num(l, "latency", latency)),
-        });
+    for (m, name) in parsed.iter().zip(machine_names(&parsed)) {
+        let host = m.uri.strip_prefix("ssh://").unwrap_or(&m.uri);
+        let link = extra.links.get(&name).or_else(|| extra.links.get(host));
+        let bandwidth = link.and_then(|l| l.bandwidth).unwrap_or(extra.bandwidth);
+        let latency = link.and_then(|l| l.latency).unwrap_or(extra.latency);
+        machines.push(remote_spec(m, name, bandwidth, latency));
     }
     if let Some(spec) = &args.generate_fleet {
         let (shape, n, seed) = shape_spec("--generate-fleet", spec)?;
-        let generated = generate_fleet(shape, n, seed, bandwidth, latency)
+        let generated = generate_fleet(shape, n, seed, extra.bandwidth, extra.latency)
             .map_err(|e| Failure::usage(anyhow!("--generate-fleet {spec}: {e}")))?;
         machines.extend(generated);
     }
     let mut failures = Vec::new();
-    for f in extra
-        .get("failures")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let name = f.get("machine").and_then(Value::as_str).unwrap_or("");
-        let at = f.get("at").and_then(Value::as_f64);
-        let index = machines.iter().position(|m| m.name == name);
-        match (index, at) {
-            (Some(i), Some(at)) => failures.push((i, at)),
-            _ => {
+    for f in &extra.failures {
+        match machines.iter().position(|m| m.name == f.machine) {
+            Some(i) => failures.push((i, f.at)),
+            None => {
                 return Err(Failure::usage(anyhow!(
-                    "fleet file: failure {f} needs \"machine\" (one of: {}) and \"at\" (seconds)",
+                    "fleet file: failure of {:?}: no such machine; the machines are: {}",
+                    f.machine,
                     machines
                         .iter()
                         .map(|m| m.name.as_str())
@@ -270,17 +292,9 @@ pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
             "no machine has a build slot: give --builders/--machines or --local-slots"
         )));
     }
-    let policies: Vec<&str> = match args.policy.as_str() {
-        "all" => vec!["offload", "nix", "hydra"],
-        p @ ("offload" | "nix" | "hydra") => vec![p],
-        other => {
-            return Err(Failure::usage(anyhow!(
-                "--policy {other}: use offload, nix, hydra or all"
-            )))
-        }
-    };
+    let policies = args.policy.names();
     let mut reports: Vec<Report> = Vec::new();
-    for p in &policies {
+    for p in policies {
         let report = run_policy(
             p,
             &graph,

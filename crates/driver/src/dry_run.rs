@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use thiserror::Error;
+use crate::process::{self, ProcessError};
 
 /// Nix's plan for a set of derivations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -16,34 +16,14 @@ pub struct DryRun {
     pub will_fetch: Vec<String>,
 }
 
-/// The dry run could not be made.
-#[derive(Debug, Error)]
-pub enum DryRunError {
-    #[error("cannot run `nix-store --realise --dry-run`")]
-    Spawn(#[source] std::io::Error),
-    #[error("`nix-store --realise --dry-run` failed ({status}):\n{stderr}")]
-    Failed { status: String, stderr: String },
-}
-
 /// Asks the local Nix (with `store` as `--store` when given).
-pub fn dry_run(store: Option<&str>, targets: &[String]) -> Result<DryRun, DryRunError> {
+pub fn dry_run(store: Option<&str>, targets: &[String]) -> Result<DryRun, ProcessError> {
     let mut cmd = Command::new("nix-store");
     if let Some(store) = store {
         cmd.args(["--store", store]);
     }
-    let out = cmd
-        .args(["--realise", "--dry-run"])
-        .args(targets)
-        .output()
-        .map_err(DryRunError::Spawn)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        return Err(DryRunError::Failed {
-            status: out.status.to_string(),
-            stderr: stderr.trim().to_string(),
-        });
-    }
-    Ok(parse(&stderr))
+    let out = process::run(cmd.args(["--realise", "--dry-run"]).args(targets))?;
+    Ok(parse(&String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Reads the report `nix-store --realise --dry-run` prints on stderr.

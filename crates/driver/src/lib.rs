@@ -17,11 +17,13 @@ pub mod build;
 mod copy;
 pub mod dry_run;
 mod error;
+pub mod fleet;
 mod history;
 pub mod nixconf;
 mod paths;
 pub mod plan;
 mod pool;
+pub mod process;
 mod session;
 mod transport;
 

@@ -3,8 +3,10 @@
 
 use std::process::Command;
 
-use serde_json::Value;
+use serde::Deserialize;
 use thiserror::Error;
+
+use crate::process::{self, ProcessError};
 
 /// The settings offload plans with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,10 +27,8 @@ pub struct NixSettings {
 /// Nix's settings could not be read.
 #[derive(Debug, Error)]
 pub enum NixConfError {
-    #[error("cannot run `nix show-config`")]
-    Spawn(#[source] std::io::Error),
-    #[error("`nix show-config --json` failed ({status}): {stderr}")]
-    Failed { status: String, stderr: String },
+    #[error(transparent)]
+    Run(#[from] ProcessError),
     #[error("`nix show-config --json` printed something offload cannot read: {0}")]
     Parse(String),
 }
@@ -36,64 +36,45 @@ pub enum NixConfError {
 impl NixSettings {
     /// Asks the local Nix.
     pub fn load() -> Result<NixSettings, NixConfError> {
-        let out = Command::new("nix")
-            .args([
-                "show-config",
-                "--json",
-                "--extra-experimental-features",
-                "nix-command",
-            ])
-            .output()
-            .map_err(NixConfError::Spawn)?;
-        if !out.status.success() {
-            return Err(NixConfError::Failed {
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
+        let out = process::run(Command::new("nix").args([
+            "show-config",
+            "--json",
+            "--extra-experimental-features",
+            "nix-command",
+        ]))?;
         Self::from_json(&out.stdout)
     }
 
     /// Parses the output of `nix show-config --json`.
     pub fn from_json(json: &[u8]) -> Result<NixSettings, NixConfError> {
-        let v: Value =
+        // Nix prints every setting; only these are read (so no `deny_unknown_fields`).
+        #[derive(Deserialize)]
+        struct Setting<T> {
+            value: T,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct Settings {
+            builders: Setting<String>,
+            max_jobs: Setting<u32>,
+            cores: Setting<u32>,
+            system: Setting<String>,
+            extra_platforms: Setting<Vec<String>>,
+            system_features: Setting<Vec<String>>,
+            builders_use_substitutes: Setting<bool>,
+            substituters: Setting<Vec<String>>,
+        }
+        let s: Settings =
             serde_json::from_slice(json).map_err(|e| NixConfError::Parse(e.to_string()))?;
-        let get = |key: &str| -> Result<&Value, NixConfError> {
-            v.get(key)
-                .and_then(|s| s.get("value"))
-                .ok_or_else(|| NixConfError::Parse(format!("no setting `{key}`")))
-        };
-        let string = |key: &str| -> Result<String, NixConfError> {
-            get(key)?
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| NixConfError::Parse(format!("`{key}` is not a string")))
-        };
-        let number = |key: &str| -> Result<u32, NixConfError> {
-            get(key)?
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| NixConfError::Parse(format!("`{key}` is not a number")))
-        };
-        let list = |key: &str| -> Result<Vec<String>, NixConfError> {
-            get(key)?
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(str::to_string))
-                        .collect()
-                })
-                .ok_or_else(|| NixConfError::Parse(format!("`{key}` is not a list")))
-        };
         Ok(NixSettings {
-            builders: string("builders")?,
-            max_jobs: number("max-jobs")?,
-            cores: number("cores")?,
-            system: string("system")?,
-            extra_platforms: list("extra-platforms")?,
-            system_features: list("system-features")?,
-            builders_use_substitutes: get("builders-use-substitutes")?.as_bool().unwrap_or(false),
-            substituters: list("substituters")?,
+            builders: s.builders.value,
+            max_jobs: s.max_jobs.value,
+            cores: s.cores.value,
+            system: s.system.value,
+            extra_platforms: s.extra_platforms.value,
+            system_features: s.system_features.value,
+            builders_use_substitutes: s.builders_use_substitutes.value,
+            substituters: s.substituters.value,
         })
     }
 

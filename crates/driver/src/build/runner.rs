@@ -1,0 +1,426 @@
+//! The runner: the event loop between the scheduler and the machines. It turns the
+//! scheduler's actions into build tasks on a [`BuildTransport`], and each finished task
+//! back into events, until nothing runs and nothing more will start; then it brings the
+//! requested outputs home and reports. It holds no I/O of its own, so its logic is
+//! tested with a fake transport (`build/tests.rs`).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use offload_sched::{
+    Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
+};
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::{BuildNode, BuildReport, NodeResult, Reporter};
+use crate::error::DriverError;
+use crate::fleet::LOCAL;
+use crate::history::History;
+
+/// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
+/// serve protocol; the unit tests use a fake.
+pub(crate) trait BuildTransport: Send + Sync + 'static {
+    /// Ships the inputs of `node` that `machine` lacks, builds it there and learns its
+    /// outputs. Dropping the future stops the build.
+    fn build(
+        self: Arc<Self>,
+        node: usize,
+        machine: MachineId,
+        cores: Option<u32>,
+    ) -> impl Future<Output = TaskDone> + Send + 'static;
+
+    /// Makes the closures of `paths` valid in the local store.
+    fn fetch(
+        self: Arc<Self>,
+        paths: Vec<String>,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send + 'static;
+
+    /// `machine` is lost: nothing it held can be fetched from it any more.
+    fn forget_machine(&self, machine: MachineId);
+
+    /// Ends every idle session.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// How one build task ended.
+#[derive(Debug)]
+pub(crate) struct TaskDone {
+    pub node: usize,
+    pub machine: MachineId,
+    pub outcome: Outcome,
+    /// The last lines of its log.
+    pub log_tail: Vec<String>,
+    /// How long the task took: input copies and the build.
+    pub seconds: f64,
+    /// The machine is to be taken out of the run (its session broke).
+    pub machine_down: bool,
+}
+
+/// One run of a build graph over a fleet.
+pub(crate) struct Runner<'h, T: BuildTransport> {
+    transport: Arc<T>,
+    nodes: Arc<[BuildNode]>,
+    machines: Vec<MachineSpec>,
+    cores: Vec<Option<u32>>,
+    sched: Scheduler,
+    history: Option<&'h History>,
+    reporter: Arc<dyn Reporter>,
+    clock: Instant,
+    /// Output paths to bring to the local store, and the same as a set.
+    wanted: Vec<String>,
+    wanted_set: HashSet<String>,
+    results: Vec<Option<NodeResult>>,
+    builds_per_machine: Vec<usize>,
+    started_at: Vec<f64>,
+    tasks: JoinSet<TaskDone>,
+    running: HashMap<usize, (AbortHandle, MachineId)>,
+    /// Requested outputs copied home while the rest of the graph builds.
+    early_copies: JoinSet<()>,
+    lower_bound: f64,
+}
+
+impl<'h, T: BuildTransport> Runner<'h, T> {
+    /// A runner for `nodes` on `machines` (the local machine at [`LOCAL`]), bringing the
+    /// closures of `wanted` home at the end.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        transport: Arc<T>,
+        nodes: Arc<[BuildNode]>,
+        machines: Vec<MachineSpec>,
+        cores: Vec<Option<u32>>,
+        wanted: Vec<String>,
+        keep_going: bool,
+        history: Option<&'h History>,
+        reporter: Arc<dyn Reporter>,
+    ) -> Result<Self, DriverError> {
+        let graph =
+            Graph::new(nodes.iter().map(node_spec).collect()).map_err(|e| DriverError::Io {
+                machine: "local".into(),
+                op: "checking the build graph",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let capacity: f64 = machines.iter().map(|m| f64::from(m.slots) * m.speed).sum();
+        let lower_bound = graph
+            .critical_path()
+            .max(graph.total_work() / capacity.max(1.0));
+        let n = nodes.len();
+        Ok(Runner {
+            transport,
+            sched: Scheduler::new(graph, machines.clone(), keep_going),
+            builds_per_machine: vec![0; machines.len()],
+            machines,
+            cores,
+            history,
+            reporter,
+            clock: Instant::now(),
+            wanted_set: wanted.iter().cloned().collect(),
+            wanted,
+            results: vec![None; n],
+            started_at: vec![0.0; n],
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            early_copies: JoinSet::new(),
+            lower_bound,
+            nodes,
+        })
+    }
+
+    /// Runs the graph to its end. When `interrupt` completes first, every running build
+    /// is stopped and the run ends with [`DriverError::Interrupted`].
+    pub(crate) async fn run(
+        mut self,
+        interrupt: impl Future<Output = ()>,
+    ) -> Result<BuildReport, DriverError> {
+        let first = self.sched.start(0.0);
+        self.apply(first);
+        // Created once, so a signal that arrives between two turns is not lost.
+        tokio::pin!(interrupt);
+        while !self.sched.is_finished() {
+            let joined = tokio::select! {
+                joined = self.tasks.join_next() => joined,
+                () = &mut interrupt => {
+                    // Dropping the sessions kills their processes, which stops the builds
+                    // on every machine; nothing half-done is ever registered.
+                    let stopped = self.running.len();
+                    self.tasks.shutdown().await;
+                    self.early_copies.shutdown().await;
+                    return Err(DriverError::Interrupted { stopped });
+                }
+            };
+            match joined {
+                None => break,
+                // Aborted by a Cancel: the scheduler already counts it as stopped.
+                Some(Err(_)) => continue,
+                Some(Ok(done)) => self.on_finished(done),
+            }
+        }
+        Ok(self.finish().await)
+    }
+
+    fn now(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64()
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            self.on_action(action);
+        }
+    }
+
+    /// Carries out one of the scheduler's actions.
+    fn on_action(&mut self, action: Action) {
+        match action {
+            Action::Start { node, machine } => {
+                self.reporter
+                    .build_started(&self.nodes[node].drv_path, &self.machines[machine].name);
+                // Builds running there now, this one included, share its cores.
+                let cores = self.cores[machine].map(|total| {
+                    let sharing = self.sched.running_on(machine).len().max(1) as u32;
+                    (total / sharing).max(1)
+                });
+                self.started_at[node] = self.now();
+                let task = self.transport.clone().build(node, machine, cores);
+                let handle = self.tasks.spawn(task);
+                self.running.insert(node, (handle, machine));
+            }
+            Action::Cancel { node, .. } => {
+                if let Some((handle, _)) = self.running.remove(&node) {
+                    handle.abort();
+                }
+            }
+            Action::Fail { node, reason } => {
+                if self.results[node].is_none() {
+                    self.results[node] = Some(NodeResult::Failed {
+                        failure: self.describe(&reason),
+                        log_tail: Vec::new(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Feeds a finished task to the scheduler and records what it did.
+    fn on_finished(&mut self, done: TaskDone) {
+        self.running.remove(&done.node);
+        let now = self.now();
+        if done.machine_down {
+            // Its other builds go elsewhere: stop them here.
+            self.running.retain(|_, (handle, m)| {
+                if *m == done.machine {
+                    handle.abort();
+                }
+                *m != done.machine
+            });
+            self.transport.forget_machine(done.machine);
+            let actions = self.sched.handle(
+                Event::MachineLost {
+                    machine: done.machine,
+                },
+                now,
+            );
+            self.apply(actions);
+        }
+        let drv_path = &self.nodes[done.node].drv_path;
+        let machine_name = &self.machines[done.machine].name;
+        if let Outcome::Lost { reason } = &done.outcome {
+            tracing::warn!(machine = %machine_name, drv = %drv_path, "build lost, will retry elsewhere: {reason}");
+        }
+        let actions = self.sched.handle(
+            Event::Finished {
+                node: done.node,
+                machine: done.machine,
+                outcome: done.outcome.clone(),
+            },
+            now,
+        );
+        self.apply(actions);
+        // Count only what the scheduler took: a build of a lost machine is stale.
+        let accepted = match self.sched.state(done.node) {
+            NodeState::Done { machine, .. } => *machine == done.machine,
+            NodeState::Failed(Failure::BuildFailed { machine, .. }) => *machine == done.machine,
+            _ => false,
+        };
+        if !accepted {
+            return;
+        }
+        match &done.outcome {
+            Outcome::Built => self.on_built(&done),
+            Outcome::Failed { reason } => {
+                self.results[done.node] = Some(NodeResult::Failed {
+                    failure: format!("{reason} (on {})", self.machines[done.machine].name),
+                    log_tail: done.log_tail.clone(),
+                });
+            }
+            Outcome::Lost { .. } => {}
+        }
+        self.reporter.build_finished(
+            &self.nodes[done.node].drv_path,
+            &self.machines[done.machine].name,
+            done.outcome == Outcome::Built,
+            done.seconds,
+        );
+    }
+
+    fn on_built(&mut self, done: &TaskDone) {
+        let node = &self.nodes[done.node];
+        let machine = &self.machines[done.machine];
+        // Requested outputs start home as soon as they are built, while the rest of the
+        // graph builds; the copy at the end only picks up what is left.
+        let home: Vec<String> = node
+            .outputs
+            .iter()
+            .map(|(_, p)| p.clone())
+            .filter(|p| self.wanted_set.contains(p))
+            .collect();
+        if !home.is_empty() && done.machine != LOCAL {
+            let fetch = self.transport.clone().fetch(home);
+            self.early_copies.spawn(async move {
+                // Best effort: the copy at the end reports what still fails.
+                if let Err(e) = fetch.await {
+                    tracing::debug!("early copy of requested outputs failed: {e}");
+                }
+            });
+        }
+        self.builds_per_machine[done.machine] += 1;
+        self.results[done.node] = Some(NodeResult::Built {
+            machine: machine.name.clone(),
+            started: self.started_at[done.node],
+            seconds: done.seconds,
+        });
+        if let Some(h) = self.history {
+            let recorded = h.record(
+                &node.name,
+                &node.system,
+                &machine.name,
+                done.seconds,
+                machine.speed,
+            );
+            if let Err(e) = recorded {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Stops what still runs, brings the requested outputs of what was built home, and
+    /// reports.
+    async fn finish(mut self) -> BuildReport {
+        self.tasks.shutdown().await;
+        while self.early_copies.join_next().await.is_some() {}
+        let measured_lower_bound = measured_bound(&self.nodes, &self.results, &self.machines);
+        // Outputs of derivations that failed cannot come home; the rest do, with -k too.
+        let unbuilt: HashSet<&str> = self
+            .nodes
+            .iter()
+            .zip(&self.results)
+            .filter(|(_, r)| !matches!(r, Some(NodeResult::Built { .. })))
+            .flat_map(|(n, _)| n.outputs.iter().map(|(_, p)| p.as_str()))
+            .collect();
+        let wanted: Vec<String> = self
+            .wanted
+            .iter()
+            .filter(|p| !unbuilt.contains(p.as_str()))
+            .cloned()
+            .collect();
+        let copy_back_error = self.transport.clone().fetch(wanted).await.err();
+        self.transport.close().await;
+        BuildReport {
+            results: self
+                .results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or(NodeResult::Failed {
+                        failure: "not built".into(),
+                        log_tail: Vec::new(),
+                    })
+                })
+                .collect(),
+            wall_seconds: self.clock.elapsed().as_secs_f64(),
+            builds_per_machine: self
+                .machines
+                .iter()
+                .map(|m| m.name.clone())
+                .zip(self.builds_per_machine)
+                .collect(),
+            lower_bound: self.lower_bound,
+            measured_lower_bound,
+            copy_back_error,
+        }
+    }
+
+    fn describe(&self, failure: &Failure) -> String {
+        match failure {
+            Failure::NoMachine {
+                system,
+                features,
+                considered,
+            } => format!(
+                "no machine can build it: it needs system {system}{} and the machines considered were {}",
+                if features.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with features {}", features.join(", "))
+                },
+                considered.join(", ")
+            ),
+            Failure::BuildFailed { machine, reason } => {
+                format!("{reason} (on {})", self.machines[*machine].name)
+            }
+            Failure::DependencyFailed { dep } => {
+                format!("dependency {} failed", self.nodes[*dep].drv_path)
+            }
+            Failure::TooManyAttempts { attempts, reason } => {
+                format!("lost {attempts} times with its machine; last: {reason}")
+            }
+            Failure::Stopped => {
+                "not built: the run stopped after a failure (use --keep-going to go on)".into()
+            }
+        }
+    }
+}
+
+/// The scheduler's view of a build node. Outputs are taken to weigh 1 MiB until sizes
+/// are measured.
+fn node_spec(n: &BuildNode) -> NodeSpec {
+    NodeSpec {
+        key: n.drv_path.clone(),
+        system: n.system.clone(),
+        required_features: n.required_features.clone(),
+        deps: n.deps.clone(),
+        duration: n.estimate,
+        output_bytes: 1 << 20,
+        prefer_local: n.prefer_local,
+    }
+}
+
+/// max(critical path, total work / total slots) over the builds' measured times, each
+/// scaled to speed 1 by its machine's speed factor.
+fn measured_bound(
+    nodes: &[BuildNode],
+    results: &[Option<NodeResult>],
+    machines: &[MachineSpec],
+) -> f64 {
+    let speed: HashMap<&str, f64> = machines
+        .iter()
+        .map(|s| (s.name.as_str(), s.speed))
+        .collect();
+    let specs: Vec<NodeSpec> = nodes
+        .iter()
+        .zip(results)
+        .map(|(n, r)| NodeSpec {
+            duration: match r {
+                Some(NodeResult::Built {
+                    machine, seconds, ..
+                }) => seconds * speed.get(machine.as_str()).copied().unwrap_or(1.0),
+                _ => 0.0,
+            },
+            ..node_spec(n)
+        })
+        .collect();
+    let capacity: f64 = machines.iter().map(|s| f64::from(s.slots) * s.speed).sum();
+    match Graph::new(specs) {
+        Ok(g) => g.critical_path().max(g.total_work() / capacity.max(1.0)),
+        Err(_) => 0.0,
+    }
+}

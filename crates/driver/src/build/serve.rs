@@ -1,0 +1,359 @@
+//! The runner's transport over real machines: build tasks and copies spoken in the serve
+//! protocol over pooled sessions. For a build of derivation D on machine M it ships M the
+//! inputs it lacks (from the local store, or streamed from another builder that produced
+//! them, never twice to the same machine at once), runs BuildDerivation while its log
+//! streams, and records the outputs' infos.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use offload_nix::serve::BuildSettings;
+use offload_sched::{MachineId, Outcome};
+use tokio::sync::mpsc;
+
+use super::runner::{BuildTransport, TaskDone};
+use super::{BuildNode, BuildOptions, Reporter, LOG_TAIL_LINES};
+use crate::error::DriverError;
+use crate::fleet::{MachineConfig, LOCAL};
+use crate::paths::PathRegistry;
+use crate::pool::Pool;
+use crate::session::ServeConn;
+
+/// Sessions with every machine of the fleet, and what each store holds.
+pub(crate) struct ServeTransport {
+    pools: Vec<Pool>,
+    names: Vec<String>,
+    registry: Mutex<PathRegistry>,
+    /// One upload at a time per machine, so no path goes to a machine twice at once.
+    upload_locks: Vec<tokio::sync::Mutex<()>>,
+    nodes: Arc<[BuildNode]>,
+    /// How many builds take each store path as a direct input.
+    consumers: HashMap<String, usize>,
+    settings: BuildSettings,
+    builders_use_substitutes: bool,
+    log_dir: Option<std::path::PathBuf>,
+    reporter: Arc<dyn Reporter>,
+}
+
+impl ServeTransport {
+    /// Sessions with `machines` (none opened yet), and the infos of every input that is
+    /// no node's output, read from the local store.
+    pub(crate) async fn connect(
+        machines: Vec<MachineConfig>,
+        nodes: Arc<[BuildNode]>,
+        options: &BuildOptions,
+        reporter: Arc<dyn Reporter>,
+    ) -> Result<ServeTransport, DriverError> {
+        let mut consumers: HashMap<String, usize> = HashMap::new();
+        for input in nodes.iter().flat_map(|n| &n.inputs) {
+            *consumers.entry(input.clone()).or_default() += 1;
+        }
+        let transport = ServeTransport {
+            names: machines.iter().map(|m| m.spec.name.clone()).collect(),
+            upload_locks: machines
+                .iter()
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            pools: machines
+                .into_iter()
+                .map(|m| Pool::new(m.endpoint))
+                .collect(),
+            registry: Mutex::new(PathRegistry::default()),
+            consumers,
+            nodes,
+            settings: options.settings.clone(),
+            builders_use_substitutes: options.builders_use_substitutes,
+            log_dir: options.log_dir.clone(),
+            reporter,
+        };
+        transport.learn_local_inputs().await?;
+        Ok(transport)
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, PathRegistry> {
+        // The registry stays consistent through a panic elsewhere: every change is one call.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl BuildTransport for ServeTransport {
+    async fn build(
+        self: Arc<Self>,
+        node: usize,
+        machine: MachineId,
+        cores: Option<u32>,
+    ) -> TaskDone {
+        let started = Instant::now();
+        let mut log = BuildLog::new(&self, node, machine);
+        let (outcome, machine_down) = self.build_on(node, machine, cores, &mut log).await;
+        TaskDone {
+            node,
+            machine,
+            outcome,
+            log_tail: log.tail.into_iter().collect(),
+            seconds: started.elapsed().as_secs_f64(),
+            machine_down,
+        }
+    }
+
+    async fn fetch(self: Arc<Self>, paths: Vec<String>) -> Result<(), DriverError> {
+        self.ensure_on(LOCAL, &paths, None).await
+    }
+
+    fn forget_machine(&self, machine: MachineId) {
+        self.registry().remove_machine(machine);
+    }
+
+    async fn close(&self) {
+        for pool in &self.pools {
+            pool.close().await;
+        }
+    }
+}
+
+impl ServeTransport {
+    /// Learns the infos of every input that is no node's output: they are in the local
+    /// store (evaluation put them there, or Nix fetched them).
+    async fn learn_local_inputs(&self) -> Result<(), DriverError> {
+        let outputs: std::collections::HashSet<&str> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.outputs.iter().map(|(_, p)| p.as_str()))
+            .collect();
+        let mut roots: Vec<String> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.inputs.iter())
+            .filter(|p| !outputs.contains(p.as_str()))
+            .cloned()
+            .collect();
+        roots.sort();
+        roots.dedup();
+        if roots.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.pools[LOCAL].get().await?;
+        let closure = conn.query_closure(&roots, false).await?;
+        let infos = conn.query_path_infos(&closure).await?;
+        self.pools[LOCAL].put(conn);
+        let mut registry = self.registry();
+        for info in infos {
+            registry.insert(info, LOCAL);
+        }
+        Ok(())
+    }
+
+    /// Makes the closure of `paths` valid on `machine`, copying what it lacks from a holder
+    /// (the local store first). A path built on another builder and needed by more than one
+    /// build comes to the local store on the way, so that later copies cross one link, not
+    /// two, and the builder that made it serves it once. `conn`, when given, is a session
+    /// with `machine` to use.
+    async fn ensure_on(
+        &self,
+        machine: MachineId,
+        paths: &[String],
+        conn: Option<&mut ServeConn>,
+    ) -> Result<(), DriverError> {
+        let _upload = self.upload_locks[machine].lock().await;
+        let closure = self.registry().closure(paths);
+        let unknown: Vec<String> = {
+            let registry = self.registry();
+            closure
+                .iter()
+                .filter(|p| !registry.is_on(p, machine))
+                .cloned()
+                .collect()
+        };
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let mut own = None;
+        let target: &mut ServeConn = match conn {
+            Some(c) => c,
+            None => own.insert(self.pools[machine].get().await?),
+        };
+        // The machine may have some already (an earlier run), or fetch them from its own
+        // substituters when allowed.
+        let substitute = self.builders_use_substitutes && machine != LOCAL;
+        let present = target
+            .query_valid_paths(&unknown, false, substitute)
+            .await?;
+        {
+            let mut registry = self.registry();
+            for p in &present {
+                registry.add_holder(p, machine);
+            }
+        }
+        for path in unknown.iter().filter(|p| !present.contains(p)) {
+            let (info, source) = {
+                let registry = self.registry();
+                let info = registry.info(path).cloned();
+                let holders: Vec<MachineId> = registry.holders(path).collect();
+                (info, holders.into_iter().min_by_key(|&h| h != LOCAL))
+            };
+            let (Some(info), Some(mut source)) = (info, source) else {
+                return Err(DriverError::NotValid {
+                    machine: "any machine of the fleet".into(),
+                    path: path.clone(),
+                });
+            };
+            let shared_input = self.consumers.get(path).is_some_and(|&n| n > 1);
+            if source != LOCAL && machine != LOCAL && shared_input {
+                Box::pin(self.ensure_on(LOCAL, std::slice::from_ref(path), None)).await?;
+                source = LOCAL;
+            }
+            let mut from = self.pools[source].get().await?;
+            let result = target.add_to_store_nar_from(&info, &mut from).await;
+            self.pools[source].put(from);
+            result?;
+            self.registry().add_holder(path, machine);
+        }
+        if let Some(conn) = own {
+            self.pools[machine].put(conn);
+        }
+        Ok(())
+    }
+
+    /// Ships the inputs, builds, and learns the outputs. Returns the outcome and whether
+    /// the machine is to be taken out of the run: as for Nix's build hook, a machine whose
+    /// session breaks (it cannot be reached, or the connection dies mid-operation) gets no
+    /// more work, and what it was doing runs elsewhere.
+    async fn build_on(
+        &self,
+        node: usize,
+        machine: MachineId,
+        cores: Option<u32>,
+        log: &mut BuildLog<'_>,
+    ) -> (Outcome, bool) {
+        let mut conn = match self.pools[machine].get_with_cores(cores).await {
+            Ok(c) => c,
+            Err(e) => return (lost(e), true),
+        };
+        let n = &self.nodes[node];
+        if let Err(e) = self.ensure_on(machine, &n.inputs, Some(&mut conn)).await {
+            let down = conn.is_broken();
+            return (lost(e), down);
+        }
+        // As Nix's build hook does: the inputs are the whole shipped closure, as sources.
+        let mut drv = n.drv.clone();
+        drv.input_srcs = self.registry().closure(&n.inputs);
+        drv.input_srcs.sort();
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        conn.set_log_sink(Some(tx));
+        let result = {
+            let build = conn.build_derivation(&n.drv_path, &drv, &self.settings);
+            tokio::pin!(build);
+            loop {
+                tokio::select! {
+                    r = &mut build => break r,
+                    Some(line) = rx.recv() => log.push(line),
+                }
+            }
+        };
+        conn.set_log_sink(None);
+        while let Ok(line) = rx.try_recv() {
+            log.push(line);
+        }
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => return (lost(e), true),
+        };
+        if !result.status.is_success() {
+            self.pools[machine].put(conn);
+            let reason = if result.error_msg.is_empty() {
+                format!("build of {} failed: {:?}", n.drv_path, result.status)
+            } else {
+                result.error_msg
+            };
+            return (Outcome::Failed { reason }, false);
+        }
+        let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
+        let infos = match conn.query_path_infos(&outputs).await {
+            Ok(infos) => infos,
+            Err(e) => return (lost(e), true),
+        };
+        self.pools[machine].put(conn);
+        if infos.len() < outputs.len() {
+            let reason = format!(
+                "{} reported success but not all of its outputs are valid there",
+                n.drv_path
+            );
+            return (Outcome::Failed { reason }, false);
+        }
+        let mut registry = self.registry();
+        for info in infos {
+            registry.insert(info, machine);
+        }
+        (Outcome::Built, false)
+    }
+}
+
+/// Where a build's log lines go: the reporter, the file Nix would keep
+/// (`drvs/XX/REST` under the log directory, where `nix log` finds it), and the last
+/// [`LOG_TAIL_LINES`] lines for an error message.
+struct BuildLog<'a> {
+    transport: &'a ServeTransport,
+    node: usize,
+    machine: MachineId,
+    file: Option<std::fs::File>,
+    tail: std::collections::VecDeque<String>,
+}
+
+impl<'a> BuildLog<'a> {
+    fn new(transport: &'a ServeTransport, node: usize, machine: MachineId) -> Self {
+        let drv_path = &transport.nodes[node].drv_path;
+        BuildLog {
+            transport,
+            node,
+            machine,
+            file: transport
+                .log_dir
+                .as_deref()
+                .and_then(|dir| open_log(dir, drv_path)),
+            tail: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, line: String) {
+        use std::io::Write as _;
+        let drv = &self.transport.nodes[self.node].drv_path;
+        self.transport
+            .reporter
+            .build_log(drv, &self.transport.names[self.machine], &line);
+        if let Some(f) = &mut self.file {
+            if writeln!(f, "{line}").is_err() {
+                self.file = None;
+            }
+        }
+        self.tail.push_back(line);
+        if self.tail.len() > LOG_TAIL_LINES {
+            self.tail.pop_front();
+        }
+    }
+}
+
+/// Opens the log file for `drv_path`. A log that cannot be written is not worth
+/// failing a build over: it is reported and skipped.
+fn open_log(dir: &std::path::Path, drv_path: &str) -> Option<std::fs::File> {
+    let base = drv_path.rsplit('/').next()?;
+    let (head, rest) = (base.get(..2)?, base.get(2..)?);
+    let sub = dir.join("drvs").join(head);
+    if let Err(e) = std::fs::create_dir_all(&sub) {
+        tracing::warn!(
+            "cannot keep the build log of {drv_path} in {}: {e}",
+            sub.display()
+        );
+        return None;
+    }
+    std::fs::File::create(sub.join(rest))
+        .map_err(|e| tracing::warn!("cannot keep the build log of {drv_path}: {e}"))
+        .ok()
+}
+
+fn lost(e: DriverError) -> Outcome {
+    Outcome::Lost {
+        reason: e.to_string(),
+    }
+}

@@ -1,0 +1,441 @@
+//! The runner's logic without Nix: a fake transport whose builds end as each test says,
+//! checked against what the runner reports, fetches and records.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use offload_nix::serve::BasicDerivation;
+use offload_sched::{MachineId, MachineSpec, Outcome};
+
+use super::runner::{BuildTransport, Runner, TaskDone};
+use super::{BuildNode, BuildReport, NodeResult, Reporter};
+use crate::error::DriverError;
+use crate::fleet::LOCAL;
+use crate::history::History;
+
+const SYSTEM: &str = "x86_64-linux";
+const REMOTE: MachineId = 1;
+
+/// How a fake build ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ending {
+    Built,
+    /// The builder failed (exit 3 after some log lines).
+    Failed,
+    /// The session broke: the machine is taken out of the run.
+    MachineDown,
+    /// Never ends by itself.
+    Hang,
+}
+
+type Plan = dyn Fn(&str, MachineId) -> Ending + Send + Sync;
+
+/// A transport whose builds end by `plan` (node name, machine), and that records what
+/// the runner asked of it.
+struct FakeTransport {
+    names: Vec<String>,
+    plan: Box<Plan>,
+    fetch_fails: bool,
+    builds: Mutex<Vec<(String, MachineId, Option<u32>)>>,
+    fetched: Mutex<Vec<String>>,
+    forgotten: Mutex<Vec<MachineId>>,
+    closed: Mutex<bool>,
+}
+
+impl FakeTransport {
+    fn new(
+        nodes: &[BuildNode],
+        plan: impl Fn(&str, MachineId) -> Ending + Send + Sync + 'static,
+    ) -> Self {
+        FakeTransport {
+            names: nodes.iter().map(|n| n.name.clone()).collect(),
+            plan: Box::new(plan),
+            fetch_fails: false,
+            builds: Mutex::default(),
+            fetched: Mutex::default(),
+            forgotten: Mutex::default(),
+            closed: Mutex::default(),
+        }
+    }
+
+    fn builds(&self) -> Vec<(String, MachineId)> {
+        let builds = self.builds.lock().unwrap();
+        builds.iter().map(|(n, m, _)| (n.clone(), *m)).collect()
+    }
+}
+
+impl BuildTransport for FakeTransport {
+    async fn build(
+        self: Arc<Self>,
+        node: usize,
+        machine: MachineId,
+        cores: Option<u32>,
+    ) -> TaskDone {
+        let name = self.names[node].clone();
+        self.builds
+            .lock()
+            .unwrap()
+            .push((name.clone(), machine, cores));
+        let ending = (self.plan)(&name, machine);
+        tokio::task::yield_now().await;
+        let (outcome, machine_down) = match ending {
+            Ending::Built => (Outcome::Built, false),
+            Ending::Failed => (
+                Outcome::Failed {
+                    reason: format!("builder for '{name}' failed with exit code 3"),
+                },
+                false,
+            ),
+            Ending::MachineDown => (
+                Outcome::Lost {
+                    reason: "the session ended".into(),
+                },
+                true,
+            ),
+            Ending::Hang => std::future::pending().await,
+        };
+        let log_tail = if ending == Ending::Failed {
+            vec!["log line 1".into(), "log line 2".into()]
+        } else {
+            Vec::new()
+        };
+        TaskDone {
+            node,
+            machine,
+            outcome,
+            log_tail,
+            seconds: 0.5,
+            machine_down,
+        }
+    }
+
+    async fn fetch(self: Arc<Self>, paths: Vec<String>) -> Result<(), DriverError> {
+        if self.fetch_fails && !paths.is_empty() {
+            return Err(DriverError::NotValid {
+                machine: "local".into(),
+                path: paths[0].clone(),
+            });
+        }
+        self.fetched.lock().unwrap().extend(paths);
+        Ok(())
+    }
+
+    fn forget_machine(&self, machine: MachineId) {
+        self.forgotten.lock().unwrap().push(machine);
+    }
+
+    async fn close(&self) {
+        *self.closed.lock().unwrap() = true;
+    }
+}
+
+/// Events as the reporter saw them.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl Reporter for Recorder {
+    fn build_started(&self, drv: &str, machine: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("start {} {machine}", name_of(drv)));
+    }
+    fn build_log(&self, _drv: &str, _machine: &str, _line: &str) {}
+    fn build_finished(&self, drv: &str, machine: &str, ok: bool, _seconds: f64) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("end {} {machine} {ok}", name_of(drv)));
+    }
+}
+
+fn name_of(drv: &str) -> &str {
+    drv.rsplit_once('-')
+        .map_or(drv, |(_, n)| n.trim_end_matches(".drv"))
+}
+
+fn output(name: &str) -> String {
+    format!("/nix/store/{}-{name}", "1".repeat(32))
+}
+
+/// A node called `name` needing the nodes at `deps`.
+fn node(name: &str, deps: &[usize]) -> BuildNode {
+    BuildNode {
+        drv_path: format!("/nix/store/{}-{name}.drv", "0".repeat(32)),
+        name: name.into(),
+        system: SYSTEM.into(),
+        required_features: Vec::new(),
+        prefer_local: false,
+        deps: deps.to_vec(),
+        inputs: Vec::new(),
+        outputs: vec![("out".into(), output(name))],
+        drv: BasicDerivation {
+            outputs: Vec::new(),
+            input_srcs: Vec::new(),
+            platform: SYSTEM.into(),
+            builder: b"/bin/sh".to_vec(),
+            args: Vec::new(),
+            env: Vec::new(),
+        },
+        estimate: 1.0,
+    }
+}
+
+/// The local machine and one builder, `slots` each.
+fn fleet(slots: u32) -> Vec<MachineSpec> {
+    vec![
+        MachineSpec::local(SYSTEM, slots),
+        MachineSpec::new("b1", SYSTEM, slots, 1.0),
+    ]
+}
+
+struct Run {
+    report: Result<BuildReport, DriverError>,
+    transport: Arc<FakeTransport>,
+    events: Vec<String>,
+}
+
+impl Run {
+    fn report(&self) -> &BuildReport {
+        self.report.as_ref().expect("the run ends with a report")
+    }
+
+    fn result(&self, i: usize) -> &NodeResult {
+        &self.report().results[i]
+    }
+}
+
+/// Runs `nodes` on `machines` with the fake transport, requesting every output.
+async fn run(
+    nodes: Vec<BuildNode>,
+    machines: Vec<MachineSpec>,
+    transport: FakeTransport,
+    keep_going: bool,
+    history: Option<&History>,
+    interrupt: impl Future<Output = ()>,
+) -> Run {
+    let wanted = nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().map(|(_, p)| p.clone()))
+        .collect();
+    let cores = machines.iter().map(|m| m.is_local.then_some(4)).collect();
+    let transport = Arc::new(transport);
+    let recorder = Arc::new(Recorder::default());
+    let runner = Runner::new(
+        transport.clone(),
+        nodes.into(),
+        machines,
+        cores,
+        wanted,
+        keep_going,
+        history,
+        recorder.clone(),
+    )
+    .unwrap();
+    let report = runner.run(interrupt).await;
+    let events = recorder.0.lock().unwrap().clone();
+    Run {
+        report,
+        transport,
+        events,
+    }
+}
+
+fn never() -> impl Future<Output = ()> {
+    std::future::pending()
+}
+
+#[tokio::test]
+async fn starts_in_dependency_order_finishes_and_brings_outputs_home() {
+    let nodes = vec![node("a", &[]), node("b", &[]), node("top", &[0, 1])];
+    let transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    let dir = tempfile::tempdir().unwrap();
+    let history = History::open(&dir.path().join("history.sqlite")).unwrap();
+    let run = run(nodes, fleet(1), transport, false, Some(&history), never()).await;
+    let report = run.report();
+    assert!(report.all_built(), "{:?}", report.results);
+    let builds = run.transport.builds();
+    assert_eq!(builds.len(), 3);
+    // One slot on each machine: the two leaves run side by side, the top after them.
+    assert_eq!(builds[2].0, "top");
+    let leaves: Vec<MachineId> = builds[..2].iter().map(|(_, m)| *m).collect();
+    assert!(
+        leaves.contains(&LOCAL) && leaves.contains(&REMOTE),
+        "{builds:?}"
+    );
+    let per_machine: HashMap<&str, usize> = report
+        .builds_per_machine
+        .iter()
+        .map(|(m, n)| (m.as_str(), *n))
+        .collect();
+    assert_eq!(per_machine["local"] + per_machine["b1"], 3);
+    // Every requested output reaches the local store (some early, the rest at the end).
+    let fetched = run.transport.fetched.lock().unwrap().clone();
+    for name in ["a", "b", "top"] {
+        assert!(
+            fetched.contains(&output(name)),
+            "{name} not fetched: {fetched:?}"
+        );
+    }
+    assert!(*run.transport.closed.lock().unwrap());
+    // Every start has its end, reported once.
+    assert_eq!(
+        run.events.iter().filter(|e| e.starts_with("start")).count(),
+        3
+    );
+    assert_eq!(
+        run.events.iter().filter(|e| e.ends_with(" true")).count(),
+        3
+    );
+    // Durations go to the history, scaled by the machine's speed.
+    assert_eq!(history.estimate("top").unwrap().0, 0.5);
+    // A lone build on the local machine gets all of its cores.
+    let cores = run.transport.builds.lock().unwrap().clone();
+    assert!(cores.iter().any(|(_, m, c)| *m == LOCAL && *c == Some(4)));
+    assert!(cores.iter().all(|(_, m, c)| *m == LOCAL || c.is_none()));
+}
+
+#[tokio::test]
+async fn a_failure_stops_the_run_and_cancels_what_runs() {
+    // `slow` never ends by itself: the failure of `bad` must cancel it.
+    let nodes = vec![node("bad", &[]), node("slow", &[]), node("after", &[0])];
+    let transport = FakeTransport::new(&nodes, |name, _| match name {
+        "bad" => Ending::Failed,
+        "slow" => Ending::Hang,
+        _ => Ending::Built,
+    });
+    let run = run(nodes, fleet(1), transport, false, None, never()).await;
+    let report = run.report();
+    assert!(!report.all_built());
+    match run.result(0) {
+        NodeResult::Failed { failure, log_tail } => {
+            assert!(failure.contains("exit code 3"), "{failure}");
+            assert!(failure.contains("(on "), "{failure}");
+            assert_eq!(log_tail, &["log line 1", "log line 2"]);
+        }
+        other => panic!("bad: {other:?}"),
+    }
+    match run.result(1) {
+        NodeResult::Failed { failure, .. } => {
+            assert!(failure.contains("--keep-going"), "{failure}")
+        }
+        other => panic!("slow: {other:?}"),
+    }
+    assert!(matches!(run.result(2), NodeResult::Failed { .. }));
+    // Nothing was built, so nothing comes home.
+    assert!(run.transport.fetched.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn keep_going_builds_everything_that_does_not_depend_on_a_failure() {
+    let nodes = vec![node("bad", &[]), node("fine", &[]), node("after", &[0])];
+    let transport = FakeTransport::new(&nodes, |name, _| {
+        if name == "bad" {
+            Ending::Failed
+        } else {
+            Ending::Built
+        }
+    });
+    let run = run(nodes, fleet(1), transport, true, None, never()).await;
+    assert!(matches!(run.result(1), NodeResult::Built { .. }));
+    match run.result(2) {
+        NodeResult::Failed { failure, .. } => {
+            assert!(failure.starts_with("dependency /nix/store/"), "{failure}");
+            assert!(failure.contains("-bad.drv failed"), "{failure}");
+        }
+        other => panic!("after: {other:?}"),
+    }
+    // Only what was built is fetched.
+    let fetched = run.transport.fetched.lock().unwrap().clone();
+    assert!(fetched.contains(&output("fine")));
+    assert!(!fetched.contains(&output("bad")) && !fetched.contains(&output("after")));
+}
+
+#[tokio::test]
+async fn a_lost_machine_is_forgotten_and_its_builds_run_elsewhere() {
+    // The builder is faster, so the scheduler puts both builds there first.
+    let mut machines = fleet(2);
+    machines[REMOTE].speed = 4.0;
+    let nodes = vec![node("x", &[]), node("y", &[])];
+    let transport = FakeTransport::new(&nodes, |name, m| match (name, m) {
+        ("x", REMOTE) => Ending::MachineDown,
+        // Still running there when the machine is lost: aborted, built again.
+        ("y", REMOTE) => Ending::Hang,
+        _ => Ending::Built,
+    });
+    let run = run(nodes, machines, transport, false, None, never()).await;
+    let report = run.report();
+    assert!(report.all_built(), "{:?}", report.results);
+    assert_eq!(*run.transport.forgotten.lock().unwrap(), [REMOTE]);
+    let builds = run.transport.builds();
+    assert_eq!(
+        &builds[..2],
+        &[("x".into(), REMOTE), ("y".into(), REMOTE)],
+        "{builds:?}"
+    );
+    assert!(builds[2..].iter().all(|(_, m)| *m == LOCAL), "{builds:?}");
+    assert_eq!(
+        report.builds_per_machine,
+        [("local".into(), 2), ("b1".into(), 0)]
+    );
+    // The lost attempt is not reported as a finished build.
+    assert!(
+        !run.events.iter().any(|e| e.contains("b1 ")),
+        "{:?}",
+        run.events
+    );
+}
+
+#[tokio::test]
+async fn an_interrupt_stops_every_build() {
+    let nodes = vec![node("p", &[]), node("q", &[])];
+    let transport = FakeTransport::new(&nodes, |_, _| Ending::Hang);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let interrupt = async move {
+        let _ = stopped.await;
+    };
+    let driver = tokio::spawn(async move {
+        // Let both builds start before the interrupt.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stop.send(()).unwrap();
+    });
+    let run = run(nodes, fleet(1), transport, false, None, interrupt).await;
+    driver.await.unwrap();
+    match run.report {
+        Err(DriverError::Interrupted { stopped }) => assert_eq!(stopped, 2),
+        other => panic!("{:?}", other.map(|r| r.results)),
+    }
+    assert_eq!(run.transport.builds().len(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_copy_home_fails_the_run() {
+    let nodes = vec![node("a", &[])];
+    let mut transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    transport.fetch_fails = true;
+    let run = run(nodes, fleet(1), transport, false, None, never()).await;
+    let report = run.report();
+    assert!(matches!(run.result(0), NodeResult::Built { .. }));
+    assert!(report.copy_back_error.is_some());
+    assert!(!report.all_built());
+}
+
+#[tokio::test]
+async fn a_derivation_no_machine_can_build_fails_at_once() {
+    let mut odd = node("odd", &[]);
+    odd.system = "riscv64-linux".into();
+    let nodes = vec![odd, node("fine", &[])];
+    let transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    let run = run(nodes, fleet(1), transport, true, None, never()).await;
+    match run.result(0) {
+        NodeResult::Failed { failure, .. } => assert_eq!(
+            failure,
+            "no machine can build it: it needs system riscv64-linux and the machines \
+             considered were local, b1"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(run.result(1), NodeResult::Built { .. }));
+    assert!(!run.transport.builds().iter().any(|(n, _)| n == "odd"));
+}

@@ -1,0 +1,288 @@
+//! The machines a run may use, built in one place from Nix's settings and the user's
+//! choice of hosts: the local machine (always index [`LOCAL`], with Nix's `max-jobs`,
+//! `system`, `extra-platforms` and `system-features`) and the builders of the machines
+//! file or `--builders`, narrowed by `--on`, `--exclude` and `--local-only`.
+
+use offload_nix::machines::{parse_builders, Machine, MachinesError};
+use offload_sched::{MachineId, MachineSpec};
+use thiserror::Error;
+
+use crate::error::DriverError;
+use crate::nixconf::NixSettings;
+use crate::transport::{Endpoint, Route};
+
+/// Index of the local machine in a fleet.
+pub const LOCAL: MachineId = 0;
+/// What `--on` and `--exclude` call the local machine.
+pub const LOCAL_NAME: &str = "local";
+/// Assumed link to a remote machine until measured: 100 MB/s.
+pub const DEFAULT_BANDWIDTH: f64 = 100e6;
+/// Assumed fixed cost of a transfer to a remote machine: 5 ms.
+pub const DEFAULT_LATENCY: f64 = 0.005;
+
+/// A machine the runner may use.
+pub struct MachineConfig {
+    pub endpoint: Endpoint,
+    pub spec: MachineSpec,
+    /// Its CPU cores, when known: builds then share them (`NIX_BUILD_CORES`), a lone
+    /// build getting all, many builds a fair part each. `None` leaves the machine's own
+    /// `cores` setting alone.
+    pub cores: Option<u32>,
+}
+
+/// Which hosts a run may use, as the user chose them.
+#[derive(Debug, Clone, Default)]
+pub struct MachineChoice {
+    /// Machines in Nix's syntax (`--builders`); `None` takes Nix's `builders` setting.
+    pub builders: Option<String>,
+    /// Only these machines (store URIs, host names, or `local`); empty: all.
+    pub on: Vec<String>,
+    /// Not these machines.
+    pub exclude: Vec<String>,
+    /// No builders at all.
+    pub local_only: bool,
+    /// Local build slots (`-j`); `None` takes Nix's `max-jobs`.
+    pub max_jobs: Option<u32>,
+}
+
+/// The fleet cannot be built from the settings and the choice.
+#[derive(Debug, Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Machines(#[from] MachinesError),
+    #[error("--on {wanted}: no such machine; the machines are: {known}")]
+    UnknownMachine { wanted: String, known: String },
+    #[error(transparent)]
+    Endpoint(#[from] DriverError),
+}
+
+/// The local machine and the chosen builders, in that order.
+pub fn build_fleet(
+    choice: &MachineChoice,
+    settings: &NixSettings,
+) -> Result<Vec<MachineConfig>, FleetError> {
+    let (spec, origin) = match &choice.builders {
+        Some(s) => (s.as_str(), "--builders"),
+        None => (settings.builders.as_str(), "builders setting"),
+    };
+    let mut machines = if choice.local_only {
+        Vec::new()
+    } else {
+        parse_builders(spec, origin, &settings.system)?
+    };
+    for wanted in &choice.on {
+        if wanted != LOCAL_NAME && !machines.iter().any(|m| machine_matches(m, wanted)) {
+            let known: Vec<&str> = std::iter::once(LOCAL_NAME)
+                .chain(machines.iter().map(|m| m.uri.as_str()))
+                .collect();
+            return Err(FleetError::UnknownMachine {
+                wanted: wanted.clone(),
+                known: known.join(", "),
+            });
+        }
+    }
+    if !choice.on.is_empty() {
+        machines.retain(|m| choice.on.iter().any(|w| machine_matches(m, w)));
+    }
+    machines.retain(|m| !choice.exclude.iter().any(|w| machine_matches(m, w)));
+    let local_excluded = choice.exclude.iter().any(|w| w == LOCAL_NAME)
+        || (!choice.on.is_empty() && !choice.on.iter().any(|w| w == LOCAL_NAME));
+    let local_slots = if local_excluded {
+        0
+    } else {
+        choice.max_jobs.unwrap_or(settings.max_jobs)
+    };
+    let mut local = MachineSpec::local(&settings.system, local_slots);
+    local.systems = settings.local_systems();
+    local.supported_features = settings.system_features.clone();
+    let mut fleet = vec![MachineConfig {
+        endpoint: Endpoint::local(LOCAL_NAME, None),
+        spec: local,
+        cores: Some(local_cores(settings)),
+    }];
+    let names = machine_names(&machines);
+    for (m, name) in machines.iter().zip(names) {
+        fleet.push(MachineConfig {
+            endpoint: endpoint(m)?,
+            spec: remote_spec(m, name, DEFAULT_BANDWIDTH, DEFAULT_LATENCY),
+            // A remote's core count is not in the machines file; its own setting stays.
+            cores: None,
+        });
+    }
+    Ok(fleet)
+}
+
+/// How to reach a machine: its store URI with the machines file's ssh key and host key.
+fn endpoint(m: &Machine) -> Result<Endpoint, DriverError> {
+    let mut endpoint = Endpoint::parse(&m.uri)?;
+    if let Route::Ssh {
+        ssh_key,
+        host_public_key,
+        ..
+    } = &mut endpoint.route
+    {
+        if let Some(key) = &m.ssh_key {
+            *ssh_key = Some(key.into());
+        }
+        if m.public_host_key.is_some() {
+            *host_public_key = m.host_key_line();
+        }
+    }
+    Ok(endpoint)
+}
+
+/// The planning figures of a builder from its machines-file line.
+pub fn remote_spec(m: &Machine, name: String, bandwidth: f64, latency: f64) -> MachineSpec {
+    MachineSpec {
+        name,
+        systems: m.systems.clone(),
+        supported_features: m.supported_features.iter().cloned().collect(),
+        mandatory_features: m.mandatory_features.iter().cloned().collect(),
+        slots: m.max_jobs,
+        speed: f64::from(m.speed_factor),
+        is_local: false,
+        bandwidth,
+        latency,
+    }
+}
+
+/// What reports call each machine: `host`, or `host:STORE` with a remote store; a name
+/// that repeats gets `#2`, `#3`, … so that every machine has its own.
+pub fn machine_names(machines: &[Machine]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::with_capacity(machines.len());
+    for m in machines {
+        let base = match m.store_uri() {
+            Ok(u) if u.is_ssh() => match u.remote_store() {
+                Some(store) => format!("{}:{store}", u.authority),
+                None => u.authority.clone(),
+            },
+            _ => m.uri.clone(),
+        };
+        let repeats = names
+            .iter()
+            .filter(|n| **n == base || n.starts_with(&format!("{base}#")))
+            .count();
+        names.push(if repeats == 0 {
+            base
+        } else {
+            format!("{base}#{}", repeats + 1)
+        });
+    }
+    names
+}
+
+/// Whether the user's word for a machine (`--on`, `--exclude`) names `m`: its URI, its
+/// host, or its host without the user.
+fn machine_matches(m: &Machine, wanted: &str) -> bool {
+    let host = m
+        .uri
+        .strip_prefix("ssh://")
+        .map(|h| h.split('?').next().unwrap_or(h));
+    m.uri == wanted
+        || host == Some(wanted)
+        || host.is_some_and(|h| h.rsplit('@').next() == Some(wanted))
+}
+
+/// Cores of this machine: Nix's `cores` when set, else all of them.
+fn local_cores(settings: &NixSettings) -> u32 {
+    if settings.cores > 0 {
+        settings.cores
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(builders: &str) -> NixSettings {
+        NixSettings {
+            builders: builders.into(),
+            max_jobs: 4,
+            cores: 2,
+            system: "x86_64-linux".into(),
+            extra_platforms: vec!["i686-linux".into()],
+            system_features: vec!["kvm".into()],
+            builders_use_substitutes: false,
+            substituters: Vec::new(),
+        }
+    }
+
+    fn names(fleet: &[MachineConfig]) -> Vec<(&str, u32)> {
+        fleet
+            .iter()
+            .map(|m| (m.spec.name.as_str(), m.spec.slots))
+            .collect()
+    }
+
+    #[test]
+    fn local_machine_first_with_nix_settings() {
+        let s = settings("ssh://b1 x86_64-linux - 8 2; ssh://root@b2 aarch64-linux");
+        let fleet = build_fleet(&MachineChoice::default(), &s).unwrap();
+        assert_eq!(names(&fleet), [("local", 4), ("b1", 8), ("root@b2", 1)]);
+        assert_eq!(fleet[LOCAL].spec.systems, ["x86_64-linux", "i686-linux"]);
+        assert_eq!(fleet[LOCAL].spec.supported_features, ["kvm"]);
+        assert_eq!(fleet[LOCAL].cores, Some(2));
+        assert_eq!(fleet[1].spec.speed, 2.0);
+        assert_eq!(fleet[1].spec.bandwidth, DEFAULT_BANDWIDTH);
+    }
+
+    #[test]
+    fn on_and_exclude_narrow_the_fleet() {
+        let s = settings("ssh://b1; ssh://root@b2; ssh://b3");
+        let choice = MachineChoice {
+            on: vec!["b1".into(), "b2".into(), "b3".into()],
+            exclude: vec!["b3".into()],
+            ..MachineChoice::default()
+        };
+        let fleet = build_fleet(&choice, &s).unwrap();
+        // Naming hosts without `local` keeps builds off this machine.
+        assert_eq!(names(&fleet), [("local", 0), ("b1", 1), ("root@b2", 1)]);
+        let choice = MachineChoice {
+            exclude: vec!["local".into()],
+            max_jobs: Some(9),
+            ..MachineChoice::default()
+        };
+        assert_eq!(build_fleet(&choice, &s).unwrap()[LOCAL].spec.slots, 0);
+        let choice = MachineChoice {
+            local_only: true,
+            max_jobs: Some(9),
+            ..MachineChoice::default()
+        };
+        assert_eq!(names(&build_fleet(&choice, &s).unwrap()), [("local", 9)]);
+    }
+
+    #[test]
+    fn an_unknown_host_is_named_with_the_known_ones() {
+        let s = settings("ssh://b1");
+        let choice = MachineChoice {
+            on: vec!["b9".into()],
+            ..MachineChoice::default()
+        };
+        let e = build_fleet(&choice, &s).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            "--on b9: no such machine; the machines are: local, ssh://b1"
+        );
+    }
+
+    #[test]
+    fn names_are_short_and_unique() {
+        let s = settings(
+            "ssh://localhost?remote-store=/tmp/m1; ssh://localhost?remote-store=/tmp/m2; b1; ssh://b1",
+        );
+        let fleet = build_fleet(&MachineChoice::default(), &s).unwrap();
+        let got: Vec<&str> = fleet.iter().map(|m| m.spec.name.as_str()).collect();
+        assert_eq!(
+            got,
+            [
+                "local",
+                "localhost:/tmp/m1",
+                "localhost:/tmp/m2",
+                "b1",
+                "b1#2"
+            ]
+        );
+    }
+}
