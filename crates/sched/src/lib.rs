@@ -10,13 +10,17 @@
 //! clock (`clippy.toml` bans `Instant::now`/`SystemTime::now`): the live driver and a
 //! simulator run the same code and get the same plan from the same inputs.
 
+mod classes;
+mod dispatch;
+pub mod events;
 pub mod fleet;
 pub mod graph;
 pub mod scheduler;
 
+pub use events::{Action, Event, Failure, NodeState, Outcome};
 pub use fleet::{MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
-pub use scheduler::{Action, Event, Failure, NodeState, Outcome, Scheduler, MAX_ATTEMPTS};
+pub use scheduler::{Scheduler, MAX_ATTEMPTS};
 
 /// Seconds (at speed 1) assumed for a derivation nothing is known about: what the live
 /// driver plans with before the history has a build of its name, and what a simulated
