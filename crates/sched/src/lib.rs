@@ -9,6 +9,14 @@
 //! This crate must not depend on tokio, on any I/O (`std::{fs, net, process}`) or read a
 //! clock (`clippy.toml` bans `Instant::now`/`SystemTime::now`): the live driver and a
 //! simulator run the same code and get the same plan from the same inputs.
+//!
+//! Layout:
+//! - [`graph`]: the derivation DAG and priorities; [`fleet`]: machines and what they can
+//!   build;
+//! - [`events`]: the scheduler's inputs ([`Event`]) and outputs ([`Action`]);
+//! - [`scheduler`]: the state machine, event by event;
+//! - `classes` (machines interchangeable for planning, ordered by first free slot) and
+//!   `dispatch` (which ready derivation goes where), both private.
 
 mod classes;
 mod dispatch;

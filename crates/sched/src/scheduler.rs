@@ -14,7 +14,7 @@ use crate::dispatch::{Kind, ReadyKey};
 use crate::fleet::{MachineId, MachineSpec};
 use crate::graph::{Graph, NodeId};
 
-// The types and constants that stood here before the split keep their paths.
+// Re-exported so that paths through this module (`scheduler::Event`, …) keep working.
 pub use crate::dispatch::RESERVATIONS_PER_ROUND;
 pub use crate::events::{Action, Event, Failure, NodeState, Outcome};
 
