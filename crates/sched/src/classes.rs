@@ -67,15 +67,28 @@ struct ClassKey<'a> {
 
 impl<'a> ClassKey<'a> {
     fn of(spec: &'a MachineSpec) -> Self {
+        // Taken apart in full: a field added to `MachineSpec` must be placed in the key
+        // or left out here on purpose, never forgotten.
+        let MachineSpec {
+            name: _,
+            systems,
+            supported_features,
+            mandatory_features,
+            slots,
+            speed,
+            is_local,
+            bandwidth,
+            latency,
+        } = spec;
         ClassKey {
-            systems: &spec.systems,
-            supported_features: &spec.supported_features,
-            mandatory_features: &spec.mandatory_features,
-            slots: spec.slots,
-            speed_bits: spec.speed.to_bits(),
-            is_local: spec.is_local,
-            bandwidth_bits: spec.bandwidth.to_bits(),
-            latency_bits: spec.latency.to_bits(),
+            systems,
+            supported_features,
+            mandatory_features,
+            slots: *slots,
+            speed_bits: speed.to_bits(),
+            is_local: *is_local,
+            bandwidth_bits: bandwidth.to_bits(),
+            latency_bits: latency.to_bits(),
         }
     }
 }

@@ -1,6 +1,12 @@
 //! Placing ready nodes: ready derivations are grouped into kinds (same system,
 //! features, `preferLocalBuild`), each kind's ready nodes kept in priority order, and a
 //! round of [`Scheduler::dispatch`] puts the best ones where they would finish first.
+//!
+//! Policy: ready derivations go in priority order (their duration-weighted critical
+//! path); each goes to the machine where it would *finish* first, counting the machine's
+//! speed, the transfer of inputs it lacks, and when its next slot frees. When that best
+//! machine is busy the derivation waits for it rather than taking a free slot that
+//! would finish later; the wait is reserved so lower priorities plan around it.
 
 use std::collections::HashMap;
 
