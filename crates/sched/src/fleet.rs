@@ -103,13 +103,8 @@ mod tests {
 
     fn node(system: &str, features: &[&str]) -> NodeSpec {
         NodeSpec {
-            key: "n".into(),
-            system: system.into(),
             required_features: features.iter().map(|s| s.to_string()).collect(),
-            deps: vec![],
-            duration: 1.0,
-            output_bytes: 0,
-            prefer_local: false,
+            ..NodeSpec::new("n", system, Vec::new(), 1.0)
         }
     }
 

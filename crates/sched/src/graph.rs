@@ -27,6 +27,23 @@ pub struct NodeSpec {
     pub prefer_local: bool,
 }
 
+impl NodeSpec {
+    /// A derivation for `system` with these dependencies and estimated seconds, with no
+    /// required features, no output size and no `preferLocalBuild`; set the other
+    /// fields as needed.
+    pub fn new(key: impl Into<String>, system: &str, deps: Vec<NodeId>, duration: f64) -> NodeSpec {
+        NodeSpec {
+            key: key.into(),
+            system: system.to_string(),
+            required_features: Vec::new(),
+            deps,
+            duration,
+            output_bytes: 0,
+            prefer_local: false,
+        }
+    }
+}
+
 /// A graph that is not a DAG, or refers to nodes it does not have.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum GraphError {
@@ -175,16 +192,8 @@ impl Graph {
 mod tests {
     use super::*;
 
-    pub(crate) fn node(key: &str, deps: &[NodeId], duration: f64) -> NodeSpec {
-        NodeSpec {
-            key: key.into(),
-            system: "x86_64-linux".into(),
-            required_features: vec![],
-            deps: deps.to_vec(),
-            duration,
-            output_bytes: 0,
-            prefer_local: false,
-        }
+    fn node(key: &str, deps: &[NodeId], duration: f64) -> NodeSpec {
+        NodeSpec::new(key, "x86_64-linux", deps.to_vec(), duration)
     }
 
     #[test]

@@ -9,14 +9,26 @@
 //! This crate must not depend on tokio, on any I/O (`std::{fs, net, process}`) or read a
 //! clock (`clippy.toml` bans `Instant::now`/`SystemTime::now`): the live driver and a
 //! simulator run the same code and get the same plan from the same inputs.
+//!
+//! Layout:
+//! - [`graph`]: the derivation DAG and priorities; [`fleet`]: machines and what they can
+//!   build;
+//! - [`events`]: the scheduler's inputs ([`Event`]) and outputs ([`Action`]);
+//! - [`scheduler`]: the state machine, event by event;
+//! - `classes` (machines interchangeable for planning, ordered by first free slot) and
+//!   `dispatch` (which ready derivation goes where), both private.
 
+mod classes;
+mod dispatch;
+pub mod events;
 pub mod fleet;
 pub mod graph;
 pub mod scheduler;
 
+pub use events::{Action, Event, Failure, NodeState, Outcome};
 pub use fleet::{MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
-pub use scheduler::{Action, Event, Failure, NodeState, Outcome, Scheduler, MAX_ATTEMPTS};
+pub use scheduler::{Scheduler, MAX_ATTEMPTS};
 
 /// Seconds (at speed 1) assumed for a derivation nothing is known about: what the live
 /// driver plans with before the history has a build of its name, and what a simulated

@@ -18,13 +18,8 @@ fn machine(name: &str, slots: u32, speed: f64, is_local: bool) -> MachineSpec {
 
 fn node(key: &str, deps: &[usize], duration: f64) -> NodeSpec {
     NodeSpec {
-        key: key.into(),
-        system: "x86_64-linux".into(),
-        required_features: vec![],
-        deps: deps.to_vec(),
-        duration,
         output_bytes: 1000,
-        prefer_local: false,
+        ..NodeSpec::new(key, "x86_64-linux", deps.to_vec(), duration)
     }
 }
 

@@ -1,0 +1,267 @@
+//! Placing ready nodes: ready derivations are grouped into kinds (same system,
+//! features, `preferLocalBuild`), each kind's ready nodes kept in priority order, and a
+//! round of [`Scheduler::dispatch`] puts the best ones where they would finish first.
+//!
+//! Policy: ready derivations go in priority order (their duration-weighted critical
+//! path); each goes to the machine where it would *finish* first, counting the machine's
+//! speed, the transfer of inputs it lacks, and when its next slot frees. When that best
+//! machine is busy the derivation waits for it rather than taking a free slot that
+//! would finish later; the wait is reserved so lower priorities plan around it.
+
+use std::collections::HashMap;
+
+use crate::classes::{slot_order, SlotKey};
+use crate::events::{Action, NodeState};
+use crate::fleet::MachineId;
+use crate::graph::NodeId;
+use crate::scheduler::Scheduler;
+
+/// How many ready derivations per round may choose to wait for a busy machine beyond
+/// the number of free slots.
+pub const RESERVATIONS_PER_ROUND: usize = 64;
+
+/// Priority-ordered key of a ready node: higher rank first, then lower id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ReadyKey {
+    neg_rank_bits: i64,
+    node: NodeId,
+}
+
+/// Nodes the same machines can build.
+#[derive(Debug, Clone)]
+pub(crate) struct Kind {
+    /// One node of the kind, to match machines against.
+    pub(crate) example: NodeId,
+    /// Classes that may take nodes of this kind, fastest first.
+    pub(crate) classes: Vec<usize>,
+}
+
+impl Scheduler {
+    pub(crate) fn make_ready(&mut self, id: NodeId) {
+        self.set_state(id, NodeState::Ready);
+        let key = self.ready_key(id);
+        self.ready[self.kind_of[id]].insert(key);
+    }
+
+    pub(crate) fn unready(&mut self, id: NodeId) {
+        let key = self.ready_key(id);
+        self.ready[self.kind_of[id]].remove(&key);
+    }
+
+    fn ready_key(&self, id: NodeId) -> ReadyKey {
+        // Ranks are non-negative, so their bit patterns order like the values.
+        ReadyKey {
+            neg_rank_bits: -(self.graph.rank(id).to_bits() as i64),
+            node: id,
+        }
+    }
+
+    /// Which classes may take each kind: those that can build it, and only local ones
+    /// for `preferLocalBuild` when a live local machine can.
+    pub(crate) fn match_kinds(&mut self) {
+        for kind in &mut self.kinds {
+            let node = self.graph.node(kind.example);
+            // A class counts when a live machine of it has slots (`-j0` leaves the
+            // local machine in the fleet with none).
+            let live = |c: &Vec<MachineId>| {
+                c.iter()
+                    .any(|&m| self.alive[m] && self.machines[m].slots > 0)
+            };
+            let able: Vec<usize> = (0..self.classes.len())
+                .filter(|&c| {
+                    live(&self.classes[c]) && self.machines[self.classes[c][0]].can_build(node)
+                })
+                .collect();
+            let local: Vec<usize> = able
+                .iter()
+                .copied()
+                .filter(|&c| self.machines[self.classes[c][0]].is_local)
+                .collect();
+            kind.classes = if node.prefer_local && !local.is_empty() {
+                local
+            } else {
+                able
+            };
+            // Fastest first: a dispatch stops at classes too slow to finish earlier.
+            let speed = |c: usize| self.machines[self.classes[c][0]].speed;
+            kind.classes
+                .sort_by(|&a, &b| speed(b).total_cmp(&speed(a)).then(a.cmp(&b)));
+        }
+    }
+
+    /// Seconds to bring the inputs of `id` that `machine` lacks to it.
+    fn transfer_in(&self, id: NodeId, machine: MachineId) -> f64 {
+        let target = &self.machines[machine];
+        let mut total = 0.0;
+        for &dep in &self.graph.node(id).deps {
+            let holders = &self.holders[dep];
+            if holders.contains(&machine) {
+                continue;
+            }
+            let bytes = self.graph.node(dep).output_bytes;
+            // Through the client: from the cheapest holder to offload, then onward.
+            let from = holders
+                .iter()
+                .map(|&h| self.machines[h].transfer_time(bytes))
+                .fold(f64::INFINITY, f64::min);
+            let from = if from.is_finite() { from } else { 0.0 };
+            total += from + target.transfer_time(bytes);
+        }
+        total
+    }
+
+    /// The ready node to place next: the best priority among kinds that some free slot
+    /// can take. `next` caches each kind's next candidate after its cursor.
+    fn next_ready(&self, next: &mut [Option<Option<ReadyKey>>]) -> Option<(usize, ReadyKey)> {
+        let mut best: Option<(usize, ReadyKey)> = None;
+        for (k, kind) in self.kinds.iter().enumerate() {
+            if !kind.classes.iter().any(|&c| self.free_in_class[c] > 0) {
+                continue;
+            }
+            let candidate = *next[k].get_or_insert_with(|| self.ready[k].iter().next().copied());
+            if let Some(key) = candidate {
+                if best.is_none_or(|(_, b)| key < b) {
+                    best = Some((k, key));
+                }
+            }
+        }
+        best
+    }
+
+    /// Places ready nodes, best priority first, on the machine where each would finish
+    /// earliest; starts those whose best machine has a free slot now.
+    pub(crate) fn dispatch(&mut self, now: f64, actions: &mut Vec<Action>) {
+        if self.stopping {
+            return;
+        }
+        let mut free_slots: usize = self.free_in_class.iter().sum();
+        if free_slots == 0 {
+            return;
+        }
+        // Past this many derivations that chose to wait for a busy machine, the rest
+        // take what is free: on a large fleet waiting could otherwise be weighed for
+        // thousands of derivations at every event.
+        let mut waits = 0usize;
+        // Slots of the machines booked in this round (waiting for a busy machine books
+        // its slot only for this round's planning).
+        let mut booked: HashMap<MachineId, Vec<(f64, bool)>> = HashMap::new();
+        let mut next: Vec<Option<Option<ReadyKey>>> = vec![None; self.kinds.len()];
+        let mut holders: Vec<MachineId> = Vec::new();
+        while free_slots > 0 {
+            let Some((kind, key)) = self.next_ready(&mut next) else {
+                break;
+            };
+            next[kind] = Some(
+                self.ready[kind]
+                    .range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
+                    .next()
+                    .copied(),
+            );
+            let only_free = waits >= RESERVATIONS_PER_ROUND;
+            let id = key.node;
+            let node = self.graph.node(id);
+            // Machines holding some of its inputs are weighed one by one; of the
+            // others, only the earliest of each class can be best.
+            holders.clear();
+            for &d in &node.deps {
+                holders.extend(self.holders[d].iter().copied());
+            }
+            holders.sort_unstable();
+            holders.dedup();
+            let mut best: Option<(f64, bool, MachineId)> = None;
+            for &c in &self.kinds[kind].classes {
+                let spec = &self.machines[self.classes[c][0]];
+                let build_time = spec.build_time(node);
+                if best.is_some_and(|(f, _, _)| now + build_time > f + 1e-9) {
+                    // This class and all slower ones finish later even if free now.
+                    break;
+                }
+                if only_free && self.free_in_class[c] == 0 {
+                    continue;
+                }
+                let earliest = self.queues[c]
+                    .iter()
+                    .find(|k| holders.binary_search(&k.machine).is_err())
+                    .map(|k| k.machine);
+                let in_class = holders
+                    .iter()
+                    .copied()
+                    .filter(|&h| self.class_of[h] == c && self.alive[h]);
+                for m in earliest.into_iter().chain(in_class) {
+                    let first = match booked.get(&m) {
+                        Some(slots) => slots.first().copied(),
+                        None => self.queued[m].map(|k| (k.time, !k.busy)),
+                    };
+                    let Some((slot_time, is_free)) = first else {
+                        continue;
+                    };
+                    if only_free && !is_free {
+                        continue;
+                    }
+                    let finish = slot_time.max(now) + self.transfer_in(id, m) + build_time;
+                    // Earliest finish; at a tie, a slot free now beats waiting for one,
+                    // then the lower machine index.
+                    let better = match best {
+                        None => true,
+                        Some((f, best_free, bm)) => {
+                            finish < f - 1e-9
+                                || (finish <= f + 1e-9
+                                    && ((is_free && !best_free)
+                                        || (is_free == best_free && m < bm)))
+                        }
+                    };
+                    if better {
+                        best = Some((finish, is_free, m));
+                    }
+                }
+            }
+            let Some((finish, is_free, m)) = best else {
+                continue;
+            };
+            // Book the slot: it is busy until `finish` for everything planned after.
+            let class = self.class_of[m];
+            let slots = match booked.entry(m) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let slots = self.slot_list(m);
+                    e.insert(slots)
+                }
+            };
+            let (t, free) = slots[0];
+            self.queues[class].remove(&SlotKey::new(t, free, m));
+            slots[0] = (finish, false);
+            slots.sort_unstable_by(slot_order);
+            let (t, free) = slots[0];
+            // `queued` keeps the machine's key outside this round's bookings.
+            self.queues[class].insert(SlotKey::new(t, free, m));
+            if !is_free {
+                waits += 1;
+            } else {
+                free_slots -= 1;
+                self.free_in_class[class] -= 1;
+                self.ready[kind].remove(&key);
+                self.set_state(
+                    id,
+                    NodeState::Running {
+                        machine: m,
+                        expected_end: finish,
+                    },
+                );
+                self.started_at[id] = now;
+                self.running[m].push(id);
+                self.running_count += 1;
+                actions.push(Action::Start {
+                    node: id,
+                    machine: m,
+                });
+            }
+        }
+        // Bookings of waits end with the round: the queues go back to the real slots.
+        for (m, slots) in booked {
+            let (t, free) = slots[0];
+            self.queues[self.class_of[m]].remove(&SlotKey::new(t, free, m));
+            self.queued[m] = None;
+            self.replace_queue_key(m);
+        }
+    }
+}
