@@ -29,7 +29,7 @@ use thiserror::Error;
 
 #[cfg(feature = "async")]
 pub use copy::tokio_io;
-pub use copy::{copy_nar, NarSummary};
+pub use copy::{copy_nar, NarRelay, NarSummary};
 pub use decoder::{NarDecoder, NarEvent};
 pub use restore::restore;
 pub use writer::{dump_path, dump_path_hashed};
