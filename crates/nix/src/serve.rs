@@ -6,7 +6,7 @@
 //! [`crate::wire::Decode`]), run by [`crate::wire::read_message`] or, with the `async`
 //! feature, by the `read_*` functions here over a tokio `AsyncRead`. The protocol has no in-band errors: a server that fails
 //! prints to its stderr and exits, so every decoder reports a clean end of stream as
-//! [`WireError::Eof`] and the caller turns it into a message carrying that stderr.
+//! [`WireError::Eof`](crate::wire::WireError::Eof) and the caller turns it into a message carrying that stderr.
 //!
 //! Version 2.7 (0x207) is what Nix 2.8 speaks; replies are decoded according to the
 //! version the *client* announced, with the 2.8 quirk that `builtOutputs` is always sent.

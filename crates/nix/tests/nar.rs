@@ -161,7 +161,7 @@ async fn async_copy_and_trailer_read_match_sync() {
     let stream = fixture!("export/top-closure.export");
     let (mut sync_nars, mut async_nars) = (Vec::new(), Vec::new());
     let paths = read_export(&mut &stream[..], &mut sync_nars).unwrap();
-    let mut r = &stream[..];
+    let mut r = stream;
     for p in &paths {
         assert_eq!(
             offload_nix::wire::tokio_io::read_u64(&mut r, "marker")

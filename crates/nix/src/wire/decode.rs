@@ -32,7 +32,14 @@ pub enum Step<T> {
     },
 }
 
-/// A resumable decoder of one wire message. See the [module docs](self).
+/// A resumable decoder of one wire message, with no I/O.
+///
+/// It is fed the bytes that follow what it consumed before and answers with a [`Step`].
+/// Fields are taken whole and stored in the decoder, so no byte is parsed twice and a
+/// message costs linear time however its bytes are split. `need` never reaches past the
+/// current field: a driver that reads at most `need` bytes (as [`read_message`] does)
+/// never reads past the message nor waits for bytes the peer has not sent. Decoders are
+/// single-use.
 pub trait Decode {
     type Output;
 
