@@ -13,20 +13,19 @@ use offload_nix::nixbase32;
 use offload_test_support::nix_available;
 use proptest::prelude::*;
 
-/// The bytes of `fixtures/<path>`, captured from Nix 2.8 (see fixtures/README.md).
-macro_rules! fixture {
-    ($path:literal) => {
-        include_bytes!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../fixtures/",
-            $path
-        ))
-        .as_slice()
-    };
-}
+/// `nix-store --dump` of a file containing "hi\n" (120 bytes), from Nix 2.8.
+const HI_NAR: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../fixtures/nar/hi.nar"
+));
 
-/// `nix-store --dump` of a file containing "hi\n" (120 bytes).
-const HI_NAR: &[u8] = fixture!("nar/hi.nar");
+/// The bytes of `fixtures/<name>`, captured from Nix 2.8 (see fixtures/README.md).
+fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name);
+    fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
 
 fn nix_dump(path: &Path) -> Vec<u8> {
     let out = Command::new("nix-store")
@@ -85,7 +84,7 @@ fn hi_nar_matches_golden_bytes() {
 #[test]
 fn export_of_one_path_matches_nix() {
     // ExportPaths of `hi` over the serve protocol: the same bytes as `nix-store --export`.
-    let stream = fixture!("serve/10-export-paths.server.bin");
+    let stream = &fixture("serve/10-export-paths.server.bin")[..];
     let mut ours = 1u64.to_le_bytes().to_vec();
     ours.extend(HI_NAR);
     put_trailer(
@@ -106,8 +105,9 @@ fn export_of_one_path_matches_nix() {
 
 #[test]
 fn export_of_a_closure_matches_nix() {
-    let stream = fixture!("export/top-closure.export");
-    let listed = std::str::from_utf8(fixture!("export/top-closure.paths")).unwrap();
+    let stream = &fixture("export/top-closure.export")[..];
+    let listed = fixture("export/top-closure.paths");
+    let listed = std::str::from_utf8(&listed).unwrap();
     let mut nars = Vec::new();
     let paths = read_export(&mut &stream[..], &mut nars).unwrap();
     // Dependencies come first, as `nix-store -qR` lists them.
@@ -142,7 +142,7 @@ fn tree_nar_matches_nix() {
     fs::write(tree.join("bin/run"), "#!/bin/sh\necho run\n").unwrap();
     fs::set_permissions(tree.join("bin/run"), fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::symlink("a.txt", tree.join("link")).unwrap();
-    let golden = fixture!("nar/tree.nar");
+    let golden = &fixture("nar/tree.nar")[..];
     let mut nar = Vec::new();
     dump_path(&tree, &mut nar).unwrap();
     assert_eq!(nar, golden);
@@ -158,7 +158,7 @@ fn tree_nar_matches_nix() {
 #[cfg(feature = "async")]
 #[tokio::test]
 async fn async_copy_and_trailer_read_match_sync() {
-    let stream = fixture!("export/top-closure.export");
+    let stream = &fixture("export/top-closure.export")[..];
     let (mut sync_nars, mut async_nars) = (Vec::new(), Vec::new());
     let paths = read_export(&mut &stream[..], &mut sync_nars).unwrap();
     let mut r = stream;
@@ -187,7 +187,7 @@ async fn async_copy_and_trailer_read_match_sync() {
 
 #[test]
 fn trailer_with_wrong_magic_is_refused() {
-    let mut stream = fixture!("serve/10-export-paths.server.bin").to_vec();
+    let mut stream = fixture("serve/10-export-paths.server.bin");
     stream[0x80] ^= 1;
     let err = read_export(&mut &stream[..], &mut Vec::new()).unwrap_err();
     assert!(err.to_string().contains("export magic"), "{err}");
