@@ -1,12 +1,17 @@
 //! Nix's export format (`nix-store --export`, the serve protocol's ExportPaths and
 //! ImportPaths): per path `1`, the NAR, [`EXPORT_MAGIC`], the path, its references, its
-//! deriver and `0` (no signature); `0` after the last path.
+//! deriver and `0` (no signature); `0` after the last path (docs/nix-protocols.md §7,
+//! checked against `fixtures/export/`).
+//!
+//! The trailer after each NAR is decoded by [`TrailerDecoder`], which the sync
+//! [`read_export`] and the async `tokio_io::read_trailer` both run.
 
 use std::io::BufRead;
 
 use crate::nar::{copy_nar, NarError, NarSummary};
 use crate::wire::{
-    put_bytes, put_strings, put_u64, read_string, read_strings, read_u64, WireError, MAX_STRING_LEN,
+    put_bytes, put_strings, put_u64, read_message, read_u64, run, Decode, Stages, Step, StringList,
+    WireError, MAX_STRING_LEN,
 };
 
 /// "NIXE", little-endian, between a NAR and its metadata.
@@ -19,6 +24,68 @@ pub fn put_trailer(out: &mut Vec<u8>, path: &str, references: &[String], deriver
     put_strings(out, references.iter());
     put_bytes(out, deriver.unwrap_or("").as_bytes());
     put_u64(out, 0);
+}
+
+/// The metadata that follows a path's NAR in an export stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trailer {
+    pub path: String,
+    pub references: Vec<String>,
+    pub deriver: Option<String>,
+}
+
+/// Decodes a [`Trailer`]: the magic (a wrong one is [`WireError::BadValue`]), path,
+/// references, deriver and signature flag. A legacy signature (flag 1) is read and
+/// dropped, as Nix does.
+#[derive(Debug, Default)]
+pub struct TrailerDecoder {
+    stage: usize,
+    magic: u64,
+    path: String,
+    references: StringList,
+    deriver: String,
+    signed: bool,
+    signature: String,
+}
+
+impl TrailerDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Decode for TrailerDecoder {
+    type Output = Trailer;
+
+    fn decode(&mut self, input: &[u8]) -> Result<Step<Trailer>, WireError> {
+        const MAX: usize = MAX_STRING_LEN;
+        let t = self;
+        run(input, |cur| {
+            let mut s = Stages::new(&mut t.stage);
+            s.field(cur, &mut t.magic, |c| c.u64("export magic"))?;
+            if t.magic != EXPORT_MAGIC {
+                let found = t.magic;
+                return Err(WireError::BadValue {
+                    what: "export magic",
+                    found,
+                }
+                .into());
+            }
+            s.field(cur, &mut t.path, |c| c.string("exported path", MAX))?;
+            s.strings(cur, &mut t.references, "exported references", MAX)?;
+            s.field(cur, &mut t.deriver, |c| c.string("exported deriver", MAX))?;
+            s.field(cur, &mut t.signed, |c| c.bool("signature flag"))?;
+            if t.signed {
+                s.field(cur, &mut t.signature, |c| c.string("legacy signature", MAX))?;
+            }
+            let deriver = std::mem::take(&mut t.deriver);
+            Ok(Trailer {
+                path: std::mem::take(&mut t.path),
+                references: std::mem::take(&mut t.references.items),
+                deriver: (!deriver.is_empty()).then_some(deriver),
+            })
+        })
+    }
 }
 
 /// One path read from an export stream.
@@ -39,10 +106,6 @@ pub enum ExportError {
     Nar(#[from] NarError),
     #[error("bad export stream: expected 0 or 1 before a path, found {0}")]
     BadMarker(u64),
-    #[error(
-        "bad export stream: expected the magic 0x4558494e after the NAR of a path, found {0:#x}"
-    )]
-    BadMagic(u64),
 }
 
 /// Reads an export stream, writing the paths' NARs one after the other to `nars` (each
@@ -59,22 +122,26 @@ pub fn read_export<R: BufRead, W: std::io::Write>(
             other => return Err(ExportError::BadMarker(other)),
         }
         let nar = copy_nar(r, nars)?;
-        let magic = read_u64(r, "export magic")?;
-        if magic != EXPORT_MAGIC {
-            return Err(ExportError::BadMagic(magic));
-        }
-        let path = read_string(r, "exported path", MAX_STRING_LEN)?;
-        let references = read_strings(r, "exported references", MAX_STRING_LEN)?;
-        let deriver = read_string(r, "exported deriver", MAX_STRING_LEN)?;
-        if read_u64(r, "signature flag")? != 0 {
-            // A legacy signature: read and ignored, as Nix does.
-            read_string(r, "legacy signature", MAX_STRING_LEN)?;
-        }
+        let trailer = read_message(r, TrailerDecoder::new())?;
         paths.push(ExportedPath {
-            path,
-            references,
-            deriver: (!deriver.is_empty()).then_some(deriver),
+            path: trailer.path,
+            references: trailer.references,
+            deriver: trailer.deriver,
             nar,
         });
+    }
+}
+
+/// Export-stream readers over tokio.
+#[cfg(feature = "async")]
+pub mod tokio_io {
+    use tokio::io::AsyncRead;
+
+    use super::{Trailer, TrailerDecoder};
+    use crate::wire::WireError;
+
+    /// Reads the trailer that follows a path's NAR. Not cancel-safe.
+    pub async fn read_trailer<R: AsyncRead + Unpin>(r: &mut R) -> Result<Trailer, WireError> {
+        crate::wire::tokio_io::read_message(r, TrailerDecoder::new()).await
     }
 }

@@ -28,3 +28,6 @@ pub mod serve;
 pub mod store_path;
 pub mod store_uri;
 pub mod wire;
+
+#[cfg(test)]
+mod testing;

@@ -2,10 +2,11 @@
 //! Nix's `ssh://` stores and its build hook.
 //!
 //! Requests are encoded into byte frames ([`Request::encode`]) that the caller writes and
-//! flushes; replies are decoded from a tokio `AsyncRead` (feature `async`), since they
-//! arrive from a child process. The protocol has no in-band errors: a server that fails
+//! flushes. Replies are parsed by sans-I/O decoders ([`PathInfosDecoder`], …; see
+//! [`crate::wire::Decode`]), run by [`crate::wire::read_message`] or, with the `async`
+//! feature, by the `read_*` functions here over a tokio `AsyncRead`. The protocol has no in-band errors: a server that fails
 //! prints to its stderr and exits, so every decoder reports a clean end of stream as
-//! [`WireError::Eof`] and the caller turns it into a message carrying that stderr.
+//! [`WireError::Eof`](crate::wire::WireError::Eof) and the caller turns it into a message carrying that stderr.
 //!
 //! Version 2.7 (0x207) is what Nix 2.8 speaks; replies are decoded according to the
 //! version the *client* announced, with the 2.8 quirk that `builtOutputs` is always sent.
@@ -370,126 +371,8 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-#[cfg(feature = "async")]
-pub use self::decode::*;
+mod decode;
+pub use decode::*;
 
-#[cfg(feature = "async")]
-mod decode {
-    use tokio::io::AsyncRead;
-
-    use super::*;
-    use crate::wire::tokio_io::{read_bool, read_string, read_strings, read_u64};
-    use crate::wire::WireError;
-
-    /// Reads the server's handshake reply: returns the first word (should be
-    /// [`SERVE_MAGIC_2`]) and, if it matched, the server's version. Not cancel-safe.
-    pub async fn read_handshake<R: AsyncRead + Unpin>(r: &mut R) -> Result<u64, WireError> {
-        read_u64(r, "server protocol version").await
-    }
-
-    /// Reads a path list reply (QueryValidPaths, QueryClosure). Not cancel-safe.
-    pub async fn read_path_list<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<String>, WireError> {
-        read_strings(r, "store path list", MAX_REPLY_STRING).await
-    }
-
-    /// Reads a QueryPathInfos reply: infos of the valid paths, up to the empty-string
-    /// terminator. Not cancel-safe.
-    pub async fn read_path_infos<R: AsyncRead + Unpin>(
-        r: &mut R,
-        server_version: u64,
-    ) -> Result<Vec<PathInfo>, WireError> {
-        let mut infos = Vec::new();
-        loop {
-            let path = read_string(r, "path info: path", MAX_REPLY_STRING).await?;
-            if path.is_empty() {
-                return Ok(infos);
-            }
-            let deriver = read_string(r, "path info: deriver", MAX_REPLY_STRING).await?;
-            let references = read_strings(r, "path info: references", MAX_REPLY_STRING).await?;
-            let _download_size = read_u64(r, "path info: download size").await?;
-            let nar_size = read_u64(r, "path info: NAR size").await?;
-            let (nar_hash, ca, sigs) = if minor(server_version) >= 4 {
-                (
-                    read_string(r, "path info: NAR hash", MAX_REPLY_STRING).await?,
-                    read_string(r, "path info: content address", MAX_REPLY_STRING).await?,
-                    read_strings(r, "path info: signatures", MAX_REPLY_STRING).await?,
-                )
-            } else {
-                (String::new(), String::new(), Vec::new())
-            };
-            infos.push(PathInfo {
-                path,
-                deriver: (!deriver.is_empty()).then_some(deriver),
-                references,
-                nar_size,
-                nar_hash,
-                ca: (!ca.is_empty()).then_some(ca),
-                sigs,
-            });
-        }
-    }
-
-    /// Reads the one-word acknowledgement of ImportPaths and AddToStoreNar (1).
-    /// Not cancel-safe.
-    pub async fn read_ack<R: AsyncRead + Unpin>(r: &mut R) -> Result<u64, WireError> {
-        read_u64(r, "import acknowledgement").await
-    }
-
-    /// Reads a BuildDerivation reply. `builtOutputs` is read unconditionally: a 2.8
-    /// server always sends it. Not cancel-safe.
-    pub async fn read_build_result<R: AsyncRead + Unpin>(
-        r: &mut R,
-        server_version: u64,
-    ) -> Result<BuildResult, WireError> {
-        let status = BuildStatus::from_code(read_u64(r, "build status").await?);
-        let error_msg = strip_ansi(&read_string(r, "build error message", MAX_REPLY_STRING).await?);
-        let mut result = BuildResult {
-            status,
-            error_msg,
-            times_built: 0,
-            is_non_deterministic: false,
-            start_time: 0,
-            stop_time: 0,
-            built_outputs: Vec::new(),
-        };
-        if minor(server_version) >= 3 {
-            result.times_built = read_u64(r, "build times built").await?;
-            result.is_non_deterministic = read_bool(r, "build non-determinism flag").await?;
-            result.start_time = read_u64(r, "build start time").await?;
-            result.stop_time = read_u64(r, "build stop time").await?;
-        }
-        if minor(server_version) >= 6 {
-            let count = read_u64(r, "built outputs count").await?;
-            if count > crate::wire::MAX_LIST_LEN as u64 {
-                return Err(WireError::TooLong {
-                    what: "built outputs",
-                    len: count,
-                    max: crate::wire::MAX_LIST_LEN,
-                });
-            }
-            for _ in 0..count {
-                let id = read_string(r, "built output id", MAX_REPLY_STRING).await?;
-                let json = read_string(r, "built output realisation", MAX_REPLY_STRING).await?;
-                result.built_outputs.push((id, json));
-            }
-        }
-        Ok(result)
-    }
-
-    /// Reads a BuildPaths reply: `Ok(())` on success, else the worker's exit status and
-    /// message. Not cancel-safe.
-    pub async fn read_build_paths_result<R: AsyncRead + Unpin>(
-        r: &mut R,
-    ) -> Result<Result<(), (u64, String)>, WireError> {
-        let status = read_u64(r, "build paths status").await?;
-        if status == 0 {
-            return Ok(Ok(()));
-        }
-        let msg = read_string(r, "build paths error message", MAX_REPLY_STRING).await?;
-        Ok(Err((status, strip_ansi(&msg))))
-    }
-}
-
-// The decoders are async; `cargo test --workspace` enables the feature.
-#[cfg(all(test, feature = "async"))]
+#[cfg(test)]
 mod tests;

@@ -5,6 +5,10 @@
 //! - byte strings are a u64 length, the bytes, then zero padding up to a multiple of 8;
 //! - lists and sets are a u64 count followed by that many strings.
 //!
+//! Every message is decoded by one sans-I/O [`Decode`]r, run by [`read_message`] over
+//! `std::io::Read` or by `tokio_io::read_message` (feature `async`) over tokio; the
+//! readers below are such decoders.
+//!
 //! Readers check every length against a caller-given limit *before* allocating and
 //! verify that padding bytes are zero, so a hostile length prefix (say 2^60) is an error,
 //! never an allocation. Writers append to a `Vec<u8>`: callers build a frame and flush it.
@@ -12,6 +16,16 @@
 use std::io::{self, Read};
 
 use thiserror::Error;
+
+mod decode;
+#[cfg(feature = "async")]
+pub mod tokio_io;
+
+pub use decode::{
+    read_message, BoolDecoder, BytesDecoder, Decode, MessageBuffer, Step, StringDecoder,
+    StringsDecoder, U64Decoder,
+};
+pub(crate) use decode::{run, Stages, StringList};
 
 /// Longest string the serve protocol carries in practice (store paths, hashes, error
 /// messages, JSON realisations). Build logs never travel as one string.
@@ -34,6 +48,8 @@ pub enum WireError {
     },
     #[error("non-zero padding after {what}")]
     BadPadding { what: &'static str },
+    #[error("unexpected value {found:#x} for {what}")]
+    BadValue { what: &'static str, found: u64 },
     #[error("{what} is not valid UTF-8")]
     NotUtf8 { what: &'static str },
     #[error("I/O error while reading {what}: {source}")]
@@ -107,33 +123,22 @@ fn check_padding(what: &'static str, pad: &[u8]) -> Result<(), WireError> {
 
 /// Reads a u64.
 pub fn read_u64(r: &mut impl Read, what: &'static str) -> Result<u64, WireError> {
-    let mut buf = [0u8; 8];
-    r.read_exact(&mut buf)
-        .map_err(|e| WireError::from_io(what, e))?;
-    Ok(u64::from_le_bytes(buf))
+    read_message(r, U64Decoder::new(what))
 }
 
 /// Reads a bool (any non-zero value is true, as Nix does).
 pub fn read_bool(r: &mut impl Read, what: &'static str) -> Result<bool, WireError> {
-    Ok(read_u64(r, what)? != 0)
+    read_message(r, BoolDecoder::new(what))
 }
 
 /// Reads a byte string of at most `max` bytes, checking its padding.
 pub fn read_bytes(r: &mut impl Read, what: &'static str, max: usize) -> Result<Vec<u8>, WireError> {
-    let len = check_len(what, read_u64(r, what)?, max)?;
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)
-        .map_err(|e| WireError::from_io(what, e))?;
-    let mut pad = [0u8; 8];
-    let pad = &mut pad[..padding_len(len as u64)];
-    r.read_exact(pad).map_err(|e| WireError::from_io(what, e))?;
-    check_padding(what, pad)?;
-    Ok(buf)
+    read_message(r, BytesDecoder::new(what, max))
 }
 
 /// Reads a UTF-8 string of at most `max` bytes.
 pub fn read_string(r: &mut impl Read, what: &'static str, max: usize) -> Result<String, WireError> {
-    String::from_utf8(read_bytes(r, what, max)?).map_err(|_| WireError::NotUtf8 { what })
+    read_message(r, StringDecoder::new(what, max))
 }
 
 /// Reads a list of UTF-8 strings, at most [`MAX_LIST_LEN`] entries of at most `max` bytes.
@@ -142,84 +147,7 @@ pub fn read_strings(
     what: &'static str,
     max: usize,
 ) -> Result<Vec<String>, WireError> {
-    let count = check_len(what, read_u64(r, what)?, MAX_LIST_LEN)?;
-    // Grow as entries arrive rather than trusting the count with an allocation.
-    let mut items = Vec::with_capacity(count.min(1024));
-    for _ in 0..count {
-        items.push(read_string(r, what, max)?);
-    }
-    Ok(items)
-}
-
-/// The same readers over tokio's `AsyncRead`, for the serve-protocol client.
-#[cfg(feature = "async")]
-pub mod tokio_io {
-    use tokio::io::{AsyncRead, AsyncReadExt};
-
-    use super::{check_len, check_padding, padding_len, WireError, MAX_LIST_LEN};
-
-    /// Reads a u64. Not cancel-safe: a partly read frame leaves the stream unusable.
-    pub async fn read_u64<R: AsyncRead + Unpin>(
-        r: &mut R,
-        what: &'static str,
-    ) -> Result<u64, WireError> {
-        let mut buf = [0u8; 8];
-        r.read_exact(&mut buf)
-            .await
-            .map_err(|e| WireError::from_io(what, e))?;
-        Ok(u64::from_le_bytes(buf))
-    }
-
-    /// Reads a bool (any non-zero value is true). Not cancel-safe.
-    pub async fn read_bool<R: AsyncRead + Unpin>(
-        r: &mut R,
-        what: &'static str,
-    ) -> Result<bool, WireError> {
-        Ok(read_u64(r, what).await? != 0)
-    }
-
-    /// Reads a byte string of at most `max` bytes, checking its padding. Not cancel-safe.
-    pub async fn read_bytes<R: AsyncRead + Unpin>(
-        r: &mut R,
-        what: &'static str,
-        max: usize,
-    ) -> Result<Vec<u8>, WireError> {
-        let len = check_len(what, read_u64(r, what).await?, max)?;
-        let mut buf = vec![0u8; len];
-        r.read_exact(&mut buf)
-            .await
-            .map_err(|e| WireError::from_io(what, e))?;
-        let mut pad = [0u8; 8];
-        let pad = &mut pad[..padding_len(len as u64)];
-        r.read_exact(pad)
-            .await
-            .map_err(|e| WireError::from_io(what, e))?;
-        check_padding(what, pad)?;
-        Ok(buf)
-    }
-
-    /// Reads a UTF-8 string of at most `max` bytes. Not cancel-safe.
-    pub async fn read_string<R: AsyncRead + Unpin>(
-        r: &mut R,
-        what: &'static str,
-        max: usize,
-    ) -> Result<String, WireError> {
-        String::from_utf8(read_bytes(r, what, max).await?).map_err(|_| WireError::NotUtf8 { what })
-    }
-
-    /// Reads a list of UTF-8 strings. Not cancel-safe.
-    pub async fn read_strings<R: AsyncRead + Unpin>(
-        r: &mut R,
-        what: &'static str,
-        max: usize,
-    ) -> Result<Vec<String>, WireError> {
-        let count = check_len(what, read_u64(r, what).await?, MAX_LIST_LEN)?;
-        let mut items = Vec::with_capacity(count.min(1024));
-        for _ in 0..count {
-            items.push(read_string(r, what, max).await?);
-        }
-        Ok(items)
-    }
+    read_message(r, StringsDecoder::new(what, max))
 }
 
 #[cfg(test)]

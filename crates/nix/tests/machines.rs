@@ -87,3 +87,31 @@ fn nix_agrees_about_a_bad_field() {
     );
     assert!(parse_builders("host x86_64-linux - many", "--builders", "x86_64-linux").is_err());
 }
+
+#[test]
+fn fixture_machines_file_parses_as_nix_reads_it() {
+    // Expected values follow machines.cc at tag 2.8.0 (docs/nix-protocols.md §8).
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/machines/machines");
+    let m = parse_machines_file(&file, "x86_64-linux").unwrap();
+    let uris: Vec<&str> = m.iter().map(|m| m.uri.as_str()).collect();
+    assert_eq!(
+        uris,
+        [
+            "ssh://alice@builder1",
+            "ssh://builder2",
+            "ssh-ng://builder3",
+            "local"
+        ]
+    );
+    assert_eq!(m[0].systems, ["x86_64-linux", "i686-linux"]);
+    assert_eq!(m[0].ssh_key.as_deref(), Some("/root/.ssh/id_builder"));
+    assert_eq!((m[0].max_jobs, m[0].speed_factor), (4, 2));
+    assert!(m[0].supported_features.contains("big-parallel"));
+    assert!(m[0].mandatory_features.contains("kvm"));
+    assert_eq!(m[0].public_host_key, None);
+    // Missing fields take defaults; a speed factor below 1 becomes 1.
+    assert_eq!((m[1].max_jobs, m[1].speed_factor), (1, 1));
+    assert_eq!(m[2].systems, ["x86_64-linux"]);
+    assert_eq!(m[3].max_jobs, 8);
+}

@@ -13,18 +13,18 @@ use offload_nix::nixbase32;
 use offload_test_support::nix_available;
 use proptest::prelude::*;
 
-/// `nix-store --dump` of a file containing "hi\n" (120 bytes), captured from Nix 2.8.
-const HI_NAR: &str = "0d00000000000000 6e69782d61726368 6976652d31000000 \
-    0100000000000000 2800000000000000 0400000000000000 7479706500000000 \
-    0700000000000000 726567756c617200 0800000000000000 636f6e74656e7473 \
-    0300000000000000 68690a0000000000 0100000000000000 2900000000000000";
+/// `nix-store --dump` of a file containing "hi\n" (120 bytes), from Nix 2.8.
+const HI_NAR: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../fixtures/nar/hi.nar"
+));
 
-fn hex(s: &str) -> Vec<u8> {
-    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
+/// The bytes of `fixtures/<name>`, captured from Nix 2.8 (see fixtures/README.md).
+fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name);
+    fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn nix_dump(path: &Path) -> Vec<u8> {
@@ -66,7 +66,7 @@ fn rich_tree(root: &Path, large: usize) {
 
 #[test]
 fn hi_nar_matches_golden_bytes() {
-    let golden = hex(HI_NAR);
+    let golden = HI_NAR.to_vec();
     assert_eq!(golden.len(), 120);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hi");
@@ -82,31 +82,115 @@ fn hi_nar_matches_golden_bytes() {
 }
 
 #[test]
-fn export_matches_golden_layout() {
-    // The 280-byte `nix-store --export` of the `hi` output (facts §7).
-    let mut stream = 1u64.to_le_bytes().to_vec();
-    stream.extend(hex(HI_NAR));
-    let mut trailer = Vec::new();
+fn export_of_one_path_matches_nix() {
+    // ExportPaths of `hi` over the serve protocol: the same bytes as `nix-store --export`.
+    let stream = &fixture("serve/10-export-paths.server.bin")[..];
+    let mut ours = 1u64.to_le_bytes().to_vec();
+    ours.extend(HI_NAR);
     put_trailer(
-        &mut trailer,
+        &mut ours,
         "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi",
         &[],
         Some("/nix/store/8pql3j9cyj94hnchzwcidj1jj3pqhbf8-hi.drv"),
     );
-    stream.extend(&trailer);
-    stream.extend(0u64.to_le_bytes());
-    assert_eq!(stream.len(), 280);
+    ours.extend(0u64.to_le_bytes());
+    assert_eq!(ours, stream);
     assert_eq!(&stream[0x80..0x88], &EXPORT_MAGIC.to_le_bytes());
-    assert_eq!(&stream[0x80..0x84], b"NIXE");
     let mut nars = Vec::new();
     let paths = read_export(&mut &stream[..], &mut nars).unwrap();
     assert_eq!(paths.len(), 1);
-    assert_eq!(
-        paths[0].path,
-        "/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi"
-    );
     assert_eq!(paths[0].nar.size, 120);
-    assert_eq!(nars, hex(HI_NAR));
+    assert_eq!(nars, HI_NAR);
+}
+
+#[test]
+fn export_of_a_closure_matches_nix() {
+    let stream = &fixture("export/top-closure.export")[..];
+    let listed = fixture("export/top-closure.paths");
+    let listed = std::str::from_utf8(&listed).unwrap();
+    let mut nars = Vec::new();
+    let paths = read_export(&mut &stream[..], &mut nars).unwrap();
+    // Dependencies come first, as `nix-store -qR` lists them.
+    let names: Vec<&str> = paths.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(names, listed.lines().collect::<Vec<_>>());
+    let top = &paths[2];
+    assert_eq!(top.references, names[..2]);
+    assert!(top.deriver.as_deref().unwrap().ends_with("-top.drv"));
+    // Writing it back with our trailer gives Nix's bytes.
+    let mut ours = Vec::new();
+    let mut nar_bytes = &nars[..];
+    for p in &paths {
+        ours.extend(1u64.to_le_bytes());
+        let (nar, rest) = nar_bytes.split_at(p.nar.size as usize);
+        ours.extend(nar);
+        nar_bytes = rest;
+        put_trailer(&mut ours, &p.path, &p.references, p.deriver.as_deref());
+    }
+    ours.extend(0u64.to_le_bytes());
+    assert_eq!(ours, stream);
+}
+
+#[test]
+fn tree_nar_matches_nix() {
+    // The tree scripts/capture-fixtures.sh dumps: a file, an executable, a symlink and
+    // an empty directory.
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(tree.join("bin")).unwrap();
+    fs::create_dir_all(tree.join("share/empty")).unwrap();
+    fs::write(tree.join("a.txt"), "hello\n").unwrap();
+    fs::write(tree.join("bin/run"), "#!/bin/sh\necho run\n").unwrap();
+    fs::set_permissions(tree.join("bin/run"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("a.txt", tree.join("link")).unwrap();
+    let golden = &fixture("nar/tree.nar")[..];
+    let mut nar = Vec::new();
+    dump_path(&tree, &mut nar).unwrap();
+    assert_eq!(nar, golden);
+    let mut out = Vec::new();
+    let mut r = golden;
+    let summary = copy_nar(&mut r, &mut out).unwrap();
+    assert_eq!(
+        (summary.size as usize, out.as_slice()),
+        (golden.len(), golden)
+    );
+}
+
+#[cfg(feature = "async")]
+#[tokio::test]
+async fn async_copy_and_trailer_read_match_sync() {
+    let stream = &fixture("export/top-closure.export")[..];
+    let (mut sync_nars, mut async_nars) = (Vec::new(), Vec::new());
+    let paths = read_export(&mut &stream[..], &mut sync_nars).unwrap();
+    let mut r = stream;
+    for p in &paths {
+        assert_eq!(
+            offload_nix::wire::tokio_io::read_u64(&mut r, "marker")
+                .await
+                .unwrap(),
+            1
+        );
+        let nar = offload_nix::nar::tokio_io::copy_nar(&mut r, &mut async_nars)
+            .await
+            .unwrap();
+        assert_eq!(nar, p.nar);
+        let trailer = offload_nix::export::tokio_io::read_trailer(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(
+            (&trailer.path, &trailer.references, &trailer.deriver),
+            (&p.path, &p.references, &p.deriver)
+        );
+    }
+    assert_eq!(r, 0u64.to_le_bytes());
+    assert_eq!(async_nars, sync_nars);
+}
+
+#[test]
+fn trailer_with_wrong_magic_is_refused() {
+    let mut stream = fixture("serve/10-export-paths.server.bin");
+    stream[0x80] ^= 1;
+    let err = read_export(&mut &stream[..], &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("export magic"), "{err}");
 }
 
 #[test]
@@ -191,7 +275,7 @@ fn export_reads_nix_store_export() {
 
 #[test]
 fn decoder_stops_at_the_end_and_reports_errors() {
-    let mut stream = hex(HI_NAR);
+    let mut stream = HI_NAR.to_vec();
     stream.extend_from_slice(b"TRAILING");
     let mut r = &stream[..];
     let mut out = Vec::new();
@@ -200,7 +284,7 @@ fn decoder_stops_at_the_end_and_reports_errors() {
     assert_eq!(out.len(), 120);
 
     // Truncated.
-    let golden = hex(HI_NAR);
+    let golden = HI_NAR.to_vec();
     let err = copy_nar(&mut &golden[..100], &mut Vec::new()).unwrap_err();
     assert!(err.is_eof(), "{err}");
     // A length prefix of 2^60 is refused, not allocated.
@@ -308,7 +392,7 @@ proptest! {
     fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..400), cut in 0usize..200) {
         let _ = copy_nar(&mut &data[..], &mut Vec::new());
         // A valid prefix followed by garbage.
-        let mut nar = hex(HI_NAR);
+        let mut nar = HI_NAR.to_vec();
         let cut = cut.min(nar.len());
         nar.truncate(cut);
         nar.extend_from_slice(&data);

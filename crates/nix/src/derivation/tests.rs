@@ -1,10 +1,86 @@
-//! Derivations from Nix 2.8 (facts §4), parsed, printed back and hashed.
+//! Derivations written by Nix 2.8 (`fixtures/drv/`, docs/nix-protocols.md §4), parsed,
+//! printed back and hashed to the paths Nix computed (`fixtures/drv/paths.txt`).
 
 use std::convert::Infallible;
 
 use super::*;
 
-const HI_DRV: &str = r#"Derive([("out","/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi","","")],[],[],"x86_64-linux","/bin/sh",["-c","echo hello from builder; echo hi > $out"],[("PATH","/bin:/usr/bin"),("builder","/bin/sh"),("name","hi"),("out","/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hi"),("system","x86_64-linux")])"#;
+const HI_DRV: &str = match std::str::from_utf8(crate::testing::fixture!("drv/hi.drv")) {
+    Ok(text) => text,
+    Err(_) => panic!("hi.drv is UTF-8"),
+};
+
+/// `fixtures/drv/paths.txt`: per fixture, a `drv <path>` line, then `<output> <path>` lines.
+fn paths_nix_computed() -> Vec<(String, BTreeMap<String, String>)> {
+    let text = std::str::from_utf8(crate::testing::fixture!("drv/paths.txt")).unwrap();
+    let mut drvs: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+    for line in text.lines() {
+        let (key, path) = line.split_once(' ').unwrap();
+        if key == "drv" {
+            drvs.push((path.to_string(), BTreeMap::new()));
+        } else {
+            drvs.last_mut()
+                .unwrap()
+                .1
+                .insert(key.to_string(), path.to_string());
+        }
+    }
+    drvs
+}
+
+#[test]
+fn fixture_drvs_roundtrip_and_give_the_paths_nix_computed() {
+    let files: [(&str, &[u8]); 4] = [
+        ("hi", crate::testing::fixture!("drv/hi.drv")),
+        ("fod", crate::testing::fixture!("drv/fod.drv")),
+        ("top", crate::testing::fixture!("drv/top.drv")),
+        ("fail", crate::testing::fixture!("drv/fail.drv")),
+    ];
+    let expected = paths_nix_computed();
+    assert_eq!(expected.len(), files.len());
+    // Input derivations are hashed unmasked (docs/nix-protocols.md §4.3).
+    let unmasked: BTreeMap<String, [u8; 32]> = files
+        .iter()
+        .zip(&expected)
+        .map(|((_, text), (drv_path, _))| {
+            let drv = Derivation::parse(text).unwrap();
+            let hash = drv
+                .hash_modulo(false, |_| Ok::<_, Infallible>([0; 32]))
+                .unwrap();
+            (drv_path.clone(), hash)
+        })
+        .collect();
+    for ((name, text), (drv_path, outputs)) in files.iter().zip(&expected) {
+        let drv = Derivation::parse(text).unwrap();
+        assert_eq!(drv.to_aterm(), *text, "{name}");
+        assert_eq!(drv.drv_path(name).unwrap().to_string(), *drv_path);
+        let masked = drv
+            .hash_modulo(true, |input: &StorePath| {
+                Ok::<_, Infallible>(unmasked[&input.to_string()])
+            })
+            .unwrap();
+        let computed: BTreeMap<String, String> = if drv.is_fixed_output() {
+            // A fixed output's path comes from its content hash alone (§3.2).
+            let out = &drv.outputs["out"];
+            let recursive = out.hash_algo.starts_with("r:");
+            let algo = crate::hash::HashAlgo::parse(out.hash_algo.trim_start_matches("r:"));
+            let hash = crate::hash::Hash::parse(&out.hash, algo).unwrap();
+            let path = crate::store_path::make_fixed_output_path(recursive, &hash, name).unwrap();
+            [("out".to_string(), path.to_string())].into()
+        } else {
+            drv.expected_output_paths(name, &masked)
+                .unwrap()
+                .into_iter()
+                .map(|(o, p)| (o, p.to_string()))
+                .collect()
+        };
+        assert_eq!(&computed, outputs, "{name}");
+    }
+    let fod = Derivation::parse(files[1].1).unwrap();
+    assert!(fod.is_fixed_output());
+    let top = Derivation::parse(files[2].1).unwrap();
+    assert_eq!(top.input_drvs.len(), 2);
+}
 
 #[test]
 fn hi_drv_roundtrips_and_hashes_like_nix() {

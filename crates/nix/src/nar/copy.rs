@@ -1,6 +1,7 @@
 //! Relaying exactly one NAR from a stream: the bytes are parsed as they pass (so the
 //! end is found without a length prefix and nothing past it is read), hashed, and
-//! written on unchanged.
+//! written on unchanged. [`NarRelay`] does the per-chunk work without I/O; the sync and
+//! async `copy_nar` only move chunks.
 
 use std::io::{BufRead, Write};
 
@@ -15,6 +16,60 @@ pub struct NarSummary {
     pub sha256: [u8; 32],
 }
 
+/// Validates and hashes a NAR chunk by chunk, and says where in a chunk it ends.
+#[derive(Debug, Clone)]
+pub struct NarRelay {
+    decoder: NarDecoder,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Default for NarRelay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NarRelay {
+    pub fn new() -> Self {
+        NarRelay {
+            decoder: NarDecoder::new(),
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// Whether the whole NAR has passed.
+    pub fn is_done(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    /// Takes the next bytes of the stream and returns how many of them belong to the
+    /// NAR (all, unless it ends inside `chunk`), validated and hashed. An empty chunk
+    /// means the stream ended first.
+    pub fn accept(&mut self, chunk: &[u8]) -> Result<usize, NarError> {
+        if chunk.is_empty() && !self.is_done() {
+            return Err(NarError::Eof { offset: self.size });
+        }
+        let mut pos = 0;
+        while pos < chunk.len() && !self.decoder.is_done() {
+            let (n, _) = self.decoder.feed(&chunk[pos..])?;
+            pos += n;
+        }
+        self.hasher.update(&chunk[..pos]);
+        self.size += pos as u64;
+        Ok(pos)
+    }
+
+    /// Size and hash of the bytes accepted.
+    pub fn summary(self) -> NarSummary {
+        NarSummary {
+            size: self.size,
+            sha256: self.hasher.finalize().into(),
+        }
+    }
+}
+
 fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> NarError {
     move |source| NarError::Io {
         path: "NAR stream".into(),
@@ -23,45 +78,24 @@ fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> NarError {
     }
 }
 
-/// Parses through `buf`, stopping at the NAR's end; returns the bytes that belong to it.
-fn advance(decoder: &mut NarDecoder, buf: &[u8]) -> Result<usize, NarError> {
-    let mut pos = 0;
-    while pos < buf.len() && !decoder.is_done() {
-        let (n, _) = decoder.feed(&buf[pos..])?;
-        pos += n;
-    }
-    Ok(pos)
-}
-
 /// Copies one NAR from `r` to `w`, validating it; `r` is left just past its end.
 pub fn copy_nar<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> Result<NarSummary, NarError> {
-    let mut decoder = NarDecoder::new();
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    while !decoder.is_done() {
-        let buf = r.fill_buf().map_err(io_err("reading"))?;
-        if buf.is_empty() {
-            return Err(NarError::Eof { offset: size });
-        }
-        let n = advance(&mut decoder, buf)?;
-        w.write_all(&buf[..n]).map_err(io_err("writing"))?;
-        hasher.update(&buf[..n]);
-        size += n as u64;
+    let mut relay = NarRelay::new();
+    while !relay.is_done() {
+        let chunk = r.fill_buf().map_err(io_err("reading"))?;
+        let n = relay.accept(chunk)?;
+        w.write_all(&chunk[..n]).map_err(io_err("writing"))?;
         r.consume(n);
     }
-    Ok(NarSummary {
-        size,
-        sha256: hasher.finalize().into(),
-    })
+    Ok(relay.summary())
 }
 
 /// The same over tokio.
 #[cfg(feature = "async")]
 pub mod tokio_io {
-    use sha2::{Digest, Sha256};
     use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
-    use super::{advance, io_err, NarDecoder, NarError, NarSummary};
+    use super::{io_err, NarError, NarRelay, NarSummary};
 
     /// Copies one NAR from `r` to `w`, validating it; `r` is left just past its end.
     /// Not cancel-safe: a cancelled copy leaves both streams mid-NAR.
@@ -70,23 +104,13 @@ pub mod tokio_io {
         R: AsyncBufRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut decoder = NarDecoder::new();
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        while !decoder.is_done() {
-            let buf = r.fill_buf().await.map_err(io_err("reading"))?;
-            if buf.is_empty() {
-                return Err(NarError::Eof { offset: size });
-            }
-            let n = advance(&mut decoder, buf)?;
-            w.write_all(&buf[..n]).await.map_err(io_err("writing"))?;
-            hasher.update(&buf[..n]);
-            size += n as u64;
+        let mut relay = NarRelay::new();
+        while !relay.is_done() {
+            let chunk = r.fill_buf().await.map_err(io_err("reading"))?;
+            let n = relay.accept(chunk)?;
+            w.write_all(&chunk[..n]).await.map_err(io_err("writing"))?;
             r.consume(n);
         }
-        Ok(NarSummary {
-            size,
-            sha256: hasher.finalize().into(),
-        })
+        Ok(relay.summary())
     }
 }

@@ -5,7 +5,7 @@
 //! - [`NarDecoder`] is a sans-I/O parser: feed it bytes, get [`NarEvent`]s, with file
 //!   contents as slices of the input, so nothing is buffered but small tokens. Sync and
 //!   async callers share it;
-//! - [`restore`] unpacks a NAR into a tree; [`copy_nar`] (and [`tokio_io::copy_nar`])
+//! - [`restore`] unpacks a NAR into a tree; [`copy_nar`] (and `tokio_io::copy_nar` with the `async` feature)
 //!   forward exactly one NAR from a stream, hashing it, and never read past its end, so
 //!   a NAR embedded in a protocol stream can be relayed without a length prefix.
 //!
@@ -29,7 +29,7 @@ use thiserror::Error;
 
 #[cfg(feature = "async")]
 pub use copy::tokio_io;
-pub use copy::{copy_nar, NarSummary};
+pub use copy::{copy_nar, NarRelay, NarSummary};
 pub use decoder::{NarDecoder, NarEvent};
 pub use restore::restore;
 pub use writer::{dump_path, dump_path_hashed};
