@@ -5,8 +5,7 @@
 
 use offload_nix::nar::tokio_io::copy_nar;
 use offload_nix::nar::{NarError, NarSummary};
-use offload_nix::serve::{self, PathInfo, Request, MAX_REPLY_STRING};
-use offload_nix::wire::tokio_io as wire_read;
+use offload_nix::serve::{self, PathInfo, Request};
 use offload_nix::wire::{put_bytes, put_strings, put_u64};
 use offload_nix::{export, nixbase32};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -72,18 +71,11 @@ impl ServeConn {
                     other => return Err(ReplyError::Refused(other)),
                 }
                 let nar = relay_nar(from, sink, "an exported path").await?;
-                // The trailer: magic, path, references, deriver, signature flag.
-                let magic = wire_read::read_u64(from, "export magic").await?;
-                let path = wire_read::read_string(from, "exported path", MAX_REPLY_STRING).await?;
-                let references =
-                    wire_read::read_strings(from, "exported references", MAX_REPLY_STRING).await?;
-                let deriver =
-                    wire_read::read_string(from, "exported deriver", MAX_REPLY_STRING).await?;
-                let signed = wire_read::read_u64(from, "signature flag").await?;
-                if magic != export::EXPORT_MAGIC || signed != 0 {
-                    return Err(ReplyError::Refused(magic));
-                }
-                let deriver = (!deriver.is_empty()).then_some(deriver);
+                let export::Trailer {
+                    path,
+                    references,
+                    deriver,
+                } = export::tokio_io::read_trailer(from).await?;
                 let mut trailer = Vec::new();
                 export::put_trailer(&mut trailer, &path, &references, deriver.as_deref());
                 sink.write_all(&trailer).await.map_err(ReplyError::Sink)?;
