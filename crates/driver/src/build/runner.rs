@@ -22,14 +22,9 @@ use crate::history::History;
 /// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
 /// serve protocol; the unit tests use a fake.
 pub(crate) trait BuildTransport: Send + Sync + 'static {
-    /// Ships the inputs of `node` that `machine` lacks, builds it there and learns its
-    /// outputs. Dropping the future stops the build.
-    fn build(
-        self: Arc<Self>,
-        node: usize,
-        machine: MachineId,
-        cores: Option<u32>,
-    ) -> impl Future<Output = TaskDone> + Send + 'static;
+    /// Ships the inputs of the node that the machine lacks, builds it there and learns
+    /// its outputs. Dropping the future stops the build.
+    fn build(self: Arc<Self>, task: BuildTask) -> impl Future<Output = TaskDone> + Send + 'static;
 
     /// Makes the closures of `paths` valid in the local store.
     fn fetch(
@@ -42,6 +37,15 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
 
     /// Ends every idle session.
     fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// One build the scheduler placed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BuildTask {
+    pub node: usize,
+    pub machine: MachineId,
+    /// Cores its builder gets (`NIX_BUILD_CORES`), when the runner shares them out.
+    pub cores: Option<u32>,
 }
 
 /// How one build task ended.
@@ -181,8 +185,12 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                     (total / sharing).max(1)
                 });
                 self.started_at[node] = self.now();
-                let task = self.transport.clone().build(node, machine, cores);
-                let handle = self.tasks.spawn(task);
+                let task = BuildTask {
+                    node,
+                    machine,
+                    cores,
+                };
+                let handle = self.tasks.spawn(self.transport.clone().build(task));
                 self.running.insert(node, (handle, machine));
             }
             Action::Cancel { node, .. } => {

@@ -12,7 +12,7 @@ use offload_nix::serve::BuildSettings;
 use offload_sched::{MachineId, Outcome};
 use tokio::sync::mpsc;
 
-use super::runner::{BuildTransport, TaskDone};
+use super::runner::{BuildTask, BuildTransport, TaskDone};
 use super::{BuildNode, BuildOptions, Reporter, LOG_TAIL_LINES};
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
@@ -78,12 +78,8 @@ impl ServeTransport {
 }
 
 impl BuildTransport for ServeTransport {
-    async fn build(
-        self: Arc<Self>,
-        node: usize,
-        machine: MachineId,
-        cores: Option<u32>,
-    ) -> TaskDone {
+    async fn build(self: Arc<Self>, task: BuildTask) -> TaskDone {
+        let (node, machine, cores) = (task.node, task.machine, task.cores);
         let started = Instant::now();
         let mut log = BuildLog::new(&self, node, machine);
         let (outcome, machine_down) = self.build_on(node, machine, cores, &mut log).await;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use offload_nix::serve::BasicDerivation;
 use offload_sched::{MachineId, MachineSpec, Outcome};
 
-use super::runner::{BuildTransport, Runner, TaskDone};
+use super::runner::{BuildTask, BuildTransport, Runner, TaskDone};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
@@ -66,17 +66,13 @@ impl FakeTransport {
 }
 
 impl BuildTransport for FakeTransport {
-    async fn build(
-        self: Arc<Self>,
-        node: usize,
-        machine: MachineId,
-        cores: Option<u32>,
-    ) -> TaskDone {
+    async fn build(self: Arc<Self>, task: BuildTask) -> TaskDone {
+        let (node, machine) = (task.node, task.machine);
         let name = self.names[node].clone();
         self.builds
             .lock()
             .unwrap()
-            .push((name.clone(), machine, cores));
+            .push((name.clone(), machine, task.cores));
         let ending = (self.plan)(&name, machine);
         tokio::task::yield_now().await;
         let (outcome, machine_down) = match ending {
