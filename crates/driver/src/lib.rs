@@ -25,6 +25,7 @@ pub mod plan;
 mod pool;
 pub mod process;
 mod session;
+pub mod signing;
 mod transport;
 
 pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
