@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a Debian machine for offload: Nix 2.8 (nix-bin) and its build users, OpenSSH
 # client and server, the nix.conf line chroot-store builds need, and a Rust toolchain
-# check. Idempotent: it installs only what is missing, and says nothing else when
-# everything is there.
+# with rustfmt and clippy. Idempotent: it installs only what is missing, and says
+# nothing else when everything is there.
 #
 #   bash scripts/setup.sh
 set -euo pipefail
@@ -60,4 +60,17 @@ if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found: installing Debian's Rust toolchain (offload needs Rust 1.85 or later)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cargo rustc >/dev/null
+fi
+
+# The checks scripts/test.sh runs besides the tests: `cargo fmt` and `cargo clippy`.
+# Under rustup they are components of the toolchain; otherwise Debian packages them.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  if command -v rustup >/dev/null; then
+    echo "setup: adding the rustfmt and clippy components"
+    rustup component add rustfmt clippy
+  else
+    echo "setup: installing rustfmt and rust-clippy"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq rustfmt rust-clippy >/dev/null
+  fi
 fi

@@ -53,7 +53,7 @@ pub enum Command {
     ///
     /// Examples:
     ///   offload build default.nix -A hello
-    ///   offload build -E 'with import <nixpkgs> {}; hello' --on builder1,builder2
+    ///   offload build -E '(import ./. {}).hello' --on builder1,builder2
     ///   offload build /nix/store/…-hello.drv --builders 'ssh://b1 x86_64-linux - 8 2' -j4
     #[command(verbatim_doc_comment)]
     Build(BuildArgs),
@@ -127,7 +127,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "builders")]
     pub machines: Option<PathBuf>,
 
-    /// Generated machines, added to the others: mixed:N[:SEED] (60 % x86_64-linux with
+    /// Generated machines, added to the others: `mixed:N[:SEED]` (60 % x86_64-linux with
     /// 4-16 slots, speed 1-4, some big-parallel and kvm; 40 % aarch64-linux).
     #[arg(long, value_name = "SHAPE:N[:SEED]")]
     pub generate_fleet: Option<String>,
@@ -260,7 +260,7 @@ pub struct BuildArgs {
 
 #[derive(Debug, Args)]
 pub struct CopyArgs {
-    /// Store to copy to: ssh://[user@]host[?remote-store=DIR], `local`, or a chroot
+    /// Store to copy to: `ssh://[user@]host[?remote-store=DIR]`, `local`, or a chroot
     /// store directory. Default: the local store.
     #[arg(long, value_name = "URI", required_unless_present = "from")]
     pub to: Option<String>,

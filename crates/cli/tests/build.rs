@@ -1,10 +1,12 @@
 //! `offload build` end to end: the real binary, real Nix, a loopback fleet of chroot
 //! stores (`ssh://localhost?remote-store=DIR`) plus the local machine.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use offload_test_support::{nix_available, NIX_CONFIG};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use offload_test_support::{nix_command, nix_system, require_nix, run_ok};
 
 struct Fleet {
     dir: tempfile::TempDir,
@@ -12,35 +14,45 @@ struct Fleet {
 
 impl Fleet {
     fn new() -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
+        let fleet = Fleet {
+            dir: tempfile::tempdir().unwrap(),
+        };
         // Builds on loopback machines run without build users: they are shared by every
         // store on this machine, and Nix kills all processes of a build user around a build.
-        let wrapper = dir.path().join("nix-store-fleet");
+        fleet.remote_program("nix-store-fleet", "");
+        fleet
+    }
+
+    /// Writes a `remote-program` that runs `nix-store` without build users, behind
+    /// `prefix` (a command that wraps it); returns its path.
+    fn remote_program(&self, name: &str, prefix: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
         std::fs::write(
-            &wrapper,
-            "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
+            &path,
+            format!("#!/bin/sh\nexec {prefix}nix-store --option build-users-group '' \"$@\"\n"),
         )
         .unwrap();
-        std::process::Command::new("chmod")
-            .arg("+x")
-            .arg(&wrapper)
-            .status()
-            .unwrap();
-        Fleet { dir }
+        run_ok(std::process::Command::new("chmod").arg("+x").arg(&path));
+        path
+    }
+
+    /// The store URI of machine `i`, whose sessions run `program`.
+    fn uri_with(&self, i: usize, program: &Path) -> String {
+        format!(
+            "ssh://localhost?remote-store={}/m{i}&remote-program={}",
+            self.dir.path().display(),
+            program.display()
+        )
     }
 
     fn uri(&self, i: usize) -> String {
-        format!(
-            "ssh://localhost?remote-store={}/m{i}&remote-program={}/nix-store-fleet",
-            self.dir.path().display(),
-            self.dir.path().display()
-        )
+        self.uri_with(i, &self.dir.path().join("nix-store-fleet"))
     }
 
-    /// Machines-file spec for `n` builders with `slots` each.
+    /// Machines-file spec for `n` builders with `slots` each, of this machine's system.
     fn spec(&self, n: usize, slots: u32) -> String {
         (1..=n)
-            .map(|i| format!("{} x86_64-linux - {slots} 1", self.uri(i)))
+            .map(|i| format!("{} {} - {slots} 1", self.uri(i), nix_system()))
             .collect::<Vec<_>>()
             .join(";")
     }
@@ -50,16 +62,56 @@ impl Fleet {
     }
 }
 
-fn offload(args: &[&str], cwd: &Path, history: &Path, extra_env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_offload"));
-    cmd.current_dir(cwd)
-        .env(NIX_CONFIG.0, NIX_CONFIG.1)
-        .env("OFFLOAD_HISTORY", history)
-        .args(args);
-    for (k, v) in extra_env {
-        cmd.env(k, v);
+/// A scratch directory holding one Nix file, where `offload build` runs.
+struct Work {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Work {
+    fn new(name: &str, expr: &str) -> Work {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(name);
+        std::fs::write(&file, expr).unwrap();
+        Work { dir, file }
     }
-    cmd.output().unwrap()
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `offload build FILE ARGS…`, with `env` added to its environment.
+    fn build_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = common::offload(self.path());
+        cmd.arg("build").arg(&self.file).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn build(&self, args: &[&str]) -> Output {
+        self.build_with_env(args, &[])
+    }
+
+    /// The `.drv` of attribute `attr` of the file, as nix-instantiate writes it.
+    fn instantiate(&self, attr: &str) -> String {
+        run_ok(
+            nix_command("nix-instantiate")
+                .arg(&self.file)
+                .args(["-A", attr]),
+        )
+        .trim()
+        .to_string()
+    }
+
+    /// The output paths of attribute `attr`.
+    fn outputs(&self, attr: &str) -> String {
+        let drv = self.instantiate(attr);
+        run_ok(nix_command("nix-store").args(["-q", "--outputs", &drv]))
+            .trim()
+            .to_string()
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -68,6 +120,14 @@ fn text(b: &[u8]) -> String {
 
 fn salt() -> String {
     format!("{:?}-{}", std::time::SystemTime::now(), std::process::id())
+}
+
+fn is_valid_locally(path: &str) -> bool {
+    nix_command("nix-store")
+        .args(["--check-validity", path])
+        .status()
+        .unwrap()
+        .success()
 }
 
 /// A small layered graph: 4 leaves, 3 middles over them, one top.
@@ -85,44 +145,24 @@ fn graph_expr(salt: &str, fail: &str) -> String {
     )
 }
 
-fn instantiate(file: &Path, attr: &str) -> String {
-    let out = Command::new("nix-instantiate")
-        .env(NIX_CONFIG.0, NIX_CONFIG.1)
-        .arg(file)
-        .args(["-A", attr])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn builds_what_nix_build_would_with_the_same_paths() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let fleet = Fleet::new();
-    let work = tempfile::tempdir().unwrap();
-    let file = work.path().join("graph.nix");
-    std::fs::write(&file, graph_expr(&salt(), "none")).unwrap();
+    let work = Work::new("graph.nix", &graph_expr(&salt(), "none"));
     let spec = fleet.spec(2, 2);
-    let out = offload(
-        &[
-            "build",
-            file.to_str().unwrap(),
-            "-A",
-            "top",
-            "--builders",
-            &spec,
-            "-j",
-            "2",
-            "--trace",
-            "trace.json",
-        ],
-        work.path(),
-        &work.path().join("h.sqlite"),
-        &[],
-    );
+    let out = work.build(&[
+        "-A",
+        "top",
+        "--builders",
+        &spec,
+        "-j",
+        "2",
+        "--trace",
+        "trace.json",
+    ]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     // The trace has one event per build (4 leaves, 3 middles, the top), each on a named
@@ -141,75 +181,37 @@ fn builds_what_nix_build_would_with_the_same_paths() {
     let machines = events.iter().filter(|e| e["ph"] == "M").count();
     assert_eq!(machines, 3, "local and two builders: {trace}");
     // stdout: the output paths, exactly those of the derivation nix-instantiate writes.
-    let drv = instantiate(&file, "top");
-    let expected = Command::new("nix-store")
-        .args(["-q", "--outputs", &drv])
-        .output()
-        .unwrap();
-    assert_eq!(text(&out.stdout), text(&expected.stdout));
-    let top = text(&out.stdout).trim().to_string();
+    let top = work.outputs("top");
+    assert_eq!(text(&out.stdout), format!("{top}\n"));
     assert!(stderr.contains("built 8 derivations"), "{stderr}");
     // Work went to the builders and the local machine alike.
     assert!(stderr.contains("local "), "{stderr}");
     assert!(stderr.contains("/m1") || stderr.contains("/m2"), "{stderr}");
     // The closure is in the local store and verifies; ./result is a GC root.
-    let verify = Command::new("nix-store")
-        .arg("--verify-path")
-        .args(
-            text(
-                &Command::new("nix-store")
-                    .args(["-qR", &top])
-                    .output()
-                    .unwrap()
-                    .stdout,
-            )
-            .lines(),
-        )
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "{}", text(&verify.stderr));
+    let closure = run_ok(nix_command("nix-store").args(["-qR", &top]));
+    run_ok(
+        nix_command("nix-store")
+            .arg("--verify-path")
+            .args(closure.lines()),
+    );
     assert_eq!(
         std::fs::read_link(work.path().join("result")).unwrap(),
         PathBuf::from(&top)
     );
-    let roots = Command::new("nix-store")
-        .args(["--gc", "--print-roots"])
-        .output()
-        .unwrap();
-    assert!(text(&roots.stdout).contains(&work.path().join("result").display().to_string()));
+    let roots = run_ok(nix_command("nix-store").args(["--gc", "--print-roots"]));
+    assert!(roots.contains(&work.path().join("result").display().to_string()));
     // Its log is where `nix-store -l` finds it.
-    let log = Command::new("nix-store")
-        .args(["-l", &drv])
-        .output()
-        .unwrap();
-    assert!(log.status.success(), "{}", text(&log.stderr));
+    run_ok(nix_command("nix-store").args(["-l", &work.instantiate("top")]));
     // A second run has nothing to build.
-    let again = offload(
-        &[
-            "build",
-            file.to_str().unwrap(),
-            "-A",
-            "top",
-            "--builders",
-            &spec,
-            "--no-out-link",
-        ],
-        work.path(),
-        &work.path().join("h.sqlite"),
-        &[],
-    );
-    assert!(again.status.success());
-    assert!(
-        text(&again.stderr).contains("built 0 derivations"),
-        "{}",
-        text(&again.stderr)
-    );
+    let again = work.build(&["-A", "top", "--builders", &spec, "--no-out-link"]);
+    let stderr = text(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(stderr.contains("built 0 derivations"), "{stderr}");
     // Outputs built on a builder and needed by another moved between them: every
     // builder store that holds something verifies clean.
     for i in 1..=2 {
         if fleet.store(i).exists() {
-            let v = Command::new("nix-store")
-                .env(NIX_CONFIG.0, NIX_CONFIG.1)
+            let v = nix_command("nix-store")
                 .arg("--store")
                 .arg(fleet.store(i))
                 .args(["--verify", "--check-contents"])
@@ -226,31 +228,13 @@ fn builds_what_nix_build_would_with_the_same_paths() {
 
 #[test]
 fn a_failure_names_the_derivation_machine_and_log_and_keep_going_goes_on() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let fleet = Fleet::new();
-    let work = tempfile::tempdir().unwrap();
-    let file = work.path().join("graph.nix");
-    std::fs::write(&file, graph_expr(&salt(), "mid1")).unwrap();
+    let work = Work::new("graph.nix", &graph_expr(&salt(), "mid1"));
     let spec = fleet.spec(1, 2);
-    let hist = work.path().join("h.sqlite");
-    let out = offload(
-        &[
-            "build",
-            file.to_str().unwrap(),
-            "-A",
-            "top",
-            "--builders",
-            &spec,
-            "-j",
-            "1",
-            "--no-out-link",
-        ],
-        work.path(),
-        &hist,
-        &[],
-    );
+    let out = work.build(&["-A", "top", "--builders", &spec, "-j", "1", "--no-out-link"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -270,76 +254,48 @@ fn a_failure_names_the_derivation_machine_and_log_and_keep_going_goes_on() {
     assert!(stderr.contains("(on "), "{stderr}");
 
     // With -k everything that does not depend on mid1 is built.
-    let out = offload(
-        &[
-            "build",
-            file.to_str().unwrap(),
-            "-A",
-            "top",
-            "-A",
-            "other",
-            "--builders",
-            &spec,
-            "-j",
-            "1",
-            "-k",
-            "--no-out-link",
-        ],
-        work.path(),
-        &hist,
-        &[],
-    );
+    let out = work.build(&[
+        "-A",
+        "top",
+        "-A",
+        "other",
+        "--builders",
+        &spec,
+        "-j",
+        "1",
+        "-k",
+        "--no-out-link",
+    ]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("dependency") && stderr.contains("mid1.drv failed"),
         "{stderr}"
     );
-    let other = instantiate(&file, "other");
-    let outs = text(
-        &Command::new("nix-store")
-            .args(["-q", "--outputs", &other])
-            .output()
-            .unwrap()
-            .stdout,
-    );
-    let valid = Command::new("nix-store")
-        .arg("--check-validity")
-        .arg(outs.trim())
-        .status()
-        .unwrap();
     assert!(
-        valid.success(),
+        is_valid_locally(&work.outputs("other")),
         "the independent derivation was not built with -k"
     );
 }
 
 #[test]
 fn a_derivation_no_machine_can_build_fails_at_once() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
-    let work = tempfile::tempdir().unwrap();
-    let file = work.path().join("arm.nix");
-    std::fs::write(&file, format!(r#"derivation {{ name = "arm-only"; system = "aarch64-linux"; builder = "/bin/sh"; salt = "{}"; }}"#, salt())).unwrap();
-    let started = std::time::Instant::now();
-    let out = offload(
-        &[
-            "build",
-            file.to_str().unwrap(),
-            "--builders",
-            "",
-            "--no-out-link",
-        ],
-        work.path(),
-        &work.path().join("h.sqlite"),
-        &[],
+    // A real Nix system, but not one this machine (or any test machine) builds for.
+    let expr = format!(
+        r#"derivation {{ name = "mips-only"; system = "mips64el-linux"; builder = "/bin/sh"; salt = "{}"; }}"#,
+        salt()
     );
+    let work = Work::new("mips.nix", &expr);
+    let started = std::time::Instant::now();
+    let out = work.build(&["--builders", "", "--no-out-link"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("no machine can build it")
-            && stderr.contains("aarch64-linux")
+            && stderr.contains("mips64el-linux")
             && stderr.contains("local"),
         "{stderr}"
     );
@@ -348,67 +304,44 @@ fn a_derivation_no_machine_can_build_fails_at_once() {
 
 #[test]
 fn substitutable_outputs_are_fetched_not_built() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
-    let work = tempfile::tempdir().unwrap();
-    let file = work.path().join("graph.nix");
-    std::fs::write(&file, graph_expr(&salt(), "none")).unwrap();
+    let work = Work::new("graph.nix", &graph_expr(&salt(), "none"));
     // Put the leaves in a file:// binary cache, then drop them from the local store.
     let cache = work.path().join("cache");
-    let build = Command::new("nix-build")
-        .env(NIX_CONFIG.0, NIX_CONFIG.1)
-        .arg("--no-out-link")
-        .arg("-E")
-        .arg(format!(
-            "builtins.concatMap (m: m.deps) (import {}).top.deps",
-            file.display()
-        ))
-        .output()
-        .unwrap();
-    assert!(build.status.success(), "{}", text(&build.stderr));
-    let mut leaf_outs: Vec<String> = text(&build.stdout).lines().map(str::to_string).collect();
+    let built = run_ok(
+        nix_command("nix-build")
+            .arg("--no-out-link")
+            .arg("-E")
+            .arg(format!(
+                "builtins.concatMap (m: m.deps) (import {}).top.deps",
+                work.file.display()
+            )),
+    );
+    let mut leaf_outs: Vec<&str> = built.lines().collect();
     leaf_outs.sort();
     leaf_outs.dedup();
     assert_eq!(leaf_outs.len(), 4);
-    let copy = Command::new("nix")
-        .env(NIX_CONFIG.0, NIX_CONFIG.1)
-        .args([
-            "--extra-experimental-features",
-            "nix-command",
-            "copy",
-            "--to",
-        ])
-        .arg(format!("file://{}", cache.display()))
-        .args(&leaf_outs)
-        .output()
-        .unwrap();
-    assert!(copy.status.success(), "{}", text(&copy.stderr));
-    let del = Command::new("nix-store")
-        .arg("--delete")
-        .args(&leaf_outs)
-        .output()
-        .unwrap();
-    assert!(del.status.success(), "{}", text(&del.stderr));
+    run_ok(
+        nix_command("nix")
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "copy",
+                "--to",
+            ])
+            .arg(format!("file://{}", cache.display()))
+            .args(&leaf_outs),
+    );
+    run_ok(nix_command("nix-store").arg("--delete").args(&leaf_outs));
 
     let cfg = format!(
         "substituters = file://{}\nrequire-sigs = false",
         cache.display()
     );
-    let out = offload(
-        &[
-            "build",
-            file.to_str().unwrap(),
-            "-A",
-            "top",
-            "--builders",
-            "",
-            "-j",
-            "2",
-            "--no-out-link",
-        ],
-        work.path(),
-        &work.path().join("h.sqlite"),
+    let out = work.build_with_env(
+        &["-A", "top", "--builders", "", "-j", "2", "--no-out-link"],
         &[("NIX_CONFIG", &cfg)],
     );
     let stderr = text(&out.stderr);
@@ -423,53 +356,27 @@ fn substitutable_outputs_are_fetched_not_built() {
 
 #[test]
 fn builds_of_a_machine_that_dies_run_elsewhere() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let fleet = Fleet::new();
     // m1's sessions die half a second in, whatever they are doing.
-    let dying = fleet.dir.path().join("nix-store-dying");
-    std::fs::write(
-        &dying,
-        "#!/bin/sh\nexec timeout -s KILL 0.5 nix-store --option build-users-group '' \"$@\"\n",
-    )
-    .unwrap();
-    Command::new("chmod")
-        .arg("+x")
-        .arg(&dying)
-        .status()
-        .unwrap();
+    let dying = fleet.remote_program("nix-store-dying", "timeout -s KILL 0.5 ");
     let spec = format!(
-        "ssh://localhost?remote-store={}/m1&remote-program={} x86_64-linux - 4 4;{} x86_64-linux - 2 1",
-        fleet.dir.path().display(),
-        dying.display(),
-        fleet.uri(2)
+        "{} {system} - 4 4;{} {system} - 2 1",
+        fleet.uri_with(1, &dying),
+        fleet.uri(2),
+        system = nix_system(),
     );
-    let work = tempfile::tempdir().unwrap();
-    let file = work.path().join("slow.nix");
-    std::fs::write(
-        &file,
-        format!(
+    let work = Work::new(
+        "slow.nix",
+        &format!(
             r#"map (i: derivation {{ name = "slow${{toString i}}"; system = builtins.currentSystem; builder = "/bin/sh";
                  salt = "{}"; args = [ "-c" "/bin/sleep 1; echo > $out" ]; }}) [ 1 2 3 4 ]"#,
             salt()
         ),
-    )
-    .unwrap();
-    let out = offload(
-        &[
-            "build",
-            file.to_str().unwrap(),
-            "--builders",
-            &spec,
-            "-j",
-            "0",
-            "--no-out-link",
-        ],
-        work.path(),
-        &work.path().join("h.sqlite"),
-        &[],
     );
+    let out = work.build(&["--builders", &spec, "-j", "0", "--no-out-link"]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -489,12 +396,10 @@ fn builds_of_a_machine_that_dies_run_elsewhere() {
 /// one build only is not.
 #[test]
 fn an_input_needed_by_several_builds_stops_at_the_local_store() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let fleet = Fleet::new();
-    let work = tempfile::tempdir().unwrap();
-    let file = work.path().join("fanout.nix");
     let expr = format!(
         r#"let mk = name: deps: derivation {{
              inherit name deps; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/bin:/usr/bin";
@@ -507,45 +412,23 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
          in {{ inherit base; top = mk "fanout-top" users; }}"#,
         salt()
     );
-    std::fs::write(&file, expr).unwrap();
+    let work = Work::new("fanout.nix", &expr);
     // No local builds, two builders of one slot: the two users run on both builders.
-    let out = offload(
-        &[
-            "build",
-            file.to_str().unwrap(),
-            "-A",
-            "top",
-            "--builders",
-            &fleet.spec(2, 1),
-            "-j",
-            "0",
-            "--no-out-link",
-        ],
-        work.path(),
-        &work.path().join("h.sqlite"),
-        &[],
-    );
+    let out = work.build(&[
+        "-A",
+        "top",
+        "--builders",
+        &fleet.spec(2, 1),
+        "-j",
+        "0",
+        "--no-out-link",
+    ]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let base_drv = instantiate(&file, "base");
-    let base_out = text(
-        &Command::new("nix-store")
-            .args(["-q", "--outputs", &base_drv])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .trim()
-    .to_string();
-    let valid_locally = Command::new("nix-store")
-        .env(NIX_CONFIG.0, NIX_CONFIG.1)
-        .args(["--check-validity", &base_out])
-        .status()
-        .unwrap()
-        .success();
     assert!(stderr.contains("on 'localhost:"), "{stderr}");
+    let base_out = work.outputs("base");
     assert!(
-        valid_locally,
+        is_valid_locally(&base_out),
         "{base_out} is not in the local store\n{stderr}"
     );
 }

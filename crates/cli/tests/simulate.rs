@@ -1,13 +1,12 @@
 //! `offload simulate` through the real binary.
 
-use std::process::Command;
+mod common;
+
+use offload_test_support::{nix_command, nix_system, require_nix, run_ok};
 
 fn offload(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_offload"))
-        .env("NIX_CONFIG", "substituters =")
-        .args(args)
-        .output()
-        .unwrap()
+    let work = tempfile::tempdir().unwrap();
+    common::offload(work.path()).args(args).output().unwrap()
 }
 
 #[test]
@@ -153,8 +152,7 @@ fn a_generated_mixed_fleet_takes_every_system() {
 /// A real closure: two derivations instantiated by Nix, one with a recorded duration.
 #[test]
 fn a_drv_closure_with_durations_from_the_history() {
-    if !offload_test_support::nix_available() {
-        eprintln!("skipped: Nix is not installed");
+    if !require_nix() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -173,21 +171,13 @@ in mk "sim-app-7dq2" [ base ]
         .replace("SALT", &format!("{:?}", std::time::SystemTime::now())),
     )
     .unwrap();
-    let inst = Command::new("nix-instantiate")
-        .env("NIX_CONFIG", "substituters =")
-        .arg(&expr)
-        .output()
-        .unwrap();
-    assert!(
-        inst.status.success(),
-        "{}",
-        String::from_utf8_lossy(&inst.stderr)
-    );
-    let drv = String::from_utf8(inst.stdout).unwrap().trim().to_string();
+    let drv = run_ok(nix_command("nix-instantiate").arg(&expr))
+        .trim()
+        .to_string();
     let history = dir.path().join("history.sqlite");
     offload_driver::History::open(&history)
         .unwrap()
-        .record("sim-base-7dq2", "x86_64-linux", "local", 30.0, 1.0)
+        .record("sim-base-7dq2", nix_system(), "local", 30.0, 1.0)
         .unwrap();
     let out = offload(&[
         "simulate",
@@ -219,28 +209,20 @@ in mk "sim-app-7dq2" [ base ]
     // Built once, the outputs' real NAR sizes replace the default 1 MiB: on one
     // builder, only the app's output crosses a link (back to the client).
     let link_bytes = |v: &serde_json::Value| v["bytes_per_link"][0][1].as_u64().unwrap();
+    let builder = format!("b1 {} - 1 1", nix_system());
     let remote = [
         "simulate",
         "--from-drv",
         &drv,
         "--builders",
-        "b1 x86_64-linux - 1 1",
+        &builder,
         "--policy",
         "offload",
         "--json",
     ];
     let before: serde_json::Value = serde_json::from_slice(&offload(&remote).stdout).unwrap();
     assert_eq!(link_bytes(&before), 1 << 20, "{before}");
-    let built = Command::new("nix-store")
-        .env("NIX_CONFIG", "substituters =")
-        .args(["--realise", &drv])
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    run_ok(nix_command("nix-store").args(["--realise", &drv]));
     let after: serde_json::Value = serde_json::from_slice(&offload(&remote).stdout).unwrap();
     assert!((1..4096).contains(&link_bytes(&after)), "{after}");
 }

@@ -43,7 +43,7 @@ impl Pool {
     /// An idle session whose builds get `cores` cores, or a new one. A new session that
     /// fails for a reason that may pass (the server exited, a timeout: e.g. two first
     /// sessions racing to initialise a fresh store) is tried again, up to
-    /// [`OPEN_ATTEMPTS`] times; authentication and host-key failures are not.
+    /// `OPEN_ATTEMPTS` times; authentication and host-key failures are not.
     /// Cancel-safe: a cancelled open kills its process.
     pub async fn get_with_cores(&self, cores: Option<u32>) -> Result<ServeConn, DriverError> {
         let idle = self

@@ -6,22 +6,10 @@ use std::process::Command;
 
 use offload_driver::{copy_closure, CopyOptions, DriverError, Endpoint, ServeConn};
 use offload_nix::serve::{BasicDerivation, BuildSettings, BuildStatus, WireOutput};
-use offload_test_support::nix_available;
-
-const SYSTEM: &str = "x86_64-linux";
+use offload_test_support::{nix_command, nix_system, require_nix, run_ok};
 
 fn nix(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .env("NIX_CONFIG", "substituters =")
-        .output()
-        .expect("run nix");
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    run_ok(nix_command(args[0]).args(&args[1..]))
 }
 
 /// Builds `expr` into the chroot store `store` and returns the output paths.
@@ -47,13 +35,14 @@ fn build(store: &Path, expr: &str) -> Vec<String> {
 fn chain_expr(salt: &str, n: usize) -> String {
     format!(
         r#"let mk = name: dep: derivation {{
-             inherit name dep; system = "{SYSTEM}"; builder = "/bin/sh"; PATH = "/bin:/usr/bin";
+             inherit name dep; system = "{system}"; builder = "/bin/sh"; PATH = "/bin:/usr/bin";
              salt = "{salt}";
              args = [ "-c" "mkdir -p $out/sub; echo $dep > $out/dep; head -c 70000 /dev/zero > $out/sub/zeros; ln -s dep $out/link" ];
            }};
            go = i: if i == 0 then mk "leaf" "" else mk "node${{toString i}}" (go (i - 1));
          in go {n}"#,
-        n = n - 1
+        n = n - 1,
+        system = nix_system(),
     )
 }
 
@@ -66,7 +55,7 @@ fn local(dir: &Path) -> Endpoint {
 
 #[tokio::test]
 async fn queries_and_dump_match_nix() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -134,8 +123,7 @@ async fn queries_and_dump_match_nix() {
         .unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].nar.size, info.nar_size);
-    let theirs = Command::new("nix-store")
-        .env("NIX_CONFIG", "substituters =")
+    let theirs = nix_command("nix-store")
         .args(["--store", store.to_str().unwrap(), "--export", &out])
         .output()
         .unwrap();
@@ -157,7 +145,7 @@ async fn queries_and_dump_match_nix() {
 
 #[tokio::test]
 async fn dumping_an_invalid_path_reports_nix_message() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -176,7 +164,7 @@ async fn dumping_an_invalid_path_reports_nix_message() {
 
 #[tokio::test]
 async fn copy_closure_between_stores_verifies_clean() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -198,14 +186,13 @@ async fn copy_closure_between_stores_verifies_clean() {
         (12, 0, 12)
     );
     assert!(stats.bytes > 12 * 70_000);
-    let verify = Command::new("nix-store")
+    let verify = nix_command("nix-store")
         .args([
             "--store",
             dst.to_str().unwrap(),
             "--verify",
             "--check-contents",
         ])
-        .env("NIX_CONFIG", "substituters =")
         .output()
         .unwrap();
     assert!(verify.status.success());
@@ -226,7 +213,7 @@ async fn copy_closure_between_stores_verifies_clean() {
 
 #[tokio::test]
 async fn copy_of_a_path_the_source_lacks_fails_clearly() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -245,7 +232,7 @@ async fn copy_of_a_path_the_source_lacks_fails_clearly() {
 
 #[tokio::test]
 async fn build_derivation_builds_and_reports_failures() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -274,7 +261,7 @@ async fn build_derivation_builds_and_reports_failures() {
             hash: String::new(),
         }],
         input_srcs: vec![],
-        platform: SYSTEM.into(),
+        platform: nix_system().into(),
         builder: b"/bin/sh".to_vec(),
         args: vec![b"-c".to_vec(), args.as_bytes().to_vec()],
         env: [
@@ -282,7 +269,7 @@ async fn build_derivation_builds_and_reports_failures() {
             ("builder", "/bin/sh"),
             ("name", "hi"),
             ("out", out),
-            ("system", SYSTEM),
+            ("system", nix_system()),
         ]
         .iter()
         .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
@@ -333,7 +320,7 @@ async fn build_derivation_builds_and_reports_failures() {
 
 #[tokio::test]
 async fn banner_before_handshake_is_named() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

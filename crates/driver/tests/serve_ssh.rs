@@ -1,31 +1,21 @@
 //! The serve client over real OpenSSH: sshd hosts on loopback, each with its own store,
 //! reached through an ssh config (as `NIX_SSHOPTS=-F …`), with real host-key checks.
 
-use std::process::Command;
 use std::sync::OnceLock;
 
 use offload_driver::{copy_closure, CopyOptions, DriverError, Endpoint, Route, ServeConn};
-use offload_test_support::{nix_available, SshFleet, NIX_CONFIG};
+use offload_test_support::{nix_command, require_sshd_fleet, run_ok, SshFleet};
 
 /// One fleet for the whole test binary: hosts take a moment to start.
 fn fleet() -> Option<&'static SshFleet> {
     static FLEET: OnceLock<Option<SshFleet>> = OnceLock::new();
     FLEET
         .get_or_init(|| {
-            if !nix_available() {
-                return None;
-            }
-            match SshFleet::start(2) {
-                Ok(f) => {
-                    let (k, v) = f.ssh_opts();
-                    std::env::set_var(k, v);
-                    Some(f)
-                }
-                Err(e) => {
-                    eprintln!("skipped: {e}");
-                    None
-                }
-            }
+            let fleet = require_sshd_fleet(2)?;
+            // The client under test finds the hosts' aliases through NIX_SSHOPTS.
+            let (k, v) = fleet.ssh_opts();
+            std::env::set_var(k, v);
+            Some(fleet)
         })
         .as_ref()
 }
@@ -43,18 +33,9 @@ fn build_locally(tag: &str) -> String {
         ),
     )
     .unwrap();
-    let out = Command::new("nix-build")
-        .env(NIX_CONFIG.0, NIX_CONFIG.1)
-        .arg("--no-out-link")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    run_ok(nix_command("nix-build").arg("--no-out-link").arg(&file))
+        .trim()
+        .to_string()
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use offload_nix::export::{put_trailer, read_export, EXPORT_MAGIC};
 use offload_nix::nar::{copy_nar, dump_path, restore, NarDecoder, NarError, NarEvent};
 use offload_nix::nixbase32;
-use offload_test_support::nix_available;
+use offload_test_support::require_nix;
 use proptest::prelude::*;
 
 /// `nix-store --dump` of a file containing "hi\n" (120 bytes), from Nix 2.8.
@@ -195,7 +195,7 @@ fn trailer_with_wrong_magic_is_refused() {
 
 #[test]
 fn dump_matches_nix_store_dump_and_restores() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -241,7 +241,7 @@ fn dump_matches_nix_store_dump_and_restores() {
 
 #[test]
 fn export_reads_nix_store_export() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,8 +1,13 @@
 //! Test-only helpers for offload's integration tests: real Nix, real OpenSSH.
 //!
-//! - [`nix_available`] tells whether the Nix binaries are installed (tests print
-//!   `skipped: …` and return when they are not; `scripts/setup.sh` installs them);
-//! - [`SshFleet`] starts real `sshd` hosts on 127.0.0.1, each in its own mount namespace
+//! - [`require_nix`] and [`require_sshd_fleet`] are the one way an end-to-end test
+//!   learns whether it can run. When what it needs is missing, the test prints
+//!   `skipped: …` and returns; with [`REQUIRE_E2E`]`=1` in the environment (as
+//!   `scripts/test.sh` and so CI set it) it fails instead, naming what is missing.
+//!   `scripts/setup.sh` installs everything they need.
+//! - [`nix_system`] is this machine's Nix system, for machines specs of real builds.
+//! - [`nix_command`] and [`run_ok`] run Nix's tools with no binary cache configured.
+//! - [`SshFleet`] is real `sshd` hosts on 127.0.0.1, each in its own mount namespace
 //!   with a private `/nix` (its own store) and `/etc/nix`, reached through a generated
 //!   ssh config with one `Host` alias per host and pinned host keys.
 //!
@@ -12,21 +17,88 @@ use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The environment every Nix call in tests runs with: no binary cache is reachable.
 pub const NIX_CONFIG: (&str, &str) = ("NIX_CONFIG", "substituters =");
 
-/// Whether `nix-store` runs here; prints a `skipped:` line when not.
-pub fn nix_available() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: nix-store not found (scripts/setup.sh installs Nix)");
+/// The environment variable that turns a skipped end-to-end test into a failing one:
+/// where it is `1`, a missing requirement panics instead of skipping.
+pub const REQUIRE_E2E: &str = "OFFLOAD_REQUIRE_E2E";
+
+/// Reports a requirement that is not met: a `skipped:` line, or a panic when
+/// [`REQUIRE_E2E`] is set.
+fn unavailable(what: &str) {
+    if std::env::var_os(REQUIRE_E2E).is_some_and(|v| v == "1") {
+        panic!(
+            "end-to-end test cannot run: {what}. {REQUIRE_E2E}=1 makes that a failure; \
+             `bash scripts/setup.sh` (as root) installs Nix, its build users and OpenSSH"
+        );
     }
-    ok
+    eprintln!("skipped: {what} (`bash scripts/setup.sh` installs what end-to-end tests need)");
+}
+
+/// Whether the Nix tools run here. When they do not, prints `skipped: …` and returns
+/// false, or panics under [`REQUIRE_E2E`]`=1`.
+pub fn require_nix() -> bool {
+    // Asked once per test binary: every e2e test calls this first.
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    let found = *FOUND.get_or_init(|| {
+        nix_command("nix-store")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !found {
+        unavailable("the Nix tools (nix-store) are not installed");
+    }
+    found
+}
+
+/// A fleet of `n` real sshd hosts (see [`SshFleet`]) with Nix on them, or None after a
+/// `skipped: …` line saying what is missing (Nix, sshd, root); under
+/// [`REQUIRE_E2E`]`=1` it panics instead.
+pub fn require_sshd_fleet(n: usize) -> Option<SshFleet> {
+    if !require_nix() {
+        return None;
+    }
+    match SshFleet::start(n) {
+        Ok(fleet) => Some(fleet),
+        Err(e) => {
+            unavailable(&e);
+            None
+        }
+    }
+}
+
+/// This machine's Nix system (`builtins.currentSystem`), as a machines spec of a real
+/// build must name it. Call [`require_nix`] first.
+pub fn nix_system() -> &'static str {
+    static SYSTEM: OnceLock<String> = OnceLock::new();
+    SYSTEM.get_or_init(|| {
+        let out = run_ok(nix_command("nix-instantiate").args([
+            "--eval",
+            "--expr",
+            "builtins.currentSystem",
+        ]));
+        out.trim().trim_matches('"').to_string()
+    })
+}
+
+/// A Nix tool (`nix-store`, `nix-build`, …) with [`NIX_CONFIG`] set.
+pub fn nix_command(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env(NIX_CONFIG.0, NIX_CONFIG.1);
+    cmd
+}
+
+/// Runs `cmd` and returns its stdout; panics with its stderr if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    match run(cmd) {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<Output, String> {
@@ -55,14 +127,17 @@ struct Host {
 
 impl SshFleet {
     /// Starts `n` hosts, or says why it cannot (not root, no sshd, no `unshare`).
-    pub fn start(n: usize) -> Result<SshFleet, String> {
+    /// Tests start fleets through [`require_sshd_fleet`].
+    fn start(n: usize) -> Result<SshFleet, String> {
         if !Path::new("/usr/sbin/sshd").exists() {
-            return Err("no /usr/sbin/sshd (scripts/setup.sh installs openssh-server)".into());
+            return Err("no /usr/sbin/sshd: openssh-server is not installed".into());
         }
         // Mount namespaces need root.
         let id = run(Command::new("id").arg("-u"))?;
         if String::from_utf8_lossy(&id.stdout).trim() != "0" {
-            return Err("starting sshd hosts with private stores needs root".into());
+            return Err(
+                "starting sshd hosts with private stores needs root: run the tests as root".into(),
+            );
         }
         let dir = tempfile::Builder::new()
             .prefix("offload-sshfleet")

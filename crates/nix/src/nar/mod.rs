@@ -5,7 +5,7 @@
 //! - [`NarDecoder`] is a sans-I/O parser: feed it bytes, get [`NarEvent`]s, with file
 //!   contents as slices of the input, so nothing is buffered but small tokens. Sync and
 //!   async callers share it;
-//! - [`restore`] unpacks a NAR into a tree; [`copy_nar`] (and `tokio_io::copy_nar` with the `async` feature)
+//! - [`restore()`] unpacks a NAR into a tree; [`copy_nar`] (and `tokio_io::copy_nar` with the `async` feature)
 //!   forward exactly one NAR from a stream, hashing it, and never read past its end, so
 //!   a NAR embedded in a protocol stream can be relayed without a length prefix.
 //!
