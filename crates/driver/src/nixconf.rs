@@ -106,8 +106,7 @@ mod tests {
 
     #[test]
     fn reads_the_real_nix() {
-        if Command::new("nix").arg("--version").output().is_err() {
-            eprintln!("skipped: nix not found");
+        if !offload_test_support::require_nix() {
             return;
         }
         let s = NixSettings::load().unwrap();
