@@ -11,11 +11,13 @@ use thiserror::Error;
 /// "required_features":[],"output_bytes":4096}]}`; `duration_s` is the time on a machine
 /// of speed factor 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DagFile {
     pub nodes: Vec<DagNode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DagNode {
     pub id: String,
     #[serde(default)]
@@ -286,6 +288,10 @@ mod tests {
         let json = r#"{"nodes":[{"id":"a","deps":[],"duration_s":1.5,"system":"x86_64-linux","required_features":[],"output_bytes":4096},
                                {"id":"b","deps":["a"],"duration_s":2}]}"#;
         let dag: DagFile = serde_json::from_str(json).unwrap();
+        // A misspelt field is an error, not a silent default.
+        let typo = r#"{"nodes":[{"id":"a","duration_s":1,"output_byte":5}]}"#;
+        let e = serde_json::from_str::<DagFile>(typo).unwrap_err().to_string();
+        assert!(e.contains("unknown field `output_byte`"), "{e}");
         let g = dag.to_graph().unwrap();
         assert_eq!(g.critical_path(), 3.5);
         let bad: DagFile =
