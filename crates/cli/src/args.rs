@@ -256,6 +256,17 @@ pub struct BuildArgs {
     /// Show what would be built and fetched, and the machines, then stop.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Sign what other machines build with this Nix secret key (from `nix-store
+    /// --generate-binary-cache-key`) before it enters the local store: a nix-daemon that
+    /// does not trust you takes paths signed by a key in its `trusted-public-keys`.
+    #[arg(long, value_name = "FILE", env = "OFFLOAD_SIGN_KEY")]
+    pub sign_key: Option<PathBuf>,
+
+    /// Stop when a builder's outputs could not enter the local store, instead of
+    /// building without that builder.
+    #[arg(long)]
+    pub no_local_fallback: bool,
 }
 
 #[derive(Debug, Args)]

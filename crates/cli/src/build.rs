@@ -1,7 +1,7 @@
 //! `offload build`: evaluate with Nix, plan the whole graph over the fleet and the local
 //! machine, build, link the results like nix-build.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use offload_driver::fleet::{build_fleet, MachineChoice};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
 use offload_driver::process;
+use offload_driver::trust::LocalAccess;
 use offload_driver::History;
 use offload_nix::serve::BuildSettings;
 use offload_nix::store_path::StorePath;
@@ -218,6 +219,13 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
                 .flat_map(|n| n.outputs.iter().map(|(_, p)| p.clone())),
         );
     }
+    let mut machines = machines;
+    let local_access = if will_build.is_empty() {
+        LocalAccess::default()
+    } else {
+        crate::access::check(&args, &mut machines).await?
+    };
+    let log_dir = log_dir(&local_access);
     let options = BuildOptions {
         keep_going: args.keep_going,
         builders_use_substitutes: args.builders_use_substitutes
@@ -227,7 +235,8 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
             build_timeout: args.timeout,
             ..BuildSettings::default()
         },
-        log_dir: Some("/nix/var/log/nix".into()),
+        local_access,
+        log_dir,
     };
     let reporter = Arc::new(Progress {
         quiet,
@@ -382,4 +391,35 @@ fn write_trace(path: &Path, drv_paths: &[String], report: &BuildReport) -> Resul
     std::fs::write(path, chrome_trace(&machines, &builds).to_string())
         .with_context(|| format!("writing the trace to {}", path.display()))
         .map_err(Failure::usage)
+}
+
+/// Where build logs go: Nix's log directory, where `nix log` finds them, when this user
+/// may write there; else offload's own state directory, said once.
+fn log_dir(access: &LocalAccess) -> Option<PathBuf> {
+    let nix = Path::new(NIX_LOG_DIR);
+    if writable(&nix.join("drvs")) {
+        return Some(nix.to_path_buf());
+    }
+    let own = History::default_path().parent()?.join("log");
+    if !access.trusted {
+        tracing::info!(
+            "logs of builds on other machines go to {} (Nix's log directory is the daemon's)",
+            own.display()
+        );
+    }
+    Some(own)
+}
+
+/// Nix's log directory on every install.
+const NIX_LOG_DIR: &str = "/nix/var/log/nix";
+
+/// Whether this process may create files in `dir` (which need not exist yet).
+fn writable(dir: &Path) -> bool {
+    let probe = dir.join(format!(".offload-write-probe-{}", std::process::id()));
+    if std::fs::create_dir_all(dir).is_err() {
+        return false;
+    }
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
 }

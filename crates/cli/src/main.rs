@@ -1,6 +1,7 @@
 //! The `offload` binary: parses flags, sets up logging, runs a command and maps the
 //! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up).
 
+mod access;
 mod args;
 mod build;
 mod copy;

@@ -94,6 +94,8 @@ pub enum DriverError {
     },
     #[error("interrupted: {stopped} running builds were stopped")]
     Interrupted { stopped: usize },
+    #[error("a store path offload made is not valid")]
+    StorePath(#[from] offload_nix::store_path::StorePathError),
     #[error("{uri:?} is not a store offload can reach: {reason}")]
     BadStoreUri { uri: String, reason: String },
 }
@@ -118,7 +120,7 @@ impl DriverError {
             | DriverError::NotValid { machine, .. }
             | DriverError::Refused { machine, .. } => machine,
             DriverError::BadStoreUri { uri, .. } => uri,
-            DriverError::Interrupted { .. } => "local",
+            DriverError::Interrupted { .. } | DriverError::StorePath(_) => "local",
         }
     }
 

@@ -27,6 +27,7 @@ pub mod process;
 mod session;
 pub mod signing;
 mod transport;
+pub mod trust;
 
 pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use error::DriverError;

@@ -74,6 +74,8 @@ fn hi_nar_matches_golden_bytes() {
     let mut nar = Vec::new();
     assert_eq!(dump_path(&file, &mut nar).unwrap(), 120);
     assert_eq!(nar, golden);
+    // The same file built in memory.
+    assert_eq!(offload_nix::nar::regular_file_nar(b"hi\n", false), golden);
     let summary = copy_nar(&mut &golden[..], &mut Vec::new()).unwrap();
     assert_eq!(
         nixbase32::encode(&summary.sha256),

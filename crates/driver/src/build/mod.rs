@@ -13,6 +13,7 @@ use offload_nix::serve::{BasicDerivation, BuildSettings};
 use crate::error::DriverError;
 pub use crate::fleet::MachineConfig;
 use crate::history::History;
+use crate::trust::LocalAccess;
 
 mod runner;
 mod serve;
@@ -47,6 +48,14 @@ pub struct BuildNode {
     pub estimate: f64,
 }
 
+impl BuildNode {
+    /// `DRV!OUT,OUT…`: the derivation and all its outputs, as BuildPaths takes them.
+    pub fn drv_output_spec(&self) -> String {
+        let outputs: Vec<&str> = self.outputs.iter().map(|(name, _)| name.as_str()).collect();
+        format!("{}!{}", self.drv_path, outputs.join(","))
+    }
+}
+
 /// How the run behaves.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
@@ -55,6 +64,8 @@ pub struct BuildOptions {
     /// Builders first try their own substituters for inputs they lack.
     pub builders_use_substitutes: bool,
     pub settings: BuildSettings,
+    /// What the local store lets this user do ([`crate::trust::check`]).
+    pub local_access: LocalAccess,
     /// Nix's log directory (`/nix/var/log/nix`): each build's log is written to
     /// `drvs/XX/REST` there, where `nix log` and `nix-store -l` find it.
     pub log_dir: Option<std::path::PathBuf>,

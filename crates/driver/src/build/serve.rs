@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use offload_nix::serve::BuildSettings;
+use offload_nix::serve::{BuildResult, BuildSettings};
 use offload_sched::{MachineId, Outcome};
 use tokio::sync::mpsc;
 
@@ -19,6 +19,7 @@ use crate::fleet::{MachineConfig, LOCAL};
 use crate::paths::PathRegistry;
 use crate::pool::Pool;
 use crate::session::ServeConn;
+use crate::trust::LocalAccess;
 
 /// Sessions with every machine of the fleet, and what each store holds.
 pub(crate) struct ServeTransport {
@@ -31,6 +32,7 @@ pub(crate) struct ServeTransport {
     /// How many builds take each store path as a direct input.
     consumers: HashMap<String, usize>,
     settings: BuildSettings,
+    local_access: LocalAccess,
     builders_use_substitutes: bool,
     log_dir: Option<std::path::PathBuf>,
     reporter: Arc<dyn Reporter>,
@@ -63,6 +65,7 @@ impl ServeTransport {
             consumers,
             nodes,
             settings: options.settings.clone(),
+            local_access: options.local_access.clone(),
             builders_use_substitutes: options.builders_use_substitutes,
             log_dir: options.log_dir.clone(),
             reporter,
@@ -199,6 +202,14 @@ impl ServeTransport {
                 Box::pin(self.ensure_on(LOCAL, std::slice::from_ref(path), None)).await?;
                 source = LOCAL;
             }
+            let mut info = info;
+            if machine == LOCAL {
+                if let Some(signer) = &self.local_access.signer {
+                    // The builder's own signatures stay; this one is for a daemon that
+                    // trusts the user's key rather than the user.
+                    signer.sign(&mut info);
+                }
+            }
             let mut from = self.pools[source].get().await?;
             let result = target.add_to_store_nar_from(&info, &mut from).await;
             self.pools[source].put(from);
@@ -238,8 +249,21 @@ impl ServeTransport {
 
         let (tx, mut rx) = mpsc::unbounded_channel();
         conn.set_log_sink(Some(tx));
+        // A nix-daemon builds a derivation it does not hold only for its trusted users;
+        // anyone may have it build a valid `.drv` by its path, as `nix-build` does.
+        let by_path = machine == LOCAL && !self.local_access.trusted;
         let result = {
-            let build = conn.build_derivation(&n.drv_path, &drv, &self.settings);
+            let build = async {
+                if by_path {
+                    conn.build_paths(&[n.drv_output_spec()], &self.settings)
+                        .await
+                        .map(BuildOutcome::from_build_paths)
+                } else {
+                    conn.build_derivation(&n.drv_path, &drv, &self.settings)
+                        .await
+                        .map(BuildOutcome::from_build_result)
+                }
+            };
             tokio::pin!(build);
             loop {
                 tokio::select! {
@@ -256,12 +280,12 @@ impl ServeTransport {
             Ok(r) => r,
             Err(e) => return (lost(e), true),
         };
-        if !result.status.is_success() {
+        if let BuildOutcome::Failed(message) = result {
             self.pools[machine].put(conn);
-            let reason = if result.error_msg.is_empty() {
-                format!("build of {} failed: {:?}", n.drv_path, result.status)
+            let reason = if message.is_empty() {
+                format!("build of {} failed", n.drv_path)
             } else {
-                result.error_msg
+                message
             };
             return (Outcome::Failed { reason }, false);
         }
@@ -351,5 +375,31 @@ fn open_log(dir: &std::path::Path, drv_path: &str) -> Option<std::fs::File> {
 fn lost(e: DriverError) -> Outcome {
     Outcome::Lost {
         reason: e.to_string(),
+    }
+}
+
+/// How a build ended, whichever way it was asked for.
+enum BuildOutcome {
+    Built,
+    /// Nix's message.
+    Failed(String),
+}
+
+impl BuildOutcome {
+    fn from_build_result(r: BuildResult) -> Self {
+        if r.status.is_success() {
+            BuildOutcome::Built
+        } else if r.error_msg.is_empty() {
+            BuildOutcome::Failed(format!("{:?}", r.status))
+        } else {
+            BuildOutcome::Failed(r.error_msg)
+        }
+    }
+
+    fn from_build_paths(r: Result<(), (u64, String)>) -> Self {
+        match r {
+            Ok(()) => BuildOutcome::Built,
+            Err((_, message)) => BuildOutcome::Failed(message),
+        }
     }
 }

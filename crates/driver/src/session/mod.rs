@@ -33,7 +33,7 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Pipe buffer sizes: large enough that NAR streaming moves big chunks.
 const IO_BUFFER: usize = 256 * 1024;
 
-type Writer = BufWriter<ChildStdin>;
+pub(super) type Writer = BufWriter<ChildStdin>;
 type Reader = BufReader<ChildStdout>;
 
 /// Why an exchange stopped before its reply was read in full.

@@ -100,6 +100,41 @@ impl ServeConn {
         info: &PathInfo,
         source: &mut ServeConn,
     ) -> Result<NarSummary, DriverError> {
+        let dump = Request::DumpStorePath { path: &info.path }.encode();
+        self.import(info, async |to| {
+            // The NAR goes from one server's stdout straight into the other's stdin; the
+            // source's own failures come back as its errors.
+            source
+                .exchange("DumpStorePath", async |source_to, source_from| {
+                    send(source_to, "DumpStorePath", &dump).await?;
+                    relay_nar(source_from, to, &info.path).await
+                })
+                .await
+                .map_err(ReplyError::Driver)
+        })
+        .await
+    }
+
+    /// Adds `info.path` to this store with `nar` as its contents, checked as it passes.
+    pub async fn add_to_store_nar(
+        &mut self,
+        info: &PathInfo,
+        nar: &[u8],
+    ) -> Result<NarSummary, DriverError> {
+        self.import(info, async |to| {
+            relay_nar(&mut std::io::Cursor::new(nar), to, &info.path).await
+        })
+        .await
+    }
+
+    /// One import: the header, the NAR that `feed` writes, the trailer, the server's
+    /// acknowledgement. AddToStoreNar keeps the path's signatures; servers older than
+    /// protocol 2.5 only have ImportPaths, which carries none.
+    async fn import(
+        &mut self,
+        info: &PathInfo,
+        feed: impl AsyncFnOnce(&mut super::Writer) -> Result<NarSummary, ReplyError>,
+    ) -> Result<NarSummary, DriverError> {
         const OP: &str = "AddToStoreNar";
         let use_import = serve::minor(self.server_version) < 5;
         let header = if use_import {
@@ -109,19 +144,10 @@ impl ServeConn {
         } else {
             Request::AddToStoreNar { info }.encode()
         };
-        let dump = Request::DumpStorePath { path: &info.path }.encode();
         let machine = self.machine.clone();
         self.exchange(OP, async |to, from| {
             send(to, OP, &header).await?;
-            // The NAR goes from one server's stdout straight into the other's stdin; the
-            // source's own failures come back as its errors.
-            let summary = source
-                .exchange("DumpStorePath", async |source_to, source_from| {
-                    send(source_to, "DumpStorePath", &dump).await?;
-                    relay_nar(source_from, to, &info.path).await
-                })
-                .await
-                .map_err(ReplyError::Driver)?;
+            let summary = feed(to).await?;
             check_summary(&machine, info, &summary).map_err(ReplyError::Driver)?;
             let mut trailer = Vec::new();
             if use_import {

@@ -32,7 +32,7 @@ pub use copy::tokio_io;
 pub use copy::{copy_nar, NarRelay, NarSummary};
 pub use decoder::{NarDecoder, NarEvent};
 pub use restore::restore;
-pub use writer::{dump_path, dump_path_hashed};
+pub use writer::{dump_path, dump_path_hashed, regular_file_nar};
 
 /// The first token of every NAR.
 pub const NAR_MAGIC: &[u8] = b"nix-archive-1";

@@ -54,6 +54,26 @@ pub fn dump_path(path: &Path, out: &mut impl Write) -> Result<u64, NarError> {
     Ok(out.written)
 }
 
+/// The NAR of a single regular file with `contents`, built in memory (for small files).
+pub fn regular_file_nar(contents: &[u8], executable: bool) -> Vec<u8> {
+    let mut nar = Vec::with_capacity(contents.len() + 128);
+    let mut out = Out {
+        w: &mut nar,
+        written: 0,
+    };
+    let here = Path::new("(in memory)");
+    let mut tokens: Vec<&[u8]> = vec![NAR_MAGIC, b"(", b"type", b"regular"];
+    if executable {
+        tokens.extend([b"executable".as_slice(), b""]);
+    }
+    tokens.extend([b"contents".as_slice(), contents, b")"]);
+    for token in tokens {
+        // Writing to a Vec cannot fail.
+        let _ = out.token(token, here);
+    }
+    nar
+}
+
 /// The size and SHA-256 of the NAR of `path` (its `narSize` and `narHash`).
 pub fn dump_path_hashed(path: &Path) -> Result<(u64, [u8; 32]), NarError> {
     struct HashWriter(Sha256);
