@@ -1,12 +1,14 @@
 //! `offload build`: evaluate with Nix, plan the whole graph over the fleet and the local
 //! machine, build, link the results like nix-build.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::build::{self, BuildOptions, BuildReport, NodeResult, Reporter};
+use offload_driver::build::{
+    self, BuildOptions, BuildReport, LogDestination, NodeResult, Reporter,
+};
 use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::{build_fleet, MachineChoice};
 use offload_driver::nixconf::NixSettings;
@@ -225,7 +227,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     } else {
         crate::access::check(&args, &mut machines).await?
     };
-    let log_dir = log_dir(&local_access);
+    let logs = log_destination(&local_access);
     let options = BuildOptions {
         keep_going: args.keep_going,
         builders_use_substitutes: args.builders_use_substitutes
@@ -236,7 +238,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
             ..BuildSettings::default()
         },
         local_access,
-        log_dir,
+        logs,
     };
     let reporter = Arc::new(Progress {
         quiet,
@@ -394,20 +396,28 @@ fn write_trace(path: &Path, drv_paths: &[String], report: &BuildReport) -> Resul
 }
 
 /// Where build logs go: Nix's log directory, where `nix log` finds them, when this user
-/// may write there; else offload's own state directory, said once.
-fn log_dir(access: &LocalAccess) -> Option<PathBuf> {
+/// may write there; else, for a user the daemon trusts, the daemon; else offload's own
+/// state directory, said once.
+fn log_destination(access: &LocalAccess) -> LogDestination {
     let nix = Path::new(NIX_LOG_DIR);
     if writable(&nix.join("drvs")) {
-        return Some(nix.to_path_buf());
+        return LogDestination::Dir(nix.to_path_buf());
     }
-    let own = History::default_path().parent()?.join("log");
-    if !access.trusted {
-        tracing::info!(
-            "logs of builds on other machines go to {} (Nix's log directory is the daemon's)",
-            own.display()
-        );
+    if access.trusted {
+        return LogDestination::Daemon(offload_driver::daemon::socket_path());
     }
-    Some(own)
+    match History::default_path().parent() {
+        Some(state) => {
+            let own = state.join("log");
+            eprintln!(
+                "note: logs of builds on other machines are kept in {} (only users the \
+                 nix-daemon trusts can add logs where `nix log` looks)",
+                own.display()
+            );
+            LogDestination::Dir(own)
+        }
+        None => LogDestination::Nowhere,
+    }
 }
 
 /// Nix's log directory on every install.

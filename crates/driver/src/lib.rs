@@ -15,6 +15,7 @@
 
 pub mod build;
 mod copy;
+pub mod daemon;
 pub mod dry_run;
 mod error;
 pub mod fleet;

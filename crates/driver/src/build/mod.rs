@@ -66,9 +66,23 @@ pub struct BuildOptions {
     pub settings: BuildSettings,
     /// What the local store lets this user do ([`crate::trust::check`]).
     pub local_access: LocalAccess,
-    /// Nix's log directory (`/nix/var/log/nix`): each build's log is written to
-    /// `drvs/XX/REST` there, where `nix log` and `nix-store -l` find it.
-    pub log_dir: Option<std::path::PathBuf>,
+    /// Where each build's log is kept.
+    pub logs: LogDestination,
+}
+
+/// Where build logs are kept.
+#[derive(Debug, Clone, Default)]
+pub enum LogDestination {
+    /// Not kept.
+    #[default]
+    Nowhere,
+    /// `drvs/XX/REST` under this directory: Nix's log directory (`/nix/var/log/nix`),
+    /// where `nix log` finds it, or one of offload's own.
+    Dir(std::path::PathBuf),
+    /// Handed to the nix-daemon at this socket after each build on another machine,
+    /// where `nix log` finds it (for a trusted user who cannot write Nix's log
+    /// directory). The daemon keeps the logs of local builds itself.
+    Daemon(std::path::PathBuf),
 }
 
 /// Progress, for the CLI to show.

@@ -13,7 +13,8 @@ use offload_sched::{MachineId, Outcome};
 use tokio::sync::mpsc;
 
 use super::runner::{BuildTask, BuildTransport, TaskDone};
-use super::{BuildNode, BuildOptions, Reporter, LOG_TAIL_LINES};
+use super::{BuildNode, BuildOptions, LogDestination, Reporter, LOG_TAIL_LINES};
+use crate::daemon::DaemonConn;
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::paths::PathRegistry;
@@ -34,7 +35,7 @@ pub(crate) struct ServeTransport {
     settings: BuildSettings,
     local_access: LocalAccess,
     builders_use_substitutes: bool,
-    log_dir: Option<std::path::PathBuf>,
+    logs: LogDestination,
     reporter: Arc<dyn Reporter>,
 }
 
@@ -67,7 +68,7 @@ impl ServeTransport {
             settings: options.settings.clone(),
             local_access: options.local_access.clone(),
             builders_use_substitutes: options.builders_use_substitutes,
-            log_dir: options.log_dir.clone(),
+            logs: options.logs.clone(),
             reporter,
         };
         transport.learn_local_inputs().await?;
@@ -86,6 +87,7 @@ impl BuildTransport for ServeTransport {
         let started = Instant::now();
         let mut log = BuildLog::new(&self, node, machine);
         let (outcome, machine_down) = self.build_on(node, machine, cores, &mut log).await;
+        log.finish().await;
         TaskDone {
             node,
             machine,
@@ -317,21 +319,35 @@ struct BuildLog<'a> {
     transport: &'a ServeTransport,
     node: usize,
     machine: MachineId,
-    file: Option<std::fs::File>,
+    keep: KeptLog,
     tail: std::collections::VecDeque<String>,
+}
+
+/// The copy of a build's log that is kept.
+enum KeptLog {
+    Nowhere,
+    File(std::fs::File),
+    /// Collected, for the daemon at this socket.
+    ForDaemon(std::path::PathBuf, Vec<u8>),
 }
 
 impl<'a> BuildLog<'a> {
     fn new(transport: &'a ServeTransport, node: usize, machine: MachineId) -> Self {
         let drv_path = &transport.nodes[node].drv_path;
+        let keep = match &transport.logs {
+            LogDestination::Nowhere => KeptLog::Nowhere,
+            LogDestination::Dir(dir) => {
+                open_log(dir, drv_path).map_or(KeptLog::Nowhere, KeptLog::File)
+            }
+            // A local build goes through the daemon, which keeps its log itself.
+            LogDestination::Daemon(_) if machine == LOCAL => KeptLog::Nowhere,
+            LogDestination::Daemon(socket) => KeptLog::ForDaemon(socket.clone(), Vec::new()),
+        };
         BuildLog {
             transport,
             node,
             machine,
-            file: transport
-                .log_dir
-                .as_deref()
-                .and_then(|dir| open_log(dir, drv_path)),
+            keep,
             tail: std::collections::VecDeque::new(),
         }
     }
@@ -342,14 +358,40 @@ impl<'a> BuildLog<'a> {
         self.transport
             .reporter
             .build_log(drv, &self.transport.names[self.machine], &line);
-        if let Some(f) = &mut self.file {
-            if writeln!(f, "{line}").is_err() {
-                self.file = None;
+        match &mut self.keep {
+            KeptLog::Nowhere => {}
+            KeptLog::File(f) => {
+                if writeln!(f, "{line}").is_err() {
+                    self.keep = KeptLog::Nowhere;
+                }
+            }
+            KeptLog::ForDaemon(_, text) => {
+                text.extend_from_slice(line.as_bytes());
+                text.push(b'\n');
             }
         }
         self.tail.push_back(line);
         if self.tail.len() > LOG_TAIL_LINES {
             self.tail.pop_front();
+        }
+    }
+
+    /// Hands a collected log to the daemon. A log that cannot be kept is not worth
+    /// failing a build over: it is reported.
+    async fn finish(&mut self) {
+        let KeptLog::ForDaemon(socket, text) = std::mem::replace(&mut self.keep, KeptLog::Nowhere)
+        else {
+            return;
+        };
+        let drv = &self.transport.nodes[self.node].drv_path;
+        let sent = async {
+            DaemonConn::connect(&socket)
+                .await?
+                .add_build_log(drv, &text)
+                .await
+        };
+        if let Err(e) = sent.await {
+            tracing::warn!("cannot keep the build log of {drv}: {e}");
         }
     }
 }
