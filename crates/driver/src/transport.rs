@@ -210,9 +210,6 @@ pub(crate) fn classify_ssh_failure(machine: &str, stderr: String) -> DriverError
     }
 }
 
-/// Decodes a machines-file host key (base64 of `ssh-ed25519 AAAA…`).
-pub use offload_nix::store_uri::decode_host_key;
-
 fn write_known_hosts(
     machine: &str,
     host: &str,
@@ -269,11 +266,6 @@ mod tests {
         assert_eq!(Endpoint::parse("auto").unwrap().remote_store, None);
         assert!(Endpoint::parse("file:///tmp/cache").is_err());
         assert!(Endpoint::parse("ssh://h?base64-ssh-public-host-key=!!").is_err());
-        let key = "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUhyZQo=";
-        assert_eq!(
-            decode_host_key(key).as_deref(),
-            Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHre")
-        );
     }
 
     #[test]
