@@ -54,7 +54,7 @@ pub enum FleetError {
     UnknownMachine { wanted: String, known: String },
     /// The parser checks every URI, so this is a machine whose URI passed that check
     /// and still cannot be reached; it names the machine's place all the same.
-    #[error("{place}: {source}")]
+    #[error("{place}: this machine cannot be used")]
     Endpoint {
         place: String,
         #[source]

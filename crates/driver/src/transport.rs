@@ -1,7 +1,8 @@
 //! How a serve session reaches a store: the command line of `nix-store --serve --write`,
 //! run through OpenSSH for remote machines, or as a local process for the local store and
 //! for host `localhost` (as Nix itself does, so `ssh://localhost?remote-store=/dir`
-//! addresses a chroot store without any ssh).
+//! addresses a chroot store without any ssh). An `ssh-ng://` store is reached the same
+//! way, through the `nix-store` beside the daemon its `remote-program` names.
 //!
 //! OpenSSH runs as a child process so that the user's ssh config, agent, ControlMaster
 //! and known_hosts all apply. Host-key checking is never turned off: a public host key
