@@ -63,6 +63,10 @@ pub enum FleetError {
 }
 
 /// The local machine and the chosen builders, in that order.
+#[expect(
+    clippy::result_large_err,
+    reason = "built once per run; the driver's error stays unboxed so that its hint is found"
+)]
 pub fn build_fleet(
     choice: &MachineChoice,
     settings: &NixSettings,
