@@ -328,9 +328,9 @@ fn check_authority(scheme: &str, authority: &str) -> Result<(), String> {
         Some((u, h)) => (Some(u), h),
         None => (None, authority),
     };
-    let port_fix = "Nix hands the host to ssh as it is, which takes no port there: \
-                    give the port in a `Host` entry of ~/.ssh/config (`Port N`) and use \
-                    its name, or set NIX_SSHOPTS='-p N'";
+    let port_fix = "Nix passes the host to ssh as written, and ssh takes no port there: \
+                    put `Port N` in a `Host` entry of ~/.ssh/config and use that name, \
+                    or set NIX_SSHOPTS='-p N'";
     if host.is_empty() {
         return Err(format!(
             "no host after {scheme}://: write {scheme}://[user@]host"
