@@ -190,7 +190,8 @@ pub struct BuildArgs {
     pub argstr: Vec<String>,
 
     /// Machines in Nix's syntax (`builders` setting): `'ssh://b1 x86_64-linux - 4 2; b2'`
-    /// or `@FILE`. Default: Nix's own `builders` setting.
+    /// or `@FILE`. Default: Nix's own `builders` setting. `ssh-ng://` machines run the
+    /// `nix-store` beside their `remote-program` daemon (`DIR/nix-daemon` → `DIR/nix-store`).
     #[arg(long, value_name = "SPEC")]
     pub builders: Option<String>,
 

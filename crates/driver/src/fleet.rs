@@ -52,11 +52,21 @@ pub enum FleetError {
     Machines(#[from] MachinesError),
     #[error("--on {wanted}: no such machine; the machines are: {known}")]
     UnknownMachine { wanted: String, known: String },
-    #[error(transparent)]
-    Endpoint(#[from] DriverError),
+    /// The parser checks every URI, so this is a machine whose URI passed that check
+    /// and still cannot be reached; it names the machine's place all the same.
+    #[error("{place}: this machine cannot be used")]
+    Endpoint {
+        place: String,
+        #[source]
+        source: DriverError,
+    },
 }
 
 /// The local machine and the chosen builders, in that order.
+#[expect(
+    clippy::result_large_err,
+    reason = "built once per run; the driver's error stays unboxed so that its hint is found"
+)]
 pub fn build_fleet(
     choice: &MachineChoice,
     settings: &NixSettings,
@@ -103,7 +113,10 @@ pub fn build_fleet(
     let names = machine_names(&machines);
     for (m, name) in machines.iter().zip(names) {
         fleet.push(MachineConfig {
-            endpoint: endpoint(m)?,
+            endpoint: endpoint(m).map_err(|source| FleetError::Endpoint {
+                place: m.place.clone(),
+                source,
+            })?,
             spec: remote_spec(m, name, DEFAULT_BANDWIDTH, DEFAULT_LATENCY),
             // A remote's core count is not in the machines file; its own setting stays.
             cores: None,
@@ -112,8 +125,22 @@ pub fn build_fleet(
     Ok(fleet)
 }
 
-/// How to reach a machine: its store URI with the machines file's ssh key and host key.
+/// How to reach a machine: its store URI with the machines file's ssh key and host key
+/// (which win over the URI's, as in Nix).
 fn endpoint(m: &Machine) -> Result<Endpoint, DriverError> {
+    if let Ok(check) = m.store_uri().and_then(|u| u.check_serve()) {
+        for key in check.ignored {
+            tracing::debug!(place = %m.place, machine = %m.uri, "ignoring parameter {key}: offload keeps one session per build slot");
+        }
+        for key in check.unknown {
+            // Nix warns about these too and goes on.
+            tracing::warn!(
+                "{}: {}: unknown store parameter {key:?}, ignored",
+                m.place,
+                m.uri
+            );
+        }
+    }
     let mut endpoint = Endpoint::parse(&m.uri)?;
     if let Route::Ssh {
         ssh_key,
@@ -146,8 +173,9 @@ pub fn remote_spec(m: &Machine, name: String, bandwidth: f64, latency: f64) -> M
     }
 }
 
-/// What reports call each machine: `host`, or `host:STORE` with a remote store; a name
-/// that repeats gets `#2`, `#3`, … so that every machine has its own.
+/// What reports call each machine: `host` (for `ssh://` and `ssh-ng://` alike), or
+/// `host:STORE` with a remote store; a name that repeats gets `#2`, `#3`, … so that
+/// every machine has its own.
 pub fn machine_names(machines: &[Machine]) -> Vec<String> {
     let mut names: Vec<String> = Vec::with_capacity(machines.len());
     for m in machines {
@@ -174,13 +202,11 @@ pub fn machine_names(machines: &[Machine]) -> Vec<String> {
 /// Whether the user's word for a machine (`--on`, `--exclude`) names `m`: its URI, its
 /// host, or its host without the user.
 fn machine_matches(m: &Machine, wanted: &str) -> bool {
-    let host = m
-        .uri
-        .strip_prefix("ssh://")
-        .map(|h| h.split('?').next().unwrap_or(h));
+    let uri = m.store_uri().ok();
     m.uri == wanted
-        || host == Some(wanted)
-        || host.is_some_and(|h| h.rsplit('@').next() == Some(wanted))
+        || uri
+            .as_ref()
+            .is_some_and(|u| u.host() == Some(wanted) || u.hostname() == Some(wanted))
 }
 
 /// Cores of this machine: Nix's `cores` when set, else all of them.
@@ -264,6 +290,47 @@ mod tests {
         assert_eq!(
             e,
             "--on b9: no such machine; the machines are: local, ssh://b1"
+        );
+    }
+
+    #[test]
+    fn ssh_ng_machines_are_named_and_chosen_like_ssh_ones() {
+        let s = settings(
+            "ssh-ng://root@b1 x86_64-linux - 2; ssh-ng://localhost?remote-store=/tmp/m1; ssh://b1",
+        );
+        let fleet = build_fleet(&MachineChoice::default(), &s).unwrap();
+        assert_eq!(
+            names(&fleet),
+            [
+                ("local", 4),
+                ("root@b1", 2),
+                ("localhost:/tmp/m1", 1),
+                ("b1", 1)
+            ]
+        );
+        assert_eq!(
+            fleet[1].endpoint.describe(),
+            "ssh root@b1 nix-store --serve --write"
+        );
+        assert!(fleet[2].endpoint.is_local_process());
+        let choice = MachineChoice {
+            on: vec!["b1".into()],
+            ..MachineChoice::default()
+        };
+        // `b1` names both the ssh-ng and the ssh machine on host b1.
+        let fleet = build_fleet(&choice, &s).unwrap();
+        assert_eq!(names(&fleet), [("local", 0), ("root@b1", 2), ("b1", 1)]);
+    }
+
+    #[test]
+    fn a_bad_uri_is_named_by_its_place_before_any_machine_is_reached() {
+        let e = build_fleet(&MachineChoice::default(), &settings("b1\nssh://[bad"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("builders setting:2: field 1 (store URI) is \"ssh://[bad\""),
+            "{e}"
         );
     }
 

@@ -1,7 +1,8 @@
 //! How a serve session reaches a store: the command line of `nix-store --serve --write`,
 //! run through OpenSSH for remote machines, or as a local process for the local store and
 //! for host `localhost` (as Nix itself does, so `ssh://localhost?remote-store=/dir`
-//! addresses a chroot store without any ssh).
+//! addresses a chroot store without any ssh). An `ssh-ng://` store is reached the same
+//! way, through the `nix-store` beside the daemon its `remote-program` names.
 //!
 //! OpenSSH runs as a child process so that the user's ssh config, agent, ControlMaster
 //! and known_hosts all apply. Host-key checking is never turned off: a public host key
@@ -13,8 +14,7 @@ use std::process::Stdio;
 
 use tokio::process::{Child, Command};
 
-use base64::Engine as _;
-use offload_nix::store_uri::StoreUri;
+use offload_nix::store_uri::{ServeKind, StoreUri};
 
 use crate::error::DriverError;
 
@@ -65,49 +65,42 @@ impl Endpoint {
         }
     }
 
-    /// The endpoint for a Nix store URI: `ssh://[user@]host[?remote-store=…&…]`,
-    /// `local`, `daemon`, `auto`, or a chroot store directory.
+    /// The endpoint for a Nix store URI: `ssh://[user@]host[?remote-store=…&…]`, its
+    /// `ssh-ng://` twin (driven through the `nix-store` beside the daemon, see
+    /// [`StoreUri::serve_program`]), `local`, `daemon`, `auto`, or a chroot store
+    /// directory.
     pub fn parse(uri: &str) -> Result<Endpoint, DriverError> {
-        let parsed = StoreUri::parse(uri).map_err(|e| DriverError::BadStoreUri {
+        let bad = |e: offload_nix::store_uri::StoreUriError| DriverError::BadStoreUri {
             uri: uri.to_string(),
             reason: e.reason,
-        })?;
-        let bad = |reason: &str| DriverError::BadStoreUri {
-            uri: uri.to_string(),
-            reason: reason.to_string(),
         };
+        let parsed = StoreUri::parse(uri).map_err(bad)?;
+        let check = parsed.check_serve().map_err(bad)?;
         let mut endpoint = Endpoint::local(uri, None);
-        match parsed.scheme.as_str() {
-            "ssh" => {
-                endpoint.remote_program = parsed.remote_program().to_string();
+        match check.kind {
+            ServeKind::Ssh => {
+                // check_serve has refused an ssh-ng program it cannot derive from.
+                if let Some(program) = parsed.serve_program() {
+                    endpoint.remote_program = program;
+                }
                 endpoint.remote_store = parsed.remote_store().map(str::to_string);
                 if !parsed.is_localhost() {
-                    let host_public_key = match parsed.base64_host_key() {
-                        Some(b64) => Some(decode_host_key(b64).ok_or_else(|| {
-                            bad("base64-ssh-public-host-key is not valid base64 of a key line")
-                        })?),
-                        None => None,
-                    };
                     endpoint.route = Route::Ssh {
-                        host: parsed.authority.clone(),
+                        host: parsed.ssh_destination().unwrap_or_default(),
                         ssh_key: parsed.ssh_key().map(PathBuf::from),
-                        host_public_key,
+                        host_public_key: parsed.host_key_line(),
                         compress: parsed.compress(),
                     };
                 }
             }
-            "ssh-ng" => {
-                return Err(bad(
-                    "offload drives Nix through the serve protocol of ssh:// stores; \
-                     write ssh:// instead of ssh-ng://",
-                ))
+            ServeKind::ThisMachine => {
+                endpoint.remote_store = match parsed.scheme.as_str() {
+                    "path" => Some(parsed.authority.clone()),
+                    "auto" if parsed.params.is_empty() => None,
+                    // With its parameters (`local?root=…`), which Nix itself reads.
+                    _ => Some(parsed.to_string()),
+                }
             }
-            "path" => endpoint.remote_store = Some(parsed.authority.clone()),
-            "local" | "daemon" => endpoint.remote_store = Some(parsed.scheme.clone()),
-            "auto" => {}
-            _ => return Err(bad(
-                "binary caches and other stores have no serve protocol; use `nix copy` for them",
-            )),
         }
         Ok(endpoint)
     }
@@ -218,16 +211,6 @@ pub(crate) fn classify_ssh_failure(machine: &str, stderr: String) -> DriverError
     }
 }
 
-/// Decodes a machines-file host key (base64 of `ssh-ed25519 AAAA…`).
-pub fn decode_host_key(b64: &str) -> Option<String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
-    let line = String::from_utf8(bytes).ok()?;
-    let line = line.trim();
-    (line.split_whitespace().count() >= 2).then(|| line.to_string())
-}
-
 fn write_known_hosts(
     machine: &str,
     host: &str,
@@ -282,14 +265,39 @@ mod tests {
             Some("/tmp/s")
         );
         assert_eq!(Endpoint::parse("auto").unwrap().remote_store, None);
-        assert!(Endpoint::parse("ssh-ng://h").is_err());
         assert!(Endpoint::parse("file:///tmp/cache").is_err());
         assert!(Endpoint::parse("ssh://h?base64-ssh-public-host-key=!!").is_err());
-        let key = "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUhyZQo=";
+    }
+
+    #[test]
+    fn ssh_ng_runs_the_nix_store_beside_the_daemon() {
+        let e = Endpoint::parse("ssh-ng://localhost?remote-store=/tmp/m1").unwrap();
+        assert_eq!(e.route, Route::LocalProcess);
         assert_eq!(
-            decode_host_key(key).as_deref(),
-            Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHre")
+            e.server_command(),
+            "nix-store --serve --write --store /tmp/m1"
         );
+        let key = "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUhyZQo=";
+        let e = Endpoint::parse(&format!(
+            "ssh-ng://root@[::1]?remote-program=/opt/nix/bin/nix-daemon&ssh-key=/k&compress=true&base64-ssh-public-host-key={key}"
+        ))
+        .unwrap();
+        assert_eq!(e.remote_program, "/opt/nix/bin/nix-store");
+        assert_eq!(
+            e.route,
+            Route::Ssh {
+                host: "root@::1".into(),
+                ssh_key: Some("/k".into()),
+                host_public_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHre".into()),
+                compress: true,
+            }
+        );
+        assert_eq!(
+            e.describe(),
+            "ssh root@::1 /opt/nix/bin/nix-store --serve --write"
+        );
+        let e = Endpoint::parse("local?root=/tmp/r").unwrap();
+        assert_eq!(e.remote_store.as_deref(), Some("local?root=/tmp/r"));
     }
 
     #[test]

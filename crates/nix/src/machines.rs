@@ -16,10 +16,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
 use thiserror::Error;
 
-use crate::store_uri::StoreUri;
+use crate::store_uri::{decode_host_key, StoreUri};
 
 /// Deepest `@file` nesting followed.
 const MAX_INCLUDE_DEPTH: usize = 16;
@@ -35,7 +34,7 @@ pub enum MachinesError {
         value: String,
         fix: &'static str,
     },
-    #[error("{place}: {uri:?} is not a store URI: {reason}")]
+    #[error("{place}: field 1 (store URI) is {uri:?}: {reason}")]
     BadUri {
         place: String,
         uri: String,
@@ -88,9 +87,7 @@ impl Machine {
 
     /// The decoded public host key line (`ssh-ed25519 AAAA…`).
     pub fn host_key_line(&self) -> Option<String> {
-        let b64 = self.public_host_key.as_ref()?;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-        String::from_utf8(bytes).ok().map(|s| s.trim().to_string())
+        decode_host_key(self.public_host_key.as_ref()?)
     }
 
     /// The parsed store URI.
@@ -254,19 +251,20 @@ fn parse_machine(text: &str, place: String, local_system: &str) -> Result<Machin
     } else {
         format!("ssh://{raw_uri}")
     };
-    StoreUri::parse(&uri).map_err(|e| MachinesError::BadUri {
-        place: place.clone(),
-        uri: uri.clone(),
-        reason: e.reason,
-    })?;
+    // Everything about the URI that the text can tell is checked here, so that a bad
+    // line is reported with its place before any machine is contacted.
+    StoreUri::parse(&uri)
+        .and_then(|u| u.check_serve())
+        .map_err(|e| MachinesError::BadUri {
+            place: place.clone(),
+            uri: uri.clone(),
+            reason: e.reason,
+        })?;
     let max_jobs = number(3, "max jobs", 1)?;
     let speed_factor = number(4, "speed factor", 1)?.max(1);
     let public_host_key = field(7).map(str::to_string);
     if let Some(key) = &public_host_key {
-        if base64::engine::general_purpose::STANDARD
-            .decode(key)
-            .is_err()
-        {
+        if decode_host_key(key).is_none() {
             return Err(MachinesError::BadField {
                 place,
                 field: 8,
@@ -361,6 +359,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("9 fields"), "{e}");
+    }
+
+    #[test]
+    fn every_uri_is_checked_when_read_and_named_by_its_place() {
+        let m = parse_builders("ssh-ng://root@b1 x86_64-linux - 4", "machines", SYS).unwrap();
+        assert_eq!(m[0].uri, "ssh-ng://root@b1");
+        for (line, says) in [
+            ("ssh://[bad", "without closing"),
+            ("ssh://", "no host"),
+            ("b1:2222", "port"),
+            ("ssh://b1?compress=maybe", "expected `true` or `false`"),
+            ("ssh-ng://b1?base64-ssh-public-host-key=!!", "base64"),
+            ("https://cache.nixos.org", "nix copy"),
+            ("s3://bucket?region=eu-west-1", "nix copy"),
+            ("ssh-ng://b1?remote-program=/opt/daemon", "nix-daemon"),
+        ] {
+            let e = parse_builders(
+                &format!("good\n{line} x86_64-linux"),
+                "/etc/nix/machines",
+                SYS,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with("/etc/nix/machines:2: field 1 (store URI) is ") && e.contains(says),
+                "{line}: {e}"
+            );
+        }
+        let e = parse_builders("ok; ssh://[::1]:22", "--builders", SYS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--builders:1 (machine 2 of the line): field 1"),
+            "{e}"
+        );
+        // Field 8 must be the base64 of a key line, not of any text.
+        let e = parse_builders("a - - 1 1 - - aGVsbG8=", "x", SYS)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x:1: field 8 (public host key)"), "{e}");
     }
 
     #[test]
