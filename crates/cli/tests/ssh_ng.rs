@@ -5,17 +5,13 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use offload_test_support::{nix_available, SshFleet, NIX_CONFIG};
+use offload_test_support::{require_nix, require_sshd_fleet, NIX_CONFIG};
+
+mod common;
 
 fn offload(args: &[&str], cwd: &Path, extra_env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_offload"));
-    cmd.current_dir(cwd)
-        .env(NIX_CONFIG.0, NIX_CONFIG.1)
-        .env("OFFLOAD_HISTORY", cwd.join("history.sqlite"))
-        .args(args);
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
+    let mut cmd = common::offload(cwd);
+    cmd.args(args).envs(extra_env.iter().copied());
     cmd.output().unwrap()
 }
 
@@ -48,15 +44,8 @@ fn write_executable(path: &Path, script: &str) {
 
 #[test]
 fn an_ssh_ng_machine_over_real_sshd_builds_and_is_named_in_the_report() {
-    if !nix_available() {
+    let Some(fleet) = require_sshd_fleet(1) else {
         return;
-    }
-    let fleet = match SshFleet::start(1) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
     };
     let work = tempfile::tempdir().unwrap();
     let machines = work.path().join("machines");
@@ -108,7 +97,7 @@ fn an_ssh_ng_machine_over_real_sshd_builds_and_is_named_in_the_report() {
 
 #[test]
 fn an_ssh_ng_loopback_machine_runs_the_nix_store_beside_its_daemon() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -172,7 +161,7 @@ fn an_ssh_ng_loopback_machine_runs_the_nix_store_beside_its_daemon() {
 
 #[test]
 fn a_bad_uri_in_a_machines_file_is_named_by_file_and_line() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let work = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use offload_nix::machines::parse_builders;
-use offload_test_support::{nix_available, NIX_CONFIG};
+use offload_test_support::{require_nix, NIX_CONFIG};
 
 /// What `nix-store --store URI` says about `uri`; none of these reach a network.
 fn nix_opens(uri: &str) -> Result<(), String> {
@@ -25,7 +25,7 @@ fn nix_opens(uri: &str) -> Result<(), String> {
 
 #[test]
 fn uris_nix_cannot_open_are_refused_with_their_place() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     for (uri, nix_says) in [
@@ -49,7 +49,7 @@ fn uris_nix_cannot_open_are_refused_with_their_place() {
 
 #[test]
 fn an_ssh_ng_loopback_store_opens_for_nix_and_for_offload() {
-    if !nix_available() {
+    if !require_nix() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
