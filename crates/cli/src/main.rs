@@ -4,6 +4,7 @@
 mod args;
 mod build;
 mod copy;
+mod evaluate;
 mod output;
 mod render;
 mod simulate;

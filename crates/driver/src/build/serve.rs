@@ -4,7 +4,7 @@
 //! them, never twice to the same machine at once), runs BuildDerivation while its log
 //! streams, and records the outputs' infos.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -18,7 +18,9 @@ use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::paths::PathRegistry;
 use crate::pool::Pool;
+use crate::process;
 use crate::session::ServeConn;
+use crate::transport::{shell_quote, Endpoint};
 
 /// Sessions with every machine of the fleet, and what each store holds.
 pub(crate) struct ServeTransport {
@@ -33,6 +35,8 @@ pub(crate) struct ServeTransport {
     settings: BuildSettings,
     builders_use_substitutes: bool,
     log_dir: Option<std::path::PathBuf>,
+    /// `.drv` paths to check rather than build (`--check`).
+    check: HashSet<String>,
     reporter: Arc<dyn Reporter>,
 }
 
@@ -57,7 +61,15 @@ impl ServeTransport {
                 .collect(),
             pools: machines
                 .into_iter()
-                .map(|m| Pool::new(m.endpoint))
+                .map(|m| {
+                    let mut endpoint = m.endpoint;
+                    for (name, value) in &options.session_options {
+                        endpoint
+                            .extra_args
+                            .extend(["--option".into(), name.clone(), value.clone()]);
+                    }
+                    Pool::new(endpoint)
+                })
                 .collect(),
             registry: Mutex::new(PathRegistry::default()),
             consumers,
@@ -65,6 +77,7 @@ impl ServeTransport {
             settings: options.settings.clone(),
             builders_use_substitutes: options.builders_use_substitutes,
             log_dir: options.log_dir.clone(),
+            check: options.check.clone(),
             reporter,
         };
         transport.learn_local_inputs().await?;
@@ -222,6 +235,9 @@ impl ServeTransport {
         cores: Option<u32>,
         log: &mut BuildLog<'_>,
     ) -> (Outcome, bool) {
+        if self.check.contains(&self.nodes[node].drv_path) {
+            return self.check_on(node, machine, log).await;
+        }
         let mut conn = match self.pools[machine].get_with_cores(cores).await {
             Ok(c) => c,
             Err(e) => return (lost(e), true),
@@ -258,11 +274,17 @@ impl ServeTransport {
         };
         if !result.status.is_success() {
             self.pools[machine].put(conn);
-            let reason = if result.error_msg.is_empty() {
+            let mut reason = if result.error_msg.is_empty() {
                 format!("build of {} failed: {:?}", n.drv_path, result.status)
             } else {
                 result.error_msg
             };
+            if let Some(dir) = &log.kept_dir {
+                reason.push_str(&format!(
+                    "; its build directory is kept at '{dir}' on {}",
+                    self.names[machine]
+                ));
+            }
             return (Outcome::Failed { reason }, false);
         }
         let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
@@ -286,6 +308,127 @@ impl ServeTransport {
     }
 }
 
+impl ServeTransport {
+    /// `--check` for one derivation on `machine`: ships it the `.drv` closure, the
+    /// inputs and the outputs valid here (Nix compares the new build with those), then
+    /// runs `nix-store --realise --check` there by the session's route. A difference
+    /// fails with Nix's own "may not be deterministic"; outputs valid nowhere get Nix's
+    /// "checking is not possible".
+    async fn check_on(
+        &self,
+        node: usize,
+        machine: MachineId,
+        log: &mut BuildLog<'_>,
+    ) -> (Outcome, bool) {
+        let n = &self.nodes[node];
+        let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
+        let mut wanted = match self.learn_local_closure(&n.drv_path, &outputs).await {
+            Ok(paths) => paths,
+            Err(e) => return (lost(e), false),
+        };
+        wanted.extend(n.inputs.iter().cloned());
+        if let Err(e) = self.ensure_on(machine, &wanted, None).await {
+            return (lost(e), false);
+        }
+        let endpoint = self.pools[machine].endpoint().clone();
+        let (mut cmd, known_hosts) = match endpoint.command(&self.check_command(&endpoint, n)) {
+            Ok(c) => c,
+            Err(e) => return (lost(e), true),
+        };
+        let checked = tokio::task::spawn_blocking(move || {
+            let _known_hosts = known_hosts;
+            process::run(&mut cmd)
+        })
+        .await;
+        let output = match checked {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => {
+                let reason = e.to_string();
+                for line in reason.lines().skip(1) {
+                    log.push(line.to_string());
+                }
+                return (Outcome::Failed { reason }, false);
+            }
+            Err(e) => {
+                let reason = format!("the check of {} did not finish: {e}", n.drv_path);
+                return (Outcome::Failed { reason }, false);
+            }
+        };
+        for line in String::from_utf8_lossy(&output.stderr).lines() {
+            log.push(line.to_string());
+        }
+        let infos = async {
+            let mut conn = self.pools[machine].get().await?;
+            let infos = conn.query_path_infos(&outputs).await?;
+            self.pools[machine].put(conn);
+            Ok::<_, DriverError>(infos)
+        };
+        match infos.await {
+            Ok(infos) => {
+                let mut registry = self.registry();
+                for info in infos {
+                    registry.insert(info, machine);
+                }
+                (Outcome::Built, false)
+            }
+            Err(e) => (lost(e), true),
+        }
+    }
+
+    /// Learns the local infos of the closure of `drv_path` and of those `outputs` valid
+    /// here; returns the roots it learned (the `.drv` and the valid outputs).
+    async fn learn_local_closure(
+        &self,
+        drv_path: &str,
+        outputs: &[String],
+    ) -> Result<Vec<String>, DriverError> {
+        let mut conn = self.pools[LOCAL].get().await?;
+        let mut roots = conn.query_valid_paths(outputs, false, false).await?;
+        roots.push(drv_path.to_string());
+        let closure = conn.query_closure(&roots, false).await?;
+        let infos = conn.query_path_infos(&closure).await?;
+        self.pools[LOCAL].put(conn);
+        let mut registry = self.registry();
+        for info in infos {
+            registry.insert(info, LOCAL);
+        }
+        Ok(roots)
+    }
+
+    /// The shell command that checks `node` on the machine behind `endpoint`, with the
+    /// run's build settings as `nix-store` flags.
+    fn check_command(&self, endpoint: &Endpoint, node: &BuildNode) -> String {
+        let mut words = vec![endpoint.remote_program.clone()];
+        if let Some(store) = &endpoint.remote_store {
+            words.extend(["--store".into(), store.clone()]);
+        }
+        words.extend(endpoint.extra_args.iter().cloned());
+        let s = &self.settings;
+        words.extend([
+            "--max-silent-time".into(),
+            s.max_silent_time.to_string(),
+            "--timeout".into(),
+            s.build_timeout.to_string(),
+            "--option".into(),
+            "max-build-log-size".into(),
+            s.max_log_size.to_string(),
+        ]);
+        if s.keep_failed {
+            words.push("--keep-failed".into());
+        }
+        words.extend([
+            "--realise".into(),
+            "--check".into(),
+            node.drv_path.clone(),
+        ]);
+        words
+            .iter()
+            .map(|w| shell_quote(w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 /// Where a build's log lines go: the reporter, the file Nix would keep
 /// (`drvs/XX/REST` under the log directory, where `nix log` finds it), and the last
 /// [`LOG_TAIL_LINES`] lines for an error message.
@@ -295,6 +438,8 @@ struct BuildLog<'a> {
     machine: MachineId,
     file: Option<std::fs::File>,
     tail: std::collections::VecDeque<String>,
+    /// The build directory Nix kept after a failure (`--keep-failed`), from its note.
+    kept_dir: Option<String>,
 }
 
 impl<'a> BuildLog<'a> {
@@ -309,6 +454,7 @@ impl<'a> BuildLog<'a> {
                 .as_deref()
                 .and_then(|dir| open_log(dir, drv_path)),
             tail: std::collections::VecDeque::new(),
+            kept_dir: None,
         }
     }
 
@@ -318,6 +464,12 @@ impl<'a> BuildLog<'a> {
         self.transport
             .reporter
             .build_log(drv, &self.transport.names[self.machine], &line);
+        if let Some(dir) = line
+            .split_once("keeping build directory '")
+            .and_then(|(_, rest)| rest.split_once('\''))
+        {
+            self.kept_dir = Some(dir.0.to_string());
+        }
         if let Some(f) = &mut self.file {
             if writeln!(f, "{line}").is_err() {
                 self.file = None;
