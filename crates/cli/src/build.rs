@@ -64,6 +64,27 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
     let machines = build_fleet(&machine_choice(&args), &settings).map_err(Failure::usage)?;
+    let mut options = BuildOptions {
+        keep_going: args.keep_going,
+        builders_use_substitutes: args.builders_use_substitutes
+            || settings.builders_use_substitutes,
+        settings: BuildSettings {
+            max_silent_time: args.max_silent_time,
+            build_timeout: args.timeout,
+            keep_failed: args.keep_failed,
+            ..BuildSettings::default()
+        },
+        log_dir: Some("/nix/var/log/nix".into()),
+        session_options: Vec::new(),
+        check: Default::default(),
+    };
+    for pair in args.option.chunks(2) {
+        if let [name, value] = pair {
+            options
+                .set_nix_option(name, value)
+                .map_err(|e| Failure::usage(anyhow!(e)))?;
+        }
+    }
     let targets = evaluate(&args)?;
     let roots: Vec<StorePath> = targets.iter().map(|t| t.drv.clone()).collect();
     let read_started = std::time::Instant::now();
@@ -78,6 +99,9 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     // Nix decides what must be built and what it can fetch; offload builds the first.
     let root_args: Vec<String> = roots.iter().map(StorePath::to_absolute).collect();
     let plan = dry_run(None, &root_args).map_err(Failure::work)?;
+    if args.check {
+        options.check = root_args.iter().cloned().collect();
+    }
     if args.dry_run {
         let mut text = format!(
             "{} derivations to build, {} paths to fetch\nmachines:\n",
@@ -158,31 +182,6 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
                 .iter()
                 .flat_map(|n| n.outputs.iter().map(|(_, p)| p.clone())),
         );
-    }
-    let mut options = BuildOptions {
-        keep_going: args.keep_going,
-        builders_use_substitutes: args.builders_use_substitutes
-            || settings.builders_use_substitutes,
-        settings: BuildSettings {
-            max_silent_time: args.max_silent_time,
-            build_timeout: args.timeout,
-            keep_failed: args.keep_failed,
-            ..BuildSettings::default()
-        },
-        log_dir: Some("/nix/var/log/nix".into()),
-        session_options: Vec::new(),
-        check: if args.check {
-            root_args.iter().cloned().collect()
-        } else {
-            Default::default()
-        },
-    };
-    for pair in args.option.chunks(2) {
-        if let [name, value] = pair {
-            options
-                .set_nix_option(name, value)
-                .map_err(|e| Failure::usage(anyhow!(e)))?;
-        }
     }
     let reporter = Arc::new(Progress {
         quiet,

@@ -30,7 +30,15 @@ pub struct Target {
 /// Flake-reference schemes: a target starting with one of these is a flake installable.
 /// `http:`/`https:` are left out on purpose: nix-build takes those as tarball URLs.
 const FLAKE_SCHEMES: &[&str] = &[
-    "path:", "github:", "gitlab:", "sourcehut:", "flake:", "git+", "hg+", "tarball+", "file+",
+    "path:",
+    "github:",
+    "gitlab:",
+    "sourcehut:",
+    "flake:",
+    "git+",
+    "hg+",
+    "tarball+",
+    "file+",
 ];
 
 /// Whether `target` is a flake installable for `nix build` rather than a file or `.drv`

@@ -53,7 +53,12 @@ fn dot_hash_installables_build_and_link_as_nix_build_does() {
     assert_eq!(read(&dir.path().join("result-1")), "bar");
     assert_eq!(read(&dir.path().join("result-2-dev")), "foo-dev");
     assert!(!dir.path().join("result-2").exists());
-    assert_eq!(text(&out.stdout).lines().count(), 3, "{}", text(&out.stdout));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
@@ -79,7 +84,11 @@ fn path_references_full_attribute_paths_and_default_packages() {
 #[test]
 fn git_file_flakes_build_what_is_committed() {
     let dir = tempfile::tempdir().unwrap();
-    write_flake(dir.path(), "", "{ packages.${sys}.default = mk \"in-git\"; }");
+    write_flake(
+        dir.path(),
+        "",
+        "{ packages.${sys}.default = mk \"in-git\"; }",
+    );
     for args in [
         &["init", "-q"][..],
         &["add", "flake.nix"],
@@ -161,5 +170,8 @@ fn nix_build_only_flags_are_refused_with_flakes_and_the_reverse() {
     );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--override-input applies to flake installables"), "{stderr}");
+    assert!(
+        stderr.contains("--override-input applies to flake installables"),
+        "{stderr}"
+    );
 }

@@ -99,9 +99,9 @@ impl BuildOptions {
     /// or this machine only and are left out. Returns what is wrong with `value`.
     pub fn set_nix_option(&mut self, name: &str, value: &str) -> Result<(), String> {
         let number = || {
-            value
-                .parse::<u64>()
-                .map_err(|_| format!("`--option {name}` takes a number of seconds or bytes, not {value:?}"))
+            value.parse::<u64>().map_err(|_| {
+                format!("`--option {name}` takes a number of seconds or bytes, not {value:?}")
+            })
         };
         match name {
             "max-silent-time" => self.settings.max_silent_time = number()?,
@@ -111,7 +111,11 @@ impl BuildOptions {
                 self.settings.keep_failed = match value {
                     "true" => true,
                     "false" => false,
-                    _ => return Err(format!("`--option keep-failed` takes true or false, not {value:?}")),
+                    _ => {
+                        return Err(format!(
+                            "`--option keep-failed` takes true or false, not {value:?}"
+                        ))
+                    }
                 }
             }
             _ => {

@@ -64,9 +64,11 @@ impl ServeTransport {
                 .map(|m| {
                     let mut endpoint = m.endpoint;
                     for (name, value) in &options.session_options {
-                        endpoint
-                            .extra_args
-                            .extend(["--option".into(), name.clone(), value.clone()]);
+                        endpoint.extra_args.extend([
+                            "--option".into(),
+                            name.clone(),
+                            value.clone(),
+                        ]);
                     }
                     Pool::new(endpoint)
                 })
@@ -280,10 +282,8 @@ impl ServeTransport {
                 result.error_msg
             };
             if let Some(dir) = &log.kept_dir {
-                reason.push_str(&format!(
-                    "; its build directory is kept at '{dir}' on {}",
-                    self.names[machine]
-                ));
+                // The runner adds which machine "there" is.
+                reason.push_str(&format!("; its build directory is kept there at '{dir}'"));
             }
             return (Outcome::Failed { reason }, false);
         }
@@ -416,11 +416,7 @@ impl ServeTransport {
         if s.keep_failed {
             words.push("--keep-failed".into());
         }
-        words.extend([
-            "--realise".into(),
-            "--check".into(),
-            node.drv_path.clone(),
-        ]);
+        words.extend(["--realise".into(), "--check".into(), node.drv_path.clone()]);
         words
             .iter()
             .map(|w| shell_quote(w))
