@@ -281,10 +281,7 @@ impl ServeTransport {
             } else {
                 result.error_msg
             };
-            if let Some(dir) = &log.kept_dir {
-                // The runner adds which machine "there" is.
-                reason.push_str(&format!("; its build directory is kept there at '{dir}'"));
-            }
+            reason.push_str(&log.kept_note());
             return (Outcome::Failed { reason }, false);
         }
         let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
@@ -343,10 +340,11 @@ impl ServeTransport {
         let output = match checked {
             Ok(Ok(output)) => output,
             Ok(Err(e)) => {
-                let reason = e.to_string();
+                let mut reason = e.to_string();
                 for line in reason.lines().skip(1) {
                     log.push(line.to_string());
                 }
+                reason.push_str(&log.kept_note());
                 return (Outcome::Failed { reason }, false);
             }
             Err(e) => {
@@ -451,6 +449,15 @@ impl<'a> BuildLog<'a> {
                 .and_then(|dir| open_log(dir, drv_path)),
             tail: std::collections::VecDeque::new(),
             kept_dir: None,
+        }
+    }
+
+    /// Where Nix kept the failed build's directory (`--keep-failed`), for the failure
+    /// message; the runner adds which machine "there" is.
+    fn kept_note(&self) -> String {
+        match &self.kept_dir {
+            Some(dir) => format!("; its build directory is kept there at '{dir}'"),
+            None => String::new(),
         }
     }
 
