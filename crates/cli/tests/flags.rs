@@ -2,11 +2,13 @@
 //! machine and on a loopback machine with its own chroot store.
 
 mod common;
+mod invocation;
 
 use std::path::Path;
 use std::process::Command;
 
-use common::{offload, salt, system, text};
+use invocation::{offload, salt, text};
+use offload_test_support::nix_system as system;
 
 /// A Nix file with one derivation per attribute of `scripts` (name = shell script).
 fn write_file(dir: &Path, scripts: &[(&str, &str)]) -> String {

@@ -290,7 +290,9 @@ mod tests {
         let dag: DagFile = serde_json::from_str(json).unwrap();
         // A misspelt field is an error, not a silent default.
         let typo = r#"{"nodes":[{"id":"a","duration_s":1,"output_byte":5}]}"#;
-        let e = serde_json::from_str::<DagFile>(typo).unwrap_err().to_string();
+        let e = serde_json::from_str::<DagFile>(typo)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `output_byte`"), "{e}");
         let g = dag.to_graph().unwrap();
         assert_eq!(g.critical_path(), 3.5);
