@@ -144,8 +144,13 @@ impl ServeTransport {
         if roots.is_empty() {
             return Ok(());
         }
+        self.learn_local_closure_of(&roots).await
+    }
+
+    /// Learns the infos of the closure of `roots`, all valid in the local store.
+    async fn learn_local_closure_of(&self, roots: &[String]) -> Result<(), DriverError> {
         let mut conn = self.pools[LOCAL].get().await?;
-        let closure = conn.query_closure(&roots, false).await?;
+        let closure = conn.query_closure(roots, false).await?;
         let infos = conn.query_path_infos(&closure).await?;
         self.pools[LOCAL].put(conn);
         let mut registry = self.registry();
@@ -382,14 +387,9 @@ impl ServeTransport {
     ) -> Result<Vec<String>, DriverError> {
         let mut conn = self.pools[LOCAL].get().await?;
         let mut roots = conn.query_valid_paths(outputs, false, false).await?;
-        roots.push(drv_path.to_string());
-        let closure = conn.query_closure(&roots, false).await?;
-        let infos = conn.query_path_infos(&closure).await?;
         self.pools[LOCAL].put(conn);
-        let mut registry = self.registry();
-        for info in infos {
-            registry.insert(info, LOCAL);
-        }
+        roots.push(drv_path.to_string());
+        self.learn_local_closure_of(&roots).await?;
         Ok(roots)
     }
 
