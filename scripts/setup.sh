@@ -21,6 +21,7 @@ declare -A WANT=(
   [util-linux]=/usr/bin/unshare
   [python3]=/usr/bin/python3
   [time]=/usr/bin/time
+  [git]=/usr/bin/git
 )
 missing=()
 for pkg in "${!WANT[@]}"; do

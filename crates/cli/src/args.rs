@@ -164,8 +164,11 @@ pub struct SimulateArgs {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Nix files or .drv paths to build (default: ./default.nix).
-    #[arg(value_name = "FILE|DRV")]
+    /// Nix files, .drv paths or flake installables (`.#pkg`, `path:/dir#attr`,
+    /// `github:owner/repo#pkg`) to build (default: ./default.nix). Anything with a `#` or
+    /// a flake scheme (`path:`, `github:`, `git+file:`, …) is a flake installable, as
+    /// for `nix build`.
+    #[arg(value_name = "FILE|DRV|INSTALLABLE")]
     pub targets: Vec<String>,
 
     /// Attribute to build from the file (repeatable).
@@ -188,6 +191,24 @@ pub struct BuildArgs {
     /// Pass `--argstr NAME STRING` to the evaluation.
     #[arg(long, num_args = 2, value_names = ["NAME", "STRING"])]
     pub argstr: Vec<String>,
+
+    /// Add a path to the Nix search path of the evaluation (`-I nixpkgs=/dir`, repeatable).
+    #[arg(short = 'I', value_name = "PATH")]
+    pub include: Vec<String>,
+
+    /// Set a Nix setting for the evaluation; settings that concern builds (`sandbox`,
+    /// `post-build-hook`, `max-build-log-size`, …) also go to every machine's build
+    /// session (repeatable).
+    #[arg(long, num_args = 2, value_names = ["NAME", "VALUE"])]
+    pub option: Vec<String>,
+
+    /// Build a flake installable with its input INPUT taken from flake reference REF.
+    #[arg(long, num_args = 2, value_names = ["INPUT", "REF"])]
+    pub override_input: Vec<String>,
+
+    /// Show the evaluation's whole stack trace on an evaluation error.
+    #[arg(long)]
+    pub show_trace: bool,
 
     /// Machines in Nix's syntax (`builders` setting): `'ssh://b1 x86_64-linux - 4 2; b2'`
     /// or `@FILE`. Default: Nix's own `builders` setting. `ssh-ng://` machines run the
@@ -242,8 +263,23 @@ pub struct BuildArgs {
     pub timeout: u64,
 
     /// Do not print build logs while building.
-    #[arg(long)]
+    #[arg(short = 'Q', long)]
     pub no_build_output: bool,
+
+    /// Keep the build directory of a failed build (on the machine that ran it); the
+    /// failure names the directory and the machine.
+    #[arg(short = 'K', long)]
+    pub keep_failed: bool,
+
+    /// Build the requested derivations again, wherever the plan puts them, and fail
+    /// with Nix's "may not be deterministic" when an output differs from the valid one.
+    #[arg(long, conflicts_with = "repair")]
+    pub check: bool,
+
+    /// Repair corrupted or missing paths of the requested derivations' closures in the
+    /// local store, rebuilding them with Nix on this machine.
+    #[arg(long)]
+    pub repair: bool,
 
     /// Let builders fetch inputs from their own substituters instead of receiving them
     /// from this machine (default: Nix's `builders-use-substitutes`).

@@ -21,6 +21,7 @@ use offload_nix::store_path::StorePath;
 use offload_sim::report::{chrome_trace, TraceEvent};
 
 use crate::args::BuildArgs;
+use crate::evaluate::evaluate;
 use crate::Failure;
 
 struct Progress {
@@ -50,67 +51,6 @@ fn drv_name(drv: &str) -> &str {
     name.strip_suffix(".drv").unwrap_or(name)
 }
 
-/// A target: a `.drv` and the outputs wanted from it (all when `None`).
-struct Target {
-    drv: StorePath,
-    outputs: Option<Vec<String>>,
-}
-
-fn evaluate(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
-    let mut drv_args = Vec::new();
-    let mut files = Vec::new();
-    for t in &args.targets {
-        if t.ends_with(".drv") || t.contains(".drv!") {
-            drv_args.push(t.clone());
-        } else {
-            files.push(t.clone());
-        }
-    }
-    let mut lines: Vec<String> = drv_args;
-    if args.expr.is_some() || !files.is_empty() || lines.is_empty() {
-        let mut cmd = Command::new("nix-instantiate");
-        if let Some(expr) = &args.expr {
-            cmd.args(["-E", expr]);
-        } else if files.is_empty() {
-            cmd.arg("./default.nix");
-        } else {
-            cmd.args(&files);
-        }
-        for a in &args.attrs {
-            cmd.args(["-A", a]);
-        }
-        for pair in args.arg.chunks(2) {
-            cmd.arg("--arg").args(pair);
-        }
-        for pair in args.argstr.chunks(2) {
-            cmd.arg("--argstr").args(pair);
-        }
-        let out = process::run(&mut cmd).map_err(|e| match e {
-            process::ProcessError::Spawn { .. } => Failure::usage(e),
-            process::ProcessError::Failed { .. } => {
-                Failure::work(anyhow!(e).context("evaluation failed"))
-            }
-        })?;
-        lines.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string),
-        );
-    }
-    lines
-        .iter()
-        .map(|line| {
-            let (drv, outputs) = match line.split_once('!') {
-                Some((d, o)) => (d, Some(o.split(',').map(str::to_string).collect())),
-                None => (line.as_str(), None),
-            };
-            let drv = StorePath::from_absolute_path(drv.trim())
-                .map_err(|e| Failure::usage(anyhow!("{e}")))?;
-            Ok(Target { drv, outputs })
-        })
-        .collect()
-}
-
 /// The machines chosen on the command line.
 fn machine_choice(args: &BuildArgs) -> MachineChoice {
     MachineChoice {
@@ -127,6 +67,28 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
     let machines = build_fleet(&machine_choice(&args), &settings).map_err(Failure::usage)?;
+    let mut options = BuildOptions {
+        keep_going: args.keep_going,
+        builders_use_substitutes: args.builders_use_substitutes
+            || settings.builders_use_substitutes,
+        settings: BuildSettings {
+            max_silent_time: args.max_silent_time,
+            build_timeout: args.timeout,
+            keep_failed: args.keep_failed,
+            ..BuildSettings::default()
+        },
+        local_access: LocalAccess::default(),
+        logs: LogDestination::Nowhere,
+        session_options: Vec::new(),
+        check: Default::default(),
+    };
+    for pair in args.option.chunks(2) {
+        if let [name, value] = pair {
+            options
+                .set_nix_option(name, value)
+                .map_err(|e| Failure::usage(anyhow!(e)))?;
+        }
+    }
     let targets = evaluate(&args)?;
     let roots: Vec<StorePath> = targets.iter().map(|t| t.drv.clone()).collect();
     let read_started = std::time::Instant::now();
@@ -141,6 +103,9 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     // Nix decides what must be built and what it can fetch; offload builds the first.
     let root_args: Vec<String> = roots.iter().map(StorePath::to_absolute).collect();
     let plan = dry_run(None, &root_args).map_err(Failure::work)?;
+    if args.check {
+        options.check = root_args.iter().cloned().collect();
+    }
     if args.dry_run {
         let mut text = format!(
             "{} derivations to build, {} paths to fetch\nmachines:\n",
@@ -177,11 +142,15 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         .with_context(|| format!("substituting {} paths failed", plan.will_fetch.len()))
         .map_err(Failure::work)?;
     }
-    let will_build: Vec<StorePath> = plan
+    let mut will_build: Vec<StorePath> = plan
         .will_build
         .iter()
         .filter_map(|p| StorePath::from_absolute_path(p).ok())
         .collect();
+    if args.check {
+        // Checked targets are built again wherever the plan puts them, valid or not.
+        will_build.extend(roots.iter().cloned());
+    }
     let history_path = args.history.clone().unwrap_or_else(History::default_path);
     let history = match History::open(&history_path) {
         Ok(h) => Some(h),
@@ -194,7 +163,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
 
     let mut wanted = Vec::new();
     let mut links = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
+    for t in &targets {
         let drv = &drvs[&t.drv];
         let outputs: Vec<String> = match &t.outputs {
             Some(o) => o.clone(),
@@ -202,10 +171,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         };
         for o in outputs {
             let path = output_path(&t.drv, drv, &o).map_err(Failure::work)?;
-            let mut link = args.out_link.clone();
-            if i > 0 {
-                link.push_str(&format!("-{}", i + 1));
-            }
+            let mut link = format!("{}{}", args.out_link, t.link_suffix);
             if o != "out" {
                 link.push_str(&format!("-{o}"));
             }
@@ -222,24 +188,12 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         );
     }
     let mut machines = machines;
-    let local_access = if will_build.is_empty() {
+    options.local_access = if will_build.is_empty() && options.check.is_empty() {
         LocalAccess::default()
     } else {
         crate::access::check(&args, &mut machines).await?
     };
-    let logs = log_destination(&local_access);
-    let options = BuildOptions {
-        keep_going: args.keep_going,
-        builders_use_substitutes: args.builders_use_substitutes
-            || settings.builders_use_substitutes,
-        settings: BuildSettings {
-            max_silent_time: args.max_silent_time,
-            build_timeout: args.timeout,
-            ..BuildSettings::default()
-        },
-        local_access,
-        logs,
-    };
+    options.logs = log_destination(&options.local_access);
     let reporter = Arc::new(Progress {
         quiet,
         logs: !args.no_build_output,
@@ -324,6 +278,9 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         )));
     }
 
+    if args.repair {
+        repair(&root_args).map_err(Failure::work)?;
+    }
     let mut stdout = String::new();
     for (link, path) in &links {
         if !args.no_out_link {
@@ -333,6 +290,19 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         stdout.push('\n');
     }
     crate::output::stdout(&stdout);
+    Ok(())
+}
+
+/// `--repair`: Nix repairs the closures of `drvs` in the local store, rebuilding
+/// here what it cannot substitute. It runs on this machine because the store it repairs
+/// is this one: a path rebuilt elsewhere would not replace the corrupted copy here.
+fn repair(drvs: &[String]) -> anyhow::Result<()> {
+    process::run(
+        Command::new("nix-store")
+            .args(["--realise", "--repair"])
+            .args(drvs),
+    )
+    .context("repairing the requested derivations' closures failed")?;
     Ok(())
 }
 

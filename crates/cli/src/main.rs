@@ -5,6 +5,7 @@ mod access;
 mod args;
 mod build;
 mod copy;
+mod evaluate;
 mod output;
 mod render;
 mod simulate;

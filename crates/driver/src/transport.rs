@@ -135,10 +135,34 @@ impl Endpoint {
     /// Starts the server process with piped stdio. The returned guard keeps a private
     /// known_hosts file alive for as long as the session runs.
     pub(crate) fn spawn(&self) -> Result<(Child, Option<tempfile::NamedTempFile>), DriverError> {
-        let (mut cmd, known_hosts) = match &self.route {
+        let (cmd, known_hosts) = self.command(&self.server_command())?;
+        let mut cmd = Command::from(cmd);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let program = match self.route {
+            Route::LocalProcess => self.remote_program.clone(),
+            Route::Ssh { .. } => "ssh".to_string(),
+        };
+        let child = cmd.spawn().map_err(|source| DriverError::Spawn {
+            machine: self.name.clone(),
+            program,
+            source,
+        })?;
+        Ok((child, known_hosts))
+    }
+
+    /// The local command that runs the shell command `remote` on the machine, by the
+    /// same route as its sessions; the guard keeps a private known_hosts file alive.
+    pub(crate) fn command(
+        &self,
+        remote: &str,
+    ) -> Result<(std::process::Command, Option<tempfile::NamedTempFile>), DriverError> {
+        Ok(match &self.route {
             Route::LocalProcess => {
-                let mut cmd = Command::new("sh");
-                cmd.arg("-c").arg(self.server_command());
+                let mut cmd = std::process::Command::new("sh");
+                cmd.arg("-c").arg(remote);
                 (cmd, None)
             }
             Route::Ssh {
@@ -147,7 +171,7 @@ impl Endpoint {
                 host_public_key,
                 compress,
             } => {
-                let mut cmd = Command::new("ssh");
+                let mut cmd = std::process::Command::new("ssh");
                 // No X11 or agent forwarding, never a password prompt.
                 cmd.args(["-x", "-a", "-oBatchMode=yes"]);
                 if let Ok(opts) = std::env::var(NIX_SSHOPTS) {
@@ -167,24 +191,10 @@ impl Endpoint {
                 if *compress {
                     cmd.arg("-C");
                 }
-                cmd.arg("--").arg(host).arg(self.server_command());
+                cmd.arg("--").arg(host).arg(remote);
                 (cmd, known_hosts)
             }
-        };
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let program = match self.route {
-            Route::LocalProcess => self.remote_program.clone(),
-            Route::Ssh { .. } => "ssh".to_string(),
-        };
-        let child = cmd.spawn().map_err(|source| DriverError::Spawn {
-            machine: self.name.clone(),
-            program,
-            source,
-        })?;
-        Ok((child, known_hosts))
+        })
     }
 }
 

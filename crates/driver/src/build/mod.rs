@@ -6,6 +6,7 @@
 //! pooled sessions (no handshake per build). At the end, the closures of the requested
 //! outputs come back to the local store; nothing else is copied back.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use offload_nix::serve::{BasicDerivation, BuildSettings};
@@ -68,6 +69,12 @@ pub struct BuildOptions {
     pub local_access: LocalAccess,
     /// Where each build's log is kept.
     pub logs: LogDestination,
+    /// `--option NAME VALUE` pairs given to every machine's serve session.
+    pub session_options: Vec<(String, String)>,
+    /// Derivations to build again and compare with their valid outputs (`--check`),
+    /// by `.drv` path. The serve protocol builds only in Nix's normal mode, so these run
+    /// as `nix-store --realise --check` on the machine the plan chose.
+    pub check: HashSet<String>,
 }
 
 /// Where build logs are kept.
@@ -83,6 +90,69 @@ pub enum LogDestination {
     /// where `nix log` finds it (for a trusted user who cannot write Nix's log
     /// directory). The daemon keeps the logs of local builds itself.
     Daemon(std::path::PathBuf),
+}
+
+/// Nix settings that shape a build on the machine running it, besides the ones the
+/// serve protocol carries with each build (see [`BuildOptions::set_nix_option`]).
+const SESSION_SETTINGS: &[&str] = &[
+    "sandbox",
+    "sandbox-fallback",
+    "sandbox-paths",
+    "sandbox-dev-shm-size",
+    "allowed-impure-host-deps",
+    "allow-new-privileges",
+    "filter-syscalls",
+    "impersonate-linux-26",
+    "build-poll-interval",
+    "pre-build-hook",
+    "post-build-hook",
+    "diff-hook",
+    "run-diff-hook",
+    "keep-env-derivations",
+    "fsync-metadata",
+    "compress-build-log",
+    "enforce-determinism",
+    "build-users-group",
+    "auto-allocate-uids",
+];
+
+impl BuildOptions {
+    /// Applies a `--option NAME VALUE` to the builds. Settings the serve protocol sends
+    /// with each build (`max-silent-time`, `timeout`, `max-build-log-size`,
+    /// `keep-failed`) go there, since the build's values override the session's; other
+    /// build settings go to every session's command line; the rest concern evaluation
+    /// or this machine only and are left out. Returns what is wrong with `value`.
+    pub fn set_nix_option(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let number = || {
+            value.parse::<u64>().map_err(|_| {
+                format!("`--option {name}` takes a number of seconds or bytes, not {value:?}")
+            })
+        };
+        match name {
+            "max-silent-time" => self.settings.max_silent_time = number()?,
+            "timeout" => self.settings.build_timeout = number()?,
+            "max-build-log-size" => self.settings.max_log_size = number()?,
+            "keep-failed" => {
+                self.settings.keep_failed = match value {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(format!(
+                            "`--option keep-failed` takes true or false, not {value:?}"
+                        ))
+                    }
+                }
+            }
+            _ => {
+                let base = name.strip_prefix("extra-").unwrap_or(name);
+                if SESSION_SETTINGS.contains(&base) {
+                    self.session_options
+                        .push((name.to_string(), value.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Progress, for the CLI to show.

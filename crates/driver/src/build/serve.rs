@@ -4,7 +4,7 @@
 //! them, never twice to the same machine at once), runs BuildDerivation while its log
 //! streams, and records the outputs' infos.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,7 +19,9 @@ use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::paths::PathRegistry;
 use crate::pool::Pool;
+use crate::process;
 use crate::session::ServeConn;
+use crate::transport::{shell_quote, Endpoint};
 use crate::trust::LocalAccess;
 
 /// Sessions with every machine of the fleet, and what each store holds.
@@ -36,6 +38,8 @@ pub(crate) struct ServeTransport {
     local_access: LocalAccess,
     builders_use_substitutes: bool,
     logs: LogDestination,
+    /// `.drv` paths to check rather than build (`--check`).
+    check: HashSet<String>,
     reporter: Arc<dyn Reporter>,
 }
 
@@ -60,7 +64,17 @@ impl ServeTransport {
                 .collect(),
             pools: machines
                 .into_iter()
-                .map(|m| Pool::new(m.endpoint))
+                .map(|m| {
+                    let mut endpoint = m.endpoint;
+                    for (name, value) in &options.session_options {
+                        endpoint.extra_args.extend([
+                            "--option".into(),
+                            name.clone(),
+                            value.clone(),
+                        ]);
+                    }
+                    Pool::new(endpoint)
+                })
                 .collect(),
             registry: Mutex::new(PathRegistry::default()),
             consumers,
@@ -69,6 +83,7 @@ impl ServeTransport {
             local_access: options.local_access.clone(),
             builders_use_substitutes: options.builders_use_substitutes,
             logs: options.logs.clone(),
+            check: options.check.clone(),
             reporter,
         };
         transport.learn_local_inputs().await?;
@@ -134,8 +149,13 @@ impl ServeTransport {
         if roots.is_empty() {
             return Ok(());
         }
+        self.learn_local_closure_of(&roots).await
+    }
+
+    /// Learns the infos of the closure of `roots`, all valid in the local store.
+    async fn learn_local_closure_of(&self, roots: &[String]) -> Result<(), DriverError> {
         let mut conn = self.pools[LOCAL].get().await?;
-        let closure = conn.query_closure(&roots, false).await?;
+        let closure = conn.query_closure(roots, false).await?;
         let infos = conn.query_path_infos(&closure).await?;
         self.pools[LOCAL].put(conn);
         let mut registry = self.registry();
@@ -235,6 +255,9 @@ impl ServeTransport {
         cores: Option<u32>,
         log: &mut BuildLog<'_>,
     ) -> (Outcome, bool) {
+        if self.check.contains(&self.nodes[node].drv_path) {
+            return self.check_on(node, machine, log).await;
+        }
         let mut conn = match self.pools[machine].get_with_cores(cores).await {
             Ok(c) => c,
             Err(e) => return (lost(e), true),
@@ -284,11 +307,12 @@ impl ServeTransport {
         };
         if let BuildOutcome::Failed(message) = result {
             self.pools[machine].put(conn);
-            let reason = if message.is_empty() {
+            let mut reason = if message.is_empty() {
                 format!("build of {} failed", n.drv_path)
             } else {
                 message
             };
+            reason.push_str(&log.kept_note());
             return (Outcome::Failed { reason }, false);
         }
         let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
@@ -312,6 +336,119 @@ impl ServeTransport {
     }
 }
 
+impl ServeTransport {
+    /// `--check` for one derivation on `machine`: ships it the `.drv` closure, the
+    /// inputs and the outputs valid here (Nix compares the new build with those), then
+    /// runs `nix-store --realise --check` there by the session's route. A difference
+    /// fails with Nix's own "may not be deterministic"; outputs valid nowhere get Nix's
+    /// "checking is not possible".
+    async fn check_on(
+        &self,
+        node: usize,
+        machine: MachineId,
+        log: &mut BuildLog<'_>,
+    ) -> (Outcome, bool) {
+        let n = &self.nodes[node];
+        let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
+        let mut wanted = match self.learn_local_closure(&n.drv_path, &outputs).await {
+            Ok(paths) => paths,
+            Err(e) => return (lost(e), false),
+        };
+        wanted.extend(n.inputs.iter().cloned());
+        if let Err(e) = self.ensure_on(machine, &wanted, None).await {
+            return (lost(e), false);
+        }
+        let endpoint = self.pools[machine].endpoint().clone();
+        let (mut cmd, known_hosts) = match endpoint.command(&self.check_command(&endpoint, n)) {
+            Ok(c) => c,
+            Err(e) => return (lost(e), true),
+        };
+        let checked = tokio::task::spawn_blocking(move || {
+            let _known_hosts = known_hosts;
+            process::run(&mut cmd)
+        })
+        .await;
+        let output = match checked {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => {
+                let mut reason = e.to_string();
+                for line in reason.lines().skip(1) {
+                    log.push(line.to_string());
+                }
+                reason.push_str(&log.kept_note());
+                return (Outcome::Failed { reason }, false);
+            }
+            Err(e) => {
+                let reason = format!("the check of {} did not finish: {e}", n.drv_path);
+                return (Outcome::Failed { reason }, false);
+            }
+        };
+        for line in String::from_utf8_lossy(&output.stderr).lines() {
+            log.push(line.to_string());
+        }
+        let infos = async {
+            let mut conn = self.pools[machine].get().await?;
+            let infos = conn.query_path_infos(&outputs).await?;
+            self.pools[machine].put(conn);
+            Ok::<_, DriverError>(infos)
+        };
+        match infos.await {
+            Ok(infos) => {
+                let mut registry = self.registry();
+                for info in infos {
+                    registry.insert(info, machine);
+                }
+                (Outcome::Built, false)
+            }
+            Err(e) => (lost(e), true),
+        }
+    }
+
+    /// Learns the local infos of the closure of `drv_path` and of those `outputs` valid
+    /// here; returns the roots it learned (the `.drv` and the valid outputs).
+    async fn learn_local_closure(
+        &self,
+        drv_path: &str,
+        outputs: &[String],
+    ) -> Result<Vec<String>, DriverError> {
+        let mut conn = self.pools[LOCAL].get().await?;
+        let mut roots = conn.query_valid_paths(outputs, false, false).await?;
+        self.pools[LOCAL].put(conn);
+        roots.push(drv_path.to_string());
+        self.learn_local_closure_of(&roots).await?;
+        Ok(roots)
+    }
+
+    /// The shell command that checks `node` on the machine behind `endpoint`, with the
+    /// run's build settings as `nix-store` flags.
+    fn check_command(&self, endpoint: &Endpoint, node: &BuildNode) -> String {
+        let mut words = vec![endpoint.remote_program.clone()];
+        if let Some(store) = &endpoint.remote_store {
+            words.extend(["--store".into(), store.clone()]);
+        }
+        words.extend(endpoint.extra_args.iter().cloned());
+        let s = &self.settings;
+        words.extend([
+            "--max-silent-time".into(),
+            s.max_silent_time.to_string(),
+            "--timeout".into(),
+            s.build_timeout.to_string(),
+            "--option".into(),
+            "max-build-log-size".into(),
+            s.max_log_size.to_string(),
+        ]);
+        if s.keep_failed {
+            words.push("--keep-failed".into());
+        }
+        words.extend(["--realise".into(), "--check".into(), node.drv_path.clone()]);
+        words
+            .iter()
+            .map(|w| shell_quote(w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 /// Where a build's log lines go: the reporter, the file Nix would keep
 /// (`drvs/XX/REST` under the log directory, where `nix log` finds it), and the last
 /// [`LOG_TAIL_LINES`] lines for an error message.
@@ -321,6 +458,8 @@ struct BuildLog<'a> {
     machine: MachineId,
     keep: KeptLog,
     tail: std::collections::VecDeque<String>,
+    /// The build directory Nix kept after a failure (`--keep-failed`), from its note.
+    kept_dir: Option<String>,
 }
 
 /// The copy of a build's log that is kept.
@@ -349,6 +488,16 @@ impl<'a> BuildLog<'a> {
             machine,
             keep,
             tail: std::collections::VecDeque::new(),
+            kept_dir: None,
+        }
+    }
+
+    /// Where Nix kept the failed build's directory (`--keep-failed`), for the failure
+    /// message; the runner adds which machine "there" is.
+    fn kept_note(&self) -> String {
+        match &self.kept_dir {
+            Some(dir) => format!("; its build directory is kept there at '{dir}'"),
+            None => String::new(),
         }
     }
 
@@ -358,6 +507,12 @@ impl<'a> BuildLog<'a> {
         self.transport
             .reporter
             .build_log(drv, &self.transport.names[self.machine], &line);
+        if let Some(dir) = line
+            .split_once("keeping build directory '")
+            .and_then(|(_, rest)| rest.split_once('\''))
+        {
+            self.kept_dir = Some(dir.0.to_string());
+        }
         match &mut self.keep {
             KeptLog::Nowhere => {}
             KeptLog::File(f) => {
