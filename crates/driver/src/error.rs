@@ -149,6 +149,14 @@ impl DriverError {
                  non-interactive logins (a `.bashrc` banner, `echo` in a profile): make those \
                  lines print only when the shell is interactive (`[[ $- == *i* ]]`) or to stderr"
                 .to_string(),
+            DriverError::Exited {
+                machine, stderr, ..
+            } if stderr.contains("lacks a signature by a trusted key") => format!(
+                "the nix-daemon on {machine} does not trust the user offload runs Nix as there, \
+                 so it refuses unsigned inputs: add that user to `trusted-users` in \
+                 /etc/nix/nix.conf on {} and restart its nix-daemon",
+                ssh_host(machine)
+            ),
             DriverError::Exited { stderr, .. } if stderr.contains("not found") => {
                 "the machine has no `nix-store` on the PATH of non-interactive ssh sessions: \
                  install Nix there or set `?remote-program=/path/to/nix-store` in the store URI"

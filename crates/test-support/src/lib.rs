@@ -11,7 +11,14 @@
 //!   with a private `/nix` (its own store) and `/etc/nix`, reached through a generated
 //!   ssh config with one `Host` alias per host and pinned host keys.
 //!
+//! - [`require_daemon_install`] is a multi-user install: a `nix-daemon` of its own and an
+//!   ordinary user, [`daemon::TEST_USER`], who builds through it.
+//!
 //! Nothing here is used outside tests.
+
+pub mod daemon;
+
+pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
 
 use std::fs;
 use std::net::TcpListener;

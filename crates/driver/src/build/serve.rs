@@ -570,9 +570,12 @@ fn open_log(dir: &std::path::Path, drv_path: &str) -> Option<std::fs::File> {
 }
 
 fn lost(e: DriverError) -> Outcome {
-    Outcome::Lost {
-        reason: e.to_string(),
-    }
+    // The reason travels as text to the final report: the next step goes with it.
+    let reason = match e.hint() {
+        Some(hint) => format!("{e} (hint: {hint})"),
+        None => e.to_string(),
+    };
+    Outcome::Lost { reason }
 }
 
 /// How a build ended, whichever way it was asked for.
