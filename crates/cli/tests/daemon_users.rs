@@ -292,6 +292,26 @@ fn a_trusted_user_builds_over_the_fleet_and_nix_log_shows_remote_builds() {
         logs += 1;
     }
     assert_eq!(logs, NODES);
+    // `nix log` itself, for a build that ran on a builder.
+    let (remote_drv, machine) = built_on(&stderr)
+        .into_iter()
+        .find(|(_, m)| m != "local")
+        .expect("a remote build");
+    let log = setup.as_user(
+        "nix",
+        &[
+            "--extra-experimental-features",
+            "nix-command",
+            "log",
+            &remote_drv,
+        ],
+    );
+    assert!(log.status.success(), "{machine}: {}", text(&log.stderr));
+    assert!(
+        text(&log.stdout).contains("building "),
+        "{}",
+        text(&log.stdout)
+    );
 }
 
 #[test]
