@@ -76,6 +76,34 @@ pub enum Command {
     ///   offload simulate --generate nixpkgs-mixed:100000 --generate-fleet mixed:1000 --local-slots 8
     #[command(verbatim_doc_comment)]
     Simulate(SimulateArgs),
+
+    /// Check what stands between each machine and a build, and say what to change.
+    ///
+    /// Per machine: whether a serve session opens (ssh, host key, login scripts that
+    /// print, Nix on the PATH) and its round trip; the Nix version; whether its store
+    /// takes imports from you; whether the local store takes its outputs; whether each
+    /// system it declares really builds (a tiny derivation), and how fast. Exits 1 when a
+    /// machine is broken (it cannot build); warnings leave the exit code 0.
+    ///
+    /// Examples:
+    ///   offload doctor
+    ///   offload doctor builder1 --builders @/etc/nix/machines
+    #[command(verbatim_doc_comment)]
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Only these machines (as `--on` takes them; `local` for this one).
+    #[arg(value_name = "HOST")]
+    pub hosts: Vec<String>,
+
+    #[command(flatten)]
+    pub machines: MachineArgs,
+
+    /// The key `offload build --sign-key` would sign with, for the outputs check.
+    #[arg(long, value_name = "FILE", env = "OFFLOAD_SIGN_KEY")]
+    pub sign_key: Option<PathBuf>,
 }
 
 /// The schedulers `offload simulate` can run.
@@ -162,6 +190,45 @@ pub struct SimulateArgs {
     pub history: Option<PathBuf>,
 }
 
+/// Which machines a command uses: the same for `build`, `doctor` and `machines`.
+#[derive(Debug, Clone, Args)]
+pub struct MachineArgs {
+    /// Machines in Nix's syntax (`builders` setting): `'ssh://b1 x86_64-linux - 4 2; b2'`
+    /// or `@FILE`. Default: Nix's own `builders` setting. `ssh-ng://` machines run the
+    /// `nix-store` beside their `remote-program` daemon (`DIR/nix-daemon` → `DIR/nix-store`).
+    #[arg(long, value_name = "SPEC")]
+    pub builders: Option<String>,
+
+    /// Use only these machines (store URIs or host names, comma-separated).
+    #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
+    pub on: Vec<String>,
+
+    /// Do not use these machines.
+    #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+
+    /// Build everything on the local machine.
+    #[arg(long, conflicts_with_all = ["on", "builders"])]
+    pub local_only: bool,
+
+    /// Local build slots (Nix's max-jobs); 0 keeps builds off the local machine.
+    #[arg(short = 'j', long = "max-jobs", value_name = "N")]
+    pub max_jobs: Option<u32>,
+}
+
+impl MachineArgs {
+    /// The choice as the driver's fleet construction takes it.
+    pub fn choice(&self) -> offload_driver::fleet::MachineChoice {
+        offload_driver::fleet::MachineChoice {
+            builders: self.builders.clone(),
+            on: self.on.clone(),
+            exclude: self.exclude.clone(),
+            local_only: self.local_only,
+            max_jobs: self.max_jobs,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// Nix files, .drv paths or flake installables (`.#pkg`, `path:/dir#attr`,
@@ -210,27 +277,8 @@ pub struct BuildArgs {
     #[arg(long)]
     pub show_trace: bool,
 
-    /// Machines in Nix's syntax (`builders` setting): `'ssh://b1 x86_64-linux - 4 2; b2'`
-    /// or `@FILE`. Default: Nix's own `builders` setting. `ssh-ng://` machines run the
-    /// `nix-store` beside their `remote-program` daemon (`DIR/nix-daemon` → `DIR/nix-store`).
-    #[arg(long, value_name = "SPEC")]
-    pub builders: Option<String>,
-
-    /// Use only these machines (store URIs or host names, comma-separated).
-    #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
-    pub on: Vec<String>,
-
-    /// Do not use these machines.
-    #[arg(long, value_name = "HOST,…", value_delimiter = ',')]
-    pub exclude: Vec<String>,
-
-    /// Build everything on the local machine.
-    #[arg(long, conflicts_with_all = ["on", "builders"])]
-    pub local_only: bool,
-
-    /// Local build slots (Nix's max-jobs); 0 keeps builds off the local machine.
-    #[arg(short = 'j', long = "max-jobs", value_name = "N")]
-    pub max_jobs: Option<u32>,
+    #[command(flatten)]
+    pub machines: MachineArgs,
 
     /// Go on with everything that does not depend on a failed build.
     #[arg(short = 'k', long)]

@@ -10,7 +10,7 @@ use offload_driver::build::{
     self, BuildOptions, BuildReport, LogDestination, NodeResult, Reporter,
 };
 use offload_driver::dry_run::dry_run;
-use offload_driver::fleet::{build_fleet, MachineChoice};
+use offload_driver::fleet::build_fleet;
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
 use offload_driver::process;
@@ -51,22 +51,11 @@ fn drv_name(drv: &str) -> &str {
     name.strip_suffix(".drv").unwrap_or(name)
 }
 
-/// The machines chosen on the command line.
-fn machine_choice(args: &BuildArgs) -> MachineChoice {
-    MachineChoice {
-        builders: args.builders.clone(),
-        on: args.on.clone(),
-        exclude: args.exclude.clone(),
-        local_only: args.local_only,
-        max_jobs: args.max_jobs,
-    }
-}
-
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
-    let machines = build_fleet(&machine_choice(&args), &settings).map_err(Failure::usage)?;
+    let machines = build_fleet(&args.machines.choice(), &settings).map_err(Failure::usage)?;
     let mut options = BuildOptions {
         keep_going: args.keep_going,
         builders_use_substitutes: args.builders_use_substitutes

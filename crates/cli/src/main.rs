@@ -5,6 +5,7 @@ mod access;
 mod args;
 mod build;
 mod copy;
+mod doctor;
 mod evaluate;
 mod output;
 mod render;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
             Command::Copy(args) => copy::run(args, quiet).await,
             Command::Build(args) => build::run(args, quiet).await,
             Command::Simulate(args) => simulate::run(args).await,
+            Command::Doctor(args) => doctor::run(args).await,
         }
     });
     match outcome {

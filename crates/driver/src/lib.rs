@@ -16,6 +16,7 @@
 pub mod build;
 mod copy;
 pub mod daemon;
+pub mod doctor;
 pub mod dry_run;
 mod error;
 pub mod fleet;

@@ -155,7 +155,7 @@ impl Endpoint {
 
     /// The local command that runs the shell command `remote` on the machine, by the
     /// same route as its sessions; the guard keeps a private known_hosts file alive.
-    pub(crate) fn command(
+    pub fn command(
         &self,
         remote: &str,
     ) -> Result<(std::process::Command, Option<tempfile::NamedTempFile>), DriverError> {

@@ -76,7 +76,7 @@ pub async fn check(
     let user = current_user();
     let mut local_conn = ServeConn::open(local_endpoint).await?;
     if let Some(signer) = &signer {
-        if let Err(e) = import_signed_probe(&mut local_conn, signer).await {
+        if let Err(e) = import_probe(&mut local_conn, Some(signer)).await {
             let why = format!(
                 "the local nix-daemon does not trust you ({user}), and refused a path signed \
                  with your key {}: {e}. Add `trusted-public-keys = {}` (or `trusted-users = \
@@ -119,7 +119,7 @@ fn current_user() -> String {
 }
 
 /// Whether the store behind `conn` lets this user build derivations it does not hold.
-async fn probe_trust(conn: &mut ServeConn) -> Result<bool, DriverError> {
+pub(crate) async fn probe_trust(conn: &mut ServeConn) -> Result<bool, DriverError> {
     // No real derivation has this hash, and no machine builds for this system: a
     // trusted user's build fails at once without running anything.
     let hash = "0".repeat(32);
@@ -148,16 +148,20 @@ async fn probe_trust(conn: &mut ServeConn) -> Result<bool, DriverError> {
     }
 }
 
-/// Imports a tiny path signed by `signer` into the store behind `conn`.
-async fn import_signed_probe(conn: &mut ServeConn, signer: &PathSigner) -> Result<(), DriverError> {
-    let contents = format!("offload signature probe for {}\n", signer.public_key());
+/// Imports a tiny path into the store behind `conn`, signed by `signer` when given.
+pub(crate) async fn import_probe(
+    conn: &mut ServeConn,
+    signer: Option<&PathSigner>,
+) -> Result<(), DriverError> {
+    let key = signer.map_or_else(|| "unsigned".to_string(), PathSigner::public_key);
+    let contents = format!("offload import probe for {key}\n");
     let nar = nar::regular_file_nar(contents.as_bytes(), false);
     // A path of its own per key: the daemon checks the signature before it looks
     // whether the path is already there, so a second run probes again.
     let path = make_store_path(
         "output:out",
-        &sha256(signer.public_key().as_bytes()),
-        "offload-signature-probe",
+        &sha256(key.as_bytes()),
+        "offload-import-probe",
     )?;
     let mut info = PathInfo {
         path: path.to_absolute(),
@@ -168,7 +172,9 @@ async fn import_signed_probe(conn: &mut ServeConn, signer: &PathSigner) -> Resul
         ca: None,
         sigs: Vec::new(),
     };
-    signer.sign(&mut info);
+    if let Some(signer) = signer {
+        signer.sign(&mut info);
+    }
     conn.add_to_store_nar(&info, &nar).await.map(|_| ())
 }
 
@@ -225,7 +231,7 @@ async fn builder_signs(machine: &MachineConfig, local: &mut ServeConn) -> Result
 /// A derivation that writes one line to `$out`, for `system`; its `.drv` path and the
 /// form BuildDerivation sends. It needs nothing on the builder but `/bin/sh`, and is new
 /// every run.
-fn probe_derivation(system: &str) -> Result<(String, BasicDerivation), DriverError> {
+pub(crate) fn probe_derivation(system: &str) -> Result<(String, BasicDerivation), DriverError> {
     let name = "offload-builder-probe";
     // New each run: an output built before the builder had a key stays unsigned there.
     let nonce = std::time::SystemTime::now()
