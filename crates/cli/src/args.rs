@@ -90,6 +90,13 @@ pub enum Command {
     ///   offload doctor builder1 --builders @/etc/nix/machines
     #[command(verbatim_doc_comment)]
     Doctor(DoctorArgs),
+
+    /// Print offload's effective settings and where each came from.
+    ///
+    /// offload's own file (`$OFFLOAD_CONFIG`, else `~/.config/offload/config.toml`) holds
+    /// what only offload knows: machine groups for `--on @NAME`, defaults for `build`,
+    /// the state directory. Machines themselves stay in Nix's settings.
+    Config,
 }
 
 #[derive(Debug, Args)]

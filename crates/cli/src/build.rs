@@ -182,7 +182,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     } else {
         crate::access::check(&args, &mut machines).await?
     };
-    options.logs = log_destination(&options.local_access);
+    options.logs = log_destination(&options.local_access, &history_path);
     let reporter = Arc::new(Progress {
         quiet,
         logs: !args.no_build_output,
@@ -357,7 +357,7 @@ fn write_trace(path: &Path, drv_paths: &[String], report: &BuildReport) -> Resul
 /// Where build logs go: Nix's log directory, where `nix log` finds them, when this user
 /// may write there; else, for a user the daemon trusts, the daemon; else offload's own
 /// state directory, said once.
-fn log_destination(access: &LocalAccess) -> LogDestination {
+fn log_destination(access: &LocalAccess, history: &Path) -> LogDestination {
     let nix = Path::new(NIX_LOG_DIR);
     if writable(&nix.join("drvs")) {
         return LogDestination::Dir(nix.to_path_buf());
@@ -365,7 +365,8 @@ fn log_destination(access: &LocalAccess) -> LogDestination {
     if access.trusted {
         return LogDestination::Daemon(offload_driver::daemon::socket_path());
     }
-    match History::default_path().parent() {
+    // Beside the history: the state directory.
+    match history.parent() {
         Some(state) => {
             let own = state.join("log");
             eprintln!(

@@ -4,6 +4,7 @@
 mod access;
 mod args;
 mod build;
+mod config;
 mod copy;
 mod doctor;
 mod evaluate;
@@ -33,11 +34,24 @@ fn main() -> ExitCode {
     };
     let quiet = cli.quiet;
     let outcome = runtime.block_on(async {
+        let loaded = config::load().map_err(Failure::usage)?;
         match cli.command {
             Command::Copy(args) => copy::run(args, quiet).await,
-            Command::Build(args) => build::run(args, quiet).await,
+            Command::Build(mut args) => {
+                loaded.apply_to_build(&mut args).map_err(Failure::usage)?;
+                build::run(args, quiet).await
+            }
             Command::Simulate(args) => simulate::run(args).await,
-            Command::Doctor(args) => doctor::run(args).await,
+            Command::Doctor(mut args) => {
+                loaded
+                    .expand_groups(&mut args.machines)
+                    .map_err(Failure::usage)?;
+                doctor::run(args).await
+            }
+            Command::Config => {
+                output::stdout(&loaded.describe());
+                Ok(())
+            }
         }
     });
     match outcome {

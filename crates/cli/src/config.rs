@@ -1,0 +1,288 @@
+//! offload's own configuration: what only offload knows, in an optional TOML file at
+//! `$OFFLOAD_CONFIG`, else `$XDG_CONFIG_HOME/offload/config.toml`, else
+//! `~/.config/offload/config.toml`. Nothing Nix's own files say is repeated here:
+//! machines stay in Nix's `builders` / machines file.
+//!
+//! ```toml
+//! state_dir = "/var/lib/offload"        # history and logs; default ~/.local/state/offload
+//!
+//! [groups]                              # --on @fast, --exclude @slow
+//! fast = ["b1", "b2"]
+//!
+//! [build]                               # defaults for `offload build`; flags win
+//! keep_going = true
+//! max_jobs = 4
+//! sign_key = "/etc/offload/key.sec"
+//! ```
+//!
+//! Unknown keys are errors that name the key and the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context as _};
+use serde::Deserialize;
+
+use crate::args::{BuildArgs, MachineArgs};
+
+/// The file, as read.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where offload keeps its state (the build history, logs it keeps itself).
+    pub state_dir: Option<PathBuf>,
+    /// Named sets of machines, for `--on @NAME` and `--exclude @NAME`.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Defaults for `offload build`.
+    #[serde(default)]
+    pub build: BuildDefaults,
+}
+
+/// Defaults for `offload build` flags; a flag given on the command line wins.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildDefaults {
+    pub keep_going: Option<bool>,
+    pub max_jobs: Option<u32>,
+    pub sign_key: Option<PathBuf>,
+    pub on: Option<Vec<String>>,
+    pub exclude: Option<Vec<String>>,
+}
+
+/// The configuration and where it came from.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub config: Config,
+    /// The file read, if one exists.
+    pub file: Option<PathBuf>,
+}
+
+/// Where the configuration file is looked for.
+pub fn path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("OFFLOAD_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("offload").join("config.toml"))
+}
+
+/// Reads the configuration file; none is fine, a bad one is an error naming it.
+pub fn load() -> anyhow::Result<Loaded> {
+    let Some(file) = path() else {
+        return Ok(Loaded::default());
+    };
+    let text = match std::fs::read_to_string(&file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let config = parse(&text, &file)?;
+    Ok(Loaded {
+        config,
+        file: Some(file),
+    })
+}
+
+fn parse(text: &str, file: &Path) -> anyhow::Result<Config> {
+    let config: Config = toml::from_str(text).map_err(|e| {
+        anyhow!(
+            "{}: {}",
+            file.display(),
+            e.to_string().trim_end().replace('\n', "\n  ")
+        )
+    })?;
+    for (name, members) in &config.groups {
+        if members.iter().any(|m| m.starts_with('@')) {
+            bail!(
+                "{}: group {name:?} names another group; list its machines instead",
+                file.display()
+            );
+        }
+    }
+    Ok(config)
+}
+
+impl Loaded {
+    /// Fills the build flags that were not given from the file's defaults, and expands
+    /// machine groups.
+    pub fn apply_to_build(&self, args: &mut BuildArgs) -> anyhow::Result<()> {
+        let defaults = &self.config.build;
+        if defaults.keep_going == Some(true) {
+            args.keep_going = true;
+        }
+        if args.machines.max_jobs.is_none() {
+            args.machines.max_jobs = defaults.max_jobs;
+        }
+        if args.sign_key.is_none() {
+            args.sign_key = defaults.sign_key.clone();
+        }
+        if args.machines.on.is_empty() {
+            args.machines.on = defaults.on.clone().unwrap_or_default();
+        }
+        if args.machines.exclude.is_empty() {
+            args.machines.exclude = defaults.exclude.clone().unwrap_or_default();
+        }
+        if args.history.is_none() && std::env::var_os("OFFLOAD_HISTORY").is_none() {
+            args.history = self.state_dir().map(|d| d.join("history.sqlite"));
+        }
+        self.expand_groups(&mut args.machines)
+    }
+
+    /// Replaces `@NAME` in `--on` and `--exclude` by the group's machines.
+    pub fn expand_groups(&self, machines: &mut MachineArgs) -> anyhow::Result<()> {
+        for list in [&mut machines.on, &mut machines.exclude] {
+            let mut expanded = Vec::new();
+            for word in list.drain(..) {
+                match word.strip_prefix('@') {
+                    Some(name) => match self.config.groups.get(name) {
+                        Some(members) => expanded.extend(members.iter().cloned()),
+                        None => bail!(
+                            "@{name}: no such machine group{}",
+                            match &self.file {
+                                Some(f) => format!(
+                                    " in {} (groups there: {})",
+                                    f.display(),
+                                    self.config
+                                        .groups
+                                        .keys()
+                                        .map(String::as_str)
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                                None => format!(
+                                    "; define it under [groups] in {}",
+                                    path().map_or("the config file".into(), |p| p
+                                        .display()
+                                        .to_string())
+                                ),
+                            }
+                        ),
+                    },
+                    None => expanded.push(word),
+                }
+            }
+            *list = expanded;
+        }
+        Ok(())
+    }
+
+    /// The state directory the file sets.
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        self.config.state_dir.clone()
+    }
+
+    /// Every setting with its value and where it came from, for `offload config`.
+    pub fn describe(&self) -> String {
+        let from_file = match &self.file {
+            Some(f) => format!("({})", f.display()),
+            None => "(default)".to_string(),
+        };
+        let mut out = match (&self.file, path()) {
+            (Some(f), _) => format!("config file: {}\n", f.display()),
+            (None, Some(p)) => format!("config file: {} (not present)\n", p.display()),
+            (None, None) => "config file: none (no HOME or XDG_CONFIG_HOME)\n".to_string(),
+        };
+        let history = match std::env::var_os("OFFLOAD_HISTORY") {
+            Some(h) => format!("{} (OFFLOAD_HISTORY)", PathBuf::from(h).display()),
+            None => match self.state_dir() {
+                Some(d) => format!("{} (state_dir)", d.join("history.sqlite").display()),
+                None => format!(
+                    "{} (default)",
+                    offload_driver::History::default_path().display()
+                ),
+            },
+        };
+        let state_dir = match self.state_dir() {
+            Some(d) => format!("{} {from_file}", d.display()),
+            None => "~/.local/state/offload (default)".to_string(),
+        };
+        out.push_str(&format!("state_dir = {state_dir}\nhistory = {history}\n"));
+        for (name, members) in &self.config.groups {
+            out.push_str(&format!(
+                "groups.{name} = {} {from_file}\n",
+                members.join(", ")
+            ));
+        }
+        let b = &self.config.build;
+        let show = |v: Option<String>, default: &str| match v {
+            Some(v) => format!("{v} {from_file}"),
+            None => format!("{default} (default)"),
+        };
+        out.push_str(&format!(
+            "build.keep_going = {}\n",
+            show(b.keep_going.map(|v| v.to_string()), "false")
+        ));
+        out.push_str(&format!(
+            "build.max_jobs = {}\n",
+            show(b.max_jobs.map(|v| v.to_string()), "Nix's max-jobs")
+        ));
+        let sign_key = match std::env::var_os("OFFLOAD_SIGN_KEY") {
+            Some(k) => format!("{} (OFFLOAD_SIGN_KEY)", PathBuf::from(k).display()),
+            None => show(b.sign_key.as_ref().map(|p| p.display().to_string()), "none"),
+        };
+        out.push_str(&format!("build.sign_key = {sign_key}\n"));
+        out.push_str(&format!(
+            "build.on = {}\n",
+            show(b.on.as_ref().map(|v| v.join(", ")), "all machines")
+        ));
+        out.push_str(&format!(
+            "build.exclude = {}\n",
+            show(b.exclude.as_ref().map(|v| v.join(", ")), "none")
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_file() {
+        let e = parse("[build]\nkeep_goin = true\n", Path::new("/etc/o.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/etc/o.toml: "), "{e}");
+        assert!(e.contains("unknown field `keep_goin`"), "{e}");
+        let e = parse("colour = 1\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn groups_expand_and_an_unknown_group_is_named() {
+        let config = parse("[groups]\nfast = [\"b1\", \"b2\"]\n", Path::new("c.toml")).unwrap();
+        let loaded = Loaded {
+            config,
+            file: Some("c.toml".into()),
+        };
+        let mut machines = MachineArgs {
+            builders: None,
+            on: vec!["@fast".into(), "b9".into()],
+            exclude: vec!["@fast".into()],
+            local_only: false,
+            max_jobs: None,
+        };
+        loaded.expand_groups(&mut machines).unwrap();
+        assert_eq!(machines.on, ["b1", "b2", "b9"]);
+        assert_eq!(machines.exclude, ["b1", "b2"]);
+        machines.on = vec!["@slow".into()];
+        let e = loaded.expand_groups(&mut machines).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "@slow: no such machine group in c.toml (groups there: fast)"
+        );
+    }
+
+    #[test]
+    fn a_group_of_groups_is_refused() {
+        let e = parse("[groups]\nall = [\"@fast\"]\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("names another group"), "{e}");
+    }
+}
