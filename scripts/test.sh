@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs what CI runs: sets the machine up (scripts/setup.sh), checks formatting, clippy,
-# rustdoc and the crate layering, then `cargo test`. Every check runs even when an
+# rustdoc and the crate layering, fuzzes every parser briefly (scripts/fuzz.sh), then
+# `cargo test`. Every check runs even when an
 # earlier one fails; the script exits non-zero if any check or test failed.
 # Tests drive real Nix, real OpenSSH (sshd hosts on loopback in private mount
 # namespaces) and real SQLite. The last line totals cargo's per-binary summaries.
@@ -29,6 +30,8 @@ check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets -- -D warnings
 check rustdoc env RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps --document-private-items
 check crate-layers bash scripts/check-deps.sh
+# Every parser of remote or file input, fuzzed briefly from the committed corpus.
+check fuzz bash scripts/fuzz.sh "${OFFLOAD_FUZZ_SECONDS:-5}"
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

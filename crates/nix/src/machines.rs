@@ -217,15 +217,26 @@ fn parse_machine(text: &str, place: String, local_system: &str) -> Result<Machin
             .copied()
             .filter(|f| *f != "-" && !f.is_empty())
     };
-    let list = |i: usize| -> Vec<String> {
-        field(i)
-            .map(|f| {
-                f.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
+    let list = |i: usize, name: &'static str| -> Result<Vec<String>, MachinesError> {
+        let Some(f) = field(i) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<String> = f
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        // Found by fuzzing: `x86_64-linux,-` would name a system called `-`.
+        if items.iter().any(|s| s == "-") {
+            return Err(MachinesError::BadField {
+                place: place.clone(),
+                field: i + 1,
+                name,
+                value: f.to_string(),
+                fix: "`-` stands alone for the default; in a list, name each item",
+            });
+        }
+        Ok(items)
     };
     let number = |i: usize, name: &'static str, default: u32| -> Result<u32, MachinesError> {
         match field(i) {
@@ -274,7 +285,7 @@ fn parse_machine(text: &str, place: String, local_system: &str) -> Result<Machin
             });
         }
     }
-    let systems = match list(1) {
+    let systems = match list(1, "systems")? {
         s if s.is_empty() => vec![local_system.to_string()],
         s => s,
     };
@@ -284,8 +295,8 @@ fn parse_machine(text: &str, place: String, local_system: &str) -> Result<Machin
         ssh_key: field(2).map(str::to_string),
         max_jobs,
         speed_factor,
-        supported_features: list(5).into_iter().collect(),
-        mandatory_features: list(6).into_iter().collect(),
+        supported_features: list(5, "supported features")?.into_iter().collect(),
+        mandatory_features: list(6, "mandatory features")?.into_iter().collect(),
         public_host_key,
         place,
     })
@@ -335,6 +346,13 @@ mod tests {
 
     #[test]
     fn errors_name_the_place_and_field() {
+        let e = parse_builders("b1 x86_64-linux,- - 2", "/etc/nix/machines", SYS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/nix/machines:1: field 2 (systems)") && e.contains("stands alone"),
+            "{e}"
+        );
         let e =
             parse_builders("good\nbad x86_64-linux - many", "/etc/nix/machines", SYS).unwrap_err();
         let text = e.to_string();

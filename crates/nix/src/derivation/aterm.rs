@@ -77,9 +77,19 @@ impl Parser<'_> {
         }
     }
 
+    /// A string Nix writes unescaped (names, paths, the system, hashes): a backslash in
+    /// it could not be printed back the same, so it is refused.
     fn utf8(&mut self, what: &'static str) -> Result<String, DerivationError> {
         let start = self.pos;
-        String::from_utf8(self.string()?).map_err(|_| DerivationError::NotUtf8 {
+        let raw = self.string()?;
+        if self.input[start..self.pos].contains(&b'\\') {
+            return Err(DerivationError::Syntax {
+                offset: start,
+                expected: "no escape sequence (Nix writes this field unescaped)",
+                found: String::from_utf8_lossy(&raw).into_owned(),
+            });
+        }
+        String::from_utf8(raw).map_err(|_| DerivationError::NotUtf8 {
             offset: start,
             what,
         })

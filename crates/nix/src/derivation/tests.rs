@@ -172,3 +172,16 @@ proptest::proptest! {
         let _ = Derivation::parse(&mangled);
     }
 }
+
+/// Found by fuzzing (`fuzz/`, target `drv`): Nix writes the system, names, paths and
+/// hashes without escapes, so an escape there could not be printed back the same.
+#[test]
+fn escapes_in_fields_nix_writes_plain_are_refused() {
+    let drv = br#"Derive([("out","","","")],[],[],"x86_64\\linux","/bin/sh",[],[])"#;
+    let e = Derivation::parse(drv).unwrap_err().to_string();
+    assert!(e.contains("no escape sequence"), "{e}");
+    let ok = br#"Derive([("out","","","")],[],[],"x86_64-linux","/bin/sh",["a\\b"],[])"#;
+    let parsed = Derivation::parse(ok).unwrap();
+    assert_eq!(parsed.args, [b"a\\b".to_vec()]);
+    assert_eq!(parsed.to_aterm(), ok.to_vec());
+}
