@@ -107,6 +107,7 @@ impl Setup {
         self.install
             .command(Path::new(env!("CARGO_BIN_EXE_offload")), &self.work)
             .env("OFFLOAD_HISTORY", self.work.join("history.sqlite"))
+            .env("OFFLOAD_SLOTS_DIR", self.work.join("slots"))
             .args(all)
             .output()
             .unwrap()

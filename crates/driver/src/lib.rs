@@ -27,6 +27,7 @@ mod pool;
 pub mod process;
 mod session;
 pub mod signing;
+pub mod slots;
 mod transport;
 pub mod trust;
 

@@ -21,6 +21,7 @@ use crate::paths::PathRegistry;
 use crate::pool::Pool;
 use crate::process;
 use crate::session::ServeConn;
+use crate::slots::{SlotLedger, WAIT_LIMIT};
 use crate::transport::{shell_quote, Endpoint};
 use crate::trust::LocalAccess;
 
@@ -41,6 +42,10 @@ pub(crate) struct ServeTransport {
     /// `.drv` paths to check rather than build (`--check`).
     check: HashSet<String>,
     reporter: Arc<dyn Reporter>,
+    /// The slot ledger shared with other offload runs and Nix's build hook, and each
+    /// machine's slot count (the local machine's are Nix's `max-jobs`, not in it).
+    ledger: SlotLedger,
+    slots: Vec<u32>,
 }
 
 impl ServeTransport {
@@ -57,6 +62,8 @@ impl ServeTransport {
             *consumers.entry(input.clone()).or_default() += 1;
         }
         let transport = ServeTransport {
+            slots: machines.iter().map(|m| m.spec.slots).collect(),
+            ledger: SlotLedger::from_env(),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
             upload_locks: machines
                 .iter()
@@ -255,6 +262,11 @@ impl ServeTransport {
         cores: Option<u32>,
         log: &mut BuildLog<'_>,
     ) -> (Outcome, bool) {
+        // Held until the build ends, so no other offload or Nix hook overbooks the machine.
+        let _slot = match self.hold_slot(machine).await {
+            Ok(slot) => slot,
+            Err(e) => return (lost(e), false),
+        };
         if self.check.contains(&self.nodes[node].drv_path) {
             return self.check_on(node, machine, log).await;
         }
@@ -337,6 +349,19 @@ impl ServeTransport {
 }
 
 impl ServeTransport {
+    /// A slot of a remote machine in the shared ledger, waiting while others hold them
+    /// all; none for the local machine.
+    async fn hold_slot(
+        &self,
+        machine: MachineId,
+    ) -> Result<Option<crate::slots::SlotLock>, DriverError> {
+        if machine == LOCAL {
+            return Ok(None);
+        }
+        let uri = &self.pools[machine].endpoint().name;
+        self.ledger.hold(uri, self.slots[machine], WAIT_LIMIT).await
+    }
+
     /// `--check` for one derivation on `machine`: ships it the `.drv` closure, the
     /// inputs and the outputs valid here (Nix compares the new build with those), then
     /// runs `nix-store --realise --check` there by the session's route. A difference
