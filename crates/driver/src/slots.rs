@@ -207,6 +207,38 @@ impl SlotLedger {
         }
     }
 
+    /// The machine's upload lock (`<store URI, '/' as '_'>.upload-lock`), which Nix's
+    /// hook holds while it copies inputs to that machine, waiting at most `limit`; past
+    /// that, as Nix does, the copy goes ahead without it (None).
+    pub async fn upload_lock(
+        &self,
+        store_uri: &str,
+        limit: Duration,
+    ) -> Result<Option<File>, DriverError> {
+        let path = self
+            .dir
+            .join(format!("{}.upload-lock", store_uri.replace('/', "_")));
+        let file = self.open(store_uri, &path)?;
+        let started = Instant::now();
+        loop {
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(Some(file)),
+                Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < limit => {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+                Err(e) => {
+                    return Err(DriverError::SlotLock {
+                        machine: store_uri.to_string(),
+                        op: "locking",
+                        path,
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+    }
+
     /// Opens (creating) a lock file, creating the directory first when it is missing,
     /// open to every user as Nix makes it.
     fn open(&self, machine: &str, path: &Path) -> Result<File, DriverError> {
