@@ -1,11 +1,13 @@
 //! The `offload` binary: parses flags, sets up logging, runs a command and maps the
-//! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up).
+//! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up;
+//! `offload hook` exits as Nix expects of a build hook: 0, 1, 100 or 101).
 
 mod access;
 mod args;
 mod build;
 mod copy;
 mod evaluate;
+mod hook;
 mod output;
 mod render;
 mod simulate;
@@ -33,13 +35,15 @@ fn main() -> ExitCode {
     let quiet = cli.quiet;
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Copy(args) => copy::run(args, quiet).await,
-            Command::Build(args) => build::run(args, quiet).await,
-            Command::Simulate(args) => simulate::run(args).await,
+            Command::Copy(args) => copy::run(args, quiet).await.map(|()| 0),
+            Command::Build(args) => build::run(args, quiet).await.map(|()| 0),
+            Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
+            // Nix reads the hook's exit status itself (0, 1, 100, 101).
+            Command::Hook(args) => hook::run(args).await,
         }
     });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(failure) => {
             render::error(&failure.error);
             ExitCode::from(failure.code)
