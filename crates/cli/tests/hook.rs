@@ -31,7 +31,11 @@ fn graph(salt: &str) -> String {
 }
 
 fn salt(tag: &str) -> String {
-    format!("{tag}-{:?}-{}", std::time::SystemTime::now(), std::process::id())
+    format!(
+        "{tag}-{:?}-{}",
+        std::time::SystemTime::now(),
+        std::process::id()
+    )
 }
 
 /// A work directory (readable by the test user) with loopback builders, the hook
@@ -137,7 +141,11 @@ fn nix_build_hands_builds_to_offload_hook() {
     assert!(!verify.contains("error"), "{verify}");
     // The log of a remote build is where `nix-store -l` finds it.
     let remote_drv = remote[0].split('\'').nth(1).unwrap();
-    let name = remote_drv.rsplit_once('-').unwrap().1.trim_end_matches(".drv");
+    let name = remote_drv
+        .rsplit_once('-')
+        .unwrap()
+        .1
+        .trim_end_matches(".drv");
     let log = run_ok(nix_command("nix-store").args(["-l", remote_drv]));
     assert!(log.contains(&format!("building {name}")), "{log}");
 }
@@ -153,7 +161,9 @@ fn nix_build_keeps_quick_builds_on_an_idle_local_machine() {
     // after a session's cost.
     let history = offload_driver::History::open(&setup.path().join("history.sqlite")).unwrap();
     for name in ["leaf0", "leaf1", "leaf2", "leaf3", "top"] {
-        history.record(name, nix_system(), "local", 0.1, 1.0).unwrap();
+        history
+            .record(name, nix_system(), "local", 0.1, 1.0)
+            .unwrap();
     }
     let out = setup.nix_build(&file, &setup.builders(1), "8");
     let stderr = text(&out.stderr);
@@ -194,7 +204,9 @@ fn hook_answers_decline_postpone_and_decline_permanently() {
     let setup = Setup::new();
     let drv = "/nix/store/00000000000000000000000000000000-quick-1.0.drv".to_string();
     let history = offload_driver::History::open(&setup.path().join("history.sqlite")).unwrap();
-    history.record("quick-1.0", nix_system(), "local", 0.2, 1.0).unwrap();
+    history
+        .record("quick-1.0", nix_system(), "local", 0.2, 1.0)
+        .unwrap();
     let mut request = TryRequest {
         am_willing: true,
         system: nix_system().to_string(),
@@ -264,11 +276,20 @@ fn a_daemon_with_offload_hook_builds_for_an_ordinary_user() {
     let nix = which("nix");
     let log = install
         .command(&nix, &work)
-        .args(["--extra-experimental-features", "nix-command", "log", &remote_drv])
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "log",
+            &remote_drv,
+        ])
         .output()
         .unwrap();
     assert!(log.status.success(), "{}", text(&log.stderr));
-    assert!(text(&log.stdout).contains("building "), "{}", text(&log.stdout));
+    assert!(
+        text(&log.stdout).contains("building "),
+        "{}",
+        text(&log.stdout)
+    );
 }
 
 fn which(program: &str) -> PathBuf {

@@ -180,7 +180,8 @@ impl SlotLedger {
         }
     }
 
-    /// As [`Self::take`], but a ledger this process cannot use (a directory it may not
+    /// As [`Self::take`], but a machine of no slots here (the local one, whose slots Nix
+    /// counts as `max-jobs`) needs none, and a ledger this process cannot use (a directory it may not
     /// write, lock files another user created 0600) is no reason to fail a build: it is
     /// reported once per process and the build goes ahead without a slot lock.
     pub async fn hold(
@@ -190,6 +191,9 @@ impl SlotLedger {
         limit: Duration,
     ) -> Result<Option<SlotLock>, DriverError> {
         static WARNED: AtomicBool = AtomicBool::new(false);
+        if slots == 0 {
+            return Ok(None);
+        }
         match self.take(store_uri, slots, limit).await {
             Ok(lock) => Ok(Some(lock)),
             Err(e @ DriverError::SlotLock { .. }) => {
@@ -258,8 +262,10 @@ impl SlotLedger {
                 .create(&self.dir)
             {
                 // The umask narrows the mode; every user's builds share this directory.
-                Ok(()) => std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o777))
-                    .map_err(err("opening up the slot-lock directory", &self.dir))?,
+                Ok(()) => {
+                    std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o777))
+                        .map_err(err("opening up the slot-lock directory", &self.dir))?
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(err("creating the slot-lock directory", &self.dir)(e)),
             }
@@ -299,9 +305,15 @@ mod tests {
         let probe = ledger.probe("ssh://b", 2).unwrap();
         assert_eq!(probe.busy, 2);
         drop(a);
-        let c = ledger.try_take("ssh://b", 2).unwrap().expect("slot 0 freed");
+        let c = ledger
+            .try_take("ssh://b", 2)
+            .unwrap()
+            .expect("slot 0 freed");
         assert_eq!(c.slot(), 0);
-        let mode = std::fs::metadata(ledger.dir()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(ledger.dir())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o777);
     }
 
@@ -337,7 +349,10 @@ mod tests {
             .take("ssh://b", 1, Duration::from_millis(300))
             .await
             .unwrap_err();
-        assert!(matches!(err, DriverError::SlotsBusy { slots: 1, .. }), "{err}");
+        assert!(
+            matches!(err, DriverError::SlotsBusy { slots: 1, .. }),
+            "{err}"
+        );
         assert!(err.hint().unwrap().contains("--exclude"));
     }
 }

@@ -42,8 +42,7 @@ pub(crate) struct ServeTransport {
     /// `.drv` paths to check rather than build (`--check`).
     check: HashSet<String>,
     reporter: Arc<dyn Reporter>,
-    /// The slot ledger shared with other offload runs and Nix's build hook, and each
-    /// machine's slot count (the local machine's are Nix's `max-jobs`, not in it).
+    /// Shared with other offload runs and Nix's hook; slots per machine (none: local).
     ledger: SlotLedger,
     slots: Vec<u32>,
 }
@@ -62,7 +61,10 @@ impl ServeTransport {
             *consumers.entry(input.clone()).or_default() += 1;
         }
         let transport = ServeTransport {
-            slots: machines.iter().map(|m| m.spec.slots).collect(),
+            slots: machines
+                .iter()
+                .map(|m| m.spec.slots * u32::from(!m.spec.is_local))
+                .collect(),
             ledger: SlotLedger::from_env(),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
             upload_locks: machines
@@ -263,7 +265,8 @@ impl ServeTransport {
         log: &mut BuildLog<'_>,
     ) -> (Outcome, bool) {
         // Held until the build ends, so no other offload or Nix hook overbooks the machine.
-        let _slot = match self.hold_slot(machine).await {
+        let uri = &self.pools[machine].endpoint().name;
+        let _slot = match self.ledger.hold(uri, self.slots[machine], WAIT_LIMIT).await {
             Ok(slot) => slot,
             Err(e) => return (lost(e), false),
         };
@@ -349,19 +352,6 @@ impl ServeTransport {
 }
 
 impl ServeTransport {
-    /// A slot of a remote machine in the shared ledger, waiting while others hold them
-    /// all; none for the local machine.
-    async fn hold_slot(
-        &self,
-        machine: MachineId,
-    ) -> Result<Option<crate::slots::SlotLock>, DriverError> {
-        if machine == LOCAL {
-            return Ok(None);
-        }
-        let uri = &self.pools[machine].endpoint().name;
-        self.ledger.hold(uri, self.slots[machine], WAIT_LIMIT).await
-    }
-
     /// `--check` for one derivation on `machine`: ships it the `.drv` closure, the
     /// inputs and the outputs valid here (Nix compares the new build with those), then
     /// runs `nix-store --realise --check` there by the session's route. A difference

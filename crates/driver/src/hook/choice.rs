@@ -158,14 +158,26 @@ mod tests {
         let r = request(false);
         let node = node_of(&r, 10.0);
         let states = [RemoteState::Free { busy: 1 }, RemoteState::Free { busy: 0 }];
-        assert_eq!(decide(&specs(&[2.0, 3.0]), &states, &r, &node), Verdict::Accept(2));
+        assert_eq!(
+            decide(&specs(&[2.0, 3.0]), &states, &r, &node),
+            Verdict::Accept(2)
+        );
         let full = [RemoteState::Full, RemoteState::Unfit];
-        assert_eq!(decide(&specs(&[2.0, 3.0]), &full, &r, &node), Verdict::Postpone);
+        assert_eq!(
+            decide(&specs(&[2.0, 3.0]), &full, &r, &node),
+            Verdict::Postpone
+        );
         // Willing, so the local machine takes it rather than wait.
         let willing = request(true);
-        assert_eq!(decide(&specs(&[2.0, 3.0]), &full, &willing, &node), Verdict::Decline);
+        assert_eq!(
+            decide(&specs(&[2.0, 3.0]), &full, &willing, &node),
+            Verdict::Decline
+        );
         let unfit = [RemoteState::Unfit, RemoteState::Unfit];
-        assert_eq!(decide(&specs(&[2.0, 3.0]), &unfit, &r, &node), Verdict::Decline);
+        assert_eq!(
+            decide(&specs(&[2.0, 3.0]), &unfit, &r, &node),
+            Verdict::Decline
+        );
     }
 
     #[test]

@@ -5,10 +5,10 @@
 //! Nix starts the hook with its verbosity as the one argument and writes, on stdin, its
 //! settings and then one `try` per derivation it could hand off; the hook answers each on
 //! stderr (docs/nix-protocols.md §9). Per `try` the hook estimates the finish on every
-//! machine, this one included ([`choice`]): it declines when this machine would finish
+//! machine, this one included (`choice.rs`): it declines when this machine would finish
 //! first, postpones when only busy builders could build it, and otherwise accepts with a
 //! slot of the chosen builder held in the shared ledger ([`crate::slots`]). An accepted
-//! build ([`remote`]) copies the inputs the builder lacks, builds with the log on fd 4,
+//! build (`remote.rs`) copies the inputs the builder lacks, builds with the log on fd 4,
 //! copies the outputs back into the local store and exits with the status Nix reads.
 
 mod choice;
@@ -194,7 +194,11 @@ pub async fn run(
             Ok(HookRequest::Try(request)) => request,
             Ok(HookRequest::Other(_)) | Err(WireError::Eof { .. }) => return HookExit::Done,
             Err(e) => {
-                tell(replies, LogLevel::Error, &format!("offload hook: bad request from Nix: {e}"));
+                tell(
+                    replies,
+                    LogLevel::Error,
+                    &format!("offload hook: bad request from Nix: {e}"),
+                );
                 return HookExit::Failed;
             }
         };
@@ -203,16 +207,25 @@ pub async fn run(
             .as_ref()
             .and_then(|h| h.estimate(name).ok())
             .map_or(crate::history::DEFAULT_SECONDS, |(s, _)| s);
-        let (verdict, slot) =
-            match choice::choose(&fleet, &options.ledger, &request, estimate) {
-                Ok(chosen) => chosen,
-                Err(e) => {
-                    let hint = e.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default();
-                    tell(replies, LogLevel::Warn, &format!("offload hook: {e}{hint}; {} is built here", request.drv_path));
-                    say(replies, &HookReply::Decline.encode());
-                    continue;
-                }
-            };
+        let (verdict, slot) = match choice::choose(&fleet, &options.ledger, &request, estimate) {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                let hint = e
+                    .hint()
+                    .map(|h| format!(" (hint: {h})"))
+                    .unwrap_or_default();
+                tell(
+                    replies,
+                    LogLevel::Warn,
+                    &format!(
+                        "offload hook: {e}{hint}; {} is built here",
+                        request.drv_path
+                    ),
+                );
+                say(replies, &HookReply::Decline.encode());
+                continue;
+            }
+        };
         let machine = match verdict {
             choice::Verdict::Decline => {
                 say(replies, &HookReply::Decline.encode());

@@ -77,7 +77,9 @@ pub(super) async fn build(
                 let name = super::name_of(&job.request.drv_path);
                 let seconds = started.elapsed().as_secs_f64();
                 let spec = &job.machine.spec;
-                if let Err(e) = history.record(name, &job.request.system, &spec.name, seconds, spec.speed) {
+                if let Err(e) =
+                    history.record(name, &job.request.system, &spec.name, seconds, spec.speed)
+                {
                     tracing::debug!("{e}");
                 }
             }
@@ -142,9 +144,12 @@ async fn carry_out(job: &Job<'_>, inputs: &BuildInputs) -> Result<(), HookError>
     local_endpoint
         .env
         .push(("NIX_HELD_LOCKS".into(), held.join(" ")));
-    let mut local = ServeConn::open(&local_endpoint).await?;
     let machine = &job.machine.endpoint.name;
-    let mut remote = ServeConn::open(&job.machine.endpoint).await?;
+    // Both sessions start at once: the ssh handshake is most of a short build's cost.
+    let (mut local, mut remote) = tokio::try_join!(
+        ServeConn::open(&local_endpoint),
+        ServeConn::open(&job.machine.endpoint)
+    )?;
 
     {
         let _upload = job.ledger.upload_lock(machine, UPLOAD_LOCK_LIMIT).await?;
@@ -201,7 +206,9 @@ async fn carry_out(job: &Job<'_>, inputs: &BuildInputs) -> Result<(), HookError>
 
     let wanted: Vec<String> = outputs
         .iter()
-        .filter(|(name, _)| inputs.wanted_outputs.is_empty() || inputs.wanted_outputs.contains(name))
+        .filter(|(name, _)| {
+            inputs.wanted_outputs.is_empty() || inputs.wanted_outputs.contains(name)
+        })
         .map(|(_, p)| p.clone())
         .collect();
     let valid_here = local.query_valid_paths(&wanted, false, false).await?;
@@ -244,8 +251,15 @@ fn in_reference_order(mut infos: Vec<PathInfo>) -> Vec<PathInfo> {
                 .all(|r| r == &i.path || !pending.contains(r))
         });
         // A cycle cannot be among valid store paths; should one appear, keep going.
-        let ready = if ready.is_empty() { rest.clone() } else { ready };
-        infos = rest.into_iter().filter(|i| !ready.iter().any(|r| r.path == i.path)).collect();
+        let ready = if ready.is_empty() {
+            rest.clone()
+        } else {
+            ready
+        };
+        infos = rest
+            .into_iter()
+            .filter(|i| !ready.iter().any(|r| r.path == i.path))
+            .collect();
         for info in &ready {
             pending.remove(&info.path);
         }

@@ -5,7 +5,9 @@
 //! Decoders here are sans-I/O like every wire message (see [`crate::wire::Decode`]);
 //! the encoders exist so tests can speak as Nix does.
 
-use crate::wire::{put_bytes, put_strings, put_u64, run, Decode, Stages, Step, StringList, WireError};
+use crate::wire::{
+    put_bytes, put_strings, put_u64, run, Decode, Stages, Step, StringList, WireError,
+};
 use crate::wire::{MAX_LIST_LEN, MAX_STRING_LEN};
 
 /// A derivation Nix offers the hook (`try`).

@@ -10,17 +10,31 @@ fn decodes_what_nix_wrote_to_an_accepting_hook() {
     let mut r = ACCEPT;
     let settings = read_message(&mut r, SettingsDecoder::default()).unwrap();
     assert!(settings.len() > 50, "{} settings", settings.len());
-    let get = |name: &str| settings.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
-    assert_eq!(get("builders"), Some("ssh://recorded x86_64-linux - 1 1 big-parallel"));
+    let get = |name: &str| {
+        settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(
+        get("builders"),
+        Some("ssh://recorded x86_64-linux - 1 1 big-parallel")
+    );
     assert_eq!(get("max-jobs"), Some("1"));
-    assert!(settings.windows(2).all(|w| w[0].0 < w[1].0), "sorted by name");
-    let HookRequest::Try(request) = read_message(&mut r, RequestDecoder::default()).unwrap()
-    else {
+    assert!(
+        settings.windows(2).all(|w| w[0].0 < w[1].0),
+        "sorted by name"
+    );
+    let HookRequest::Try(request) = read_message(&mut r, RequestDecoder::default()).unwrap() else {
         panic!("not a try")
     };
     assert!(request.am_willing);
     assert_eq!(request.system, "x86_64-linux");
-    assert!(request.drv_path.ends_with("-hook-fixture.drv"), "{}", request.drv_path);
+    assert!(
+        request.drv_path.ends_with("-hook-fixture.drv"),
+        "{}",
+        request.drv_path
+    );
     assert_eq!(request.required_features, ["big-parallel"]);
     let inputs = read_message(&mut r, BuildInputsDecoder::default()).unwrap();
     assert_eq!(inputs.inputs.len(), 2);
@@ -50,7 +64,10 @@ fn replies_and_messages_are_lines_nix_reads() {
         store_uri: "ssh://b1".into(),
     };
     assert_eq!(accept.encode(), "# accept\nssh://b1\n");
-    assert_eq!(HookReply::DeclinePermanently.encode(), "# decline-permanently\n");
+    assert_eq!(
+        HookReply::DeclinePermanently.encode(),
+        "# decline-permanently\n"
+    );
     assert_eq!(
         log_line(LogLevel::Error, "a \"quoted\"\nline\u{1}"),
         "@nix {\"action\":\"msg\",\"level\":0,\"msg\":\"a \\\"quoted\\\"\\nline\\u0001\"}\n"
