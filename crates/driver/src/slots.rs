@@ -118,21 +118,10 @@ impl SlotLedger {
         for slot in 0..slots {
             let path = self.slot_path(store_uri, slot);
             let file = self.open(store_uri, &path)?;
-            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => {
-                    if probe.free.is_none() {
-                        probe.free = Some(SlotLock { _file: file, slot });
-                    }
-                }
-                Err(rustix::io::Errno::WOULDBLOCK) => probe.busy += 1,
-                Err(e) => {
-                    return Err(DriverError::SlotLock {
-                        machine: store_uri.to_string(),
-                        op: "locking",
-                        path,
-                        source: e.into(),
-                    })
-                }
+            if !try_lock(&file, store_uri, &path)? {
+                probe.busy += 1;
+            } else if probe.free.is_none() {
+                probe.free = Some(SlotLock { _file: file, slot });
             }
         }
         Ok(probe)
@@ -225,21 +214,13 @@ impl SlotLedger {
         let file = self.open(store_uri, &path)?;
         let started = Instant::now();
         loop {
-            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(Some(file)),
-                Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < limit => {
-                    tokio::time::sleep(POLL_INTERVAL).await;
-                }
-                Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
-                Err(e) => {
-                    return Err(DriverError::SlotLock {
-                        machine: store_uri.to_string(),
-                        op: "locking",
-                        path,
-                        source: e.into(),
-                    })
-                }
+            if try_lock(&file, store_uri, &path)? {
+                return Ok(Some(file));
             }
+            if started.elapsed() >= limit {
+                return Ok(None);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 
@@ -278,6 +259,20 @@ impl SlotLedger {
             .mode(0o600)
             .open(path)
             .map_err(err("opening the slot lock file", path))
+    }
+}
+
+/// An exclusive `flock` on `file` without waiting: false when another holds it.
+fn try_lock(file: &File, machine: &str, path: &Path) -> Result<bool, DriverError> {
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(DriverError::SlotLock {
+            machine: machine.to_string(),
+            op: "locking",
+            path: path.to_path_buf(),
+            source: e.into(),
+        }),
     }
 }
 

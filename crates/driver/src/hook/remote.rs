@@ -2,14 +2,13 @@
 //! inputs and wanted outputs, copy the inputs the builder lacks, build with the log on
 //! fd 4, copy the missing outputs back into the local store, exit with Nix's status.
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use offload_nix::derivation::Derivation;
 use offload_nix::hook::{BuildInputs, BuildInputsDecoder, LogLevel, TryRequest};
-use offload_nix::serve::{BuildStatus, PathInfo};
+use offload_nix::serve::BuildStatus;
 use offload_nix::store_path::StorePath;
 use offload_nix::wire::{tokio_io::read_message, WireError};
 use thiserror::Error;
@@ -18,8 +17,9 @@ use tokio::sync::mpsc;
 
 use super::{tell, HookExit, HookSettings};
 use crate::error::DriverError;
-use crate::fleet::MachineConfig;
+use crate::fleet::{MachineConfig, LOCAL};
 use crate::history::History;
+use crate::paths::PathRegistry;
 use crate::plan::{output_path, PlanError};
 use crate::session::ServeConn;
 use crate::slots::SlotLedger;
@@ -234,38 +234,17 @@ async fn copy(from: &mut ServeConn, to: &mut ServeConn, paths: &[String]) -> Res
             path: lost.clone(),
         });
     }
-    for info in in_reference_order(infos) {
-        to.add_to_store_nar_from(&info, from).await?;
+    let mut known = PathRegistry::default();
+    for info in infos {
+        known.insert(info, LOCAL);
+    }
+    // Dependencies first; references outside `paths` are valid there already.
+    for path in known.closure(paths) {
+        if let Some(info) = known.info(&path) {
+            to.add_to_store_nar_from(info, from).await?;
+        }
     }
     Ok(())
-}
-
-/// `infos` ordered so that each comes after the others it refers to.
-fn in_reference_order(mut infos: Vec<PathInfo>) -> Vec<PathInfo> {
-    let mut ordered = Vec::with_capacity(infos.len());
-    let mut pending: HashSet<String> = infos.iter().map(|i| i.path.clone()).collect();
-    while !infos.is_empty() {
-        let (ready, rest): (Vec<_>, Vec<_>) = infos.into_iter().partition(|i| {
-            i.references
-                .iter()
-                .all(|r| r == &i.path || !pending.contains(r))
-        });
-        // A cycle cannot be among valid store paths; should one appear, keep going.
-        let ready = if ready.is_empty() {
-            rest.clone()
-        } else {
-            ready
-        };
-        infos = rest
-            .into_iter()
-            .filter(|i| !ready.iter().any(|r| r.path == i.path))
-            .collect();
-        for info in &ready {
-            pending.remove(&info.path);
-        }
-        ordered.extend(ready);
-    }
-    ordered
 }
 
 /// The build log, written where Nix reads it: fd 4, or stderr when the hook was started
@@ -293,29 +272,5 @@ impl BuildLog {
             // Nix went away: nobody reads the log; the build's own result still counts.
             self.to = None;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(path: &str, refs: &[&str]) -> PathInfo {
-        PathInfo {
-            path: path.into(),
-            references: refs.iter().map(|r| r.to_string()).collect(),
-            ..PathInfo::default()
-        }
-    }
-
-    #[test]
-    fn references_come_first() {
-        let ordered = in_reference_order(vec![
-            info("/a", &["/b", "/a"]),
-            info("/b", &["/c"]),
-            info("/c", &["/outside"]),
-        ]);
-        let paths: Vec<&str> = ordered.iter().map(|i| i.path.as_str()).collect();
-        assert_eq!(paths, ["/c", "/b", "/a"]);
     }
 }
