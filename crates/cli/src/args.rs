@@ -97,6 +97,20 @@ pub enum Command {
     /// what only offload knows: machine groups for `--on @NAME`, defaults for `build`,
     /// the state directory. Machines themselves stay in Nix's settings.
     Config,
+
+    /// Nix's build hook with offload's machine choice and transport.
+    ///
+    /// Set as Nix's `build-hook` (through a one-line script: `--print-config` writes it),
+    /// plain nix-build, nix build, nixos-rebuild and the nix-daemon hand each derivation
+    /// to offload, which builds it where it finishes first: on a builder from Nix's
+    /// `builders` (a slot held in Nix's own ledger, /nix/var/nix/current-load), or here
+    /// (it declines, and Nix builds it locally).
+    ///
+    /// Examples:
+    ///   offload hook --print-config --script-dir /etc/nix
+    ///   nix-build -A app --option build-hook /etc/nix/offload-build-hook --builders @machines
+    #[command(verbatim_doc_comment)]
+    Hook(HookArgs),
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +125,33 @@ pub struct DoctorArgs {
     /// The key `offload build --sign-key` would sign with, for the outputs check.
     #[arg(long, value_name = "FILE", env = "OFFLOAD_SIGN_KEY")]
     pub sign_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct HookArgs {
+    /// Nix's verbosity (0 error … 7 vomit), as Nix passes it to its hook.
+    pub verbosity: Option<u8>,
+
+    /// Print the nix.conf and NixOS settings that make Nix use this hook, and the
+    /// script `build-hook` points at; nothing is read from stdin.
+    #[arg(long)]
+    pub print_config: bool,
+
+    /// With --print-config: write the script as DIR/offload-build-hook.
+    #[arg(long, value_name = "DIR", requires = "print_config")]
+    pub script_dir: Option<PathBuf>,
+
+    /// Machines in Nix's syntax (`@file` too) instead of the `builders` Nix hands the
+    /// hook. Nix starts the hook with no flags, so this is read from the environment of
+    /// the process that runs builds: yours on a single-user install, the daemon's on a
+    /// multi-user one.
+    #[arg(long, env = "OFFLOAD_HOOK_BUILDERS", value_name = "SPEC")]
+    pub builders: Option<String>,
+
+    /// The build-duration history for estimates [default: $OFFLOAD_HISTORY, else
+    /// ~/.local/state/offload/history.sqlite].
+    #[arg(long, value_name = "FILE")]
+    pub history: Option<PathBuf>,
 }
 
 /// The schedulers `offload simulate` can run.

@@ -1,5 +1,6 @@
 //! The `offload` binary: parses flags, sets up logging, runs a command and maps the
-//! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up).
+//! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up;
+//! `offload hook` exits as Nix expects of a build hook: 0, 1, 100 or 101).
 
 mod access;
 mod args;
@@ -8,6 +9,7 @@ mod config;
 mod copy;
 mod doctor;
 mod evaluate;
+mod hook;
 mod output;
 mod render;
 mod simulate;
@@ -34,28 +36,33 @@ fn main() -> ExitCode {
     };
     let quiet = cli.quiet;
     let outcome = runtime.block_on(async {
-        let loaded = config::load().map_err(Failure::usage)?;
         match cli.command {
-            Command::Copy(args) => copy::run(args, quiet).await,
+            Command::Copy(args) => copy::run(args, quiet).await.map(|()| 0),
             Command::Build(mut args) => {
-                loaded.apply_to_build(&mut args).map_err(Failure::usage)?;
-                build::run(args, quiet).await
-            }
-            Command::Simulate(args) => simulate::run(args).await,
-            Command::Doctor(mut args) => {
-                loaded
-                    .expand_groups(&mut args.machines)
+                config::load()
+                    .and_then(|loaded| loaded.apply_to_build(&mut args))
                     .map_err(Failure::usage)?;
-                doctor::run(args).await
+                build::run(args, quiet).await.map(|()| 0)
+            }
+            Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
+            Command::Doctor(mut args) => {
+                config::load()
+                    .and_then(|loaded| loaded.expand_groups(&mut args.machines))
+                    .map_err(Failure::usage)?;
+                doctor::run(args).await.map(|()| 0)
             }
             Command::Config => {
+                let loaded = config::load().map_err(Failure::usage)?;
                 output::stdout(&loaded.describe());
-                Ok(())
+                Ok(0)
             }
+            // Nix reads the hook's exit status itself (0, 1, 100, 101); offload's own
+            // configuration plays no part in it.
+            Command::Hook(args) => hook::run(args).await,
         }
     });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(failure) => {
             render::error(&failure.error);
             ExitCode::from(failure.code)

@@ -107,6 +107,7 @@ impl Setup {
         self.install
             .command(Path::new(env!("CARGO_BIN_EXE_offload")), &self.work)
             .env("OFFLOAD_HISTORY", self.work.join("history.sqlite"))
+            .env("OFFLOAD_SLOTS_DIR", self.work.join("slots"))
             .args(all)
             .output()
             .unwrap()
@@ -332,6 +333,7 @@ fn an_untrusted_user_gets_outputs_in_signed_by_the_builders_or_by_own_key() {
     let config = DaemonConfig {
         trust_user: false,
         trusted_public_keys: vec![builder_public, user_public],
+        ..DaemonConfig::default()
     };
     let Some(setup) = Setup::new(&config, "signed") else {
         return;

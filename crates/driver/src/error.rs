@@ -98,6 +98,24 @@ pub enum DriverError {
     StorePath(#[from] offload_nix::store_path::StorePathError),
     #[error("{uri:?} is not a store offload can reach: {reason}")]
     BadStoreUri { uri: String, reason: String },
+    #[error("{machine}: {op} {path}")]
+    SlotLock {
+        machine: String,
+        op: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{machine}: all {slots} of its build slots stayed taken by other processes for {secs} s \
+         (lock files {dir}/…)"
+    )]
+    SlotsBusy {
+        machine: String,
+        slots: u32,
+        dir: String,
+        secs: u64,
+    },
 }
 
 impl DriverError {
@@ -118,7 +136,9 @@ impl DriverError {
             | DriverError::Timeout { machine, .. }
             | DriverError::NarMismatch { machine, .. }
             | DriverError::NotValid { machine, .. }
-            | DriverError::Refused { machine, .. } => machine,
+            | DriverError::Refused { machine, .. }
+            | DriverError::SlotLock { machine, .. }
+            | DriverError::SlotsBusy { machine, .. } => machine,
             DriverError::BadStoreUri { uri, .. } => uri,
             DriverError::Interrupted { .. } | DriverError::StorePath(_) => "local",
         }
@@ -170,6 +190,15 @@ impl DriverError {
             ),
             DriverError::BadStoreUri { .. } => "use `ssh://[user@]host[?remote-store=DIR]`, \
                  `local`, `daemon`, `auto` or an absolute path to a chroot store"
+                .to_string(),
+            DriverError::SlotLock { .. } => format!(
+                "the slot lock directory must be writable by every user that builds (Nix \
+                 creates it mode 0777); set {} to another directory to keep offload's own",
+                crate::slots::SLOTS_DIR_ENV
+            ),
+            DriverError::SlotsBusy { .. } => "other builds (another offload, or Nix's own \
+                 build hook) hold that machine's slots: wait for them, or leave the machine out \
+                 with --exclude"
                 .to_string(),
             _ => return None,
         })

@@ -8,6 +8,8 @@
 //! - [`copy_closure`] — copies a closure between two stores, several transfers at once;
 //! - [`build::run`] — builds a graph of derivations over a fleet, as the scheduler plans;
 //! - [`History`] — build durations in SQLite, for estimates;
+//! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
+//! - [`slots::SlotLedger`] — builders' slots, shared with Nix's own build hook;
 //! - [`DriverError`] — what went wrong, naming the machine and the next step.
 //!
 //! This crate depends on `offload-nix` for formats and framing and on `offload-sched`
@@ -21,6 +23,7 @@ pub mod dry_run;
 mod error;
 pub mod fleet;
 mod history;
+pub mod hook;
 pub mod nixconf;
 mod paths;
 pub mod plan;
@@ -28,6 +31,7 @@ mod pool;
 pub mod process;
 mod session;
 pub mod signing;
+pub mod slots;
 mod transport;
 pub mod trust;
 

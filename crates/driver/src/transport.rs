@@ -51,6 +51,9 @@ pub struct Endpoint {
     pub remote_store: Option<String>,
     /// Further arguments, e.g. `--option cores 4` to give builds more cores.
     pub extra_args: Vec<String>,
+    /// Environment variables for a server run as a local process (ssh carries none),
+    /// e.g. `NIX_HELD_LOCKS` for the build hook's imports.
+    pub env: Vec<(String, String)>,
 }
 
 impl Endpoint {
@@ -62,6 +65,7 @@ impl Endpoint {
             remote_program: "nix-store".into(),
             remote_store: store,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -163,6 +167,7 @@ impl Endpoint {
             Route::LocalProcess => {
                 let mut cmd = std::process::Command::new("sh");
                 cmd.arg("-c").arg(remote);
+                cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
                 (cmd, None)
             }
             Route::Ssh {

@@ -13,6 +13,7 @@
 //! | [`machines`] | machines files and the `builders` setting |
 //! | [`store_uri`] | store URIs (`ssh://user@host?remote-store=…`, `local`, paths) |
 //! | [`serve`] | serve-protocol (`nix-store --serve`) messages |
+//! | [`hook`] | the build-hook protocol: settings, `try` requests, replies |
 //!
 //! Parsers take `&[u8]` or `std::io::Read` and return errors, never panic, on bad input.
 //! Async framing over tokio sits behind the `async` feature. This crate knows nothing of
@@ -21,6 +22,7 @@
 pub mod derivation;
 pub mod export;
 pub mod hash;
+pub mod hook;
 pub mod machines;
 pub mod nar;
 pub mod nixbase32;

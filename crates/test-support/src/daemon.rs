@@ -21,6 +21,8 @@ pub struct DaemonConfig {
     pub trust_user: bool,
     /// `trusted-public-keys`: signatures by these keys let paths in.
     pub trusted_public_keys: Vec<String>,
+    /// Further `nix.conf` lines (`build-hook = …`, `builders = …`).
+    pub extra_conf: Vec<String>,
 }
 
 /// A running daemon and the user who builds through it. Dropping it stops the daemon.
@@ -80,6 +82,10 @@ impl DaemonInstall {
             "trusted-public-keys = {}\n",
             config.trusted_public_keys.join(" ")
         ));
+        for line in &config.extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
         fs::write(dir.path().join("nix.conf"), conf).map_err(|e| e.to_string())?;
         let socket = dir.path().join("socket");
         let daemon = Command::new("nix-daemon")

@@ -46,6 +46,17 @@ fn unavailable(what: &str) {
     eprintln!("skipped: {what} (`bash scripts/setup.sh` installs what end-to-end tests need)");
 }
 
+/// Whether this process runs as root (builds into the real store, starts daemons). When
+/// not, prints `skipped: …` and returns false, or panics under [`REQUIRE_E2E`]`=1`.
+pub fn require_root() -> bool {
+    let id = run(Command::new("id").arg("-u"));
+    let root = id.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        unavailable("this test builds into the real Nix store, which needs root");
+    }
+    root
+}
+
 /// Whether the Nix tools run here. When they do not, prints `skipped: …` and returns
 /// false, or panics under [`REQUIRE_E2E`]`=1`.
 pub fn require_nix() -> bool {

@@ -21,6 +21,7 @@ use crate::paths::PathRegistry;
 use crate::pool::Pool;
 use crate::process;
 use crate::session::ServeConn;
+use crate::slots::{SlotLedger, WAIT_LIMIT};
 use crate::transport::{shell_quote, Endpoint};
 use crate::trust::LocalAccess;
 
@@ -41,6 +42,9 @@ pub(crate) struct ServeTransport {
     /// `.drv` paths to check rather than build (`--check`).
     check: HashSet<String>,
     reporter: Arc<dyn Reporter>,
+    /// Shared with other offload runs and Nix's hook; slots per machine (none: local).
+    ledger: SlotLedger,
+    slots: Vec<u32>,
 }
 
 impl ServeTransport {
@@ -57,6 +61,11 @@ impl ServeTransport {
             *consumers.entry(input.clone()).or_default() += 1;
         }
         let transport = ServeTransport {
+            slots: machines
+                .iter()
+                .map(|m| m.spec.slots * u32::from(!m.spec.is_local))
+                .collect(),
+            ledger: SlotLedger::from_env(),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
             upload_locks: machines
                 .iter()
@@ -255,6 +264,12 @@ impl ServeTransport {
         cores: Option<u32>,
         log: &mut BuildLog<'_>,
     ) -> (Outcome, bool) {
+        // Held until the build ends, so no other offload or Nix hook overbooks the machine.
+        let uri = &self.pools[machine].endpoint().name;
+        let _slot = match self.ledger.hold(uri, self.slots[machine], WAIT_LIMIT).await {
+            Ok(slot) => slot,
+            Err(e) => return (lost(e), false),
+        };
         if self.check.contains(&self.nodes[node].drv_path) {
             return self.check_on(node, machine, log).await;
         }

@@ -1,0 +1,104 @@
+//! `offload hook`: hands Nix's build-hook protocol to the driver, or prints the settings
+//! that install it.
+
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use offload_driver::hook::{self, HookOptions};
+use offload_driver::slots::SlotLedger;
+use offload_driver::History;
+
+use crate::args::HookArgs;
+use crate::Failure;
+
+/// The script's file name under `--script-dir`.
+const SCRIPT_NAME: &str = "offload-build-hook";
+/// Where the printed settings put the script when no directory is given.
+const DEFAULT_SCRIPT_DIR: &str = "/etc/nix";
+
+/// Runs the hook (its exit status for Nix), or prints its configuration (0).
+pub async fn run(args: HookArgs) -> Result<u8, Failure> {
+    if args.print_config {
+        print_config(args.script_dir.as_deref())?;
+        return Ok(0);
+    }
+    let options = HookOptions {
+        builders: args.builders.filter(|b| !b.trim().is_empty()),
+        history: Some(args.history.unwrap_or_else(History::default_path)),
+        ledger: SlotLedger::from_env(),
+    };
+    let mut replies = std::io::stderr();
+    let exit = hook::run(options, tokio::io::stdin(), &mut replies).await;
+    Ok(exit.code())
+}
+
+/// The script `build-hook` names: Nix runs a program with the verbosity as its one
+/// argument, so the subcommand goes in a script.
+fn script(offload: &Path) -> String {
+    format!(
+        "#!/bin/sh\n# Nix's build hook, by offload.\nexec {} hook \"$@\"\n",
+        offload_driver::shell_quote(&offload.display().to_string())
+    )
+}
+
+fn print_config(script_dir: Option<&Path>) -> Result<(), Failure> {
+    let offload = std::env::current_exe()
+        .context("cannot tell where the offload binary is")
+        .map_err(Failure::usage)?;
+    let body = script(&offload);
+    let dir = script_dir.unwrap_or(Path::new(DEFAULT_SCRIPT_DIR));
+    let path: PathBuf = dir.join(SCRIPT_NAME);
+    let mut out = String::new();
+    if let Some(dir) = script_dir {
+        write_script(dir, &path, &body)?;
+        out.push_str(&format!("# wrote {}:\n", path.display()));
+    } else {
+        out.push_str(&format!(
+            "# save as {} (mode 0755), or run again with --script-dir DIR to write it:\n",
+            path.display()
+        ));
+    }
+    for line in body.lines() {
+        out.push_str(&format!("#   {line}\n"));
+    }
+    out.push_str(&format!(
+        "\n# nix.conf: ~/.config/nix/nix.conf for a single-user install, /etc/nix/nix.conf for a\n\
+         # daemon install (then restart nix-daemon); machines as for Nix's own hook\n\
+         build-hook = {path}\n\
+         builders = @/etc/nix/machines\n\
+         builders-use-substitutes = true\n\
+         \n\
+         # NixOS (configuration.nix), with `offload` the package:\n\
+         #   environment.etc.\"nix/{SCRIPT_NAME}\" = {{ mode = \"0755\"; text = ''\n\
+         #     #!/bin/sh\n\
+         #     exec ${{offload}}/bin/offload hook \"$@\"\n\
+         #   ''; }};\n\
+         #   nix.settings.build-hook = \"/etc/nix/{SCRIPT_NAME}\";\n\
+         #   nix.distributedBuilds = true;   # nix.buildMachines become `builders`\n",
+        path = path.display()
+    ));
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("cannot print the configuration")
+        .map_err(Failure::work)
+}
+
+fn write_script(dir: &Path, path: &Path, body: &str) -> Result<(), Failure> {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(path, body)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+    };
+    write()
+        .with_context(|| {
+            format!(
+                "cannot write the hook script {}: choose a directory you may write with --script-dir",
+                path.display()
+            )
+        })
+        .map_err(Failure::usage)
+}

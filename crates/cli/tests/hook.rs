@@ -1,0 +1,298 @@
+//! `offload hook` as Nix's build hook: real `nix-build` (root, local store), a real
+//! nix-daemon whose `nix.conf` sets `build-hook` and `builders` with an ordinary user,
+//! and the hook's decisions spoken to directly in Nix's protocol.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use offload_nix::hook::{encode_settings, TryRequest};
+use offload_test_support::daemon::TEST_USER;
+use offload_test_support::{
+    nix_command, nix_system, require_daemon_install, require_nix, require_root, run_ok,
+    DaemonConfig,
+};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Four leaves under a top, unique per `salt`.
+fn graph(salt: &str) -> String {
+    format!(
+        r#"let mk = name: deps: derivation {{
+             inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+             PATH = "/bin:/usr/bin"; salt = "{salt}";
+             args = [ "-c" "echo building $name; mkdir $out; echo $name > $out/name" ];
+           }};
+           leaves = builtins.genList (i: mk "leaf${{toString i}}" []) 4;
+         in mk "top" leaves"#
+    )
+}
+
+fn salt(tag: &str) -> String {
+    format!(
+        "{tag}-{:?}-{}",
+        std::time::SystemTime::now(),
+        std::process::id()
+    )
+}
+
+/// A work directory (readable by the test user) with loopback builders, the hook
+/// script Nix runs, and offload's history and slot ledger.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        run_ok(Command::new("chmod").arg("755").arg(dir.path()));
+        let s = Setup { dir };
+        // Builders run without build users: those are shared by every store here.
+        s.script(
+            "nix-store-fleet",
+            "exec nix-store --option build-users-group '' \"$@\"",
+        );
+        // The hook runs in the environment of whoever builds (nix-build, the daemon):
+        // the script gives it this test's history and ledger.
+        s.script(
+            "hook",
+            &format!(
+                "export OFFLOAD_HISTORY={d}/history.sqlite OFFLOAD_SLOTS_DIR={d}/slots\nexec {} hook \"$@\"",
+                env!("CARGO_BIN_EXE_offload"),
+                d = s.path().display()
+            ),
+        );
+        s
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        run_ok(Command::new("chmod").arg("755").arg(&path));
+        path
+    }
+
+    fn uri(&self, i: usize) -> String {
+        format!(
+            "ssh://localhost?remote-store={}/m{i}&remote-program={}/nix-store-fleet",
+            self.path().display(),
+            self.path().display()
+        )
+    }
+
+    /// Two builders of two slots at `speed`.
+    fn builders(&self, speed: u32) -> String {
+        (1..=2)
+            .map(|i| format!("{} {} - 2 {speed}", self.uri(i), nix_system()))
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    fn write_graph(&self, tag: &str) -> PathBuf {
+        let file = self.path().join("graph.nix");
+        std::fs::write(&file, graph(&salt(tag))).unwrap();
+        file
+    }
+
+    fn nix_build(&self, file: &Path, builders: &str, jobs: &str) -> Output {
+        nix_command("nix-build")
+            .arg(file)
+            .args(["--no-out-link", "-j", jobs, "--builders", builders])
+            .arg("--option")
+            .arg("build-hook")
+            .arg(self.path().join("hook"))
+            .output()
+            .unwrap()
+    }
+}
+
+/// Derivations Nix says it built on another machine.
+fn remote_builds(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("building '") && l.contains(" on 'ssh://"))
+        .collect()
+}
+
+#[test]
+fn nix_build_hands_builds_to_offload_hook() {
+    if !require_nix() || !require_root() {
+        return;
+    }
+    let setup = Setup::new();
+    let file = setup.write_graph("nix-build");
+    let drv = run_ok(nix_command("nix-instantiate").arg(&file));
+    let expected = run_ok(nix_command("nix-store").args(["-q", "--outputs", drv.trim()]));
+    // Builders four times as fast as this machine: with no history, each build would
+    // finish there first.
+    let out = setup.nix_build(&file, &setup.builders(4), "1");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(text(&out.stdout).trim(), expected.trim());
+    let remote = remote_builds(&stderr);
+    assert!(!remote.is_empty(), "nothing built remotely:\n{stderr}");
+    let verify = run_ok(nix_command("nix-store").args(["--verify", "--check-contents"]));
+    assert!(!verify.contains("error"), "{verify}");
+    // The log of a remote build is where `nix-store -l` finds it.
+    let remote_drv = remote[0].split('\'').nth(1).unwrap();
+    let name = remote_drv
+        .rsplit_once('-')
+        .unwrap()
+        .1
+        .trim_end_matches(".drv");
+    let log = run_ok(nix_command("nix-store").args(["-l", remote_drv]));
+    assert!(log.contains(&format!("building {name}")), "{log}");
+}
+
+#[test]
+fn nix_build_keeps_quick_builds_on_an_idle_local_machine() {
+    if !require_nix() || !require_root() {
+        return;
+    }
+    let setup = Setup::new();
+    let file = setup.write_graph("local-faster");
+    // The history says these take 0.1 s: here at once beats a builder of the same speed
+    // after a session's cost.
+    let history = offload_driver::History::open(&setup.path().join("history.sqlite")).unwrap();
+    for name in ["leaf0", "leaf1", "leaf2", "leaf3", "top"] {
+        history
+            .record(name, nix_system(), "local", 0.1, 1.0)
+            .unwrap();
+    }
+    let out = setup.nix_build(&file, &setup.builders(1), "8");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(remote_builds(&stderr), Vec::<&str>::new(), "{stderr}");
+}
+
+/// Runs `offload hook 3` with `stdin` (Nix's frames) and returns its stderr and status.
+fn hook_says(setup: &Setup, stdin: &[u8]) -> (String, Option<i32>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["hook", "3"])
+        .env("OFFLOAD_HISTORY", setup.path().join("history.sqlite"))
+        .env("OFFLOAD_SLOTS_DIR", setup.path().join("slots"))
+        .env_remove("OFFLOAD_HOOK_BUILDERS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (text(&out.stderr), out.status.code())
+}
+
+fn frames(builders: &str, request: &TryRequest) -> Vec<u8> {
+    let mut bytes = encode_settings([
+        ("builders", builders),
+        ("max-jobs", "1"),
+        ("system", nix_system()),
+        ("system-features", ""),
+    ]);
+    bytes.extend(request.encode());
+    bytes
+}
+
+#[test]
+fn hook_answers_decline_postpone_and_decline_permanently() {
+    let setup = Setup::new();
+    let drv = "/nix/store/00000000000000000000000000000000-quick-1.0.drv".to_string();
+    let history = offload_driver::History::open(&setup.path().join("history.sqlite")).unwrap();
+    history
+        .record("quick-1.0", nix_system(), "local", 0.2, 1.0)
+        .unwrap();
+    let mut request = TryRequest {
+        am_willing: true,
+        system: nix_system().to_string(),
+        drv_path: drv,
+        required_features: Vec::new(),
+    };
+    let one = format!("{} {} - 1 1", setup.uri(1), nix_system());
+    // Same speed, a 0.2 s build: this machine finishes first.
+    let (said, code) = hook_says(&setup, &frames(&one, &request));
+    assert_eq!((said.as_str(), code), ("# decline\n", Some(0)));
+    // No machines at all.
+    let (said, _) = hook_says(&setup, &frames("", &request));
+    assert_eq!(said, "# decline-permanently\n");
+    // Not willing, and the builder's one slot is held (as Nix's hook would hold it).
+    request.am_willing = false;
+    let lock = setup
+        .path()
+        .join("slots")
+        .join(format!("{}-0", setup.uri(1).replace('/', "_")));
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    // util-linux flock(1) holds it for 3 s (its `sleep` inherits the lock).
+    let mut holder = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "3"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (said, _) = hook_says(&setup, &frames(&one, &request));
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(said, "# postpone\n");
+}
+
+#[test]
+fn a_daemon_with_offload_hook_builds_for_an_ordinary_user() {
+    let setup = Setup::new();
+    let config = DaemonConfig {
+        trust_user: false,
+        extra_conf: vec![
+            format!("build-hook = {}", setup.path().join("hook").display()),
+            format!("builders = {}", setup.builders(4)),
+        ],
+        ..DaemonConfig::default()
+    };
+    let Some(install) = require_daemon_install(&config) else {
+        return;
+    };
+    let work = install.user_dir("work");
+    let file = work.join("graph.nix");
+    std::fs::write(&file, graph(&salt("daemon"))).unwrap();
+    run_ok(Command::new("chown").arg(TEST_USER).arg(&file));
+    let nix_build = which("nix-build");
+    let out = install
+        .command(&nix_build, &work)
+        .arg(&file)
+        .arg("--no-out-link")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let remote = remote_builds(&stderr);
+    assert!(!remote.is_empty(), "nothing built remotely:\n{stderr}");
+    // The outputs are in the daemon's store.
+    let path = text(&out.stdout).trim().to_string();
+    run_ok(nix_command("nix-store").args(["--verify-path", &path]));
+    // `nix log` as the user shows a remote build's log.
+    let remote_drv = remote[0].split('\'').nth(1).unwrap().to_string();
+    let nix = which("nix");
+    let log = install
+        .command(&nix, &work)
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "log",
+            &remote_drv,
+        ])
+        .output()
+        .unwrap();
+    assert!(log.status.success(), "{}", text(&log.stderr));
+    assert!(
+        text(&log.stdout).contains("building "),
+        "{}",
+        text(&log.stdout)
+    );
+}
+
+fn which(program: &str) -> PathBuf {
+    let out = run_ok(Command::new("sh").args(["-c", &format!("command -v {program}")]));
+    PathBuf::from(out.trim())
+}

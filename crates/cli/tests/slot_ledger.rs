@@ -1,0 +1,261 @@
+//! The slot ledger shared with Nix's build hook, end to end: `offload build` runs on a
+//! loopback fleet of chroot stores, and a poller counts the builds running on each
+//! machine by their marker process (`sleep 1.37`, attributed to the machine whose
+//! `nix-store --serve` it descends from).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use offload_test_support::{nix_system, require_nix, run_ok};
+
+/// The marker every build of these graphs runs.
+const MARKER: [&str; 2] = ["sleep", "1.37"];
+
+/// Four leaves that each run the marker, under one top.
+fn graph(salt: &str) -> String {
+    format!(
+        r#"let mk = name: deps: script: derivation {{
+             inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+             PATH = "/bin:/usr/bin"; salt = "{salt}";
+             args = [ "-c" "${{script}}; mkdir $out" ];
+           }};
+           leaves = builtins.genList (i: mk "leaf${{toString i}}" [] "sleep 1.37") 4;
+         in {{ top = mk "top" leaves "true"; }}"#
+    )
+}
+
+/// Loopback builders `m1`, `m2`, … of one slot each, under `dir`.
+struct Fleet {
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("nix-store-fleet");
+        // No build users: they are shared by every store on this machine.
+        std::fs::write(
+            &program,
+            "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
+        )
+        .unwrap();
+        run_ok(std::process::Command::new("chmod").arg("+x").arg(&program));
+        Fleet { dir }
+    }
+
+    fn store(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("m{i}"))
+    }
+
+    fn uri(&self, i: usize) -> String {
+        format!(
+            "ssh://localhost?remote-store={}&remote-program={}",
+            self.store(i).display(),
+            self.dir.path().join("nix-store-fleet").display()
+        )
+    }
+
+    fn spec(&self, machines: &[usize]) -> String {
+        let lines: Vec<String> = machines
+            .iter()
+            .map(|&i| format!("{} {} - 1 1", self.uri(i), nix_system()))
+            .collect();
+        lines.join(";")
+    }
+}
+
+/// Per store, the most markers seen at once and when the first was seen; and the most
+/// markers seen at once in all.
+type Seen = (HashMap<PathBuf, usize>, HashMap<PathBuf, Instant>, usize);
+
+/// Counts marker processes per store directory, every 20 ms, until finished.
+struct Poller {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Poller {
+    fn start(stores: Vec<PathBuf>) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let (s, seen2) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let mut now: HashMap<PathBuf, usize> = HashMap::new();
+                let mut total = 0;
+                for pid in markers() {
+                    total += 1;
+                    if let Some(store) = owning_store(pid, &stores) {
+                        *now.entry(store).or_default() += 1;
+                    }
+                }
+                let mut g = seen2.lock().unwrap();
+                g.2 = g.2.max(total);
+                for (store, n) in now {
+                    g.1.entry(store.clone()).or_insert_with(Instant::now);
+                    let most = g.0.entry(store).or_default();
+                    *most = (*most).max(n);
+                }
+                drop(g);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Poller {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(") ")?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn markers() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| cmdline(pid) == MARKER)
+        .collect()
+}
+
+/// The store whose serve process `pid` descends from.
+fn owning_store(pid: u32, stores: &[PathBuf]) -> Option<PathBuf> {
+    let mut at = pid;
+    for _ in 0..64 {
+        let args = cmdline(at);
+        if let Some(s) = stores
+            .iter()
+            .find(|s| args.iter().any(|a| Path::new(a) == s.as_path()))
+        {
+            return Some(s.clone());
+        }
+        at = parent(at).filter(|&p| p > 1)?;
+    }
+    None
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn two_concurrent_runs_never_run_two_builds_on_a_one_slot_machine() {
+    if !require_nix() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let work = tempfile::tempdir().unwrap();
+    let slots = work.path().join("slots");
+    let salt = format!("{:?}", std::time::SystemTime::now());
+    let poller = Poller::start(vec![fleet.store(1), fleet.store(2)]);
+    let runs: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|run| {
+            let file = work.path().join(format!("{run}.nix"));
+            std::fs::write(&file, graph(&format!("{salt}-{run}"))).unwrap();
+            common::offload(work.path())
+                .arg("build")
+                .arg(&file)
+                .args(["-A", "top", "--no-out-link", "-j0"])
+                .args(["--builders", &fleet.spec(&[1, 2])])
+                .env("OFFLOAD_SLOTS_DIR", &slots)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let (most, _, total) = poller.finish();
+    for i in [1, 2] {
+        let n = most.get(&fleet.store(i)).copied().unwrap_or(0);
+        assert_eq!(n, 1, "m{i}: most builds at once {n}; all: {most:?}");
+    }
+    // Both machines were busy together, so the runs did overlap.
+    assert!(total >= 2, "never two builds at once: {most:?}");
+}
+
+#[test]
+fn a_slot_held_by_a_nix_hook_makes_offload_wait() {
+    if !require_nix() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let work = tempfile::tempdir().unwrap();
+    let slots = work.path().join("slots");
+    std::fs::create_dir_all(&slots).unwrap();
+    // The lock file Nix's build-remote takes for slot 0 of this machine, held by another
+    // process (util-linux flock) for 4 s.
+    let lock = slots.join(format!("{}-0", fleet.uri(1).replace('/', "_")));
+    let mut holder = std::process::Command::new("flock")
+        .arg("-x")
+        .arg(&lock)
+        .args(["sleep", "4"])
+        .spawn()
+        .expect("flock(1) from util-linux");
+    std::thread::sleep(Duration::from_millis(300));
+    let poller = Poller::start(vec![fleet.store(1)]);
+    let file = work.path().join("g.nix");
+    std::fs::write(
+        &file,
+        graph(&format!("{:?}-held", std::time::SystemTime::now())),
+    )
+    .unwrap();
+    let build = common::offload(work.path())
+        .arg("build")
+        .arg(&file)
+        .args(["-A", "top", "--no-out-link", "-j0"])
+        .args(["--builders", &fleet.spec(&[1])])
+        .env("OFFLOAD_SLOTS_DIR", &slots)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(holder.wait().unwrap().success());
+    let released = Instant::now();
+    let out = build.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (most, first, _) = poller.finish();
+    let started = first[&fleet.store(1)];
+    assert!(
+        started >= released,
+        "a build started on m1 {:?} before the held slot was freed",
+        released - started
+    );
+    assert_eq!(most[&fleet.store(1)], 1);
+}

@@ -1,0 +1,292 @@
+//! `offload hook`: Nix's build hook (the `build-hook` setting) with offload's machine
+//! choice and transport, so plain `nix-build`, `nix build`, `nixos-rebuild` and the
+//! nix-daemon hand builds to the fleet the way offload would.
+//!
+//! Nix starts the hook with its verbosity as the one argument and writes, on stdin, its
+//! settings and then one `try` per derivation it could hand off; the hook answers each on
+//! stderr (docs/nix-protocols.md §9). Per `try` the hook estimates the finish on every
+//! machine, this one included (`choice.rs`): it declines when this machine would finish
+//! first, postpones when only busy builders could build it, and otherwise accepts with a
+//! slot of the chosen builder held in the shared ledger ([`crate::slots`]). An accepted
+//! build (`remote.rs`) copies the inputs the builder lacks, builds with the log on fd 4,
+//! copies the outputs back into the local store and exits with the status Nix reads.
+
+mod choice;
+mod remote;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use offload_nix::hook::{
+    log_line, HookReply, HookRequest, LogLevel, RequestDecoder, SettingsDecoder,
+};
+use offload_nix::serve::BuildSettings;
+use offload_nix::wire::{tokio_io::read_message, WireError};
+use tokio::io::AsyncRead;
+
+use crate::fleet::{build_fleet, MachineChoice};
+use crate::history::History;
+use crate::nixconf::NixSettings;
+use crate::slots::SlotLedger;
+
+pub use choice::REMOTE_OVERHEAD_SECONDS;
+
+/// Environment variable with machines (Nix's syntax, `@file` too) that replace the
+/// `builders` setting Nix hands the hook: a per-invocation choice of hosts where the
+/// hook runs in the user's environment (single-user installs, not through a daemon).
+pub const HOOK_BUILDERS_ENV: &str = "OFFLOAD_HOOK_BUILDERS";
+
+/// How the hook was started.
+#[derive(Debug, Clone)]
+pub struct HookOptions {
+    /// Machines replacing Nix's `builders` ([`HOOK_BUILDERS_ENV`]).
+    pub builders: Option<String>,
+    /// The duration history for estimates; None: the defaults.
+    pub history: Option<PathBuf>,
+    pub ledger: SlotLedger,
+}
+
+/// How the hook ends, as Nix reads its exit status (docs/nix-protocols.md §9.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookExit {
+    /// Declined, postponed until Nix stopped asking, or built with the outputs valid here.
+    Done,
+    /// The build failed (Nix: MiscFailure).
+    Failed,
+    /// The builder failed (Nix: PermanentFailure).
+    PermanentFailure,
+    /// The build hit `timeout` or `max-silent-time` (Nix: TimedOut).
+    TimedOut,
+}
+
+impl HookExit {
+    pub fn code(self) -> u8 {
+        match self {
+            HookExit::Done => 0,
+            HookExit::Failed => 1,
+            HookExit::PermanentFailure => 100,
+            HookExit::TimedOut => 101,
+        }
+    }
+}
+
+/// The settings Nix hands the hook, as offload uses them.
+#[derive(Debug, Clone, Default)]
+pub struct HookSettings {
+    pub builders: String,
+    pub max_jobs: u32,
+    pub system: String,
+    pub extra_platforms: Vec<String>,
+    pub system_features: Vec<String>,
+    pub builders_use_substitutes: bool,
+    /// Limits sent with every build.
+    pub build: BuildSettings,
+    /// The store Nix builds into (`store`), unless it is the default local one.
+    pub store: Option<String>,
+}
+
+impl HookSettings {
+    /// From Nix's name/value pairs; a value offload cannot read keeps its default.
+    pub fn from_pairs(pairs: &[(String, String)]) -> HookSettings {
+        let mut s = HookSettings {
+            max_jobs: 1,
+            ..HookSettings::default()
+        };
+        let words = |v: &str| v.split_whitespace().map(str::to_string).collect();
+        for (name, value) in pairs {
+            let number = value.parse::<u64>().ok();
+            match name.as_str() {
+                "builders" => s.builders = value.clone(),
+                "max-jobs" => s.max_jobs = value.parse().unwrap_or(1),
+                "system" => s.system = value.clone(),
+                "extra-platforms" => s.extra_platforms = words(value),
+                "system-features" => s.system_features = words(value),
+                "builders-use-substitutes" => s.builders_use_substitutes = value == "true",
+                "max-silent-time" => s.build.max_silent_time = number.unwrap_or(0),
+                "timeout" => s.build.build_timeout = number.unwrap_or(0),
+                "max-build-log-size" => s.build.max_log_size = number.unwrap_or(0),
+                "keep-failed" => s.build.keep_failed = value == "true",
+                "store" if !matches!(value.as_str(), "" | "auto" | "local") => {
+                    s.store = Some(value.clone());
+                }
+                _ => {}
+            }
+        }
+        s
+    }
+
+    fn nix_settings(&self, builders: String) -> NixSettings {
+        NixSettings {
+            builders,
+            max_jobs: self.max_jobs,
+            cores: 0,
+            system: self.system.clone(),
+            extra_platforms: self.extra_platforms.clone(),
+            system_features: self.system_features.clone(),
+            builders_use_substitutes: self.builders_use_substitutes,
+            substituters: Vec::new(),
+        }
+    }
+}
+
+/// Writes a reply or a message where Nix reads them; a hook whose Nix is gone has
+/// nobody to tell.
+fn say(to: &mut impl Write, text: &str) {
+    let _ = to.write_all(text.as_bytes()).and_then(|()| to.flush());
+}
+
+/// A message Nix shows, at `level`.
+fn tell(to: &mut impl Write, level: LogLevel, msg: &str) {
+    say(to, &log_line(level, msg));
+}
+
+/// Speaks the hook protocol on `input` (Nix's requests) and `replies` (the pipe Nix
+/// reads, the hook's stderr) until a build ends, Nix stops asking, or no machine could
+/// ever take a build.
+pub async fn run(
+    options: HookOptions,
+    mut input: impl AsyncRead + Unpin,
+    replies: &mut impl Write,
+) -> HookExit {
+    let pairs = match read_message(&mut input, SettingsDecoder::default()).await {
+        Ok(pairs) => pairs,
+        Err(e) => {
+            tell(replies, LogLevel::Error, &format!("offload hook: cannot read the settings Nix sends first: {e}; run it only as Nix's build-hook"));
+            return HookExit::Failed;
+        }
+    };
+    let settings = HookSettings::from_pairs(&pairs);
+    let builders = options
+        .builders
+        .clone()
+        .unwrap_or_else(|| settings.builders.clone());
+    let choice = MachineChoice {
+        builders: Some(builders.clone()),
+        max_jobs: Some(settings.max_jobs),
+        ..MachineChoice::default()
+    };
+    let fleet = match build_fleet(&choice, &settings.nix_settings(builders)) {
+        Ok(fleet) => fleet,
+        Err(e) => {
+            let mut msg = format!("offload hook: no builds are handed off: {e}");
+            if let Some(source) = std::error::Error::source(&e) {
+                msg.push_str(&format!(": {source}"));
+            }
+            msg.push_str(&format!(
+                "; fix the `builders` setting (or {HOOK_BUILDERS_ENV})"
+            ));
+            tell(replies, LogLevel::Error, &msg);
+            say(replies, &HookReply::DeclinePermanently.encode());
+            return HookExit::Done;
+        }
+    };
+    if fleet.len() == 1 {
+        say(replies, &HookReply::DeclinePermanently.encode());
+        return HookExit::Done;
+    }
+    let history = options.history.as_deref().and_then(|path| {
+        History::open(path)
+            .map_err(|e| tracing::debug!("estimates are the defaults: {e}"))
+            .ok()
+    });
+    loop {
+        let request = match read_message(&mut input, RequestDecoder::default()).await {
+            Ok(HookRequest::Try(request)) => request,
+            Ok(HookRequest::Other(_)) | Err(WireError::Eof { .. }) => return HookExit::Done,
+            Err(e) => {
+                tell(
+                    replies,
+                    LogLevel::Error,
+                    &format!("offload hook: bad request from Nix: {e}"),
+                );
+                return HookExit::Failed;
+            }
+        };
+        let name = name_of(&request.drv_path);
+        let estimate = history
+            .as_ref()
+            .and_then(|h| h.estimate(name).ok())
+            .map_or(crate::history::DEFAULT_SECONDS, |(s, _)| s);
+        let (verdict, slot) = match choice::choose(&fleet, &options.ledger, &request, estimate) {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                let hint = e
+                    .hint()
+                    .map(|h| format!(" (hint: {h})"))
+                    .unwrap_or_default();
+                tell(
+                    replies,
+                    LogLevel::Warn,
+                    &format!(
+                        "offload hook: {e}{hint}; {} is built here",
+                        request.drv_path
+                    ),
+                );
+                say(replies, &HookReply::Decline.encode());
+                continue;
+            }
+        };
+        let machine = match verdict {
+            choice::Verdict::Decline => {
+                say(replies, &HookReply::Decline.encode());
+                continue;
+            }
+            choice::Verdict::Postpone => {
+                say(replies, &HookReply::Postpone.encode());
+                continue;
+            }
+            choice::Verdict::Accept(machine) => machine,
+        };
+        let config = &fleet[machine];
+        say(
+            replies,
+            &HookReply::Accept {
+                store_uri: config.endpoint.name.clone(),
+            }
+            .encode(),
+        );
+        let job = remote::Job {
+            request: &request,
+            machine: config,
+            settings: &settings,
+            history: history.as_ref(),
+            ledger: &options.ledger,
+        };
+        let exit = remote::build(job, &mut input, replies).await;
+        drop(slot);
+        return exit;
+    }
+}
+
+/// The derivation's name, for the history: its `.drv` base name without hash and suffix.
+fn name_of(drv_path: &str) -> &str {
+    let base = drv_path.rsplit('/').next().unwrap_or(drv_path);
+    let name = base.split_once('-').map_or(base, |(_, n)| n);
+    name.strip_suffix(".drv").unwrap_or(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_settings_nix_hands_over() {
+        let pairs: Vec<(String, String)> = [
+            ("builders", "@/etc/nix/machines"),
+            ("max-jobs", "4"),
+            ("system-features", "kvm big-parallel"),
+            ("timeout", "60"),
+            ("store", "auto"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+        let s = HookSettings::from_pairs(&pairs);
+        assert_eq!(s.builders, "@/etc/nix/machines");
+        assert_eq!(s.max_jobs, 4);
+        assert_eq!(s.system_features, ["kvm", "big-parallel"]);
+        assert_eq!(s.build.build_timeout, 60);
+        assert_eq!(s.store, None);
+        assert_eq!(name_of("/nix/store/abc-hello-2.1.drv"), "hello-2.1");
+    }
+}
