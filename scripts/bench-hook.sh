@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build-hook benchmark: `nix-build` with offload's hook (`--option build-hook`, a script
-# running `offload hook`) against `nix-build` with Nix 2.8's own hook, same machines
-# (`--builders`), fresh output paths each run (a salt). Prints both times and the ratio.
+# running `offload hook`), alone and with `offload agent` running, against `nix-build`
+# with Nix 2.8's own hook, same machines (`--builders`), fresh output paths each run (a
+# salt). Prints the times and the ratios.
 #
 #   scripts/bench-hook.sh            # both cases below
 #   CASES=loopback scripts/bench-hook.sh
@@ -13,8 +14,9 @@
 #   sshd      200 trivial derivations over three real sshd hosts x 4 slots
 #             (scripts/sshfleet.sh), nothing local (-j0)
 #
-# Both hooks open a session per build (the hook protocol hands over one derivation per
-# hook process), so the ssh handshake per build remains on the sshd case.
+# Nix's hook, and offload's without the agent, open a session per build (the hook
+# protocol hands over one derivation per hook process); with the agent, offload's hook
+# builds on the agent's warm sessions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASES=${CASES:-"loopback sshd"}
@@ -31,6 +33,7 @@ SH
 cat > "$WORK/hook" <<SH
 #!/bin/sh
 export OFFLOAD_SLOTS_DIR=$WORK/slots OFFLOAD_HISTORY=$WORK/history.sqlite
+export OFFLOAD_AGENT_SOCKET=$WORK/agent.sock
 exec $OFFLOAD hook "\$@"
 SH
 chmod +x "$WORK/nix-store-fleet" "$WORK/hook"
@@ -43,19 +46,28 @@ remote() { grep -c "^building '.*' on 'ssh" "$1" || true; }
 compare() {
   local name=$1 file=$2 spec=$3 jobs=$4 salt
   salt=$(date +%s%N)
-  local t0 t1 t2
+  local t0 t1 t2 t3
   t0=$(now)
   nix-build "$file" --argstr salt "nix-$salt" --builders "$spec" -j "$jobs" --no-out-link >/dev/null 2>"$WORK/nix.log"
   t1=$(now)
   nix-build "$file" --argstr salt "offload-$salt" --builders "$spec" -j "$jobs" --no-out-link \
     --option build-hook "$WORK/hook" >/dev/null 2>"$WORK/offload.log"
   t2=$(now)
-  local tn to
-  tn=$(secs "$t0" "$t1"); to=$(secs "$t1" "$t2")
+  OFFLOAD_AGENT_SOCKET=$WORK/agent.sock OFFLOAD_SLOTS_DIR=$WORK/slots "$OFFLOAD" agent 2>"$WORK/agent.log" &
+  local agent=$!
+  while [ ! -S "$WORK/agent.sock" ]; do sleep 0.05; done
+  local t2a
+  t2a=$(now)
+  nix-build "$file" --argstr salt "agent-$salt" --builders "$spec" -j "$jobs" --no-out-link \
+    --option build-hook "$WORK/hook" >/dev/null 2>"$WORK/agent-build.log"
+  t3=$(now)
+  kill "$agent"; wait "$agent" || true
+  local tn to ta
+  tn=$(secs "$t0" "$t1"); to=$(secs "$t1" "$t2"); ta=$(secs "$t2a" "$t3")
   echo "== $name"
-  printf '   nix-build, Nix'"'"'s hook:      %7.2f s  (%s builds remote)\n' "$tn" "$(remote "$WORK/nix.log")"
-  printf '   nix-build, offload hook:  %7.2f s  (%s builds remote)\n' "$to" "$(remote "$WORK/offload.log")"
-  printf '   ratio Nix / offload:      %7.2fx\n' "$(awk "BEGIN {print $tn / $to}")"
+  printf '   nix-build, Nix'"'"'s hook:            %7.2f s  (%s builds remote)\n' "$tn" "$(remote "$WORK/nix.log")"
+  printf '   nix-build, offload hook:        %7.2f s  (%s builds remote), %.2fx\n' "$to" "$(remote "$WORK/offload.log")" "$(awk "BEGIN {print $tn / $to}")"
+  printf '   nix-build, offload hook+agent:  %7.2f s  (%s builds remote), %.2fx\n' "$ta" "$(remote "$WORK/agent-build.log")" "$(awk "BEGIN {print $tn / $ta}")"
 }
 
 for case in $CASES; do

@@ -111,6 +111,22 @@ pub enum Command {
     ///   nix-build -A app --option build-hook /etc/nix/offload-build-hook --builders @machines
     #[command(verbatim_doc_comment)]
     Hook(HookArgs),
+
+    /// Keep sessions to the builders open for `offload hook`, until stopped.
+    ///
+    /// Builds that Nix hands to `offload hook` then run on a warm session: no ssh
+    /// handshake and no process start on the builder per build. Run it as the user that
+    /// runs the hooks (root, for a nix-daemon): by hand, or with the systemd unit in
+    /// `contrib/offload-agent.service`. The socket is private to that user.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Where to listen [default: $OFFLOAD_AGENT_SOCKET, else agent.sock in offload's
+    /// state directory, where `offload hook` looks].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

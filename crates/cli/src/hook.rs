@@ -10,7 +10,7 @@ use offload_driver::hook::{self, HookOptions};
 use offload_driver::slots::SlotLedger;
 use offload_driver::History;
 
-use crate::args::HookArgs;
+use crate::args::{AgentArgs, HookArgs};
 use crate::Failure;
 
 /// The script's file name under `--script-dir`.
@@ -32,6 +32,32 @@ pub async fn run(args: HookArgs) -> Result<u8, Failure> {
     let mut replies = std::io::stderr();
     let exit = hook::run(options, tokio::io::stdin(), &mut replies).await;
     Ok(exit.code())
+}
+
+/// Runs the agent until Ctrl-C or SIGTERM.
+pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
+    let socket = args
+        .socket
+        .unwrap_or_else(offload_driver::agent::default_socket);
+    let stop = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!("cannot watch for SIGTERM: {e}");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    eprintln!("offload agent: listening on {}", socket.display());
+    offload_driver::agent::serve(&socket, stop)
+        .await
+        .map_err(Failure::usage)
 }
 
 /// The script `build-hook` names: Nix runs a program with the verbosity as its one

@@ -59,6 +59,7 @@ fn main() -> ExitCode {
             // Nix reads the hook's exit status itself (0, 1, 100, 101); offload's own
             // configuration plays no part in it.
             Command::Hook(args) => hook::run(args).await,
+            Command::Agent(args) => hook::agent(args).await.map(|()| 0),
         }
     });
     match outcome {

@@ -15,6 +15,7 @@
 //! This crate depends on `offload-nix` for formats and framing and on `offload-sched`
 //! for decisions; it makes none of its own.
 
+pub mod agent;
 pub mod build;
 mod copy;
 pub mod daemon;

@@ -22,7 +22,7 @@ use crate::error::DriverError;
 pub const NIX_SSHOPTS: &str = "NIX_SSHOPTS";
 
 /// How the command reaches the machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Route {
     /// A child process on this machine.
     LocalProcess,
@@ -40,7 +40,7 @@ pub enum Route {
 }
 
 /// A store reachable through the serve protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Endpoint {
     /// What messages call it: the store URI as the user wrote it.
     pub name: String,

@@ -324,6 +324,29 @@ impl BuildStatus {
         }
     }
 
+    /// The code on the wire; the inverse of [`BuildStatus::from_code`].
+    pub fn code(self) -> u64 {
+        use BuildStatus::*;
+        match self {
+            Built => 0,
+            Substituted => 1,
+            AlreadyValid => 2,
+            PermanentFailure => 3,
+            InputRejected => 4,
+            OutputRejected => 5,
+            TransientFailure => 6,
+            CachedFailure => 7,
+            TimedOut => 8,
+            MiscFailure => 9,
+            DependencyFailed => 10,
+            LogLimitExceeded => 11,
+            NotDeterministic => 12,
+            ResolvesToAlreadyValid => 13,
+            NoSubstituters => 14,
+            Unknown(code) => code,
+        }
+    }
+
     pub fn is_success(self) -> bool {
         matches!(
             self,

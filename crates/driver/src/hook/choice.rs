@@ -13,6 +13,8 @@ use crate::slots::{SlotLedger, SlotLock};
 /// opens a session per build (an ssh handshake) and copies inputs and outputs. About what
 /// Nix's own hook pays per build over real ssh (docs/nix-protocols.md §9).
 pub const REMOTE_OVERHEAD_SECONDS: f64 = 0.5;
+/// The same with the agent running: sessions are warm, only the copies remain.
+pub const AGENT_OVERHEAD_SECONDS: f64 = 0.05;
 
 /// A remote machine as the choice sees it now.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,8 +44,8 @@ pub(crate) fn node_of(request: &TryRequest, estimate: f64) -> NodeSpec {
 
 /// The rule, with no I/O: the machine where the build would finish first. The local
 /// machine counts only when Nix is willing (a local slot is free) and it can build the
-/// derivation; a remote one only with a free slot, and it pays
-/// [`REMOTE_OVERHEAD_SECONDS`]. Ties go to the remote machine with the lighter load per
+/// derivation; a remote one only with a free slot, and it pays `overhead` (see
+/// [`REMOTE_OVERHEAD_SECONDS`]). Ties go to the remote machine with the lighter load per
 /// speed, as in Nix's hook. When nothing can start now: postpone if only busy remote
 /// machines could build it, else decline (Nix then builds it or reports it).
 pub(crate) fn decide(
@@ -51,6 +53,7 @@ pub(crate) fn decide(
     remotes: &[RemoteState],
     request: &TryRequest,
     node: &NodeSpec,
+    overhead: f64,
 ) -> Verdict {
     let local_can = request.am_willing && specs[LOCAL].can_build(node);
     let local_finish = local_can.then(|| specs[LOCAL].build_time(node));
@@ -68,7 +71,7 @@ pub(crate) fn decide(
         };
         fits_somewhere = true;
         let spec = &specs[machine];
-        let finish = REMOTE_OVERHEAD_SECONDS + spec.build_time(node);
+        let finish = overhead + spec.build_time(node);
         let load = f64::from(busy) / spec.speed.max(1e-6);
         if best.is_none_or(|(f, l, _)| finish < f || (finish == f && load < l)) {
             best = Some((finish, load, machine));
@@ -91,6 +94,7 @@ pub(crate) fn choose(
     ledger: &SlotLedger,
     request: &TryRequest,
     estimate: f64,
+    overhead: f64,
 ) -> Result<(Verdict, Option<SlotLock>), DriverError> {
     let node = node_of(request, estimate);
     let specs: Vec<MachineSpec> = fleet.iter().map(|m| m.spec.clone()).collect();
@@ -110,7 +114,7 @@ pub(crate) fn choose(
         });
         free.push(probe.free);
     }
-    let verdict = decide(&specs, &remotes, request, &node);
+    let verdict = decide(&specs, &remotes, request, &node, overhead);
     let slot = match verdict {
         Verdict::Accept(m) => free.get_mut(m - 1).and_then(Option::take),
         _ => None,
@@ -145,12 +149,21 @@ mod tests {
         let r = request(true);
         let node = node_of(&r, 1.0);
         let free = [RemoteState::Free { busy: 0 }];
-        assert_eq!(decide(&specs(&[1.0]), &free, &r, &node), Verdict::Decline);
+        assert_eq!(
+            decide(&specs(&[1.0]), &free, &r, &node, REMOTE_OVERHEAD_SECONDS),
+            Verdict::Decline
+        );
         // Four times faster: 0.75 s there.
-        assert_eq!(decide(&specs(&[4.0]), &free, &r, &node), Verdict::Accept(1));
+        assert_eq!(
+            decide(&specs(&[4.0]), &free, &r, &node, REMOTE_OVERHEAD_SECONDS),
+            Verdict::Accept(1)
+        );
         // Long builds go to a builder only a little faster.
         let long = node_of(&r, 600.0);
-        assert_eq!(decide(&specs(&[1.5]), &free, &r, &long), Verdict::Accept(1));
+        assert_eq!(
+            decide(&specs(&[1.5]), &free, &r, &long, REMOTE_OVERHEAD_SECONDS),
+            Verdict::Accept(1)
+        );
     }
 
     #[test]
@@ -159,23 +172,47 @@ mod tests {
         let node = node_of(&r, 10.0);
         let states = [RemoteState::Free { busy: 1 }, RemoteState::Free { busy: 0 }];
         assert_eq!(
-            decide(&specs(&[2.0, 3.0]), &states, &r, &node),
+            decide(
+                &specs(&[2.0, 3.0]),
+                &states,
+                &r,
+                &node,
+                REMOTE_OVERHEAD_SECONDS
+            ),
             Verdict::Accept(2)
         );
         let full = [RemoteState::Full, RemoteState::Unfit];
         assert_eq!(
-            decide(&specs(&[2.0, 3.0]), &full, &r, &node),
+            decide(
+                &specs(&[2.0, 3.0]),
+                &full,
+                &r,
+                &node,
+                REMOTE_OVERHEAD_SECONDS
+            ),
             Verdict::Postpone
         );
         // Willing, so the local machine takes it rather than wait.
         let willing = request(true);
         assert_eq!(
-            decide(&specs(&[2.0, 3.0]), &full, &willing, &node),
+            decide(
+                &specs(&[2.0, 3.0]),
+                &full,
+                &willing,
+                &node,
+                REMOTE_OVERHEAD_SECONDS
+            ),
             Verdict::Decline
         );
         let unfit = [RemoteState::Unfit, RemoteState::Unfit];
         assert_eq!(
-            decide(&specs(&[2.0, 3.0]), &unfit, &r, &node),
+            decide(
+                &specs(&[2.0, 3.0]),
+                &unfit,
+                &r,
+                &node,
+                REMOTE_OVERHEAD_SECONDS
+            ),
             Verdict::Decline
         );
     }
@@ -188,6 +225,9 @@ mod tests {
         let mut s = specs(&[1.0]);
         s[1].supported_features = vec!["kvm".into()];
         let free = [RemoteState::Free { busy: 0 }];
-        assert_eq!(decide(&s, &free, &r, &node), Verdict::Accept(1));
+        assert_eq!(
+            decide(&s, &free, &r, &node, REMOTE_OVERHEAD_SECONDS),
+            Verdict::Accept(1)
+        );
     }
 }

@@ -29,7 +29,13 @@ use crate::history::History;
 use crate::nixconf::NixSettings;
 use crate::slots::SlotLedger;
 
-pub use choice::REMOTE_OVERHEAD_SECONDS;
+pub use choice::{AGENT_OVERHEAD_SECONDS, REMOTE_OVERHEAD_SECONDS};
+
+/// How long a `try` may wait for a builder's slot to free before the hook postpones:
+/// Nix asks again only after its poll interval (5 s), far longer than most builds.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) use remote::carry_out;
+pub use remote::{BuildOrder, OrderFailure};
 
 /// Environment variable with machines (Nix's syntax, `@file` too) that replace the
 /// `builders` setting Nix hands the hook: a per-invocation choice of hosts where the
@@ -184,6 +190,15 @@ pub async fn run(
         say(replies, &HookReply::DeclinePermanently.encode());
         return HookExit::Done;
     }
+    // With the agent, an accepted build costs no handshake: builders are worth more.
+    let overhead = if crate::agent::AgentClient::connect(&crate::agent::default_socket())
+        .await
+        .is_ok()
+    {
+        AGENT_OVERHEAD_SECONDS
+    } else {
+        REMOTE_OVERHEAD_SECONDS
+    };
     let history = options.history.as_deref().and_then(|path| {
         History::open(path)
             .map_err(|e| tracing::debug!("estimates are the defaults: {e}"))
@@ -207,7 +222,8 @@ pub async fn run(
             .as_ref()
             .and_then(|h| h.estimate(name).ok())
             .map_or(crate::history::DEFAULT_SECONDS, |(s, _)| s);
-        let (verdict, slot) = match choice::choose(&fleet, &options.ledger, &request, estimate) {
+        let chosen = choose_waiting(&fleet, &options.ledger, &request, estimate, overhead).await;
+        let (verdict, slot) = match chosen {
             Ok(chosen) => chosen,
             Err(e) => {
                 let hint = e
@@ -255,6 +271,25 @@ pub async fn run(
         let exit = remote::build(job, &mut input, replies).await;
         drop(slot);
         return exit;
+    }
+}
+
+/// The choice, tried again for up to [`SLOT_WAIT`] while only busy builders could take
+/// the build.
+async fn choose_waiting(
+    fleet: &[crate::fleet::MachineConfig],
+    ledger: &SlotLedger,
+    request: &offload_nix::hook::TryRequest,
+    estimate: f64,
+    overhead: f64,
+) -> Result<(choice::Verdict, Option<crate::slots::SlotLock>), crate::error::DriverError> {
+    let deadline = std::time::Instant::now() + SLOT_WAIT;
+    loop {
+        let chosen = choice::choose(fleet, ledger, request, estimate, overhead)?;
+        if chosen.0 != choice::Verdict::Postpone || std::time::Instant::now() >= deadline {
+            return Ok(chosen);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use offload_nix::derivation::Derivation;
 use offload_nix::hook::{BuildInputs, BuildInputsDecoder, LogLevel, TryRequest};
-use offload_nix::serve::BuildStatus;
+use offload_nix::serve::{BuildSettings, BuildStatus};
 use offload_nix::store_path::StorePath;
 use offload_nix::wire::{tokio_io::read_message, WireError};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
@@ -30,6 +31,70 @@ const UPLOAD_LOCK_LIMIT: Duration = Duration::from_secs(15 * 60);
 /// Where Nix reads the build log of a hook's build.
 const BUILD_LOG_FD: &str = "/proc/self/fd/4";
 
+/// One accepted build as it travels to whoever carries it out: this hook process, or
+/// the agent ([`crate::agent`]) with its warm sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildOrder {
+    pub drv_path: String,
+    /// The store Nix builds into, unless it is the default local one.
+    pub store: Option<String>,
+    pub builders_use_substitutes: bool,
+    pub max_silent_time: u64,
+    pub build_timeout: u64,
+    pub max_log_size: u64,
+    pub keep_failed: bool,
+    /// What Nix sent after the accept.
+    pub inputs: Vec<String>,
+    pub wanted_outputs: Vec<String>,
+}
+
+impl BuildOrder {
+    fn new(job: &Job<'_>, inputs: BuildInputs) -> BuildOrder {
+        let build = &job.settings.build;
+        BuildOrder {
+            drv_path: job.request.drv_path.clone(),
+            store: job.settings.store.clone(),
+            builders_use_substitutes: job.settings.builders_use_substitutes,
+            max_silent_time: build.max_silent_time,
+            build_timeout: build.build_timeout,
+            max_log_size: build.max_log_size,
+            keep_failed: build.keep_failed,
+            inputs: inputs.inputs,
+            wanted_outputs: inputs.wanted_outputs,
+        }
+    }
+
+    fn build_settings(&self) -> BuildSettings {
+        BuildSettings {
+            max_silent_time: self.max_silent_time,
+            build_timeout: self.build_timeout,
+            max_log_size: self.max_log_size,
+            keep_failed: self.keep_failed,
+            ..BuildSettings::default()
+        }
+    }
+}
+
+/// How a build carried out elsewhere (by the agent) failed, as the hook reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderFailure {
+    pub message: String,
+    /// Nix's build status code when the builder itself failed.
+    pub status: Option<u64>,
+}
+
+impl From<&HookError> for OrderFailure {
+    fn from(e: &HookError) -> OrderFailure {
+        OrderFailure {
+            message: describe(e),
+            status: match e {
+                HookError::Build { status, .. } => Some(status.code()),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// What the accepted build is.
 pub(super) struct Job<'a> {
     pub request: &'a TryRequest,
@@ -41,7 +106,7 @@ pub(super) struct Job<'a> {
 
 /// Why an accepted build did not end with its outputs here.
 #[derive(Debug, Error)]
-enum HookError {
+pub(crate) enum HookError {
     #[error("cannot read the inputs Nix sends after an accept")]
     Inputs(#[source] WireError),
     #[error(transparent)]
@@ -57,6 +122,8 @@ enum HookError {
     },
     #[error("{path} was built on '{machine}' but is not valid there")]
     OutputMissing { machine: String, path: String },
+    #[error("{}", .0.message)]
+    Agent(OrderFailure),
 }
 
 /// Carries out the build; every failure is told to Nix (an `@nix` error message) and
@@ -68,7 +135,10 @@ pub(super) async fn build(
 ) -> HookExit {
     let started = Instant::now();
     let result = match read_message(input, BuildInputsDecoder::default()).await {
-        Ok(inputs) => carry_out(&job, &inputs).await,
+        Ok(inputs) => {
+            let order = BuildOrder::new(&job, inputs);
+            by_agent_or_here(&job, &order, replies).await
+        }
         Err(e) => Err(HookError::Inputs(e)),
     };
     match result {
@@ -86,37 +156,84 @@ pub(super) async fn build(
             HookExit::Done
         }
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            if let HookError::Driver(d) = &e {
-                if let Some(hint) = d.hint() {
-                    msg.push_str(&format!("\nhint: {hint}"));
-                }
-            }
-            tell(replies, LogLevel::Error, &msg);
-            match e {
-                HookError::Build {
-                    status: BuildStatus::TimedOut,
-                    ..
-                } => HookExit::TimedOut,
-                HookError::Build {
-                    status: BuildStatus::PermanentFailure,
-                    ..
-                } => HookExit::PermanentFailure,
+            let failure = OrderFailure::from(&e);
+            tell(replies, LogLevel::Error, &failure.message);
+            match failure.status.map(BuildStatus::from_code) {
+                Some(BuildStatus::TimedOut) => HookExit::TimedOut,
+                Some(BuildStatus::PermanentFailure) => HookExit::PermanentFailure,
                 _ => HookExit::Failed,
             }
         }
     }
 }
 
-async fn carry_out(job: &Job<'_>, inputs: &BuildInputs) -> Result<(), HookError> {
-    let drv_path = &job.request.drv_path;
-    let store_root = job
-        .settings
+/// The error with its causes and the driver's hint, as one message for Nix.
+fn describe(e: &HookError) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    if let HookError::Driver(d) = e {
+        if let Some(hint) = d.hint() {
+            msg.push_str(&format!("\nhint: {hint}"));
+        }
+    }
+    msg
+}
+
+/// Hands the build to the agent when one listens (its sessions are warm: no ssh
+/// handshake), else carries it out in this process; says once in the log which.
+async fn by_agent_or_here(
+    job: &Job<'_>,
+    order: &BuildOrder,
+    replies: &mut impl Write,
+) -> Result<(), HookError> {
+    let socket = crate::agent::default_socket();
+    let mut log = BuildLog::open();
+    match crate::agent::AgentClient::connect(&socket).await {
+        Ok(client) => {
+            let done = client
+                .build(&job.machine.endpoint, order, &mut |line| log.line(line))
+                .await;
+            match done {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(failure)) => Err(HookError::Agent(failure)),
+                Err(e) => Err(HookError::Agent(OrderFailure {
+                    message: format!("the offload agent at {} failed: {e}", socket.display()),
+                    status: None,
+                })),
+            }
+        }
+        Err(e) => {
+            tracing::debug!("no agent: {e}");
+            tell(
+                replies,
+                LogLevel::Talkative,
+                &format!(
+                    "offload hook: no agent at {} ({e}); this build opens its own sessions \
+                     (`offload agent` keeps them open between builds)",
+                    socket.display()
+                ),
+            );
+            let mut remote = ServeConn::open(&job.machine.endpoint).await?;
+            carry_out(order, &mut remote, job.ledger, &mut |line| log.line(line)).await
+        }
+    }
+}
+
+/// Carries out `order` on the machine behind `remote` (a session the caller opened, or a
+/// warm one from the agent's pool): the inputs it lacks, the build with its log handed
+/// to `log`, the missing outputs back into the local store.
+pub(crate) async fn carry_out(
+    order: &BuildOrder,
+    remote: &mut ServeConn,
+    ledger: &SlotLedger,
+    log: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), HookError> {
+    let drv_path = &order.drv_path;
+    let store_root = order
         .store
         .as_deref()
         .filter(|s| s.starts_with('/'))
@@ -139,62 +256,58 @@ async fn carry_out(job: &Job<'_>, inputs: &BuildInputs) -> Result<(), HookError>
 
     // Nix holds the outputs' locks while the hook runs: the local import must not wait
     // for them (LocalStore reads NIX_HELD_LOCKS when it opens).
-    let mut local_endpoint = Endpoint::local("local", job.settings.store.clone());
+    let mut local_endpoint = Endpoint::local("local", order.store.clone());
     let held: Vec<&str> = outputs.iter().map(|(_, p)| p.as_str()).collect();
     local_endpoint
         .env
         .push(("NIX_HELD_LOCKS".into(), held.join(" ")));
-    let machine = &job.machine.endpoint.name;
-    // Both sessions start at once: the ssh handshake is most of a short build's cost.
-    let (mut local, mut remote) = tokio::try_join!(
-        ServeConn::open(&local_endpoint),
-        ServeConn::open(&job.machine.endpoint)
-    )?;
+    let machine = remote.machine().to_string();
+    let mut local = ServeConn::open(&local_endpoint).await?;
 
     {
-        let _upload = job.ledger.upload_lock(machine, UPLOAD_LOCK_LIMIT).await?;
-        let substitute = job.settings.builders_use_substitutes;
+        let _upload = ledger.upload_lock(&machine, UPLOAD_LOCK_LIMIT).await?;
+        let substitute = order.builders_use_substitutes;
         let present = remote
-            .query_valid_paths(&inputs.inputs, false, substitute)
+            .query_valid_paths(&order.inputs, false, substitute)
             .await?;
-        let missing: Vec<String> = inputs
+        let missing: Vec<String> = order
             .inputs
             .iter()
             .filter(|p| !present.contains(p))
             .cloned()
             .collect();
-        copy(&mut local, &mut remote, &missing).await?;
+        copy(&mut local, remote, &missing).await?;
     }
 
     // As Nix's hook does: with input derivations, the whole input closure goes as sources.
     let srcs = if drv.input_drvs.is_empty() {
         drv.input_srcs.iter().map(StorePath::to_absolute).collect()
     } else {
-        inputs.inputs.clone()
+        order.inputs.clone()
     };
     let basic = drv.to_basic(srcs);
-    let mut log = BuildLog::open();
+    let settings = order.build_settings();
     let (tx, mut rx) = mpsc::unbounded_channel();
     remote.set_log_sink(Some(tx));
     let result = {
-        let build = remote.build_derivation(drv_path, &basic, &job.settings.build);
+        let build = remote.build_derivation(drv_path, &basic, &settings);
         tokio::pin!(build);
         loop {
             tokio::select! {
                 r = &mut build => break r,
-                Some(line) = rx.recv() => log.line(&line),
+                Some(line) = rx.recv() => log(&line),
             }
         }
     };
     remote.set_log_sink(None);
     while let Ok(line) = rx.try_recv() {
-        log.line(&line);
+        log(&line);
     }
     let result = result?;
     if !result.status.is_success() {
         return Err(HookError::Build {
             drv: drv_path.clone(),
-            machine: machine.clone(),
+            machine,
             message: if result.error_msg.is_empty() {
                 format!("{:?}", result.status)
             } else {
@@ -206,9 +319,7 @@ async fn carry_out(job: &Job<'_>, inputs: &BuildInputs) -> Result<(), HookError>
 
     let wanted: Vec<String> = outputs
         .iter()
-        .filter(|(name, _)| {
-            inputs.wanted_outputs.is_empty() || inputs.wanted_outputs.contains(name)
-        })
+        .filter(|(name, _)| order.wanted_outputs.is_empty() || order.wanted_outputs.contains(name))
         .map(|(_, p)| p.clone())
         .collect();
     let valid_here = local.query_valid_paths(&wanted, false, false).await?;
@@ -216,9 +327,8 @@ async fn carry_out(job: &Job<'_>, inputs: &BuildInputs) -> Result<(), HookError>
         .into_iter()
         .filter(|p| !valid_here.contains(p))
         .collect();
-    copy(&mut remote, &mut local, &missing).await?;
+    copy(remote, &mut local, &missing).await?;
     let _ = local.close().await;
-    let _ = remote.close().await;
     Ok(())
 }
 

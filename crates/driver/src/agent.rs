@@ -1,0 +1,287 @@
+//! `offload agent`: a long-lived process that keeps serve sessions to the builders open,
+//! so that a build handed off by `offload hook` costs no ssh handshake and no process
+//! start on the far side. The hook still chooses the machine and holds its slot in the
+//! shared ledger ([`crate::slots`]); the agent carries the build out (inputs, the build,
+//! outputs back) on a warm session, streaming the log back to the hook.
+//!
+//! It listens on a Unix socket (mode 0600: only its own user, who is root when the
+//! nix-daemon runs the hooks) at [`default_socket`] or a path given to it. A stale
+//! socket (no process behind it) is replaced. The exchange is one JSON object per line:
+//! the hook sends `{"endpoint": …, "order": …}`; the agent answers with `{"log": LINE}`
+//! lines and ends with `{"done": null}` or `{"done": {"message": …, "status": …}}`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::hook::{carry_out, BuildOrder, OrderFailure};
+use crate::pool::Pool;
+use crate::slots::SlotLedger;
+use crate::transport::Endpoint;
+
+/// Where the agent listens unless told otherwise, and where the hook looks:
+/// `$OFFLOAD_AGENT_SOCKET`, else `agent.sock` in offload's state directory.
+pub fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("OFFLOAD_AGENT_SOCKET") {
+        return PathBuf::from(p);
+    }
+    crate::History::default_path()
+        .parent()
+        .map_or_else(|| PathBuf::from("agent.sock"), |d| d.join("agent.sock"))
+}
+
+/// The agent could not listen, or a client could not be served.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another offload agent already listens on {path}")]
+    Running { path: PathBuf },
+    #[error("talking to the agent at {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent at {path} sent something offload cannot read: {message}")]
+    Garbled { path: PathBuf, message: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Request {
+    endpoint: Endpoint,
+    order: BuildOrder,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Message {
+    Log(String),
+    Done(Option<OrderFailure>),
+}
+
+/// Warm sessions per machine, shared by every build the agent carries out.
+#[derive(Default)]
+struct Sessions {
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+}
+
+impl Sessions {
+    fn pool(&self, endpoint: &Endpoint) -> Arc<Pool> {
+        // The endpoint's full description is the key: the same host reached another way
+        // is another machine.
+        let key = serde_json::to_string(endpoint).unwrap_or_else(|_| endpoint.name.clone());
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(key)
+            .or_insert_with(|| Arc::new(Pool::new(endpoint.clone())))
+            .clone()
+    }
+}
+
+/// Listens on `socket` until `stop` completes; each connection is one build.
+pub async fn serve(
+    socket: &Path,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::Listen {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+    }
+    if socket.exists() {
+        if UnixStream::connect(socket).await.is_ok() {
+            return Err(AgentError::Running {
+                path: socket.to_path_buf(),
+            });
+        }
+        // Stale: its agent is gone.
+        let _ = std::fs::remove_file(socket);
+    }
+    let listener = UnixListener::bind(socket).map_err(|source| AgentError::Listen {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| AgentError::Listen {
+                path: socket.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    let sessions = Arc::new(Sessions::default());
+    let ledger = Arc::new(SlotLedger::from_env());
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let sessions = sessions.clone();
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, &sessions, &ledger).await {
+                tracing::warn!("{e}");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(socket);
+    let pools: Vec<Arc<Pool>> = sessions
+        .pools
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for pool in pools {
+        pool.close().await;
+    }
+    Ok(())
+}
+
+/// One build for one hook.
+async fn serve_one(
+    stream: UnixStream,
+    sessions: &Sessions,
+    ledger: &SlotLedger,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let request: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let failure = OrderFailure {
+                message: format!("the agent cannot read the request: {e}"),
+                status: None,
+            };
+            return send(&mut write, &Message::Done(Some(failure))).await;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let work = async {
+        let pool = sessions.pool(&request.endpoint);
+        let outcome = match pool.get().await {
+            Ok(mut remote) => {
+                let log_tx = tx.clone();
+                let mut log = move |l: &str| {
+                    let _ = log_tx.send(Message::Log(l.to_string()));
+                };
+                let result = carry_out(&request.order, &mut remote, ledger, &mut log).await;
+                // A session that failed mid-frame is never reused.
+                pool.put(remote);
+                result.map_err(|e| OrderFailure::from(&e))
+            }
+            Err(e) => Err(OrderFailure {
+                message: match e.hint() {
+                    Some(hint) => format!("{e}\nhint: {hint}"),
+                    None => e.to_string(),
+                },
+                status: None,
+            }),
+        };
+        let _ = tx.send(Message::Done(outcome.err()));
+    };
+    let forward = async {
+        while let Some(message) = rx.recv().await {
+            let done = matches!(message, Message::Done(_));
+            send(&mut write, &message).await?;
+            if done {
+                break;
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let ((), sent) = tokio::join!(work, forward);
+    sent
+}
+
+async fn send(
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    message: &Message,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    to.write_all(&line).await?;
+    to.flush().await
+}
+
+/// The hook's side: one connection to the agent.
+pub struct AgentClient {
+    path: PathBuf,
+    stream: UnixStream,
+}
+
+impl AgentClient {
+    /// Connects, or says why not (no agent running is the common case).
+    pub async fn connect(socket: &Path) -> Result<AgentClient, AgentError> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| AgentError::Io {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        Ok(AgentClient {
+            path: socket.to_path_buf(),
+            stream,
+        })
+    }
+
+    /// Has the agent carry out `order` on `endpoint`; log lines go to `log` as they
+    /// come. The outer error is the agent's own failure, the inner one the build's.
+    pub async fn build(
+        self,
+        endpoint: &Endpoint,
+        order: &BuildOrder,
+        log: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Result<(), OrderFailure>, AgentError> {
+        let io = |source| AgentError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let (read, mut write) = self.stream.into_split();
+        let request = Request {
+            endpoint: endpoint.clone(),
+            order: order.clone(),
+        };
+        let mut line = serde_json::to_vec(&request).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        write.write_all(&line).await.map_err(io)?;
+        let mut lines = BufReader::new(read).lines();
+        while let Some(line) = lines.next_line().await.map_err(io)? {
+            let message: Message =
+                serde_json::from_str(&line).map_err(|e| AgentError::Garbled {
+                    path: self.path.clone(),
+                    message: e.to_string(),
+                })?;
+            match message {
+                Message::Log(text) => log(&text),
+                Message::Done(None) => return Ok(Ok(())),
+                Message::Done(Some(failure)) => return Ok(Err(failure)),
+            }
+        }
+        Err(AgentError::Garbled {
+            path: self.path.clone(),
+            message: "it closed the connection before the build ended".into(),
+        })
+    }
+}
