@@ -59,7 +59,8 @@ impl Setup {
         s.script(
             "hook",
             &format!(
-                "export OFFLOAD_HISTORY={d}/history.sqlite OFFLOAD_SLOTS_DIR={d}/slots\nexec {} hook \"$@\"",
+                "export OFFLOAD_HISTORY={d}/history.sqlite OFFLOAD_SLOTS_DIR={d}/slots \
+                 OFFLOAD_AGENT_SOCKET={d}/agent.sock\nexec {} hook \"$@\"",
                 env!("CARGO_BIN_EXE_offload"),
                 d = s.path().display()
             ),
@@ -148,6 +149,75 @@ fn nix_build_hands_builds_to_offload_hook() {
         .trim_end_matches(".drv");
     let log = run_ok(nix_command("nix-store").args(["-l", remote_drv]));
     assert!(log.contains(&format!("building {name}")), "{log}");
+}
+
+#[test]
+fn with_the_agent_running_builds_reuse_its_sessions() {
+    if !require_nix() || !require_root() {
+        return;
+    }
+    let setup = Setup::new();
+    let d = setup.path().display().to_string();
+    // The builder's serve program notes every session it starts.
+    setup.script(
+        "nix-store-counting",
+        &format!(
+            "echo started >> {d}/sessions\nexec nix-store --option build-users-group '' \"$@\""
+        ),
+    );
+    let builder = format!(
+        "ssh://localhost?remote-store={d}/counted&remote-program={d}/nix-store-counting {} - 1 4",
+        nix_system()
+    );
+    let sessions =
+        || std::fs::read_to_string(setup.path().join("sessions")).map_or(0, |s| s.lines().count());
+    let socket = setup.path().join("agent.sock");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["agent", "--socket"])
+        .arg(&socket)
+        .env("OFFLOAD_SLOTS_DIR", setup.path().join("slots"))
+        .env("NIX_CONFIG", "substituters =")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let file = setup.write_graph("agent");
+    let out = setup.nix_build(&file, &builder, "0");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(remote_builds(&stderr).len(), 5, "{stderr}");
+    // Five builds, one session kept warm between them.
+    let with_agent = sessions();
+    assert_eq!(with_agent, 1, "{stderr}");
+
+    // A second agent on the same socket is refused while the first runs.
+    let second = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["agent", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2));
+    assert!(
+        text(&second.stderr).contains("already listens"),
+        "{}",
+        text(&second.stderr)
+    );
+
+    // Stopped, it removes its socket; the hook then opens a session per build.
+    run_ok(Command::new("kill").arg(agent.id().to_string()));
+    agent.wait().unwrap();
+    assert!(!socket.exists());
+    let file = setup.write_graph("no-agent");
+    let out = setup.nix_build(&file, &builder, "0");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(sessions() - with_agent, 5);
 }
 
 #[test]
