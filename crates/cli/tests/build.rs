@@ -6,6 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use offload_test_support::text;
 use offload_test_support::{nix_command, nix_system, require_nix, run_ok};
 
 struct Fleet {
@@ -112,10 +113,6 @@ impl Work {
             .trim()
             .to_string()
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn salt() -> String {

@@ -1,13 +1,10 @@
 //! offload's own config file, through the real binary: what `offload config` shows,
 //! groups in `--on`, and a bad file named with its key.
 
+use offload_test_support::text;
 use offload_test_support::{nix_system, require_nix};
 
 mod common;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[test]
 fn config_shows_each_setting_and_where_it_came_from() {

@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 
 use offload_test_support::daemon::TEST_USER;
 use offload_test_support::{nix_system, require_daemon_install, DaemonConfig, DaemonInstall};
+use offload_test_support::{salt, text};
 
 const NODES: usize = 24;
 
@@ -27,18 +28,6 @@ fn graph_expr(salt: &str) -> String {
            mids = builtins.genList (i: mk "mid${{toString i}}" [ (at leaves i) (at leaves (8 - 1 - i)) ]) 8;
            ups = builtins.genList (i: mk "up${{toString i}}" [ (at mids i) (at mids (i + 1)) ]) 7;
          in {{ top = mk "top" ups; }}"#
-    )
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn salt(tag: &str) -> String {
-    format!(
-        "{tag}-{:?}-{}",
-        std::time::SystemTime::now(),
-        std::process::id()
     )
 }
 

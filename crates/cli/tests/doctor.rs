@@ -3,13 +3,10 @@
 
 use std::path::Path;
 
+use offload_test_support::text;
 use offload_test_support::{nix_system, require_nix};
 
 mod common;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// A `remote-program` that runs `nix-store` without build users, after `before`.
 fn remote_program(dir: &Path, name: &str, before: &str) -> String {

@@ -12,10 +12,7 @@ use offload_test_support::{
     nix_command, nix_system, require_daemon_install, require_nix, require_root, run_ok,
     DaemonConfig,
 };
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use offload_test_support::{salt, text};
 
 /// Four leaves under a top, unique per `salt`.
 fn graph(salt: &str) -> String {
@@ -27,14 +24,6 @@ fn graph(salt: &str) -> String {
            }};
            leaves = builtins.genList (i: mk "leaf${{toString i}}" []) 4;
          in mk "top" leaves"#
-    )
-}
-
-fn salt(tag: &str) -> String {
-    format!(
-        "{tag}-{:?}-{}",
-        std::time::SystemTime::now(),
-        std::process::id()
     )
 }
 

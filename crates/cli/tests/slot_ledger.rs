@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use offload_test_support::text;
 use offload_test_support::{nix_system, require_nix, run_ok};
 
 /// The marker every build of these graphs runs.
@@ -164,10 +165,6 @@ fn owning_store(pid: u32, stores: &[PathBuf]) -> Option<PathBuf> {
         at = parent(at).filter(|&p| p > 1)?;
     }
     None
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use offload_test_support::text;
 use offload_test_support::{require_nix, require_sshd_fleet, NIX_CONFIG};
 
 mod common;
@@ -13,10 +14,6 @@ fn offload(args: &[&str], cwd: &Path, extra_env: &[(&str, &str)]) -> Output {
     let mut cmd = common::offload(cwd);
     cmd.args(args).envs(extra_env.iter().copied());
     cmd.output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// A leaf and a top that depends on it, salted so that no store has them yet.

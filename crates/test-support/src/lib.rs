@@ -111,6 +111,21 @@ pub fn nix_command(program: &str) -> Command {
     cmd
 }
 
+/// A command's output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A word no earlier run used (`tag`, the time, the process), for derivations that must
+/// be new to every store.
+pub fn salt(tag: &str) -> String {
+    format!(
+        "{tag}-{:?}-{}",
+        std::time::SystemTime::now(),
+        std::process::id()
+    )
+}
+
 /// Runs `cmd` and returns its stdout; panics with its stderr if it fails.
 pub fn run_ok(cmd: &mut Command) -> String {
     match run(cmd) {
