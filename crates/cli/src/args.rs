@@ -119,6 +119,22 @@ pub enum Command {
     /// runs the hooks (root, for a nix-daemon): by hand, or with the systemd unit in
     /// `contrib/offload-agent.service`. The socket is private to that user.
     Agent(AgentArgs),
+
+    /// List the machines a build would use: systems, features, slots, speed factor and
+    /// current load (slots held by builds of any offload or Nix hook on this machine).
+    ///
+    /// Takes the same machine options as `build`.
+    Machines(MachinesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MachinesArgs {
+    #[command(flatten)]
+    pub machines: MachineArgs,
+
+    /// JSON Lines on stdout, one object per machine (`"type": "machine"`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

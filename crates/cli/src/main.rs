@@ -10,6 +10,7 @@ mod copy;
 mod doctor;
 mod evaluate;
 mod hook;
+mod machines;
 mod output;
 mod render;
 mod simulate;
@@ -60,6 +61,12 @@ fn main() -> ExitCode {
             // configuration plays no part in it.
             Command::Hook(args) => hook::run(args).await,
             Command::Agent(args) => hook::agent(args).await.map(|()| 0),
+            Command::Machines(mut args) => {
+                config::load()
+                    .and_then(|loaded| loaded.expand_groups(&mut args.machines))
+                    .map_err(Failure::usage)?;
+                machines::run(args).await.map(|()| 0)
+            }
         }
     });
     match outcome {

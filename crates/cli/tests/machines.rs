@@ -1,0 +1,72 @@
+//! `offload machines`: the fleet as a build would use it, with the load the shared slot
+//! ledger shows (a slot held the way Nix's own hook holds one).
+
+use std::process::{Command, Stdio};
+
+use offload_test_support::{require_nix, text};
+
+mod common;
+
+#[test]
+fn lists_each_machine_with_its_slots_and_current_load() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let slots = work.path().join("slots");
+    std::fs::create_dir_all(&slots).unwrap();
+    let builders = "ssh://b1 x86_64-linux,aarch64-linux - 3 2 kvm big-parallel; ssh://b2 - - 2";
+    // Slot 0 of b1 held by another process, as Nix's hook or another run would.
+    let mut holder = Command::new("flock")
+        .arg(slots.join("ssh:__b1-0"))
+        .args(["sleep", "30"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !slots.join("ssh:__b1-0").exists() {
+        assert!(std::time::Instant::now() < deadline, "flock did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = common::offload(work.path())
+        .env("OFFLOAD_SLOTS_DIR", &slots)
+        .args(["machines", "--json", "--builders", builders])
+        .output()
+        .unwrap();
+    holder.kill().unwrap();
+    let _ = holder.wait();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["name"], "local");
+    assert_eq!(rows[1]["name"], "b1");
+    assert_eq!(rows[1]["slots"], 3);
+    assert_eq!(rows[1]["speed_factor"], 2.0);
+    assert_eq!(
+        rows[1]["systems"],
+        serde_json::json!(["x86_64-linux", "aarch64-linux"])
+    );
+    assert_eq!(
+        rows[1]["features"],
+        serde_json::json!(["kvm", "big-parallel(mandatory)"])
+    );
+    assert_eq!(rows[1]["busy_slots"], 1);
+    assert_eq!(rows[2]["busy_slots"], 0);
+
+    let table = common::offload(work.path())
+        .env("OFFLOAD_SLOTS_DIR", &slots)
+        .args(["machines", "--builders", builders])
+        .output()
+        .unwrap();
+    let shown = text(&table.stdout);
+    assert!(shown.starts_with("machine "), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("b2 ") && l.ends_with("0/2")),
+        "{shown}"
+    );
+}
