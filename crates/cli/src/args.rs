@@ -432,6 +432,12 @@ pub struct BuildArgs {
     /// building without that builder.
     #[arg(long)]
     pub no_local_fallback: bool,
+
+    /// JSON Lines on stdout, one event per line (`planned`, `build_started`,
+    /// `build_finished`, `build_failed`, `summary` with the output paths); nothing else
+    /// goes to stdout. The README lists the fields.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -6,9 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::build::{
-    self, BuildOptions, BuildReport, LogDestination, NodeResult, Reporter,
-};
+use offload_driver::build::{self, BuildOptions, BuildReport, LogDestination, NodeResult};
 use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::build_fleet;
 use offload_driver::nixconf::NixSettings;
@@ -22,34 +20,8 @@ use offload_sim::report::{chrome_trace, TraceEvent};
 
 use crate::args::BuildArgs;
 use crate::evaluate::evaluate;
+use crate::progress::Progress;
 use crate::Failure;
-
-struct Progress {
-    quiet: bool,
-    logs: bool,
-}
-
-impl Reporter for Progress {
-    fn build_started(&self, drv: &str, machine: &str) {
-        if !self.quiet {
-            eprintln!("building '{drv}' on '{machine}'...");
-        }
-    }
-
-    fn build_log(&self, drv: &str, _machine: &str, line: &str) {
-        if self.logs && !self.quiet {
-            eprintln!("{}> {line}", drv_name(drv));
-        }
-    }
-
-    fn build_finished(&self, _drv: &str, _machine: &str, _ok: bool, _seconds: f64) {}
-}
-
-fn drv_name(drv: &str) -> &str {
-    let base = drv.rsplit('/').next().unwrap_or(drv);
-    let name = base.get(33..).unwrap_or(base);
-    name.strip_suffix(".drv").unwrap_or(name)
-}
 
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     let settings = NixSettings::load()
@@ -183,10 +155,8 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         crate::access::check(&args, &mut machines).await?
     };
     options.logs = log_destination(&options.local_access, &history_path);
-    let reporter = Arc::new(Progress {
-        quiet,
-        logs: !args.no_build_output,
-    });
+    let reporter = Arc::new(Progress::new(quiet, !args.no_build_output, args.json));
+    reporter.planned(nodes.len(), &machines);
     let names: Vec<String> = nodes.iter().map(|n| n.drv_path.clone()).collect();
     let report = build::run(
         nodes,
@@ -194,7 +164,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         wanted,
         history.as_ref(),
         &options,
-        reporter,
+        reporter.clone(),
     )
     .await
     .map_err(Failure::work)?;
@@ -202,6 +172,8 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     if let Some(path) = &args.trace {
         write_trace(path, &names, &report)?;
     }
+    let wanted_links: Vec<String> = links.iter().map(|(_, p)| p.clone()).collect();
+    reporter.summary(&report, &names, &wanted_links);
     let failures: Vec<(usize, &NodeResult)> = report
         .results
         .iter()
@@ -278,7 +250,10 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         stdout.push_str(path);
         stdout.push('\n');
     }
-    crate::output::stdout(&stdout);
+    // With --json the summary carried the paths: stdout holds nothing but events.
+    if !args.json {
+        crate::output::stdout(&stdout);
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@ mod evaluate;
 mod hook;
 mod machines;
 mod output;
+mod progress;
 mod render;
 mod simulate;
 

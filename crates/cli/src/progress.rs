@@ -1,0 +1,127 @@
+//! What `offload build` shows while it runs: a line per build on stderr for people, or
+//! with `--json`, JSON Lines on stdout (and nothing else there), one object per event
+//! with a `type`:
+//!
+//! - `planned`: `derivations` to build, `machines` (`name`, `slots`, `speed_factor`);
+//! - `build_started`: `drv`, `machine`, `at_s` (seconds since the run began);
+//! - `build_finished` / `build_failed`: `drv`, `machine`, `at_s`, `seconds`;
+//! - `summary`: `ok`, `built`, `wall_s`, `lower_bound_s` (by the measured build times),
+//!   `builds_per_machine`, `outputs` (the requested output paths), and `failures`, each
+//!   with `drv`, `reason` and `log_tail`.
+
+use std::io::Write as _;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use offload_driver::build::{BuildReport, NodeResult, Reporter};
+use offload_driver::fleet::MachineConfig;
+use serde_json::{json, Value};
+
+/// The reporter the runner calls.
+pub struct Progress {
+    pub quiet: bool,
+    pub logs: bool,
+    pub json: bool,
+    started: Instant,
+    /// One writer at a time: lines from concurrent builds never interleave.
+    stdout: Mutex<()>,
+}
+
+impl Progress {
+    pub fn new(quiet: bool, logs: bool, json: bool) -> Progress {
+        Progress {
+            quiet,
+            logs,
+            json,
+            started: Instant::now(),
+            stdout: Mutex::new(()),
+        }
+    }
+
+    /// Writes one event, when events are asked for.
+    pub fn event(&self, event: Value) {
+        if !self.json {
+            return;
+        }
+        let _guard = self.stdout.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`| head`) is not an error worth stopping builds for.
+        let _ = writeln!(out, "{event}").and_then(|()| out.flush());
+    }
+
+    fn at(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// The `planned` event.
+    pub fn planned(&self, derivations: usize, machines: &[MachineConfig]) {
+        let machines: Vec<Value> = machines
+            .iter()
+            .map(|m| {
+                json!({"name": m.spec.name, "slots": m.spec.slots, "speed_factor": m.spec.speed})
+            })
+            .collect();
+        self.event(json!({"type": "planned", "derivations": derivations, "machines": machines}));
+    }
+
+    /// The `summary` event.
+    pub fn summary(&self, report: &BuildReport, drvs: &[String], outputs: &[String]) {
+        let failures: Vec<Value> = drvs
+            .iter()
+            .zip(&report.results)
+            .filter_map(|(drv, r)| match r {
+                NodeResult::Failed { failure, log_tail } => Some(json!({
+                    "drv": drv, "reason": failure, "log_tail": log_tail,
+                })),
+                NodeResult::Built { .. } => None,
+            })
+            .collect();
+        let per_machine: serde_json::Map<String, Value> = report
+            .builds_per_machine
+            .iter()
+            .map(|(m, n)| (m.clone(), json!(n)))
+            .collect();
+        self.event(json!({
+            "type": "summary",
+            "ok": report.all_built(),
+            "built": report.builds_per_machine.iter().map(|(_, n)| n).sum::<usize>(),
+            "wall_s": report.wall_seconds,
+            "lower_bound_s": report.measured_lower_bound,
+            "builds_per_machine": per_machine,
+            "outputs": if report.all_built() { outputs.to_vec() } else { Vec::new() },
+            "failures": failures,
+            "copy_back_error": report.copy_back_error.as_ref().map(|e| e.to_string()),
+        }));
+    }
+}
+
+impl Reporter for Progress {
+    fn build_started(&self, drv: &str, machine: &str) {
+        if !self.quiet {
+            eprintln!("building '{drv}' on '{machine}'...");
+        }
+        self.event(
+            json!({"type": "build_started", "drv": drv, "machine": machine, "at_s": self.at()}),
+        );
+    }
+
+    fn build_log(&self, drv: &str, _machine: &str, line: &str) {
+        if self.logs && !self.quiet {
+            eprintln!("{}> {line}", drv_name(drv));
+        }
+    }
+
+    fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64) {
+        let kind = if ok { "build_finished" } else { "build_failed" };
+        self.event(json!({
+            "type": kind, "drv": drv, "machine": machine, "at_s": self.at(), "seconds": seconds,
+        }));
+    }
+}
+
+/// The derivation's name, for log prefixes.
+fn drv_name(drv: &str) -> &str {
+    let base = drv.rsplit('/').next().unwrap_or(drv);
+    let name = base.get(33..).unwrap_or(base);
+    name.strip_suffix(".drv").unwrap_or(name)
+}

@@ -1,0 +1,86 @@
+//! `offload build --json`: stdout holds only JSON Lines, one event per line, each with a
+//! `type`; the summary carries the output paths and structured failures.
+
+use offload_test_support::{require_nix, salt, text};
+
+mod common;
+
+/// Two independent leaves, one failing after printing lines, and a top over the good one.
+fn graph(salt: &str) -> String {
+    format!(
+        r#"let mk = name: deps: script: derivation {{
+             inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+             PATH = "/bin:/usr/bin"; salt = "{salt}"; args = [ "-c" script ];
+           }};
+           good = mk "good" [] "mkdir $out";
+           bad = mk "bad" [] "echo first; echo second; exit 3";
+         in {{ top = mk "top" [ good ] "mkdir $out"; inherit bad; }}"#
+    )
+}
+
+#[test]
+fn events_are_json_lines_and_the_summary_carries_outputs_and_failures() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("graph.nix");
+    std::fs::write(&file, graph(&salt("json"))).unwrap();
+    let out = common::offload(work.path())
+        .arg("build")
+        .arg(&file)
+        .args([
+            "-A",
+            "top",
+            "-A",
+            "bad",
+            "--json",
+            "-k",
+            "-j2",
+            "--no-out-link",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types.first(), Some(&"planned"));
+    assert_eq!(types.last(), Some(&"summary"));
+    assert_eq!(events[0]["derivations"], 3);
+    let count = |t: &str| types.iter().filter(|x| **x == t).count();
+    assert_eq!(count("build_started"), 3);
+    assert_eq!(count("build_finished"), 2);
+    assert_eq!(count("build_failed"), 1);
+    let summary = events.last().unwrap();
+    assert_eq!(summary["ok"], false);
+    assert_eq!(summary["built"], 2);
+    let failures = summary["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0]["drv"].as_str().unwrap().ends_with("-bad.drv"));
+    assert!(failures[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("exit code 3"));
+    assert_eq!(
+        failures[0]["log_tail"],
+        serde_json::json!(["first", "second"])
+    );
+
+    // Everything built: the summary lists the output paths, and stdout has nothing else.
+    let out = common::offload(work.path())
+        .arg("build")
+        .arg(&file)
+        .args(["-A", "top", "--json", "--no-out-link"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["ok"], true);
+    let outputs = last["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 1);
+    assert!(outputs[0].as_str().unwrap().ends_with("-top"));
+}
