@@ -22,6 +22,7 @@ declare -A WANT=(
   [python3]=/usr/bin/python3
   [time]=/usr/bin/time
   [git]=/usr/bin/git
+  [tmux]=/usr/bin/tmux
 )
 missing=()
 for pkg in "${!WANT[@]}"; do

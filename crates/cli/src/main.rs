@@ -10,6 +10,7 @@ mod copy;
 mod doctor;
 mod evaluate;
 mod hook;
+mod live;
 mod machines;
 mod output;
 mod progress;

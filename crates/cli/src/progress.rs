@@ -1,5 +1,5 @@
-//! What `offload build` shows while it runs: a line per build on stderr for people, or
-//! with `--json`, JSON Lines on stdout (and nothing else there), one object per event
+//! What `offload build` shows while it runs: on a terminal, a live view of the fleet
+//! (`live.rs`); elsewhere a calm line per build on stderr; or with `--json`, JSON Lines on stdout (and nothing else there), one object per event
 //! with a `type`:
 //!
 //! - `planned`: `derivations` to build, `machines` (`name`, `slots`, `speed_factor`);
@@ -9,13 +9,15 @@
 //!   `builds_per_machine`, `outputs` (the requested output paths), and `failures`, each
 //!   with `drv`, `reason` and `log_tail`.
 
-use std::io::Write as _;
-use std::sync::Mutex;
+use std::io::{IsTerminal as _, Write as _};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use offload_driver::build::{BuildReport, NodeResult, Reporter};
 use offload_driver::fleet::MachineConfig;
 use serde_json::{json, Value};
+
+use crate::live::Live;
 
 /// The reporter the runner calls.
 pub struct Progress {
@@ -25,16 +27,23 @@ pub struct Progress {
     started: Instant,
     /// One writer at a time: lines from concurrent builds never interleave.
     stdout: Mutex<()>,
+    /// Whether to draw the live view, and the view once the plan is known.
+    want_live: bool,
+    live: OnceLock<Arc<Live>>,
 }
 
 impl Progress {
     pub fn new(quiet: bool, logs: bool, json: bool) -> Progress {
+        let terminal =
+            std::io::stderr().is_terminal() && std::env::var_os("TERM").is_none_or(|t| t != "dumb");
         Progress {
             quiet,
             logs,
             json,
             started: Instant::now(),
             stdout: Mutex::new(()),
+            want_live: terminal && !quiet && !json,
+            live: OnceLock::new(),
         }
     }
 
@@ -53,8 +62,12 @@ impl Progress {
         self.started.elapsed().as_secs_f64()
     }
 
-    /// The `planned` event.
+    /// The `planned` event; on a terminal, the live view starts.
     pub fn planned(&self, derivations: usize, machines: &[MachineConfig]) {
+        if self.want_live && derivations > 0 {
+            let names: Vec<String> = machines.iter().map(|m| m.spec.name.clone()).collect();
+            let _ = self.live.set(Live::new(derivations, &names));
+        }
         let machines: Vec<Value> = machines
             .iter()
             .map(|m| {
@@ -64,8 +77,11 @@ impl Progress {
         self.event(json!({"type": "planned", "derivations": derivations, "machines": machines}));
     }
 
-    /// The `summary` event.
+    /// The `summary` event; the live view is taken off the screen first.
     pub fn summary(&self, report: &BuildReport, drvs: &[String], outputs: &[String]) {
+        if let Some(live) = self.live.get() {
+            live.finish();
+        }
         let failures: Vec<Value> = drvs
             .iter()
             .zip(&report.results)
@@ -97,7 +113,9 @@ impl Progress {
 
 impl Reporter for Progress {
     fn build_started(&self, drv: &str, machine: &str) {
-        if !self.quiet {
+        if let Some(live) = self.live.get() {
+            live.started(drv_name(drv), machine);
+        } else if !self.quiet {
             eprintln!("building '{drv}' on '{machine}'...");
         }
         self.event(
@@ -107,11 +125,17 @@ impl Reporter for Progress {
 
     fn build_log(&self, drv: &str, _machine: &str, line: &str) {
         if self.logs && !self.quiet {
-            eprintln!("{}> {line}", drv_name(drv));
+            match self.live.get() {
+                Some(live) => live.println(&format!("{}> {line}", drv_name(drv))),
+                None => eprintln!("{}> {line}", drv_name(drv)),
+            }
         }
     }
 
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64) {
+        if let Some(live) = self.live.get() {
+            live.finished(drv_name(drv), machine, ok);
+        }
         let kind = if ok { "build_finished" } else { "build_failed" };
         self.event(json!({
             "type": kind, "drv": drv, "machine": machine, "at_s": self.at(), "seconds": seconds,

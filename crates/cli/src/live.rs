@@ -1,0 +1,163 @@
+//! The live view of `offload build` on a terminal: a line with the overall counts, then
+//! a line per machine with its running builds and how long each has run; build logs
+//! scroll above them. Redrawn a few times a second by indicatif; where stderr is not a
+//! terminal the calm line-per-event output is used instead (see `progress.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How often elapsed times are redrawn.
+const TICK: Duration = Duration::from_millis(250);
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    done: usize,
+    failed: usize,
+    /// Per machine (in fleet order), its running builds: name and start.
+    running: BTreeMap<usize, Vec<(String, Instant)>>,
+    machine_index: BTreeMap<String, usize>,
+}
+
+impl Counts {
+    fn start(&mut self, name: &str, machine: &str) {
+        // A build lost with its machine starts again elsewhere: it runs in one place.
+        for list in self.running.values_mut() {
+            list.retain(|(n, _)| n != name);
+        }
+        if let Some(&i) = self.machine_index.get(machine) {
+            self.running
+                .entry(i)
+                .or_default()
+                .push((name.to_string(), Instant::now()));
+        }
+    }
+
+    fn finish(&mut self, name: &str, machine: &str, ok: bool) {
+        if let Some(&i) = self.machine_index.get(machine) {
+            if let Some(list) = self.running.get_mut(&i) {
+                if let Some(pos) = list.iter().position(|(n, _)| n == name) {
+                    list.remove(pos);
+                }
+            }
+        }
+        if ok {
+            self.done += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
+/// The bars and the thread that redraws them.
+pub struct Live {
+    multi: MultiProgress,
+    header: ProgressBar,
+    machines: Vec<(String, ProgressBar)>,
+    counts: Arc<Mutex<Counts>>,
+    started: Instant,
+    stop: Arc<AtomicBool>,
+}
+
+impl Live {
+    /// A view for `total` builds on `machines` (their names, in fleet order).
+    pub fn new(total: usize, machines: &[String]) -> Arc<Live> {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
+        let style =
+            ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+        let header = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
+        let width = machines.iter().map(String::len).max().unwrap_or(0);
+        let bars = machines
+            .iter()
+            .map(|m| {
+                let bar = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
+                (format!("{m:<width$}"), bar)
+            })
+            .collect();
+        let counts = Counts {
+            total,
+            machine_index: machines
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (m.clone(), i))
+                .collect(),
+            ..Counts::default()
+        };
+        let live = Arc::new(Live {
+            multi,
+            header,
+            machines: bars,
+            counts: Arc::new(Mutex::new(counts)),
+            started: Instant::now(),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        let ticker = live.clone();
+        std::thread::spawn(move || {
+            while !ticker.stop.load(Ordering::Relaxed) {
+                ticker.redraw();
+                std::thread::sleep(TICK);
+            }
+        });
+        live.redraw();
+        live
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn started(&self, name: &str, machine: &str) {
+        self.update(|c| c.start(name, machine));
+    }
+
+    pub fn finished(&self, name: &str, machine: &str, ok: bool) {
+        self.update(|c| c.finish(name, machine, ok));
+    }
+
+    /// Changes the counts, then redraws at once: the view never lags an event.
+    fn update(&self, change: impl FnOnce(&mut Counts)) {
+        change(&mut self.counts());
+        self.redraw();
+    }
+
+    /// A line above the bars (a build's log).
+    pub fn println(&self, line: &str) {
+        let _ = self.multi.println(line);
+    }
+
+    fn redraw(&self) {
+        let c = self.counts();
+        let running: usize = c.running.values().map(Vec::len).sum();
+        let queued = c.total.saturating_sub(c.done + c.failed + running);
+        self.header.set_message(format!(
+            "{}/{} built, {running} running, {queued} queued, {} failed  [{:.0} s]",
+            c.done,
+            c.total,
+            c.failed,
+            self.started.elapsed().as_secs_f64()
+        ));
+        for (i, (name, bar)) in self.machines.iter().enumerate() {
+            let builds = c.running.get(&i).map(Vec::as_slice).unwrap_or_default();
+            let text = if builds.is_empty() {
+                "idle".to_string()
+            } else {
+                let each: Vec<String> = builds
+                    .iter()
+                    .map(|(n, t)| format!("{n} {:.1} s", t.elapsed().as_secs_f64()))
+                    .collect();
+                format!("{} running: {}", builds.len(), each.join(", "))
+            };
+            bar.set_message(format!("  {name}  {text}"));
+        }
+    }
+
+    /// Stops redrawing and takes the bars off the screen.
+    pub fn finish(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.multi.clear();
+    }
+}
