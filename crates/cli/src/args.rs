@@ -143,6 +143,11 @@ pub struct AgentArgs {
     /// state directory, where `offload hook` looks].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+
+    /// Let members of this group hand builds to the agent too (socket mode 0660);
+    /// without it only the agent's own user may.
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -54,8 +54,8 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
             _ = term.recv() => {}
         }
     };
-    eprintln!("offload agent: listening on {}", socket.display());
-    offload_driver::agent::serve(&socket, stop)
+    let listening = |at: &Path| eprintln!("offload agent: listening on {}", at.display());
+    offload_driver::agent::serve(&socket, args.group.as_deref(), listening, stop)
         .await
         .map_err(Failure::usage)
 }

@@ -210,6 +210,50 @@ fn with_the_agent_running_builds_reuse_its_sessions() {
 }
 
 #[test]
+fn the_agent_socket_admits_a_group_or_only_its_user() {
+    if !require_root() {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let setup = Setup::new();
+    run_ok(Command::new("groupadd").args(["-f", "offload-test-builders"]));
+    for (group, mode) in [(Some("offload-test-builders"), 0o660), (None, 0o600)] {
+        let socket = setup.path().join("agent.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_offload"));
+        cmd.args(["agent", "--socket"]).arg(&socket);
+        if let Some(g) = group {
+            cmd.args(["--group", g]);
+        }
+        let mut agent = cmd.stderr(Stdio::null()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Listening starts after the mode is set: give it the moment it needs.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let meta = std::fs::metadata(&socket).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode);
+        if group.is_some() {
+            let gid = run_ok(Command::new("getent").args(["group", "offload-test-builders"]));
+            assert_eq!(meta.gid().to_string(), gid.split(':').nth(2).unwrap());
+        }
+        run_ok(Command::new("kill").arg(agent.id().to_string()));
+        agent.wait().unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["agent", "--group", "no-such-offload-group", "--socket"])
+        .arg(setup.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("groupadd no-such-offload-group"));
+}
+
+#[test]
 fn nix_build_keeps_quick_builds_on_an_idle_local_machine() {
     if !require_nix() || !require_root() {
         return;

@@ -4,8 +4,9 @@
 //! shared ledger ([`crate::slots`]); the agent carries the build out (inputs, the build,
 //! outputs back) on a warm session, streaming the log back to the hook.
 //!
-//! It listens on a Unix socket (mode 0600: only its own user, who is root when the
-//! nix-daemon runs the hooks) at [`default_socket`] or a path given to it. A stale
+//! It listens on a Unix socket at [`default_socket`] or a path given to it, mode 0600
+//! (only its own user, who is root when the nix-daemon runs the hooks), or 0660 with a
+//! group whose members may hand it builds. A stale
 //! socket (no process behind it) is replaced. The exchange is one JSON object per line:
 //! the hook sends `{"endpoint": …, "order": …}`; the agent answers with `{"log": LINE}`
 //! lines and ends with `{"done": null}` or `{"done": {"message": …, "status": …}}`.
@@ -89,9 +90,13 @@ impl Sessions {
     }
 }
 
-/// Listens on `socket` until `stop` completes; each connection is one build.
+/// Listens on `socket` until `stop` completes; each connection is one build. With
+/// `group`, members of that group may connect too. `listening` is called once the
+/// socket is ready.
 pub async fn serve(
     socket: &Path,
+    group: Option<&str>,
+    listening: impl FnOnce(&Path),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     if let Some(dir) = socket.parent() {
@@ -113,15 +118,25 @@ pub async fn serve(
         path: socket.to_path_buf(),
         source,
     })?;
+    let listen_err = |source| AgentError::Listen {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mode = match group {
+        Some(name) => {
+            let gid = group_id(name).map_err(listen_err)?;
+            rustix::fs::chown(socket, None, Some(rustix::fs::Gid::from_raw(gid)))
+                .map_err(|e| listen_err(e.into()))?;
+            0o660
+        }
+        None => 0o600,
+    };
     {
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| AgentError::Listen {
-                path: socket.to_path_buf(),
-                source,
-            },
-        )?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+            .map_err(listen_err)?;
     }
+    listening(socket);
     let sessions = Arc::new(Sessions::default());
     let ledger = Arc::new(SlotLedger::from_env());
     tokio::pin!(stop);
@@ -156,6 +171,27 @@ pub async fn serve(
         pool.close().await;
     }
     Ok(())
+}
+
+/// The id of group `name`, from /etc/group.
+fn group_id(name: &str) -> std::io::Result<u32> {
+    let groups = std::fs::read_to_string("/etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split(':');
+            let group = fields.next()?;
+            let gid = fields.nth(1)?.parse().ok()?;
+            Some((group, gid))
+        })
+        .find(|(group, _)| *group == name)
+        .map(|(_, gid)| gid)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no group {name:?} in /etc/group (create it with `groupadd {name}`)"),
+            )
+        })
 }
 
 /// One build for one hook.
