@@ -23,6 +23,7 @@ declare -A WANT=(
   [time]=/usr/bin/time
   [git]=/usr/bin/git
   [tmux]=/usr/bin/tmux
+  [chromium]=/usr/bin/chromium
 )
 missing=()
 for pkg in "${!WANT[@]}"; do

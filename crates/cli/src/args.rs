@@ -387,6 +387,11 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
 
+    /// Write a report of the run as one self-contained HTML file: builds per machine
+    /// slot on a time line with the critical path, utilisation, the ten longest builds.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+
     /// Seconds of silence before a build is killed (0: no limit).
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub max_silent_time: u64,

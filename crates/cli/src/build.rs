@@ -21,6 +21,7 @@ use offload_sim::report::{chrome_trace, TraceEvent};
 use crate::args::BuildArgs;
 use crate::evaluate::evaluate;
 use crate::progress::Progress;
+use crate::report::{critical_chain, html, ReportBuild, ReportMachine, RunReport};
 use crate::Failure;
 
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
@@ -158,6 +159,14 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     let reporter = Arc::new(Progress::new(quiet, !args.no_build_output, args.json));
     reporter.planned(nodes.len(), &machines);
     let names: Vec<String> = nodes.iter().map(|n| n.drv_path.clone()).collect();
+    let deps: Vec<Vec<usize>> = nodes.iter().map(|n| n.deps.clone()).collect();
+    let fleet: Vec<ReportMachine> = machines
+        .iter()
+        .map(|m| ReportMachine {
+            name: m.spec.name.clone(),
+            slots: m.spec.slots,
+        })
+        .collect();
     let report = build::run(
         nodes,
         machines,
@@ -171,6 +180,9 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
 
     if let Some(path) = &args.trace {
         write_trace(path, &names, &report)?;
+    }
+    if let Some(path) = &args.report {
+        write_report(path, &names, &deps, fleet, &report)?;
     }
     let wanted_links: Vec<String> = links.iter().map(|(_, p)| p.clone()).collect();
     reporter.summary(&report, &names, &wanted_links);
@@ -367,4 +379,54 @@ fn writable(dir: &Path) -> bool {
     let ok = std::fs::write(&probe, b"").is_ok();
     let _ = std::fs::remove_file(&probe);
     ok
+}
+
+/// The run as an HTML report ([`crate::report`]).
+fn write_report(
+    path: &Path,
+    drv_paths: &[String],
+    deps: &[Vec<usize>],
+    machines: Vec<ReportMachine>,
+    report: &BuildReport,
+) -> Result<(), Failure> {
+    let end: Vec<Option<f64>> = report
+        .results
+        .iter()
+        .map(|r| match r {
+            NodeResult::Built {
+                started, seconds, ..
+            } => Some(started + seconds),
+            NodeResult::Failed { .. } => None,
+        })
+        .collect();
+    let chain = critical_chain(deps, &end);
+    let builds = drv_paths
+        .iter()
+        .zip(&report.results)
+        .enumerate()
+        .filter_map(|(i, (drv, r))| match r {
+            NodeResult::Built {
+                machine,
+                started,
+                seconds,
+            } => Some(ReportBuild {
+                name: crate::progress::drv_name(drv).to_string(),
+                machine: machine.clone(),
+                start: *started,
+                seconds: *seconds,
+                critical: chain.contains(&i),
+            }),
+            NodeResult::Failed { .. } => None,
+        })
+        .collect();
+    let run = RunReport {
+        title: format!("offload build: {} derivations", drv_paths.len()),
+        wall_seconds: report.wall_seconds,
+        lower_bound: report.measured_lower_bound,
+        machines,
+        builds,
+    };
+    std::fs::write(path, html(&run))
+        .with_context(|| format!("writing the report to {}", path.display()))
+        .map_err(Failure::usage)
 }

@@ -15,6 +15,7 @@ mod machines;
 mod output;
 mod progress;
 mod render;
+mod report;
 mod simulate;
 
 use std::process::ExitCode;

@@ -143,8 +143,9 @@ impl Reporter for Progress {
     }
 }
 
-/// The derivation's name, for log prefixes.
-fn drv_name(drv: &str) -> &str {
+/// The derivation's name (its `.drv` base name without hash and suffix), for log
+/// prefixes and reports.
+pub fn drv_name(drv: &str) -> &str {
     let base = drv.rsplit('/').next().unwrap_or(drv);
     let name = base.get(33..).unwrap_or(base);
     name.strip_suffix(".drv").unwrap_or(name)
