@@ -56,7 +56,7 @@ pub enum Command {
     ///   offload build -E '(import ./. {}).hello' --on builder1,builder2
     ///   offload build /nix/store/…-hello.drv --builders 'ssh://b1 x86_64-linux - 8 2' -j4
     #[command(verbatim_doc_comment)]
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
 
     /// Simulate a build graph on a fleet: offload against models of Nix and Hydra.
     ///

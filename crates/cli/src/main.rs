@@ -46,7 +46,7 @@ fn main() -> ExitCode {
                 config::load()
                     .and_then(|loaded| loaded.apply_to_build(&mut args))
                     .map_err(Failure::usage)?;
-                build::run(args, quiet).await.map(|()| 0)
+                build::run(*args, quiet).await.map(|()| 0)
             }
             Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
             Command::Doctor(mut args) => {
