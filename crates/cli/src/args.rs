@@ -443,6 +443,12 @@ pub struct BuildArgs {
     #[arg(long)]
     pub no_local_fallback: bool,
 
+    /// Let the nix-daemon build (as `nix-build` would), handing derivations to its
+    /// `offload hook`; `--on`/`--exclude` reach that hook through `offload agent`, since
+    /// the daemon passes an untrusted client's `builders` on to nobody.
+    #[arg(long, conflicts_with_all = ["json", "check", "repair"])]
+    pub through_daemon: bool,
+
     /// JSON Lines on stdout, one event per line (`planned`, `build_started`,
     /// `build_finished`, `build_failed`, `summary` with the output paths); nothing else
     /// goes to stdout. The README lists the fields.

@@ -28,7 +28,13 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
-    let machines = build_fleet(&args.machines.choice(), &settings).map_err(Failure::usage)?;
+    let mut choice = args.machines.choice();
+    if args.through_daemon {
+        // The hosts are the daemon's builders, which the hook checks them against.
+        choice.on.clear();
+        choice.exclude.clear();
+    }
+    let machines = build_fleet(&choice, &settings).map_err(Failure::usage)?;
     let mut options = BuildOptions {
         keep_going: args.keep_going,
         builders_use_substitutes: args.builders_use_substitutes
@@ -142,6 +148,10 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         }
     }
 
+    if args.through_daemon {
+        through_daemon(&args, &plan.will_build, &root_args).await?;
+        return link_results(&args, &links);
+    }
     if args.fetch_all_outputs {
         wanted.extend(
             nodes
@@ -254,8 +264,13 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     if args.repair {
         repair(&root_args).map_err(Failure::work)?;
     }
+    link_results(&args, &links)
+}
+
+/// The result links (GC roots) and the output paths on stdout, as nix-build does.
+fn link_results(args: &BuildArgs, links: &[(String, String)]) -> Result<(), Failure> {
     let mut stdout = String::new();
-    for (link, path) in &links {
+    for (link, path) in links {
         if !args.no_out_link {
             add_root(link, path).map_err(Failure::work)?;
         }
@@ -267,6 +282,42 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         crate::output::stdout(&stdout);
     }
     Ok(())
+}
+
+/// `--through-daemon`: the nix-daemon builds, handing derivations to its `offload
+/// hook`; the user's choice of hosts reaches the hook through the agent, since the
+/// daemon passes an untrusted client's `builders` on to nobody.
+async fn through_daemon(
+    args: &BuildArgs,
+    will_build: &[String],
+    roots: &[String],
+) -> Result<(), Failure> {
+    let socket = offload_driver::agent::default_socket();
+    let choice = offload_driver::agent::HostChoice {
+        on: args.machines.on.clone(),
+        exclude: args.machines.exclude.clone(),
+    };
+    if choice != offload_driver::agent::HostChoice::default() {
+        let client = offload_driver::agent::AgentClient::connect(&socket)
+            .await
+            .map_err(|e| {
+                Failure::usage(anyhow!(e).context(
+                    "--through-daemon with --on/--exclude tells the nix-daemon's offload hook \
+                     your hosts through the offload agent: run `offload agent --group GROUP` as \
+                     root (the daemon's hook finds it at the same socket, OFFLOAD_AGENT_SOCKET) \
+                     and be in GROUP",
+                ))
+            })?;
+        client
+            .prefer(will_build.to_vec(), choice)
+            .await
+            .map_err(Failure::work)?;
+    }
+    tokio::task::block_in_place(|| {
+        process::run_showing_progress(Command::new("nix-store").arg("--realise").args(roots))
+    })
+    .context("the nix-daemon's build failed")
+    .map_err(Failure::work)
 }
 
 /// `--repair`: Nix repairs the closures of `drvs` in the local store, rebuilding

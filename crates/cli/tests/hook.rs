@@ -399,3 +399,89 @@ fn which(program: &str) -> PathBuf {
     let out = run_ok(Command::new("sh").args(["-c", &format!("command -v {program}")]));
     PathBuf::from(out.trim())
 }
+
+#[test]
+fn an_ordinary_user_chooses_hosts_for_a_daemon_build_through_the_agent() {
+    let setup = Setup::new();
+    let config = DaemonConfig {
+        trust_user: false,
+        extra_conf: vec![
+            format!("build-hook = {}", setup.path().join("hook").display()),
+            format!("builders = {}", setup.builders(4)),
+        ],
+        ..DaemonConfig::default()
+    };
+    let Some(install) = require_daemon_install(&config) else {
+        return;
+    };
+    // The agent runs as root, as the daemon's hooks do; the user may talk to it.
+    run_ok(Command::new("groupadd").args(["-f", "offload-test-builders"]));
+    run_ok(Command::new("usermod").args(["-aG", "offload-test-builders", TEST_USER]));
+    let socket = setup.path().join("agent.sock");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["agent", "--group", "offload-test-builders", "--socket"])
+        .arg(&socket)
+        .env("OFFLOAD_SLOTS_DIR", setup.path().join("slots"))
+        .env("NIX_CONFIG", "substituters =")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+
+    let work = install.user_dir("work");
+    let file = work.join("graph.nix");
+    std::fs::write(&file, graph(&salt("chosen"))).unwrap();
+    run_ok(Command::new("chown").arg(TEST_USER).arg(&file));
+    let out = install
+        .command(Path::new(env!("CARGO_BIN_EXE_offload")), &work)
+        .env("OFFLOAD_AGENT_SOCKET", &socket)
+        .env("OFFLOAD_CONFIG", work.join("none.toml"))
+        .env("OFFLOAD_HISTORY", work.join("history.sqlite"))
+        .arg("build")
+        .arg(&file)
+        .args(["--through-daemon", "--on"])
+        .arg(setup.uri(2))
+        .output()
+        .unwrap();
+    run_ok(Command::new("kill").arg(agent.id().to_string()));
+    agent.wait().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Every build went to the chosen machine, none to the other.
+    let top = text(&out.stdout).trim().to_string();
+    assert!(top.ends_with("-top"), "{top}");
+    let valid_on = |i: usize| {
+        nix_command("nix-store")
+            .args(["--store"])
+            .arg(setup.path().join(format!("m{i}")))
+            .args(["--check-validity", &top])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(valid_on(2), "not built on the chosen machine:\n{stderr}");
+    assert!(!valid_on(1), "built on a machine not chosen:\n{stderr}");
+    // Nor any of the leaves: the other machine's store holds none of the graph.
+    let other = std::fs::read_dir(setup.path().join("m1/nix/store"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().contains("-leaf"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(other, 0, "leaves built on a machine not chosen:\n{stderr}");
+    // The result link is the user's, the output in the daemon's store.
+    assert_eq!(
+        std::fs::read_link(work.join("result")).unwrap(),
+        Path::new(&top)
+    );
+    run_ok(nix_command("nix-store").args(["--verify-path", &top]));
+}

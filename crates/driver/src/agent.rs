@@ -59,9 +59,28 @@ pub enum AgentError {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Request {
-    endpoint: Endpoint,
-    order: BuildOrder,
+#[serde(rename_all = "snake_case")]
+enum Request {
+    /// From the hook: carry out this build.
+    Build {
+        endpoint: Endpoint,
+        order: BuildOrder,
+    },
+    /// From a user (`offload build --through-daemon`): these derivations go only to
+    /// the machines chosen.
+    Prefer {
+        drvs: Vec<String>,
+        choice: HostChoice,
+    },
+    /// From the hook: the machines chosen for this derivation, if any.
+    Ask { drv: String },
+}
+
+/// A user's choice of hosts for some derivations, as `--on` and `--exclude` take them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostChoice {
+    pub on: Vec<String>,
+    pub exclude: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -69,6 +88,32 @@ struct Request {
 enum Message {
     Log(String),
     Done(Option<OrderFailure>),
+    Choice(Option<HostChoice>),
+}
+
+/// How long a user's choice of hosts is kept: a build started later is another one.
+const CHOICE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Users' choices of hosts, per derivation.
+#[derive(Default)]
+struct Choices(Mutex<HashMap<String, (HostChoice, std::time::Instant)>>);
+
+impl Choices {
+    fn set(&self, drvs: Vec<String>, choice: &HostChoice) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (_, at)| at.elapsed() < CHOICE_LIFETIME);
+        let now = std::time::Instant::now();
+        for drv in drvs {
+            map.insert(drv, (choice.clone(), now));
+        }
+    }
+
+    fn get(&self, drv: &str) -> Option<HostChoice> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(drv)
+            .filter(|(_, at)| at.elapsed() < CHOICE_LIFETIME)
+            .map(|(c, _)| c.clone())
+    }
 }
 
 /// Warm sessions per machine, shared by every build the agent carries out.
@@ -138,6 +183,7 @@ pub async fn serve(
     }
     listening(socket);
     let sessions = Arc::new(Sessions::default());
+    let choices = Arc::new(Choices::default());
     let ledger = Arc::new(SlotLedger::from_env());
     tokio::pin!(stop);
     loop {
@@ -152,9 +198,10 @@ pub async fn serve(
             () = &mut stop => break,
         };
         let sessions = sessions.clone();
+        let choices = choices.clone();
         let ledger = ledger.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &sessions, &ledger).await {
+            if let Err(e) = serve_one(stream, &sessions, &choices, &ledger).await {
                 tracing::warn!("{e}");
             }
         });
@@ -198,8 +245,10 @@ fn group_id(name: &str) -> std::io::Result<u32> {
 async fn serve_one(
     stream: UnixStream,
     sessions: &Sessions,
+    choices: &Choices,
     ledger: &SlotLedger,
 ) -> std::io::Result<()> {
+    let peer = stream.peer_cred().ok().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
@@ -213,16 +262,31 @@ async fn serve_one(
             return send(&mut write, &Message::Done(Some(failure))).await;
         }
     };
+    let (endpoint, order) = match request {
+        Request::Build { endpoint, order } => (endpoint, order),
+        Request::Prefer { drvs, choice } => {
+            tracing::info!(
+                "user {} chose {choice:?} for {} derivations",
+                peer.map_or("?".into(), |u| u.to_string()),
+                drvs.len()
+            );
+            choices.set(drvs, &choice);
+            return send(&mut write, &Message::Done(None)).await;
+        }
+        Request::Ask { drv } => {
+            return send(&mut write, &Message::Choice(choices.get(&drv))).await;
+        }
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let work = async {
-        let pool = sessions.pool(&request.endpoint);
+        let pool = sessions.pool(&endpoint);
         let outcome = match pool.get().await {
             Ok(mut remote) => {
                 let log_tx = tx.clone();
                 let mut log = move |l: &str| {
                     let _ = log_tx.send(Message::Log(l.to_string()));
                 };
-                let result = carry_out(&request.order, &mut remote, ledger, &mut log).await;
+                let result = carry_out(&order, &mut remote, ledger, &mut log).await;
                 // A session that failed mid-frame is never reused.
                 pool.put(remote);
                 result.map_err(|e| OrderFailure::from(&e))
@@ -290,34 +354,92 @@ impl AgentClient {
         order: &BuildOrder,
         log: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Result<(), OrderFailure>, AgentError> {
-        let io = |source| AgentError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let (read, mut write) = self.stream.into_split();
-        let request = Request {
+        let request = Request::Build {
             endpoint: endpoint.clone(),
             order: order.clone(),
         };
-        let mut line = serde_json::to_vec(&request).map_err(|e| io(std::io::Error::other(e)))?;
-        line.push(b'\n');
-        write.write_all(&line).await.map_err(io)?;
-        let mut lines = BufReader::new(read).lines();
-        while let Some(line) = lines.next_line().await.map_err(io)? {
-            let message: Message =
-                serde_json::from_str(&line).map_err(|e| AgentError::Garbled {
-                    path: self.path.clone(),
-                    message: e.to_string(),
-                })?;
-            match message {
+        let path = self.path.clone();
+        let mut lines = self.send_request(&request).await?;
+        loop {
+            match next_message(&path, &mut lines).await? {
                 Message::Log(text) => log(&text),
                 Message::Done(None) => return Ok(Ok(())),
                 Message::Done(Some(failure)) => return Ok(Err(failure)),
+                Message::Choice(_) => {
+                    return Err(AgentError::Garbled {
+                        path,
+                        message: "it answered a build with a choice of hosts".into(),
+                    })
+                }
             }
         }
-        Err(AgentError::Garbled {
-            path: self.path.clone(),
-            message: "it closed the connection before the build ended".into(),
-        })
     }
+
+    /// Records that `drvs` go only to the machines `choice` names.
+    pub async fn prefer(self, drvs: Vec<String>, choice: HostChoice) -> Result<(), AgentError> {
+        let path = self.path.clone();
+        let mut lines = self.send_request(&Request::Prefer { drvs, choice }).await?;
+        match next_message(&path, &mut lines).await? {
+            Message::Done(None) => Ok(()),
+            _ => Err(AgentError::Garbled {
+                path,
+                message: "it did not take the choice of hosts".into(),
+            }),
+        }
+    }
+
+    /// The machines a user chose for `drv`, if any.
+    pub async fn ask(self, drv: &str) -> Result<Option<HostChoice>, AgentError> {
+        let path = self.path.clone();
+        let request = Request::Ask {
+            drv: drv.to_string(),
+        };
+        let mut lines = self.send_request(&request).await?;
+        match next_message(&path, &mut lines).await? {
+            Message::Choice(choice) => Ok(choice),
+            _ => Err(AgentError::Garbled {
+                path,
+                message: "it answered a question about hosts with something else".into(),
+            }),
+        }
+    }
+
+    /// Sends one request; the replies come as lines.
+    async fn send_request(
+        self,
+        request: &Request,
+    ) -> Result<tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>, AgentError> {
+        let path = self.path.clone();
+        let io = |source| AgentError::Io {
+            path: path.clone(),
+            source,
+        };
+        let (read, mut write) = self.stream.into_split();
+        let mut line = serde_json::to_vec(request).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        write.write_all(&line).await.map_err(io)?;
+        Ok(BufReader::new(read).lines())
+    }
+}
+
+/// The next reply line, read as a message.
+async fn next_message(
+    path: &Path,
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+) -> Result<Message, AgentError> {
+    let line = lines
+        .next_line()
+        .await
+        .map_err(|source| AgentError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| AgentError::Garbled {
+            path: path.to_path_buf(),
+            message: "it closed the connection without an answer".into(),
+        })?;
+    serde_json::from_str(&line).map_err(|e| AgentError::Garbled {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }

@@ -69,6 +69,27 @@ pub fn run(cmd: &mut Command) -> Result<Output, ProcessError> {
     })
 }
 
+/// Runs `cmd` with its stderr shown as it comes (a build's progress), stdout discarded;
+/// a non-zero exit is an error naming the command.
+pub fn run_showing_progress(cmd: &mut Command) -> Result<(), ProcessError> {
+    let status = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .status()
+        .map_err(|source| ProcessError::Spawn {
+            command: describe(cmd),
+            source,
+        })?;
+    if status.success() {
+        return Ok(());
+    }
+    Err(ProcessError::Failed {
+        command: describe(cmd),
+        status: status.to_string(),
+        stderr: String::new(),
+    })
+}
+
 /// The command line as a shell would take it.
 fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())

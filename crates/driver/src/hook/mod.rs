@@ -171,7 +171,8 @@ pub async fn run(
         max_jobs: Some(settings.max_jobs),
         ..MachineChoice::default()
     };
-    let fleet = match build_fleet(&choice, &settings.nix_settings(builders)) {
+    let nix_settings = settings.nix_settings(builders);
+    let fleet = match build_fleet(&choice, &nix_settings) {
         Ok(fleet) => fleet,
         Err(e) => {
             let mut msg = format!("offload hook: no builds are handed off: {e}");
@@ -222,7 +223,35 @@ pub async fn run(
             .as_ref()
             .and_then(|h| h.estimate(name).ok())
             .map_or(crate::history::DEFAULT_SECONDS, |(s, _)| s);
-        let chosen = choose_waiting(&fleet, &options.ledger, &request, estimate, overhead).await;
+        // A user may have chosen hosts for this derivation through the agent
+        // (`offload build --through-daemon --on …`).
+        let narrowed = match chosen_hosts(&request.drv_path).await {
+            Some(hosts) => {
+                let narrowed = MachineChoice {
+                    on: hosts.on,
+                    exclude: hosts.exclude,
+                    ..choice.clone()
+                };
+                match build_fleet(&narrowed, &nix_settings) {
+                    Ok(fleet) => Some(fleet),
+                    Err(e) => {
+                        tell(
+                            replies,
+                            LogLevel::Warn,
+                            &format!(
+                                "offload hook: the hosts chosen for {} do not fit the builders: \
+                                 {e}; any builder may take it",
+                                request.drv_path
+                            ),
+                        );
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let fleet = narrowed.as_ref().unwrap_or(&fleet);
+        let chosen = choose_waiting(fleet, &options.ledger, &request, estimate, overhead).await;
         let (verdict, slot) = match chosen {
             Ok(chosen) => chosen,
             Err(e) => {
@@ -272,6 +301,19 @@ pub async fn run(
         drop(slot);
         return exit;
     }
+}
+
+/// The hosts a user chose for `drv` through the agent, when an agent runs.
+async fn chosen_hosts(drv: &str) -> Option<crate::agent::HostChoice> {
+    let client = crate::agent::AgentClient::connect(&crate::agent::default_socket())
+        .await
+        .ok()?;
+    client
+        .ask(drv)
+        .await
+        .map_err(|e| tracing::debug!("asking the agent for chosen hosts: {e}"))
+        .ok()
+        .flatten()
 }
 
 /// The choice, tried again for up to [`SLOT_WAIT`] while only busy builders could take
