@@ -63,8 +63,8 @@ pub enum AgentError {
 enum Request {
     /// From the hook: carry out this build.
     Build {
-        endpoint: Endpoint,
-        order: BuildOrder,
+        endpoint: Box<Endpoint>,
+        order: Box<BuildOrder>,
     },
     /// From a user (`offload build --through-daemon`): these derivations go only to
     /// the machines chosen.
@@ -355,8 +355,8 @@ impl AgentClient {
         log: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Result<(), OrderFailure>, AgentError> {
         let request = Request::Build {
-            endpoint: endpoint.clone(),
-            order: order.clone(),
+            endpoint: Box::new(endpoint.clone()),
+            order: Box::new(order.clone()),
         };
         let path = self.path.clone();
         let mut lines = self.send_request(&request).await?;
