@@ -256,3 +256,68 @@ fn a_slot_held_by_a_nix_hook_makes_offload_wait() {
     );
     assert_eq!(most[&fleet.store(1)], 1);
 }
+
+#[test]
+fn a_nix_build_through_the_hook_beside_an_offload_build_never_overbooks() {
+    if !require_nix() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let work = tempfile::tempdir().unwrap();
+    let slots = work.path().join("slots");
+    // Nix runs the hook with its own environment: the script gives it this test's ledger
+    // (and no agent).
+    let hook = work.path().join("hook");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nexport OFFLOAD_SLOTS_DIR={} OFFLOAD_HISTORY={}/hook-history.sqlite \
+             OFFLOAD_AGENT_SOCKET={}/no-agent.sock\nexec {} hook \"$@\"\n",
+            slots.display(),
+            work.path().display(),
+            work.path().display(),
+            env!("CARGO_BIN_EXE_offload")
+        ),
+    )
+    .unwrap();
+    run_ok(std::process::Command::new("chmod").arg("+x").arg(&hook));
+    let salt = format!("{:?}", std::time::SystemTime::now());
+    let file = |run: &str| {
+        let file = work.path().join(format!("{run}.nix"));
+        std::fs::write(&file, graph(&format!("{salt}-{run}"))).unwrap();
+        file
+    };
+    let (nix_file, offload_file) = (file("nix"), file("offload"));
+    let poller = Poller::start(vec![fleet.store(1), fleet.store(2)]);
+    let nix_build = offload_test_support::nix_command("nix-build")
+        .arg(&nix_file)
+        .args(["-A", "top", "--no-out-link", "-j0", "--builders"])
+        .arg(fleet.spec(&[1, 2]))
+        .arg("--option")
+        .arg("build-hook")
+        .arg(&hook)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let offload = common::offload(work.path())
+        .arg("build")
+        .arg(&offload_file)
+        .args(["-A", "top", "--no-out-link", "-j0"])
+        .args(["--builders", &fleet.spec(&[1, 2])])
+        .env("OFFLOAD_SLOTS_DIR", &slots)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for child in [nix_build, offload] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let (most, _, total) = poller.finish();
+    for i in [1, 2] {
+        let n = most.get(&fleet.store(i)).copied().unwrap_or(0);
+        assert_eq!(n, 1, "m{i}: most builds at once {n}; all: {most:?}");
+    }
+    assert!(total >= 2, "the two never built at once: {most:?}");
+}
