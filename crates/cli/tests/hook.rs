@@ -485,3 +485,26 @@ fn an_ordinary_user_chooses_hosts_for_a_daemon_build_through_the_agent() {
     );
     run_ok(nix_command("nix-store").args(["--verify-path", &top]));
 }
+
+#[test]
+fn an_unreachable_builder_is_passed_over_and_the_build_stays_here() {
+    if !require_nix() || !require_root() {
+        return;
+    }
+    let setup = Setup::new();
+    let file = setup.write_graph("unreachable");
+    // Four times faster than this machine, so chosen first, but nothing answers there.
+    let builders = format!("ssh://offload-no-such-host.invalid {} - 2 4", nix_system());
+    let out = setup.nix_build(&file, &builders, "2");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(remote_builds(&stderr).is_empty(), "{stderr}");
+    assert!(
+        stderr.contains("cannot use offload-no-such-host.invalid"),
+        "the warning names the machine:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("hint:"),
+        "and says what to check:\n{stderr}"
+    );
+}

@@ -192,10 +192,10 @@ pub async fn run(
         return HookExit::Done;
     }
     // With the agent, an accepted build costs no handshake: builders are worth more.
-    let overhead = if crate::agent::AgentClient::connect(&crate::agent::default_socket())
+    let agent_up = crate::agent::AgentClient::connect(&crate::agent::default_socket())
         .await
-        .is_ok()
-    {
+        .is_ok();
+    let overhead = if agent_up {
         AGENT_OVERHEAD_SECONDS
     } else {
         REMOTE_OVERHEAD_SECONDS
@@ -251,56 +251,108 @@ pub async fn run(
             None => None,
         };
         let fleet = narrowed.as_ref().unwrap_or(&fleet);
-        let chosen = choose_waiting(fleet, &options.ledger, &request, estimate, overhead).await;
-        let (verdict, slot) = match chosen {
-            Ok(chosen) => chosen,
-            Err(e) => {
-                let hint = e
-                    .hint()
-                    .map(|h| format!(" (hint: {h})"))
-                    .unwrap_or_default();
-                tell(
-                    replies,
-                    LogLevel::Warn,
-                    &format!(
-                        "offload hook: {e}{hint}; {} is built here",
-                        request.drv_path
-                    ),
-                );
-                say(replies, &HookReply::Decline.encode());
-                continue;
-            }
-        };
-        let machine = match verdict {
-            choice::Verdict::Decline => {
-                say(replies, &HookReply::Decline.encode());
-                continue;
-            }
-            choice::Verdict::Postpone => {
-                say(replies, &HookReply::Postpone.encode());
-                continue;
-            }
-            choice::Verdict::Accept(machine) => machine,
-        };
-        let config = &fleet[machine];
-        say(
-            replies,
-            &HookReply::Accept {
-                store_uri: config.endpoint.name.clone(),
-            }
-            .encode(),
-        );
-        let job = remote::Job {
-            request: &request,
-            machine: config,
-            settings: &settings,
-            history: history.as_ref(),
-            ledger: &options.ledger,
-        };
-        let exit = remote::build(job, &mut input, replies).await;
-        drop(slot);
-        return exit;
+        // Machines that could not be reached for this request: the choice is made again
+        // without them, so a builder that is down means a local build, not a failure.
+        let mut down: Vec<usize> = Vec::new();
+        loop {
+            let current = without(fleet, &down);
+            let chosen =
+                choose_waiting(&current, &options.ledger, &request, estimate, overhead).await;
+            let (verdict, slot) = match chosen {
+                Ok(chosen) => chosen,
+                Err(e) => {
+                    let hint = e
+                        .hint()
+                        .map(|h| format!(" (hint: {h})"))
+                        .unwrap_or_default();
+                    tell(
+                        replies,
+                        LogLevel::Warn,
+                        &format!(
+                            "offload hook: {e}{hint}; {} is built here",
+                            request.drv_path
+                        ),
+                    );
+                    say(replies, &HookReply::Decline.encode());
+                    break;
+                }
+            };
+            let machine = match verdict {
+                choice::Verdict::Decline => {
+                    say(replies, &HookReply::Decline.encode());
+                    break;
+                }
+                choice::Verdict::Postpone => {
+                    say(replies, &HookReply::Postpone.encode());
+                    break;
+                }
+                choice::Verdict::Accept(machine) => machine,
+            };
+            let config = &current[machine];
+            // Without the agent, the session opens before Nix is told: a machine that
+            // cannot be reached is passed over, as Nix's own hook does.
+            let session = if agent_up {
+                None
+            } else {
+                match crate::session::ServeConn::open(&config.endpoint).await {
+                    Ok(conn) => Some(conn),
+                    Err(e) => {
+                        let hint = e
+                            .hint()
+                            .map(|h| format!(" (hint: {h})"))
+                            .unwrap_or_default();
+                        tell(
+                            replies,
+                            LogLevel::Warn,
+                            &format!("offload hook: cannot use {}: {e}{hint}", config.spec.name),
+                        );
+                        drop(slot);
+                        down.push(machine);
+                        continue;
+                    }
+                }
+            };
+            say(
+                replies,
+                &HookReply::Accept {
+                    store_uri: config.endpoint.name.clone(),
+                }
+                .encode(),
+            );
+            let job = remote::Job {
+                request: &request,
+                machine: config,
+                settings: &settings,
+                history: history.as_ref(),
+                ledger: &options.ledger,
+            };
+            let exit = remote::build(job, session, &mut input, replies).await;
+            drop(slot);
+            return exit;
+        }
     }
+}
+
+/// The fleet with the machines in `down` given no slots (indices stay the same).
+fn without(
+    fleet: &[crate::fleet::MachineConfig],
+    down: &[usize],
+) -> Vec<crate::fleet::MachineConfig> {
+    fleet
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut spec = m.spec.clone();
+            if down.contains(&i) {
+                spec.slots = 0;
+            }
+            crate::fleet::MachineConfig {
+                endpoint: m.endpoint.clone(),
+                spec,
+                cores: m.cores,
+            }
+        })
+        .collect()
 }
 
 /// The hosts a user chose for `drv` through the agent, when an agent runs.

@@ -130,6 +130,7 @@ pub(crate) enum HookError {
 /// becomes the exit status Nix reads.
 pub(super) async fn build(
     job: Job<'_>,
+    session: Option<ServeConn>,
     input: &mut (impl AsyncRead + Unpin),
     replies: &mut impl Write,
 ) -> HookExit {
@@ -137,7 +138,7 @@ pub(super) async fn build(
     let result = match read_message(input, BuildInputsDecoder::default()).await {
         Ok(inputs) => {
             let order = BuildOrder::new(&job, inputs);
-            by_agent_or_here(&job, &order, replies).await
+            by_agent_or_here(&job, session, &order, replies).await
         }
         Err(e) => Err(HookError::Inputs(e)),
     };
@@ -187,11 +188,15 @@ fn describe(e: &HookError) -> String {
 /// handshake), else carries it out in this process; says once in the log which.
 async fn by_agent_or_here(
     job: &Job<'_>,
+    session: Option<ServeConn>,
     order: &BuildOrder,
     replies: &mut impl Write,
 ) -> Result<(), HookError> {
     let socket = crate::agent::default_socket();
     let mut log = BuildLog::open();
+    if let Some(mut remote) = session {
+        return carry_out(order, &mut remote, job.ledger, &mut |line| log.line(line)).await;
+    }
     match crate::agent::AgentClient::connect(&socket).await {
         Ok(client) => {
             let done = client
