@@ -399,3 +399,39 @@ fn an_untrusted_user_without_signatures_is_told_up_front_and_builds_locally() {
     );
     assert!(!stderr.contains("building '"), "{stderr}");
 }
+
+#[test]
+fn an_ordinary_user_sees_and_respects_slots_root_holds() {
+    let Some(setup) = Setup::new(&DaemonConfig::default(), "slots") else {
+        return;
+    };
+    // The ledger directory as Nix makes it (mode 0777), and a slot of b1 held by a
+    // root process through a lock file it created (mode 0644).
+    let slots = setup.install.user_dir("slots");
+    run(Command::new("chmod").arg("0777").arg(&slots));
+    let lock = slots.join("ssh:__b1-0");
+    let mut holder = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "30"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !lock.exists() {
+        assert!(std::time::Instant::now() < deadline, "flock did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = setup
+        .install
+        .command(Path::new(env!("CARGO_BIN_EXE_offload")), &setup.work)
+        .env("OFFLOAD_SLOTS_DIR", &slots)
+        .env("OFFLOAD_CONFIG", setup.work.join("none.toml"))
+        .args(["machines", "--json", "--builders", "ssh://b1 - - 2 1"])
+        .output()
+        .unwrap();
+    holder.kill().unwrap();
+    let _ = holder.wait();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let b1: serde_json::Value = serde_json::from_str(stdout.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(b1["busy_slots"], 1, "{stdout}\n{}", text(&out.stderr));
+}

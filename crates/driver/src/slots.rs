@@ -251,14 +251,23 @@ impl SlotLedger {
                 Err(e) => return Err(err("creating the slot-lock directory", &self.dir)(e)),
             }
         }
-        OpenOptions::new()
+        // Readable by all: a flock needs only an open file, so every user's builds (a
+        // root hook's and an ordinary user's `offload build`) can share the lock files
+        // offload creates. Files Nix's own hook made are 0600: readable by root only.
+        let created = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(err("opening the slot lock file", path))
+            .mode(0o644)
+            .open(path);
+        match created {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                OpenOptions::new().read(true).open(path)
+            }
+            other => other,
+        }
+        .map_err(err("opening the slot lock file", path))
     }
 }
 
