@@ -102,7 +102,19 @@ fn print_config(script_dir: Option<&Path>) -> Result<(), Failure> {
          #     exec ${{offload}}/bin/offload hook \"$@\"\n\
          #   ''; }};\n\
          #   nix.settings.build-hook = \"/etc/nix/{SCRIPT_NAME}\";\n\
-         #   nix.distributedBuilds = true;   # nix.buildMachines become `builders`\n",
+         #   nix.distributedBuilds = true;   # nix.buildMachines become `builders`\n\
+         #   # The agent: warm sessions for every build the hook hands off.\n\
+         #   users.groups.offload = {{ }};   # members may use --through-daemon --on\n\
+         #   systemd.services.offload-agent = {{\n\
+         #     wantedBy = [ \"multi-user.target\" ]; after = [ \"nix-daemon.service\" ];\n\
+         #     environment.OFFLOAD_AGENT_SOCKET = \"/var/lib/offload/agent.sock\";\n\
+         #     serviceConfig.ExecStart = \"${{offload}}/bin/offload agent --group offload\";\n\
+         #     serviceConfig.StateDirectory = \"offload\";\n\
+         #   }};\n\
+         #   systemd.services.nix-daemon.environment.OFFLOAD_AGENT_SOCKET = \"/var/lib/offload/agent.sock\";\n\
+         #\n\
+         # Elsewhere, the agent by hand or with contrib/offload-agent.service:\n\
+         #   offload agent --group offload\n",
         path = path.display()
     ));
     let mut stdout = std::io::stdout().lock();

@@ -508,3 +508,32 @@ fn an_unreachable_builder_is_passed_over_and_the_build_stays_here() {
         "and says what to check:\n{stderr}"
     );
 }
+
+#[test]
+fn a_stale_agent_socket_is_replaced() {
+    let setup = Setup::new();
+    let socket = setup.path().join("agent.sock");
+    // A socket whose agent is gone: the file stays, nobody listens.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["agent", "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not take over the stale socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    run_ok(Command::new("kill").arg(agent.id().to_string()));
+    agent.wait().unwrap();
+    assert!(
+        !socket.exists(),
+        "the agent removes its socket when it stops"
+    );
+}
