@@ -43,6 +43,12 @@ impl Reporter for Progress {
     }
 
     fn build_finished(&self, _drv: &str, _machine: &str, _ok: bool, _seconds: f64) {}
+
+    fn machine_warning(&self, message: &str) {
+        if !self.quiet {
+            eprintln!("warning: {message}");
+        }
+    }
 }
 
 fn drv_name(drv: &str) -> &str {
@@ -81,6 +87,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         logs: LogDestination::Nowhere,
         session_options: Vec::new(),
         check: Default::default(),
+        reliability: Default::default(),
     };
     for pair in args.option.chunks(2) {
         if let [name, value] = pair {

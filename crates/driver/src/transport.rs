@@ -51,6 +51,9 @@ pub struct Endpoint {
     pub remote_store: Option<String>,
     /// Further arguments, e.g. `--option cores 4` to give builds more cores.
     pub extra_args: Vec<String>,
+    /// Options for ssh itself (keepalives, connect timeout), after the user's
+    /// `NIX_SSHOPTS` so that the user's own choice wins.
+    pub ssh_options: Vec<String>,
 }
 
 impl Endpoint {
@@ -62,6 +65,7 @@ impl Endpoint {
             remote_program: "nix-store".into(),
             remote_store: store,
             extra_args: Vec::new(),
+            ssh_options: Vec::new(),
         }
     }
 
@@ -177,6 +181,7 @@ impl Endpoint {
                 if let Ok(opts) = std::env::var(NIX_SSHOPTS) {
                     cmd.args(opts.split_whitespace());
                 }
+                cmd.args(&self.ssh_options);
                 if let Some(key) = ssh_key {
                     cmd.arg("-i").arg(key);
                 }

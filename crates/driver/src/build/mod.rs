@@ -13,9 +13,11 @@ use offload_nix::serve::{BasicDerivation, BuildSettings};
 
 use crate::error::DriverError;
 pub use crate::fleet::MachineConfig;
+pub use health::Reliability;
 use crate::history::History;
 use crate::trust::LocalAccess;
 
+mod health;
 mod runner;
 mod serve;
 #[cfg(test)]
@@ -75,6 +77,8 @@ pub struct BuildOptions {
     /// by `.drv` path. The serve protocol builds only in Nix's normal mode, so these run
     /// as `nix-store --realise --check` on the machine the plan chose.
     pub check: HashSet<String>,
+    /// Backoff, quarantine and stall detection for machines that fail.
+    pub reliability: Reliability,
 }
 
 /// Where build logs are kept.
@@ -160,6 +164,8 @@ pub trait Reporter: Send + Sync {
     fn build_started(&self, drv: &str, machine: &str);
     fn build_log(&self, drv: &str, machine: &str, line: &str);
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64);
+    /// A machine cannot be used, for now or for the run; `message` names it and says why.
+    fn machine_warning(&self, message: &str);
 }
 
 /// How one derivation ended.
@@ -215,6 +221,10 @@ pub async fn run(
     reporter: Arc<dyn Reporter>,
 ) -> Result<BuildReport, DriverError> {
     let nodes: Arc<[BuildNode]> = nodes.into();
+    let mut machines = machines;
+    for m in &mut machines {
+        m.endpoint.ssh_options = options.reliability.ssh_options();
+    }
     let specs = machines.iter().map(|m| m.spec.clone()).collect();
     let cores = machines.iter().map(|m| m.cores).collect();
     let transport =
@@ -226,6 +236,7 @@ pub async fn run(
         cores,
         wanted,
         options.keep_going,
+        options.reliability.clone(),
         history,
         reporter,
     )?;

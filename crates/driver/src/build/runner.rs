@@ -14,6 +14,7 @@ use offload_sched::{
 };
 use tokio::task::{AbortHandle, JoinSet};
 
+use super::health::{AfterFailure, Health, Reliability};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
@@ -34,6 +35,12 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
 
     /// `machine` is lost: nothing it held can be fetched from it any more.
     fn forget_machine(&self, machine: MachineId);
+
+    /// Whether `machine` answers: a session opens there. The error says why not.
+    fn probe(
+        self: Arc<Self>,
+        machine: MachineId,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static;
 
     /// Ends every idle session.
     fn close(&self) -> impl Future<Output = ()> + Send;
@@ -58,7 +65,8 @@ pub(crate) struct TaskDone {
     pub log_tail: Vec<String>,
     /// How long the task took: input copies and the build.
     pub seconds: f64,
-    /// The machine is to be taken out of the run (its session broke).
+    /// The machine's connection failed (its session broke): it is down for a while, and
+    /// the build runs again without counting as a failed attempt.
     pub machine_down: bool,
 }
 
@@ -79,7 +87,11 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     builds_per_machine: Vec<usize>,
     started_at: Vec<f64>,
     tasks: JoinSet<TaskDone>,
+    /// Each running build's task, by node: only that task's end counts.
     running: HashMap<usize, (AbortHandle, MachineId)>,
+    health: Health<'h>,
+    /// Machines down for now, each probed again after its backoff.
+    probes: JoinSet<(MachineId, Result<(), String>)>,
     /// Requested outputs copied home while the rest of the graph builds.
     early_copies: JoinSet<()>,
     lower_bound: f64,
@@ -96,6 +108,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         cores: Vec<Option<u32>>,
         wanted: Vec<String>,
         keep_going: bool,
+        reliability: Reliability,
         history: Option<&'h History>,
         reporter: Arc<dyn Reporter>,
     ) -> Result<Self, DriverError> {
@@ -113,6 +126,12 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         Ok(Runner {
             transport,
             sched: Scheduler::new(graph, machines.clone(), keep_going),
+            health: Health::new(
+                reliability,
+                history,
+                machines.iter().map(|m| m.name.clone()).collect(),
+            ),
+            probes: JoinSet::new(),
             builds_per_machine: vec![0; machines.len()],
             machines,
             cores,
@@ -137,30 +156,121 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         mut self,
         interrupt: impl Future<Output = ()>,
     ) -> Result<BuildReport, DriverError> {
-        let first = self.sched.start(0.0);
-        self.apply(first);
         // Created once, so a signal that arrives between two turns is not lost.
         tokio::pin!(interrupt);
+        tokio::select! {
+            () = self.check_machines() => {}
+            () = &mut interrupt => return Err(self.stop().await),
+        }
+        let first = self.sched.start(self.now());
+        self.apply(first);
         while !self.sched.is_finished() {
-            let joined = tokio::select! {
-                joined = self.tasks.join_next() => joined,
-                () = &mut interrupt => {
-                    // Dropping the sessions kills their processes, which stops the builds
-                    // on every machine; nothing half-done is ever registered.
-                    let stopped = self.running.len();
-                    self.tasks.shutdown().await;
-                    self.early_copies.shutdown().await;
-                    return Err(DriverError::Interrupted { stopped });
+            if self.tasks.is_empty() && self.probes.is_empty() {
+                // Nothing runs and no machine may come back: nothing more can happen.
+                break;
+            }
+            tokio::select! {
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    match joined {
+                        Ok((id, done)) => self.on_finished(id, done),
+                        // Aborted by a Cancel or a machine's loss: already accounted for.
+                        Err(_) => {}
+                    }
                 }
-            };
-            match joined {
-                None => break,
-                // Aborted by a Cancel: the scheduler already counts it as stopped.
-                Some(Err(_)) => continue,
-                Some(Ok(done)) => self.on_finished(done),
+                Some(probed) = self.probes.join_next(), if !self.probes.is_empty() => {
+                    if let Ok((machine, answer)) = probed {
+                        self.on_probed(machine, answer);
+                    }
+                }
+                () = &mut interrupt => return Err(self.stop().await),
             }
         }
         Ok(self.finish().await)
+    }
+
+    /// Stops every build and transfer. Dropping the sessions kills their processes,
+    /// which stops the builds on every machine; nothing half-done is ever registered.
+    async fn stop(&mut self) -> DriverError {
+        let stopped = self.running.len();
+        self.tasks.shutdown().await;
+        self.probes.shutdown().await;
+        self.early_copies.shutdown().await;
+        DriverError::Interrupted { stopped }
+    }
+
+    /// Before the first build: skips the machines still quarantined by earlier runs,
+    /// and probes the others at once, so that one that cannot be reached is said once
+    /// and planned around from the start.
+    async fn check_machines(&mut self) {
+        let mut probes = JoinSet::new();
+        for m in 0..self.machines.len() {
+            if m == LOCAL || self.machines[m].slots == 0 {
+                continue;
+            }
+            if let Some(why) = self.health.quarantined(m) {
+                let name = &self.machines[m].name;
+                self.reporter
+                    .machine_warning(&format!("skipping {name}: {why}"));
+                let actions = self.sched.handle(Event::MachineLost { machine: m }, 0.0);
+                self.apply(actions);
+                continue;
+            }
+            let probe = self.transport.clone().probe(m);
+            probes.spawn(async move { (m, probe.await) });
+        }
+        while let Some(probed) = probes.join_next().await {
+            if let Ok((m, Err(why))) = probed {
+                self.machine_failed(m, &why, "skipping it");
+            }
+        }
+    }
+
+    /// `machine`'s connection failed: it is down until a probe after its backoff, or
+    /// lost for the run when it keeps failing. Its running builds go elsewhere.
+    fn machine_failed(&mut self, machine: MachineId, why: &str, doing: &str) {
+        self.running.retain(|_, (handle, m)| {
+            if *m == machine {
+                handle.abort();
+            }
+            *m != machine
+        });
+        self.transport.forget_machine(machine);
+        let name = self.machines[machine].name.clone();
+        let (event, next) = match self.health.failed(machine, why) {
+            AfterFailure::RetryIn(wait) => {
+                let probe = self.transport.clone().probe(machine);
+                self.probes.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    (machine, probe.await)
+                });
+                (
+                    Event::MachineDown { machine },
+                    format!("trying it again in {} s", wait.as_secs_f64()),
+                )
+            }
+            AfterFailure::Quarantined(until) => (
+                Event::MachineLost { machine },
+                format!(
+                    "it failed too often: quarantined until {}",
+                    crate::machine_state::format_utc(until)
+                ),
+            ),
+        };
+        self.reporter
+            .machine_warning(&format!("{name} cannot be used ({why}); {doing}, {next}"));
+        let actions = self.sched.handle(event, self.now());
+        self.apply(actions);
+    }
+
+    fn on_probed(&mut self, machine: MachineId, answer: Result<(), String>) {
+        match answer {
+            Ok(()) => {
+                tracing::info!(machine = %self.machines[machine].name, "answers again");
+                let actions = self.sched.handle(Event::MachineBack { machine }, self.now());
+                self.apply(actions);
+            }
+            Err(why) => self.machine_failed(machine, &why, "still down"),
+        }
     }
 
     fn now(&self) -> f64 {
@@ -210,30 +320,26 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     /// Feeds a finished task to the scheduler and records what it did.
-    fn on_finished(&mut self, done: TaskDone) {
+    fn on_finished(&mut self, id: tokio::task::Id, done: TaskDone) {
+        match self.running.get(&done.node) {
+            Some((handle, _)) if handle.id() == id => {}
+            // The end of a task the runner already gave up on (its machine failed).
+            _ => return,
+        }
         self.running.remove(&done.node);
         let now = self.now();
         if done.machine_down {
-            // Its other builds go elsewhere: stop them here.
-            self.running.retain(|_, (handle, m)| {
-                if *m == done.machine {
-                    handle.abort();
-                }
-                *m != done.machine
-            });
-            self.transport.forget_machine(done.machine);
-            let actions = self.sched.handle(
-                Event::MachineLost {
-                    machine: done.machine,
-                },
-                now,
-            );
-            self.apply(actions);
+            let why = match &done.outcome {
+                Outcome::Lost { reason } => reason.clone(),
+                _ => "its session broke".to_string(),
+            };
+            self.machine_failed(done.machine, &why, "its builds go elsewhere");
+            return;
         }
         let drv_path = &self.nodes[done.node].drv_path;
         let machine_name = &self.machines[done.machine].name;
         if let Outcome::Lost { reason } = &done.outcome {
-            tracing::warn!(machine = %machine_name, drv = %drv_path, "build lost, will retry elsewhere: {reason}");
+            tracing::warn!(machine = %machine_name, drv = %drv_path, "build lost, will retry: {reason}");
         }
         let actions = self.sched.handle(
             Event::Finished {
@@ -272,6 +378,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     fn on_built(&mut self, done: &TaskDone) {
+        self.health.built_on(done.machine);
         let node = &self.nodes[done.node];
         let machine = &self.machines[done.machine];
         // Requested outputs start home as soon as they are built, while the rest of the
@@ -315,6 +422,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     /// reports.
     async fn finish(mut self) -> BuildReport {
         self.tasks.shutdown().await;
+        self.probes.shutdown().await;
         while self.early_copies.join_next().await.is_some() {}
         let measured_lower_bound = measured_bound(&self.nodes, &self.results, &self.machines);
         // Outputs of derivations that failed cannot come home; the rest do, with -k too.
@@ -364,13 +472,18 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 features,
                 considered,
             } => format!(
-                "no machine can build it: it needs system {system}{} and the machines considered were {}",
+                "no machine can build it: it needs system {system}{} and the machines considered were {}{}",
                 if features.is_empty() {
                     String::new()
                 } else {
                     format!(" with features {}", features.join(", "))
                 },
-                considered.join(", ")
+                if considered.is_empty() {
+                    "none".to_string()
+                } else {
+                    considered.join(", ")
+                },
+                self.why_machines_were_lost()
             ),
             Failure::BuildFailed { machine, reason } => {
                 format!("{reason} (on {})", self.machines[*machine].name)
@@ -385,6 +498,21 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 "not built: the run stopped after a failure (use --keep-going to go on)".into()
             }
         }
+    }
+}
+
+impl<T: BuildTransport> Runner<'_, T> {
+    /// `; lost: NAME (why); …` for the machines whose connections failed in this run.
+    fn why_machines_were_lost(&self) -> String {
+        let failures = self.health.failures();
+        if failures.is_empty() {
+            return String::new();
+        }
+        let each: Vec<String> = failures
+            .iter()
+            .map(|(name, why)| format!("{name} ({why})"))
+            .collect();
+        format!("; not used, as their connections failed: {}", each.join("; "))
     }
 }
 

@@ -121,6 +121,13 @@ impl BuildTransport for ServeTransport {
         self.registry().remove_machine(machine);
     }
 
+    async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
+        // The session opened goes to the pool: the first build there takes it.
+        let conn = self.pools[machine].get().await.map_err(|e| reason(&e))?;
+        self.pools[machine].put(conn);
+        Ok(())
+    }
+
     async fn close(&self) {
         for pool in &self.pools {
             pool.close().await;
@@ -570,12 +577,15 @@ fn open_log(dir: &std::path::Path, drv_path: &str) -> Option<std::fs::File> {
 }
 
 fn lost(e: DriverError) -> Outcome {
-    // The reason travels as text to the final report: the next step goes with it.
-    let reason = match e.hint() {
+    Outcome::Lost { reason: reason(&e) }
+}
+
+/// An error as text for the final report, with the next step.
+fn reason(e: &DriverError) -> String {
+    match e.hint() {
         Some(hint) => format!("{e} (hint: {hint})"),
         None => e.to_string(),
-    };
-    Outcome::Lost { reason }
+    }
 }
 
 /// How a build ended, whichever way it was asked for.
