@@ -4,10 +4,11 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::build::{
-    self, BuildOptions, BuildReport, LogDestination, NodeResult, Reporter,
+    self, BuildOptions, BuildReport, LogDestination, NodeResult, Reliability, Reporter,
 };
 use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::{build_fleet, MachineChoice};
@@ -87,7 +88,13 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         logs: LogDestination::Nowhere,
         session_options: Vec::new(),
         check: Default::default(),
-        reliability: Default::default(),
+        reliability: Reliability {
+            backoff: Duration::from_secs(args.retry_backoff),
+            quarantine_after: args.quarantine_after,
+            quarantine_for: Duration::from_secs(args.quarantine),
+            stall_timeout: Duration::from_secs(args.stall_timeout),
+            ..Reliability::default()
+        },
     };
     for pair in args.option.chunks(2) {
         if let [name, value] = pair {
