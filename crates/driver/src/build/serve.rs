@@ -304,8 +304,10 @@ impl ServeTransport {
                 }
             }
         };
-        conn.set_log_sink(None);
-        while let Ok(line) = rx.try_recv() {
+        // The log's last lines may still be in the pipe when the result arrives: the
+        // pump reads them, then closes the sink, so this reads to the log's true end.
+        conn.finish_log_sink().await;
+        while let Some(line) = rx.recv().await {
             log.push(line);
         }
         let result = match result {
