@@ -15,8 +15,9 @@ use offload_driver::fleet::{build_fleet, MachineChoice};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
 use offload_driver::process;
+use offload_driver::shutdown::Shutdown;
 use offload_driver::trust::LocalAccess;
-use offload_driver::History;
+use offload_driver::{DriverError, History};
 use offload_nix::serve::BuildSettings;
 use offload_nix::store_path::StorePath;
 use offload_sim::report::{chrome_trace, TraceEvent};
@@ -70,6 +71,10 @@ fn machine_choice(args: &BuildArgs) -> MachineChoice {
 }
 
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
+    // From here SIGINT and SIGTERM stop the run cleanly instead of killing offload.
+    let shutdown = Shutdown::on_signals()
+        .context("cannot watch for SIGINT and SIGTERM")
+        .map_err(Failure::usage)?;
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
@@ -220,9 +225,16 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         history.as_ref(),
         &options,
         reporter,
+        shutdown.token(),
     )
     .await
-    .map_err(Failure::work)?;
+    .map_err(|e| match (&e, shutdown.signal()) {
+        (DriverError::Interrupted { .. }, Some(signal)) => Failure {
+            error: e.into(),
+            code: signal.exit_code(),
+        },
+        _ => Failure::work(e),
+    })?;
 
     if let Some(path) = &args.trace {
         write_trace(path, &names, &report)?;

@@ -19,10 +19,16 @@ struct Work {
 
 impl Work {
     /// `leaf` and `top` (which needs the leaf), salted so that no store has them; each
-    /// builder runs `script` first.
+    /// builder runs `script` first, with `@WORK@` there this directory (builds run
+    /// without a sandbox, so they see it).
     fn new(tag: &str, script: &str) -> Work {
         let dir = tempfile::tempdir().unwrap();
-        let salt = format!("{tag}-{:?}-{}", std::time::SystemTime::now(), std::process::id());
+        let script = script.replace("@WORK@", &dir.path().display().to_string());
+        let salt = format!(
+            "{tag}-{:?}-{}",
+            std::time::SystemTime::now(),
+            std::process::id()
+        );
         let expr = format!(
             r#"let mk = name: dep: derivation {{
                  inherit name dep; system = builtins.currentSystem; builder = "/bin/sh";
@@ -61,6 +67,7 @@ impl Work {
             .arg("build")
             .arg(&self.file)
             .args(["--builders", builders, "--no-out-link"])
+            .args(["--option", "sandbox", "false"])
             .args(extra);
         cmd
     }
@@ -126,4 +133,93 @@ fn a_host_down_at_start_is_named_once_and_skipped_and_with_all_down_this_machine
     assert!(stderr.contains("builds per machine: local 2"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
     work.assert_sound_and_complete(&fleet, &spec);
+}
+
+/// Processes on this machine that a run in `work` started (they inherit its
+/// `OFFLOAD_HISTORY`), by pid and command line.
+fn processes_of(work: &Work) -> Vec<String> {
+    let mark = format!(
+        "OFFLOAD_HISTORY={}",
+        work.path().join("history.sqlite").display()
+    );
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|&b| b == 0).any(|v| v == mark.as_bytes()) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push(format!(
+                "{} {}",
+                entry.file_name().to_string_lossy(),
+                text(&cmdline).replace('\0', " ")
+            ));
+        }
+    }
+    found
+}
+
+/// Waits up to `limit` for `ready`; says whether it came.
+fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ready()
+}
+
+#[test]
+fn sigint_or_sigterm_mid_build_stops_everything_exits_as_the_shell_would_and_leaves_no_orphans() {
+    let Some(fleet) = require_sshd_fleet(1) else {
+        return;
+    };
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        // The leaf builds for a long time on the host; the signal comes while it does.
+        let work = Work::new(
+            &format!("signal-{signal}"),
+            "if [ -e @WORK@/slow ]; then sleep 300; fi",
+        );
+        std::fs::write(work.path().join("slow"), "").unwrap();
+        let spec = builders(&fleet, &[0], "");
+        let mut child = work
+            .command(&fleet, &spec, &["-j0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let building = wait_for(Duration::from_secs(30), || {
+            fleet.session_processes(0).iter().any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with("sleep"))
+            })
+        });
+        assert!(building, "the build never started on the host");
+        // To offload's process alone, not its process group.
+        let sent = Instant::now();
+        run_ok(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string()),
+        );
+        let out = child.wait_with_output().unwrap();
+        let stderr = text(&out.stderr);
+        assert!(sent.elapsed() < Duration::from_secs(10), "{stderr}");
+        assert_eq!(out.status.code(), Some(code), "{stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        // Nothing of the run is left: no session here, no session or build there.
+        let here = processes_of(&work);
+        assert!(here.is_empty(), "{here:?}");
+        let left = wait_for(Duration::from_secs(5), || {
+            fleet.session_processes(0).is_empty()
+        });
+        assert!(left, "left on the host: {:?}", fleet.session_processes(0));
+        // The next run builds what is missing: here, the whole graph.
+        std::fs::remove_file(work.path().join("slow")).unwrap();
+        let again = work.build(&fleet, &spec, &["-j0"]);
+        assert!(again.status.success(), "{}", text(&again.stderr));
+        work.assert_sound_and_complete(&fleet, &spec);
+    }
 }

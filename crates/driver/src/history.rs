@@ -286,7 +286,10 @@ mod tests {
             .unwrap();
         }
         let h = History::open(&path).unwrap();
-        assert_eq!(h.estimate("hello-1.0").unwrap(), (3.0, EstimateSource::Exact));
+        assert_eq!(
+            h.estimate("hello-1.0").unwrap(),
+            (3.0, EstimateSource::Exact)
+        );
         let version: usize = h
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -307,7 +310,9 @@ mod tests {
             .pragma_update(None, "user_version", MIGRATIONS.len() + 1)
             .unwrap();
         drop(h);
-        let e = History::open(&path).err().expect("a newer schema is refused");
+        let e = History::open(&path)
+            .err()
+            .expect("a newer schema is refused");
         assert!(e.op.contains("newer offload"), "{e}");
     }
 }

@@ -28,6 +28,7 @@ pub mod plan;
 mod pool;
 pub mod process;
 mod session;
+pub mod shutdown;
 pub mod signing;
 mod transport;
 pub mod trust;

@@ -276,7 +276,9 @@ async fn build_derivation_builds_and_reports_failures() {
         .collect(),
     };
     // Many lines, so that some are still in the pipe when the result arrives.
-    let failing = drv("i=0; while [ $i -lt 3000 ]; do echo line $i; i=$((i+1)); done; echo about to fail; exit 3");
+    let failing = drv(
+        "i=0; while [ $i -lt 3000 ]; do echo line $i; i=$((i+1)); done; echo about to fail; exit 3",
+    );
     let result = conn
         .build_derivation(
             "/nix/store/8pql3j9cyj94hnchzwcidj1jj3pqhbf8-hi.drv",
@@ -297,7 +299,11 @@ async fn build_derivation_builds_and_reports_failures() {
     while let Some(line) = rx.recv().await {
         log.push(line);
     }
-    assert!(log.iter().any(|l| l == "line 2999"), "{:?}", &log[log.len().saturating_sub(5)..]);
+    assert!(
+        log.iter().any(|l| l == "line 2999"),
+        "{:?}",
+        &log[log.len().saturating_sub(5)..]
+    );
     assert!(log.iter().any(|l| l.contains("about to fail")), "{log:?}");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     conn.set_log_sink(Some(tx));

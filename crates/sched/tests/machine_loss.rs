@@ -74,7 +74,10 @@ fn with_every_builder_lost_the_local_machine_builds() {
         2.0,
     );
     assert!(sched.is_finished());
-    assert!(matches!(sched.state(0), NodeState::Done { machine: LOCAL, .. }));
+    assert!(matches!(
+        sched.state(0),
+        NodeState::Done { machine: LOCAL, .. }
+    ));
 }
 
 #[test]

@@ -311,7 +311,9 @@ impl SshFleet {
         }
         // Until the port is closed, a connection could still get through.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.listener(i).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        while self
+            .listener(i)
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(20));
@@ -339,7 +341,13 @@ impl SshFleet {
             .filter_map(|e| {
                 let pid: u32 = e.file_name().to_str()?.parse().ok()?;
                 let stat = fs::read_to_string(e.path().join("stat")).ok()?;
-                let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                let ppid = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
                 Some((pid, ppid))
             })
             .collect();
@@ -347,7 +355,12 @@ impl SshFleet {
         let mut i = 0;
         while i < found.len() {
             let parent = found[i];
-            found.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+            found.extend(
+                parents
+                    .iter()
+                    .filter(|(_, pp)| *pp == parent)
+                    .map(|(p, _)| *p),
+            );
             i += 1;
         }
         found.remove(0);

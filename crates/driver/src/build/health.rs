@@ -76,7 +76,11 @@ pub(crate) struct Health<'h> {
 }
 
 impl<'h> Health<'h> {
-    pub(crate) fn new(policy: Reliability, history: Option<&'h History>, names: Vec<String>) -> Self {
+    pub(crate) fn new(
+        policy: Reliability,
+        history: Option<&'h History>,
+        names: Vec<String>,
+    ) -> Self {
         let n = names.len();
         Health {
             policy,
@@ -191,7 +195,10 @@ mod tests {
         // The next run goes on counting: the fourth failure quarantines.
         let mut next = Health::new(policy.clone(), Some(&history), names.clone());
         assert_eq!(next.quarantined(1), None);
-        assert!(matches!(next.failed(1, "timed out"), AfterFailure::Quarantined(_)));
+        assert!(matches!(
+            next.failed(1, "timed out"),
+            AfterFailure::Quarantined(_)
+        ));
         assert_eq!(next.failures(), [("b1", "timed out")]);
         let mut later = Health::new(policy.clone(), Some(&history), names.clone());
         let why = later.quarantined(1).expect("still quarantined");

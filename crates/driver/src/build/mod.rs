@@ -10,12 +10,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use offload_nix::serve::{BasicDerivation, BuildSettings};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::DriverError;
 pub use crate::fleet::MachineConfig;
-pub use health::Reliability;
 use crate::history::History;
 use crate::trust::LocalAccess;
+pub use health::Reliability;
 
 mod health;
 mod runner;
@@ -210,8 +211,9 @@ impl BuildReport {
 }
 
 /// Builds `nodes` on `machines` (the local machine first, as [`crate::fleet`] makes
-/// them), then brings the closures of `wanted` output paths to the local store. Ctrl-C
-/// stops every build and ends the run with [`DriverError::Interrupted`].
+/// them), then brings the closures of `wanted` output paths to the local store.
+/// Cancelling `stop` ([`crate::shutdown::Shutdown`] does on SIGINT and SIGTERM) stops
+/// every build and transfer and ends the run with [`DriverError::Interrupted`].
 pub async fn run(
     nodes: Vec<BuildNode>,
     machines: Vec<MachineConfig>,
@@ -219,6 +221,7 @@ pub async fn run(
     history: Option<&History>,
     options: &BuildOptions,
     reporter: Arc<dyn Reporter>,
+    stop: CancellationToken,
 ) -> Result<BuildReport, DriverError> {
     let nodes: Arc<[BuildNode]> = nodes.into();
     let mut machines = machines;
@@ -227,8 +230,11 @@ pub async fn run(
     }
     let specs = machines.iter().map(|m| m.spec.clone()).collect();
     let cores = machines.iter().map(|m| m.cores).collect();
-    let transport =
-        ServeTransport::connect(machines, nodes.clone(), options, reporter.clone()).await?;
+    let connect = ServeTransport::connect(machines, nodes.clone(), options, reporter.clone());
+    let transport = tokio::select! {
+        transport = connect => transport?,
+        () = stop.cancelled() => return Err(DriverError::Interrupted { stopped: 0 }),
+    };
     let runner = Runner::new(
         Arc::new(transport),
         nodes,
@@ -240,13 +246,5 @@ pub async fn run(
         history,
         reporter,
     )?;
-    runner.run(ctrl_c()).await
-}
-
-/// Completes on Ctrl-C; never, when the signal cannot be watched.
-async fn ctrl_c() {
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        tracing::warn!("cannot watch for Ctrl-C: {e}");
-        std::future::pending::<()>().await;
-    }
+    runner.run(stop).await
 }

@@ -13,6 +13,7 @@ use offload_sched::{
     Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
 };
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use super::health::{AfterFailure, Health, Reliability};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
@@ -150,13 +151,10 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         })
     }
 
-    /// Runs the graph to its end. When `interrupt` completes first, every running build
-    /// is stopped and the run ends with [`DriverError::Interrupted`].
-    pub(crate) async fn run(
-        mut self,
-        interrupt: impl Future<Output = ()>,
-    ) -> Result<BuildReport, DriverError> {
-        // Created once, so a signal that arrives between two turns is not lost.
+    /// Runs the graph to its end. When `stop` is cancelled first, every running build,
+    /// transfer and copy is stopped and the run ends with [`DriverError::Interrupted`].
+    pub(crate) async fn run(mut self, stop: CancellationToken) -> Result<BuildReport, DriverError> {
+        let interrupt = stop.clone().cancelled_owned();
         tokio::pin!(interrupt);
         tokio::select! {
             () = self.check_machines() => {}
@@ -185,7 +183,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 () = &mut interrupt => return Err(self.stop().await),
             }
         }
-        Ok(self.finish().await)
+        self.finish(stop).await
     }
 
     /// Stops every build and transfer. Dropping the sessions kills their processes,
@@ -266,7 +264,9 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         match answer {
             Ok(()) => {
                 tracing::info!(machine = %self.machines[machine].name, "answers again");
-                let actions = self.sched.handle(Event::MachineBack { machine }, self.now());
+                let actions = self
+                    .sched
+                    .handle(Event::MachineBack { machine }, self.now());
                 self.apply(actions);
             }
             Err(why) => self.machine_failed(machine, &why, "still down"),
@@ -419,11 +419,15 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     /// Stops what still runs, brings the requested outputs of what was built home, and
-    /// reports.
-    async fn finish(mut self) -> BuildReport {
+    /// reports. The copies stop when `stop` is cancelled.
+    async fn finish(mut self, stop: CancellationToken) -> Result<BuildReport, DriverError> {
         self.tasks.shutdown().await;
         self.probes.shutdown().await;
-        while self.early_copies.join_next().await.is_some() {}
+        let early = async { while self.early_copies.join_next().await.is_some() {} };
+        tokio::select! {
+            () = early => {}
+            () = stop.cancelled() => return Err(self.stop().await),
+        }
         let measured_lower_bound = measured_bound(&self.nodes, &self.results, &self.machines);
         // Outputs of derivations that failed cannot come home; the rest do, with -k too.
         let unbuilt: HashSet<&str> = self
@@ -439,9 +443,14 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             .filter(|p| !unbuilt.contains(p.as_str()))
             .cloned()
             .collect();
-        let copy_back_error = self.transport.clone().fetch(wanted).await.err();
+        let copy_back = self.transport.clone().fetch(wanted);
+        let copy_back_error = tokio::select! {
+            result = copy_back => result.err(),
+            // Dropping the copy kills its sessions: a half-copied path is never registered.
+            () = stop.cancelled() => return Err(self.stop().await),
+        };
         self.transport.close().await;
-        BuildReport {
+        Ok(BuildReport {
             results: self
                 .results
                 .into_iter()
@@ -462,7 +471,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             lower_bound: self.lower_bound,
             measured_lower_bound,
             copy_back_error,
-        }
+        })
     }
 
     fn describe(&self, failure: &Failure) -> String {
@@ -512,7 +521,10 @@ impl<T: BuildTransport> Runner<'_, T> {
             .iter()
             .map(|(name, why)| format!("{name} ({why})"))
             .collect();
-        format!("; not used, as their connections failed: {}", each.join("; "))
+        format!(
+            "; not used, as their connections failed: {}",
+            each.join("; ")
+        )
     }
 }
 

@@ -2,8 +2,9 @@
 //! checked against what the runner reports, fetches and records.
 
 use std::collections::HashMap;
-use std::future::Future;
+
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 use offload_nix::serve::BasicDerivation;
 use offload_sched::{MachineId, MachineSpec, Outcome};
@@ -227,7 +228,7 @@ async fn run(
     transport: FakeTransport,
     keep_going: bool,
     history: Option<&History>,
-    interrupt: impl Future<Output = ()>,
+    stop: CancellationToken,
 ) -> Run {
     let wanted = nodes
         .iter()
@@ -253,7 +254,7 @@ async fn run(
         recorder.clone(),
     )
     .unwrap();
-    let report = runner.run(interrupt).await;
+    let report = runner.run(stop).await;
     let events = recorder.0.lock().unwrap().clone();
     Run {
         report,
@@ -262,8 +263,9 @@ async fn run(
     }
 }
 
-fn never() -> impl Future<Output = ()> {
-    std::future::pending()
+/// A stop that never comes.
+fn never() -> CancellationToken {
+    CancellationToken::new()
 }
 
 #[tokio::test]
@@ -401,7 +403,9 @@ async fn a_lost_machine_is_forgotten_and_its_builds_run_elsewhere() {
     );
     // The lost attempt is not reported as a finished build.
     assert!(
-        !run.events.iter().any(|e| e.starts_with("end ") && e.contains(" b1 ")),
+        !run.events
+            .iter()
+            .any(|e| e.starts_with("end ") && e.contains(" b1 ")),
         "{:?}",
         run.events
     );
@@ -411,16 +415,14 @@ async fn a_lost_machine_is_forgotten_and_its_builds_run_elsewhere() {
 async fn an_interrupt_stops_every_build() {
     let nodes = vec![node("p", &[]), node("q", &[])];
     let transport = FakeTransport::new(&nodes, |_, _| Ending::Hang);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let interrupt = async move {
-        let _ = stopped.await;
-    };
+    let stop = CancellationToken::new();
+    let cancel = stop.clone();
     let driver = tokio::spawn(async move {
         // Let both builds start before the interrupt.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        stop.send(()).unwrap();
+        cancel.cancel();
     });
-    let run = run(nodes, fleet(1), transport, false, None, interrupt).await;
+    let run = run(nodes, fleet(1), transport, false, None, stop).await;
     driver.await.unwrap();
     match run.report {
         Err(DriverError::Interrupted { stopped }) => assert_eq!(stopped, 2),
@@ -551,13 +553,25 @@ async fn a_quarantined_machine_is_skipped_by_the_next_run() {
     for round in 1..=5 {
         let mut transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
         transport.unreachable = vec![REMOTE];
-        let r = run(nodes.clone(), fleet(1), transport, false, Some(&history), never()).await;
+        let r = run(
+            nodes.clone(),
+            fleet(1),
+            transport,
+            false,
+            Some(&history),
+            never(),
+        )
+        .await;
         assert!(r.report().all_built());
         probes += r.transport.probes.lock().unwrap().len();
         if r.events.iter().any(|e| e.contains("quarantined until")) {
             break;
         }
-        assert!(round < 5, "not quarantined after 5 failures: {:?}", r.events);
+        assert!(
+            round < 5,
+            "not quarantined after 5 failures: {:?}",
+            r.events
+        );
     }
     assert_eq!(probes, 5);
     let transport = FakeTransport::new(&nodes, |_, _| Ending::Built);

@@ -80,10 +80,7 @@ impl StderrLog {
     pub(super) async fn pump(self, pipe: ChildStderr, requests: FinishRequests) {
         let mut requests = requests.0;
         // A pipe receiver of our own is non-blocking and can be read "as far as it holds".
-        let Ok(pipe) = pipe
-            .into_owned_fd()
-            .and_then(pipe::Receiver::from_owned_fd)
-        else {
+        let Ok(pipe) = pipe.into_owned_fd().and_then(pipe::Receiver::from_owned_fd) else {
             self.set_sink(None);
             return;
         };
