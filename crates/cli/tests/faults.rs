@@ -43,6 +43,16 @@ impl Work {
         Work { dir, file }
     }
 
+    /// The output path of `top`, from an evaluation.
+    fn top_output(&self) -> String {
+        let out = run_ok(
+            nix_command("nix-instantiate")
+                .args(["--eval", "-E"])
+                .arg(format!("(import {}).outPath", self.file.display())),
+        );
+        out.trim().trim_matches('"').to_string()
+    }
+
     fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -222,4 +232,275 @@ fn sigint_or_sigterm_mid_build_stops_everything_exits_as_the_shell_would_and_lea
         assert!(again.status.success(), "{}", text(&again.stderr));
         work.assert_sound_and_complete(&fleet, &spec);
     }
+}
+
+/// The host (0 or 1) whose sessions run the build's `sleep`.
+fn host_sleeping(fleet: &SshFleet) -> Option<usize> {
+    (0..2).find(|&i| {
+        fleet.session_processes(i).iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with("sleep"))
+        })
+    })
+}
+
+#[test]
+fn a_builder_whose_nix_store_is_killed_mid_build_loses_the_build_to_another() {
+    let Some(fleet) = require_sshd_fleet(2) else {
+        return;
+    };
+    let work = Work::new("killed", "if [ -e @WORK@/slow ]; then sleep 300; fi");
+    std::fs::write(work.path().join("slow"), "").unwrap();
+    let spec = builders(&fleet, &[0, 1], "");
+    let child = work
+        .command(&fleet, &spec, &["-j0", "--retry-backoff", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sleeping = None;
+    assert!(wait_for(Duration::from_secs(30), || {
+        sleeping = host_sleeping(&fleet);
+        sleeping.is_some()
+    }));
+    let host = sleeping.unwrap();
+    std::fs::remove_file(work.path().join("slow")).unwrap();
+    // The serve processes of that host only: other hosts share this process table.
+    for pid in fleet.session_processes(host) {
+        if std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.starts_with("nix-store\0--serve"))
+        {
+            run_ok(Command::new("kill").arg("-KILL").arg(pid.to_string()));
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("warning: {} cannot be used", fleet.alias(host))),
+        "{stderr}"
+    );
+    let other = fleet.alias(1 - host);
+    assert!(
+        stderr.contains(&format!("builds per machine: {other} 2")),
+        "{stderr}"
+    );
+    let top = text(&out.stdout).trim().to_string();
+    assert_eq!(top, work.top_output());
+    assert_eq!(
+        std::fs::read_to_string(format!("{top}/name")).unwrap(),
+        "fault-top\n"
+    );
+    work.assert_sound_and_complete(&fleet, &spec);
+}
+
+/// A `remote-program` for host `host` that runs `nix-store` behind `filter` (a Python
+/// program reading `stdin` or `stdout` of the serve session, by `side`).
+fn filtered_program(work: &Work, name: &str, side: &str, filter: &str) -> PathBuf {
+    let py = work.path().join(format!("{name}.py"));
+    std::fs::write(&py, filter).unwrap();
+    let pipeline = match side {
+        "stdin" => format!("python3 {} | nix-store \"$@\"", py.display()),
+        _ => format!("nix-store \"$@\" | python3 {}", py.display()),
+    };
+    work.script(name, &format!("#!/bin/sh\n{pipeline}\n"))
+}
+
+#[test]
+fn a_host_that_stops_answering_mid_transfer_is_noticed_within_the_stall_timeout() {
+    let Some(fleet) = require_sshd_fleet(2) else {
+        return;
+    };
+    // A 4 MB input: its transfer to the first host stops after 1 MB, when that host's
+    // sshd sessions freeze (SIGSTOP), as a host that hangs or whose link dies.
+    let work = Work::new("stall", "cat $src > /dev/null");
+    let big = work.path().join("big");
+    let noise: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&big, noise).unwrap();
+    let expr = std::fs::read_to_string(&work.file).unwrap().replace(
+        "inherit name dep;",
+        &format!("inherit name dep; src = {};", big.display()),
+    );
+    std::fs::write(&work.file, expr).unwrap();
+    let listener = fleet.listener(0).unwrap();
+    let freeze = format!(
+        r#"import os, signal, sys
+inp, out, seen = sys.stdin.buffer.raw, sys.stdout.buffer.raw, 0
+while True:
+    chunk = inp.read(65536)
+    if not chunk:
+        break
+    seen += len(chunk)
+    if seen > 1 << 20:
+        pid = os.getppid()
+        while pid > 1 and pid != {listener}:
+            stat = open(f"/proc/{{pid}}/stat").read()
+            parent = int(stat[stat.rindex(")") + 2:].split()[1])
+            if stat[stat.index("(") + 1:stat.rindex(")")] == "sshd":
+                os.kill(pid, signal.SIGSTOP)
+            pid = parent
+        os.kill(os.getpid(), signal.SIGSTOP)
+    out.write(chunk)
+"#
+    );
+    let program = filtered_program(&work, "freeze", "stdin", &freeze);
+    // The freezing host is twice as fast: the plan sends the build there first.
+    let spec = format!(
+        "{}?remote-program={} {} - 1 2;{}",
+        fleet.store_uri(0),
+        program.display(),
+        nix_system(),
+        builders(&fleet, &[1], "")
+    );
+    let started = Instant::now();
+    let out = work.build(
+        &fleet,
+        &spec,
+        &["-j0", "--stall-timeout", "3", "--retry-backoff", "60"],
+    );
+    let took = started.elapsed();
+    fleet.signal_sessions(0, "CONT");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    eprintln!("a frozen host was left behind after {took:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}: {stderr}");
+    assert!(
+        stderr.contains(&format!("warning: {} cannot be used", fleet.alias(0))),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("builds per machine: {} 2", fleet.alias(1))),
+        "{stderr}"
+    );
+    work.assert_sound_and_complete(&fleet, &builders(&fleet, &[1], ""));
+}
+
+#[test]
+fn a_corrupted_nar_stream_is_rejected_and_nothing_is_registered() {
+    let Some(fleet) = require_sshd_fleet(1) else {
+        return;
+    };
+    let work = Work::new("corrupt", "");
+    // Every byte of the output's `name` file goes through the stream once: flip one.
+    let flip = r#"import sys
+inp, out = sys.stdin.buffer.raw, sys.stdout.buffer.raw
+while True:
+    chunk = inp.read(65536)
+    if not chunk:
+        break
+    out.write(chunk.replace(b"fault-top
+", b"fault-tOp
+"))
+    out.flush()
+"#;
+    let program = filtered_program(&work, "flip", "stdout", flip);
+    let spec = builders(
+        &fleet,
+        &[0],
+        &format!("?remote-program={}", program.display()),
+    );
+    let out = work.build(&fleet, &spec, &["-j0"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not match its recorded"), "{stderr}");
+    let top = work.top_output();
+    let valid = nix_command("nix-store")
+        .args(["--check-validity", &top])
+        .status()
+        .unwrap();
+    assert!(!valid.success(), "a corrupted path was registered");
+    assert!(
+        !Path::new(&top).exists(),
+        "a corrupted path was left in the store"
+    );
+    run_ok(nix_command("nix-store").args(["--verify", "--check-contents"]));
+    // Without the corruption the same outputs come home, and then nothing is built.
+    let clean = builders(&fleet, &[0], "");
+    let out = work.build(&fleet, &clean, &["-j0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    work.assert_sound_and_complete(&fleet, &clean);
+}
+
+#[test]
+fn a_host_key_that_does_not_match_is_refused_before_anything_is_sent() {
+    let Some(fleet) = require_sshd_fleet(1) else {
+        return;
+    };
+    let work = Work::new("hostkey", "");
+    let key = work.path().join("other");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", ""])
+            .arg("-f")
+            .arg(&key),
+    );
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let public: Vec<&str> = public.split_whitespace().take(2).collect();
+    let b64 = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s' '{}' | base64 -w0", public.join(" "))),
+    );
+    let spec = format!("{} {} - 1 1 - - {b64}", fleet.store_uri(0), nix_system());
+    let out = work.build(&fleet, &spec, &["-j0", "--quarantine-after", "1"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the host key is unknown or does not match"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("offload never turns host-key checking off"),
+        "{stderr}"
+    );
+    let received = fleet
+        .ssh(0, "ls /nix/store | grep -c fault- || true")
+        .unwrap();
+    assert_eq!(received.trim(), "0", "nothing reached the host");
+    run_ok(nix_command("nix-store").args(["--verify", "--check-contents"]));
+}
+
+#[test]
+fn a_login_script_that_prints_to_stdout_is_named_with_the_fix() {
+    let Some(fleet) = require_sshd_fleet(1) else {
+        return;
+    };
+    let work = Work::new("banner", "");
+    let program = work.script(
+        "chatty",
+        "#!/bin/sh\necho 'Welcome to the build farm!'\nexec nix-store \"$@\"\n",
+    );
+    let spec = builders(
+        &fleet,
+        &[0],
+        &format!("?remote-program={}", program.display()),
+    );
+    let out = work.build(&fleet, &spec, &["-j0", "--quarantine-after", "1"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("printed text before the Nix serve protocol started"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Welcome to the build farm!"), "{stderr}");
+    assert!(stderr.contains("[[ $- == *i* ]]"), "{stderr}");
+    run_ok(nix_command("nix-store").args(["--verify", "--check-contents"]));
+    // The host is remembered as quarantined; once fixed, and forgotten with the state
+    // file, it builds, and then nothing is left to build.
+    let again = work.build(&fleet, &spec, &["-j0"]);
+    assert!(
+        text(&again.stderr).contains(&format!(
+            "warning: skipping {}: quarantined until ",
+            fleet.alias(0)
+        )),
+        "{}",
+        text(&again.stderr)
+    );
+    std::fs::remove_file(work.path().join("history.sqlite")).unwrap();
+    let clean = builders(&fleet, &[0], "");
+    let out = work.build(&fleet, &clean, &["-j0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    work.assert_sound_and_complete(&fleet, &clean);
 }
