@@ -194,7 +194,7 @@ fn sigint_or_sigterm_mid_build_stops_everything_exits_as_the_shell_would_and_lea
         );
         std::fs::write(work.path().join("slow"), "").unwrap();
         let spec = builders(&fleet, &[0], "");
-        let mut child = work
+        let child = work
             .command(&fleet, &spec, &["-j0"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -234,13 +234,32 @@ fn sigint_or_sigterm_mid_build_stops_everything_exits_as_the_shell_would_and_lea
     }
 }
 
-/// The host (0 or 1) whose sessions run the build's `sleep`.
-fn host_sleeping(fleet: &SshFleet) -> Option<usize> {
-    (0..2).find(|&i| {
-        fleet.session_processes(i).iter().any(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.starts_with("sleep"))
-        })
+fn cmdline(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// On host 0 or 1, the serve process running the build's `sleep`: the host and pid.
+fn serve_process_building(fleet: &SshFleet) -> Option<(usize, u32)> {
+    (0..2).find_map(|i| {
+        let sleep = fleet
+            .session_processes(i)
+            .into_iter()
+            .find(|&pid| cmdline(pid).starts_with("sleep"))?;
+        let mut pid = parent(sleep)?;
+        while !cmdline(pid).starts_with("nix-store\0--serve") {
+            pid = parent(pid).filter(|&p| p > 1)?;
+        }
+        Some((i, pid))
     })
 }
 
@@ -258,21 +277,15 @@ fn a_builder_whose_nix_store_is_killed_mid_build_loses_the_build_to_another() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut sleeping = None;
+    let mut building = None;
     assert!(wait_for(Duration::from_secs(30), || {
-        sleeping = host_sleeping(&fleet);
-        sleeping.is_some()
+        building = serve_process_building(&fleet);
+        building.is_some()
     }));
-    let host = sleeping.unwrap();
+    // That serve process only: other hosts' share this process table.
+    let (host, pid) = building.unwrap();
+    run_ok(Command::new("kill").arg("-KILL").arg(pid.to_string()));
     std::fs::remove_file(work.path().join("slow")).unwrap();
-    // The serve processes of that host only: other hosts share this process table.
-    for pid in fleet.session_processes(host) {
-        if std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| c.starts_with("nix-store\0--serve"))
-        {
-            run_ok(Command::new("kill").arg("-KILL").arg(pid.to_string()));
-        }
-    }
     let out = child.wait_with_output().unwrap();
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -326,10 +339,10 @@ fn a_host_that_stops_answering_mid_transfer_is_noticed_within_the_stall_timeout(
     std::fs::write(&work.file, expr).unwrap();
     let listener = fleet.listener(0).unwrap();
     let freeze = format!(
-        r#"import os, signal, sys
-inp, out, seen = sys.stdin.buffer.raw, sys.stdout.buffer.raw, 0
+        r#"import os, signal
+seen = 0
 while True:
-    chunk = inp.read(65536)
+    chunk = os.read(0, 65536)
     if not chunk:
         break
     seen += len(chunk)
@@ -342,7 +355,8 @@ while True:
                 os.kill(pid, signal.SIGSTOP)
             pid = parent
         os.kill(os.getpid(), signal.SIGSTOP)
-    out.write(chunk)
+    while chunk:
+        chunk = chunk[os.write(1, chunk):]
 "#
     );
     let program = filtered_program(&work, "freeze", "stdin", &freeze);
@@ -384,16 +398,14 @@ fn a_corrupted_nar_stream_is_rejected_and_nothing_is_registered() {
     };
     let work = Work::new("corrupt", "");
     // Every byte of the output's `name` file goes through the stream once: flip one.
-    let flip = r#"import sys
-inp, out = sys.stdin.buffer.raw, sys.stdout.buffer.raw
+    let flip = r#"import os
 while True:
-    chunk = inp.read(65536)
+    chunk = os.read(0, 65536)
     if not chunk:
         break
-    out.write(chunk.replace(b"fault-top
-", b"fault-tOp
-"))
-    out.flush()
+    chunk = chunk.replace(b"fault-top\n", b"fault-tOp\n")
+    while chunk:
+        chunk = chunk[os.write(1, chunk):]
 "#;
     let program = filtered_program(&work, "flip", "stdout", flip);
     let spec = builders(

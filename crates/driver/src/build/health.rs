@@ -160,6 +160,12 @@ impl<'h> Health<'h> {
         }
     }
 
+    /// How long a probe may take: twice the stall timeout (connecting, then the
+    /// handshake).
+    pub(crate) fn probe_timeout(&self) -> Duration {
+        self.policy.stall_timeout.max(Duration::from_secs(1)) * 2
+    }
+
     /// Why each machine failed in this run, for a build no machine remains for.
     pub(crate) fn failures(&self) -> Vec<(&str, &str)> {
         self.names

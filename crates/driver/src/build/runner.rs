@@ -213,7 +213,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 self.apply(actions);
                 continue;
             }
-            let probe = self.transport.clone().probe(m);
+            let probe = self.probe(m);
             probes.spawn(async move { (m, probe.await) });
         }
         while let Some(probed) = probes.join_next().await {
@@ -236,7 +236,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         let name = self.machines[machine].name.clone();
         let (event, next) = match self.health.failed(machine, why) {
             AfterFailure::RetryIn(wait) => {
-                let probe = self.transport.clone().probe(machine);
+                let probe = self.probe(machine);
                 self.probes.spawn(async move {
                     tokio::time::sleep(wait).await;
                     (machine, probe.await)
@@ -258,6 +258,22 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             .machine_warning(&format!("{name} cannot be used ({why}); {doing}, {next}"));
         let actions = self.sched.handle(event, self.now());
         self.apply(actions);
+    }
+
+    /// A probe of `machine`, bounded: a host that takes the connection and then says
+    /// nothing (no keepalive notices a silent program) counts as down too.
+    fn probe(&self, machine: MachineId) -> impl Future<Output = Result<(), String>> + 'static {
+        let limit = self.health.probe_timeout();
+        let probe = self.transport.clone().probe(machine);
+        async move {
+            match tokio::time::timeout(limit, probe).await {
+                Ok(answer) => answer,
+                Err(_) => Err(format!(
+                    "no serve-protocol answer within {} s",
+                    limit.as_secs()
+                )),
+            }
+        }
     }
 
     fn on_probed(&mut self, machine: MachineId, answer: Result<(), String>) {
