@@ -19,6 +19,7 @@ use crate::trust::LocalAccess;
 pub use health::Reliability;
 
 mod health;
+mod log;
 mod runner;
 mod serve;
 #[cfg(test)]

@@ -169,10 +169,9 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             }
             tokio::select! {
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    match joined {
-                        Ok((id, done)) => self.on_finished(id, done),
-                        // Aborted by a Cancel or a machine's loss: already accounted for.
-                        Err(_) => {}
+                    // An aborted task (a Cancel, its machine's failure) is accounted for.
+                    if let Ok((id, done)) = joined {
+                        self.on_finished(id, done);
                     }
                 }
                 Some(probed) = self.probes.join_next(), if !self.probes.is_empty() => {
