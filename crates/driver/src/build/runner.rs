@@ -516,7 +516,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 format!("dependency {} failed", self.nodes[*dep].drv_path)
             }
             Failure::TooManyAttempts { attempts, reason } => {
-                format!("lost {attempts} times with its machine; last: {reason}")
+                format!("tried {attempts} times without running to its end; last: {reason}")
             }
             Failure::Stopped => {
                 "not built: the run stopped after a failure (use --keep-going to go on)".into()
