@@ -377,10 +377,28 @@ pub struct BuildArgs {
     #[arg(long)]
     pub no_out_link: bool,
 
-    /// Build-duration history (SQLite). Default: $OFFLOAD_HISTORY or
-    /// ~/.local/state/offload/history.sqlite.
+    /// offload's state (SQLite): build durations, and machines that keep failing.
+    /// Default: $OFFLOAD_HISTORY or ~/.local/state/offload/history.sqlite.
     #[arg(long, value_name = "FILE")]
     pub history: Option<PathBuf>,
+
+    /// Seconds an ssh connection may go unanswered (connecting, or silent mid-transfer
+    /// or mid-build) before its machine counts as down and its work moves.
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_timeout: u64,
+
+    /// Seconds before a machine that failed is tried again; doubled with each further
+    /// failure, up to a minute.
+    #[arg(long, value_name = "S", default_value_t = 2)]
+    pub retry_backoff: u64,
+
+    /// Consecutive failures (counted over runs) after which a machine is quarantined.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub quarantine_after: u32,
+
+    /// Seconds a quarantine lasts: until then, runs skip the machine.
+    #[arg(long, value_name = "S", default_value_t = 600)]
+    pub quarantine: u64,
 
     /// Write where and when each build ran as Chrome trace-event JSON, the format of
     /// `offload simulate --trace`.

@@ -4,16 +4,20 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::build::{self, BuildOptions, BuildReport, LogDestination, NodeResult};
+use offload_driver::build::{
+    self, BuildOptions, BuildReport, LogDestination, NodeResult, Reliability,
+};
 use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::build_fleet;
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
 use offload_driver::process;
+use offload_driver::shutdown::Shutdown;
 use offload_driver::trust::LocalAccess;
-use offload_driver::History;
+use offload_driver::{DriverError, History};
 use offload_nix::serve::BuildSettings;
 use offload_nix::store_path::StorePath;
 use offload_sim::report::{chrome_trace, TraceEvent};
@@ -25,6 +29,10 @@ use crate::report::{critical_chain, html, ReportBuild, ReportMachine, RunReport}
 use crate::Failure;
 
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
+    // From here SIGINT and SIGTERM stop the run cleanly instead of killing offload.
+    let shutdown = Shutdown::on_signals()
+        .context("cannot watch for SIGINT and SIGTERM")
+        .map_err(Failure::usage)?;
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
@@ -49,6 +57,13 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         logs: LogDestination::Nowhere,
         session_options: Vec::new(),
         check: Default::default(),
+        reliability: Reliability {
+            backoff: Duration::from_secs(args.retry_backoff),
+            quarantine_after: args.quarantine_after,
+            quarantine_for: Duration::from_secs(args.quarantine),
+            stall_timeout: Duration::from_secs(args.stall_timeout),
+            ..Reliability::default()
+        },
     };
     for pair in args.option.chunks(2) {
         if let [name, value] = pair {
@@ -184,9 +199,16 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         history.as_ref(),
         &options,
         reporter.clone(),
+        shutdown.token(),
     )
     .await
-    .map_err(Failure::work)?;
+    .map_err(|e| match (&e, shutdown.signal()) {
+        (DriverError::Interrupted { .. }, Some(signal)) => Failure {
+            error: e.into(),
+            code: signal.exit_code(),
+        },
+        _ => Failure::work(e),
+    })?;
 
     if let Some(path) = &args.trace {
         write_trace(path, &names, &report)?;

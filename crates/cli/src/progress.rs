@@ -5,6 +5,7 @@
 //! - `planned`: `derivations` to build, `machines` (`name`, `slots`, `speed_factor`);
 //! - `build_started`: `drv`, `machine`, `at_s` (seconds since the run began);
 //! - `build_finished` / `build_failed`: `drv`, `machine`, `at_s`, `seconds`;
+//! - `machine_warning`: `message` (a machine skipped, down, or quarantined), `at_s`;
 //! - `summary`: `ok`, `built`, `wall_s`, `lower_bound_s` (by the measured build times),
 //!   `builds_per_machine`, `outputs` (the requested output paths), and `failures`, each
 //!   with `drv`, `reason` and `log_tail`.
@@ -130,6 +131,16 @@ impl Reporter for Progress {
                 None => eprintln!("{}> {line}", drv_name(drv)),
             }
         }
+    }
+
+    fn machine_warning(&self, message: &str) {
+        if !self.quiet {
+            match self.live.get() {
+                Some(live) => live.println(&format!("warning: {message}")),
+                None => eprintln!("warning: {message}"),
+            }
+        }
+        self.event(json!({"type": "machine_warning", "message": message, "at_s": self.at()}));
     }
 
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64) {

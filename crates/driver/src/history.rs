@@ -1,5 +1,11 @@
-//! Build-duration history in SQLite: how long each derivation took, where, so the next
-//! plan can estimate it.
+//! offload's state database in SQLite: how long each derivation took, where, so the next
+//! plan can estimate it, and which machines keep failing (`machine_state.rs`), so the
+//! next run skips them until their quarantine ends.
+//!
+//! One schema, upgraded in place: [`MIGRATIONS`] run in order, and SQLite's
+//! `user_version` records how many have run, so a history file of an older offload
+//! gains the new tables on its first open. WAL mode and a busy timeout let runs that
+//! overlap share the file.
 //!
 //! Builds are keyed by the derivation's name without its hash (`hello-2.12.1`), with a
 //! version-insensitive fallback (`hello`), since a version bump rarely changes the cost
@@ -16,6 +22,32 @@ use thiserror::Error;
 pub const DEFAULT_SECONDS: f64 = offload_sched::DEFAULT_ESTIMATE_SECONDS;
 /// How many recent builds of a name an estimate averages.
 const RECENT: u32 = 5;
+
+/// The schema, one step per entry; an entry never changes once released, a change is a
+/// new entry. The first is the duration history as it was before versioning (hence
+/// `IF NOT EXISTS`: files of that time already have it).
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS builds (
+         name TEXT NOT NULL,
+         pname TEXT NOT NULL,
+         system TEXT NOT NULL,
+         machine TEXT NOT NULL,
+         seconds REAL NOT NULL,
+         speed REAL NOT NULL,
+         finished_at INTEGER NOT NULL
+     );
+     CREATE INDEX IF NOT EXISTS builds_name ON builds (name, finished_at);
+     CREATE INDEX IF NOT EXISTS builds_pname ON builds (pname, finished_at);",
+    // Machines that failed: consecutive connection failures (reset by a success), the
+    // last one, and the end of a quarantine (Unix seconds; 0 for none).
+    "CREATE TABLE machines (
+         name TEXT PRIMARY KEY,
+         failures INTEGER NOT NULL,
+         last_failure TEXT NOT NULL,
+         last_failure_at INTEGER NOT NULL,
+         quarantined_until INTEGER NOT NULL
+     );",
+];
 
 /// The history database could not be used.
 #[derive(Debug, Error)]
@@ -58,25 +90,54 @@ impl History {
         let conn = Connection::open(path).map_err(err("opening"))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(err("setting the busy timeout"))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE IF NOT EXISTS builds (
-                 name TEXT NOT NULL,
-                 pname TEXT NOT NULL,
-                 system TEXT NOT NULL,
-                 machine TEXT NOT NULL,
-                 seconds REAL NOT NULL,
-                 speed REAL NOT NULL,
-                 finished_at INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS builds_name ON builds (name, finished_at);
-             CREATE INDEX IF NOT EXISTS builds_pname ON builds (pname, finished_at);",
-        )
-        .map_err(err("creating the schema"))?;
-        Ok(History {
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err("turning on WAL mode"))?;
+        let mut history = History {
             conn,
             path: path.to_path_buf(),
-        })
+        };
+        history.migrate()?;
+        Ok(history)
+    }
+
+    /// Runs the migrations this file has not had yet, each in its own transaction.
+    fn migrate(&mut self) -> Result<(), HistoryError> {
+        let err = |op| {
+            let path = self.path.clone();
+            move |source| HistoryError { path, op, source }
+        };
+        let done: usize = self
+            .conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(err("reading the schema version"))?;
+        if done > MIGRATIONS.len() {
+            return Err(HistoryError {
+                path: self.path.clone(),
+                op: "reading the schema: it was made by a newer offload (give another \
+                     file with --history)",
+                source: rusqlite::Error::InvalidQuery,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+            let tx = self
+                .conn
+                .transaction()
+                .map_err(err("upgrading the schema"))?;
+            tx.execute_batch(sql).map_err(err("upgrading the schema"))?;
+            tx.pragma_update(None, "user_version", i + 1)
+                .map_err(err("upgrading the schema"))?;
+            tx.commit().map_err(err("upgrading the schema"))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn error(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> HistoryError {
+        let path = self.path.clone();
+        move |source| HistoryError { path, op, source }
     }
 
     /// The default location: `$OFFLOAD_HISTORY`, else
@@ -101,10 +162,7 @@ impl History {
         seconds: f64,
         speed: f64,
     ) -> Result<(), HistoryError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = unix_now();
         self.conn
             .execute(
                 "INSERT INTO builds (name, pname, system, machine, seconds, speed, finished_at)
@@ -155,6 +213,14 @@ impl History {
     }
 }
 
+/// Seconds since the Unix epoch (0 on a clock before it).
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// A derivation name without its version: everything before the first `-` that is
 /// followed by a digit, as Nix's `parseDrvName` splits `hello-2.12.1`.
 pub fn package_name(name: &str) -> &str {
@@ -203,5 +269,50 @@ mod tests {
         // It persists.
         let h = History::open(&dir.path().join("h.sqlite")).unwrap();
         assert_eq!(h.estimate("hello-1.0").unwrap().1, EstimateSource::Exact);
+    }
+
+    #[test]
+    fn a_history_file_from_before_versioning_upgrades_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        {
+            // The schema as offload created it before migrations, with one build.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(MIGRATIONS[0]).unwrap();
+            old.execute(
+                "INSERT INTO builds VALUES ('hello-1.0', 'hello', 'x86_64-linux', 'b1', 3.0, 1.0, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let h = History::open(&path).unwrap();
+        assert_eq!(
+            h.estimate("hello-1.0").unwrap(),
+            (3.0, EstimateSource::Exact)
+        );
+        let version: usize = h
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+        let mode: String = h
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        h.machine_failed("b1", "connection refused", 100).unwrap();
+        drop(h);
+        // Opening it again runs nothing twice and keeps what was recorded.
+        let h = History::open(&path).unwrap();
+        assert_eq!(h.machine("b1").unwrap().map(|m| m.failures), Some(1));
+        // A file of a newer offload is refused, not damaged.
+        h.conn
+            .pragma_update(None, "user_version", MIGRATIONS.len() + 1)
+            .unwrap();
+        drop(h);
+        let e = History::open(&path)
+            .err()
+            .expect("a newer schema is refused");
+        assert!(e.op.contains("newer offload"), "{e}");
     }
 }

@@ -7,7 +7,8 @@
 //! - [`ServeConn`] — one serve session: queries, NAR streaming, imports, builds;
 //! - [`copy_closure`] — copies a closure between two stores, several transfers at once;
 //! - [`build::run`] — builds a graph of derivations over a fleet, as the scheduler plans;
-//! - [`History`] — build durations in SQLite, for estimates;
+//! - [`History`] — the state database in SQLite: build durations for estimates, and
+//!   machines that keep failing;
 //! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
 //! - [`slots::SlotLedger`] — builders' slots, shared with Nix's own build hook;
 //! - [`DriverError`] — what went wrong, naming the machine and the next step.
@@ -25,12 +26,14 @@ mod error;
 pub mod fleet;
 mod history;
 pub mod hook;
+mod machine_state;
 pub mod nixconf;
 mod paths;
 pub mod plan;
 mod pool;
 pub mod process;
 mod session;
+pub mod shutdown;
 pub mod signing;
 pub mod slots;
 mod transport;
@@ -39,6 +42,7 @@ pub mod trust;
 pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use error::DriverError;
 pub use history::{package_name, EstimateSource, History, HistoryError, DEFAULT_SECONDS};
+pub use machine_state::{format_utc, MachineRecord};
 pub use paths::PathRegistry;
 pub use pool::Pool;
 pub use session::{ServeConn, HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};

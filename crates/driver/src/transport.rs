@@ -54,6 +54,9 @@ pub struct Endpoint {
     /// Environment variables for a server run as a local process (ssh carries none),
     /// e.g. `NIX_HELD_LOCKS` for the build hook's imports.
     pub env: Vec<(String, String)>,
+    /// Options for ssh itself (keepalives, connect timeout), after the user's
+    /// `NIX_SSHOPTS` so that the user's own choice wins.
+    pub ssh_options: Vec<String>,
 }
 
 impl Endpoint {
@@ -66,6 +69,7 @@ impl Endpoint {
             remote_store: store,
             extra_args: Vec::new(),
             env: Vec::new(),
+            ssh_options: Vec::new(),
         }
     }
 
@@ -182,6 +186,7 @@ impl Endpoint {
                 if let Ok(opts) = std::env::var(NIX_SSHOPTS) {
                     cmd.args(opts.split_whitespace());
                 }
+                cmd.args(&self.ssh_options);
                 if let Some(key) = ssh_key {
                     cmd.arg("-i").arg(key);
                 }

@@ -275,7 +275,10 @@ async fn build_derivation_builds_and_reports_failures() {
         .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect(),
     };
-    let failing = drv("echo about to fail; exit 3");
+    // Many lines, so that some are still in the pipe when the result arrives.
+    let failing = drv(
+        "i=0; while [ $i -lt 3000 ]; do echo line $i; i=$((i+1)); done; echo about to fail; exit 3",
+    );
     let result = conn
         .build_derivation(
             "/nix/store/8pql3j9cyj94hnchzwcidj1jj3pqhbf8-hi.drv",
@@ -290,6 +293,20 @@ async fn build_derivation_builds_and_reports_failures() {
         "{}",
         result.error_msg
     );
+    // Read to the end of the log, however far the pump had got when the result came.
+    conn.finish_log_sink().await;
+    let mut log = Vec::new();
+    while let Some(line) = rx.recv().await {
+        log.push(line);
+    }
+    assert!(
+        log.iter().any(|l| l == "line 2999"),
+        "{:?}",
+        &log[log.len().saturating_sub(5)..]
+    );
+    assert!(log.iter().any(|l| l.contains("about to fail")), "{log:?}");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    conn.set_log_sink(Some(tx));
 
     let ok = drv("echo hello from builder; echo hi > $out");
     let result = conn
@@ -307,11 +324,11 @@ async fn build_derivation_builds_and_reports_failures() {
         infos[0].nar_hash,
         "sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"
     );
+    conn.finish_log_sink().await;
     let mut log = Vec::new();
-    while let Ok(line) = rx.try_recv() {
+    while let Some(line) = rx.recv().await {
         log.push(line);
     }
-    assert!(log.iter().any(|l| l.contains("about to fail")), "{log:?}");
     assert!(
         log.iter().any(|l| l.contains("hello from builder")),
         "{log:?}"

@@ -13,8 +13,16 @@ pub enum Event {
         machine: MachineId,
         outcome: Outcome,
     },
-    /// The machine is gone: its running builds and the outputs only it held are lost.
+    /// The machine is gone for the rest of the run (the driver gave up on it). Its
+    /// running builds go back to the ready set without counting as failed attempts, the
+    /// outputs only it held are built again, and what no other machine can build fails.
     MachineLost { machine: MachineId },
+    /// The machine cannot be reached for now: as [`Event::MachineLost`], except that
+    /// what only it can build waits for it. The driver follows up with
+    /// [`Event::MachineBack`] or [`Event::MachineLost`].
+    MachineDown { machine: MachineId },
+    /// A machine that was down answers again: it takes builds from now on.
+    MachineBack { machine: MachineId },
     /// The node's outputs are now also valid on `machine` (e.g. copied to the client).
     OutputsAt { node: NodeId, machine: MachineId },
 }
@@ -27,7 +35,9 @@ pub enum Outcome {
     Failed {
         reason: String,
     },
-    /// The connection broke: the build runs again elsewhere.
+    /// The build did not run to its end for a reason that is not the build's (an input
+    /// could not be shipped): it runs again, up to [`crate::MAX_ATTEMPTS`] times. A broken
+    /// connection is reported as the machine's loss instead, which costs no attempt.
     Lost {
         reason: String,
     },
@@ -65,7 +75,7 @@ pub enum Failure {
     BuildFailed { machine: MachineId, reason: String },
     /// One of its dependencies failed.
     DependencyFailed { dep: NodeId },
-    /// Lost with its machine too often.
+    /// Did not run to its end too often (see [`Outcome::Lost`]).
     TooManyAttempts { attempts: u32, reason: String },
     /// The run stopped after another failure (no keep-going).
     Stopped,

@@ -18,7 +18,8 @@ use crate::graph::{Graph, NodeId};
 pub use crate::dispatch::RESERVATIONS_PER_ROUND;
 pub use crate::events::{Action, Event, Failure, NodeState, Outcome};
 
-/// How often a build lost with its machine is tried again elsewhere.
+/// How often a build that did not run to its end ([`Outcome::Lost`]) is tried. A build
+/// lost with its machine is not counted: it simply runs elsewhere.
 pub const MAX_ATTEMPTS: u32 = 3;
 
 /// The scheduler. Create it, call [`Scheduler::start`], then [`Scheduler::handle`] for
@@ -36,7 +37,11 @@ pub const MAX_ATTEMPTS: u32 = 3;
 pub struct Scheduler {
     pub(crate) graph: Graph,
     pub(crate) machines: Vec<MachineSpec>,
+    /// Machines taking builds now.
     pub(crate) alive: Vec<bool>,
+    /// Machines lost for the rest of the run; a machine neither alive nor gone is down
+    /// for now, and what only it can build waits for it.
+    gone: Vec<bool>,
     pub(crate) state: Vec<NodeState>,
     /// Nodes that are done or failed.
     settled: usize,
@@ -82,6 +87,7 @@ impl Scheduler {
         let mut sched = Scheduler {
             graph,
             alive: vec![true; m],
+            gone: vec![false; m],
             running: vec![Vec::new(); m],
             running_count: 0,
             machines,
@@ -171,26 +177,24 @@ impl Scheduler {
                 }
             }
             Event::MachineLost { machine } => {
-                if machine < self.alive.len() && self.alive[machine] {
-                    let class = self.class_of[machine];
-                    self.free_in_class[class] -= self.free_on(machine);
-                    self.alive[machine] = false;
-                    self.replace_queue_key(machine);
-                    let lost = std::mem::take(&mut self.running[machine]);
-                    self.running_count -= lost.len();
-                    for node in lost {
-                        self.requeue(
-                            node,
-                            format!("{} was lost", self.machines[machine].name),
-                            &mut actions,
-                        );
-                    }
-                    for h in &mut self.holders {
-                        h.retain(|&m| m != machine);
-                    }
-                    self.match_kinds();
-                    self.rebuild_lost_outputs();
+                if machine < self.gone.len() && !self.gone[machine] {
+                    self.take_down(machine, &mut actions);
+                    self.gone[machine] = true;
                     self.fail_unplaceable(&mut actions);
+                }
+            }
+            Event::MachineDown { machine } => {
+                if machine < self.alive.len() {
+                    self.take_down(machine, &mut actions);
+                }
+            }
+            Event::MachineBack { machine } => {
+                if machine < self.alive.len() && !self.alive[machine] && !self.gone[machine] {
+                    self.alive[machine] = true;
+                    // A down machine runs nothing: all its slots are free.
+                    self.free_in_class[self.class_of[machine]] += self.free_on(machine);
+                    self.replace_queue_key(machine);
+                    self.match_kinds();
                 }
             }
             Event::OutputsAt { node, machine } => {
@@ -251,6 +255,30 @@ impl Scheduler {
             _ => {}
         }
         self.state[id] = state;
+    }
+
+    /// Stops using a live `machine`: its running builds go back to the ready set (the
+    /// loss is the machine's, not theirs: no attempt is counted), and the outputs only it
+    /// held are built again where still needed.
+    fn take_down(&mut self, machine: MachineId, actions: &mut Vec<Action>) {
+        if !self.alive[machine] {
+            return;
+        }
+        let class = self.class_of[machine];
+        self.free_in_class[class] -= self.free_on(machine);
+        self.alive[machine] = false;
+        self.replace_queue_key(machine);
+        let lost = std::mem::take(&mut self.running[machine]);
+        self.running_count -= lost.len();
+        for node in lost {
+            self.make_ready(node);
+        }
+        for h in &mut self.holders {
+            h.retain(|&m| m != machine);
+        }
+        self.match_kinds();
+        self.rebuild_lost_outputs();
+        self.fail_unplaceable(actions);
     }
 
     /// Takes `node` off `machine`'s running builds.
@@ -386,9 +414,23 @@ impl Scheduler {
         }
     }
 
-    /// Fails ready or waiting nodes that no live machine can build.
+    /// Fails ready or waiting nodes that no machine can build: none that is live, and
+    /// none that is down for now and may come back.
     fn fail_unplaceable(&mut self, actions: &mut Vec<Action>) {
-        let unplaceable: Vec<bool> = self.kinds.iter().map(|k| k.classes.is_empty()).collect();
+        let unplaceable: Vec<bool> = self
+            .kinds
+            .iter()
+            .map(|k| {
+                let node = self.graph.node(k.example);
+                k.classes.is_empty()
+                    && !(0..self.machines.len()).any(|m| {
+                        !self.alive[m]
+                            && !self.gone[m]
+                            && self.machines[m].slots > 0
+                            && self.machines[m].can_build(node)
+                    })
+            })
+            .collect();
         if !unplaceable.contains(&true) {
             return;
         }

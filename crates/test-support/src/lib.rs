@@ -330,6 +330,79 @@ impl SshFleet {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Stops host `i`'s sshd: new connections to it are refused.
+    pub fn stop(&self, i: usize) {
+        if let Some(pid) = self.listener(i) {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+        // Until the port is closed, a connection could still get through.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self
+            .listener(i)
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pid of host `i`'s listening sshd.
+    pub fn listener(&self, i: usize) -> Option<u32> {
+        fs::read_to_string(&self.hosts[i].pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Every process under host `i`'s listening sshd: its sessions and what they run.
+    pub fn session_processes(&self, i: usize) -> Vec<u32> {
+        let Some(root) = self.listener(i) else {
+            return Vec::new();
+        };
+        let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+                let ppid = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                Some((pid, ppid))
+            })
+            .collect();
+        let mut found = vec![root];
+        let mut i = 0;
+        while i < found.len() {
+            let parent = found[i];
+            found.extend(
+                parents
+                    .iter()
+                    .filter(|(_, pp)| *pp == parent)
+                    .map(|(p, _)| *p),
+            );
+            i += 1;
+        }
+        found.remove(0);
+        found
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `KILL`, …) to every process of host `i`'s sessions.
+    pub fn signal_sessions(&self, i: usize, signal: &str) {
+        for pid in self.session_processes(i) {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
     /// Whether `path` is valid in host `i`'s store.
     pub fn is_valid(&self, i: usize, path: &str) -> bool {
         self.ssh(i, &format!("nix-store --check-validity {path}"))

@@ -10,12 +10,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use offload_nix::serve::{BasicDerivation, BuildSettings};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::DriverError;
 pub use crate::fleet::MachineConfig;
 use crate::history::History;
 use crate::trust::LocalAccess;
+pub use health::Reliability;
 
+mod health;
+mod log;
 mod runner;
 mod serve;
 #[cfg(test)]
@@ -75,6 +79,8 @@ pub struct BuildOptions {
     /// by `.drv` path. The serve protocol builds only in Nix's normal mode, so these run
     /// as `nix-store --realise --check` on the machine the plan chose.
     pub check: HashSet<String>,
+    /// Backoff, quarantine and stall detection for machines that fail.
+    pub reliability: Reliability,
 }
 
 /// Where build logs are kept.
@@ -160,6 +166,8 @@ pub trait Reporter: Send + Sync {
     fn build_started(&self, drv: &str, machine: &str);
     fn build_log(&self, drv: &str, machine: &str, line: &str);
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64);
+    /// A machine cannot be used, for now or for the run; `message` names it and says why.
+    fn machine_warning(&self, message: &str);
 }
 
 /// How one derivation ended.
@@ -204,8 +212,9 @@ impl BuildReport {
 }
 
 /// Builds `nodes` on `machines` (the local machine first, as [`crate::fleet`] makes
-/// them), then brings the closures of `wanted` output paths to the local store. Ctrl-C
-/// stops every build and ends the run with [`DriverError::Interrupted`].
+/// them), then brings the closures of `wanted` output paths to the local store.
+/// Cancelling `stop` ([`crate::shutdown::Shutdown`] does on SIGINT and SIGTERM) stops
+/// every build and transfer and ends the run with [`DriverError::Interrupted`].
 pub async fn run(
     nodes: Vec<BuildNode>,
     machines: Vec<MachineConfig>,
@@ -213,12 +222,20 @@ pub async fn run(
     history: Option<&History>,
     options: &BuildOptions,
     reporter: Arc<dyn Reporter>,
+    stop: CancellationToken,
 ) -> Result<BuildReport, DriverError> {
     let nodes: Arc<[BuildNode]> = nodes.into();
+    let mut machines = machines;
+    for m in &mut machines {
+        m.endpoint.ssh_options = options.reliability.ssh_options();
+    }
     let specs = machines.iter().map(|m| m.spec.clone()).collect();
     let cores = machines.iter().map(|m| m.cores).collect();
-    let transport =
-        ServeTransport::connect(machines, nodes.clone(), options, reporter.clone()).await?;
+    let connect = ServeTransport::connect(machines, nodes.clone(), options, reporter.clone());
+    let transport = tokio::select! {
+        transport = connect => transport?,
+        () = stop.cancelled() => return Err(DriverError::Interrupted { stopped: 0 }),
+    };
     let runner = Runner::new(
         Arc::new(transport),
         nodes,
@@ -226,16 +243,9 @@ pub async fn run(
         cores,
         wanted,
         options.keep_going,
+        options.reliability.clone(),
         history,
         reporter,
     )?;
-    runner.run(ctrl_c()).await
-}
-
-/// Completes on Ctrl-C; never, when the signal cannot be watched.
-async fn ctrl_c() {
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        tracing::warn!("cannot watch for Ctrl-C: {e}");
-        std::future::pending::<()>().await;
-    }
+    runner.run(stop).await
 }

@@ -13,7 +13,9 @@ use offload_sched::{
     Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
 };
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
+use super::health::{AfterFailure, Health, Reliability};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
@@ -34,6 +36,12 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
 
     /// `machine` is lost: nothing it held can be fetched from it any more.
     fn forget_machine(&self, machine: MachineId);
+
+    /// Whether `machine` answers: a session opens there. The error says why not.
+    fn probe(
+        self: Arc<Self>,
+        machine: MachineId,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static;
 
     /// Ends every idle session.
     fn close(&self) -> impl Future<Output = ()> + Send;
@@ -58,7 +66,8 @@ pub(crate) struct TaskDone {
     pub log_tail: Vec<String>,
     /// How long the task took: input copies and the build.
     pub seconds: f64,
-    /// The machine is to be taken out of the run (its session broke).
+    /// The machine's connection failed (its session broke): it is down for a while, and
+    /// the build runs again without counting as a failed attempt.
     pub machine_down: bool,
 }
 
@@ -79,7 +88,11 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     builds_per_machine: Vec<usize>,
     started_at: Vec<f64>,
     tasks: JoinSet<TaskDone>,
+    /// Each running build's task, by node: only that task's end counts.
     running: HashMap<usize, (AbortHandle, MachineId)>,
+    health: Health<'h>,
+    /// Machines down for now, each probed again after its backoff.
+    probes: JoinSet<(MachineId, Result<(), String>)>,
     /// Requested outputs copied home while the rest of the graph builds.
     early_copies: JoinSet<()>,
     lower_bound: f64,
@@ -96,6 +109,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         cores: Vec<Option<u32>>,
         wanted: Vec<String>,
         keep_going: bool,
+        reliability: Reliability,
         history: Option<&'h History>,
         reporter: Arc<dyn Reporter>,
     ) -> Result<Self, DriverError> {
@@ -113,6 +127,12 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         Ok(Runner {
             transport,
             sched: Scheduler::new(graph, machines.clone(), keep_going),
+            health: Health::new(
+                reliability,
+                history,
+                machines.iter().map(|m| m.name.clone()).collect(),
+            ),
+            probes: JoinSet::new(),
             builds_per_machine: vec![0; machines.len()],
             machines,
             cores,
@@ -131,36 +151,141 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         })
     }
 
-    /// Runs the graph to its end. When `interrupt` completes first, every running build
-    /// is stopped and the run ends with [`DriverError::Interrupted`].
-    pub(crate) async fn run(
-        mut self,
-        interrupt: impl Future<Output = ()>,
-    ) -> Result<BuildReport, DriverError> {
-        let first = self.sched.start(0.0);
-        self.apply(first);
-        // Created once, so a signal that arrives between two turns is not lost.
+    /// Runs the graph to its end. When `stop` is cancelled first, every running build,
+    /// transfer and copy is stopped and the run ends with [`DriverError::Interrupted`].
+    pub(crate) async fn run(mut self, stop: CancellationToken) -> Result<BuildReport, DriverError> {
+        let interrupt = stop.clone().cancelled_owned();
         tokio::pin!(interrupt);
+        tokio::select! {
+            () = self.check_machines() => {}
+            () = &mut interrupt => return Err(self.stop().await),
+        }
+        let first = self.sched.start(self.now());
+        self.apply(first);
         while !self.sched.is_finished() {
-            let joined = tokio::select! {
-                joined = self.tasks.join_next() => joined,
-                () = &mut interrupt => {
-                    // Dropping the sessions kills their processes, which stops the builds
-                    // on every machine; nothing half-done is ever registered.
-                    let stopped = self.running.len();
-                    self.tasks.shutdown().await;
-                    self.early_copies.shutdown().await;
-                    return Err(DriverError::Interrupted { stopped });
+            if self.tasks.is_empty() && self.probes.is_empty() {
+                // Nothing runs and no machine may come back: nothing more can happen.
+                break;
+            }
+            tokio::select! {
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    // An aborted task (a Cancel, its machine's failure) is accounted for.
+                    if let Ok((id, done)) = joined {
+                        self.on_finished(id, done);
+                    }
                 }
-            };
-            match joined {
-                None => break,
-                // Aborted by a Cancel: the scheduler already counts it as stopped.
-                Some(Err(_)) => continue,
-                Some(Ok(done)) => self.on_finished(done),
+                Some(probed) = self.probes.join_next(), if !self.probes.is_empty() => {
+                    if let Ok((machine, answer)) = probed {
+                        self.on_probed(machine, answer);
+                    }
+                }
+                () = &mut interrupt => return Err(self.stop().await),
             }
         }
-        Ok(self.finish().await)
+        self.finish(stop).await
+    }
+
+    /// Stops every build and transfer. Dropping the sessions kills their processes,
+    /// which stops the builds on every machine; nothing half-done is ever registered.
+    async fn stop(&mut self) -> DriverError {
+        let stopped = self.running.len();
+        self.tasks.shutdown().await;
+        self.probes.shutdown().await;
+        self.early_copies.shutdown().await;
+        DriverError::Interrupted { stopped }
+    }
+
+    /// Before the first build: skips the machines still quarantined by earlier runs,
+    /// and probes the others at once, so that one that cannot be reached is said once
+    /// and planned around from the start.
+    async fn check_machines(&mut self) {
+        let mut probes = JoinSet::new();
+        for m in 0..self.machines.len() {
+            if m == LOCAL || self.machines[m].slots == 0 {
+                continue;
+            }
+            if let Some(why) = self.health.quarantined(m) {
+                let name = &self.machines[m].name;
+                self.reporter
+                    .machine_warning(&format!("skipping {name}: {why}"));
+                let actions = self.sched.handle(Event::MachineLost { machine: m }, 0.0);
+                self.apply(actions);
+                continue;
+            }
+            let probe = self.probe(m);
+            probes.spawn(async move { (m, probe.await) });
+        }
+        while let Some(probed) = probes.join_next().await {
+            if let Ok((m, Err(why))) = probed {
+                self.machine_failed(m, &why, "skipping it");
+            }
+        }
+    }
+
+    /// `machine`'s connection failed: it is down until a probe after its backoff, or
+    /// lost for the run when it keeps failing. Its running builds go elsewhere.
+    fn machine_failed(&mut self, machine: MachineId, why: &str, doing: &str) {
+        self.running.retain(|_, (handle, m)| {
+            if *m == machine {
+                handle.abort();
+            }
+            *m != machine
+        });
+        self.transport.forget_machine(machine);
+        let name = self.machines[machine].name.clone();
+        let (event, next) = match self.health.failed(machine, why) {
+            AfterFailure::RetryIn(wait) => {
+                let probe = self.probe(machine);
+                self.probes.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    (machine, probe.await)
+                });
+                (
+                    Event::MachineDown { machine },
+                    format!("trying it again in {} s", wait.as_secs_f64()),
+                )
+            }
+            AfterFailure::Quarantined(until) => (
+                Event::MachineLost { machine },
+                format!(
+                    "it failed too often: quarantined until {}",
+                    crate::machine_state::format_utc(until)
+                ),
+            ),
+        };
+        self.reporter
+            .machine_warning(&format!("{name} cannot be used ({why}); {doing}, {next}"));
+        let actions = self.sched.handle(event, self.now());
+        self.apply(actions);
+    }
+
+    /// A probe of `machine`, bounded: a host that takes the connection and then says
+    /// nothing (no keepalive notices a silent program) counts as down too.
+    fn probe(&self, machine: MachineId) -> impl Future<Output = Result<(), String>> + 'static {
+        let limit = self.health.probe_timeout();
+        let probe = self.transport.clone().probe(machine);
+        async move {
+            match tokio::time::timeout(limit, probe).await {
+                Ok(answer) => answer,
+                Err(_) => Err(format!(
+                    "no serve-protocol answer within {} s",
+                    limit.as_secs()
+                )),
+            }
+        }
+    }
+
+    fn on_probed(&mut self, machine: MachineId, answer: Result<(), String>) {
+        match answer {
+            Ok(()) => {
+                tracing::info!(machine = %self.machines[machine].name, "answers again");
+                let actions = self
+                    .sched
+                    .handle(Event::MachineBack { machine }, self.now());
+                self.apply(actions);
+            }
+            Err(why) => self.machine_failed(machine, &why, "still down"),
+        }
     }
 
     fn now(&self) -> f64 {
@@ -210,30 +335,26 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     /// Feeds a finished task to the scheduler and records what it did.
-    fn on_finished(&mut self, done: TaskDone) {
+    fn on_finished(&mut self, id: tokio::task::Id, done: TaskDone) {
+        match self.running.get(&done.node) {
+            Some((handle, _)) if handle.id() == id => {}
+            // The end of a task the runner already gave up on (its machine failed).
+            _ => return,
+        }
         self.running.remove(&done.node);
         let now = self.now();
         if done.machine_down {
-            // Its other builds go elsewhere: stop them here.
-            self.running.retain(|_, (handle, m)| {
-                if *m == done.machine {
-                    handle.abort();
-                }
-                *m != done.machine
-            });
-            self.transport.forget_machine(done.machine);
-            let actions = self.sched.handle(
-                Event::MachineLost {
-                    machine: done.machine,
-                },
-                now,
-            );
-            self.apply(actions);
+            let why = match &done.outcome {
+                Outcome::Lost { reason } => reason.clone(),
+                _ => "its session broke".to_string(),
+            };
+            self.machine_failed(done.machine, &why, "its builds go elsewhere");
+            return;
         }
         let drv_path = &self.nodes[done.node].drv_path;
         let machine_name = &self.machines[done.machine].name;
         if let Outcome::Lost { reason } = &done.outcome {
-            tracing::warn!(machine = %machine_name, drv = %drv_path, "build lost, will retry elsewhere: {reason}");
+            tracing::warn!(machine = %machine_name, drv = %drv_path, "build lost, will retry: {reason}");
         }
         let actions = self.sched.handle(
             Event::Finished {
@@ -272,6 +393,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     fn on_built(&mut self, done: &TaskDone) {
+        self.health.built_on(done.machine);
         let node = &self.nodes[done.node];
         let machine = &self.machines[done.machine];
         // Requested outputs start home as soon as they are built, while the rest of the
@@ -312,10 +434,15 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     /// Stops what still runs, brings the requested outputs of what was built home, and
-    /// reports.
-    async fn finish(mut self) -> BuildReport {
+    /// reports. The copies stop when `stop` is cancelled.
+    async fn finish(mut self, stop: CancellationToken) -> Result<BuildReport, DriverError> {
         self.tasks.shutdown().await;
-        while self.early_copies.join_next().await.is_some() {}
+        self.probes.shutdown().await;
+        let early = async { while self.early_copies.join_next().await.is_some() {} };
+        tokio::select! {
+            () = early => {}
+            () = stop.cancelled() => return Err(self.stop().await),
+        }
         let measured_lower_bound = measured_bound(&self.nodes, &self.results, &self.machines);
         // Outputs of derivations that failed cannot come home; the rest do, with -k too.
         let unbuilt: HashSet<&str> = self
@@ -331,9 +458,14 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             .filter(|p| !unbuilt.contains(p.as_str()))
             .cloned()
             .collect();
-        let copy_back_error = self.transport.clone().fetch(wanted).await.err();
+        let copy_back = self.transport.clone().fetch(wanted);
+        let copy_back_error = tokio::select! {
+            result = copy_back => result.err(),
+            // Dropping the copy kills its sessions: a half-copied path is never registered.
+            () = stop.cancelled() => return Err(self.stop().await),
+        };
         self.transport.close().await;
-        BuildReport {
+        Ok(BuildReport {
             results: self
                 .results
                 .into_iter()
@@ -354,7 +486,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             lower_bound: self.lower_bound,
             measured_lower_bound,
             copy_back_error,
-        }
+        })
     }
 
     fn describe(&self, failure: &Failure) -> String {
@@ -364,13 +496,18 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 features,
                 considered,
             } => format!(
-                "no machine can build it: it needs system {system}{} and the machines considered were {}",
+                "no machine can build it: it needs system {system}{} and the machines considered were {}{}",
                 if features.is_empty() {
                     String::new()
                 } else {
                     format!(" with features {}", features.join(", "))
                 },
-                considered.join(", ")
+                if considered.is_empty() {
+                    "none".to_string()
+                } else {
+                    considered.join(", ")
+                },
+                self.why_machines_were_lost()
             ),
             Failure::BuildFailed { machine, reason } => {
                 format!("{reason} (on {})", self.machines[*machine].name)
@@ -379,12 +516,30 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 format!("dependency {} failed", self.nodes[*dep].drv_path)
             }
             Failure::TooManyAttempts { attempts, reason } => {
-                format!("lost {attempts} times with its machine; last: {reason}")
+                format!("tried {attempts} times without running to its end; last: {reason}")
             }
             Failure::Stopped => {
                 "not built: the run stopped after a failure (use --keep-going to go on)".into()
             }
         }
+    }
+}
+
+impl<T: BuildTransport> Runner<'_, T> {
+    /// `; lost: NAME (why); …` for the machines whose connections failed in this run.
+    fn why_machines_were_lost(&self) -> String {
+        let failures = self.health.failures();
+        if failures.is_empty() {
+            return String::new();
+        }
+        let each: Vec<String> = failures
+            .iter()
+            .map(|(name, why)| format!("{name} ({why})"))
+            .collect();
+        format!(
+            "; not used, as their connections failed: {}",
+            each.join("; ")
+        )
     }
 }
 

@@ -12,9 +12,9 @@ use offload_nix::serve::{BuildResult, BuildSettings};
 use offload_sched::{MachineId, Outcome};
 use tokio::sync::mpsc;
 
+use super::log::BuildLog;
 use super::runner::{BuildTask, BuildTransport, TaskDone};
-use super::{BuildNode, BuildOptions, LogDestination, Reporter, LOG_TAIL_LINES};
-use crate::daemon::DaemonConn;
+use super::{BuildNode, BuildOptions, LogDestination, Reporter};
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::paths::PathRegistry;
@@ -28,20 +28,20 @@ use crate::trust::LocalAccess;
 /// Sessions with every machine of the fleet, and what each store holds.
 pub(crate) struct ServeTransport {
     pools: Vec<Pool>,
-    names: Vec<String>,
+    pub(super) names: Vec<String>,
     registry: Mutex<PathRegistry>,
     /// One upload at a time per machine, so no path goes to a machine twice at once.
     upload_locks: Vec<tokio::sync::Mutex<()>>,
-    nodes: Arc<[BuildNode]>,
+    pub(super) nodes: Arc<[BuildNode]>,
     /// How many builds take each store path as a direct input.
     consumers: HashMap<String, usize>,
     settings: BuildSettings,
     local_access: LocalAccess,
     builders_use_substitutes: bool,
-    logs: LogDestination,
+    pub(super) logs: LogDestination,
     /// `.drv` paths to check rather than build (`--check`).
     check: HashSet<String>,
-    reporter: Arc<dyn Reporter>,
+    pub(super) reporter: Arc<dyn Reporter>,
     /// Shared with other offload runs and Nix's hook; slots per machine (none: local).
     ledger: SlotLedger,
     slots: Vec<u32>,
@@ -128,6 +128,13 @@ impl BuildTransport for ServeTransport {
 
     fn forget_machine(&self, machine: MachineId) {
         self.registry().remove_machine(machine);
+    }
+
+    async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
+        // The session opened goes to the pool: the first build there takes it.
+        let conn = self.pools[machine].get().await.map_err(|e| reason(&e))?;
+        self.pools[machine].put(conn);
+        Ok(())
     }
 
     async fn close(&self) {
@@ -312,8 +319,10 @@ impl ServeTransport {
                 }
             }
         };
-        conn.set_log_sink(None);
-        while let Ok(line) = rx.try_recv() {
+        // The log's last lines may still be in the pipe when the result arrives: the
+        // pump reads them, then closes the sink, so this reads to the log's true end.
+        conn.finish_log_sink().await;
+        while let Some(line) = rx.recv().await {
             log.push(line);
         }
         let result = match result {
@@ -464,133 +473,16 @@ impl ServeTransport {
     }
 }
 
-/// Where a build's log lines go: the reporter, the file Nix would keep
-/// (`drvs/XX/REST` under the log directory, where `nix log` finds it), and the last
-/// [`LOG_TAIL_LINES`] lines for an error message.
-struct BuildLog<'a> {
-    transport: &'a ServeTransport,
-    node: usize,
-    machine: MachineId,
-    keep: KeptLog,
-    tail: std::collections::VecDeque<String>,
-    /// The build directory Nix kept after a failure (`--keep-failed`), from its note.
-    kept_dir: Option<String>,
-}
-
-/// The copy of a build's log that is kept.
-enum KeptLog {
-    Nowhere,
-    File(std::fs::File),
-    /// Collected, for the daemon at this socket.
-    ForDaemon(std::path::PathBuf, Vec<u8>),
-}
-
-impl<'a> BuildLog<'a> {
-    fn new(transport: &'a ServeTransport, node: usize, machine: MachineId) -> Self {
-        let drv_path = &transport.nodes[node].drv_path;
-        let keep = match &transport.logs {
-            LogDestination::Nowhere => KeptLog::Nowhere,
-            LogDestination::Dir(dir) => {
-                open_log(dir, drv_path).map_or(KeptLog::Nowhere, KeptLog::File)
-            }
-            // A local build goes through the daemon, which keeps its log itself.
-            LogDestination::Daemon(_) if machine == LOCAL => KeptLog::Nowhere,
-            LogDestination::Daemon(socket) => KeptLog::ForDaemon(socket.clone(), Vec::new()),
-        };
-        BuildLog {
-            transport,
-            node,
-            machine,
-            keep,
-            tail: std::collections::VecDeque::new(),
-            kept_dir: None,
-        }
-    }
-
-    /// Where Nix kept the failed build's directory (`--keep-failed`), for the failure
-    /// message; the runner adds which machine "there" is.
-    fn kept_note(&self) -> String {
-        match &self.kept_dir {
-            Some(dir) => format!("; its build directory is kept there at '{dir}'"),
-            None => String::new(),
-        }
-    }
-
-    fn push(&mut self, line: String) {
-        use std::io::Write as _;
-        let drv = &self.transport.nodes[self.node].drv_path;
-        self.transport
-            .reporter
-            .build_log(drv, &self.transport.names[self.machine], &line);
-        if let Some(dir) = line
-            .split_once("keeping build directory '")
-            .and_then(|(_, rest)| rest.split_once('\''))
-        {
-            self.kept_dir = Some(dir.0.to_string());
-        }
-        match &mut self.keep {
-            KeptLog::Nowhere => {}
-            KeptLog::File(f) => {
-                if writeln!(f, "{line}").is_err() {
-                    self.keep = KeptLog::Nowhere;
-                }
-            }
-            KeptLog::ForDaemon(_, text) => {
-                text.extend_from_slice(line.as_bytes());
-                text.push(b'\n');
-            }
-        }
-        self.tail.push_back(line);
-        if self.tail.len() > LOG_TAIL_LINES {
-            self.tail.pop_front();
-        }
-    }
-
-    /// Hands a collected log to the daemon. A log that cannot be kept is not worth
-    /// failing a build over: it is reported.
-    async fn finish(&mut self) {
-        let KeptLog::ForDaemon(socket, text) = std::mem::replace(&mut self.keep, KeptLog::Nowhere)
-        else {
-            return;
-        };
-        let drv = &self.transport.nodes[self.node].drv_path;
-        let sent = async {
-            DaemonConn::connect(&socket)
-                .await?
-                .add_build_log(drv, &text)
-                .await
-        };
-        if let Err(e) = sent.await {
-            tracing::warn!("cannot keep the build log of {drv}: {e}");
-        }
-    }
-}
-
-/// Opens the log file for `drv_path`. A log that cannot be written is not worth
-/// failing a build over: it is reported and skipped.
-fn open_log(dir: &std::path::Path, drv_path: &str) -> Option<std::fs::File> {
-    let base = drv_path.rsplit('/').next()?;
-    let (head, rest) = (base.get(..2)?, base.get(2..)?);
-    let sub = dir.join("drvs").join(head);
-    if let Err(e) = std::fs::create_dir_all(&sub) {
-        tracing::warn!(
-            "cannot keep the build log of {drv_path} in {}: {e}",
-            sub.display()
-        );
-        return None;
-    }
-    std::fs::File::create(sub.join(rest))
-        .map_err(|e| tracing::warn!("cannot keep the build log of {drv_path}: {e}"))
-        .ok()
-}
-
 fn lost(e: DriverError) -> Outcome {
-    // The reason travels as text to the final report: the next step goes with it.
-    let reason = match e.hint() {
+    Outcome::Lost { reason: reason(&e) }
+}
+
+/// An error as text for the final report, with the next step.
+fn reason(e: &DriverError) -> String {
+    match e.hint() {
         Some(hint) => format!("{e} (hint: {hint})"),
         None => e.to_string(),
-    };
-    Outcome::Lost { reason }
+    }
 }
 
 /// How a build ended, whichever way it was asked for.

@@ -2,12 +2,14 @@
 //! checked against what the runner reports, fetches and records.
 
 use std::collections::HashMap;
-use std::future::Future;
+
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 use offload_nix::serve::BasicDerivation;
 use offload_sched::{MachineId, MachineSpec, Outcome};
 
+use super::health::Reliability;
 use super::runner::{BuildTask, BuildTransport, Runner, TaskDone};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
@@ -37,6 +39,9 @@ struct FakeTransport {
     names: Vec<String>,
     plan: Box<Plan>,
     fetch_fails: bool,
+    /// Machines whose probes fail.
+    unreachable: Vec<MachineId>,
+    probes: Mutex<Vec<MachineId>>,
     builds: Mutex<Vec<(String, MachineId, Option<u32>)>>,
     fetched: Mutex<Vec<String>>,
     forgotten: Mutex<Vec<MachineId>>,
@@ -52,6 +57,8 @@ impl FakeTransport {
             names: nodes.iter().map(|n| n.name.clone()).collect(),
             plan: Box::new(plan),
             fetch_fails: false,
+            unreachable: Vec::new(),
+            probes: Mutex::default(),
             builds: Mutex::default(),
             fetched: Mutex::default(),
             forgotten: Mutex::default(),
@@ -121,6 +128,15 @@ impl BuildTransport for FakeTransport {
         self.forgotten.lock().unwrap().push(machine);
     }
 
+    async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
+        self.probes.lock().unwrap().push(machine);
+        if self.unreachable.contains(&machine) {
+            Err("connection refused".into())
+        } else {
+            Ok(())
+        }
+    }
+
     async fn close(&self) {
         *self.closed.lock().unwrap() = true;
     }
@@ -138,6 +154,9 @@ impl Reporter for Recorder {
             .push(format!("start {} {machine}", name_of(drv)));
     }
     fn build_log(&self, _drv: &str, _machine: &str, _line: &str) {}
+    fn machine_warning(&self, message: &str) {
+        self.0.lock().unwrap().push(format!("warning {message}"));
+    }
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, _seconds: f64) {
         self.0
             .lock()
@@ -209,7 +228,7 @@ async fn run(
     transport: FakeTransport,
     keep_going: bool,
     history: Option<&History>,
-    interrupt: impl Future<Output = ()>,
+    stop: CancellationToken,
 ) -> Run {
     let wanted = nodes
         .iter()
@@ -225,11 +244,17 @@ async fn run(
         cores,
         wanted,
         keep_going,
+        Reliability {
+            // Probes at once: the fake machines answer or not without waiting.
+            backoff: std::time::Duration::from_millis(1),
+            quarantine_after: 5,
+            ..Reliability::default()
+        },
         history,
         recorder.clone(),
     )
     .unwrap();
-    let report = runner.run(interrupt).await;
+    let report = runner.run(stop).await;
     let events = recorder.0.lock().unwrap().clone();
     Run {
         report,
@@ -238,8 +263,9 @@ async fn run(
     }
 }
 
-fn never() -> impl Future<Output = ()> {
-    std::future::pending()
+/// A stop that never comes.
+fn never() -> CancellationToken {
+    CancellationToken::new()
 }
 
 #[tokio::test]
@@ -377,7 +403,9 @@ async fn a_lost_machine_is_forgotten_and_its_builds_run_elsewhere() {
     );
     // The lost attempt is not reported as a finished build.
     assert!(
-        !run.events.iter().any(|e| e.contains("b1 ")),
+        !run.events
+            .iter()
+            .any(|e| e.starts_with("end ") && e.contains(" b1 ")),
         "{:?}",
         run.events
     );
@@ -387,16 +415,14 @@ async fn a_lost_machine_is_forgotten_and_its_builds_run_elsewhere() {
 async fn an_interrupt_stops_every_build() {
     let nodes = vec![node("p", &[]), node("q", &[])];
     let transport = FakeTransport::new(&nodes, |_, _| Ending::Hang);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let interrupt = async move {
-        let _ = stopped.await;
-    };
+    let stop = CancellationToken::new();
+    let cancel = stop.clone();
     let driver = tokio::spawn(async move {
         // Let both builds start before the interrupt.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        stop.send(()).unwrap();
+        cancel.cancel();
     });
-    let run = run(nodes, fleet(1), transport, false, None, interrupt).await;
+    let run = run(nodes, fleet(1), transport, false, None, stop).await;
     driver.await.unwrap();
     match run.report {
         Err(DriverError::Interrupted { stopped }) => assert_eq!(stopped, 2),
@@ -434,4 +460,129 @@ async fn a_derivation_no_machine_can_build_fails_at_once() {
     }
     assert!(matches!(run.result(1), NodeResult::Built { .. }));
     assert!(!run.transport.builds().iter().any(|(n, _)| n == "odd"));
+}
+
+/// The local machine with `local_slots` and three fast builders of one slot each.
+fn three_builders(local_slots: u32) -> Vec<MachineSpec> {
+    let mut machines = vec![MachineSpec::local(SYSTEM, local_slots)];
+    for name in ["b1", "b2", "b3"] {
+        machines.push(MachineSpec::new(name, SYSTEM, 1, 8.0));
+    }
+    machines
+}
+
+#[tokio::test]
+async fn with_every_builder_unreachable_the_local_machine_builds_everything() {
+    let nodes = vec![node("a", &[]), node("b", &[]), node("top", &[0, 1])];
+    let mut transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    transport.unreachable = vec![1, 2, 3];
+    let run = run(nodes, three_builders(1), transport, false, None, never()).await;
+    let report = run.report();
+    assert!(report.all_built(), "{:?}", report.results);
+    assert!(run.transport.builds().iter().all(|(_, m)| *m == LOCAL));
+    // Each builder is named once at the start, with why; then, still failing, it is
+    // probed again until it is quarantined for the run.
+    for name in ["b1", "b2", "b3"] {
+        let said: Vec<&String> = run
+            .events
+            .iter()
+            .filter(|e| e.starts_with(&format!("warning {name} cannot be used")))
+            .collect();
+        assert!(
+            said[0].contains("(connection refused); skipping it, trying it again in"),
+            "{said:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_machine_lost_more_often_than_max_attempts_costs_its_builds_nothing() {
+    // -j0 and one builder, whose session breaks four times before a build succeeds.
+    let nodes = vec![node("x", &[])];
+    let breaks = std::sync::atomic::AtomicU32::new(0);
+    let transport = FakeTransport::new(&nodes, move |_, _| {
+        let n = breaks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n <= offload_sched::MAX_ATTEMPTS {
+            Ending::MachineDown
+        } else {
+            Ending::Built
+        }
+    });
+    let machines = vec![
+        MachineSpec::local(SYSTEM, 0),
+        MachineSpec::new("b1", SYSTEM, 1, 1.0),
+    ];
+    let run = run(nodes, machines, transport, false, None, never()).await;
+    assert!(run.report().all_built(), "{:?}", run.report().results);
+    let builds = run.transport.builds();
+    assert_eq!(builds.len() as u32, offload_sched::MAX_ATTEMPTS + 2);
+    assert!(builds.iter().all(|(_, m)| *m == REMOTE));
+    // Each loss was followed by a probe before the machine took the build again.
+    assert_eq!(
+        run.transport.probes.lock().unwrap().len() as u32,
+        1 + offload_sched::MAX_ATTEMPTS + 1
+    );
+}
+
+#[tokio::test]
+async fn a_build_no_machine_remains_for_fails_saying_why_each_was_lost() {
+    let nodes = vec![node("x", &[])];
+    let mut transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    transport.unreachable = vec![1, 2, 3];
+    let run = run(nodes, three_builders(0), transport, false, None, never()).await;
+    match run.result(0) {
+        NodeResult::Failed { failure, .. } => {
+            assert!(
+                failure.starts_with("no machine can build it: it needs system x86_64-linux and the machines considered were local; not used, as their connections failed: b1 (connection refused); b2"),
+                "{failure}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(run.transport.builds().is_empty());
+}
+
+#[tokio::test]
+async fn a_quarantined_machine_is_skipped_by_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = History::open(&dir.path().join("state.sqlite")).unwrap();
+    let nodes = vec![node("x", &[])];
+    // Runs end before the builder's backoff: each counts at least its first failure,
+    // and the count goes on from run to run until the fifth quarantines it.
+    let mut probes = 0;
+    for round in 1..=5 {
+        let mut transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+        transport.unreachable = vec![REMOTE];
+        let r = run(
+            nodes.clone(),
+            fleet(1),
+            transport,
+            false,
+            Some(&history),
+            never(),
+        )
+        .await;
+        assert!(r.report().all_built());
+        probes += r.transport.probes.lock().unwrap().len();
+        if r.events.iter().any(|e| e.contains("quarantined until")) {
+            break;
+        }
+        assert!(
+            round < 5,
+            "not quarantined after 5 failures: {:?}",
+            r.events
+        );
+    }
+    assert_eq!(probes, 5);
+    let transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    let second = run(nodes, fleet(1), transport, false, Some(&history), never()).await;
+    assert!(second.transport.probes.lock().unwrap().is_empty());
+    let skipped: Vec<&String> = second
+        .events
+        .iter()
+        .filter(|e| e.starts_with("warning skipping b1: quarantined until "))
+        .collect();
+    assert_eq!(skipped.len(), 1, "{:?}", second.events);
+    assert!(skipped[0].ends_with("last failure: connection refused"));
+    assert!(second.transport.builds().iter().all(|(_, m)| *m == LOCAL));
 }

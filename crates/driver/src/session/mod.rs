@@ -119,8 +119,8 @@ impl ServeConn {
                 source: std::io::Error::other("child process has no piped stdio"),
             });
         };
-        let stderr = StderrLog::default();
-        let stderr_task = tokio::spawn(stderr.clone().pump(stderr_pipe));
+        let (stderr, finish_requests) = StderrLog::new();
+        let stderr_task = tokio::spawn(stderr.clone().pump(stderr_pipe, finish_requests));
         let mut conn = ServeConn {
             machine: endpoint.name.clone(),
             command: endpoint.describe(),
@@ -214,6 +214,13 @@ impl ServeConn {
     /// Sends every later line of the server's stderr (build logs) to `sink`.
     pub fn set_log_sink(&self, sink: Option<mpsc::UnboundedSender<String>>) {
         self.stderr.set_sink(sink);
+    }
+
+    /// Forwards what the server wrote to stderr so far to the log sink, then closes the
+    /// sink: its receiver reads every line of the operation's log, then `None`. Call it
+    /// after the reply of the operation whose log the sink took. Cancel-safe.
+    pub async fn finish_log_sink(&self) {
+        self.stderr.finish_sink().await;
     }
 
     /// The last lines the server wrote to stderr.
