@@ -84,6 +84,47 @@ impl Setup {
             .join(";")
     }
 
+    /// A nix-daemon whose hook is offload's, with this setup's builders, serving an
+    /// ordinary user it does not trust.
+    fn daemon_with_hook(&self) -> Option<offload_test_support::DaemonInstall> {
+        let config = DaemonConfig {
+            trust_user: false,
+            extra_conf: vec![
+                format!("build-hook = {}", self.path().join("hook").display()),
+                format!("builders = {}", self.builders(4)),
+            ],
+            ..DaemonConfig::default()
+        };
+        require_daemon_install(&config)
+    }
+
+    /// `offload agent` on `socket` (members of `group` admitted too), once it listens.
+    fn start_agent(&self, socket: &Path, group: Option<&str>) -> std::process::Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_offload"));
+        cmd.args(["agent", "--socket"]).arg(socket);
+        if let Some(group) = group {
+            cmd.args(["--group", group]);
+        }
+        let mut agent = cmd
+            .env("OFFLOAD_SLOTS_DIR", self.path().join("slots"))
+            .env("NIX_CONFIG", "substituters =")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // It says so once the socket is ready, its mode and group set.
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(agent.stderr.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(
+            line.contains("listening on"),
+            "the agent did not listen: {line}"
+        );
+        agent
+    }
+
     fn write_graph(&self, tag: &str) -> PathBuf {
         let file = self.path().join("graph.nix");
         std::fs::write(&file, graph(&salt(tag))).unwrap();
@@ -161,22 +202,7 @@ fn with_the_agent_running_builds_reuse_its_sessions() {
     let sessions =
         || std::fs::read_to_string(setup.path().join("sessions")).map_or(0, |s| s.lines().count());
     let socket = setup.path().join("agent.sock");
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["agent", "--socket"])
-        .arg(&socket)
-        .env("OFFLOAD_SLOTS_DIR", setup.path().join("slots"))
-        .env("NIX_CONFIG", "substituters =")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not listen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut agent = setup.start_agent(&socket, None);
     let file = setup.write_graph("agent");
     let out = setup.nix_build(&file, &builder, "0");
     let stderr = text(&out.stderr);
@@ -219,22 +245,7 @@ fn the_agent_socket_admits_a_group_or_only_its_user() {
     run_ok(Command::new("groupadd").args(["-f", "offload-test-builders"]));
     for (group, mode) in [(Some("offload-test-builders"), 0o660), (None, 0o600)] {
         let socket = setup.path().join("agent.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_offload"));
-        cmd.args(["agent", "--socket"]).arg(&socket);
-        if let Some(g) = group {
-            cmd.args(["--group", g]);
-        }
-        let mut agent = cmd.stderr(Stdio::null()).spawn().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the agent did not listen"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        // Listening starts after the mode is set: give it the moment it needs.
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut agent = setup.start_agent(&socket, group);
         let meta = std::fs::metadata(&socket).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, mode);
         if group.is_some() {
@@ -345,15 +356,7 @@ fn hook_answers_decline_postpone_and_decline_permanently() {
 #[test]
 fn a_daemon_with_offload_hook_builds_for_an_ordinary_user() {
     let setup = Setup::new();
-    let config = DaemonConfig {
-        trust_user: false,
-        extra_conf: vec![
-            format!("build-hook = {}", setup.path().join("hook").display()),
-            format!("builders = {}", setup.builders(4)),
-        ],
-        ..DaemonConfig::default()
-    };
-    let Some(install) = require_daemon_install(&config) else {
+    let Some(install) = setup.daemon_with_hook() else {
         return;
     };
     let work = install.user_dir("work");
@@ -403,38 +406,14 @@ fn which(program: &str) -> PathBuf {
 #[test]
 fn an_ordinary_user_chooses_hosts_for_a_daemon_build_through_the_agent() {
     let setup = Setup::new();
-    let config = DaemonConfig {
-        trust_user: false,
-        extra_conf: vec![
-            format!("build-hook = {}", setup.path().join("hook").display()),
-            format!("builders = {}", setup.builders(4)),
-        ],
-        ..DaemonConfig::default()
-    };
-    let Some(install) = require_daemon_install(&config) else {
+    let Some(install) = setup.daemon_with_hook() else {
         return;
     };
     // The agent runs as root, as the daemon's hooks do; the user may talk to it.
     run_ok(Command::new("groupadd").args(["-f", "offload-test-builders"]));
     run_ok(Command::new("usermod").args(["-aG", "offload-test-builders", TEST_USER]));
     let socket = setup.path().join("agent.sock");
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["agent", "--group", "offload-test-builders", "--socket"])
-        .arg(&socket)
-        .env("OFFLOAD_SLOTS_DIR", setup.path().join("slots"))
-        .env("NIX_CONFIG", "substituters =")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not listen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut agent = setup.start_agent(&socket, Some("offload-test-builders"));
 
     let work = install.user_dir("work");
     let file = work.join("graph.nix");
@@ -516,20 +495,8 @@ fn a_stale_agent_socket_is_replaced() {
     // A socket whose agent is gone: the file stays, nobody listens.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     assert!(socket.exists());
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["agent", "--socket"])
-        .arg(&socket)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not take over the stale socket"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut agent = setup.start_agent(&socket, None);
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
     run_ok(Command::new("kill").arg(agent.id().to_string()));
     agent.wait().unwrap();
     assert!(

@@ -167,6 +167,41 @@ fn owning_store(pid: u32, stores: &[PathBuf]) -> Option<PathBuf> {
     None
 }
 
+/// `offload build FILE -A top -j0` on `machines` of `fleet`, with the ledger in `slots`.
+fn spawn_offload_build(
+    work: &Path,
+    file: &Path,
+    fleet: &Fleet,
+    machines: &[usize],
+    slots: &Path,
+) -> std::process::Child {
+    common::offload(work)
+        .arg("build")
+        .arg(file)
+        .args(["-A", "top", "--no-out-link", "-j0"])
+        .args(["--builders", &fleet.spec(machines)])
+        .env("OFFLOAD_SLOTS_DIR", slots)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for every run to succeed, then checks that machines 1 and 2 never ran two
+/// builds at once, and that two builds did run at once somewhere (the runs overlapped).
+fn assert_never_overbooked(runs: Vec<std::process::Child>, poller: Poller, fleet: &Fleet) {
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let (most, _, total) = poller.finish();
+    for i in [1, 2] {
+        let n = most.get(&fleet.store(i)).copied().unwrap_or(0);
+        assert_eq!(n, 1, "m{i}: most builds at once {n}; all: {most:?}");
+    }
+    assert!(total >= 2, "never two builds at once: {most:?}");
+}
+
 #[test]
 fn two_concurrent_runs_never_run_two_builds_on_a_one_slot_machine() {
     if !require_nix() {
@@ -182,29 +217,10 @@ fn two_concurrent_runs_never_run_two_builds_on_a_one_slot_machine() {
         .map(|run| {
             let file = work.path().join(format!("{run}.nix"));
             std::fs::write(&file, graph(&format!("{salt}-{run}"))).unwrap();
-            common::offload(work.path())
-                .arg("build")
-                .arg(&file)
-                .args(["-A", "top", "--no-out-link", "-j0"])
-                .args(["--builders", &fleet.spec(&[1, 2])])
-                .env("OFFLOAD_SLOTS_DIR", &slots)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            spawn_offload_build(work.path(), &file, &fleet, &[1, 2], &slots)
         })
         .collect();
-    for run in runs {
-        let out = run.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-    }
-    let (most, _, total) = poller.finish();
-    for i in [1, 2] {
-        let n = most.get(&fleet.store(i)).copied().unwrap_or(0);
-        assert_eq!(n, 1, "m{i}: most builds at once {n}; all: {most:?}");
-    }
-    // Both machines were busy together, so the runs did overlap.
-    assert!(total >= 2, "never two builds at once: {most:?}");
+    assert_never_overbooked(runs, poller, &fleet);
 }
 
 #[test]
@@ -233,16 +249,7 @@ fn a_slot_held_by_a_nix_hook_makes_offload_wait() {
         graph(&format!("{:?}-held", std::time::SystemTime::now())),
     )
     .unwrap();
-    let build = common::offload(work.path())
-        .arg("build")
-        .arg(&file)
-        .args(["-A", "top", "--no-out-link", "-j0"])
-        .args(["--builders", &fleet.spec(&[1])])
-        .env("OFFLOAD_SLOTS_DIR", &slots)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let build = spawn_offload_build(work.path(), &file, &fleet, &[1], &slots);
     assert!(holder.wait().unwrap().success());
     let released = Instant::now();
     let out = build.wait_with_output().unwrap();
@@ -300,24 +307,6 @@ fn a_nix_build_through_the_hook_beside_an_offload_build_never_overbooks() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let offload = common::offload(work.path())
-        .arg("build")
-        .arg(&offload_file)
-        .args(["-A", "top", "--no-out-link", "-j0"])
-        .args(["--builders", &fleet.spec(&[1, 2])])
-        .env("OFFLOAD_SLOTS_DIR", &slots)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    for child in [nix_build, offload] {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-    }
-    let (most, _, total) = poller.finish();
-    for i in [1, 2] {
-        let n = most.get(&fleet.store(i)).copied().unwrap_or(0);
-        assert_eq!(n, 1, "m{i}: most builds at once {n}; all: {most:?}");
-    }
-    assert!(total >= 2, "the two never built at once: {most:?}");
+    let offload = spawn_offload_build(work.path(), &offload_file, &fleet, &[1, 2], &slots);
+    assert_never_overbooked(vec![nix_build, offload], poller, &fleet);
 }

@@ -144,6 +144,15 @@ impl DriverError {
         }
     }
 
+    /// The error as one line of text with the next step, when there is one: for
+    /// messages that travel as text (a build's failure, Nix's build log).
+    pub fn with_hint(&self) -> String {
+        match self.hint() {
+            Some(hint) => format!("{self} (hint: {hint})"),
+            None => self.to_string(),
+        }
+    }
+
     /// What the user can do about it, when there is something to say.
     pub fn hint(&self) -> Option<String> {
         Some(match self {

@@ -132,7 +132,7 @@ impl BuildTransport for ServeTransport {
 
     async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
         // The session opened goes to the pool: the first build there takes it.
-        let conn = self.pools[machine].get().await.map_err(|e| reason(&e))?;
+        let conn = self.pools[machine].get().await.map_err(|e| e.with_hint())?;
         self.pools[machine].put(conn);
         Ok(())
     }
@@ -474,14 +474,9 @@ impl ServeTransport {
 }
 
 fn lost(e: DriverError) -> Outcome {
-    Outcome::Lost { reason: reason(&e) }
-}
-
-/// An error as text for the final report, with the next step.
-fn reason(e: &DriverError) -> String {
-    match e.hint() {
-        Some(hint) => format!("{e} (hint: {hint})"),
-        None => e.to_string(),
+    // The reason travels as text to the final report: the next step goes with it.
+    Outcome::Lost {
+        reason: e.with_hint(),
     }
 }
 

@@ -261,18 +261,9 @@ pub async fn run(
             let (verdict, slot) = match chosen {
                 Ok(chosen) => chosen,
                 Err(e) => {
-                    let hint = e
-                        .hint()
-                        .map(|h| format!(" (hint: {h})"))
-                        .unwrap_or_default();
-                    tell(
-                        replies,
-                        LogLevel::Warn,
-                        &format!(
-                            "offload hook: {e}{hint}; {} is built here",
-                            request.drv_path
-                        ),
-                    );
+                    let why = e.with_hint();
+                    let msg = format!("offload hook: {why}; {} is built here", request.drv_path);
+                    tell(replies, LogLevel::Warn, &msg);
                     say(replies, &HookReply::Decline.encode());
                     break;
                 }
@@ -297,15 +288,9 @@ pub async fn run(
                 match crate::session::ServeConn::open(&config.endpoint).await {
                     Ok(conn) => Some(conn),
                     Err(e) => {
-                        let hint = e
-                            .hint()
-                            .map(|h| format!(" (hint: {h})"))
-                            .unwrap_or_default();
-                        tell(
-                            replies,
-                            LogLevel::Warn,
-                            &format!("offload hook: cannot use {}: {e}{hint}", config.spec.name),
-                        );
+                        let why = e.with_hint();
+                        let msg = format!("offload hook: cannot use {}: {why}", config.spec.name);
+                        tell(replies, LogLevel::Warn, &msg);
                         drop(slot);
                         down.push(machine);
                         continue;
