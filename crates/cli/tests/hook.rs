@@ -486,6 +486,21 @@ fn an_unreachable_builder_is_passed_over_and_the_build_stays_here() {
         stderr.contains("hint:"),
         "and says what to check:\n{stderr}"
     );
+
+    // The same with the agent running: it readies the session, and says why not.
+    let socket = setup.path().join("agent.sock");
+    let mut agent = setup.start_agent(&socket, None);
+    let file = setup.write_graph("unreachable-agent");
+    let out = setup.nix_build(&file, &builders, "2");
+    run_ok(Command::new("kill").arg(agent.id().to_string()));
+    agent.wait().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(remote_builds(&stderr).is_empty(), "{stderr}");
+    assert!(
+        stderr.contains("cannot use offload-no-such-host.invalid"),
+        "with the agent:\n{stderr}"
+    );
 }
 
 #[test]

@@ -74,6 +74,9 @@ enum Request {
     },
     /// From the hook: the machines chosen for this derivation, if any.
     Ask { drv: String },
+    /// From the hook, before it accepts: have a session with this machine ready, or say
+    /// why there cannot be one.
+    Warm { endpoint: Box<Endpoint> },
 }
 
 /// A user's choice of hosts for some derivations, as `--on` and `--exclude` take them.
@@ -276,6 +279,20 @@ async fn serve_one(
         Request::Ask { drv } => {
             return send(&mut write, &Message::Choice(choices.get(&drv))).await;
         }
+        Request::Warm { endpoint } => {
+            let pool = sessions.pool(&endpoint);
+            let failure = match pool.get().await {
+                Ok(conn) => {
+                    pool.put(conn);
+                    None
+                }
+                Err(e) => Some(OrderFailure {
+                    message: e.with_hint(),
+                    status: None,
+                }),
+            };
+            return send(&mut write, &Message::Done(failure)).await;
+        }
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let work = async {
@@ -384,6 +401,23 @@ impl AgentClient {
             _ => Err(AgentError::Garbled {
                 path,
                 message: "it did not take the choice of hosts".into(),
+            }),
+        }
+    }
+
+    /// Has the agent ready a session with `endpoint`; the error says why it cannot.
+    pub async fn warm(self, endpoint: &Endpoint) -> Result<Result<(), OrderFailure>, AgentError> {
+        let path = self.path.clone();
+        let request = Request::Warm {
+            endpoint: Box::new(endpoint.clone()),
+        };
+        let mut lines = self.send_request(&request).await?;
+        match next_message(&path, &mut lines).await? {
+            Message::Done(None) => Ok(Ok(())),
+            Message::Done(Some(failure)) => Ok(Err(failure)),
+            _ => Err(AgentError::Garbled {
+                path,
+                message: "it answered a warm-up with something else".into(),
             }),
         }
     }

@@ -280,21 +280,16 @@ pub async fn run(
                 choice::Verdict::Accept(machine) => machine,
             };
             let config = &current[machine];
-            // Without the agent, the session opens before Nix is told: a machine that
-            // cannot be reached is passed over, as Nix's own hook does.
-            let session = if agent_up {
-                None
-            } else {
-                match crate::session::ServeConn::open(&config.endpoint).await {
-                    Ok(conn) => Some(conn),
-                    Err(e) => {
-                        let why = e.with_hint();
-                        let msg = format!("offload hook: cannot use {}: {why}", config.spec.name);
-                        tell(replies, LogLevel::Warn, &msg);
-                        drop(slot);
-                        down.push(machine);
-                        continue;
-                    }
+            // The session opens (here, or warm in the agent) before Nix is told: a machine
+            // that cannot be reached is passed over, as Nix's own hook does.
+            let session = match reach(&config.endpoint, agent_up).await {
+                Ok(session) => session,
+                Err(why) => {
+                    let msg = format!("offload hook: cannot use {}: {why}", config.spec.name);
+                    tell(replies, LogLevel::Warn, &msg);
+                    drop(slot);
+                    down.push(machine);
+                    continue;
                 }
             };
             say(
@@ -316,6 +311,28 @@ pub async fn run(
             return exit;
         }
     }
+}
+
+/// A session with the machine: opened here without the agent; with it, readied in the
+/// agent (None here). The error says why the machine cannot be used, with the fix.
+async fn reach(
+    endpoint: &crate::transport::Endpoint,
+    agent_up: bool,
+) -> Result<Option<crate::session::ServeConn>, String> {
+    if agent_up {
+        let client = crate::agent::AgentClient::connect(&crate::agent::default_socket())
+            .await
+            .map_err(|e| e.to_string())?;
+        return match client.warm(endpoint).await {
+            Ok(Ok(())) => Ok(None),
+            Ok(Err(failure)) => Err(failure.message),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    crate::session::ServeConn::open(endpoint)
+        .await
+        .map(Some)
+        .map_err(|e| e.with_hint())
 }
 
 /// The fleet with the machines in `down` given no slots (indices stay the same).
