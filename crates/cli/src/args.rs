@@ -135,6 +135,11 @@ pub struct MachinesArgs {
     /// JSON Lines on stdout, one object per machine (`"type": "machine"`).
     #[arg(long)]
     pub json: bool,
+
+    /// The state database with machines' failures and quarantines [default: as for
+    /// `build --history`].
+    #[arg(long, value_name = "FILE")]
+    pub history: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! `offload machines`: the fleet a build would use, as a table or JSON Lines: each
-//! machine's systems, features, slots, speed factor and current load (slots held in
-//! the shared ledger by any offload or Nix hook build on this machine).
+//! machine's systems, features, slots, speed factor, current load (slots held in the
+//! shared ledger by any offload or Nix hook build on this machine) and state (up, failing
+//! since, or quarantined until, from the state database).
 
 use std::fmt::Write as _;
 
@@ -8,6 +9,7 @@ use anyhow::Context as _;
 use offload_driver::fleet::{build_fleet, MachineConfig, LOCAL};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::slots::SlotLedger;
+use offload_driver::{format_utc, History};
 use serde_json::json;
 
 use crate::args::MachinesArgs;
@@ -23,6 +25,9 @@ struct Row {
     speed: f64,
     /// Slots held now, when the ledger can tell.
     busy: Option<u32>,
+    /// `up`, `failing`, or `quarantined`, and what the record says.
+    state: &'static str,
+    state_detail: Option<String>,
 }
 
 pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
@@ -31,10 +36,14 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
         .map_err(Failure::usage)?;
     let fleet = build_fleet(&args.machines.choice(), &settings).map_err(Failure::usage)?;
     let ledger = SlotLedger::from_env();
+    let history_path = args.history.clone().unwrap_or_else(History::default_path);
+    let history = History::open(&history_path)
+        .map_err(|e| tracing::debug!("no machine records: {e}"))
+        .ok();
     let rows: Vec<Row> = fleet
         .iter()
         .enumerate()
-        .map(|(m, c)| row(m, c, &ledger))
+        .map(|(m, c)| row(m, c, &ledger, history.as_ref()))
         .collect();
     let out = if args.json {
         rows.iter()
@@ -48,6 +57,8 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
                     "slots": r.slots,
                     "speed_factor": r.speed,
                     "busy_slots": r.busy,
+                    "state": r.state,
+                    "state_detail": r.state_detail,
                 });
                 if r.features.is_empty() {
                     v["features"] = json!([]);
@@ -64,7 +75,36 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger) -> Row {
+/// What the state database says of a machine now.
+fn state(name: &str, history: Option<&History>) -> (&'static str, Option<String>) {
+    let record = history.and_then(|h| h.machine(name).ok().flatten());
+    let Some(r) = record else {
+        return ("up", None);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if r.quarantined_until > now {
+        let detail = format!(
+            "until {}: {}",
+            format_utc(r.quarantined_until),
+            r.last_failure
+        );
+        ("quarantined", Some(detail))
+    } else if r.failures > 0 {
+        let detail = format!(
+            "{} failures, last at {}: {}",
+            r.failures,
+            format_utc(r.last_failure_at),
+            r.last_failure
+        );
+        ("failing", Some(detail))
+    } else {
+        ("up", None)
+    }
+}
+
+fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger, history: Option<&History>) -> Row {
     let spec = &config.spec;
     let mut features: Vec<String> = spec.supported_features.clone();
     features.extend(
@@ -82,7 +122,14 @@ fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger) -> Row {
                 .map(|p| p.busy)
         })
         .flatten();
+    let (state, state_detail) = if m == LOCAL {
+        ("up", None)
+    } else {
+        state(&spec.name, history)
+    };
     Row {
+        state,
+        state_detail,
         name: spec.name.clone(),
         uri: config.endpoint.name.clone(),
         systems: spec.systems.join(","),
@@ -94,8 +141,10 @@ fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger) -> Row {
 }
 
 fn table(rows: &[Row]) -> String {
-    let header = ["machine", "systems", "features", "slots", "speed", "load"];
-    let cells: Vec<[String; 6]> = rows
+    let header = [
+        "machine", "systems", "features", "slots", "speed", "load", "state",
+    ];
+    let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
             [
@@ -111,6 +160,10 @@ fn table(rows: &[Row]) -> String {
                 match r.busy {
                     Some(b) => format!("{b}/{}", r.slots),
                     None => "-".into(),
+                },
+                match &r.state_detail {
+                    Some(d) => format!("{} {d}", r.state),
+                    None => r.state.to_string(),
                 },
             ]
         })

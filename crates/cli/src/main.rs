@@ -65,9 +65,13 @@ fn main() -> ExitCode {
             Command::Hook(args) => hook::run(args).await,
             Command::Agent(args) => hook::agent(args).await.map(|()| 0),
             Command::Machines(mut args) => {
-                config::load()
-                    .and_then(|loaded| loaded.expand_groups(&mut args.machines))
+                let loaded = config::load().map_err(Failure::usage)?;
+                loaded
+                    .expand_groups(&mut args.machines)
                     .map_err(Failure::usage)?;
+                if args.history.is_none() && std::env::var_os("OFFLOAD_HISTORY").is_none() {
+                    args.history = loaded.state_dir().map(|d| d.join("history.sqlite"));
+                }
                 machines::run(args).await.map(|()| 0)
             }
         }

@@ -28,6 +28,17 @@ fn lists_each_machine_with_its_slots_and_current_load() {
         assert!(std::time::Instant::now() < deadline, "flock did not start");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // The state database remembers b2 failing, and quarantined for an hour.
+    let history = offload_driver::History::open(&work.path().join("history.sqlite")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    history
+        .machine_failed("b2", "connection refused", now - 10)
+        .unwrap();
+    history.quarantine("b2", now + 3600).unwrap();
+    drop(history);
     let out = common::offload(work.path())
         .env("OFFLOAD_SLOTS_DIR", &slots)
         .args(["machines", "--json", "--builders", builders])
@@ -55,6 +66,13 @@ fn lists_each_machine_with_its_slots_and_current_load() {
     );
     assert_eq!(rows[1]["busy_slots"], 1);
     assert_eq!(rows[2]["busy_slots"], 0);
+    assert_eq!(rows[1]["state"], "up");
+    assert_eq!(rows[2]["state"], "quarantined");
+    let detail = rows[2]["state_detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("until ") && detail.ends_with("connection refused"),
+        "{detail}"
+    );
 
     let table = common::offload(work.path())
         .env("OFFLOAD_SLOTS_DIR", &slots)
@@ -66,7 +84,7 @@ fn lists_each_machine_with_its_slots_and_current_load() {
     assert!(
         shown
             .lines()
-            .any(|l| l.starts_with("b2 ") && l.ends_with("0/2")),
+            .any(|l| l.starts_with("b2 ") && l.contains("0/2") && l.contains("quarantined until")),
         "{shown}"
     );
 }
