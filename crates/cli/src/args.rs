@@ -125,6 +125,42 @@ pub enum Command {
     ///
     /// Takes the same machine options as `build`.
     Machines(MachinesArgs),
+
+    /// Show a recorded `offload build` run: a summary, an HTML report, or a trace.
+    ///
+    /// Every run is kept in the state database. The HTML report is one self-contained
+    /// file: builds per machine slot with the critical path, utilisation, the longest
+    /// builds. The trace opens in Perfetto (ui.perfetto.dev) or chrome://tracing.
+    ///
+    /// Examples:
+    ///   offload report --html last.html
+    ///   offload report 12 --trace run12.json
+    ///   offload report --list
+    #[command(verbatim_doc_comment)]
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run's number [default: the last run].
+    #[arg(value_name = "RUN")]
+    pub run: Option<i64>,
+
+    /// Write the run as one self-contained HTML file.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+
+    /// Write the run as Chrome trace events.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+
+    /// List the recorded runs, newest first.
+    #[arg(long, conflicts_with_all = ["run", "html", "trace"])]
+    pub list: bool,
+
+    /// The state database [default: as for `build --history`].
+    #[arg(long, value_name = "FILE")]
+    pub history: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

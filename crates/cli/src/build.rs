@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::build::{
-    self, BuildOptions, BuildReport, LogDestination, NodeResult, Reliability,
-};
+use offload_driver::build::{self, BuildOptions, LogDestination, NodeResult, Reliability};
 use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::build_fleet;
 use offload_driver::nixconf::NixSettings;
@@ -20,12 +18,11 @@ use offload_driver::trust::LocalAccess;
 use offload_driver::{DriverError, History};
 use offload_nix::serve::BuildSettings;
 use offload_nix::store_path::StorePath;
-use offload_sim::report::{chrome_trace, TraceEvent};
 
 use crate::args::BuildArgs;
 use crate::evaluate::evaluate;
 use crate::progress::Progress;
-use crate::report::{critical_chain, html, ReportBuild, ReportMachine, RunReport};
+use crate::report::{ReportMachine, RunReport};
 use crate::Failure;
 
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
@@ -210,11 +207,15 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         _ => Failure::work(e),
     })?;
 
+    let run = RunReport::from_build(&names, &deps, fleet, &report);
     if let Some(path) = &args.trace {
-        write_trace(path, &names, &report)?;
+        crate::report::write_trace(path, &run)?;
     }
     if let Some(path) = &args.report {
-        write_report(path, &names, &deps, fleet, &report)?;
+        crate::report::write_html(path, &run)?;
+    }
+    if let Some(h) = &history {
+        crate::report::record(h, &run);
     }
     let wanted_links: Vec<String> = links.iter().map(|(_, p)| p.clone()).collect();
     reporter.summary(&report, &names, &wanted_links);
@@ -385,35 +386,6 @@ fn own_cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
-/// The run as Chrome trace events: a process per machine, an event per build task.
-fn write_trace(path: &Path, drv_paths: &[String], report: &BuildReport) -> Result<(), Failure> {
-    let machines: Vec<String> = report
-        .builds_per_machine
-        .iter()
-        .map(|(m, _)| m.clone())
-        .collect();
-    let builds: Vec<TraceEvent> = drv_paths
-        .iter()
-        .zip(&report.results)
-        .filter_map(|(drv, r)| match r {
-            NodeResult::Built {
-                machine,
-                started,
-                seconds,
-            } => Some(TraceEvent {
-                name: drv.clone(),
-                machine: machines.iter().position(|m| m == machine)?,
-                start: *started,
-                duration: *seconds,
-            }),
-            NodeResult::Failed { .. } => None,
-        })
-        .collect();
-    std::fs::write(path, chrome_trace(&machines, &builds).to_string())
-        .with_context(|| format!("writing the trace to {}", path.display()))
-        .map_err(Failure::usage)
-}
-
 /// Where build logs go: Nix's log directory, where `nix log` finds them, when this user
 /// may write there; else, for a user the daemon trusts, the daemon; else offload's own
 /// state directory, said once.
@@ -452,54 +424,4 @@ fn writable(dir: &Path) -> bool {
     let ok = std::fs::write(&probe, b"").is_ok();
     let _ = std::fs::remove_file(&probe);
     ok
-}
-
-/// The run as an HTML report ([`crate::report`]).
-fn write_report(
-    path: &Path,
-    drv_paths: &[String],
-    deps: &[Vec<usize>],
-    machines: Vec<ReportMachine>,
-    report: &BuildReport,
-) -> Result<(), Failure> {
-    let end: Vec<Option<f64>> = report
-        .results
-        .iter()
-        .map(|r| match r {
-            NodeResult::Built {
-                started, seconds, ..
-            } => Some(started + seconds),
-            NodeResult::Failed { .. } => None,
-        })
-        .collect();
-    let chain = critical_chain(deps, &end);
-    let builds = drv_paths
-        .iter()
-        .zip(&report.results)
-        .enumerate()
-        .filter_map(|(i, (drv, r))| match r {
-            NodeResult::Built {
-                machine,
-                started,
-                seconds,
-            } => Some(ReportBuild {
-                name: crate::progress::drv_name(drv).to_string(),
-                machine: machine.clone(),
-                start: *started,
-                seconds: *seconds,
-                critical: chain.contains(&i),
-            }),
-            NodeResult::Failed { .. } => None,
-        })
-        .collect();
-    let run = RunReport {
-        title: format!("offload build: {} derivations", drv_paths.len()),
-        wall_seconds: report.wall_seconds,
-        lower_bound: report.measured_lower_bound,
-        machines,
-        builds,
-    };
-    std::fs::write(path, html(&run))
-        .with_context(|| format!("writing the report to {}", path.display()))
-        .map_err(Failure::usage)
 }

@@ -64,6 +64,13 @@ fn main() -> ExitCode {
             // configuration plays no part in it.
             Command::Hook(args) => hook::run(args).await,
             Command::Agent(args) => hook::agent(args).await.map(|()| 0),
+            Command::Report(mut args) => {
+                let loaded = config::load().map_err(Failure::usage)?;
+                if args.history.is_none() && std::env::var_os("OFFLOAD_HISTORY").is_none() {
+                    args.history = loaded.state_dir().map(|d| d.join("history.sqlite"));
+                }
+                report::run(args).map(|()| 0)
+            }
             Command::Machines(mut args) => {
                 let loaded = config::load().map_err(Failure::usage)?;
                 loaded

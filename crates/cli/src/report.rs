@@ -1,12 +1,23 @@
 //! A build report people can look at: one self-contained HTML file (no network, no
 //! scripts) with a Gantt chart of the builds on each machine slot, the critical path
 //! highlighted, each machine's utilisation, the makespan against the lower bound, and
-//! the ten longest builds.
+//! the ten longest builds. Every `offload build` run is recorded in the state database;
+//! `offload report [RUN]` renders one again, as HTML or as a Chrome trace.
 
 use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{anyhow, Context as _};
+use offload_driver::build::{BuildReport, NodeResult};
+use offload_driver::{format_utc, History};
+use offload_sim::report::{chrome_trace, TraceEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::args::ReportArgs;
+use crate::Failure;
 
 /// One build of a run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReportBuild {
     pub name: String,
     pub machine: String,
@@ -18,20 +29,177 @@ pub struct ReportBuild {
 }
 
 /// A machine of the run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReportMachine {
     pub name: String,
     pub slots: u32,
 }
 
-/// Everything the report shows.
-#[derive(Debug, Clone)]
+/// Everything the report shows, as the state database keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     pub title: String,
     pub wall_seconds: f64,
     pub lower_bound: f64,
     pub machines: Vec<ReportMachine>,
     pub builds: Vec<ReportBuild>,
+}
+
+impl RunReport {
+    /// The run of `drv_paths` (whose inputs are `deps`) on `machines`, as it went.
+    pub fn from_build(
+        drv_paths: &[String],
+        deps: &[Vec<usize>],
+        machines: Vec<ReportMachine>,
+        report: &BuildReport,
+    ) -> RunReport {
+        let end: Vec<Option<f64>> = report
+            .results
+            .iter()
+            .map(|r| match r {
+                NodeResult::Built {
+                    started, seconds, ..
+                } => Some(started + seconds),
+                NodeResult::Failed { .. } => None,
+            })
+            .collect();
+        let chain = critical_chain(deps, &end);
+        let builds = drv_paths
+            .iter()
+            .zip(&report.results)
+            .enumerate()
+            .filter_map(|(i, (drv, r))| match r {
+                NodeResult::Built {
+                    machine,
+                    started,
+                    seconds,
+                } => Some(ReportBuild {
+                    name: crate::progress::drv_name(drv).to_string(),
+                    machine: machine.clone(),
+                    start: *started,
+                    seconds: *seconds,
+                    critical: chain.contains(&i),
+                }),
+                NodeResult::Failed { .. } => None,
+            })
+            .collect();
+        RunReport {
+            title: format!("offload build: {} derivations", drv_paths.len()),
+            wall_seconds: report.wall_seconds,
+            lower_bound: report.measured_lower_bound,
+            machines,
+            builds,
+        }
+    }
+
+    /// The run as Chrome trace events (Perfetto, chrome://tracing).
+    fn trace(&self) -> String {
+        let machines: Vec<String> = self.machines.iter().map(|m| m.name.clone()).collect();
+        let builds: Vec<TraceEvent> = self
+            .builds
+            .iter()
+            .filter_map(|b| {
+                Some(TraceEvent {
+                    name: b.name.clone(),
+                    machine: machines.iter().position(|m| *m == b.machine)?,
+                    start: b.start,
+                    duration: b.seconds,
+                })
+            })
+            .collect();
+        chrome_trace(&machines, &builds).to_string()
+    }
+}
+
+/// Writes the HTML report of `run` to `path`.
+pub fn write_html(path: &Path, run: &RunReport) -> Result<(), Failure> {
+    std::fs::write(path, html(run))
+        .with_context(|| format!("writing the report to {}", path.display()))
+        .map_err(Failure::usage)
+}
+
+/// Writes `run` as Chrome trace events to `path`.
+pub fn write_trace(path: &Path, run: &RunReport) -> Result<(), Failure> {
+    std::fs::write(path, run.trace())
+        .with_context(|| format!("writing the trace to {}", path.display()))
+        .map_err(Failure::usage)
+}
+
+/// Keeps `run` in the state database for `offload report`; a run that cannot be kept is
+/// reported, not failed.
+pub fn record(history: &History, run: &RunReport) {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+        - run.wall_seconds as i64;
+    let kept = serde_json::to_string(run)
+        .map_err(|e| e.to_string())
+        .and_then(|json| {
+            history
+                .record_run(started, &json)
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = kept {
+        tracing::warn!("cannot keep the run for offload report: {e}");
+    }
+}
+
+/// `offload report`: a recorded run as HTML, a trace, or a summary; or the list of runs.
+pub fn run(args: ReportArgs) -> Result<(), Failure> {
+    let path = args.history.clone().unwrap_or_else(History::default_path);
+    let history = History::open(&path).map_err(Failure::usage)?;
+    if args.list {
+        let mut out = String::new();
+        for (id, started) in history.runs(50).map_err(Failure::usage)? {
+            let _ = writeln!(out, "{id}  {}", format_utc(started));
+        }
+        crate::output::stdout(&out);
+        return Ok(());
+    }
+    let record = history
+        .run(args.run)
+        .map_err(Failure::usage)?
+        .ok_or_else(|| {
+            Failure::usage(match args.run {
+                Some(id) => anyhow!(
+                    "no run {id} in {} (`offload report --list`)",
+                    path.display()
+                ),
+                None => anyhow!(
+                    "no run recorded in {} yet: `offload build` records each run",
+                    path.display()
+                ),
+            })
+        })?;
+    let run: RunReport = serde_json::from_str(&record.report)
+        .with_context(|| format!("run {} in {} cannot be read", record.id, path.display()))
+        .map_err(Failure::usage)?;
+    if let Some(file) = &args.html {
+        write_html(file, &run)?;
+    }
+    if let Some(file) = &args.trace {
+        write_trace(file, &run)?;
+    }
+    if args.html.is_none() && args.trace.is_none() {
+        let per_machine: Vec<String> = run
+            .machines
+            .iter()
+            .map(|m| {
+                let n = run.builds.iter().filter(|b| b.machine == m.name).count();
+                format!("{} {n}", m.name)
+            })
+            .collect();
+        crate::output::stdout(&format!(
+            "run {} at {}: {} builds in {:.2} s (lower bound {:.2} s)\nbuilds per machine: {}\n",
+            record.id,
+            format_utc(record.started_at),
+            run.builds.len(),
+            run.wall_seconds,
+            run.lower_bound,
+            per_machine.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// The chain of builds that ends last, each waiting on the one before: the critical path

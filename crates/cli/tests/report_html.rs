@@ -82,3 +82,67 @@ fn the_report_draws_the_builds_and_the_critical_path() {
     assert!(machine > 2000, "machine bars: {machine} pixels");
     assert!(critical > 2000, "critical path: {critical} pixels");
 }
+
+#[test]
+fn every_run_is_recorded_and_offload_report_renders_it_again() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    std::fs::write(dir.join("graph.nix"), graph(&salt("recorded"))).unwrap();
+    let out = common::offload(dir)
+        .args(["build", "graph.nix", "--local-only", "-j2", "--no-out-link"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let list = common::offload(dir)
+        .args(["report", "--list"])
+        .output()
+        .unwrap();
+    let listed = text(&list.stdout);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let id = listed.split_whitespace().next().unwrap().to_string();
+
+    let summary = common::offload(dir).arg("report").output().unwrap();
+    let shown = text(&summary.stdout);
+    assert!(shown.starts_with(&format!("run {id} at ")), "{shown}");
+    assert!(shown.contains("4 builds in"), "{shown}");
+    assert!(shown.contains("builds per machine: local 4"), "{shown}");
+
+    let out = common::offload(dir)
+        .args([
+            "report",
+            &id,
+            "--html",
+            "again.html",
+            "--trace",
+            "again.json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let html = std::fs::read_to_string(dir.join("again.html")).unwrap();
+    assert!(html.contains("Critical path (2 builds, in red)"), "{html}");
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("again.json")).unwrap()).unwrap();
+    let builds = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .count();
+    assert_eq!(builds, 4);
+
+    let missing = common::offload(dir)
+        .args(["report", "999"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing.stderr).contains("no run 999"),
+        "{}",
+        text(&missing.stderr)
+    );
+}

@@ -47,6 +47,13 @@ const MIGRATIONS: &[&str] = &[
          last_failure_at INTEGER NOT NULL,
          quarantined_until INTEGER NOT NULL
      );",
+    // Every `offload build` run, for `offload report`: when it started (Unix seconds)
+    // and the run as the CLI records it (JSON).
+    "CREATE TABLE runs (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         started_at INTEGER NOT NULL,
+         report TEXT NOT NULL
+     );",
 ];
 
 /// The history database could not be used.

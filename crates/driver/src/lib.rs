@@ -32,6 +32,7 @@ mod paths;
 pub mod plan;
 mod pool;
 pub mod process;
+mod runs;
 mod session;
 pub mod shutdown;
 pub mod signing;
@@ -45,5 +46,6 @@ pub use history::{package_name, EstimateSource, History, HistoryError, DEFAULT_S
 pub use machine_state::{format_utc, MachineRecord};
 pub use paths::PathRegistry;
 pub use pool::Pool;
+pub use runs::RunRecord;
 pub use session::{ServeConn, HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
 pub use transport::{shell_quote, Endpoint, Route, NIX_SSHOPTS};
