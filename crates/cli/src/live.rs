@@ -20,10 +20,36 @@ struct Counts {
     failed: usize,
     /// Per machine (in fleet order), its running builds: name and start.
     running: BTreeMap<usize, Vec<(String, Instant)>>,
+    /// Per remote machine, bytes moved over its link, and recent transfers (when, bytes)
+    /// for the current rate.
+    moved: BTreeMap<usize, u64>,
+    recent: BTreeMap<usize, Vec<(Instant, u64)>>,
     machine_index: BTreeMap<String, usize>,
 }
 
+/// How far back the current rate of a link looks.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
+
 impl Counts {
+    fn moved(&mut self, machine: &str, bytes: u64) {
+        if let Some(&i) = self.machine_index.get(machine) {
+            *self.moved.entry(i).or_default() += bytes;
+            self.recent
+                .entry(i)
+                .or_default()
+                .push((Instant::now(), bytes));
+        }
+    }
+
+    /// Bytes moved over machine `i`'s link, and bytes per second lately.
+    fn link(&mut self, i: usize) -> Option<(u64, f64)> {
+        let total = *self.moved.get(&i)?;
+        let recent = self.recent.entry(i).or_default();
+        recent.retain(|(at, _)| at.elapsed() < RATE_WINDOW);
+        let lately: u64 = recent.iter().map(|(_, b)| b).sum();
+        Some((total, lately as f64 / RATE_WINDOW.as_secs_f64()))
+    }
+
     fn start(&mut self, name: &str, machine: &str) {
         // A build lost with its machine starts again elsewhere: it runs in one place.
         for list in self.running.values_mut() {
@@ -124,13 +150,22 @@ impl Live {
         self.redraw();
     }
 
+    /// A transfer between `from` and `to` ended: it counts for the link of the machine
+    /// that is not this one.
+    pub fn moved(&self, from: &str, to: &str, bytes: u64) {
+        self.update(|c| {
+            let remote = if from == "local" { to } else { from };
+            c.moved(remote, bytes);
+        });
+    }
+
     /// A line above the bars (a build's log).
     pub fn println(&self, line: &str) {
         let _ = self.multi.println(line);
     }
 
     fn redraw(&self) {
-        let c = self.counts();
+        let mut c = self.counts();
         let running: usize = c.running.values().map(Vec::len).sum();
         let queued = c.total.saturating_sub(c.done + c.failed + running);
         self.header.set_message(format!(
@@ -151,7 +186,11 @@ impl Live {
                     .collect();
                 format!("{} running: {}", builds.len(), each.join(", "))
             };
-            bar.set_message(format!("  {name}  {text}"));
+            let link = match c.link(i) {
+                Some((total, rate)) => format!("  [{} moved, {}/s]", mib(total as f64), mib(rate)),
+                None => String::new(),
+            };
+            bar.set_message(format!("  {name}  {text}{link}"));
         }
     }
 
@@ -160,4 +199,9 @@ impl Live {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.multi.clear();
     }
+}
+
+/// Bytes in MiB, one decimal.
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / 1048576.0)
 }

@@ -6,6 +6,8 @@
 //! - `build_started`: `drv`, `machine`, `at_s` (seconds since the run began);
 //! - `build_finished` / `build_failed`: `drv`, `machine`, `at_s`, `seconds`;
 //! - `machine_warning`: `message` (a machine skipped, down, or quarantined), `at_s`;
+//! - `transfer_started` / `transfer_finished`: `path`, `from`, `to` (machine names),
+//!   `bytes` (the NAR's size), `at_s`; when finished also `seconds` and `ok`;
 //! - `summary`: `ok`, `built`, `wall_s`, `lower_bound_s` (by the measured build times),
 //!   `builds_per_machine`, `outputs` (the requested output paths), and `failures`, each
 //!   with `drv`, `reason` and `log_tail`.
@@ -141,6 +143,33 @@ impl Reporter for Progress {
             }
         }
         self.event(json!({"type": "machine_warning", "message": message, "at_s": self.at()}));
+    }
+
+    fn transfer_started(&self, path: &str, from: &str, to: &str, bytes: u64) {
+        self.event(json!({
+            "type": "transfer_started", "path": path, "from": from, "to": to,
+            "bytes": bytes, "at_s": self.at(),
+        }));
+    }
+
+    fn transfer_finished(
+        &self,
+        path: &str,
+        from: &str,
+        to: &str,
+        bytes: u64,
+        seconds: f64,
+        ok: bool,
+    ) {
+        if let Some(live) = self.live.get() {
+            if ok {
+                live.moved(from, to, bytes);
+            }
+        }
+        self.event(json!({
+            "type": "transfer_finished", "path": path, "from": from, "to": to,
+            "bytes": bytes, "seconds": seconds, "ok": ok, "at_s": self.at(),
+        }));
     }
 
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64) {

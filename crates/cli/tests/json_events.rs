@@ -84,3 +84,71 @@ fn events_are_json_lines_and_the_summary_carries_outputs_and_failures() {
     assert_eq!(outputs.len(), 1);
     assert!(outputs[0].as_str().unwrap().ends_with("-top"));
 }
+
+#[test]
+fn transfers_between_machines_are_events_with_their_route_and_size() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let program = dir.join("nix-store-plain");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
+    )
+    .unwrap();
+    let chmod = std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&program)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+    let builder = format!(
+        "ssh://localhost?remote-store={}/m1&remote-program={} {} - 2 1",
+        dir.display(),
+        program.display(),
+        offload_test_support::nix_system()
+    );
+    let file = dir.join("graph.nix");
+    std::fs::write(&file, graph(&salt("transfers"))).unwrap();
+    // -j0: everything builds on the builder, and the top's output comes back here.
+    let out = common::offload(dir)
+        .arg("build")
+        .arg(&file)
+        .args([
+            "-A",
+            "top",
+            "--json",
+            "-j0",
+            "--no-out-link",
+            "--builders",
+            &builder,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let home: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["type"] == "transfer_finished" && e["to"] == "local")
+        .collect();
+    assert!(!home.is_empty(), "no transfer home: {events:?}");
+    for e in &home {
+        assert_eq!(e["from"], format!("localhost:{}/m1", dir.display()));
+        assert!(e["bytes"].as_u64().unwrap() > 0);
+        assert_eq!(e["ok"], true);
+    }
+    let started = events
+        .iter()
+        .filter(|e| e["type"] == "transfer_started")
+        .count();
+    let finished = events
+        .iter()
+        .filter(|e| e["type"] == "transfer_finished")
+        .count();
+    assert_eq!(started, finished);
+}

@@ -168,6 +168,19 @@ pub trait Reporter: Send + Sync {
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64);
     /// A machine cannot be used, for now or for the run; `message` names it and says why.
     fn machine_warning(&self, message: &str);
+    /// A store path's NAR (`bytes`) started from machine `from` to machine `to`.
+    fn transfer_started(&self, _path: &str, _from: &str, _to: &str, _bytes: u64) {}
+    /// That transfer ended after `seconds`; `ok` when the receiver took the path.
+    fn transfer_finished(
+        &self,
+        _path: &str,
+        _from: &str,
+        _to: &str,
+        _bytes: u64,
+        _seconds: f64,
+        _ok: bool,
+    ) {
+    }
 }
 
 /// How one derivation ended.

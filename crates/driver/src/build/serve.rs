@@ -249,7 +249,19 @@ impl ServeTransport {
                 }
             }
             let mut from = self.pools[source].get().await?;
+            let (from_name, to_name) = (&self.names[source], &self.names[machine]);
+            self.reporter
+                .transfer_started(path, from_name, to_name, info.nar_size);
+            let started = std::time::Instant::now();
             let result = target.add_to_store_nar_from(&info, &mut from).await;
+            self.reporter.transfer_finished(
+                path,
+                from_name,
+                to_name,
+                info.nar_size,
+                started.elapsed().as_secs_f64(),
+                result.is_ok(),
+            );
             self.pools[source].put(from);
             result?;
             self.registry().add_holder(path, machine);
