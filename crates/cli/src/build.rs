@@ -179,7 +179,8 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     };
     options.logs = log_destination(&options.local_access, &history_path);
     let reporter = Arc::new(Progress::new(quiet, !args.no_build_output, args.json));
-    reporter.planned(nodes.len(), &machines);
+    let work: f64 = nodes.iter().map(|n| n.estimate).sum();
+    reporter.planned(nodes.len(), work, &machines);
     let names: Vec<String> = nodes.iter().map(|n| n.drv_path.clone()).collect();
     let deps: Vec<Vec<usize>> = nodes.iter().map(|n| n.deps.clone()).collect();
     let fleet: Vec<ReportMachine> = machines

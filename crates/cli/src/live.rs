@@ -18,8 +18,13 @@ struct Counts {
     total: usize,
     done: usize,
     failed: usize,
-    /// Per machine (in fleet order), its running builds: name and start.
-    running: BTreeMap<usize, Vec<(String, Instant)>>,
+    /// Per machine (in fleet order), its running builds: name, start, estimate there.
+    running: BTreeMap<usize, Vec<(String, Instant, Option<f64>)>>,
+    /// The plan's work (seconds at speed 1), what finished builds were estimated at, and
+    /// the fleet's capacity (slots times speed), for the ETA.
+    work: f64,
+    finished_work: f64,
+    capacity: f64,
     /// Per remote machine, bytes moved over its link, and recent transfers (when, bytes)
     /// for the current rate.
     moved: BTreeMap<usize, u64>,
@@ -50,24 +55,43 @@ impl Counts {
         Some((total, lately as f64 / RATE_WINDOW.as_secs_f64()))
     }
 
-    fn start(&mut self, name: &str, machine: &str) {
+    fn start(&mut self, name: &str, machine: &str, estimate: Option<f64>) {
         // A build lost with its machine starts again elsewhere: it runs in one place.
         for list in self.running.values_mut() {
-            list.retain(|(n, _)| n != name);
+            list.retain(|(n, _, _)| n != name);
         }
         if let Some(&i) = self.machine_index.get(machine) {
             self.running
                 .entry(i)
                 .or_default()
-                .push((name.to_string(), Instant::now()));
+                .push((name.to_string(), Instant::now(), estimate));
         }
+    }
+
+    /// Seconds until the plan's remaining work is done at the fleet's capacity, and no
+    /// sooner than the running build expected to end last.
+    fn eta(&self) -> Option<f64> {
+        if self.work <= 0.0 || self.capacity <= 0.0 {
+            return None;
+        }
+        let running = self.running.values().flatten();
+        let in_flight: f64 = running
+            .clone()
+            .map(|(_, t, e)| t.elapsed().as_secs_f64().min(e.unwrap_or(0.0)))
+            .sum();
+        let left = (self.work - self.finished_work - in_flight).max(0.0) / self.capacity;
+        let longest = running
+            .map(|(_, t, e)| e.unwrap_or(0.0) - t.elapsed().as_secs_f64())
+            .fold(0.0, f64::max);
+        Some(left.max(longest))
     }
 
     fn finish(&mut self, name: &str, machine: &str, ok: bool) {
         if let Some(&i) = self.machine_index.get(machine) {
             if let Some(list) = self.running.get_mut(&i) {
-                if let Some(pos) = list.iter().position(|(n, _)| n == name) {
-                    list.remove(pos);
+                if let Some(pos) = list.iter().position(|(n, _, _)| n == name) {
+                    let (_, _, estimate) = list.remove(pos);
+                    self.finished_work += estimate.unwrap_or(0.0);
                 }
             }
         }
@@ -91,7 +115,7 @@ pub struct Live {
 
 impl Live {
     /// A view for `total` builds on `machines` (their names, in fleet order).
-    pub fn new(total: usize, machines: &[String]) -> Arc<Live> {
+    pub fn new(total: usize, machines: &[String], work: f64, capacity: f64) -> Arc<Live> {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
         let style =
             ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
@@ -106,6 +130,8 @@ impl Live {
             .collect();
         let counts = Counts {
             total,
+            work,
+            capacity,
             machine_index: machines
                 .iter()
                 .enumerate()
@@ -136,8 +162,8 @@ impl Live {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn started(&self, name: &str, machine: &str) {
-        self.update(|c| c.start(name, machine));
+    pub fn started(&self, name: &str, machine: &str, estimate: Option<f64>) {
+        self.update(|c| c.start(name, machine, estimate));
     }
 
     pub fn finished(&self, name: &str, machine: &str, ok: bool) {
@@ -168,8 +194,12 @@ impl Live {
         let mut c = self.counts();
         let running: usize = c.running.values().map(Vec::len).sum();
         let queued = c.total.saturating_sub(c.done + c.failed + running);
+        let eta = c
+            .eta()
+            .map(|s| format!(", about {s:.0} s to go"))
+            .unwrap_or_default();
         self.header.set_message(format!(
-            "{}/{} built, {running} running, {queued} queued, {} failed  [{:.0} s]",
+            "{}/{} built, {running} running, {queued} queued, {} failed  [{:.0} s{eta}]",
             c.done,
             c.total,
             c.failed,
@@ -182,7 +212,10 @@ impl Live {
             } else {
                 let each: Vec<String> = builds
                     .iter()
-                    .map(|(n, t)| format!("{n} {:.1} s", t.elapsed().as_secs_f64()))
+                    .map(|(n, t, e)| match e {
+                        Some(e) => format!("{n} {:.1}/{e:.1} s", t.elapsed().as_secs_f64()),
+                        None => format!("{n} {:.1} s", t.elapsed().as_secs_f64()),
+                    })
                     .collect();
                 format!("{} running: {}", builds.len(), each.join(", "))
             };

@@ -2,8 +2,10 @@
 //! (`live.rs`); elsewhere a calm line per build on stderr; or with `--json`, JSON Lines on stdout (and nothing else there), one object per event
 //! with a `type`:
 //!
-//! - `planned`: `derivations` to build, `machines` (`name`, `slots`, `speed_factor`);
-//! - `build_started`: `drv`, `machine`, `at_s` (seconds since the run began);
+//! - `planned`: `derivations` to build, `machines` (`name`, `slots`, `speed_factor`),
+//!   `estimated_work_s` (their estimates at speed 1, summed);
+//! - `build_started`: `drv`, `machine`, `at_s` (seconds since the run began),
+//!   `estimate_s` (on that machine) and `cores` (when shared out);
 //! - `build_finished` / `build_failed`: `drv`, `machine`, `at_s`, `seconds`;
 //! - `machine_warning`: `message` (a machine skipped, down, or quarantined), `at_s`;
 //! - `transfer_started` / `transfer_finished`: `path`, `from`, `to` (machine names),
@@ -16,7 +18,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use offload_driver::build::{BuildReport, NodeResult, Reporter};
+use offload_driver::build::{BuildReport, NodeResult, Placement, Reporter};
 use offload_driver::fleet::MachineConfig;
 use serde_json::{json, Value};
 
@@ -66,10 +68,16 @@ impl Progress {
     }
 
     /// The `planned` event; on a terminal, the live view starts.
-    pub fn planned(&self, derivations: usize, machines: &[MachineConfig]) {
+    pub fn planned(&self, derivations: usize, work: f64, machines: &[MachineConfig]) {
         if self.want_live && derivations > 0 {
             let names: Vec<String> = machines.iter().map(|m| m.spec.name.clone()).collect();
-            let _ = self.live.set(Live::new(derivations, &names));
+            let capacity: f64 = machines
+                .iter()
+                .map(|m| f64::from(m.spec.slots) * m.spec.speed)
+                .sum();
+            let _ = self
+                .live
+                .set(Live::new(derivations, &names, work, capacity));
         }
         let machines: Vec<Value> = machines
             .iter()
@@ -77,7 +85,10 @@ impl Progress {
                 json!({"name": m.spec.name, "slots": m.spec.slots, "speed_factor": m.spec.speed})
             })
             .collect();
-        self.event(json!({"type": "planned", "derivations": derivations, "machines": machines}));
+        self.event(json!({
+            "type": "planned", "derivations": derivations, "machines": machines,
+            "estimated_work_s": work,
+        }));
     }
 
     /// The `summary` event; the live view is taken off the screen first.
@@ -116,14 +127,11 @@ impl Progress {
 
 impl Reporter for Progress {
     fn build_started(&self, drv: &str, machine: &str) {
-        if let Some(live) = self.live.get() {
-            live.started(drv_name(drv), machine);
-        } else if !self.quiet {
-            eprintln!("building '{drv}' on '{machine}'...");
-        }
-        self.event(
-            json!({"type": "build_started", "drv": drv, "machine": machine, "at_s": self.at()}),
-        );
+        self.started(drv, machine, None);
+    }
+
+    fn build_placed(&self, drv: &str, machine: &str, placement: Placement) {
+        self.started(drv, machine, Some(placement));
     }
 
     fn build_log(&self, drv: &str, _machine: &str, line: &str) {
@@ -179,6 +187,21 @@ impl Reporter for Progress {
         let kind = if ok { "build_finished" } else { "build_failed" };
         self.event(json!({
             "type": kind, "drv": drv, "machine": machine, "at_s": self.at(), "seconds": seconds,
+        }));
+    }
+}
+
+impl Progress {
+    fn started(&self, drv: &str, machine: &str, placement: Option<Placement>) {
+        let estimate = placement.map(|p| p.estimate_seconds);
+        if let Some(live) = self.live.get() {
+            live.started(drv_name(drv), machine, estimate);
+        } else if !self.quiet {
+            eprintln!("building '{drv}' on '{machine}'...");
+        }
+        self.event(json!({
+            "type": "build_started", "drv": drv, "machine": machine, "at_s": self.at(),
+            "estimate_s": estimate, "cores": placement.and_then(|p| p.cores),
         }));
     }
 }

@@ -164,6 +164,11 @@ impl BuildOptions {
 /// Progress, for the CLI to show.
 pub trait Reporter: Send + Sync {
     fn build_started(&self, drv: &str, machine: &str);
+    /// A build starts, with what the plan expects of it; by default the same as
+    /// [`Reporter::build_started`].
+    fn build_placed(&self, drv: &str, machine: &str, _placement: Placement) {
+        self.build_started(drv, machine);
+    }
     fn build_log(&self, drv: &str, machine: &str, line: &str);
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64);
     /// A machine cannot be used, for now or for the run; `message` names it and says why.
@@ -181,6 +186,15 @@ pub trait Reporter: Send + Sync {
         _ok: bool,
     ) {
     }
+}
+
+/// What the plan expects of a build it starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    /// Estimated seconds on that machine (the estimate over its speed factor).
+    pub estimate_seconds: f64,
+    /// Cores its builder gets (`NIX_BUILD_CORES`), when shared out.
+    pub cores: Option<u32>,
 }
 
 /// How one derivation ended.

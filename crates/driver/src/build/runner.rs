@@ -302,13 +302,18 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     fn on_action(&mut self, action: Action) {
         match action {
             Action::Start { node, machine } => {
-                self.reporter
-                    .build_started(&self.nodes[node].drv_path, &self.machines[machine].name);
                 // Builds running there now, this one included, share its cores.
                 let cores = self.cores[machine].map(|total| {
                     let sharing = self.sched.running_on(machine).len().max(1) as u32;
                     (total / sharing).max(1)
                 });
+                let spec = &self.machines[machine];
+                let planned = super::Placement {
+                    estimate_seconds: self.nodes[node].estimate / spec.speed.max(1e-6),
+                    cores,
+                };
+                self.reporter
+                    .build_placed(&self.nodes[node].drv_path, &spec.name, planned);
                 self.started_at[node] = self.now();
                 let task = BuildTask {
                     node,
