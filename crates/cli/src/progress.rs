@@ -7,7 +7,8 @@
 //! - `build_started`: `drv`, `machine`, `at_s` (seconds since the run began),
 //!   `estimate_s` (on that machine) and `cores` (when shared out);
 //! - `build_finished` / `build_failed`: `drv`, `machine`, `at_s`, `seconds`;
-//! - `machine_warning`: `message` (a machine skipped, down, or quarantined), `at_s`;
+//! - `machine_lost` (down, tried again later), `machine_quarantined` (failed too often),
+//!   `machine_skipped` (quarantined by an earlier run): `machine`, `why`, `at_s`;
 //! - `transfer_started` / `transfer_finished`: `path`, `from`, `to` (machine names),
 //!   `bytes` (the NAR's size), `at_s`; when finished also `seconds` and `ok`;
 //! - `summary`: `ok`, `built`, `wall_s`, `lower_bound_s` (by the measured build times),
@@ -150,7 +151,10 @@ impl Reporter for Progress {
                 None => eprintln!("warning: {message}"),
             }
         }
-        self.event(json!({"type": "machine_warning", "message": message, "at_s": self.at()}));
+    }
+
+    fn machine_event(&self, kind: &str, machine: &str, why: &str) {
+        self.event(json!({"type": kind, "machine": machine, "why": why, "at_s": self.at()}));
     }
 
     fn transfer_started(&self, path: &str, from: &str, to: &str, bytes: u64) {

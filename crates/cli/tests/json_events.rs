@@ -152,3 +152,71 @@ fn transfers_between_machines_are_events_with_their_route_and_size() {
         .count();
     assert_eq!(started, finished);
 }
+
+#[test]
+fn a_machine_that_cannot_be_used_is_an_event() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    // A builder whose serve program fails at once.
+    let builder = format!(
+        "ssh://localhost?remote-store={}/m1&remote-program=/bin/false {} - 2 4",
+        dir.display(),
+        offload_test_support::nix_system()
+    );
+    let file = dir.join("graph.nix");
+    std::fs::write(&file, graph(&salt("lost"))).unwrap();
+    let out = common::offload(dir)
+        .arg("build")
+        .arg(&file)
+        .args([
+            "-A",
+            "top",
+            "--json",
+            "--no-out-link",
+            "--builders",
+            &builder,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let lost = events
+        .iter()
+        .find(|e| e["type"] == "machine_lost")
+        .unwrap_or_else(|| panic!("no machine_lost: {events:?}"));
+    assert_eq!(lost["machine"], format!("localhost:{}/m1", dir.display()));
+    assert!(!lost["why"].as_str().unwrap().is_empty());
+    // Everything was built here instead.
+    let summary = events.last().unwrap();
+    assert_eq!(summary["ok"], true);
+}
+
+#[test]
+fn a_redirected_run_prints_calm_lines_without_colour_codes() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("graph.nix");
+    std::fs::write(&file, graph(&salt("calm"))).unwrap();
+    let out = common::offload(work.path())
+        .arg("build")
+        .arg(&file)
+        .args(["-A", "top", "-v", "--no-out-link"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a redirected log:\n{stderr}"
+    );
+    assert!(stderr.contains("INFO"), "-v shows info lines:\n{stderr}");
+    assert_eq!(stderr.matches("building '").count(), 2, "{stderr}");
+}

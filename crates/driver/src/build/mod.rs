@@ -173,6 +173,10 @@ pub trait Reporter: Send + Sync {
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64);
     /// A machine cannot be used, for now or for the run; `message` names it and says why.
     fn machine_warning(&self, message: &str);
+    /// What happened to a machine, for machine-readable output: `kind` is
+    /// `machine_lost` (down, tried again later), `machine_quarantined` (failed too
+    /// often) or `machine_skipped` (quarantined by an earlier run); `why` says why.
+    fn machine_event(&self, _kind: &str, _machine: &str, _why: &str) {}
     /// A store path's NAR (`bytes`) started from machine `from` to machine `to`.
     fn transfer_started(&self, _path: &str, _from: &str, _to: &str, _bytes: u64) {}
     /// That transfer ended after `seconds`; `ok` when the receiver took the path.

@@ -208,6 +208,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 let name = &self.machines[m].name;
                 self.reporter
                     .machine_warning(&format!("skipping {name}: {why}"));
+                self.reporter.machine_event("machine_skipped", name, &why);
                 let actions = self.sched.handle(Event::MachineLost { machine: m }, 0.0);
                 self.apply(actions);
                 continue;
@@ -233,7 +234,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         });
         self.transport.forget_machine(machine);
         let name = self.machines[machine].name.clone();
-        let (event, next) = match self.health.failed(machine, why) {
+        let (event, next, kind) = match self.health.failed(machine, why) {
             AfterFailure::RetryIn(wait) => {
                 let probe = self.probe(machine);
                 self.probes.spawn(async move {
@@ -243,6 +244,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 (
                     Event::MachineDown { machine },
                     format!("trying it again in {} s", wait.as_secs_f64()),
+                    "machine_lost",
                 )
             }
             AfterFailure::Quarantined(until) => (
@@ -251,10 +253,12 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                     "it failed too often: quarantined until {}",
                     crate::machine_state::format_utc(until)
                 ),
+                "machine_quarantined",
             ),
         };
         self.reporter
             .machine_warning(&format!("{name} cannot be used ({why}); {doing}, {next}"));
+        self.reporter.machine_event(kind, &name, why);
         let actions = self.sched.handle(event, self.now());
         self.apply(actions);
     }
