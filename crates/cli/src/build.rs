@@ -208,7 +208,8 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         _ => Failure::work(e),
     })?;
 
-    let run = RunReport::from_build(&names, &deps, fleet, &report);
+    let mut run = RunReport::from_build(&names, &deps, fleet, &report);
+    run.transfers = reporter.transfers();
     if let Some(path) = &args.trace {
         crate::report::write_trace(path, &run)?;
     }

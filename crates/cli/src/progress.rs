@@ -24,6 +24,7 @@ use offload_driver::fleet::MachineConfig;
 use serde_json::{json, Value};
 
 use crate::live::Live;
+use crate::report::ReportTransfer;
 
 /// The reporter the runner calls.
 pub struct Progress {
@@ -36,6 +37,8 @@ pub struct Progress {
     /// Whether to draw the live view, and the view once the plan is known.
     want_live: bool,
     live: OnceLock<Arc<Live>>,
+    /// Transfers that completed, for the run's report.
+    transfers: Mutex<Vec<ReportTransfer>>,
 }
 
 impl Progress {
@@ -50,6 +53,7 @@ impl Progress {
             stdout: Mutex::new(()),
             want_live: terminal && !quiet && !json,
             live: OnceLock::new(),
+            transfers: Mutex::new(Vec::new()),
         }
     }
 
@@ -178,6 +182,19 @@ impl Reporter for Progress {
                 live.moved(from, to, bytes);
             }
         }
+        if ok {
+            let at = self.at();
+            self.transfers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(ReportTransfer {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    bytes,
+                    start: (at - seconds).max(0.0),
+                    seconds,
+                });
+        }
         self.event(json!({
             "type": "transfer_finished", "path": path, "from": from, "to": to,
             "bytes": bytes, "seconds": seconds, "ok": ok, "at_s": self.at(),
@@ -196,6 +213,14 @@ impl Reporter for Progress {
 }
 
 impl Progress {
+    /// The transfers that completed so far.
+    pub fn transfers(&self) -> Vec<ReportTransfer> {
+        self.transfers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn started(&self, drv: &str, machine: &str, placement: Option<Placement>) {
         let estimate = placement.map(|p| p.estimate_seconds);
         if let Some(live) = self.live.get() {

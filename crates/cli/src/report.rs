@@ -35,6 +35,17 @@ pub struct ReportMachine {
     pub slots: u32,
 }
 
+/// A store path copied between two machines during the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportTransfer {
+    pub from: String,
+    pub to: String,
+    pub bytes: u64,
+    /// Seconds since the run began.
+    pub start: f64,
+    pub seconds: f64,
+}
+
 /// Everything the report shows, as the state database keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
@@ -43,6 +54,8 @@ pub struct RunReport {
     pub lower_bound: f64,
     pub machines: Vec<ReportMachine>,
     pub builds: Vec<ReportBuild>,
+    #[serde(default)]
+    pub transfers: Vec<ReportTransfer>,
 }
 
 impl RunReport {
@@ -89,6 +102,7 @@ impl RunReport {
             lower_bound: report.measured_lower_bound,
             machines,
             builds,
+            transfers: Vec::new(),
         }
     }
 
@@ -237,6 +251,12 @@ const PALETTE: [&str; 8] = [
     "#4e79a7", "#59a14f", "#9c755f", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#bab0ac",
 ];
 const CRITICAL: &str = "#e15759";
+const TRANSFER: &str = "#8c8c8c";
+
+/// A byte count for people.
+fn bytes(n: u64) -> String {
+    crate::copy::human_bytes(n)
+}
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -332,6 +352,50 @@ pub fn html(run: &RunReport) -> String {
             y += ROW;
         }
     }
+    // One lane per link that carried something: the machine's transfers, in grey.
+    let mut links = String::new();
+    for machine in &run.machines {
+        let mine: Vec<&ReportTransfer> = run
+            .transfers
+            .iter()
+            .filter(|t| t.from == machine.name || t.to == machine.name)
+            .filter(|t| t.from != t.to && (t.from == "local" || t.to == "local"))
+            .filter(|_| machine.name != "local")
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let _ = write!(
+            rows,
+            "<text x=\"4\" y=\"{:.0}\" class=\"label\">{} link</text>",
+            y + 15.0,
+            escape(&machine.name)
+        );
+        for t in &mine {
+            let _ = write!(
+                rows,
+                "<rect x=\"{:.1}\" y=\"{:.0}\" width=\"{:.1}\" height=\"{:.0}\" fill=\"{TRANSFER}\" \
+                 class=\"build\"><title>{} → {}: {} in {:.2} s</title></rect>",
+                x(t.start),
+                y + 4.0,
+                (x(t.start + t.seconds) - x(t.start)).max(1.5),
+                ROW - 12.0,
+                escape(&t.from),
+                escape(&t.to),
+                bytes(t.bytes),
+                t.seconds
+            );
+        }
+        let total: u64 = mine.iter().map(|t| t.bytes).sum();
+        let _ = write!(
+            links,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&machine.name),
+            mine.len(),
+            bytes(total)
+        );
+        y += ROW;
+    }
     let height = y + 30.0;
     let mut axis = String::new();
     let step = nice_step(span);
@@ -389,6 +453,8 @@ Critical path ({c} builds, in red): {path}.</p>
 </svg>
 <h2>Utilisation</h2>
 <table><tr><th>machine</th><th>slots</th><th>builds</th><th>busy</th><th>utilisation</th></tr>{utilisation}</table>
+<h2>Bytes moved per link</h2>
+<table><tr><th>machine</th><th>transfers</th><th>bytes</th></tr>{links}</table>
 <h2>The ten longest builds</h2>
 <table><tr><th>derivation</th><th>machine</th><th>time</th><th></th></tr>{top}</table>
 </body></html>
@@ -462,6 +528,7 @@ mod tests {
                 slots: 1,
             }],
             builds: Vec::new(),
+            transfers: Vec::new(),
         };
         let page = html(&run);
         assert!(page.contains("&lt;run&gt;") && page.contains("m&amp;1"));

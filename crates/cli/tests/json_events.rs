@@ -92,18 +92,7 @@ fn transfers_between_machines_are_events_with_their_route_and_size() {
     }
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
-    let program = dir.join("nix-store-plain");
-    std::fs::write(
-        &program,
-        "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
-    )
-    .unwrap();
-    let chmod = std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(&program)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
+    let program = offload_test_support::loopback_serve_program(dir);
     let builder = format!(
         "ssh://localhost?remote-store={}/m1&remote-program={} {} - 2 1",
         dir.display(),

@@ -146,3 +146,40 @@ fn every_run_is_recorded_and_offload_report_renders_it_again() {
         text(&missing.stderr)
     );
 }
+
+#[test]
+fn the_report_shows_what_each_link_carried() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let program = offload_test_support::loopback_serve_program(dir);
+    let builder = format!(
+        "ssh://localhost?remote-store={}/m1&remote-program={} {} - 4 1",
+        dir.display(),
+        program.display(),
+        offload_test_support::nix_system()
+    );
+    std::fs::write(dir.join("graph.nix"), graph(&salt("links"))).unwrap();
+    let page = dir.join("report.html");
+    let out = common::offload(dir)
+        .args([
+            "build",
+            "graph.nix",
+            "-j0",
+            "--no-out-link",
+            "--builders",
+            &builder,
+            "--report",
+        ])
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let html = std::fs::read_to_string(&page).unwrap();
+    let machine = format!("localhost:{}/m1", dir.display());
+    assert!(html.contains(&format!("{machine} link</text>")), "{html}");
+    let table = &html[html.find("Bytes moved per link").unwrap()..];
+    assert!(table.contains(&format!("<td>{machine}</td>")), "{table}");
+}

@@ -111,6 +111,20 @@ pub fn nix_command(program: &str) -> Command {
     cmd
 }
 
+/// A `remote-program` for loopback machines (`ssh://localhost?remote-store=DIR&…`),
+/// written into `dir`: `nix-store` without build users, which every store on this
+/// machine shares.
+pub fn loopback_serve_program(dir: &Path) -> PathBuf {
+    let path = dir.join("nix-store-loopback");
+    fs::write(
+        &path,
+        "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
+    )
+    .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    run_ok(Command::new("chmod").arg("+x").arg(&path));
+    path
+}
+
 /// A command's output as text.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
