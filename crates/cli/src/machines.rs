@@ -1,5 +1,6 @@
 //! `offload machines`: the fleet a build would use, as a table or JSON Lines: each
-//! machine's systems, features, slots, speed factor, current load (slots held in the
+//! machine's systems, features, slots, speed factor, learned speed (how much faster
+//! than this machine it built the same derivations, from the history), current load (slots held in the
 //! shared ledger by any offload or Nix hook build on this machine) and state (up, failing
 //! since, or quarantined until, from the state database).
 
@@ -25,6 +26,9 @@ struct Row {
     speed: f64,
     /// Slots held now, when the ledger can tell.
     busy: Option<u32>,
+    /// How much faster than this machine it built the same derivations, and from how
+    /// many.
+    learned: Option<(f64, usize)>,
     /// `up`, `failing`, or `quarantined`, and what the record says.
     state: &'static str,
     state_detail: Option<String>,
@@ -57,6 +61,7 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
                     "slots": r.slots,
                     "speed_factor": r.speed,
                     "busy_slots": r.busy,
+                    "learned_speed": r.learned.map(|(s, n)| json!({"relative_to_local": s, "samples": n})),
                     "state": r.state,
                     "state_detail": r.state_detail,
                 });
@@ -127,7 +132,15 @@ fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger, history: Option<&H
     } else {
         state(&spec.name, history)
     };
+    let learned = (m != LOCAL)
+        .then(|| {
+            history
+                .and_then(|h| h.learned_speed(&spec.name).ok().flatten())
+                .map(|l| (l.relative_to_local, l.samples))
+        })
+        .flatten();
     Row {
+        learned,
         state,
         state_detail,
         name: spec.name.clone(),
@@ -142,9 +155,9 @@ fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger, history: Option<&H
 
 fn table(rows: &[Row]) -> String {
     let header = [
-        "machine", "systems", "features", "slots", "speed", "load", "state",
+        "machine", "systems", "features", "slots", "speed", "learned", "load", "state",
     ];
-    let cells: Vec<[String; 7]> = rows
+    let cells: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
             [
@@ -157,6 +170,10 @@ fn table(rows: &[Row]) -> String {
                 },
                 r.slots.to_string(),
                 format!("{}", r.speed),
+                match r.learned {
+                    Some((s, n)) => format!("{s:.2}x ({n})"),
+                    None => "-".into(),
+                },
                 match r.busy {
                     Some(b) => format!("{b}/{}", r.slots),
                     None => "-".into(),

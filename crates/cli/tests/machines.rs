@@ -38,6 +38,15 @@ fn lists_each_machine_with_its_slots_and_current_load() {
         .machine_failed("b2", "connection refused", now - 10)
         .unwrap();
     history.quarantine("b2", now + 3600).unwrap();
+    // And that b1 built two derivations three times as fast as this machine.
+    for name in ["a", "b"] {
+        history
+            .record(name, "x86_64-linux", "local", 3.0, 1.0)
+            .unwrap();
+        history
+            .record(name, "x86_64-linux", "b1", 1.0, 2.0)
+            .unwrap();
+    }
     drop(history);
     let out = common::offload(work.path())
         .env("OFFLOAD_SLOTS_DIR", &slots)
@@ -67,6 +76,11 @@ fn lists_each_machine_with_its_slots_and_current_load() {
     assert_eq!(rows[1]["busy_slots"], 1);
     assert_eq!(rows[2]["busy_slots"], 0);
     assert_eq!(rows[1]["state"], "up");
+    assert_eq!(
+        rows[1]["learned_speed"],
+        serde_json::json!({"relative_to_local": 3.0, "samples": 2})
+    );
+    assert!(rows[2]["learned_speed"].is_null());
     assert_eq!(rows[2]["state"], "quarantined");
     let detail = rows[2]["state_detail"].as_str().unwrap();
     assert!(

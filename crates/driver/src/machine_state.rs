@@ -129,3 +129,66 @@ mod tests {
         assert_eq!(format_utc(1_735_689_599), "2024-12-31 23:59:59 UTC");
     }
 }
+
+/// What the history shows of a machine's speed: how much faster it built the same
+/// derivations than this machine did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LearnedSpeed {
+    /// This machine's time over that machine's, the median over derivations both built.
+    pub relative_to_local: f64,
+    /// How many derivations both built.
+    pub samples: usize,
+}
+
+impl History {
+    /// `machine`'s speed against the local machine, from derivations both built; None
+    /// without such pairs.
+    pub fn learned_speed(&self, machine: &str) -> Result<Option<LearnedSpeed>, HistoryError> {
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT l.t / m.t FROM
+                   (SELECT name, avg(seconds) AS t FROM builds WHERE machine = 'local'
+                    GROUP BY name) AS l
+                 JOIN
+                   (SELECT name, avg(seconds) AS t FROM builds WHERE machine = ?1
+                    GROUP BY name) AS m
+                 ON l.name = m.name WHERE m.t > 0",
+            )
+            .map_err(self.error("reading learned speeds"))?;
+        let mut ratios: Vec<f64> = stmt
+            .query_map(params![machine], |row| row.get(0))
+            .map_err(self.error("reading learned speeds"))?
+            .collect::<Result<_, _>>()
+            .map_err(self.error("reading learned speeds"))?;
+        if ratios.is_empty() {
+            return Ok(None);
+        }
+        ratios.sort_by(f64::total_cmp);
+        Ok(Some(LearnedSpeed {
+            relative_to_local: ratios[ratios.len() / 2],
+            samples: ratios.len(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod learned_tests {
+    use super::*;
+
+    #[test]
+    fn speed_is_the_median_ratio_over_derivations_both_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        assert_eq!(h.learned_speed("b1").unwrap(), None);
+        for (name, local, remote) in [("a", 4.0, 2.0), ("b", 6.0, 2.0), ("c", 1.0, 1.0)] {
+            h.record(name, "x86_64-linux", "local", local, 1.0).unwrap();
+            h.record(name, "x86_64-linux", "b1", remote, 1.0).unwrap();
+        }
+        // Built only on b1: no pair, no say.
+        h.record("d", "x86_64-linux", "b1", 9.0, 1.0).unwrap();
+        let learned = h.learned_speed("b1").unwrap().unwrap();
+        assert_eq!(learned.samples, 3);
+        assert_eq!(learned.relative_to_local, 2.0);
+    }
+}
