@@ -317,12 +317,14 @@ pub fn html(run: &RunReport) -> String {
         let _ = write!(
             utilisation,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{busy:.1} s</td>\
-             <td><div class=\"bar\"><div style=\"width:{:.0}%;background:{colour}\"></div></div> {:.0}%</td></tr>",
+             <td><div class=\"bar\"><div style=\"width:{:.0}%;background:{colour}\"></div></div> {:.0}%</td>\
+             <td>{}</td></tr>",
             escape(&machine.name),
             machine.slots,
             mine.len(),
             (share * 100.0).min(100.0),
-            share * 100.0
+            share * 100.0,
+            over_time(&mine, machine.slots, span, colour)
         );
         for (slot, lane) in lanes(&mine, machine.slots).iter().enumerate() {
             let _ = write!(
@@ -452,7 +454,7 @@ Critical path ({c} builds, in red): {path}.</p>
 {axis}{rows}
 </svg>
 <h2>Utilisation</h2>
-<table><tr><th>machine</th><th>slots</th><th>builds</th><th>busy</th><th>utilisation</th></tr>{utilisation}</table>
+<table><tr><th>machine</th><th>slots</th><th>builds</th><th>busy</th><th>utilisation</th><th>over time</th></tr>{utilisation}</table>
 <h2>Bytes moved per link</h2>
 <table><tr><th>machine</th><th>transfers</th><th>bytes</th></tr>{links}</table>
 <h2>The ten longest builds</h2>
@@ -467,6 +469,39 @@ Critical path ({c} builds, in red): {path}.</p>
         c = critical.len(),
         path = escape(&critical.join(" → ")),
         width = WIDTH,
+    )
+}
+
+/// Busy slots of a machine over the run, as a small area chart: 60 time buckets, each
+/// as high as the share of its slots in use then.
+fn over_time(builds: &[&ReportBuild], slots: u32, span: f64, colour: &str) -> String {
+    const BUCKETS: usize = 60;
+    const W: f64 = 180.0;
+    const H: f64 = 24.0;
+    let step = span / BUCKETS as f64;
+    let mut bars = String::new();
+    for i in 0..BUCKETS {
+        let (from, to) = (i as f64 * step, (i + 1) as f64 * step);
+        // Slot-seconds used in the bucket, over what the bucket offers.
+        let used: f64 = builds
+            .iter()
+            .map(|b| ((b.start + b.seconds).min(to) - b.start.max(from)).max(0.0))
+            .sum();
+        let share = (used / (step * f64::from(slots.max(1)))).min(1.0);
+        if share > 0.0 {
+            let _ = write!(
+                bars,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"/>",
+                i as f64 * W / BUCKETS as f64,
+                H * (1.0 - share),
+                W / BUCKETS as f64,
+                H * share
+            );
+        }
+    }
+    format!(
+        "<svg width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" \
+         style=\"background:#f4f4f4\">{bars}</svg>"
     )
 }
 
