@@ -18,6 +18,26 @@ fn graph(salt: &str) -> String {
     )
 }
 
+/// `offload build FILE -A top --json ARGS` in `dir`: it succeeded, and its events.
+fn json_run(
+    dir: &std::path::Path,
+    file: &std::path::Path,
+    args: &[&str],
+) -> Vec<serde_json::Value> {
+    let out = common::offload(dir)
+        .arg("build")
+        .arg(file)
+        .args(["-A", "top", "--json", "--no-out-link"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
 #[test]
 fn events_are_json_lines_and_the_summary_carries_outputs_and_failures() {
     if !require_nix() {
@@ -93,34 +113,11 @@ fn transfers_between_machines_are_events_with_their_route_and_size() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     let program = offload_test_support::loopback_serve_program(dir);
-    let builder = format!(
-        "ssh://localhost?remote-store={}/m1&remote-program={} {} - 2 1",
-        dir.display(),
-        program.display(),
-        offload_test_support::nix_system()
-    );
+    let builder = offload_test_support::loopback_machine(dir, "m1", &program, 2, 1);
     let file = dir.join("graph.nix");
     std::fs::write(&file, graph(&salt("transfers"))).unwrap();
     // -j0: everything builds on the builder, and the top's output comes back here.
-    let out = common::offload(dir)
-        .arg("build")
-        .arg(&file)
-        .args([
-            "-A",
-            "top",
-            "--json",
-            "-j0",
-            "--no-out-link",
-            "--builders",
-            &builder,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let events: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = json_run(dir, &file, &["-j0", "--builders", &builder]);
     let home: Vec<&serde_json::Value> = events
         .iter()
         .filter(|e| e["type"] == "transfer_finished" && e["to"] == "local")
@@ -150,31 +147,11 @@ fn a_machine_that_cannot_be_used_is_an_event() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     // A builder whose serve program fails at once.
-    let builder = format!(
-        "ssh://localhost?remote-store={}/m1&remote-program=/bin/false {} - 2 4",
-        dir.display(),
-        offload_test_support::nix_system()
-    );
+    let builder =
+        offload_test_support::loopback_machine(dir, "m1", std::path::Path::new("/bin/false"), 2, 4);
     let file = dir.join("graph.nix");
     std::fs::write(&file, graph(&salt("lost"))).unwrap();
-    let out = common::offload(dir)
-        .arg("build")
-        .arg(&file)
-        .args([
-            "-A",
-            "top",
-            "--json",
-            "--no-out-link",
-            "--builders",
-            &builder,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let events: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = json_run(dir, &file, &["--builders", &builder]);
     let lost = events
         .iter()
         .find(|e| e["type"] == "machine_lost")

@@ -32,6 +32,21 @@ fn count_colour(png: &[u8], rgb: [u8; 3]) -> usize {
         .count()
 }
 
+/// Builds the graph (tagged `tag`) in `dir` with `args`, writing the report; its HTML.
+fn build_with_report(dir: &std::path::Path, tag: &str, args: &[&str]) -> String {
+    std::fs::write(dir.join("graph.nix"), graph(&salt(tag))).unwrap();
+    let page = dir.join("report.html");
+    let out = common::offload(dir)
+        .args(["build", "graph.nix", "--no-out-link"])
+        .args(args)
+        .arg("--report")
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::read_to_string(&page).unwrap()
+}
+
 #[test]
 fn the_report_draws_the_builds_and_the_critical_path() {
     if !require_nix() {
@@ -44,22 +59,8 @@ fn the_report_draws_the_builds_and_the_critical_path() {
     );
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
-    std::fs::write(dir.join("graph.nix"), graph(&salt("report"))).unwrap();
+    let html = build_with_report(dir, "report", &["--local-only", "-j2"]);
     let page = dir.join("report.html");
-    let out = common::offload(dir)
-        .args([
-            "build",
-            "graph.nix",
-            "--local-only",
-            "-j2",
-            "--no-out-link",
-            "--report",
-        ])
-        .arg(&page)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let html = std::fs::read_to_string(&page).unwrap();
     assert!(!html.contains("http://") || html.contains("http://www.w3.org/2000/svg"));
     assert!(html.contains("Critical path (2 builds, in red)"), "{html}");
     let shot = dir.join("report.png");
@@ -155,29 +156,8 @@ fn the_report_shows_what_each_link_carried() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     let program = offload_test_support::loopback_serve_program(dir);
-    let builder = format!(
-        "ssh://localhost?remote-store={}/m1&remote-program={} {} - 4 1",
-        dir.display(),
-        program.display(),
-        offload_test_support::nix_system()
-    );
-    std::fs::write(dir.join("graph.nix"), graph(&salt("links"))).unwrap();
-    let page = dir.join("report.html");
-    let out = common::offload(dir)
-        .args([
-            "build",
-            "graph.nix",
-            "-j0",
-            "--no-out-link",
-            "--builders",
-            &builder,
-            "--report",
-        ])
-        .arg(&page)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let html = std::fs::read_to_string(&page).unwrap();
+    let builder = offload_test_support::loopback_machine(dir, "m1", &program, 4, 1);
+    let html = build_with_report(dir, "links", &["-j0", "--builders", &builder]);
     let machine = format!("localhost:{}/m1", dir.display());
     assert!(html.contains(&format!("{machine} link</text>")), "{html}");
     let table = &html[html.find("Bytes moved per link").unwrap()..];

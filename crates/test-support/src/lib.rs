@@ -125,6 +125,17 @@ pub fn loopback_serve_program(dir: &Path) -> PathBuf {
     path
 }
 
+/// A machines-file line for a loopback machine: the chroot store `dir/store` served by
+/// `program` (see [`loopback_serve_program`]), for this machine's system.
+pub fn loopback_machine(dir: &Path, store: &str, program: &Path, slots: u32, speed: u32) -> String {
+    format!(
+        "ssh://localhost?remote-store={}/{store}&remote-program={} {} - {slots} {speed}",
+        dir.display(),
+        program.display(),
+        nix_system()
+    )
+}
+
 /// A command's output as text.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
