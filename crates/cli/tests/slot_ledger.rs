@@ -310,3 +310,54 @@ fn a_nix_build_through_the_hook_beside_an_offload_build_never_overbooks() {
     let offload = spawn_offload_build(work.path(), &offload_file, &fleet, &[1, 2], &slots);
     assert_never_overbooked(vec![nix_build, offload], poller, &fleet);
 }
+
+#[test]
+fn twenty_concurrent_runs_never_exceed_any_machines_slots() {
+    if !require_nix() {
+        return;
+    }
+    // Four builders of one slot each; twenty runs of one marker build each.
+    let fleet = Fleet::new();
+    let work = tempfile::tempdir().unwrap();
+    let slots = work.path().join("slots");
+    let salt = format!("{:?}", std::time::SystemTime::now());
+    let machines = [1, 2, 3, 4];
+    let poller = Poller::start(machines.iter().map(|&i| fleet.store(i)).collect());
+    let started = Instant::now();
+    let runs: Vec<_> = (0..20)
+        .map(|run| {
+            let file = work.path().join(format!("r{run}.nix"));
+            std::fs::write(&file, one_marker(&format!("{salt}-{run}"))).unwrap();
+            spawn_offload_build(work.path(), &file, &fleet, &machines, &slots)
+        })
+        .collect();
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let (most, _, total) = poller.finish();
+    eprintln!(
+        "20 runs on 4 one-slot machines: {:.1} s, most builds at once per machine {most:?}, \
+         in all {total}",
+        started.elapsed().as_secs_f64()
+    );
+    for &i in &machines {
+        let n = most.get(&fleet.store(i)).copied().unwrap_or(0);
+        assert!(n <= 1, "m{i}: {n} builds at once");
+    }
+    // Every run plans alone and picks the same first machine, then waits for its slot:
+    // the runs are correct but do not spread over the idle machines (planning around
+    // other runs' load is still to come).
+    assert!(total >= 1, "no build ran: {most:?}");
+}
+
+/// One derivation that runs the marker, as `top`.
+fn one_marker(salt: &str) -> String {
+    format!(
+        r#"{{ top = derivation {{
+             name = "top"; system = builtins.currentSystem; builder = "/bin/sh";
+             PATH = "/bin:/usr/bin"; salt = "{salt}";
+             args = [ "-c" "sleep 1.37; mkdir $out" ];
+           }}; }}"#
+    )
+}
