@@ -101,3 +101,27 @@ fn each_problem_is_named_with_its_fix_and_broken_machines_fail_the_run() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.starts_with("local\n"), "{stderr}");
 }
+
+#[test]
+fn hostile_machine_values_never_run_as_commands() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let marker = dir.join("pwned");
+    // A store directory and a program whose names would run commands in a shell.
+    let builders = format!(
+        "ssh://localhost?remote-store={d}/s$(touch${{IFS}}{m})&remote-program=nix-store`touch${{IFS}}{m}` {} - 1 1",
+        nix_system(),
+        d = dir.display(),
+        m = marker.display()
+    );
+    let out = common::offload(dir)
+        .args(["doctor", "--builders", &builders])
+        .output()
+        .unwrap();
+    // The machine is broken (no program of that name), and nothing ran.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(!marker.exists(), "a machines-file value ran as a command");
+}

@@ -120,7 +120,9 @@ impl Endpoint {
 
     /// The shell command that starts the server on the machine.
     pub fn server_command(&self) -> String {
-        let mut cmd = format!("{} --serve --write", self.remote_program);
+        // The program is one word, as Nix documents it (a path to `nix-store`): quoted,
+        // so no machines-file value reaches the shell as anything but text.
+        let mut cmd = format!("{} --serve --write", shell_quote(&self.remote_program));
         if let Some(store) = &self.remote_store {
             cmd.push_str(" --store ");
             cmd.push_str(&shell_quote(store));
@@ -318,6 +320,19 @@ mod tests {
         );
         let e = Endpoint::parse("local?root=/tmp/r").unwrap();
         assert_eq!(e.remote_store.as_deref(), Some("local?root=/tmp/r"));
+    }
+
+    #[test]
+    fn hostile_values_reach_the_shell_as_text() {
+        let e = Endpoint::parse(
+            "ssh://localhost?remote-store=/tmp/x$(touch${IFS}/tmp/pwned)&remote-program=nix-store;reboot",
+        )
+        .unwrap();
+        let cmd = e.server_command();
+        assert_eq!(
+            cmd,
+            "'nix-store;reboot' --serve --write --store '/tmp/x$(touch${IFS}/tmp/pwned)'"
+        );
     }
 
     #[test]
