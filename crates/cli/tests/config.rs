@@ -70,18 +70,7 @@ fn groups_choose_machines_and_an_unknown_group_is_named() {
     }
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
-    let program = dir.join("nix-store-plain");
-    std::fs::write(
-        &program,
-        "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
-    )
-    .unwrap();
-    let chmod = std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(&program)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
+    let program = offload_test_support::loopback_serve_program(dir);
     let machine = |store: &str| {
         format!(
             "ssh://localhost?remote-store={}/{store}&remote-program={} {} - 1 1",

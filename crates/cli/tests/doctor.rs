@@ -11,17 +11,10 @@ mod common;
 /// A `remote-program` that runs `nix-store` without build users, after `before`.
 fn remote_program(dir: &Path, name: &str, before: &str) -> String {
     let path = dir.join(name);
-    std::fs::write(
+    offload_test_support::write_executable(
         &path,
-        format!("#!/bin/sh\n{before}\nexec nix-store --option build-users-group '' \"$@\"\n"),
-    )
-    .unwrap();
-    let chmod = std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
+        &format!("#!/bin/sh\n{before}\nexec nix-store --option build-users-group '' \"$@\"\n"),
+    );
     path.display().to_string()
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use offload_test_support::text;
-use offload_test_support::{nix_system, require_nix, run_ok};
+use offload_test_support::{nix_system, require_nix};
 
 /// The marker every build of these graphs runs.
 const MARKER: [&str; 2] = ["sleep", "1.37"];
@@ -40,12 +40,10 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let program = dir.path().join("nix-store-fleet");
         // No build users: they are shared by every store on this machine.
-        std::fs::write(
+        offload_test_support::write_executable(
             &program,
             "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
-        )
-        .unwrap();
-        run_ok(std::process::Command::new("chmod").arg("+x").arg(&program));
+        );
         Fleet { dir }
     }
 
@@ -275,9 +273,9 @@ fn a_nix_build_through_the_hook_beside_an_offload_build_never_overbooks() {
     // Nix runs the hook with its own environment: the script gives it this test's ledger
     // (and no agent).
     let hook = work.path().join("hook");
-    std::fs::write(
+    offload_test_support::write_executable(
         &hook,
-        format!(
+        &format!(
             "#!/bin/sh\nexport OFFLOAD_SLOTS_DIR={} OFFLOAD_HISTORY={}/hook-history.sqlite \
              OFFLOAD_AGENT_SOCKET={}/no-agent.sock\nexec {} hook \"$@\"\n",
             slots.display(),
@@ -285,9 +283,7 @@ fn a_nix_build_through_the_hook_beside_an_offload_build_never_overbooks() {
             work.path().display(),
             env!("CARGO_BIN_EXE_offload")
         ),
-    )
-    .unwrap();
-    run_ok(std::process::Command::new("chmod").arg("+x").arg(&hook));
+    );
     let salt = format!("{:?}", std::time::SystemTime::now());
     let file = |run: &str| {
         let file = work.path().join(format!("{run}.nix"));

@@ -344,17 +344,10 @@ async fn banner_before_handshake_is_named() {
     let mut endpoint = local(tmp.path());
     // A login script that prints to stdout, as in the NixOS wiki's "too big" case.
     let program = tmp.path().join("nix-store-with-banner");
-    std::fs::write(
+    offload_test_support::write_executable(
         &program,
         "#!/bin/sh\necho 'Welcome to fleet1!'\nexec nix-store \"$@\"\n",
-    )
-    .unwrap();
-    let chmod = std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(&program)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
+    );
     endpoint.remote_program = program.display().to_string();
     let err = ServeConn::open(&endpoint).await.err().unwrap();
     assert!(

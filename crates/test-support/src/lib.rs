@@ -116,13 +116,19 @@ pub fn nix_command(program: &str) -> Command {
 /// machine shares.
 pub fn loopback_serve_program(dir: &Path) -> PathBuf {
     let path = dir.join("nix-store-loopback");
-    fs::write(
+    write_executable(
         &path,
         "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
-    )
-    .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-    run_ok(Command::new("chmod").arg("+x").arg(&path));
+    );
     path
+}
+
+/// Writes a script (`body`, with its `#!` line) to `path`, executable by everyone.
+pub fn write_executable(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::write(path, body)
+        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o755)))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
 /// A machines-file line for a loopback machine: the chroot store `dir/store` served by
