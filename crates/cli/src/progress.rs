@@ -15,7 +15,7 @@
 //!   `builds_per_machine`, `outputs` (the requested output paths), and `failures`, each
 //!   with `drv`, `reason` and `log_tail`.
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -43,8 +43,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool, logs: bool, json: bool) -> Progress {
-        let terminal =
-            std::io::stderr().is_terminal() && std::env::var_os("TERM").is_none_or(|t| t != "dumb");
+        let terminal = crate::output::stderr_is_terminal();
         Progress {
             quiet,
             logs,
@@ -128,6 +127,27 @@ impl Progress {
             "copy_back_error": report.copy_back_error.as_ref().map(|e| e.to_string()),
         }));
     }
+
+    /// The transfers that completed so far.
+    pub fn transfers(&self) -> Vec<ReportTransfer> {
+        self.transfers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn started(&self, drv: &str, machine: &str, placement: Option<Placement>) {
+        let estimate = placement.map(|p| p.estimate_seconds);
+        if let Some(live) = self.live.get() {
+            live.started(drv_name(drv), machine, estimate);
+        } else if !self.quiet {
+            eprintln!("building '{drv}' on '{machine}'...");
+        }
+        self.event(json!({
+            "type": "build_started", "drv": drv, "machine": machine, "at_s": self.at(),
+            "estimate_s": estimate, "cores": placement.and_then(|p| p.cores),
+        }));
+    }
 }
 
 impl Reporter for Progress {
@@ -208,29 +228,6 @@ impl Reporter for Progress {
         let kind = if ok { "build_finished" } else { "build_failed" };
         self.event(json!({
             "type": kind, "drv": drv, "machine": machine, "at_s": self.at(), "seconds": seconds,
-        }));
-    }
-}
-
-impl Progress {
-    /// The transfers that completed so far.
-    pub fn transfers(&self) -> Vec<ReportTransfer> {
-        self.transfers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn started(&self, drv: &str, machine: &str, placement: Option<Placement>) {
-        let estimate = placement.map(|p| p.estimate_seconds);
-        if let Some(live) = self.live.get() {
-            live.started(drv_name(drv), machine, estimate);
-        } else if !self.quiet {
-            eprintln!("building '{drv}' on '{machine}'...");
-        }
-        self.event(json!({
-            "type": "build_started", "drv": drv, "machine": machine, "at_s": self.at(),
-            "estimate_s": estimate, "cores": placement.and_then(|p| p.cores),
         }));
     }
 }
