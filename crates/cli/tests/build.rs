@@ -28,12 +28,10 @@ impl Fleet {
     /// `prefix` (a command that wraps it); returns its path.
     fn remote_program(&self, name: &str, prefix: &str) -> PathBuf {
         let path = self.dir.path().join(name);
-        std::fs::write(
+        offload_test_support::write_executable(
             &path,
-            format!("#!/bin/sh\nexec {prefix}nix-store --option build-users-group '' \"$@\"\n"),
-        )
-        .unwrap();
-        run_ok(std::process::Command::new("chmod").arg("+x").arg(&path));
+            &format!("#!/bin/sh\nexec {prefix}nix-store --option build-users-group '' \"$@\"\n"),
+        );
         path
     }
 

@@ -1,8 +1,8 @@
 //! offload's own config file, through the real binary: what `offload config` shows,
 //! groups in `--on`, and a bad file named with its key.
 
+use offload_test_support::require_nix;
 use offload_test_support::text;
-use offload_test_support::{nix_system, require_nix};
 
 mod common;
 
@@ -71,14 +71,7 @@ fn groups_choose_machines_and_an_unknown_group_is_named() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     let program = offload_test_support::loopback_serve_program(dir);
-    let machine = |store: &str| {
-        format!(
-            "ssh://localhost?remote-store={}/{store}&remote-program={} {} - 1 1",
-            dir.display(),
-            program.display(),
-            nix_system()
-        )
-    };
+    let machine = |store: &str| offload_test_support::loopback_machine(dir, store, &program, 1, 1);
     let builders = format!("{};{}", machine("m1"), machine("m2"));
     let file = dir.join("config.toml");
     std::fs::write(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use offload_test_support::daemon::TEST_USER;
-use offload_test_support::{nix_system, require_daemon_install, DaemonConfig, DaemonInstall};
+use offload_test_support::{loopback_machine, require_daemon_install, DaemonConfig, DaemonInstall};
 use offload_test_support::{salt, text};
 
 const NODES: usize = 24;
@@ -56,26 +56,17 @@ impl Setup {
     /// every store here), and `extra` options.
     fn remote_program(&self, name: &str, extra: &str) -> PathBuf {
         let path = self.work.join(name);
-        std::fs::write(
+        offload_test_support::write_executable(
             &path,
-            format!("#!/bin/sh\nexec nix-store --option build-users-group '' {extra} \"$@\"\n"),
-        )
-        .unwrap();
-        run(Command::new("chmod").arg("755").arg(&path));
+            &format!("#!/bin/sh\nexec nix-store --option build-users-group '' {extra} \"$@\"\n"),
+        );
         path
     }
 
     /// Two builders, two slots each, faster than this machine so the plan uses them.
     fn builders(&self, remote_program: &Path) -> String {
         (1..=2)
-            .map(|i| {
-                format!(
-                    "ssh://localhost?remote-store={}/m{i}&remote-program={} {} - 2 2",
-                    self.work.display(),
-                    remote_program.display(),
-                    nix_system()
-                )
-            })
+            .map(|i| loopback_machine(&self.work, &format!("m{i}"), remote_program, 2, 2))
             .collect::<Vec<_>>()
             .join(";")
     }

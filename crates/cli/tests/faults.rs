@@ -60,8 +60,7 @@ impl Work {
     /// Writes an executable `name` with `script` here; returns its path.
     fn script(&self, name: &str, script: &str) -> PathBuf {
         let path = self.path().join(name);
-        std::fs::write(&path, script).unwrap();
-        run_ok(Command::new("chmod").arg("+x").arg(&path));
+        offload_test_support::write_executable(&path, script);
         path
     }
 

@@ -44,22 +44,14 @@ fn failed(out: &std::process::Output) -> String {
 /// `ssh://localhost?remote-store=…` (a local process, as Nix does it).
 struct Machine {
     dir: tempfile::TempDir,
+    program: std::path::PathBuf,
 }
 
 impl Machine {
     fn new() -> Machine {
         let dir = tempfile::tempdir().expect("temp dir");
-        // Without build users: they are shared by every store on this machine, and Nix
-        // kills all processes of a build user around a build.
-        let wrapper = dir.path().join("nix-store-fleet");
-        std::fs::write(
-            &wrapper,
-            "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
-        )
-        .expect("writing the wrapper");
-        let status = Command::new("chmod").arg("+x").arg(&wrapper).status();
-        assert!(status.is_ok_and(|s| s.success()));
-        Machine { dir }
+        let program = offload_test_support::loopback_serve_program(dir.path());
+        Machine { dir, program }
     }
 
     /// What offload calls the machine in messages.
@@ -68,8 +60,11 @@ impl Machine {
     }
 
     fn uri(&self) -> String {
-        let d = self.dir.path().display();
-        format!("ssh://localhost?remote-store={d}/store&remote-program={d}/nix-store-fleet")
+        format!(
+            "ssh://localhost?remote-store={}/store&remote-program={}",
+            self.dir.path().display(),
+            self.program.display()
+        )
     }
 
     /// `--builders` spec of this one machine (2 slots).

@@ -63,8 +63,7 @@ impl Setup {
 
     fn script(&self, name: &str, body: &str) -> PathBuf {
         let path = self.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        run_ok(Command::new("chmod").arg("755").arg(&path));
+        offload_test_support::write_executable(&path, &format!("#!/bin/sh\n{body}\n"));
         path
     }
 

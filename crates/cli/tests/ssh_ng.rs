@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use offload_test_support::text;
 use offload_test_support::{require_nix, require_sshd_fleet, NIX_CONFIG};
+use offload_test_support::{text, write_executable};
 
 mod common;
 
@@ -31,12 +31,6 @@ fn chain_expr(tag: &str) -> String {
            }};
          in mk "ng-top" (mk "ng-leaf" "")"#
     )
-}
-
-fn write_executable(path: &Path, script: &str) {
-    std::fs::write(path, script).unwrap();
-    let status = Command::new("chmod").arg("+x").arg(path).status().unwrap();
-    assert!(status.success());
 }
 
 #[test]
