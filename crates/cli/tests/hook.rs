@@ -31,18 +31,15 @@ fn graph(salt: &str) -> String {
 /// script Nix runs, and offload's history and slot ledger.
 struct Setup {
     dir: tempfile::TempDir,
+    program: PathBuf,
 }
 
 impl Setup {
     fn new() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         run_ok(Command::new("chmod").arg("755").arg(dir.path()));
-        let s = Setup { dir };
-        // Builders run without build users: those are shared by every store here.
-        s.script(
-            "nix-store-fleet",
-            "exec nix-store --option build-users-group '' \"$@\"",
-        );
+        let program = offload_test_support::loopback_serve_program(dir.path());
+        let s = Setup { dir, program };
         // The hook runs in the environment of whoever builds (nix-build, the daemon):
         // the script gives it this test's history and ledger.
         s.script(
@@ -69,9 +66,9 @@ impl Setup {
 
     fn uri(&self, i: usize) -> String {
         format!(
-            "ssh://localhost?remote-store={}/m{i}&remote-program={}/nix-store-fleet",
+            "ssh://localhost?remote-store={}/m{i}&remote-program={}",
             self.path().display(),
-            self.path().display()
+            self.program.display()
         )
     }
 

@@ -33,18 +33,14 @@ fn graph(salt: &str) -> String {
 /// Loopback builders `m1`, `m2`, … of one slot each, under `dir`.
 struct Fleet {
     dir: tempfile::TempDir,
+    program: PathBuf,
 }
 
 impl Fleet {
     fn new() -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let program = dir.path().join("nix-store-fleet");
-        // No build users: they are shared by every store on this machine.
-        offload_test_support::write_executable(
-            &program,
-            "#!/bin/sh\nexec nix-store --option build-users-group '' \"$@\"\n",
-        );
-        Fleet { dir }
+        let program = offload_test_support::loopback_serve_program(dir.path());
+        Fleet { dir, program }
     }
 
     fn store(&self, i: usize) -> PathBuf {
@@ -55,7 +51,7 @@ impl Fleet {
         format!(
             "ssh://localhost?remote-store={}&remote-program={}",
             self.store(i).display(),
-            self.dir.path().join("nix-store-fleet").display()
+            self.program.display()
         )
     }
 
