@@ -6,8 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use offload_test_support::text;
 use offload_test_support::{nix_command, nix_system, require_nix, run_ok};
+use offload_test_support::{salt, text};
 
 struct Fleet {
     dir: tempfile::TempDir,
@@ -113,10 +113,6 @@ impl Work {
     }
 }
 
-fn salt() -> String {
-    format!("{:?}-{}", std::time::SystemTime::now(), std::process::id())
-}
-
 fn is_valid_locally(path: &str) -> bool {
     nix_command("nix-store")
         .args(["--check-validity", path])
@@ -146,7 +142,7 @@ fn builds_what_nix_build_would_with_the_same_paths() {
         return;
     }
     let fleet = Fleet::new();
-    let work = Work::new("graph.nix", &graph_expr(&salt(), "none"));
+    let work = Work::new("graph.nix", &graph_expr(&salt("build"), "none"));
     let spec = fleet.spec(2, 2);
     let out = work.build(&[
         "-A",
@@ -227,7 +223,7 @@ fn a_failure_names_the_derivation_machine_and_log_and_keep_going_goes_on() {
         return;
     }
     let fleet = Fleet::new();
-    let work = Work::new("graph.nix", &graph_expr(&salt(), "mid1"));
+    let work = Work::new("graph.nix", &graph_expr(&salt("build"), "mid1"));
     let spec = fleet.spec(1, 2);
     let out = work.build(&["-A", "top", "--builders", &spec, "-j", "1", "--no-out-link"]);
     let stderr = text(&out.stderr);
@@ -281,7 +277,7 @@ fn a_derivation_no_machine_can_build_fails_at_once() {
     // A real Nix system, but not one this machine (or any test machine) builds for.
     let expr = format!(
         r#"derivation {{ name = "mips-only"; system = "mips64el-linux"; builder = "/bin/sh"; salt = "{}"; }}"#,
-        salt()
+        salt("build")
     );
     let work = Work::new("mips.nix", &expr);
     let started = std::time::Instant::now();
@@ -302,7 +298,7 @@ fn substitutable_outputs_are_fetched_not_built() {
     if !require_nix() {
         return;
     }
-    let work = Work::new("graph.nix", &graph_expr(&salt(), "none"));
+    let work = Work::new("graph.nix", &graph_expr(&salt("build"), "none"));
     // Put the leaves in a file:// binary cache, then drop them from the local store.
     let cache = work.path().join("cache");
     let built = run_ok(
@@ -368,7 +364,7 @@ fn builds_of_a_machine_that_dies_run_elsewhere() {
         &format!(
             r#"map (i: derivation {{ name = "slow${{toString i}}"; system = builtins.currentSystem; builder = "/bin/sh";
                  salt = "{}"; args = [ "-c" "/bin/sleep 1; echo > $out" ]; }}) [ 1 2 3 4 ]"#,
-            salt()
+            salt("build")
         ),
     );
     let out = work.build(&["--builders", &spec, "-j", "0", "--no-out-link"]);
@@ -405,7 +401,7 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
            base = mk "fanout-base" [];
            users = builtins.genList (i: mk "fanout-user${{toString i}}" [ base ]) 2;
          in {{ inherit base; top = mk "fanout-top" users; }}"#,
-        salt()
+        salt("build")
     );
     let work = Work::new("fanout.nix", &expr);
     // No local builds, two builders of one slot: the two users run on both builders.

@@ -7,12 +7,13 @@ mod invocation;
 use std::path::Path;
 use std::process::Command;
 
-use invocation::{offload, salt, text};
+use invocation::offload;
 use offload_test_support::nix_system as system;
+use offload_test_support::{salt, text};
 
 /// A Nix file with one derivation per attribute of `scripts` (name = shell script).
 fn write_file(dir: &Path, scripts: &[(&str, &str)]) -> String {
-    let salt = salt();
+    let salt = salt("flags");
     let attrs: String = scripts
         .iter()
         .map(|(name, script)| {
@@ -250,7 +251,7 @@ fn option_reaches_the_evaluation_and_every_build_session() {
         "derivation {{ name = if builtins ? exec then \"with-exec\" else \"without-exec\"; \
          system = builtins.currentSystem; builder = \"/bin/sh\"; salt = \"{}\"; \
          args = [ \"-c\" \"echo > $out\" ]; }}",
-        salt()
+        salt("flags")
     );
     let spec = m.spec();
     let out = offload(
@@ -302,7 +303,7 @@ fn include_path_and_show_trace_reach_the_evaluation() {
         format!(
             "derivation {{ name = \"from-lib\"; system = builtins.currentSystem; \
              builder = \"/bin/sh\"; salt = \"{}\"; args = [ \"-c\" \"echo > $out\" ]; }}",
-            salt()
+            salt("flags")
         ),
     )
     .unwrap();

@@ -6,8 +6,9 @@ mod invocation;
 
 use std::path::Path;
 
-use invocation::{offload, salt, text};
+use invocation::offload;
 use offload_test_support::nix_system as system;
+use offload_test_support::{salt, text};
 
 /// A flake whose outputs are `mk NAME` derivations with outputs `out` and `dev`, each
 /// writing its name; `body` is the attribute set of outputs, with `mk`, `sys` and the
@@ -26,7 +27,7 @@ fn write_flake(dir: &Path, inputs: &str, body: &str) {
   in with args; {body};
 }}"#,
         system = system(),
-        salt = salt(),
+        salt = salt("flake"),
     );
     std::fs::write(dir.join("flake.nix"), flake).expect("writing flake.nix");
 }

@@ -168,7 +168,7 @@ fn a_drv_closure_with_durations_from_the_history() {
   base = mk "sim-base-7dq2" [ ];
 in mk "sim-app-7dq2" [ base ]
 "#
-        .replace("SALT", &format!("{:?}", std::time::SystemTime::now())),
+        .replace("SALT", &offload_test_support::salt("sim")),
     )
     .unwrap();
     let drv = run_ok(nix_command("nix-instantiate").arg(&expr))

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use offload_test_support::text;
 use offload_test_support::{nix_system, require_nix};
+use offload_test_support::{salt, text};
 
 /// The marker every build of these graphs runs.
 const MARKER: [&str; 2] = ["sleep", "1.37"];
@@ -204,7 +204,7 @@ fn two_concurrent_runs_never_run_two_builds_on_a_one_slot_machine() {
     let fleet = Fleet::new();
     let work = tempfile::tempdir().unwrap();
     let slots = work.path().join("slots");
-    let salt = format!("{:?}", std::time::SystemTime::now());
+    let salt = salt("slots");
     let poller = Poller::start(vec![fleet.store(1), fleet.store(2)]);
     let runs: Vec<_> = ["a", "b"]
         .iter()
@@ -238,11 +238,7 @@ fn a_slot_held_by_a_nix_hook_makes_offload_wait() {
     std::thread::sleep(Duration::from_millis(300));
     let poller = Poller::start(vec![fleet.store(1)]);
     let file = work.path().join("g.nix");
-    std::fs::write(
-        &file,
-        graph(&format!("{:?}-held", std::time::SystemTime::now())),
-    )
-    .unwrap();
+    std::fs::write(&file, graph(&salt("held"))).unwrap();
     let build = spawn_offload_build(work.path(), &file, &fleet, &[1], &slots);
     assert!(holder.wait().unwrap().success());
     let released = Instant::now();
@@ -280,7 +276,7 @@ fn a_nix_build_through_the_hook_beside_an_offload_build_never_overbooks() {
             env!("CARGO_BIN_EXE_offload")
         ),
     );
-    let salt = format!("{:?}", std::time::SystemTime::now());
+    let salt = salt("slots");
     let file = |run: &str| {
         let file = work.path().join(format!("{run}.nix"));
         std::fs::write(&file, graph(&format!("{salt}-{run}"))).unwrap();
@@ -312,7 +308,7 @@ fn twenty_concurrent_runs_never_exceed_any_machines_slots() {
     let fleet = Fleet::new();
     let work = tempfile::tempdir().unwrap();
     let slots = work.path().join("slots");
-    let salt = format!("{:?}", std::time::SystemTime::now());
+    let salt = salt("slots");
     let machines = [1, 2, 3, 4];
     let poller = Poller::start(machines.iter().map(|&i| fleet.store(i)).collect());
     let started = Instant::now();

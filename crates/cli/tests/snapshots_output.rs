@@ -127,7 +127,7 @@ fn a_bad_field_in_a_machines_file_names_file_and_line() {
 /// machine alone; the salt makes every run build anew.
 fn build_locally(expr: &str) -> Output {
     let work = scratch();
-    let salt = format!("{:?}-{}", std::time::SystemTime::now(), std::process::id());
+    let salt = offload_test_support::salt("snapshot");
     let file = work.path().join("build.nix");
     std::fs::write(&file, expr.replace("SALT", &salt)).unwrap();
     offload(

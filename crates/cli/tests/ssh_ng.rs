@@ -18,11 +18,7 @@ fn offload(args: &[&str], cwd: &Path, extra_env: &[(&str, &str)]) -> Output {
 
 /// A leaf and a top that depends on it, salted so that no store has them yet.
 fn chain_expr(tag: &str) -> String {
-    let salt = format!(
-        "{tag}-{:?}-{}",
-        std::time::SystemTime::now(),
-        std::process::id()
-    );
+    let salt = offload_test_support::salt(tag);
     format!(
         r#"let mk = name: dep: derivation {{
              inherit name dep; system = builtins.currentSystem; builder = "/bin/sh";

@@ -1,5 +1,4 @@
-//! What the flag and flake tests share: one `offload` run with real Nix, and names new
-//! to every store.
+//! What the flag and flake tests share: one `offload` run with real Nix.
 
 use std::path::Path;
 use std::process::Output;
@@ -15,13 +14,4 @@ pub fn offload(args: &[&str], work: &Path) -> Output {
         .args(args)
         .output()
         .expect("running offload")
-}
-
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Makes every derivation of a test new to every store.
-pub fn salt() -> String {
-    format!("{:?}-{}", std::time::SystemTime::now(), std::process::id())
 }
