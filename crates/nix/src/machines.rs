@@ -58,14 +58,16 @@ pub enum MachinesError {
 }
 
 /// One build machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Machine {
     /// The store URI, `ssh://` added where Nix adds it.
     pub uri: String,
     pub systems: Vec<String>,
     pub ssh_key: Option<String>,
     pub max_jobs: u32,
-    pub speed_factor: u32,
+    /// How fast it builds, relative to others: a positive number; newer Nix takes a
+    /// fraction (`0.5`), Nix 2.8 a whole number.
+    pub speed_factor: f64,
     pub supported_features: BTreeSet<String>,
     pub mandatory_features: BTreeSet<String>,
     /// Field 8 as written (base64 of a public key line).
@@ -272,7 +274,23 @@ fn parse_machine(text: &str, place: String, local_system: &str) -> Result<Machin
             reason: e.reason,
         })?;
     let max_jobs = number(3, "max jobs", 1)?;
-    let speed_factor = number(4, "speed factor", 1)?.max(1);
+    let speed_factor = match field(4) {
+        None => 1.0,
+        Some(v) => match v.parse::<f64>() {
+            // Nix 2.8 turns 0 into 1; newer Nix refuses a negative factor.
+            Ok(f) if f == 0.0 => 1.0,
+            Ok(f) if f.is_finite() && f > 0.0 => f,
+            _ => {
+                return Err(MachinesError::BadField {
+                    place: place.clone(),
+                    field: 5,
+                    name: "speed factor",
+                    value: v.to_string(),
+                    fix: "expected a positive number such as 2 or 0.5 (or `-` for the default)",
+                })
+            }
+        },
+    };
     let public_host_key = field(7).map(str::to_string);
     if let Some(key) = &public_host_key {
         if decode_host_key(key).is_none() {
@@ -313,7 +331,7 @@ mod tests {
         let m = parse_builders("builder1", "--builders", SYS).unwrap();
         assert_eq!(m[0].uri, "ssh://builder1");
         assert_eq!(m[0].systems, [SYS]);
-        assert_eq!((m[0].max_jobs, m[0].speed_factor), (1, 1));
+        assert_eq!((m[0].max_jobs, m[0].speed_factor), (1, 1.0));
         let m = parse_builders(
             "ssh://root@b2 aarch64-linux,x86_64-linux /k 8 0 kvm,big-parallel benchmark c3NoLWVkMjU1MTkgQUFBQQ==",
             "--builders",
@@ -322,13 +340,13 @@ mod tests {
         .unwrap();
         assert_eq!(m[0].systems, ["aarch64-linux", "x86_64-linux"]);
         assert_eq!(m[0].ssh_key.as_deref(), Some("/k"));
-        assert_eq!((m[0].max_jobs, m[0].speed_factor), (8, 1));
+        assert_eq!((m[0].max_jobs, m[0].speed_factor), (8, 1.0));
         assert!(m[0].supported_features.contains("kvm"));
         assert_eq!(m[0].host_key_line().as_deref(), Some("ssh-ed25519 AAAA"));
         let m = parse_builders("b - - 4 2 - -", "x", SYS).unwrap();
         assert_eq!(
             (m[0].max_jobs, m[0].speed_factor, m[0].ssh_key.clone()),
-            (4, 2, None)
+            (4, 2.0, None)
         );
     }
 
@@ -367,6 +385,16 @@ mod tests {
             .to_string();
         assert!(
             e.contains("--builders:1 (machine 2 of the line)") && e.contains("speed factor"),
+            "{e}"
+        );
+        // Newer Nix takes fractions; a negative factor is refused, 0 reads as 1.
+        let m = parse_builders("a - - 1 0.5;b - - 1 0", "x", SYS).unwrap();
+        assert_eq!((m[0].speed_factor, m[1].speed_factor), (0.5, 1.0));
+        let e = parse_builders("a - - 1 -2", "x", SYS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("field 5 (speed factor)") && e.contains("0.5"),
             "{e}"
         );
         let e = parse_builders("a - - 1 1 - - not*base64", "x", SYS)
@@ -437,7 +465,7 @@ mod tests {
         #[test]
         fn specs_roundtrip(hosts in proptest::collection::vec(("[a-z][a-z0-9]{0,8}", 1u32..64, 1u32..8, proptest::collection::btree_set("[a-z]{1,6}", 0..3)), 1..5)) {
             let machines: Vec<Machine> = hosts.iter().map(|(h, j, s, f)| Machine {
-                uri: format!("ssh://{h}"), systems: vec![SYS.into()], ssh_key: None, max_jobs: *j, speed_factor: *s,
+                uri: format!("ssh://{h}"), systems: vec![SYS.into()], ssh_key: None, max_jobs: *j, speed_factor: f64::from(*s),
                 supported_features: f.clone(), mandatory_features: BTreeSet::new(), public_host_key: None, place: String::new(),
             }).collect();
             let spec: Vec<String> = machines.iter().map(Machine::to_spec).collect();

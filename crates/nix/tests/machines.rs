@@ -102,12 +102,12 @@ fn fixture_machines_file_parses_as_nix_reads_it() {
     );
     assert_eq!(m[0].systems, ["x86_64-linux", "i686-linux"]);
     assert_eq!(m[0].ssh_key.as_deref(), Some("/root/.ssh/id_builder"));
-    assert_eq!((m[0].max_jobs, m[0].speed_factor), (4, 2));
+    assert_eq!((m[0].max_jobs, m[0].speed_factor), (4, 2.0));
     assert!(m[0].supported_features.contains("big-parallel"));
     assert!(m[0].mandatory_features.contains("kvm"));
     assert_eq!(m[0].public_host_key, None);
     // Missing fields take defaults; a speed factor below 1 becomes 1.
-    assert_eq!((m[1].max_jobs, m[1].speed_factor), (1, 1));
+    assert_eq!((m[1].max_jobs, m[1].speed_factor), (1, 1.0));
     assert_eq!(m[2].systems, ["x86_64-linux"]);
     assert_eq!(m[3].max_jobs, 8);
 }

@@ -60,6 +60,7 @@ struct ClassKey<'a> {
     mandatory_features: &'a [String],
     slots: u32,
     speed_bits: u64,
+    system_speeds: Vec<(&'a str, u64)>,
     is_local: bool,
     bandwidth_bits: u64,
     latency_bits: u64,
@@ -76,6 +77,7 @@ impl<'a> ClassKey<'a> {
             mandatory_features,
             slots,
             speed,
+            system_speeds,
             is_local,
             bandwidth,
             latency,
@@ -86,6 +88,10 @@ impl<'a> ClassKey<'a> {
             mandatory_features,
             slots: *slots,
             speed_bits: speed.to_bits(),
+            system_speeds: system_speeds
+                .iter()
+                .map(|(s, v)| (s.as_str(), v.to_bits()))
+                .collect(),
             is_local: *is_local,
             bandwidth_bits: bandwidth.to_bits(),
             latency_bits: latency.to_bits(),

@@ -15,6 +15,7 @@ use crate::events::{Action, NodeState};
 use crate::fleet::MachineId;
 use crate::graph::NodeId;
 use crate::scheduler::Scheduler;
+use crate::transfers::{route, Route};
 
 /// How many ready derivations per round may choose to wait for a busy machine beyond
 /// the number of free slots.
@@ -83,31 +84,59 @@ impl Scheduler {
                 able
             };
             // Fastest first: a dispatch stops at classes too slow to finish earlier.
-            let speed = |c: usize| self.machines[self.classes[c][0]].speed;
+            let speed = |c: usize| self.machines[self.classes[c][0]].speed_for(&node.system);
             kind.classes
                 .sort_by(|&a, &b| speed(b).total_cmp(&speed(a)).then(a.cmp(&b)));
         }
     }
 
-    /// Seconds to bring the inputs of `id` that `machine` lacks to it.
-    fn transfer_in(&self, id: NodeId, machine: MachineId) -> f64 {
-        let target = &self.machines[machine];
-        let mut total = 0.0;
+    /// The routes of the inputs of `id` that `machine` lacks, with their sizes.
+    fn input_routes(&self, id: NodeId, machine: MachineId) -> Vec<(Route, u64)> {
+        let mut routes = Vec::new();
         for &dep in &self.graph.node(id).deps {
-            let holders = &self.holders[dep];
-            if holders.contains(&machine) {
-                continue;
-            }
             let bytes = self.graph.node(dep).output_bytes;
-            // Through the client: from the cheapest holder to offload, then onward.
-            let from = holders
-                .iter()
-                .map(|&h| self.machines[h].transfer_time(bytes))
-                .fold(f64::INFINITY, f64::min);
-            let from = if from.is_finite() { from } else { 0.0 };
-            total += from + target.transfer_time(bytes);
+            let consumers = self.graph.dependents(dep).len();
+            match route(
+                &self.machines,
+                &self.holders[dep],
+                false,
+                machine,
+                consumers,
+                bytes,
+            ) {
+                Some(r) if !r.is_present() => routes.push((r, bytes)),
+                _ => {}
+            }
         }
-        total
+        routes
+    }
+
+    /// When the inputs of `id` that `machine` lacks would all be there, sent one after
+    /// another from `ready` on, behind what the links carry already.
+    fn inputs_arrive(&self, id: NodeId, machine: MachineId, ready: f64) -> f64 {
+        self.input_routes(id, machine)
+            .iter()
+            .fold(ready, |at, (r, bytes)| {
+                self.links.arrival(&self.machines, r, *bytes, at)
+            })
+    }
+
+    /// Books the links the inputs of `id` take to `machine`, from `now` on.
+    fn send_inputs(&mut self, id: NodeId, machine: MachineId, now: f64) {
+        let mut at = now;
+        for (r, bytes) in self.input_routes(id, machine) {
+            at = self.links.send(&self.machines, &r, bytes, at);
+        }
+    }
+
+    /// Seconds to bring the outputs of a requested derivation (one nothing depends on)
+    /// home from `machine` once built.
+    fn copy_back(&self, id: NodeId, machine: MachineId) -> f64 {
+        if self.graph.dependents(id).is_empty() {
+            self.machines[machine].transfer_time(self.graph.node(id).output_bytes)
+        } else {
+            0.0
+        }
     }
 
     /// The ready node to place next: the best priority among kinds that some free slot
@@ -198,7 +227,9 @@ impl Scheduler {
                     if only_free && !is_free {
                         continue;
                     }
-                    let finish = slot_time.max(now) + self.transfer_in(id, m) + build_time;
+                    let finish = self.inputs_arrive(id, m, slot_time.max(now))
+                        + build_time
+                        + self.copy_back(id, m);
                     // Earliest finish; at a tie, a slot free now beats waiting for one,
                     // then the lower machine index.
                     let better = match best {
@@ -248,6 +279,7 @@ impl Scheduler {
                     },
                 );
                 self.started_at[id] = now;
+                self.send_inputs(id, m, now);
                 self.running[m].push(id);
                 self.running_count += 1;
                 actions.push(Action::Start {

@@ -18,8 +18,11 @@ pub struct MachineSpec {
     pub mandatory_features: Vec<String>,
     /// Builds at once (`max-jobs`, machines-file field 4).
     pub slots: u32,
-    /// Relative speed (machines-file field 5); durations divide by it.
+    /// Relative speed (machines-file field 5, or learned); durations divide by it.
     pub speed: f64,
+    /// Speeds for particular systems, where they differ from `speed`: an emulated
+    /// system builds many times slower than the machine's native one.
+    pub system_speeds: Vec<(String, f64)>,
     /// The machine offload runs on: inputs and outputs need no transfer to the client.
     pub is_local: bool,
     /// Bytes per second between the client and this machine.
@@ -39,6 +42,7 @@ impl MachineSpec {
             mandatory_features: Vec::new(),
             slots,
             speed,
+            system_speeds: Vec::new(),
             is_local: false,
             bandwidth: f64::INFINITY,
             latency: 0.0,
@@ -68,9 +72,17 @@ impl MachineSpec {
                 .all(|f| node.required_features.contains(f))
     }
 
+    /// Relative speed for derivations of `system`.
+    pub fn speed_for(&self, system: &str) -> f64 {
+        self.system_speeds
+            .iter()
+            .find(|(s, _)| s == system)
+            .map_or(self.speed, |&(_, speed)| speed)
+    }
+
     /// Seconds to build `node` here.
     pub fn build_time(&self, node: &NodeSpec) -> f64 {
-        node.duration.max(0.0) / self.speed.max(1e-6)
+        node.duration.max(0.0) / self.speed_for(&node.system).max(1e-6)
     }
 
     /// Seconds to move `bytes` between the client and this machine.
@@ -95,6 +107,7 @@ mod tests {
             mandatory_features: mandatory.iter().map(|s| s.to_string()).collect(),
             slots: 1,
             speed: 1.0,
+            system_speeds: Vec::new(),
             is_local: false,
             bandwidth: 1e8,
             latency: 0.001,

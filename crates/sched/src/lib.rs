@@ -15,6 +15,8 @@
 //!   build;
 //! - [`events`]: the scheduler's inputs ([`Event`]) and outputs ([`Action`]);
 //! - [`scheduler`]: the state machine, event by event;
+//! - [`transfers`]: how paths travel (routes, link queues), one model for the planner,
+//!   the simulator and the driver;
 //! - `classes` (machines interchangeable for planning, ordered by first free slot) and
 //!   `dispatch` (which ready derivation goes where), both private.
 
@@ -24,11 +26,13 @@ pub mod events;
 pub mod fleet;
 pub mod graph;
 pub mod scheduler;
+pub mod transfers;
 
 pub use events::{Action, Event, Failure, NodeState, Outcome};
 pub use fleet::{MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
 pub use scheduler::{Scheduler, MAX_ATTEMPTS};
+pub use transfers::{route, Links, Route};
 
 /// Seconds (at speed 1) assumed for a derivation nothing is known about: what the live
 /// driver plans with before the history has a build of its name, and what a simulated

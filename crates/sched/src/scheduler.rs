@@ -13,6 +13,7 @@ use crate::classes::{machine_classes, SlotKey};
 use crate::dispatch::{Kind, ReadyKey};
 use crate::fleet::{MachineId, MachineSpec};
 use crate::graph::{Graph, NodeId};
+use crate::transfers::Links;
 
 // Re-exported so that paths through this module (`scheduler::Event`, …) keep working.
 pub use crate::dispatch::RESERVATIONS_PER_ROUND;
@@ -66,6 +67,8 @@ pub struct Scheduler {
     pub(crate) kinds: Vec<Kind>,
     pub(crate) kind_of: Vec<usize>,
     pub(crate) ready: Vec<BTreeSet<ReadyKey>>,
+    /// The links' queues as planned: inputs sent for the builds started.
+    pub(crate) links: Links,
 }
 
 impl Scheduler {
@@ -106,6 +109,7 @@ impl Scheduler {
             ready: vec![BTreeSet::new(); kinds.len()],
             kinds,
             kind_of,
+            links: Links::new(m),
         };
         for m in 0..m {
             sched.replace_queue_key(m);

@@ -13,7 +13,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use offload_sched::{Graph, MachineId, MachineSpec, NodeId};
+use offload_sched::{route, Graph, Links, MachineId, MachineSpec, NodeId};
 
 use crate::report::{Report, TraceEvent};
 
@@ -52,6 +52,16 @@ pub trait Policy {
     fn wake(&mut self, _now: f64) -> Vec<(NodeId, MachineId)> {
         Vec::new()
     }
+    /// A copy of the node's outputs landed on `machine` (kept in the client's store
+    /// on the way to a builder).
+    fn outputs_at(
+        &mut self,
+        _node: NodeId,
+        _machine: MachineId,
+        _now: f64,
+    ) -> Vec<(NodeId, MachineId)> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -80,40 +90,6 @@ impl PartialOrd for Pending {
     }
 }
 
-/// Moves `bytes` over `links` at once (none: a copy within the client), starting no
-/// earlier than `ready`; returns when they have arrived. A link carries one transfer's
-/// bytes at a time; latency delays the transfer without holding the link; several
-/// links together go at the slowest one's rate and add their latencies.
-fn transfer(
-    links: &[MachineId],
-    bytes: u64,
-    ready: f64,
-    machines: &[MachineSpec],
-    link_free: &mut [f64],
-    link_bytes: &mut [u64],
-) -> f64 {
-    if links.is_empty() || bytes == 0 {
-        return ready;
-    }
-    let mut start = ready;
-    let (mut rate, mut latency) = (f64::INFINITY, 0.0);
-    for &l in links {
-        start = start.max(link_free[l]);
-        rate = rate.min(machines[l].bandwidth.max(1.0));
-        latency += machines[l].latency;
-        link_bytes[l] += bytes;
-    }
-    let sending = if rate.is_finite() {
-        bytes as f64 / rate
-    } else {
-        0.0
-    };
-    for &l in links {
-        link_free[l] = start + sending;
-    }
-    start + latency + sending
-}
-
 /// The machine the client runs on, if it is in the fleet.
 fn client_machine(machines: &[MachineSpec]) -> Option<MachineId> {
     machines.iter().position(|m| m.is_local)
@@ -133,7 +109,6 @@ pub fn simulate(
     // Where each node's outputs are: machines, and whether the client has them.
     let mut on_machine: Vec<Vec<MachineId>> = vec![Vec::new(); n];
     let mut at_client = vec![false; n];
-    let mut link_bytes = vec![0u64; machines.len()];
     let mut busy = vec![0.0f64; machines.len()];
     let mut running: Vec<Vec<NodeId>> = vec![Vec::new(); machines.len()];
     let mut generation = vec![0u64; n];
@@ -142,9 +117,9 @@ pub fn simulate(
     let mut events = BinaryHeap::new();
     let mut trace_events = Vec::new();
     let mut dispatcher_free = 0.0f64;
-    // When each machine's link to the client is next free: inputs sent to it or
-    // streamed from it, and requested outputs copied back as each is built, queue on it.
-    let mut link_free = vec![0.0f64; machines.len()];
+    // Each machine's link to the client: inputs sent to it or streamed from it, and
+    // requested outputs copied back as each is built, queue on it.
+    let mut links = Links::new(machines.len());
     // When the last requested output copied back so far reaches the client.
     let mut copied_back = 0.0f64;
     let mut failures: Vec<(MachineId, f64)> = failures.to_vec();
@@ -153,6 +128,8 @@ pub fn simulate(
     let mut starts = policy.start(now);
     let mut finished = 0usize;
     loop {
+        // Copies kept in the client's store, told to the policy after the starts.
+        let mut landed: Vec<(NodeId, MachineId)> = Vec::new();
         for (node, m) in starts.drain(..) {
             if done[node] {
                 // Built before, but its outputs were lost with their machine: again.
@@ -167,41 +144,28 @@ pub fn simulate(
             } else {
                 now
             };
-            // Inputs arrive one after another, each when the links it uses are free.
+            // Inputs arrive one after another, each when the links it uses are free,
+            // by the routes the live driver takes.
             let mut arrived = begin;
             for &d in &graph.node(node).deps {
-                if on_machine[d].contains(&m) || (spec.is_local && at_client[d]) {
+                let bytes = graph.node(d).output_bytes;
+                let consumers = graph.dependents(d).len();
+                let Some(r) = route(machines, &on_machine[d], at_client[d], m, consumers, bytes)
+                else {
+                    continue;
+                };
+                if r.is_present() {
                     continue;
                 }
-                let bytes = graph.node(d).output_bytes;
-                // From the client, else from the first builder that had it (as the
-                // live driver picks).
-                let source = if at_client[d] {
-                    None
-                } else {
-                    on_machine[d].first().copied()
-                };
-                let target = (!spec.is_local).then_some(m);
-                let hops: Vec<Vec<MachineId>> = match source {
-                    // Needed by several builds: the client keeps a copy on the way, so
-                    // later transfers cross one link and the builder serves it once.
-                    Some(h) if target.is_some() && graph.dependents(d).len() > 1 => {
-                        at_client[d] = true;
-                        vec![vec![h], vec![m]]
+                arrived = links.send(machines, &r, bytes, arrived);
+                if r.keeps_in_client {
+                    at_client[d] = true;
+                    if let Some(c) = client {
+                        if !on_machine[d].contains(&c) {
+                            on_machine[d].push(c);
+                            landed.push((d, c));
+                        }
                     }
-                    // Streamed through the client: both links at once.
-                    Some(h) => vec![std::iter::once(h).chain(target).collect()],
-                    None => vec![target.into_iter().collect()],
-                };
-                for links in hops {
-                    arrived = transfer(
-                        &links,
-                        bytes,
-                        arrived,
-                        machines,
-                        &mut link_free,
-                        &mut link_bytes,
-                    );
                 }
                 if spec.is_local {
                     at_client[d] = true;
@@ -211,8 +175,9 @@ pub fn simulate(
             let transfer = arrived - begin;
             let build = spec.build_time(graph.node(node)) + costs.per_build;
             let back = if policy.copies_outputs_back() && !spec.is_local {
-                link_bytes[m] += graph.node(node).output_bytes;
-                spec.transfer_time(graph.node(node).output_bytes)
+                let bytes = graph.node(node).output_bytes;
+                links.book(m, 0.0, bytes);
+                spec.transfer_time(bytes)
             } else {
                 0.0
             };
@@ -233,6 +198,12 @@ pub fn simulate(
                 machine: m,
                 generation: generation[node],
             });
+        }
+        for (d, c) in landed {
+            starts.extend(policy.outputs_at(d, c, now));
+        }
+        if !starts.is_empty() {
+            continue;
         }
         // The next thing to happen: a machine failing, a build ending, a wake-up.
         let next_failure = failures.last().copied();
@@ -275,11 +246,12 @@ pub fn simulate(
                     at_client[p.node] = true;
                 } else if graph.dependents(p.node).is_empty() {
                     let bytes = graph.node(p.node).output_bytes;
-                    let link = &mut link_free[p.machine];
-                    let sending = spec.transfer_time(bytes) - spec.latency;
-                    *link = link.max(now) + sending.max(0.0);
-                    copied_back = copied_back.max(*link + spec.latency);
-                    link_bytes[p.machine] += bytes;
+                    let home = offload_sched::Route {
+                        from: Some(p.machine),
+                        hops: vec![vec![p.machine]],
+                        keeps_in_client: true,
+                    };
+                    copied_back = copied_back.max(links.send(machines, &home, bytes, now));
                     at_client[p.node] = true;
                 }
                 starts = policy.finished(p.node, p.machine, now);
@@ -300,7 +272,7 @@ pub fn simulate(
         makespan,
         finished,
         busy,
-        link_bytes,
+        links.bytes().to_vec(),
         trace_events,
     )
 }

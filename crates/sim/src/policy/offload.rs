@@ -63,4 +63,13 @@ impl Policy for OffloadPolicy {
     ) -> Vec<(NodeId, MachineId)> {
         Self::starts(self.sched.handle(Event::MachineLost { machine }, now))
     }
+
+    fn outputs_at(
+        &mut self,
+        node: NodeId,
+        machine: MachineId,
+        now: f64,
+    ) -> Vec<(NodeId, MachineId)> {
+        Self::starts(self.sched.handle(Event::OutputsAt { node, machine }, now))
+    }
 }
