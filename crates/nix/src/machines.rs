@@ -278,7 +278,7 @@ fn parse_machine(text: &str, place: String, local_system: &str) -> Result<Machin
         None => 1.0,
         Some(v) => match v.parse::<f64>() {
             // Nix 2.8 turns 0 into 1; newer Nix refuses a negative factor.
-            Ok(f) if f == 0.0 => 1.0,
+            Ok(0.0) => 1.0,
             Ok(f) if f.is_finite() && f > 0.0 => f,
             _ => {
                 return Err(MachinesError::BadField {
