@@ -10,6 +10,7 @@ use anyhow::{anyhow, Context as _};
 use offload_driver::build::{self, BuildOptions, LogDestination, NodeResult, Reliability};
 use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::build_fleet;
+use offload_driver::learn::Knowledge;
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
 use offload_driver::process;
@@ -61,6 +62,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
             stall_timeout: Duration::from_secs(args.stall_timeout),
             ..Reliability::default()
         },
+        knowledge: Knowledge::default(),
     };
     for pair in args.option.chunks(2) {
         if let [name, value] = pair {
@@ -139,7 +141,13 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
             None
         }
     };
-    let nodes = build_nodes(&drvs, &will_build, history.as_ref()).map_err(Failure::work)?;
+    if let Some(h) = &history {
+        match h.knowledge(&settings.system) {
+            Ok(k) => options.knowledge = k,
+            Err(e) => tracing::warn!("{e}; planning with default estimates"),
+        }
+    }
+    let nodes = build_nodes(&drvs, &will_build, &options.knowledge).map_err(Failure::work)?;
 
     let mut wanted = Vec::new();
     let mut links = Vec::new();

@@ -1,13 +1,16 @@
 //! `offload machines`: the fleet a build would use, as a table or JSON Lines: each
-//! machine's systems, features, slots, speed factor, learned speed (how much faster
-//! than this machine it built the same derivations, from the history), current load (slots held in the
-//! shared ledger by any offload or Nix hook build on this machine) and state (up, failing
-//! since, or quarantined until, from the state database).
+//! machine's systems, features, slots, declared speed factor, what the planner learned
+//! of it from the state database (speed per system relative to this machine's native
+//! one, the link's bandwidth and latency, CPU cores, and how many builds or transfers
+//! each figure rests on), current load (slots held in the shared ledger by any offload
+//! or Nix hook build on this machine) and state (up, failing since, or quarantined
+//! until).
 
 use std::fmt::Write as _;
 
 use anyhow::Context as _;
 use offload_driver::fleet::{build_fleet, MachineConfig, LOCAL};
+use offload_driver::learn::{Knowledge, Learned, LinkFigures};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::slots::SlotLedger;
 use offload_driver::{format_utc, History};
@@ -26,9 +29,10 @@ struct Row {
     speed: f64,
     /// Slots held now, when the ledger can tell.
     busy: Option<u32>,
-    /// How much faster than this machine it built the same derivations, and from how
-    /// many.
-    learned: Option<(f64, usize)>,
+    /// Per system it builds: its learned speed (this machine's native system is 1).
+    learned: Vec<(String, Learned)>,
+    link: Option<LinkFigures>,
+    cores: Option<u32>,
     /// `up`, `failing`, or `quarantined`, and what the record says.
     state: &'static str,
     state_detail: Option<String>,
@@ -44,10 +48,14 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
     let history = History::open(&history_path)
         .map_err(|e| tracing::debug!("no machine records: {e}"))
         .ok();
+    let knowledge = history
+        .as_ref()
+        .and_then(|h| h.knowledge(&settings.system).ok())
+        .unwrap_or_default();
     let rows: Vec<Row> = fleet
         .iter()
         .enumerate()
-        .map(|(m, c)| row(m, c, &ledger, history.as_ref()))
+        .map(|(m, c)| row(m, c, &ledger, history.as_ref(), &knowledge))
         .collect();
     let out = if args.json {
         rows.iter()
@@ -61,7 +69,15 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
                     "slots": r.slots,
                     "speed_factor": r.speed,
                     "busy_slots": r.busy,
-                    "learned_speed": r.learned.map(|(s, n)| json!({"relative_to_local": s, "samples": n})),
+                    "learned_speed": r.learned.iter().map(|(system, l)| {
+                        (system.clone(), json!({"relative_to_local": l.speed, "samples": l.samples}))
+                    }).collect::<serde_json::Map<_, _>>(),
+                    "link": r.link.map(|l| json!({
+                        "bandwidth_bytes_per_second": l.bandwidth,
+                        "latency_seconds": l.latency,
+                        "samples": l.samples,
+                    })),
+                    "cores": r.cores,
                     "state": r.state,
                     "state_detail": r.state_detail,
                 });
@@ -109,7 +125,13 @@ fn state(name: &str, history: Option<&History>) -> (&'static str, Option<String>
     }
 }
 
-fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger, history: Option<&History>) -> Row {
+fn row(
+    m: usize,
+    config: &MachineConfig,
+    ledger: &SlotLedger,
+    history: Option<&History>,
+    knowledge: &Knowledge,
+) -> Row {
     let spec = &config.spec;
     let mut features: Vec<String> = spec.supported_features.clone();
     features.extend(
@@ -132,15 +154,24 @@ fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger, history: Option<&H
     } else {
         state(&spec.name, history)
     };
-    let learned = (m != LOCAL)
-        .then(|| {
-            history
-                .and_then(|h| h.learned_speed(&spec.name).ok().flatten())
-                .map(|l| (l.relative_to_local, l.samples))
+    let key = &config.endpoint.name;
+    let learned = spec
+        .systems
+        .iter()
+        .filter_map(|system| {
+            let l = knowledge.speed(key, system)?;
+            (l.samples > 0).then(|| (system.clone(), l))
         })
-        .flatten();
+        .collect();
+    let cores = if m == LOCAL {
+        config.cores
+    } else {
+        history.and_then(|h| h.cores(key).ok().flatten())
+    };
     Row {
         learned,
+        link: knowledge.link(key),
+        cores,
         state,
         state_detail,
         name: spec.name.clone(),
@@ -155,9 +186,10 @@ fn row(m: usize, config: &MachineConfig, ledger: &SlotLedger, history: Option<&H
 
 fn table(rows: &[Row]) -> String {
     let header = [
-        "machine", "systems", "features", "slots", "speed", "learned", "load", "state",
+        "machine", "systems", "features", "slots", "speed", "learned", "link", "cores", "load",
+        "state",
     ];
-    let cells: Vec<[String; 8]> = rows
+    let cells: Vec<[String; 10]> = rows
         .iter()
         .map(|r| {
             [
@@ -170,10 +202,25 @@ fn table(rows: &[Row]) -> String {
                 },
                 r.slots.to_string(),
                 format!("{}", r.speed),
-                match r.learned {
-                    Some((s, n)) => format!("{s:.2}x ({n})"),
+                if r.learned.is_empty() {
+                    "-".into()
+                } else {
+                    r.learned
+                        .iter()
+                        .map(|(system, l)| format!("{system} {:.2}x ({})", l.speed, l.samples))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                match r.link {
+                    Some(l) => format!(
+                        "{:.1} MB/s {:.0} ms ({})",
+                        l.bandwidth / 1e6,
+                        l.latency * 1e3,
+                        l.samples
+                    ),
                     None => "-".into(),
                 },
+                r.cores.map_or("-".into(), |c| c.to_string()),
                 match r.busy {
                     Some(b) => format!("{b}/{}", r.slots),
                     None => "-".into(),

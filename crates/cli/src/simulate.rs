@@ -91,11 +91,16 @@ async fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
     }
     if let Some(drv) = &args.from_drv {
         let root = StorePath::from_absolute_path(drv).map_err(Failure::usage)?;
-        let drvs = read_drv_closure(Path::new("/"), &[root]).map_err(Failure::usage)?;
+        let drvs = read_drv_closure(Path::new("/"), std::slice::from_ref(&root))
+            .map_err(Failure::usage)?;
         let history =
             History::open(&args.history.clone().unwrap_or_else(History::default_path)).ok();
         let all: Vec<StorePath> = drvs.keys().cloned().collect();
-        let nodes = build_nodes(&drvs, &all, history.as_ref()).map_err(Failure::usage)?;
+        // Speeds are relative to this machine's system; the root's stands for it.
+        let knowledge = history
+            .and_then(|h| h.knowledge(&drvs[&root].system).ok())
+            .unwrap_or_default();
+        let nodes = build_nodes(&drvs, &all, &knowledge).map_err(Failure::usage)?;
         let outputs: Vec<String> = nodes
             .iter()
             .flat_map(|n| n.outputs.iter().map(|(_, p)| p.clone()))
@@ -113,7 +118,7 @@ async fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
                     required_features: n.required_features,
                     deps: n.deps,
                     duration: n.estimate,
-                    output_bytes: known.unwrap_or(DEFAULT_OUTPUT_BYTES),
+                    output_bytes: known.or(n.output_bytes).unwrap_or(DEFAULT_OUTPUT_BYTES),
                     prefer_local: n.prefer_local,
                 }
             })

@@ -272,7 +272,7 @@ fn nix_build_keeps_quick_builds_on_an_idle_local_machine() {
     let history = offload_driver::History::open(&setup.path().join("history.sqlite")).unwrap();
     for name in ["leaf0", "leaf1", "leaf2", "leaf3", "top"] {
         history
-            .record(name, nix_system(), "local", 0.1, 1.0)
+            .record(name, nix_system(), "local", 0.1, 1.0, None)
             .unwrap();
     }
     let out = setup.nix_build(&file, &setup.builders(1), "8");
@@ -315,7 +315,7 @@ fn hook_answers_decline_postpone_and_decline_permanently() {
     let drv = "/nix/store/00000000000000000000000000000000-quick-1.0.drv".to_string();
     let history = offload_driver::History::open(&setup.path().join("history.sqlite")).unwrap();
     history
-        .record("quick-1.0", nix_system(), "local", 0.2, 1.0)
+        .record("quick-1.0", nix_system(), "local", 0.2, 1.0, None)
         .unwrap();
     let mut request = TryRequest {
         am_willing: true,

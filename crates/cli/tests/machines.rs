@@ -38,15 +38,27 @@ fn lists_each_machine_with_its_slots_and_current_load() {
         .machine_failed("b2", "connection refused", now - 10)
         .unwrap();
     history.quarantine("b2", now + 3600).unwrap();
-    // And that b1 built two derivations three times as fast as this machine.
+    // And that b1 built two derivations three times as fast as this machine, and one
+    // for aarch64-linux five times slower than that; that its link carried 16 MB in
+    // 6.42 s and small paths in 20 ms; that it has 12 cores.
     for name in ["a", "b"] {
         history
-            .record(name, "x86_64-linux", "local", 3.0, 1.0)
+            .record(name, "x86_64-linux", "local", 3.0, 1.0, None)
             .unwrap();
         history
-            .record(name, "x86_64-linux", "b1", 1.0, 2.0)
+            .record(name, "x86_64-linux", "ssh://b1", 1.0, 2.0, Some(1000))
             .unwrap();
     }
+    history
+        .record("a", "aarch64-linux", "ssh://b1", 5.0, 2.0, None)
+        .unwrap();
+    history
+        .record_transfer("ssh://b1", true, 16_000_000, 6.42, 1)
+        .unwrap();
+    history
+        .record_transfer("ssh://b1", false, 1000, 0.02, 1)
+        .unwrap();
+    history.set_cores("ssh://b1", 12).unwrap();
     drop(history);
     let out = common::offload(work.path())
         .env("OFFLOAD_SLOTS_DIR", &slots)
@@ -76,11 +88,24 @@ fn lists_each_machine_with_its_slots_and_current_load() {
     assert_eq!(rows[1]["busy_slots"], 1);
     assert_eq!(rows[2]["busy_slots"], 0);
     assert_eq!(rows[1]["state"], "up");
-    assert_eq!(
-        rows[1]["learned_speed"],
-        serde_json::json!({"relative_to_local": 3.0, "samples": 2})
-    );
-    assert!(rows[2]["learned_speed"].is_null());
+    // Two comparisons take b1 most of the way from its declared 2 to the measured 3.
+    let learned = &rows[1]["learned_speed"];
+    let native = learned["x86_64-linux"]["relative_to_local"]
+        .as_f64()
+        .unwrap();
+    assert!((2.8..=3.0).contains(&native), "{learned}");
+    assert_eq!(learned["x86_64-linux"]["samples"], 2);
+    let emulated = learned["aarch64-linux"]["relative_to_local"]
+        .as_f64()
+        .unwrap();
+    assert!((0.5..=0.8).contains(&emulated), "{learned}");
+    let link = &rows[1]["link"];
+    assert_eq!(link["latency_seconds"], 0.02);
+    let bandwidth = link["bandwidth_bytes_per_second"].as_f64().unwrap();
+    assert!((bandwidth - 2.5e6).abs() < 1e4, "{link}");
+    assert_eq!(rows[1]["cores"], 12);
+    assert_eq!(rows[2]["learned_speed"], serde_json::json!({}));
+    assert!(rows[2]["link"].is_null() && rows[2]["cores"].is_null());
     assert_eq!(rows[2]["state"], "quarantined");
     let detail = rows[2]["state_detail"].as_str().unwrap();
     assert!(
@@ -101,4 +126,13 @@ fn lists_each_machine_with_its_slots_and_current_load() {
             .any(|l| l.starts_with("b2 ") && l.contains("0/2") && l.contains("quarantined until")),
         "{shown}"
     );
+    let b1 = shown.lines().find(|l| l.starts_with("b1 ")).unwrap();
+    for column in [
+        "x86_64-linux 2.",
+        "(2), aarch64-linux 0.",
+        "2.5 MB/s 20 ms (2)",
+        " 12 ",
+    ] {
+        assert!(b1.contains(column), "{column:?} missing from {b1}");
+    }
 }

@@ -177,7 +177,7 @@ in mk "sim-app-7dq2" [ base ]
     let history = dir.path().join("history.sqlite");
     offload_driver::History::open(&history)
         .unwrap()
-        .record("sim-base-7dq2", nix_system(), "local", 30.0, 1.0)
+        .record("sim-base-7dq2", nix_system(), "local", 30.0, 1.0, None)
         .unwrap();
     let out = offload(&[
         "simulate",

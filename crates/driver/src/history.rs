@@ -9,19 +9,17 @@
 //!
 //! Builds are keyed by the derivation's name without its hash (`hello-2.12.1`), with a
 //! version-insensitive fallback (`hello`), since a version bump rarely changes the cost
-//! much. Durations are stored as measured together with the machine's speed factor and
-//! estimated back at speed 1 (`seconds × speed`), so one history serves every machine.
+//! much. Durations are stored as measured, with the machine and its declared speed
+//! factor; `learn.rs` fits speeds and estimates from them.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use thiserror::Error;
 
 /// Estimate for a derivation nothing is known about.
 pub const DEFAULT_SECONDS: f64 = offload_sched::DEFAULT_ESTIMATE_SECONDS;
-/// How many recent builds of a name an estimate averages.
-const RECENT: u32 = 5;
 
 /// The schema, one step per entry; an entry never changes once released, a change is a
 /// new entry. The first is the duration history as it was before versioning (hence
@@ -53,6 +51,25 @@ const MIGRATIONS: &[&str] = &[
          id INTEGER PRIMARY KEY AUTOINCREMENT,
          started_at INTEGER NOT NULL,
          report TEXT NOT NULL
+     );",
+    // What the planner learns (`learn.rs`): from here on `builds.machine` is the store
+    // URI as written and `seconds` the build's own time (its inputs' copies left out);
+    // NAR bytes of the outputs; every copy between this machine and another, with how
+    // many copies shared the link when it started; each machine's CPU cores.
+    "ALTER TABLE builds ADD COLUMN output_bytes INTEGER;
+     CREATE TABLE transfers (
+         machine TEXT NOT NULL,
+         direction TEXT NOT NULL,
+         bytes INTEGER NOT NULL,
+         seconds REAL NOT NULL,
+         concurrent INTEGER NOT NULL,
+         at INTEGER NOT NULL
+     );
+     CREATE INDEX transfers_machine ON transfers (machine, at);
+     CREATE TABLE machine_cores (
+         machine TEXT PRIMARY KEY,
+         cores INTEGER NOT NULL,
+         learned_at INTEGER NOT NULL
      );",
 ];
 
@@ -160,7 +177,9 @@ impl History {
         state.join("offload").join("history.sqlite")
     }
 
-    /// Records a finished build of `name` that took `seconds` on a machine of `speed`.
+    /// Records a finished build of `name` for `system` that took `seconds` on
+    /// `machine` (its store URI as written, or `local`), whose speed factor was `speed`;
+    /// `output_bytes` is the NAR size of its outputs, when known.
     pub fn record(
         &self,
         name: &str,
@@ -168,12 +187,14 @@ impl History {
         machine: &str,
         seconds: f64,
         speed: f64,
+        output_bytes: Option<u64>,
     ) -> Result<(), HistoryError> {
         let now = unix_now();
         self.conn
             .execute(
-                "INSERT INTO builds (name, pname, system, machine, seconds, speed, finished_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO builds
+                   (name, pname, system, machine, seconds, speed, finished_at, output_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     name,
                     package_name(name),
@@ -181,7 +202,8 @@ impl History {
                     machine,
                     seconds,
                     speed,
-                    now
+                    now,
+                    output_bytes.map(|b| b as i64)
                 ],
             )
             .map(|_| ())
@@ -190,33 +212,6 @@ impl History {
                 op: "recording a build",
                 source,
             })
-    }
-
-    /// Estimated seconds for `name` on a machine of speed 1.
-    pub fn estimate(&self, name: &str) -> Result<(f64, EstimateSource), HistoryError> {
-        let query = |column: &str, key: &str| -> Result<Option<f64>, HistoryError> {
-            let sql = format!(
-                "SELECT avg(seconds * speed) FROM
-                   (SELECT seconds, speed FROM builds WHERE {column} = ?1
-                    ORDER BY finished_at DESC, rowid DESC LIMIT {RECENT})"
-            );
-            self.conn
-                .query_row(&sql, params![key], |row| row.get::<_, Option<f64>>(0))
-                .optional()
-                .map(Option::flatten)
-                .map_err(|source| HistoryError {
-                    path: self.path.clone(),
-                    op: "reading estimates",
-                    source,
-                })
-        };
-        if let Some(s) = query("name", name)? {
-            return Ok((s, EstimateSource::Exact));
-        }
-        if let Some(s) = query("pname", package_name(name))? {
-            return Ok((s, EstimateSource::OtherVersion));
-        }
-        Ok((DEFAULT_SECONDS, EstimateSource::Default))
     }
 }
 
@@ -257,25 +252,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = History::open(&dir.path().join("h.sqlite")).unwrap();
         assert_eq!(
-            h.estimate("hello-1.0").unwrap(),
+            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0"),
             (DEFAULT_SECONDS, EstimateSource::Default)
         );
-        h.record("hello-1.0", "x86_64-linux", "fast", 2.0, 2.0)
+        h.record("hello-1.0", "x86_64-linux", "fast", 2.0, 2.0, None)
             .unwrap();
-        h.record("hello-1.0", "x86_64-linux", "slow", 4.0, 1.0)
+        h.record("hello-1.0", "x86_64-linux", "slow", 4.0, 1.0, None)
             .unwrap();
         assert_eq!(
-            h.estimate("hello-1.0").unwrap(),
+            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0"),
             (4.0, EstimateSource::Exact)
         );
         assert_eq!(
-            h.estimate("hello-1.1").unwrap(),
+            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.1"),
             (4.0, EstimateSource::OtherVersion)
         );
         drop(h);
         // It persists.
         let h = History::open(&dir.path().join("h.sqlite")).unwrap();
-        assert_eq!(h.estimate("hello-1.0").unwrap().1, EstimateSource::Exact);
+        assert_eq!(
+            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0").1,
+            EstimateSource::Exact
+        );
     }
 
     #[test]
@@ -294,7 +292,7 @@ mod tests {
         }
         let h = History::open(&path).unwrap();
         assert_eq!(
-            h.estimate("hello-1.0").unwrap(),
+            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0"),
             (3.0, EstimateSource::Exact)
         );
         let version: usize = h

@@ -10,7 +10,7 @@ use offload_nix::store_path::{StorePath, StorePathError};
 use thiserror::Error;
 
 use crate::build::BuildNode;
-use crate::history::History;
+use crate::learn::Knowledge;
 
 /// The derivation graph could not be read.
 #[derive(Debug, Error)]
@@ -79,11 +79,12 @@ pub fn output_path(
 }
 
 /// Build nodes for the derivations in `will_build` (what Nix's dry run says it would
-/// build), in a stable order, with estimates from `history`.
+/// build), in a stable order, with estimates (durations, output sizes) from what was
+/// learned.
 pub fn build_nodes(
     drvs: &HashMap<StorePath, Derivation>,
     will_build: &[StorePath],
-    history: Option<&History>,
+    knowledge: &Knowledge,
 ) -> Result<Vec<BuildNode>, PlanError> {
     let mut order: Vec<&StorePath> = will_build
         .iter()
@@ -112,10 +113,8 @@ pub fn build_nodes(
         inputs.sort();
         inputs.dedup();
         let name = name_from_drv_path(path).to_string();
-        let estimate = history
-            .and_then(|h| h.estimate(&name).ok())
-            .map(|(s, _)| s)
-            .unwrap_or(crate::history::DEFAULT_SECONDS);
+        let estimate = knowledge.estimate(&name).0;
+        let output_bytes = knowledge.output_bytes(&name);
         let outputs = drv
             .outputs
             .keys()
@@ -132,6 +131,7 @@ pub fn build_nodes(
             outputs,
             drv: drv.to_basic(Vec::new()),
             estimate,
+            output_bytes,
         });
     }
     Ok(nodes)

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::DriverError;
 pub use crate::fleet::MachineConfig;
 use crate::history::History;
+use crate::learn::{learn_cores, Knowledge};
 use crate::trust::LocalAccess;
 pub use health::Reliability;
 
@@ -51,6 +52,8 @@ pub struct BuildNode {
     pub drv: BasicDerivation,
     /// Estimated seconds at speed 1.
     pub estimate: f64,
+    /// NAR bytes of its outputs, when an earlier build measured them.
+    pub output_bytes: Option<u64>,
 }
 
 impl BuildNode {
@@ -81,6 +84,8 @@ pub struct BuildOptions {
     pub check: HashSet<String>,
     /// Backoff, quarantine and stall detection for machines that fail.
     pub reliability: Reliability,
+    /// What earlier runs taught about the fleet: speeds, links, sizes.
+    pub knowledge: Knowledge,
 }
 
 /// Where build logs are kept.
@@ -260,6 +265,12 @@ pub async fn run(
     for m in &mut machines {
         m.endpoint.ssh_options = options.reliability.ssh_options();
     }
+    // The state knows machines by their store URIs and declared speeds; the plan uses
+    // what was learned of them.
+    let keys: Vec<String> = machines.iter().map(|m| m.endpoint.name.clone()).collect();
+    let declared: Vec<f64> = machines.iter().map(|m| m.spec.speed).collect();
+    options.knowledge.apply(&mut machines);
+    learn_cores(&mut machines, history).await;
     let specs = machines.iter().map(|m| m.spec.clone()).collect();
     let cores = machines.iter().map(|m| m.cores).collect();
     let connect = ServeTransport::connect(machines, nodes.clone(), options, reporter.clone());
@@ -277,6 +288,7 @@ pub async fn run(
         options.reliability.clone(),
         history,
         reporter,
-    )?;
+    )?
+    .with_state_keys(keys, declared);
     runner.run(stop).await
 }

@@ -20,6 +20,7 @@ use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
 use crate::history::History;
+use crate::transfer::TransferNews;
 
 /// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
 /// serve protocol; the unit tests use a fake.
@@ -45,6 +46,20 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
 
     /// Ends every idle session.
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Copies that landed and were timed since the last call.
+    fn take_news(&self) -> TransferNews {
+        TransferNews::default()
+    }
+}
+
+/// What a build taught, for the state database.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct BuildFacts {
+    /// The build's own seconds, its inputs' copies left out.
+    pub build_seconds: Option<f64>,
+    /// NAR bytes of its outputs.
+    pub output_bytes: Option<u64>,
 }
 
 /// One build the scheduler placed.
@@ -66,6 +81,7 @@ pub(crate) struct TaskDone {
     pub log_tail: Vec<String>,
     /// How long the task took: input copies and the build.
     pub seconds: f64,
+    pub facts: BuildFacts,
     /// The machine's connection failed (its session broke): it is down for a while, and
     /// the build runs again without counting as a failed attempt.
     pub machine_down: bool,
@@ -96,6 +112,12 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     /// Requested outputs copied home while the rest of the graph builds.
     early_copies: JoinSet<()>,
     lower_bound: f64,
+    /// Each machine's key in the state database (its store URI as written) and the
+    /// speed factor its machines-file line declares.
+    state_keys: Vec<String>,
+    declared_speeds: Vec<f64>,
+    /// Output path → its node, for copies that land.
+    output_of: HashMap<String, usize>,
 }
 
 impl<'h, T: BuildTransport> Runner<'h, T> {
@@ -124,6 +146,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             .critical_path()
             .max(graph.total_work() / capacity.max(1.0));
         let n = nodes.len();
+        let state_keys = machines.iter().map(|m| m.name.clone()).collect();
+        let declared_speeds = machines.iter().map(|m| m.speed).collect();
         Ok(Runner {
             transport,
             sched: Scheduler::new(graph, machines.clone(), keep_going),
@@ -147,8 +171,46 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             running: HashMap::new(),
             early_copies: JoinSet::new(),
             lower_bound,
+            state_keys,
+            declared_speeds,
+            output_of: nodes
+                .iter()
+                .enumerate()
+                .flat_map(|(i, n)| n.outputs.iter().map(move |(_, p)| (p.clone(), i)))
+                .collect(),
             nodes,
         })
+    }
+
+    /// Names each machine in the state database by `keys` (store URIs as written)
+    /// with the speed factors its machines-file line declares, rather than by its
+    /// planning name and speed.
+    pub(crate) fn with_state_keys(mut self, keys: Vec<String>, declared_speeds: Vec<f64>) -> Self {
+        self.state_keys = keys;
+        self.declared_speeds = declared_speeds;
+        self
+    }
+
+    /// Tells the scheduler where copies landed and the history how long they took.
+    fn take_news(&mut self) {
+        let news = self.transport.take_news();
+        let now = self.now();
+        for (path, machine) in news.landed {
+            if let Some(&node) = self.output_of.get(&path) {
+                let actions = self.sched.handle(Event::OutputsAt { node, machine }, now);
+                self.apply(actions);
+            }
+        }
+        if let Some(h) = self.history {
+            for t in news.transfers {
+                let key = &self.state_keys[t.machine];
+                if let Err(e) =
+                    h.record_transfer(key, t.to_machine, t.bytes, t.seconds, t.concurrent)
+                {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
     }
 
     /// Runs the graph to its end. When `stop` is cancelled first, every running build,
@@ -171,6 +233,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     // An aborted task (a Cancel, its machine's failure) is accounted for.
                     if let Ok((id, done)) = joined {
+                        self.take_news();
                         self.on_finished(id, done);
                     }
                 }
@@ -432,9 +495,10 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             let recorded = h.record(
                 &node.name,
                 &node.system,
-                &machine.name,
-                done.seconds,
-                machine.speed,
+                &self.state_keys[done.machine],
+                done.facts.build_seconds.unwrap_or(done.seconds),
+                self.declared_speeds[done.machine],
+                done.facts.output_bytes,
             );
             if let Err(e) = recorded {
                 tracing::warn!("{e}");
@@ -473,6 +537,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             // Dropping the copy kills its sessions: a half-copied path is never registered.
             () = stop.cancelled() => return Err(self.stop().await),
         };
+        self.take_news();
         self.transport.close().await;
         Ok(BuildReport {
             results: self
@@ -552,8 +617,10 @@ impl<T: BuildTransport> Runner<'_, T> {
     }
 }
 
-/// The scheduler's view of a build node. Outputs are taken to weigh 1 MiB until sizes
-/// are measured.
+/// Bytes assumed for the outputs of a derivation never built before.
+const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;
+
+/// The scheduler's view of a build node.
 fn node_spec(n: &BuildNode) -> NodeSpec {
     NodeSpec {
         key: n.drv_path.clone(),
@@ -561,7 +628,7 @@ fn node_spec(n: &BuildNode) -> NodeSpec {
         required_features: n.required_features.clone(),
         deps: n.deps.clone(),
         duration: n.estimate,
-        output_bytes: 1 << 20,
+        output_bytes: n.output_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES),
         prefer_local: n.prefer_local,
     }
 }

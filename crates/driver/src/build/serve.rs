@@ -1,11 +1,11 @@
 //! The runner's transport over real machines: build tasks and copies spoken in the serve
 //! protocol over pooled sessions. For a build of derivation D on machine M it ships M the
-//! inputs it lacks (from the local store, or streamed from another builder that produced
-//! them, never twice to the same machine at once), runs BuildDerivation while its log
-//! streams, and records the outputs' infos.
+//! inputs it lacks through the transfer engine (`crate::transfer`), runs BuildDerivation
+//! while its log streams, and records the outputs' infos and how long the build itself
+//! took.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use offload_nix::serve::{BuildResult, BuildSettings};
@@ -13,28 +13,23 @@ use offload_sched::{MachineId, Outcome};
 use tokio::sync::mpsc;
 
 use super::log::BuildLog;
-use super::runner::{BuildTask, BuildTransport, TaskDone};
+use super::runner::{BuildFacts, BuildTask, BuildTransport, TaskDone};
 use super::{BuildNode, BuildOptions, LogDestination, Reporter};
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
-use crate::paths::PathRegistry;
 use crate::pool::Pool;
 use crate::process;
-use crate::session::ServeConn;
 use crate::slots::{SlotLedger, WAIT_LIMIT};
+use crate::transfer::{TransferEngine, TransferNews, LANES_PER_MACHINE};
 use crate::transport::{shell_quote, Endpoint};
 use crate::trust::LocalAccess;
 
 /// Sessions with every machine of the fleet, and what each store holds.
 pub(crate) struct ServeTransport {
-    pools: Vec<Pool>,
+    /// Sessions, what each store holds, and the copies between them.
+    engine: Arc<TransferEngine>,
     pub(super) names: Vec<String>,
-    registry: Mutex<PathRegistry>,
-    /// One upload at a time per machine, so no path goes to a machine twice at once.
-    upload_locks: Vec<tokio::sync::Mutex<()>>,
     pub(super) nodes: Arc<[BuildNode]>,
-    /// How many builds take each store path as a direct input.
-    consumers: HashMap<String, usize>,
     settings: BuildSettings,
     local_access: LocalAccess,
     builders_use_substitutes: bool,
@@ -60,6 +55,7 @@ impl ServeTransport {
         for input in nodes.iter().flat_map(|n| &n.inputs) {
             *consumers.entry(input.clone()).or_default() += 1;
         }
+        let specs = machines.iter().map(|m| m.spec.clone()).collect();
         let transport = ServeTransport {
             slots: machines
                 .iter()
@@ -67,26 +63,29 @@ impl ServeTransport {
                 .collect(),
             ledger: SlotLedger::from_env(),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
-            upload_locks: machines
-                .iter()
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-            pools: machines
-                .into_iter()
-                .map(|m| {
-                    let mut endpoint = m.endpoint;
-                    for (name, value) in &options.session_options {
-                        endpoint.extra_args.extend([
-                            "--option".into(),
-                            name.clone(),
-                            value.clone(),
-                        ]);
-                    }
-                    Pool::new(endpoint)
-                })
-                .collect(),
-            registry: Mutex::new(PathRegistry::default()),
-            consumers,
+            engine: Arc::new(
+                TransferEngine::new(
+                    machines
+                        .into_iter()
+                        .map(|m| {
+                            let mut endpoint = m.endpoint;
+                            for (name, value) in &options.session_options {
+                                endpoint.extra_args.extend([
+                                    "--option".into(),
+                                    name.clone(),
+                                    value.clone(),
+                                ]);
+                            }
+                            Pool::new(endpoint)
+                        })
+                        .collect(),
+                    specs,
+                    LANES_PER_MACHINE,
+                )
+                .with_consumers(consumers)
+                .with_reporter(reporter.clone())
+                .with_signer(options.local_access.signer.clone()),
+            ),
             nodes,
             settings: options.settings.clone(),
             local_access: options.local_access.clone(),
@@ -99,9 +98,8 @@ impl ServeTransport {
         Ok(transport)
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, PathRegistry> {
-        // The registry stays consistent through a panic elsewhere: every change is one call.
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    fn pool(&self, machine: MachineId) -> &Pool {
+        self.engine.pool(machine)
     }
 }
 
@@ -110,7 +108,10 @@ impl BuildTransport for ServeTransport {
         let (node, machine, cores) = (task.node, task.machine, task.cores);
         let started = Instant::now();
         let mut log = BuildLog::new(&self, node, machine);
-        let (outcome, machine_down) = self.build_on(node, machine, cores, &mut log).await;
+        let mut facts = BuildFacts::default();
+        let (outcome, machine_down) = self
+            .build_on(node, machine, cores, &mut log, &mut facts)
+            .await;
         log.finish().await;
         TaskDone {
             node,
@@ -118,29 +119,35 @@ impl BuildTransport for ServeTransport {
             outcome,
             log_tail: log.tail.into_iter().collect(),
             seconds: started.elapsed().as_secs_f64(),
+            facts,
             machine_down,
         }
     }
 
     async fn fetch(self: Arc<Self>, paths: Vec<String>) -> Result<(), DriverError> {
-        self.ensure_on(LOCAL, &paths, None).await
+        self.engine
+            .ensure_on(LOCAL, &paths, None, false)
+            .await
+            .map(|_| ())
     }
 
     fn forget_machine(&self, machine: MachineId) {
-        self.registry().remove_machine(machine);
+        self.engine.forget_machine(machine);
+    }
+
+    fn take_news(&self) -> TransferNews {
+        self.engine.take_news()
     }
 
     async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
         // The session opened goes to the pool: the first build there takes it.
-        let conn = self.pools[machine].get().await.map_err(|e| e.with_hint())?;
-        self.pools[machine].put(conn);
+        let conn = self.pool(machine).get().await.map_err(|e| e.with_hint())?;
+        self.pool(machine).put(conn);
         Ok(())
     }
 
     async fn close(&self) {
-        for pool in &self.pools {
-            pool.close().await;
-        }
+        self.engine.close().await;
     }
 }
 
@@ -170,106 +177,7 @@ impl ServeTransport {
 
     /// Learns the infos of the closure of `roots`, all valid in the local store.
     async fn learn_local_closure_of(&self, roots: &[String]) -> Result<(), DriverError> {
-        let mut conn = self.pools[LOCAL].get().await?;
-        let closure = conn.query_closure(roots, false).await?;
-        let infos = conn.query_path_infos(&closure).await?;
-        self.pools[LOCAL].put(conn);
-        let mut registry = self.registry();
-        for info in infos {
-            registry.insert(info, LOCAL);
-        }
-        Ok(())
-    }
-
-    /// Makes the closure of `paths` valid on `machine`, copying what it lacks from a holder
-    /// (the local store first). A path built on another builder and needed by more than one
-    /// build comes to the local store on the way, so that later copies cross one link, not
-    /// two, and the builder that made it serves it once. `conn`, when given, is a session
-    /// with `machine` to use.
-    async fn ensure_on(
-        &self,
-        machine: MachineId,
-        paths: &[String],
-        conn: Option<&mut ServeConn>,
-    ) -> Result<(), DriverError> {
-        let _upload = self.upload_locks[machine].lock().await;
-        let closure = self.registry().closure(paths);
-        let unknown: Vec<String> = {
-            let registry = self.registry();
-            closure
-                .iter()
-                .filter(|p| !registry.is_on(p, machine))
-                .cloned()
-                .collect()
-        };
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        let mut own = None;
-        let target: &mut ServeConn = match conn {
-            Some(c) => c,
-            None => own.insert(self.pools[machine].get().await?),
-        };
-        // The machine may have some already (an earlier run), or fetch them from its own
-        // substituters when allowed.
-        let substitute = self.builders_use_substitutes && machine != LOCAL;
-        let present = target
-            .query_valid_paths(&unknown, false, substitute)
-            .await?;
-        {
-            let mut registry = self.registry();
-            for p in &present {
-                registry.add_holder(p, machine);
-            }
-        }
-        for path in unknown.iter().filter(|p| !present.contains(p)) {
-            let (info, source) = {
-                let registry = self.registry();
-                let info = registry.info(path).cloned();
-                let holders: Vec<MachineId> = registry.holders(path).collect();
-                (info, holders.into_iter().min_by_key(|&h| h != LOCAL))
-            };
-            let (Some(info), Some(mut source)) = (info, source) else {
-                return Err(DriverError::NotValid {
-                    machine: "any machine of the fleet".into(),
-                    path: path.clone(),
-                });
-            };
-            let shared_input = self.consumers.get(path).is_some_and(|&n| n > 1);
-            if source != LOCAL && machine != LOCAL && shared_input {
-                Box::pin(self.ensure_on(LOCAL, std::slice::from_ref(path), None)).await?;
-                source = LOCAL;
-            }
-            let mut info = info;
-            if machine == LOCAL {
-                if let Some(signer) = &self.local_access.signer {
-                    // The builder's own signatures stay; this one is for a daemon that
-                    // trusts the user's key rather than the user.
-                    signer.sign(&mut info);
-                }
-            }
-            let mut from = self.pools[source].get().await?;
-            let (from_name, to_name) = (&self.names[source], &self.names[machine]);
-            self.reporter
-                .transfer_started(path, from_name, to_name, info.nar_size);
-            let started = std::time::Instant::now();
-            let result = target.add_to_store_nar_from(&info, &mut from).await;
-            self.reporter.transfer_finished(
-                path,
-                from_name,
-                to_name,
-                info.nar_size,
-                started.elapsed().as_secs_f64(),
-                result.is_ok(),
-            );
-            self.pools[source].put(from);
-            result?;
-            self.registry().add_holder(path, machine);
-        }
-        if let Some(conn) = own {
-            self.pools[machine].put(conn);
-        }
-        Ok(())
+        self.engine.learn_closure(LOCAL, roots).await
     }
 
     /// Ships the inputs, builds, and learns the outputs. Returns the outcome and whether
@@ -282,9 +190,10 @@ impl ServeTransport {
         machine: MachineId,
         cores: Option<u32>,
         log: &mut BuildLog<'_>,
+        facts: &mut BuildFacts,
     ) -> (Outcome, bool) {
         // Held until the build ends, so no other offload or Nix hook overbooks the machine.
-        let uri = &self.pools[machine].endpoint().name;
+        let uri = &self.pool(machine).endpoint().name;
         let _slot = match self.ledger.hold(uri, self.slots[machine], WAIT_LIMIT).await {
             Ok(slot) => slot,
             Err(e) => return (lost(e), false),
@@ -292,18 +201,24 @@ impl ServeTransport {
         if self.check.contains(&self.nodes[node].drv_path) {
             return self.check_on(node, machine, log).await;
         }
-        let mut conn = match self.pools[machine].get_with_cores(cores).await {
+        let mut conn = match self.pool(machine).get_with_cores(cores).await {
             Ok(c) => c,
             Err(e) => return (lost(e), true),
         };
         let n = &self.nodes[node];
-        if let Err(e) = self.ensure_on(machine, &n.inputs, Some(&mut conn)).await {
+        // A builder may fetch what it lacks from its own substituters when allowed.
+        let substitute = self.builders_use_substitutes && machine != LOCAL;
+        let shipped = self
+            .engine
+            .ensure_on(machine, &n.inputs, Some(&mut conn), substitute)
+            .await;
+        if let Err(e) = shipped {
             let down = conn.is_broken();
             return (lost(e), down);
         }
         // As Nix's build hook does: the inputs are the whole shipped closure, as sources.
         let mut drv = n.drv.clone();
-        drv.input_srcs = self.registry().closure(&n.inputs);
+        drv.input_srcs = self.engine.registry().closure(&n.inputs);
         drv.input_srcs.sort();
 
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -311,6 +226,8 @@ impl ServeTransport {
         // A nix-daemon builds a derivation it does not hold only for its trusted users;
         // anyone may have it build a valid `.drv` by its path, as `nix-build` does.
         let by_path = machine == LOCAL && !self.local_access.trusted;
+        // The build's own time, its inputs' copies left out, is what the planner learns.
+        let build_started = Instant::now();
         let result = {
             let build = async {
                 if by_path {
@@ -333,6 +250,7 @@ impl ServeTransport {
         };
         // The log's last lines may still be in the pipe when the result arrives: the
         // pump reads them, then closes the sink, so this reads to the log's true end.
+        let build_seconds = build_started.elapsed().as_secs_f64();
         conn.finish_log_sink().await;
         while let Some(line) = rx.recv().await {
             log.push(line);
@@ -342,7 +260,7 @@ impl ServeTransport {
             Err(e) => return (lost(e), true),
         };
         if let BuildOutcome::Failed(message) = result {
-            self.pools[machine].put(conn);
+            self.pool(machine).put(conn);
             let mut reason = if message.is_empty() {
                 format!("build of {} failed", n.drv_path)
             } else {
@@ -356,7 +274,7 @@ impl ServeTransport {
             Ok(infos) => infos,
             Err(e) => return (lost(e), true),
         };
-        self.pools[machine].put(conn);
+        self.pool(machine).put(conn);
         if infos.len() < outputs.len() {
             let reason = format!(
                 "{} reported success but not all of its outputs are valid there",
@@ -364,7 +282,9 @@ impl ServeTransport {
             );
             return (Outcome::Failed { reason }, false);
         }
-        let mut registry = self.registry();
+        facts.build_seconds = Some(build_seconds);
+        facts.output_bytes = Some(infos.iter().map(|i| i.nar_size).sum());
+        let mut registry = self.engine.registry();
         for info in infos {
             registry.insert(info, machine);
         }
@@ -391,10 +311,10 @@ impl ServeTransport {
             Err(e) => return (lost(e), false),
         };
         wanted.extend(n.inputs.iter().cloned());
-        if let Err(e) = self.ensure_on(machine, &wanted, None).await {
+        if let Err(e) = self.engine.ensure_on(machine, &wanted, None, false).await {
             return (lost(e), false);
         }
-        let endpoint = self.pools[machine].endpoint().clone();
+        let endpoint = self.pool(machine).endpoint().clone();
         let (mut cmd, known_hosts) = match endpoint.command(&self.check_command(&endpoint, n)) {
             Ok(c) => c,
             Err(e) => return (lost(e), true),
@@ -423,14 +343,14 @@ impl ServeTransport {
             log.push(line.to_string());
         }
         let infos = async {
-            let mut conn = self.pools[machine].get().await?;
+            let mut conn = self.pool(machine).get().await?;
             let infos = conn.query_path_infos(&outputs).await?;
-            self.pools[machine].put(conn);
+            self.pool(machine).put(conn);
             Ok::<_, DriverError>(infos)
         };
         match infos.await {
             Ok(infos) => {
-                let mut registry = self.registry();
+                let mut registry = self.engine.registry();
                 for info in infos {
                     registry.insert(info, machine);
                 }
@@ -447,9 +367,9 @@ impl ServeTransport {
         drv_path: &str,
         outputs: &[String],
     ) -> Result<Vec<String>, DriverError> {
-        let mut conn = self.pools[LOCAL].get().await?;
+        let mut conn = self.pool(LOCAL).get().await?;
         let mut roots = conn.query_valid_paths(outputs, false, false).await?;
-        self.pools[LOCAL].put(conn);
+        self.pool(LOCAL).put(conn);
         roots.push(drv_path.to_string());
         self.learn_local_closure_of(&roots).await?;
         Ok(roots)

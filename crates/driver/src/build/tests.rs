@@ -109,6 +109,7 @@ impl BuildTransport for FakeTransport {
             outcome,
             log_tail,
             seconds: 0.5,
+            facts: Default::default(),
             machine_down,
         }
     }
@@ -194,6 +195,7 @@ fn node(name: &str, deps: &[usize]) -> BuildNode {
             env: Vec::new(),
         },
         estimate: 1.0,
+        output_bytes: None,
     }
 }
 
@@ -311,7 +313,8 @@ async fn starts_in_dependency_order_finishes_and_brings_outputs_home() {
         3
     );
     // Durations go to the history, scaled by the machine's speed.
-    assert_eq!(history.estimate("top").unwrap().0, 0.5);
+    let knowledge = history.knowledge(SYSTEM).unwrap();
+    assert_eq!(knowledge.estimate("top").0, 0.5);
     // A lone build on the local machine gets all of its cores.
     let cores = run.transport.builds.lock().unwrap().clone();
     assert!(cores.iter().any(|(_, m, c)| *m == LOCAL && *c == Some(4)));

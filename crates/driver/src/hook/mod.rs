@@ -172,8 +172,21 @@ pub async fn run(
         ..MachineChoice::default()
     };
     let nix_settings = settings.nix_settings(builders);
+    let history = options.history.as_deref().and_then(|path| {
+        History::open(path)
+            .map_err(|e| tracing::debug!("estimates are the defaults: {e}"))
+            .ok()
+    });
+    // What earlier builds taught: durations, and each machine's speed per system.
+    let knowledge = history
+        .as_ref()
+        .and_then(|h| h.knowledge(&nix_settings.system).ok())
+        .unwrap_or_default();
     let fleet = match build_fleet(&choice, &nix_settings) {
-        Ok(fleet) => fleet,
+        Ok(mut fleet) => {
+            knowledge.apply(&mut fleet);
+            fleet
+        }
         Err(e) => {
             let mut msg = format!("offload hook: no builds are handed off: {e}");
             if let Some(source) = std::error::Error::source(&e) {
@@ -200,11 +213,6 @@ pub async fn run(
     } else {
         REMOTE_OVERHEAD_SECONDS
     };
-    let history = options.history.as_deref().and_then(|path| {
-        History::open(path)
-            .map_err(|e| tracing::debug!("estimates are the defaults: {e}"))
-            .ok()
-    });
     loop {
         let request = match read_message(&mut input, RequestDecoder::default()).await {
             Ok(HookRequest::Try(request)) => request,
@@ -219,10 +227,7 @@ pub async fn run(
             }
         };
         let name = name_of(&request.drv_path);
-        let estimate = history
-            .as_ref()
-            .and_then(|h| h.estimate(name).ok())
-            .map_or(crate::history::DEFAULT_SECONDS, |(s, _)| s);
+        let estimate = knowledge.estimate(name).0;
         // A user may have chosen hosts for this derivation through the agent
         // (`offload build --through-daemon --on …`).
         let narrowed = match chosen_hosts(&request.drv_path).await {
@@ -233,7 +238,10 @@ pub async fn run(
                     ..choice.clone()
                 };
                 match build_fleet(&narrowed, &nix_settings) {
-                    Ok(fleet) => Some(fleet),
+                    Ok(mut fleet) => {
+                        knowledge.apply(&mut fleet);
+                        Some(fleet)
+                    }
                     Err(e) => {
                         tell(
                             replies,

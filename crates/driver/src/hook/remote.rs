@@ -148,9 +148,14 @@ pub(super) async fn build(
                 let name = super::name_of(&job.request.drv_path);
                 let seconds = started.elapsed().as_secs_f64();
                 let spec = &job.machine.spec;
-                if let Err(e) =
-                    history.record(name, &job.request.system, &spec.name, seconds, spec.speed)
-                {
+                if let Err(e) = history.record(
+                    name,
+                    &job.request.system,
+                    &job.machine.endpoint.name,
+                    seconds,
+                    spec.speed,
+                    None,
+                ) {
                     tracing::debug!("{e}");
                 }
             }

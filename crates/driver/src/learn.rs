@@ -1,0 +1,602 @@
+//! What the state database teaches about the fleet: how fast each machine builds each
+//! system, how long each derivation takes, how big its outputs are, and how fast each
+//! link is. The planner uses all of it ([`Knowledge::apply`]).
+//!
+//! Machines are keyed by their store URI as written (`local` for this machine), so a
+//! host reached with two stores, or with other parameters, is two machines.
+//!
+//! Speeds are fitted, not taken from the machines file: a build's duration is modelled
+//! as `work(name) / speed(machine, system)`, with this machine's native system as the
+//! unit. Alternating medians fit both sides over the recent builds (the median of each
+//! derivation's last builds on each machine), so one slow build on a loaded machine
+//! moves nothing. A machine or system with few comparisons stays near its declared
+//! speed factor: one comparison moves it 80 % of the way, in log space.
+
+use std::collections::HashMap;
+
+use rusqlite::params;
+
+use crate::fleet::{MachineConfig, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
+use crate::history::{package_name, EstimateSource, History, HistoryError, DEFAULT_SECONDS};
+
+/// What `machines` tables and the planner call this machine in the state.
+pub const LOCAL_KEY: &str = "local";
+/// Builds of one derivation on one machine that count (the most recent).
+const RECENT_PER_CELL: usize = 5;
+/// Build rows read for a fit (the most recent).
+const ROWS_READ: usize = 20_000;
+/// Transfers per machine that count for its link (the most recent).
+const RECENT_TRANSFERS: usize = 100;
+/// Transfers below this size time the link's latency; from [`BIG_TRANSFER`] on, its
+/// throughput.
+const SMALL_TRANSFER: u64 = 64 * 1024;
+const BIG_TRANSFER: u64 = 1 << 20;
+/// Rounds of the alternating fit; each halves what is left to settle, or better.
+const FIT_ROUNDS: usize = 16;
+/// How much a machine's declared speed factor weighs against one comparison.
+const PRIOR_WEIGHT: f64 = 0.25;
+
+/// One recorded build, as the fit reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRow {
+    pub name: String,
+    pub system: String,
+    pub machine: String,
+    pub seconds: f64,
+    /// The speed factor the machines file gave the machine then.
+    pub declared_speed: f64,
+}
+
+/// A learned speed and how many derivations it rests on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learned {
+    pub speed: f64,
+    /// Derivations that machine and system built that some other machine built too.
+    pub samples: usize,
+}
+
+/// A link's figures, from the transfers over it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkFigures {
+    /// Bytes per second.
+    pub bandwidth: f64,
+    /// Seconds of fixed cost per transfer.
+    pub latency: f64,
+    /// Transfers they rest on.
+    pub samples: usize,
+}
+
+/// Everything learned, ready for planning.
+#[derive(Debug, Clone, Default)]
+pub struct Knowledge {
+    /// Seconds at speed 1, per derivation name, and per package name (no version).
+    work: HashMap<String, f64>,
+    package_work: HashMap<String, f64>,
+    output_bytes: HashMap<String, u64>,
+    speeds: HashMap<(String, String), Learned>,
+    links: HashMap<String, LinkFigures>,
+}
+
+impl Knowledge {
+    /// Estimated seconds for `name` at speed 1.
+    pub fn estimate(&self, name: &str) -> (f64, EstimateSource) {
+        if let Some(&w) = self.work.get(name) {
+            return (w, EstimateSource::Exact);
+        }
+        if let Some(&w) = self.package_work.get(package_name(name)) {
+            return (w, EstimateSource::OtherVersion);
+        }
+        (DEFAULT_SECONDS, EstimateSource::Default)
+    }
+
+    /// NAR bytes of the outputs of `name`, when measured.
+    pub fn output_bytes(&self, name: &str) -> Option<u64> {
+        self.output_bytes.get(name).copied()
+    }
+
+    /// The learned speed of `machine` (its key) for `system`, when it built any.
+    pub fn speed(&self, machine: &str, system: &str) -> Option<Learned> {
+        self.speeds
+            .get(&(machine.to_string(), system.to_string()))
+            .copied()
+    }
+
+    /// The learned figures of `machine`'s link.
+    pub fn link(&self, machine: &str) -> Option<LinkFigures> {
+        self.links.get(machine).copied()
+    }
+
+    /// Gives the fleet's planning figures what was learned: per system, the learned
+    /// speed where there is one (the first system's also becomes the machine's own);
+    /// each remote link's bandwidth and latency.
+    pub fn apply(&self, fleet: &mut [MachineConfig]) {
+        for m in fleet {
+            let key = m.endpoint.name.clone();
+            let spec = &mut m.spec;
+            let mut system_speeds = Vec::new();
+            for (i, system) in spec.systems.iter().enumerate() {
+                if let Some(learned) = self.speed(&key, system) {
+                    if i == 0 {
+                        spec.speed = learned.speed;
+                    }
+                    system_speeds.push((system.clone(), learned.speed));
+                }
+            }
+            spec.system_speeds = system_speeds;
+            if !spec.is_local {
+                if let Some(link) = self.link(&key) {
+                    spec.bandwidth = link.bandwidth;
+                    spec.latency = link.latency;
+                }
+            }
+        }
+    }
+}
+
+impl History {
+    /// Fits what the recorded builds and transfers say; `local_system` is this
+    /// machine's native system, the unit of speed.
+    pub fn knowledge(&self, local_system: &str) -> Result<Knowledge, HistoryError> {
+        let err = || self.error("reading what was learned");
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT name, system, machine, seconds, speed FROM builds
+                 ORDER BY rowid DESC LIMIT ?1",
+            )
+            .map_err(err())?;
+        let rows: Vec<BuildRow> = stmt
+            .query_map(params![ROWS_READ as i64], |r| {
+                Ok(BuildRow {
+                    name: r.get(0)?,
+                    system: r.get(1)?,
+                    machine: r.get(2)?,
+                    seconds: r.get(3)?,
+                    declared_speed: r.get(4)?,
+                })
+            })
+            .map_err(err())?
+            .collect::<Result<_, _>>()
+            .map_err(err())?;
+        let (work, speeds) = fit(&rows, local_system);
+        let mut package_samples: HashMap<String, Vec<f64>> = HashMap::new();
+        for (name, &w) in &work {
+            package_samples
+                .entry(package_name(name).to_string())
+                .or_default()
+                .push(w);
+        }
+        let package_work = package_samples
+            .into_iter()
+            .map(|(p, mut v)| (p, median(&mut v)))
+            .collect();
+
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT name, output_bytes FROM builds WHERE output_bytes IS NOT NULL
+                 ORDER BY rowid DESC LIMIT ?1",
+            )
+            .map_err(err())?;
+        let mut sizes: HashMap<String, Vec<f64>> = HashMap::new();
+        let sized = stmt
+            .query_map(params![ROWS_READ as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(err())?;
+        for row in sized {
+            let (name, bytes) = row.map_err(err())?;
+            let cell = sizes.entry(name).or_default();
+            if cell.len() < RECENT_PER_CELL {
+                cell.push(bytes.max(0) as f64);
+            }
+        }
+        let output_bytes = sizes
+            .into_iter()
+            .map(|(n, mut v)| (n, median(&mut v) as u64))
+            .collect();
+
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT machine, bytes, seconds, concurrent FROM transfers
+                 ORDER BY rowid DESC LIMIT ?1",
+            )
+            .map_err(err())?;
+        let mut per_machine: HashMap<String, Vec<Transfer>> = HashMap::new();
+        let transfers = stmt
+            .query_map(params![(ROWS_READ) as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Transfer {
+                        bytes: r.get::<_, i64>(1)?.max(0) as u64,
+                        seconds: r.get(2)?,
+                        concurrent: r.get::<_, i64>(3)?.max(1) as u32,
+                    },
+                ))
+            })
+            .map_err(err())?;
+        for row in transfers {
+            let (machine, t) = row.map_err(err())?;
+            let cell = per_machine.entry(machine).or_default();
+            if cell.len() < RECENT_TRANSFERS {
+                cell.push(t);
+            }
+        }
+        let links = per_machine
+            .into_iter()
+            .filter_map(|(m, t)| link_figures(&t).map(|f| (m, f)))
+            .collect();
+        Ok(Knowledge {
+            work,
+            package_work,
+            output_bytes,
+            speeds,
+            links,
+        })
+    }
+
+    /// Records a copy of `bytes` between this machine and `machine` (its key) that took
+    /// `seconds`, `concurrent` copies sharing that link when it started.
+    pub fn record_transfer(
+        &self,
+        machine: &str,
+        to_machine: bool,
+        bytes: u64,
+        seconds: f64,
+        concurrent: u32,
+    ) -> Result<(), HistoryError> {
+        self.conn()
+            .execute(
+                "INSERT INTO transfers (machine, direction, bytes, seconds, concurrent, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    machine,
+                    if to_machine { "to" } else { "from" },
+                    bytes as i64,
+                    seconds,
+                    concurrent.max(1),
+                    crate::history::unix_now()
+                ],
+            )
+            .map(|_| ())
+            .map_err(self.error("recording a transfer"))
+    }
+
+    /// The CPU cores of `machine` (its key), when learned.
+    pub fn cores(&self, machine: &str) -> Result<Option<u32>, HistoryError> {
+        use rusqlite::OptionalExtension;
+        self.conn()
+            .query_row(
+                "SELECT cores FROM machine_cores WHERE machine = ?1",
+                params![machine],
+                |r| r.get::<_, u32>(0),
+            )
+            .optional()
+            .map_err(self.error("reading a machine's cores"))
+    }
+
+    pub fn set_cores(&self, machine: &str, cores: u32) -> Result<(), HistoryError> {
+        self.conn()
+            .execute(
+                "INSERT INTO machine_cores (machine, cores, learned_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (machine) DO UPDATE SET cores = ?2, learned_at = ?3",
+                params![machine, cores, crate::history::unix_now()],
+            )
+            .map(|_| ())
+            .map_err(self.error("recording a machine's cores"))
+    }
+}
+
+/// Seconds a machine gets to say how many cores it has.
+const CORES_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Gives each builder of `fleet` its CPU cores, so that builds there share them as they
+/// do here (a build alone gets all). Learned once per machine, by running `nproc`
+/// there the way its sessions run, and kept in the state database; a machine that
+/// cannot say keeps its own `cores` setting.
+pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&History>) {
+    let mut asking = tokio::task::JoinSet::new();
+    for (i, m) in fleet.iter_mut().enumerate() {
+        if m.cores.is_some() || m.spec.is_local || m.spec.slots == 0 {
+            continue;
+        }
+        let key = &m.endpoint.name;
+        if let Some(cores) = history.and_then(|h| h.cores(key).ok().flatten()) {
+            m.cores = Some(cores);
+            continue;
+        }
+        let Ok((mut cmd, known_hosts)) = m.endpoint.command("nproc") else {
+            continue;
+        };
+        asking.spawn(async move {
+            let asked = tokio::task::spawn_blocking(move || {
+                let _known_hosts = known_hosts;
+                crate::process::run(&mut cmd)
+            });
+            let answer = match tokio::time::timeout(CORES_QUESTION_TIMEOUT, asked).await {
+                Ok(Ok(Ok(out))) => String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok(),
+                _ => None,
+            };
+            (i, answer)
+        });
+    }
+    while let Some(joined) = asking.join_next().await {
+        let Ok((i, answer)) = joined else { continue };
+        match answer.filter(|&n| n > 0) {
+            Some(cores) => {
+                fleet[i].cores = Some(cores);
+                if let Some(h) = history {
+                    if let Err(e) = h.set_cores(&fleet[i].endpoint.name, cores) {
+                        tracing::debug!("{e}");
+                    }
+                }
+            }
+            None => tracing::debug!(
+                machine = %fleet[i].spec.name,
+                "its cores are unknown (nproc gave no answer): its own setting stays"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    bytes: u64,
+    seconds: f64,
+    concurrent: u32,
+}
+
+/// A link's latency (median time of small copies) and bandwidth (median rate of big
+/// ones, each counted at the share of the link it had).
+fn link_figures(transfers: &[Transfer]) -> Option<LinkFigures> {
+    let mut small: Vec<f64> = transfers
+        .iter()
+        .filter(|t| t.bytes < SMALL_TRANSFER)
+        .map(|t| t.seconds)
+        .collect();
+    let latency = if small.is_empty() {
+        DEFAULT_LATENCY
+    } else {
+        median(&mut small)
+    };
+    let mut rates: Vec<f64> = transfers
+        .iter()
+        .filter(|t| t.bytes >= BIG_TRANSFER)
+        .map(|t| t.bytes as f64 * f64::from(t.concurrent) / (t.seconds - latency).max(1e-3))
+        .collect();
+    if small.is_empty() && rates.is_empty() {
+        return None;
+    }
+    let bandwidth = if rates.is_empty() {
+        DEFAULT_BANDWIDTH
+    } else {
+        median(&mut rates)
+    };
+    Some(LinkFigures {
+        bandwidth,
+        latency,
+        samples: small.len() + rates.len(),
+    })
+}
+
+/// The median of `v` (sorted in place); 0 for none.
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Fits `seconds = work(name) / speed(machine, system)` to `rows` (newest first):
+/// returns the work per name at speed 1 and the speed per (machine, system). This
+/// machine's `local_system` is the unit; other machines and systems start from their
+/// declared speed and move as far as their comparisons say.
+pub fn fit(
+    rows: &[BuildRow],
+    local_system: &str,
+) -> (HashMap<String, f64>, HashMap<(String, String), Learned>) {
+    type Key = (String, String);
+    // Each (name, machine+system) cell: the median of its recent builds.
+    let mut cells: HashMap<(String, Key), Vec<f64>> = HashMap::new();
+    let mut declared: HashMap<Key, f64> = HashMap::new();
+    for r in rows {
+        let key = (r.machine.clone(), r.system.clone());
+        declared
+            .entry(key.clone())
+            .or_insert(if r.machine == LOCAL_KEY {
+                1.0
+            } else {
+                r.declared_speed.max(1e-3)
+            });
+        let cell = cells.entry((r.name.clone(), key)).or_default();
+        if cell.len() < RECENT_PER_CELL {
+            cell.push(r.seconds.max(0.01));
+        }
+    }
+    let cells: Vec<(String, Key, f64)> = cells
+        .into_iter()
+        .map(|((name, key), mut v)| (name, key, median(&mut v)))
+        .collect();
+    let anchor: Key = (LOCAL_KEY.to_string(), local_system.to_string());
+    let anchored = declared.contains_key(&anchor);
+    let mut speed: HashMap<Key, f64> = declared.clone();
+    // Names built on more than one machine or system: only they compare speeds.
+    let mut keys_per_name: HashMap<&str, usize> = HashMap::new();
+    for (name, _, _) in &cells {
+        *keys_per_name.entry(name).or_default() += 1;
+    }
+    let mut work: HashMap<String, f64> = HashMap::new();
+    let mut samples: HashMap<Key, usize> = HashMap::new();
+    for _ in 0..FIT_ROUNDS {
+        let mut per_name: HashMap<&str, Vec<f64>> = HashMap::new();
+        for (name, key, t) in &cells {
+            per_name.entry(name).or_default().push(t * speed[key]);
+        }
+        work = per_name
+            .into_iter()
+            .map(|(n, mut v)| (n.to_string(), median(&mut v)))
+            .collect();
+        // The medians float with the other machines' votes: scale them back so that
+        // this machine's own builds take their work's time.
+        if anchored {
+            let mut scale: Vec<f64> = cells
+                .iter()
+                .filter(|(_, key, _)| *key == anchor)
+                .map(|(name, _, t)| t / work[name].max(1e-9))
+                .collect();
+            let c = median(&mut scale);
+            if c > 0.0 {
+                for w in work.values_mut() {
+                    *w *= c;
+                }
+            }
+        }
+        let mut ratios: HashMap<&Key, Vec<f64>> = HashMap::new();
+        for (name, key, t) in &cells {
+            if keys_per_name[name.as_str()] > 1 {
+                ratios.entry(key).or_default().push(work[name] / t);
+            }
+        }
+        samples.clear();
+        for (key, mut v) in ratios {
+            samples.insert(key.clone(), v.len());
+            if !(anchored && *key == anchor) {
+                speed.insert(key.clone(), median(&mut v).max(1e-6));
+            }
+        }
+    }
+    // Few comparisons: stay near the declaration (in log space, each comparison weighs
+    // 1 / PRIOR_WEIGHT times as much as it).
+    let learned = speed
+        .into_iter()
+        .map(|(key, fitted)| {
+            let n = samples.get(&key).copied().unwrap_or(0);
+            let w = n as f64;
+            let speed = if anchored && key == anchor {
+                1.0
+            } else {
+                ((w * fitted.ln() + PRIOR_WEIGHT * declared[&key].ln()) / (w + PRIOR_WEIGHT)).exp()
+            };
+            (key, Learned { speed, samples: n })
+        })
+        .collect();
+    (work, learned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SYS: &str = "x86_64-linux";
+
+    fn row(name: &str, system: &str, machine: &str, seconds: f64) -> BuildRow {
+        BuildRow {
+            name: name.into(),
+            system: system.into(),
+            machine: machine.into(),
+            seconds,
+            declared_speed: 1.0,
+        }
+    }
+
+    #[test]
+    fn speeds_per_machine_and_system_come_from_shared_derivations() {
+        let mut rows = Vec::new();
+        for i in 0..8 {
+            let w = 1.0 + i as f64;
+            let name = format!("d{i}");
+            rows.push(row(&name, SYS, "local", w));
+            // Three times slower than this machine.
+            rows.push(row(&name, SYS, "ssh://slow", 3.0 * w));
+            // Twice as fast, but once on a loaded machine: the median shrugs it off.
+            rows.push(row(
+                &name,
+                SYS,
+                "ssh://fast",
+                if i == 3 { 40.0 } else { w / 2.0 },
+            ));
+            // The same derivation names for an emulated system, five times slower
+            // than that machine's native one.
+            rows.push(row(&name, "aarch64-linux", "ssh://slow", 15.0 * w));
+        }
+        let (work, speeds) = fit(&rows, SYS);
+        let s = |m: &str, sys: &str| speeds[&(m.to_string(), sys.to_string())];
+        assert_eq!(s("local", SYS).speed, 1.0);
+        // Eight comparisons against the declared 1: within 15 % of the truth.
+        let near = |got: f64, want: f64| (got / want - 1.0).abs() < 0.15;
+        assert!(
+            near(s("ssh://slow", SYS).speed, 1.0 / 3.0),
+            "{:?}",
+            s("ssh://slow", SYS)
+        );
+        assert!(
+            near(s("ssh://fast", SYS).speed, 2.0),
+            "{:?}",
+            s("ssh://fast", SYS)
+        );
+        assert!(
+            near(s("ssh://slow", "aarch64-linux").speed, 1.0 / 15.0),
+            "{:?}",
+            s("ssh://slow", "aarch64-linux")
+        );
+        assert_eq!(s("ssh://slow", SYS).samples, 8);
+        assert!(near(work["d4"], 5.0), "{}", work["d4"]);
+    }
+
+    #[test]
+    fn a_machine_without_comparisons_keeps_its_declared_speed() {
+        let rows = vec![
+            BuildRow {
+                declared_speed: 4.0,
+                ..row("only-there", SYS, "ssh://big", 2.0)
+            },
+            row("only-here", SYS, "local", 3.0),
+        ];
+        let (work, speeds) = fit(&rows, SYS);
+        let big = speeds[&("ssh://big".to_string(), SYS.to_string())];
+        assert_eq!((big.speed, big.samples), (4.0, 0));
+        // Its build counts at its declared speed.
+        assert_eq!(work["only-there"], 8.0);
+    }
+
+    #[test]
+    fn one_comparison_moves_a_machine_most_of_the_way() {
+        let rows = vec![row("a", SYS, "local", 4.0), row("a", SYS, "ssh://b", 1.0)];
+        let (work, speeds) = fit(&rows, SYS);
+        let b = speeds[&("ssh://b".to_string(), SYS.to_string())];
+        // From the declared 1 to the measured 4, 80 % of the way in log space.
+        assert!((b.speed - 4f64.powf(0.8)).abs() < 0.01, "{b:?}");
+        assert!((work["a"] - 4.0).abs() < 0.01, "{}", work["a"]);
+    }
+
+    #[test]
+    fn links_from_transfers() {
+        let t = |bytes: u64, seconds: f64, concurrent: u32| Transfer {
+            bytes,
+            seconds,
+            concurrent,
+        };
+        // 20 ms latency; 2.5 MB/s, once measured while two copies shared the link.
+        let figures = link_figures(&[
+            t(1000, 0.02, 1),
+            t(2000, 0.02, 1),
+            t(16_000_000, 6.42, 1),
+            t(16_000_000, 12.82, 2),
+            t(16_000_000, 6.42, 1),
+        ])
+        .unwrap();
+        assert!((figures.latency - 0.02).abs() < 1e-9);
+        assert!((figures.bandwidth - 2.5e6).abs() < 1e4, "{figures:?}");
+        assert_eq!(link_figures(&[]), None);
+    }
+}

@@ -1,0 +1,458 @@
+//! The transfer engine: how store paths move between the machines of a run, for builds
+//! and for `offload copy` alike.
+//!
+//! Each NAR streams from a DumpStorePath on its source straight into an AddToStoreNar
+//! on its target, through offload's memory only. The engine follows the scheduler's
+//! model of transfers ([`offload_sched::route`]): the source is this machine's store
+//! when it has the path, else the holder with the quickest link; a path that several
+//! builds need stops in this machine's store on the way.
+//!
+//! - Paths are released in dependency order: one starts when every path it refers to
+//!   is on the target, since Nix refuses a path whose references are missing.
+//! - Several copies run to one machine at once, up to its lanes; each on its own pair
+//!   of pooled sessions.
+//! - A path goes to a machine once, however many builds want it at the same time: the
+//!   later ones wait for that copy.
+//! - A failed copy registers nothing there; the ones already done stay done.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use offload_sched::{route, MachineId, MachineSpec};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::build::Reporter;
+use crate::error::DriverError;
+use crate::paths::PathRegistry;
+use crate::pool::Pool;
+use crate::session::ServeConn;
+use crate::signing::PathSigner;
+
+/// Copies to one machine at once during builds. Measured with `scripts/bench-copy.sh`
+/// (docs/architecture.md): beyond 4 a loopback store gains nothing.
+pub const LANES_PER_MACHINE: usize = 4;
+
+/// A copy between this machine and another, timed, for learning the link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferRecord {
+    /// The other machine.
+    pub machine: MachineId,
+    /// From this machine to it (else from it to this machine).
+    pub to_machine: bool,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Copies over that link when it started, this one included.
+    pub concurrent: u32,
+}
+
+/// What happened since it was last asked ([`TransferEngine::take_news`]).
+#[derive(Debug, Default)]
+pub struct TransferNews {
+    /// Paths that became valid on a machine by a copy.
+    pub landed: Vec<(String, MachineId)>,
+    pub transfers: Vec<TransferRecord>,
+}
+
+/// The closure [`TransferEngine::ensure_on`] made valid, in numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Landing {
+    /// Paths in the closure asked for.
+    pub closure: usize,
+    /// Of those, valid there already (known, or the machine said so).
+    pub already_present: usize,
+}
+
+/// Held while one path goes to one machine.
+type PathGate = Arc<tokio::sync::Mutex<()>>;
+
+/// Sessions with every machine, what each store holds, and the copies between them.
+pub struct TransferEngine {
+    pools: Vec<Pool>,
+    specs: Vec<MachineSpec>,
+    registry: Mutex<PathRegistry>,
+    /// How many builds take each store path as an input.
+    consumers: HashMap<String, usize>,
+    /// Copies to each machine at once.
+    lanes: Vec<Semaphore>,
+    lanes_per_machine: usize,
+    /// A path on its way to a machine: wants of the same path wait for that copy.
+    copying: Mutex<HashMap<(MachineId, String), PathGate>>,
+    /// Copies crossing each machine's link now.
+    on_link: Vec<AtomicU32>,
+    news: Mutex<TransferNews>,
+    copied: AtomicUsize,
+    bytes: AtomicU64,
+    reporter: Option<Arc<dyn Reporter>>,
+    /// Signs what enters this machine's store (for a daemon that trusts the key).
+    signer: Option<PathSigner>,
+    /// This machine, when it is one of the fleet.
+    client: Option<MachineId>,
+}
+
+impl TransferEngine {
+    /// An engine over `pools`, one per machine of `specs` (same order), copying up to
+    /// `lanes` paths to one machine at once.
+    pub fn new(pools: Vec<Pool>, specs: Vec<MachineSpec>, lanes: usize) -> TransferEngine {
+        let n = pools.len();
+        let lanes = lanes.max(1);
+        TransferEngine {
+            client: specs.iter().position(|s| s.is_local),
+            lanes: (0..n).map(|_| Semaphore::new(lanes)).collect(),
+            lanes_per_machine: lanes,
+            on_link: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            pools,
+            specs,
+            registry: Mutex::new(PathRegistry::default()),
+            consumers: HashMap::new(),
+            copying: Mutex::new(HashMap::new()),
+            news: Mutex::new(TransferNews::default()),
+            copied: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            reporter: None,
+            signer: None,
+        }
+    }
+
+    /// Tells the engine how many builds take each path as an input (for routes).
+    pub fn with_consumers(mut self, consumers: HashMap<String, usize>) -> Self {
+        self.consumers = consumers;
+        self
+    }
+
+    pub fn with_reporter(mut self, reporter: Arc<dyn Reporter>) -> Self {
+        self.reporter = Some(reporter);
+        self
+    }
+
+    pub fn with_signer(mut self, signer: Option<PathSigner>) -> Self {
+        self.signer = signer;
+        self
+    }
+
+    pub fn pool(&self, machine: MachineId) -> &Pool {
+        &self.pools[machine]
+    }
+
+    pub fn machines(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn registry(&self) -> std::sync::MutexGuard<'_, PathRegistry> {
+        // The registry stays consistent through a panic elsewhere: every change is one call.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What landed and what was timed since the last call.
+    pub fn take_news(&self) -> TransferNews {
+        std::mem::take(&mut *Self::lock(&self.news))
+    }
+
+    /// Paths copied and their NAR bytes, over the engine's life.
+    pub fn copied(&self) -> (usize, u64) {
+        (
+            self.copied.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Learns the infos of the closure of `roots`, all valid on `machine`.
+    pub async fn learn_closure(
+        &self,
+        machine: MachineId,
+        roots: &[String],
+    ) -> Result<(), DriverError> {
+        let mut conn = self.pools[machine].get().await?;
+        let closure = conn.query_closure(roots, false).await?;
+        let infos = conn.query_path_infos(&closure).await?;
+        self.pools[machine].put(conn);
+        if let Some(lost) = closure
+            .iter()
+            .find(|p| !infos.iter().any(|i| &i.path == *p))
+        {
+            // Garbage-collected there between the two queries.
+            return Err(DriverError::NotValid {
+                machine: self.pools[machine].endpoint().name.clone(),
+                path: lost.clone(),
+            });
+        }
+        let mut registry = self.registry();
+        for info in infos {
+            registry.insert(info, machine);
+        }
+        Ok(())
+    }
+
+    /// Makes the closure of `paths` valid on `machine`, copying what it lacks. `conn`,
+    /// when given, is a session with `machine` for the question of what it has;
+    /// `substitute` lets it fetch those from its own substituters first.
+    pub async fn ensure_on(
+        self: &Arc<Self>,
+        machine: MachineId,
+        paths: &[String],
+        conn: Option<&mut ServeConn>,
+        substitute: bool,
+    ) -> Result<Landing, DriverError> {
+        let closure = self.registry().closure(paths);
+        let unknown: Vec<String> = {
+            let registry = self.registry();
+            closure
+                .iter()
+                .filter(|p| !registry.is_on(p, machine))
+                .cloned()
+                .collect()
+        };
+        let mut landing = Landing {
+            closure: closure.len(),
+            already_present: closure.len() - unknown.len(),
+        };
+        if unknown.is_empty() {
+            return Ok(landing);
+        }
+        // The machine may have some already (an earlier run).
+        let present = match conn {
+            Some(c) => c.query_valid_paths(&unknown, false, substitute).await?,
+            None => {
+                let mut c = self.pools[machine].get().await?;
+                let present = c.query_valid_paths(&unknown, false, substitute).await?;
+                self.pools[machine].put(c);
+                present
+            }
+        };
+        landing.already_present += present.len();
+        let present: HashSet<String> = present.into_iter().collect();
+        {
+            let mut registry = self.registry();
+            for p in &present {
+                registry.add_holder(p, machine);
+            }
+        }
+        let todo: Vec<String> = unknown
+            .into_iter()
+            .filter(|p| !present.contains(p))
+            .collect();
+        self.copy_in_order(machine, todo).await?;
+        Ok(landing)
+    }
+
+    /// Copies `todo` to `machine`, each path once the paths of `todo` it refers to are
+    /// there, several at once.
+    async fn copy_in_order(
+        self: &Arc<Self>,
+        machine: MachineId,
+        todo: Vec<String>,
+    ) -> Result<(), DriverError> {
+        let wanted: HashSet<&str> = todo.iter().map(String::as_str).collect();
+        let mut waiting: HashMap<String, usize> = HashMap::new();
+        let mut dependents: HashMap<String, Vec<String>> = HashMap::new();
+        let mut ready: VecDeque<String> = VecDeque::new();
+        {
+            let registry = self.registry();
+            for path in &todo {
+                let refs: Vec<&String> = registry
+                    .info(path)
+                    .map(|i| {
+                        i.references
+                            .iter()
+                            .filter(|r| *r != path && wanted.contains(r.as_str()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if refs.is_empty() {
+                    ready.push_back(path.clone());
+                } else {
+                    for r in &refs {
+                        dependents
+                            .entry((*r).clone())
+                            .or_default()
+                            .push(path.clone());
+                    }
+                    waiting.insert(path.clone(), refs.len());
+                }
+            }
+        }
+        let mut copies: JoinSet<(String, Result<(), DriverError>)> = JoinSet::new();
+        loop {
+            while copies.len() < self.lanes_per_machine {
+                let Some(path) = ready.pop_front() else { break };
+                let engine = self.clone();
+                copies.spawn(async move {
+                    let result = engine.copy_path(machine, &path).await;
+                    (path, result)
+                });
+            }
+            let Some(joined) = copies.join_next().await else {
+                break;
+            };
+            let (path, result) = joined.map_err(|e| DriverError::Io {
+                machine: self.pools[machine].endpoint().name.clone(),
+                op: "a copy task",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            // Dropping `copies` on an error stops the others; what landed stays.
+            result?;
+            for d in dependents.remove(&path).unwrap_or_default() {
+                if let Some(n) = waiting.get_mut(&d) {
+                    *n -= 1;
+                    if *n == 0 {
+                        waiting.remove(&d);
+                        ready.push_back(d);
+                    }
+                }
+            }
+        }
+        match waiting.keys().next() {
+            // Only a reference cycle, which valid stores never have, leaves paths here.
+            Some(stuck) => Err(DriverError::NotValid {
+                machine: self.pools[machine].endpoint().name.clone(),
+                path: stuck.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies one path to `machine` (its references are there), by the route the
+    /// model gives, unless another copy brought it meanwhile.
+    async fn copy_path(
+        self: &Arc<Self>,
+        machine: MachineId,
+        path: &str,
+    ) -> Result<(), DriverError> {
+        let gate = Self::lock(&self.copying)
+            .entry((machine, path.to_string()))
+            .or_default()
+            .clone();
+        let _gate = gate.lock().await;
+        if self.registry().is_on(path, machine) {
+            return Ok(());
+        }
+        let (info, holders) = {
+            let registry = self.registry();
+            let holders: Vec<MachineId> = registry.holders(path).collect();
+            (registry.info(path).cloned(), holders)
+        };
+        let not_valid = || DriverError::NotValid {
+            machine: "any machine of the fleet".into(),
+            path: path.to_string(),
+        };
+        let mut info = info.ok_or_else(not_valid)?;
+        let consumers = self.consumers.get(path).copied().unwrap_or(0);
+        let way = route(
+            &self.specs,
+            &holders,
+            false,
+            machine,
+            consumers,
+            info.nar_size,
+        )
+        .ok_or_else(not_valid)?;
+        let source = match (way.from, self.client) {
+            (Some(_), Some(client)) if way.keeps_in_client && machine != client => {
+                self.keep_in_client(client, &info.path).await?;
+                client
+            }
+            (Some(from), _) => from,
+            (None, Some(client)) => client,
+            (None, None) => return Err(not_valid()),
+        };
+        if Some(machine) == self.client {
+            if let Some(signer) = &self.signer {
+                // The builder's own signatures stay; this one is for a daemon that
+                // trusts the user's key rather than the user.
+                signer.sign(&mut info);
+            }
+        }
+        let _lane = self.lanes[machine]
+            .acquire()
+            .await
+            .map_err(|_| not_valid())?;
+        let mut from = self.pools[source].get().await?;
+        let mut to = self.pools[machine].get().await?;
+        let links: Vec<MachineId> = [source, machine]
+            .into_iter()
+            .filter(|&m| !self.specs[m].is_local)
+            .collect();
+        let concurrent = links
+            .iter()
+            .map(|&l| self.on_link[l].fetch_add(1, Ordering::Relaxed) + 1)
+            .max()
+            .unwrap_or(1);
+        let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
+        if let Some(r) = &self.reporter {
+            r.transfer_started(path, from_name, to_name, info.nar_size);
+        }
+        let started = Instant::now();
+        let result = to.add_to_store_nar_from(&info, &mut from).await;
+        let seconds = started.elapsed().as_secs_f64();
+        for &l in &links {
+            self.on_link[l].fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(r) = &self.reporter {
+            r.transfer_finished(
+                path,
+                from_name,
+                to_name,
+                info.nar_size,
+                seconds,
+                result.is_ok(),
+            );
+        }
+        self.pools[source].put(from);
+        self.pools[machine].put(to);
+        result?;
+        self.registry().add_holder(path, machine);
+        self.copied.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(info.nar_size, Ordering::Relaxed);
+        let mut news = Self::lock(&self.news);
+        news.landed.push((path.to_string(), machine));
+        // A copy with this machine on one end times the other's link alone.
+        let timed = match self.client {
+            Some(c) if source == c && machine != c => Some((machine, true)),
+            Some(c) if machine == c && source != c => Some((source, false)),
+            _ => None,
+        };
+        if let Some((other, to_machine)) = timed {
+            news.transfers.push(TransferRecord {
+                machine: other,
+                to_machine,
+                bytes: info.nar_size,
+                seconds,
+                concurrent,
+            });
+        }
+        Ok(())
+    }
+
+    /// Brings `path` into this machine's store on its way elsewhere. Boxed: the copy
+    /// that needs it is itself part of an [`TransferEngine::ensure_on`].
+    fn keep_in_client<'a>(
+        self: &'a Arc<Self>,
+        client: MachineId,
+        path: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Landing, DriverError>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            self.ensure_on(client, &[path.to_string()], None, false)
+                .await
+        })
+    }
+
+    /// `machine` is lost: nothing it held can be copied from it any more.
+    pub fn forget_machine(&self, machine: MachineId) {
+        self.registry().remove_machine(machine);
+    }
+
+    /// Ends every idle session.
+    pub async fn close(&self) {
+        for pool in &self.pools {
+            pool.close().await;
+        }
+    }
+}
