@@ -353,7 +353,7 @@ impl TransferEngine {
         )
         .ok_or_else(not_valid)?;
         let source = match (way.from, self.client) {
-            (Some(_), Some(client)) if way.keeps_in_client && machine != client => {
+            (Some(_), Some(client)) if way.keeps_in_client() && machine != client => {
                 self.keep_in_client(client, &info.path).await?;
                 client
             }

@@ -15,7 +15,7 @@ use crate::events::{Action, NodeState};
 use crate::fleet::MachineId;
 use crate::graph::NodeId;
 use crate::scheduler::Scheduler;
-use crate::transfers::{route, Route};
+use crate::transfers::route;
 
 /// How many ready derivations per round may choose to wait for a busy machine beyond
 /// the number of free slots.
@@ -90,13 +90,14 @@ impl Scheduler {
         }
     }
 
-    /// The routes of the inputs of `id` that `machine` lacks, with their sizes.
-    fn input_routes(&self, id: NodeId, machine: MachineId) -> Vec<(Route, u64)> {
-        let mut routes = Vec::new();
+    /// When the inputs of `id` that `machine` lacks would all be there, sent one after
+    /// another from `ready` on, behind what the links carry already.
+    fn inputs_arrive(&self, id: NodeId, machine: MachineId, ready: f64) -> f64 {
+        let mut at = ready;
         for &dep in &self.graph.node(id).deps {
             let bytes = self.graph.node(dep).output_bytes;
             let consumers = self.graph.dependents(dep).len();
-            match route(
+            if let Some(r) = route(
                 &self.machines,
                 &self.holders[dep],
                 false,
@@ -104,28 +105,42 @@ impl Scheduler {
                 consumers,
                 bytes,
             ) {
-                Some(r) if !r.is_present() => routes.push((r, bytes)),
-                _ => {}
+                at = self.links.arrival(&self.machines, &r, bytes, at);
             }
         }
-        routes
-    }
-
-    /// When the inputs of `id` that `machine` lacks would all be there, sent one after
-    /// another from `ready` on, behind what the links carry already.
-    fn inputs_arrive(&self, id: NodeId, machine: MachineId, ready: f64) -> f64 {
-        self.input_routes(id, machine)
-            .iter()
-            .fold(ready, |at, (r, bytes)| {
-                self.links.arrival(&self.machines, r, *bytes, at)
-            })
+        at
     }
 
     /// Books the links the inputs of `id` take to `machine`, from `now` on.
+    /// The inputs then count as held there (and in the client's store when their route
+    /// keeps them): later plans neither send them again nor queue behind a phantom copy.
     fn send_inputs(&mut self, id: NodeId, machine: MachineId, now: f64) {
         let mut at = now;
-        for (r, bytes) in self.input_routes(id, machine) {
+        let deps = self.graph.node(id).deps.clone();
+        for dep in deps {
+            let bytes = self.graph.node(dep).output_bytes;
+            let consumers = self.graph.dependents(dep).len();
+            let Some(r) = route(
+                &self.machines,
+                &self.holders[dep],
+                false,
+                machine,
+                consumers,
+                bytes,
+            ) else {
+                continue;
+            };
+            if r.is_present() {
+                continue;
+            }
             at = self.links.send(&self.machines, &r, bytes, at);
+            let client = self.machines.iter().position(|m| m.is_local);
+            let kept = client.filter(|_| r.keeps_in_client());
+            for m in kept.into_iter().chain([machine]) {
+                if !self.holders[dep].contains(&m) {
+                    self.holders[dep].push(m);
+                }
+            }
         }
     }
 

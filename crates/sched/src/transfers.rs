@@ -11,29 +11,65 @@
 
 use crate::fleet::{MachineId, MachineSpec};
 
-/// The way one path goes to one machine: hops in order, each over the links it uses at
-/// once (a machine's link is the one between it and the client).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The way one path goes to one machine (a machine's link is the one between it and
+/// the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     /// The machine it is copied from; `None` for the client's own store.
     pub from: Option<MachineId>,
-    pub hops: Vec<Vec<MachineId>>,
-    /// The path is kept in the client's store on the way (it becomes valid there).
-    pub keeps_in_client: bool,
+    pub to: MachineId,
+    pub kind: RouteKind,
+}
+
+/// The hops of a [`Route`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// No copy: the target has the path.
+    Present,
+    /// Over one link: from the client's store to a builder, or from a builder home.
+    Direct,
+    /// From one builder to another through the client, over both links at once.
+    Streamed,
+    /// From one builder into the client's store, then on to another builder.
+    ViaClient,
 }
 
 impl Route {
-    /// No copy: the target has the path.
-    pub fn present() -> Route {
+    /// Calls `f` with the links of each hop, in order.
+    fn each_hop(&self, mut f: impl FnMut(&[MachineId])) {
+        match (self.kind, self.from) {
+            (RouteKind::Present, _) => {}
+            (RouteKind::Direct, None) => f(&[self.to]),
+            (RouteKind::Direct, Some(from)) => f(&[from]),
+            (RouteKind::Streamed, Some(from)) => f(&[from, self.to]),
+            (RouteKind::ViaClient, Some(from)) => {
+                f(&[from]);
+                f(&[self.to]);
+            }
+            (RouteKind::Streamed | RouteKind::ViaClient, None) => f(&[self.to]),
+        }
+    }
+
+    /// A builder's outputs going home to the client.
+    pub fn home(from: MachineId, client: MachineId) -> Route {
         Route {
-            from: None,
-            hops: Vec::new(),
-            keeps_in_client: false,
+            from: Some(from),
+            to: client,
+            kind: RouteKind::Direct,
         }
     }
 
     pub fn is_present(&self) -> bool {
-        self.hops.is_empty()
+        self.kind == RouteKind::Present
+    }
+
+    /// The path is kept in the client's store on the way (it becomes valid there).
+    pub fn keeps_in_client(&self) -> bool {
+        match self.kind {
+            RouteKind::ViaClient => true,
+            RouteKind::Direct => self.from.is_some(),
+            RouteKind::Present | RouteKind::Streamed => false,
+        }
     }
 }
 
@@ -53,16 +89,17 @@ pub fn route(
     bytes: u64,
 ) -> Option<Route> {
     let target_is_client = machines[target].is_local;
+    let on = |from, kind| Route {
+        from,
+        to: target,
+        kind,
+    };
     if holders.contains(&target) || (target_is_client && at_client) {
-        return Some(Route::present());
+        return Some(on(None, RouteKind::Present));
     }
     let client_holds = at_client || holders.iter().any(|&h| machines[h].is_local);
     if client_holds {
-        return Some(Route {
-            from: None,
-            hops: vec![vec![target]],
-            keeps_in_client: false,
-        });
+        return Some(on(None, RouteKind::Direct));
     }
     let from = holders.iter().copied().min_by(|&a, &b| {
         machines[a]
@@ -70,18 +107,14 @@ pub fn route(
             .total_cmp(&machines[b].transfer_time(bytes))
             .then(a.cmp(&b))
     })?;
-    let (hops, keeps_in_client) = if target_is_client {
-        (vec![vec![from]], true)
+    let kind = if target_is_client {
+        RouteKind::Direct
     } else if consumers > 1 {
-        (vec![vec![from], vec![target]], true)
+        RouteKind::ViaClient
     } else {
-        (vec![vec![from, target]], false)
+        RouteKind::Streamed
     };
-    Some(Route {
-        from: Some(from),
-        hops,
-        keeps_in_client,
-    })
+    Some(on(Some(from), kind))
 }
 
 /// When each machine's link is next free, and the bytes each has carried.
@@ -103,23 +136,23 @@ impl Links {
     /// behind what the links already carry; nothing is booked.
     pub fn arrival(&self, machines: &[MachineSpec], route: &Route, bytes: u64, ready: f64) -> f64 {
         let mut at = ready;
-        for hop in &route.hops {
-            at = self.hop(machines, hop, bytes, at).1;
-        }
+        route.each_hop(|links| at = self.hop(machines, links, bytes, at).1);
         at
     }
 
     /// Sends `bytes` along `route` from `ready` on: books the links, returns the arrival.
     pub fn send(&mut self, machines: &[MachineSpec], route: &Route, bytes: u64, ready: f64) -> f64 {
         let mut at = ready;
-        for hop in &route.hops {
-            let (busy_until, arrival) = self.hop(machines, hop, bytes, at);
-            for &l in hop {
-                self.free_at[l] = busy_until;
-                self.bytes[l] += bytes;
+        route.each_hop(|links| {
+            let (busy_until, arrival) = self.hop(machines, links, bytes, at);
+            for &l in links {
+                if !machines[l].is_local {
+                    self.free_at[l] = busy_until;
+                    self.bytes[l] += bytes;
+                }
             }
             at = arrival;
-        }
+        });
         at
     }
 
@@ -191,25 +224,32 @@ mod tests {
     #[test]
     fn routes_follow_the_client() {
         let m = fleet();
-        assert!(route(&m, &[1], false, 1, 1, 10).unwrap().is_present());
-        assert!(route(&m, &[], true, 0, 1, 10).unwrap().is_present());
+        let way = |holders: &[MachineId], at_client, target, consumers, bytes| {
+            let r = route(&m, holders, at_client, target, consumers, bytes).unwrap();
+            (r.from, r.kind, r.keeps_in_client())
+        };
+        assert_eq!(way(&[1], false, 1, 1, 10).1, RouteKind::Present);
+        assert_eq!(way(&[], true, 0, 1, 10).1, RouteKind::Present);
         // From the client's store: the target's link only.
-        let r = route(&m, &[0, 2], false, 3, 1, 10).unwrap();
-        assert_eq!((r.from, r.hops.clone()), (None, vec![vec![3]]));
-        // From a builder: streamed over both links, or kept on the way when shared.
-        let r = route(&m, &[2, 1], false, 3, 1, 1 << 20).unwrap();
         assert_eq!(
-            (r.from, r.hops.clone(), r.keeps_in_client),
-            (Some(1), vec![vec![1, 3]], false)
+            way(&[0, 2], false, 3, 1, 10),
+            (None, RouteKind::Direct, false)
         );
-        let r = route(&m, &[1], false, 3, 2, 10).unwrap();
+        // From a builder (the quickest link): streamed over both links, or kept on the
+        // way when shared.
         assert_eq!(
-            (r.hops.clone(), r.keeps_in_client),
-            (vec![vec![1], vec![3]], true)
+            way(&[2, 1], false, 3, 1, 1 << 20),
+            (Some(1), RouteKind::Streamed, false)
+        );
+        assert_eq!(
+            way(&[1], false, 3, 2, 10),
+            (Some(1), RouteKind::ViaClient, true)
         );
         // Home to the client: the source's link, and the client keeps it.
-        let r = route(&m, &[2], false, 0, 1, 10).unwrap();
-        assert_eq!((r.hops.clone(), r.keeps_in_client), (vec![vec![2]], true));
+        assert_eq!(
+            way(&[2], false, 0, 1, 10),
+            (Some(2), RouteKind::Direct, true)
+        );
         assert_eq!(route(&m, &[], false, 1, 1, 10), None);
     }
 

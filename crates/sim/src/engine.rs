@@ -158,7 +158,7 @@ pub fn simulate(
                     continue;
                 }
                 arrived = links.send(machines, &r, bytes, arrived);
-                if r.keeps_in_client {
+                if r.keeps_in_client() {
                     at_client[d] = true;
                     if let Some(c) = client {
                         if !on_machine[d].contains(&c) {
@@ -246,11 +246,8 @@ pub fn simulate(
                     at_client[p.node] = true;
                 } else if graph.dependents(p.node).is_empty() {
                     let bytes = graph.node(p.node).output_bytes;
-                    let home = offload_sched::Route {
-                        from: Some(p.machine),
-                        hops: vec![vec![p.machine]],
-                        keeps_in_client: true,
-                    };
+                    // Home over its machine's link (the client may not be in the fleet).
+                    let home = offload_sched::Route::home(p.machine, client.unwrap_or(p.machine));
                     copied_back = copied_back.max(links.send(machines, &home, bytes, now));
                     at_client[p.node] = true;
                 }
