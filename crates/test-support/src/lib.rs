@@ -460,6 +460,11 @@ impl SshFleet {
         self.hosts[i].remote_program.as_deref()
     }
 
+    /// The port host `i`'s sshd listens on (127.0.0.1).
+    pub fn port(&self, i: usize) -> u16 {
+        self.hosts[i].port
+    }
+
     /// A new ssh alias for host `i` that connects to `port` on loopback (a
     /// [`LinkCutter`] in front of it) and expects host `i`'s key there.
     pub fn alias_via(&self, i: usize, port: u16) -> String {

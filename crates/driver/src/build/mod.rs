@@ -19,6 +19,7 @@ use crate::trust::LocalAccess;
 pub use health::Reliability;
 
 mod health;
+mod leftovers;
 mod log;
 mod runner;
 mod serve;
@@ -261,6 +262,13 @@ pub async fn run(
         m.endpoint.ssh_options = options.reliability.ssh_options();
     }
     let specs = machines.iter().map(|m| m.spec.clone()).collect();
+    // What failed imports here leave on disk is removed at the end, however the run ends.
+    let local = machines
+        .iter()
+        .find(|m| m.spec.is_local)
+        .map(|m| m.endpoint.clone());
+    let imports = leftovers::Imports::new(reporter);
+    let reporter: Arc<dyn Reporter> = imports.clone();
     let cores = machines.iter().map(|m| m.cores).collect();
     let connect = ServeTransport::connect(machines, nodes.clone(), options, reporter.clone());
     let transport = tokio::select! {
@@ -278,5 +286,9 @@ pub async fn run(
         history,
         reporter,
     )?;
-    runner.run(stop).await
+    let report = runner.run(stop).await;
+    if let Some(local) = &local {
+        imports.remove_leftovers(local).await;
+    }
+    report
 }
