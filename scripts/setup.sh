@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a Debian machine for offload: Nix 2.8 (nix-bin) and its build users, OpenSSH
-# client and server, the nix.conf line chroot-store builds need, and a Rust toolchain
-# with rustfmt and clippy. Idempotent: it installs only what is missing, and says
+# client and server, the nix.conf line chroot-store builds need, a Debian 13 root with
+# Nix 2.26 for the tests' builder on a newer Nix (scripts/newer-nix.sh), and a Rust
+# toolchain with rustfmt and clippy. Idempotent: it installs only what is missing, and says
 # nothing else when everything is there.
 #
 #   bash scripts/setup.sh
@@ -56,6 +57,9 @@ if ! grep -qs '^extra-sandbox-paths' "$CONF"; then
   $SUDO mkdir -p /etc/nix
   echo 'extra-sandbox-paths = /bin /lib /lib64 /usr' | $SUDO tee -a "$CONF" >/dev/null
 fi
+# The test fleet's builder on a newer Nix: a Debian 13 root with its Nix 2.26, made
+# once (about 40 s) and kept in /var/cache/offload-test/.
+$SUDO bash "$(dirname "$0")/newer-nix.sh"
 # sshd refuses to start without its privilege-separation directory.
 [ -d /run/sshd ] || $SUDO mkdir -p /run/sshd
 

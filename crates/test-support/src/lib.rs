@@ -11,14 +11,22 @@
 //!   with a private `/nix` (its own store) and `/etc/nix`, reached through a generated
 //!   ssh config with one `Host` alias per host and pinned host keys.
 //!
+//! - [`HostOptions`] makes a host of the fleet special: its store on a small tmpfs (a
+//!   disk that fills up), or its Nix the newer one of [`require_newer_nix`] (Debian 13's
+//!   Nix 2.26, in a root that `scripts/setup.sh` makes once), reached through `chroot`.
+//! - [`LinkCutter`] is a TCP proxy on loopback that cuts the link under load, and
+//!   [`SshFleet::alias_via`] routes a host's ssh through it.
+//!
 //! - [`require_daemon_install`] is a multi-user install: a `nix-daemon` of its own and an
 //!   ordinary user, [`daemon::TEST_USER`], who builds through it.
 //!
 //! Nothing here is used outside tests.
 
 pub mod daemon;
+mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
+pub use proxy::LinkCutter;
 
 use std::fs;
 use std::net::TcpListener;
@@ -88,6 +96,61 @@ pub fn require_sshd_fleet(n: usize) -> Option<SshFleet> {
             None
         }
     }
+}
+
+/// A fleet whose hosts are set up as `hosts` says, one entry per host (see
+/// [`require_sshd_fleet`]).
+pub fn require_sshd_fleet_with(hosts: &[HostOptions]) -> Option<SshFleet> {
+    if !require_nix() {
+        return None;
+    }
+    match SshFleet::start_with(hosts) {
+        Ok(fleet) => Some(fleet),
+        Err(e) => {
+            unavailable(&e);
+            None
+        }
+    }
+}
+
+/// Where `scripts/newer-nix.sh` keeps what it makes (`OFFLOAD_TEST_CACHE`, by default
+/// `/var/cache/offload-test`).
+fn test_cache() -> PathBuf {
+    std::env::var_os("OFFLOAD_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/offload-test"))
+}
+
+/// The root of a Debian 13 system with its Nix (2.26), for a host on a newer Nix
+/// ([`HostOptions::chroot`]); `scripts/setup.sh` makes it once. When it is missing,
+/// prints `skipped: …` and returns None, or panics under [`REQUIRE_E2E`]`=1`.
+pub fn require_newer_nix() -> Option<PathBuf> {
+    // The name scripts/newer-nix.sh gives it; it renames the root there only when whole.
+    let root = test_cache().join("nix-trixie-1");
+    if root.join("usr/bin/nix-store").exists() {
+        Some(root)
+    } else {
+        unavailable(&format!(
+            "no Debian 13 root with Nix 2.26 at {}: `bash scripts/newer-nix.sh` (as root) makes it",
+            root.display()
+        ));
+        None
+    }
+}
+
+/// What is special about one host of an [`SshFleet`]; the default is a plain host.
+#[derive(Debug, Clone, Default)]
+pub struct HostOptions {
+    /// Its `/nix` is a tmpfs of this many MiB: a store that fills up.
+    pub store_mib: Option<u32>,
+    /// It runs the Nix of this root ([`require_newer_nix`]) through `chroot`: the host's
+    /// own `/nix`, `/etc/nix` and `/tmp` are mounted there, with `/proc` and `/dev`, in
+    /// its mount namespace, and its `nix.conf` says `sandbox = false` (Nix's sandbox
+    /// does not start inside a chroot). Offload reaches it through
+    /// [`SshFleet::remote_program`]; the host's own Nix must not touch that store.
+    pub chroot: Option<PathBuf>,
+    /// Lines added to its `nix.conf` (`system-features = …`, say).
+    pub nix_conf: String,
 }
 
 /// This machine's Nix system (`builtins.currentSystem`), as a machines spec of a real
@@ -187,12 +250,21 @@ pub struct SshFleet {
 struct Host {
     alias: String,
     pid_file: PathBuf,
+    port: u16,
+    /// The `remote-program` of a host on another Nix.
+    remote_program: Option<PathBuf>,
 }
 
 impl SshFleet {
     /// Starts `n` hosts, or says why it cannot (not root, no sshd, no `unshare`).
     /// Tests start fleets through [`require_sshd_fleet`].
     fn start(n: usize) -> Result<SshFleet, String> {
+        SshFleet::start_with(&vec![HostOptions::default(); n])
+    }
+
+    /// Starts one host per entry of `hosts`, each set up as it says.
+    fn start_with(options: &[HostOptions]) -> Result<SshFleet, String> {
+        let n = options.len();
         if !Path::new("/usr/sbin/sshd").exists() {
             return Err("no /usr/sbin/sshd: openssh-server is not installed".into());
         }
@@ -219,9 +291,9 @@ impl SshFleet {
         let mut known_hosts = String::new();
         let mut ssh_config = String::new();
         let mut hosts = Vec::new();
-        for i in 1..=n {
+        for (i, opts) in (1..=n).zip(options) {
             let h = d.join(format!("h{i}"));
-            for sub in ["nix", "etc-nix"] {
+            for sub in ["nix", "etc-nix", "tmp"] {
                 fs::create_dir_all(h.join(sub)).map_err(|e| e.to_string())?;
             }
             // Builds without build users: the nixbld uids are shared by every host on
@@ -231,9 +303,14 @@ impl SshFleet {
                 .filter(|l| !l.trim_start().starts_with("build-users-group"))
                 .map(|l| format!("{l}\n"))
                 .collect();
+            let sandbox = if opts.chroot.is_some() {
+                "sandbox = false\n"
+            } else {
+                ""
+            };
             fs::write(
                 h.join("etc-nix/nix.conf"),
-                conf + "build-users-group =\nsubstituters =\n",
+                conf + "build-users-group =\nsubstituters =\n" + sandbox + &opts.nix_conf,
             )
             .map_err(|e| e.to_string())?;
             let host_key = h.join("host_key");
@@ -258,10 +335,36 @@ impl SshFleet {
                 ),
             )
             .map_err(|e| e.to_string())?;
+            let (nix, etc) = (h.join("nix"), h.join("etc-nix"));
+            let mut mounts = Vec::new();
+            if let Some(mib) = opts.store_mib {
+                mounts.push(format!(
+                    "mount -t tmpfs -o size={mib}m offload-test-store '{}'",
+                    nix.display()
+                ));
+            }
+            mounts.push(format!("mount --bind '{}' /nix", nix.display()));
+            mounts.push(format!("mount --bind '{}' /etc/nix", etc.display()));
+            let mut remote_program = None;
+            if let Some(root) = &opts.chroot {
+                let r = root.display();
+                mounts.extend([
+                    format!("mount --bind '{}' '{r}/nix'", nix.display()),
+                    format!("mount --bind '{}' '{r}/etc/nix'", etc.display()),
+                    format!("mount --bind '{}' '{r}/tmp'", h.join("tmp").display()),
+                    format!("mount -t proc proc '{r}/proc'"),
+                    format!("mount --rbind /dev '{r}/dev'"),
+                ]);
+                let program = h.join("nix-store-chroot");
+                write_executable(
+                    &program,
+                    &format!("#!/bin/sh\nexec chroot '{r}' /usr/bin/nix-store \"$@\"\n"),
+                );
+                remote_program = Some(program);
+            }
             let script = format!(
-                "mount --bind '{nix}' /nix && mount --bind '{etc}' /etc/nix && exec /usr/sbin/sshd -f '{cfg}' -E '{log}'",
-                nix = h.join("nix").display(),
-                etc = h.join("etc-nix").display(),
+                "{} && exec /usr/sbin/sshd -f '{cfg}' -E '{log}'",
+                mounts.join(" && "),
                 cfg = h.join("sshd_config").display(),
                 log = h.join("sshd.log").display(),
             );
@@ -283,7 +386,12 @@ impl SshFleet {
                 key.display(),
                 d.join("known_hosts").display()
             ));
-            hosts.push(Host { alias, pid_file });
+            hosts.push(Host {
+                alias,
+                pid_file,
+                port,
+                remote_program,
+            });
         }
         fs::write(d.join("known_hosts"), known_hosts).map_err(|e| e.to_string())?;
         fs::write(d.join("ssh_config"), ssh_config).map_err(|e| e.to_string())?;
@@ -344,6 +452,40 @@ impl SshFleet {
     /// The ssh alias of host `i` (0-based).
     pub fn alias(&self, i: usize) -> &str {
         &self.hosts[i].alias
+    }
+
+    /// The `remote-program` that reaches host `i`'s Nix, for a host on another Nix
+    /// ([`HostOptions::chroot`]).
+    pub fn remote_program(&self, i: usize) -> Option<&Path> {
+        self.hosts[i].remote_program.as_deref()
+    }
+
+    /// The port host `i`'s sshd listens on (127.0.0.1).
+    pub fn port(&self, i: usize) -> u16 {
+        self.hosts[i].port
+    }
+
+    /// A new ssh alias for host `i` that connects to `port` on loopback (a
+    /// [`LinkCutter`] in front of it) and expects host `i`'s key there.
+    pub fn alias_via(&self, i: usize, port: u16) -> String {
+        use std::io::Write as _;
+        let host = &self.hosts[i];
+        let alias = format!("{}-via-{port}", host.alias);
+        let d = self.dir.path();
+        let entry = format!(
+            "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  HostKeyAlias [127.0.0.1]:{}\n  \
+             User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  \
+             BatchMode yes\n\n",
+            host.port,
+            d.join("client_key").display(),
+            d.join("known_hosts").display()
+        );
+        fs::OpenOptions::new()
+            .append(true)
+            .open(self.ssh_config())
+            .and_then(|mut f| f.write_all(entry.as_bytes()))
+            .unwrap_or_else(|e| panic!("adding {alias} to the fleet's ssh config: {e}"));
+        alias
     }
 
     /// `ssh://alias` of host `i`.

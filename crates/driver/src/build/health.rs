@@ -166,6 +166,11 @@ impl<'h> Health<'h> {
         self.policy.stall_timeout.max(Duration::from_secs(1)) * 2
     }
 
+    /// The first wait after a failure (`--retry-backoff`), for a copy tried again.
+    pub(crate) fn backoff(&self) -> Duration {
+        self.policy.backoff
+    }
+
     /// Why each machine failed in this run, for a build no machine remains for.
     pub(crate) fn failures(&self) -> Vec<(&str, &str)> {
         self.names

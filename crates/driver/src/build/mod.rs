@@ -20,6 +20,7 @@ use crate::trust::LocalAccess;
 pub use health::Reliability;
 
 mod health;
+mod leftovers;
 mod log;
 mod runner;
 mod serve;
@@ -272,6 +273,13 @@ pub async fn run(
     options.knowledge.apply(&mut machines);
     learn_cores(&mut machines, history).await;
     let specs = machines.iter().map(|m| m.spec.clone()).collect();
+    // What failed imports here leave on disk is removed at the end, however the run ends.
+    let local = machines
+        .iter()
+        .find(|m| m.spec.is_local)
+        .map(|m| m.endpoint.clone());
+    let imports = leftovers::Imports::new(reporter);
+    let reporter: Arc<dyn Reporter> = imports.clone();
     let cores = machines.iter().map(|m| m.cores).collect();
     let connect = ServeTransport::connect(machines, nodes.clone(), options, reporter.clone());
     let transport = tokio::select! {
@@ -290,5 +298,9 @@ pub async fn run(
         reporter,
     )?
     .with_state_keys(keys, declared);
-    runner.run(stop).await
+    let report = runner.run(stop).await;
+    if let Some(local) = &local {
+        imports.remove_leftovers(local).await;
+    }
+    report
 }

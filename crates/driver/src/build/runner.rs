@@ -415,9 +415,18 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         }
         self.running.remove(&done.node);
         let now = self.now();
-        if done.machine_down {
+        // A builder whose disk is full fails every build that writes much: that is the
+        // machine's fault, not the derivation's, so the build runs elsewhere.
+        let full = done.machine != LOCAL && out_of_space(&done.outcome, &done.log_tail);
+        if done.machine_down || full {
             let why = match &done.outcome {
                 Outcome::Lost { reason } => reason.clone(),
+                Outcome::Failed { .. } if full => format!(
+                    "it ran out of space: the build of {} failed for lack of free disk space \
+                     there; free some with `nix-collect-garbage` on it, or give its store a \
+                     larger disk",
+                    self.nodes[done.node].drv_path
+                ),
                 _ => "its session broke".to_string(),
             };
             self.machine_failed(done.machine, &why, "its builds go elsewhere");
@@ -531,11 +540,36 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             .filter(|p| !unbuilt.contains(p.as_str()))
             .cloned()
             .collect();
-        let copy_back = self.transport.clone().fetch(wanted);
-        let copy_back_error = tokio::select! {
-            result = copy_back => result.err(),
-            // Dropping the copy kills its sessions: a half-copied path is never registered.
-            () = stop.cancelled() => return Err(self.stop().await),
+        let mut attempt = 1;
+        let copy_back_error = loop {
+            let copy_back = self.transport.clone().fetch(wanted.clone());
+            let result = tokio::select! {
+                result = copy_back => result,
+                // Dropping the copy kills its sessions: a half-copied path is never
+                // registered.
+                () = stop.cancelled() => return Err(self.stop().await),
+            };
+            match result {
+                Ok(()) => break None,
+                // A link that died or a session that broke may pass: each attempt opens
+                // new sessions and copies only what is still missing here.
+                Err(e) if attempt < COPY_BACK_ATTEMPTS && connection_failed(&e) => {
+                    let wait = self.health.backoff();
+                    self.reporter.machine_warning(&format!(
+                        "copying the requested outputs here failed ({}); trying again in {} s \
+                         (attempt {} of {COPY_BACK_ATTEMPTS})",
+                        first_line(&e.to_string()),
+                        wait.as_secs_f64(),
+                        attempt + 1
+                    ));
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stop.cancelled() => return Err(self.stop().await),
+                    }
+                    attempt += 1;
+                }
+                Err(e) => break Some(e),
+            }
         };
         self.take_news();
         self.transport.close().await;
@@ -614,6 +648,43 @@ impl<T: BuildTransport> Runner<'_, T> {
             "; not used, as their connections failed: {}",
             each.join("; ")
         )
+    }
+}
+
+/// How often the requested outputs' copy home is tried before the run fails.
+pub(crate) const COPY_BACK_ATTEMPTS: u32 = 3;
+
+/// Whether a copy failed for its connection (a link cut, a session or host that went
+/// away, a timeout), which another attempt may not meet; not for what a retry would
+/// only repeat (a NAR that does not match, a path no machine has, a refusal).
+fn connection_failed(e: &DriverError) -> bool {
+    matches!(
+        e,
+        DriverError::Exited { .. }
+            | DriverError::Ssh { .. }
+            | DriverError::SshUnreachable { .. }
+            | DriverError::Io { .. }
+            | DriverError::Timeout { .. }
+    )
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
+}
+
+/// Whether a build failed because its machine's disk is full: Nix says so in its
+/// message when the store or the build directory has too little space left after a
+/// failure ("may have been caused by lack of free disk space", `derivation-goal.cc`), and
+/// the builder's own log names the error (ENOSPC) when Nix's check came too late.
+fn out_of_space(outcome: &Outcome, log_tail: &[String]) -> bool {
+    match outcome {
+        Outcome::Failed { reason } => {
+            reason.contains("lack of free disk space")
+                || log_tail
+                    .iter()
+                    .any(|l| l.contains("No space left on device"))
+        }
+        _ => false,
     }
 }
 

@@ -27,6 +27,8 @@ enum Ending {
     Failed,
     /// The session broke: the machine is taken out of the run.
     MachineDown,
+    /// The builder failed and Nix found the disk full.
+    DiskFull,
     /// Never ends by itself.
     Hang,
 }
@@ -39,6 +41,8 @@ struct FakeTransport {
     names: Vec<String>,
     plan: Box<Plan>,
     fetch_fails: bool,
+    /// How many copies home fail more, as a cut link does, before they succeed.
+    fetch_breaks: Mutex<u32>,
     /// Machines whose probes fail.
     unreachable: Vec<MachineId>,
     probes: Mutex<Vec<MachineId>>,
@@ -57,6 +61,7 @@ impl FakeTransport {
             names: nodes.iter().map(|n| n.name.clone()).collect(),
             plan: Box::new(plan),
             fetch_fails: false,
+            fetch_breaks: Mutex::default(),
             unreachable: Vec::new(),
             probes: Mutex::default(),
             builds: Mutex::default(),
@@ -90,6 +95,15 @@ impl BuildTransport for FakeTransport {
                 },
                 false,
             ),
+            Ending::DiskFull => (
+                Outcome::Failed {
+                    reason: format!(
+                        "builder for '{name}' failed with exit code 1\nnote: build failure may \
+                         have been caused by lack of free disk space"
+                    ),
+                },
+                false,
+            ),
             Ending::MachineDown => (
                 Outcome::Lost {
                     reason: "the session ended".into(),
@@ -115,6 +129,19 @@ impl BuildTransport for FakeTransport {
     }
 
     async fn fetch(self: Arc<Self>, paths: Vec<String>) -> Result<(), DriverError> {
+        {
+            let mut breaks = self.fetch_breaks.lock().unwrap();
+            if *breaks > 0 && !paths.is_empty() {
+                *breaks -= 1;
+                return Err(DriverError::Exited {
+                    machine: "b1".into(),
+                    command: "ssh b1 nix-store --serve --write".into(),
+                    op: "DumpStorePath",
+                    status: "exit status: 255".into(),
+                    stderr: String::new(),
+                });
+            }
+        }
         if self.fetch_fails && !paths.is_empty() {
             return Err(DriverError::NotValid {
                 machine: "local".into(),
@@ -588,4 +615,83 @@ async fn a_quarantined_machine_is_skipped_by_the_next_run() {
     assert_eq!(skipped.len(), 1, "{:?}", second.events);
     assert!(skipped[0].ends_with("last failure: connection refused"));
     assert!(second.transport.builds().iter().all(|(_, m)| *m == LOCAL));
+}
+
+#[tokio::test]
+async fn a_build_that_fills_a_builders_disk_runs_elsewhere_and_names_the_machine() {
+    let mut machines = fleet(1);
+    machines[REMOTE].speed = 4.0;
+    let nodes = vec![node("big", &[])];
+    let transport = FakeTransport::new(&nodes, |_, m| {
+        if m == REMOTE {
+            Ending::DiskFull
+        } else {
+            Ending::Built
+        }
+    });
+    let run = run(nodes, machines, transport, false, None, never()).await;
+    let report = run.report();
+    assert!(report.all_built(), "{:?}", report.results);
+    assert_eq!(
+        run.transport.builds(),
+        [("big".into(), REMOTE), ("big".into(), LOCAL)]
+    );
+    assert!(
+        run.events
+            .iter()
+            .any(|e| e.contains("b1 cannot be used (it ran out of space")),
+        "{:?}",
+        run.events
+    );
+}
+
+#[tokio::test]
+async fn a_failure_for_lack_of_disk_space_here_is_the_builds_own() {
+    let nodes = vec![node("big", &[])];
+    let transport = FakeTransport::new(&nodes, |_, _| Ending::DiskFull);
+    let run = run(
+        nodes,
+        vec![MachineSpec::local(SYSTEM, 1)],
+        transport,
+        false,
+        None,
+        never(),
+    )
+    .await;
+    assert!(matches!(run.result(0), NodeResult::Failed { .. }));
+    assert_eq!(run.transport.builds().len(), 1);
+}
+
+#[tokio::test]
+async fn a_copy_home_whose_link_breaks_is_tried_again() {
+    let nodes = vec![node("a", &[])];
+    let transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    // The copy as the build on the builder ends, and the first at the end of the run.
+    *transport.fetch_breaks.lock().unwrap() = 2;
+    let mut machines = fleet(1);
+    machines[REMOTE].speed = 4.0;
+    let run = run(nodes, machines, transport, false, None, never()).await;
+    assert_eq!(run.transport.builds(), [("a".into(), REMOTE)]);
+    let report = run.report();
+    assert!(report.all_built(), "{:?}", report.copy_back_error);
+    assert!(
+        run.events.iter().any(|e| e.contains("trying again")),
+        "{:?}",
+        run.events
+    );
+}
+
+#[tokio::test]
+async fn a_copy_home_that_keeps_breaking_fails_after_its_attempts() {
+    let nodes = vec![node("a", &[])];
+    let transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    *transport.fetch_breaks.lock().unwrap() = 1 + super::runner::COPY_BACK_ATTEMPTS;
+    let mut machines = fleet(1);
+    machines[REMOTE].speed = 4.0;
+    let run = run(nodes, machines, transport, false, None, never()).await;
+    assert!(matches!(
+        run.report().copy_back_error,
+        Some(DriverError::Exited { .. })
+    ));
+    assert_eq!(*run.transport.fetch_breaks.lock().unwrap(), 0);
 }

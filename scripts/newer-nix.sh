@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Makes the root of the test fleet's builder on a newer Nix: Debian 13 (trixie) with its
+# nix-bin (Nix 2.26), in /var/cache/offload-test/ (OFFLOAD_TEST_CACHE). The directory is
+# made under a temporary name and renamed once complete, so a half-made root is never
+# used; its name carries a recipe version, bumped when what it holds changes. Done once:
+# when the root is there this does nothing. Needs root and Debian's mirrors.
+#
+#   bash scripts/newer-nix.sh
+set -euo pipefail
+
+CACHE=${OFFLOAD_TEST_CACHE:-/var/cache/offload-test}
+ROOT=$CACHE/nix-trixie-1
+# Renamed into place only when complete: if it is there, it is whole.
+[ -d "$ROOT" ] && exit 0
+
+if ! command -v debootstrap >/dev/null; then
+  echo "setup: installing debootstrap"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+fi
+echo "setup: making a Debian 13 root with Nix 2.26 in $ROOT (once; a few minutes)"
+mkdir -p "$CACHE"
+# What an attempt killed outright left behind (an attempt that fails removes its own).
+find "$CACHE" -maxdepth 1 -name "${ROOT##*/}.tmp.*" -mmin +120 -exec rm -rf --one-file-system {} +
+tmp=$(mktemp -d "$ROOT.tmp.XXXXXX")
+# /proc and /dev are mounted only in a private mount namespace, so removing a failed
+# attempt never reaches through them.
+trap 'rm -rf --one-file-system "$tmp"' EXIT
+debootstrap --variant=minbase trixie "$tmp" http://deb.debian.org/debian >"$tmp.log" 2>&1 ||
+  { tail -n 20 "$tmp.log" >&2; echo "setup: debootstrap failed; log: $tmp.log" >&2; exit 1; }
+unshare -m --propagation private sh -c '
+  mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" &&
+  DEBIAN_FRONTEND=noninteractive chroot "$1" apt-get install -y -qq --no-install-recommends nix-bin
+' sh "$tmp" >>"$tmp.log" 2>&1 ||
+  { tail -n 20 "$tmp.log" >&2; echo "setup: installing nix-bin failed; log: $tmp.log" >&2; exit 1; }
+chroot "$tmp" apt-get clean
+# Mount points for the test host's own store, configuration and build directories.
+mkdir -p "$tmp/nix" "$tmp/etc/nix" "$tmp/tmp"
+version=$(unshare -m --propagation private sh -c \
+  'mount -t proc proc "$1/proc" && chroot "$1" nix-store --version' sh "$tmp")
+mv -T "$tmp" "$ROOT"
+trap - EXIT
+rm -f "$tmp.log"
+echo "setup: $version in $ROOT"
