@@ -134,7 +134,7 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR] = $1} END {print (NR % 2) 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}'; }
 # Where nix-build ran each build, from its log.
 nix_places() {
-  grep "^building '" "$1" | sed -n "s/.* on 'ssh:\/\/\([^?']*\).*/\1/p; /' on '/!s/.*/local/p" |
+  grep "^building '" "$1" | sed -n "s/.* on 'ssh:\/\/\([^?']*\).*/\1/p; t; s/.*/local/p" |
     sort | uniq -c | awk '{printf "%s%s %s", (NR > 1 ? ", " : ""), $2, $1}'
 }
 offload_places() { sed -n 's/^builds per machine: //p' "$1" | tail -n 1; }
