@@ -214,6 +214,8 @@ for case in $CASES; do
     forget "$nix" "b-$salt"
     [ "$RUNS" -gt 1 ] && echo "   run $run: nix-build ${nix_t[-1]} s, offload run 1 ${one_t[-1]} s, run 2 ${two_t[-1]} s"
   done
+  # What offload's state holds about the fleet after the runs (learned speeds, links).
+  "$OFFLOAD" machines --builders "$spec" -j "$local_slots" --history "$hist" >"$WORK/$case-machines.txt" 2>&1 || true
   report() { # report LABEL TIMES... ; the median, its ratio to the bound and Nix's time
     local label=$1 t
     shift
@@ -239,4 +241,6 @@ for case in $CASES; do
       'BEGIN {ok = t <= lim * lb; if (c == "slow-link") ok = ok && n != "failed" && n >= 2 * t; print ok ? "met" : "not met"}')
     echo "   target: $target: $met"
   fi
+  echo "   what offload learned (offload machines, $WORK/$case-machines.txt):"
+  sed 's/^/     /' "$WORK/$case-machines.txt"
 done
