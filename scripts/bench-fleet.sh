@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# Fleet benchmark for "a planner that knows the real fleet": `nix-build --builders` (Nix
+# 2.8's build hook) against `offload build` on the SAME fleet of three real sshd
+# builders (scripts/sshfleet.sh: sshd on 127.0.0.1, private /nix and /etc/nix), side by
+# side in one run, fresh output paths each time (a salt). offload runs twice: run 1
+# with an empty duration history, run 2 with the history of run 1 (same graph, other
+# salt). Prints each time, the lower bound, and the ratios.
+#
+#   scripts/bench-fleet.sh                               # every case below
+#   CASES=slow-link scripts/bench-fleet.sh
+#   RUNS=3 scripts/bench-fleet.sh                        # medians of three runs each
+#   OFFLOAD=/path/to/offload scripts/bench-fleet.sh      # this binary instead of a build of this repo
+#
+# Cases (every one: 3 builders x 2 slots + 2 local slots, a layered graph of 30
+# derivations from scripts/gen-dag.py, sleep-based builds):
+#   slow-link              outputs of 16 MiB each (random, incompressible); fleet3 is
+#                          reached only through scripts/shape-link.py at $MBIT Mbit/s and
+#                          $DELAY_MS ms one-way delay each direction (a slow link).
+#                          Lower bound max(critical path, total work / 8 slots).
+#                          Target: offload run 2 <= 1.3x the bound and >= 2x faster than Nix.
+#   slow-builders          every builder is $SLOW times slower than this machine while the
+#                          machines file says speed factor 1 everywhere. Target: offload
+#                          run 2 <= 1.15x the bound.
+#   slow-builders-aarch64  the same, and fleet3 also declares aarch64-linux (its nix.conf
+#                          has `extra-platforms = aarch64-linux`) and builds it
+#                          $AARCH64_SLOW times slower than its native system; 4 of the 30
+#                          derivations are aarch64-linux, so only fleet3 builds them.
+#                          Target: offload run 2 <= 1.15x the bound.
+#
+# How a builder is made slow: its `remote-program` is a wrapper that runs `nix-store`
+# with `--option extra-sandbox-paths /speed=FILE` (and `/speed-aarch64-linux=FILE`), and
+# the derivations (gen-dag.py --speed) sleep their duration times the number in
+# /speed-$system, else /speed, else 1 (this machine has no such file). The lower bound
+# uses these true speeds (scripts/fleet-bound.py): critical path with each node on the
+# fastest machine able to build it, and all work over sum(slots x true speed), aarch64
+# work counted on fleet3, the one machine able to build it.
+#
+# Environment: CASES, RUNS, OFFLOAD, WORK (default /tmp/offload-bench-fleet), MBIT (20),
+# DELAY_MS (20), SLOW (3), AARCH64_SLOW (5), TIMEOUT per build command in seconds (900),
+# KEEP=1 keeps the builders' stores and this run's outputs in the local store.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CASES=${CASES:-"slow-link slow-builders slow-builders-aarch64"}
+RUNS=${RUNS:-1}
+WORK=${WORK:-/tmp/offload-bench-fleet}
+MBIT=${MBIT:-20}
+DELAY_MS=${DELAY_MS:-20}
+SLOW=${SLOW:-3}
+AARCH64_SLOW=${AARCH64_SLOW:-5}
+TIMEOUT=${TIMEOUT:-900}
+KEEP=${KEEP:-}
+export NIX_CONFIG=${NIX_CONFIG:-"substituters ="}
+
+die() { # die WHAT HINT
+  printf 'error: %s\n\nhint: %s\n' "$1" "$2" >&2
+  exit 2
+}
+
+[ "$(id -u)" -eq 0 ] || die "bench-fleet.sh runs as root: its sshd hosts mount a private /nix in their own mount namespace" \
+  "run it as root (sudo bash scripts/bench-fleet.sh)"
+bash scripts/setup.sh
+[ -x /usr/sbin/sshd ] || die "sshd not found at /usr/sbin/sshd" "install openssh-server: bash scripts/setup.sh does"
+command -v nix-build >/dev/null || die "nix-build not found" "install Nix 2.8 (nix-bin): bash scripts/setup.sh does"
+if [ -z "${OFFLOAD:-}" ]; then
+  cargo build --release -q -p offload
+  OFFLOAD=$PWD/target/release/offload
+fi
+[ -x "$OFFLOAD" ] || die "OFFLOAD=$OFFLOAD is not an executable" \
+  "build it (cargo build --release -p offload) or point OFFLOAD at an offload binary"
+"$OFFLOAD" --version >/dev/null 2>&1 || die "$OFFLOAD --version failed (mid-rebuild?)" \
+  "wait for the build to finish, or build your own copy with cargo build --release -p offload"
+for c in $CASES; do
+  case $c in slow-link | slow-builders | slow-builders-aarch64) ;;
+  *) die "unknown case $c" "CASES takes slow-link, slow-builders and slow-builders-aarch64" ;;
+  esac
+done
+
+FLEET=$WORK/fleet
+PROXY_PID=
+cleanup() {
+  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null || true
+  bash scripts/sshfleet.sh down "$FLEET" 2>/dev/null || true
+  [ -n "$KEEP" ] || rm -rf "$FLEET"/h*/nix
+}
+# A previous run that did not get to clean up.
+[ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
+[ -d "$FLEET" ] && bash scripts/sshfleet.sh down "$FLEET" 2>/dev/null || true
+rm -rf "$WORK"
+mkdir -p "$WORK"
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+echo "offload: $OFFLOAD ($("$OFFLOAD" --version))"
+# The fleet: three sshd hosts with empty stores, shared by every case.
+NIX_SSHOPTS=$(bash scripts/sshfleet.sh up 3 "$FLEET" 2>"$WORK/sshfleet.log") ||
+  die "the sshd hosts did not start: $(tail -n 3 "$WORK/sshfleet.log" | tr '\n' ' ')" \
+    "a port may have been taken between choosing and binding it: run again; $WORK/sshfleet.log has sshd's messages"
+export NIX_SSHOPTS
+port_of() { awk -v h="$1" '$1 == "Host" {cur = $2} cur == h && $1 == "Port" {print $2}' "$FLEET/ssh_config"; }
+
+# fleet3 through the slow link: `fleet3-slow` is fleet3 behind the proxy (same host key).
+port3=$(port_of fleet3)
+python3 scripts/shape-link.py "127.0.0.1:$port3" --mbit "$MBIT" --delay-ms "$DELAY_MS" \
+  --port-file "$WORK/proxy.port" 2>"$WORK/proxy.log" &
+PROXY_PID=$!
+echo "$PROXY_PID" >"$WORK/proxy.pid"
+for _ in $(seq 50); do [ -s "$WORK/proxy.port" ] && break; sleep 0.1; done
+[ -s "$WORK/proxy.port" ] || die "the slow-link proxy (scripts/shape-link.py) did not start: $(tail -n 2 "$WORK/proxy.log" | tr '\n' ' ')" \
+  "see $WORK/proxy.log; python3 must be 3.7 or later"
+printf 'Host fleet3-slow\n  HostName 127.0.0.1\n  Port %s\n  HostKeyAlias [127.0.0.1]:%s\n  User root\n  IdentityFile %s\n  IdentitiesOnly yes\n  UserKnownHostsFile %s\n  BatchMode yes\n\n' \
+  "$(cat "$WORK/proxy.port")" "$port3" "$FLEET/client_key" "$FLEET/known_hosts" >>"$FLEET/ssh_config"
+ssh -F "$FLEET/ssh_config" fleet3-slow true ||
+  die "fleet3 is not reachable through the slow-link proxy (ssh fleet3-slow)" "see $WORK/proxy.log and run ssh -v -F $FLEET/ssh_config fleet3-slow true"
+# fleet3 can build aarch64-linux (the /bin/sh builder runs there); only a machines file
+# that says so sends it aarch64 builds.
+echo 'extra-platforms = aarch64-linux' >>"$FLEET/h3/etc-nix/nix.conf"
+# The speed files and the remote-programs that show them in the builders' sandboxes.
+echo "$SLOW" >"$WORK/speed-native"
+echo "$((SLOW * AARCH64_SLOW))" >"$WORK/speed-aarch64"
+cat >"$WORK/nix-store-slow" <<SH
+#!/bin/sh
+exec nix-store --option extra-sandbox-paths "/speed=$WORK/speed-native" "\$@"
+SH
+cat >"$WORK/nix-store-slow-aarch64" <<SH
+#!/bin/sh
+exec nix-store --option extra-sandbox-paths "/speed=$WORK/speed-native /speed-aarch64-linux=$WORK/speed-aarch64" "\$@"
+SH
+chmod +x "$WORK/nix-store-slow" "$WORK/nix-store-slow-aarch64"
+
+now() { date +%s.%N; }
+secs() { awk "BEGIN {printf \"%.2f\", $2 - $1}"; }
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}'; }
+# Where nix-build ran each build, from its log.
+nix_places() {
+  grep "^building '" "$1" | sed -n "s/.* on 'ssh:\/\/\([^?']*\).*/\1/p; t; s/.*/local/p" |
+    sort | uniq -c | awk '{printf "%s%s %s", (NR > 1 ? ", " : ""), $2, $1}'
+}
+offload_places() { sed -n 's/^builds per machine: //p' "$1" | tail -n 1; }
+# Deletes the outputs of the graph built with salt $2 from the local store.
+forget() {
+  [ -n "$KEEP" ] && return 0
+  local drvs
+  drvs=$(nix-instantiate "$1" --argstr salt "$2" 2>/dev/null) || return 0
+  # shellcheck disable=SC2046
+  nix-store -q --outputs $(nix-store -qR $drvs | grep '\.drv$') 2>/dev/null |
+    while read -r p; do [ -e "$p" ] && echo "$p"; done | xargs -r nix-store --delete >/dev/null 2>&1 || true
+}
+# timed LOG CMD...: runs CMD with stderr to LOG, prints its seconds, or "failed".
+timed() {
+  local log=$1 t0 t1
+  shift
+  t0=$(now)
+  if timeout "$TIMEOUT" "$@" >/dev/null 2>"$log"; then
+    t1=$(now)
+    secs "$t0" "$t1"
+  else
+    echo failed
+  fi
+}
+
+for case in $CASES; do
+  local_slots=2
+  gen=(--speed)
+  bound=(local:2:x86_64-linux=1)
+  case $case in
+    slow-link)
+      gen=(--output-size $((16 * 1024 * 1024)))
+      spec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3-slow x86_64-linux - 2 1"
+      bound+=(fleet1:2:x86_64-linux=1 fleet2:2:x86_64-linux=1 fleet3:2:x86_64-linux=1)
+      title="slow link: 30 derivations with 16 MiB outputs; fleet3 over $MBIT Mbit/s, $DELAY_MS ms"
+      target="run 2 <= 1.30x the bound and >= 2x faster than nix-build"
+      ;;
+    slow-builders)
+      spec=""
+      for i in 1 2 3; do spec+="ssh://fleet$i?remote-program=$WORK/nix-store-slow x86_64-linux - 2 1; "; done
+      spec=${spec%; }
+      bound+=(fleet1:2:x86_64-linux="$SLOW" fleet2:2:x86_64-linux="$SLOW" fleet3:2:x86_64-linux="$SLOW")
+      title="slow builders: 30 derivations; builders ${SLOW}x slower than this machine, speed factor 1 declared"
+      target="run 2 <= 1.15x the bound"
+      ;;
+    slow-builders-aarch64)
+      gen+=(--aarch64 4)
+      spec="ssh://fleet1?remote-program=$WORK/nix-store-slow x86_64-linux - 2 1; "
+      spec+="ssh://fleet2?remote-program=$WORK/nix-store-slow x86_64-linux - 2 1; "
+      spec+="ssh://fleet3?remote-program=$WORK/nix-store-slow-aarch64 x86_64-linux,aarch64-linux - 2 1"
+      bound+=(fleet1:2:x86_64-linux="$SLOW" fleet2:2:x86_64-linux="$SLOW")
+      bound+=(fleet3:2:x86_64-linux="$SLOW",aarch64-linux=$((SLOW * AARCH64_SLOW)))
+      title="slow builders + aarch64: 30 derivations, 4 of them aarch64-linux (fleet3 only, ${AARCH64_SLOW}x slower than its native system)"
+      target="run 2 <= 1.15x the bound"
+      ;;
+  esac
+  nix=$WORK/$case.nix
+  python3 scripts/gen-dag.py layered 30 1 "$nix" "${gen[@]}" >/dev/null
+  read -r lb cp cap excl < <(python3 scripts/fleet-bound.py "${nix%.nix}.json" "${bound[@]}" |
+    sed 's/[a-z_]*=//g')
+  hist=$WORK/history-$case.sqlite
+
+  echo "== $title"
+  echo "   3 sshd builders x 2 slots + $local_slots local slots; machines: $spec"
+  echo "   lower bound ${lb} s: critical path ${cp} s, work / capacity ${cap} s, work only one machine can build ${excl} s"
+  nix_t=(); one_t=(); two_t=()
+  for run in $(seq 1 "$RUNS"); do
+    salt=$(date +%s%N)
+    nix_t+=("$(timed "$WORK/$case-nix.log" nix-build "$nix" --argstr salt "nix-$salt" --builders "$spec" -j "$local_slots" --no-out-link)")
+    forget "$nix" "nix-$salt"
+    rm -f "$hist"
+    one_t+=("$(timed "$WORK/$case-offload1.log" "$OFFLOAD" build "$nix" --argstr salt "a-$salt" --builders "$spec" -j "$local_slots" \
+      --no-out-link --no-build-output --history "$hist" --trace "$WORK/$case-offload1.trace.json")")
+    forget "$nix" "a-$salt"
+    two_t+=("$(timed "$WORK/$case-offload2.log" "$OFFLOAD" build "$nix" --argstr salt "b-$salt" --builders "$spec" -j "$local_slots" \
+      --no-out-link --no-build-output --history "$hist" --trace "$WORK/$case-offload2.trace.json")")
+    forget "$nix" "b-$salt"
+    [ "$RUNS" -gt 1 ] && echo "   run $run: nix-build ${nix_t[-1]} s, offload run 1 ${one_t[-1]} s, run 2 ${two_t[-1]} s"
+  done
+  # What offload's state holds about the fleet after the runs (learned speeds, links).
+  "$OFFLOAD" machines --builders "$spec" -j "$local_slots" --history "$hist" >"$WORK/$case-machines.txt" 2>&1 || true
+  report() { # report LABEL TIMES... ; the median, its ratio to the bound and Nix's time
+    local label=$1 t
+    shift
+    if printf '%s\n' "$@" | grep -q failed; then
+      printf '   %-34s failed (see %s)\n' "$label" "$LOG"
+      return
+    fi
+    t=$(median "$@")
+    printf '   %-34s %7.2f s  %5sx the bound' "$label" "$t" "$(ratio "$t" "$lb")"
+    [ -n "${tn:-}" ] && [ "$tn" != failed ] && printf ', nix/offload %sx' "$(ratio "$tn" "$t")"
+    printf '   [%s]\n' "$PLACES"
+  }
+  tn=
+  LOG=$WORK/$case-nix.log PLACES="builds: $(nix_places "$WORK/$case-nix.log")" report "nix-build --builders:" "${nix_t[@]}"
+  printf '%s\n' "${nix_t[@]}" | grep -q failed && tn=failed || tn=$(median "${nix_t[@]}")
+  LOG=$WORK/$case-offload1.log PLACES="builds: $(offload_places "$WORK/$case-offload1.log")" report "offload run 1 (empty history):" "${one_t[@]}"
+  LOG=$WORK/$case-offload2.log PLACES="builds: $(offload_places "$WORK/$case-offload2.log")" report "offload run 2 (history of run 1):" "${two_t[@]}"
+  if ! printf '%s\n' "${two_t[@]}" | grep -q failed; then
+    t2=$(median "${two_t[@]}")
+    limit=1.15
+    [ "$case" = slow-link ] && limit=1.30
+    met=$(awk -v t="$t2" -v lb="$lb" -v lim="$limit" -v n="$tn" -v c="$case" \
+      'BEGIN {ok = t <= lim * lb; if (c == "slow-link") ok = ok && n != "failed" && n >= 2 * t; print ok ? "met" : "not met"}')
+    echo "   target: $target: $met"
+  fi
+  echo "   what offload learned (offload machines, $WORK/$case-machines.txt):"
+  sed 's/^/     /' "$WORK/$case-machines.txt"
+done
