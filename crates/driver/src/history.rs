@@ -54,9 +54,10 @@ const MIGRATIONS: &[&str] = &[
      );",
     // What the planner learns (`learn.rs`): from here on `builds.machine` is the store
     // URI as written and `seconds` the build's own time (its inputs' copies left out);
-    // NAR bytes of the outputs; every copy between this machine and another, with how
+    // NAR bytes of the outputs and the run the build was part of; every copy between this machine and another, with how
     // many copies shared the link when it started; each machine's CPU cores.
     "ALTER TABLE builds ADD COLUMN output_bytes INTEGER;
+     ALTER TABLE builds ADD COLUMN run TEXT;
      CREATE TABLE transfers (
          machine TEXT NOT NULL,
          direction TEXT NOT NULL,
@@ -189,21 +190,34 @@ impl History {
         speed: f64,
         output_bytes: Option<u64>,
     ) -> Result<(), HistoryError> {
-        let now = unix_now();
+        self.record_build(&BuildRecord {
+            name,
+            system,
+            machine,
+            seconds,
+            declared_speed: speed,
+            output_bytes,
+            run: None,
+        })
+    }
+
+    /// Records a finished build.
+    pub fn record_build(&self, b: &BuildRecord<'_>) -> Result<(), HistoryError> {
         self.conn
             .execute(
-                "INSERT INTO builds
-                   (name, pname, system, machine, seconds, speed, finished_at, output_bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO builds (name, pname, system, machine, seconds, speed,
+                                     finished_at, output_bytes, run)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
-                    name,
-                    package_name(name),
-                    system,
-                    machine,
-                    seconds,
-                    speed,
-                    now,
-                    output_bytes.map(|b| b as i64)
+                    b.name,
+                    package_name(b.name),
+                    b.system,
+                    b.machine,
+                    b.seconds,
+                    b.declared_speed,
+                    unix_now(),
+                    b.output_bytes.map(|n| n as i64),
+                    b.run
                 ],
             )
             .map(|_| ())
@@ -213,6 +227,23 @@ impl History {
                 source,
             })
     }
+}
+
+/// One finished build, as the state keeps it.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildRecord<'a> {
+    pub name: &'a str,
+    pub system: &'a str,
+    /// The machine's store URI as written, or `local`.
+    pub machine: &'a str,
+    /// The build's own seconds.
+    pub seconds: f64,
+    /// The speed factor its machines-file line declares.
+    pub declared_speed: f64,
+    /// NAR bytes of its outputs, when known.
+    pub output_bytes: Option<u64>,
+    /// The run it was part of.
+    pub run: Option<&'a str>,
 }
 
 /// Seconds since the Unix epoch (0 on a clock before it).

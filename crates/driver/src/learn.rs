@@ -35,6 +35,9 @@ const BIG_TRANSFER: u64 = 1 << 20;
 const FIT_ROUNDS: usize = 16;
 /// How much a machine's declared speed factor weighs against one comparison.
 const PRIOR_WEIGHT: f64 = 0.25;
+/// How much one build of a run weighs against one comparison, for a machine's speed
+/// from its run's population of builds.
+const POPULATION_WEIGHT: f64 = 1.0;
 
 /// One recorded build, as the fit reads it.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +48,8 @@ pub struct BuildRow {
     pub seconds: f64,
     /// The speed factor the machines file gave the machine then.
     pub declared_speed: f64,
+    /// The run it was part of, when recorded.
+    pub run: Option<String>,
 }
 
 /// A learned speed and how many derivations it rests on.
@@ -141,7 +146,7 @@ impl History {
         let mut stmt = self
             .conn()
             .prepare(
-                "SELECT name, system, machine, seconds, speed FROM builds
+                "SELECT name, system, machine, seconds, speed, run FROM builds
                  ORDER BY rowid DESC LIMIT ?1",
             )
             .map_err(err())?;
@@ -153,6 +158,7 @@ impl History {
                     machine: r.get(2)?,
                     seconds: r.get(3)?,
                     declared_speed: r.get(4)?,
+                    run: r.get(5)?,
                 })
             })
             .map_err(err())?
@@ -429,7 +435,20 @@ pub fn fit(
         .collect();
     let anchor: Key = (LOCAL_KEY.to_string(), local_system.to_string());
     let anchored = declared.contains_key(&anchor);
-    let mut speed: HashMap<Key, f64> = declared.clone();
+    // Before any comparison, a run's own builds say something: its derivations on
+    // each machine against those on this one.
+    let population = population_speeds(rows, &anchor);
+    let prior: HashMap<Key, f64> = declared
+        .iter()
+        .map(|(key, &d)| {
+            let p = match population.get(key) {
+                Some(&(speed, n)) => shrink(speed, n as f64 * POPULATION_WEIGHT, d),
+                None => d,
+            };
+            (key.clone(), p)
+        })
+        .collect();
+    let mut speed: HashMap<Key, f64> = prior.clone();
     // Names built on more than one machine or system: only they compare speeds.
     let mut keys_per_name: HashMap<&str, usize> = HashMap::new();
     for (name, _, _) in &cells {
@@ -475,22 +494,84 @@ pub fn fit(
             }
         }
     }
-    // Few comparisons: stay near the declaration (in log space, each comparison weighs
-    // 1 / PRIOR_WEIGHT times as much as it).
+    // Few comparisons: stay near the prior (the declaration, or what the runs'
+    // populations said).
     let learned = speed
         .into_iter()
         .map(|(key, fitted)| {
-            let n = samples.get(&key).copied().unwrap_or(0);
-            let w = n as f64;
+            let compared = samples.get(&key).copied().unwrap_or(0);
+            let from_runs = population.get(&key).map_or(0, |&(_, n)| n);
             let speed = if anchored && key == anchor {
                 1.0
+            } else if compared == 0 {
+                prior[&key]
             } else {
-                ((w * fitted.ln() + PRIOR_WEIGHT * declared[&key].ln()) / (w + PRIOR_WEIGHT)).exp()
+                shrink(fitted, compared as f64, prior[&key])
             };
-            (key, Learned { speed, samples: n })
+            let samples = compared.max(from_runs);
+            (key, Learned { speed, samples })
         })
         .collect();
     (work, learned)
+}
+
+/// `measured` with `weight` comparisons behind it, pulled towards `prior` (which weighs
+/// [`PRIOR_WEIGHT`]), in log space.
+fn shrink(measured: f64, weight: f64, prior: f64) -> f64 {
+    ((weight * measured.max(1e-6).ln() + PRIOR_WEIGHT * prior.ln()) / (weight + PRIOR_WEIGHT)).exp()
+}
+
+/// Per machine and system, its speed from the runs in which it and this machine's
+/// native system (`anchor`) both built: the typical time of the run's derivations here
+/// over there (a trimmed mean of log times), weighted by the builds behind it, with
+/// the number of those builds. A run spreads one graph's derivations over its
+/// machines, so their times are comparable in the mass even with no derivation built
+/// twice.
+fn population_speeds(
+    rows: &[BuildRow],
+    anchor: &(String, String),
+) -> HashMap<(String, String), (f64, usize)> {
+    let mut per_run: HashMap<&str, HashMap<(String, String), Vec<f64>>> = HashMap::new();
+    for r in rows {
+        if let Some(run) = &r.run {
+            per_run
+                .entry(run)
+                .or_default()
+                .entry((r.machine.clone(), r.system.clone()))
+                .or_default()
+                .push(r.seconds.max(0.01).ln());
+        }
+    }
+    let mut sums: HashMap<(String, String), (f64, usize)> = HashMap::new();
+    for keys in per_run.values_mut() {
+        let Some(mut here) = keys.remove(anchor) else {
+            continue;
+        };
+        let here_typical = trimmed_mean(&mut here);
+        for (key, mut there) in keys.drain() {
+            let n = here.len().min(there.len());
+            let d = here_typical - trimmed_mean(&mut there);
+            let entry = sums.entry(key).or_insert((0.0, 0));
+            entry.0 += d * n as f64;
+            entry.1 += n;
+        }
+    }
+    sums.into_iter()
+        .filter(|(_, (_, n))| *n > 0)
+        .map(|(key, (sum, n))| (key, ((sum / n as f64).exp(), n)))
+        .collect()
+}
+
+/// The mean of `v` without its lowest and highest fifth (sorted in place).
+fn trimmed_mean(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let cut = v.len() / 5;
+    let kept = &v[cut..v.len() - cut];
+    if kept.is_empty() {
+        0.0
+    } else {
+        kept.iter().sum::<f64>() / kept.len() as f64
+    }
 }
 
 #[cfg(test)]
@@ -506,6 +587,7 @@ mod tests {
             machine: machine.into(),
             seconds,
             declared_speed: 1.0,
+            run: None,
         }
     }
 
@@ -577,6 +659,52 @@ mod tests {
         // From the declared 1 to the measured 4, 80 % of the way in log space.
         assert!((b.speed - 4f64.powf(0.8)).abs() < 0.01, "{b:?}");
         assert!((work["a"] - 4.0).abs() < 0.01, "{}", work["a"]);
+    }
+
+    #[test]
+    fn one_run_with_no_derivation_built_twice_still_tells_speeds() {
+        // One graph spread over this machine and a builder three times slower, whose
+        // aarch64-linux builds are five times slower again; each derivation built once.
+        let mut rows = Vec::new();
+        let typical = [1.0, 2.0, 3.0, 4.0, 5.0, 0.5];
+        let similar = [1.1, 1.9, 3.2, 3.9, 5.1, 0.6];
+        for (i, (&a, &b)) in typical.iter().zip(&similar).enumerate() {
+            let run = Some("run-1".to_string());
+            rows.push(BuildRow {
+                run: run.clone(),
+                ..row(&format!("here-{i}"), SYS, "local", a)
+            });
+            rows.push(BuildRow {
+                run: run.clone(),
+                ..row(&format!("there-{i}"), SYS, "ssh://slow", 3.0 * b)
+            });
+            rows.push(BuildRow {
+                run,
+                ..row(&format!("arm-{i}"), "aarch64-linux", "ssh://slow", 15.0 * a)
+            });
+        }
+        let (work, speeds) = fit(&rows, SYS);
+        let s = |sys: &str| speeds[&("ssh://slow".to_string(), sys.to_string())];
+        let near = |got: f64, want: f64| (got / want - 1.0).abs() < 0.2;
+        assert!(near(s(SYS).speed, 1.0 / 3.0), "{:?}", s(SYS));
+        assert!(
+            near(s("aarch64-linux").speed, 1.0 / 15.0),
+            "{:?}",
+            s("aarch64-linux")
+        );
+        assert_eq!(s(SYS).samples, 6);
+        // Their derivations' work is counted at that speed.
+        assert!(near(work["there-3"], 3.9), "{}", work["there-3"]);
+        // Without a run to compare in, nothing is said.
+        let lone: Vec<BuildRow> = rows
+            .iter()
+            .cloned()
+            .map(|r| BuildRow { run: None, ..r })
+            .collect();
+        assert_eq!(
+            fit(&lone, SYS).1[&("ssh://slow".to_string(), SYS.to_string())].speed,
+            1.0
+        );
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub mod trust;
 
 pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use error::DriverError;
-pub use history::{package_name, EstimateSource, History, HistoryError, DEFAULT_SECONDS};
+pub use history::{
+    package_name, BuildRecord, EstimateSource, History, HistoryError, DEFAULT_SECONDS,
+};
 pub use machine_state::{format_utc, MachineRecord};
 pub use paths::PathRegistry;
 pub use pool::Pool;

@@ -19,7 +19,7 @@ use super::health::{AfterFailure, Health, Reliability};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
-use crate::history::History;
+use crate::history::{BuildRecord, History};
 use crate::transfer::TransferNews;
 
 /// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
@@ -118,6 +118,8 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     declared_speeds: Vec<f64>,
     /// Output path → its node, for copies that land.
     output_of: HashMap<String, usize>,
+    /// What the state calls this run: builds of one run are compared as a population.
+    run_id: String,
 }
 
 impl<'h, T: BuildTransport> Runner<'h, T> {
@@ -173,6 +175,13 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             lower_bound,
             state_keys,
             declared_speeds,
+            run_id: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
             output_of: nodes
                 .iter()
                 .enumerate()
@@ -501,14 +510,15 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             seconds: done.seconds,
         });
         if let Some(h) = self.history {
-            let recorded = h.record(
-                &node.name,
-                &node.system,
-                &self.state_keys[done.machine],
-                done.facts.build_seconds.unwrap_or(done.seconds),
-                self.declared_speeds[done.machine],
-                done.facts.output_bytes,
-            );
+            let recorded = h.record_build(&BuildRecord {
+                name: &node.name,
+                system: &node.system,
+                machine: &self.state_keys[done.machine],
+                seconds: done.facts.build_seconds.unwrap_or(done.seconds),
+                declared_speed: self.declared_speeds[done.machine],
+                output_bytes: done.facts.output_bytes,
+                run: Some(&self.run_id),
+            });
             if let Err(e) = recorded {
                 tracing::warn!("{e}");
             }
