@@ -120,6 +120,20 @@ pub enum DriverError {
 
 impl DriverError {
     /// The machine the error is about.
+    /// Whether it failed for its connection (a link cut, a session or host that went
+    /// away, a timeout), which another attempt may not meet; not for what a retry would
+    /// only repeat (a NAR that does not match, a path no machine has, a refusal).
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            DriverError::Exited { .. }
+                | DriverError::Ssh { .. }
+                | DriverError::SshUnreachable { .. }
+                | DriverError::Io { .. }
+                | DriverError::Timeout { .. }
+        )
+    }
+
     pub fn machine(&self) -> &str {
         match self {
             DriverError::Spawn { machine, .. }

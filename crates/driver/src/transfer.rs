@@ -388,7 +388,10 @@ impl TransferEngine {
             r.transfer_started(path, from_name, to_name, info.nar_size);
         }
         let started = Instant::now();
-        let result = to.add_to_store_nar_from(&info, &mut from).await;
+        let result = to
+            .add_to_store_nar_from(&info, &mut from)
+            .await
+            .map_err(|e| self.blame(e, source, machine, path));
         let seconds = started.elapsed().as_secs_f64();
         for &l in &links {
             self.on_link[l].fetch_sub(1, Ordering::Relaxed);
@@ -427,6 +430,36 @@ impl TransferEngine {
             });
         }
         Ok(())
+    }
+
+    /// A pipe that broke while the source's NAR went to `target` broke on the target's
+    /// side: the error names the target, so that it is the one taken out.
+    fn blame(
+        &self,
+        e: DriverError,
+        source: MachineId,
+        target: MachineId,
+        path: &str,
+    ) -> DriverError {
+        match e {
+            DriverError::Io {
+                machine,
+                source: io,
+                ..
+            } if machine == self.pools[source].endpoint().name
+                && io.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                DriverError::Io {
+                    machine: self.pools[target].endpoint().name.clone(),
+                    op: "AddToStoreNar",
+                    source: std::io::Error::new(
+                        io.kind(),
+                        format!("the connection broke while {path} was sent to it ({io})"),
+                    ),
+                }
+            }
+            e => e,
+        }
     }
 
     /// Brings `path` into this machine's store on its way elsewhere. Boxed: the copy

@@ -563,7 +563,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 Ok(()) => break None,
                 // A link that died or a session that broke may pass: each attempt opens
                 // new sessions and copies only what is still missing here.
-                Err(e) if attempt < COPY_BACK_ATTEMPTS && connection_failed(&e) => {
+                Err(e) if attempt < COPY_BACK_ATTEMPTS && e.is_connection_failure() => {
                     let wait = self.health.backoff();
                     self.reporter.machine_warning(&format!(
                         "copying the requested outputs here failed ({}); trying again in {} s \
@@ -663,20 +663,6 @@ impl<T: BuildTransport> Runner<'_, T> {
 
 /// How often the requested outputs' copy home is tried before the run fails.
 pub(crate) const COPY_BACK_ATTEMPTS: u32 = 3;
-
-/// Whether a copy failed for its connection (a link cut, a session or host that went
-/// away, a timeout), which another attempt may not meet; not for what a retry would
-/// only repeat (a NAR that does not match, a path no machine has, a refusal).
-fn connection_failed(e: &DriverError) -> bool {
-    matches!(
-        e,
-        DriverError::Exited { .. }
-            | DriverError::Ssh { .. }
-            | DriverError::SshUnreachable { .. }
-            | DriverError::Io { .. }
-            | DriverError::Timeout { .. }
-    )
-}
 
 fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or(text)

@@ -213,7 +213,10 @@ impl ServeTransport {
             .ensure_on(machine, &n.inputs, Some(&mut conn), substitute)
             .await;
         if let Err(e) = shipped {
-            let down = conn.is_broken();
+            // The inputs go over sessions of their own: a failure of this machine's
+            // connection takes it out as a broken build session would.
+            let down = conn.is_broken()
+                || (e.is_connection_failure() && e.machine() == self.pool(machine).endpoint().name);
             return (lost(e), down);
         }
         // As Nix's build hook does: the inputs are the whole shipped closure, as sources.
