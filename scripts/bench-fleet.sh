@@ -37,7 +37,8 @@
 #
 # Environment: CASES, RUNS, OFFLOAD, WORK (default /tmp/offload-bench-fleet), MBIT (20),
 # DELAY_MS (20), SLOW (3), AARCH64_SLOW (5), TIMEOUT per build command in seconds (900),
-# KEEP=1 keeps the builders' stores and this run's outputs in the local store.
+# KEEP=1 keeps the builders' stores and this run's outputs in the local store; RUN3=1
+# adds a third offload run with the history of the first two (how far learning goes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASES=${CASES:-"slow-link slow-builders slow-builders-aarch64"}
@@ -49,6 +50,7 @@ SLOW=${SLOW:-3}
 AARCH64_SLOW=${AARCH64_SLOW:-5}
 TIMEOUT=${TIMEOUT:-900}
 KEEP=${KEEP:-}
+RUN3=${RUN3:-}
 export NIX_CONFIG=${NIX_CONFIG:-"substituters ="}
 
 die() { # die WHAT HINT
@@ -200,7 +202,7 @@ for case in $CASES; do
   echo "== $title"
   echo "   3 sshd builders x 2 slots + $local_slots local slots; machines: $spec"
   echo "   lower bound ${lb} s: critical path ${cp} s, work / capacity ${cap} s, work only one machine can build ${excl} s"
-  nix_t=(); one_t=(); two_t=()
+  nix_t=(); one_t=(); two_t=(); three_t=()
   for run in $(seq 1 "$RUNS"); do
     salt=$(date +%s%N)
     nix_t+=("$(timed "$WORK/$case-nix.log" nix-build "$nix" --argstr salt "nix-$salt" --builders "$spec" -j "$local_slots" --no-out-link)")
@@ -212,6 +214,11 @@ for case in $CASES; do
     two_t+=("$(timed "$WORK/$case-offload2.log" "$OFFLOAD" build "$nix" --argstr salt "b-$salt" --builders "$spec" -j "$local_slots" \
       --no-out-link --no-build-output --history "$hist" --trace "$WORK/$case-offload2.trace.json")")
     forget "$nix" "b-$salt"
+    if [ -n "$RUN3" ]; then
+      three_t+=("$(timed "$WORK/$case-offload3.log" "$OFFLOAD" build "$nix" --argstr salt "c-$salt" --builders "$spec" -j "$local_slots" \
+        --no-out-link --no-build-output --history "$hist" --trace "$WORK/$case-offload3.trace.json")")
+      forget "$nix" "c-$salt"
+    fi
     [ "$RUNS" -gt 1 ] && echo "   run $run: nix-build ${nix_t[-1]} s, offload run 1 ${one_t[-1]} s, run 2 ${two_t[-1]} s"
   done
   # What offload's state holds about the fleet after the runs (learned speeds, links).
@@ -233,6 +240,9 @@ for case in $CASES; do
   printf '%s\n' "${nix_t[@]}" | grep -q failed && tn=failed || tn=$(median "${nix_t[@]}")
   LOG=$WORK/$case-offload1.log PLACES="builds: $(offload_places "$WORK/$case-offload1.log")" report "offload run 1 (empty history):" "${one_t[@]}"
   LOG=$WORK/$case-offload2.log PLACES="builds: $(offload_places "$WORK/$case-offload2.log")" report "offload run 2 (history of run 1):" "${two_t[@]}"
+  if [ -n "$RUN3" ]; then
+    LOG=$WORK/$case-offload3.log PLACES="builds: $(offload_places "$WORK/$case-offload3.log")" report "offload run 3 (history of runs 1-2):" "${three_t[@]}"
+  fi
   if ! printf '%s\n' "${two_t[@]}" | grep -q failed; then
     t2=$(median "${two_t[@]}")
     limit=1.15

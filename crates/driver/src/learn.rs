@@ -111,6 +111,18 @@ impl Knowledge {
         self.links.get(machine).copied()
     }
 
+    /// The learned speeds of machine `key` for its `systems`: the first system's as
+    /// the machine's own, and each system's; `None` when nothing was learned.
+    pub fn speeds_of(&self, key: &str, systems: &[String]) -> Option<(f64, Vec<(String, f64)>)> {
+        let per_system: Vec<(String, f64)> = systems
+            .iter()
+            .filter_map(|system| Some((system.clone(), self.speed(key, system)?.speed)))
+            .collect();
+        let first = systems.first()?;
+        let own = per_system.iter().find(|(s, _)| s == first)?.1;
+        Some((own, per_system))
+    }
+
     /// Gives the fleet's planning figures what was learned: per system, the learned
     /// speed where there is one (the first system's also becomes the machine's own);
     /// each remote link's bandwidth and latency.
@@ -118,16 +130,10 @@ impl Knowledge {
         for m in fleet {
             let key = m.endpoint.name.clone();
             let spec = &mut m.spec;
-            let mut system_speeds = Vec::new();
-            for (i, system) in spec.systems.iter().enumerate() {
-                if let Some(learned) = self.speed(&key, system) {
-                    if i == 0 {
-                        spec.speed = learned.speed;
-                    }
-                    system_speeds.push((system.clone(), learned.speed));
-                }
+            if let Some((speed, per_system)) = self.speeds_of(&key, &spec.systems) {
+                spec.speed = speed;
+                spec.system_speeds = per_system;
             }
-            spec.system_speeds = system_speeds;
             if !spec.is_local {
                 if let Some(link) = self.link(&key) {
                     spec.bandwidth = link.bandwidth;

@@ -123,6 +123,35 @@ impl Scheduler {
         &self.graph
     }
 
+    /// What was learned of `machine` mid-run: its speed, and per system where that
+    /// differs. Machines are regrouped into classes, so later decisions use it; builds
+    /// already running keep their expected ends.
+    pub fn set_speeds(
+        &mut self,
+        machine: MachineId,
+        speed: f64,
+        system_speeds: Vec<(String, f64)>,
+    ) {
+        let Some(spec) = self.machines.get_mut(machine) else {
+            return;
+        };
+        spec.speed = speed;
+        spec.system_speeds = system_speeds;
+        let (classes, class_of) = machine_classes(&self.machines);
+        self.queues = vec![BTreeSet::new(); classes.len()];
+        self.free_in_class = vec![0; classes.len()];
+        self.classes = classes;
+        self.class_of = class_of;
+        self.queued = vec![None; self.machines.len()];
+        for m in 0..self.machines.len() {
+            self.replace_queue_key(m);
+            if self.alive[m] {
+                self.free_in_class[self.class_of[m]] += self.free_on(m);
+            }
+        }
+        self.match_kinds();
+    }
+
     pub fn machines(&self) -> &[MachineSpec] {
         &self.machines
     }

@@ -340,3 +340,61 @@ fn prefer_local_builds_go_remote_when_the_local_machine_has_no_slots() {
     );
     assert_eq!(run.starts, vec![(0, 1, 0.0)]);
 }
+
+/// Speeds learned mid-run take effect: a builder found three times slower than planned
+/// stops getting work a faster machine would finish first.
+#[test]
+fn speeds_learned_mid_run_change_later_decisions() {
+    let fleet = vec![machine("local", 1, 1.0, true), machine("b", 1, 1.0, false)];
+    let nodes: Vec<NodeSpec> = (0..4).map(|i| node(&format!("n{i}"), &[], 1.0)).collect();
+    let mut sched = Scheduler::new(Graph::new(nodes).unwrap(), fleet, false);
+    let first = sched.start(0.0);
+    assert_eq!(
+        first.iter().filter(|a| matches!(a, Action::Start { .. })).count(),
+        2,
+        "{first:?}"
+    );
+    // The builder turns out to be three times slower, on a per-system figure too.
+    sched.set_speeds(1, 1.0 / 3.0, vec![("x86_64-linux".into(), 1.0 / 3.0)]);
+    let on_local = first
+        .iter()
+        .find_map(|a| match a {
+            Action::Start { node, machine: 0 } => Some(*node),
+            _ => None,
+        })
+        .unwrap();
+    let next = sched.handle(
+        Event::Finished {
+            node: on_local,
+            machine: 0,
+            outcome: Outcome::Built,
+        },
+        1.0,
+    );
+    // Local is free again and quicker than the slow builder would be: it takes the next.
+    assert!(
+        next.iter().any(|a| matches!(a, Action::Start { machine: 0, .. })),
+        "{next:?}"
+    );
+    // The builder, busy until 1.0 as planned, would take until 4.0 for another: the
+    // remaining node waits for local rather than starting there when it frees.
+    let on_b = first
+        .iter()
+        .find_map(|a| match a {
+            Action::Start { node, machine: 1 } => Some(*node),
+            _ => None,
+        })
+        .unwrap();
+    let after = sched.handle(
+        Event::Finished {
+            node: on_b,
+            machine: 1,
+            outcome: Outcome::Built,
+        },
+        1.5,
+    );
+    assert!(
+        !after.iter().any(|a| matches!(a, Action::Start { machine: 1, .. })),
+        "{after:?}"
+    );
+}

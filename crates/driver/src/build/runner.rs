@@ -120,6 +120,8 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     output_of: HashMap<String, usize>,
     /// What the state calls this run: builds of one run are compared as a population.
     run_id: String,
+    /// When the speeds were last fitted again from the state, mid-run.
+    last_refit: f64,
 }
 
 impl<'h, T: BuildTransport> Runner<'h, T> {
@@ -175,6 +177,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             lower_bound,
             state_keys,
             declared_speeds,
+            last_refit: 0.0,
             run_id: format!(
                 "{}-{}",
                 std::process::id(),
@@ -522,6 +525,44 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             if let Err(e) = recorded {
                 tracing::warn!("{e}");
             }
+            self.refit_speeds();
+        }
+    }
+
+    /// Fits the machines' speeds again with this run's builds so far, at most every
+    /// [`REFIT_INTERVAL`] seconds: a machine that turns out slower or faster than
+    /// planned gets the rest of the run's decisions right.
+    fn refit_speeds(&mut self) {
+        let now = self.now();
+        let Some(h) = self.history else { return };
+        if now - self.last_refit < REFIT_INTERVAL {
+            return;
+        }
+        self.last_refit = now;
+        let Some(system) = self.machines[LOCAL].systems.first().cloned() else {
+            return;
+        };
+        let knowledge = match h.knowledge(&system) {
+            Ok(k) => k,
+            Err(e) => return tracing::debug!("{e}"),
+        };
+        for m in 0..self.machines.len() {
+            let spec = &self.machines[m];
+            let Some((speed, per_system)) = knowledge.speeds_of(&self.state_keys[m], &spec.systems)
+            else {
+                continue;
+            };
+            let moved = |old: f64, new: f64| (new / old.max(1e-9) - 1.0).abs() > REFIT_CHANGE;
+            let changed = moved(spec.speed, speed)
+                || per_system
+                    .iter()
+                    .any(|(sys, s)| moved(spec.speed_for(sys), *s));
+            if changed {
+                tracing::debug!(machine = %spec.name, "speed now {speed:.2}: {per_system:?}");
+                self.machines[m].speed = speed;
+                self.machines[m].system_speeds = per_system.clone();
+                self.sched.set_speeds(m, speed, per_system);
+            }
         }
     }
 
@@ -683,6 +724,11 @@ fn out_of_space(outcome: &Outcome, log_tail: &[String]) -> bool {
         _ => false,
     }
 }
+
+/// Seconds between fits of the machines' speeds during a run.
+const REFIT_INTERVAL: f64 = 2.0;
+/// A fitted speed that moved by more than this fraction replaces the planned one.
+const REFIT_CHANGE: f64 = 0.1;
 
 /// Bytes assumed for the outputs of a derivation never built before.
 const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;
