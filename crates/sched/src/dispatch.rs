@@ -15,7 +15,7 @@ use crate::events::{Action, NodeState};
 use crate::fleet::MachineId;
 use crate::graph::NodeId;
 use crate::scheduler::Scheduler;
-use crate::transfers::route;
+use crate::transfers::{route, Direction, Route};
 
 /// How many ready derivations per round may choose to wait for a busy machine beyond
 /// the number of free slots.
@@ -144,14 +144,25 @@ impl Scheduler {
         }
     }
 
-    /// Seconds to bring the outputs of a requested derivation (one nothing depends on)
-    /// home from `machine` once built.
-    fn copy_back(&self, id: NodeId, machine: MachineId) -> f64 {
-        if self.graph.dependents(id).is_empty() {
-            self.machines[machine].transfer_time(self.graph.node(id).output_bytes)
-        } else {
-            0.0
+    /// The way home of the outputs of a requested derivation (one nothing depends
+    /// on) built on `machine`: none when built on the client, or when others need it.
+    pub(crate) fn home_route(&self, id: NodeId, machine: MachineId) -> Option<Route> {
+        let client = self.machines.iter().position(|m| m.is_local)?;
+        (self.graph.dependents(id).is_empty() && machine != client)
+            .then(|| Route::home(machine, client))
+    }
+
+    /// When the outputs of `id`, built on `machine` by `built`, are where the run needs
+    /// them: at once, or home behind what that machine's link carries home already and
+    /// the requested outputs of the builds running there.
+    fn outputs_home(&self, id: NodeId, machine: MachineId, built: f64) -> f64 {
+        if self.home_route(id, machine).is_none() {
+            return built;
         }
+        let spec = &self.machines[machine];
+        let start = built.max(self.links.free_at(machine, Direction::FromMachine));
+        let bytes = self.home_pending[machine] + self.graph.node(id).output_bytes;
+        start + spec.transfer_time(bytes)
     }
 
     /// The ready node to place next: the best priority among kinds that some free slot
@@ -212,11 +223,12 @@ impl Scheduler {
             }
             holders.sort_unstable();
             holders.dedup();
-            let mut best: Option<(f64, bool, MachineId)> = None;
+            // (when its outputs are where needed, slot free now, machine, when built)
+            let mut best: Option<(f64, bool, MachineId, f64)> = None;
             for &c in &self.kinds[kind].classes {
                 let spec = &self.machines[self.classes[c][0]];
                 let build_time = spec.build_time(node);
-                if best.is_some_and(|(f, _, _)| now + build_time > f + 1e-9) {
+                if best.is_some_and(|(f, _, _, _)| now + build_time > f + 1e-9) {
                     // This class and all slower ones finish later even if free now.
                     break;
                 }
@@ -242,14 +254,13 @@ impl Scheduler {
                     if only_free && !is_free {
                         continue;
                     }
-                    let finish = self.inputs_arrive(id, m, slot_time.max(now))
-                        + build_time
-                        + self.copy_back(id, m);
+                    let built = self.inputs_arrive(id, m, slot_time.max(now)) + build_time;
+                    let finish = self.outputs_home(id, m, built);
                     // Earliest finish; at a tie, a slot free now beats waiting for one,
                     // then the lower machine index.
                     let better = match best {
                         None => true,
-                        Some((f, best_free, bm)) => {
+                        Some((f, best_free, bm, _)) => {
                             finish < f - 1e-9
                                 || (finish <= f + 1e-9
                                     && ((is_free && !best_free)
@@ -257,14 +268,14 @@ impl Scheduler {
                         }
                     };
                     if better {
-                        best = Some((finish, is_free, m));
+                        best = Some((finish, is_free, m, built));
                     }
                 }
             }
-            let Some((finish, is_free, m)) = best else {
+            let Some((_, is_free, m, built)) = best else {
                 continue;
             };
-            // Book the slot: it is busy until `finish` for everything planned after.
+            // Book the slot: it is busy until `built` for everything planned after.
             let class = self.class_of[m];
             let slots = match booked.entry(m) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -275,7 +286,7 @@ impl Scheduler {
             };
             let (t, free) = slots[0];
             self.queues[class].remove(&SlotKey::new(t, free, m));
-            slots[0] = (finish, false);
+            slots[0] = (built, false);
             slots.sort_unstable_by(slot_order);
             let (t, free) = slots[0];
             // `queued` keeps the machine's key outside this round's bookings.
@@ -290,11 +301,16 @@ impl Scheduler {
                     id,
                     NodeState::Running {
                         machine: m,
-                        expected_end: finish,
+                        expected_end: built,
                     },
                 );
                 self.started_at[id] = now;
                 self.send_inputs(id, m, now);
+                // Its outputs will go home over that link, after those of the builds
+                // running there now.
+                if self.home_route(id, m).is_some() {
+                    self.home_pending[m] += self.graph.node(id).output_bytes;
+                }
                 self.running[m].push(id);
                 self.running_count += 1;
                 actions.push(Action::Start {

@@ -67,8 +67,12 @@ pub struct Scheduler {
     pub(crate) kinds: Vec<Kind>,
     pub(crate) kind_of: Vec<usize>,
     pub(crate) ready: Vec<BTreeSet<ReadyKey>>,
-    /// The links' queues as planned: inputs sent for the builds started.
+    /// The links' queues as planned: inputs sent for the builds started, requested
+    /// outputs on their way home.
     pub(crate) links: Links,
+    /// Per machine, the bytes of requested outputs that builds running there will send
+    /// home when they end.
+    pub(crate) home_pending: Vec<u64>,
 }
 
 impl Scheduler {
@@ -110,6 +114,7 @@ impl Scheduler {
             kinds,
             kind_of,
             links: Links::new(m),
+            home_pending: vec![0; m],
         };
         for m in 0..m {
             sched.replace_queue_key(m);
@@ -190,6 +195,11 @@ impl Scheduler {
                 self.release(node, machine);
                 match outcome {
                     Outcome::Built => {
+                        // A requested output starts home now, over its machine's link.
+                        if let Some(home) = self.home_route(node, machine) {
+                            let bytes = self.graph.node(node).output_bytes;
+                            self.links.send(&self.machines, &home, bytes, now);
+                        }
                         let seconds = now - self.started_at[node];
                         self.set_state(node, NodeState::Done { machine, seconds });
                         self.holders[node] = vec![machine];
@@ -303,6 +313,7 @@ impl Scheduler {
         self.replace_queue_key(machine);
         let lost = std::mem::take(&mut self.running[machine]);
         self.running_count -= lost.len();
+        self.home_pending[machine] = 0;
         for node in lost {
             self.make_ready(node);
         }
@@ -320,6 +331,10 @@ impl Scheduler {
         let before = self.running[machine].len();
         self.running[machine].retain(|&n| n != node);
         let removed = before - self.running[machine].len();
+        if removed > 0 && self.home_route(node, machine).is_some() {
+            let bytes = self.graph.node(node).output_bytes;
+            self.home_pending[machine] = self.home_pending[machine].saturating_sub(bytes);
+        }
         self.running_count -= removed;
         if self.alive[machine] {
             self.free_in_class[class] += removed;

@@ -6,7 +6,8 @@
 //! built on builder A goes to builder B streamed through the client, over both links at
 //! once; a path that several builds need stops in the client's store on the way, so
 //! that later copies cross one link and A serves it once. A link carries one transfer's
-//! bytes at a time (transfers queue on it); latency delays a transfer without holding
+//! bytes at a time in each direction (transfers queue on it: inputs going to a machine
+//! queue apart from outputs coming from it); latency delays a transfer without holding
 //! the link.
 
 use crate::fleet::{MachineId, MachineSpec};
@@ -35,18 +36,20 @@ pub enum RouteKind {
 }
 
 impl Route {
-    /// Calls `f` with the links of each hop, in order.
-    fn each_hop(&self, mut f: impl FnMut(&[MachineId])) {
+    /// Calls `f` with the links of each hop, in order: each machine's link with the
+    /// direction the bytes take over it.
+    fn each_hop(&self, mut f: impl FnMut(&[(MachineId, Direction)])) {
+        use Direction::{FromMachine, ToMachine};
         match (self.kind, self.from) {
             (RouteKind::Present, _) => {}
-            (RouteKind::Direct, None) => f(&[self.to]),
-            (RouteKind::Direct, Some(from)) => f(&[from]),
-            (RouteKind::Streamed, Some(from)) => f(&[from, self.to]),
+            (RouteKind::Direct, None) => f(&[(self.to, ToMachine)]),
+            (RouteKind::Direct, Some(from)) => f(&[(from, FromMachine)]),
+            (RouteKind::Streamed, Some(from)) => f(&[(from, FromMachine), (self.to, ToMachine)]),
             (RouteKind::ViaClient, Some(from)) => {
-                f(&[from]);
-                f(&[self.to]);
+                f(&[(from, FromMachine)]);
+                f(&[(self.to, ToMachine)]);
             }
-            (RouteKind::Streamed | RouteKind::ViaClient, None) => f(&[self.to]),
+            (RouteKind::Streamed | RouteKind::ViaClient, None) => f(&[(self.to, ToMachine)]),
         }
     }
 
@@ -117,17 +120,25 @@ pub fn route(
     Some(on(Some(from), kind))
 }
 
-/// When each machine's link is next free, and the bytes each has carried.
+/// Which way bytes cross a machine's link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ToMachine = 0,
+    FromMachine = 1,
+}
+
+/// When each machine's link is next free in each direction, and the bytes each has
+/// carried.
 #[derive(Debug, Clone)]
 pub struct Links {
-    free_at: Vec<f64>,
+    free_at: Vec<[f64; 2]>,
     bytes: Vec<u64>,
 }
 
 impl Links {
     pub fn new(machines: usize) -> Links {
         Links {
-            free_at: vec![0.0; machines],
+            free_at: vec![[0.0; 2]; machines],
             bytes: vec![0; machines],
         }
     }
@@ -145,9 +156,9 @@ impl Links {
         let mut at = ready;
         route.each_hop(|links| {
             let (busy_until, arrival) = self.hop(machines, links, bytes, at);
-            for &l in links {
+            for &(l, d) in links {
                 if !machines[l].is_local {
-                    self.free_at[l] = busy_until;
+                    self.free_at[l][d as usize] = busy_until;
                     self.bytes[l] += bytes;
                 }
             }
@@ -161,7 +172,7 @@ impl Links {
     fn hop(
         &self,
         machines: &[MachineSpec],
-        links: &[MachineId],
+        links: &[(MachineId, Direction)],
         bytes: u64,
         ready: f64,
     ) -> (f64, f64) {
@@ -170,11 +181,11 @@ impl Links {
         }
         let mut start = ready;
         let (mut rate, mut latency) = (f64::INFINITY, 0.0);
-        for &l in links {
+        for &(l, d) in links {
             if machines[l].is_local {
                 continue;
             }
-            start = start.max(self.free_at[l]);
+            start = start.max(self.free_at[l][d as usize]);
             rate = rate.min(machines[l].bandwidth.max(1.0));
             latency += machines[l].latency;
         }
@@ -191,14 +202,13 @@ impl Links {
         &self.bytes
     }
 
-    /// When `machine`'s link is next free.
-    pub fn free_at(&self, machine: MachineId) -> f64 {
-        self.free_at[machine]
+    /// When `machine`'s link is next free in direction `d`.
+    pub fn free_at(&self, machine: MachineId, d: Direction) -> f64 {
+        self.free_at[machine][d as usize]
     }
 
-    /// Books `machine`'s link until `until` at least (a copy the caller times itself).
-    pub fn book(&mut self, machine: MachineId, until: f64, bytes: u64) {
-        self.free_at[machine] = self.free_at[machine].max(until);
+    /// Counts `bytes` on `machine`'s link for a copy the caller times itself.
+    pub fn count(&mut self, machine: MachineId, bytes: u64) {
         self.bytes[machine] += bytes;
     }
 }
@@ -266,8 +276,14 @@ mod tests {
         // Another link is not held up; a relay goes at the slower link's rate.
         let to_fast = route(&m, &[0], false, 1, 1, 1_000_000).unwrap();
         assert!((links.arrival(&m, &to_fast, 1_000_000, 0.0) - 0.02).abs() < 1e-9);
+        // Bytes coming from a machine queue apart from those going to it; a relay goes
+        // at the slower link's rate.
         let relay = route(&m, &[2], false, 1, 1, 1_000_000).unwrap();
-        assert!((links.arrival(&m, &relay, 1_000_000, 0.0) - 3.02).abs() < 1e-9);
-        assert_eq!(links.bytes(), &[0, 0, 2_000_000, 0]);
+        assert!((links.arrival(&m, &relay, 1_000_000, 0.0) - 1.02).abs() < 1e-9);
+        assert!((links.send(&m, &relay, 1_000_000, 0.0) - 1.02).abs() < 1e-9);
+        assert!((links.arrival(&m, &relay, 1_000_000, 0.0) - 2.02).abs() < 1e-9);
+        assert_eq!(links.free_at(2, Direction::ToMachine), 2.0);
+        assert_eq!(links.free_at(2, Direction::FromMachine), 1.0);
+        assert_eq!(links.bytes(), &[0, 1_000_000, 3_000_000, 0]);
     }
 }

@@ -350,7 +350,10 @@ fn speeds_learned_mid_run_change_later_decisions() {
     let mut sched = Scheduler::new(Graph::new(nodes).unwrap(), fleet, false);
     let first = sched.start(0.0);
     assert_eq!(
-        first.iter().filter(|a| matches!(a, Action::Start { .. })).count(),
+        first
+            .iter()
+            .filter(|a| matches!(a, Action::Start { .. }))
+            .count(),
         2,
         "{first:?}"
     );
@@ -373,7 +376,8 @@ fn speeds_learned_mid_run_change_later_decisions() {
     );
     // Local is free again and quicker than the slow builder would be: it takes the next.
     assert!(
-        next.iter().any(|a| matches!(a, Action::Start { machine: 0, .. })),
+        next.iter()
+            .any(|a| matches!(a, Action::Start { machine: 0, .. })),
         "{next:?}"
     );
     // The builder, busy until 1.0 as planned, would take until 4.0 for another: the
@@ -394,7 +398,9 @@ fn speeds_learned_mid_run_change_later_decisions() {
         1.5,
     );
     assert!(
-        !after.iter().any(|a| matches!(a, Action::Start { machine: 1, .. })),
+        !after
+            .iter()
+            .any(|a| matches!(a, Action::Start { machine: 1, .. })),
         "{after:?}"
     );
 }

@@ -176,7 +176,7 @@ pub fn simulate(
             let build = spec.build_time(graph.node(node)) + costs.per_build;
             let back = if policy.copies_outputs_back() && !spec.is_local {
                 let bytes = graph.node(node).output_bytes;
-                links.book(m, 0.0, bytes);
+                links.count(m, bytes);
                 spec.transfer_time(bytes)
             } else {
                 0.0
