@@ -153,16 +153,23 @@ impl Scheduler {
     }
 
     /// When the outputs of `id`, built on `machine` by `built`, are where the run needs
-    /// them: at once, or home behind what that machine's link carries home already and
-    /// the requested outputs of the builds running there.
+    /// them. Built on a builder, they cross its link once: home for a requested output
+    /// (behind those of the builds running there), or towards the builds that need them
+    /// unless those run there too. Counting that crossing keeps a builder behind a slow
+    /// link from taking the first builds of a chain whose outputs would then all leave
+    /// over it.
     fn outputs_home(&self, id: NodeId, machine: MachineId, built: f64) -> f64 {
-        if self.home_route(id, machine).is_none() {
+        let spec = &self.machines[machine];
+        if spec.is_local {
             return built;
         }
-        let spec = &self.machines[machine];
         let start = built.max(self.links.free_at(machine, Direction::FromMachine));
-        let bytes = self.home_pending[machine] + self.graph.node(id).output_bytes;
-        start + spec.transfer_time(bytes)
+        let ahead = if self.home_route(id, machine).is_some() {
+            self.home_pending[machine]
+        } else {
+            0
+        };
+        start + spec.transfer_time(ahead + self.graph.node(id).output_bytes)
     }
 
     /// The ready node to place next: the best priority among kinds that some free slot

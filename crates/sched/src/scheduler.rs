@@ -129,19 +129,31 @@ impl Scheduler {
     }
 
     /// What was learned of `machine` mid-run: its speed, and per system where that
-    /// differs. Machines are regrouped into classes, so later decisions use it; builds
-    /// already running keep their expected ends.
+    /// differs. Later decisions use it; builds already running keep their expected ends.
     pub fn set_speeds(
         &mut self,
         machine: MachineId,
         speed: f64,
         system_speeds: Vec<(String, f64)>,
     ) {
-        let Some(spec) = self.machines.get_mut(machine) else {
-            return;
-        };
-        spec.speed = speed;
-        spec.system_speeds = system_speeds;
+        if let Some(spec) = self.machines.get_mut(machine) {
+            spec.speed = speed;
+            spec.system_speeds = system_speeds;
+            self.regroup();
+        }
+    }
+
+    /// What was learned of `machine`'s link mid-run.
+    pub fn set_link(&mut self, machine: MachineId, bandwidth: f64, latency: f64) {
+        if let Some(spec) = self.machines.get_mut(machine) {
+            spec.bandwidth = bandwidth;
+            spec.latency = latency;
+            self.regroup();
+        }
+    }
+
+    /// Groups the machines into classes again after a spec changed.
+    fn regroup(&mut self) {
         let (classes, class_of) = machine_classes(&self.machines);
         self.queues = vec![BTreeSet::new(); classes.len()];
         self.free_in_class = vec![0; classes.len()];

@@ -529,9 +529,9 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         }
     }
 
-    /// Fits the machines' speeds again with this run's builds so far, at most every
-    /// [`REFIT_INTERVAL`] seconds: a machine that turns out slower or faster than
-    /// planned gets the rest of the run's decisions right.
+    /// Fits the machines' speeds and links again with this run's builds and copies so
+    /// far, at most every [`REFIT_INTERVAL`] seconds: a machine or link that turns out
+    /// slower or faster than planned gets the rest of the run's decisions right.
     fn refit_speeds(&mut self) {
         let now = self.now();
         let Some(h) = self.history else { return };
@@ -562,6 +562,22 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 self.machines[m].speed = speed;
                 self.machines[m].system_speeds = per_system.clone();
                 self.sched.set_speeds(m, speed, per_system);
+            }
+        }
+        for m in 0..self.machines.len() {
+            let spec = &self.machines[m];
+            let Some(link) = knowledge
+                .link(&self.state_keys[m])
+                .filter(|_| !spec.is_local)
+            else {
+                continue;
+            };
+            let moved = |old: f64, new: f64| (new / old.max(1e-9) - 1.0).abs() > REFIT_CHANGE;
+            if moved(spec.bandwidth, link.bandwidth) {
+                tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
+                self.machines[m].bandwidth = link.bandwidth;
+                self.machines[m].latency = link.latency;
+                self.sched.set_link(m, link.bandwidth, link.latency);
             }
         }
     }
