@@ -122,6 +122,8 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     run_id: String,
     /// When the speeds were last fitted again from the state, mid-run.
     last_refit: f64,
+    /// Machines whose first probe has not answered yet, and that probe.
+    first_probes: HashMap<MachineId, AbortHandle>,
 }
 
 impl<'h, T: BuildTransport> Runner<'h, T> {
@@ -178,6 +180,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             state_keys,
             declared_speeds,
             last_refit: 0.0,
+            first_probes: HashMap::new(),
             run_id: format!(
                 "{}-{}",
                 std::process::id(),
@@ -230,10 +233,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     pub(crate) async fn run(mut self, stop: CancellationToken) -> Result<BuildReport, DriverError> {
         let interrupt = stop.clone().cancelled_owned();
         tokio::pin!(interrupt);
-        tokio::select! {
-            () = self.check_machines() => {}
-            () = &mut interrupt => return Err(self.stop().await),
-        }
+        self.check_machines();
         let first = self.sched.start(self.now());
         self.apply(first);
         while !self.sched.is_finished() {
@@ -271,10 +271,10 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     /// Before the first build: skips the machines still quarantined by earlier runs,
-    /// and probes the others at once, so that one that cannot be reached is said once
-    /// and planned around from the start.
-    async fn check_machines(&mut self) {
-        let mut probes = JoinSet::new();
+    /// and probes the others while the first builds start: one that cannot be reached
+    /// is said once (by its probe or by the first build there, whichever fails first)
+    /// and its work goes elsewhere.
+    fn check_machines(&mut self) {
         for m in 0..self.machines.len() {
             if m == LOCAL || self.machines[m].slots == 0 {
                 continue;
@@ -289,18 +289,23 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 continue;
             }
             let probe = self.probe(m);
-            probes.spawn(async move { (m, probe.await) });
-        }
-        while let Some(probed) = probes.join_next().await {
-            if let Ok((m, Err(why))) = probed {
-                self.machine_failed(m, &why, "skipping it");
-            }
+            let handle = self.probes.spawn(async move { (m, probe.await) });
+            self.first_probes.insert(m, handle);
         }
     }
 
     /// `machine`'s connection failed: it is down until a probe after its backoff, or
     /// lost for the run when it keeps failing. Its running builds go elsewhere.
     fn machine_failed(&mut self, machine: MachineId, why: &str, doing: &str) {
+        // A build there failed before the first probe answered: one failure, not two,
+        // said as the probe would have said it.
+        let doing = match self.first_probes.remove(&machine) {
+            Some(probe) => {
+                probe.abort();
+                "skipping it"
+            }
+            None => doing,
+        };
         self.running.retain(|_, (handle, m)| {
             if *m == machine {
                 handle.abort();
@@ -355,14 +360,18 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     fn on_probed(&mut self, machine: MachineId, answer: Result<(), String>) {
+        let first = self.first_probes.remove(&machine).is_some();
         match answer {
             Ok(()) => {
-                tracing::info!(machine = %self.machines[machine].name, "answers again");
+                if !first {
+                    tracing::info!(machine = %self.machines[machine].name, "answers again");
+                }
                 let actions = self
                     .sched
                     .handle(Event::MachineBack { machine }, self.now());
                 self.apply(actions);
             }
+            Err(why) if first => self.machine_failed(machine, &why, "skipping it"),
             Err(why) => self.machine_failed(machine, &why, "still down"),
         }
     }

@@ -43,7 +43,7 @@ struct FakeTransport {
     fetch_fails: bool,
     /// How many copies home fail more, as a cut link does, before they succeed.
     fetch_breaks: Mutex<u32>,
-    /// Machines whose probes fail.
+    /// Machines whose probes fail, and whose sessions do not open.
     unreachable: Vec<MachineId>,
     probes: Mutex<Vec<MachineId>>,
     builds: Mutex<Vec<(String, MachineId, Option<u32>)>>,
@@ -80,6 +80,21 @@ impl FakeTransport {
 impl BuildTransport for FakeTransport {
     async fn build(self: Arc<Self>, task: BuildTask) -> TaskDone {
         let (node, machine) = (task.node, task.machine);
+        if self.unreachable.contains(&machine) {
+            // As a real session that cannot open: the build never ran there.
+            tokio::task::yield_now().await;
+            return TaskDone {
+                node,
+                machine,
+                outcome: Outcome::Lost {
+                    reason: "connection refused".into(),
+                },
+                log_tail: Vec::new(),
+                seconds: 0.0,
+                facts: Default::default(),
+                machine_down: true,
+            };
+        }
         let name = self.names[node].clone();
         self.builds
             .lock()
