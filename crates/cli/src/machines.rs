@@ -1,8 +1,8 @@
 //! `offload machines`: the fleet a build would use, as a table or JSON Lines: each
 //! machine's systems, features, slots, declared speed factor, what the planner learned
 //! of it from the state database (speed per system relative to this machine's native
-//! one, the link's bandwidth and latency, CPU cores, and how many builds or transfers
-//! each figure rests on), current load (slots held in the shared ledger by any offload
+//! one, the link's bandwidth and latency, what a build costs there besides its own time,
+//! CPU cores, and how many builds or transfers each figure rests on), current load (slots held in the shared ledger by any offload
 //! or Nix hook build on this machine) and state (up, failing since, or quarantined
 //! until).
 
@@ -32,6 +32,8 @@ struct Row {
     /// Per system it builds: its learned speed (this machine's native system is 1).
     learned: Vec<(String, Learned)>,
     link: Option<LinkFigures>,
+    /// Seconds a build costs there besides its own time, and the builds behind it.
+    per_build: Option<(f64, usize)>,
     cores: Option<u32>,
     /// `up`, `failing`, or `quarantined`, and what the record says.
     state: &'static str,
@@ -77,6 +79,7 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
                         "latency_seconds": l.latency,
                         "samples": l.samples,
                     })),
+                    "per_build": r.per_build.map(|(s, n)| json!({"seconds": s, "samples": n})),
                     "cores": r.cores,
                     "state": r.state,
                     "state_detail": r.state_detail,
@@ -171,6 +174,7 @@ fn row(
     Row {
         learned,
         link: knowledge.link(key),
+        per_build: knowledge.per_build(key),
         cores,
         state,
         state_detail,
@@ -186,10 +190,19 @@ fn row(
 
 fn table(rows: &[Row]) -> String {
     let header = [
-        "machine", "systems", "features", "slots", "speed", "learned", "link", "cores", "load",
+        "machine",
+        "systems",
+        "features",
+        "slots",
+        "speed",
+        "learned",
+        "link",
+        "per build",
+        "cores",
+        "load",
         "state",
     ];
-    let cells: Vec<[String; 10]> = rows
+    let cells: Vec<[String; 11]> = rows
         .iter()
         .map(|r| {
             [
@@ -220,6 +233,8 @@ fn table(rows: &[Row]) -> String {
                     ),
                     None => "-".into(),
                 },
+                r.per_build
+                    .map_or("-".into(), |(s, n)| format!("{s:.2} s ({n})")),
                 r.cores.map_or("-".into(), |c| c.to_string()),
                 match r.busy {
                     Some(b) => format!("{b}/{}", r.slots),

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use offload_test_support::{nix_command, nix_system, require_sshd_fleet, run_ok, SshFleet};
+use offload_test_support::{
+    assert_sound_and_nothing_rebuilt, nix_command, nix_system, require_sshd_fleet, run_ok, SshFleet,
+};
 
 /// A scratch directory with one Nix file of fresh derivations, where offload runs.
 struct Work {
@@ -83,14 +85,7 @@ impl Work {
 
     /// The local store is sound, and a second run builds nothing: every output is here.
     fn assert_sound_and_complete(&self, fleet: &SshFleet, builders: &str) {
-        run_ok(nix_command("nix-store").args(["--verify", "--check-contents"]));
-        let again = self.build(fleet, builders, &[]);
-        let stderr = text(&again.stderr);
-        assert!(again.status.success(), "second run: {stderr}");
-        assert!(
-            stderr.contains("built 0 derivations"),
-            "the second run builds nothing: {stderr}"
-        );
+        assert_sound_and_nothing_rebuilt(&self.build(fleet, builders, &[]));
     }
 }
 

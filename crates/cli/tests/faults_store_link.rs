@@ -11,8 +11,8 @@ use std::process::Output;
 use std::time::Instant;
 
 use offload_test_support::{
-    nix_command, nix_system, require_sshd_fleet_with, run_ok, salt, text, HostOptions, LinkCutter,
-    SshFleet,
+    assert_sound_and_nothing_rebuilt, nix_command, nix_system, require_sshd_fleet_with, run_ok,
+    salt, text, HostOptions, LinkCutter, SshFleet,
 };
 
 /// A scratch directory with one derivation, `big`, whose output holds `mib` MiB made by
@@ -69,14 +69,7 @@ impl Work {
 
     /// The local store is sound, and a second run builds nothing.
     fn assert_sound_and_complete(&self, fleet: &SshFleet, builders: &str) {
-        run_ok(nix_command("nix-store").args(["--verify", "--check-contents"]));
-        let again = self.build(fleet, builders, &[]);
-        let stderr = text(&again.stderr);
-        assert!(again.status.success(), "second run: {stderr}");
-        assert!(
-            stderr.contains("built 0 derivations"),
-            "the second run builds nothing: {stderr}"
-        );
+        assert_sound_and_nothing_rebuilt(&self.build(fleet, builders, &[]));
     }
 }
 

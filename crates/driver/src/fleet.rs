@@ -171,6 +171,7 @@ pub fn remote_spec(m: &Machine, name: String, bandwidth: f64, latency: f64) -> M
         is_local: false,
         bandwidth,
         latency,
+        per_build: 0.0,
     }
 }
 

@@ -54,10 +54,11 @@ const MIGRATIONS: &[&str] = &[
      );",
     // What the planner learns (`learn.rs`): from here on `builds.machine` is the store
     // URI as written and `seconds` the build's own time (its inputs' copies left out);
-    // NAR bytes of the outputs and the run the build was part of; every copy between this machine and another, with how
+    // NAR bytes of the outputs, the run the build was part of and the whole task's time; every copy between this machine and another, with how
     // many copies shared the link when it started; each machine's CPU cores.
     "ALTER TABLE builds ADD COLUMN output_bytes INTEGER;
      ALTER TABLE builds ADD COLUMN run TEXT;
+     ALTER TABLE builds ADD COLUMN task_seconds REAL;
      CREATE TABLE transfers (
          machine TEXT NOT NULL,
          direction TEXT NOT NULL,
@@ -198,6 +199,7 @@ impl History {
             declared_speed: speed,
             output_bytes,
             run: None,
+            task_seconds: None,
         })
     }
 
@@ -206,8 +208,8 @@ impl History {
         self.conn
             .execute(
                 "INSERT INTO builds (name, pname, system, machine, seconds, speed,
-                                     finished_at, output_bytes, run)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                     finished_at, output_bytes, run, task_seconds)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     b.name,
                     package_name(b.name),
@@ -217,7 +219,8 @@ impl History {
                     b.declared_speed,
                     unix_now(),
                     b.output_bytes.map(|n| n as i64),
-                    b.run
+                    b.run,
+                    b.task_seconds
                 ],
             )
             .map(|_| ())
@@ -244,6 +247,8 @@ pub struct BuildRecord<'a> {
     pub output_bytes: Option<u64>,
     /// The run it was part of.
     pub run: Option<&'a str>,
+    /// The whole task's seconds: the session, the inputs' copies, the build.
+    pub task_seconds: Option<f64>,
 }
 
 /// Seconds since the Unix epoch (0 on a clock before it).

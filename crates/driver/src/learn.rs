@@ -80,6 +80,9 @@ pub struct Knowledge {
     output_bytes: HashMap<String, u64>,
     speeds: HashMap<(String, String), Learned>,
     links: HashMap<String, LinkFigures>,
+    /// Per machine: seconds a build costs there besides its own time, and the builds
+    /// that says.
+    per_build: HashMap<String, (f64, usize)>,
 }
 
 impl Knowledge {
@@ -104,6 +107,11 @@ impl Knowledge {
         self.speeds
             .get(&(machine.to_string(), system.to_string()))
             .copied()
+    }
+
+    /// Seconds a build costs on `machine` besides its own time, and the builds behind it.
+    pub fn per_build(&self, machine: &str) -> Option<(f64, usize)> {
+        self.per_build.get(machine).copied()
     }
 
     /// The learned figures of `machine`'s link.
@@ -133,6 +141,9 @@ impl Knowledge {
             if let Some((speed, per_system)) = self.speeds_of(&key, &spec.systems) {
                 spec.speed = speed;
                 spec.system_speeds = per_system;
+            }
+            if let Some((seconds, _)) = self.per_build(&key) {
+                spec.per_build = seconds;
             }
             if !spec.is_local {
                 if let Some(link) = self.link(&key) {
@@ -239,12 +250,44 @@ impl History {
             .into_iter()
             .filter_map(|(m, t)| link_figures(&t).map(|f| (m, f)))
             .collect();
+
+        // What a build costs besides itself: the task's time over the build's own,
+        // the lower quartile of recent builds (those with inputs to copy cost more).
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT machine, task_seconds - seconds FROM builds
+                 WHERE task_seconds IS NOT NULL ORDER BY rowid DESC LIMIT ?1",
+            )
+            .map_err(err())?;
+        let mut extra: HashMap<String, Vec<f64>> = HashMap::new();
+        let rows = stmt
+            .query_map(params![ROWS_READ as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
+            })
+            .map_err(err())?;
+        for row in rows {
+            let (machine, seconds) = row.map_err(err())?;
+            let cell = extra.entry(machine).or_default();
+            if cell.len() < RECENT_TRANSFERS {
+                cell.push(seconds.max(0.0));
+            }
+        }
+        let per_build = extra
+            .into_iter()
+            .map(|(m, mut v)| {
+                v.sort_by(f64::total_cmp);
+                let n = v.len();
+                (m, (v[n / 4], n))
+            })
+            .collect();
         Ok(Knowledge {
             work,
             package_work,
             output_bytes,
             speeds,
             links,
+            per_build,
         })
     }
 
@@ -711,6 +754,32 @@ mod tests {
             fit(&lone, SYS).1[&("ssh://slow".to_string(), SYS.to_string())].speed,
             1.0
         );
+    }
+
+    #[test]
+    fn what_a_build_costs_besides_itself_is_kept_per_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::open(&dir.path().join("state.sqlite")).unwrap();
+        // Four builds on a builder: 0.4 s around each, and once 3 s of input copies.
+        for (i, extra) in [0.4, 0.45, 3.0, 0.4].iter().enumerate() {
+            let name = format!("d{i}");
+            h.record_build(&crate::history::BuildRecord {
+                name: &name,
+                system: SYS,
+                machine: "ssh://b",
+                seconds: 1.0,
+                declared_speed: 1.0,
+                output_bytes: None,
+                run: None,
+                task_seconds: Some(1.0 + extra),
+            })
+            .unwrap();
+        }
+        let k = h.knowledge(SYS).unwrap();
+        let (seconds, samples) = k.per_build("ssh://b").unwrap();
+        assert!((seconds - 0.4).abs() < 1e-9, "{seconds}");
+        assert_eq!(samples, 4);
+        assert_eq!(k.per_build("local"), None);
     }
 
     #[test]

@@ -64,6 +64,7 @@ struct ClassKey<'a> {
     is_local: bool,
     bandwidth_bits: u64,
     latency_bits: u64,
+    per_build_bits: u64,
 }
 
 impl<'a> ClassKey<'a> {
@@ -81,6 +82,7 @@ impl<'a> ClassKey<'a> {
             is_local,
             bandwidth,
             latency,
+            per_build,
         } = spec;
         ClassKey {
             systems,
@@ -95,6 +97,7 @@ impl<'a> ClassKey<'a> {
             is_local: *is_local,
             bandwidth_bits: bandwidth.to_bits(),
             latency_bits: latency.to_bits(),
+            per_build_bits: per_build.to_bits(),
         }
     }
 }

@@ -90,51 +90,45 @@ impl Scheduler {
         }
     }
 
-    /// When the inputs of `id` that `machine` lacks would all be there, sent one after
-    /// another from `ready` on, behind what the links carry already.
-    fn inputs_arrive(&self, id: NodeId, machine: MachineId, ready: f64) -> f64 {
-        let mut at = ready;
-        for &dep in &self.graph.node(id).deps {
+    /// The inputs of `id` that `machine` lacks, each with its route and size.
+    fn input_routes(
+        &self,
+        id: NodeId,
+        machine: MachineId,
+    ) -> impl Iterator<Item = (NodeId, Route, u64)> + '_ {
+        self.graph.node(id).deps.iter().filter_map(move |&dep| {
             let bytes = self.graph.node(dep).output_bytes;
             let consumers = self.graph.dependents(dep).len();
-            if let Some(r) = route(
+            let r = route(
                 &self.machines,
                 &self.holders[dep],
                 false,
                 machine,
                 consumers,
                 bytes,
-            ) {
-                at = self.links.arrival(&self.machines, &r, bytes, at);
-            }
-        }
-        at
+            )?;
+            (!r.is_present()).then_some((dep, r, bytes))
+        })
+    }
+
+    /// When the inputs of `id` that `machine` lacks would all be there, sent one after
+    /// another from `ready` on, behind what the links carry already.
+    fn inputs_arrive(&self, id: NodeId, machine: MachineId, ready: f64) -> f64 {
+        self.input_routes(id, machine)
+            .fold(ready, |at, (_, r, bytes)| {
+                self.links.arrival(&self.machines, &r, bytes, at)
+            })
     }
 
     /// Books the links the inputs of `id` take to `machine`, from `now` on.
     /// The inputs then count as held there (and in the client's store when their route
     /// keeps them): later plans neither send them again nor queue behind a phantom copy.
     fn send_inputs(&mut self, id: NodeId, machine: MachineId, now: f64) {
+        let client = self.machines.iter().position(|m| m.is_local);
+        let routes: Vec<(NodeId, Route, u64)> = self.input_routes(id, machine).collect();
         let mut at = now;
-        let deps = self.graph.node(id).deps.clone();
-        for dep in deps {
-            let bytes = self.graph.node(dep).output_bytes;
-            let consumers = self.graph.dependents(dep).len();
-            let Some(r) = route(
-                &self.machines,
-                &self.holders[dep],
-                false,
-                machine,
-                consumers,
-                bytes,
-            ) else {
-                continue;
-            };
-            if r.is_present() {
-                continue;
-            }
+        for (dep, r, bytes) in routes {
             at = self.links.send(&self.machines, &r, bytes, at);
-            let client = self.machines.iter().position(|m| m.is_local);
             let kept = client.filter(|_| r.keeps_in_client());
             for m in kept.into_iter().chain([machine]) {
                 if !self.holders[dep].contains(&m) {
@@ -261,7 +255,9 @@ impl Scheduler {
                     if only_free && !is_free {
                         continue;
                     }
-                    let built = self.inputs_arrive(id, m, slot_time.max(now)) + build_time;
+                    let built = self.inputs_arrive(id, m, slot_time.max(now))
+                        + build_time
+                        + self.machines[m].per_build;
                     let finish = self.outputs_home(id, m, built);
                     // Earliest finish; at a tie, a slot free now beats waiting for one,
                     // then the lower machine index.

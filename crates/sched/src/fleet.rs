@@ -29,6 +29,9 @@ pub struct MachineSpec {
     pub bandwidth: f64,
     /// Seconds of fixed cost per transfer or build round trip.
     pub latency: f64,
+    /// Seconds each build costs here besides its own time: a session's round trips,
+    /// asking what is there, learning the outputs.
+    pub per_build: f64,
 }
 
 impl MachineSpec {
@@ -46,6 +49,7 @@ impl MachineSpec {
             is_local: false,
             bandwidth: f64::INFINITY,
             latency: 0.0,
+            per_build: 0.0,
         }
     }
 
@@ -111,6 +115,7 @@ mod tests {
             is_local: false,
             bandwidth: 1e8,
             latency: 0.001,
+            per_build: 0.0,
         }
     }
 

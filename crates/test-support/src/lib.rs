@@ -221,6 +221,18 @@ pub fn salt(tag: &str) -> String {
 }
 
 /// Runs `cmd` and returns its stdout; panics with its stderr if it fails.
+/// The local store verifies clean, and `again`, a second run of a build that ended, built
+/// nothing: every output was already here.
+pub fn assert_sound_and_nothing_rebuilt(again: &Output) {
+    run_ok(nix_command("nix-store").args(["--verify", "--check-contents"]));
+    let stderr = text(&again.stderr);
+    assert!(again.status.success(), "second run: {stderr}");
+    assert!(
+        stderr.contains("built 0 derivations"),
+        "the second run builds nothing: {stderr}"
+    );
+}
+
 pub fn run_ok(cmd: &mut Command) -> String {
     match run(cmd) {
         Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -530,6 +530,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 declared_speed: self.declared_speeds[done.machine],
                 output_bytes: done.facts.output_bytes,
                 run: Some(&self.run_id),
+                task_seconds: Some(done.seconds),
             });
             if let Err(e) = recorded {
                 tracing::warn!("{e}");
