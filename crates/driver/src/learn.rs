@@ -38,6 +38,8 @@ const PRIOR_WEIGHT: f64 = 0.25;
 /// How much one build of a run weighs against one comparison, for a machine's speed
 /// from its run's population of builds.
 const POPULATION_WEIGHT: f64 = 1.0;
+/// Builds of a run on each side before its population says anything.
+const MIN_POPULATION: usize = 3;
 
 /// One recorded build, as the fit reads it.
 #[derive(Debug, Clone, PartialEq)]
@@ -572,10 +574,11 @@ fn shrink(measured: f64, weight: f64, prior: f64) -> f64 {
 
 /// Per machine and system, its speed from the runs in which it and this machine's
 /// native system (`anchor`) both built: the typical time of the run's derivations here
-/// over there (a trimmed mean of log times), weighted by the builds behind it, with
-/// the number of those builds. A run spreads one graph's derivations over its
-/// machines, so their times are comparable in the mass even with no derivation built
-/// twice.
+/// over there (a trimmed mean of log times), runs weighted by how sure each is, with the
+/// number of builds behind it. A run spreads one graph's derivations over its machines,
+/// so their times are comparable in the mass even with no derivation built twice; but
+/// derivations differ, so a difference counts only when it stands out of the noise (two
+/// standard errors): machines alike stay at their declared speeds.
 fn population_speeds(
     rows: &[BuildRow],
     anchor: &(String, String),
@@ -591,24 +594,46 @@ fn population_speeds(
                 .push(r.seconds.max(0.01).ln());
         }
     }
-    let mut sums: HashMap<(String, String), (f64, usize)> = HashMap::new();
+    // Per key: sum of d / se², sum of 1 / se², builds.
+    let mut sums: HashMap<(String, String), (f64, f64, usize)> = HashMap::new();
     for keys in per_run.values_mut() {
         let Some(mut here) = keys.remove(anchor) else {
             continue;
         };
+        if here.len() < MIN_POPULATION {
+            continue;
+        }
         let here_typical = trimmed_mean(&mut here);
+        let here_var = variance(&here);
         for (key, mut there) in keys.drain() {
-            let n = here.len().min(there.len());
+            if there.len() < MIN_POPULATION {
+                continue;
+            }
             let d = here_typical - trimmed_mean(&mut there);
-            let entry = sums.entry(key).or_insert((0.0, 0));
-            entry.0 += d * n as f64;
-            entry.1 += n;
+            let spread = (here_var + variance(&there)) / 2.0;
+            let se2 = (spread * (1.0 / here.len() as f64 + 1.0 / there.len() as f64)).max(1e-6);
+            let entry = sums.entry(key).or_insert((0.0, 0.0, 0));
+            entry.0 += d / se2;
+            entry.1 += 1.0 / se2;
+            entry.2 += here.len().min(there.len());
         }
     }
     sums.into_iter()
-        .filter(|(_, (_, n))| *n > 0)
-        .map(|(key, (sum, n))| (key, ((sum / n as f64).exp(), n)))
+        .filter_map(|(key, (weighted, weights, n))| {
+            let d = weighted / weights;
+            let se = (1.0 / weights).sqrt();
+            (d.abs() > 2.0 * se).then(|| (key, (d.exp(), n)))
+        })
         .collect()
+}
+
+/// The sample variance of `v` (0 for fewer than two).
+fn variance(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64
 }
 
 /// The mean of `v` without its lowest and highest fifth (sorted in place).
@@ -744,6 +769,27 @@ mod tests {
         assert_eq!(s(SYS).samples, 6);
         // Their derivations' work is counted at that speed.
         assert!(near(work["there-3"], 3.9), "{}", work["there-3"]);
+        // Machines alike whose derivations merely differ say nothing.
+        let alike: Vec<BuildRow> = typical
+            .iter()
+            .zip(&similar)
+            .enumerate()
+            .flat_map(|(i, (&a, &b))| {
+                let run = Some("run-2".to_string());
+                [
+                    BuildRow {
+                        run: run.clone(),
+                        ..row(&format!("x-{i}"), SYS, "local", a)
+                    },
+                    BuildRow {
+                        run,
+                        ..row(&format!("y-{i}"), SYS, "ssh://same", 1.3 * b)
+                    },
+                ]
+            })
+            .collect();
+        let same = fit(&alike, SYS).1[&("ssh://same".to_string(), SYS.to_string())];
+        assert_eq!(same.speed, 1.0, "{same:?}");
         // Without a run to compare in, nothing is said.
         let lone: Vec<BuildRow> = rows
             .iter()
