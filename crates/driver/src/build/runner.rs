@@ -51,6 +51,12 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
     fn take_news(&self) -> TransferNews {
         TransferNews::default()
     }
+
+    /// Whether `machine` refused offload for good (authentication, host key): trying
+    /// it again in this run would meet the same refusal.
+    fn refused(&self, _machine: MachineId) -> bool {
+        false
+    }
 }
 
 /// What a build taught, for the state database.
@@ -314,6 +320,19 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         });
         self.transport.forget_machine(machine);
         let name = self.machines[machine].name.clone();
+        if self.transport.refused(machine) {
+            // Not a fault that passes: no backoff, no quarantine; the fix is the user's.
+            self.reporter.machine_warning(&format!(
+                "{name} cannot be used ({why}); {doing}, and it is not tried again in this \
+                 run: a retry would meet the same refusal"
+            ));
+            self.reporter.machine_event("machine_lost", &name, why);
+            let actions = self
+                .sched
+                .handle(Event::MachineLost { machine }, self.now());
+            self.apply(actions);
+            return;
+        }
         let (event, next, kind) = match self.health.failed(machine, why) {
             AfterFailure::RetryIn(wait) => {
                 let probe = self.probe(machine);

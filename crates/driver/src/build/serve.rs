@@ -40,6 +40,8 @@ pub(crate) struct ServeTransport {
     /// Shared with other offload runs and Nix's hook; slots per machine (none: local).
     ledger: SlotLedger,
     slots: Vec<u32>,
+    /// Machines that refused a session for good.
+    refused: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl ServeTransport {
@@ -57,6 +59,7 @@ impl ServeTransport {
         }
         let specs = machines.iter().map(|m| m.spec.clone()).collect();
         let transport = ServeTransport {
+            refused: machines.iter().map(|_| Default::default()).collect(),
             slots: machines
                 .iter()
                 .map(|m| m.spec.slots * u32::from(!m.spec.is_local))
@@ -101,6 +104,16 @@ impl ServeTransport {
     fn pool(&self, machine: MachineId) -> &Pool {
         self.engine.pool(machine)
     }
+
+    /// Remembers that `machine` refused a session for good (authentication, host key).
+    fn note_refusal(&self, machine: MachineId, e: &DriverError) {
+        if matches!(
+            e,
+            DriverError::SshAuth { .. } | DriverError::SshHostKey { .. }
+        ) {
+            self.refused[machine].store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl BuildTransport for ServeTransport {
@@ -139,9 +152,16 @@ impl BuildTransport for ServeTransport {
         self.engine.take_news()
     }
 
+    fn refused(&self, machine: MachineId) -> bool {
+        self.refused[machine].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
         // The session opened goes to the pool: the first build there takes it.
-        let conn = self.pool(machine).get().await.map_err(|e| e.with_hint())?;
+        let conn = self.pool(machine).get().await.map_err(|e| {
+            self.note_refusal(machine, &e);
+            e.with_hint()
+        })?;
         self.pool(machine).put(conn);
         Ok(())
     }
@@ -203,7 +223,10 @@ impl ServeTransport {
         }
         let mut conn = match self.pool(machine).get_with_cores(cores).await {
             Ok(c) => c,
-            Err(e) => return (lost(e), true),
+            Err(e) => {
+                self.note_refusal(machine, &e);
+                return (lost(e), true);
+            }
         };
         let n = &self.nodes[node];
         // A builder may fetch what it lacks from its own substituters when allowed.

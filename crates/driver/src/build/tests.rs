@@ -45,6 +45,8 @@ struct FakeTransport {
     fetch_breaks: Mutex<u32>,
     /// Machines whose probes fail, and whose sessions do not open.
     unreachable: Vec<MachineId>,
+    /// Of those, the ones that refuse for good (as a wrong host key).
+    refusing: Vec<MachineId>,
     probes: Mutex<Vec<MachineId>>,
     builds: Mutex<Vec<(String, MachineId, Option<u32>)>>,
     fetched: Mutex<Vec<String>>,
@@ -63,6 +65,7 @@ impl FakeTransport {
             fetch_fails: false,
             fetch_breaks: Mutex::default(),
             unreachable: Vec::new(),
+            refusing: Vec::new(),
             probes: Mutex::default(),
             builds: Mutex::default(),
             fetched: Mutex::default(),
@@ -169,6 +172,10 @@ impl BuildTransport for FakeTransport {
 
     fn forget_machine(&self, machine: MachineId) {
         self.forgotten.lock().unwrap().push(machine);
+    }
+
+    fn refused(&self, machine: MachineId) -> bool {
+        self.refusing.contains(&machine)
     }
 
     async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
@@ -709,4 +716,29 @@ async fn a_copy_home_that_keeps_breaking_fails_after_its_attempts() {
         Some(DriverError::Exited { .. })
     ));
     assert_eq!(*run.transport.fetch_breaks.lock().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_builder_that_refuses_for_good_is_not_tried_again_in_the_run() {
+    let nodes = vec![node("a", &[]), node("b", &[]), node("top", &[0, 1])];
+    let mut transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    transport.unreachable = vec![1, 2, 3];
+    transport.refusing = vec![1];
+    let run = run(nodes, three_builders(1), transport, false, None, never()).await;
+    assert!(run.report().all_built(), "{:?}", run.report().results);
+    assert!(run.transport.builds().iter().all(|(_, m)| *m == LOCAL));
+    // Probed once, said once, never retried; the others back off as network faults do.
+    let probes = run.transport.probes.lock().unwrap().clone();
+    assert_eq!(probes.iter().filter(|&&m| m == 1).count(), 1, "{probes:?}");
+    let said: Vec<&String> = run
+        .events
+        .iter()
+        .filter(|e| e.starts_with("warning b1 cannot be used"))
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("not tried again in this run"), "{said:?}");
+    assert!(run
+        .events
+        .iter()
+        .any(|e| e.starts_with("warning b2 cannot be used") && e.contains("trying it again in")));
 }
