@@ -39,19 +39,25 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
     let socket = args
         .socket
         .unwrap_or_else(offload_driver::agent::default_socket);
-    let stop = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::warn!("cannot watch for SIGTERM: {e}");
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
+    // Watched from here on, before the socket is announced: a SIGTERM right after the
+    // announcement still removes the socket.
+    let watched = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .and_then(|term| {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map(|int| (term, int))
+        });
+    let stop = async move {
+        match watched {
+            Ok((mut term, mut int)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
                 }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     };
     let listening = |at: &Path| eprintln!("offload agent: listening on {}", at.display());
