@@ -196,58 +196,29 @@ impl History {
             .map(|(p, mut v)| (p, median(&mut v)))
             .collect();
 
-        let mut stmt = self
-            .conn()
-            .prepare(
-                "SELECT name, output_bytes FROM builds WHERE output_bytes IS NOT NULL
-                 ORDER BY rowid DESC LIMIT ?1",
-            )
-            .map_err(err())?;
-        let mut sizes: HashMap<String, Vec<f64>> = HashMap::new();
-        let sized = stmt
-            .query_map(params![ROWS_READ as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })
-            .map_err(err())?;
-        for row in sized {
-            let (name, bytes) = row.map_err(err())?;
-            let cell = sizes.entry(name).or_default();
-            if cell.len() < RECENT_PER_CELL {
-                cell.push(bytes.max(0) as f64);
-            }
-        }
+        let sizes: HashMap<String, Vec<f64>> = self.recent_by_key(
+            "SELECT name, output_bytes FROM builds WHERE output_bytes IS NOT NULL
+             ORDER BY rowid DESC LIMIT ?1",
+            RECENT_PER_CELL,
+            |r| Ok(r.get::<_, i64>(1)?.max(0) as f64),
+        )?;
         let output_bytes = sizes
             .into_iter()
             .map(|(n, mut v)| (n, median(&mut v) as u64))
             .collect();
 
-        let mut stmt = self
-            .conn()
-            .prepare(
-                "SELECT machine, bytes, seconds, concurrent FROM transfers
-                 ORDER BY rowid DESC LIMIT ?1",
-            )
-            .map_err(err())?;
-        let mut per_machine: HashMap<String, Vec<Transfer>> = HashMap::new();
-        let transfers = stmt
-            .query_map(params![(ROWS_READ) as i64], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    Transfer {
-                        bytes: r.get::<_, i64>(1)?.max(0) as u64,
-                        seconds: r.get(2)?,
-                        concurrent: r.get::<_, i64>(3)?.max(1) as u32,
-                    },
-                ))
-            })
-            .map_err(err())?;
-        for row in transfers {
-            let (machine, t) = row.map_err(err())?;
-            let cell = per_machine.entry(machine).or_default();
-            if cell.len() < RECENT_TRANSFERS {
-                cell.push(t);
-            }
-        }
+        let per_machine: HashMap<String, Vec<Transfer>> = self.recent_by_key(
+            "SELECT machine, bytes, seconds, concurrent FROM transfers
+             ORDER BY rowid DESC LIMIT ?1",
+            RECENT_TRANSFERS,
+            |r| {
+                Ok(Transfer {
+                    bytes: r.get::<_, i64>(1)?.max(0) as u64,
+                    seconds: r.get(2)?,
+                    concurrent: r.get::<_, i64>(3)?.max(1) as u32,
+                })
+            },
+        )?;
         let links = per_machine
             .into_iter()
             .filter_map(|(m, t)| link_figures(&t).map(|f| (m, f)))
@@ -255,26 +226,12 @@ impl History {
 
         // What a build costs besides itself: the task's time over the build's own,
         // the lower quartile of recent builds (those with inputs to copy cost more).
-        let mut stmt = self
-            .conn()
-            .prepare(
-                "SELECT machine, task_seconds - seconds FROM builds
-                 WHERE task_seconds IS NOT NULL ORDER BY rowid DESC LIMIT ?1",
-            )
-            .map_err(err())?;
-        let mut extra: HashMap<String, Vec<f64>> = HashMap::new();
-        let rows = stmt
-            .query_map(params![ROWS_READ as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
-            })
-            .map_err(err())?;
-        for row in rows {
-            let (machine, seconds) = row.map_err(err())?;
-            let cell = extra.entry(machine).or_default();
-            if cell.len() < RECENT_TRANSFERS {
-                cell.push(seconds.max(0.0));
-            }
-        }
+        let extra: HashMap<String, Vec<f64>> = self.recent_by_key(
+            "SELECT machine, task_seconds - seconds FROM builds
+             WHERE task_seconds IS NOT NULL ORDER BY rowid DESC LIMIT ?1",
+            RECENT_TRANSFERS,
+            |r| Ok(r.get::<_, f64>(1)?.max(0.0)),
+        )?;
         let per_build = extra
             .into_iter()
             .map(|(m, mut v)| {
@@ -291,6 +248,32 @@ impl History {
             links,
             per_build,
         })
+    }
+
+    /// Runs `sql` (newest rows first, `?1` the row limit; column 0 a key) and keeps, per
+    /// key, the values `value` reads from its `per_key` newest rows.
+    fn recent_by_key<T>(
+        &self,
+        sql: &str,
+        per_key: usize,
+        value: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<HashMap<String, Vec<T>>, HistoryError> {
+        let err = || self.error("reading what was learned");
+        let mut stmt = self.conn().prepare(sql).map_err(err())?;
+        let rows = stmt
+            .query_map(params![ROWS_READ as i64], |r| {
+                Ok((r.get::<_, String>(0)?, value(r)?))
+            })
+            .map_err(err())?;
+        let mut by_key: HashMap<String, Vec<T>> = HashMap::new();
+        for row in rows {
+            let (key, v) = row.map_err(err())?;
+            let cell = by_key.entry(key).or_default();
+            if cell.len() < per_key {
+                cell.push(v);
+            }
+        }
+        Ok(by_key)
     }
 
     /// Records a copy of `bytes` between this machine and `machine` (its key) that took
