@@ -124,7 +124,7 @@ impl Scheduler {
     /// The inputs then count as held there (and in the client's store when their route
     /// keeps them): later plans neither send them again nor queue behind a phantom copy.
     fn send_inputs(&mut self, id: NodeId, machine: MachineId, now: f64) {
-        let client = self.machines.iter().position(|m| m.is_local);
+        let client = self.client;
         let routes: Vec<(NodeId, Route, u64)> = self.input_routes(id, machine).collect();
         let mut at = now;
         for (dep, r, bytes) in routes {
@@ -141,7 +141,7 @@ impl Scheduler {
     /// The way home of the outputs of a requested derivation (one nothing depends
     /// on) built on `machine`: none when built on the client, or when others need it.
     pub(crate) fn home_route(&self, id: NodeId, machine: MachineId) -> Option<Route> {
-        let client = self.machines.iter().position(|m| m.is_local)?;
+        let client = self.client?;
         (self.graph.dependents(id).is_empty() && machine != client)
             .then(|| Route::home(machine, client))
     }

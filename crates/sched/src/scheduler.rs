@@ -73,6 +73,8 @@ pub struct Scheduler {
     /// Per machine, the bytes of requested outputs that builds running there will send
     /// home when they end.
     pub(crate) home_pending: Vec<u64>,
+    /// The machine offload runs on, when it is one of the fleet.
+    pub(crate) client: Option<MachineId>,
 }
 
 impl Scheduler {
@@ -83,6 +85,7 @@ impl Scheduler {
             .map(|i| NodeState::Waiting(graph.node(i).deps.len()))
             .collect();
         let (classes, class_of) = machine_classes(&machines);
+        let client = machines.iter().position(|spec| spec.is_local);
         let (kind_of, examples) = graph.requirement_groups(true);
         let kinds: Vec<Kind> = examples
             .into_iter()
@@ -115,6 +118,7 @@ impl Scheduler {
             kind_of,
             links: Links::new(m),
             home_pending: vec![0; m],
+            client,
         };
         for m in 0..m {
             sched.replace_queue_key(m);
