@@ -378,6 +378,14 @@ while True:
         stderr.contains(&format!("warning: {} cannot be used", fleet.alias(0))),
         "{stderr}"
     );
+    // The frozen host is named with what happened, not the store the NAR came from.
+    assert!(
+        stderr.contains(&format!(
+            "ssh to {} gave up: the host stopped answering",
+            fleet.store_uri(0)
+        )) || stderr.contains("the host stopped answering (no reply to keepalives)"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains(&format!("builds per machine: {} 2", fleet.alias(1))),
         "{stderr}"

@@ -23,6 +23,10 @@ pub enum DriverError {
     SshHostKey { machine: String, stderr: String },
     #[error("ssh to {machine} failed: connection refused or host unreachable\n{stderr}")]
     SshUnreachable { machine: String, stderr: String },
+    #[error(
+        "ssh to {machine} gave up: the host stopped answering (no reply to keepalives)\n{stderr}"
+    )]
+    SshStalled { machine: String, stderr: String },
     #[error("ssh to {machine} failed (exit status 255)\n{stderr}")]
     Ssh { machine: String, stderr: String },
     #[error(
@@ -129,6 +133,7 @@ impl DriverError {
             DriverError::Exited { .. }
                 | DriverError::Ssh { .. }
                 | DriverError::SshUnreachable { .. }
+                | DriverError::SshStalled { .. }
                 | DriverError::Io { .. }
                 | DriverError::Timeout { .. }
         )
@@ -140,6 +145,7 @@ impl DriverError {
             | DriverError::SshAuth { machine, .. }
             | DriverError::SshHostKey { machine, .. }
             | DriverError::SshUnreachable { machine, .. }
+            | DriverError::SshStalled { machine, .. }
             | DriverError::Ssh { machine, .. }
             | DriverError::NotServeProtocol { machine, .. }
             | DriverError::IncompatibleVersion { machine, .. }
@@ -186,6 +192,11 @@ impl DriverError {
             ),
             DriverError::SshUnreachable { machine, .. } => format!(
                 "check that sshd runs on {} and that its address and port (ssh config) are right",
+                ssh_host(machine)
+            ),
+            DriverError::SshStalled { machine, .. } => format!(
+                "check that {} is up and its link carries traffic; `--stall-timeout S` sets \
+                 how long a silent host is waited for",
                 ssh_host(machine)
             ),
             DriverError::NotServeProtocol { .. } => "the remote shell prints to stdout for \

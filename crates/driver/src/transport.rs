@@ -228,6 +228,9 @@ pub(crate) fn classify_ssh_failure(machine: &str, stderr: String) -> DriverError
         || stderr.contains("Connection timed out")
     {
         DriverError::SshUnreachable { machine, stderr }
+    } else if stderr.contains("not responding") {
+        // ssh's own keepalives (ServerAliveInterval) went unanswered.
+        DriverError::SshStalled { machine, stderr }
     } else {
         DriverError::Ssh { machine, stderr }
     }
@@ -289,6 +292,26 @@ mod tests {
         assert_eq!(Endpoint::parse("auto").unwrap().remote_store, None);
         assert!(Endpoint::parse("file:///tmp/cache").is_err());
         assert!(Endpoint::parse("ssh://h?base64-ssh-public-host-key=!!").is_err());
+    }
+
+    #[test]
+    fn ssh_failures_are_told_apart_by_what_ssh_printed() {
+        let kind = |stderr: &str| {
+            let e = classify_ssh_failure("ssh://b1", stderr.into());
+            format!("{e:?}")
+                .split([' ', '{'])
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(kind("Timeout, server b1 not responding."), "SshStalled");
+        assert_eq!(
+            kind("ssh: connect to host b1 port 22: Connection refused"),
+            "SshUnreachable"
+        );
+        assert_eq!(kind("root@b1: Permission denied (publickey)."), "SshAuth");
+        assert_eq!(kind("Host key verification failed."), "SshHostKey");
+        assert_eq!(kind("kex_exchange_identification: read: reset"), "Ssh");
     }
 
     #[test]

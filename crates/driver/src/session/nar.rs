@@ -6,7 +6,7 @@
 use offload_nix::nar::tokio_io::copy_nar;
 use offload_nix::nar::{NarError, NarSummary};
 use offload_nix::serve::{self, PathInfo, Request};
-use offload_nix::wire::{put_bytes, put_strings, put_u64};
+use offload_nix::wire::{put_bytes, put_strings, put_u64, WireError};
 use offload_nix::{export, nixbase32};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -110,7 +110,19 @@ impl ServeConn {
                     relay_nar(source_from, to, &info.path).await
                 })
                 .await
-                .map_err(ReplyError::Driver)
+                .map_err(|e| match e {
+                    // The source failed to write into this session: this session's pipe
+                    // broke, so it is this server that went away.
+                    DriverError::Io { source: io, .. }
+                        if io.kind() == std::io::ErrorKind::BrokenPipe =>
+                    {
+                        ReplyError::Wire(WireError::Io {
+                            what: "the NAR",
+                            source: io,
+                        })
+                    }
+                    e => ReplyError::Driver(e),
+                })
         })
         .await
     }
