@@ -329,14 +329,14 @@ fn twenty_concurrent_runs_never_exceed_any_machines_slots() {
          in all {total}",
         started.elapsed().as_secs_f64()
     );
+    // Never two builds at once on a machine, and the runs spread over the fleet: a run
+    // that finds a machine's slot taken by another places its build elsewhere instead
+    // of queueing there (before that, all twenty waited for the first machine).
     for &i in &machines {
         let n = most.get(&fleet.store(i)).copied().unwrap_or(0);
-        assert!(n <= 1, "m{i}: {n} builds at once");
+        assert_eq!(n, 1, "m{i}: {n} builds at once at most: {most:?}");
     }
-    // Every run plans alone and picks the same first machine, then waits for its slot:
-    // the runs are correct but do not spread over the idle machines (planning around
-    // other runs' load is still to come).
-    assert!(total >= 1, "no build ran: {most:?}");
+    assert!(total >= 2, "never two machines busy at once: {most:?}");
 }
 
 /// One derivation that runs the marker, as `top`.

@@ -127,34 +127,37 @@ impl History {
     }
 
     /// Runs the migrations this file has not had yet, each in its own transaction.
+    /// Each takes the write lock before it reads the version (an immediate
+    /// transaction), so runs that open a new file at once migrate it once, in turn.
     fn migrate(&mut self) -> Result<(), HistoryError> {
         let err = |op| {
             let path = self.path.clone();
             move |source| HistoryError { path, op, source }
         };
-        let done: usize = self
-            .conn
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(err("reading the schema version"))?;
-        if done > MIGRATIONS.len() {
-            return Err(HistoryError {
-                path: self.path.clone(),
-                op: "reading the schema: it was made by a newer offload (give another \
-                     file with --history)",
-                source: rusqlite::Error::InvalidQuery,
-            });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        loop {
             let tx = self
                 .conn
-                .transaction()
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(err("upgrading the schema"))?;
+            let done: usize = tx
+                .pragma_query_value(None, "user_version", |row| row.get(0))
+                .map_err(err("reading the schema version"))?;
+            if done > MIGRATIONS.len() {
+                return Err(HistoryError {
+                    path: self.path.clone(),
+                    op: "reading the schema: it was made by a newer offload (give another \
+                         file with --history)",
+                    source: rusqlite::Error::InvalidQuery,
+                });
+            }
+            let Some(sql) = MIGRATIONS.get(done) else {
+                return Ok(());
+            };
             tx.execute_batch(sql).map_err(err("upgrading the schema"))?;
-            tx.pragma_update(None, "user_version", i + 1)
+            tx.pragma_update(None, "user_version", done + 1)
                 .map_err(err("upgrading the schema"))?;
             tx.commit().map_err(err("upgrading the schema"))?;
         }
-        Ok(())
     }
 
     pub(crate) fn conn(&self) -> &Connection {
@@ -310,6 +313,29 @@ mod tests {
             h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0").1,
             EstimateSource::Exact
         );
+    }
+
+    #[test]
+    fn runs_that_open_a_new_file_at_once_all_get_the_whole_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let opened: Vec<_> = (0..12)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    History::open(&path).map(|h| h.conn().path().map(str::to_owned))
+                })
+            })
+            .collect();
+        for run in opened {
+            run.join().unwrap().expect("every concurrent open succeeds");
+        }
+        let h = History::open(&path).unwrap();
+        let version: usize = h
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
     }
 
     #[test]

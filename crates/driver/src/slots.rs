@@ -12,11 +12,13 @@
 //! The local machine's slots are Nix's `max-jobs`, counted by Nix itself, never here.
 //! [`SLOTS_DIR_ENV`] moves the ledger (for tests, or to keep offload's own).
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rustix::fs::{flock, FlockOperation};
@@ -39,17 +41,51 @@ pub struct SlotLedger {
     dir: PathBuf,
 }
 
+/// Slots this process holds, per machine (the lock files' common prefix): a lock that
+/// [`SlotLedger::held_elsewhere`] finds taken is someone else's only when this process
+/// does not hold it (flock locks conflict between open files of one process too).
+static HELD_HERE: Mutex<BTreeMap<PathBuf, u32>> = Mutex::new(BTreeMap::new());
+
+fn held_here(machine: &Path) -> u32 {
+    let held = HELD_HERE.lock().unwrap_or_else(|p| p.into_inner());
+    held.get(machine).copied().unwrap_or(0)
+}
+
 /// A held slot of a machine; dropping it frees the slot.
 #[derive(Debug)]
 pub struct SlotLock {
-    _file: File,
+    file: File,
     slot: u32,
+    /// The machine's lock-file prefix, its key in [`HELD_HERE`].
+    machine: PathBuf,
 }
 
 impl SlotLock {
+    fn new(file: File, slot: u32, machine: PathBuf) -> SlotLock {
+        let mut held = HELD_HERE.lock().unwrap_or_else(|p| p.into_inner());
+        *held.entry(machine.clone()).or_default() += 1;
+        SlotLock {
+            file,
+            slot,
+            machine,
+        }
+    }
+
     /// Which of the machine's slots it is (0-based, as in the lock file's name).
     pub fn slot(&self) -> u32 {
         self.slot
+    }
+}
+
+impl Drop for SlotLock {
+    fn drop(&mut self) {
+        // Unlocked before it is uncounted: a count taken in between sees one slot
+        // fewer held elsewhere, never one more.
+        let _ = flock(&self.file, FlockOperation::Unlock);
+        let mut held = HELD_HERE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.machine) {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 
@@ -94,6 +130,11 @@ impl SlotLedger {
             .join(format!("{}-{slot}", store_uri.replace('/', "_")))
     }
 
+    /// What the machine's lock files share: its key among the slots held here.
+    fn machine_key(&self, store_uri: &str) -> PathBuf {
+        self.dir.join(store_uri.replace('/', "_"))
+    }
+
     /// Takes `main-lock`, waiting for whoever is choosing now (Nix holds it only while
     /// it looks at the slot files).
     pub fn choosing(&self, machine: &str) -> Result<ChoosingLock, DriverError> {
@@ -121,10 +162,25 @@ impl SlotLedger {
             if !try_lock(&file, store_uri, &path)? {
                 probe.busy += 1;
             } else if probe.free.is_none() {
-                probe.free = Some(SlotLock { _file: file, slot });
+                probe.free = Some(SlotLock::new(file, slot, self.machine_key(store_uri)));
             }
         }
         Ok(probe)
+    }
+
+    /// How many of the machine's `slots` slots others hold now: other offload runs,
+    /// Nix's own build hook, other users. Looks as [`Self::probe`] does, keeping none.
+    pub fn held_elsewhere(&self, store_uri: &str, slots: u32) -> Result<u32, DriverError> {
+        let _choosing = self.choosing(store_uri)?;
+        let mut busy = 0u32;
+        for slot in 0..slots {
+            let path = self.slot_path(store_uri, slot);
+            let file = self.open(store_uri, &path)?;
+            if !try_lock(&file, store_uri, &path)? {
+                busy += 1;
+            }
+        }
+        Ok(busy.saturating_sub(held_here(&self.machine_key(store_uri))))
     }
 
     /// A free slot of the machine, taken, or None when others hold all `slots`.
@@ -342,6 +398,27 @@ mod tests {
         // Its `sleep` holds the inherited lock too: the slot frees when both end.
         assert!(holder.wait().unwrap().success());
         assert!(ledger.try_take("ssh://b", 1).unwrap().is_some());
+    }
+
+    #[test]
+    fn slots_held_elsewhere_leave_out_this_process_s_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SlotLedger::new(dir.path());
+        let ours = ledger.try_take("ssh://c", 3).unwrap().expect("a free slot");
+        assert_eq!(ledger.held_elsewhere("ssh://c", 3).unwrap(), 0);
+        // Someone else takes the next slot: an open file of its own, locked outside the
+        // ledger, as another process's would be.
+        let theirs = File::create(ledger.slot_path("ssh://c", 1)).unwrap();
+        flock(&theirs, FlockOperation::NonBlockingLockExclusive).unwrap();
+        assert_eq!(ledger.held_elsewhere("ssh://c", 3).unwrap(), 1);
+        // Looking took nothing: the third slot is still free for this process.
+        let third = ledger.try_take("ssh://c", 3).unwrap().expect("slot 2 free");
+        assert_eq!(third.slot(), 2);
+        assert_eq!(ledger.held_elsewhere("ssh://c", 3).unwrap(), 1);
+        drop((ours, third));
+        assert_eq!(ledger.held_elsewhere("ssh://c", 3).unwrap(), 1);
+        drop(theirs);
+        assert_eq!(ledger.held_elsewhere("ssh://c", 3).unwrap(), 0);
     }
 
     #[tokio::test]

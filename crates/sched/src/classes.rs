@@ -129,7 +129,8 @@ pub(crate) fn slot_order(a: &(f64, bool), b: &(f64, bool)) -> std::cmp::Ordering
 impl Scheduler {
     /// Free slots of a live machine.
     pub(crate) fn free_on(&self, m: MachineId) -> usize {
-        (self.machines[m].slots as usize).saturating_sub(self.running[m].len())
+        (self.machines[m].slots as usize)
+            .saturating_sub(self.running[m].len() + self.held_elsewhere[m] as usize)
     }
 
     /// A live machine's first slot: a free one, else the build expected to end first.

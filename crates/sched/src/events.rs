@@ -25,6 +25,10 @@ pub enum Event {
     MachineBack { machine: MachineId },
     /// The node's outputs are now also valid on `machine` (e.g. copied to the client).
     OutputsAt { node: NodeId, machine: MachineId },
+    /// Others (another run, Nix's own build hook, another client) hold `count` of the
+    /// machine's slots now. Those slots count as busy until a later event says otherwise,
+    /// so builds go to machines that are free rather than queue behind them.
+    SlotsHeldElsewhere { machine: MachineId, count: u32 },
 }
 
 /// How a build ended.
@@ -41,6 +45,10 @@ pub enum Outcome {
     Lost {
         reason: String,
     },
+    /// The build never began: others took the machine's last slot first. It goes back
+    /// to the ready set at no attempt's cost; the driver says which slots others hold
+    /// ([`Event::SlotsHeldElsewhere`]) first, so that it goes elsewhere.
+    Deferred,
 }
 
 /// What to do.

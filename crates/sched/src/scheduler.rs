@@ -75,6 +75,8 @@ pub struct Scheduler {
     pub(crate) home_pending: Vec<u64>,
     /// The machine offload runs on, when it is one of the fleet.
     pub(crate) client: Option<MachineId>,
+    /// Per machine, the slots others hold ([`Event::SlotsHeldElsewhere`]).
+    pub(crate) held_elsewhere: Vec<u32>,
 }
 
 impl Scheduler {
@@ -119,6 +121,7 @@ impl Scheduler {
             links: Links::new(m),
             home_pending: vec![0; m],
             client,
+            held_elsewhere: vec![0; m],
         };
         for m in 0..m {
             sched.replace_queue_key(m);
@@ -233,6 +236,7 @@ impl Scheduler {
                         self.fail(node, Failure::BuildFailed { machine, reason }, &mut actions);
                     }
                     Outcome::Lost { reason } => self.requeue(node, reason, &mut actions),
+                    Outcome::Deferred => self.make_ready(node),
                 }
             }
             Event::MachineLost { machine } => {
@@ -259,6 +263,11 @@ impl Scheduler {
             Event::OutputsAt { node, machine } => {
                 if !self.holders[node].contains(&machine) {
                     self.holders[node].push(machine);
+                }
+            }
+            Event::SlotsHeldElsewhere { machine, count } => {
+                if machine < self.machines.len() && self.held_elsewhere[machine] != count {
+                    self.change_free(machine, |s| s.held_elsewhere[machine] = count);
                 }
             }
         }
@@ -299,6 +308,12 @@ impl Scheduler {
     /// True when nothing runs and nothing more will start.
     pub fn is_finished(&self) -> bool {
         self.running_count == 0 && (self.stopping || self.settled == self.graph.len())
+    }
+
+    /// Whether others hold slots of a live machine: builds that wait may start when
+    /// they let go, even with nothing of this run's own running.
+    pub fn waits_for_others(&self) -> bool {
+        (0..self.machines.len()).any(|m| self.alive[m] && self.held_elsewhere[m] > 0)
     }
 
     /// Builds running now, per machine.
@@ -343,17 +358,25 @@ impl Scheduler {
 
     /// Takes `node` off `machine`'s running builds.
     fn release(&mut self, node: NodeId, machine: MachineId) {
-        let class = self.class_of[machine];
         let before = self.running[machine].len();
-        self.running[machine].retain(|&n| n != node);
+        self.change_free(machine, |s| s.running[machine].retain(|&n| n != node));
         let removed = before - self.running[machine].len();
         if removed > 0 && self.home_route(node, machine).is_some() {
             let bytes = self.graph.node(node).output_bytes;
             self.home_pending[machine] = self.home_pending[machine].saturating_sub(bytes);
         }
         self.running_count -= removed;
+    }
+
+    /// Applies `change` to what occupies `machine`'s slots, keeping its class's free
+    /// count and its queue key in step (slots others hold may outnumber the free ones).
+    fn change_free(&mut self, machine: MachineId, change: impl FnOnce(&mut Self)) {
+        let before = self.free_on(machine);
+        change(self);
         if self.alive[machine] {
-            self.free_in_class[class] += removed;
+            let after = self.free_on(machine);
+            let class = &mut self.free_in_class[self.class_of[machine]];
+            *class = *class + after - before;
         }
         self.replace_queue_key(machine);
     }
@@ -399,11 +422,8 @@ impl Scheduler {
         if !self.keep_going && !self.stopping {
             self.stopping = true;
             for m in 0..self.running.len() {
-                let cancelled = std::mem::take(&mut self.running[m]);
-                if self.alive[m] {
-                    self.free_in_class[self.class_of[m]] += cancelled.len();
-                }
-                self.replace_queue_key(m);
+                let mut cancelled = Vec::new();
+                self.change_free(m, |s| cancelled = std::mem::take(&mut s.running[m]));
                 for n in cancelled {
                     self.running_count -= 1;
                     actions.push(Action::Cancel {

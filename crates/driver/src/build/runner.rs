@@ -57,6 +57,14 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
     fn refused(&self, _machine: MachineId) -> bool {
         false
     }
+
+    /// Per machine with slots to share, how many of them others hold now (other runs,
+    /// Nix's own build hook).
+    fn slots_held_elsewhere(
+        self: Arc<Self>,
+    ) -> impl Future<Output = Vec<(MachineId, u32)>> + Send + 'static {
+        std::future::ready(Vec::new())
+    }
 }
 
 /// What a build taught, for the state database.
@@ -240,14 +248,22 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         let interrupt = stop.clone().cancelled_owned();
         tokio::pin!(interrupt);
         self.check_machines();
+        // Slots others hold count from the first decision on, and are looked at again
+        // while the run goes on, so concurrent runs spread over the fleet.
+        self.watch_slots().await;
+        let mut slot_watch = tokio::time::interval(SLOT_WATCH_INTERVAL);
+        slot_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        slot_watch.reset();
         let first = self.sched.start(self.now());
         self.apply(first);
         while !self.sched.is_finished() {
-            if self.tasks.is_empty() && self.probes.is_empty() {
-                // Nothing runs and no machine may come back: nothing more can happen.
+            if self.tasks.is_empty() && self.probes.is_empty() && !self.sched.waits_for_others() {
+                // Nothing runs, no machine may come back and no slot others hold may
+                // free: nothing more can happen.
                 break;
             }
             tokio::select! {
+                _ = slot_watch.tick() => self.watch_slots().await,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     // An aborted task (a Cancel, its machine's failure) is accounted for.
                     if let Ok((id, done)) = joined {
@@ -264,6 +280,18 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             }
         }
         self.finish(stop).await
+    }
+
+    /// Tells the scheduler how many slots of each machine others hold now.
+    async fn watch_slots(&mut self) {
+        let held = self.transport.clone().slots_held_elsewhere().await;
+        let now = self.now();
+        for (machine, count) in held {
+            let actions = self
+                .sched
+                .handle(Event::SlotsHeldElsewhere { machine, count }, now);
+            self.apply(actions);
+        }
     }
 
     /// Stops every build and transfer. Dropping the sessions kills their processes,
@@ -472,6 +500,17 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             self.machine_failed(done.machine, &why, "its builds go elsewhere");
             return;
         }
+        if done.outcome == Outcome::Deferred {
+            // Others took the machine's slots first: they count as held until the next
+            // look at the ledger, so the build goes elsewhere or waits for a free slot.
+            let count = self.machines[done.machine].slots;
+            let event = Event::SlotsHeldElsewhere {
+                machine: done.machine,
+                count,
+            };
+            let actions = self.sched.handle(event, now);
+            self.apply(actions);
+        }
         let drv_path = &self.nodes[done.node].drv_path;
         let machine_name = &self.machines[done.machine].name;
         if let Outcome::Lost { reason } = &done.outcome {
@@ -503,7 +542,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                     log_tail: done.log_tail.clone(),
                 });
             }
-            Outcome::Lost { .. } => {}
+            Outcome::Lost { .. } | Outcome::Deferred => {}
         }
         self.reporter.build_finished(
             &self.nodes[done.node].drv_path,
@@ -772,6 +811,9 @@ fn out_of_space(outcome: &Outcome, log_tail: &[String]) -> bool {
 
 /// Seconds between fits of the machines' speeds during a run.
 const REFIT_INTERVAL: f64 = 2.0;
+/// How often the slots others hold are looked at: a lock file per slot, each a
+/// non-blocking flock.
+const SLOT_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 /// A fitted speed that moved by more than this fraction replaces the planned one.
 const REFIT_CHANGE: f64 = 0.1;
 

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use offload_nix::serve::{BuildResult, BuildSettings};
 use offload_sched::{MachineId, Outcome};
@@ -19,7 +19,7 @@ use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::pool::Pool;
 use crate::process;
-use crate::slots::{SlotLedger, WAIT_LIMIT};
+use crate::slots::SlotLedger;
 use crate::transfer::{TransferEngine, TransferNews, LANES_PER_MACHINE};
 use crate::transport::{shell_quote, Endpoint};
 use crate::trust::LocalAccess;
@@ -169,6 +169,23 @@ impl BuildTransport for ServeTransport {
     async fn close(&self) {
         self.engine.close().await;
     }
+
+    async fn slots_held_elsewhere(self: Arc<Self>) -> Vec<(MachineId, u32)> {
+        let machines: Vec<(MachineId, String, u32)> = (0..self.slots.len())
+            .filter(|&m| self.slots[m] > 0 && !self.refused(m))
+            .map(|m| (m, self.pool(m).endpoint().name.clone(), self.slots[m]))
+            .collect();
+        let ledger = self.ledger.clone();
+        // A ledger this process cannot use is said by the builds' own `hold`.
+        tokio::task::spawn_blocking(move || {
+            machines
+                .into_iter()
+                .filter_map(|(m, uri, slots)| Some((m, ledger.held_elsewhere(&uri, slots).ok()?)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
 }
 
 impl ServeTransport {
@@ -213,9 +230,16 @@ impl ServeTransport {
         facts: &mut BuildFacts,
     ) -> (Outcome, bool) {
         // Held until the build ends, so no other offload or Nix hook overbooks the machine.
+        // Taken without waiting: when others hold every slot, the build goes back to the
+        // scheduler, which places it where a slot is free.
         let uri = &self.pool(machine).endpoint().name;
-        let _slot = match self.ledger.hold(uri, self.slots[machine], WAIT_LIMIT).await {
+        let _slot = match self
+            .ledger
+            .hold(uri, self.slots[machine], Duration::ZERO)
+            .await
+        {
             Ok(slot) => slot,
+            Err(DriverError::SlotsBusy { .. }) => return (Outcome::Deferred, false),
             Err(e) => return (lost(e), false),
         };
         if self.check.contains(&self.nodes[node].drv_path) {
