@@ -423,3 +423,70 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
         "{base_out} is not in the local store\n{stderr}"
     );
 }
+
+#[test]
+fn a_build_alone_on_a_builder_gets_all_its_cores_and_builds_sharing_it_split_them() {
+    if !require_nix() {
+        return;
+    }
+    let nproc: u32 = run_ok(&mut std::process::Command::new("nproc"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(nproc >= 2, "this test needs a machine of 2 cores or more");
+    let fleet = Fleet::new();
+    // The builder's own configuration says one core: only offload's choice gives more.
+    let program = fleet.dir.path().join("nix-store-one-core");
+    offload_test_support::write_executable(
+        &program,
+        "#!/bin/sh\nNIX_CONFIG=\"$NIX_CONFIG\ncores = 1\"\nexport NIX_CONFIG\n\
+         exec nix-store --option build-users-group '' \"$@\"\n",
+    );
+    let builder = format!("{} {} - 2 1", fleet.uri_with(1, &program), nix_system());
+    let expr = format!(
+        r#"let mk = name: derivation {{
+             inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+             PATH = "/bin:/usr/bin"; salt = "{}";
+             args = [ "-c" "sleep 1; echo $NIX_BUILD_CORES > $out" ];
+           }};
+         in {{ lone = mk "cores-lone"; a = mk "cores-a"; b = mk "cores-b"; }}"#,
+        salt("cores")
+    );
+    let work = Work::new("cores.nix", &expr);
+    let cores_of = |attr: &str| -> u32 {
+        let out = work.outputs(attr);
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Alone on the builder (no local builds): all of its cores, learned from the builder.
+    let out = work.build(&[
+        "-A",
+        "lone",
+        "--builders",
+        &builder,
+        "-j",
+        "0",
+        "--no-out-link",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(cores_of("lone"), nproc);
+    // Two at once on it: they share them.
+    let out = work.build(&[
+        "-A",
+        "a",
+        "-A",
+        "b",
+        "--builders",
+        &builder,
+        "-j",
+        "0",
+        "--no-out-link",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for attr in ["a", "b"] {
+        assert_eq!(cores_of(attr), nproc / 2, "{attr}");
+    }
+}
