@@ -77,6 +77,19 @@ for c in $CASES; do
   esac
 done
 
+# The Python that has OR-Tools, for scripts/fleet-optimum.py: this one, or a venv made
+# once under /var/cache/offload-test (from the Python package registry).
+ORTOOLS_PYTHON=${ORTOOLS_PYTHON:-python3}
+if ! "$ORTOOLS_PYTHON" -c 'import ortools' 2>/dev/null; then
+  venv=/var/cache/offload-test/ortools-venv
+  if ! "$venv/bin/python3" -c 'import ortools' 2>/dev/null; then
+    { dpkg -s python3-venv >/dev/null 2>&1 || apt-get install -y -q python3-venv; } >/dev/null 2>&1 || true
+    { rm -rf "$venv.tmp" && python3 -m venv "$venv.tmp" && "$venv.tmp/bin/pip" install -q ortools &&
+      rm -rf "$venv" && mv "$venv.tmp" "$venv"; } >/dev/null 2>&1 || true
+  fi
+  "$venv/bin/python3" -c 'import ortools' 2>/dev/null && ORTOOLS_PYTHON=$venv/bin/python3
+fi
+
 FLEET=$WORK/fleet
 PROXY_PID=
 cleanup() {
@@ -171,6 +184,8 @@ for case in $CASES; do
       gen=(--output-size $((16 * 1024 * 1024)))
       spec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3-slow x86_64-linux - 2 1"
       bound+=(fleet1:2:x86_64-linux=1 fleet2:2:x86_64-linux=1 fleet3:2:x86_64-linux=1)
+      simspec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3-slow x86_64-linux - 2 1"
+      echo "{\"links\": {\"fleet3-slow\": {\"bandwidth\": $((MBIT * 125000)), \"latency\": $(awk "BEGIN {print $DELAY_MS / 1000}")}}}" >"$WORK/$case-simfleet.json"
       title="slow link: 30 derivations with 16 MiB outputs; fleet3 over $MBIT Mbit/s, $DELAY_MS ms"
       target="run 2 <= 1.30x the bound and >= 2x faster than nix-build"
       ;;
@@ -179,6 +194,9 @@ for case in $CASES; do
       for i in 1 2 3; do spec+="ssh://fleet$i?remote-program=$WORK/nix-store-slow x86_64-linux - 2 1; "; done
       spec=${spec%; }
       bound+=(fleet1:2:x86_64-linux="$SLOW" fleet2:2:x86_64-linux="$SLOW" fleet3:2:x86_64-linux="$SLOW")
+      true_speed=$(awk "BEGIN {print 1 / $SLOW}")
+      simspec="ssh://fleet1 x86_64-linux - 2 $true_speed; ssh://fleet2 x86_64-linux - 2 $true_speed; ssh://fleet3 x86_64-linux - 2 $true_speed"
+      echo '{}' >"$WORK/$case-simfleet.json"
       title="slow builders: 30 derivations; builders ${SLOW}x slower than this machine, speed factor 1 declared"
       target="run 2 <= 1.15x the bound"
       ;;
@@ -189,6 +207,9 @@ for case in $CASES; do
       spec+="ssh://fleet3?remote-program=$WORK/nix-store-slow-aarch64 x86_64-linux,aarch64-linux - 2 1"
       bound+=(fleet1:2:x86_64-linux="$SLOW" fleet2:2:x86_64-linux="$SLOW")
       bound+=(fleet3:2:x86_64-linux="$SLOW",aarch64-linux=$((SLOW * AARCH64_SLOW)))
+      true_speed=$(awk "BEGIN {print 1 / $SLOW}")
+      simspec="ssh://fleet1 x86_64-linux - 2 $true_speed; ssh://fleet2 x86_64-linux - 2 $true_speed; ssh://fleet3 x86_64-linux,aarch64-linux - 2 $true_speed"
+      echo "{\"speeds\": {\"fleet3\": {\"aarch64-linux\": $(awk "BEGIN {print 1 / ($SLOW * $AARCH64_SLOW)}")}}}" >"$WORK/$case-simfleet.json"
       title="slow builders + aarch64: 30 derivations, 4 of them aarch64-linux (fleet3 only, ${AARCH64_SLOW}x slower than its native system)"
       target="run 2 <= 1.15x the bound"
       ;;
@@ -197,11 +218,27 @@ for case in $CASES; do
   python3 scripts/gen-dag.py layered 30 1 "$nix" "${gen[@]}" >/dev/null
   read -r lb cp cap excl < <(python3 scripts/fleet-bound.py "${nix%.nix}.json" "${bound[@]}" |
     sed 's/[a-z_]*=//g')
+  read -r opt proven < <("$ORTOOLS_PYTHON" scripts/fleet-optimum.py "${nix%.nix}.json" "${bound[@]}" 2>>"$WORK/optimum.log" |
+    sed 's/[a-z_]*=//g')
   hist=$WORK/history-$case.sqlite
+  # offload's scheduler on the simulator's model of this fleet at its true speeds and
+  # links: what run 2 (true durations known) and run 1 (none known) should take.
+  simulate() {
+    "$OFFLOAD" simulate --dag "${nix%.nix}.json" --builders "$simspec" --local-slots "$local_slots" \
+      --fleet "$WORK/$case-simfleet.json" --policy offload --json "$@" 2>/dev/null |
+      python3 -c 'import json, sys; print("%.2f" % json.loads(sys.stdin.readline())["makespan_s"])' 2>/dev/null || echo -
+  }
+  sim_warm=$(simulate)
+  sim_cold=$(simulate --cold)
 
   echo "== $title"
   echo "   3 sshd builders x 2 slots + $local_slots local slots; machines: $spec"
   echo "   lower bound ${lb} s: critical path ${cp} s, work / capacity ${cap} s, work only one machine can build ${excl} s"
+  if [ "$opt" = - ]; then
+    echo "   optimum: not computed (scripts/fleet-optimum.py needs the ortools Python package; see $WORK/optimum.log)"
+  else
+    echo "   optimum ${opt} s ($(ratio "$opt" "$lb")x the bound$([ "$proven" = yes ] && echo ", proven by CP-SAT" || echo ", the solver's proven lower bound")): no schedule is shorter, transfers counted as free"
+  fi
   nix_t=(); one_t=(); two_t=(); three_t=()
   for run in $(seq 1 "$RUNS"); do
     salt=$(date +%s%N)
@@ -250,6 +287,17 @@ for case in $CASES; do
     met=$(awk -v t="$t2" -v lb="$lb" -v lim="$limit" -v n="$tn" -v c="$case" \
       'BEGIN {ok = t <= lim * lb; if (c == "slow-link") ok = ok && n != "failed" && n >= 2 * t; print ok ? "met" : "not met"}')
     echo "   target: $target: $met"
+  fi
+  sim_vs() { # sim_vs SIM MEASURED...: the simulated time beside the measured median
+    local t
+    printf '%s\n' "${@:2}" | grep -q failed && { echo "$1 s (measured: failed)"; return; }
+    t=$(median "${@:2}")
+    [ "$1" = - ] && { echo "not simulated"; return; }
+    echo "$1 s, measured $t s ($(awk -v s="$1" -v m="$t" 'BEGIN {printf "%+.0f %%", 100 * (s - m) / m}'))"
+  }
+  echo "   simulator (offload's scheduler at the true speeds and links): run 1 $(sim_vs "$sim_cold" "${one_t[@]}"); run 2 $(sim_vs "$sim_warm" "${two_t[@]}")"
+  if [ "$opt" != - ] && ! printf '%s\n' "${two_t[@]}" | grep -q failed; then
+    echo "   run 2 is $(ratio "$(median "${two_t[@]}")" "$opt")x the optimum"
   fi
   echo "   what offload learned (offload machines, $WORK/$case-machines.txt):"
   sed 's/^/     /' "$WORK/$case-machines.txt"

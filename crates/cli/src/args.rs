@@ -68,6 +68,7 @@ pub enum Command {
     /// with link figures and failures:
     ///   {"bandwidth": 1e8, "latency": 0.005,
     ///    "links": {"HOST": {"bandwidth": 1e7, "latency": 0.05}},
+    ///    "speeds": {"HOST": {"aarch64-linux": 0.2}},
     ///    "failures": [{"machine": "HOST", "at": 30.0}]}
     ///
     /// Examples:

@@ -146,6 +146,10 @@ struct FleetFile {
     /// Per machine (its name, or its host).
     #[serde(default)]
     links: HashMap<String, LinkFigures>,
+    /// Per machine (its name, or its host), speeds per system where they differ from
+    /// its speed factor, e.g. a system it builds by emulation.
+    #[serde(default)]
+    speeds: HashMap<String, HashMap<String, f64>>,
     #[serde(default)]
     failures: Vec<MachineFailure>,
 }
@@ -195,6 +199,7 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
             bandwidth: DEFAULT_BANDWIDTH,
             latency: DEFAULT_LATENCY,
             links: HashMap::new(),
+            speeds: HashMap::new(),
             failures: Vec::new(),
         },
     };
@@ -204,7 +209,21 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
         let link = extra.links.get(&name).or_else(|| extra.links.get(host));
         let bandwidth = link.and_then(|l| l.bandwidth).unwrap_or(extra.bandwidth);
         let latency = link.and_then(|l| l.latency).unwrap_or(extra.latency);
-        machines.push(remote_spec(m, name, bandwidth, latency));
+        let speeds = extra.speeds.get(&name).or_else(|| extra.speeds.get(host));
+        let mut spec = remote_spec(m, name, bandwidth, latency);
+        if let Some(speeds) = speeds {
+            let mut speeds: Vec<(String, f64)> =
+                speeds.iter().map(|(s, v)| (s.clone(), *v)).collect();
+            speeds.sort_by(|a, b| a.0.cmp(&b.0));
+            if let Some((system, bad)) = speeds.iter().find(|(_, v)| v.is_nan() || *v <= 0.0) {
+                return Err(Failure::usage(anyhow!(
+                    "fleet file: speed {bad} of {} for {system} must be above 0",
+                    spec.name
+                )));
+            }
+            spec.system_speeds = speeds;
+        }
+        machines.push(spec);
     }
     if let Some(spec) = &args.generate_fleet {
         let (shape, n, seed) = shape_spec("--generate-fleet", spec)?;
