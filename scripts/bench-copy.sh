@@ -5,12 +5,21 @@
 #
 #   scripts/bench-copy.sh            # 1000 source paths + 1 root, about 200 MB
 #   PATHS=200 MB=20 scripts/bench-copy.sh
+#   SHAPE=deep scripts/bench-copy.sh # a chain: each path refers to the one before
+#   ROUNDS=3 scripts/bench-copy.sh   # the best of three rounds each
+#
+# SHAPE=flat (the default): every path hangs off the root, so all can travel at once.
+# SHAPE=deep: a chain of PATHS text files, each referring to the one before, so a
+# copy that sends a path only after what it refers to is valid there sends them one at
+# a time.
 #
 # Prints both times, the ratio, and checks both destinations with
 # `nix-store --verify --check-contents`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PATHS=${PATHS:-1000}
+SHAPE=${SHAPE:-flat}
+case $SHAPE in flat | deep) ;; *) echo "error: SHAPE=$SHAPE: use flat or deep" >&2; exit 2 ;; esac
 MB=${MB:-200}
 ROUNDS=${ROUNDS:-1}
 JOBS=${JOBS:-4}
@@ -22,10 +31,22 @@ OFFLOAD=$PWD/target/release/offload
 
 rm -rf "$WORK"; mkdir -p "$WORK/data"
 # Deterministic data: sizes spread around MB/PATHS, some directories with several files.
-python3 - "$WORK/data" "$PATHS" "$MB" <<'PY'
+python3 - "$WORK/data" "$PATHS" "$MB" "$SHAPE" <<'PY'
 import os, random, sys
-root, n, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+root, n, mb, shape = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 rng = random.Random(42)
+if shape == "deep":
+    # Text (builtins.toFile takes no NUL bytes), sizes spread around MB/PATHS.
+    avg = mb * 1024 * 1024 // n
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789\n"
+    chunk = "".join(rng.choice(alphabet) for _ in range(1 << 16))
+    for i in range(n):
+        size = max(1, int(avg * rng.uniform(0.2, 1.8)))
+        off = rng.randrange(len(chunk))
+        text = (chunk[off:] + chunk[:off]) * (size // len(chunk) + 1)
+        with open(os.path.join(root, f"t{i}"), "w") as f:
+            f.write(text[:size])
+    sys.exit(0)
 avg = mb * 1024 * 1024 // n
 block = rng.randbytes(1 << 20)
 for i in range(n):
@@ -45,17 +66,27 @@ for i in range(n):
         with open(os.path.join(root, f"p{i}"), "wb") as f:
             f.write(((block[off:] + block[:off]) * (size // len(block) + 1))[:size])
 PY
-{
-  echo 'let leaves = ['
-  for i in $(seq 0 $((PATHS - 1))); do echo "  (builtins.path { path = $WORK/data/p$i; name = \"leaf-$i\"; })"; done
-  echo ']; in derivation { name = "bench-root"; system = builtins.currentSystem; builder = "/bin/sh";'
-  echo '  PATH = "/bin:/usr/bin"; inherit leaves; args = ["-c" "echo $leaves > $out"]; }'
-} > "$WORK/root.nix"
+if [ "$SHAPE" = deep ]; then
+  cat >"$WORK/root.nix" <<NIX
+let link = prev: i: builtins.toFile "chain-\${toString i}"
+      "\${prev}\n\${builtins.readFile (/. + "$WORK/data/t\${toString i}")}";
+    tip = builtins.foldl' link (builtins.toFile "chain-start" "start") (builtins.genList (i: i) $PATHS);
+in derivation { name = "bench-root"; system = builtins.currentSystem; builder = "/bin/sh";
+  PATH = "/bin:/usr/bin"; inherit tip; args = ["-c" "echo \$tip > \$out"]; }
+NIX
+else
+  {
+    echo 'let leaves = ['
+    for i in $(seq 0 $((PATHS - 1))); do echo "  (builtins.path { path = $WORK/data/p$i; name = \"leaf-$i\"; })"; done
+    echo ']; in derivation { name = "bench-root"; system = builtins.currentSystem; builder = "/bin/sh";'
+    echo '  PATH = "/bin:/usr/bin"; inherit leaves; args = ["-c" "echo $leaves > $out"]; }'
+  } >"$WORK/root.nix"
+fi
 SRC=$WORK/src
 ROOT=$(nix-build --store "$SRC" --option extra-sandbox-paths '/bin /lib /lib64 /usr' --no-out-link "$WORK/root.nix" 2>/dev/null)
 COUNT=$(nix-store --store "$SRC" -qR "$ROOT" | wc -l)
 BYTES=$(nix-store --store "$SRC" -qR "$ROOT" | xargs nix-store --store "$SRC" -q --size | awk '{s += $1} END {print s}')
-echo "closure: $COUNT paths, $((BYTES / 1024 / 1024)) MiB (source store $SRC)"
+echo "closure ($SHAPE): $COUNT paths, $((BYTES / 1024 / 1024)) MiB (source store $SRC)"
 
 best_nix=; best_off=
 for r in $(seq 1 "$ROUNDS"); do
