@@ -19,6 +19,7 @@ use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::pool::Pool;
 use crate::process;
+use crate::remote_slots::RemoteSlots;
 use crate::slots::{SlotLedger, WAIT_LIMIT};
 use crate::transfer::{TransferEngine, TransferNews, LANES_PER_MACHINE};
 use crate::transport::{shell_quote, Endpoint};
@@ -40,6 +41,8 @@ pub(crate) struct ServeTransport {
     /// Shared with other offload runs and Nix's hook; slots per machine (none: local).
     ledger: SlotLedger,
     slots: Vec<u32>,
+    /// The same slots locked on each builder, shared with clients on other machines.
+    remote_slots: RemoteSlots,
     /// Machines that refused a session for good.
     refused: Vec<std::sync::atomic::AtomicBool>,
 }
@@ -65,6 +68,12 @@ impl ServeTransport {
                 .map(|m| m.spec.slots * u32::from(!m.spec.is_local))
                 .collect(),
             ledger: SlotLedger::from_env(),
+            remote_slots: RemoteSlots::new(machines.iter().map(|m| {
+                (
+                    m.endpoint.clone(),
+                    m.spec.slots * u32::from(!m.spec.is_local),
+                )
+            })),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
             engine: Arc::new(
                 TransferEngine::new(
@@ -215,6 +224,10 @@ impl ServeTransport {
         // Held until the build ends, so no other offload or Nix hook overbooks the machine.
         let uri = &self.pool(machine).endpoint().name;
         let _slot = match self.ledger.hold(uri, self.slots[machine], WAIT_LIMIT).await {
+            Ok(slot) => slot,
+            Err(e) => return (lost(e), false),
+        };
+        let _remote_slot = match self.remote_slots.take(machine, WAIT_LIMIT).await {
             Ok(slot) => slot,
             Err(e) => return (lost(e), false),
         };
