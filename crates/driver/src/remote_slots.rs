@@ -325,7 +325,8 @@ impl Broker {
     }
 
     async fn refresh_others(&self) {
-        let Some(tx) = self.live.lock().await.clone() else {
+        // A broker being started now (its ssh may take seconds) is left for next time.
+        let Some(tx) = self.live.try_lock().ok().and_then(|l| l.clone()) else {
             return;
         };
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -514,7 +515,16 @@ async fn serve(
         _known_hosts,
     } = conversation;
     let mut held: HashSet<u32> = HashSet::new();
-    while let Some(request) = rx.recv().await {
+    // A slot taken for a take whose caller has gone (cancelled): freed at once.
+    let mut orphaned: Option<u32> = None;
+    loop {
+        let request = match orphaned.take() {
+            Some(k) => Request::Release(k),
+            None => match rx.recv().await {
+                Some(request) => request,
+                None => break,
+            },
+        };
         let (line, reply_to) = match request {
             Request::Take(r) => ("take".to_string(), Some(r)),
             Request::Others(r) => ("others".to_string(), Some(r)),
@@ -563,7 +573,9 @@ async fn serve(
             }
         }
         if let Some(r) = reply_to {
-            let _ = r.send(reply);
+            if let Err(Ok(Reply::Slot(k))) = r.send(reply) {
+                orphaned = Some(k);
+            }
         }
         if failed {
             break;
@@ -733,6 +745,24 @@ mod tests {
         for _ in 0..3 {
             assert!(take_now(&two).await.unwrap().is_some());
         }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_take_holds_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let slots = slots_at(root.path(), 1);
+        drop(take_now(&slots).await.unwrap().unwrap());
+        // Cancelled while the broker answers: the slot it took is freed again.
+        let cancelled = tokio::select! {
+            biased;
+            _ = take_now(&slots) => false,
+            () = std::future::ready(()) => true,
+        };
+        assert!(cancelled, "the take finished at once");
+        // Its broker has no other slot: the next take gets slot 0 only once it is freed.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let again = slots.take(0, Duration::from_secs(5)).await.unwrap();
+        assert!(again.is_some());
     }
 
     #[tokio::test]
