@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 
 use crate::hook::{carry_out, BuildOrder, OrderFailure};
 use crate::pool::Pool;
-use crate::slots::SlotLedger;
+use crate::remote_slots::RemoteSlots;
+use crate::slots::{SlotLedger, WAIT_LIMIT};
 use crate::transport::Endpoint;
 
 /// Where the agent listens unless told otherwise, and where the hook looks:
@@ -123,6 +124,9 @@ impl Choices {
 #[derive(Default)]
 struct Sessions {
     pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// Per machine (and slot count), its slots locked on the machine itself; the
+    /// broker there lives as long as the agent.
+    remote_slots: Mutex<HashMap<(String, u32), Arc<RemoteSlots>>>,
 }
 
 impl Sessions {
@@ -134,6 +138,14 @@ impl Sessions {
         pools
             .entry(key)
             .or_insert_with(|| Arc::new(Pool::new(endpoint.clone())))
+            .clone()
+    }
+
+    fn remote_slots(&self, endpoint: &Endpoint, slots: u32) -> Arc<RemoteSlots> {
+        let key = serde_json::to_string(endpoint).unwrap_or_else(|_| endpoint.name.clone());
+        let mut all = self.remote_slots.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry((key, slots))
+            .or_insert_with(|| Arc::new(RemoteSlots::new([(endpoint.clone(), slots)])))
             .clone()
     }
 }
@@ -297,8 +309,17 @@ async fn serve_one(
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let work = async {
         let pool = sessions.pool(&endpoint);
-        let outcome = match pool.get().await {
-            Ok(mut remote) => {
+        // Held until the build ends, so clients on other machines do not overbook it.
+        let on_builder = sessions
+            .remote_slots(&endpoint, order.slots)
+            .take(0, WAIT_LIMIT)
+            .await;
+        let session = match on_builder {
+            Ok(held) => pool.get().await.map(|remote| (held, remote)),
+            Err(e) => Err(e),
+        };
+        let outcome = match session {
+            Ok((_held, mut remote)) => {
                 let log_tx = tx.clone();
                 let mut log = move |l: &str| {
                     let _ = log_tx.send(Message::Log(l.to_string()));

@@ -11,6 +11,8 @@
 //!   machines that keep failing;
 //! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
 //! - [`slots::SlotLedger`] — builders' slots, shared with Nix's own build hook;
+//! - [`remote_slots::RemoteSlots`] — builders' slots locked on the builders themselves,
+//!   so clients on different machines do not overbook a shared builder;
 //! - [`DriverError`] — what went wrong, naming the machine and the next step.
 //!
 //! This crate depends on `offload-nix` for formats and framing and on `offload-sched`
@@ -33,6 +35,7 @@ mod paths;
 pub mod plan;
 mod pool;
 pub mod process;
+pub mod remote_slots;
 mod runs;
 mod session;
 pub mod shutdown;

@@ -19,6 +19,7 @@ use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::pool::Pool;
 use crate::process;
+use crate::remote_slots::RemoteSlots;
 use crate::slots::SlotLedger;
 use crate::transfer::{TransferEngine, TransferNews, LANES_PER_MACHINE};
 use crate::transport::{shell_quote, Endpoint};
@@ -40,8 +41,12 @@ pub(crate) struct ServeTransport {
     /// Shared with other offload runs and Nix's hook; slots per machine (none: local).
     ledger: SlotLedger,
     slots: Vec<u32>,
+    /// The same slots locked on each builder, shared with clients on other machines.
+    remote_slots: RemoteSlots,
     /// Machines that refused a session for good.
     refused: Vec<std::sync::atomic::AtomicBool>,
+    /// When the builders were last asked for the slots others hold there.
+    remote_asked: std::sync::Mutex<Option<Instant>>,
 }
 
 impl ServeTransport {
@@ -65,6 +70,13 @@ impl ServeTransport {
                 .map(|m| m.spec.slots * u32::from(!m.spec.is_local))
                 .collect(),
             ledger: SlotLedger::from_env(),
+            remote_asked: std::sync::Mutex::new(None),
+            remote_slots: RemoteSlots::new(machines.iter().map(|m| {
+                (
+                    m.endpoint.clone(),
+                    m.spec.slots * u32::from(!m.spec.is_local),
+                )
+            })),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
             engine: Arc::new(
                 TransferEngine::new(
@@ -177,16 +189,40 @@ impl BuildTransport for ServeTransport {
             .collect();
         let ledger = self.ledger.clone();
         // A ledger this process cannot use is said by the builds' own `hold`.
-        tokio::task::spawn_blocking(move || {
+        let here: Vec<(MachineId, u32)> = tokio::task::spawn_blocking(move || {
             machines
                 .into_iter()
                 .filter_map(|(m, uri, slots)| Some((m, ledger.held_elsewhere(&uri, slots).ok()?)))
                 .collect()
         })
         .await
-        .unwrap_or_default()
+        .unwrap_or_default();
+        // The builders' own counts, as last asked (other clients hold slots there too);
+        // asked again in the background, at most once a second.
+        let due = {
+            let mut last = self
+                .remote_asked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= REMOTE_SLOTS_INTERVAL);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            let transport = self.clone();
+            tokio::spawn(async move { transport.remote_slots.refresh_others().await });
+        }
+        here.into_iter()
+            .map(|(m, n)| (m, n.max(self.remote_slots.held_elsewhere(m).unwrap_or(0))))
+            .collect()
     }
 }
+
+/// How often the builders are asked how many of their slots other clients hold: each
+/// asking forks a `flock` per slot there.
+const REMOTE_SLOTS_INTERVAL: Duration = Duration::from_secs(1);
 
 impl ServeTransport {
     /// Learns the infos of every input that is no node's output: they are in the local
@@ -239,6 +275,12 @@ impl ServeTransport {
             .await
         {
             Ok(slot) => slot,
+            Err(DriverError::SlotsBusy { .. }) => return (Outcome::Deferred, false),
+            Err(e) => return (lost(e), false),
+        };
+        let _remote_slot = match self.remote_slots.take(machine, Duration::ZERO).await {
+            Ok(slot) => slot,
+            // Another client holds the builder's slots: as for the local ledger.
             Err(DriverError::SlotsBusy { .. }) => return (Outcome::Deferred, false),
             Err(e) => return (lost(e), false),
         };

@@ -22,8 +22,9 @@ use crate::fleet::{MachineConfig, LOCAL};
 use crate::history::History;
 use crate::paths::PathRegistry;
 use crate::plan::{output_path, PlanError};
+use crate::remote_slots::{RemoteSlot, RemoteSlots};
 use crate::session::ServeConn;
-use crate::slots::SlotLedger;
+use crate::slots::{SlotLedger, WAIT_LIMIT};
 use crate::transport::Endpoint;
 
 /// How long the upload lock is waited for, as Nix's hook does (15 minutes).
@@ -46,6 +47,10 @@ pub struct BuildOrder {
     /// What Nix sent after the accept.
     pub inputs: Vec<String>,
     pub wanted_outputs: Vec<String>,
+    /// The builder's slots, to lock on the builder itself ([`crate::remote_slots`]);
+    /// 0 (from a hook that does not send it): no such lock.
+    #[serde(default)]
+    pub slots: u32,
 }
 
 impl BuildOrder {
@@ -61,6 +66,7 @@ impl BuildOrder {
             keep_failed: build.keep_failed,
             inputs: inputs.inputs,
             wanted_outputs: inputs.wanted_outputs,
+            slots: job.machine.spec.slots,
         }
     }
 
@@ -200,6 +206,7 @@ async fn by_agent_or_here(
     let socket = crate::agent::default_socket();
     let mut log = BuildLog::open();
     if let Some(mut remote) = session {
+        let _on_builder = hold_on_builder(&job.machine.endpoint, order).await?;
         return carry_out(order, &mut remote, job.ledger, &mut |line| log.line(line)).await;
     }
     match crate::agent::AgentClient::connect(&socket).await {
@@ -227,10 +234,23 @@ async fn by_agent_or_here(
                     socket.display()
                 ),
             );
+            let _on_builder = hold_on_builder(&job.machine.endpoint, order).await?;
             let mut remote = ServeConn::open(&job.machine.endpoint).await?;
             carry_out(order, &mut remote, job.ledger, &mut |line| log.line(line)).await
         }
     }
+}
+
+/// A slot of the builder locked on the builder itself, across clients, held by the
+/// caller for the build (the client-side slot is held since the choice). This process
+/// builds once: its broker lives as long as the slot.
+pub(crate) async fn hold_on_builder(
+    endpoint: &Endpoint,
+    order: &BuildOrder,
+) -> Result<Option<RemoteSlot>, DriverError> {
+    RemoteSlots::new([(endpoint.clone(), order.slots)])
+        .take(0, WAIT_LIMIT)
+        .await
 }
 
 /// Carries out `order` on the machine behind `remote` (a session the caller opened, or a
