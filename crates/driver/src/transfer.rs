@@ -28,7 +28,7 @@ use crate::build::Reporter;
 use crate::error::DriverError;
 use crate::paths::PathRegistry;
 use crate::pool::Pool;
-use crate::session::ServeConn;
+use crate::session::{ChainProgress, ServeConn};
 use crate::signing::PathSigner;
 
 /// Copies to one machine at once during builds. They hide the round trip each path
@@ -66,6 +66,33 @@ pub struct Landing {
     pub closure: usize,
     /// Of those, valid there already (known, or the machine said so).
     pub already_present: usize,
+}
+
+/// Longest chain of paths sent down one pair of sessions without waiting in between.
+/// Paths that refer to a chain's paths start when the whole chain has landed.
+const CHAIN_LIMIT: usize = 64;
+
+/// A chain from `first` (ready: what it refers to is on the target): each next path
+/// refers to the one before, and to nothing else that is still to land, so the target
+/// can take them in this order. Paths put in the chain leave `waiting`.
+fn chain_from(
+    first: String,
+    waiting: &mut HashMap<String, usize>,
+    dependents: &HashMap<String, Vec<String>>,
+) -> Vec<String> {
+    let mut chain = vec![first];
+    while chain.len() < CHAIN_LIMIT {
+        let last = &chain[chain.len() - 1];
+        let next = dependents
+            .get(last)
+            .into_iter()
+            .flatten()
+            .find(|d| waiting.get(*d) == Some(&1));
+        let Some(next) = next.cloned() else { break };
+        waiting.remove(&next);
+        chain.push(next);
+    }
+    chain
 }
 
 /// Held while one path goes to one machine.
@@ -280,32 +307,35 @@ impl TransferEngine {
                 }
             }
         }
-        let mut copies: JoinSet<(String, Result<(), DriverError>)> = JoinSet::new();
+        let mut copies: JoinSet<(Vec<String>, Result<(), DriverError>)> = JoinSet::new();
         loop {
             while copies.len() < self.lanes_per_machine {
                 let Some(path) = ready.pop_front() else { break };
+                let chain = chain_from(path, &mut waiting, &dependents);
                 let engine = self.clone();
                 copies.spawn(async move {
-                    let result = engine.copy_path(machine, &path).await;
-                    (path, result)
+                    let result = engine.copy_chain(machine, &chain).await;
+                    (chain, result)
                 });
             }
             let Some(joined) = copies.join_next().await else {
                 break;
             };
-            let (path, result) = joined.map_err(|e| DriverError::Io {
+            let (chain, result) = joined.map_err(|e| DriverError::Io {
                 machine: self.pools[machine].endpoint().name.clone(),
                 op: "a copy task",
                 source: std::io::Error::other(e.to_string()),
             })?;
             // Dropping `copies` on an error stops the others; what landed stays.
             result?;
-            for d in dependents.remove(&path).unwrap_or_default() {
-                if let Some(n) = waiting.get_mut(&d) {
-                    *n -= 1;
-                    if *n == 0 {
-                        waiting.remove(&d);
-                        ready.push_back(d);
+            for path in &chain {
+                for d in dependents.remove(path).unwrap_or_default() {
+                    if let Some(n) = waiting.get_mut(&d) {
+                        *n -= 1;
+                        if *n == 0 {
+                            waiting.remove(&d);
+                            ready.push_back(d);
+                        }
                     }
                 }
             }
@@ -371,10 +401,102 @@ impl TransferEngine {
                 signer.sign(&mut info);
             }
         }
+        self.send_in_order(machine, source, vec![info]).await
+    }
+
+    /// Copies `chain` to `machine`, where each path refers to paths there or earlier in
+    /// the chain: down one pair of sessions, each path sent without waiting for the one
+    /// before to be registered. A chain whose paths come from several sources, or go
+    /// through this machine's store, goes one path at a time.
+    async fn copy_chain(
+        self: &Arc<Self>,
+        machine: MachineId,
+        chain: &[String],
+    ) -> Result<(), DriverError> {
+        if let [path] = chain {
+            return self.copy_path(machine, path).await;
+        }
+        // Each path's gate, in chain order: dependencies first, as every copy takes them.
+        let mut gates = Vec::with_capacity(chain.len());
+        for path in chain {
+            let gate = Self::lock(&self.copying)
+                .entry((machine, path.clone()))
+                .or_default()
+                .clone();
+            gates.push(gate.lock_owned().await);
+        }
+        let mut infos = Vec::new();
+        let mut source = None;
+        let mut one_source = true;
+        {
+            let registry = self.registry();
+            for path in chain {
+                if registry.is_on(path, machine) {
+                    continue;
+                }
+                let Some(info) = registry.info(path).cloned() else {
+                    one_source = false;
+                    break;
+                };
+                let holders: Vec<MachineId> = registry.holders(path).collect();
+                let consumers = self.consumers.get(path).copied().unwrap_or(0);
+                let way = route(
+                    &self.specs,
+                    &holders,
+                    false,
+                    machine,
+                    consumers,
+                    info.nar_size,
+                );
+                let from = match (way, self.client) {
+                    (Some(w), Some(c)) if w.keeps_in_client() && machine != c => None,
+                    (Some(w), client) => w.from.or(client),
+                    (None, _) => None,
+                };
+                if from.is_none() || (source.is_some() && source != from) {
+                    one_source = false;
+                    break;
+                }
+                source = from;
+                infos.push(info);
+            }
+        }
+        if !one_source {
+            drop(gates);
+            for path in chain {
+                self.copy_path(machine, path).await?;
+            }
+            return Ok(());
+        }
+        let Some(source) = source else {
+            return Ok(());
+        };
+        if Some(machine) == self.client {
+            if let Some(signer) = &self.signer {
+                for info in &mut infos {
+                    signer.sign(info);
+                }
+            }
+        }
+        self.send_in_order(machine, source, infos).await
+    }
+
+    /// Sends `infos` (in order; their references are on `machine` or earlier in the
+    /// list) from `source` to `machine` on one pair of pooled sessions, and records
+    /// each path as it lands.
+    async fn send_in_order(
+        self: &Arc<Self>,
+        machine: MachineId,
+        source: MachineId,
+        infos: Vec<offload_nix::serve::PathInfo>,
+    ) -> Result<(), DriverError> {
         let _lane = self.lanes[machine]
             .acquire()
             .await
-            .map_err(|_| not_valid())?;
+            .map_err(|_| DriverError::NotValid {
+                machine: self.pools[machine].endpoint().name.clone(),
+                path: infos.first().map(|i| i.path.clone()).unwrap_or_default(),
+            })?;
         let mut from = self.pools[source].get().await?;
         let mut to = self.pools[machine].get().await?;
         let links: Vec<MachineId> = [source, machine]
@@ -387,31 +509,55 @@ impl TransferEngine {
             .max()
             .unwrap_or(1);
         let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
-        if let Some(r) = &self.reporter {
-            r.transfer_started(path, from_name, to_name, info.nar_size);
-        }
-        let started = Instant::now();
+        let started: Vec<Mutex<Option<Instant>>> = infos.iter().map(|_| Mutex::new(None)).collect();
+        let progress = |event: ChainProgress| match event {
+            ChainProgress::Sending(i) => {
+                *Self::lock(&started[i]) = Some(Instant::now());
+                if let Some(r) = &self.reporter {
+                    r.transfer_started(&infos[i].path, from_name, to_name, infos[i].nar_size);
+                }
+            }
+            ChainProgress::Registered(i) => {
+                let seconds = Self::lock(&started[i]).map_or(0.0, |t| t.elapsed().as_secs_f64());
+                self.landed(&infos[i], source, machine, seconds, concurrent);
+            }
+        };
         let result = to
-            .add_to_store_nar_from(&info, &mut from)
-            .await
-            .map_err(|e| self.blame(e, source, machine, path));
-        let seconds = started.elapsed().as_secs_f64();
+            .add_to_store_nars_from(&infos, &mut from, &progress)
+            .await;
         for &l in &links {
             self.on_link[l].fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some(r) = &self.reporter {
-            r.transfer_finished(
-                path,
-                from_name,
-                to_name,
-                info.nar_size,
-                seconds,
-                result.is_ok(),
-            );
-        }
         self.pools[source].put(from);
         self.pools[machine].put(to);
-        result?;
+        if let Err(e) = result {
+            // The path that was on its way when the copy broke.
+            let registry = self.registry();
+            let failed = infos.iter().find(|i| !registry.is_on(&i.path, machine));
+            drop(registry);
+            let path = failed.map_or("", |i| i.path.as_str());
+            if let (Some(r), Some(info)) = (&self.reporter, failed) {
+                r.transfer_finished(path, from_name, to_name, info.nar_size, 0.0, false);
+            }
+            return Err(self.blame(e, source, machine, path));
+        }
+        Ok(())
+    }
+
+    /// Records that `info.path` landed on `machine`, copied from `source` in `seconds`.
+    fn landed(
+        &self,
+        info: &offload_nix::serve::PathInfo,
+        source: MachineId,
+        machine: MachineId,
+        seconds: f64,
+        concurrent: u32,
+    ) {
+        let path = &info.path;
+        if let Some(r) = &self.reporter {
+            let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
+            r.transfer_finished(path, from_name, to_name, info.nar_size, seconds, true);
+        }
         self.registry().add_holder(path, machine);
         self.copied.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(info.nar_size, Ordering::Relaxed);
@@ -432,7 +578,6 @@ impl TransferEngine {
                 concurrent,
             });
         }
-        Ok(())
     }
 
     /// A pipe that broke while the source's NAR went to `target` broke on the target's

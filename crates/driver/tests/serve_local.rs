@@ -212,6 +212,89 @@ async fn copy_closure_between_stores_verifies_clean() {
 }
 
 #[tokio::test]
+async fn a_chain_whose_nar_breaks_midway_keeps_what_landed_and_registers_nothing_bad() {
+    if !require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let dst = tmp.path().join("dst");
+    // Twelve paths, each referring to the one before: they go down one session pair.
+    let out = build(&src, &chain_expr("chain-break", 12)).remove(0);
+    // The source's server flips one byte past 500 kB of its output: a NAR well into
+    // the chain arrives corrupted.
+    let flip = tmp.path().join("flip.py");
+    std::fs::write(
+        &flip,
+        "import sys\nseen = 0\nwhile True:\n    b = sys.stdin.buffer.read1(65536)\n    if not b:\n        break\n    if seen <= 500000 < seen + len(b):\n        i = 500000 - seen\n        b = b[:i] + bytes([b[i] ^ 0x55]) + b[i + 1:]\n    seen += len(b)\n    sys.stdout.buffer.write(b)\n    sys.stdout.buffer.flush()\n",
+    )
+    .unwrap();
+    let program = tmp.path().join("nix-store-flip");
+    offload_test_support::write_executable(
+        &program,
+        &format!("#!/bin/sh\nnix-store \"$@\" | python3 {}\n", flip.display()),
+    );
+    let mut source = local(&src);
+    source.remote_program = program.display().to_string();
+    let err = copy_closure(
+        &source,
+        &local(&dst),
+        std::slice::from_ref(&out),
+        &CopyOptions { jobs: 1 },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err.error,
+            DriverError::NarMismatch { .. } | DriverError::Nar { .. }
+        ),
+        "{err:?}"
+    );
+    // What landed before the bad NAR is valid and whole; the rest is not there at all.
+    let chain: Vec<String> = nix(&["nix-store", "--store", src.to_str().unwrap(), "-qR", &out])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let valid = |path: &str| {
+        nix_command("nix-store")
+            .args(["--store", dst.to_str().unwrap(), "--check-validity", path])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    let landed = chain.iter().filter(|p| valid(p)).count();
+    assert!(
+        landed >= 1 && landed < chain.len(),
+        "{landed} of {} landed",
+        chain.len()
+    );
+    for path in &chain {
+        let on_disk = dst.join(path.trim_start_matches('/')).exists();
+        assert_eq!(
+            on_disk,
+            valid(path),
+            "{path}: on disk but not valid, or the reverse"
+        );
+    }
+    let verify = nix_command("nix-store")
+        .args([
+            "--store",
+            dst.to_str().unwrap(),
+            "--verify",
+            "--check-contents",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+#[tokio::test]
 async fn copy_of_a_path_the_source_lacks_fails_clearly() {
     if !require_nix() {
         return;

@@ -200,10 +200,7 @@ impl BuildTransport for ServeTransport {
         // The builders' own counts, as last asked (other clients hold slots there too);
         // asked again in the background, at most once a second.
         let due = {
-            let mut last = self
-                .remote_asked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut last = self.remote_asked.lock().unwrap_or_else(|p| p.into_inner());
             let due = last.is_none_or(|t| t.elapsed() >= REMOTE_SLOTS_INTERVAL);
             if due {
                 *last = Some(Instant::now());

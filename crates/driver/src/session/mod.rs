@@ -10,6 +10,7 @@
 //! later call fails. Callers drop a broken session and open a new one.
 
 mod nar;
+pub use nar::ChainProgress;
 mod stderr;
 
 use std::time::Duration;

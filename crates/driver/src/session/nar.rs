@@ -32,6 +32,42 @@ where
     })
 }
 
+/// How a chain of imports ([`ServeConn::add_to_store_nars_from`]) goes, by the path's
+/// index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainProgress {
+    /// Its NAR starts out.
+    Sending(usize),
+    /// The server registered it.
+    Registered(usize),
+}
+
+/// Streams the NAR of `path` from `source` into `to`, another session's stdin: from one
+/// server's stdout straight into the other's. The source's own failures come back as
+/// its errors; a write into `to` that breaks is `to`'s server going away.
+async fn relay_from(
+    source: &mut ServeConn,
+    to: &mut super::Writer,
+    path: &str,
+) -> Result<NarSummary, ReplyError> {
+    let dump = Request::DumpStorePath { path }.encode();
+    source
+        .exchange("DumpStorePath", async |source_to, source_from| {
+            send(source_to, "DumpStorePath", &dump).await?;
+            relay_nar(source_from, to, path).await
+        })
+        .await
+        .map_err(|e| match e {
+            DriverError::Io { source: io, .. } if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                ReplyError::Wire(WireError::Io {
+                    what: "the NAR",
+                    source: io,
+                })
+            }
+            e => ReplyError::Driver(e),
+        })
+}
+
 impl ServeConn {
     /// Streams the NAR of `path` into `sink`, returning its size and hash.
     pub async fn dump_store_path<W: AsyncWrite + Unpin>(
@@ -100,29 +136,68 @@ impl ServeConn {
         info: &PathInfo,
         source: &mut ServeConn,
     ) -> Result<NarSummary, DriverError> {
-        let dump = Request::DumpStorePath { path: &info.path }.encode();
-        self.import(info, async |to| {
-            // The NAR goes from one server's stdout straight into the other's stdin; the
-            // source's own failures come back as its errors.
-            source
-                .exchange("DumpStorePath", async |source_to, source_from| {
-                    send(source_to, "DumpStorePath", &dump).await?;
-                    relay_nar(source_from, to, &info.path).await
-                })
-                .await
-                .map_err(|e| match e {
-                    // The source failed to write into this session: this session's pipe
-                    // broke, so it is this server that went away.
-                    DriverError::Io { source: io, .. }
-                        if io.kind() == std::io::ErrorKind::BrokenPipe =>
-                    {
+        self.import(info, async |to| relay_from(source, to, &info.path).await)
+            .await
+    }
+
+    /// Adds each of `infos`, in order, to this store with its NAR streamed from
+    /// `source`, without waiting for one to be registered before the next is sent: the
+    /// server takes them one after another, so a path may refer to those before it.
+    /// This hides the round trip per path that a chain of paths would cost one by one.
+    /// `progress` hears of each path as it starts out and as the server acknowledges it
+    /// (the paths acknowledged before a failure are registered there).
+    pub async fn add_to_store_nars_from(
+        &mut self,
+        infos: &[PathInfo],
+        source: &mut ServeConn,
+        progress: &(dyn Fn(ChainProgress) + Send + Sync),
+    ) -> Result<(), DriverError> {
+        const OP: &str = "AddToStoreNar";
+        if serve::minor(self.server_version) < 5 {
+            // ImportPaths, the only import of older servers, has one path per call here.
+            for (i, info) in infos.iter().enumerate() {
+                progress(ChainProgress::Sending(i));
+                self.add_to_store_nar_from(info, source).await?;
+                progress(ChainProgress::Registered(i));
+            }
+            return Ok(());
+        }
+        let machine = self.machine.clone();
+        let all_sent = std::sync::atomic::AtomicBool::new(false);
+        self.exchange(OP, async |to, from| {
+            let send_all = async {
+                for (i, info) in infos.iter().enumerate() {
+                    progress(ChainProgress::Sending(i));
+                    send(to, OP, &Request::AddToStoreNar { info }.encode()).await?;
+                    let summary = relay_from(source, to, &info.path).await?;
+                    check_summary(&machine, info, &summary).map_err(ReplyError::Driver)?;
+                    to.flush().await.map_err(|source| {
                         ReplyError::Wire(WireError::Io {
                             what: "the NAR",
-                            source: io,
+                            source,
                         })
+                    })?;
+                }
+                all_sent.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok::<(), ReplyError>(())
+            };
+            let read_acks = async {
+                for i in 0..infos.len() {
+                    // A path's acknowledgement may take as long as its NAR takes to
+                    // arrive; once all are sent, each of the rest is bounded.
+                    let ack = if all_sent.load(std::sync::atomic::Ordering::Relaxed) {
+                        within(QUERY_TIMEOUT, serve::read_ack(from)).await?
+                    } else {
+                        serve::read_ack(from).await?
+                    };
+                    match ack {
+                        1 => progress(ChainProgress::Registered(i)),
+                        other => return Err(ReplyError::Refused(other)),
                     }
-                    e => ReplyError::Driver(e),
-                })
+                }
+                Ok(())
+            };
+            tokio::try_join!(send_all, read_acks).map(|_| ())
         })
         .await
     }
