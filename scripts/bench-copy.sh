@@ -31,41 +31,11 @@ OFFLOAD=$PWD/target/release/offload
 
 rm -rf "$WORK"; mkdir -p "$WORK/data"
 # Deterministic data: sizes spread around MB/PATHS, some directories with several files.
-python3 - "$WORK/data" "$PATHS" "$MB" "$SHAPE" <<'PY'
-import os, random, sys
-root, n, mb, shape = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-rng = random.Random(42)
-if shape == "deep":
-    # Text (builtins.toFile takes no NUL bytes), sizes spread around MB/PATHS.
-    avg = mb * 1024 * 1024 // n
-    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789\n"
-    chunk = "".join(rng.choice(alphabet) for _ in range(1 << 16))
-    for i in range(n):
-        size = max(1, int(avg * rng.uniform(0.2, 1.8)))
-        off = rng.randrange(len(chunk))
-        text = (chunk[off:] + chunk[:off]) * (size // len(chunk) + 1)
-        with open(os.path.join(root, f"t{i}"), "w") as f:
-            f.write(text[:size])
-    sys.exit(0)
-avg = mb * 1024 * 1024 // n
-block = rng.randbytes(1 << 20)
-for i in range(n):
-    size = max(1, int(avg * rng.uniform(0.2, 1.8)))
-    if i % 5 == 0:
-        d = os.path.join(root, f"p{i}")
-        os.makedirs(os.path.join(d, "bin"))
-        for j, part in enumerate((size // 2, size - size // 2)):
-            off = rng.randrange(0, len(block))
-            with open(os.path.join(d, "bin" if j else "", f"f{j}"), "wb") as f:
-                data = (block[off:] + block[:off]) * (part // len(block) + 1)
-                f.write(data[:part])
-        os.chmod(os.path.join(d, "bin", "f1"), 0o755)
-        os.symlink("bin/f1", os.path.join(d, "link"))
-    else:
-        off = rng.randrange(0, len(block))
-        with open(os.path.join(root, f"p{i}"), "wb") as f:
-            f.write(((block[off:] + block[:off]) * (size // len(block) + 1))[:size])
-PY
+if [ "$SHAPE" = deep ]; then
+  python3 scripts/gen-paths.py "$WORK/data" "$PATHS" "$MB" --text
+else
+  python3 scripts/gen-paths.py "$WORK/data" "$PATHS" "$MB"
+fi
 if [ "$SHAPE" = deep ]; then
   cat >"$WORK/root.nix" <<NIX
 let link = prev: i: builtins.toFile "chain-\${toString i}"
