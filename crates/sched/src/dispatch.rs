@@ -50,9 +50,9 @@ impl Scheduler {
     }
 
     fn ready_key(&self, id: NodeId) -> ReadyKey {
-        // Ranks are non-negative, so their bit patterns order like the values.
+        // Priorities are non-negative, so their bit patterns order like the values.
         ReadyKey {
-            neg_rank_bits: -(self.graph.rank(id).to_bits() as i64),
+            neg_rank_bits: -(self.priority[id].to_bits() as i64),
             node: id,
         }
     }

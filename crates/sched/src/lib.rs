@@ -17,14 +17,16 @@
 //! - [`scheduler`]: the state machine, event by event;
 //! - [`transfers`]: how paths travel (routes, link queues), one model for the planner,
 //!   the simulator and the driver;
-//! - `classes` (machines interchangeable for planning, ordered by first free slot) and
-//!   `dispatch` (which ready derivation goes where), both private.
+//! - `classes` (machines interchangeable for planning, ordered by first free slot),
+//!   `dispatch` (which ready derivation goes where) and `rehearsal` (the ordering of
+//!   ready derivations, chosen by playing the run out first), all private.
 
 mod classes;
 mod dispatch;
 pub mod events;
 pub mod fleet;
 pub mod graph;
+mod rehearsal;
 pub mod scheduler;
 pub mod transfers;
 

@@ -77,6 +77,9 @@ pub struct Scheduler {
     pub(crate) client: Option<MachineId>,
     /// Per machine, the slots others hold ([`Event::SlotsHeldElsewhere`]).
     pub(crate) held_elsewhere: Vec<u32>,
+    /// Each node's priority among the ready ones: its rank (duration-weighted critical
+    /// path), or the ordering a rehearsal found better ([`Scheduler::start`]).
+    pub(crate) priority: Vec<f64>,
 }
 
 impl Scheduler {
@@ -122,7 +125,9 @@ impl Scheduler {
             home_pending: vec![0; m],
             client,
             held_elsewhere: vec![0; m],
+            priority: Vec::new(),
         };
+        sched.priority = (0..n).map(|i| sched.graph.rank(i)).collect();
         for m in 0..m {
             sched.replace_queue_key(m);
             sched.free_in_class[sched.class_of[m]] += sched.machines[m].slots as usize;
@@ -185,7 +190,15 @@ impl Scheduler {
     }
 
     /// The first actions: fails what no machine can build, starts what can start.
+    /// On a graph small enough, the order of the ready derivations is first chosen by
+    /// rehearsing the run ([`crate::rehearsal`]).
     pub fn start(&mut self, now: f64) -> Vec<Action> {
+        self.tune_priorities(now);
+        self.start_planned(now)
+    }
+
+    /// [`Scheduler::start`] with the priorities as they are.
+    pub(crate) fn start_planned(&mut self, now: f64) -> Vec<Action> {
         let mut actions = Vec::new();
         self.fail_unplaceable(&mut actions);
         for id in 0..self.graph.len() {

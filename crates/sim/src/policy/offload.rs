@@ -11,7 +11,13 @@ pub struct OffloadPolicy {
 }
 
 impl OffloadPolicy {
-    pub fn new(graph: Graph, machines: Vec<MachineSpec>, costs: Costs) -> Self {
+    pub fn new(graph: Graph, mut machines: Vec<MachineSpec>, costs: Costs) -> Self {
+        // The live driver's estimates hold what a build costs besides its own work (its
+        // durations are measured through a session); a simulated graph's durations do
+        // not, so the scheduler is told the simulated cost per build.
+        for m in &mut machines {
+            m.per_build = m.per_build.max(costs.per_build);
+        }
         OffloadPolicy {
             sched: Scheduler::new(graph, machines, true),
             costs,
