@@ -54,8 +54,10 @@ const MIGRATIONS: &[&str] = &[
      );",
     // What the planner learns (`learn.rs`): from here on `builds.machine` is the store
     // URI as written and `seconds` the build's own time (its inputs' copies left out);
-    // NAR bytes of the outputs, the run the build was part of and the whole task's time; every copy between this machine and another, with how
-    // many copies shared the link when it started; each machine's CPU cores.
+    // NAR bytes of the outputs, the run the build was part of and the task's time but
+    // for its inputs' copies (the session and the build); every copy between this
+    // machine and another, with how many copies shared the link when it started; each
+    // machine's CPU cores.
     "ALTER TABLE builds ADD COLUMN output_bytes INTEGER;
      ALTER TABLE builds ADD COLUMN run TEXT;
      ALTER TABLE builds ADD COLUMN task_seconds REAL;
@@ -250,7 +252,7 @@ pub struct BuildRecord<'a> {
     pub output_bytes: Option<u64>,
     /// The run it was part of.
     pub run: Option<&'a str>,
-    /// The whole task's seconds: the session, the inputs' copies, the build.
+    /// The task's seconds but for its inputs' copies: the session and the build.
     pub task_seconds: Option<f64>,
 }
 

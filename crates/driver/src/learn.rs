@@ -224,8 +224,9 @@ impl History {
             .filter_map(|(m, t)| link_figures(&t).map(|f| (m, f)))
             .collect();
 
-        // What a build costs besides itself: the task's time over the build's own,
-        // the lower quartile of recent builds (those with inputs to copy cost more).
+        // What a build costs besides itself and its inputs' copies (the links' to
+        // learn): the task's time over the build's own, the lower quartile of recent
+        // builds.
         let extra: HashMap<String, Vec<f64>> = self.recent_by_key(
             "SELECT machine, task_seconds - seconds FROM builds
              WHERE task_seconds IS NOT NULL ORDER BY rowid DESC LIMIT ?1",

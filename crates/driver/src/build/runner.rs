@@ -72,6 +72,8 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
 pub(crate) struct BuildFacts {
     /// The build's own seconds, its inputs' copies left out.
     pub build_seconds: Option<f64>,
+    /// Seconds spent bringing its inputs to the machine.
+    pub inputs_seconds: Option<f64>,
     /// NAR bytes of its outputs.
     pub output_bytes: Option<u64>,
 }
@@ -588,7 +590,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 declared_speed: self.declared_speeds[done.machine],
                 output_bytes: done.facts.output_bytes,
                 run: Some(&self.run_id),
-                task_seconds: Some(done.seconds),
+                // The inputs' copies are the links' to learn, not the machine's.
+                task_seconds: Some(done.seconds - done.facts.inputs_seconds.unwrap_or(0.0)),
             });
             if let Err(e) = recorded {
                 tracing::warn!("{e}");

@@ -294,10 +294,12 @@ impl ServeTransport {
         let n = &self.nodes[node];
         // A builder may fetch what it lacks from its own substituters when allowed.
         let substitute = self.builders_use_substitutes && machine != LOCAL;
+        let shipping = Instant::now();
         let shipped = self
             .engine
             .ensure_on(machine, &n.inputs, Some(&mut conn), substitute)
             .await;
+        facts.inputs_seconds = Some(shipping.elapsed().as_secs_f64());
         if let Err(e) = shipped {
             // The inputs go over sessions of their own: a failure of this machine's
             // connection takes it out as a broken build session would.
