@@ -195,8 +195,9 @@ for case in $CASES; do
       spec=${spec%; }
       bound+=(fleet1:2:x86_64-linux="$SLOW" fleet2:2:x86_64-linux="$SLOW" fleet3:2:x86_64-linux="$SLOW")
       true_speed=$(awk "BEGIN {print 1 / $SLOW}")
-      simspec="ssh://fleet1 x86_64-linux - 2 $true_speed; ssh://fleet2 x86_64-linux - 2 $true_speed; ssh://fleet3 x86_64-linux - 2 $true_speed"
-      echo '{}' >"$WORK/$case-simfleet.json"
+      simspec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3 x86_64-linux - 2 1"
+      printf '{"speeds": {"fleet1": {"x86_64-linux": %s}, "fleet2": {"x86_64-linux": %s}, "fleet3": {"x86_64-linux": %s}}}\n' \
+        "$true_speed" "$true_speed" "$true_speed" >"$WORK/$case-simfleet.json"
       title="slow builders: 30 derivations; builders ${SLOW}x slower than this machine, speed factor 1 declared"
       target="run 2 <= 1.15x the bound"
       ;;
@@ -208,8 +209,9 @@ for case in $CASES; do
       bound+=(fleet1:2:x86_64-linux="$SLOW" fleet2:2:x86_64-linux="$SLOW")
       bound+=(fleet3:2:x86_64-linux="$SLOW",aarch64-linux=$((SLOW * AARCH64_SLOW)))
       true_speed=$(awk "BEGIN {print 1 / $SLOW}")
-      simspec="ssh://fleet1 x86_64-linux - 2 $true_speed; ssh://fleet2 x86_64-linux - 2 $true_speed; ssh://fleet3 x86_64-linux,aarch64-linux - 2 $true_speed"
-      echo "{\"speeds\": {\"fleet3\": {\"aarch64-linux\": $(awk "BEGIN {print 1 / ($SLOW * $AARCH64_SLOW)}")}}}" >"$WORK/$case-simfleet.json"
+      simspec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3 x86_64-linux,aarch64-linux - 2 1"
+      printf '{"speeds": {"fleet1": {"x86_64-linux": %s}, "fleet2": {"x86_64-linux": %s}, "fleet3": {"x86_64-linux": %s, "aarch64-linux": %s}}}\n' \
+        "$true_speed" "$true_speed" "$true_speed" "$(awk "BEGIN {print 1 / ($SLOW * $AARCH64_SLOW)}")" >"$WORK/$case-simfleet.json"
       title="slow builders + aarch64: 30 derivations, 4 of them aarch64-linux (fleet3 only, ${AARCH64_SLOW}x slower than its native system)"
       target="run 2 <= 1.15x the bound"
       ;;
@@ -221,8 +223,10 @@ for case in $CASES; do
   read -r opt proven < <("$ORTOOLS_PYTHON" scripts/fleet-optimum.py "${nix%.nix}.json" "${bound[@]}" 2>>"$WORK/optimum.log" |
     sed 's/[a-z_]*=//g')
   hist=$WORK/history-$case.sqlite
-  # offload's scheduler on the simulator's model of this fleet at its true speeds and
-  # links: what run 2 (true durations known) and run 1 (none known) should take.
+  # offload's scheduler on the simulator's model of this fleet: the machines file as
+  # declared ($simspec) and its true speeds and links ($case-simfleet.json). Run 2
+  # plans with the truth (the durations, speeds and links learned); run 1 (--cold)
+  # with what the machines file says, every estimate the default.
   simulate() {
     "$OFFLOAD" simulate --dag "${nix%.nix}.json" --builders "$simspec" --local-slots "$local_slots" \
       --fleet "$WORK/$case-simfleet.json" --policy offload --json "$@" 2>/dev/null |
@@ -295,7 +299,7 @@ for case in $CASES; do
     [ "$1" = - ] && { echo "not simulated"; return; }
     echo "$1 s, measured $t s ($(awk -v s="$1" -v m="$t" 'BEGIN {printf "%+.0f %%", 100 * (s - m) / m}'))"
   }
-  echo "   simulator (offload's scheduler at the true speeds and links): run 1 $(sim_vs "$sim_cold" "${one_t[@]}"); run 2 $(sim_vs "$sim_warm" "${two_t[@]}")"
+  echo "   simulator (offload's scheduler on a model of this fleet): run 1 $(sim_vs "$sim_cold" "${one_t[@]}"); run 2 $(sim_vs "$sim_warm" "${two_t[@]}")"
   if [ "$opt" != - ] && ! printf '%s\n' "${two_t[@]}" | grep -q failed; then
     echo "   run 2 is $(ratio "$(median "${two_t[@]}")" "$opt")x the optimum"
   fi

@@ -299,7 +299,10 @@ pub struct SimulateArgs {
     #[arg(long, value_enum, default_value_t = PolicyChoice::All)]
     pub policy: PolicyChoice,
 
-    /// offload plans without a duration history (every estimate the default).
+    /// offload plans without a history, as on its first run: every estimate the
+    /// default, and the machines as the machines file declares them (its speed
+    /// factors, the default link), while builds and copies take the true speeds and
+    /// links of the fleet file.
     #[arg(long)]
     pub cold: bool,
 

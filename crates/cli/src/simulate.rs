@@ -130,8 +130,13 @@ async fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
     )))
 }
 
-/// The simulated machines, and failures as (machine index, seconds).
-type SimFleet = (Vec<MachineSpec>, Vec<(usize, f64)>);
+/// The simulated machines as they are and as their machines file declares them (what
+/// a cold planner knows), and failures as (machine index, seconds).
+struct SimFleet {
+    machines: Vec<MachineSpec>,
+    declared: Vec<MachineSpec>,
+    failures: Vec<(usize, f64)>,
+}
 
 /// `--fleet FILE`: link figures and machine failures.
 #[derive(Debug, Deserialize)]
@@ -204,7 +209,14 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
         },
     };
     let mut machines = vec![MachineSpec::local(&local_system, args.local_slots)];
+    let mut declared = machines.clone();
     for (m, name) in parsed.iter().zip(machine_names(&parsed)) {
+        declared.push(remote_spec(
+            m,
+            name.clone(),
+            DEFAULT_BANDWIDTH,
+            DEFAULT_LATENCY,
+        ));
         let host = m.uri.strip_prefix("ssh://").unwrap_or(&m.uri);
         let link = extra.links.get(&name).or_else(|| extra.links.get(host));
         let bandwidth = link.and_then(|l| l.bandwidth).unwrap_or(extra.bandwidth);
@@ -229,6 +241,7 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
         let (shape, n, seed) = shape_spec("--generate-fleet", spec)?;
         let generated = generate_fleet(shape, n, seed, extra.bandwidth, extra.latency)
             .map_err(|e| Failure::usage(anyhow!("--generate-fleet {spec}: {e}")))?;
+        declared.extend(generated.iter().cloned());
         machines.extend(generated);
     }
     let mut failures = Vec::new();
@@ -248,7 +261,11 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
             }
         }
     }
-    Ok((machines, failures))
+    Ok(SimFleet {
+        machines,
+        declared,
+        failures,
+    })
 }
 
 /// A line on the derivations no machine with slots can build, and those that need them.
@@ -310,7 +327,11 @@ fn human_bytes(n: u64) -> String {
 
 pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
     let graph = graph(&args).await?;
-    let (machines, failures) = fleet(&args)?;
+    let SimFleet {
+        machines,
+        declared,
+        failures,
+    } = fleet(&args)?;
     if machines.iter().all(|m| m.slots == 0) {
         return Err(Failure::usage(anyhow!(
             "no machine has a build slot: give --builders/--machines or --local-slots"
@@ -323,6 +344,7 @@ pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
             p,
             &graph,
             &machines,
+            Some(&declared),
             &failures,
             args.cold,
             args.trace.is_some(),

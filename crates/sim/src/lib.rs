@@ -48,10 +48,15 @@ pub mod calibration {
 /// Runs the named policy (`offload`, `nix`, `hydra`). With `cold`, offload plans with
 /// no duration history (every estimate [`offload_sched::DEFAULT_ESTIMATE_SECONDS`])
 /// while builds take their real time.
+///
+/// `declared` is the fleet as its machines file says (speed factors, no links known),
+/// which a cold offload plans with while builds and copies take `machines`' true
+/// speeds and links; None: the same as `machines`.
 pub fn run_policy(
     name: &str,
     graph: &Graph,
     machines: &[MachineSpec],
+    declared: Option<&[MachineSpec]>,
     failures: &[(MachineId, f64)],
     cold: bool,
     trace: bool,
@@ -59,12 +64,12 @@ pub fn run_policy(
     use policy::{HydraPolicy, NixPolicy, OffloadPolicy};
     let report = match name {
         "offload" => {
-            let planning = if cold {
-                with_unknown_durations(graph)
+            let (planning, believed) = if cold {
+                (with_unknown_durations(graph), declared.unwrap_or(machines))
             } else {
-                graph.clone()
+                (graph.clone(), machines)
             };
-            let mut p = OffloadPolicy::new(planning, machines.to_vec(), calibration::OFFLOAD);
+            let mut p = OffloadPolicy::new(planning, believed.to_vec(), calibration::OFFLOAD);
             simulate(graph, machines, failures, &mut p, trace)
         }
         "nix" => {
