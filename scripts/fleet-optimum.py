@@ -15,9 +15,10 @@ centiseconds. Prints
 
   optimum=… proven=yes|no
 
-(`proven=no`: the time limit, --seconds, ended the search; the value is then the best
-lower bound the solver proved, still a valid bound). Needs the `ortools` Python package;
-without it prints `optimum=- proven=no` and says how to install it on stderr.
+(`proven=no`: the time limit, --seconds, ended the search before the solver proved its
+best schedule optimal; `optimum` is then that schedule's makespan, an upper bound of the
+optimum, not a lower bound of every run). Needs the `ortools` Python package; without
+it prints `optimum=- proven=no` and says how to install it on stderr.
 """
 import argparse
 import json
@@ -86,6 +87,6 @@ status = solver.Solve(model)
 if status == cp_model.OPTIMAL:
     print(f"optimum={solver.Value(makespan) / 100:.2f} proven=yes")
 elif status == cp_model.FEASIBLE:
-    print(f"optimum={solver.BestObjectiveBound() / 100:.2f} proven=no")
+    print(f"optimum={solver.Value(makespan) / 100:.2f} proven=no")
 else:
     sys.exit(f"fleet-optimum.py: the solver found no schedule ({solver.StatusName(status)})")
