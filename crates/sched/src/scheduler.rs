@@ -191,7 +191,7 @@ impl Scheduler {
 
     /// The first actions: fails what no machine can build, starts what can start.
     /// On a graph small enough, the order of the ready derivations is first chosen by
-    /// rehearsing the run ([`crate::rehearsal`]).
+    /// rehearsing the run against the estimates (module `rehearsal`).
     pub fn start(&mut self, now: f64) -> Vec<Action> {
         self.tune_priorities(now);
         self.start_planned(now)
