@@ -16,20 +16,7 @@ use std::time::{Duration, Instant};
 use offload_test_support::{nix_system, require_sshd_fleet, salt, text, SshFleet};
 
 /// The marker every leaf build runs.
-const MARKER: [&str; 2] = ["sleep", "1.37"];
-
-/// Four leaves that each run the marker, under one top.
-fn graph(salt: &str) -> String {
-    format!(
-        r#"let mk = name: deps: script: derivation {{
-             inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
-             PATH = "/bin:/usr/bin"; salt = "{salt}";
-             args = [ "-c" "${{script}}; mkdir $out" ];
-           }};
-           leaves = builtins.genList (i: mk "leaf${{toString i}}" [] "sleep 1.37") 4;
-         in {{ top = mk "top" leaves "true"; }}"#
-    )
-}
+use common::{marker_graph as graph, MARKER};
 
 /// The most marker processes seen at once, looked for every 20 ms.
 struct Poller {

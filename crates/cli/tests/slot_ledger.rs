@@ -14,21 +14,7 @@ use std::time::{Duration, Instant};
 use offload_test_support::{nix_system, require_nix};
 use offload_test_support::{salt, text};
 
-/// The marker every build of these graphs runs.
-const MARKER: [&str; 2] = ["sleep", "1.37"];
-
-/// Four leaves that each run the marker, under one top.
-fn graph(salt: &str) -> String {
-    format!(
-        r#"let mk = name: deps: script: derivation {{
-             inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
-             PATH = "/bin:/usr/bin"; salt = "{salt}";
-             args = [ "-c" "${{script}}; mkdir $out" ];
-           }};
-           leaves = builtins.genList (i: mk "leaf${{toString i}}" [] "sleep 1.37") 4;
-         in {{ top = mk "top" leaves "true"; }}"#
-    )
-}
+use common::{marker_graph as graph, MARKER};
 
 /// Loopback builders `m1`, `m2`, … of one slot each, under `dir`.
 struct Fleet {

@@ -365,26 +365,12 @@ impl TransferEngine {
         if self.registry().is_on(path, machine) {
             return Ok(());
         }
-        let (info, holders) = {
-            let registry = self.registry();
-            let holders: Vec<MachineId> = registry.holders(path).collect();
-            (registry.info(path).cloned(), holders)
-        };
         let not_valid = || DriverError::NotValid {
             machine: "any machine of the fleet".into(),
             path: path.to_string(),
         };
-        let mut info = info.ok_or_else(not_valid)?;
-        let consumers = self.consumers.get(path).copied().unwrap_or(0);
-        let way = route(
-            &self.specs,
-            &holders,
-            false,
-            machine,
-            consumers,
-            info.nar_size,
-        )
-        .ok_or_else(not_valid)?;
+        let found = self.way_to(&self.registry(), path, machine);
+        let (mut info, way) = found.ok_or_else(not_valid)?;
         let source = match (way.from, self.client) {
             (Some(_), Some(client)) if way.keeps_in_client() && machine != client => {
                 self.keep_in_client(client, &info.path).await?;
@@ -402,6 +388,28 @@ impl TransferEngine {
             }
         }
         self.send_in_order(machine, source, vec![info]).await
+    }
+
+    /// The infos of `path` and the way the model sends it to `machine` from the
+    /// machines that hold it; None when none does.
+    fn way_to(
+        &self,
+        registry: &PathRegistry,
+        path: &str,
+        machine: MachineId,
+    ) -> Option<(offload_nix::serve::PathInfo, offload_sched::Route)> {
+        let info = registry.info(path)?.clone();
+        let holders: Vec<MachineId> = registry.holders(path).collect();
+        let consumers = self.consumers.get(path).copied().unwrap_or(0);
+        let way = route(
+            &self.specs,
+            &holders,
+            false,
+            machine,
+            consumers,
+            info.nar_size,
+        )?;
+        Some((info, way))
     }
 
     /// Copies `chain` to `machine`, where each path refers to paths there or earlier in
@@ -434,24 +442,13 @@ impl TransferEngine {
                 if registry.is_on(path, machine) {
                     continue;
                 }
-                let Some(info) = registry.info(path).cloned() else {
+                let Some((info, way)) = self.way_to(&registry, path, machine) else {
                     one_source = false;
                     break;
                 };
-                let holders: Vec<MachineId> = registry.holders(path).collect();
-                let consumers = self.consumers.get(path).copied().unwrap_or(0);
-                let way = route(
-                    &self.specs,
-                    &holders,
-                    false,
-                    machine,
-                    consumers,
-                    info.nar_size,
-                );
-                let from = match (way, self.client) {
-                    (Some(w), Some(c)) if w.keeps_in_client() && machine != c => None,
-                    (Some(w), client) => w.from.or(client),
-                    (None, _) => None,
+                let from = match self.client {
+                    Some(c) if way.keeps_in_client() && machine != c => None,
+                    client => way.from.or(client),
                 };
                 if from.is_none() || (source.is_some() && source != from) {
                     one_source = false;

@@ -18,3 +18,22 @@ pub fn offload(work: &Path) -> Command {
         .env("OFFLOAD_SLOTS_DIR", work.join("slots"));
     cmd
 }
+
+/// The marker process every build of [`marker_graph`] runs: counting those processes
+/// counts the builds running at once.
+#[allow(dead_code)] // The slot tests' alone.
+pub const MARKER: [&str; 2] = ["sleep", "1.37"];
+
+/// Four leaves that each run the marker, under one top.
+#[allow(dead_code)] // The slot tests' alone.
+pub fn marker_graph(salt: &str) -> String {
+    format!(
+        r#"let mk = name: deps: script: derivation {{
+             inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+             PATH = "/bin:/usr/bin"; salt = "{salt}";
+             args = [ "-c" "${{script}}; mkdir $out" ];
+           }};
+           leaves = builtins.genList (i: mk "leaf${{toString i}}" [] "sleep 1.37") 4;
+         in {{ top = mk "top" leaves "true"; }}"#
+    )
+}
