@@ -30,9 +30,10 @@ NEW=$PWD/target/release/offload
 if [ -z "${OLD:-}" ]; then
   old_tree=$WORK/old
   if [ ! -x "$old_tree/target/release/offload" ]; then
+    # A plain copy of that commit's tree, so the repository gains no worktree.
     rm -rf "$old_tree"
-    git worktree prune
-    git worktree add -q --detach "$old_tree" "$OLD_COMMIT"
+    mkdir -p "$old_tree"
+    git archive "$OLD_COMMIT" | tar -x -C "$old_tree"
     (cd "$old_tree" && cargo build --release -q -p offload)
   fi
   OLD=$old_tree/target/release/offload
