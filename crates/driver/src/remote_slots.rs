@@ -199,6 +199,16 @@ impl RemoteSlots {
         }
     }
 
+    /// Starts the machine's broker now, so that its first build does not wait for it.
+    /// A broker that cannot start is said at the first take, as without this.
+    pub async fn warm(&self, machine: MachineId) {
+        if let Some(broker) = self.brokers.get(machine).and_then(Option::as_ref) {
+            if !broker.disabled.load(Ordering::Relaxed) {
+                let _ = broker.running().await;
+            }
+        }
+    }
+
     /// How many of the machine's slots others held when last looked (on a take that
     /// had to wait, or [`Self::refresh_others`]); None when not known. Never blocks.
     pub fn held_elsewhere(&self, machine: MachineId) -> Option<u32> {
