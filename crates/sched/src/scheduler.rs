@@ -329,6 +329,11 @@ impl Scheduler {
         (0..self.machines.len()).any(|m| self.alive[m] && self.held_elsewhere[m] > 0)
     }
 
+    /// The slots of `machine` others hold, as last told.
+    pub fn slots_held_elsewhere(&self, machine: MachineId) -> u32 {
+        self.held_elsewhere.get(machine).copied().unwrap_or(0)
+    }
+
     /// Builds running now, per machine.
     pub fn running_on(&self, machine: MachineId) -> &[NodeId] {
         &self.running[machine]

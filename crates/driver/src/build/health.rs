@@ -26,6 +26,9 @@ pub struct Reliability {
     /// How long an ssh connection may go without an answer before it counts as dead
     /// (ssh's `ServerAliveInterval` × `ServerAliveCountMax`, and its `ConnectTimeout`).
     pub stall_timeout: Duration,
+    /// How long a run with nothing of its own running waits for slots others hold
+    /// before it gives up on what is left.
+    pub slot_wait: Duration,
 }
 
 impl Default for Reliability {
@@ -36,6 +39,7 @@ impl Default for Reliability {
             quarantine_after: 4,
             quarantine_for: Duration::from_secs(600),
             stall_timeout: Duration::from_secs(30),
+            slot_wait: crate::slots::WAIT_LIMIT,
         }
     }
 }

@@ -140,6 +140,9 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     last_refit: f64,
     /// Machines whose first probe has not answered yet, and that probe.
     first_probes: HashMap<MachineId, AbortHandle>,
+    /// Since when nothing of this run has run while others held the slots it needs.
+    waiting_for_others: Option<f64>,
+    slot_wait: std::time::Duration,
 }
 
 impl<'h, T: BuildTransport> Runner<'h, T> {
@@ -168,6 +171,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             .critical_path()
             .max(graph.total_work() / capacity.max(1.0));
         let n = nodes.len();
+        let slot_wait = reliability.slot_wait;
         let state_keys = machines.iter().map(|m| m.name.clone()).collect();
         let declared_speeds = machines.iter().map(|m| m.speed).collect();
         Ok(Runner {
@@ -197,6 +201,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             declared_speeds,
             last_refit: 0.0,
             first_probes: HashMap::new(),
+            waiting_for_others: None,
+            slot_wait,
             run_id: format!(
                 "{}-{}",
                 std::process::id(),
@@ -259,10 +265,20 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         let first = self.sched.start(self.now());
         self.apply(first);
         while !self.sched.is_finished() {
-            if self.tasks.is_empty() && self.probes.is_empty() && !self.sched.waits_for_others() {
-                // Nothing runs, no machine may come back and no slot others hold may
-                // free: nothing more can happen.
-                break;
+            if self.tasks.is_empty() && self.probes.is_empty() {
+                if !self.sched.waits_for_others() {
+                    // Nothing runs, no machine may come back and no slot others hold
+                    // may free: nothing more can happen.
+                    break;
+                }
+                let now = self.now();
+                let since = *self.waiting_for_others.get_or_insert(now);
+                if now - since >= self.slot_wait.as_secs_f64() {
+                    self.give_up_on_held_slots(now - since);
+                    break;
+                }
+            } else {
+                self.waiting_for_others = None;
             }
             tokio::select! {
                 _ = slot_watch.tick() => self.watch_slots().await,
@@ -282,6 +298,33 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             }
         }
         self.finish(stop).await
+    }
+
+    /// Others held every slot the rest of the graph could use for `waited` seconds:
+    /// what is left fails, naming the machines and their holders' lock files.
+    fn give_up_on_held_slots(&mut self, waited: f64) {
+        let held: Vec<String> = (0..self.machines.len())
+            .filter(|&m| self.sched.slots_held_elsewhere(m) > 0)
+            .map(|m| {
+                DriverError::SlotsBusy {
+                    machine: self.machines[m].name.clone(),
+                    slots: self.machines[m].slots,
+                    dir: "here or on the machine".into(),
+                    secs: waited as u64,
+                }
+                .with_hint()
+            })
+            .collect();
+        let why = held.join("; ");
+        self.reporter.machine_warning(&why);
+        for (node, result) in self.results.iter_mut().enumerate() {
+            if result.is_none() && *self.sched.state(node) == NodeState::Ready {
+                *result = Some(NodeResult::Failed {
+                    failure: format!("not built: {why}"),
+                    log_tail: Vec::new(),
+                });
+            }
+        }
     }
 
     /// Tells the scheduler how many slots of each machine others hold now.

@@ -52,6 +52,8 @@ struct FakeTransport {
     fetched: Mutex<Vec<String>>,
     forgotten: Mutex<Vec<MachineId>>,
     closed: Mutex<bool>,
+    /// Slots others hold, per machine, as the ledger would say.
+    held_elsewhere: Vec<(MachineId, u32)>,
 }
 
 impl FakeTransport {
@@ -71,6 +73,7 @@ impl FakeTransport {
             fetched: Mutex::default(),
             forgotten: Mutex::default(),
             closed: Mutex::default(),
+            held_elsewhere: Vec::new(),
         }
     }
 
@@ -81,6 +84,12 @@ impl FakeTransport {
 }
 
 impl BuildTransport for FakeTransport {
+    fn slots_held_elsewhere(
+        self: Arc<Self>,
+    ) -> impl std::future::Future<Output = Vec<(MachineId, u32)>> + Send + 'static {
+        std::future::ready(self.held_elsewhere.clone())
+    }
+
     async fn build(self: Arc<Self>, task: BuildTask) -> TaskDone {
         let (node, machine) = (task.node, task.machine);
         if self.unreachable.contains(&machine) {
@@ -256,6 +265,14 @@ fn fleet(slots: u32) -> Vec<MachineSpec> {
     ]
 }
 
+/// This machine with no slots, and builder `b1`.
+fn fleet_without_local(slots: u32) -> Vec<MachineSpec> {
+    vec![
+        MachineSpec::local(SYSTEM, 0),
+        MachineSpec::new("b1", SYSTEM, slots, 1.0),
+    ]
+}
+
 struct Run {
     report: Result<BuildReport, DriverError>,
     transport: Arc<FakeTransport>,
@@ -299,6 +316,7 @@ async fn run(
             // Probes at once: the fake machines answer or not without waiting.
             backoff: std::time::Duration::from_millis(1),
             quarantine_after: 5,
+            slot_wait: std::time::Duration::from_millis(600),
             ..Reliability::default()
         },
         history,
@@ -741,4 +759,55 @@ async fn a_builder_that_refuses_for_good_is_not_tried_again_in_the_run() {
         .events
         .iter()
         .any(|e| e.starts_with("warning b2 cannot be used") && e.contains("trying it again in")));
+}
+
+#[tokio::test]
+async fn a_run_waits_for_slots_others_hold_then_gives_up_naming_the_machine() {
+    let nodes = vec![node("a", &[])];
+    let mut transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    // This machine builds nothing; others hold the builder's only slot all along.
+    transport.held_elsewhere = vec![(1, 1)];
+    let started = std::time::Instant::now();
+    let run = run(
+        nodes,
+        fleet_without_local(1),
+        transport,
+        false,
+        None,
+        never(),
+    )
+    .await;
+    let waited = started.elapsed();
+    assert!(
+        run.transport.builds().is_empty(),
+        "{:?}",
+        run.transport.builds()
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(600),
+        "{waited:?}"
+    );
+    match run.result(0) {
+        NodeResult::Failed { failure, .. } => {
+            assert!(
+                failure.contains("b1: all 1 of its build slots stayed taken"),
+                "{failure}"
+            );
+            assert!(failure.contains("--exclude"), "{failure}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_build_whose_slot_another_run_holds_goes_to_a_free_machine() {
+    let nodes = vec![node("a", &[])];
+    let mut transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
+    transport.held_elsewhere = vec![(1, 1)];
+    let mut machines = fleet_without_local(1);
+    // A second builder, slower: alone, the plan would choose the first.
+    machines.push(MachineSpec::new("b2", SYSTEM, 1, 0.5));
+    let run = run(nodes, machines, transport, false, None, never()).await;
+    assert!(run.report().all_built());
+    assert_eq!(run.transport.builds(), [("a".to_string(), 2)]);
 }
