@@ -47,8 +47,6 @@ pub(crate) struct ServeTransport {
     refused: Vec<std::sync::atomic::AtomicBool>,
     /// When the builders were last asked for the slots others hold there.
     remote_asked: std::sync::Mutex<Option<Instant>>,
-    /// Each machine's cores, when known: builds' sessions are started with their share.
-    cores: Vec<Option<u32>>,
 }
 
 impl ServeTransport {
@@ -73,7 +71,6 @@ impl ServeTransport {
                 .collect(),
             ledger: SlotLedger::from_env(),
             remote_asked: std::sync::Mutex::new(None),
-            cores: machines.iter().map(|m| m.cores).collect(),
             remote_slots: RemoteSlots::new(machines.iter().map(|m| {
                 (
                     m.endpoint.clone(),
@@ -172,35 +169,14 @@ impl BuildTransport for ServeTransport {
     }
 
     async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
-        // The session opened goes to the pool, for the first copies there. The slot
-        // broker starts meanwhile, and sessions for builds with the cores a build gets
-        // alone there and with every slot busy, so the first builds wait for neither.
-        let pool = self.pool(machine);
-        let mut shares: Vec<u32> = self.cores[machine]
-            .map(|c| vec![c, (c / self.slots[machine].max(1)).max(1)])
-            .unwrap_or_default();
-        shares.dedup();
-        let shares = &shares;
-        let for_builds = |i: usize| async move {
-            match shares.get(i) {
-                Some(&cores) => pool.get_with_cores(Some(cores)).await.ok(),
-                None => None,
-            }
-        };
-        let (opened, (), alone, busy) = tokio::join!(
-            pool.get(),
-            self.remote_slots.warm(machine),
-            for_builds(0),
-            for_builds(1)
-        );
+        // The session opened goes to the pool, for the first copies there; the slot
+        // broker starts meanwhile, so the first build there does not wait for it.
+        let (opened, ()) = tokio::join!(self.pool(machine).get(), self.remote_slots.warm(machine));
         let conn = opened.map_err(|e| {
             self.note_refusal(machine, &e);
             e.with_hint()
         })?;
-        pool.put(conn);
-        for conn in [alone, busy].into_iter().flatten() {
-            pool.put(conn);
-        }
+        self.pool(machine).put(conn);
         Ok(())
     }
 
