@@ -357,11 +357,7 @@ impl TransferEngine {
         machine: MachineId,
         path: &str,
     ) -> Result<(), DriverError> {
-        let gate = Self::lock(&self.copying)
-            .entry((machine, path.to_string()))
-            .or_default()
-            .clone();
-        let _gate = gate.lock().await;
+        let _gate = self.gate(machine, path).lock_owned().await;
         if self.registry().is_on(path, machine) {
             return Ok(());
         }
@@ -370,7 +366,7 @@ impl TransferEngine {
             path: path.to_string(),
         };
         let found = self.way_to(&self.registry(), path, machine);
-        let (mut info, way) = found.ok_or_else(not_valid)?;
+        let (info, way) = found.ok_or_else(not_valid)?;
         let source = match (way.from, self.client) {
             (Some(_), Some(client)) if way.keeps_in_client() && machine != client => {
                 self.keep_in_client(client, &info.path).await?;
@@ -380,13 +376,6 @@ impl TransferEngine {
             (None, Some(client)) => client,
             (None, None) => return Err(not_valid()),
         };
-        if Some(machine) == self.client {
-            if let Some(signer) = &self.signer {
-                // The builder's own signatures stay; this one is for a daemon that
-                // trusts the user's key rather than the user.
-                signer.sign(&mut info);
-            }
-        }
         self.send_in_order(machine, source, vec![info]).await
     }
 
@@ -427,11 +416,7 @@ impl TransferEngine {
         // Each path's gate, in chain order: dependencies first, as every copy takes them.
         let mut gates = Vec::with_capacity(chain.len());
         for path in chain {
-            let gate = Self::lock(&self.copying)
-                .entry((machine, path.clone()))
-                .or_default()
-                .clone();
-            gates.push(gate.lock_owned().await);
+            gates.push(self.gate(machine, path).lock_owned().await);
         }
         let mut infos = Vec::new();
         let mut source = None;
@@ -468,14 +453,15 @@ impl TransferEngine {
         let Some(source) = source else {
             return Ok(());
         };
-        if Some(machine) == self.client {
-            if let Some(signer) = &self.signer {
-                for info in &mut infos {
-                    signer.sign(info);
-                }
-            }
-        }
         self.send_in_order(machine, source, infos).await
+    }
+
+    /// The gate of one path's copy to one machine: wants of the same path wait on it.
+    fn gate(&self, machine: MachineId, path: &str) -> PathGate {
+        Self::lock(&self.copying)
+            .entry((machine, path.to_string()))
+            .or_default()
+            .clone()
     }
 
     /// Sends `infos` (in order; their references are on `machine` or earlier in the
@@ -485,8 +471,17 @@ impl TransferEngine {
         self: &Arc<Self>,
         machine: MachineId,
         source: MachineId,
-        infos: Vec<offload_nix::serve::PathInfo>,
+        mut infos: Vec<offload_nix::serve::PathInfo>,
     ) -> Result<(), DriverError> {
+        if Some(machine) == self.client {
+            if let Some(signer) = &self.signer {
+                // The builder's own signatures stay; this one is for a daemon that
+                // trusts the user's key rather than the user.
+                for info in &mut infos {
+                    signer.sign(info);
+                }
+            }
+        }
         let _lane = self.lanes[machine]
             .acquire()
             .await

@@ -91,6 +91,7 @@ impl Scheduler {
             .collect();
         let (classes, class_of) = machine_classes(&machines);
         let client = machines.iter().position(|spec| spec.is_local);
+        let priority = (0..n).map(|i| graph.rank(i)).collect();
         let (kind_of, examples) = graph.requirement_groups(true);
         let kinds: Vec<Kind> = examples
             .into_iter()
@@ -125,9 +126,8 @@ impl Scheduler {
             home_pending: vec![0; m],
             client,
             held_elsewhere: vec![0; m],
-            priority: Vec::new(),
+            priority,
         };
-        sched.priority = (0..n).map(|i| sched.graph.rank(i)).collect();
         for m in 0..m {
             sched.replace_queue_key(m);
             sched.free_in_class[sched.class_of[m]] += sched.machines[m].slots as usize;

@@ -666,7 +666,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             else {
                 continue;
             };
-            let moved = |old: f64, new: f64| (new / old.max(1e-9) - 1.0).abs() > REFIT_CHANGE;
             let changed = moved(spec.speed, speed)
                 || per_system
                     .iter()
@@ -686,7 +685,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             else {
                 continue;
             };
-            let moved = |old: f64, new: f64| (new / old.max(1e-9) - 1.0).abs() > REFIT_CHANGE;
             if moved(spec.bandwidth, link.bandwidth) {
                 tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
                 self.machines[m].bandwidth = link.bandwidth;
@@ -862,6 +860,11 @@ const REFIT_INTERVAL: f64 = 2.0;
 const SLOT_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 /// A fitted speed that moved by more than this fraction replaces the planned one.
 const REFIT_CHANGE: f64 = 0.1;
+
+/// Whether a fitted figure moved far enough from the planned one to replace it.
+fn moved(old: f64, new: f64) -> bool {
+    (new / old.max(1e-9) - 1.0).abs() > REFIT_CHANGE
+}
 
 /// Bytes assumed for the outputs of a derivation never built before.
 const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;
