@@ -189,12 +189,16 @@ impl BuildTransport for ServeTransport {
             .filter(|&m| self.slots[m] > 0 && !self.refused(m))
             .map(|m| (m, self.pool(m).endpoint().name.clone(), self.slots[m]))
             .collect();
+        if machines.is_empty() {
+            return Vec::new();
+        }
         let ledger = self.ledger.clone();
-        // A ledger this process cannot use is said by the builds' own `hold`.
+        // A ledger this process cannot use counts nothing (the builds' own `hold` says
+        // why); the builders' counts below still do.
         let here: Vec<(MachineId, u32)> = tokio::task::spawn_blocking(move || {
             machines
                 .into_iter()
-                .filter_map(|(m, uri, slots)| Some((m, ledger.held_elsewhere(&uri, slots).ok()?)))
+                .map(|(m, uri, slots)| (m, ledger.held_elsewhere(&uri, slots).unwrap_or(0)))
                 .collect()
         })
         .await
