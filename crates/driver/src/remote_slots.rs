@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use offload_nix::store_uri::StoreUri;
 use offload_sched::MachineId;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::{mpsc, oneshot};
@@ -119,13 +120,17 @@ done
 /// for the machine's own store, under the directory of a chroot store
 /// (`remote-store=/dir`), or under `root=` of `remote-store=local?root=/x`.
 pub fn lock_dir(endpoint: &Endpoint) -> String {
-    let store = endpoint.remote_store.as_deref().unwrap_or("");
-    let (path, query) = store.split_once('?').unwrap_or((store, ""));
-    let root = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("root="))
-        .filter(|r| r.starts_with('/'))
-        .or_else(|| path.starts_with('/').then_some(path))
+    let store = endpoint
+        .remote_store
+        .as_deref()
+        .and_then(|s| StoreUri::parse(s).ok());
+    let root = store
+        .as_ref()
+        .and_then(|s| {
+            s.param("root")
+                .filter(|r| r.starts_with('/'))
+                .or_else(|| (s.scheme == "path").then_some(s.authority.as_str()))
+        })
         .unwrap_or("/");
     format!("{}/{SLOTS_SUBDIR}", root.trim_end_matches('/'))
 }
@@ -640,6 +645,11 @@ mod tests {
             "/x/nix/var/nix/offload-slots"
         );
         assert_eq!(at(Some("daemon")), "/nix/var/nix/offload-slots");
+        // Parameters read as Nix reads them: %-escapes decoded.
+        assert_eq!(
+            at(Some("local?root=%2Fsrv%2Fs")),
+            "/srv/s/nix/var/nix/offload-slots"
+        );
         let e = Endpoint::parse("ssh://b1?remote-store=/srv/s").unwrap();
         assert_eq!(lock_dir(&e), "/srv/s/nix/var/nix/offload-slots");
     }
