@@ -315,7 +315,7 @@ async fn serve_one(
             .take(0, WAIT_LIMIT)
             .await;
         let session = match on_builder {
-            Ok(held) => pool.get().await.map(|remote| (held, remote)),
+            Ok(held) => pool.get_with_cores(None).await.map(|remote| (held, remote)),
             Err(e) => Err(e),
         };
         let outcome = match session {

@@ -35,9 +35,30 @@ impl Pool {
         &self.endpoint
     }
 
-    /// An idle session with the machine's own cores setting, or a new one.
+    /// An idle session, or a new one with the machine's own cores setting: for copies
+    /// and queries, which the cores setting does not touch. Idle sessions with the
+    /// machine's own setting go first, so those opened for builds stay for builds.
     pub async fn get(&self) -> Result<ServeConn, DriverError> {
-        self.get_with_cores(None).await
+        let any = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            match idle.get_mut(&None).and_then(Vec::pop) {
+                Some(conn) => Some(conn),
+                None => idle.values_mut().find_map(Vec::pop),
+            }
+        };
+        match any {
+            Some(conn) => Ok(conn),
+            None => self.get_with_cores(None).await,
+        }
+    }
+
+    /// An idle session whose builds get `cores` cores, if there is one.
+    pub fn take_idle(&self, cores: Option<u32>) -> Option<ServeConn> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&cores)
+            .and_then(Vec::pop)
     }
 
     /// An idle session whose builds get `cores` cores, or a new one. A new session that
@@ -46,13 +67,7 @@ impl Pool {
     /// `OPEN_ATTEMPTS` times; authentication and host-key failures are not.
     /// Cancel-safe: a cancelled open kills its process.
     pub async fn get_with_cores(&self, cores: Option<u32>) -> Result<ServeConn, DriverError> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&cores)
-            .and_then(Vec::pop);
-        if let Some(conn) = idle {
+        if let Some(conn) = self.take_idle(cores) {
             return Ok(conn);
         }
         let mut endpoint = self.endpoint.clone();

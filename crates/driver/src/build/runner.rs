@@ -38,10 +38,12 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
     /// `machine` is lost: nothing it held can be fetched from it any more.
     fn forget_machine(&self, machine: MachineId);
 
-    /// Whether `machine` answers: a session opens there. The error says why not.
+    /// Whether `machine` answers: a session opens there, one that builds with `cores`
+    /// (those of a build alone there), kept for the first build. The error says why not.
     fn probe(
         self: Arc<Self>,
         machine: MachineId,
+        cores: Option<u32>,
     ) -> impl Future<Output = Result<(), String>> + Send + 'static;
 
     /// Ends every idle session.
@@ -439,7 +441,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     /// nothing (no keepalive notices a silent program) counts as down too.
     fn probe(&self, machine: MachineId) -> impl Future<Output = Result<(), String>> + 'static {
         let limit = self.health.probe_timeout();
-        let probe = self.transport.clone().probe(machine);
+        let probe = self.transport.clone().probe(machine, self.cores[machine]);
         async move {
             match tokio::time::timeout(limit, probe).await {
                 Ok(answer) => answer,

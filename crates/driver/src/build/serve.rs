@@ -168,10 +168,14 @@ impl BuildTransport for ServeTransport {
         self.refused[machine].load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
-        // The session opened goes to the pool, for the first copies there; the slot
-        // broker starts meanwhile, so the first build there does not wait for it.
-        let (opened, ()) = tokio::join!(self.pool(machine).get(), self.remote_slots.warm(machine));
+    async fn probe(self: Arc<Self>, machine: MachineId, cores: Option<u32>) -> Result<(), String> {
+        // The session opened goes to the pool, for the first build there (a build alone
+        // gets `cores`) or the first copies; the slot broker starts meanwhile, so the
+        // first build there waits for neither.
+        let (opened, ()) = tokio::join!(
+            self.pool(machine).get_with_cores(cores),
+            self.remote_slots.warm(machine)
+        );
         let conn = opened.map_err(|e| {
             self.note_refusal(machine, &e);
             e.with_hint()
@@ -290,22 +294,40 @@ impl ServeTransport {
         if self.check.contains(&self.nodes[node].drv_path) {
             return self.check_on(node, machine, log).await;
         }
-        let mut conn = match self.pool(machine).get_with_cores(cores).await {
+        let n = &self.nodes[node];
+        // A builder may fetch what it lacks from its own substituters when allowed.
+        let substitute = self.builders_use_substitutes && machine != LOCAL;
+        let shipping = Instant::now();
+        let (opened, shipped) = match self.pool(machine).take_idle(cores) {
+            Some(mut conn) => {
+                let shipped = self
+                    .engine
+                    .ensure_on(machine, &n.inputs, Some(&mut conn), substitute)
+                    .await;
+                facts.inputs_seconds = Some(shipping.elapsed().as_secs_f64());
+                (Ok(conn), shipped)
+            }
+            // A session with these cores opens (an ssh handshake) while the inputs go
+            // over sessions of their own.
+            None => {
+                let ship = async {
+                    let shipped = self
+                        .engine
+                        .ensure_on(machine, &n.inputs, None, substitute)
+                        .await;
+                    facts.inputs_seconds = Some(shipping.elapsed().as_secs_f64());
+                    shipped
+                };
+                tokio::join!(self.pool(machine).get_with_cores(cores), ship)
+            }
+        };
+        let mut conn = match opened {
             Ok(c) => c,
             Err(e) => {
                 self.note_refusal(machine, &e);
                 return (lost(e), true);
             }
         };
-        let n = &self.nodes[node];
-        // A builder may fetch what it lacks from its own substituters when allowed.
-        let substitute = self.builders_use_substitutes && machine != LOCAL;
-        let shipping = Instant::now();
-        let shipped = self
-            .engine
-            .ensure_on(machine, &n.inputs, Some(&mut conn), substitute)
-            .await;
-        facts.inputs_seconds = Some(shipping.elapsed().as_secs_f64());
         if let Err(e) = shipped {
             // The inputs go over sessions of their own: a failure of this machine's
             // connection takes it out as a broken build session would.

@@ -187,7 +187,7 @@ impl BuildTransport for FakeTransport {
         self.refusing.contains(&machine)
     }
 
-    async fn probe(self: Arc<Self>, machine: MachineId) -> Result<(), String> {
+    async fn probe(self: Arc<Self>, machine: MachineId, _cores: Option<u32>) -> Result<(), String> {
         self.probes.lock().unwrap().push(machine);
         if self.unreachable.contains(&machine) {
             Err("connection refused".into())
