@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 
+use offload_sched::MachineSpec;
 use rusqlite::params;
 
 use crate::fleet::{MachineConfig, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
@@ -85,9 +86,36 @@ pub struct Knowledge {
     /// Per machine: seconds a build costs there besides its own time, and the builds
     /// that says.
     per_build: HashMap<String, (f64, usize)>,
+    /// Per system: what the machines file's speed factor 1 is worth here (see
+    /// [`fit`]'s calibration), for builders nothing was learned of.
+    scales: HashMap<String, f64>,
 }
 
 impl Knowledge {
+    /// What `rows` (newest first) say of each derivation's time and each machine's
+    /// speed; nothing of links, sizes or costs per build.
+    pub fn from_builds(rows: &[BuildRow], local_system: &str) -> Knowledge {
+        let (work, speeds, scales) = fit_calibrated(rows, local_system);
+        let mut package_samples: HashMap<String, Vec<f64>> = HashMap::new();
+        for (name, &w) in &work {
+            package_samples
+                .entry(package_name(name).to_string())
+                .or_default()
+                .push(w);
+        }
+        let package_work = package_samples
+            .into_iter()
+            .map(|(p, mut v)| (p, median(&mut v)))
+            .collect();
+        Knowledge {
+            work,
+            package_work,
+            speeds,
+            scales,
+            ..Knowledge::default()
+        }
+    }
+
     /// Estimated seconds for `name` at speed 1.
     pub fn estimate(&self, name: &str) -> (f64, EstimateSource) {
         if let Some(&w) = self.work.get(name) {
@@ -138,20 +166,48 @@ impl Knowledge {
     /// each remote link's bandwidth and latency.
     pub fn apply(&self, fleet: &mut [MachineConfig]) {
         for m in fleet {
-            let key = m.endpoint.name.clone();
-            let spec = &mut m.spec;
-            if let Some((speed, per_system)) = self.speeds_of(&key, &spec.systems) {
-                spec.speed = speed;
-                spec.system_speeds = per_system;
+            self.apply_to(&m.endpoint.name, &mut m.spec);
+        }
+    }
+
+    /// [`Knowledge::apply`] for one machine, `key` in the state.
+    pub fn apply_to(&self, key: &str, spec: &mut MachineSpec) {
+        if let Some((speed, per_system)) = self.speeds_of(key, &spec.systems) {
+            spec.speed = speed;
+            spec.system_speeds = per_system;
+        } else if !spec.is_local {
+            // Nothing learned of it yet: its declared factor, on the scale the other
+            // builders showed.
+            let declared = spec.speed;
+            let scaled: Vec<(String, f64)> = spec
+                .systems
+                .iter()
+                .filter_map(|s| {
+                    let d = spec
+                        .system_speeds
+                        .iter()
+                        .find(|(x, _)| x == s)
+                        .map_or(declared, |e| e.1);
+                    Some((s.clone(), d * self.scales.get(s)?))
+                })
+                .collect();
+            if let Some((_, own)) = scaled.iter().find(|(s, _)| Some(s) == spec.systems.first()) {
+                spec.speed = *own;
             }
-            if let Some((seconds, _)) = self.per_build(&key) {
-                spec.per_build = seconds;
-            }
-            if !spec.is_local {
-                if let Some(link) = self.link(&key) {
-                    spec.bandwidth = link.bandwidth;
-                    spec.latency = link.latency;
+            for (system, speed) in scaled {
+                match spec.system_speeds.iter_mut().find(|(x, _)| *x == system) {
+                    Some(entry) => entry.1 = speed,
+                    None => spec.system_speeds.push((system, speed)),
                 }
+            }
+        }
+        if let Some((seconds, _)) = self.per_build(key) {
+            spec.per_build = seconds;
+        }
+        if !spec.is_local {
+            if let Some(link) = self.link(key) {
+                spec.bandwidth = link.bandwidth;
+                spec.latency = link.latency;
             }
         }
     }
@@ -183,18 +239,7 @@ impl History {
             .map_err(err())?
             .collect::<Result<_, _>>()
             .map_err(err())?;
-        let (work, speeds) = fit(&rows, local_system);
-        let mut package_samples: HashMap<String, Vec<f64>> = HashMap::new();
-        for (name, &w) in &work {
-            package_samples
-                .entry(package_name(name).to_string())
-                .or_default()
-                .push(w);
-        }
-        let package_work = package_samples
-            .into_iter()
-            .map(|(p, mut v)| (p, median(&mut v)))
-            .collect();
+        let from_builds = Knowledge::from_builds(&rows, local_system);
 
         let sizes: HashMap<String, Vec<f64>> = self.recent_by_key(
             "SELECT name, output_bytes FROM builds WHERE output_bytes IS NOT NULL
@@ -242,12 +287,10 @@ impl History {
             })
             .collect();
         Ok(Knowledge {
-            work,
-            package_work,
             output_bytes,
-            speeds,
             links,
             per_build,
+            ..from_builds
         })
     }
 
@@ -438,6 +481,8 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+type Key = (String, String);
+
 /// Fits `seconds = work(name) / speed(machine, system)` to `rows` (newest first):
 /// returns the work per name at speed 1 and the speed per (machine, system). This
 /// machine's `local_system` is the unit; other machines and systems start from their
@@ -446,19 +491,77 @@ pub fn fit(
     rows: &[BuildRow],
     local_system: &str,
 ) -> (HashMap<String, f64>, HashMap<(String, String), Learned>) {
-    type Key = (String, String);
-    // Each (name, machine+system) cell: the median of its recent builds.
-    let mut cells: HashMap<(String, Key), Vec<f64>> = HashMap::new();
+    let (work, speeds, _) = fit_calibrated(rows, local_system);
+    (work, speeds)
+}
+
+/// [`fit`], and per system the scale of the machines file's speed factors against this
+/// machine. Speed factors rank builders among themselves (this machine has none), so
+/// the builders a fit could say something of tell that scale, the median of their
+/// learned speed over their declared one; a builder nothing was learned of yet starts
+/// from its declared factor on that scale. A fleet declared all at 1 whose first two
+/// builders proved three times slower than this machine then plans its third, which
+/// took only two builds, as slow too, not as fast as this one.
+fn fit_calibrated(
+    rows: &[BuildRow],
+    local_system: &str,
+) -> (
+    HashMap<String, f64>,
+    HashMap<Key, Learned>,
+    HashMap<String, f64>,
+) {
+    let (work, speeds) = fit_with(rows, local_system, &HashMap::new());
+    let declared = declared_speeds(rows);
+    let mut ratios: HashMap<&str, Vec<f64>> = HashMap::new();
+    for ((machine, system), l) in &speeds {
+        if machine != LOCAL_KEY && l.samples > 0 {
+            let d = declared[&(machine.clone(), system.clone())];
+            ratios.entry(system).or_default().push((l.speed / d).ln());
+        }
+    }
+    let scales: HashMap<String, f64> = ratios
+        .into_iter()
+        .map(|(system, mut v)| (system.to_string(), median(&mut v).exp()))
+        .collect();
+    let rescaled: HashMap<Key, f64> = speeds
+        .iter()
+        .filter(|((machine, _), l)| machine != LOCAL_KEY && l.samples == 0)
+        .filter_map(|(key, _)| Some((key.clone(), declared[key] * scales.get(&key.1)?)))
+        .collect();
+    if rescaled.is_empty() {
+        return (work, speeds, scales);
+    }
+    let (work, speeds) = fit_with(rows, local_system, &rescaled);
+    (work, speeds, scales)
+}
+
+/// Each machine and system's declared speed, as its newest row says (1 here).
+fn declared_speeds(rows: &[BuildRow]) -> HashMap<Key, f64> {
     let mut declared: HashMap<Key, f64> = HashMap::new();
     for r in rows {
-        let key = (r.machine.clone(), r.system.clone());
         declared
-            .entry(key.clone())
+            .entry((r.machine.clone(), r.system.clone()))
             .or_insert(if r.machine == LOCAL_KEY {
                 1.0
             } else {
                 r.declared_speed.max(1e-3)
             });
+    }
+    declared
+}
+
+/// [`fit`] with `priors` in place of the declared speeds of those machines and systems.
+fn fit_with(
+    rows: &[BuildRow],
+    local_system: &str,
+    priors: &HashMap<Key, f64>,
+) -> (HashMap<String, f64>, HashMap<Key, Learned>) {
+    // Each (name, machine+system) cell: the median of its recent builds.
+    let mut cells: HashMap<(String, Key), Vec<f64>> = HashMap::new();
+    let mut declared = declared_speeds(rows);
+    declared.extend(priors.iter().map(|(k, &v)| (k.clone(), v)));
+    for r in rows {
+        let key = (r.machine.clone(), r.system.clone());
         let cell = cells.entry((r.name.clone(), key)).or_default();
         if cell.len() < RECENT_PER_CELL {
             cell.push(r.seconds.max(0.01));
@@ -562,7 +665,10 @@ fn shrink(measured: f64, weight: f64, prior: f64) -> f64 {
 /// number of builds behind it. A run spreads one graph's derivations over its machines,
 /// so their times are comparable in the mass even with no derivation built twice; but
 /// derivations differ, so a difference counts only when it stands out of the noise (two
-/// standard errors): machines alike stay at their declared speeds.
+/// standard errors): machines alike stay at their declared speeds. The noise is how
+/// much the run's derivations differ, measured over all its builds wherever they ran
+/// (a pooled variance), so a machine that took only three builds is judged by the
+/// spread of thirty, not of its three.
 fn population_speeds(
     rows: &[BuildRow],
     anchor: &(String, String),
@@ -588,13 +694,12 @@ fn population_speeds(
             continue;
         }
         let here_typical = trimmed_mean(&mut here);
-        let here_var = variance(&here);
+        let spread = pooled_variance(keys.values().chain([&here]));
         for (key, mut there) in keys.drain() {
             if there.len() < MIN_POPULATION {
                 continue;
             }
             let d = here_typical - trimmed_mean(&mut there);
-            let spread = (here_var + variance(&there)) / 2.0;
             let se2 = (spread * (1.0 / here.len() as f64 + 1.0 / there.len() as f64)).max(1e-6);
             let entry = sums.entry(key).or_insert((0.0, 0.0, 0));
             entry.0 += d / se2;
@@ -609,6 +714,22 @@ fn population_speeds(
             (d.abs() > 2.0 * se).then(|| (key, (d.exp(), n)))
         })
         .collect()
+}
+
+/// The variance within groups, over all `groups` (each group's squares about its own
+/// mean, over the degrees of freedom of all): what one value varies by, whichever
+/// group it is in.
+fn pooled_variance<'a>(groups: impl Iterator<Item = &'a Vec<f64>>) -> f64 {
+    let (mut squares, mut freedom) = (0.0, 0usize);
+    for g in groups.filter(|g| g.len() >= 2) {
+        squares += variance(g) * (g.len() - 1) as f64;
+        freedom += g.len() - 1;
+    }
+    if freedom == 0 {
+        0.0
+    } else {
+        squares / freedom as f64
+    }
 }
 
 /// The sample variance of `v` (0 for fewer than two).
@@ -784,6 +905,75 @@ mod tests {
             fit(&lone, SYS).1[&("ssh://slow".to_string(), SYS.to_string())].speed,
             1.0
         );
+    }
+
+    #[test]
+    fn a_machine_that_took_three_builds_of_a_run_is_judged_by_the_whole_runs_spread() {
+        // A first run on this machine and three builders three times slower, as
+        // scripts/bench-fleet.sh measured it: fleet3 took only three of the thirty
+        // builds, one of them a short one. Judged by the spread of its three alone it
+        // looked like this machine and kept its declared 1; the next run then gave it
+        // the critical path.
+        let run: &[(&str, &[f64])] = &[
+            (
+                "local",
+                &[
+                    0.98, 2.41, 2.85, 2.57, 1.56, 1.25, 2.57, 1.53, 1.84, 0.86, 2.8, 1.76, 1.65,
+                    1.39, 1.16, 0.72, 1.76,
+                ],
+            ),
+            ("ssh://fleet1", &[1.75, 6.38, 7.02, 3.17, 6.2]),
+            ("ssh://fleet2", &[4.73, 6.48, 8.96, 3.41, 4.19]),
+            ("ssh://fleet3", &[0.9, 8.64, 5.43]),
+        ];
+        let rows: Vec<BuildRow> = run
+            .iter()
+            .flat_map(|&(machine, times)| {
+                times.iter().enumerate().map(move |(i, &t)| BuildRow {
+                    run: Some("run-1".into()),
+                    ..row(&format!("{machine}-{i}"), SYS, machine, t)
+                })
+            })
+            .collect();
+        let speeds = fit(&rows, SYS).1;
+        for m in ["ssh://fleet1", "ssh://fleet2", "ssh://fleet3"] {
+            let s = speeds[&(m.to_string(), SYS.to_string())].speed;
+            assert!((0.25..0.6).contains(&s), "{m}: {s}");
+        }
+    }
+
+    #[test]
+    fn builders_nothing_was_learned_of_start_on_the_scale_the_others_showed() {
+        // Declared 1 everywhere; two builders took enough of a run's builds to show
+        // they are three times slower than this machine, the third only two.
+        let mut rows = Vec::new();
+        let times = [1.0, 2.0, 1.5, 2.5, 0.8, 1.2];
+        let mut push = |machine: &str, i: usize, t: f64| {
+            rows.push(BuildRow {
+                run: Some("run-1".into()),
+                ..row(&format!("{machine}-{i}"), SYS, machine, t)
+            })
+        };
+        for (i, &t) in times.iter().enumerate() {
+            push("local", i, t);
+            push("ssh://a", i, 3.0 * t);
+            push("ssh://b", i, 3.0 * t);
+        }
+        push("ssh://c", 0, 3.0);
+        push("ssh://c", 1, 6.0);
+        let knowledge = Knowledge::from_builds(&rows, SYS);
+        let c = knowledge.speed("ssh://c", SYS).unwrap();
+        assert_eq!(c.samples, 0);
+        assert!((0.25..0.45).contains(&c.speed), "{c:?}");
+        // Its two derivations count at that speed.
+        assert!(knowledge.estimate("ssh://c-1").0 < 3.0);
+        // A builder with no builds at all, declared twice as fast as the others.
+        let mut d = MachineSpec::new("ssh://d", SYS, 2, 2.0);
+        knowledge.apply_to("ssh://d", &mut d);
+        assert!((0.5..0.9).contains(&d.speed), "{d:?}");
+        // Without builders to show the scale, declared factors stay as they are.
+        let (_, alone) = fit(&rows[rows.len() - 2..], SYS);
+        assert_eq!(alone[&("ssh://c".to_string(), SYS.to_string())].speed, 1.0);
     }
 
     #[test]
