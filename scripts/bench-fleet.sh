@@ -224,15 +224,15 @@ for case in $CASES; do
     sed 's/[a-z_]*=//g')
   hist=$WORK/history-$case.sqlite
   # offload's scheduler on the simulator's model of this fleet: the machines file as
-  # declared ($simspec) and its true speeds and links ($case-simfleet.json). Run 2
-  # plans with the truth (the durations, speeds and links learned); run 1 (--cold)
-  # with what the machines file says, every estimate the default.
+  # declared ($simspec) and its true speeds and links ($case-simfleet.json). Run 1
+  # (--cold) plans with what the machines file says, every estimate the default; run 2
+  # (--second-run) with what offload fits from a simulated run 1, as it fits its state.
   simulate() {
     "$OFFLOAD" simulate --dag "${nix%.nix}.json" --builders "$simspec" --local-slots "$local_slots" \
       --fleet "$WORK/$case-simfleet.json" --policy offload --json "$@" 2>/dev/null |
       python3 -c 'import json, sys; print("%.2f" % json.loads(sys.stdin.readline())["makespan_s"])' 2>/dev/null || echo -
   }
-  sim_warm=$(simulate)
+  sim_warm=$(simulate --second-run)
   sim_cold=$(simulate --cold)
 
   echo "== $title"

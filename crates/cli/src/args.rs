@@ -306,6 +306,13 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub cold: bool,
 
+    /// offload plans as on its second run: a first run is simulated (as with
+    /// --cold), and offload plans with what its state would then hold, fitted as
+    /// `offload build` fits it (each derivation's time, each machine's speed per
+    /// system); links as they are. What a first run could not teach stays wrong.
+    #[arg(long, conflicts_with = "cold")]
+    pub second_run: bool,
+
     /// JSON Lines on stdout, one object per policy.
     #[arg(long)]
     pub json: bool,

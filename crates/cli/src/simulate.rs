@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
+use offload_driver::learn::{BuildRow, Knowledge, LOCAL_KEY};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
 use offload_driver::{Endpoint, History, ServeConn};
@@ -13,7 +14,7 @@ use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineSpec, NodeSpec};
 use offload_sim::dag::{generate, generate_fleet, DagFile};
-use offload_sim::{run_policy, Report};
+use offload_sim::{run_offload, run_policy, Report};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -268,6 +269,87 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
     })
 }
 
+/// offload's second run on the simulated fleet: a first run plans cold (the machines
+/// file's figures, no estimates); its builds, each timed at its machine's true speed,
+/// are fitted as `offload build` fits its state; the second run plans with that fit
+/// (each derivation's time, each machine's speed per system) and the links as they
+/// are, as offload learns them from the first run's copies.
+fn second_run(
+    graph: &Graph,
+    machines: &[MachineSpec],
+    declared: &[MachineSpec],
+    failures: &[(usize, f64)],
+    trace: bool,
+) -> Report {
+    let first = run_policy(
+        "offload",
+        graph,
+        machines,
+        Some(declared),
+        failures,
+        true,
+        true,
+    )
+    .expect("offload is a policy");
+    let key = |m: usize| {
+        if machines[m].is_local {
+            LOCAL_KEY.to_string()
+        } else {
+            machines[m].name.clone()
+        }
+    };
+    let ids: HashMap<&str, usize> = (0..graph.len())
+        .map(|id| (graph.node(id).key.as_str(), id))
+        .collect();
+    // Newest first, as the state is read.
+    let rows: Vec<BuildRow> = first
+        .trace
+        .iter()
+        .rev()
+        .filter_map(|e| {
+            let node = graph.node(*ids.get(e.name.as_str())?);
+            Some(BuildRow {
+                name: node.key.clone(),
+                system: node.system.clone(),
+                machine: key(e.machine),
+                seconds: machines[e.machine].build_time(node),
+                declared_speed: declared[e.machine].speed_for(&node.system),
+                run: Some("first".into()),
+            })
+        })
+        .collect();
+    let local_system = machines
+        .iter()
+        .find(|m| m.is_local)
+        .and_then(|m| m.systems.first())
+        .cloned()
+        .unwrap_or_default();
+    let learned = Knowledge::from_builds(&rows, &local_system);
+    let planning = Graph::new(
+        graph
+            .nodes()
+            .iter()
+            .map(|n| NodeSpec {
+                duration: learned.estimate(&n.key).0,
+                ..n.clone()
+            })
+            .collect(),
+    )
+    .expect("the same edges as a valid graph");
+    let believed: Vec<MachineSpec> = declared
+        .iter()
+        .enumerate()
+        .map(|(m, spec)| {
+            let mut spec = spec.clone();
+            learned.apply_to(&key(m), &mut spec);
+            spec.bandwidth = machines[m].bandwidth;
+            spec.latency = machines[m].latency;
+            spec
+        })
+        .collect();
+    run_offload(graph, machines, planning, &believed, failures, trace)
+}
+
 /// A line on the derivations no machine with slots can build, and those that need them.
 fn unbuildable(graph: &Graph, machines: &[MachineSpec]) -> Option<String> {
     let mut missing: Vec<String> = Vec::new();
@@ -340,16 +422,26 @@ pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
     let policies = args.policy.names();
     let mut reports: Vec<Report> = Vec::new();
     for p in policies {
-        let report = run_policy(
-            p,
-            &graph,
-            &machines,
-            Some(&declared),
-            &failures,
-            args.cold,
-            args.trace.is_some(),
-        )
-        .ok_or_else(|| Failure::usage(anyhow!("unknown policy {p}")))?;
+        let report = if *p == "offload" && args.second_run {
+            second_run(
+                &graph,
+                &machines,
+                &declared,
+                &failures,
+                args.trace.is_some(),
+            )
+        } else {
+            run_policy(
+                p,
+                &graph,
+                &machines,
+                Some(&declared),
+                &failures,
+                args.cold,
+                args.trace.is_some(),
+            )
+            .ok_or_else(|| Failure::usage(anyhow!("unknown policy {p}")))?
+        };
         if let Some(path) = &args.trace {
             let path = if policies.len() > 1 {
                 path.with_file_name(format!(

@@ -245,3 +245,66 @@ fn derivations_no_machine_can_build_are_named() {
         "{text}"
     );
 }
+
+/// `--second-run` plans with what offload fits from a simulated first run: on builders
+/// three times slower than this machine, declared as fast, it comes near planning with
+/// the truth, though the first run sent one builder only two builds.
+#[test]
+fn a_second_run_plans_with_what_the_first_taught() {
+    let work = tempfile::tempdir().unwrap();
+    let fleet = work.path().join("fleet.json");
+    let third = 1.0 / 3.0;
+    std::fs::write(
+        &fleet,
+        serde_json::json!({"speeds": {
+            "fleet1": {"x86_64-linux": third},
+            "fleet2": {"x86_64-linux": third},
+            "fleet3": {"x86_64-linux": third},
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    let makespan = |mode: &[&str]| -> f64 {
+        let mut args = vec![
+            "simulate",
+            "--generate",
+            "layered:30:1",
+            "--builders",
+            "ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3 x86_64-linux - 2 1",
+            "--local-slots",
+            "2",
+            "--fleet",
+            fleet.to_str().unwrap(),
+            "--policy",
+            "offload",
+            "--json",
+        ];
+        args.extend(mode);
+        let out = offload(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8(out.stdout).unwrap();
+        serde_json::from_str::<serde_json::Value>(line.lines().next().unwrap()).unwrap()
+            ["makespan_s"]
+            .as_f64()
+            .unwrap()
+    };
+    let (cold, second, truth) = (
+        makespan(&["--cold"]),
+        makespan(&["--second-run"]),
+        makespan(&[]),
+    );
+    assert!(
+        second < 0.85 * cold,
+        "second run {second} s, first {cold} s"
+    );
+    assert!(
+        second < 1.15 * truth,
+        "second run {second} s, with the truth {truth} s"
+    );
+    let both = offload(&["simulate", "--generate", "wide:5", "--cold", "--second-run"]);
+    assert_eq!(both.status.code(), Some(2));
+}

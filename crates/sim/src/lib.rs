@@ -61,7 +61,7 @@ pub fn run_policy(
     cold: bool,
     trace: bool,
 ) -> Option<Report> {
-    use policy::{HydraPolicy, NixPolicy, OffloadPolicy};
+    use policy::{HydraPolicy, NixPolicy};
     let report = match name {
         "offload" => {
             let (planning, believed) = if cold {
@@ -69,8 +69,7 @@ pub fn run_policy(
             } else {
                 (graph.clone(), machines)
             };
-            let mut p = OffloadPolicy::new(planning, believed.to_vec(), calibration::OFFLOAD);
-            simulate(graph, machines, failures, &mut p, trace)
+            run_offload(graph, machines, planning, believed, failures, trace)
         }
         "nix" => {
             let mut p = NixPolicy::new(graph.clone(), machines.to_vec(), calibration::NIX);
@@ -83,6 +82,21 @@ pub fn run_policy(
         _ => return None,
     };
     Some(report)
+}
+
+/// offload's scheduler planning with `planning` (its estimates of each derivation) and
+/// `believed` (what it thinks of the machines), while builds and copies take `graph`'s
+/// and `machines`' true figures.
+pub fn run_offload(
+    graph: &Graph,
+    machines: &[MachineSpec],
+    planning: Graph,
+    believed: &[MachineSpec],
+    failures: &[(MachineId, f64)],
+    trace: bool,
+) -> Report {
+    let mut p = policy::OffloadPolicy::new(planning, believed.to_vec(), calibration::OFFLOAD);
+    simulate(graph, machines, failures, &mut p, trace)
 }
 
 fn with_unknown_durations(graph: &Graph) -> Graph {
