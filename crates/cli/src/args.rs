@@ -302,7 +302,8 @@ pub struct SimulateArgs {
     /// offload plans without a history, as on its first run: every estimate the
     /// default, and the machines as the machines file declares them (its speed
     /// factors, the default link), while builds and copies take the true speeds and
-    /// links of the fleet file.
+    /// links of the fleet file. As `offload build` does, it fits the machines' speeds
+    /// again during the run from the builds done so far.
     #[arg(long)]
     pub cold: bool,
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
-use offload_driver::learn::{BuildRow, Knowledge, LOCAL_KEY};
+use offload_driver::learn::{moved, BuildRow, Knowledge, LOCAL_KEY, REFIT_INTERVAL};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
 use offload_driver::{Endpoint, History, ServeConn};
@@ -14,7 +14,9 @@ use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineSpec, NodeSpec};
 use offload_sim::dag::{generate, generate_fleet, DagFile};
-use offload_sim::{run_offload, run_policy, Report};
+use offload_sim::engine::Policy;
+use offload_sim::policy::OffloadPolicy;
+use offload_sim::{offload_policy, run_policy, simulate, with_unknown_durations, Report};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -269,62 +271,181 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
     })
 }
 
-/// offload's second run on the simulated fleet: a first run plans cold (the machines
-/// file's figures, no estimates); its builds, each timed at its machine's true speed,
-/// are fitted as `offload build` fits its state; the second run plans with that fit
-/// (each derivation's time, each machine's speed per system) and the links as they
-/// are, as offload learns them from the first run's copies.
-fn second_run(
-    graph: &Graph,
-    machines: &[MachineSpec],
-    declared: &[MachineSpec],
-    failures: &[(usize, f64)],
-    trace: bool,
-) -> Report {
-    let first = run_policy(
-        "offload",
-        graph,
-        machines,
-        Some(declared),
-        failures,
-        true,
-        true,
-    )
-    .expect("offload is a policy");
-    let key = |m: usize| {
-        if machines[m].is_local {
-            LOCAL_KEY.to_string()
-        } else {
-            machines[m].name.clone()
+/// offload's policy as the live driver runs it: each build is recorded as the state
+/// records it (its own time, at its machine's true speed), and at most every
+/// [`REFIT_INTERVAL`] seconds of the run the machines' speeds are fitted again with the
+/// earlier runs' builds and this one's so far; those that moved by more than a tenth
+/// replace the planned ones.
+struct Learning<'a> {
+    policy: OffloadPolicy,
+    graph: &'a Graph,
+    machines: &'a [MachineSpec],
+    declared: &'a [MachineSpec],
+    /// The speeds each machine is planned with now.
+    planned: Vec<MachineSpec>,
+    /// Earlier runs' builds and this one's, oldest first.
+    rows: Vec<BuildRow>,
+    run: String,
+    local_system: String,
+    last_refit: f64,
+}
+
+impl<'a> Learning<'a> {
+    fn new(
+        fleet: (&'a [MachineSpec], &'a [MachineSpec]),
+        graph: &'a Graph,
+        planning: Graph,
+        believed: Vec<MachineSpec>,
+        earlier: Vec<BuildRow>,
+        run: &str,
+    ) -> Learning<'a> {
+        let (machines, declared) = fleet;
+        Learning {
+            policy: offload_policy(planning, &believed),
+            graph,
+            machines,
+            declared,
+            planned: believed,
+            rows: earlier,
+            run: run.to_string(),
+            local_system: local_system(machines),
+            last_refit: 0.0,
         }
-    };
-    let ids: HashMap<&str, usize> = (0..graph.len())
-        .map(|id| (graph.node(id).key.as_str(), id))
-        .collect();
-    // Newest first, as the state is read.
-    let rows: Vec<BuildRow> = first
-        .trace
-        .iter()
-        .rev()
-        .filter_map(|e| {
-            let node = graph.node(*ids.get(e.name.as_str())?);
-            Some(BuildRow {
-                name: node.key.clone(),
-                system: node.system.clone(),
-                machine: key(e.machine),
-                seconds: machines[e.machine].build_time(node),
-                declared_speed: declared[e.machine].speed_for(&node.system),
-                run: Some("first".into()),
-            })
-        })
-        .collect();
-    let local_system = machines
+    }
+
+    fn record(&mut self, node: usize, machine: usize, now: f64) {
+        let n = self.graph.node(node);
+        self.rows.push(BuildRow {
+            name: n.key.clone(),
+            system: n.system.clone(),
+            machine: state_key(&self.machines[machine]),
+            seconds: self.machines[machine].build_time(n),
+            declared_speed: self.declared[machine].speed_for(&n.system),
+            run: Some(self.run.clone()),
+        });
+        if now - self.last_refit < REFIT_INTERVAL {
+            return;
+        }
+        self.last_refit = now;
+        let knowledge = Knowledge::from_builds(&newest_first(&self.rows), &self.local_system);
+        for (m, spec) in self.planned.iter_mut().enumerate() {
+            let declared = self.declared[m].speed;
+            let Some((speed, per_system)) =
+                knowledge.planned_speeds(&state_key(spec), spec, declared)
+            else {
+                continue;
+            };
+            let changed = moved(spec.speed, speed)
+                || per_system
+                    .iter()
+                    .any(|(sys, s)| moved(spec.speed_for(sys), *s));
+            if changed {
+                spec.speed = speed;
+                spec.system_speeds = per_system.clone();
+                self.policy.set_speeds(m, speed, per_system);
+            }
+        }
+    }
+}
+
+impl Policy for Learning<'_> {
+    fn name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    fn costs(&self) -> offload_sim::Costs {
+        self.policy.costs()
+    }
+
+    fn copies_outputs_back(&self) -> bool {
+        self.policy.copies_outputs_back()
+    }
+
+    fn start(&mut self, now: f64) -> Vec<(usize, usize)> {
+        self.policy.start(now)
+    }
+
+    fn finished(&mut self, node: usize, machine: usize, now: f64) -> Vec<(usize, usize)> {
+        // As the driver: the scheduler hears of the build first, then it is recorded.
+        let starts = self.policy.finished(node, machine, now);
+        self.record(node, machine, now);
+        starts
+    }
+
+    fn machine_lost(&mut self, machine: usize, lost: &[usize], now: f64) -> Vec<(usize, usize)> {
+        self.policy.machine_lost(machine, lost, now)
+    }
+
+    fn next_wakeup(&self) -> Option<f64> {
+        self.policy.next_wakeup()
+    }
+
+    fn wake(&mut self, now: f64) -> Vec<(usize, usize)> {
+        self.policy.wake(now)
+    }
+
+    fn outputs_at(&mut self, node: usize, machine: usize, now: f64) -> Vec<(usize, usize)> {
+        self.policy.outputs_at(node, machine, now)
+    }
+}
+
+/// What the state calls `machine`.
+fn state_key(machine: &MachineSpec) -> String {
+    if machine.is_local {
+        LOCAL_KEY.to_string()
+    } else {
+        machine.name.clone()
+    }
+}
+
+fn newest_first(rows: &[BuildRow]) -> Vec<BuildRow> {
+    rows.iter().rev().cloned().collect()
+}
+
+fn local_system(machines: &[MachineSpec]) -> String {
+    machines
         .iter()
         .find(|m| m.is_local)
         .and_then(|m| m.systems.first())
         .cloned()
-        .unwrap_or_default();
-    let learned = Knowledge::from_builds(&rows, &local_system);
+        .unwrap_or_default()
+}
+
+/// offload's first run on the simulated fleet: it plans with the machines file's figures
+/// and no estimates, and learns during the run as the driver does. Returns its report
+/// and the builds it recorded (oldest first).
+fn first_run(
+    graph: &Graph,
+    fleet: (&[MachineSpec], &[MachineSpec]),
+    failures: &[(usize, f64)],
+    trace: bool,
+) -> (Report, Vec<BuildRow>) {
+    let (machines, declared) = fleet;
+    let mut policy = Learning::new(
+        fleet,
+        graph,
+        with_unknown_durations(graph),
+        declared.to_vec(),
+        Vec::new(),
+        "first",
+    );
+    let report = simulate(graph, machines, failures, &mut policy, trace);
+    (report, policy.rows)
+}
+
+/// offload's second run on the simulated fleet: a first run as [`first_run`]; the second
+/// plans with what its builds say, fitted as `offload build` fits its state (each
+/// derivation's time, each machine's speed per system), and the links as they are (as
+/// offload learns them from the first run's copies), and learns on during the run.
+fn second_run(
+    graph: &Graph,
+    fleet: (&[MachineSpec], &[MachineSpec]),
+    failures: &[(usize, f64)],
+    trace: bool,
+) -> Report {
+    let (machines, declared) = fleet;
+    let (_, rows) = first_run(graph, fleet, failures, false);
+    let learned = Knowledge::from_builds(&newest_first(&rows), &local_system(machines));
     let planning = Graph::new(
         graph
             .nodes()
@@ -338,16 +459,17 @@ fn second_run(
     .expect("the same edges as a valid graph");
     let believed: Vec<MachineSpec> = declared
         .iter()
-        .enumerate()
-        .map(|(m, spec)| {
+        .zip(machines)
+        .map(|(spec, truth)| {
             let mut spec = spec.clone();
-            learned.apply_to(&key(m), &mut spec);
-            spec.bandwidth = machines[m].bandwidth;
-            spec.latency = machines[m].latency;
+            learned.apply_to(&state_key(&spec), &mut spec);
+            spec.bandwidth = truth.bandwidth;
+            spec.latency = truth.latency;
             spec
         })
         .collect();
-    run_offload(graph, machines, planning, &believed, failures, trace)
+    let mut policy = Learning::new(fleet, graph, planning, believed, rows, "second");
+    simulate(graph, machines, failures, &mut policy, trace)
 }
 
 /// A line on the derivations no machine with slots can build, and those that need them.
@@ -422,14 +544,11 @@ pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
     let policies = args.policy.names();
     let mut reports: Vec<Report> = Vec::new();
     for p in policies {
+        let fleet = (machines.as_slice(), declared.as_slice());
         let report = if *p == "offload" && args.second_run {
-            second_run(
-                &graph,
-                &machines,
-                &declared,
-                &failures,
-                args.trace.is_some(),
-            )
+            second_run(&graph, fleet, &failures, args.trace.is_some())
+        } else if *p == "offload" && args.cold {
+            first_run(&graph, fleet, &failures, args.trace.is_some()).0
         } else {
             run_policy(
                 p,

@@ -20,6 +20,16 @@ use rusqlite::params;
 use crate::fleet::{MachineConfig, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
 use crate::history::{package_name, EstimateSource, History, HistoryError, DEFAULT_SECONDS};
 
+/// Seconds between fits of the machines' speeds during a run.
+pub const REFIT_INTERVAL: f64 = 2.0;
+/// A fitted speed that moved by more than this fraction replaces the planned one.
+const REFIT_CHANGE: f64 = 0.1;
+
+/// Whether a fitted figure moved far enough from the planned one to replace it.
+pub fn moved(old: f64, new: f64) -> bool {
+    (new / old.max(1e-9) - 1.0).abs() > REFIT_CHANGE
+}
+
 /// What `machines` tables and the planner call this machine in the state.
 pub const LOCAL_KEY: &str = "local";
 /// Builds of one derivation on one machine that count (the most recent).
@@ -161,6 +171,32 @@ impl Knowledge {
         Some((own, per_system))
     }
 
+    /// The speeds to plan `spec` (machine `key`, declared at speed factor `declared`)
+    /// with: those learned, as [`Knowledge::speeds_of`]; for a builder nothing was
+    /// learned of, its declared factor on the scale the other builders showed; `None`
+    /// when neither says anything.
+    pub fn planned_speeds(
+        &self,
+        key: &str,
+        spec: &MachineSpec,
+        declared: f64,
+    ) -> Option<(f64, Vec<(String, f64)>)> {
+        if let Some(learned) = self.speeds_of(key, &spec.systems) {
+            return Some(learned);
+        }
+        if spec.is_local {
+            return None;
+        }
+        let scaled: Vec<(String, f64)> = spec
+            .systems
+            .iter()
+            .filter_map(|s| Some((s.clone(), declared * self.scales.get(s)?)))
+            .collect();
+        let first = spec.systems.first()?;
+        let own = scaled.iter().find(|(s, _)| s == first)?.1;
+        Some((own, scaled))
+    }
+
     /// Gives the fleet's planning figures what was learned: per system, the learned
     /// speed where there is one (the first system's also becomes the machine's own);
     /// each remote link's bandwidth and latency.
@@ -172,34 +208,9 @@ impl Knowledge {
 
     /// [`Knowledge::apply`] for one machine, `key` in the state.
     pub fn apply_to(&self, key: &str, spec: &mut MachineSpec) {
-        if let Some((speed, per_system)) = self.speeds_of(key, &spec.systems) {
+        if let Some((speed, per_system)) = self.planned_speeds(key, spec, spec.speed) {
             spec.speed = speed;
             spec.system_speeds = per_system;
-        } else if !spec.is_local {
-            // Nothing learned of it yet: its declared factor, on the scale the other
-            // builders showed.
-            let declared = spec.speed;
-            let scaled: Vec<(String, f64)> = spec
-                .systems
-                .iter()
-                .filter_map(|s| {
-                    let d = spec
-                        .system_speeds
-                        .iter()
-                        .find(|(x, _)| x == s)
-                        .map_or(declared, |e| e.1);
-                    Some((s.clone(), d * self.scales.get(s)?))
-                })
-                .collect();
-            if let Some((_, own)) = scaled.iter().find(|(s, _)| Some(s) == spec.systems.first()) {
-                spec.speed = *own;
-            }
-            for (system, speed) in scaled {
-                match spec.system_speeds.iter_mut().find(|(x, _)| *x == system) {
-                    Some(entry) => entry.1 = speed,
-                    None => spec.system_speeds.push((system, speed)),
-                }
-            }
         }
         if let Some((seconds, _)) = self.per_build(key) {
             spec.per_build = seconds;

@@ -95,11 +95,17 @@ pub fn run_offload(
     failures: &[(MachineId, f64)],
     trace: bool,
 ) -> Report {
-    let mut p = policy::OffloadPolicy::new(planning, believed.to_vec(), calibration::OFFLOAD);
+    let mut p = offload_policy(planning, believed);
     simulate(graph, machines, failures, &mut p, trace)
 }
 
-fn with_unknown_durations(graph: &Graph) -> Graph {
+/// offload's policy planning with `planning` and `believed`, at offload's costs.
+pub fn offload_policy(planning: Graph, believed: &[MachineSpec]) -> policy::OffloadPolicy {
+    policy::OffloadPolicy::new(planning, believed.to_vec(), calibration::OFFLOAD)
+}
+
+/// A graph whose every estimate is the default, as a planner without history has it.
+pub fn with_unknown_durations(graph: &Graph) -> Graph {
     let nodes = graph
         .nodes()
         .iter()

@@ -20,6 +20,7 @@ use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
 use crate::history::{BuildRecord, History};
+use crate::learn::{moved, REFIT_INTERVAL};
 use crate::transfer::TransferNews;
 
 /// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
@@ -664,7 +665,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         };
         for m in 0..self.machines.len() {
             let spec = &self.machines[m];
-            let Some((speed, per_system)) = knowledge.speeds_of(&self.state_keys[m], &spec.systems)
+            let Some((speed, per_system)) =
+                knowledge.planned_speeds(&self.state_keys[m], spec, self.declared_speeds[m])
             else {
                 continue;
             };
@@ -855,18 +857,9 @@ fn out_of_space(outcome: &Outcome, log_tail: &[String]) -> bool {
     }
 }
 
-/// Seconds between fits of the machines' speeds during a run.
-const REFIT_INTERVAL: f64 = 2.0;
 /// How often the slots others hold are looked at: a lock file per slot, each a
 /// non-blocking flock.
 const SLOT_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
-/// A fitted speed that moved by more than this fraction replaces the planned one.
-const REFIT_CHANGE: f64 = 0.1;
-
-/// Whether a fitted figure moved far enough from the planned one to replace it.
-fn moved(old: f64, new: f64) -> bool {
-    (new / old.max(1e-9) - 1.0).abs() > REFIT_CHANGE
-}
 
 /// Bytes assumed for the outputs of a derivation never built before.
 const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;

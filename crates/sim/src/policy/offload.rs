@@ -24,6 +24,12 @@ impl OffloadPolicy {
         }
     }
 
+    /// The machine's speeds as a fit during the run says, as the live driver tells
+    /// its scheduler.
+    pub fn set_speeds(&mut self, machine: MachineId, speed: f64, per_system: Vec<(String, f64)>) {
+        self.sched.set_speeds(machine, speed, per_system);
+    }
+
     fn starts(actions: Vec<Action>) -> Vec<(NodeId, MachineId)> {
         actions
             .into_iter()
