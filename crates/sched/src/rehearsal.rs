@@ -34,7 +34,8 @@ impl Scheduler {
             return;
         }
         let ranks = self.priority.clone();
-        let mut best = (self.rehearse(now), ranks.clone());
+        let (end, placed) = self.rehearse(now);
+        let mut best = (end, ranks.clone(), placed);
         // A fixed seed: the same inputs always give the same plan.
         let mut random = SplitMix64(0x6f66_666c_6f61_6421 ^ self.graph.len() as u64);
         for _ in 1..orderings {
@@ -44,25 +45,28 @@ impl Scheduler {
                 .collect();
             let mut trial = self.clone();
             trial.priority = candidate;
-            let end = trial.rehearse(now);
+            let (end, placed) = trial.rehearse(now);
             if end < best.0 - 1e-9 {
-                best = (end, trial.priority);
+                best = (end, trial.priority, placed);
             }
         }
         self.priority = best.1;
+        self.rehearsed_on = best.2;
     }
 
-    /// When the run would end if every build took what it is expected to take; a
-    /// derivation that would fail counts as ending the run at once (every ordering
-    /// meets the same failures).
-    fn rehearse(&self, now: f64) -> f64 {
+    /// When the run would end if every build took what it is expected to take, and
+    /// where each node was built; a derivation that would fail counts as ending the
+    /// run at once (every ordering meets the same failures).
+    fn rehearse(&self, now: f64) -> (f64, Vec<Option<MachineId>>) {
         let mut sched = self.clone();
         let mut running: Vec<(f64, NodeId, MachineId)> = Vec::new();
-        let started = |sched: &Scheduler, actions: Vec<Action>, running: &mut Vec<_>| {
+        let mut placed = vec![None; self.graph.len()];
+        let mut started = |sched: &Scheduler, actions: Vec<Action>, running: &mut Vec<_>| {
             for action in actions {
                 if let Action::Start { node, machine } = action {
                     if let NodeState::Running { expected_end, .. } = sched.state(node) {
                         running.push((*expected_end, node, machine));
+                        placed[node] = Some(machine);
                     }
                 }
             }
@@ -86,7 +90,7 @@ impl Scheduler {
             );
             started(&sched, actions, &mut running);
         }
-        end
+        (end, placed)
     }
 }
 
@@ -170,9 +174,9 @@ mod tests {
     #[test]
     fn a_rehearsed_ordering_ends_sooner_on_a_fleet_of_unequal_machines() {
         let mut sched = layered_on_unequal_machines();
-        let by_rank = sched.rehearse(0.0);
+        let by_rank = sched.rehearse(0.0).0;
         sched.tune_priorities(0.0);
-        let rehearsed = sched.rehearse(0.0);
+        let rehearsed = sched.rehearse(0.0).0;
         // 18.75 s by critical path alone; the optimum, found by a constraint solver
         // without the per-build cost, is 15.72 s.
         assert!(rehearsed < 0.99 * by_rank, "{rehearsed} against {by_rank}");
@@ -180,6 +184,24 @@ mod tests {
         // The same inputs give the same plan.
         let mut again = layered_on_unequal_machines();
         again.tune_priorities(0.0);
-        assert_eq!(again.rehearse(0.0), rehearsed);
+        assert_eq!(again.rehearse(0.0).0, rehearsed);
+    }
+
+    #[test]
+    fn the_rehearsed_plan_says_where_a_nodes_outputs_will_be_needed() {
+        let mut sched = layered_on_unequal_machines();
+        assert!(sched.consumers_planned_on(2).is_empty(), "no rehearsal yet");
+        let _ = sched.start(0.0);
+        // Node 2 (2.33 s) is an input of most of the second layer, which the plan
+        // spreads over this machine and the builders.
+        let ahead = sched.consumers_planned_on(2);
+        assert!(ahead.iter().any(|&m| m > 0), "{ahead:?}");
+        for &m in &ahead {
+            assert!(sched
+                .graph()
+                .dependents(2)
+                .iter()
+                .any(|&d| sched.rehearsed_on[d] == Some(m)));
+        }
     }
 }

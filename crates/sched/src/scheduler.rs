@@ -80,6 +80,8 @@ pub struct Scheduler {
     /// Each node's priority among the ready ones: its rank (duration-weighted critical
     /// path), or the ordering a rehearsal found better ([`Scheduler::start`]).
     pub(crate) priority: Vec<f64>,
+    /// Where the rehearsal kept built each node ([`Scheduler::start`]); none without one.
+    pub(crate) rehearsed_on: Vec<Option<MachineId>>,
 }
 
 impl Scheduler {
@@ -127,6 +129,7 @@ impl Scheduler {
             client,
             held_elsewhere: vec![0; m],
             priority,
+            rehearsed_on: vec![None; n],
         };
         for m in 0..m {
             sched.replace_queue_key(m);
@@ -134,6 +137,23 @@ impl Scheduler {
         }
         sched.match_kinds();
         sched
+    }
+
+    /// The machines the rehearsed plan builds the consumers of `node` on that are yet
+    /// to start, except those holding its outputs: where its outputs can go ahead of
+    /// the builds that need them. Empty for a run that was not rehearsed.
+    pub fn consumers_planned_on(&self, node: NodeId) -> Vec<MachineId> {
+        let mut machines: Vec<MachineId> = self
+            .graph
+            .dependents(node)
+            .iter()
+            .filter(|&&d| matches!(self.state[d], NodeState::Waiting(_) | NodeState::Ready))
+            .filter_map(|&d| self.rehearsed_on[d])
+            .filter(|m| !self.holders[node].contains(m) && self.alive[*m])
+            .collect();
+        machines.sort_unstable();
+        machines.dedup();
+        machines
     }
 
     pub fn graph(&self) -> &Graph {

@@ -36,6 +36,16 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
         paths: Vec<String>,
     ) -> impl Future<Output = Result<(), DriverError>> + Send + 'static;
 
+    /// Copies the closures of `paths` to `machine` ahead of the builds that will need
+    /// them there, best effort: a failure only means the builds ship them themselves.
+    fn send_ahead(
+        self: Arc<Self>,
+        _machine: MachineId,
+        _paths: Vec<String>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async {}
+    }
+
     /// `machine` is lost: nothing it held can be fetched from it any more.
     fn forget_machine(&self, machine: MachineId);
 
@@ -130,6 +140,10 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     probes: JoinSet<(MachineId, Result<(), String>)>,
     /// Requested outputs copied home while the rest of the graph builds.
     early_copies: JoinSet<()>,
+    /// Outputs on their way to the builders the plan will build their consumers on,
+    /// and the copy ahead to each machine in flight, if any.
+    sent_ahead: JoinSet<()>,
+    sending_ahead: Vec<Option<AbortHandle>>,
     lower_bound: f64,
     /// Each machine's key in the state database (its store URI as written) and the
     /// speed factor its machines-file line declares.
@@ -177,6 +191,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         let slot_wait = reliability.slot_wait;
         let state_keys = machines.iter().map(|m| m.name.clone()).collect();
         let declared_speeds = machines.iter().map(|m| m.speed).collect();
+        let machine_count = machines.len();
         Ok(Runner {
             transport,
             sched: Scheduler::new(graph, machines.clone(), keep_going),
@@ -199,6 +214,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             tasks: JoinSet::new(),
             running: HashMap::new(),
             early_copies: JoinSet::new(),
+            sent_ahead: JoinSet::new(),
+            sending_ahead: vec![None; machine_count],
             lower_bound,
             state_keys,
             declared_speeds,
@@ -349,6 +366,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         self.tasks.shutdown().await;
         self.probes.shutdown().await;
         self.early_copies.shutdown().await;
+        self.sent_ahead.shutdown().await;
         DriverError::Interrupted { stopped }
     }
 
@@ -644,6 +662,38 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             }
             self.refit_speeds();
         }
+        self.send_ahead(done);
+    }
+
+    /// Sends the outputs of a build that just ended to the builders where the plan
+    /// builds what needs them, while their links are idle, rather than when those
+    /// builds start. At most one such copy goes to a machine at a time, and none that
+    /// would hold its link longer than [`SEND_AHEAD_LIMIT`] by what is known of it: a
+    /// copy ahead must not delay a build's own inputs behind it (a slow link, or one
+    /// not yet measured that turns out slow, costs one copy).
+    fn send_ahead(&mut self, done: &TaskDone) {
+        while self.sent_ahead.try_join_next().is_some() {}
+        let node = &self.nodes[done.node];
+        let bytes = done
+            .facts
+            .output_bytes
+            .or(node.output_bytes)
+            .unwrap_or(DEFAULT_OUTPUT_BYTES);
+        let outputs: Vec<String> = node.outputs.iter().map(|(_, p)| p.clone()).collect();
+        for m in self.sched.consumers_planned_on(done.node) {
+            let busy = self.sending_ahead[m]
+                .as_ref()
+                .is_some_and(|h| !h.is_finished());
+            if m == LOCAL
+                || m == done.machine
+                || busy
+                || self.machines[m].transfer_time(bytes) > SEND_AHEAD_LIMIT
+            {
+                continue;
+            }
+            let send = self.transport.clone().send_ahead(m, outputs.clone());
+            self.sending_ahead[m] = Some(self.sent_ahead.spawn(send));
+        }
     }
 
     /// Fits the machines' speeds and links again with this run's builds and copies so
@@ -703,6 +753,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     async fn finish(mut self, stop: CancellationToken) -> Result<BuildReport, DriverError> {
         self.tasks.shutdown().await;
         self.probes.shutdown().await;
+        // Every build has ended: nothing needs them any more.
+        self.sent_ahead.shutdown().await;
         let early = async { while self.early_copies.join_next().await.is_some() {} };
         tokio::select! {
             () = early => {}
@@ -861,6 +913,8 @@ fn out_of_space(outcome: &Outcome, log_tail: &[String]) -> bool {
 /// non-blocking flock.
 const SLOT_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Seconds a copy ahead may take at most, by what is known of the link.
+const SEND_AHEAD_LIMIT: f64 = 1.0;
 /// Bytes assumed for the outputs of a derivation never built before.
 const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;
 

@@ -156,6 +156,12 @@ impl BuildTransport for ServeTransport {
             .map(|_| ())
     }
 
+    async fn send_ahead(self: Arc<Self>, machine: MachineId, paths: Vec<String>) {
+        if let Err(e) = self.engine.ensure_on(machine, &paths, None, false).await {
+            tracing::debug!(machine = %self.names[machine], "sending outputs ahead failed: {e}");
+        }
+    }
+
     fn forget_machine(&self, machine: MachineId) {
         self.engine.forget_machine(machine);
     }

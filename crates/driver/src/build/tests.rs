@@ -51,6 +51,8 @@ struct FakeTransport {
     builds: Mutex<Vec<(String, MachineId, Option<u32>)>>,
     fetched: Mutex<Vec<String>>,
     forgotten: Mutex<Vec<MachineId>>,
+    /// Paths sent ahead, and where.
+    sent_ahead: Mutex<Vec<(String, MachineId)>>,
     closed: Mutex<bool>,
     /// Slots others hold, per machine, as the ledger would say.
     held_elsewhere: Vec<(MachineId, u32)>,
@@ -72,6 +74,7 @@ impl FakeTransport {
             builds: Mutex::default(),
             fetched: Mutex::default(),
             forgotten: Mutex::default(),
+            sent_ahead: Mutex::default(),
             closed: Mutex::default(),
             held_elsewhere: Vec::new(),
         }
@@ -177,6 +180,11 @@ impl BuildTransport for FakeTransport {
         }
         self.fetched.lock().unwrap().extend(paths);
         Ok(())
+    }
+
+    async fn send_ahead(self: Arc<Self>, machine: MachineId, paths: Vec<String>) {
+        let mut sent = self.sent_ahead.lock().unwrap();
+        sent.extend(paths.into_iter().map(|p| (p, machine)));
     }
 
     fn forget_machine(&self, machine: MachineId) {
@@ -810,4 +818,38 @@ async fn a_build_whose_slot_another_run_holds_goes_to_a_free_machine() {
     let run = run(nodes, machines, transport, false, None, never()).await;
     assert!(run.report().all_built());
     assert_eq!(run.transport.builds(), [("a".to_string(), 2)]);
+}
+
+#[tokio::test]
+async fn outputs_go_ahead_to_the_builder_the_plan_builds_their_consumers_on() {
+    // Six builds need a root built here and a gate only the builder can build; the plan
+    // builds some of the six there. The root's output goes there as soon as it is
+    // built, while the gate still builds (it never ends here: the run is stopped).
+    let mut nodes = vec![node("root", &[]), node("gate", &[])];
+    nodes[1].estimate = 3.0;
+    nodes[1].required_features = vec!["big".into()];
+    for i in 0..6 {
+        nodes.push(node(&format!("leaf{i}"), &[0, 1]));
+    }
+    let mut machines = fleet(1);
+    machines[REMOTE].supported_features = vec!["big".into()];
+    let transport = FakeTransport::new(&nodes, |name, _| {
+        if name == "gate" {
+            Ending::Hang
+        } else {
+            Ending::Built
+        }
+    });
+    let stop = CancellationToken::new();
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stopper.cancel();
+    });
+    let r = run(nodes, machines, transport, false, None, stop).await;
+    assert!(r.report.is_err(), "stopped");
+    let builds = r.transport.builds();
+    assert_eq!(builds, [("gate".into(), REMOTE), ("root".into(), LOCAL)]);
+    let sent = r.transport.sent_ahead.lock().unwrap().clone();
+    assert_eq!(sent, [(output("root"), REMOTE)]);
 }
