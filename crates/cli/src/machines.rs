@@ -31,6 +31,9 @@ struct Row {
     busy: Option<u32>,
     /// Per system it builds: its learned speed (this machine's native system is 1).
     learned: Vec<(String, Learned)>,
+    /// Per system, the speed the planner uses: the learned one, else its speed factor
+    /// on the scale the other builders showed, else its speed factor.
+    planned: Vec<(String, f64)>,
     link: Option<LinkFigures>,
     /// Seconds a build costs there besides its own time, and the builds behind it.
     per_build: Option<(f64, usize)>,
@@ -74,6 +77,8 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
                     "learned_speed": r.learned.iter().map(|(system, l)| {
                         (system.clone(), json!({"relative_to_local": l.speed, "samples": l.samples}))
                     }).collect::<serde_json::Map<_, _>>(),
+                    "planned_speed": r.planned.iter().map(|(system, s)| (system.clone(), json!(s)))
+                        .collect::<serde_json::Map<_, _>>(),
                     "link": r.link.map(|l| json!({
                         "bandwidth_bytes_per_second": l.bandwidth,
                         "latency_seconds": l.latency,
@@ -171,8 +176,24 @@ fn row(
     } else {
         history.and_then(|h| h.cores(key).ok().flatten())
     };
+    let planned = knowledge
+        .planned_speeds(key, spec, spec.speed)
+        .map(|(_, per_system)| per_system)
+        .unwrap_or_default();
+    let planned = spec
+        .systems
+        .iter()
+        .map(|s| {
+            let speed = planned
+                .iter()
+                .find(|(x, _)| x == s)
+                .map_or(spec.speed, |e| e.1);
+            (s.clone(), speed)
+        })
+        .collect();
     Row {
         learned,
+        planned,
         link: knowledge.link(key),
         per_build: knowledge.per_build(key),
         cores,
@@ -216,7 +237,18 @@ fn table(rows: &[Row]) -> String {
                 r.slots.to_string(),
                 format!("{}", r.speed),
                 if r.learned.is_empty() {
-                    "-".into()
+                    // What the planner uses instead, when the other builders scaled it.
+                    let scaled: Vec<String> = r
+                        .planned
+                        .iter()
+                        .filter(|(_, s)| (s - r.speed).abs() > 1e-9)
+                        .map(|(system, s)| format!("{system} {s:.2}x (as the others)"))
+                        .collect();
+                    if scaled.is_empty() {
+                        "-".into()
+                    } else {
+                        scaled.join(", ")
+                    }
                 } else {
                     r.learned
                         .iter()

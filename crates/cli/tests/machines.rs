@@ -105,6 +105,18 @@ fn lists_each_machine_with_its_slots_and_current_load() {
     assert!((bandwidth - 2.5e6).abs() < 1e4, "{link}");
     assert_eq!(rows[1]["cores"], 12);
     assert_eq!(rows[2]["learned_speed"], serde_json::json!({}));
+    // Nothing was learned of b2: the planner takes its factor 1 on the scale b1 showed
+    // (declared 2, measured about 2.9).
+    let planned = rows[2]["planned_speed"]["x86_64-linux"].as_f64().unwrap();
+    assert!(
+        (1.4..=1.5).contains(&planned),
+        "{}",
+        rows[2]["planned_speed"]
+    );
+    assert_eq!(
+        rows[1]["planned_speed"]["x86_64-linux"].as_f64(),
+        Some(native)
+    );
     assert!(rows[2]["link"].is_null() && rows[2]["cores"].is_null());
     assert_eq!(rows[2]["state"], "quarantined");
     let detail = rows[2]["state_detail"].as_str().unwrap();
