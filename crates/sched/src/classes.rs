@@ -65,6 +65,7 @@ struct ClassKey<'a> {
     bandwidth_bits: u64,
     latency_bits: u64,
     per_build_bits: u64,
+    session_setup_bits: u64,
 }
 
 impl<'a> ClassKey<'a> {
@@ -83,6 +84,7 @@ impl<'a> ClassKey<'a> {
             bandwidth,
             latency,
             per_build,
+            session_setup,
         } = spec;
         ClassKey {
             systems,
@@ -98,6 +100,7 @@ impl<'a> ClassKey<'a> {
             bandwidth_bits: bandwidth.to_bits(),
             latency_bits: latency.to_bits(),
             per_build_bits: per_build.to_bits(),
+            session_setup_bits: session_setup.to_bits(),
         }
     }
 }

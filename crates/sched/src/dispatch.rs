@@ -255,9 +255,15 @@ impl Scheduler {
                     if only_free && !is_free {
                         continue;
                     }
+                    let setup = if self.session_ready[m] {
+                        0.0
+                    } else {
+                        self.machines[m].session_setup
+                    };
                     let built = self.inputs_arrive(id, m, slot_time.max(now))
                         + build_time
-                        + self.machines[m].per_build;
+                        + self.machines[m].per_build
+                        + setup;
                     let finish = self.outputs_home(id, m, built);
                     // Earliest finish; at a tie, a slot free now beats waiting for one,
                     // then the lower machine index.
@@ -316,6 +322,7 @@ impl Scheduler {
                 }
                 self.running[m].push(id);
                 self.running_count += 1;
+                self.session_ready[m] = true;
                 actions.push(Action::Start {
                     node: id,
                     machine: m,

@@ -32,6 +32,10 @@ pub struct MachineSpec {
     /// Seconds each build costs here besides its own time: a session's round trips,
     /// asking what is there, learning the outputs.
     pub per_build: f64,
+    /// Seconds the run's first build here waits for its session: an ssh handshake and
+    /// the remote Nix starting, until the driver says a session is open
+    /// ([`crate::Scheduler::session_open`]).
+    pub session_setup: f64,
 }
 
 impl MachineSpec {
@@ -50,6 +54,7 @@ impl MachineSpec {
             bandwidth: f64::INFINITY,
             latency: 0.0,
             per_build: 0.0,
+            session_setup: 0.0,
         }
     }
 
@@ -116,6 +121,7 @@ mod tests {
             bandwidth: 1e8,
             latency: 0.001,
             per_build: 0.0,
+            session_setup: 0.0,
         }
     }
 

@@ -82,6 +82,9 @@ pub struct Scheduler {
     pub(crate) priority: Vec<f64>,
     /// Where the rehearsal kept built each node ([`Scheduler::start`]); none without one.
     pub(crate) rehearsed_on: Vec<Option<MachineId>>,
+    /// Machines with a session open or a build started in this run: their next build
+    /// pays no [`MachineSpec::session_setup`].
+    pub(crate) session_ready: Vec<bool>,
 }
 
 impl Scheduler {
@@ -130,6 +133,7 @@ impl Scheduler {
             held_elsewhere: vec![0; m],
             priority,
             rehearsed_on: vec![None; n],
+            session_ready: vec![false; m],
         };
         for m in 0..m {
             sched.replace_queue_key(m);
@@ -154,6 +158,13 @@ impl Scheduler {
         machines.sort_unstable();
         machines.dedup();
         machines
+    }
+
+    /// A session with `machine` is open: builds there no longer wait for one.
+    pub fn session_open(&mut self, machine: MachineId) {
+        if let Some(ready) = self.session_ready.get_mut(machine) {
+            *ready = true;
+        }
     }
 
     pub fn graph(&self) -> &Graph {

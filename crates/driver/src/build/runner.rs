@@ -479,6 +479,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 if !first {
                     tracing::info!(machine = %self.machines[machine].name, "answers again");
                 }
+                // The probe's session waits in the pool for the next build there.
+                self.sched.session_open(machine);
                 let actions = self
                     .sched
                     .handle(Event::MachineBack { machine }, self.now());
