@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
-use offload_driver::learn::{moved, BuildRow, Knowledge, LOCAL_KEY, REFIT_INTERVAL};
+use offload_driver::learn::{BuildRow, Knowledge, LOCAL_KEY, REFIT_INTERVAL};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
 use offload_driver::{Endpoint, History, ServeConn};
@@ -330,16 +330,9 @@ impl<'a> Learning<'a> {
         let knowledge = Knowledge::from_builds(&newest_first(&self.rows), &self.local_system);
         for (m, spec) in self.planned.iter_mut().enumerate() {
             let declared = self.declared[m].speed;
-            let Some((speed, per_system)) =
-                knowledge.planned_speeds(&state_key(spec), spec, declared)
-            else {
-                continue;
-            };
-            let changed = moved(spec.speed, speed)
-                || per_system
-                    .iter()
-                    .any(|(sys, s)| moved(spec.speed_for(sys), *s));
-            if changed {
+            if let Some((speed, per_system)) =
+                knowledge.moved_speeds(&state_key(spec), spec, declared)
+            {
                 spec.speed = speed;
                 spec.system_speeds = per_system.clone();
                 self.policy.set_speeds(m, speed, per_system);

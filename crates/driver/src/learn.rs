@@ -197,6 +197,22 @@ impl Knowledge {
         Some((own, scaled))
     }
 
+    /// [`Knowledge::planned_speeds`] when they moved by more than a tenth from those
+    /// `spec` is planned with now: a fit during a run replaces only those.
+    pub fn moved_speeds(
+        &self,
+        key: &str,
+        spec: &MachineSpec,
+        declared: f64,
+    ) -> Option<(f64, Vec<(String, f64)>)> {
+        let (speed, per_system) = self.planned_speeds(key, spec, declared)?;
+        let changed = moved(spec.speed, speed)
+            || per_system
+                .iter()
+                .any(|(sys, s)| moved(spec.speed_for(sys), *s));
+        changed.then_some((speed, per_system))
+    }
+
     /// Gives the fleet's planning figures what was learned: per system, the learned
     /// speed where there is one (the first system's also becomes the machine's own);
     /// each remote link's bandwidth and latency.

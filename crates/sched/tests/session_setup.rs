@@ -2,7 +2,10 @@
 //! run's first builds go where they finish first counting it, and once the driver says
 //! a session is open there, builds there no longer pay it.
 
-use offload_sched::{Action, Graph, MachineSpec, NodeSpec, Scheduler};
+mod common;
+
+use common::starts;
+use offload_sched::{Graph, MachineSpec, NodeSpec, Scheduler};
 
 const SYSTEM: &str = "x86_64-linux";
 const LOCAL: usize = 0;
@@ -23,16 +26,6 @@ fn graph() -> Graph {
         NodeSpec::new("short", SYSTEM, Vec::new(), 0.3),
     ])
     .unwrap()
-}
-
-fn starts(actions: &[Action]) -> Vec<(usize, usize)> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Start { node, machine } => Some((*node, *machine)),
-            _ => None,
-        })
-        .collect()
 }
 
 #[test]

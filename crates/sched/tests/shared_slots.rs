@@ -2,7 +2,10 @@
 //! that are free instead of queueing behind a machine someone else keeps busy, and the
 //! slots come back when the others let them go.
 
-use offload_sched::{Action, Event, Graph, MachineSpec, NodeSpec, Outcome, Scheduler};
+mod common;
+
+use common::starts;
+use offload_sched::{Event, Graph, MachineSpec, NodeSpec, Outcome, Scheduler};
 
 const SYSTEM: &str = "x86_64-linux";
 const FAST: usize = 1;
@@ -23,16 +26,6 @@ fn independent(n: usize) -> Graph {
         .map(|i| NodeSpec::new(format!("n{i}"), SYSTEM, Vec::new(), 10.0))
         .collect();
     Graph::new(nodes).unwrap()
-}
-
-fn starts(actions: &[Action]) -> Vec<(usize, usize)> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Start { node, machine } => Some((*node, *machine)),
-            _ => None,
-        })
-        .collect()
 }
 
 fn held(machine: usize, count: u32) -> Event {

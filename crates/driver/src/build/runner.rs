@@ -717,16 +717,9 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         };
         for m in 0..self.machines.len() {
             let spec = &self.machines[m];
-            let Some((speed, per_system)) =
-                knowledge.planned_speeds(&self.state_keys[m], spec, self.declared_speeds[m])
-            else {
-                continue;
-            };
-            let changed = moved(spec.speed, speed)
-                || per_system
-                    .iter()
-                    .any(|(sys, s)| moved(spec.speed_for(sys), *s));
-            if changed {
+            if let Some((speed, per_system)) =
+                knowledge.moved_speeds(&self.state_keys[m], spec, self.declared_speeds[m])
+            {
                 tracing::debug!(machine = %spec.name, "speed now {speed:.2}: {per_system:?}");
                 self.machines[m].speed = speed;
                 self.machines[m].system_speeds = per_system.clone();
