@@ -537,8 +537,8 @@ fn fit_calibrated(
     HashMap<Key, Learned>,
     HashMap<String, f64>,
 ) {
-    let (work, speeds) = fit_with(rows, local_system, &HashMap::new());
-    let declared = declared_speeds(rows);
+    let mut declared = declared_speeds(rows);
+    let (work, speeds) = fit_with(rows, local_system, &declared);
     let mut ratios: HashMap<&str, Vec<f64>> = HashMap::new();
     for ((machine, system), l) in &speeds {
         if machine != LOCAL_KEY && l.samples > 0 {
@@ -558,7 +558,8 @@ fn fit_calibrated(
     if rescaled.is_empty() {
         return (work, speeds, scales);
     }
-    let (work, speeds) = fit_with(rows, local_system, &rescaled);
+    declared.extend(rescaled);
+    let (work, speeds) = fit_with(rows, local_system, &declared);
     (work, speeds, scales)
 }
 
@@ -577,16 +578,14 @@ fn declared_speeds(rows: &[BuildRow]) -> HashMap<Key, f64> {
     declared
 }
 
-/// [`fit`] with `priors` in place of the declared speeds of those machines and systems.
+/// [`fit`] with `declared` as each machine and system's speed before any comparison.
 fn fit_with(
     rows: &[BuildRow],
     local_system: &str,
-    priors: &HashMap<Key, f64>,
+    declared: &HashMap<Key, f64>,
 ) -> (HashMap<String, f64>, HashMap<Key, Learned>) {
     // Each (name, machine+system) cell: the median of its recent builds.
     let mut cells: HashMap<(String, Key), Vec<f64>> = HashMap::new();
-    let mut declared = declared_speeds(rows);
-    declared.extend(priors.iter().map(|(k, &v)| (k.clone(), v)));
     for r in rows {
         let key = (r.machine.clone(), r.system.clone());
         let cell = cells.entry((r.name.clone(), key)).or_default();

@@ -69,7 +69,8 @@ pub fn run_policy(
             } else {
                 (graph.clone(), machines)
             };
-            run_offload(graph, machines, planning, believed, failures, trace)
+            let mut p = offload_policy(planning, believed);
+            simulate(graph, machines, failures, &mut p, trace)
         }
         "nix" => {
             let mut p = NixPolicy::new(graph.clone(), machines.to_vec(), calibration::NIX);
@@ -84,22 +85,9 @@ pub fn run_policy(
     Some(report)
 }
 
-/// offload's scheduler planning with `planning` (its estimates of each derivation) and
-/// `believed` (what it thinks of the machines), while builds and copies take `graph`'s
-/// and `machines`' true figures.
-pub fn run_offload(
-    graph: &Graph,
-    machines: &[MachineSpec],
-    planning: Graph,
-    believed: &[MachineSpec],
-    failures: &[(MachineId, f64)],
-    trace: bool,
-) -> Report {
-    let mut p = offload_policy(planning, believed);
-    simulate(graph, machines, failures, &mut p, trace)
-}
-
-/// offload's policy planning with `planning` and `believed`, at offload's costs.
+/// offload's policy planning with `planning` (its estimates of each derivation) and
+/// `believed` (what it thinks of the machines), at offload's costs; simulated, builds
+/// and copies take the true figures.
 pub fn offload_policy(planning: Graph, believed: &[MachineSpec]) -> policy::OffloadPolicy {
     policy::OffloadPolicy::new(planning, believed.to_vec(), calibration::OFFLOAD)
 }

@@ -304,29 +304,27 @@ impl ServeTransport {
         // A builder may fetch what it lacks from its own substituters when allowed.
         let substitute = self.builders_use_substitutes && machine != LOCAL;
         let shipping = Instant::now();
-        let (opened, shipped) = match self.pool(machine).take_idle(cores) {
-            Some(mut conn) => {
-                let shipped = self
-                    .engine
-                    .ensure_on(machine, &n.inputs, Some(&mut conn), substitute)
-                    .await;
-                facts.inputs_seconds = Some(shipping.elapsed().as_secs_f64());
-                (Ok(conn), shipped)
-            }
-            // A session with these cores opens (an ssh handshake) while the inputs go
-            // over sessions of their own.
-            None => {
-                let ship = async {
-                    let shipped = self
-                        .engine
-                        .ensure_on(machine, &n.inputs, None, substitute)
-                        .await;
-                    facts.inputs_seconds = Some(shipping.elapsed().as_secs_f64());
-                    shipped
-                };
-                tokio::join!(self.pool(machine).get_with_cores(cores), ship)
+        // Without an idle session with these cores, one opens (an ssh handshake) while
+        // the inputs go over sessions of their own.
+        let mut idle = self.pool(machine).take_idle(cores);
+        let opening = idle.is_none();
+        let open = async {
+            if opening {
+                Some(self.pool(machine).get_with_cores(cores).await)
+            } else {
+                None
             }
         };
+        let ship = async {
+            let shipped = self
+                .engine
+                .ensure_on(machine, &n.inputs, idle.as_mut(), substitute)
+                .await;
+            facts.inputs_seconds = Some(shipping.elapsed().as_secs_f64());
+            shipped
+        };
+        let (opened, shipped) = tokio::join!(open, ship);
+        let opened = opened.unwrap_or_else(|| Ok(idle.take().expect("a session was idle")));
         let mut conn = match opened {
             Ok(c) => c,
             Err(e) => {
