@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
-use offload_driver::learn::{BuildRow, Knowledge, LOCAL_KEY, REFIT_INTERVAL};
+use offload_driver::learn::{BuildRow, Knowledge, LOCAL_KEY, REFIT_INTERVAL, ROWS_READ};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
 use offload_driver::{Endpoint, History, ServeConn};
@@ -391,8 +391,10 @@ fn state_key(machine: &MachineSpec) -> String {
     }
 }
 
+/// The newest of `rows` (oldest first), newest first, as many as `offload build` reads
+/// from its state for a fit.
 fn newest_first(rows: &[BuildRow]) -> Vec<BuildRow> {
-    rows.iter().rev().cloned().collect()
+    rows.iter().rev().take(ROWS_READ).cloned().collect()
 }
 
 fn local_system(machines: &[MachineSpec]) -> String {

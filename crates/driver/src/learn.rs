@@ -35,7 +35,7 @@ pub const LOCAL_KEY: &str = "local";
 /// Builds of one derivation on one machine that count (the most recent).
 const RECENT_PER_CELL: usize = 5;
 /// Build rows read for a fit (the most recent).
-const ROWS_READ: usize = 20_000;
+pub const ROWS_READ: usize = 20_000;
 /// Transfers per machine that count for its link (the most recent).
 const RECENT_TRANSFERS: usize = 100;
 /// Transfers below this size time the link's latency; from [`BIG_TRANSFER`] on, its
