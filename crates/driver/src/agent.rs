@@ -141,11 +141,15 @@ impl Sessions {
             .clone()
     }
 
+    /// The machine's slot broker, over the ssh connection its sessions share.
     fn remote_slots(&self, endpoint: &Endpoint, slots: u32) -> Arc<RemoteSlots> {
+        let master = self.pool(endpoint).master();
         let key = serde_json::to_string(endpoint).unwrap_or_else(|_| endpoint.name.clone());
         let mut all = self.remote_slots.lock().unwrap_or_else(|p| p.into_inner());
         all.entry((key, slots))
-            .or_insert_with(|| Arc::new(RemoteSlots::new([(endpoint.clone(), slots)])))
+            .or_insert_with(|| {
+                Arc::new(RemoteSlots::new([(endpoint.clone(), slots)]).with_masters([master]))
+            })
             .clone()
     }
 }

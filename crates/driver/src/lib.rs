@@ -41,6 +41,7 @@ mod session;
 pub mod shutdown;
 pub mod signing;
 pub mod slots;
+pub mod ssh_master;
 pub mod transfer;
 mod transport;
 pub mod trust;
@@ -52,7 +53,7 @@ pub use history::{
 };
 pub use machine_state::{format_utc, MachineRecord};
 pub use paths::PathRegistry;
-pub use pool::Pool;
+pub use pool::{Pool, Traffic};
 pub use runs::RunRecord;
 pub use session::{ServeConn, HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
 pub use transport::{shell_quote, Endpoint, Route, NIX_SSHOPTS};

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::DriverError;
 use crate::session::HANDSHAKE_TIMEOUT;
 use crate::slots::POLL_INTERVAL;
+use crate::ssh_master::SshMaster;
 use crate::transport::{shell_quote, Endpoint};
 
 /// The lock directory under the store root, beside Nix's own state.
@@ -189,6 +190,18 @@ impl RemoteSlots {
         }
     }
 
+    /// Starts each machine's broker over the ssh connection its serve sessions share
+    /// (`masters` in the order of the machines), so that it costs no handshake of its
+    /// own. Called before any broker is shared.
+    pub fn with_masters(mut self, masters: impl IntoIterator<Item = Arc<SshMaster>>) -> Self {
+        for (broker, master) in self.brokers.iter_mut().zip(masters) {
+            if let Some(broker) = broker.as_mut().and_then(Arc::get_mut) {
+                broker.master = Some(master);
+            }
+        }
+        self
+    }
+
     /// A slot of the machine, held on the machine itself, waiting (polling every
     /// [`POLL_INTERVAL`], at most `limit`) while others hold all its slots. None when
     /// the machine cannot lock (it has no broker, no `flock`, no lock directory, or its
@@ -238,6 +251,8 @@ const UNKNOWN: u32 = u32::MAX;
 /// One machine's broker: started lazily, started again after it died.
 struct Broker {
     endpoint: Endpoint,
+    /// The ssh connection shared with the machine's serve sessions, if given.
+    master: Option<Arc<SshMaster>>,
     slots: u32,
     dir: String,
     live: tokio::sync::Mutex<Option<mpsc::UnboundedSender<Request>>>,
@@ -277,6 +292,7 @@ impl Broker {
         Broker {
             dir: lock_dir(&endpoint),
             endpoint,
+            master: None,
             slots,
             live: tokio::sync::Mutex::new(None),
             others: Arc::new(AtomicU32::new(UNKNOWN)),
@@ -396,8 +412,13 @@ impl Broker {
     async fn start(&self) -> Result<mpsc::UnboundedSender<Request>, Failure> {
         let machine = &self.endpoint.name;
         let command = broker_command(&self.dir, self.slots);
-        let (cmd, known_hosts) = self
-            .endpoint
+        let mut endpoint = self.endpoint.clone();
+        if let Some(master) = &self.master {
+            // A machine the master cannot reach fails the broker's own ssh below, which
+            // says why as before.
+            endpoint.control_path = master.socket().await.ok().flatten();
+        }
+        let (cmd, known_hosts) = endpoint
             .command(&command)
             .map_err(|e| Failure::Passing(e.to_string()))?;
         let mut cmd = tokio::process::Command::from(cmd);

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use crate::build::Reporter;
 use crate::error::DriverError;
 use crate::paths::PathRegistry;
-use crate::pool::Pool;
+use crate::pool::{Pool, Traffic};
 use crate::session::{ChainProgress, ServeConn};
 use crate::signing::PathSigner;
 
@@ -489,8 +489,8 @@ impl TransferEngine {
                 machine: self.pools[machine].endpoint().name.clone(),
                 path: infos.first().map(|i| i.path.clone()).unwrap_or_default(),
             })?;
-        let mut from = self.pools[source].get().await?;
-        let mut to = self.pools[machine].get().await?;
+        let mut from = self.pools[source].get_for(Traffic::FromMachine).await?;
+        let mut to = self.pools[machine].get_for(Traffic::ToMachine).await?;
         let links: Vec<MachineId> = [source, machine]
             .into_iter()
             .filter(|&m| !self.specs[m].is_local)

@@ -57,6 +57,10 @@ pub struct Endpoint {
     /// Options for ssh itself (keepalives, connect timeout), after the user's
     /// `NIX_SSHOPTS` so that the user's own choice wins.
     pub ssh_options: Vec<String>,
+    /// The control socket of the connection shared with this machine
+    /// ([`crate::ssh_master`]): sessions go over it while it is up.
+    #[serde(skip)]
+    pub control_path: Option<PathBuf>,
 }
 
 impl Endpoint {
@@ -70,6 +74,7 @@ impl Endpoint {
             extra_args: Vec::new(),
             env: Vec::new(),
             ssh_options: Vec::new(),
+            control_path: None,
         }
     }
 
@@ -116,6 +121,11 @@ impl Endpoint {
     /// Whether the server runs as a process on this machine.
     pub fn is_local_process(&self) -> bool {
         self.route == Route::LocalProcess
+    }
+
+    /// Whether the machine is reached over ssh.
+    pub fn is_ssh(&self) -> bool {
+        matches!(self.route, Route::Ssh { .. })
     }
 
     /// The shell command that starts the server on the machine.
@@ -176,37 +186,76 @@ impl Endpoint {
                 cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
                 (cmd, None)
             }
-            Route::Ssh {
-                host,
-                ssh_key,
-                host_public_key,
-                compress,
-            } => {
-                let mut cmd = std::process::Command::new("ssh");
-                // No X11 or agent forwarding, never a password prompt.
-                cmd.args(["-x", "-a", "-oBatchMode=yes"]);
-                if let Ok(opts) = std::env::var(NIX_SSHOPTS) {
-                    cmd.args(opts.split_whitespace());
-                }
-                cmd.args(&self.ssh_options);
-                if let Some(key) = ssh_key {
-                    cmd.arg("-i").arg(key);
-                }
-                let known_hosts = match host_public_key {
-                    Some(key) => {
-                        let file = write_known_hosts(&self.name, host, key)?;
-                        cmd.arg(format!("-oUserKnownHostsFile={}", file.path().display()));
-                        Some(file)
-                    }
-                    None => None,
-                };
-                if *compress {
-                    cmd.arg("-C");
+            Route::Ssh { host, .. } => {
+                let (mut cmd, known_hosts) = self.ssh()?;
+                if let Some(socket) = &self.control_path {
+                    // Over the shared connection while it answers; on its own otherwise.
+                    cmd.arg("-oControlMaster=no").arg("-S").arg(socket);
                 }
                 cmd.arg("--").arg(host).arg(remote);
                 (cmd, known_hosts)
             }
         })
+    }
+
+    /// The command that starts the connection shared by this machine's sessions, its
+    /// control socket at `socket` ([`crate::ssh_master`]); the guard keeps a private
+    /// known_hosts file alive. An error for a machine not reached over ssh.
+    pub(crate) fn master_command(
+        &self,
+        socket: &std::path::Path,
+    ) -> Result<(std::process::Command, Option<tempfile::NamedTempFile>), DriverError> {
+        let Route::Ssh { host, .. } = &self.route else {
+            return Err(DriverError::Ssh {
+                machine: self.name.clone(),
+                stderr: "it is not reached over ssh: it has no shared connection".into(),
+            });
+        };
+        let (mut cmd, known_hosts) = self.ssh()?;
+        // In the foreground as this process's child, whatever the user's ssh config
+        // says of persisting, and ended with it.
+        cmd.args(["-M", "-N", "-oControlPersist=no"])
+            .arg("-S")
+            .arg(socket)
+            .arg("--")
+            .arg(host);
+        Ok((cmd, known_hosts))
+    }
+
+    /// `ssh` with every option a connection to this machine takes, up to the
+    /// destination (bare for a machine not reached over ssh).
+    fn ssh(&self) -> Result<(std::process::Command, Option<tempfile::NamedTempFile>), DriverError> {
+        let mut cmd = std::process::Command::new("ssh");
+        let Route::Ssh {
+            host,
+            ssh_key,
+            host_public_key,
+            compress,
+        } = &self.route
+        else {
+            return Ok((cmd, None));
+        };
+        // No X11 or agent forwarding, never a password prompt.
+        cmd.args(["-x", "-a", "-oBatchMode=yes"]);
+        if let Ok(opts) = std::env::var(NIX_SSHOPTS) {
+            cmd.args(opts.split_whitespace());
+        }
+        cmd.args(&self.ssh_options);
+        if let Some(key) = ssh_key {
+            cmd.arg("-i").arg(key);
+        }
+        let known_hosts = match host_public_key {
+            Some(key) => {
+                let file = write_known_hosts(&self.name, host, key)?;
+                cmd.arg(format!("-oUserKnownHostsFile={}", file.path().display()));
+                Some(file)
+            }
+            None => None,
+        };
+        if *compress {
+            cmd.arg("-C");
+        }
+        Ok((cmd, known_hosts))
     }
 }
 

@@ -151,6 +151,29 @@ pub struct HostOptions {
     pub chroot: Option<PathBuf>,
     /// Lines added to its `nix.conf` (`system-features = …`, say).
     pub nix_conf: String,
+    /// Its sshd's `MaxSessions`: sessions one connection may carry (sshd's default 10).
+    pub max_sessions: Option<u32>,
+}
+
+/// (pid, parent pid) of every process on this machine.
+fn process_parents() -> Vec<(u32, u32)> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
 }
 
 /// This machine's Nix system (`builtins.currentSystem`), as a machines spec of a real
@@ -340,10 +363,13 @@ impl SshFleet {
                 format!(
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
                      AuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
-                     PasswordAuthentication no\nStrictModes no\nUsePAM no\n",
+                     PasswordAuthentication no\nStrictModes no\nUsePAM no\n{}",
                     host_key.display(),
                     pid_file.display(),
-                    d.join("authorized_keys").display()
+                    d.join("authorized_keys").display(),
+                    opts.max_sessions
+                        .map(|n| format!("MaxSessions {n}\n"))
+                        .unwrap_or_default()
                 ),
             )
             .map_err(|e| e.to_string())?;
@@ -545,23 +571,7 @@ impl SshFleet {
         let Some(root) = self.listener(i) else {
             return Vec::new();
         };
-        let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-                let stat = fs::read_to_string(e.path().join("stat")).ok()?;
-                let ppid = stat
-                    .rsplit_once(')')?
-                    .1
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()?;
-                Some((pid, ppid))
-            })
-            .collect();
+        let parents = process_parents();
         let mut found = vec![root];
         let mut i = 0;
         while i < found.len() {
@@ -576,6 +586,18 @@ impl SshFleet {
         }
         found.remove(0);
         found
+    }
+
+    /// How many ssh connections host `i` has open: its listening sshd forks one process
+    /// per connection, however many sessions that connection carries.
+    pub fn connections(&self, i: usize) -> usize {
+        let Some(root) = self.listener(i) else {
+            return 0;
+        };
+        process_parents()
+            .iter()
+            .filter(|(_, pp)| *pp == root)
+            .count()
     }
 
     /// Sends `signal` (`STOP`, `CONT`, `KILL`, …) to every process of host `i`'s sessions.

@@ -63,6 +63,19 @@ impl ServeTransport {
             *consumers.entry(input.clone()).or_default() += 1;
         }
         let specs = machines.iter().map(|m| m.spec.clone()).collect();
+        let pools: Vec<Pool> = machines
+            .iter()
+            .map(|m| {
+                let mut endpoint = m.endpoint.clone();
+                for (name, value) in &options.session_options {
+                    endpoint
+                        .extra_args
+                        .extend(["--option".into(), name.clone(), value.clone()]);
+                }
+                Pool::new(endpoint)
+            })
+            .collect();
+        let masters: Vec<_> = pools.iter().map(Pool::master).collect();
         let transport = ServeTransport {
             refused: machines.iter().map(|_| Default::default()).collect(),
             slots: machines
@@ -76,30 +89,14 @@ impl ServeTransport {
                     m.endpoint.clone(),
                     m.spec.slots * u32::from(!m.spec.is_local),
                 )
-            })),
+            }))
+            .with_masters(masters),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
             engine: Arc::new(
-                TransferEngine::new(
-                    machines
-                        .into_iter()
-                        .map(|m| {
-                            let mut endpoint = m.endpoint;
-                            for (name, value) in &options.session_options {
-                                endpoint.extra_args.extend([
-                                    "--option".into(),
-                                    name.clone(),
-                                    value.clone(),
-                                ]);
-                            }
-                            Pool::new(endpoint)
-                        })
-                        .collect(),
-                    specs,
-                    LANES_PER_MACHINE,
-                )
-                .with_consumers(consumers)
-                .with_reporter(reporter.clone())
-                .with_signer(options.local_access.signer.clone()),
+                TransferEngine::new(pools, specs, LANES_PER_MACHINE)
+                    .with_consumers(consumers)
+                    .with_reporter(reporter.clone())
+                    .with_signer(options.local_access.signer.clone()),
             ),
             nodes,
             settings: options.settings.clone(),

@@ -96,6 +96,9 @@ pub struct ServeConn {
     broken: bool,
     /// `--option cores` the server was started with, if any.
     cores: Option<u32>,
+    /// The control socket of the shared ssh connection it went over, if any.
+    control_path: Option<std::path::PathBuf>,
+    traffic: crate::pool::Traffic,
     _known_hosts: Option<tempfile::NamedTempFile>,
 }
 
@@ -134,6 +137,8 @@ impl ServeConn {
             server_version: 0,
             broken: false,
             cores: None,
+            control_path: endpoint.control_path.clone(),
+            traffic: crate::pool::Traffic::Control,
             _known_hosts: known_hosts,
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake()).await {
@@ -195,6 +200,17 @@ impl ServeConn {
     /// The cores its builds get, when set for the session.
     pub fn cores(&self) -> Option<u32> {
         self.cores
+    }
+
+    /// Marks what the session carries (its pool keeps sessions apart by it).
+    pub fn with_traffic(mut self, traffic: crate::pool::Traffic) -> Self {
+        self.traffic = traffic;
+        self
+    }
+
+    /// What the session carries.
+    pub fn traffic(&self) -> crate::pool::Traffic {
+        self.traffic
     }
 
     /// The store this session talks to, as the user named it.
@@ -303,7 +319,19 @@ impl ServeConn {
             _ => None,
         };
         if self.is_ssh && code == Some(255) {
-            return classify_ssh_failure(&self.machine, tail);
+            // Over a shared connection, what ended it is in its master's words.
+            let master = self
+                .control_path
+                .as_deref()
+                .map(crate::ssh_master::last_words)
+                .unwrap_or_default();
+            let words = [tail.as_str(), master.as_str()]
+                .iter()
+                .filter(|w| !w.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\n");
+            return classify_ssh_failure(&self.machine, words);
         }
         DriverError::Exited {
             machine: self.machine.clone(),
