@@ -6,13 +6,16 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
-use offload_driver::learn::{BuildRow, Knowledge, LOCAL_KEY, REFIT_INTERVAL, ROWS_READ};
+use offload_driver::learn::{
+    bound_under_way, link_figures, moved, refit_interval, BuildRow, Knowledge, Transfer, LOCAL_KEY,
+    RECENT_TRANSFERS, ROWS_READ, SLOWER_UNDER_WAY,
+};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
 use offload_driver::{Endpoint, History, ServeConn};
 use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
-use offload_sched::{Graph, MachineSpec, NodeSpec};
+use offload_sched::{Graph, MachineSpec, NodeSpec, DEFAULT_OUTPUT_BYTES};
 use offload_sim::dag::{generate, generate_fleet, DagFile};
 use offload_sim::engine::Policy;
 use offload_sim::policy::OffloadPolicy;
@@ -49,10 +52,6 @@ fn shape_spec<'a>(flag: &str, spec: &'a str) -> Result<(&'a str, usize, u64), Fa
     };
     Ok((shape, n, seed))
 }
-
-/// What a `--from-drv` node's outputs are taken to weigh when they are not in the local
-/// store.
-const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;
 
 /// NAR sizes of those of `paths` that are valid in the local store; none when the store
 /// cannot be asked.
@@ -271,23 +270,33 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
     })
 }
 
-/// offload's policy as the live driver runs it: each build is recorded as the state
-/// records it (its own time, at its machine's true speed), and at most every
-/// [`REFIT_INTERVAL`] seconds of the run the machines' speeds are fitted again with the
-/// earlier runs' builds and this one's so far; those that moved by more than a tenth
-/// replace the planned ones.
+/// offload's policy as the live driver runs it. When a build ends, before the scheduler
+/// hears of it: its outputs' size goes into the plan (when sizes are guessed), links
+/// whose copies under way show them several times slower than planned are planned at
+/// what they show, the build is recorded as the state records it (its own time, at its
+/// machine's true speed), and as often as [`refit_interval`] says the machines' speeds
+/// are fitted again with the earlier runs' builds and this one's so far, and the links
+/// with the copies that landed; those that moved by more than a tenth replace the
+/// planned ones.
 struct Learning<'a> {
     policy: OffloadPolicy,
     graph: &'a Graph,
     machines: &'a [MachineSpec],
     declared: &'a [MachineSpec],
-    /// The speeds each machine is planned with now.
+    /// The speeds and links each machine is planned with now.
     planned: Vec<MachineSpec>,
     /// Earlier runs' builds and this one's, oldest first.
     rows: Vec<BuildRow>,
     run: String,
     local_system: String,
     last_refit: f64,
+    refit_wait: f64,
+    /// Whether the plan guesses output sizes (a first run).
+    guessing_outputs: bool,
+    /// Copies over one link, as the client times them: (machine, bytes, start, end),
+    /// until they land; then their timings per machine.
+    copies: Vec<(usize, u64, f64, f64)>,
+    landed: Vec<Vec<Transfer>>,
 }
 
 impl<'a> Learning<'a> {
@@ -300,8 +309,14 @@ impl<'a> Learning<'a> {
         run: &str,
     ) -> Learning<'a> {
         let (machines, declared) = fleet;
+        // Sizes the plan does not have from the truth are the driver's guess.
+        let guessed: Vec<usize> = (0..planning.len())
+            .filter(|&i| planning.node(i).output_bytes != graph.node(i).output_bytes)
+            .collect();
+        let mut policy = offload_policy(planning, &believed);
+        policy.guess_output_sizes(&guessed);
         Learning {
-            policy: offload_policy(planning, &believed),
+            policy,
             graph,
             machines,
             declared,
@@ -310,11 +325,18 @@ impl<'a> Learning<'a> {
             run: run.to_string(),
             local_system: local_system(machines),
             last_refit: 0.0,
+            refit_wait: 0.0,
+            guessing_outputs: !guessed.is_empty(),
+            copies: Vec::new(),
+            landed: vec![Vec::new(); machines.len()],
         }
     }
 
-    fn record(&mut self, node: usize, machine: usize, now: f64) {
+    fn learn(&mut self, node: usize, machine: usize, now: f64) {
         let n = self.graph.node(node);
+        if self.guessing_outputs {
+            self.policy.outputs_measured(node, n.output_bytes);
+        }
         self.rows.push(BuildRow {
             name: n.key.clone(),
             system: n.system.clone(),
@@ -323,11 +345,13 @@ impl<'a> Learning<'a> {
             declared_speed: self.declared[machine].speed_for(&n.system),
             run: Some(self.run.clone()),
         });
-        if now - self.last_refit < REFIT_INTERVAL {
+        self.links_under_way(now);
+        if self.last_refit > 0.0 && now - self.last_refit < self.refit_wait {
             return;
         }
         self.last_refit = now;
         let knowledge = Knowledge::from_builds(&newest_first(&self.rows), &self.local_system);
+        self.refit_wait = refit_interval(knowledge.rows());
         for (m, spec) in self.planned.iter_mut().enumerate() {
             let declared = self.declared[m].speed;
             if let Some((speed, per_system)) =
@@ -336,6 +360,51 @@ impl<'a> Learning<'a> {
                 spec.speed = speed;
                 spec.system_speeds = per_system.clone();
                 self.policy.set_speeds(m, speed, per_system);
+            }
+        }
+        self.links_landed(now);
+    }
+
+    /// Links whose copies under way show them several times slower than planned.
+    fn links_under_way(&mut self, now: f64) {
+        for (m, spec) in self.planned.iter_mut().enumerate() {
+            let under_way: Vec<(f64, u64)> = self
+                .copies
+                .iter()
+                .filter(|&&(l, _, start, end)| l == m && start <= now && now < end)
+                .map(|&(_, bytes, start, _)| (now - start, bytes))
+                .collect();
+            if let Some(bound) = bound_under_way(&under_way, spec.latency) {
+                if !spec.is_local && bound * SLOWER_UNDER_WAY < spec.bandwidth {
+                    spec.bandwidth = bound;
+                    self.policy.set_link(m, bound, spec.latency);
+                }
+            }
+        }
+    }
+
+    /// Links fitted with the copies that landed by `now` (at most as many as the
+    /// state keeps per link).
+    fn links_landed(&mut self, now: f64) {
+        let (landed, under_way): (Vec<_>, Vec<_>) =
+            self.copies.iter().partition(|&&(_, _, _, end)| end <= now);
+        self.copies = under_way;
+        for (m, bytes, start, end) in landed {
+            self.landed[m].push(Transfer {
+                bytes,
+                seconds: end - start,
+                concurrent: 1,
+            });
+        }
+        for (m, spec) in self.planned.iter_mut().enumerate() {
+            let recent = &self.landed[m][self.landed[m].len().saturating_sub(RECENT_TRANSFERS)..];
+            let Some(link) = link_figures(recent).filter(|_| !spec.is_local) else {
+                continue;
+            };
+            if moved(spec.bandwidth, link.bandwidth) {
+                spec.bandwidth = link.bandwidth;
+                spec.latency = link.latency;
+                self.policy.set_link(m, link.bandwidth, link.latency);
             }
         }
     }
@@ -359,10 +428,14 @@ impl Policy for Learning<'_> {
     }
 
     fn finished(&mut self, node: usize, machine: usize, now: f64) -> Vec<(usize, usize)> {
-        // As the driver: the scheduler hears of the build first, then it is recorded.
-        let starts = self.policy.finished(node, machine, now);
-        self.record(node, machine, now);
-        starts
+        // As the driver: what the build showed goes into the plan before its end places
+        // the builds that waited for it.
+        self.learn(node, machine, now);
+        self.policy.finished(node, machine, now)
+    }
+
+    fn copy_sent(&mut self, machine: usize, bytes: u64, start: f64, end: f64) {
+        self.copies.push((machine, bytes, start, end));
     }
 
     fn machine_lost(&mut self, machine: usize, lost: &[usize], now: f64) -> Vec<(usize, usize)> {
@@ -416,10 +489,22 @@ fn first_run(
     trace: bool,
 ) -> (Report, Vec<BuildRow>) {
     let (machines, declared) = fleet;
+    // No estimates, and every output's size the driver's guess.
+    let planning = Graph::new(
+        with_unknown_durations(graph)
+            .nodes()
+            .iter()
+            .map(|n| NodeSpec {
+                output_bytes: DEFAULT_OUTPUT_BYTES,
+                ..n.clone()
+            })
+            .collect(),
+    )
+    .expect("the same edges as a valid graph");
     let mut policy = Learning::new(
         fleet,
         graph,
-        with_unknown_durations(graph),
+        planning,
         declared.to_vec(),
         Vec::new(),
         "first",

@@ -20,7 +20,8 @@ use rusqlite::params;
 use crate::fleet::{MachineConfig, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
 use crate::history::{package_name, EstimateSource, History, HistoryError, DEFAULT_SECONDS};
 
-/// Seconds between fits of the machines' speeds during a run.
+/// Seconds between fits of the machines' speeds during a run, when a fit reads all of
+/// [`ROWS_READ`] (see [`refit_interval`]).
 pub const REFIT_INTERVAL: f64 = 2.0;
 /// A fitted speed that moved by more than this fraction replaces the planned one.
 const REFIT_CHANGE: f64 = 0.1;
@@ -36,8 +37,18 @@ pub const LOCAL_KEY: &str = "local";
 const RECENT_PER_CELL: usize = 5;
 /// Build rows read for a fit (the most recent).
 pub const ROWS_READ: usize = 20_000;
+
+/// Seconds to wait after a fit over `rows` build rows before the next during a run. A
+/// fit's cost grows with the rows it reads, so a small state is fitted again at every
+/// build's end: the plan then acts on a build that showed its machine slower than
+/// planned before it places the next one. On the first run over three builders 3×
+/// slower than declared, a 2-s wait let the critical derivation go to one of them
+/// 0.6 s after the build that showed it (8.5 s for 2.8 s of work) had ended.
+pub fn refit_interval(rows: usize) -> f64 {
+    REFIT_INTERVAL * (rows as f64 / ROWS_READ as f64).min(1.0)
+}
 /// Transfers per machine that count for its link (the most recent).
-const RECENT_TRANSFERS: usize = 100;
+pub const RECENT_TRANSFERS: usize = 100;
 /// Transfers below this size time the link's latency; from [`BIG_TRANSFER`] on, its
 /// throughput.
 const SMALL_TRANSFER: u64 = 64 * 1024;
@@ -99,6 +110,8 @@ pub struct Knowledge {
     /// Per system: what the machines file's speed factor 1 is worth here (see
     /// [`fit`]'s calibration), for builders nothing was learned of.
     scales: HashMap<String, f64>,
+    /// Build rows the fit read.
+    rows: usize,
 }
 
 impl Knowledge {
@@ -122,8 +135,14 @@ impl Knowledge {
             package_work,
             speeds,
             scales,
+            rows: rows.len(),
             ..Knowledge::default()
         }
+    }
+
+    /// Build rows the fit read: [`refit_interval`] of the next fit.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     /// Estimated seconds for `name` at speed 1.
@@ -454,16 +473,18 @@ pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&History>)
     }
 }
 
+/// One timed copy over a link.
 #[derive(Debug, Clone, Copy)]
-struct Transfer {
-    bytes: u64,
-    seconds: f64,
-    concurrent: u32,
+pub struct Transfer {
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Copies sharing the link when it started, itself included.
+    pub concurrent: u32,
 }
 
 /// A link's latency (median time of small copies) and bandwidth (median rate of big
 /// ones, each counted at the share of the link it had).
-fn link_figures(transfers: &[Transfer]) -> Option<LinkFigures> {
+pub fn link_figures(transfers: &[Transfer]) -> Option<LinkFigures> {
     let mut small: Vec<f64> = transfers
         .iter()
         .filter(|t| t.bytes < SMALL_TRANSFER)
@@ -492,6 +513,29 @@ fn link_figures(transfers: &[Transfer]) -> Option<LinkFigures> {
         latency,
         samples: small.len() + rates.len(),
     })
+}
+
+/// How many times slower than planned the copies under way must show a link before it
+/// is planned at what they show: a wave of copies slows each a little on any link.
+pub const SLOWER_UNDER_WAY: f64 = 2.0;
+/// Seconds a copy must have run before its not having landed says anything of its link
+/// (shorter, and the session's own start-up would count as slowness).
+const UNDER_WAY_EVIDENCE: f64 = 0.5;
+
+/// The most a link carries by the copies crossing it now, each `(seconds it has run,
+/// its bytes)`: one that has sent for `e` seconds (latency left out) without landing
+/// its `b` bytes while `n` copies share the link says the link carries under
+/// `b × n / e`. A slow link is thus known while its first copy is under way, not only
+/// once it lands. None when no copy has run long enough to say.
+pub fn bound_under_way(copies: &[(f64, u64)], latency: f64) -> Option<f64> {
+    let n = copies.len() as f64;
+    copies
+        .iter()
+        .filter_map(|&(running, bytes)| {
+            let sending = running - latency;
+            (sending >= UNDER_WAY_EVIDENCE).then(|| bytes as f64 * n / sending)
+        })
+        .min_by(f64::total_cmp)
 }
 
 /// The median of `v` (sorted in place); 0 for none.
@@ -794,6 +838,32 @@ mod tests {
             declared_speed: 1.0,
             run: None,
         }
+    }
+
+    #[test]
+    fn copies_under_way_bound_their_link() {
+        // 16 MiB sent for 2.9 s without landing, alone on the link: under 5.8 MB/s.
+        let bound = bound_under_way(&[(2.9 + 0.005, 16 << 20)], 0.005).unwrap();
+        assert!((bound - 5.785e6).abs() < 1e4, "{bound}");
+        // Two sharing it: each had half.
+        let shared = bound_under_way(&[(2.905, 16 << 20), (0.3, 16 << 20)], 0.005).unwrap();
+        assert!((shared - 2.0 * bound).abs() < 1e4, "{shared}");
+        // Copies too young to say anything.
+        assert_eq!(bound_under_way(&[(0.2, 16 << 20)], 0.005), None);
+        assert_eq!(bound_under_way(&[], 0.005), None);
+    }
+
+    #[test]
+    fn a_small_state_is_fitted_again_at_every_builds_end() {
+        // A first run's few builds: no wait at all between fits.
+        let rows: Vec<BuildRow> = (0..30)
+            .map(|i| row(&format!("d{i}"), SYS, "ssh://b1", 3.0))
+            .collect();
+        let wait = refit_interval(Knowledge::from_builds(&rows, SYS).rows());
+        assert!(wait < 0.01, "{wait}");
+        // A fit of everything it may read waits the whole interval.
+        assert_eq!(refit_interval(ROWS_READ), REFIT_INTERVAL);
+        assert_eq!(refit_interval(10 * ROWS_READ), REFIT_INTERVAL);
     }
 
     #[test]

@@ -35,10 +35,13 @@ pub enum Traffic {
     FromMachine = 2,
 }
 
+/// Idle sessions per cores setting and traffic.
+type Idle = HashMap<(Option<u32>, Traffic), Vec<ServeConn>>;
+
 /// Idle sessions with one machine.
 pub struct Pool {
     endpoint: Endpoint,
-    idle: Mutex<HashMap<(Option<u32>, Traffic), Vec<ServeConn>>>,
+    idle: Mutex<Idle>,
     /// The ssh connections new sessions share, one per [`Traffic`], by its number.
     masters: [Arc<SshMaster>; 3],
 }

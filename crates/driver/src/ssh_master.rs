@@ -45,7 +45,7 @@ pub struct SshMaster {
 
 enum State {
     NotStarted,
-    Up(Running),
+    Up(Box<Running>),
     /// It could not start at that time.
     Failed(Instant),
 }
@@ -90,7 +90,7 @@ impl SshMaster {
         match self.start().await {
             Ok(running) => {
                 let socket = running.socket.clone();
-                *state = State::Up(running);
+                *state = State::Up(Box::new(running));
                 Ok(Some(socket))
             }
             Err(e) => {

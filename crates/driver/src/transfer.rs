@@ -95,6 +95,10 @@ fn chain_from(
     chain
 }
 
+/// Copies crossing one link: when each started and its NAR's size, keyed by the call
+/// that sends it and its place in that call.
+type Crossing = HashMap<(u64, usize), (Instant, u64)>;
+
 /// Held while one path goes to one machine.
 type PathGate = Arc<tokio::sync::Mutex<()>>;
 
@@ -112,6 +116,9 @@ pub struct TransferEngine {
     copying: Mutex<HashMap<(MachineId, String), PathGate>>,
     /// Copies crossing each machine's link now.
     on_link: Vec<AtomicU32>,
+    /// Those that cross that link alone.
+    crossing: Mutex<Vec<Crossing>>,
+    calls: AtomicU64,
     news: Mutex<TransferNews>,
     copied: AtomicUsize,
     bytes: AtomicU64,
@@ -133,6 +140,8 @@ impl TransferEngine {
             lanes: (0..n).map(|_| Semaphore::new(lanes)).collect(),
             lanes_per_machine: lanes,
             on_link: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            crossing: Mutex::new(vec![HashMap::new(); n]),
+            calls: AtomicU64::new(0),
             pools,
             specs,
             registry: Mutex::new(PathRegistry::default()),
@@ -182,6 +191,18 @@ impl TransferEngine {
     /// What landed and what was timed since the last call.
     pub fn take_news(&self) -> TransferNews {
         std::mem::take(&mut *Self::lock(&self.news))
+    }
+
+    /// The most `machine`'s link can carry by what the copies crossing it now show
+    /// ([`crate::learn::bound_under_way`]).
+    pub fn crossing_bound(&self, machine: MachineId, latency: f64) -> Option<f64> {
+        let crossing = Self::lock(&self.crossing);
+        let copies: Vec<(f64, u64)> = crossing
+            .get(machine)?
+            .values()
+            .map(|&(started, bytes)| (started.elapsed().as_secs_f64(), bytes))
+            .collect();
+        crate::learn::bound_under_way(&copies, latency)
     }
 
     /// Paths copied and their NAR bytes, over the engine's life.
@@ -502,14 +523,26 @@ impl TransferEngine {
             .unwrap_or(1);
         let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
         let started: Vec<Mutex<Option<Instant>>> = infos.iter().map(|_| Mutex::new(None)).collect();
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let progress = |event: ChainProgress| match event {
             ChainProgress::Sending(i) => {
-                *Self::lock(&started[i]) = Some(Instant::now());
+                let now = Instant::now();
+                *Self::lock(&started[i]) = Some(now);
+                // As for timings: a copy with this machine on one end tells of the
+                // other's link alone.
+                if let [l] = links[..] {
+                    Self::lock(&self.crossing)[l].insert((call, i), (now, infos[i].nar_size));
+                }
                 if let Some(r) = &self.reporter {
                     r.transfer_started(&infos[i].path, from_name, to_name, infos[i].nar_size);
                 }
             }
             ChainProgress::Registered(i) => {
+                let mut crossing = Self::lock(&self.crossing);
+                for &l in &links {
+                    crossing[l].remove(&(call, i));
+                }
+                drop(crossing);
                 let seconds = Self::lock(&started[i]).map_or(0.0, |t| t.elapsed().as_secs_f64());
                 self.landed(&infos[i], source, machine, seconds, concurrent);
             }
@@ -519,6 +552,7 @@ impl TransferEngine {
             .await;
         for &l in &links {
             self.on_link[l].fetch_sub(1, Ordering::Relaxed);
+            Self::lock(&self.crossing)[l].retain(|&(c, _), _| c != call);
         }
         self.pools[source].put(from);
         self.pools[machine].put(to);

@@ -130,6 +130,11 @@ impl Graph {
         &self.nodes[id]
     }
 
+    /// Sets the bytes of a node's outputs (their ranks do not depend on them).
+    pub(crate) fn set_output_bytes(&mut self, id: NodeId, bytes: u64) {
+        self.nodes[id].output_bytes = bytes;
+    }
+
     pub fn nodes(&self) -> &[NodeSpec] {
         &self.nodes
     }

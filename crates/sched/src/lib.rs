@@ -40,3 +40,7 @@ pub use transfers::{route, Direction, Links, Route, RouteKind};
 /// driver plans with before the history has a build of its name, and what a simulated
 /// run without history plans with.
 pub const DEFAULT_ESTIMATE_SECONDS: f64 = 5.0;
+
+/// Bytes assumed for the outputs of a derivation never built before, until a build of
+/// the run measures some ([`Scheduler::outputs_measured`]).
+pub const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;

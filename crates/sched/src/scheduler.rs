@@ -85,6 +85,11 @@ pub struct Scheduler {
     /// Machines with a session open or a build started in this run: their next build
     /// pays no [`MachineSpec::session_setup`].
     pub(crate) session_ready: Vec<bool>,
+    /// Nodes whose output size is a guess, and the sizes this run's builds measured.
+    output_guessed: Vec<bool>,
+    measured_outputs: Vec<u64>,
+    /// What the guessed outputs are planned at.
+    guessed_output: u64,
 }
 
 impl Scheduler {
@@ -134,6 +139,9 @@ impl Scheduler {
             priority,
             rehearsed_on: vec![None; n],
             session_ready: vec![false; m],
+            output_guessed: vec![false; n],
+            measured_outputs: Vec::new(),
+            guessed_output: crate::DEFAULT_OUTPUT_BYTES,
         };
         for m in 0..m {
             sched.replace_queue_key(m);
@@ -210,6 +218,48 @@ impl Scheduler {
             }
         }
         self.match_kinds();
+    }
+
+    /// Says which nodes' output sizes are guesses ([`crate::DEFAULT_OUTPUT_BYTES`]: no
+    /// build of theirs was ever measured).
+    pub fn guess_output_sizes(&mut self, nodes: &[NodeId]) {
+        for &id in nodes {
+            if let Some(g) = self.output_guessed.get_mut(id) {
+                *g = true;
+            }
+        }
+    }
+
+    /// A build of `node` made `bytes` of outputs (their NAR size): copies of them are
+    /// planned at that, and the outputs still guessed at the median of what this run's
+    /// builds made, as derivations of one graph tend to make alike. On a first run
+    /// every output is a guess, and a builder behind a slow link looks as near as any
+    /// until then.
+    pub fn outputs_measured(&mut self, node: NodeId, bytes: u64) {
+        if node >= self.graph.len() {
+            return;
+        }
+        self.graph.set_output_bytes(node, bytes);
+        self.output_guessed[node] = false;
+        self.measured_outputs.push(bytes);
+        // The median settles fast: taken again for the first builds and then each time
+        // their number doubles, applied when it moved by more than a tenth.
+        let n = self.measured_outputs.len();
+        if n > 16 && !n.is_power_of_two() {
+            return;
+        }
+        let mut sizes = self.measured_outputs.clone();
+        let (_, &mut median, _) = sizes.select_nth_unstable(n / 2);
+        let guess = self.guessed_output;
+        if (median as f64 - guess as f64).abs() <= 0.1 * guess as f64 {
+            return;
+        }
+        self.guessed_output = median;
+        for id in 0..self.graph.len() {
+            if self.output_guessed[id] {
+                self.graph.set_output_bytes(id, median);
+            }
+        }
     }
 
     pub fn machines(&self) -> &[MachineSpec] {

@@ -13,7 +13,9 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use offload_sched::{route, Graph, Links, MachineId, MachineSpec, NodeId};
+use offload_sched::{
+    route, Direction, Graph, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
+};
 
 use crate::report::{Report, TraceEvent};
 
@@ -52,6 +54,9 @@ pub trait Policy {
     fn wake(&mut self, _now: f64) -> Vec<(NodeId, MachineId)> {
         Vec::new()
     }
+    /// A copy crosses `machine`'s link alone (the client on its other end) from `start`
+    /// until `end`, as the policy could time it; told when the copy starts.
+    fn copy_sent(&mut self, _machine: MachineId, _bytes: u64, _start: f64, _end: f64) {}
     /// A copy of the node's outputs landed on `machine` (kept in the client's store
     /// on the way to a builder).
     fn outputs_at(
@@ -88,6 +93,25 @@ impl PartialOrd for Pending {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
+}
+
+/// Sends `bytes` along `r` from `ready` on; returns the arrival, and the copy as the
+/// client times it when it crosses one link alone: (that link's machine, start, end).
+fn send(
+    links: &mut Links,
+    machines: &[MachineSpec],
+    r: &Route,
+    bytes: u64,
+    ready: f64,
+) -> (f64, Option<(MachineId, f64)>) {
+    let timed = match (r.kind, r.from) {
+        (RouteKind::Direct, None) => Some((r.to, Direction::ToMachine)),
+        (RouteKind::Direct, Some(from)) => Some((from, Direction::FromMachine)),
+        _ => None,
+    }
+    .filter(|&(m, _)| !machines[m].is_local)
+    .map(|(m, d)| (m, ready.max(links.free_at(m, d))));
+    (links.send(machines, r, bytes, ready), timed)
 }
 
 /// The machine the client runs on, if it is in the fleet.
@@ -128,8 +152,10 @@ pub fn simulate(
     let mut starts = policy.start(now);
     let mut finished = 0usize;
     loop {
-        // Copies kept in the client's store, told to the policy after the starts.
+        // Copies kept in the client's store, told to the policy after the starts, and
+        // the copies sent.
         let mut landed: Vec<(NodeId, MachineId)> = Vec::new();
+        let mut sent: Vec<(MachineId, u64, f64, f64)> = Vec::new();
         for (node, m) in starts.drain(..) {
             if done[node] {
                 // Built before, but its outputs were lost with their machine: again.
@@ -157,7 +183,11 @@ pub fn simulate(
                 if r.is_present() {
                     continue;
                 }
-                arrived = links.send(machines, &r, bytes, arrived);
+                let (arrival, timed) = send(&mut links, machines, &r, bytes, arrived);
+                if let Some((link, start)) = timed {
+                    sent.push((link, bytes, start, arrival));
+                }
+                arrived = arrival;
                 if r.keeps_in_client() {
                     at_client[d] = true;
                     if let Some(c) = client {
@@ -198,6 +228,9 @@ pub fn simulate(
                 machine: m,
                 generation: generation[node],
             });
+        }
+        for (link, bytes, start, end) in sent {
+            policy.copy_sent(link, bytes, start, end);
         }
         for (d, c) in landed {
             starts.extend(policy.outputs_at(d, c, now));
@@ -247,8 +280,12 @@ pub fn simulate(
                 } else if graph.dependents(p.node).is_empty() {
                     let bytes = graph.node(p.node).output_bytes;
                     // Home over its machine's link (the client may not be in the fleet).
-                    let home = offload_sched::Route::home(p.machine, client.unwrap_or(p.machine));
-                    copied_back = copied_back.max(links.send(machines, &home, bytes, now));
+                    let home = Route::home(p.machine, client.unwrap_or(p.machine));
+                    let (arrival, timed) = send(&mut links, machines, &home, bytes, now);
+                    if let Some((link, start)) = timed {
+                        policy.copy_sent(link, bytes, start, arrival);
+                    }
+                    copied_back = copied_back.max(arrival);
                     at_client[p.node] = true;
                 }
                 starts = policy.finished(p.node, p.machine, now);

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use offload_sched::{
     Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
+    DEFAULT_OUTPUT_BYTES,
 };
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,7 @@ use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
 use crate::history::{BuildRecord, History};
-use crate::learn::{moved, REFIT_INTERVAL};
+use crate::learn::{moved, refit_interval, SLOWER_UNDER_WAY};
 use crate::transfer::TransferNews;
 
 /// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
@@ -63,6 +64,12 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
     /// Copies that landed and were timed since the last call.
     fn take_news(&self) -> TransferNews {
         TransferNews::default()
+    }
+
+    /// The most `machine`'s link can carry by the copies crossing it now
+    /// ([`crate::transfer::TransferEngine::crossing_bound`]).
+    fn link_bound(&self, _machine: MachineId, _latency: f64) -> Option<f64> {
+        None
     }
 
     /// Whether `machine` refused offload for good (authentication, host key): trying
@@ -154,7 +161,9 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     /// What the state calls this run: builds of one run are compared as a population.
     run_id: String,
     /// When the speeds were last fitted again from the state, mid-run.
+    /// When the speeds were last fitted, and how long to wait for the next fit.
     last_refit: f64,
+    refit_wait: f64,
     /// Machines whose first probe has not answered yet, and that probe.
     first_probes: HashMap<MachineId, AbortHandle>,
     /// Since when nothing of this run has run while others held the slots it needs.
@@ -194,7 +203,14 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         let machine_count = machines.len();
         Ok(Runner {
             transport,
-            sched: Scheduler::new(graph, machines.clone(), keep_going),
+            sched: {
+                let mut sched = Scheduler::new(graph, machines.clone(), keep_going);
+                let guessed: Vec<usize> = (0..n)
+                    .filter(|&i| nodes[i].output_bytes.is_none())
+                    .collect();
+                sched.guess_output_sizes(&guessed);
+                sched
+            },
             health: Health::new(
                 reliability,
                 history,
@@ -220,6 +236,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             state_keys,
             declared_speeds,
             last_refit: 0.0,
+            refit_wait: 0.0,
             first_probes: HashMap::new(),
             waiting_for_others: None,
             slot_wait,
@@ -584,6 +601,13 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         if let Outcome::Lost { reason } = &done.outcome {
             tracing::warn!(machine = %machine_name, drv = %drv_path, "build lost, will retry: {reason}");
         }
+        let current = matches!(self.sched.state(done.node),
+            NodeState::Running { machine, .. } if *machine == done.machine);
+        if current && done.outcome == Outcome::Built {
+            // What the build showed goes into the plan before its end places the builds
+            // that waited for it.
+            self.learn_from(&done);
+        }
         let actions = self.sched.handle(
             Event::Finished {
                 node: done.node,
@@ -620,6 +644,32 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         );
     }
 
+    /// Learns from a build that ended well: the real size of its outputs, and (with a
+    /// state) its time, recorded, and the speeds fitted again.
+    fn learn_from(&mut self, done: &TaskDone) {
+        if let Some(bytes) = done.facts.output_bytes {
+            self.sched.outputs_measured(done.node, bytes);
+        }
+        let node = &self.nodes[done.node];
+        if let Some(h) = self.history {
+            let recorded = h.record_build(&BuildRecord {
+                name: &node.name,
+                system: &node.system,
+                machine: &self.state_keys[done.machine],
+                seconds: done.facts.build_seconds.unwrap_or(done.seconds),
+                declared_speed: self.declared_speeds[done.machine],
+                output_bytes: done.facts.output_bytes,
+                run: Some(&self.run_id),
+                // The inputs' copies are the links' to learn, not the machine's.
+                task_seconds: Some(done.seconds - done.facts.inputs_seconds.unwrap_or(0.0)),
+            });
+            if let Err(e) = recorded {
+                tracing::warn!("{e}");
+            }
+        }
+        self.refit_speeds();
+    }
+
     fn on_built(&mut self, done: &TaskDone) {
         self.health.built_on(done.machine);
         let node = &self.nodes[done.node];
@@ -647,23 +697,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             started: self.started_at[done.node],
             seconds: done.seconds,
         });
-        if let Some(h) = self.history {
-            let recorded = h.record_build(&BuildRecord {
-                name: &node.name,
-                system: &node.system,
-                machine: &self.state_keys[done.machine],
-                seconds: done.facts.build_seconds.unwrap_or(done.seconds),
-                declared_speed: self.declared_speeds[done.machine],
-                output_bytes: done.facts.output_bytes,
-                run: Some(&self.run_id),
-                // The inputs' copies are the links' to learn, not the machine's.
-                task_seconds: Some(done.seconds - done.facts.inputs_seconds.unwrap_or(0.0)),
-            });
-            if let Err(e) = recorded {
-                tracing::warn!("{e}");
-            }
-            self.refit_speeds();
-        }
         self.send_ahead(done);
     }
 
@@ -699,12 +732,13 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     /// Fits the machines' speeds and links again with this run's builds and copies so
-    /// far, at most every [`REFIT_INTERVAL`] seconds: a machine or link that turns out
+    /// far, as often as [`refit_interval`] says: a machine or link that turns out
     /// slower or faster than planned gets the rest of the run's decisions right.
     fn refit_speeds(&mut self) {
+        self.slow_links_under_way();
         let now = self.now();
         let Some(h) = self.history else { return };
-        if now - self.last_refit < REFIT_INTERVAL {
+        if self.last_refit > 0.0 && now - self.last_refit < self.refit_wait {
             return;
         }
         self.last_refit = now;
@@ -715,6 +749,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             Ok(k) => k,
             Err(e) => return tracing::debug!("{e}"),
         };
+        self.refit_wait = refit_interval(knowledge.rows());
         for m in 0..self.machines.len() {
             let spec = &self.machines[m];
             if let Some((speed, per_system)) =
@@ -739,6 +774,29 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 self.machines[m].bandwidth = link.bandwidth;
                 self.machines[m].latency = link.latency;
                 self.sched.set_link(m, link.bandwidth, link.latency);
+            }
+        }
+    }
+
+    /// Links that carry their copies under way several times slower than planned
+    /// ([`SLOWER_UNDER_WAY`]) are planned at what
+    /// those copies show, before the first of them lands: on a first run every link is
+    /// planned at the default until then, and a copy over a slow one can take tens of
+    /// seconds.
+    fn slow_links_under_way(&mut self) {
+        for m in 0..self.machines.len() {
+            let spec = &self.machines[m];
+            if spec.is_local {
+                continue;
+            }
+            let Some(bound) = self.transport.link_bound(m, spec.latency) else {
+                continue;
+            };
+            if bound * SLOWER_UNDER_WAY < spec.bandwidth {
+                tracing::debug!(machine = %spec.name, "link at most {:.1} MB/s by the copies under way", bound / 1e6);
+                let latency = spec.latency;
+                self.machines[m].bandwidth = bound;
+                self.sched.set_link(m, bound, latency);
             }
         }
     }
@@ -910,8 +968,6 @@ const SLOT_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 
 /// Seconds a copy ahead may take at most, by what is known of the link.
 const SEND_AHEAD_LIMIT: f64 = 1.0;
-/// Bytes assumed for the outputs of a derivation never built before.
-const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;
 
 /// The scheduler's view of a build node.
 fn node_spec(n: &BuildNode) -> NodeSpec {

@@ -167,6 +167,10 @@ impl BuildTransport for ServeTransport {
         self.engine.take_news()
     }
 
+    fn link_bound(&self, machine: MachineId, latency: f64) -> Option<f64> {
+        self.engine.crossing_bound(machine, latency)
+    }
+
     fn refused(&self, machine: MachineId) -> bool {
         self.refused[machine].load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -56,6 +56,8 @@ struct FakeTransport {
     closed: Mutex<bool>,
     /// Slots others hold, per machine, as the ledger would say.
     held_elsewhere: Vec<(MachineId, u32)>,
+    /// What copies under way show of each machine's link (bytes per second).
+    link_bounds: Vec<(MachineId, f64)>,
 }
 
 impl FakeTransport {
@@ -77,6 +79,7 @@ impl FakeTransport {
             sent_ahead: Mutex::default(),
             closed: Mutex::default(),
             held_elsewhere: Vec::new(),
+            link_bounds: Vec::new(),
         }
     }
 
@@ -87,6 +90,13 @@ impl FakeTransport {
 }
 
 impl BuildTransport for FakeTransport {
+    fn link_bound(&self, machine: MachineId, _latency: f64) -> Option<f64> {
+        self.link_bounds
+            .iter()
+            .find(|(m, _)| *m == machine)
+            .map(|(_, b)| *b)
+    }
+
     fn slots_held_elsewhere(
         self: Arc<Self>,
     ) -> impl std::future::Future<Output = Vec<(MachineId, u32)>> + Send + 'static {
@@ -394,6 +404,27 @@ async fn starts_in_dependency_order_finishes_and_brings_outputs_home() {
     let cores = run.transport.builds.lock().unwrap().clone();
     assert!(cores.iter().any(|(_, m, c)| *m == LOCAL && *c == Some(4)));
     assert!(cores.iter().all(|(_, m, c)| *m == LOCAL || c.is_none()));
+}
+
+#[tokio::test]
+async fn a_link_its_copies_under_way_show_slow_takes_no_more_builds() {
+    // `a` builds here; `b` and `c` need its output. With the builder's link as planned,
+    // `c` goes there rather than wait for this machine's one slot.
+    let nodes = || vec![node("a", &[]), node("b", &[0]), node("c", &[0])];
+    let plain = FakeTransport::new(&nodes(), |_, _| Ending::Built);
+    let run_plain = run(nodes(), fleet(1), plain, false, None, never()).await;
+    assert!(
+        run_plain.transport.builds().contains(&("c".into(), REMOTE))
+            || run_plain.transport.builds().contains(&("b".into(), REMOTE))
+    );
+    // A copy under way there shows the link at 1 kB/s: `a`'s output would take 17
+    // minutes, so everything builds here.
+    let mut slow = FakeTransport::new(&nodes(), |_, _| Ending::Built);
+    slow.link_bounds = vec![(REMOTE, 1000.0)];
+    let run_slow = run(nodes(), fleet(1), slow, false, None, never()).await;
+    assert!(run_slow.report().all_built());
+    let builds = run_slow.transport.builds();
+    assert!(builds.iter().all(|(_, m)| *m == LOCAL), "{builds:?}");
 }
 
 #[tokio::test]

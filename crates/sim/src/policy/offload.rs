@@ -30,6 +30,21 @@ impl OffloadPolicy {
         self.sched.set_speeds(machine, speed, per_system);
     }
 
+    /// The machine's link as a fit during the run says.
+    pub fn set_link(&mut self, machine: MachineId, bandwidth: f64, latency: f64) {
+        self.sched.set_link(machine, bandwidth, latency);
+    }
+
+    /// Which nodes' output sizes the policy guesses ([`Scheduler::guess_output_sizes`]).
+    pub fn guess_output_sizes(&mut self, nodes: &[NodeId]) {
+        self.sched.guess_output_sizes(nodes);
+    }
+
+    /// A build's outputs turned out `bytes` ([`Scheduler::outputs_measured`]).
+    pub fn outputs_measured(&mut self, node: NodeId, bytes: u64) {
+        self.sched.outputs_measured(node, bytes);
+    }
+
     fn starts(actions: Vec<Action>) -> Vec<(NodeId, MachineId)> {
         actions
             .into_iter()
