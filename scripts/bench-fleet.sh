@@ -136,6 +136,17 @@ printf 'Host fleet3-slow\n  HostName 127.0.0.1\n  Port %s\n  HostKeyAlias [127.0
   "$(cat "$WORK/proxy.port")" "$port3" "$FLEET/client_key" "$FLEET/known_hosts" >>"$FLEET/ssh_config"
 ssh -F "$FLEET/ssh_config" fleet3-slow true ||
   die "fleet3 is not reachable through the slow-link proxy (ssh fleet3-slow)" "see $WORK/proxy.log and run ssh -v -F $FLEET/ssh_config fleet3-slow true"
+# What the slow link really carries (ssh and TCP over the proxy's $MBIT Mbit/s), for the
+# simulator's model of this fleet: 16 MiB through one ssh, less an empty ssh's time.
+head -c $((16 << 20)) /dev/urandom >"$WORK/probe.bin"
+t0=$(date +%s.%N)
+ssh -F "$FLEET/ssh_config" fleet3-slow true
+t1=$(date +%s.%N)
+ssh -F "$FLEET/ssh_config" fleet3-slow 'cat >/dev/null' <"$WORK/probe.bin"
+t2=$(date +%s.%N)
+rm -f "$WORK/probe.bin"
+SLOW_LINK_BPS=$(awk -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN {printf "%.0f", (16 * 1048576) / ((c - b) - (b - a))}')
+echo "slow link: $(awk -v r="$SLOW_LINK_BPS" 'BEGIN {printf "%.2f", r / 1e6}') MB/s through ssh (proxy set to $MBIT Mbit/s)"
 # fleet3 can build aarch64-linux (the /bin/sh builder runs there); only a machines file
 # that says so sends it aarch64 builds.
 echo 'extra-platforms = aarch64-linux' >>"$FLEET/h3/etc-nix/nix.conf"
@@ -195,7 +206,7 @@ for case in $CASES; do
       spec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3-slow x86_64-linux - 2 1"
       bound+=(fleet1:2:x86_64-linux=1 fleet2:2:x86_64-linux=1 fleet3:2:x86_64-linux=1)
       simspec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3-slow x86_64-linux - 2 1"
-      echo "{\"links\": {\"fleet3-slow\": {\"bandwidth\": $((MBIT * 125000)), \"latency\": $(awk "BEGIN {print $DELAY_MS / 1000}")}}}" >"$WORK/$case-simfleet.json"
+      echo "{\"links\": {\"fleet3-slow\": {\"bandwidth\": $SLOW_LINK_BPS, \"latency\": $(awk "BEGIN {print $DELAY_MS / 1000}")}}}" >"$WORK/$case-simfleet.json"
       title="slow link: 30 derivations with 16 MiB outputs; fleet3 over $MBIT Mbit/s, $DELAY_MS ms"
       target="run 2 <= 1.30x the bound and >= 2x faster than nix-build"
       ;;
@@ -236,7 +247,8 @@ for case in $CASES; do
     sed 's/[a-z_]*=//g')
   hist=$WORK/history-$case.sqlite
   # offload's scheduler on the simulator's model of this fleet: the machines file as
-  # declared ($simspec) and its true speeds and links ($case-simfleet.json). Run 1
+  # declared ($simspec) and its true speeds and links ($case-simfleet.json; the slow link
+  # at what one 16 MiB copy through ssh carried over it, measured above). Run 1
   # (--cold) plans with what the machines file says, every estimate the default; run 2
   # (--second-run) with what offload fits from a simulated run 1, as it fits its state.
   simulate() {
