@@ -12,7 +12,7 @@ use offload_driver::learn::{
 };
 use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
-use offload_driver::{Endpoint, History, ServeConn};
+use offload_driver::{Endpoint, EstimateSource, History, ServeConn};
 use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineSpec, NodeSpec, DEFAULT_OUTPUT_BYTES};
@@ -304,17 +304,20 @@ impl<'a> Learning<'a> {
         fleet: (&'a [MachineSpec], &'a [MachineSpec]),
         graph: &'a Graph,
         planning: Graph,
+        durations: &[usize],
         believed: Vec<MachineSpec>,
         earlier: Vec<BuildRow>,
         run: &str,
     ) -> Learning<'a> {
         let (machines, declared) = fleet;
-        // Sizes the plan does not have from the truth are the driver's guess.
+        // `durations` are guesses; sizes the plan does not have from the truth are the
+        // driver's guess.
         let guessed: Vec<usize> = (0..planning.len())
             .filter(|&i| planning.node(i).output_bytes != graph.node(i).output_bytes)
             .collect();
         let mut policy = offload_policy(planning, &believed);
         policy.guess_output_sizes(&guessed);
+        policy.guess_durations(durations);
         Learning {
             policy,
             graph,
@@ -501,10 +504,12 @@ fn first_run(
             .collect(),
     )
     .expect("the same edges as a valid graph");
+    let all: Vec<usize> = (0..graph.len()).collect();
     let mut policy = Learning::new(
         fleet,
         graph,
         planning,
+        &all,
         declared.to_vec(),
         Vec::new(),
         "first",
@@ -537,6 +542,9 @@ fn second_run(
             .collect(),
     )
     .expect("the same edges as a valid graph");
+    let guessed: Vec<usize> = (0..graph.len())
+        .filter(|&i| learned.estimate(&graph.node(i).key).1 == EstimateSource::Default)
+        .collect();
     let believed: Vec<MachineSpec> = declared
         .iter()
         .zip(machines)
@@ -548,7 +556,7 @@ fn second_run(
             spec
         })
         .collect();
-    let mut policy = Learning::new(fleet, graph, planning, believed, rows, "second");
+    let mut policy = Learning::new(fleet, graph, planning, &guessed, believed, rows, "second");
     simulate(graph, machines, failures, &mut policy, trace)
 }
 

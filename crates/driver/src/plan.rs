@@ -10,6 +10,7 @@ use offload_nix::store_path::{StorePath, StorePathError};
 use thiserror::Error;
 
 use crate::build::BuildNode;
+use crate::history::EstimateSource;
 use crate::learn::Knowledge;
 
 /// The derivation graph could not be read.
@@ -113,7 +114,7 @@ pub fn build_nodes(
         inputs.sort();
         inputs.dedup();
         let name = name_from_drv_path(path).to_string();
-        let estimate = knowledge.estimate(&name).0;
+        let (estimate, source) = knowledge.estimate(&name);
         let output_bytes = knowledge.output_bytes(&name);
         let outputs = drv
             .outputs
@@ -131,6 +132,7 @@ pub fn build_nodes(
             outputs,
             drv: drv.to_basic(Vec::new()),
             estimate,
+            estimate_known: source != EstimateSource::Default,
             output_bytes,
         });
     }

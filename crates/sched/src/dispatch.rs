@@ -44,6 +44,23 @@ impl Scheduler {
         self.ready[self.kind_of[id]].insert(key);
     }
 
+    /// Sets every node's priority; the ready ones are ordered again.
+    pub(crate) fn set_priorities(&mut self, priority: Vec<f64>) {
+        let ready: Vec<NodeId> = self
+            .ready
+            .iter()
+            .flat_map(|r| r.iter().map(|k| k.node))
+            .collect();
+        for r in &mut self.ready {
+            r.clear();
+        }
+        self.priority = priority;
+        for id in ready {
+            let key = self.ready_key(id);
+            self.ready[self.kind_of[id]].insert(key);
+        }
+    }
+
     pub(crate) fn unready(&mut self, id: NodeId) {
         let key = self.ready_key(id);
         self.ready[self.kind_of[id]].remove(&key);

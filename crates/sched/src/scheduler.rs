@@ -80,11 +80,18 @@ pub struct Scheduler {
     /// Each node's priority among the ready ones: its rank (duration-weighted critical
     /// path), or the ordering a rehearsal found better ([`Scheduler::start`]).
     pub(crate) priority: Vec<f64>,
+    /// When the kept rehearsal had each node end (infinite: none), when it ran, and
+    /// when it had the run end.
+    pub(crate) rehearsed_end: Vec<f64>,
+    pub(crate) rehearsed_at: f64,
+    pub(crate) rehearsed_span: f64,
     /// Where the rehearsal kept built each node ([`Scheduler::start`]); none without one.
     pub(crate) rehearsed_on: Vec<Option<MachineId>>,
     /// Machines with a session open or a build started in this run: their next build
     /// pays no [`MachineSpec::session_setup`].
     pub(crate) session_ready: Vec<bool>,
+    /// Nodes whose duration is a guess (their ends say nothing of a plan's drift).
+    pub(crate) duration_guessed: Vec<bool>,
     /// Nodes whose output size is a guess, and the sizes this run's builds measured.
     output_guessed: Vec<bool>,
     measured_outputs: Vec<u64>,
@@ -138,7 +145,11 @@ impl Scheduler {
             held_elsewhere: vec![0; m],
             priority,
             rehearsed_on: vec![None; n],
+            rehearsed_end: vec![f64::INFINITY; n],
+            rehearsed_at: 0.0,
+            rehearsed_span: 1.0,
             session_ready: vec![false; m],
+            duration_guessed: vec![false; n],
             output_guessed: vec![false; n],
             measured_outputs: Vec::new(),
             guessed_output: crate::DEFAULT_OUTPUT_BYTES,
@@ -218,6 +229,17 @@ impl Scheduler {
             }
         }
         self.match_kinds();
+    }
+
+    /// Says which nodes' durations are guesses ([`crate::DEFAULT_ESTIMATE_SECONDS`]: no
+    /// build of theirs was ever timed): a run does not re-plan when those end off the
+    /// rehearsal.
+    pub fn guess_durations(&mut self, nodes: &[NodeId]) {
+        for &id in nodes {
+            if let Some(g) = self.duration_guessed.get_mut(id) {
+                *g = true;
+            }
+        }
     }
 
     /// Says which nodes' output sizes are guesses ([`crate::DEFAULT_OUTPUT_BYTES`]: no
@@ -325,6 +347,7 @@ impl Scheduler {
                                 }
                             }
                         }
+                        self.replan_if_drifted(node, now);
                     }
                     Outcome::Failed { reason } => {
                         self.fail(node, Failure::BuildFailed { machine, reason }, &mut actions);

@@ -70,6 +70,9 @@ pub fn run_policy(
                 (graph.clone(), machines)
             };
             let mut p = offload_policy(planning, believed);
+            if cold {
+                p.guess_durations(&(0..graph.len()).collect::<Vec<_>>());
+            }
             simulate(graph, machines, failures, &mut p, trace)
         }
         "nix" => {

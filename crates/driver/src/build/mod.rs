@@ -53,6 +53,8 @@ pub struct BuildNode {
     pub drv: BasicDerivation,
     /// Estimated seconds at speed 1.
     pub estimate: f64,
+    /// Whether the history gave the estimate (else it is the default guess).
+    pub estimate_known: bool,
     /// NAR bytes of its outputs, when an earlier build measured them.
     pub output_bytes: Option<u64>,
 }

@@ -271,6 +271,7 @@ fn node(name: &str, deps: &[usize]) -> BuildNode {
             env: Vec::new(),
         },
         estimate: 1.0,
+        estimate_known: true,
         output_bytes: None,
     }
 }

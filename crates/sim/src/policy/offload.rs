@@ -35,6 +35,11 @@ impl OffloadPolicy {
         self.sched.set_link(machine, bandwidth, latency);
     }
 
+    /// Which nodes' durations the policy guesses ([`Scheduler::guess_durations`]).
+    pub fn guess_durations(&mut self, nodes: &[NodeId]) {
+        self.sched.guess_durations(nodes);
+    }
+
     /// Which nodes' output sizes the policy guesses ([`Scheduler::guess_output_sizes`]).
     pub fn guess_output_sizes(&mut self, nodes: &[NodeId]) {
         self.sched.guess_output_sizes(nodes);
