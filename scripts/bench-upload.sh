@@ -39,7 +39,8 @@ if [ -z "${OLD:-}" ]; then
   OLD=$old_tree/target/release/offload
 fi
 
-rm -rf "$WORK/data" "$WORK"/b-* "$WORK/fleet"
+# A state left by an earlier run may hold a quarantine of a builder that is gone.
+rm -rf "$WORK/data" "$WORK"/b-* "$WORK/fleet" "$WORK"/history-*.sqlite*
 mkdir -p "$WORK"
 python3 scripts/gen-paths.py "$WORK/data" "$PATHS" "$MB"
 {
@@ -65,6 +66,8 @@ if [ "$LINK" = sshd ]; then
   NIX_SSHOPTS=$(bash scripts/sshfleet.sh up 1 "$WORK/fleet" 2>"$WORK/sshfleet.log")
   export NIX_SSHOPTS
   port=$(awk '$1 == "Host" {h = $2} h == "fleet1" && $1 == "Port" {print $2}' "$WORK/fleet/ssh_config")
+  # A port file left by an earlier run would name a proxy that is gone.
+  rm -f "$WORK/proxy.port"
   python3 scripts/shape-link.py "127.0.0.1:$port" --mbit 10000 --delay-ms "$DELAY_MS" \
     --port-file "$WORK/proxy.port" 2>"$WORK/proxy.log" &
   PROXY_PID=$!
