@@ -6,12 +6,14 @@
 //! carries no `cores`, so a session started with `--option cores N` builds with N. Idle
 //! sessions are therefore kept per cores value; `None` is the machine's own setting.
 //!
-//! Idle sessions are also kept per [`Traffic`]: the NARs copied to a machine, those
-//! copied from it, and everything else each go over an ssh connection of their own.
+//! Idle sessions are also kept per [`Traffic`]. Builds, queries and the slot broker share
+//! the machine's one ssh connection; each copy session has a connection of its own.
 //! Inside one connection every session's bytes queue behind all the connection has
 //! sent before: on a 20 Mbit/s link a session opened during a 16 MiB upload waited 2.1 s
 //! for its first reply when the upload shared its connection, and a build's request or
-//! a slot's release would wait as long.
+//! a slot's release would wait as long. And one connection's encryption runs in one ssh
+//! process over one TCP stream: four uploads over a 10-ms link took 15.7 s sharing one
+//! connection against 6 s on four (`LINK=sshd scripts/bench-upload.sh`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,11 +30,11 @@ pub const OPEN_ATTEMPTS: u32 = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Traffic {
     /// Builds, queries, the slot broker: few bytes, each waited for.
-    Control = 0,
+    Control,
     /// NARs copied to the machine.
-    ToMachine = 1,
+    ToMachine,
     /// NARs copied from the machine.
-    FromMachine = 2,
+    FromMachine,
 }
 
 /// Idle sessions per cores setting and traffic.
@@ -42,14 +44,14 @@ type Idle = HashMap<(Option<u32>, Traffic), Vec<ServeConn>>;
 pub struct Pool {
     endpoint: Endpoint,
     idle: Mutex<Idle>,
-    /// The ssh connections new sessions share, one per [`Traffic`], by its number.
-    masters: [Arc<SshMaster>; 3],
+    /// The ssh connection new sessions for [`Traffic::Control`] share.
+    master: Arc<SshMaster>,
 }
 
 impl Pool {
     pub fn new(endpoint: Endpoint) -> Pool {
         Pool {
-            masters: [(); 3].map(|()| Arc::new(SshMaster::new(&endpoint))),
+            master: Arc::new(SshMaster::new(&endpoint)),
             endpoint,
             idle: Mutex::new(HashMap::new()),
         }
@@ -62,7 +64,7 @@ impl Pool {
     /// The ssh connection of this machine's builds and queries, for other processes
     /// run there that exchange a few bytes (the slot broker).
     pub fn master(&self) -> Arc<SshMaster> {
-        self.masters[Traffic::Control as usize].clone()
+        self.master.clone()
     }
 
     /// What a session for `traffic` carries on this machine: a local process has no
@@ -119,7 +121,8 @@ impl Pool {
         }
     }
 
-    /// A new session whose builds get `cores` cores, over the connection for `traffic`.
+    /// A new session whose builds get `cores` cores: over the shared connection for
+    /// [`Traffic::Control`], over one of its own for a copy.
     /// A new session that fails for a reason that may pass (the server exited, a
     /// timeout: e.g. two first sessions racing to initialise a fresh store) is tried
     /// again, up to `OPEN_ATTEMPTS` times; authentication and host-key failures are not.
@@ -133,10 +136,11 @@ impl Pool {
                 n.to_string(),
             ]);
         }
-        let master = &self.masters[traffic as usize];
         let mut attempt = 1;
         loop {
-            endpoint.control_path = master.socket().await?;
+            if traffic == Traffic::Control {
+                endpoint.control_path = self.master.socket().await?;
+            }
             match ServeConn::open(&endpoint).await {
                 Ok(conn) => return Ok(conn.with_cores(cores).with_traffic(traffic)),
                 Err(
@@ -166,7 +170,7 @@ impl Pool {
         }
     }
 
-    /// Closes every idle session, then the shared connections.
+    /// Closes every idle session, then the shared connection.
     pub async fn close(&self) {
         let conns: Vec<ServeConn> =
             std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()))
@@ -176,8 +180,6 @@ impl Pool {
         for conn in conns {
             let _ = conn.close().await;
         }
-        for master in &self.masters {
-            master.stop().await;
-        }
+        self.master.stop().await;
     }
 }

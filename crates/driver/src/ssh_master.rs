@@ -1,10 +1,11 @@
-//! One ssh connection per builder, shared by every session with it: OpenSSH's connection
+//! One ssh connection per builder, shared by its builds, queries and slot broker (copies
+//! keep connections of their own, see [`crate::pool`]): OpenSSH's connection
 //! multiplexing, a master started with `-M` and sessions that reach the builder through
 //! its control socket (`-S`). A new session then costs a channel over the open
 //! connection, a few milliseconds, where it cost an ssh handshake (key exchange and
 //! authentication: 0.2–0.4 s on an idle machine, over a second while builds and copies
-//! load it). A run opens sessions all the time: a build whose cores setting no idle
-//! session has, copies whose lanes outgrow the idle sessions, the slot broker. Nix's
+//! load it). A run opens such sessions often: a build whose cores setting no idle
+//! session has, the slot broker. Nix's
 //! own ssh stores share one connection the same way when they keep several.
 //!
 //! The master is a child of this process and ends with it; its socket lives in a private

@@ -92,15 +92,16 @@ async fn sessions_share_one_connection_and_go_on_their_own_where_the_builder_say
     let Some(fleet) = fleet() else { return };
     assert_eq!(fleet.connections(0), 0);
 
-    // Three sessions, one connection; copies each way go over one of their own, so
-    // that a build's few bytes never queue behind a NAR's. They end with the pool.
+    // Three sessions, one connection; each copy session goes over one of its own, so
+    // that a build's few bytes never queue behind a NAR's and copies run side by side.
+    // They end with the pool.
     let pool = Pool::new(Endpoint::parse(&fleet.store_uri(0)).unwrap());
     let mut conns = three_sessions(&pool).await;
     assert_eq!(connections_settle(fleet, 0, 1), 1);
     for traffic in [Traffic::ToMachine, Traffic::ToMachine, Traffic::FromMachine] {
         conns.push(pool.get_for(traffic).await.unwrap());
     }
-    assert_eq!(connections_settle(fleet, 0, 3), 3);
+    assert_eq!(connections_settle(fleet, 0, 4), 4);
     for conn in conns {
         pool.put(conn);
     }
