@@ -1,5 +1,5 @@
 //! One ssh connection per builder, shared by its builds, queries and slot broker (copies
-//! keep connections of their own, see [`crate::pool`]): OpenSSH's connection
+//! keep connections of their own, see [`crate::Pool`]): OpenSSH's connection
 //! multiplexing, a master started with `-M` and sessions that reach the builder through
 //! its control socket (`-S`). A new session then costs a channel over the open
 //! connection, a few milliseconds, where it cost an ssh handshake (key exchange and
