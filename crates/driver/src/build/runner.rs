@@ -160,7 +160,6 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     output_of: HashMap<String, usize>,
     /// What the state calls this run: builds of one run are compared as a population.
     run_id: String,
-    /// When the speeds were last fitted again from the state, mid-run.
     /// When the speeds were last fitted, and how long to wait for the next fit.
     last_refit: f64,
     refit_wait: f64,
@@ -209,6 +208,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                     .filter(|&i| nodes[i].output_bytes.is_none())
                     .collect();
                 sched.guess_output_sizes(&guessed);
+                let guessed: Vec<usize> = (0..n).filter(|&i| !nodes[i].estimate_known).collect();
+                sched.guess_durations(&guessed);
                 sched
             },
             health: Health::new(
