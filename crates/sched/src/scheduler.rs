@@ -235,21 +235,13 @@ impl Scheduler {
     /// build of theirs was ever timed): a run does not re-plan when those end off the
     /// rehearsal.
     pub fn guess_durations(&mut self, nodes: &[NodeId]) {
-        for &id in nodes {
-            if let Some(g) = self.duration_guessed.get_mut(id) {
-                *g = true;
-            }
-        }
+        mark(&mut self.duration_guessed, nodes);
     }
 
     /// Says which nodes' output sizes are guesses ([`crate::DEFAULT_OUTPUT_BYTES`]: no
     /// build of theirs was ever measured).
     pub fn guess_output_sizes(&mut self, nodes: &[NodeId]) {
-        for &id in nodes {
-            if let Some(g) = self.output_guessed.get_mut(id) {
-                *g = true;
-            }
-        }
+        mark(&mut self.output_guessed, nodes);
     }
 
     /// A build of `node` made `bytes` of outputs (their NAR size): copies of them are
@@ -660,6 +652,15 @@ impl Scheduler {
                 considered: considered.clone(),
             };
             self.fail(id, failure, actions);
+        }
+    }
+}
+
+/// Sets the flags of `nodes` (ids past the end are ignored).
+fn mark(flags: &mut [bool], nodes: &[NodeId]) {
+    for &id in nodes {
+        if let Some(f) = flags.get_mut(id) {
+            *f = true;
         }
     }
 }
