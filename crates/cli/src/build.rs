@@ -23,8 +23,8 @@ use offload_nix::store_path::StorePath;
 use crate::args::BuildArgs;
 use crate::evaluate::evaluate;
 use crate::progress::Progress;
-use crate::report::{ReportMachine, RunReport};
 use crate::Failure;
+use offload_driver::state::report::{record, ReportMachine, RunReport};
 
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     // From here SIGINT and SIGTERM stop the run cleanly instead of killing offload.
@@ -225,7 +225,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         crate::report::write_html(path, &run)?;
     }
     if let Some(h) = &history {
-        crate::report::record(h, &run);
+        record(h, &run);
     }
     let wanted_links: Vec<String> = links.iter().map(|(_, p)| p.clone()).collect();
     reporter.summary(&report, &names, &wanted_links);

@@ -23,8 +23,10 @@ use offload_driver::build::{BuildReport, NodeResult, Placement, Reporter};
 use offload_driver::fleet::MachineConfig;
 use serde_json::{json, Value};
 
+use offload_driver::state::report::ReportTransfer;
+use offload_nix::store_path::derivation_name;
+
 use crate::live::Live;
-use crate::report::ReportTransfer;
 
 /// The reporter the runner calls.
 pub struct Progress {
@@ -139,7 +141,7 @@ impl Progress {
     fn started(&self, drv: &str, machine: &str, placement: Option<Placement>) {
         let estimate = placement.map(|p| p.estimate_seconds);
         if let Some(live) = self.live.get() {
-            live.started(drv_name(drv), machine, estimate);
+            live.started(&derivation_name(drv), machine, estimate);
         } else if !self.quiet {
             eprintln!("building '{drv}' on '{machine}'...");
         }
@@ -162,8 +164,8 @@ impl Reporter for Progress {
     fn build_log(&self, drv: &str, _machine: &str, line: &str) {
         if self.logs && !self.quiet {
             match self.live.get() {
-                Some(live) => live.println(&format!("{}> {line}", drv_name(drv))),
-                None => eprintln!("{}> {line}", drv_name(drv)),
+                Some(live) => live.println(&format!("{}> {line}", derivation_name(drv))),
+                None => eprintln!("{}> {line}", derivation_name(drv)),
             }
         }
     }
@@ -223,19 +225,11 @@ impl Reporter for Progress {
 
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64) {
         if let Some(live) = self.live.get() {
-            live.finished(drv_name(drv), machine, ok);
+            live.finished(&derivation_name(drv), machine, ok);
         }
         let kind = if ok { "build_finished" } else { "build_failed" };
         self.event(json!({
             "type": kind, "drv": drv, "machine": machine, "at_s": self.at(), "seconds": seconds,
         }));
     }
-}
-
-/// The derivation's name (its `.drv` base name without hash and suffix), for log
-/// prefixes and reports.
-pub fn drv_name(drv: &str) -> &str {
-    let base = drv.rsplit('/').next().unwrap_or(drv);
-    let name = base.get(33..).unwrap_or(base);
-    name.strip_suffix(".drv").unwrap_or(name)
 }

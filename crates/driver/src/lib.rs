@@ -42,11 +42,12 @@ pub mod shutdown;
 pub mod signing;
 pub mod slots;
 pub mod ssh_master;
+pub mod state;
 pub mod transfer;
 mod transport;
 pub mod trust;
 
-pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
+pub use copy::{copy_closure, human_bytes, CopyFailure, CopyOptions, CopyStats};
 pub use error::DriverError;
 pub use history::{
     package_name, BuildRecord, EstimateSource, History, HistoryError, DEFAULT_SECONDS,

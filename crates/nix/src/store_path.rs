@@ -103,6 +103,19 @@ impl fmt::Display for StorePath {
     }
 }
 
+/// A derivation's name as logs and reports show it: `NAME` of `/nix/store/HASH-NAME.drv`
+/// ([`StorePath::name`] without `.drv`); a string that is no store path stays as it is.
+pub fn derivation_name(path: &str) -> String {
+    match StorePath::from_absolute_path(path) {
+        Ok(p) => p
+            .name()
+            .strip_suffix(".drv")
+            .unwrap_or(p.name())
+            .to_string(),
+        Err(_) => path.to_string(),
+    }
+}
+
 fn validate_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("its name is empty");
@@ -210,6 +223,15 @@ mod tests {
             *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn derivations_are_named_without_hash_and_suffix() {
+        assert_eq!(
+            derivation_name("/nix/store/agv9y5spdscfhh7lbxa5bf94hgx9bbx3-hello-2.12.drv"),
+            "hello-2.12"
+        );
+        assert_eq!(derivation_name("b-2"), "b-2");
     }
 
     #[test]

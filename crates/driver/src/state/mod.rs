@@ -1,0 +1,6 @@
+//! What offload keeps between runs.
+//!
+//! - [`report`] — the run report: where and when each build ran and what each link
+//!   carried, kept for `offload report` and rendered as HTML.
+
+pub mod report;
