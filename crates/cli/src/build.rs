@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::build::{self, BuildOptions, LogDestination, NodeResult, Reliability};
+use offload_driver::config::{ConfigError, Loaded};
 use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::build_fleet;
 use offload_driver::learn::Knowledge;
@@ -25,6 +26,24 @@ use crate::evaluate::evaluate;
 use crate::progress::Progress;
 use crate::Failure;
 use offload_driver::state::report::{record, ReportMachine, RunReport};
+
+/// `args` with the config file's build defaults where no flag was given, machine groups
+/// expanded and the state database resolved.
+pub fn with_config(mut args: BuildArgs, loaded: &Loaded) -> Result<BuildArgs, ConfigError> {
+    let defaults = &loaded.config.build;
+    if defaults.keep_going == Some(true) {
+        args.keep_going = true;
+    }
+    if args.sign_key.is_none() {
+        args.sign_key = defaults.sign_key.clone();
+    }
+    args.history = Some(loaded.state_db(args.history.take()));
+    let choice = loaded.build_machines(args.machines.choice())?;
+    args.machines.on = choice.on;
+    args.machines.exclude = choice.exclude;
+    args.machines.max_jobs = choice.max_jobs;
+    Ok(args)
+}
 
 pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
     // From here SIGINT and SIGTERM stop the run cleanly instead of killing offload.

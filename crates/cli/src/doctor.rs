@@ -5,18 +5,17 @@ use std::fmt::Write as _;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::doctor::{self, MachineReport, Severity};
-use offload_driver::fleet::build_fleet;
+use offload_driver::fleet::{build_fleet, MachineChoice};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::signing::PathSigner;
 
 use crate::args::DoctorArgs;
 use crate::Failure;
 
-pub async fn run(args: DoctorArgs) -> Result<(), Failure> {
+pub async fn run(args: DoctorArgs, mut choice: MachineChoice) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
-    let mut choice = args.machines.choice();
     choice.on.extend(args.hosts.iter().cloned());
     let fleet = build_fleet(&choice, &settings).map_err(Failure::usage)?;
     let signer = match &args.sign_key {

@@ -7,16 +7,16 @@
 //! until).
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use anyhow::Context as _;
-use offload_driver::fleet::{build_fleet, MachineConfig, LOCAL};
+use offload_driver::fleet::{build_fleet, MachineChoice, MachineConfig, LOCAL};
 use offload_driver::learn::{Knowledge, Learned, LinkFigures};
 use offload_driver::nixconf::NixSettings;
 use offload_driver::slots::SlotLedger;
 use offload_driver::{format_utc, History};
 use serde_json::json;
 
-use crate::args::MachinesArgs;
 use crate::Failure;
 
 /// One machine as shown.
@@ -43,14 +43,13 @@ struct Row {
     state_detail: Option<String>,
 }
 
-pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
+pub async fn run(choice: MachineChoice, history_path: &Path, json: bool) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
-    let fleet = build_fleet(&args.machines.choice(), &settings).map_err(Failure::usage)?;
+    let fleet = build_fleet(&choice, &settings).map_err(Failure::usage)?;
     let ledger = SlotLedger::from_env();
-    let history_path = args.history.clone().unwrap_or_else(History::default_path);
-    let history = History::open(&history_path)
+    let history = History::open(history_path)
         .map_err(|e| tracing::debug!("no machine records: {e}"))
         .ok();
     let knowledge = history
@@ -62,7 +61,7 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
         .enumerate()
         .map(|(m, c)| row(m, c, &ledger, history.as_ref(), &knowledge))
         .collect();
-    let out = if args.json {
+    let out = if json {
         rows.iter()
             .map(|r| {
                 let mut v = json!({

@@ -5,7 +5,6 @@
 mod access;
 mod args;
 mod build;
-mod config;
 mod copy;
 mod doctor;
 mod evaluate;
@@ -21,6 +20,7 @@ mod simulate;
 use std::process::ExitCode;
 
 use clap::Parser;
+use offload_driver::config;
 use tracing_subscriber::EnvFilter;
 
 use crate::args::{Cli, Command};
@@ -42,18 +42,18 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Copy(args) => copy::run(args, quiet).await.map(|()| 0),
-            Command::Build(mut args) => {
-                config::load()
-                    .and_then(|loaded| loaded.apply_to_build(&mut args))
-                    .map_err(Failure::usage)?;
-                build::run(*args, quiet).await.map(|()| 0)
+            Command::Build(args) => {
+                let loaded = config::load().map_err(Failure::usage)?;
+                let args = build::with_config(*args, &loaded).map_err(Failure::usage)?;
+                build::run(args, quiet).await.map(|()| 0)
             }
             Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
-            Command::Doctor(mut args) => {
-                config::load()
-                    .and_then(|loaded| loaded.expand_groups(&mut args.machines))
+            Command::Doctor(args) => {
+                let loaded = config::load().map_err(Failure::usage)?;
+                let choice = loaded
+                    .machines(args.machines.choice())
                     .map_err(Failure::usage)?;
-                doctor::run(args).await.map(|()| 0)
+                doctor::run(args, choice).await.map(|()| 0)
             }
             Command::Config => {
                 let loaded = config::load().map_err(Failure::usage)?;
@@ -64,22 +64,18 @@ fn main() -> ExitCode {
             // configuration plays no part in it.
             Command::Hook(args) => hook::run(args).await,
             Command::Agent(args) => hook::agent(args).await.map(|()| 0),
-            Command::Report(mut args) => {
+            Command::Report(args) => {
                 let loaded = config::load().map_err(Failure::usage)?;
-                if args.history.is_none() && std::env::var_os("OFFLOAD_HISTORY").is_none() {
-                    args.history = loaded.state_dir().map(|d| d.join("history.sqlite"));
-                }
-                report::run(args).map(|()| 0)
+                let state = loaded.state_db(args.history.clone());
+                report::run(args, &state).map(|()| 0)
             }
-            Command::Machines(mut args) => {
+            Command::Machines(args) => {
                 let loaded = config::load().map_err(Failure::usage)?;
-                loaded
-                    .expand_groups(&mut args.machines)
+                let choice = loaded
+                    .machines(args.machines.choice())
                     .map_err(Failure::usage)?;
-                if args.history.is_none() && std::env::var_os("OFFLOAD_HISTORY").is_none() {
-                    args.history = loaded.state_dir().map(|d| d.join("history.sqlite"));
-                }
-                machines::run(args).await.map(|()| 0)
+                let state = loaded.state_db(args.history);
+                machines::run(choice, &state, args.json).await.map(|()| 0)
             }
         }
     });

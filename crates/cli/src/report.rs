@@ -46,9 +46,8 @@ pub fn write_trace(path: &Path, run: &RunReport) -> Result<(), Failure> {
 }
 
 /// `offload report`: a recorded run as HTML, a trace, or a summary; or the list of runs.
-pub fn run(args: ReportArgs) -> Result<(), Failure> {
-    let path = args.history.clone().unwrap_or_else(History::default_path);
-    let history = History::open(&path).map_err(Failure::usage)?;
+pub fn run(args: ReportArgs, path: &Path) -> Result<(), Failure> {
+    let history = History::open(path).map_err(Failure::usage)?;
     if args.list {
         let mut out = String::new();
         for (id, started) in history.runs(50).map_err(Failure::usage)? {

@@ -20,6 +20,7 @@
 
 pub mod agent;
 pub mod build;
+pub mod config;
 mod copy;
 pub mod daemon;
 pub mod doctor;
