@@ -2,12 +2,10 @@
 //! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up;
 //! `offload hook` exits as Nix expects of a build hook: 0, 1, 100 or 101).
 
-mod access;
 mod args;
 mod build;
 mod copy;
 mod doctor;
-mod evaluate;
 mod hook;
 mod live;
 mod machines;
@@ -44,8 +42,7 @@ fn main() -> ExitCode {
             Command::Copy(args) => copy::run(args, quiet).await.map(|()| 0),
             Command::Build(args) => {
                 let loaded = config::load().map_err(Failure::usage)?;
-                let args = build::with_config(*args, &loaded).map_err(Failure::usage)?;
-                build::run(args, quiet).await.map(|()| 0)
+                build::run(*args, &loaded, quiet).await.map(|()| 0)
             }
             Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
             Command::Doctor(args) => {

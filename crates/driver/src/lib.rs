@@ -29,6 +29,7 @@ mod error;
 pub mod fleet;
 mod history;
 pub mod hook;
+pub mod job;
 pub mod learn;
 mod machine_state;
 pub mod nixconf;
