@@ -37,50 +37,55 @@ fn main() -> ExitCode {
         }
     };
     let quiet = cli.quiet;
-    let outcome = runtime.block_on(async {
-        match cli.command {
-            Command::Copy(args) => copy::run(args, quiet).await.map(|()| 0),
-            Command::Build(args) => {
-                let loaded = config::load().map_err(Failure::usage)?;
-                build::run(*args, &loaded, quiet).await.map(|()| 0)
-            }
-            Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
-            Command::Doctor(args) => {
-                let loaded = config::load().map_err(Failure::usage)?;
-                let choice = loaded
-                    .machines(args.machines.choice())
-                    .map_err(Failure::usage)?;
-                doctor::run(args, choice).await.map(|()| 0)
-            }
-            Command::Config => {
-                let loaded = config::load().map_err(Failure::usage)?;
-                output::stdout(&loaded.describe());
-                Ok(0)
-            }
-            // Nix reads the hook's exit status itself (0, 1, 100, 101); offload's own
-            // configuration plays no part in it.
-            Command::Hook(args) => hook::run(args).await,
-            Command::Agent(args) => hook::agent(args).await.map(|()| 0),
-            Command::Report(args) => {
-                let loaded = config::load().map_err(Failure::usage)?;
-                let state = loaded.state_db(args.history.clone());
-                report::run(args, &state).map(|()| 0)
-            }
-            Command::Machines(args) => {
-                let loaded = config::load().map_err(Failure::usage)?;
-                let choice = loaded
-                    .machines(args.machines.choice())
-                    .map_err(Failure::usage)?;
-                let state = loaded.state_db(args.history);
-                machines::run(choice, &state, args.json).await.map(|()| 0)
-            }
-        }
-    });
+    let outcome = runtime.block_on(run(cli.command, quiet));
     match outcome {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
             render::error(&failure.error);
             ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// Runs `command`: its exit code, or the failure to print.
+async fn run(command: Command, quiet: bool) -> Result<u8, Failure> {
+    match command {
+        Command::Copy(args) => copy::run(args, quiet).await.map(|()| 0),
+        Command::Build(args) => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            build::run(*args, &loaded, quiet).await.map(|()| 0)
+        }
+        Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
+        Command::Doctor(args) => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            let choice = loaded
+                .machines(args.machines.choice())
+                .map_err(Failure::usage)?;
+            doctor::run(choice, args.hosts, args.sign_key.as_deref())
+                .await
+                .map(|()| 0)
+        }
+        Command::Config => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            output::stdout(&loaded.describe());
+            Ok(0)
+        }
+        // Nix reads the hook's exit status itself (0, 1, 100, 101); offload's own
+        // configuration plays no part in it.
+        Command::Hook(args) => hook::run(args).await,
+        Command::Agent(args) => hook::agent(args).await.map(|()| 0),
+        Command::Report(args) => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            let state = loaded.state_db(args.history.clone());
+            report::run(args, &state).map(|()| 0)
+        }
+        Command::Machines(args) => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            let choice = loaded
+                .machines(args.machines.choice())
+                .map_err(Failure::usage)?;
+            let state = loaded.state_db(args.history);
+            machines::run(choice, &state, args.json).await.map(|()| 0)
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - [`ServeConn`] — one serve session: queries, NAR streaming, imports, builds;
 //! - [`copy_closure`] — copies a closure between two stores, several transfers at once;
 //! - [`build::run`] — builds a graph of derivations over a fleet, as the scheduler plans;
+//! - [`job::run`] — one `offload build` from request to outcome: evaluation, trust,
+//!   the build, the run's record, result links;
 //! - [`History`] — the state database in SQLite: build durations for estimates, and
 //!   machines that keep failing;
 //! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
