@@ -76,7 +76,7 @@ impl Progress {
     fn started(&self, drv: &str, machine: &str, placement: Option<Placement>) {
         let estimate = placement.map(|p| p.estimate_seconds);
         if let Some(live) = self.live.get() {
-            live.started(&derivation_name(drv), machine, estimate);
+            live.started(derivation_name(drv), machine, estimate);
         } else if !self.quiet {
             eprintln!("building '{drv}' on '{machine}'...");
         }
@@ -147,7 +147,7 @@ impl Reporter for Progress {
 
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64) {
         if let Some(live) = self.live.get() {
-            live.finished(&derivation_name(drv), machine, ok);
+            live.finished(derivation_name(drv), machine, ok);
         }
         let kind = if ok { "build_finished" } else { "build_failed" };
         self.event(json!({

@@ -81,7 +81,7 @@ impl RunReport {
                     started,
                     seconds,
                 } => Some(ReportBuild {
-                    name: offload_nix::store_path::derivation_name(drv),
+                    name: offload_nix::store_path::derivation_name(drv).to_string(),
                     machine: machine.clone(),
                     start: *started,
                     seconds: *seconds,
