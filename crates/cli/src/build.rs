@@ -150,3 +150,53 @@ fn dry_run_text(build: &[String], fetch: &[String], machines: &[MachineConfig]) 
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    #[test]
+    fn flags_become_the_request() {
+        let cli = Cli::try_parse_from([
+            "offload",
+            "build",
+            "f.nix",
+            "--arg",
+            "a",
+            "1",
+            "--argstr",
+            "b",
+            "two",
+            "--option",
+            "sandbox",
+            "false",
+            "--report",
+            "r.html",
+            "--trace",
+            "t.json",
+            "--no-out-link",
+            "--history",
+            "h.sqlite",
+            "-k",
+        ])
+        .unwrap();
+        let Command::Build(args) = cli.command else {
+            panic!("not a build");
+        };
+        let r = request(*args, &Loaded::default()).unwrap();
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(r.evaluation.targets, ["f.nix"]);
+        assert_eq!(r.evaluation.args, [pair("a", "1")]);
+        assert_eq!(r.evaluation.argstrs, [pair("b", "two")]);
+        assert_eq!(r.evaluation.options, [pair("sandbox", "false")]);
+        // The trace is written before the report, as before.
+        let files: Vec<&str> = r.files.iter().map(|f| f.what).collect();
+        assert_eq!(files, ["trace", "report"]);
+        assert_eq!(r.out_link, None);
+        assert_eq!(r.state, std::path::Path::new("h.sqlite"));
+        assert!(r.keep_going && !r.dry_run);
+    }
+}

@@ -297,6 +297,29 @@ mod tests {
     }
 
     #[test]
+    fn build_defaults_fill_what_no_flag_chose_and_groups_expand() {
+        let text = "[groups]\nfast = [\"b1\", \"b2\"]\n\n[build]\non = [\"@fast\"]\n\
+                    exclude = [\"b2\"]\nmax_jobs = 3\n";
+        let loaded = Loaded {
+            config: parse(text, Path::new("c.toml")).unwrap(),
+            file: Some("c.toml".into()),
+        };
+        let chosen = loaded.build_machines(MachineChoice::default()).unwrap();
+        assert_eq!(chosen.on, ["b1", "b2"]);
+        assert_eq!(chosen.exclude, ["b2"]);
+        assert_eq!(chosen.max_jobs, Some(3));
+        let flags = MachineChoice {
+            on: vec!["b9".into()],
+            max_jobs: Some(0),
+            ..MachineChoice::default()
+        };
+        let chosen = loaded.build_machines(flags).unwrap();
+        assert_eq!(chosen.on, ["b9"]);
+        assert_eq!(chosen.exclude, ["b2"]);
+        assert_eq!(chosen.max_jobs, Some(0));
+    }
+
+    #[test]
     fn a_group_of_groups_is_refused() {
         let e = parse("[groups]\nall = [\"@fast\"]\n", Path::new("c.toml"))
             .unwrap_err()
