@@ -490,3 +490,45 @@ fn a_build_alone_on_a_builder_gets_all_its_cores_and_builds_sharing_it_split_the
         assert_eq!(cores_of(attr), nproc / 2, "{attr}");
     }
 }
+
+#[test]
+fn an_excluded_machine_takes_no_builds() {
+    if !require_nix() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let work = Work::new("graph.nix", &graph_expr(&salt("exclude"), "none"));
+    let spec = fleet.spec(2, 4);
+    let excluded = fleet.uri(1);
+    let out = work.build(&[
+        "-A",
+        "top",
+        "--builders",
+        &spec,
+        "-j",
+        "0",
+        "--exclude",
+        &excluded,
+        "--no-out-link",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let name = |i: usize| format!("localhost:{}/m{i}", fleet.dir.path().display());
+    // All eight builds on m2, though m1 has slots free; m1 never reached.
+    assert!(
+        stderr.contains(&format!("builds per machine: {} 8", name(2))),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&format!("on '{}'", name(1))), "{stderr}");
+    let top = work.outputs("top");
+    let on_m1 = nix_command("nix-store")
+        .arg("--store")
+        .arg(fleet.store(1))
+        .args(["--check-validity", &top])
+        .output()
+        .unwrap();
+    assert!(
+        !on_m1.status.success(),
+        "{top} is in the excluded m1's store"
+    );
+}
