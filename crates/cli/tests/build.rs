@@ -400,7 +400,7 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
            # Outputs do not refer to their inputs: only the top's closure comes back.
            base = mk "fanout-base" [];
            users = builtins.genList (i: mk "fanout-user${{toString i}}" [ base ]) 2;
-         in {{ inherit base; top = mk "fanout-top" users; }}"#,
+         in {{ inherit base users; top = mk "fanout-top" users; }}"#,
         salt("build")
     );
     let work = Work::new("fanout.nix", &expr);
@@ -422,6 +422,11 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
         is_valid_locally(&base_out),
         "{base_out} is not in the local store\n{stderr}"
     );
+    // Each user's output went to the top's builder alone: never into the local store.
+    for i in 0..2 {
+        let user = work.outputs(&format!("users.{i}"));
+        assert!(!is_valid_locally(&user), "{user} stopped here\n{stderr}");
+    }
 }
 
 #[test]
