@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Keeps the house: sizes of files and functions, and import loops between modules.
 
-Reports the ten largest .rs files under crates/*/src and the ten longest non-test
+Reports the lines under each crate's src, the ten largest .rs files under crates/*/src
+and the ten longest non-test
 functions (lines from the `fn` line to the closing brace; `#[cfg(test)]` and `#[test]`
 items, modules declared `#[cfg(test)] mod x;` and files under a `tests/` folder inside
 src are test code), then FAILS on an import loop among the top-level modules of
@@ -20,7 +21,7 @@ crates/test-support is test code: it is neither reported nor limited.
 Python 3 standard library only.
 """
 
-import os
+import signal
 import sys
 from pathlib import Path
 
@@ -406,8 +407,13 @@ def check(root, limits):
             for name, first, last, in_test in fns:
                 if not in_test:
                     functions.append((last - first + 1, f"{p.relative_to(root)}:{first}", name))
+    totals = {}
+    for n, path in sizes:
+        crate = Path(path).parts[1]
+        totals[crate] = totals.get(crate, 0) + n
     sizes.sort(key=lambda s: (-s[0], s[1]))
     functions.sort(key=lambda f: (-f[0], f[1]))
+    print("lines under src: " + ", ".join(f"{c} {n}" for c, n in sorted(totals.items())))
     print(f"largest files under crates/*/src (lines; limit {FILE_LIMIT}):")
     for n, path in sizes[:SHOWN]:
         print(f"  {n:5}  {path}")
@@ -563,6 +569,7 @@ use crate::{
 
 
 def main(argv):
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly
     if "--self-test" in argv:
         self_test()
         return 0
