@@ -2,10 +2,9 @@
 """Keeps the house: sizes of files and functions, and import loops between modules.
 
 Reports the lines under each crate's src, the ten largest .rs files under crates/*/src
-and the ten longest non-test
-functions (lines from the `fn` line to the closing brace; `#[cfg(test)]` and `#[test]`
-items, modules declared `#[cfg(test)] mod x;` and files under a `tests/` folder inside
-src are test code), then FAILS on an import loop among the top-level modules of
+and the ten longest non-test functions (lines from the `fn` line to the closing brace;
+`#[cfg(test)]` and `#[test]` items, modules declared `#[cfg(test)] mod x;` and files
+under a `tests/` folder inside src are test code), then FAILS on an import loop among the top-level modules of
 crates/driver/src and crates/cli/src. A top-level module is a file `src/x.rs` or a folder
 `src/x/` with everything in it; the crate root (lib.rs, main.rs) is none. Module A
 depends on B when a file of A names `crate::B` (in `use`, grouped `use crate::{B, C::d}`
