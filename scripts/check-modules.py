@@ -10,7 +10,8 @@ crates/driver/src and crates/cli/src. A top-level module is a file `src/x.rs` or
 depends on B when a file of A names `crate::B` (in `use`, grouped `use crate::{B, C::d}`
 or a path in code) or reaches the root with `super` (`super::B` in src/a.rs or
 src/a/mod.rs, `super::super::B` in src/a/b.rs, one more per level and inline `mod`).
-crates/test-support is test code: it is neither reported nor limited.
+crates/test-support is test code: it is neither reported nor limited. Also FAILS when
+the CLI tests' index (crates/cli/tests/README.md) has no row for a test file or folder.
 
   python3 scripts/check-modules.py            report, fail on an import loop
   python3 scripts/check-modules.py --limits   also fail on a file over 600 lines or a
@@ -29,6 +30,7 @@ FN_LIMIT = 120
 LOOP_CRATES = ("driver", "cli")
 EXEMPT_CRATES = ("test-support",)
 SHOWN = 10
+TEST_INDEX = "crates/cli/tests/README.md"
 
 # --- tokenizer -----------------------------------------------------------------------
 
@@ -387,6 +389,15 @@ def test_files(src_dir, scanned):
     return tests
 
 
+def unindexed_tests(root):
+    """Test binaries of the CLI (`tests/x.rs`, `tests/x/main.rs`) its index leaves out."""
+    tests = root / Path(TEST_INDEX).parent
+    index = (root / TEST_INDEX).read_text()
+    names = [p.name for p in tests.glob("*.rs")]
+    names += [p.parent.name + "/" for p in tests.glob("*/main.rs")]
+    return [n for n in sorted(names) if f"| `{n}` |" not in index]
+
+
 def check(root, limits):
     root = Path(root)
     sizes, functions = [], []
@@ -434,6 +445,10 @@ def check(root, limits):
             for a, b in zip(cycle, cycle[1:]):
                 where = edges[(a, b)].removeprefix(f"{root}/")
                 print(f"      {a} -> {b}: {where}")
+    unlisted = unindexed_tests(root)
+    for name in unlisted:
+        print(f"error: {TEST_INDEX} does not say what {name} tests")
+    failed = failed or bool(unlisted)
     if limits:
         over = [s for s in sizes if s[0] > FILE_LIMIT]
         long = [f for f in functions if f[0] > FN_LIMIT]
