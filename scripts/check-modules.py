@@ -287,7 +287,7 @@ def references(src, depth):
                     else:
                         break
                 if supers != depth + sum(braces) or tokens[j - 1][1] != "::":
-                    k = j + 1
+                    k = max(j, k + 1)
                     continue
             else:
                 if j + 1 >= len(tokens) or tokens[j + 1][1] != "::":
@@ -561,6 +561,9 @@ use crate::{
     assert names == ["b", "c", "f", "h", "k", "l"], names
     names = sorted(n for n, _ in references(code, 2))
     assert names == ["b", "c", "g", "h", "l"], names
+    # A group after too few supers does not unbalance the braces counting inline mods.
+    code = "mod outer {\n    use super::{x, y};\n    use super::super::k;\n}\n"
+    assert references(code, 1) == [("k", 3)], references(code, 1)
 
     root = Path("/sample/src")
     files = {
