@@ -14,8 +14,10 @@ crates/test-support is test code: it is neither reported nor limited. Also FAILS
 the CLI tests' index (crates/cli/tests/README.md) has no row for a test file or folder.
 
   python3 scripts/check-modules.py            report, fail on an import loop
-  python3 scripts/check-modules.py --limits   also fail on a file over 600 lines or a
-                                              non-test function over 120 lines
+  python3 scripts/check-modules.py --limits   also fail on a file over 600 lines, a
+                                              non-test function over 120 lines, a CLI
+                                              over 2,500 lines or its simulate files
+                                              over 300, or a learning-policy name in it
   python3 scripts/check-modules.py --self-test
 
 Python 3 standard library only.
@@ -31,6 +33,13 @@ LOOP_CRATES = ("driver", "cli")
 EXEMPT_CRATES = ("test-support",)
 SHOWN = 10
 TEST_INDEX = "crates/cli/tests/README.md"
+# The binary stays thin: flags, settings and printing; the work lives in the libraries.
+CLI_LIMIT = 2500
+# `offload simulate` in the CLI handles arguments and printing only.
+SIMULATE_LIMIT = 300
+# The learning policy lives below the CLI (crates/learn, crates/sim); its names have no
+# business in the binary, not even in comments.
+LEARNING_NAMES = ("SLOWER_UNDER_WAY", "refit_interval")
 
 # --- tokenizer -----------------------------------------------------------------------
 
@@ -457,7 +466,30 @@ def check(root, limits):
         for n, where, name in long:
             print(f"error: fn {name} at {where} has {n} lines, over the limit of {FN_LIMIT}")
         failed = failed or bool(over or long)
+        failed = not cli_is_thin(root, totals) or failed
     return not failed
+
+
+def cli_is_thin(root, totals):
+    """The CLI's own budget: its lines, its simulate files', no learning-policy names."""
+    ok = True
+    if totals.get("cli", 0) > CLI_LIMIT:
+        print(f"error: crates/cli/src has {totals['cli']} lines, over the limit of {CLI_LIMIT}")
+        ok = False
+    src = root / "crates" / "cli" / "src"
+    simulate = [src / "simulate.rs"] + sorted((src / "simulate").rglob("*.rs"))
+    n = sum(p.read_text().count("\n") for p in simulate if p.is_file())
+    if n > SIMULATE_LIMIT:
+        print(f"error: crates/cli/src/simulate* has {n} lines, over the limit of {SIMULATE_LIMIT}")
+        ok = False
+    for p in sorted(src.rglob("*.rs")):
+        for number, line in enumerate(p.read_text().splitlines(), 1):
+            for name in LEARNING_NAMES:
+                if name in line:
+                    where = p.relative_to(root)
+                    print(f"error: {where}:{number} names {name}, which belongs below the CLI")
+                    ok = False
+    return ok
 
 
 # --- self-test -----------------------------------------------------------------------
