@@ -4,6 +4,7 @@
 
 mod args;
 mod build;
+mod completions;
 mod copy;
 mod doctor;
 mod hook;
@@ -87,6 +88,11 @@ async fn run(command: Command, quiet: bool) -> Result<u8, Failure> {
             let state = loaded.state_db(args.history);
             machines::run(choice, &state, args.json).await.map(|()| 0)
         }
+        Command::Completions { shell } => {
+            completions::completions(shell);
+            Ok(0)
+        }
+        Command::Man { out } => completions::man_pages(&out, quiet).map(|()| 0),
     }
 }
 
