@@ -9,13 +9,13 @@ use anyhow::Context as _;
 use offload_driver::build::Reliability;
 use offload_driver::config::{ConfigError, Loaded};
 use offload_driver::fleet::MachineConfig;
-use offload_driver::job::{self, BuildRequest, Evaluation, Outcome, RunFile};
+use offload_driver::job::{self, BuildRequest, Evaluation, Outcome};
 use offload_driver::shutdown::Shutdown;
-use offload_driver::state::report::html::html;
 use offload_nix::serve::BuildSettings;
 
 use crate::args::BuildArgs;
 use crate::progress::Progress;
+use crate::report::{html_file, trace_file};
 use crate::Failure;
 
 pub async fn run(args: BuildArgs, loaded: &Loaded, quiet: bool) -> Result<(), Failure> {
@@ -69,22 +69,8 @@ fn request(args: BuildArgs, loaded: &Loaded) -> Result<BuildRequest, ConfigError
             })
             .collect()
     };
-    let mut files = Vec::new();
-    if let Some(path) = args.trace {
-        let render = crate::report::trace;
-        files.push(RunFile {
-            what: "trace",
-            path,
-            render,
-        });
-    }
-    if let Some(path) = args.report {
-        files.push(RunFile {
-            what: "report",
-            path,
-            render: html,
-        });
-    }
+    // The trace first, then the report.
+    let files = [args.trace.map(trace_file), args.report.map(html_file)];
     Ok(BuildRequest {
         evaluation: Evaluation {
             targets: args.targets,
@@ -122,7 +108,7 @@ fn request(args: BuildArgs, loaded: &Loaded) -> Result<BuildRequest, ConfigError
         through_daemon: args.through_daemon,
         out_link: (!args.no_out_link).then_some(args.out_link),
         state: loaded.state_db(args.history),
-        files,
+        files: files.into_iter().flatten().collect(),
     })
 }
 

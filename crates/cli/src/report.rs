@@ -2,9 +2,10 @@
 //! [`offload_driver::state::report::html`]) or as a Chrome trace; or the list of runs.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _};
+use offload_driver::job::RunFile;
 use offload_driver::state::report::html::html;
 use offload_driver::state::report::RunReport;
 use offload_driver::{format_utc, History};
@@ -31,18 +32,22 @@ pub fn trace(run: &RunReport) -> String {
     chrome_trace(&machines, &builds).to_string()
 }
 
-/// Writes the HTML report of `run` to `path`.
-pub fn write_html(path: &Path, run: &RunReport) -> Result<(), Failure> {
-    std::fs::write(path, html(run))
-        .with_context(|| format!("writing the report to {}", path.display()))
-        .map_err(Failure::usage)
+/// The HTML report of a run, at `path`.
+pub fn html_file(path: PathBuf) -> RunFile {
+    RunFile {
+        what: "report",
+        path,
+        render: html,
+    }
 }
 
-/// Writes `run` as Chrome trace events to `path`.
-pub fn write_trace(path: &Path, run: &RunReport) -> Result<(), Failure> {
-    std::fs::write(path, trace(run))
-        .with_context(|| format!("writing the trace to {}", path.display()))
-        .map_err(Failure::usage)
+/// A run as Chrome trace events, at `path`.
+pub fn trace_file(path: PathBuf) -> RunFile {
+    RunFile {
+        what: "trace",
+        path,
+        render: trace,
+    }
 }
 
 /// `offload report`: a recorded run as HTML, a trace, or a summary; or the list of runs.
@@ -74,13 +79,13 @@ pub fn run(args: ReportArgs, path: &Path) -> Result<(), Failure> {
     let run: RunReport = serde_json::from_str(&record.report)
         .with_context(|| format!("run {} in {} cannot be read", record.id, path.display()))
         .map_err(Failure::usage)?;
-    if let Some(file) = &args.html {
-        write_html(file, &run)?;
+    let asked = args.html.is_some() || args.trace.is_some();
+    // The report first, then the trace.
+    let files = [args.html.map(html_file), args.trace.map(trace_file)];
+    for file in files.into_iter().flatten() {
+        file.write(&run).map_err(Failure::usage)?;
     }
-    if let Some(file) = &args.trace {
-        write_trace(file, &run)?;
-    }
-    if args.html.is_none() && args.trace.is_none() {
+    if !asked {
         let per_machine: Vec<String> = run
             .machines
             .iter()

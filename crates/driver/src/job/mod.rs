@@ -83,6 +83,17 @@ pub struct RunFile {
     pub render: fn(&RunReport) -> String,
 }
 
+impl RunFile {
+    /// Writes `run` to the file.
+    pub fn write(&self, run: &RunReport) -> Result<(), JobError> {
+        std::fs::write(&self.path, (self.render)(run)).map_err(|source| JobError::WriteFile {
+            what: self.what,
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
 /// What a job tells its user besides the builds themselves ([`build::Reporter`]).
 pub trait Events: build::Reporter {
     /// Nix fetches `paths` store paths from substituters before the build.
@@ -333,13 +344,7 @@ impl Job<'_> {
         let mut run = RunReport::from_build(&names, &deps, fleet, &report);
         run.transfers = recorder.transfers();
         for file in &self.request.files {
-            std::fs::write(&file.path, (file.render)(&run)).map_err(|source| {
-                JobError::WriteFile {
-                    what: file.what,
-                    path: file.path.clone(),
-                    source,
-                }
-            })?;
+            file.write(&run)?;
         }
         if let Some(h) = &self.history {
             record(h, &run);
