@@ -18,6 +18,8 @@ use crate::progress::Progress;
 use crate::report::{html_file, trace_file};
 use crate::Failure;
 
+/// `offload build` with `args` and the config file `loaded`; `quiet` keeps stderr to
+/// errors and warnings.
 pub async fn run(args: BuildArgs, loaded: &Loaded, quiet: bool) -> Result<(), Failure> {
     let (logs, json) = (!args.no_build_output, args.json);
     let request = request(args, loaded).map_err(Failure::usage)?;
