@@ -2,8 +2,8 @@
 # Checks that the workspace's crate dependencies point down only, as the style guide
 # asks: nix (formats) → sched (pure scheduler) → learn (pure learning) → sim
 # (simulation) and driver (machines) → cli (the binary), with test-support for tests
-# only. Reads the real graph from
-# `cargo metadata` and fails naming every edge the list below does not allow.
+# only. Reads the real graph from `cargo metadata` and fails naming every edge the list
+# below does not allow.
 #
 #   bash scripts/check-deps.sh
 set -euo pipefail
@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 # dependency may take these too, and offload-test-support besides.
 ALLOWED='
 offload-learn offload-sched
+offload-sim offload-nix
 offload-sim offload-sched
 offload-sim offload-learn
 offload-driver offload-nix

@@ -26,6 +26,7 @@ pub mod bound;
 mod classes;
 mod dispatch;
 pub mod events;
+mod failures;
 pub mod fleet;
 pub mod graph;
 mod rehearsal;
