@@ -145,17 +145,10 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
     let mut machines = vec![MachineSpec::local(&local_system, args.local_slots)];
     let mut declared = machines.clone();
     for (m, name) in parsed.iter().zip(machine_names(&parsed)) {
-        declared.push(remote_spec(
-            m,
-            name.clone(),
-            DEFAULT_BANDWIDTH,
-            DEFAULT_LATENCY,
-        ));
         let host = m.uri.strip_prefix("ssh://").unwrap_or(&m.uri);
-        let (bandwidth, latency) = extra.link(&name, host);
-        let mut spec = remote_spec(m, name, bandwidth, latency);
-        extra.set_speeds(&mut spec, host).map_err(Failure::usage)?;
-        machines.push(spec);
+        let spec = remote_spec(m, name, DEFAULT_BANDWIDTH, DEFAULT_LATENCY);
+        machines.push(extra.as_it_is(&spec, host).map_err(Failure::usage)?);
+        declared.push(spec);
     }
     if let Some(spec) = &args.generate_fleet {
         let (shape, n, seed) = shape("--generate-fleet", spec)?;
@@ -170,11 +163,7 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
 
 /// "1 slot", "2 slots".
 fn count(n: usize, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 /// `a → b → … → z`, keeping the first and last `keep / 2` items.

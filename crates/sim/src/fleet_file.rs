@@ -80,6 +80,23 @@ impl Default for FleetFile {
 }
 
 impl FleetFile {
+    /// The machine `declared` (as its machines file says; called `declared.name`, or
+    /// `host`) as it is: with the link and speeds per system the file gives it.
+    pub fn as_it_is(
+        &self,
+        declared: &MachineSpec,
+        host: &str,
+    ) -> Result<MachineSpec, FleetFileError> {
+        let (bandwidth, latency) = self.link(&declared.name, host);
+        let mut spec = MachineSpec {
+            bandwidth,
+            latency,
+            ..declared.clone()
+        };
+        self.set_speeds(&mut spec, host)?;
+        Ok(spec)
+    }
+
     /// The link of the machine called `name` (or `host`): (bandwidth, latency).
     pub fn link(&self, name: &str, host: &str) -> (f64, f64) {
         let link = self.links.get(name).or_else(|| self.links.get(host));
@@ -91,7 +108,7 @@ impl FleetFile {
 
     /// Gives `spec` (called `spec.name`, or `host`) the speeds per system the file
     /// gives it, sorted by system.
-    pub fn set_speeds(&self, spec: &mut MachineSpec, host: &str) -> Result<(), FleetFileError> {
+    fn set_speeds(&self, spec: &mut MachineSpec, host: &str) -> Result<(), FleetFileError> {
         let Some(speeds) = self
             .speeds
             .get(&spec.name)
@@ -150,9 +167,10 @@ mod tests {
         .unwrap();
         assert_eq!(file.link("b1", "host1"), (5e6, 0.1));
         assert_eq!(file.link("b2", "host2"), (5e6, DEFAULT_LATENCY));
-        let mut b2 = MachineSpec::new("b2", "x86_64-linux", 1, 1.0);
-        file.set_speeds(&mut b2, "host2").unwrap();
+        let b2 = MachineSpec::new("b2", "x86_64-linux", 1, 1.0);
+        let b2 = file.as_it_is(&b2, "host2").unwrap();
         assert_eq!(b2.system_speeds, vec![("x86_64-linux".to_string(), 0.5)]);
+        assert_eq!((b2.bandwidth, b2.latency), (5e6, DEFAULT_LATENCY));
         let b1 = MachineSpec::new("b1", "x86_64-linux", 1, 1.0);
         assert_eq!(file.failures(&[b2.clone(), b1]).unwrap(), vec![(1, 3.0)]);
         assert!(matches!(
@@ -160,7 +178,7 @@ mod tests {
             Err(FleetFileError::NoSuchMachine { .. })
         ));
         let bad: FleetFile = serde_json::from_str(r#"{"speeds": {"b": {"s": 0}}}"#).unwrap();
-        let mut b = MachineSpec::new("b", "s", 1, 1.0);
-        assert!(bad.set_speeds(&mut b, "b").is_err());
+        let b = MachineSpec::new("b", "s", 1, 1.0);
+        assert!(bad.as_it_is(&b, "b").is_err());
     }
 }
