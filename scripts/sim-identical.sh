@@ -104,19 +104,23 @@ cat >"$work/faults.json" <<'JSON'
  "speeds": {"b3": {"x86_64-linux": 0.3}, "b2": {"aarch64-linux": 0.2}},
  "failures": [{"machine": "b1", "at": 4.0}, {"machine": "a1", "at": 30.0}]}
 JSON
+# (A run that learns refits at every build's end: at 2,000 derivations, one shape.)
 for shape in layered nixpkgs nixpkgs-mixed wide chain; do
   for n in 30 300 2000; do
+    modes=("" --cold --second-run)
+    [ "$n" = 2000 ] && [ "$shape" != nixpkgs ] && modes=("")
     for local in "" "--local-slots 8"; do
-      for mode in "" --cold --second-run; do
+      for mode in "${modes[@]}"; do
         # shellcheck disable=SC2086
         sim --generate "$shape:$n:7" --builders "$builders" $local --fleet "$work/faults.json" $mode
       done
+      [ "$n" = 2000 ] && continue
       # shellcheck disable=SC2086
       sim --generate "$shape:$n:3" --builders "$builders" $local --policy offload --second-run --json
     done
   done
 done
-sim --generate nixpkgs-mixed:2000:2 --generate-fleet mixed:40:3 --local-slots 4 --fleet "$work/faults.json" --cold --json
+sim --generate nixpkgs-mixed:1000:2 --generate-fleet mixed:40:3 --local-slots 4 --fleet "$work/faults.json" --cold --json
 sim --generate layered:300:5 --builders "$builders" --local-slots 2 --fleet "$work/faults.json" --second-run --trace @TRACE@
 
 # The README's examples and scripts/bench-sim.sh (one graph of 100,000 derivations).
