@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use offload_learn::{moved_link, slower_under_way, Refits};
 use offload_sched::{
     Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
     DEFAULT_OUTPUT_BYTES,
@@ -21,7 +22,6 @@ use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
 use crate::history::{BuildRecord, History};
-use crate::learn::{moved, refit_interval, SLOWER_UNDER_WAY};
 use crate::transfer::TransferNews;
 
 /// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
@@ -161,8 +161,7 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     /// What the state calls this run: builds of one run are compared as a population.
     run_id: String,
     /// When the speeds were last fitted, and how long to wait for the next fit.
-    last_refit: f64,
-    refit_wait: f64,
+    refits: Refits,
     /// Machines whose first probe has not answered yet, and that probe.
     first_probes: HashMap<MachineId, AbortHandle>,
     /// Since when nothing of this run has run while others held the slots it needs.
@@ -191,10 +190,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 op: "checking the build graph",
                 source: std::io::Error::other(e.to_string()),
             })?;
-        let capacity: f64 = machines.iter().map(|m| f64::from(m.slots) * m.speed).sum();
-        let lower_bound = graph
-            .critical_path()
-            .max(graph.total_work() / capacity.max(1.0));
+        let lower_bound = offload_sched::lower_bound(&graph, &machines);
         let n = nodes.len();
         let slot_wait = reliability.slot_wait;
         let state_keys = machines.iter().map(|m| m.name.clone()).collect();
@@ -236,8 +232,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             lower_bound,
             state_keys,
             declared_speeds,
-            last_refit: 0.0,
-            refit_wait: 0.0,
+            refits: Refits::default(),
             first_probes: HashMap::new(),
             waiting_for_others: None,
             slot_wait,
@@ -733,16 +728,15 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 
     /// Fits the machines' speeds and links again with this run's builds and copies so
-    /// far, as often as [`refit_interval`] says: a machine or link that turns out
+    /// far, as often as [`Refits`] says: a machine or link that turns out
     /// slower or faster than planned gets the rest of the run's decisions right.
     fn refit_speeds(&mut self) {
         self.slow_links_under_way();
         let now = self.now();
         let Some(h) = self.history else { return };
-        if self.last_refit > 0.0 && now - self.last_refit < self.refit_wait {
+        if !self.refits.due(now) {
             return;
         }
-        self.last_refit = now;
         let Some(system) = self.machines[LOCAL].systems.first().cloned() else {
             return;
         };
@@ -750,7 +744,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             Ok(k) => k,
             Err(e) => return tracing::debug!("{e}"),
         };
-        self.refit_wait = refit_interval(knowledge.rows());
+        self.refits.fitted(knowledge.rows());
         for m in 0..self.machines.len() {
             let spec = &self.machines[m];
             if let Some((speed, per_system)) =
@@ -764,23 +758,18 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         }
         for m in 0..self.machines.len() {
             let spec = &self.machines[m];
-            let Some(link) = knowledge
-                .link(&self.state_keys[m])
-                .filter(|_| !spec.is_local)
-            else {
+            let Some(link) = moved_link(spec, knowledge.link(&self.state_keys[m])) else {
                 continue;
             };
-            if moved(spec.bandwidth, link.bandwidth) {
-                tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
-                self.machines[m].bandwidth = link.bandwidth;
-                self.machines[m].latency = link.latency;
-                self.sched.set_link(m, link.bandwidth, link.latency);
-            }
+            tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
+            self.machines[m].bandwidth = link.bandwidth;
+            self.machines[m].latency = link.latency;
+            self.sched.set_link(m, link.bandwidth, link.latency);
         }
     }
 
     /// Links that carry their copies under way several times slower than planned
-    /// ([`SLOWER_UNDER_WAY`]) are planned at what
+    /// ([`slower_under_way`]) are planned at what
     /// those copies show, before the first of them lands: on a first run every link is
     /// planned at the default until then, and a copy over a slow one can take tens of
     /// seconds.
@@ -793,7 +782,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             let Some(bound) = self.transport.link_bound(m, spec.latency) else {
                 continue;
             };
-            if bound * SLOWER_UNDER_WAY < spec.bandwidth {
+            if slower_under_way(spec, bound) {
                 tracing::debug!(machine = %spec.name, "link at most {:.1} MB/s by the copies under way", bound / 1e6);
                 let latency = spec.latency;
                 self.machines[m].bandwidth = bound;
@@ -983,8 +972,8 @@ fn node_spec(n: &BuildNode) -> NodeSpec {
     }
 }
 
-/// max(critical path, total work / total slots) over the builds' measured times, each
-/// scaled to speed 1 by its machine's speed factor.
+/// The lower bound ([`offload_sched::lower_bound`]) over the builds' measured times,
+/// each scaled to speed 1 by its machine's speed factor.
 fn measured_bound(
     nodes: &[BuildNode],
     results: &[Option<NodeResult>],
@@ -1007,9 +996,8 @@ fn measured_bound(
             ..node_spec(n)
         })
         .collect();
-    let capacity: f64 = machines.iter().map(|s| f64::from(s.slots) * s.speed).sum();
     match Graph::new(specs) {
-        Ok(g) => g.critical_path().max(g.total_work() / capacity.max(1.0)),
+        Ok(g) => offload_sched::lower_bound(&g, machines),
         Err(_) => 0.0,
     }
 }

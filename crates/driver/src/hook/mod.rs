@@ -26,6 +26,7 @@ use tokio::io::AsyncRead;
 
 use crate::fleet::{build_fleet, MachineChoice};
 use crate::history::History;
+use crate::learn::ApplyKnowledge;
 use crate::nixconf::NixSettings;
 use crate::slots::SlotLedger;
 
