@@ -1,5 +1,5 @@
 //! `offload machines`: the fleet a build would use, as a table or JSON Lines, each
-//! machine as the driver sees it now ([`offload_driver::state::overview`]).
+//! machine as the driver sees it now ([`offload_driver::overview`]).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::Context as _;
 use offload_driver::fleet::{build_fleet, MachineChoice};
 use offload_driver::nixconf::NixSettings;
+use offload_driver::overview::{overview, MachineOverview};
 use offload_driver::slots::SlotLedger;
-use offload_driver::state::overview::{overview, MachineOverview};
 use serde_json::json;
 
 use crate::Failure;

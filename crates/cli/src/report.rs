@@ -1,12 +1,12 @@
 //! `offload report`: a run the state database kept, as a summary, as HTML (the driver's
-//! [`offload_driver::state::report::html`]) or as a Chrome trace; or the list of runs.
+//! [`offload_driver::html`]) or as a Chrome trace; or the list of runs.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _};
+use offload_driver::html::html;
 use offload_driver::job::RunFile;
-use offload_driver::state::report::html::html;
 use offload_driver::state::report::RunReport;
 use offload_driver::{format_utc, History};
 use offload_sim::report::{chrome_trace, TraceEvent};

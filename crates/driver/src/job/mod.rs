@@ -9,7 +9,7 @@
 //! - `evaluate.rs` — the request's targets as `.drv` paths (`nix-instantiate`, `nix build`);
 //! - `access.rs` — the trust check, and the builders it drops;
 //! - `finish.rs` — after the build: result links, `--repair`, `--through-daemon`, logs;
-//! - `record.rs` — the transfers of the run, for its report;
+//! - `record.rs` — the run's report: its transfers, builds and critical path;
 //! - `error.rs` — [`JobError`].
 
 use std::collections::HashMap;
@@ -341,7 +341,7 @@ impl Job<'_> {
         )
         .await
         .map_err(|e| JobError::Build(Box::new(e)))?;
-        let mut run = RunReport::from_build(&names, &deps, fleet, &report);
+        let mut run = record::run_report(&names, &deps, fleet, &report);
         run.transfers = recorder.transfers();
         for file in &self.request.files {
             file.write(&run)?;

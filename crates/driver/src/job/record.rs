@@ -1,12 +1,60 @@
-//! The reporter a job hands the runner: every event goes on to the job's [`Events`],
-//! and the transfers that complete are kept for the run's report.
+//! The run's report ([`crate::state::report`]) as the job records it: the reporter it
+//! hands the runner passes every event on to the job's [`Events`] and keeps the
+//! transfers that complete; at the end, the builds as they went and the critical path.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::Events;
-use crate::build::{Placement, Reporter};
-use crate::state::report::ReportTransfer;
+use crate::build::{BuildReport, NodeResult, Placement, Reporter};
+use crate::state::report::{critical_chain, ReportBuild, ReportMachine, ReportTransfer, RunReport};
+
+/// The run of `drv_paths` (whose inputs are `deps`) on `machines`, as it went.
+pub fn run_report(
+    drv_paths: &[String],
+    deps: &[Vec<usize>],
+    machines: Vec<ReportMachine>,
+    report: &BuildReport,
+) -> RunReport {
+    let end: Vec<Option<f64>> = report
+        .results
+        .iter()
+        .map(|r| match r {
+            NodeResult::Built {
+                started, seconds, ..
+            } => Some(started + seconds),
+            NodeResult::Failed { .. } => None,
+        })
+        .collect();
+    let chain = critical_chain(deps, &end);
+    let builds = drv_paths
+        .iter()
+        .zip(&report.results)
+        .enumerate()
+        .filter_map(|(i, (drv, r))| match r {
+            NodeResult::Built {
+                machine,
+                started,
+                seconds,
+            } => Some(ReportBuild {
+                name: offload_nix::store_path::derivation_name(drv).to_string(),
+                machine: machine.clone(),
+                start: *started,
+                seconds: *seconds,
+                critical: chain.contains(&i),
+            }),
+            NodeResult::Failed { .. } => None,
+        })
+        .collect();
+    RunReport {
+        title: format!("offload build: {} derivations", drv_paths.len()),
+        wall_seconds: report.wall_seconds,
+        lower_bound: report.measured_lower_bound,
+        machines,
+        builds,
+        transfers: Vec::new(),
+    }
+}
 
 pub struct Recorder {
     events: Arc<dyn Events>,

@@ -1,8 +1,6 @@
 //! What offload keeps between runs.
 //!
-//! - [`overview`] — each machine as offload knows it now: load, what was learned, health;
 //! - [`report`] — the run report: where and when each build ran and what each link
-//!   carried, kept for `offload report` and rendered as HTML.
+//!   carried, kept for `offload report`.
 
-pub mod overview;
 pub mod report;

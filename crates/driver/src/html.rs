@@ -1,12 +1,12 @@
-//! The run report as one self-contained HTML file (no network, no scripts): a Gantt
+//! The run report ([`crate::state::report`]) as one self-contained HTML file (no network, no scripts): a Gantt
 //! chart of the builds on each machine slot with the critical path highlighted, a lane
 //! per link with what it carried, each machine's utilisation, the makespan against the
 //! lower bound, and the ten longest builds.
 
 use std::fmt::Write as _;
 
-use super::{ReportBuild, ReportTransfer, RunReport};
 use crate::human_bytes as bytes;
+use crate::state::report::{ReportBuild, ReportTransfer, RunReport};
 
 /// Colours per machine, readable on white and without colour vision of every hue.
 const PALETTE: [&str; 8] = [

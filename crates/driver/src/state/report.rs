@@ -1,14 +1,11 @@
 //! The run report: where and when each build of an `offload build` ran, on which
 //! machine slot, what each link carried, the critical path as the run went, and the
 //! makespan against the lower bound. Every run is kept in the state database
-//! ([`record`]); `offload report` reads it back and renders it ([`html`]).
+//! ([`record`]); `offload report` reads it back and renders it ([`crate::html`]).
 
 use serde::{Deserialize, Serialize};
 
-use crate::build::{BuildReport, NodeResult};
 use crate::History;
-
-pub mod html;
 
 /// One build of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,55 +47,6 @@ pub struct RunReport {
     pub builds: Vec<ReportBuild>,
     #[serde(default)]
     pub transfers: Vec<ReportTransfer>,
-}
-
-impl RunReport {
-    /// The run of `drv_paths` (whose inputs are `deps`) on `machines`, as it went.
-    pub fn from_build(
-        drv_paths: &[String],
-        deps: &[Vec<usize>],
-        machines: Vec<ReportMachine>,
-        report: &BuildReport,
-    ) -> RunReport {
-        let end: Vec<Option<f64>> = report
-            .results
-            .iter()
-            .map(|r| match r {
-                NodeResult::Built {
-                    started, seconds, ..
-                } => Some(started + seconds),
-                NodeResult::Failed { .. } => None,
-            })
-            .collect();
-        let chain = critical_chain(deps, &end);
-        let builds = drv_paths
-            .iter()
-            .zip(&report.results)
-            .enumerate()
-            .filter_map(|(i, (drv, r))| match r {
-                NodeResult::Built {
-                    machine,
-                    started,
-                    seconds,
-                } => Some(ReportBuild {
-                    name: offload_nix::store_path::derivation_name(drv).to_string(),
-                    machine: machine.clone(),
-                    start: *started,
-                    seconds: *seconds,
-                    critical: chain.contains(&i),
-                }),
-                NodeResult::Failed { .. } => None,
-            })
-            .collect();
-        RunReport {
-            title: format!("offload build: {} derivations", drv_paths.len()),
-            wall_seconds: report.wall_seconds,
-            lower_bound: report.measured_lower_bound,
-            machines,
-            builds,
-            transfers: Vec::new(),
-        }
-    }
 }
 
 /// Keeps `run` in the state database for `offload report`; a run that cannot be kept is
