@@ -49,7 +49,10 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
         .map_err(Failure::usage)?;
     let fleet = build_fleet(&args.machines.choice(), &settings).map_err(Failure::usage)?;
     let ledger = SlotLedger::from_env();
-    let history_path = args.history.clone().unwrap_or_else(History::default_path);
+    let history_path = args
+        .history
+        .clone()
+        .unwrap_or_else(offload_driver::env::state_db_path);
     let history = History::open(&history_path)
         .map_err(|e| tracing::debug!("no machine records: {e}"))
         .ok();

@@ -160,7 +160,10 @@ pub fn record(history: &History, run: &RunReport) {
 
 /// `offload report`: a recorded run as HTML, a trace, or a summary; or the list of runs.
 pub fn run(args: ReportArgs) -> Result<(), Failure> {
-    let path = args.history.clone().unwrap_or_else(History::default_path);
+    let path = args
+        .history
+        .clone()
+        .unwrap_or_else(offload_driver::env::state_db_path);
     let history = History::open(&path).map_err(Failure::usage)?;
     if args.list {
         let mut out = String::new();

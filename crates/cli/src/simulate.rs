@@ -95,8 +95,13 @@ async fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
         let root = StorePath::from_absolute_path(drv).map_err(Failure::usage)?;
         let drvs = read_drv_closure(Path::new("/"), std::slice::from_ref(&root))
             .map_err(Failure::usage)?;
-        let history =
-            History::open(&args.history.clone().unwrap_or_else(History::default_path)).ok();
+        let history = History::open(
+            &args
+                .history
+                .clone()
+                .unwrap_or_else(offload_driver::env::state_db_path),
+        )
+        .ok();
         let all: Vec<StorePath> = drvs.keys().cloned().collect();
         // Speeds are relative to this machine's system; the root's stands for it.
         let knowledge = history

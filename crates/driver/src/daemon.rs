@@ -35,14 +35,6 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// Bytes per frame of a log.
 const FRAME: usize = 64 * 1024;
 
-/// Where the daemon listens, as Nix decides it: `NIX_DAEMON_SOCKET_PATH`, else
-/// `/nix/var/nix/daemon-socket/socket`.
-pub fn socket_path() -> PathBuf {
-    std::env::var_os("NIX_DAEMON_SOCKET_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/nix/var/nix/daemon-socket/socket"))
-}
-
 /// The daemon could not be told.
 #[derive(Debug, Error)]
 pub enum DaemonError {

@@ -171,19 +171,6 @@ impl History {
         move |source| HistoryError { path, op, source }
     }
 
-    /// The default location: `$OFFLOAD_HISTORY`, else
-    /// `$XDG_STATE_HOME/offload/history.sqlite`, else `~/.local/state/offload/…`.
-    pub fn default_path() -> PathBuf {
-        if let Some(p) = std::env::var_os("OFFLOAD_HISTORY") {
-            return PathBuf::from(p);
-        }
-        let state = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-            .unwrap_or_else(std::env::temp_dir);
-        state.join("offload").join("history.sqlite")
-    }
-
     /// Records a finished build of `name` for `system` that took `seconds` on
     /// `machine` (its store URI as written, or `local`), whose speed factor was `speed`;
     /// `output_bytes` is the NAR size of its outputs, when known.

@@ -27,16 +27,14 @@ use offload_sched::MachineId;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::env::{HANDSHAKE_TIMEOUT, SLOT_REQUEST_TIMEOUT};
 use crate::error::DriverError;
-use crate::session::HANDSHAKE_TIMEOUT;
 use crate::slots::POLL_INTERVAL;
 use crate::ssh_master::SshMaster;
 use crate::transport::{shell_quote, Endpoint};
 
 /// The lock directory under the store root, beside Nix's own state.
 pub const SLOTS_SUBDIR: &str = "nix/var/nix/offload-slots";
-/// How long one request to a running broker may take before it counts as hung.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most slots a broker under plain `sh` can hold: dash gives scripts fds 0–9 only.
 pub const SH_SLOT_CAP: u32 = 7;
 /// How many of the broker's last stderr lines go into messages.
@@ -574,12 +572,12 @@ async fn serve(
                 None => Err(std::io::Error::other("it exited")),
             }
         };
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+        let answer = match tokio::time::timeout(SLOT_REQUEST_TIMEOUT, answer).await {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => Err(format!("its slot broker failed: {e}")),
             Err(_) => Err(format!(
                 "its slot broker did not answer `{line}` in {} s",
-                REQUEST_TIMEOUT.as_secs()
+                SLOT_REQUEST_TIMEOUT.as_secs()
             )),
         };
         let reply = answer.and_then(|a| parse_reply(&a, slots));

@@ -18,9 +18,6 @@ use offload_nix::store_uri::{ServeKind, StoreUri};
 
 use crate::error::DriverError;
 
-/// Environment variable with extra ssh options, split on whitespace (as Nix does).
-pub const NIX_SSHOPTS: &str = "NIX_SSHOPTS";
-
 /// How the command reaches the machine.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Route {
@@ -237,7 +234,7 @@ impl Endpoint {
         };
         // No X11 or agent forwarding, never a password prompt.
         cmd.args(["-x", "-a", "-oBatchMode=yes"]);
-        if let Ok(opts) = std::env::var(NIX_SSHOPTS) {
+        if let Some(opts) = crate::env::nix_sshopts() {
             cmd.args(opts.split_whitespace());
         }
         cmd.args(&self.ssh_options);

@@ -73,7 +73,7 @@ pub async fn check(
         let local = LocalAccess { trusted, signer };
         return Ok(TrustCheck { local, refused });
     }
-    let user = current_user();
+    let user = crate::env::current_user();
     let mut local_conn = ServeConn::open(local_endpoint).await?;
     if let Some(signer) = &signer {
         if let Err(e) = import_probe(&mut local_conn, Some(signer)).await {
@@ -109,13 +109,6 @@ pub async fn check(
     }
     let local = LocalAccess { trusted, signer };
     Ok(TrustCheck { local, refused })
-}
-
-/// The user offload runs as, for messages.
-fn current_user() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "your user".to_string())
 }
 
 /// Whether the store behind `conn` lets this user build derivations it does not hold.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use offload_sched::MachineId;
 
+use crate::env;
 use crate::history::{unix_now, History};
 use crate::machine_state::format_utc;
 
@@ -34,12 +35,12 @@ pub struct Reliability {
 impl Default for Reliability {
     fn default() -> Self {
         Reliability {
-            backoff: Duration::from_secs(2),
-            max_backoff: Duration::from_secs(60),
-            quarantine_after: 4,
-            quarantine_for: Duration::from_secs(600),
-            stall_timeout: Duration::from_secs(30),
-            slot_wait: crate::slots::WAIT_LIMIT,
+            backoff: env::RETRY_BACKOFF,
+            max_backoff: env::MAX_BACKOFF,
+            quarantine_after: env::QUARANTINE_AFTER,
+            quarantine_for: env::QUARANTINE_FOR,
+            stall_timeout: env::STALL_TIMEOUT,
+            slot_wait: env::SLOT_WAIT_LIMIT,
         }
     }
 }

@@ -24,6 +24,7 @@ use offload_nix::serve::BuildSettings;
 use offload_nix::wire::{tokio_io::read_message, WireError};
 use tokio::io::AsyncRead;
 
+use crate::env::OFFLOAD_HOOK_BUILDERS;
 use crate::fleet::{build_fleet, MachineChoice};
 use crate::history::History;
 use crate::nixconf::NixSettings;
@@ -37,15 +38,10 @@ const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 pub(crate) use remote::carry_out;
 pub use remote::{BuildOrder, OrderFailure};
 
-/// Environment variable with machines (Nix's syntax, `@file` too) that replace the
-/// `builders` setting Nix hands the hook: a per-invocation choice of hosts where the
-/// hook runs in the user's environment (single-user installs, not through a daemon).
-pub const HOOK_BUILDERS_ENV: &str = "OFFLOAD_HOOK_BUILDERS";
-
 /// How the hook was started.
 #[derive(Debug, Clone)]
 pub struct HookOptions {
-    /// Machines replacing Nix's `builders` ([`HOOK_BUILDERS_ENV`]).
+    /// Machines replacing Nix's `builders` ([`OFFLOAD_HOOK_BUILDERS`]).
     pub builders: Option<String>,
     /// The duration history for estimates; None: the defaults.
     pub history: Option<PathBuf>,
@@ -193,7 +189,7 @@ pub async fn run(
                 msg.push_str(&format!(": {source}"));
             }
             msg.push_str(&format!(
-                "; fix the `builders` setting (or {HOOK_BUILDERS_ENV})"
+                "; fix the `builders` setting (or {OFFLOAD_HOOK_BUILDERS})"
             ));
             tell(replies, LogLevel::Error, &msg);
             say(replies, &HookReply::DeclinePermanently.encode());
@@ -205,7 +201,7 @@ pub async fn run(
         return HookExit::Done;
     }
     // With the agent, an accepted build costs no handshake: builders are worth more.
-    let agent_up = crate::agent::AgentClient::connect(&crate::agent::default_socket())
+    let agent_up = crate::agent::AgentClient::connect(&crate::env::agent_socket())
         .await
         .is_ok();
     let overhead = if agent_up {
@@ -328,7 +324,7 @@ async fn reach(
     agent_up: bool,
 ) -> Result<Option<crate::session::ServeConn>, String> {
     if agent_up {
-        let client = crate::agent::AgentClient::connect(&crate::agent::default_socket())
+        let client = crate::agent::AgentClient::connect(&crate::env::agent_socket())
             .await
             .map_err(|e| e.to_string())?;
         return match client.warm(endpoint).await {
@@ -367,7 +363,7 @@ fn without(
 
 /// The hosts a user chose for `drv` through the agent, when an agent runs.
 async fn chosen_hosts(drv: &str) -> Option<crate::agent::HostChoice> {
-    let client = crate::agent::AgentClient::connect(&crate::agent::default_socket())
+    let client = crate::agent::AgentClient::connect(&crate::env::agent_socket())
         .await
         .ok()?;
     client

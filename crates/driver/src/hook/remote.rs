@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use offload_nix::derivation::Derivation;
 use offload_nix::hook::{BuildInputs, BuildInputsDecoder, LogLevel, TryRequest};
@@ -17,6 +17,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 use super::{tell, HookExit, HookSettings};
+use crate::env::{SLOT_WAIT_LIMIT, UPLOAD_LOCK_LIMIT};
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::history::History;
@@ -24,11 +25,9 @@ use crate::paths::PathRegistry;
 use crate::plan::{output_path, PlanError};
 use crate::remote_slots::{RemoteSlot, RemoteSlots};
 use crate::session::ServeConn;
-use crate::slots::{SlotLedger, WAIT_LIMIT};
+use crate::slots::SlotLedger;
 use crate::transport::Endpoint;
 
-/// How long the upload lock is waited for, as Nix's hook does (15 minutes).
-const UPLOAD_LOCK_LIMIT: Duration = Duration::from_secs(15 * 60);
 /// Where Nix reads the build log of a hook's build.
 const BUILD_LOG_FD: &str = "/proc/self/fd/4";
 
@@ -203,7 +202,7 @@ async fn by_agent_or_here(
     order: &BuildOrder,
     replies: &mut impl Write,
 ) -> Result<(), HookError> {
-    let socket = crate::agent::default_socket();
+    let socket = crate::env::agent_socket();
     let mut log = BuildLog::open();
     if let Some(mut remote) = session {
         let _on_builder = hold_on_builder(&job.machine.endpoint, order).await?;
@@ -249,7 +248,7 @@ pub(crate) async fn hold_on_builder(
     order: &BuildOrder,
 ) -> Result<Option<RemoteSlot>, DriverError> {
     RemoteSlots::new([(endpoint.clone(), order.slots)])
-        .take(0, WAIT_LIMIT)
+        .take(0, SLOT_WAIT_LIMIT)
         .await
 }
 

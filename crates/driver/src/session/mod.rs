@@ -23,14 +23,11 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::env::{HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
 use crate::error::DriverError;
 use crate::transport::{classify_ssh_failure, Endpoint, Route};
 use stderr::StderrLog;
 
-/// How long ssh and the remote Nix get to answer the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a metadata query (validity, path infos, closure) may take.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Pipe buffer sizes: large enough that NAR streaming moves big chunks.
 const IO_BUFFER: usize = 256 * 1024;
 

@@ -10,7 +10,8 @@ use offload_nix::wire::{put_bytes, put_strings, put_u64, WireError};
 use offload_nix::{export, nixbase32};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::{send, within, ReplyError, ServeConn, QUERY_TIMEOUT};
+use super::{send, within, ReplyError, ServeConn};
+use crate::env::QUERY_TIMEOUT;
 use crate::error::DriverError;
 
 /// Relays one NAR, blaming a failed write on `sink` and anything else on the NAR.
