@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 
 use crate::env::SLOT_WAIT_LIMIT;
 use crate::hook::{carry_out, BuildOrder, OrderFailure};
-use crate::pool::Pool;
 use crate::remote_slots::RemoteSlots;
+use crate::session::Pool;
 use crate::slots::SlotLedger;
-use crate::transport::Endpoint;
+use crate::ssh::Endpoint;
 
 /// The agent could not listen, or a client could not be served.
 #[derive(Debug, Error)]

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use offload_sched::{MachineId, MachineSpec};
 
 use crate::error::DriverError;
-use crate::pool::Pool;
+use crate::session::Pool;
+use crate::ssh::Endpoint;
 use crate::transfer::TransferEngine;
-use crate::transport::Endpoint;
 
 /// How a copy runs.
 #[derive(Debug, Clone)]

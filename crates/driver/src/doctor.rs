@@ -14,7 +14,7 @@ use crate::fleet::{MachineConfig, LOCAL};
 use crate::process;
 use crate::session::ServeConn;
 use crate::signing::PathSigner;
-use crate::transport::Route;
+use crate::ssh::Route;
 use crate::trust;
 
 /// How a check came out.

@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use crate::error::DriverError;
 use crate::nixconf::NixSettings;
-use crate::transport::{Endpoint, Route};
+use crate::ssh::{Endpoint, Route};
 
 /// Index of the local machine in a fleet.
 pub const LOCAL: MachineId = 0;

@@ -34,7 +34,6 @@ mod machine_state;
 pub mod nixconf;
 mod paths;
 pub mod plan;
-mod pool;
 pub mod process;
 pub mod remote_slots;
 mod runs;
@@ -42,9 +41,8 @@ mod session;
 pub mod shutdown;
 pub mod signing;
 pub mod slots;
-pub mod ssh_master;
+pub mod ssh;
 pub mod transfer;
-mod transport;
 pub mod trust;
 
 pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
@@ -54,7 +52,7 @@ pub use history::{
 };
 pub use machine_state::{format_utc, MachineRecord};
 pub use paths::PathRegistry;
-pub use pool::{Pool, Traffic};
 pub use runs::RunRecord;
 pub use session::ServeConn;
-pub use transport::{shell_quote, Endpoint, Route};
+pub use session::{Pool, Traffic};
+pub use ssh::{shell_quote, Endpoint, Route};

@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::env::{HANDSHAKE_TIMEOUT, SLOT_REQUEST_TIMEOUT};
 use crate::error::DriverError;
 use crate::slots::POLL_INTERVAL;
-use crate::ssh_master::SshMaster;
-use crate::transport::{shell_quote, Endpoint};
+use crate::ssh::master::SshMaster;
+use crate::ssh::{shell_quote, Endpoint};
 
 /// The lock directory under the store root, beside Nix's own state.
 pub const SLOTS_SUBDIR: &str = "nix/var/nix/offload-slots";

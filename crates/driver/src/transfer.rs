@@ -27,8 +27,8 @@ use tokio::task::JoinSet;
 use crate::build::Reporter;
 use crate::error::DriverError;
 use crate::paths::PathRegistry;
-use crate::pool::{Pool, Traffic};
 use crate::session::{ChainProgress, ServeConn};
+use crate::session::{Pool, Traffic};
 use crate::signing::PathSigner;
 
 /// Copies to one machine at once during builds. They hide the round trip each path

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use super::{Placement, Reporter};
 use crate::fleet::LOCAL_NAME;
 use crate::process;
-use crate::transport::{shell_quote, Endpoint};
+use crate::ssh::{shell_quote, Endpoint};
 
 /// A [`Reporter`] that passes everything on and remembers imports here that started
 /// and did not succeed.

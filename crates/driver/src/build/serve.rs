@@ -17,12 +17,12 @@ use super::runner::{BuildFacts, BuildTask, BuildTransport, TaskDone};
 use super::{BuildNode, BuildOptions, LogDestination, Reporter};
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
-use crate::pool::Pool;
 use crate::process;
 use crate::remote_slots::RemoteSlots;
+use crate::session::Pool;
 use crate::slots::SlotLedger;
+use crate::ssh::{shell_quote, Endpoint};
 use crate::transfer::{TransferEngine, TransferNews, LANES_PER_MACHINE};
-use crate::transport::{shell_quote, Endpoint};
 use crate::trust::LocalAccess;
 
 /// Sessions with every machine of the fleet, and what each store holds.

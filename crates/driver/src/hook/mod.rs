@@ -320,7 +320,7 @@ pub async fn run(
 /// A session with the machine: opened here without the agent; with it, readied in the
 /// agent (None here). The error says why the machine cannot be used, with the fix.
 async fn reach(
-    endpoint: &crate::transport::Endpoint,
+    endpoint: &crate::ssh::Endpoint,
     agent_up: bool,
 ) -> Result<Option<crate::session::ServeConn>, String> {
     if agent_up {

@@ -26,7 +26,7 @@ use crate::plan::{output_path, PlanError};
 use crate::remote_slots::{RemoteSlot, RemoteSlots};
 use crate::session::ServeConn;
 use crate::slots::SlotLedger;
-use crate::transport::Endpoint;
+use crate::ssh::Endpoint;
 
 /// Where Nix reads the build log of a hook's build.
 const BUILD_LOG_FD: &str = "/proc/self/fd/4";

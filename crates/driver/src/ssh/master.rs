@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Child;
 
+use super::{classify_ssh_failure, Endpoint};
 use crate::env::HANDSHAKE_TIMEOUT;
 use crate::error::DriverError;
-use crate::transport::{classify_ssh_failure, Endpoint};
 
 /// After a master failed to start, sessions connect on their own for this long before
 /// a master is tried again (the builder may have come back).
