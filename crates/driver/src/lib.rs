@@ -36,6 +36,7 @@ mod paths;
 pub mod plan;
 pub mod process;
 pub mod remote_slots;
+pub mod reporter;
 mod runs;
 mod session;
 pub mod shutdown;

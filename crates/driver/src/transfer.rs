@@ -24,9 +24,9 @@ use offload_sched::{route, MachineId, MachineSpec};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::build::Reporter;
 use crate::error::DriverError;
 use crate::paths::PathRegistry;
+use crate::reporter::Reporter;
 use crate::session::{ChainProgress, ServeConn};
 use crate::session::{Pool, Traffic};
 use crate::signing::PathSigner;

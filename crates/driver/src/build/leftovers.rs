@@ -10,9 +10,9 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use super::{Placement, Reporter};
 use crate::fleet::LOCAL_NAME;
 use crate::process;
+use crate::reporter::{Placement, Reporter};
 use crate::ssh::{shell_quote, Endpoint};
 
 /// A [`Reporter`] that passes everything on and remembers imports here that started

@@ -529,7 +529,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                     (total / sharing).max(1)
                 });
                 let spec = &self.machines[machine];
-                let planned = super::Placement {
+                let planned = crate::reporter::Placement {
                     estimate_seconds: self.nodes[node].estimate / spec.speed.max(1e-6),
                     cores,
                 };
