@@ -20,7 +20,6 @@
 
 pub mod agent;
 pub mod build;
-mod copy;
 pub mod daemon;
 pub mod doctor;
 pub mod dry_run;
@@ -32,7 +31,6 @@ pub mod hook;
 pub mod learn;
 mod machine_state;
 pub mod nixconf;
-mod paths;
 pub mod plan;
 pub mod process;
 pub mod remote_slots;
@@ -46,14 +44,14 @@ pub mod ssh;
 pub mod transfer;
 pub mod trust;
 
-pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use error::DriverError;
 pub use history::{
     package_name, BuildRecord, EstimateSource, History, HistoryError, DEFAULT_SECONDS,
 };
 pub use machine_state::{format_utc, MachineRecord};
-pub use paths::PathRegistry;
 pub use runs::RunRecord;
 pub use session::ServeConn;
 pub use session::{Pool, Traffic};
 pub use ssh::{shell_quote, Endpoint, Route};
+pub use transfer::PathRegistry;
+pub use transfer::{copy_closure, CopyFailure, CopyOptions, CopyStats};

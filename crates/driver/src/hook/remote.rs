@@ -21,12 +21,12 @@ use crate::env::{SLOT_WAIT_LIMIT, UPLOAD_LOCK_LIMIT};
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::history::History;
-use crate::paths::PathRegistry;
 use crate::plan::{output_path, PlanError};
 use crate::remote_slots::{RemoteSlot, RemoteSlots};
 use crate::session::ServeConn;
 use crate::slots::SlotLedger;
 use crate::ssh::Endpoint;
+use crate::transfer::PathRegistry;
 
 /// Where Nix reads the build log of a hook's build.
 const BUILD_LOG_FD: &str = "/proc/self/fd/4";

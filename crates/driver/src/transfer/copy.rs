@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use offload_sched::{MachineId, MachineSpec};
 
+use super::TransferEngine;
 use crate::error::DriverError;
 use crate::session::Pool;
 use crate::ssh::Endpoint;
-use crate::transfer::TransferEngine;
 
 /// How a copy runs.
 #[derive(Debug, Clone)]

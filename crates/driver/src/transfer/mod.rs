@@ -15,21 +15,26 @@
 //!   later ones wait for that copy.
 //! - A failed copy registers nothing there; the ones already done stay done.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use offload_sched::{route, MachineId, MachineSpec};
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::error::DriverError;
-use crate::paths::PathRegistry;
 use crate::reporter::Reporter;
-use crate::session::{ChainProgress, ServeConn};
-use crate::session::{Pool, Traffic};
+use crate::session::{Pool, ServeConn};
 use crate::signing::PathSigner;
+
+mod copy;
+mod order;
+mod paths;
+mod send;
+
+pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
+pub use paths::PathRegistry;
 
 /// Copies to one machine at once during builds. They hide the round trip each path
 /// costs on a link with latency. Into a loopback store on a 2-core machine, where the
@@ -66,33 +71,6 @@ pub struct Landing {
     pub closure: usize,
     /// Of those, valid there already (known, or the machine said so).
     pub already_present: usize,
-}
-
-/// Longest chain of paths sent down one pair of sessions without waiting in between.
-/// Paths that refer to a chain's paths start when the whole chain has landed.
-const CHAIN_LIMIT: usize = 64;
-
-/// A chain from `first` (ready: what it refers to is on the target): each next path
-/// refers to the one before, and to nothing else that is still to land, so the target
-/// can take them in this order. Paths put in the chain leave `waiting`.
-fn chain_from(
-    first: String,
-    waiting: &mut HashMap<String, usize>,
-    dependents: &HashMap<String, Vec<String>>,
-) -> Vec<String> {
-    let mut chain = vec![first];
-    while chain.len() < CHAIN_LIMIT {
-        let last = &chain[chain.len() - 1];
-        let next = dependents
-            .get(last)
-            .into_iter()
-            .flatten()
-            .find(|d| waiting.get(*d) == Some(&1));
-        let Some(next) = next.cloned() else { break };
-        waiting.remove(&next);
-        chain.push(next);
-    }
-    chain
 }
 
 /// Copies crossing one link: when each started and its NAR's size, keyed by the call
@@ -292,85 +270,6 @@ impl TransferEngine {
         Ok(landing)
     }
 
-    /// Copies `todo` to `machine`, each path once the paths of `todo` it refers to are
-    /// there, several at once.
-    async fn copy_in_order(
-        self: &Arc<Self>,
-        machine: MachineId,
-        todo: Vec<String>,
-    ) -> Result<(), DriverError> {
-        let wanted: HashSet<&str> = todo.iter().map(String::as_str).collect();
-        let mut waiting: HashMap<String, usize> = HashMap::new();
-        let mut dependents: HashMap<String, Vec<String>> = HashMap::new();
-        let mut ready: VecDeque<String> = VecDeque::new();
-        {
-            let registry = self.registry();
-            for path in &todo {
-                let refs: Vec<&String> = registry
-                    .info(path)
-                    .map(|i| {
-                        i.references
-                            .iter()
-                            .filter(|r| *r != path && wanted.contains(r.as_str()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if refs.is_empty() {
-                    ready.push_back(path.clone());
-                } else {
-                    for r in &refs {
-                        dependents
-                            .entry((*r).clone())
-                            .or_default()
-                            .push(path.clone());
-                    }
-                    waiting.insert(path.clone(), refs.len());
-                }
-            }
-        }
-        let mut copies: JoinSet<(Vec<String>, Result<(), DriverError>)> = JoinSet::new();
-        loop {
-            while copies.len() < self.lanes_per_machine {
-                let Some(path) = ready.pop_front() else { break };
-                let chain = chain_from(path, &mut waiting, &dependents);
-                let engine = self.clone();
-                copies.spawn(async move {
-                    let result = engine.copy_chain(machine, &chain).await;
-                    (chain, result)
-                });
-            }
-            let Some(joined) = copies.join_next().await else {
-                break;
-            };
-            let (chain, result) = joined.map_err(|e| DriverError::Io {
-                machine: self.pools[machine].endpoint().name.clone(),
-                op: "a copy task",
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            // Dropping `copies` on an error stops the others; what landed stays.
-            result?;
-            for path in &chain {
-                for d in dependents.remove(path).unwrap_or_default() {
-                    if let Some(n) = waiting.get_mut(&d) {
-                        *n -= 1;
-                        if *n == 0 {
-                            waiting.remove(&d);
-                            ready.push_back(d);
-                        }
-                    }
-                }
-            }
-        }
-        match waiting.keys().next() {
-            // Only a reference cycle, which valid stores never have, leaves paths here.
-            Some(stuck) => Err(DriverError::NotValid {
-                machine: self.pools[machine].endpoint().name.clone(),
-                path: stuck.clone(),
-            }),
-            None => Ok(()),
-        }
-    }
-
     /// Copies one path to `machine` (its references are there), by the route the
     /// model gives, unless another copy brought it meanwhile.
     async fn copy_path(
@@ -422,218 +321,12 @@ impl TransferEngine {
         Some((info, way))
     }
 
-    /// Copies `chain` to `machine`, where each path refers to paths there or earlier in
-    /// the chain: down one pair of sessions, each path sent without waiting for the one
-    /// before to be registered. A chain whose paths come from several sources, or go
-    /// through this machine's store, goes one path at a time.
-    async fn copy_chain(
-        self: &Arc<Self>,
-        machine: MachineId,
-        chain: &[String],
-    ) -> Result<(), DriverError> {
-        if let [path] = chain {
-            return self.copy_path(machine, path).await;
-        }
-        // Each path's gate, in chain order: dependencies first, as every copy takes them.
-        let mut gates = Vec::with_capacity(chain.len());
-        for path in chain {
-            gates.push(self.gate(machine, path).lock_owned().await);
-        }
-        let mut infos = Vec::new();
-        let mut source = None;
-        let mut one_source = true;
-        {
-            let registry = self.registry();
-            for path in chain {
-                if registry.is_on(path, machine) {
-                    continue;
-                }
-                let Some((info, way)) = self.way_to(&registry, path, machine) else {
-                    one_source = false;
-                    break;
-                };
-                let from = match self.client {
-                    Some(c) if way.keeps_in_client() && machine != c => None,
-                    client => way.from.or(client),
-                };
-                if from.is_none() || (source.is_some() && source != from) {
-                    one_source = false;
-                    break;
-                }
-                source = from;
-                infos.push(info);
-            }
-        }
-        if !one_source {
-            drop(gates);
-            for path in chain {
-                self.copy_path(machine, path).await?;
-            }
-            return Ok(());
-        }
-        let Some(source) = source else {
-            return Ok(());
-        };
-        self.send_in_order(machine, source, infos).await
-    }
-
     /// The gate of one path's copy to one machine: wants of the same path wait on it.
     fn gate(&self, machine: MachineId, path: &str) -> PathGate {
         Self::lock(&self.copying)
             .entry((machine, path.to_string()))
             .or_default()
             .clone()
-    }
-
-    /// Sends `infos` (in order; their references are on `machine` or earlier in the
-    /// list) from `source` to `machine` on one pair of pooled sessions, and records
-    /// each path as it lands.
-    async fn send_in_order(
-        self: &Arc<Self>,
-        machine: MachineId,
-        source: MachineId,
-        mut infos: Vec<offload_nix::serve::PathInfo>,
-    ) -> Result<(), DriverError> {
-        if Some(machine) == self.client {
-            if let Some(signer) = &self.signer {
-                // The builder's own signatures stay; this one is for a daemon that
-                // trusts the user's key rather than the user.
-                for info in &mut infos {
-                    signer.sign(info);
-                }
-            }
-        }
-        let _lane = self.lanes[machine]
-            .acquire()
-            .await
-            .map_err(|_| DriverError::NotValid {
-                machine: self.pools[machine].endpoint().name.clone(),
-                path: infos.first().map(|i| i.path.clone()).unwrap_or_default(),
-            })?;
-        let mut from = self.pools[source].get_for(Traffic::FromMachine).await?;
-        let mut to = self.pools[machine].get_for(Traffic::ToMachine).await?;
-        let links: Vec<MachineId> = [source, machine]
-            .into_iter()
-            .filter(|&m| !self.specs[m].is_local)
-            .collect();
-        let concurrent = links
-            .iter()
-            .map(|&l| self.on_link[l].fetch_add(1, Ordering::Relaxed) + 1)
-            .max()
-            .unwrap_or(1);
-        let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
-        let started: Vec<Mutex<Option<Instant>>> = infos.iter().map(|_| Mutex::new(None)).collect();
-        let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let progress = |event: ChainProgress| match event {
-            ChainProgress::Sending(i) => {
-                let now = Instant::now();
-                *Self::lock(&started[i]) = Some(now);
-                // As for timings: a copy with this machine on one end tells of the
-                // other's link alone.
-                if let [l] = links[..] {
-                    Self::lock(&self.crossing)[l].insert((call, i), (now, infos[i].nar_size));
-                }
-                if let Some(r) = &self.reporter {
-                    r.transfer_started(&infos[i].path, from_name, to_name, infos[i].nar_size);
-                }
-            }
-            ChainProgress::Registered(i) => {
-                let mut crossing = Self::lock(&self.crossing);
-                for &l in &links {
-                    crossing[l].remove(&(call, i));
-                }
-                drop(crossing);
-                let seconds = Self::lock(&started[i]).map_or(0.0, |t| t.elapsed().as_secs_f64());
-                self.landed(&infos[i], source, machine, seconds, concurrent);
-            }
-        };
-        let result = to
-            .add_to_store_nars_from(&infos, &mut from, &progress)
-            .await;
-        for &l in &links {
-            self.on_link[l].fetch_sub(1, Ordering::Relaxed);
-            Self::lock(&self.crossing)[l].retain(|&(c, _), _| c != call);
-        }
-        self.pools[source].put(from);
-        self.pools[machine].put(to);
-        if let Err(e) = result {
-            // The path that was on its way when the copy broke.
-            let registry = self.registry();
-            let failed = infos.iter().find(|i| !registry.is_on(&i.path, machine));
-            drop(registry);
-            let path = failed.map_or("", |i| i.path.as_str());
-            if let (Some(r), Some(info)) = (&self.reporter, failed) {
-                r.transfer_finished(path, from_name, to_name, info.nar_size, 0.0, false);
-            }
-            return Err(self.blame(e, source, machine, path));
-        }
-        Ok(())
-    }
-
-    /// Records that `info.path` landed on `machine`, copied from `source` in `seconds`.
-    fn landed(
-        &self,
-        info: &offload_nix::serve::PathInfo,
-        source: MachineId,
-        machine: MachineId,
-        seconds: f64,
-        concurrent: u32,
-    ) {
-        let path = &info.path;
-        if let Some(r) = &self.reporter {
-            let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
-            r.transfer_finished(path, from_name, to_name, info.nar_size, seconds, true);
-        }
-        self.registry().add_holder(path, machine);
-        self.copied.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(info.nar_size, Ordering::Relaxed);
-        let mut news = Self::lock(&self.news);
-        news.landed.push((path.to_string(), machine));
-        // A copy with this machine on one end times the other's link alone.
-        let timed = match self.client {
-            Some(c) if source == c && machine != c => Some((machine, true)),
-            Some(c) if machine == c && source != c => Some((source, false)),
-            _ => None,
-        };
-        if let Some((other, to_machine)) = timed {
-            news.transfers.push(TransferRecord {
-                machine: other,
-                to_machine,
-                bytes: info.nar_size,
-                seconds,
-                concurrent,
-            });
-        }
-    }
-
-    /// A pipe that broke while the source's NAR went to `target` broke on the target's
-    /// side: the error names the target, so that it is the one taken out.
-    fn blame(
-        &self,
-        e: DriverError,
-        source: MachineId,
-        target: MachineId,
-        path: &str,
-    ) -> DriverError {
-        match e {
-            DriverError::Io {
-                machine,
-                source: io,
-                ..
-            } if machine == self.pools[source].endpoint().name
-                && io.kind() == std::io::ErrorKind::BrokenPipe =>
-            {
-                DriverError::Io {
-                    machine: self.pools[target].endpoint().name.clone(),
-                    op: "AddToStoreNar",
-                    source: std::io::Error::new(
-                        io.kind(),
-                        format!("the connection broke while {path} was sent to it ({io})"),
-                    ),
-                }
-            }
-            e => e,
-        }
     }
 
     /// Brings `path` into this machine's store on its way elsewhere. Boxed: the copy
