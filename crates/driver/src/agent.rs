@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 
 use crate::env::SLOT_WAIT_LIMIT;
 use crate::hook::{carry_out, BuildOrder, OrderFailure};
-use crate::remote_slots::RemoteSlots;
 use crate::session::Pool;
+use crate::slots::remote::RemoteSlots;
 use crate::slots::SlotLedger;
 use crate::ssh::Endpoint;
 

@@ -11,7 +11,7 @@
 //!   machines that keep failing;
 //! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
 //! - [`slots::SlotLedger`] — builders' slots, shared with Nix's own build hook;
-//! - [`remote_slots::RemoteSlots`] — builders' slots locked on the builders themselves,
+//! - [`slots::remote::RemoteSlots`] — builders' slots locked on the builders themselves,
 //!   so clients on different machines do not overbook a shared builder;
 //! - [`DriverError`] — what went wrong, naming the machine and the next step.
 //!
@@ -33,7 +33,6 @@ mod machine_state;
 pub mod nixconf;
 pub mod plan;
 pub mod process;
-pub mod remote_slots;
 pub mod reporter;
 mod runs;
 mod session;

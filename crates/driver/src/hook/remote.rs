@@ -22,8 +22,8 @@ use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::history::History;
 use crate::plan::{output_path, PlanError};
-use crate::remote_slots::{RemoteSlot, RemoteSlots};
 use crate::session::ServeConn;
+use crate::slots::remote::{RemoteSlot, RemoteSlots};
 use crate::slots::SlotLedger;
 use crate::ssh::Endpoint;
 use crate::transfer::PathRegistry;
@@ -46,7 +46,7 @@ pub struct BuildOrder {
     /// What Nix sent after the accept.
     pub inputs: Vec<String>,
     pub wanted_outputs: Vec<String>,
-    /// The builder's slots, to lock on the builder itself ([`crate::remote_slots`]);
+    /// The builder's slots, to lock on the builder itself ([`crate::slots::remote`]);
     /// 0 (from a hook that does not send it): no such lock.
     #[serde(default)]
     pub slots: u32,

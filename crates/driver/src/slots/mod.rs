@@ -11,6 +11,9 @@
 //!
 //! The local machine's slots are Nix's `max-jobs`, counted by Nix itself, never here.
 //! [`crate::env::OFFLOAD_SLOTS_DIR`] moves the ledger (for tests, or to keep offload's own).
+//!
+//! Clients on other machines keep ledgers of their own: [`remote`] locks slots on the
+//! builder itself, so that they do not overbook a builder they share.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -24,6 +27,8 @@ use std::time::{Duration, Instant};
 use rustix::fs::{flock, FlockOperation};
 
 use crate::error::DriverError;
+
+pub mod remote;
 
 /// How often a build waiting for a slot looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
