@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 # "from to" pairs a normal (or build) dependency may take, by package name. A dev
 # dependency may take these too, and offload-test-support besides.
 ALLOWED='
+offload-sim offload-nix
 offload-sim offload-sched
 offload-driver offload-nix
 offload-driver offload-sched

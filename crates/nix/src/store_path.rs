@@ -54,14 +54,7 @@ impl StorePath {
             path: base.to_string(),
             reason,
         };
-        let (hash_part, name) = match (base.get(..32), base.get(32..33), base.get(33..)) {
-            (Some(h), Some("-"), Some(n)) => (h, n),
-            _ => return Err(err("it does not start with a 32-character hash and a dash")),
-        };
-        if nixbase32::decode(hash_part.as_bytes()).is_err() {
-            return Err(err("its hash part is not nixbase32"));
-        }
-        validate_name(name).map_err(err)?;
+        let (hash_part, name) = split_base_name(base).map_err(err)?;
         Ok(StorePath {
             hash_part: hash_part.to_string(),
             name: name.to_string(),
@@ -95,6 +88,34 @@ impl StorePath {
     pub fn is_derivation(&self) -> bool {
         self.name.ends_with(".drv")
     }
+}
+
+/// Splits `<hash>-<name>` into its valid hash part and name, without allocating.
+fn split_base_name(base: &str) -> Result<(&str, &str), &'static str> {
+    let (hash_part, name) = match (base.get(..32), base.get(32..33), base.get(33..)) {
+        (Some(h), Some("-"), Some(n)) => (h, n),
+        _ => return Err("it does not start with a 32-character hash and a dash"),
+    };
+    if nixbase32::decode(hash_part.as_bytes()).is_err() {
+        return Err("its hash part is not nixbase32");
+    }
+    validate_name(name)?;
+    Ok((hash_part, name))
+}
+
+/// The name of the store path written as `path` (what [`StorePath::name`] gives), without
+/// parsing it into a [`StorePath`]; `None` when `path` is not a store path.
+pub fn path_name(path: &str) -> Option<&str> {
+    let base = path.strip_prefix(STORE_DIR)?.strip_prefix('/')?;
+    split_base_name(base).ok().map(|(_, name)| name)
+}
+
+/// What a derivation is called where a person reads it (progress, logs, the state): its
+/// store path's name without `.drv`. A string that is not a store path (a simulated
+/// graph's key) is its own name.
+pub fn derivation_name(drv: &str) -> &str {
+    let name = path_name(drv).unwrap_or(drv);
+    name.strip_suffix(".drv").unwrap_or(name)
 }
 
 impl fmt::Display for StorePath {
@@ -202,6 +223,20 @@ pub fn make_output_path(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_are_cut_as_a_parsed_store_path_gives_them() {
+        let drv = "/nix/store/0c3ajb1q5dlr8ac2qzg9s2rkbmf4x1aa-hello-2.12.drv";
+        assert_eq!(
+            path_name(drv),
+            Some(StorePath::from_absolute_path(drv).unwrap().name())
+        );
+        assert_eq!(derivation_name(drv), "hello-2.12");
+        // Not store paths: a hash of the wrong length, another directory, a plain key.
+        assert_eq!(path_name("/nix/store/abc-hello.drv"), None);
+        assert_eq!(path_name("/tmp/0c3ajb1q5dlr8ac2qzg9s2rkbmf4x1aa-x"), None);
+        assert_eq!(derivation_name("l3-29"), "l3-29");
+    }
+
     use super::*;
 
     fn hex32(s: &str) -> [u8; 32] {

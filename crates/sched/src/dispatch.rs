@@ -217,7 +217,7 @@ impl Scheduler {
         let mut waits = 0usize;
         // Slots of the machines booked in this round (waiting for a busy machine books
         // its slot only for this round's planning).
-        let mut booked: HashMap<MachineId, Vec<(f64, bool)>> = HashMap::new();
+        let mut booked: Booked = HashMap::new();
         let mut next: Vec<Option<Option<ReadyKey>>> = vec![None; self.kinds.len()];
         let mut holders: Vec<MachineId> = Vec::new();
         while free_slots > 0 {
@@ -231,119 +231,17 @@ impl Scheduler {
                     .copied(),
             );
             let only_free = waits >= RESERVATIONS_PER_ROUND;
-            let id = key.node;
-            let node = self.graph.node(id);
-            // Machines holding some of its inputs are weighed one by one; of the
-            // others, only the earliest of each class can be best.
-            holders.clear();
-            for &d in &node.deps {
-                holders.extend(self.holders[d].iter().copied());
-            }
-            holders.sort_unstable();
-            holders.dedup();
-            // (when its outputs are where needed, slot free now, machine, when built)
-            let mut best: Option<(f64, bool, MachineId, f64)> = None;
-            for &c in &self.kinds[kind].classes {
-                let spec = &self.machines[self.classes[c][0]];
-                let build_time = spec.build_time(node);
-                if best.is_some_and(|(f, _, _, _)| now + build_time > f + 1e-9) {
-                    // This class and all slower ones finish later even if free now.
-                    break;
-                }
-                if only_free && self.free_in_class[c] == 0 {
-                    continue;
-                }
-                let earliest = self.queues[c]
-                    .iter()
-                    .find(|k| holders.binary_search(&k.machine).is_err())
-                    .map(|k| k.machine);
-                let in_class = holders
-                    .iter()
-                    .copied()
-                    .filter(|&h| self.class_of[h] == c && self.alive[h]);
-                for m in earliest.into_iter().chain(in_class) {
-                    let first = match booked.get(&m) {
-                        Some(slots) => slots.first().copied(),
-                        None => self.queued[m].map(|k| (k.time, !k.busy)),
-                    };
-                    let Some((slot_time, is_free)) = first else {
-                        continue;
-                    };
-                    if only_free && !is_free {
-                        continue;
-                    }
-                    let setup = if self.session_ready[m] {
-                        0.0
-                    } else {
-                        self.machines[m].session_setup
-                    };
-                    let built = self.inputs_arrive(id, m, slot_time.max(now))
-                        + build_time
-                        + self.machines[m].per_build
-                        + setup;
-                    let finish = self.outputs_home(id, m, built);
-                    // Earliest finish; at a tie, a slot free now beats waiting for one,
-                    // then the lower machine index.
-                    let better = match best {
-                        None => true,
-                        Some((f, best_free, bm, _)) => {
-                            finish < f - 1e-9
-                                || (finish <= f + 1e-9
-                                    && ((is_free && !best_free)
-                                        || (is_free == best_free && m < bm)))
-                        }
-                    };
-                    if better {
-                        best = Some((finish, is_free, m, built));
-                    }
-                }
-            }
-            let Some((_, is_free, m, built)) = best else {
+            let Some(best) =
+                self.best_machine(kind, key.node, now, only_free, &booked, &mut holders)
+            else {
                 continue;
             };
-            // Book the slot: it is busy until `built` for everything planned after.
-            let class = self.class_of[m];
-            let slots = match booked.entry(m) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let slots = self.slot_list(m);
-                    e.insert(slots)
-                }
-            };
-            let (t, free) = slots[0];
-            self.queues[class].remove(&SlotKey::new(t, free, m));
-            slots[0] = (built, false);
-            slots.sort_unstable_by(slot_order);
-            let (t, free) = slots[0];
-            // `queued` keeps the machine's key outside this round's bookings.
-            self.queues[class].insert(SlotKey::new(t, free, m));
-            if !is_free {
-                waits += 1;
-            } else {
+            self.book(best.machine, best.built, &mut booked);
+            if best.free_now {
                 free_slots -= 1;
-                self.free_in_class[class] -= 1;
-                self.ready[kind].remove(&key);
-                self.set_state(
-                    id,
-                    NodeState::Running {
-                        machine: m,
-                        expected_end: built,
-                    },
-                );
-                self.started_at[id] = now;
-                self.send_inputs(id, m, now);
-                // Its outputs will go home over that link, after those of the builds
-                // running there now.
-                if self.home_route(id, m).is_some() {
-                    self.home_pending[m] += self.graph.node(id).output_bytes;
-                }
-                self.running[m].push(id);
-                self.running_count += 1;
-                self.session_ready[m] = true;
-                actions.push(Action::Start {
-                    node: id,
-                    machine: m,
-                });
+                self.start_on(kind, key, best.machine, best.built, now, actions);
+            } else {
+                waits += 1;
             }
         }
         // Bookings of waits end with the round: the queues go back to the real slots.
@@ -354,4 +252,160 @@ impl Scheduler {
             self.replace_queue_key(m);
         }
     }
+
+    /// The machine where ready node `id` of `kind` would have its outputs where they are
+    /// needed first, given this round's bookings; with `only_free`, among slots free now.
+    fn best_machine(
+        &self,
+        kind: usize,
+        id: NodeId,
+        now: f64,
+        only_free: bool,
+        booked: &Booked,
+        holders: &mut Vec<MachineId>,
+    ) -> Option<Placement> {
+        let node = self.graph.node(id);
+        // Machines holding some of its inputs are weighed one by one; of the
+        // others, only the earliest of each class can be best.
+        holders.clear();
+        for &d in &node.deps {
+            holders.extend(self.holders[d].iter().copied());
+        }
+        holders.sort_unstable();
+        holders.dedup();
+        let mut best: Option<Placement> = None;
+        for &c in &self.kinds[kind].classes {
+            let spec = &self.machines[self.classes[c][0]];
+            let build_time = spec.build_time(node);
+            if best.is_some_and(|b| now + build_time > b.finish + 1e-9) {
+                // This class and all slower ones finish later even if free now.
+                break;
+            }
+            if only_free && self.free_in_class[c] == 0 {
+                continue;
+            }
+            let earliest = self.queues[c]
+                .iter()
+                .find(|k| holders.binary_search(&k.machine).is_err())
+                .map(|k| k.machine);
+            let in_class = holders
+                .iter()
+                .copied()
+                .filter(|&h| self.class_of[h] == c && self.alive[h]);
+            for m in earliest.into_iter().chain(in_class) {
+                let first = match booked.get(&m) {
+                    Some(slots) => slots.first().copied(),
+                    None => self.queued[m].map(|k| (k.time, !k.busy)),
+                };
+                let Some((slot_time, is_free)) = first else {
+                    continue;
+                };
+                if only_free && !is_free {
+                    continue;
+                }
+                let setup = if self.session_ready[m] {
+                    0.0
+                } else {
+                    self.machines[m].session_setup
+                };
+                let built = self.inputs_arrive(id, m, slot_time.max(now))
+                    + build_time
+                    + self.machines[m].per_build
+                    + setup;
+                let finish = self.outputs_home(id, m, built);
+                // Earliest finish; at a tie, a slot free now beats waiting for one,
+                // then the lower machine index.
+                let better = match best {
+                    None => true,
+                    Some(b) => {
+                        finish < b.finish - 1e-9
+                            || (finish <= b.finish + 1e-9
+                                && ((is_free && !b.free_now)
+                                    || (is_free == b.free_now && m < b.machine)))
+                    }
+                };
+                if better {
+                    best = Some(Placement {
+                        finish,
+                        free_now: is_free,
+                        machine: m,
+                        built,
+                    });
+                }
+            }
+        }
+        best
+    }
+
+    /// Books the first slot of machine `m` until `built` for everything planned after
+    /// in this round.
+    fn book(&mut self, m: MachineId, built: f64, booked: &mut Booked) {
+        let class = self.class_of[m];
+        let slots = match booked.entry(m) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let slots = self.slot_list(m);
+                e.insert(slots)
+            }
+        };
+        let (t, free) = slots[0];
+        self.queues[class].remove(&SlotKey::new(t, free, m));
+        slots[0] = (built, false);
+        slots.sort_unstable_by(slot_order);
+        let (t, free) = slots[0];
+        // `queued` keeps the machine's key outside this round's bookings.
+        self.queues[class].insert(SlotKey::new(t, free, m));
+    }
+
+    /// Starts ready node `key.node` of `kind` on machine `m` now, expected built at
+    /// `built`.
+    fn start_on(
+        &mut self,
+        kind: usize,
+        key: ReadyKey,
+        m: MachineId,
+        built: f64,
+        now: f64,
+        actions: &mut Vec<Action>,
+    ) {
+        let id = key.node;
+        self.free_in_class[self.class_of[m]] -= 1;
+        self.ready[kind].remove(&key);
+        self.set_state(
+            id,
+            NodeState::Running {
+                machine: m,
+                expected_end: built,
+            },
+        );
+        self.started_at[id] = now;
+        self.send_inputs(id, m, now);
+        // Its outputs will go home over that link, after those of the builds
+        // running there now.
+        if self.home_route(id, m).is_some() {
+            self.home_pending[m] += self.graph.node(id).output_bytes;
+        }
+        self.running[m].push(id);
+        self.running_count += 1;
+        self.session_ready[m] = true;
+        actions.push(Action::Start {
+            node: id,
+            machine: m,
+        });
+    }
+}
+
+/// Slots of the machines booked in a round: (free at, free now) per slot, earliest first.
+type Booked = HashMap<MachineId, Vec<(f64, bool)>>;
+
+/// A candidate placement of a ready node.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    /// When its outputs are where they are needed.
+    finish: f64,
+    /// Whether the slot is free now (else the node would wait for it).
+    free_now: bool,
+    machine: MachineId,
+    /// When it would be built.
+    built: f64,
 }

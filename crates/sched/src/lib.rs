@@ -24,6 +24,7 @@
 mod classes;
 mod dispatch;
 pub mod events;
+mod failures;
 pub mod fleet;
 pub mod graph;
 mod rehearsal;

@@ -296,28 +296,7 @@ impl NarDecoder {
                 self.state = State::TypeValue;
                 None
             }
-            State::TypeValue => match token.as_slice() {
-                b"regular" => {
-                    self.executable = false;
-                    self.state = State::RegularField;
-                    None
-                }
-                b"symlink" => {
-                    self.state = State::SymlinkKeyword;
-                    None
-                }
-                b"directory" => {
-                    if self.dirs.len() >= MAX_DEPTH {
-                        return Err(NarError::TooDeep {
-                            offset: self.offset,
-                        });
-                    }
-                    self.dirs.push(None);
-                    self.state = State::DirectoryField;
-                    Some(NarEvent::DirectoryStart)
-                }
-                other => return Err(self.unexpected("regular, symlink or directory", other)),
-            },
+            State::TypeValue => self.on_type(&token)?,
             State::RegularField => match token.as_slice() {
                 b"executable" => {
                     self.state = State::ExecutableValue;
@@ -381,34 +360,7 @@ impl NarDecoder {
                 self.state = State::EntryName;
                 None
             }
-            State::EntryName => {
-                let bad = token.is_empty()
-                    || token == b"."
-                    || token == b".."
-                    || token.contains(&b'/')
-                    || token.contains(&0);
-                if bad {
-                    return Err(NarError::BadName {
-                        offset: self.offset,
-                        name: lossy(&token),
-                    });
-                }
-                let offset = self.offset;
-                if let Some(Some(previous)) = self.dirs.last() {
-                    if token <= *previous {
-                        return Err(NarError::Unsorted {
-                            offset,
-                            name: lossy(&token),
-                            previous: lossy(previous),
-                        });
-                    }
-                }
-                if let Some(last) = self.dirs.last_mut() {
-                    *last = Some(token.clone());
-                }
-                self.state = State::EntryNodeKeyword;
-                Some(NarEvent::Entry { name: token })
-            }
+            State::EntryName => Some(self.on_entry_name(token)?),
             State::EntryNodeKeyword => {
                 self.expect(&token, "node")?;
                 self.state = State::NodeOpen;
@@ -425,5 +377,62 @@ impl NarDecoder {
             | State::Done => None,
         };
         Ok(event)
+    }
+
+    /// The node's type: `regular`, `symlink` or `directory`.
+    fn on_type(&mut self, token: &[u8]) -> Result<Option<NarEvent<'static>>, NarError> {
+        match token {
+            b"regular" => {
+                self.executable = false;
+                self.state = State::RegularField;
+                Ok(None)
+            }
+            b"symlink" => {
+                self.state = State::SymlinkKeyword;
+                Ok(None)
+            }
+            b"directory" => {
+                if self.dirs.len() >= MAX_DEPTH {
+                    return Err(NarError::TooDeep {
+                        offset: self.offset,
+                    });
+                }
+                self.dirs.push(None);
+                self.state = State::DirectoryField;
+                Ok(Some(NarEvent::DirectoryStart))
+            }
+            other => Err(self.unexpected("regular, symlink or directory", other)),
+        }
+    }
+
+    /// A directory entry's name: not empty, `.`, `..`, nor with `/` or NUL, and after
+    /// the previous entry's.
+    fn on_entry_name(&mut self, token: Vec<u8>) -> Result<NarEvent<'static>, NarError> {
+        let bad = token.is_empty()
+            || token == b"."
+            || token == b".."
+            || token.contains(&b'/')
+            || token.contains(&0);
+        if bad {
+            return Err(NarError::BadName {
+                offset: self.offset,
+                name: lossy(&token),
+            });
+        }
+        let offset = self.offset;
+        if let Some(Some(previous)) = self.dirs.last() {
+            if token <= *previous {
+                return Err(NarError::Unsorted {
+                    offset,
+                    name: lossy(&token),
+                    previous: lossy(previous),
+                });
+            }
+        }
+        if let Some(last) = self.dirs.last_mut() {
+            *last = Some(token.clone());
+        }
+        self.state = State::EntryNodeKeyword;
+        Ok(NarEvent::Entry { name: token })
     }
 }

@@ -360,13 +360,10 @@ impl Policy for NixPolicy {
     }
 }
 
-/// The name part of a key that is a store path (`/nix/store/<hash>-<name>`).
+/// A goal's name as Nix orders goals: the key's store path name (`.drv` kept); a key
+/// that is not a store path (a generated graph's) is its own name.
 fn drv_name(key: &str) -> &str {
-    let base = key.rsplit('/').next().unwrap_or(key);
-    match base.split_once('-') {
-        Some((hash, name)) if key.contains('/') && hash.len() == 32 => name,
-        _ => base,
-    }
+    offload_nix::store_path::path_name(key).unwrap_or(key)
 }
 
 /// Nix 2.8 reads the speed factor as an unsigned integer.
