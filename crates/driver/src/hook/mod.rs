@@ -21,6 +21,7 @@ use offload_nix::hook::{
     log_line, HookReply, HookRequest, LogLevel, RequestDecoder, SettingsDecoder,
 };
 use offload_nix::serve::BuildSettings;
+use offload_nix::store_path::derivation_name;
 use offload_nix::wire::{tokio_io::read_message, WireError};
 use tokio::io::AsyncRead;
 
@@ -222,7 +223,7 @@ pub async fn run(
                 return HookExit::Failed;
             }
         };
-        let name = name_of(&request.drv_path);
+        let name = derivation_name(&request.drv_path);
         let estimate = knowledge.estimate(name).0;
         // A user may have chosen hosts for this derivation through the agent
         // (`offload build --through-daemon --on …`).
@@ -393,13 +394,6 @@ async fn choose_waiting(
     }
 }
 
-/// The derivation's name, for the history: its `.drv` base name without hash and suffix.
-fn name_of(drv_path: &str) -> &str {
-    let base = drv_path.rsplit('/').next().unwrap_or(drv_path);
-    let name = base.split_once('-').map_or(base, |(_, n)| n);
-    name.strip_suffix(".drv").unwrap_or(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +416,5 @@ mod tests {
         assert_eq!(s.system_features, ["kvm", "big-parallel"]);
         assert_eq!(s.build.build_timeout, 60);
         assert_eq!(s.store, None);
-        assert_eq!(name_of("/nix/store/abc-hello-2.1.drv"), "hello-2.1");
     }
 }

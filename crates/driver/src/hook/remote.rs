@@ -9,7 +9,7 @@ use std::time::Instant;
 use offload_nix::derivation::Derivation;
 use offload_nix::hook::{BuildInputs, BuildInputsDecoder, LogLevel, TryRequest};
 use offload_nix::serve::{BuildSettings, BuildStatus};
-use offload_nix::store_path::StorePath;
+use offload_nix::store_path::{derivation_name, StorePath};
 use offload_nix::wire::{tokio_io::read_message, WireError};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -150,7 +150,7 @@ pub(super) async fn build(
     match result {
         Ok(()) => {
             if let Some(history) = job.history {
-                let name = super::name_of(&job.request.drv_path);
+                let name = derivation_name(&job.request.drv_path);
                 let seconds = started.elapsed().as_secs_f64();
                 let spec = &job.machine.spec;
                 if let Err(e) = history.record(
