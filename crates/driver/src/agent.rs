@@ -22,7 +22,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::env::SLOT_WAIT_LIMIT;
-use crate::hook::{carry_out, BuildOrder, OrderFailure};
+use crate::order::{carry_out, BuildOrder, OrderFailure};
 use crate::session::Pool;
 use crate::slots::remote::RemoteSlots;
 use crate::slots::SlotLedger;

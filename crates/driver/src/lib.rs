@@ -31,6 +31,7 @@ pub mod hook;
 pub mod learn;
 mod machine_state;
 pub mod nixconf;
+pub mod order;
 pub mod plan;
 pub mod process;
 pub mod reporter;

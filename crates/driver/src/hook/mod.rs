@@ -36,8 +36,6 @@ pub use choice::{AGENT_OVERHEAD_SECONDS, REMOTE_OVERHEAD_SECONDS};
 /// How long a `try` may wait for a builder's slot to free before the hook postpones:
 /// Nix asks again only after its poll interval (5 s), far longer than most builds.
 const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-pub(crate) use remote::carry_out;
-pub use remote::{BuildOrder, OrderFailure};
 
 /// How the hook was started.
 #[derive(Debug, Clone)]
