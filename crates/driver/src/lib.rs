@@ -21,7 +21,6 @@
 pub mod agent;
 pub mod build;
 pub mod daemon;
-pub mod doctor;
 pub mod dry_run;
 pub mod env;
 mod error;
@@ -38,7 +37,6 @@ pub mod reporter;
 mod runs;
 mod session;
 pub mod shutdown;
-pub mod signing;
 pub mod slots;
 pub mod ssh;
 pub mod transfer;

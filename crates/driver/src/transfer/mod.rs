@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use crate::error::DriverError;
 use crate::reporter::Reporter;
 use crate::session::{Pool, ServeConn};
-use crate::signing::PathSigner;
+use crate::trust::signing::PathSigner;
 
 mod copy;
 mod order;

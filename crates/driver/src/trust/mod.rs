@@ -15,6 +15,10 @@
 //!   (`secret-key-files` there) and that this store trusts its key.
 //!
 //! Probe paths are a few bytes each and are left to the garbage collector.
+//!
+//! Beside it: signing paths as Nix does ([`signing`]), for a daemon that trusts keys
+//! rather than the user, and `offload doctor` ([`doctor`]), which runs this check with
+//! the others, machine by machine.
 
 use offload_nix::derivation::{Derivation, Output};
 use offload_nix::hash::sha256;
@@ -26,7 +30,10 @@ use offload_sched::MachineId;
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::session::ServeConn;
-use crate::signing::PathSigner;
+
+pub mod doctor;
+pub mod signing;
+use signing::PathSigner;
 
 /// What the local store lets this user do, as the runner needs to know it.
 #[derive(Debug, Clone)]
