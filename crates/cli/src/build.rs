@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::build::{self, BuildOptions, LogDestination, NodeResult, Reliability};
-use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::build_fleet;
+use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::learn::Knowledge;
-use offload_driver::nixconf::NixSettings;
+use offload_driver::plan::dry_run::dry_run;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
 use offload_driver::process;
 use offload_driver::shutdown::Shutdown;

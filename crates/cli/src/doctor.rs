@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::build_fleet;
-use offload_driver::nixconf::NixSettings;
+use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::trust::doctor::{self, MachineReport, Severity};
 use offload_driver::trust::signing::PathSigner;
 

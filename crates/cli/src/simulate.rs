@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
+use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
 use offload_driver::learn::{
     bound_under_way, link_figures, moved, refit_interval, BuildRow, Knowledge, Transfer, LOCAL_KEY,
     RECENT_TRANSFERS, ROWS_READ, SLOWER_UNDER_WAY,
 };
-use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
 use offload_driver::{Endpoint, EstimateSource, History, ServeConn};
 use offload_nix::machines::parse_builders;

@@ -21,7 +21,6 @@
 pub mod agent;
 pub mod build;
 pub mod daemon;
-pub mod dry_run;
 pub mod env;
 mod error;
 pub mod fleet;
@@ -29,7 +28,6 @@ mod history;
 pub mod hook;
 pub mod learn;
 mod machine_state;
-pub mod nixconf;
 pub mod order;
 pub mod plan;
 pub mod process;

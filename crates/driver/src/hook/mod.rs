@@ -26,10 +26,10 @@ use offload_nix::wire::{tokio_io::read_message, WireError};
 use tokio::io::AsyncRead;
 
 use crate::env::OFFLOAD_HOOK_BUILDERS;
+use crate::fleet::nixconf::NixSettings;
 use crate::fleet::{build_fleet, MachineChoice, MachineConfig};
 use crate::history::History;
 use crate::learn::Knowledge;
-use crate::nixconf::NixSettings;
 use crate::slots::SlotLedger;
 
 pub use choice::{AGENT_OVERHEAD_SECONDS, REMOTE_OVERHEAD_SECONDS};
