@@ -16,7 +16,7 @@ use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
 use offload_driver::process;
 use offload_driver::shutdown::Shutdown;
 use offload_driver::trust::LocalAccess;
-use offload_driver::{DriverError, History};
+use offload_driver::{DriverError, StateDb};
 use offload_nix::serve::BuildSettings;
 use offload_nix::store_path::StorePath;
 
@@ -137,7 +137,7 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         .history
         .clone()
         .unwrap_or_else(offload_driver::env::state_db_path);
-    let history = match History::open(&history_path) {
+    let history = match StateDb::open(&history_path) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!("{e}; planning with default estimates");

@@ -12,7 +12,7 @@ use offload_driver::learn::{
     RECENT_TRANSFERS, ROWS_READ, SLOWER_UNDER_WAY,
 };
 use offload_driver::plan::{build_nodes, read_drv_closure};
-use offload_driver::{Endpoint, EstimateSource, History, ServeConn};
+use offload_driver::{Endpoint, EstimateSource, ServeConn, StateDb};
 use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineSpec, NodeSpec, DEFAULT_OUTPUT_BYTES};
@@ -95,7 +95,7 @@ async fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
         let root = StorePath::from_absolute_path(drv).map_err(Failure::usage)?;
         let drvs = read_drv_closure(Path::new("/"), std::slice::from_ref(&root))
             .map_err(Failure::usage)?;
-        let history = History::open(
+        let history = StateDb::open(
             &args
                 .history
                 .clone()

@@ -18,7 +18,7 @@ use offload_sched::MachineSpec;
 use rusqlite::params;
 
 use crate::fleet::{MachineConfig, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
-use crate::history::{package_name, EstimateSource, History, HistoryError, DEFAULT_SECONDS};
+use crate::state::{package_name, EstimateSource, StateDb, StateError, DEFAULT_SECONDS};
 
 /// Seconds between fits of the machines' speeds during a run, when a fit reads all of
 /// [`ROWS_READ`] (see [`refit_interval`]).
@@ -259,10 +259,10 @@ impl Knowledge {
     }
 }
 
-impl History {
+impl StateDb {
     /// Fits what the recorded builds and transfers say; `local_system` is this
     /// machine's native system, the unit of speed.
-    pub fn knowledge(&self, local_system: &str) -> Result<Knowledge, HistoryError> {
+    pub fn knowledge(&self, local_system: &str) -> Result<Knowledge, StateError> {
         let err = || self.error("reading what was learned");
         let mut stmt = self
             .conn()
@@ -347,7 +347,7 @@ impl History {
         sql: &str,
         per_key: usize,
         value: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> Result<HashMap<String, Vec<T>>, HistoryError> {
+    ) -> Result<HashMap<String, Vec<T>>, StateError> {
         let err = || self.error("reading what was learned");
         let mut stmt = self.conn().prepare(sql).map_err(err())?;
         let rows = stmt
@@ -375,7 +375,7 @@ impl History {
         bytes: u64,
         seconds: f64,
         concurrent: u32,
-    ) -> Result<(), HistoryError> {
+    ) -> Result<(), StateError> {
         self.conn()
             .execute(
                 "INSERT INTO transfers (machine, direction, bytes, seconds, concurrent, at)
@@ -386,7 +386,7 @@ impl History {
                     bytes as i64,
                     seconds,
                     concurrent.max(1),
-                    crate::history::unix_now()
+                    crate::state::unix_now()
                 ],
             )
             .map(|_| ())
@@ -394,7 +394,7 @@ impl History {
     }
 
     /// The CPU cores of `machine` (its key), when learned.
-    pub fn cores(&self, machine: &str) -> Result<Option<u32>, HistoryError> {
+    pub fn cores(&self, machine: &str) -> Result<Option<u32>, StateError> {
         use rusqlite::OptionalExtension;
         self.conn()
             .query_row(
@@ -406,12 +406,12 @@ impl History {
             .map_err(self.error("reading a machine's cores"))
     }
 
-    pub fn set_cores(&self, machine: &str, cores: u32) -> Result<(), HistoryError> {
+    pub fn set_cores(&self, machine: &str, cores: u32) -> Result<(), StateError> {
         self.conn()
             .execute(
                 "INSERT INTO machine_cores (machine, cores, learned_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (machine) DO UPDATE SET cores = ?2, learned_at = ?3",
-                params![machine, cores, crate::history::unix_now()],
+                params![machine, cores, crate::state::unix_now()],
             )
             .map(|_| ())
             .map_err(self.error("recording a machine's cores"))
@@ -425,7 +425,7 @@ const CORES_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// do here (a build alone gets all). Learned once per machine, by running `nproc`
 /// there the way its sessions run, and kept in the state database; a machine that
 /// cannot say keeps its own `cores` setting.
-pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&History>) {
+pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&StateDb>) {
     let mut asking = tokio::task::JoinSet::new();
     for (i, m) in fleet.iter_mut().enumerate() {
         if m.cores.is_some() || m.spec.is_local || m.spec.slots == 0 {
@@ -1075,11 +1075,11 @@ mod tests {
     #[test]
     fn what_a_build_costs_besides_itself_is_kept_per_machine() {
         let dir = tempfile::tempdir().unwrap();
-        let h = History::open(&dir.path().join("state.sqlite")).unwrap();
+        let h = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
         // Four builds on a builder: 0.4 s around each, and once 3 s of input copies.
         for (i, extra) in [0.4, 0.45, 3.0, 0.4].iter().enumerate() {
             let name = format!("d{i}");
-            h.record_build(&crate::history::BuildRecord {
+            h.record_build(&crate::state::BuildRecord {
                 name: &name,
                 system: SYS,
                 machine: "ssh://b",

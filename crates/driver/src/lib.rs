@@ -7,7 +7,7 @@
 //! - [`ServeConn`] — one serve session: queries, NAR streaming, imports, builds;
 //! - [`copy_closure`] — copies a closure between two stores, several transfers at once;
 //! - [`build::run`] — builds a graph of derivations over a fleet, as the scheduler plans;
-//! - [`History`] — the state database in SQLite: build durations for estimates, and
+//! - [`StateDb`] — the state database in SQLite: build durations for estimates, and
 //!   machines that keep failing;
 //! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
 //! - [`slots::SlotLedger`] — builders' slots, shared with Nix's own build hook;
@@ -24,30 +24,27 @@ pub mod daemon;
 pub mod env;
 mod error;
 pub mod fleet;
-mod history;
 pub mod hook;
 pub mod learn;
-mod machine_state;
 pub mod order;
 pub mod plan;
 pub mod process;
 pub mod reporter;
-mod runs;
 mod session;
 pub mod shutdown;
 pub mod slots;
 pub mod ssh;
+pub mod state;
 pub mod transfer;
 pub mod trust;
 
 pub use error::DriverError;
-pub use history::{
-    package_name, BuildRecord, EstimateSource, History, HistoryError, DEFAULT_SECONDS,
-};
-pub use machine_state::{format_utc, MachineRecord};
-pub use runs::RunRecord;
 pub use session::ServeConn;
 pub use session::{Pool, Traffic};
 pub use ssh::{shell_quote, Endpoint, Route};
+pub use state::{
+    format_utc, package_name, BuildRecord, EstimateSource, MachineRecord, RunRecord, StateDb,
+    StateError, DEFAULT_SECONDS,
+};
 pub use transfer::PathRegistry;
 pub use transfer::{copy_closure, CopyFailure, CopyOptions, CopyStats};

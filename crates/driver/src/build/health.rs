@@ -10,8 +10,8 @@ use std::time::Duration;
 use offload_sched::MachineId;
 
 use crate::env;
-use crate::history::{unix_now, History};
-use crate::machine_state::format_utc;
+use crate::state::format_utc;
+use crate::state::{unix_now, StateDb};
 
 /// How a run treats machines that fail.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +72,7 @@ pub(crate) enum AfterFailure {
 /// Each machine's failures in this run and before.
 pub(crate) struct Health<'h> {
     policy: Reliability,
-    history: Option<&'h History>,
+    history: Option<&'h StateDb>,
     names: Vec<String>,
     /// Consecutive failures, earlier runs included.
     failures: Vec<u32>,
@@ -83,7 +83,7 @@ pub(crate) struct Health<'h> {
 impl<'h> Health<'h> {
     pub(crate) fn new(
         policy: Reliability,
-        history: Option<&'h History>,
+        history: Option<&'h StateDb>,
         names: Vec<String>,
     ) -> Self {
         let n = names.len();
@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn failures_back_off_then_quarantine_and_are_remembered() {
         let dir = tempfile::tempdir().unwrap();
-        let history = History::open(&dir.path().join("state.sqlite")).unwrap();
+        let history = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
         let policy = Reliability {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(3),

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::DriverError;
 pub use crate::fleet::MachineConfig;
-use crate::history::History;
 use crate::learn::{learn_cores, Knowledge};
 use crate::reporter::Reporter;
+use crate::state::StateDb;
 use crate::trust::LocalAccess;
 pub use health::Reliability;
 
@@ -219,7 +219,7 @@ pub async fn run(
     nodes: Vec<BuildNode>,
     machines: Vec<MachineConfig>,
     wanted: Vec<String>,
-    history: Option<&History>,
+    history: Option<&StateDb>,
     options: &BuildOptions,
     reporter: Arc<dyn Reporter>,
     stop: CancellationToken,

@@ -20,8 +20,8 @@ use super::health::{AfterFailure, Health, Reliability};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
-use crate::history::{BuildRecord, History};
 use crate::learn::{moved, refit_interval, SLOWER_UNDER_WAY};
+use crate::state::{BuildRecord, StateDb};
 use crate::transfer::TransferNews;
 
 /// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
@@ -130,7 +130,7 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     machines: Vec<MachineSpec>,
     cores: Vec<Option<u32>>,
     sched: Scheduler,
-    history: Option<&'h History>,
+    history: Option<&'h StateDb>,
     reporter: Arc<dyn Reporter>,
     clock: Instant,
     /// Output paths to bring to the local store, and the same as a set.
@@ -182,7 +182,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         wanted: Vec<String>,
         keep_going: bool,
         reliability: Reliability,
-        history: Option<&'h History>,
+        history: Option<&'h StateDb>,
         reporter: Arc<dyn Reporter>,
     ) -> Result<Self, DriverError> {
         let graph =
@@ -462,7 +462,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 Event::MachineLost { machine },
                 format!(
                     "it failed too often: quarantined until {}",
-                    crate::machine_state::format_utc(until)
+                    crate::state::format_utc(until)
                 ),
                 "machine_quarantined",
             ),

@@ -14,7 +14,7 @@ use super::runner::{BuildTask, BuildTransport, Runner, TaskDone};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
-use crate::history::History;
+use crate::state::StateDb;
 
 const SYSTEM: &str = "x86_64-linux";
 const REMOTE: MachineId = 1;
@@ -314,7 +314,7 @@ async fn run(
     machines: Vec<MachineSpec>,
     transport: FakeTransport,
     keep_going: bool,
-    history: Option<&History>,
+    history: Option<&StateDb>,
     stop: CancellationToken,
 ) -> Run {
     let wanted = nodes
@@ -361,7 +361,7 @@ async fn starts_in_dependency_order_finishes_and_brings_outputs_home() {
     let nodes = vec![node("a", &[]), node("b", &[]), node("top", &[0, 1])];
     let transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
     let dir = tempfile::tempdir().unwrap();
-    let history = History::open(&dir.path().join("history.sqlite")).unwrap();
+    let history = StateDb::open(&dir.path().join("history.sqlite")).unwrap();
     let run = run(nodes, fleet(1), transport, false, Some(&history), never()).await;
     let report = run.report();
     assert!(report.all_built(), "{:?}", report.results);
@@ -655,7 +655,7 @@ async fn a_build_no_machine_remains_for_fails_saying_why_each_was_lost() {
 #[tokio::test]
 async fn a_quarantined_machine_is_skipped_by_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
-    let history = History::open(&dir.path().join("state.sqlite")).unwrap();
+    let history = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
     let nodes = vec![node("x", &[])];
     // Runs end before the builder's backoff: each counts at least its first failure,
     // and the count goes on from run to run until the fifth quarantines it.

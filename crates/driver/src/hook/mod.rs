@@ -28,9 +28,9 @@ use tokio::io::AsyncRead;
 use crate::env::OFFLOAD_HOOK_BUILDERS;
 use crate::fleet::nixconf::NixSettings;
 use crate::fleet::{build_fleet, MachineChoice, MachineConfig};
-use crate::history::History;
 use crate::learn::Knowledge;
 use crate::slots::SlotLedger;
+use crate::state::StateDb;
 
 pub use choice::{AGENT_OVERHEAD_SECONDS, REMOTE_OVERHEAD_SECONDS};
 
@@ -179,7 +179,7 @@ struct Setup {
     settings: HookSettings,
     choice: MachineChoice,
     nix_settings: NixSettings,
-    history: Option<History>,
+    history: Option<StateDb>,
     knowledge: Knowledge,
     fleet: Vec<MachineConfig>,
     /// What an accepted build costs besides the build: less when the agent is up.
@@ -213,7 +213,7 @@ async fn set_up(
     };
     let nix_settings = settings.nix_settings(builders);
     let history = options.history.as_deref().and_then(|path| {
-        History::open(path)
+        StateDb::open(path)
             .map_err(|e| tracing::debug!("estimates are the defaults: {e}"))
             .ok()
     });

@@ -15,12 +15,12 @@ use super::{tell, HookExit, HookSettings};
 use crate::env::SLOT_WAIT_LIMIT;
 use crate::error::DriverError;
 use crate::fleet::MachineConfig;
-use crate::history::History;
 use crate::order::{carry_out, BuildOrder, OrderError, OrderFailure};
 use crate::session::ServeConn;
 use crate::slots::remote::{RemoteSlot, RemoteSlots};
 use crate::slots::SlotLedger;
 use crate::ssh::Endpoint;
+use crate::state::StateDb;
 
 /// Where Nix reads the build log of a hook's build.
 const BUILD_LOG_FD: &str = "/proc/self/fd/4";
@@ -47,7 +47,7 @@ pub(super) struct Job<'a> {
     pub request: &'a TryRequest,
     pub machine: &'a MachineConfig,
     pub settings: &'a HookSettings,
-    pub history: Option<&'a History>,
+    pub history: Option<&'a StateDb>,
     pub ledger: &'a SlotLedger,
 }
 

@@ -14,8 +14,8 @@ use thiserror::Error;
 pub mod dry_run;
 
 use crate::build::BuildNode;
-use crate::history::EstimateSource;
 use crate::learn::Knowledge;
+use crate::state::EstimateSource;
 
 /// The derivation graph could not be read.
 #[derive(Debug, Error)]
