@@ -765,7 +765,7 @@ async fn a_copy_home_whose_link_breaks_is_tried_again() {
 async fn a_copy_home_that_keeps_breaking_fails_after_its_attempts() {
     let nodes = vec![node("a", &[])];
     let transport = FakeTransport::new(&nodes, |_, _| Ending::Built);
-    *transport.fetch_breaks.lock().unwrap() = 1 + super::runner::COPY_BACK_ATTEMPTS;
+    *transport.fetch_breaks.lock().unwrap() = 1 + super::runner::finish::COPY_BACK_ATTEMPTS;
     let mut machines = fleet(1);
     machines[REMOTE].speed = 4.0;
     let run = run(nodes, machines, transport, false, None, never()).await;
