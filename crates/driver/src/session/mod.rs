@@ -179,7 +179,7 @@ impl ServeConn {
                     }));
                 }
                 let version = serve::read_handshake(from).await?;
-                if serve::major(version) != 0x200 || serve::minor(version) < 4 {
+                if !serve::is_supported(version) {
                     return Err(ReplyError::Driver(DriverError::IncompatibleVersion {
                         machine,
                         version,
