@@ -17,6 +17,40 @@
 //!
 //! This crate depends on `offload-nix` for formats and framing and on `offload-sched`
 //! for decisions; it makes none of its own.
+//!
+//! # Layout
+//!
+//! One job per top-level module (a file or a folder); no module imports one that
+//! imports it back.
+//!
+//! - `env.rs` — every environment variable the driver reads, the default paths, the
+//!   timeouts and the reliability defaults;
+//! - `error.rs` — [`DriverError`]: what went wrong, naming the machine and the next step;
+//! - `process.rs` — the one way to run Nix's local tools and report their failures;
+//! - `ssh/` — reaching a store: `nix-store --serve` over OpenSSH or as a local process,
+//!   ssh failures told apart, and the master connection a builder's sessions share;
+//! - `session/` — a serve session (queries, NAR streaming, imports, builds, stderr) and
+//!   the pool of idle sessions per machine;
+//! - `daemon.rs` — the nix-daemon's worker protocol, for handing it a build log;
+//! - `transfer/` — the transfer engine (dependency order, sending), `offload copy`, and
+//!   the registry of which store holds which path;
+//! - `slots/` — builders' slots: the local ledger shared with Nix's own hook, and locks
+//!   on the builders themselves (`slots/remote/`);
+//! - `state/` — the state database ([`StateDb`]): schema and builds, machines, runs;
+//! - `learn.rs` — what the state teaches: speeds, links, output sizes, cores;
+//! - `fleet/` — the machines a run uses, from Nix's settings (`fleet/nixconf.rs`) and
+//!   the user's choice of hosts;
+//! - `plan/` — from `.drv` files to build nodes, and what Nix's dry run would build;
+//! - `reporter.rs` — [`reporter::Reporter`], the progress the CLI draws;
+//! - `build/` — the build runner: its event loop, machines' health, learning and copy
+//!   back (`build/runner/`), its transport over real machines (`build/serve/`), build
+//!   logs, and its tests on a fake transport (`build/tests/`);
+//! - `trust/` — the trust check, signing (`trust/signing.rs`) and `offload doctor`
+//!   (`trust/doctor.rs`);
+//! - `order.rs` — carrying out one build order on a builder, for the hook and the agent;
+//! - `hook/` — `offload hook`: Nix's build hook, the choice per `try`, the accepted build;
+//! - `agent.rs` — `offload agent`: warm sessions for the hook over a Unix socket;
+//! - `shutdown.rs` — SIGINT and SIGTERM: the cancellation token and the exit status.
 
 pub mod agent;
 pub mod build;
