@@ -25,6 +25,8 @@ declare -A WANT=(
   [git]=/usr/bin/git
   [tmux]=/usr/bin/tmux
   [chromium]=/usr/bin/chromium
+  [man-db]=/usr/bin/man
+  [groff-base]=/usr/bin/groff
 )
 missing=()
 for pkg in "${!WANT[@]}"; do

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs what CI runs: sets the machine up (scripts/setup.sh), checks formatting, clippy,
-# rustdoc and the crate layering, fuzzes every parser briefly (scripts/fuzz.sh), then
-# `cargo test`. Every check runs even when an
-# earlier one fails; the script exits non-zero if any check or test failed.
+# rustdoc, the crate layering and the modules' sizes and imports (scripts/check-modules.py),
+# fuzzes every parser briefly (scripts/fuzz.sh), then `cargo test`. Every check runs even
+# when an earlier one fails; the script exits non-zero if any check or test failed.
 # Tests drive real Nix, real OpenSSH (sshd hosts on loopback in private mount
 # namespaces) and real SQLite. The last line totals cargo's per-binary summaries.
 #
@@ -30,6 +30,12 @@ check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets -- -D warnings
 check rustdoc env RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps --document-private-items
 check crate-layers bash scripts/check-deps.sh
+# The largest files and functions, no import loop among the top-level modules of the
+# driver or the CLI, and every CLI test file in its index. `--limits` would also fail on a
+# file over 600 lines or a function over 120 (not yet: work under way is still bringing
+# them under).
+check modules-self-test python3 scripts/check-modules.py --self-test
+check modules python3 scripts/check-modules.py
 # Every parser of remote or file input, fuzzed briefly from the committed corpus.
 check fuzz bash scripts/fuzz.sh "${OFFLOAD_FUZZ_SECONDS:-5}"
 

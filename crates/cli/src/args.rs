@@ -140,6 +140,29 @@ pub enum Command {
     ///   offload report --list
     #[command(verbatim_doc_comment)]
     Report(ReportArgs),
+
+    /// Print a shell completion script for offload on stdout.
+    ///
+    /// Examples:
+    ///   offload completions bash > ~/.local/share/bash-completion/completions/offload
+    ///   offload completions zsh > ~/.zfunc/_offload
+    ///   offload completions fish > ~/.config/fish/completions/offload.fish
+    #[command(verbatim_doc_comment)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Write man pages: offload.1 and one per subcommand (offload-build.1, …).
+    ///
+    /// Example:
+    ///   offload man --out ~/.local/share/man/man1
+    #[command(verbatim_doc_comment)]
+    Man {
+        /// The directory to write them to (made if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 mod access;
 mod args;
 mod build;
+mod completions;
 mod config;
 mod copy;
 mod doctor;
@@ -81,6 +82,11 @@ fn main() -> ExitCode {
                 }
                 machines::run(args).await.map(|()| 0)
             }
+            Command::Completions { shell } => {
+                completions::completions(shell);
+                Ok(0)
+            }
+            Command::Man { out } => completions::man_pages(&out, quiet).map(|()| 0),
         }
     });
     match outcome {

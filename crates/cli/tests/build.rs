@@ -400,7 +400,7 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
            # Outputs do not refer to their inputs: only the top's closure comes back.
            base = mk "fanout-base" [];
            users = builtins.genList (i: mk "fanout-user${{toString i}}" [ base ]) 2;
-         in {{ inherit base; top = mk "fanout-top" users; }}"#,
+         in {{ inherit base users; top = mk "fanout-top" users; }}"#,
         salt("build")
     );
     let work = Work::new("fanout.nix", &expr);
@@ -422,6 +422,11 @@ fn an_input_needed_by_several_builds_stops_at_the_local_store() {
         is_valid_locally(&base_out),
         "{base_out} is not in the local store\n{stderr}"
     );
+    // Each user's output went to the top's builder alone: never into the local store.
+    for i in 0..2 {
+        let user = work.outputs(&format!("users.{i}"));
+        assert!(!is_valid_locally(&user), "{user} stopped here\n{stderr}");
+    }
 }
 
 #[test]
@@ -489,4 +494,46 @@ fn a_build_alone_on_a_builder_gets_all_its_cores_and_builds_sharing_it_split_the
     for attr in ["a", "b"] {
         assert_eq!(cores_of(attr), nproc / 2, "{attr}");
     }
+}
+
+#[test]
+fn an_excluded_machine_takes_no_builds() {
+    if !require_nix() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let work = Work::new("graph.nix", &graph_expr(&salt("exclude"), "none"));
+    let spec = fleet.spec(2, 4);
+    let excluded = fleet.uri(1);
+    let out = work.build(&[
+        "-A",
+        "top",
+        "--builders",
+        &spec,
+        "-j",
+        "0",
+        "--exclude",
+        &excluded,
+        "--no-out-link",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let name = |i: usize| format!("localhost:{}/m{i}", fleet.dir.path().display());
+    // All eight builds on m2, though m1 has slots free; m1 never reached.
+    assert!(
+        stderr.contains(&format!("builds per machine: {} 8", name(2))),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&format!("on '{}'", name(1))), "{stderr}");
+    let top = work.outputs("top");
+    let on_m1 = nix_command("nix-store")
+        .arg("--store")
+        .arg(fleet.store(1))
+        .args(["--check-validity", &top])
+        .output()
+        .unwrap();
+    assert!(
+        !on_m1.status.success(),
+        "{top} is in the excluded m1's store"
+    );
 }

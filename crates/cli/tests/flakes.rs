@@ -83,12 +83,13 @@ fn path_references_full_attribute_paths_and_default_packages() {
 }
 
 #[test]
-fn git_file_flakes_build_what_is_committed() {
+fn git_file_flakes_build_what_git_tracks() {
     let dir = tempfile::tempdir().unwrap();
     write_flake(
         dir.path(),
         "",
-        "{ packages.${sys}.default = mk \"in-git\"; }",
+        "{ packages.${sys}.default =
+             mk (if builtins.pathExists ./untracked then \"saw-untracked\" else \"in-git\"); }",
     );
     for args in [
         &["init", "-q"][..],
@@ -110,6 +111,8 @@ fn git_file_flakes_build_what_is_committed() {
             .expect("git is installed");
         assert!(status.success(), "git {args:?}");
     }
+    // A file git does not track is not part of the flake.
+    std::fs::write(dir.path().join("untracked"), "").unwrap();
     let installable = format!("git+file://{}", dir.path().display());
     let out = offload(&["build", &installable], dir.path());
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -69,7 +69,7 @@ fn a_bad_graph_file_is_named() {
 }
 
 #[test]
-fn traces_and_failures() {
+fn a_machine_failing_mid_run_loses_its_builds_to_the_others_and_the_trace_shows_both() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = dir.path().join("fleet.json");
     std::fs::write(
@@ -99,7 +99,33 @@ fn traces_and_failures() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("30/30"));
     let t: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
-    assert!(t["traceEvents"].as_array().unwrap().len() >= 30);
+    let events = t["traceEvents"].as_array().unwrap();
+    let b1 = events
+        .iter()
+        .find(|e| e["ph"] == "M" && e["args"]["name"] == "b1")
+        .unwrap()["pid"]
+        .clone();
+    let builds: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    let (on_b1, elsewhere): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) =
+        builds.into_iter().partition(|e| e["pid"] == b1);
+    // b1 started builds before it failed, and none after; each ran again elsewhere, so
+    // every one of the 30 derivations was built off b1.
+    assert!(!on_b1.is_empty(), "{t}");
+    assert!(on_b1.iter().all(|e| e["ts"].as_f64().unwrap() < 1e6), "{t}");
+    let mut names: Vec<&str> = elsewhere
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 30, "{t}");
+    assert_eq!(elsewhere.len(), 30, "{t}");
+}
+
+#[test]
+fn a_failure_of_an_unknown_machine_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet.json");
     std::fs::write(&fleet, r#"{"failures": [{"machine": "nope", "at": 1.0}]}"#).unwrap();
     let out = offload(&[
         "simulate",
@@ -111,7 +137,11 @@ fn traces_and_failures() {
         fleet.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("b1"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("failure of \"nope\": no such machine; the machines are: local, b1"),
+        "{stderr}"
+    );
 }
 
 #[test]

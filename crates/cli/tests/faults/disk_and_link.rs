@@ -4,7 +4,7 @@
 //! (`nix-store --verify --check-contents`) and that a second run builds nothing. See
 //! docs/faults.md.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -365,3 +365,91 @@ fn an_unknown_flag_names_the_closest_known_one() {
         "{stderr}"
     );
 }
+
+#[test]
+fn arg_and_argstr_reach_the_expression() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("function.nix");
+    std::fs::write(
+        &file,
+        format!(
+            "{{ greeting ? \"none\", count ? 0 }}: derivation {{ \
+             name = \"count-${{toString count}}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; salt = \"{}\"; \
+             args = [ \"-c\" \"echo ${{greeting}} > $out\" ]; }}",
+            salt("flags")
+        ),
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let build = |extra: &[&str]| {
+        let mut args = vec!["build", &file, "--local-only", "--no-out-link"];
+        args.extend(extra);
+        let out = offload(&args, dir.path());
+        ok(&out);
+        text(&out.stdout).trim().to_string()
+    };
+    let plain = build(&[]);
+    assert!(plain.ends_with("-count-0"), "{plain}");
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "none\n");
+    // --arg takes an expression, --argstr a string.
+    let given = build(&["--arg", "count", "1 + 2", "--argstr", "greeting", "a b"]);
+    assert!(given.ends_with("-count-3"), "{given}");
+    assert_eq!(std::fs::read_to_string(&given).unwrap(), "a b\n");
+}
+
+#[test]
+fn dry_run_says_what_would_be_built_and_builds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Machine::new();
+    let file = write_file(dir.path(), &[("untouched", "echo built > $out")]);
+    let drv = String::from_utf8(
+        offload_test_support::nix_command("nix-instantiate")
+            .args([&file, "-A", "untouched"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    assert!(drv.ends_with("-untouched.drv"), "{drv}");
+    let spec = m.spec();
+    let out = offload(
+        &[
+            "build",
+            &file,
+            "-A",
+            "untouched",
+            "--builders",
+            &spec,
+            "--dry-run",
+        ],
+        dir.path(),
+    );
+    let stderr = ok(&out);
+    assert!(
+        stderr.contains("1 derivations to build, 0 paths to fetch"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("  build {drv}\n")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("  {} (2 slots", m.name())),
+        "{stderr}"
+    );
+    assert_eq!(text(&out.stdout), "", "a dry run prints no output path");
+    assert!(
+        !dir.path().join("result").exists(),
+        "a dry run links nothing"
+    );
+    let output = offload_test_support::nix_command("nix-store")
+        .args(["-q", "--outputs", &drv])
+        .output()
+        .unwrap();
+    let output = text(&output.stdout).trim().to_string();
+    let valid = offload_test_support::nix_command("nix-store")
+        .args(["--check-validity", &output])
+        .output()
+        .unwrap();
+    assert!(!valid.status.success(), "the dry run built {output}");
+}

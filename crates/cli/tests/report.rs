@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use offload_test_support::{require_nix, salt, text};
+use offload_test_support::{nix_command, require_nix, run_ok, salt, text};
 
 mod common;
 
@@ -32,9 +32,9 @@ fn count_colour(png: &[u8], rgb: [u8; 3]) -> usize {
         .count()
 }
 
-/// Builds the graph (tagged `tag`) in `dir` with `args`, writing the report; its HTML.
-fn build_with_report(dir: &std::path::Path, tag: &str, args: &[&str]) -> String {
-    std::fs::write(dir.join("graph.nix"), graph(&salt(tag))).unwrap();
+/// Builds `expr` in `dir` with `args`, writing the report; its HTML and the output path.
+fn build_with_report(dir: &std::path::Path, expr: &str, args: &[&str]) -> (String, String) {
+    std::fs::write(dir.join("graph.nix"), expr).unwrap();
     let page = dir.join("report.html");
     let out = common::offload(dir)
         .args(["build", "graph.nix", "--no-out-link"])
@@ -44,7 +44,8 @@ fn build_with_report(dir: &std::path::Path, tag: &str, args: &[&str]) -> String 
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    std::fs::read_to_string(&page).unwrap()
+    let html = std::fs::read_to_string(&page).unwrap();
+    (html, text(&out.stdout).trim().to_string())
 }
 
 #[test]
@@ -59,7 +60,7 @@ fn the_report_draws_the_builds_and_the_critical_path() {
     );
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
-    let html = build_with_report(dir, "report", &["--local-only", "-j2"]);
+    let (html, _) = build_with_report(dir, &graph(&salt("report")), &["--local-only", "-j2"]);
     let page = dir.join("report.html");
     assert!(!html.contains("http://") || html.contains("http://www.w3.org/2000/svg"));
     assert!(html.contains("Critical path (2 builds, in red)"), "{html}");
@@ -157,9 +158,36 @@ fn the_report_shows_what_each_link_carried() {
     let dir = work.path();
     let program = offload_test_support::loopback_serve_program(dir);
     let builder = offload_test_support::loopback_machine(dir, "m1", &program, 4, 1);
-    let html = build_with_report(dir, "links", &["-j0", "--builders", &builder]);
+    // Everything builds on m1; only the top's output, 200 KiB and a little, comes home.
+    let expr = format!(
+        r#"let mk = name: deps: script: derivation {{
+             inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+             PATH = "/bin:/usr/bin"; salt = "{}"; args = [ "-c" script ];
+           }};
+           leaves = builtins.genList (i: mk "leaf${{toString i}}" [] "mkdir $out") 3;
+         in mk "top" leaves "mkdir $out; head -c 204800 /dev/zero > $out/blob""#,
+        salt("links")
+    );
+    let (html, top) = build_with_report(dir, &expr, &["-j0", "--builders", &builder]);
+    let nar_size: u64 = run_ok(nix_command("nix-store").args(["-q", "--size", &top]))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((204_800..1 << 20).contains(&nar_size), "{nar_size}");
+    let carried = format!("{:.1} KiB", nar_size as f64 / 1024.0);
     let machine = format!("localhost:{}/m1", dir.display());
+    // Its lane in the chart, the transfer drawn on it with its route and size…
     assert!(html.contains(&format!("{machine} link</text>")), "{html}");
+    assert!(
+        html.contains(&format!("<title>{machine} → local: {carried} in ")),
+        "{html}"
+    );
+    // …and its row in the table: one transfer, the output's NAR size.
     let table = &html[html.find("Bytes moved per link").unwrap()..];
-    assert!(table.contains(&format!("<td>{machine}</td>")), "{table}");
+    assert!(
+        table.contains(&format!(
+            "<tr><td>{machine}</td><td>1</td><td>{carried}</td></tr>"
+        )),
+        "{table}"
+    );
 }

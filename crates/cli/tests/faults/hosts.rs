@@ -3,7 +3,7 @@
 //! outcome, then that the local store is sound (`nix-store --verify --check-contents`)
 //! and that a second run builds nothing. See docs/faults.md.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

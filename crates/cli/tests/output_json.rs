@@ -1,7 +1,7 @@
 //! `offload build --json`: stdout holds only JSON Lines, one event per line, each with a
 //! `type`; the summary carries the output paths and structured failures.
 
-use offload_test_support::{require_nix, salt, text};
+use offload_test_support::{nix_command, require_nix, run_ok, salt, text};
 
 mod common;
 
@@ -125,8 +125,11 @@ fn transfers_between_machines_are_events_with_their_route_and_size() {
     assert!(!home.is_empty(), "no transfer home: {events:?}");
     for e in &home {
         assert_eq!(e["from"], format!("localhost:{}/m1", dir.display()));
-        assert!(e["bytes"].as_u64().unwrap() > 0);
         assert_eq!(e["ok"], true);
+        // Its size is the path's NAR size, as the local store now records it.
+        let path = e["path"].as_str().unwrap();
+        let nar_size = run_ok(nix_command("nix-store").args(["-q", "--size", path]));
+        assert_eq!(e["bytes"].as_u64(), nar_size.trim().parse().ok(), "{e}");
     }
     let started = events
         .iter()

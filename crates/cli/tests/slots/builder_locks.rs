@@ -5,7 +5,7 @@
 //! builds nothing, `-j0`). The second test is the negative control: with the builder's
 //! lock directory unusable, the same runs overbook it, so the first can fail.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Stdio};

@@ -3,7 +3,7 @@
 //! machine by their marker process (`sleep 1.37`, attributed to the machine whose
 //! `nix-store --serve` it descends from).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
