@@ -1,8 +1,8 @@
 //! Building a graph of derivations over a fleet, as the scheduler plans it.
 //!
 //! The scheduler (pure, in `offload-sched`) decides what runs where; the runner
-//! (`runner.rs`) turns its actions into build tasks and their results back into events;
-//! the transport in `serve.rs` carries the tasks out with serve-protocol operations over
+//! (`runner/`) turns its actions into build tasks and their results back into events;
+//! the transport in `serve/` carries the tasks out with serve-protocol operations over
 //! pooled sessions (no handshake per build). At the end, the closures of the requested
 //! outputs come back to the local store; nothing else is copied back.
 
