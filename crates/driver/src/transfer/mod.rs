@@ -14,6 +14,10 @@
 //! - A path goes to a machine once, however many builds want it at the same time: the
 //!   later ones wait for that copy.
 //! - A failed copy registers nothing there; the ones already done stay done.
+//!
+//! Dependency order and chains are in `order.rs`, the streaming and timing of each copy
+//! in `send.rs`; `offload copy` ([`copy_closure`]) runs the same engine between two
+//! stores, and [`PathRegistry`] knows which store holds what.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};

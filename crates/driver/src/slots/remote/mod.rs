@@ -15,6 +15,8 @@
 //! A builder without `flock` (macOS) or without a usable directory is warned about once
 //! per run and builds go on without the builder-side lock: a missing lock is never a
 //! reason to fail a build.
+//!
+//! The conversation with each broker (started, started again, given up) is in `broker.rs`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
