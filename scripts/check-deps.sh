@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks that the workspace's crate dependencies point down only, as the style guide
-# asks: nix (formats) → sched (pure scheduler) → sim (simulation) and driver (machines)
-# → cli (the binary), with test-support for tests only. Reads the real graph from
-# `cargo metadata` and fails naming every edge the list below does not allow.
+# asks: nix (formats) → sched (pure scheduler) → learn (pure learning) → sim
+# (simulation) and driver (machines) → cli (the binary), with test-support for tests
+# only. Reads the real graph from `cargo metadata` and fails naming every edge the list
+# below does not allow.
 #
 #   bash scripts/check-deps.sh
 set -euo pipefail
@@ -11,10 +12,13 @@ cd "$(dirname "$0")/.."
 # "from to" pairs a normal (or build) dependency may take, by package name. A dev
 # dependency may take these too, and offload-test-support besides.
 ALLOWED='
+offload-learn offload-sched
 offload-sim offload-nix
 offload-sim offload-sched
+offload-sim offload-learn
 offload-driver offload-nix
 offload-driver offload-sched
+offload-driver offload-learn
 offload offload-nix
 offload offload-sched
 offload offload-sim

@@ -15,12 +15,14 @@
 //!   build;
 //! - [`events`]: the scheduler's inputs ([`Event`]) and outputs ([`Action`]);
 //! - [`scheduler`]: the state machine, event by event;
+//! - [`bound`]: the lower bound of any schedule, that runs are measured against;
 //! - [`transfers`]: how paths travel (routes, link queues), one model for the planner,
 //!   the simulator and the driver;
 //! - `classes` (machines interchangeable for planning, ordered by first free slot),
 //!   `dispatch` (which ready derivation goes where) and `rehearsal` (the ordering of
 //!   ready derivations, chosen by playing the run out first), all private.
 
+pub mod bound;
 mod classes;
 mod dispatch;
 pub mod events;
@@ -31,6 +33,7 @@ mod rehearsal;
 pub mod scheduler;
 pub mod transfers;
 
+pub use bound::lower_bound;
 pub use events::{Action, Event, Failure, NodeState, Outcome};
 pub use fleet::{MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};

@@ -52,6 +52,31 @@ pub enum DagError {
     UnknownFleet(String),
 }
 
+/// A `SHAPE:N[:SEED]` that says no N or no seed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ShapeSpecError {
+    #[error("expected SHAPE:N[:SEED], N a whole number")]
+    Count,
+    #[error("the seed must be a whole number")]
+    Seed,
+}
+
+/// `SHAPE:N[:SEED]` (a generated graph or fleet): the shape, N and the seed, 1 when
+/// not given.
+pub fn shape_spec(spec: &str) -> Result<(&str, usize, u64), ShapeSpecError> {
+    let mut parts = spec.split(':');
+    let shape = parts.next().unwrap_or("");
+    let n: usize = parts
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or(ShapeSpecError::Count)?;
+    let seed: u64 = match parts.next() {
+        Some(s) => s.parse().map_err(|_| ShapeSpecError::Seed)?,
+        None => 1,
+    };
+    Ok((shape, n, seed))
+}
+
 impl DagFile {
     /// The scheduler's graph for it.
     pub fn to_graph(&self) -> Result<Graph, DagError> {
@@ -270,6 +295,15 @@ pub fn generate_fleet(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shape_specs_give_a_count_and_maybe_a_seed() {
+        assert_eq!(shape_spec("layered:30"), Ok(("layered", 30, 1)));
+        assert_eq!(shape_spec("mixed:8:5"), Ok(("mixed", 8, 5)));
+        assert_eq!(shape_spec("layered"), Err(ShapeSpecError::Count));
+        assert_eq!(shape_spec("layered:x"), Err(ShapeSpecError::Count));
+        assert_eq!(shape_spec("layered:3:x"), Err(ShapeSpecError::Seed));
+    }
 
     #[test]
     fn generated_graphs_are_deterministic_dags() {

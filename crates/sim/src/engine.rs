@@ -119,6 +119,227 @@ fn client_machine(machines: &[MachineSpec]) -> Option<MachineId> {
     machines.iter().position(|m| m.is_local)
 }
 
+/// The simulated world: where outputs are, what runs where, the links, the clock.
+struct World<'a> {
+    graph: &'a Graph,
+    machines: &'a [MachineSpec],
+    costs: Costs,
+    trace: bool,
+    client: Option<MachineId>,
+    /// Where each node's outputs are: machines, and whether the client has them.
+    on_machine: Vec<Vec<MachineId>>,
+    at_client: Vec<bool>,
+    busy: Vec<f64>,
+    running: Vec<Vec<NodeId>>,
+    generation: Vec<u64>,
+    done: Vec<bool>,
+    alive: Vec<bool>,
+    events: BinaryHeap<Pending>,
+    trace_events: Vec<TraceEvent>,
+    dispatcher_free: f64,
+    /// Each machine's link to the client: inputs sent to it or streamed from it, and
+    /// requested outputs copied back as each is built, queue on it.
+    links: Links,
+    /// When the last requested output copied back so far reaches the client.
+    copied_back: f64,
+    now: f64,
+    finished: usize,
+}
+
+/// What starting builds did that the policy hears of: copies kept in the client's
+/// store, and copies sent over one link alone (machine, bytes, start, end).
+#[derive(Default)]
+struct Started {
+    landed: Vec<(NodeId, MachineId)>,
+    sent: Vec<(MachineId, u64, f64, f64)>,
+}
+
+impl<'a> World<'a> {
+    fn new(graph: &'a Graph, machines: &'a [MachineSpec], costs: Costs, trace: bool) -> Self {
+        let n = graph.len();
+        World {
+            graph,
+            machines,
+            costs,
+            trace,
+            client: client_machine(machines),
+            on_machine: vec![Vec::new(); n],
+            at_client: vec![false; n],
+            busy: vec![0.0f64; machines.len()],
+            running: vec![Vec::new(); machines.len()],
+            generation: vec![0u64; n],
+            done: vec![false; n],
+            alive: vec![true; machines.len()],
+            events: BinaryHeap::new(),
+            trace_events: Vec::new(),
+            dispatcher_free: 0.0,
+            links: Links::new(machines.len()),
+            copied_back: 0.0,
+            now: 0.0,
+            finished: 0,
+        }
+    }
+
+    /// Starts `node` on machine `m` now: its inputs travel, it builds, and (for a
+    /// policy that copies every output back) its outputs come home; its end is queued.
+    fn start(&mut self, node: NodeId, m: MachineId, copies_back: bool, started: &mut Started) {
+        if self.done[node] {
+            // Built before, but its outputs were lost with their machine: again.
+            self.done[node] = false;
+            self.finished -= 1;
+        }
+        let machines = self.machines;
+        let spec = &machines[m];
+        let begin = if self.costs.dispatch_serial > 0.0 {
+            let t = self.now.max(self.dispatcher_free) + self.costs.dispatch_serial;
+            self.dispatcher_free = t;
+            t
+        } else {
+            self.now
+        };
+        let arrived = self.ship_inputs(node, m, begin, started);
+        let transfer = arrived - begin;
+        let build = spec.build_time(self.graph.node(node)) + self.costs.per_build;
+        let back = if copies_back && !spec.is_local {
+            let bytes = self.graph.node(node).output_bytes;
+            self.links.count(m, bytes);
+            spec.transfer_time(bytes)
+        } else {
+            0.0
+        };
+        let end = begin + transfer + build + back;
+        self.running[m].push(node);
+        self.generation[node] += 1;
+        if self.trace {
+            self.trace_events.push(TraceEvent {
+                name: self.graph.node(node).key.clone(),
+                machine: m,
+                start: begin,
+                duration: end - begin,
+            });
+        }
+        self.events.push(Pending {
+            at: end,
+            node,
+            machine: m,
+            generation: self.generation[node],
+        });
+    }
+
+    /// Sends the inputs machine `m` lacks for `node`, one after another from `begin`,
+    /// each when the links it uses are free, by the routes the live driver takes;
+    /// returns when the last arrives.
+    fn ship_inputs(
+        &mut self,
+        node: NodeId,
+        m: MachineId,
+        begin: f64,
+        started: &mut Started,
+    ) -> f64 {
+        let (graph, machines) = (self.graph, self.machines);
+        let mut arrived = begin;
+        for &d in &graph.node(node).deps {
+            let bytes = graph.node(d).output_bytes;
+            let consumers = graph.dependents(d).len();
+            let Some(r) = route(
+                machines,
+                &self.on_machine[d],
+                self.at_client[d],
+                m,
+                consumers,
+                bytes,
+            ) else {
+                continue;
+            };
+            if r.is_present() {
+                continue;
+            }
+            let (arrival, timed) = send(&mut self.links, machines, &r, bytes, arrived);
+            if let Some((link, start)) = timed {
+                started.sent.push((link, bytes, start, arrival));
+            }
+            arrived = arrival;
+            if r.keeps_in_client() {
+                self.at_client[d] = true;
+                if let Some(c) = self.client {
+                    if !self.on_machine[d].contains(&c) {
+                        self.on_machine[d].push(c);
+                        started.landed.push((d, c));
+                    }
+                }
+            }
+            if machines[m].is_local {
+                self.at_client[d] = true;
+            }
+            self.on_machine[d].push(m);
+        }
+        arrived
+    }
+
+    /// Machine `m` fails at `at`: the builds running there are lost (returned), and so
+    /// are the outputs it held. None when it was already gone.
+    fn fail(&mut self, m: MachineId, at: f64) -> Option<Vec<NodeId>> {
+        self.now = at;
+        if m >= self.machines.len() || !self.alive[m] {
+            return None;
+        }
+        self.alive[m] = false;
+        let lost = std::mem::take(&mut self.running[m]);
+        for &node in &lost {
+            self.generation[node] += 1;
+        }
+        for holders in &mut self.on_machine {
+            holders.retain(|&h| h != m);
+        }
+        Some(lost)
+    }
+
+    /// The build of `p` ends, unless it was lost or built again since; its outputs are
+    /// on its machine, and a requested output starts home. Whether it counted.
+    fn end(&mut self, p: &Pending, policy: &mut dyn Policy) -> bool {
+        if p.generation != self.generation[p.node] || self.done[p.node] {
+            return false;
+        }
+        self.now = p.at;
+        self.running[p.machine].retain(|&x| x != p.node);
+        let spec = &self.machines[p.machine];
+        self.busy[p.machine] += spec.build_time(self.graph.node(p.node)) + self.costs.per_build;
+        self.done[p.node] = true;
+        self.finished += 1;
+        self.on_machine[p.node].push(p.machine);
+        if policy.copies_outputs_back() || Some(p.machine) == self.client {
+            self.at_client[p.node] = true;
+        } else if self.graph.dependents(p.node).is_empty() {
+            let bytes = self.graph.node(p.node).output_bytes;
+            // Home over its machine's link (the client may not be in the fleet).
+            let home = Route::home(p.machine, self.client.unwrap_or(p.machine));
+            let (arrival, timed) = send(&mut self.links, self.machines, &home, bytes, self.now);
+            if let Some((link, start)) = timed {
+                policy.copy_sent(link, bytes, start, arrival);
+            }
+            self.copied_back = self.copied_back.max(arrival);
+            self.at_client[p.node] = true;
+        }
+        true
+    }
+
+    /// The report of the run so far, ended when the last requested output has reached
+    /// the client.
+    fn report(self, policy: &dyn Policy) -> Report {
+        let makespan = self.copied_back.max(self.now);
+        Report::new(
+            policy.name(),
+            self.graph,
+            self.machines,
+            makespan,
+            self.finished,
+            self.busy,
+            self.links.bytes().to_vec(),
+            self.trace_events,
+        )
+    }
+}
+
 /// Runs `policy` on `graph` over `machines`, with `failures` (machine, time).
 pub fn simulate(
     graph: &Graph,
@@ -127,120 +348,30 @@ pub fn simulate(
     policy: &mut dyn Policy,
     trace: bool,
 ) -> Report {
-    let n = graph.len();
-    let costs = policy.costs();
-    let client = client_machine(machines);
-    // Where each node's outputs are: machines, and whether the client has them.
-    let mut on_machine: Vec<Vec<MachineId>> = vec![Vec::new(); n];
-    let mut at_client = vec![false; n];
-    let mut busy = vec![0.0f64; machines.len()];
-    let mut running: Vec<Vec<NodeId>> = vec![Vec::new(); machines.len()];
-    let mut generation = vec![0u64; n];
-    let mut done = vec![false; n];
-    let mut alive = vec![true; machines.len()];
-    let mut events = BinaryHeap::new();
-    let mut trace_events = Vec::new();
-    let mut dispatcher_free = 0.0f64;
-    // Each machine's link to the client: inputs sent to it or streamed from it, and
-    // requested outputs copied back as each is built, queue on it.
-    let mut links = Links::new(machines.len());
-    // When the last requested output copied back so far reaches the client.
-    let mut copied_back = 0.0f64;
+    let mut world = World::new(graph, machines, policy.costs(), trace);
     let mut failures: Vec<(MachineId, f64)> = failures.to_vec();
     failures.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut now = 0.0;
-    let mut starts = policy.start(now);
-    let mut finished = 0usize;
+    let mut starts = policy.start(world.now);
     loop {
         // Copies kept in the client's store, told to the policy after the starts, and
         // the copies sent.
-        let mut landed: Vec<(NodeId, MachineId)> = Vec::new();
-        let mut sent: Vec<(MachineId, u64, f64, f64)> = Vec::new();
+        let mut started = Started::default();
         for (node, m) in starts.drain(..) {
-            if done[node] {
-                // Built before, but its outputs were lost with their machine: again.
-                done[node] = false;
-                finished -= 1;
-            }
-            let spec = &machines[m];
-            let begin = if costs.dispatch_serial > 0.0 {
-                let t = now.max(dispatcher_free) + costs.dispatch_serial;
-                dispatcher_free = t;
-                t
-            } else {
-                now
-            };
-            // Inputs arrive one after another, each when the links it uses are free,
-            // by the routes the live driver takes.
-            let mut arrived = begin;
-            for &d in &graph.node(node).deps {
-                let bytes = graph.node(d).output_bytes;
-                let consumers = graph.dependents(d).len();
-                let Some(r) = route(machines, &on_machine[d], at_client[d], m, consumers, bytes)
-                else {
-                    continue;
-                };
-                if r.is_present() {
-                    continue;
-                }
-                let (arrival, timed) = send(&mut links, machines, &r, bytes, arrived);
-                if let Some((link, start)) = timed {
-                    sent.push((link, bytes, start, arrival));
-                }
-                arrived = arrival;
-                if r.keeps_in_client() {
-                    at_client[d] = true;
-                    if let Some(c) = client {
-                        if !on_machine[d].contains(&c) {
-                            on_machine[d].push(c);
-                            landed.push((d, c));
-                        }
-                    }
-                }
-                if spec.is_local {
-                    at_client[d] = true;
-                }
-                on_machine[d].push(m);
-            }
-            let transfer = arrived - begin;
-            let build = spec.build_time(graph.node(node)) + costs.per_build;
-            let back = if policy.copies_outputs_back() && !spec.is_local {
-                let bytes = graph.node(node).output_bytes;
-                links.count(m, bytes);
-                spec.transfer_time(bytes)
-            } else {
-                0.0
-            };
-            let end = begin + transfer + build + back;
-            running[m].push(node);
-            generation[node] += 1;
-            if trace {
-                trace_events.push(TraceEvent {
-                    name: graph.node(node).key.clone(),
-                    machine: m,
-                    start: begin,
-                    duration: end - begin,
-                });
-            }
-            events.push(Pending {
-                at: end,
-                node,
-                machine: m,
-                generation: generation[node],
-            });
+            let copies_back = policy.copies_outputs_back();
+            world.start(node, m, copies_back, &mut started);
         }
-        for (link, bytes, start, end) in sent {
+        for (link, bytes, start, end) in started.sent {
             policy.copy_sent(link, bytes, start, end);
         }
-        for (d, c) in landed {
-            starts.extend(policy.outputs_at(d, c, now));
+        for (d, c) in started.landed {
+            starts.extend(policy.outputs_at(d, c, world.now));
         }
         if !starts.is_empty() {
             continue;
         }
         // The next thing to happen: a machine failing, a build ending, a wake-up.
         let next_failure = failures.last().copied();
-        let next_end = events.peek().map(|p: &Pending| p.at);
+        let next_end = world.events.peek().map(|p: &Pending| p.at);
         let wakeup = policy.next_wakeup();
         let first = [next_failure.map(|f| f.1), next_end, wakeup]
             .into_iter()
@@ -249,64 +380,22 @@ pub fn simulate(
         match (next_failure, next_end, wakeup) {
             (Some((m, at)), _, _) if at <= first => {
                 failures.pop();
-                now = at;
-                if m >= machines.len() || !alive[m] {
-                    continue;
+                if let Some(lost) = world.fail(m, at) {
+                    starts = policy.machine_lost(m, &lost, world.now);
                 }
-                alive[m] = false;
-                let lost = std::mem::take(&mut running[m]);
-                for &node in &lost {
-                    generation[node] += 1;
-                }
-                for holders in &mut on_machine {
-                    holders.retain(|&h| h != m);
-                }
-                starts = policy.machine_lost(m, &lost, now);
             }
             (_, Some(end), _) if end <= first => {
-                let Some(p) = events.pop() else { break };
-                if p.generation != generation[p.node] || done[p.node] {
-                    continue;
+                let Some(p) = world.events.pop() else { break };
+                if world.end(&p, policy) {
+                    starts = policy.finished(p.node, p.machine, world.now);
                 }
-                now = p.at;
-                running[p.machine].retain(|&x| x != p.node);
-                let spec = &machines[p.machine];
-                busy[p.machine] += spec.build_time(graph.node(p.node)) + costs.per_build;
-                done[p.node] = true;
-                finished += 1;
-                on_machine[p.node].push(p.machine);
-                if policy.copies_outputs_back() || Some(p.machine) == client {
-                    at_client[p.node] = true;
-                } else if graph.dependents(p.node).is_empty() {
-                    let bytes = graph.node(p.node).output_bytes;
-                    // Home over its machine's link (the client may not be in the fleet).
-                    let home = Route::home(p.machine, client.unwrap_or(p.machine));
-                    let (arrival, timed) = send(&mut links, machines, &home, bytes, now);
-                    if let Some((link, start)) = timed {
-                        policy.copy_sent(link, bytes, start, arrival);
-                    }
-                    copied_back = copied_back.max(arrival);
-                    at_client[p.node] = true;
-                }
-                starts = policy.finished(p.node, p.machine, now);
             }
             (_, _, Some(at)) => {
-                now = now.max(at);
-                starts = policy.wake(now);
+                world.now = world.now.max(at);
+                starts = policy.wake(world.now);
             }
             _ => break,
         }
     }
-    // The run ends when the last requested output has reached the client.
-    let makespan = copied_back.max(now);
-    Report::new(
-        policy.name(),
-        graph,
-        machines,
-        makespan,
-        finished,
-        busy,
-        links.bytes().to_vec(),
-        trace_events,
-    )
+    world.report(policy)
 }

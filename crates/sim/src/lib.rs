@@ -4,16 +4,22 @@
 //! speeds, links and failures.
 //!
 //! - [`dag`]: the JSON graph schema and generated shapes;
+//! - [`fleet_file`]: the fleet file's links, speeds per system and failures;
 //! - [`engine`]: the event loop and the [`engine::Policy`] trait;
-//! - [`policy`]: offload's scheduler and the Nix and Hydra models;
+//! - [`policy`]: offload's scheduler, offload learning as the live driver learns
+//!   (`offload-learn`'s model), and the Nix and Hydra models;
+//! - [`scenarios`]: what offload knows when it plans: everything, a first run's
+//!   nothing, or what a first run taught;
 //! - [`report`]: makespan, lower bound, utilisation, bytes per link, Chrome traces.
 //!
 //! Like the scheduler, this crate does no I/O and reads no clock.
 
 pub mod dag;
 pub mod engine;
+pub mod fleet_file;
 pub mod policy;
 pub mod report;
+pub mod scenarios;
 
 use offload_sched::{Graph, MachineId, MachineSpec};
 

@@ -1,8 +1,6 @@
 //! What a simulation found: makespan against the lower bound, utilisation, bytes per
 //! link, the critical path, and a Chrome trace (`chrome://tracing`, Perfetto).
 
-use std::collections::HashMap;
-
 use offload_sched::{Graph, MachineId, MachineSpec};
 use serde::Serialize;
 
@@ -20,8 +18,8 @@ pub struct TraceEvent {
 pub struct Report {
     pub policy: &'static str,
     pub makespan_s: f64,
-    /// max(critical path on the fastest capable machines, per system: its work / the
-    /// slot-speed of the machines that build for it).
+    /// [`lower_bound`]: max(critical path on the fastest capable machines, per system:
+    /// its work / the slot-speed of the machines that build for it).
     pub lower_bound_s: f64,
     pub ratio: f64,
     /// Busy slot-seconds over available slot-seconds.
@@ -38,54 +36,48 @@ pub struct Report {
     machine_names: Vec<String>,
 }
 
-/// The lower bound of any schedule of `graph` on `machines`: the longest path with each
-/// node on the fastest machine that can build it, and for each system the work of its
-/// nodes over the slot-speed of the machines that build for it.
-pub fn lower_bound(graph: &Graph, machines: &[MachineSpec]) -> f64 {
-    // Fastest capable speed per (system, features), computed once per distinct pair.
-    let mut fastest: HashMap<(&str, &[String]), f64> = HashMap::new();
-    let mut seconds = vec![0.0f64; graph.len()];
+/// The lower bound of any schedule of `graph` on `machines`
+/// ([`offload_sched::lower_bound`], the one `offload build` measures runs against).
+pub use offload_sched::lower_bound;
+
+/// Derivations no machine with slots can build, and those that depend on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unbuildable {
+    /// Derivations no machine with slots can build.
+    pub direct: usize,
+    /// Derivations that depend on them.
+    pub dependents: usize,
+    /// What they need: `system`, or `system with feature, …`, each once.
+    pub missing: Vec<String>,
+}
+
+/// What of `graph` no machine of `machines` with slots can build; None when all can be.
+pub fn unbuildable(graph: &Graph, machines: &[MachineSpec]) -> Option<Unbuildable> {
+    let mut missing: Vec<String> = Vec::new();
+    let mut blocked = vec![false; graph.len()];
+    let mut direct = 0;
     for &id in graph.topo_order() {
         let node = graph.node(id);
-        let speed = *fastest
-            .entry((node.system.as_str(), node.required_features.as_slice()))
-            .or_insert_with(|| {
-                machines
-                    .iter()
-                    .filter(|m| m.slots > 0 && m.can_build(node))
-                    .map(|m| m.speed)
-                    .fold(0.0, f64::max)
-            });
-        let start = node.deps.iter().map(|&d| seconds[d]).fold(0.0, f64::max);
-        // A node no machine can build is never built: it takes no time.
-        seconds[id] = start
-            + if speed > 0.0 {
-                node.duration.max(0.0) / speed
+        if !machines.iter().any(|m| m.slots > 0 && m.can_build(node)) {
+            direct += 1;
+            blocked[id] = true;
+            let what = if node.required_features.is_empty() {
+                node.system.clone()
             } else {
-                0.0
+                format!("{} with {}", node.system, node.required_features.join(", "))
             };
-    }
-    let path = seconds.iter().copied().fold(0.0, f64::max);
-    let mut work: HashMap<&str, f64> = HashMap::new();
-    for node in graph.nodes() {
-        *work.entry(node.system.as_str()).or_default() += node.duration.max(0.0);
-    }
-    let by_system = work
-        .into_iter()
-        .map(|(system, work)| {
-            let capacity: f64 = machines
-                .iter()
-                .filter(|m| system == "builtin" || m.systems.iter().any(|s| s == system))
-                .map(|m| f64::from(m.slots) * m.speed)
-                .sum();
-            if capacity > 0.0 {
-                work / capacity
-            } else {
-                0.0
+            if !missing.contains(&what) {
+                missing.push(what);
             }
-        })
-        .fold(0.0, f64::max);
-    path.max(by_system)
+        } else if node.deps.iter().any(|&d| blocked[d]) {
+            blocked[id] = true;
+        }
+    }
+    (direct > 0).then(|| Unbuildable {
+        direct,
+        dependents: blocked.iter().filter(|&&b| b).count() - direct,
+        missing,
+    })
 }
 
 /// Chrome trace-event JSON (`chrome://tracing`, Perfetto): one process per machine,
@@ -158,6 +150,14 @@ impl Report {
             trace,
             machine_names: machines.iter().map(|m| m.name.clone()).collect(),
         }
+    }
+
+    /// The `n` links that carried the most bytes (by name when alike), of those that
+    /// carried any.
+    pub fn busiest_links(&self, n: usize) -> Vec<(String, u64)> {
+        let mut links = self.bytes_per_link.clone();
+        links.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        links.into_iter().take(n).filter(|(_, b)| *b > 0).collect()
     }
 
     /// The trace in Chrome's trace-event JSON: one process per machine, one complete

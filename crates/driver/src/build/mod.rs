@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::DriverError;
 pub use crate::fleet::MachineConfig;
-use crate::learn::{learn_cores, Knowledge};
+use crate::learn::{learn_cores, ApplyKnowledge, Knowledge};
 use crate::reporter::Reporter;
 use crate::state::StateDb;
 use crate::trust::LocalAccess;
@@ -193,7 +193,8 @@ pub struct BuildReport {
     pub wall_seconds: f64,
     /// Builds per machine name.
     pub builds_per_machine: Vec<(String, usize)>,
-    /// max(critical path, total work / total slots) by the estimates, in seconds.
+    /// The lower bound of the run ([`offload_sched::lower_bound`]) by the estimates, in
+    /// seconds.
     pub lower_bound: f64,
     /// The same bound by the measured build times (scaled to speed 1), in seconds.
     pub measured_lower_bound: f64,

@@ -18,10 +18,7 @@ use crate::ssh::{Endpoint, Route};
 pub const LOCAL: MachineId = 0;
 /// What `--on` and `--exclude` call the local machine.
 pub const LOCAL_NAME: &str = "local";
-/// Assumed link to a remote machine until measured: 100 MB/s.
-pub const DEFAULT_BANDWIDTH: f64 = 100e6;
-/// Assumed fixed cost of a transfer to a remote machine: 5 ms.
-pub const DEFAULT_LATENCY: f64 = 0.005;
+pub use offload_learn::{DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
 
 /// A machine the runner may use.
 pub struct MachineConfig {

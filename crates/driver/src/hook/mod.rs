@@ -28,7 +28,7 @@ use tokio::io::AsyncRead;
 use crate::env::OFFLOAD_HOOK_BUILDERS;
 use crate::fleet::nixconf::NixSettings;
 use crate::fleet::{build_fleet, MachineChoice, MachineConfig};
-use crate::learn::Knowledge;
+use crate::learn::{ApplyKnowledge, Knowledge};
 use crate::slots::SlotLedger;
 use crate::state::StateDb;
 

@@ -9,7 +9,7 @@
 //! Builds are keyed by the derivation's name without its hash (`hello-2.12.1`), with a
 //! version-insensitive fallback (`hello`), since a version bump rarely changes the cost
 //! much. Durations are stored as measured, with the machine and its declared speed
-//! factor; `learn.rs` fits speeds and estimates from them.
+//! factor; `learn.rs` reads them for `offload-learn`'s fit of speeds and estimates.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,8 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection};
 use thiserror::Error;
 
-/// Estimate for a derivation nothing is known about.
-pub const DEFAULT_SECONDS: f64 = offload_sched::DEFAULT_ESTIMATE_SECONDS;
+pub use offload_learn::{package_name, EstimateSource, DEFAULT_SECONDS};
 
 /// The schema, one step per entry; an entry never changes once released, a change is a
 /// new entry. The first is the duration history as it was before versioning (hence
@@ -84,17 +83,6 @@ pub struct StateError {
     pub op: &'static str,
     #[source]
     pub source: rusqlite::Error,
-}
-
-/// Where an estimate came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EstimateSource {
-    /// Earlier builds of the same name.
-    Exact,
-    /// Earlier builds of the same package at another version.
-    OtherVersion,
-    /// Nothing known: [`DEFAULT_SECONDS`].
-    Default,
 }
 
 /// The duration history.
@@ -250,29 +238,9 @@ pub(crate) fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// A derivation name without its version: everything before the first `-` that is
-/// followed by a digit, as Nix's `parseDrvName` splits `hello-2.12.1`.
-pub fn package_name(name: &str) -> &str {
-    let bytes = name.as_bytes();
-    for (i, &b) in bytes.iter().enumerate() {
-        if b == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
-            return &name[..i];
-        }
-    }
-    name
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn package_names_drop_versions() {
-        assert_eq!(package_name("hello-2.12.1"), "hello");
-        assert_eq!(package_name("python3.11-numpy-1.26"), "python3.11-numpy");
-        assert_eq!(package_name("source"), "source");
-        assert_eq!(package_name("gcc-wrapper-13"), "gcc-wrapper");
-    }
 
     #[test]
     fn estimates_scale_by_speed_and_fall_back() {

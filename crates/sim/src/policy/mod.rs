@@ -1,10 +1,12 @@
 //! The policies a simulation can run.
 
 mod hydra;
+pub mod learning;
 mod nix;
 mod offload;
 
 pub use hydra::HydraPolicy;
+pub use learning::LearningPolicy;
 pub use nix::{NixPolicy, HOOK_CONNECT_SECONDS};
 pub use offload::OffloadPolicy;
 

@@ -106,8 +106,8 @@ fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or(text)
 }
 
-/// max(critical path, total work / total slots) over the builds' measured times, each
-/// scaled to speed 1 by its machine's speed factor.
+/// The lower bound ([`offload_sched::lower_bound`]) over the builds' measured times,
+/// each scaled to speed 1 by its machine's speed factor.
 fn measured_bound(
     nodes: &[BuildNode],
     results: &[Option<NodeResult>],
@@ -130,9 +130,8 @@ fn measured_bound(
             ..node_spec(n)
         })
         .collect();
-    let capacity: f64 = machines.iter().map(|s| f64::from(s.slots) * s.speed).sum();
     match Graph::new(specs) {
-        Ok(g) => g.critical_path().max(g.total_work() / capacity.max(1.0)),
+        Ok(g) => offload_sched::lower_bound(&g, machines),
         Err(_) => 0.0,
     }
 }

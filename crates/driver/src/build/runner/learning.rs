@@ -2,11 +2,11 @@
 //! build's time and output size, recorded in the state, and the machines' speeds and
 //! links fitted again from them, so the rest of the run is planned on what was seen.
 
+use offload_learn::{moved_link, slower_under_way};
 use offload_sched::Event;
 
 use super::{BuildTransport, Runner, TaskDone};
 use crate::fleet::LOCAL;
-use crate::learn::{moved, refit_interval, SLOWER_UNDER_WAY};
 use crate::state::BuildRecord;
 
 impl<T: BuildTransport> Runner<'_, T> {
@@ -59,16 +59,15 @@ impl<T: BuildTransport> Runner<'_, T> {
     }
 
     /// Fits the machines' speeds and links again with this run's builds and copies so
-    /// far, as often as [`refit_interval`] says: a machine or link that turns out
+    /// far, as often as [`offload_learn::Refits`] says: a machine or link that turns out
     /// slower or faster than planned gets the rest of the run's decisions right.
     pub(super) fn refit_speeds(&mut self) {
         self.slow_links_under_way();
         let now = self.now();
         let Some(h) = self.history else { return };
-        if self.last_refit > 0.0 && now - self.last_refit < self.refit_wait {
+        if !self.refits.due(now) {
             return;
         }
-        self.last_refit = now;
         let Some(system) = self.machines[LOCAL].systems.first().cloned() else {
             return;
         };
@@ -76,7 +75,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             Ok(k) => k,
             Err(e) => return tracing::debug!("{e}"),
         };
-        self.refit_wait = refit_interval(knowledge.rows());
+        self.refits.fitted(knowledge.rows());
         for m in 0..self.machines.len() {
             let spec = &self.machines[m];
             if let Some((speed, per_system)) =
@@ -90,23 +89,18 @@ impl<T: BuildTransport> Runner<'_, T> {
         }
         for m in 0..self.machines.len() {
             let spec = &self.machines[m];
-            let Some(link) = knowledge
-                .link(&self.state_keys[m])
-                .filter(|_| !spec.is_local)
-            else {
+            let Some(link) = moved_link(spec, knowledge.link(&self.state_keys[m])) else {
                 continue;
             };
-            if moved(spec.bandwidth, link.bandwidth) {
-                tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
-                self.machines[m].bandwidth = link.bandwidth;
-                self.machines[m].latency = link.latency;
-                self.sched.set_link(m, link.bandwidth, link.latency);
-            }
+            tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
+            self.machines[m].bandwidth = link.bandwidth;
+            self.machines[m].latency = link.latency;
+            self.sched.set_link(m, link.bandwidth, link.latency);
         }
     }
 
     /// Links that carry their copies under way several times slower than planned
-    /// ([`SLOWER_UNDER_WAY`]) are planned at what
+    /// ([`slower_under_way`]) are planned at what
     /// those copies show, before the first of them lands: on a first run every link is
     /// planned at the default until then, and a copy over a slow one can take tens of
     /// seconds.
@@ -119,7 +113,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             let Some(bound) = self.transport.link_bound(m, spec.latency) else {
                 continue;
             };
-            if bound * SLOWER_UNDER_WAY < spec.bandwidth {
+            if slower_under_way(spec, bound) {
                 tracing::debug!(machine = %spec.name, "link at most {:.1} MB/s by the copies under way", bound / 1e6);
                 let latency = spec.latency;
                 self.machines[m].bandwidth = bound;

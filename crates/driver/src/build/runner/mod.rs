@@ -12,6 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use offload_learn::Refits;
 use offload_sched::{
     Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
     DEFAULT_OUTPUT_BYTES,
@@ -169,8 +170,7 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     /// What the state calls this run: builds of one run are compared as a population.
     run_id: String,
     /// When the speeds were last fitted, and how long to wait for the next fit.
-    last_refit: f64,
-    refit_wait: f64,
+    refits: Refits,
     /// Machines whose first probe has not answered yet, and that probe.
     first_probes: HashMap<MachineId, AbortHandle>,
     /// Since when nothing of this run has run while others held the slots it needs.
@@ -199,10 +199,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 op: "checking the build graph",
                 source: std::io::Error::other(e.to_string()),
             })?;
-        let capacity: f64 = machines.iter().map(|m| f64::from(m.slots) * m.speed).sum();
-        let lower_bound = graph
-            .critical_path()
-            .max(graph.total_work() / capacity.max(1.0));
+        let lower_bound = offload_sched::lower_bound(&graph, &machines);
         let n = nodes.len();
         let slot_wait = reliability.slot_wait;
         let state_keys = machines.iter().map(|m| m.name.clone()).collect();
@@ -244,8 +241,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             lower_bound,
             state_keys,
             declared_speeds,
-            last_refit: 0.0,
-            refit_wait: 0.0,
+            refits: Refits::default(),
             first_probes: HashMap::new(),
             waiting_for_others: None,
             slot_wait,

@@ -1,0 +1,181 @@
+//! offload's learning policy (the driver's model of what builds and copies teach, run
+//! in the simulator): on random graphs and fleets, a first run and a second run from
+//! what the first taught keep every machine within its slots, build each derivation
+//! once (again only when its machine is lost), never before its dependencies, and the
+//! second run plans a builder that is slower than declared as slower.
+
+use std::collections::HashMap;
+
+use offload_learn::LOCAL_KEY;
+use offload_sched::{Graph, MachineId, MachineSpec};
+use offload_sim::dag::generate;
+use offload_sim::scenarios::{first_run, run, second_run, taught, Knows};
+use offload_sim::Report;
+use proptest::prelude::*;
+
+const SYS: &str = "x86_64-linux";
+
+/// A fleet as it is and as its machines file declares it (every speed factor 1): this
+/// machine with `local` slots and `builders` builders of 1-3 slots, the first of them
+/// `slow` times slower than declared.
+fn fleet(local: u32, builders: &[u32], slow: f64) -> (Vec<MachineSpec>, Vec<MachineSpec>) {
+    let mut declared = vec![MachineSpec::local(SYS, local)];
+    for (i, &slots) in builders.iter().enumerate() {
+        declared.push(MachineSpec {
+            bandwidth: 1e8,
+            latency: 0.005,
+            ..MachineSpec::new(format!("ssh://b{i}"), SYS, slots, 1.0)
+        });
+    }
+    let mut truth = declared.clone();
+    if let Some(b) = truth.get_mut(1) {
+        b.speed = 1.0 / slow;
+    }
+    (truth, declared)
+}
+
+/// What a run must hold: at no time more builds on a machine than its slots; each
+/// derivation started only once its dependencies had ended (some build of each); each
+/// built once, and again only after a start on a machine that then failed.
+fn check(
+    graph: &Graph,
+    machines: &[MachineSpec],
+    failures: &[(MachineId, f64)],
+    r: &Report,
+) -> Result<(), TestCaseError> {
+    prop_assert_eq!(
+        r.built,
+        graph.len(),
+        "{} did not build everything",
+        r.policy
+    );
+    prop_assert!(
+        r.makespan_s + 1e-9 >= r.lower_bound_s,
+        "beat the lower bound"
+    );
+    let index: HashMap<&str, usize> = (0..graph.len())
+        .map(|i| (graph.node(i).key.as_str(), i))
+        .collect();
+    let mut ends: Vec<Vec<f64>> = vec![Vec::new(); graph.len()];
+    let mut starts: Vec<Vec<(f64, MachineId)>> = vec![Vec::new(); graph.len()];
+    for e in &r.trace {
+        ends[index[e.name.as_str()]].push(e.start + e.duration);
+        starts[index[e.name.as_str()]].push((e.start, e.machine));
+    }
+    for (node, s) in starts.iter_mut().enumerate() {
+        prop_assert!(!s.is_empty(), "{} never started", graph.node(node).key);
+        // Every start but the last was lost with its machine (or its outputs were).
+        s.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for &(start, m) in &s[..s.len() - 1] {
+            prop_assert!(
+                failures.iter().any(|&(f, at)| f == m && start <= at),
+                "{} built again though {} did not fail: {:?}",
+                graph.node(node).key,
+                machines[m].name,
+                s
+            );
+        }
+    }
+    for e in &r.trace {
+        for &d in &graph.node(index[e.name.as_str()]).deps {
+            prop_assert!(
+                ends[d].iter().any(|&end| end <= e.start + 1e-9),
+                "{} started at {} before its dependency {} ended ({:?})",
+                e.name,
+                e.start,
+                graph.node(d).key,
+                ends[d]
+            );
+        }
+    }
+    for (m, spec) in machines.iter().enumerate() {
+        // Starts and ends on the machine, ends first at the same time.
+        let mut edges: Vec<(f64, i32)> = r
+            .trace
+            .iter()
+            .filter(|e| e.machine == m)
+            .flat_map(|e| [(e.start, 1), (e.start + e.duration, -1)])
+            .collect();
+        edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut running = 0;
+        for (at, step) in edges {
+            running += step;
+            prop_assert!(
+                running <= spec.slots as i32,
+                "{} ran {} builds at {} on {} slots",
+                spec.name,
+                running,
+                at,
+                spec.slots
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_builder_three_times_slower_than_declared_is_planned_slower_the_next_time() {
+    let graph = generate("layered", 60, 1).unwrap().to_graph().unwrap();
+    let (truth, declared) = fleet(2, &[2, 2, 2], 3.0);
+    let (first, rows) = first_run(&graph, (&truth, &declared), &[], true);
+    check(&graph, &truth, &[], &first).unwrap();
+    assert!(rows.iter().any(|r| r.machine == "ssh://b0"));
+    assert!(rows.iter().any(|r| r.machine == LOCAL_KEY));
+    let (_, _, believed) = taught(&graph, (&truth, &declared), &rows);
+    // Declared 1, truly 1/3: planned within a half of the truth, the others near 1.
+    assert!((0.2..0.5).contains(&believed[1].speed), "{:?}", believed[1]);
+    assert!(believed[2].speed > 0.6, "{:?}", believed[2]);
+    let second = second_run(&graph, (&truth, &declared), &[], true);
+    check(&graph, &truth, &[], &second).unwrap();
+    assert!(
+        second.makespan_s < first.makespan_s,
+        "{} then {}",
+        first.makespan_s,
+        second.makespan_s
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn first_and_second_runs_keep_slots_order_and_builds(
+        shape in prop::sample::select(vec!["layered", "nixpkgs", "wide", "chain"]),
+        n in 1usize..120,
+        seed in any::<u64>(),
+        local in 1u32..4,
+        builders in prop::collection::vec(1u32..4, 0..4),
+        slow in 1.0f64..4.0,
+        fail in any::<bool>(),
+    ) {
+        let graph = generate(shape, n, seed).unwrap().to_graph().unwrap();
+        let (truth, declared) = fleet(local, &builders, slow);
+        // A builder lost a little into the run, when there is one.
+        let failures: Vec<(MachineId, f64)> = if fail && truth.len() > 1 { vec![(1, 1.5)] } else { Vec::new() };
+        for knows in [Knows::FirstRun, Knows::SecondRun] {
+            let r = run("offload", &graph, (&truth, &declared), &failures, knows, true).unwrap();
+            check(&graph, &truth, &failures, &r)?;
+        }
+    }
+
+    #[test]
+    fn the_second_run_learns_a_slow_builder_is_slow(
+        n in 40usize..120,
+        seed in any::<u64>(),
+        slow in 2.5f64..5.0,
+    ) {
+        let graph = generate("layered", n, seed).unwrap().to_graph().unwrap();
+        let (truth, declared) = fleet(2, &[2, 2, 2], slow);
+        let (_, rows) = first_run(&graph, (&truth, &declared), &[], false);
+        let (_, _, believed) = taught(&graph, (&truth, &declared), &rows);
+        // From the declared 1 towards the truth, 1 / slow: at least half the way.
+        let (got, truth) = (believed[1].speed.ln(), -slow.ln());
+        prop_assert!(
+            got <= truth / 2.0,
+            "planned at {} after builds {:?}, truly {}",
+            believed[1].speed,
+            rows.iter().filter(|r| r.machine == "ssh://b0").map(|r| r.seconds).collect::<Vec<_>>(),
+            1.0 / slow
+        );
+    }
+}
