@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::fleet::{build_fleet, MachineConfig, LOCAL};
-use offload_driver::learn::{Knowledge, Learned, LinkFigures};
 use offload_driver::slots::SlotLedger;
+use offload_driver::state::{Knowledge, Learned, LinkFigures};
 use offload_driver::{format_utc, StateDb};
 use serde_json::json;
 

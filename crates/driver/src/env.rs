@@ -43,6 +43,8 @@ pub const SLOT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a build waits for a slot before its machine counts as unavailable for it
 /// (the build then goes elsewhere): longer than most builds that could be holding it.
 pub const SLOT_WAIT_LIMIT: Duration = Duration::from_secs(3 * 3600);
+/// How long a builder gets to say how many cores it has (`nproc`).
+pub const CORES_QUESTION_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the hook waits for a builder's upload lock before it copies anyway.
 pub const UPLOAD_LOCK_LIMIT: Duration = Duration::from_secs(15 * 60);
 

@@ -36,10 +36,11 @@
 //!   the registry of which store holds which path;
 //! - `slots/` — builders' slots: the local ledger shared with Nix's own hook, and locks
 //!   on the builders themselves (`slots/remote/`);
-//! - `state/` — the state database ([`StateDb`]): schema and builds, machines, runs;
-//! - `learn.rs` — what the state teaches: speeds, links, output sizes, cores;
+//! - `state/` — the state database ([`StateDb`]): schema and builds, machines, runs, and
+//!   what the builds and copies teach, read for `offload-learn`'s fit;
 //! - `fleet/` — the machines a run uses, from Nix's settings (`fleet/nixconf.rs`) and
-//!   the user's choice of hosts;
+//!   the user's choice of hosts, with what was learned of them and their cores
+//!   (`fleet/learned.rs`);
 //! - `plan/` — from `.drv` files to build nodes, and what Nix's dry run would build;
 //! - `reporter.rs` — [`reporter::Reporter`], the progress the CLI draws;
 //! - `build/` — the build runner: its event loop, machines' health, learning and copy
@@ -59,7 +60,6 @@ pub mod env;
 mod error;
 pub mod fleet;
 pub mod hook;
-pub mod learn;
 pub mod order;
 pub mod plan;
 pub mod process;

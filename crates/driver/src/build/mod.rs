@@ -13,12 +13,13 @@ use offload_nix::serve::{BasicDerivation, BuildSettings};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::DriverError;
+use crate::fleet::learned::{learn_cores, ApplyKnowledge};
 pub use crate::fleet::MachineConfig;
-use crate::learn::{learn_cores, ApplyKnowledge, Knowledge};
 use crate::reporter::Reporter;
 use crate::state::StateDb;
 use crate::trust::LocalAccess;
 pub use health::Reliability;
+use offload_learn::Knowledge;
 
 mod health;
 mod leftovers;

@@ -11,6 +11,7 @@ use thiserror::Error;
 use crate::error::DriverError;
 use nixconf::NixSettings;
 
+pub mod learned;
 pub mod nixconf;
 use crate::ssh::{Endpoint, Route};
 

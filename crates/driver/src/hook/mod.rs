@@ -26,11 +26,12 @@ use offload_nix::wire::{tokio_io::read_message, WireError};
 use tokio::io::AsyncRead;
 
 use crate::env::OFFLOAD_HOOK_BUILDERS;
+use crate::fleet::learned::ApplyKnowledge;
 use crate::fleet::nixconf::NixSettings;
 use crate::fleet::{build_fleet, MachineChoice, MachineConfig};
-use crate::learn::{ApplyKnowledge, Knowledge};
 use crate::slots::SlotLedger;
 use crate::state::StateDb;
+use offload_learn::Knowledge;
 
 pub use choice::{AGENT_OVERHEAD_SECONDS, REMOTE_OVERHEAD_SECONDS};
 

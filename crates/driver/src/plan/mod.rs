@@ -14,8 +14,8 @@ use thiserror::Error;
 pub mod dry_run;
 
 use crate::build::BuildNode;
-use crate::learn::Knowledge;
 use crate::state::EstimateSource;
+use offload_learn::Knowledge;
 
 /// The derivation graph could not be read.
 #[derive(Debug, Error)]

@@ -9,7 +9,7 @@
 //! Builds are keyed by the derivation's name without its hash (`hello-2.12.1`), with a
 //! version-insensitive fallback (`hello`), since a version bump rarely changes the cost
 //! much. Durations are stored as measured, with the machine and its declared speed
-//! factor; `learn.rs` reads them for `offload-learn`'s fit of speeds and estimates.
+//! factor; `learned.rs` reads them for `offload-learn`'s fit of speeds and estimates.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -50,7 +50,7 @@ const MIGRATIONS: &[&str] = &[
          started_at INTEGER NOT NULL,
          report TEXT NOT NULL
      );",
-    // What the planner learns (`learn.rs`): from here on `builds.machine` is the store
+    // What the planner learns (`learned.rs`): from here on `builds.machine` is the store
     // URI as written and `seconds` the build's own time (its inputs' copies left out);
     // NAR bytes of the outputs, the run the build was part of and the task's time but
     // for its inputs' copies (the session and the build); every copy between this

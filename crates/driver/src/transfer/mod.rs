@@ -176,7 +176,7 @@ impl TransferEngine {
     }
 
     /// The most `machine`'s link can carry by what the copies crossing it now show
-    /// ([`crate::learn::bound_under_way`]).
+    /// ([`offload_learn::bound_under_way`]).
     pub fn crossing_bound(&self, machine: MachineId, latency: f64) -> Option<f64> {
         let crossing = Self::lock(&self.crossing);
         let copies: Vec<(f64, u64)> = crossing
@@ -184,7 +184,7 @@ impl TransferEngine {
             .values()
             .map(|&(started, bytes)| (started.elapsed().as_secs_f64(), bytes))
             .collect();
-        crate::learn::bound_under_way(&copies, latency)
+        offload_learn::bound_under_way(&copies, latency)
     }
 
     /// Paths copied and their NAR bytes, over the engine's life.
