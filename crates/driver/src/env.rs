@@ -80,6 +80,29 @@ pub fn state_db_overridden() -> bool {
     std::env::var_os(OFFLOAD_HISTORY).is_some()
 }
 
+/// The state database `$OFFLOAD_HISTORY` names, if it is set.
+pub fn state_db_from_env() -> Option<PathBuf> {
+    std::env::var_os(OFFLOAD_HISTORY).map(PathBuf::from)
+}
+
+/// The signing key `$OFFLOAD_SIGN_KEY` names, if it is set.
+pub fn sign_key_from_env() -> Option<PathBuf> {
+    std::env::var_os(OFFLOAD_SIGN_KEY).map(PathBuf::from)
+}
+
+/// offload's own config file: `$OFFLOAD_CONFIG`, else
+/// `$XDG_CONFIG_HOME/offload/config.toml`, else `~/.config/offload/config.toml`; None
+/// with neither `XDG_CONFIG_HOME` nor `HOME`.
+pub fn config_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(OFFLOAD_CONFIG) {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("offload").join("config.toml"))
+}
+
 /// offload's state directory: `$XDG_STATE_HOME/offload`, else `~/.local/state/offload`,
 /// else `offload` in the temporary directory.
 fn state_dir() -> PathBuf {
