@@ -4,7 +4,7 @@
 
 use anyhow::anyhow;
 use offload_driver::fleet::{MachineConfig, LOCAL};
-use offload_driver::signing::PathSigner;
+use offload_driver::trust::signing::PathSigner;
 use offload_driver::trust::{self, LocalAccess};
 
 use crate::args::BuildArgs;

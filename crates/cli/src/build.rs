@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::build::{self, BuildOptions, LogDestination, NodeResult, Reliability};
-use offload_driver::dry_run::dry_run;
 use offload_driver::fleet::build_fleet;
-use offload_driver::learn::Knowledge;
-use offload_driver::nixconf::NixSettings;
+use offload_driver::fleet::nixconf::NixSettings;
+use offload_driver::plan::dry_run::dry_run;
 use offload_driver::plan::{build_nodes, output_path, read_drv_closure};
 use offload_driver::process;
 use offload_driver::shutdown::Shutdown;
+use offload_driver::state::Knowledge;
 use offload_driver::trust::LocalAccess;
-use offload_driver::{DriverError, History};
+use offload_driver::{DriverError, StateDb};
 use offload_nix::serve::BuildSettings;
 use offload_nix::store_path::StorePath;
 
@@ -133,8 +133,11 @@ pub async fn run(args: BuildArgs, quiet: bool) -> Result<(), Failure> {
         // Checked targets are built again wherever the plan puts them, valid or not.
         will_build.extend(roots.iter().cloned());
     }
-    let history_path = args.history.clone().unwrap_or_else(History::default_path);
-    let history = match History::open(&history_path) {
+    let history_path = args
+        .history
+        .clone()
+        .unwrap_or_else(offload_driver::env::state_db_path);
+    let history = match StateDb::open(&history_path) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!("{e}; planning with default estimates");
@@ -325,7 +328,7 @@ async fn through_daemon(
     will_build: &[String],
     roots: &[String],
 ) -> Result<(), Failure> {
-    let socket = offload_driver::agent::default_socket();
+    let socket = offload_driver::env::agent_socket();
     let choice = offload_driver::agent::HostChoice {
         on: args.machines.on.clone(),
         exclude: args.machines.exclude.clone(),
@@ -405,7 +408,7 @@ fn log_destination(access: &LocalAccess, history: &Path) -> LogDestination {
         return LogDestination::Dir(nix.to_path_buf());
     }
     if access.trusted {
-        return LogDestination::Daemon(offload_driver::daemon::socket_path());
+        return LogDestination::Daemon(offload_driver::env::daemon_socket());
     }
     // Beside the history: the state directory.
     match history.parent() {

@@ -60,13 +60,7 @@ pub struct Loaded {
 
 /// Where the configuration file is looked for.
 pub fn path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("OFFLOAD_CONFIG") {
-        return Some(PathBuf::from(p));
-    }
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-    Some(base.join("offload").join("config.toml"))
+    offload_driver::env::config_path()
 }
 
 /// Reads the configuration file; none is fine, a bad one is an error naming it.
@@ -125,7 +119,7 @@ impl Loaded {
         if args.machines.exclude.is_empty() {
             args.machines.exclude = defaults.exclude.clone().unwrap_or_default();
         }
-        if args.history.is_none() && std::env::var_os("OFFLOAD_HISTORY").is_none() {
+        if args.history.is_none() && !offload_driver::env::state_db_overridden() {
             args.history = self.state_dir().map(|d| d.join("history.sqlite"));
         }
         self.expand_groups(&mut args.machines)
@@ -185,13 +179,13 @@ impl Loaded {
             (None, Some(p)) => format!("config file: {} (not present)\n", p.display()),
             (None, None) => "config file: none (no HOME or XDG_CONFIG_HOME)\n".to_string(),
         };
-        let history = match std::env::var_os("OFFLOAD_HISTORY") {
-            Some(h) => format!("{} (OFFLOAD_HISTORY)", PathBuf::from(h).display()),
+        let history = match offload_driver::env::state_db_from_env() {
+            Some(h) => format!("{} (OFFLOAD_HISTORY)", h.display()),
             None => match self.state_dir() {
                 Some(d) => format!("{} (state_dir)", d.join("history.sqlite").display()),
                 None => format!(
                     "{} (default)",
-                    offload_driver::History::default_path().display()
+                    offload_driver::env::state_db_path().display()
                 ),
             },
         };
@@ -219,8 +213,8 @@ impl Loaded {
             "build.max_jobs = {}\n",
             show(b.max_jobs.map(|v| v.to_string()), "Nix's max-jobs")
         ));
-        let sign_key = match std::env::var_os("OFFLOAD_SIGN_KEY") {
-            Some(k) => format!("{} (OFFLOAD_SIGN_KEY)", PathBuf::from(k).display()),
+        let sign_key = match offload_driver::env::sign_key_from_env() {
+            Some(k) => format!("{} (OFFLOAD_SIGN_KEY)", k.display()),
             None => show(b.sign_key.as_ref().map(|p| p.display().to_string()), "none"),
         };
         out.push_str(&format!("build.sign_key = {sign_key}\n"));

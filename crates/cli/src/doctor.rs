@@ -4,10 +4,10 @@
 use std::fmt::Write as _;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::doctor::{self, MachineReport, Severity};
 use offload_driver::fleet::build_fleet;
-use offload_driver::nixconf::NixSettings;
-use offload_driver::signing::PathSigner;
+use offload_driver::fleet::nixconf::NixSettings;
+use offload_driver::trust::doctor::{self, MachineReport, Severity};
+use offload_driver::trust::signing::PathSigner;
 
 use crate::args::DoctorArgs;
 use crate::Failure;

@@ -9,11 +9,11 @@
 use std::fmt::Write as _;
 
 use anyhow::Context as _;
+use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::fleet::{build_fleet, MachineConfig, LOCAL};
-use offload_driver::learn::{Knowledge, Learned, LinkFigures};
-use offload_driver::nixconf::NixSettings;
 use offload_driver::slots::SlotLedger;
-use offload_driver::{format_utc, History};
+use offload_driver::state::{Knowledge, Learned, LinkFigures};
+use offload_driver::{format_utc, StateDb};
 use serde_json::json;
 
 use crate::args::MachinesArgs;
@@ -49,8 +49,11 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
         .map_err(Failure::usage)?;
     let fleet = build_fleet(&args.machines.choice(), &settings).map_err(Failure::usage)?;
     let ledger = SlotLedger::from_env();
-    let history_path = args.history.clone().unwrap_or_else(History::default_path);
-    let history = History::open(&history_path)
+    let history_path = args
+        .history
+        .clone()
+        .unwrap_or_else(offload_driver::env::state_db_path);
+    let history = StateDb::open(&history_path)
         .map_err(|e| tracing::debug!("no machine records: {e}"))
         .ok();
     let knowledge = history
@@ -105,7 +108,7 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
 }
 
 /// What the state database says of a machine now.
-fn state(name: &str, history: Option<&History>) -> (&'static str, Option<String>) {
+fn state(name: &str, history: Option<&StateDb>) -> (&'static str, Option<String>) {
     let record = history.and_then(|h| h.machine(name).ok().flatten());
     let Some(r) = record else {
         return ("up", None);
@@ -137,7 +140,7 @@ fn row(
     m: usize,
     config: &MachineConfig,
     ledger: &SlotLedger,
-    history: Option<&History>,
+    history: Option<&StateDb>,
     knowledge: &Knowledge,
 ) -> Row {
     let spec = &config.spec;

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => hook::agent(args).await.map(|()| 0),
             Command::Report(mut args) => {
                 let loaded = config::load().map_err(Failure::usage)?;
-                if args.history.is_none() && std::env::var_os("OFFLOAD_HISTORY").is_none() {
+                if args.history.is_none() && !offload_driver::env::state_db_overridden() {
                     args.history = loaded.state_dir().map(|d| d.join("history.sqlite"));
                 }
                 report::run(args).map(|()| 0)
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
                 loaded
                     .expand_groups(&mut args.machines)
                     .map_err(Failure::usage)?;
-                if args.history.is_none() && std::env::var_os("OFFLOAD_HISTORY").is_none() {
+                if args.history.is_none() && !offload_driver::env::state_db_overridden() {
                     args.history = loaded.state_dir().map(|d| d.join("history.sqlite"));
                 }
                 machines::run(args).await.map(|()| 0)

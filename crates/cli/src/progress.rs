@@ -19,8 +19,9 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use offload_driver::build::{BuildReport, NodeResult, Placement, Reporter};
+use offload_driver::build::{BuildReport, NodeResult};
 use offload_driver::fleet::MachineConfig;
+use offload_driver::reporter::{Placement, Reporter};
 use serde_json::{json, Value};
 
 use crate::live::Live;

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::build::{BuildReport, NodeResult};
-use offload_driver::{format_utc, History};
+use offload_driver::{format_utc, StateDb};
 use offload_sim::report::{chrome_trace, TraceEvent};
 use serde::{Deserialize, Serialize};
 
@@ -141,7 +141,7 @@ pub fn write_trace(path: &Path, run: &RunReport) -> Result<(), Failure> {
 
 /// Keeps `run` in the state database for `offload report`; a run that cannot be kept is
 /// reported, not failed.
-pub fn record(history: &History, run: &RunReport) {
+pub fn record(history: &StateDb, run: &RunReport) {
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -160,8 +160,11 @@ pub fn record(history: &History, run: &RunReport) {
 
 /// `offload report`: a recorded run as HTML, a trace, or a summary; or the list of runs.
 pub fn run(args: ReportArgs) -> Result<(), Failure> {
-    let path = args.history.clone().unwrap_or_else(History::default_path);
-    let history = History::open(&path).map_err(Failure::usage)?;
+    let path = args
+        .history
+        .clone()
+        .unwrap_or_else(offload_driver::env::state_db_path);
+    let history = StateDb::open(&path).map_err(Failure::usage)?;
     if args.list {
         let mut out = String::new();
         for (id, started) in history.runs(50).map_err(Failure::usage)? {

@@ -30,6 +30,35 @@ pub fn minor(version: u64) -> u64 {
     version & 0x00ff
 }
 
+/// The oldest server version offload speaks to: 2.4, the first whose path infos carry
+/// the NAR hash, content address and signatures.
+pub const OLDEST_SERVER: u64 = 0x204;
+/// The first server version that takes AddToStoreNar; older servers import only with
+/// ImportPaths.
+pub const ADD_TO_STORE_NAR: u64 = 0x205;
+
+/// Whether offload can speak to a server that announced `version`: 2.4 or later.
+pub fn is_supported(version: u64) -> bool {
+    major(version) == major(PROTOCOL_VERSION) && minor(version) >= minor(OLDEST_SERVER)
+}
+
+/// Whether a server of `version` takes AddToStoreNar (else only ImportPaths).
+pub fn takes_add_to_store_nar(version: u64) -> bool {
+    minor(version) >= minor(ADD_TO_STORE_NAR)
+}
+
+/// Whether a server of `version` sends a path info's NAR hash, content address and
+/// signatures (2.4).
+pub fn sends_nar_hash(version: u64) -> bool {
+    minor(version) >= 4
+}
+
+/// Whether a server of `version` sends a build result's times built, non-determinism
+/// flag and start and stop times (2.3).
+pub fn sends_build_times(version: u64) -> bool {
+    minor(version) >= 3
+}
+
 /// Longest single string accepted in a reply (paths, hashes, error messages).
 pub const MAX_REPLY_STRING: usize = crate::wire::MAX_STRING_LEN;
 

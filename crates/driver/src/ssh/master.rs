@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Child;
 
+use super::{classify_ssh_failure, Endpoint};
+use crate::env::HANDSHAKE_TIMEOUT;
 use crate::error::DriverError;
-use crate::session::HANDSHAKE_TIMEOUT;
-use crate::transport::{classify_ssh_failure, Endpoint, NIX_SSHOPTS};
 
 /// After a master failed to start, sessions connect on their own for this long before
 /// a master is tried again (the builder may have come back).
@@ -61,7 +61,7 @@ struct Running {
 
 impl SshMaster {
     pub fn new(endpoint: &Endpoint) -> SshMaster {
-        let own_choice = std::env::var(NIX_SSHOPTS).is_ok_and(|opts| user_multiplexes(&opts));
+        let own_choice = crate::env::nix_sshopts().is_some_and(|opts| user_multiplexes(&opts));
         SshMaster {
             wanted: endpoint.is_ssh() && !own_choice,
             endpoint: endpoint.clone(),
