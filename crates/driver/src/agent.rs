@@ -21,6 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use crate::env::HOST_CHOICE_LIFETIME;
 use crate::env::SLOT_WAIT_LIMIT;
 use crate::order::{carry_out, BuildOrder, OrderFailure};
 use crate::session::Pool;
@@ -85,9 +86,6 @@ enum Message {
     Choice(Option<HostChoice>),
 }
 
-/// How long a user's choice of hosts is kept: a build started later is another one.
-const CHOICE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-
 /// Users' choices of hosts, per derivation.
 #[derive(Default)]
 struct Choices(Mutex<HashMap<String, (HostChoice, std::time::Instant)>>);
@@ -95,7 +93,7 @@ struct Choices(Mutex<HashMap<String, (HostChoice, std::time::Instant)>>);
 impl Choices {
     fn set(&self, drvs: Vec<String>, choice: &HostChoice) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, (_, at)| at.elapsed() < CHOICE_LIFETIME);
+        map.retain(|_, (_, at)| at.elapsed() < HOST_CHOICE_LIFETIME);
         let now = std::time::Instant::now();
         for drv in drvs {
             map.insert(drv, (choice.clone(), now));
@@ -105,7 +103,7 @@ impl Choices {
     fn get(&self, drv: &str) -> Option<HostChoice> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.get(drv)
-            .filter(|(_, at)| at.elapsed() < CHOICE_LIFETIME)
+            .filter(|(_, at)| at.elapsed() < HOST_CHOICE_LIFETIME)
             .map(|(c, _)| c.clone())
     }
 }

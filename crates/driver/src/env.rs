@@ -47,6 +47,18 @@ pub const SLOT_WAIT_LIMIT: Duration = Duration::from_secs(3 * 3600);
 pub const CORES_QUESTION_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the hook waits for a builder's upload lock before it copies anyway.
 pub const UPLOAD_LOCK_LIMIT: Duration = Duration::from_secs(15 * 60);
+/// How long the hook's `try` may wait for a builder's slot to free before it postpones:
+/// Nix asks again only after its poll interval (5 s), far longer than most builds.
+pub const HOOK_SLOT_WAIT: Duration = Duration::from_secs(2);
+/// How long the agent keeps a user's choice of hosts: a build started later is another
+/// one.
+pub const HOST_CHOICE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// After an ssh master failed to start, sessions connect on their own for this long
+/// before a master is tried again (the builder may have come back).
+pub const MASTER_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How long a stderr pump that does not answer is waited for when a session's sink is
+/// finished.
+pub const STDERR_FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a run treats machines that fail unless told otherwise (`offload build`'s
 /// `--retry-backoff`, `--quarantine-after`, `--quarantine`, `--stall-timeout`): the

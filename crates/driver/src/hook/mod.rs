@@ -25,6 +25,7 @@ use offload_nix::store_path::derivation_name;
 use offload_nix::wire::{tokio_io::read_message, WireError};
 use tokio::io::AsyncRead;
 
+use crate::env::HOOK_SLOT_WAIT;
 use crate::env::OFFLOAD_HOOK_BUILDERS;
 use crate::fleet::learned::ApplyKnowledge;
 use crate::fleet::nixconf::NixSettings;
@@ -34,10 +35,6 @@ use crate::state::StateDb;
 use offload_learn::Knowledge;
 
 pub use choice::{AGENT_OVERHEAD_SECONDS, REMOTE_OVERHEAD_SECONDS};
-
-/// How long a `try` may wait for a builder's slot to free before the hook postpones:
-/// Nix asks again only after its poll interval (5 s), far longer than most builds.
-const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the hook was started.
 #[derive(Debug, Clone)]
@@ -429,7 +426,7 @@ async fn chosen_hosts(drv: &str) -> Option<crate::agent::HostChoice> {
         .flatten()
 }
 
-/// The choice, tried again for up to [`SLOT_WAIT`] while only busy builders could take
+/// The choice, tried again for up to [`HOOK_SLOT_WAIT`] while only busy builders could take
 /// the build.
 async fn choose_waiting(
     fleet: &[crate::fleet::MachineConfig],
@@ -438,7 +435,7 @@ async fn choose_waiting(
     estimate: f64,
     overhead: f64,
 ) -> Result<(choice::Verdict, Option<crate::slots::SlotLock>), crate::error::DriverError> {
-    let deadline = std::time::Instant::now() + SLOT_WAIT;
+    let deadline = std::time::Instant::now() + HOOK_SLOT_WAIT;
     loop {
         let chosen = choice::choose(fleet, ledger, request, estimate, overhead)?;
         if chosen.0 != choice::Verdict::Postpone || std::time::Instant::now() >= deadline {
