@@ -59,6 +59,22 @@ pub fn sends_build_times(version: u64) -> bool {
     minor(version) >= 3
 }
 
+/// Whether a build's settings from a client of `version` carry the log size limit (2.2).
+pub fn takes_max_log_size(version: u64) -> bool {
+    minor(version) >= 2
+}
+
+/// Whether a build's settings from a client of `version` carry the repeat count and
+/// whether to enforce determinism (2.3).
+pub fn takes_build_repeats(version: u64) -> bool {
+    minor(version) >= 3
+}
+
+/// Whether a build's settings from a client of `version` carry keep-failed (2.7).
+pub fn takes_keep_failed(version: u64) -> bool {
+    minor(version) >= 7
+}
+
 /// Longest single string accepted in a reply (paths, hashes, error messages).
 pub const MAX_REPLY_STRING: usize = crate::wire::MAX_STRING_LEN;
 
@@ -138,14 +154,14 @@ impl BuildSettings {
     fn encode(&self, out: &mut Vec<u8>, client_version: u64) {
         put_u64(out, self.max_silent_time);
         put_u64(out, self.build_timeout);
-        if minor(client_version) >= 2 {
+        if takes_max_log_size(client_version) {
             put_u64(out, self.max_log_size);
         }
-        if minor(client_version) >= 3 {
+        if takes_build_repeats(client_version) {
             put_u64(out, self.nr_repeats);
             put_bool(out, self.enforce_determinism);
         }
-        if minor(client_version) >= 7 {
+        if takes_keep_failed(client_version) {
             put_bool(out, self.keep_failed);
         }
     }
