@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use offload_driver::env;
 
 /// Runs Nix builds across a fleet of machines, planned as one graph.
 ///
@@ -225,7 +226,7 @@ pub struct DoctorArgs {
     pub machines: MachineArgs,
 
     /// The key `offload build --sign-key` would sign with, for the outputs check.
-    #[arg(long, value_name = "FILE", env = "OFFLOAD_SIGN_KEY")]
+    #[arg(long, value_name = "FILE", env = env::OFFLOAD_SIGN_KEY)]
     pub sign_key: Option<PathBuf>,
 }
 
@@ -247,7 +248,7 @@ pub struct HookArgs {
     /// hook. Nix starts the hook with no flags, so this is read from the environment of
     /// the process that runs builds: yours on a single-user install, the daemon's on a
     /// multi-user one.
-    #[arg(long, env = "OFFLOAD_HOOK_BUILDERS", value_name = "SPEC")]
+    #[arg(long, env = env::OFFLOAD_HOOK_BUILDERS, value_name = "SPEC")]
     pub builders: Option<String>,
 
     /// The build-duration history for estimates [default: $OFFLOAD_HISTORY, else
@@ -460,20 +461,20 @@ pub struct BuildArgs {
 
     /// Seconds an ssh connection may go unanswered (connecting, or silent mid-transfer
     /// or mid-build) before its machine counts as down and its work moves.
-    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "S", default_value_t = env::STALL_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub stall_timeout: u64,
 
     /// Seconds before a machine that failed is tried again; doubled with each further
     /// failure, up to a minute.
-    #[arg(long, value_name = "S", default_value_t = 2)]
+    #[arg(long, value_name = "S", default_value_t = env::RETRY_BACKOFF.as_secs())]
     pub retry_backoff: u64,
 
     /// Consecutive failures (counted over runs) after which a machine is quarantined.
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = env::QUARANTINE_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
     pub quarantine_after: u32,
 
     /// Seconds a quarantine lasts: until then, runs skip the machine.
-    #[arg(long, value_name = "S", default_value_t = 600)]
+    #[arg(long, value_name = "S", default_value_t = env::QUARANTINE_FOR.as_secs())]
     pub quarantine: u64,
 
     /// Write where and when each build ran as Chrome trace-event JSON, the format of
@@ -529,7 +530,7 @@ pub struct BuildArgs {
     /// Sign what other machines build with this Nix secret key (from `nix-store
     /// --generate-binary-cache-key`) before it enters the local store: a nix-daemon that
     /// does not trust you takes paths signed by a key in its `trusted-public-keys`.
-    #[arg(long, value_name = "FILE", env = "OFFLOAD_SIGN_KEY")]
+    #[arg(long, value_name = "FILE", env = env::OFFLOAD_SIGN_KEY)]
     pub sign_key: Option<PathBuf>,
 
     /// Stop when a builder's outputs could not enter the local store, instead of

@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::doctor::{self, MachineReport, Severity};
+use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::fleet::{build_fleet, MachineChoice};
-use offload_driver::nixconf::NixSettings;
-use offload_driver::signing::PathSigner;
+use offload_driver::trust::doctor::{self, MachineReport, Severity};
+use offload_driver::trust::signing::PathSigner;
 
 use crate::Failure;
 

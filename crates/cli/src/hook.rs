@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use offload_driver::hook::{self, HookOptions};
 use offload_driver::slots::SlotLedger;
-use offload_driver::History;
 
 use crate::args::{AgentArgs, HookArgs};
 use crate::Failure;
@@ -26,7 +25,10 @@ pub async fn run(args: HookArgs) -> Result<u8, Failure> {
     }
     let options = HookOptions {
         builders: args.builders.filter(|b| !b.trim().is_empty()),
-        history: Some(args.history.unwrap_or_else(History::default_path)),
+        history: Some(
+            args.history
+                .unwrap_or_else(offload_driver::env::state_db_path),
+        ),
         ledger: SlotLedger::from_env(),
     };
     let mut replies = std::io::stderr();
@@ -38,7 +40,7 @@ pub async fn run(args: HookArgs) -> Result<u8, Failure> {
 pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
     let socket = args
         .socket
-        .unwrap_or_else(offload_driver::agent::default_socket);
+        .unwrap_or_else(offload_driver::env::agent_socket);
     // Watched from here on, before the socket is announced: a SIGTERM right after the
     // announcement still removes the socket.
     let watched = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

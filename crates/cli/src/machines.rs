@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context as _;
+use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::fleet::{build_fleet, MachineChoice};
-use offload_driver::nixconf::NixSettings;
 use offload_driver::overview::{overview, MachineOverview};
 use offload_driver::slots::SlotLedger;
 use serde_json::json;

@@ -19,9 +19,10 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use offload_driver::build::{BuildReport, NodeResult, Placement, Reporter};
+use offload_driver::build::{BuildReport, NodeResult};
 use offload_driver::fleet::MachineConfig;
 use offload_driver::job::{Events, Summary};
+use offload_driver::reporter::{Placement, Reporter};
 use offload_nix::store_path::derivation_name;
 use serde_json::{json, Value};
 

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context as _};
 use offload_driver::html::html;
 use offload_driver::job::RunFile;
 use offload_driver::state::report::RunReport;
-use offload_driver::{format_utc, History};
+use offload_driver::{format_utc, StateDb};
 use offload_sim::report::{chrome_trace, TraceEvent};
 
 use crate::args::ReportArgs;
@@ -52,7 +52,7 @@ pub fn trace_file(path: PathBuf) -> RunFile {
 
 /// `offload report`: a recorded run as HTML, a trace, or a summary; or the list of runs.
 pub fn run(args: ReportArgs, path: &Path) -> Result<(), Failure> {
-    let history = History::open(path).map_err(Failure::usage)?;
+    let history = StateDb::open(path).map_err(Failure::usage)?;
     if args.list {
         let mut out = String::new();
         for (id, started) in history.runs(50).map_err(Failure::usage)? {

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
+use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
-use offload_driver::nixconf::NixSettings;
 use offload_driver::plan::{build_nodes, read_drv_closure};
-use offload_driver::{Endpoint, History, ServeConn};
+use offload_driver::{Endpoint, ServeConn, StateDb};
 use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineId, MachineSpec, NodeSpec, DEFAULT_OUTPUT_BYTES};
@@ -94,7 +94,8 @@ async fn drv_graph(drv: &str, history: Option<&Path>) -> Result<Graph, Failure> 
     let root = StorePath::from_absolute_path(drv).map_err(Failure::usage)?;
     let drvs =
         read_drv_closure(Path::new("/"), std::slice::from_ref(&root)).map_err(Failure::usage)?;
-    let history = History::open(&history.map_or_else(History::default_path, Path::to_path_buf));
+    let history =
+        StateDb::open(&history.map_or_else(offload_driver::env::state_db_path, Path::to_path_buf));
     let all: Vec<StorePath> = drvs.keys().cloned().collect();
     // Speeds are relative to this machine's system; the root's stands for it.
     let knowledge = history

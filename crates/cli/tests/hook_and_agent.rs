@@ -269,7 +269,7 @@ fn nix_build_keeps_quick_builds_on_an_idle_local_machine() {
     let file = setup.write_graph("local-faster");
     // The history says these take 0.1 s: here at once beats a builder of the same speed
     // after a session's cost.
-    let history = offload_driver::History::open(&setup.path().join("history.sqlite")).unwrap();
+    let history = offload_driver::StateDb::open(&setup.path().join("history.sqlite")).unwrap();
     for name in ["leaf0", "leaf1", "leaf2", "leaf3", "top"] {
         history
             .record(name, nix_system(), "local", 0.1, 1.0, None)
@@ -313,7 +313,7 @@ fn frames(builders: &str, request: &TryRequest) -> Vec<u8> {
 fn hook_answers_decline_postpone_and_decline_permanently() {
     let setup = Setup::new();
     let drv = "/nix/store/00000000000000000000000000000000-quick-1.0.drv".to_string();
-    let history = offload_driver::History::open(&setup.path().join("history.sqlite")).unwrap();
+    let history = offload_driver::StateDb::open(&setup.path().join("history.sqlite")).unwrap();
     history
         .record("quick-1.0", nix_system(), "local", 0.2, 1.0, None)
         .unwrap();

@@ -29,7 +29,7 @@ fn lists_each_machine_with_its_slots_and_current_load() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // The state database remembers b2 failing, and quarantined for an hour.
-    let history = offload_driver::History::open(&work.path().join("history.sqlite")).unwrap();
+    let history = offload_driver::StateDb::open(&work.path().join("history.sqlite")).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -205,7 +205,7 @@ in mk "sim-app-7dq2" [ base ]
         .trim()
         .to_string();
     let history = dir.path().join("history.sqlite");
-    offload_driver::History::open(&history)
+    offload_driver::StateDb::open(&history)
         .unwrap()
         .record("sim-base-7dq2", nix_system(), "local", 30.0, 1.0, None)
         .unwrap();

@@ -4,7 +4,7 @@
 //! shared ledger ([`crate::slots`]); the agent carries the build out (inputs, the build,
 //! outputs back) on a warm session, streaming the log back to the hook.
 //!
-//! It listens on a Unix socket at [`default_socket`] or a path given to it, mode 0600
+//! It listens on a Unix socket at [`crate::env::agent_socket`] or a path given to it, mode 0600
 //! (only its own user, who is root when the nix-daemon runs the hooks), or 0660 with a
 //! group whose members may hand it builds. A stale
 //! socket (no process behind it) is replaced. The exchange is one JSON object per line:
@@ -21,22 +21,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::hook::{carry_out, BuildOrder, OrderFailure};
-use crate::pool::Pool;
-use crate::remote_slots::RemoteSlots;
-use crate::slots::{SlotLedger, WAIT_LIMIT};
-use crate::transport::Endpoint;
-
-/// Where the agent listens unless told otherwise, and where the hook looks:
-/// `$OFFLOAD_AGENT_SOCKET`, else `agent.sock` in offload's state directory.
-pub fn default_socket() -> PathBuf {
-    if let Some(p) = std::env::var_os("OFFLOAD_AGENT_SOCKET") {
-        return PathBuf::from(p);
-    }
-    crate::History::default_path()
-        .parent()
-        .map_or_else(|| PathBuf::from("agent.sock"), |d| d.join("agent.sock"))
-}
+use crate::env::HOST_CHOICE_LIFETIME;
+use crate::env::SLOT_WAIT_LIMIT;
+use crate::order::{carry_out, BuildOrder, OrderFailure};
+use crate::session::Pool;
+use crate::slots::remote::RemoteSlots;
+use crate::slots::SlotLedger;
+use crate::ssh::Endpoint;
 
 /// The agent could not listen, or a client could not be served.
 #[derive(Debug, Error)]
@@ -95,9 +86,6 @@ enum Message {
     Choice(Option<HostChoice>),
 }
 
-/// How long a user's choice of hosts is kept: a build started later is another one.
-const CHOICE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-
 /// Users' choices of hosts, per derivation.
 #[derive(Default)]
 struct Choices(Mutex<HashMap<String, (HostChoice, std::time::Instant)>>);
@@ -105,7 +93,7 @@ struct Choices(Mutex<HashMap<String, (HostChoice, std::time::Instant)>>);
 impl Choices {
     fn set(&self, drvs: Vec<String>, choice: &HostChoice) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, (_, at)| at.elapsed() < CHOICE_LIFETIME);
+        map.retain(|_, (_, at)| at.elapsed() < HOST_CHOICE_LIFETIME);
         let now = std::time::Instant::now();
         for drv in drvs {
             map.insert(drv, (choice.clone(), now));
@@ -115,7 +103,7 @@ impl Choices {
     fn get(&self, drv: &str) -> Option<HostChoice> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.get(drv)
-            .filter(|(_, at)| at.elapsed() < CHOICE_LIFETIME)
+            .filter(|(_, at)| at.elapsed() < HOST_CHOICE_LIFETIME)
             .map(|(c, _)| c.clone())
     }
 }
@@ -316,7 +304,7 @@ async fn serve_one(
         // Held until the build ends, so clients on other machines do not overbook it.
         let on_builder = sessions
             .remote_slots(&endpoint, order.slots)
-            .take(0, WAIT_LIMIT)
+            .take(0, SLOT_WAIT_LIMIT)
             .await;
         let session = match on_builder {
             Ok(held) => pool.get_with_cores(None).await.map(|remote| (held, remote)),

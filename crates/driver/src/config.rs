@@ -24,7 +24,6 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::fleet::MachineChoice;
-use crate::History;
 
 /// The configuration file cannot be used.
 #[derive(Debug, Error)]
@@ -80,13 +79,7 @@ pub struct Loaded {
 
 /// Where the configuration file is looked for.
 pub fn path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("OFFLOAD_CONFIG") {
-        return Some(PathBuf::from(p));
-    }
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-    Some(base.join("offload").join("config.toml"))
+    crate::env::config_path()
 }
 
 /// Reads the configuration file; none is fine, a bad one is an error naming it.
@@ -184,12 +177,11 @@ impl Loaded {
     /// `history.sqlite` in the file's state directory, else the default.
     pub fn state_db(&self, flag: Option<PathBuf>) -> PathBuf {
         flag.or_else(|| {
-            std::env::var_os("OFFLOAD_HISTORY")
-                .is_none()
+            (!crate::env::state_db_overridden())
                 .then(|| self.state_dir().map(|d| d.join("history.sqlite")))
                 .flatten()
         })
-        .unwrap_or_else(History::default_path)
+        .unwrap_or_else(crate::env::state_db_path)
     }
 
     /// The state directory the file sets.
@@ -208,11 +200,11 @@ impl Loaded {
             (None, Some(p)) => format!("config file: {} (not present)\n", p.display()),
             (None, None) => "config file: none (no HOME or XDG_CONFIG_HOME)\n".to_string(),
         };
-        let history = match std::env::var_os("OFFLOAD_HISTORY") {
-            Some(h) => format!("{} (OFFLOAD_HISTORY)", PathBuf::from(h).display()),
+        let history = match crate::env::state_db_from_env() {
+            Some(h) => format!("{} (OFFLOAD_HISTORY)", h.display()),
             None => match self.state_dir() {
                 Some(d) => format!("{} (state_dir)", d.join("history.sqlite").display()),
-                None => format!("{} (default)", History::default_path().display()),
+                None => format!("{} (default)", crate::env::state_db_path().display()),
             },
         };
         let state_dir = match self.state_dir() {
@@ -239,8 +231,8 @@ impl Loaded {
             "build.max_jobs = {}\n",
             show(b.max_jobs.map(|v| v.to_string()), "Nix's max-jobs")
         ));
-        let sign_key = match std::env::var_os("OFFLOAD_SIGN_KEY") {
-            Some(k) => format!("{} (OFFLOAD_SIGN_KEY)", PathBuf::from(k).display()),
+        let sign_key = match crate::env::sign_key_from_env() {
+            Some(k) => format!("{} (OFFLOAD_SIGN_KEY)", k.display()),
             None => show(b.sign_key.as_ref().map(|p| p.display().to_string()), "none"),
         };
         out.push_str(&format!("build.sign_key = {sign_key}\n"));

@@ -7,41 +7,25 @@
 //! version, two obsolete words (CPU affinity, reserve space), the daemon's Nix version,
 //! then its startup messages up to `STDERR_LAST`. AddBuildLog (45) sends the `.drv`'s
 //! base name and the log as frames (length, bytes, no padding; a zero length ends),
-//! then reads messages up to `STDERR_LAST` and the word 1.
+//! then reads messages up to `STDERR_LAST` and the word 1. The protocol's constants
+//! live in [`offload_nix::worker`].
 
 use std::path::{Path, PathBuf};
 
 use offload_nix::wire::tokio_io::{read_string, read_u64};
 use offload_nix::wire::{put_bytes, put_u64, WireError};
+use offload_nix::worker::{
+    self, OP_ADD_BUILD_LOG, PROTOCOL_VERSION, STDERR_ERROR, STDERR_LAST, STDERR_NEXT,
+    STDERR_RESULT, STDERR_START_ACTIVITY, STDERR_STOP_ACTIVITY, WORKER_MAGIC_1, WORKER_MAGIC_2,
+};
 use thiserror::Error;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-
-const WORKER_MAGIC_1: u64 = 0x6e69_7863;
-const WORKER_MAGIC_2: u64 = 0x6478_696f;
-/// 1.34, as Nix 2.8 speaks it.
-const CLIENT_VERSION: u64 = 0x122;
-const OP_ADD_BUILD_LOG: u64 = 45;
-
-const STDERR_NEXT: u64 = 0x6f6c_6d67;
-const STDERR_LAST: u64 = 0x616c_7473;
-const STDERR_ERROR: u64 = 0x6378_7470;
-const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
-const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
-const STDERR_RESULT: u64 = 0x5253_4c54;
 
 /// Longest message read from the daemon.
 const MAX_MESSAGE: usize = 1 << 20;
 /// Bytes per frame of a log.
 const FRAME: usize = 64 * 1024;
-
-/// Where the daemon listens, as Nix decides it: `NIX_DAEMON_SOCKET_PATH`, else
-/// `/nix/var/nix/daemon-socket/socket`.
-pub fn socket_path() -> PathBuf {
-    std::env::var_os("NIX_DAEMON_SOCKET_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/nix/var/nix/daemon-socket/socket"))
-}
 
 /// The daemon could not be told.
 #[derive(Debug, Error)]
@@ -91,20 +75,20 @@ impl DaemonConn {
             )));
         }
         let version = conn.read_u64("daemon protocol version").await?;
-        if version >> 8 != 1 || version & 0xff < 21 {
+        if !worker::is_supported(version) {
             return Err(conn.refused(format!(
                 "it speaks worker protocol {}.{}; offload needs 1.21 or later",
-                version >> 8,
-                version & 0xff
+                worker::major(version),
+                worker::minor(version)
             )));
         }
         let mut reply = Vec::new();
-        put_u64(&mut reply, CLIENT_VERSION.min(version));
+        put_u64(&mut reply, PROTOCOL_VERSION.min(version));
         // No CPU affinity, no space reservation.
         put_u64(&mut reply, 0);
         put_u64(&mut reply, 0);
         conn.send(&reply).await?;
-        if version & 0xff >= 33 {
+        if worker::sends_nix_version(version) {
             conn.read_string("daemon Nix version").await?;
         }
         conn.read_messages().await?;

@@ -228,7 +228,7 @@ impl DriverError {
             DriverError::SlotLock { .. } => format!(
                 "the slot lock directory must be writable by every user that builds (Nix \
                  creates it mode 0777); set {} to another directory to keep offload's own",
-                crate::slots::SLOTS_DIR_ENV
+                crate::env::OFFLOAD_SLOTS_DIR
             ),
             DriverError::SlotsBusy { .. } => "other builds (another offload, or Nix's own \
                  build hook) hold that machine's slots: wait for them, or leave the machine out \

@@ -9,58 +9,89 @@
 //! - [`build::run`] — builds a graph of derivations over a fleet, as the scheduler plans;
 //! - [`job::run`] — one `offload build` from request to outcome: evaluation, trust,
 //!   the build, the run's record, result links;
-//! - [`History`] — the state database in SQLite: build durations for estimates, and
+//! - [`StateDb`] — the state database in SQLite: build durations for estimates, and
 //!   machines that keep failing;
 //! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
 //! - [`slots::SlotLedger`] — builders' slots, shared with Nix's own build hook;
-//! - [`remote_slots::RemoteSlots`] — builders' slots locked on the builders themselves,
+//! - [`slots::remote::RemoteSlots`] — builders' slots locked on the builders themselves,
 //!   so clients on different machines do not overbook a shared builder;
 //! - [`DriverError`] — what went wrong, naming the machine and the next step.
 //!
 //! This crate depends on `offload-nix` for formats and framing and on `offload-sched`
 //! for decisions; it makes none of its own.
+//!
+//! # Layout
+//!
+//! One job per top-level module (a file or a folder); no module imports one that
+//! imports it back.
+//!
+//! - `env.rs` — every environment variable the driver reads, the default paths, the
+//!   timeouts and the reliability defaults;
+//! - `error.rs` — [`DriverError`]: what went wrong, naming the machine and the next step;
+//! - `process.rs` — the one way to run Nix's local tools and report their failures;
+//! - `ssh/` — reaching a store: `nix-store --serve` over OpenSSH or as a local process,
+//!   ssh failures told apart, and the master connection a builder's sessions share;
+//! - `session/` — a serve session (queries, NAR streaming, imports, builds, stderr) and
+//!   the pool of idle sessions per machine;
+//! - `daemon.rs` — the nix-daemon's worker protocol, for handing it a build log;
+//! - `transfer/` — the transfer engine (dependency order, sending), `offload copy`, and
+//!   the registry of which store holds which path;
+//! - `slots/` — builders' slots: the local ledger shared with Nix's own hook, and locks
+//!   on the builders themselves (`slots/remote/`);
+//! - `state/` — the state database ([`StateDb`]): schema and builds, machines, runs, and
+//!   what the builds and copies teach, read for `offload-learn`'s fit; the run report
+//!   kept for `offload report` (`state/report.rs`);
+//! - `html.rs` — the run report as one self-contained HTML file;
+//! - `overview.rs` — each machine as offload knows it now: load, what was learned, health;
+//! - `config.rs` — offload's own config file: machine groups, build defaults, the state
+//!   directory;
+//! - `fleet/` — the machines a run uses, from Nix's settings (`fleet/nixconf.rs`) and
+//!   the user's choice of hosts, with what was learned of them and their cores
+//!   (`fleet/learned.rs`);
+//! - `plan/` — from `.drv` files to build nodes, and what Nix's dry run would build;
+//! - `reporter.rs` — [`reporter::Reporter`], the progress the CLI draws;
+//! - `build/` — the build runner: its event loop, machines' health, learning and copy
+//!   back (`build/runner/`), its transport over real machines (`build/serve/`), build
+//!   logs, and its tests on a fake transport (`build/tests/`);
+//! - `trust/` — the trust check, signing (`trust/signing.rs`) and `offload doctor`
+//!   (`trust/doctor.rs`);
+//! - `order.rs` — carrying out one build order on a builder, for the hook and the agent;
+//! - `hook/` — `offload hook`: Nix's build hook, the choice per `try`, the accepted build;
+//! - `agent.rs` — `offload agent`: warm sessions for the hook over a Unix socket;
+//! - `shutdown.rs` — SIGINT and SIGTERM: the cancellation token and the exit status;
+//! - `job/` — one `offload build` from request to outcome: evaluation, the trust check's
+//!   builders, the build, the run's record, result links.
 
 pub mod agent;
 pub mod build;
 pub mod config;
-mod copy;
 pub mod daemon;
-pub mod doctor;
-pub mod dry_run;
+pub mod env;
 mod error;
 pub mod fleet;
-mod history;
 pub mod hook;
 pub mod html;
 pub mod job;
-pub mod learn;
-mod machine_state;
-pub mod nixconf;
+pub mod order;
 pub mod overview;
-mod paths;
 pub mod plan;
-mod pool;
 pub mod process;
-pub mod remote_slots;
-mod runs;
+pub mod reporter;
 mod session;
 pub mod shutdown;
-pub mod signing;
 pub mod slots;
-pub mod ssh_master;
+pub mod ssh;
 pub mod state;
 pub mod transfer;
-mod transport;
 pub mod trust;
 
-pub use copy::{copy_closure, human_bytes, CopyFailure, CopyOptions, CopyStats};
 pub use error::DriverError;
-pub use history::{
-    package_name, BuildRecord, EstimateSource, History, HistoryError, DEFAULT_SECONDS,
+pub use session::ServeConn;
+pub use session::{Pool, Traffic};
+pub use ssh::{shell_quote, Endpoint, Route};
+pub use state::{
+    format_utc, package_name, BuildRecord, EstimateSource, MachineRecord, RunRecord, StateDb,
+    StateError, DEFAULT_SECONDS,
 };
-pub use machine_state::{format_utc, MachineRecord};
-pub use paths::PathRegistry;
-pub use pool::{Pool, Traffic};
-pub use runs::RunRecord;
-pub use session::{ServeConn, HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
-pub use transport::{shell_quote, Endpoint, Route, NIX_SSHOPTS};
+pub use transfer::PathRegistry;
+pub use transfer::{copy_closure, human_bytes, CopyFailure, CopyOptions, CopyStats};

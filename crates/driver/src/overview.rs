@@ -9,9 +9,9 @@
 use std::path::Path;
 
 use crate::fleet::{MachineConfig, LOCAL};
-use crate::learn::{Knowledge, Learned, LinkFigures};
 use crate::slots::SlotLedger;
-use crate::{format_utc, History};
+use crate::state::{Knowledge, Learned, LinkFigures};
+use crate::{format_utc, StateDb};
 
 /// One machine of the fleet as offload knows it now.
 #[derive(Debug, Clone)]
@@ -46,7 +46,7 @@ pub fn overview(
     state: &Path,
     ledger: &SlotLedger,
 ) -> Vec<MachineOverview> {
-    let history = History::open(state)
+    let history = StateDb::open(state)
         .map_err(|e| tracing::debug!("no machine records: {e}"))
         .ok();
     let knowledge = history
@@ -61,7 +61,7 @@ pub fn overview(
 }
 
 /// What the state database says of a machine now.
-fn state(name: &str, history: Option<&History>) -> (&'static str, Option<String>) {
+fn state(name: &str, history: Option<&StateDb>) -> (&'static str, Option<String>) {
     let record = history.and_then(|h| h.machine(name).ok().flatten());
     let Some(r) = record else {
         return ("up", None);
@@ -93,7 +93,7 @@ fn machine(
     m: usize,
     config: &MachineConfig,
     ledger: &SlotLedger,
-    history: Option<&History>,
+    history: Option<&StateDb>,
     knowledge: &Knowledge,
 ) -> MachineOverview {
     let spec = &config.spec;

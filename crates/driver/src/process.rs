@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 
 use thiserror::Error;
 
-use crate::transport::shell_quote;
+use crate::ssh::shell_quote;
 
 /// Lines of a failed command's stderr kept in its error.
 const STDERR_TAIL_LINES: usize = 40;

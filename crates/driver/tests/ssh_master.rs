@@ -1,4 +1,4 @@
-//! Sessions with one machine share one ssh connection (`offload_driver::ssh_master`),
+//! Sessions with one machine share one ssh connection (`offload_driver::ssh::master`),
 //! counted on real sshd hosts by the connections their listening sshd has forked.
 
 use std::sync::OnceLock;

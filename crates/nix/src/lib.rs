@@ -14,6 +14,7 @@
 //! | [`store_uri`] | store URIs (`ssh://user@host?remote-store=…`, `local`, paths) |
 //! | [`serve`] | serve-protocol (`nix-store --serve`) messages |
 //! | [`hook`] | the build-hook protocol: settings, `try` requests, replies |
+//! | [`worker`] | the nix-daemon's worker protocol: the constants of AddBuildLog |
 //!
 //! Parsers take `&[u8]` or `std::io::Read` and return errors, never panic, on bad input.
 //! Async framing over tokio sits behind the `async` feature. This crate knows nothing of
@@ -30,6 +31,7 @@ pub mod serve;
 pub mod store_path;
 pub mod store_uri;
 pub mod wire;
+pub mod worker;
 
 #[cfg(test)]
 mod testing;

@@ -30,6 +30,51 @@ pub fn minor(version: u64) -> u64 {
     version & 0x00ff
 }
 
+/// The oldest server version offload speaks to: 2.4, the first whose path infos carry
+/// the NAR hash, content address and signatures.
+pub const OLDEST_SERVER: u64 = 0x204;
+/// The first server version that takes AddToStoreNar; older servers import only with
+/// ImportPaths.
+pub const ADD_TO_STORE_NAR: u64 = 0x205;
+
+/// Whether offload can speak to a server that announced `version`: 2.4 or later.
+pub fn is_supported(version: u64) -> bool {
+    major(version) == major(PROTOCOL_VERSION) && minor(version) >= minor(OLDEST_SERVER)
+}
+
+/// Whether a server of `version` takes AddToStoreNar (else only ImportPaths).
+pub fn takes_add_to_store_nar(version: u64) -> bool {
+    minor(version) >= minor(ADD_TO_STORE_NAR)
+}
+
+/// Whether a server of `version` sends a path info's NAR hash, content address and
+/// signatures (2.4).
+pub fn sends_nar_hash(version: u64) -> bool {
+    minor(version) >= 4
+}
+
+/// Whether a server of `version` sends a build result's times built, non-determinism
+/// flag and start and stop times (2.3).
+pub fn sends_build_times(version: u64) -> bool {
+    minor(version) >= 3
+}
+
+/// Whether a build's settings from a client of `version` carry the log size limit (2.2).
+pub fn takes_max_log_size(version: u64) -> bool {
+    minor(version) >= 2
+}
+
+/// Whether a build's settings from a client of `version` carry the repeat count and
+/// whether to enforce determinism (2.3).
+pub fn takes_build_repeats(version: u64) -> bool {
+    minor(version) >= 3
+}
+
+/// Whether a build's settings from a client of `version` carry keep-failed (2.7).
+pub fn takes_keep_failed(version: u64) -> bool {
+    minor(version) >= 7
+}
+
 /// Longest single string accepted in a reply (paths, hashes, error messages).
 pub const MAX_REPLY_STRING: usize = crate::wire::MAX_STRING_LEN;
 
@@ -109,14 +154,14 @@ impl BuildSettings {
     fn encode(&self, out: &mut Vec<u8>, client_version: u64) {
         put_u64(out, self.max_silent_time);
         put_u64(out, self.build_timeout);
-        if minor(client_version) >= 2 {
+        if takes_max_log_size(client_version) {
             put_u64(out, self.max_log_size);
         }
-        if minor(client_version) >= 3 {
+        if takes_build_repeats(client_version) {
             put_u64(out, self.nr_repeats);
             put_bool(out, self.enforce_determinism);
         }
-        if minor(client_version) >= 7 {
+        if takes_keep_failed(client_version) {
             put_bool(out, self.keep_failed);
         }
     }

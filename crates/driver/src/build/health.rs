@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use offload_sched::MachineId;
 
-use crate::history::{unix_now, History};
-use crate::machine_state::format_utc;
+use crate::env;
+use crate::state::format_utc;
+use crate::state::{unix_now, StateDb};
 
 /// How a run treats machines that fail.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,12 +35,12 @@ pub struct Reliability {
 impl Default for Reliability {
     fn default() -> Self {
         Reliability {
-            backoff: Duration::from_secs(2),
-            max_backoff: Duration::from_secs(60),
-            quarantine_after: 4,
-            quarantine_for: Duration::from_secs(600),
-            stall_timeout: Duration::from_secs(30),
-            slot_wait: crate::slots::WAIT_LIMIT,
+            backoff: env::RETRY_BACKOFF,
+            max_backoff: env::MAX_BACKOFF,
+            quarantine_after: env::QUARANTINE_AFTER,
+            quarantine_for: env::QUARANTINE_FOR,
+            stall_timeout: env::STALL_TIMEOUT,
+            slot_wait: env::SLOT_WAIT_LIMIT,
         }
     }
 }
@@ -71,7 +72,7 @@ pub(crate) enum AfterFailure {
 /// Each machine's failures in this run and before.
 pub(crate) struct Health<'h> {
     policy: Reliability,
-    history: Option<&'h History>,
+    history: Option<&'h StateDb>,
     names: Vec<String>,
     /// Consecutive failures, earlier runs included.
     failures: Vec<u32>,
@@ -82,7 +83,7 @@ pub(crate) struct Health<'h> {
 impl<'h> Health<'h> {
     pub(crate) fn new(
         policy: Reliability,
-        history: Option<&'h History>,
+        history: Option<&'h StateDb>,
         names: Vec<String>,
     ) -> Self {
         let n = names.len();
@@ -192,7 +193,7 @@ mod tests {
     #[test]
     fn failures_back_off_then_quarantine_and_are_remembered() {
         let dir = tempfile::tempdir().unwrap();
-        let history = History::open(&dir.path().join("state.sqlite")).unwrap();
+        let history = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
         let policy = Reliability {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(3),

@@ -10,10 +10,10 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use super::{Placement, Reporter};
 use crate::fleet::LOCAL_NAME;
 use crate::process;
-use crate::transport::{shell_quote, Endpoint};
+use crate::reporter::{Placement, Reporter};
+use crate::ssh::{shell_quote, Endpoint};
 
 /// A [`Reporter`] that passes everything on and remembers imports here that started
 /// and did not succeed.

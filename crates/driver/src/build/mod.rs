@@ -1,8 +1,8 @@
 //! Building a graph of derivations over a fleet, as the scheduler plans it.
 //!
 //! The scheduler (pure, in `offload-sched`) decides what runs where; the runner
-//! (`runner.rs`) turns its actions into build tasks and their results back into events;
-//! the transport in `serve.rs` carries the tasks out with serve-protocol operations over
+//! (`runner/`) turns its actions into build tasks and their results back into events;
+//! the transport in `serve/` carries the tasks out with serve-protocol operations over
 //! pooled sessions (no handshake per build). At the end, the closures of the requested
 //! outputs come back to the local store; nothing else is copied back.
 
@@ -13,11 +13,13 @@ use offload_nix::serve::{BasicDerivation, BuildSettings};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::DriverError;
+use crate::fleet::learned::{learn_cores, ApplyKnowledge};
 pub use crate::fleet::MachineConfig;
-use crate::history::History;
-use crate::learn::{learn_cores, ApplyKnowledge, Knowledge};
+use crate::reporter::Reporter;
+use crate::state::StateDb;
 use crate::trust::LocalAccess;
 pub use health::Reliability;
+use offload_learn::Knowledge;
 
 mod health;
 mod leftovers;
@@ -169,46 +171,6 @@ impl BuildOptions {
     }
 }
 
-/// Progress, for the CLI to show.
-pub trait Reporter: Send + Sync {
-    fn build_started(&self, drv: &str, machine: &str);
-    /// A build starts, with what the plan expects of it; by default the same as
-    /// [`Reporter::build_started`].
-    fn build_placed(&self, drv: &str, machine: &str, _placement: Placement) {
-        self.build_started(drv, machine);
-    }
-    fn build_log(&self, drv: &str, machine: &str, line: &str);
-    fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64);
-    /// A machine cannot be used, for now or for the run; `message` names it and says why.
-    fn machine_warning(&self, message: &str);
-    /// What happened to a machine, for machine-readable output: `kind` is
-    /// `machine_lost` (down, tried again later), `machine_quarantined` (failed too
-    /// often) or `machine_skipped` (quarantined by an earlier run); `why` says why.
-    fn machine_event(&self, _kind: &str, _machine: &str, _why: &str) {}
-    /// A store path's NAR (`bytes`) started from machine `from` to machine `to`.
-    fn transfer_started(&self, _path: &str, _from: &str, _to: &str, _bytes: u64) {}
-    /// That transfer ended after `seconds`; `ok` when the receiver took the path.
-    fn transfer_finished(
-        &self,
-        _path: &str,
-        _from: &str,
-        _to: &str,
-        _bytes: u64,
-        _seconds: f64,
-        _ok: bool,
-    ) {
-    }
-}
-
-/// What the plan expects of a build it starts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Placement {
-    /// Estimated seconds on that machine (the estimate over its speed factor).
-    pub estimate_seconds: f64,
-    /// Cores its builder gets (`NIX_BUILD_CORES`), when shared out.
-    pub cores: Option<u32>,
-}
-
 /// How one derivation ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeResult {
@@ -259,7 +221,7 @@ pub async fn run(
     nodes: Vec<BuildNode>,
     machines: Vec<MachineConfig>,
     wanted: Vec<String>,
-    history: Option<&History>,
+    history: Option<&StateDb>,
     options: &BuildOptions,
     reporter: Arc<dyn Reporter>,
     stop: CancellationToken,

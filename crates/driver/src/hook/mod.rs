@@ -18,35 +18,28 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use offload_nix::hook::{
-    log_line, HookReply, HookRequest, LogLevel, RequestDecoder, SettingsDecoder,
+    log_line, HookReply, HookRequest, LogLevel, RequestDecoder, SettingsDecoder, TryRequest,
 };
 use offload_nix::serve::BuildSettings;
+use offload_nix::store_path::derivation_name;
 use offload_nix::wire::{tokio_io::read_message, WireError};
 use tokio::io::AsyncRead;
 
-use crate::fleet::{build_fleet, MachineChoice};
-use crate::history::History;
-use crate::learn::ApplyKnowledge;
-use crate::nixconf::NixSettings;
+use crate::env::HOOK_SLOT_WAIT;
+use crate::env::OFFLOAD_HOOK_BUILDERS;
+use crate::fleet::learned::ApplyKnowledge;
+use crate::fleet::nixconf::NixSettings;
+use crate::fleet::{build_fleet, MachineChoice, MachineConfig};
 use crate::slots::SlotLedger;
+use crate::state::StateDb;
+use offload_learn::Knowledge;
 
 pub use choice::{AGENT_OVERHEAD_SECONDS, REMOTE_OVERHEAD_SECONDS};
-
-/// How long a `try` may wait for a builder's slot to free before the hook postpones:
-/// Nix asks again only after its poll interval (5 s), far longer than most builds.
-const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-pub(crate) use remote::carry_out;
-pub use remote::{BuildOrder, OrderFailure};
-
-/// Environment variable with machines (Nix's syntax, `@file` too) that replace the
-/// `builders` setting Nix hands the hook: a per-invocation choice of hosts where the
-/// hook runs in the user's environment (single-user installs, not through a daemon).
-pub const HOOK_BUILDERS_ENV: &str = "OFFLOAD_HOOK_BUILDERS";
 
 /// How the hook was started.
 #[derive(Debug, Clone)]
 pub struct HookOptions {
-    /// Machines replacing Nix's `builders` ([`HOOK_BUILDERS_ENV`]).
+    /// Machines replacing Nix's `builders` ([`OFFLOAD_HOOK_BUILDERS`]).
     pub builders: Option<String>,
     /// The duration history for estimates; None: the defaults.
     pub history: Option<PathBuf>,
@@ -155,11 +148,55 @@ pub async fn run(
     mut input: impl AsyncRead + Unpin,
     replies: &mut impl Write,
 ) -> HookExit {
-    let pairs = match read_message(&mut input, SettingsDecoder::default()).await {
+    let setup = match set_up(&options, &mut input, replies).await {
+        Ok(setup) => setup,
+        Err(exit) => return exit,
+    };
+    loop {
+        let request = match read_message(&mut input, RequestDecoder::default()).await {
+            Ok(HookRequest::Try(request)) => request,
+            Ok(HookRequest::Other(_)) | Err(WireError::Eof { .. }) => return HookExit::Done,
+            Err(e) => {
+                tell(
+                    replies,
+                    LogLevel::Error,
+                    &format!("offload hook: bad request from Nix: {e}"),
+                );
+                return HookExit::Failed;
+            }
+        };
+        if let Some(exit) = answer(&setup, &options, &request, &mut input, replies).await {
+            return exit;
+        }
+    }
+}
+
+/// What the hook knows before Nix's first request: Nix's settings, the machines, and
+/// what earlier builds taught of them.
+struct Setup {
+    settings: HookSettings,
+    choice: MachineChoice,
+    nix_settings: NixSettings,
+    history: Option<StateDb>,
+    knowledge: Knowledge,
+    fleet: Vec<MachineConfig>,
+    /// What an accepted build costs besides the build: less when the agent is up.
+    overhead: f64,
+    agent_up: bool,
+}
+
+/// Reads the settings Nix sends first and builds the fleet; the exit status instead
+/// when no build can be handed off (told to Nix).
+async fn set_up(
+    options: &HookOptions,
+    input: &mut (impl AsyncRead + Unpin),
+    replies: &mut impl Write,
+) -> Result<Setup, HookExit> {
+    let pairs = match read_message(input, SettingsDecoder::default()).await {
         Ok(pairs) => pairs,
         Err(e) => {
             tell(replies, LogLevel::Error, &format!("offload hook: cannot read the settings Nix sends first: {e}; run it only as Nix's build-hook"));
-            return HookExit::Failed;
+            return Err(HookExit::Failed);
         }
     };
     let settings = HookSettings::from_pairs(&pairs);
@@ -174,7 +211,7 @@ pub async fn run(
     };
     let nix_settings = settings.nix_settings(builders);
     let history = options.history.as_deref().and_then(|path| {
-        History::open(path)
+        StateDb::open(path)
             .map_err(|e| tracing::debug!("estimates are the defaults: {e}"))
             .ok()
     });
@@ -194,19 +231,19 @@ pub async fn run(
                 msg.push_str(&format!(": {source}"));
             }
             msg.push_str(&format!(
-                "; fix the `builders` setting (or {HOOK_BUILDERS_ENV})"
+                "; fix the `builders` setting (or {OFFLOAD_HOOK_BUILDERS})"
             ));
             tell(replies, LogLevel::Error, &msg);
             say(replies, &HookReply::DeclinePermanently.encode());
-            return HookExit::Done;
+            return Err(HookExit::Done);
         }
     };
     if fleet.len() == 1 {
         say(replies, &HookReply::DeclinePermanently.encode());
-        return HookExit::Done;
+        return Err(HookExit::Done);
     }
     // With the agent, an accepted build costs no handshake: builders are worth more.
-    let agent_up = crate::agent::AgentClient::connect(&crate::agent::default_socket())
+    let agent_up = crate::agent::AgentClient::connect(&crate::env::agent_socket())
         .await
         .is_ok();
     let overhead = if agent_up {
@@ -214,110 +251,120 @@ pub async fn run(
     } else {
         REMOTE_OVERHEAD_SECONDS
     };
+    Ok(Setup {
+        settings,
+        choice,
+        nix_settings,
+        history,
+        knowledge,
+        fleet,
+        overhead,
+        agent_up,
+    })
+}
+
+/// Answers one `try`: declines or postpones it (None: Nix asks again or builds it
+/// itself), or accepts it and carries the build out (the exit status).
+async fn answer(
+    setup: &Setup,
+    options: &HookOptions,
+    request: &TryRequest,
+    input: &mut (impl AsyncRead + Unpin),
+    replies: &mut impl Write,
+) -> Option<HookExit> {
+    let name = derivation_name(&request.drv_path);
+    let estimate = setup.knowledge.estimate(name).0;
+    let narrowed = narrowed_fleet(setup, &request.drv_path, replies).await;
+    let fleet = narrowed.as_ref().unwrap_or(&setup.fleet);
+    // Machines that could not be reached for this request: the choice is made again
+    // without them, so a builder that is down means a local build, not a failure.
+    let mut down: Vec<usize> = Vec::new();
     loop {
-        let request = match read_message(&mut input, RequestDecoder::default()).await {
-            Ok(HookRequest::Try(request)) => request,
-            Ok(HookRequest::Other(_)) | Err(WireError::Eof { .. }) => return HookExit::Done,
+        let current = without(fleet, &down);
+        let chosen =
+            choose_waiting(&current, &options.ledger, request, estimate, setup.overhead).await;
+        let (verdict, slot) = match chosen {
+            Ok(chosen) => chosen,
             Err(e) => {
-                tell(
-                    replies,
-                    LogLevel::Error,
-                    &format!("offload hook: bad request from Nix: {e}"),
-                );
-                return HookExit::Failed;
+                let why = e.with_hint();
+                let msg = format!("offload hook: {why}; {} is built here", request.drv_path);
+                tell(replies, LogLevel::Warn, &msg);
+                say(replies, &HookReply::Decline.encode());
+                return None;
             }
         };
-        let name = name_of(&request.drv_path);
-        let estimate = knowledge.estimate(name).0;
-        // A user may have chosen hosts for this derivation through the agent
-        // (`offload build --through-daemon --on …`).
-        let narrowed = match chosen_hosts(&request.drv_path).await {
-            Some(hosts) => {
-                let narrowed = MachineChoice {
-                    on: hosts.on,
-                    exclude: hosts.exclude,
-                    ..choice.clone()
-                };
-                match build_fleet(&narrowed, &nix_settings) {
-                    Ok(mut fleet) => {
-                        knowledge.apply(&mut fleet);
-                        Some(fleet)
-                    }
-                    Err(e) => {
-                        tell(
-                            replies,
-                            LogLevel::Warn,
-                            &format!(
-                                "offload hook: the hosts chosen for {} do not fit the builders: \
-                                 {e}; any builder may take it",
-                                request.drv_path
-                            ),
-                        );
-                        None
-                    }
-                }
+        let machine = match verdict {
+            choice::Verdict::Decline => {
+                say(replies, &HookReply::Decline.encode());
+                return None;
             }
-            None => None,
+            choice::Verdict::Postpone => {
+                say(replies, &HookReply::Postpone.encode());
+                return None;
+            }
+            choice::Verdict::Accept(machine) => machine,
         };
-        let fleet = narrowed.as_ref().unwrap_or(&fleet);
-        // Machines that could not be reached for this request: the choice is made again
-        // without them, so a builder that is down means a local build, not a failure.
-        let mut down: Vec<usize> = Vec::new();
-        loop {
-            let current = without(fleet, &down);
-            let chosen =
-                choose_waiting(&current, &options.ledger, &request, estimate, overhead).await;
-            let (verdict, slot) = match chosen {
-                Ok(chosen) => chosen,
-                Err(e) => {
-                    let why = e.with_hint();
-                    let msg = format!("offload hook: {why}; {} is built here", request.drv_path);
-                    tell(replies, LogLevel::Warn, &msg);
-                    say(replies, &HookReply::Decline.encode());
-                    break;
-                }
-            };
-            let machine = match verdict {
-                choice::Verdict::Decline => {
-                    say(replies, &HookReply::Decline.encode());
-                    break;
-                }
-                choice::Verdict::Postpone => {
-                    say(replies, &HookReply::Postpone.encode());
-                    break;
-                }
-                choice::Verdict::Accept(machine) => machine,
-            };
-            let config = &current[machine];
-            // The session opens (here, or warm in the agent) before Nix is told: a machine
-            // that cannot be reached is passed over, as Nix's own hook does.
-            let session = match reach(&config.endpoint, agent_up).await {
-                Ok(session) => session,
-                Err(why) => {
-                    let msg = format!("offload hook: cannot use {}: {why}", config.spec.name);
-                    tell(replies, LogLevel::Warn, &msg);
-                    drop(slot);
-                    down.push(machine);
-                    continue;
-                }
-            };
-            say(
+        let config = &current[machine];
+        // The session opens (here, or warm in the agent) before Nix is told: a machine
+        // that cannot be reached is passed over, as Nix's own hook does.
+        let session = match reach(&config.endpoint, setup.agent_up).await {
+            Ok(session) => session,
+            Err(why) => {
+                let msg = format!("offload hook: cannot use {}: {why}", config.spec.name);
+                tell(replies, LogLevel::Warn, &msg);
+                drop(slot);
+                down.push(machine);
+                continue;
+            }
+        };
+        say(
+            replies,
+            &HookReply::Accept {
+                store_uri: config.endpoint.name.clone(),
+            }
+            .encode(),
+        );
+        let job = remote::Job {
+            request,
+            machine: config,
+            settings: &setup.settings,
+            history: setup.history.as_ref(),
+            ledger: &options.ledger,
+        };
+        let exit = remote::build(job, session, input, replies).await;
+        drop(slot);
+        return Some(exit);
+    }
+}
+
+/// The machines a user chose for `drv` through the agent (`offload build
+/// --through-daemon --on …`); None: any builder may take it.
+async fn narrowed_fleet(
+    setup: &Setup,
+    drv: &str,
+    replies: &mut impl Write,
+) -> Option<Vec<MachineConfig>> {
+    let hosts = chosen_hosts(drv).await?;
+    let narrowed = MachineChoice {
+        on: hosts.on,
+        exclude: hosts.exclude,
+        ..setup.choice.clone()
+    };
+    match build_fleet(&narrowed, &setup.nix_settings) {
+        Ok(mut fleet) => {
+            setup.knowledge.apply(&mut fleet);
+            Some(fleet)
+        }
+        Err(e) => {
+            tell(
                 replies,
-                &HookReply::Accept {
-                    store_uri: config.endpoint.name.clone(),
-                }
-                .encode(),
+                LogLevel::Warn,
+                &format!(
+                    "offload hook: the hosts chosen for {drv} do not fit the builders: \
+                     {e}; any builder may take it"
+                ),
             );
-            let job = remote::Job {
-                request: &request,
-                machine: config,
-                settings: &settings,
-                history: history.as_ref(),
-                ledger: &options.ledger,
-            };
-            let exit = remote::build(job, session, &mut input, replies).await;
-            drop(slot);
-            return exit;
+            None
         }
     }
 }
@@ -325,11 +372,11 @@ pub async fn run(
 /// A session with the machine: opened here without the agent; with it, readied in the
 /// agent (None here). The error says why the machine cannot be used, with the fix.
 async fn reach(
-    endpoint: &crate::transport::Endpoint,
+    endpoint: &crate::ssh::Endpoint,
     agent_up: bool,
 ) -> Result<Option<crate::session::ServeConn>, String> {
     if agent_up {
-        let client = crate::agent::AgentClient::connect(&crate::agent::default_socket())
+        let client = crate::agent::AgentClient::connect(&crate::env::agent_socket())
             .await
             .map_err(|e| e.to_string())?;
         return match client.warm(endpoint).await {
@@ -368,7 +415,7 @@ fn without(
 
 /// The hosts a user chose for `drv` through the agent, when an agent runs.
 async fn chosen_hosts(drv: &str) -> Option<crate::agent::HostChoice> {
-    let client = crate::agent::AgentClient::connect(&crate::agent::default_socket())
+    let client = crate::agent::AgentClient::connect(&crate::env::agent_socket())
         .await
         .ok()?;
     client
@@ -379,7 +426,7 @@ async fn chosen_hosts(drv: &str) -> Option<crate::agent::HostChoice> {
         .flatten()
 }
 
-/// The choice, tried again for up to [`SLOT_WAIT`] while only busy builders could take
+/// The choice, tried again for up to [`HOOK_SLOT_WAIT`] while only busy builders could take
 /// the build.
 async fn choose_waiting(
     fleet: &[crate::fleet::MachineConfig],
@@ -388,7 +435,7 @@ async fn choose_waiting(
     estimate: f64,
     overhead: f64,
 ) -> Result<(choice::Verdict, Option<crate::slots::SlotLock>), crate::error::DriverError> {
-    let deadline = std::time::Instant::now() + SLOT_WAIT;
+    let deadline = std::time::Instant::now() + HOOK_SLOT_WAIT;
     loop {
         let chosen = choice::choose(fleet, ledger, request, estimate, overhead)?;
         if chosen.0 != choice::Verdict::Postpone || std::time::Instant::now() >= deadline {
@@ -396,13 +443,6 @@ async fn choose_waiting(
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-}
-
-/// The derivation's name, for the history: its `.drv` base name without hash and suffix.
-fn name_of(drv_path: &str) -> &str {
-    let base = drv_path.rsplit('/').next().unwrap_or(drv_path);
-    let name = base.split_once('-').map_or(base, |(_, n)| n);
-    name.strip_suffix(".drv").unwrap_or(name)
 }
 
 #[cfg(test)]
@@ -427,6 +467,5 @@ mod tests {
         assert_eq!(s.system_features, ["kvm", "big-parallel"]);
         assert_eq!(s.build.build_timeout, 60);
         assert_eq!(s.store, None);
-        assert_eq!(name_of("/nix/store/abc-hello-2.1.drv"), "hello-2.1");
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::{Events, JobError};
 use crate::fleet::{MachineConfig, LOCAL};
-use crate::signing::PathSigner;
+use crate::trust::signing::PathSigner;
 use crate::trust::{self, LocalAccess};
 
 /// Runs the trust check (signing with the key at `sign_key`, if any) and drops the

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::agent::AgentError;
+use crate::fleet::nixconf::NixConfError;
 use crate::fleet::FleetError;
-use crate::nixconf::NixConfError;
 use crate::plan::PlanError;
 use crate::process::ProcessError;
-use crate::signing::SigningError;
+use crate::trust::signing::SigningError;
 use crate::DriverError;
 
 /// Why a build job stopped. [`JobError::is_usage`] tells the user's input or set-up

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::{Events, JobError, Outcome};
-use crate::agent::{self, AgentClient, HostChoice};
+use crate::agent::{AgentClient, HostChoice};
 use crate::build::LogDestination;
 use crate::fleet::MachineChoice;
 use crate::process;
@@ -35,7 +35,7 @@ pub async fn through_daemon(
     will_build: &[String],
     roots: &[String],
 ) -> Result<(), JobError> {
-    let socket = agent::default_socket();
+    let socket = crate::env::agent_socket();
     let choice = HostChoice {
         on: machines.on.clone(),
         exclude: machines.exclude.clone(),
@@ -123,7 +123,7 @@ pub fn log_destination(access: &LocalAccess, state: &Path, events: &dyn Events) 
         return LogDestination::Dir(nix.to_path_buf());
     }
     if access.trusted {
-        return LogDestination::Daemon(crate::daemon::socket_path());
+        return LogDestination::Daemon(crate::env::daemon_socket());
     }
     match state.parent() {
         Some(dir) => {

@@ -22,12 +22,12 @@ use offload_nix::store_path::StorePath;
 use tokio_util::sync::CancellationToken;
 
 use crate::build::{self, BuildOptions, BuildReport, LogDestination, NodeResult, Reliability};
-use crate::dry_run::{dry_run, DryRun};
+use crate::fleet::nixconf::NixSettings;
 use crate::fleet::{build_fleet, MachineChoice, MachineConfig};
-use crate::nixconf::NixSettings;
+use crate::plan::dry_run::{dry_run, DryRun};
 use crate::plan::{build_nodes, output_path, read_drv_closure};
 use crate::state::report::{record, ReportMachine, RunReport};
-use crate::History;
+use crate::StateDb;
 
 mod access;
 mod error;
@@ -94,8 +94,8 @@ impl RunFile {
     }
 }
 
-/// What a job tells its user besides the builds themselves ([`build::Reporter`]).
-pub trait Events: build::Reporter {
+/// What a job tells its user besides the builds themselves ([`crate::reporter::Reporter`]).
+pub trait Events: crate::reporter::Reporter {
     /// Nix fetches `paths` store paths from substituters before the build.
     fn fetching(&self, paths: usize);
     /// Something to tell the user as it is (each line ends with a newline): builders
@@ -255,8 +255,8 @@ fn plan(request: &BuildRequest) -> Result<Planned, JobError> {
 
 /// The state database, and what it learned into `options`; without it, default
 /// estimates.
-fn open_state(path: &Path, system: &str, options: &mut BuildOptions) -> Option<History> {
-    let history = match History::open(path) {
+fn open_state(path: &Path, system: &str, options: &mut BuildOptions) -> Option<StateDb> {
+    let history = match StateDb::open(path) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!("{e}; planning with default estimates");
@@ -301,7 +301,7 @@ fn result_links(
 struct Job<'a> {
     request: &'a BuildRequest,
     options: BuildOptions,
-    history: Option<History>,
+    history: Option<StateDb>,
     /// Result links and the output paths they point at.
     links: Vec<(String, String)>,
     /// The requested `.drv` paths.

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::Events;
-use crate::build::{BuildReport, NodeResult, Placement, Reporter};
+use crate::build::{BuildReport, NodeResult};
+use crate::reporter::{Placement, Reporter};
 use crate::state::report::{critical_chain, ReportBuild, ReportMachine, ReportTransfer, RunReport};
 
 /// The run of `drv_paths` (whose inputs are `deps`) on `machines`, as it went.

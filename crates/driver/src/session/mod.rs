@@ -8,9 +8,13 @@
 //! counts the session as broken from the first byte sent until the whole reply has been
 //! read: an error, a timeout or a dropped future in between leaves it broken, and every
 //! later call fails. Callers drop a broken session and open a new one.
+//!
+//! Sessions are kept open between operations in a [`Pool`] per run ([`pool`]).
 
 mod nar;
 pub use nar::ChainProgress;
+mod pool;
+pub use pool::{Pool, Traffic};
 mod stderr;
 
 use std::time::Duration;
@@ -23,14 +27,11 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::env::{HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
 use crate::error::DriverError;
-use crate::transport::{classify_ssh_failure, Endpoint, Route};
+use crate::ssh::{classify_ssh_failure, Endpoint, Route};
 use stderr::StderrLog;
 
-/// How long ssh and the remote Nix get to answer the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a metadata query (validity, path infos, closure) may take.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Pipe buffer sizes: large enough that NAR streaming moves big chunks.
 const IO_BUFFER: usize = 256 * 1024;
 
@@ -98,7 +99,7 @@ pub struct ServeConn {
     cores: Option<u32>,
     /// The control socket of the shared ssh connection it went over, if any.
     control_path: Option<std::path::PathBuf>,
-    traffic: crate::pool::Traffic,
+    traffic: Traffic,
     _known_hosts: Option<tempfile::NamedTempFile>,
 }
 
@@ -138,7 +139,7 @@ impl ServeConn {
             broken: false,
             cores: None,
             control_path: endpoint.control_path.clone(),
-            traffic: crate::pool::Traffic::Control,
+            traffic: Traffic::Control,
             _known_hosts: known_hosts,
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake()).await {
@@ -178,7 +179,7 @@ impl ServeConn {
                     }));
                 }
                 let version = serve::read_handshake(from).await?;
-                if serve::major(version) != 0x200 || serve::minor(version) < 4 {
+                if !serve::is_supported(version) {
                     return Err(ReplyError::Driver(DriverError::IncompatibleVersion {
                         machine,
                         version,
@@ -203,13 +204,13 @@ impl ServeConn {
     }
 
     /// Marks what the session carries (its pool keeps sessions apart by it).
-    pub fn with_traffic(mut self, traffic: crate::pool::Traffic) -> Self {
+    pub fn with_traffic(mut self, traffic: Traffic) -> Self {
         self.traffic = traffic;
         self
     }
 
     /// What the session carries.
-    pub fn traffic(&self) -> crate::pool::Traffic {
+    pub fn traffic(&self) -> Traffic {
         self.traffic
     }
 
@@ -323,7 +324,7 @@ impl ServeConn {
             let master = self
                 .control_path
                 .as_deref()
-                .map(crate::ssh_master::last_words)
+                .map(crate::ssh::master::last_words)
                 .unwrap_or_default();
             let words = [tail.as_str(), master.as_str()]
                 .iter()

@@ -10,7 +10,8 @@ use offload_nix::wire::{put_bytes, put_strings, put_u64, WireError};
 use offload_nix::{export, nixbase32};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::{send, within, ReplyError, ServeConn, QUERY_TIMEOUT};
+use super::{send, within, ReplyError, ServeConn};
+use crate::env::QUERY_TIMEOUT;
 use crate::error::DriverError;
 
 /// Relays one NAR, blaming a failed write on `sink` and anything else on the NAR.
@@ -153,7 +154,7 @@ impl ServeConn {
         progress: &(dyn Fn(ChainProgress) + Send + Sync),
     ) -> Result<(), DriverError> {
         const OP: &str = "AddToStoreNar";
-        if serve::minor(self.server_version) < 5 {
+        if !serve::takes_add_to_store_nar(self.server_version) {
             // ImportPaths, the only import of older servers, has one path per call here.
             for (i, info) in infos.iter().enumerate() {
                 progress(ChainProgress::Sending(i));
@@ -223,7 +224,7 @@ impl ServeConn {
         feed: impl AsyncFnOnce(&mut super::Writer) -> Result<NarSummary, ReplyError>,
     ) -> Result<NarSummary, DriverError> {
         const OP: &str = "AddToStoreNar";
-        let use_import = serve::minor(self.server_version) < 5;
+        let use_import = !serve::takes_add_to_store_nar(self.server_version);
         let header = if use_import {
             let mut f = Request::ImportPaths.encode();
             put_u64(&mut f, 1);

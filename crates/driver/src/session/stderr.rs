@@ -9,8 +9,8 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use crate::env::STDERR_FINISH_TIMEOUT;
 use tokio::net::unix::pipe;
 use tokio::process::ChildStderr;
 use tokio::sync::{mpsc, oneshot};
@@ -19,8 +19,6 @@ use tokio::sync::{mpsc, oneshot};
 const TAIL_LINES: usize = 25;
 /// A kept line is cut to this many bytes: a runaway line must not hold megabytes.
 const MAX_KEPT_LINE: usize = 1000;
-/// How long a pump that does not answer is waited for when a sink is finished.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The server's stderr as far as it has been read.
 #[derive(Default)]
@@ -61,7 +59,7 @@ impl StderrLog {
         let (done, answered) = oneshot::channel();
         if self.finish.send(done).is_ok() {
             // A pump that ended (the pipe closed) has forwarded everything already.
-            let _ = tokio::time::timeout(FINISH_TIMEOUT, answered).await;
+            let _ = tokio::time::timeout(STDERR_FINISH_TIMEOUT, answered).await;
         }
         self.set_sink(None);
     }

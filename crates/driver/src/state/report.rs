@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::History;
+use crate::StateDb;
 
 /// One build of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,7 +51,7 @@ pub struct RunReport {
 
 /// Keeps `run` in the state database for `offload report`; a run that cannot be kept is
 /// reported, not failed.
-pub fn record(history: &History, run: &RunReport) {
+pub fn record(history: &StateDb, run: &RunReport) {
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -1,7 +1,10 @@
 //! Decoders of the serve protocol's replies (docs/nix-protocols.md §6), and the async
 //! readers that run them.
 
-use super::{minor, strip_ansi, BuildResult, BuildStatus, PathInfo, MAX_REPLY_STRING};
+use super::{
+    sends_build_times, sends_nar_hash, strip_ansi, BuildResult, BuildStatus, PathInfo,
+    MAX_REPLY_STRING,
+};
 use crate::wire::{run, Decode, Stages, Step, StringList, StringsDecoder, U64Decoder, WireError};
 
 /// The server's first handshake word (should be [`super::SERVE_MAGIC_2`]), or, read a
@@ -69,7 +72,7 @@ impl Decode for PathInfosDecoder {
             })?;
             s.field(cur, &mut r.info.nar_size, |c| c.u64("path info: NAR size"))?;
             // Servers older than 2.4 send no hash, content address or signatures.
-            if minor(self.server_version) >= 4 {
+            if sends_nar_hash(self.server_version) {
                 s.field(cur, &mut r.info.nar_hash, |c| {
                     c.string("path info: NAR hash", MAX)
                 })?;
@@ -137,7 +140,7 @@ impl Decode for BuildResultDecoder {
             s.field(cur, &mut r.error_msg, |c| {
                 Ok(strip_ansi(&c.string("build error message", MAX)?))
             })?;
-            if minor(self.server_version) >= 3 {
+            if sends_build_times(self.server_version) {
                 s.field(cur, &mut r.times_built, |c| c.u64("build times built"))?;
                 s.field(cur, &mut r.is_non_deterministic, |c| {
                     c.bool("build non-determinism flag")

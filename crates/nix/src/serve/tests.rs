@@ -325,7 +325,7 @@ proptest::proptest! {
             put_strings(&mut reply, std::slice::from_ref(&path));
             reply.extend(size.to_le_bytes());
             reply.extend(size.to_le_bytes());
-            let nar_hash = if minor(version) >= 4 {
+            let nar_hash = if sends_nar_hash(version) {
                 crate::wire::put_bytes(&mut reply, b"sha256:x");
                 crate::wire::put_bytes(&mut reply, b"");
                 reply.extend(0u64.to_le_bytes());

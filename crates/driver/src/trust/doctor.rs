@@ -9,12 +9,12 @@ use std::time::Instant;
 
 use offload_nix::serve::BuildSettings;
 
+use super::signing::PathSigner;
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::process;
 use crate::session::ServeConn;
-use crate::signing::PathSigner;
-use crate::transport::Route;
+use crate::ssh::Route;
 use crate::trust;
 
 /// How a check came out.

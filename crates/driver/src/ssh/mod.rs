@@ -7,6 +7,9 @@
 //! OpenSSH runs as a child process so that the user's ssh config, agent, ControlMaster
 //! and known_hosts all apply. Host-key checking is never turned off: a public host key
 //! from the machines file goes into a private known_hosts file for that session.
+//!
+//! Sessions with one builder share one ssh connection ([`master`]); a failed ssh is
+//! told apart (refused, auth, host key, unreachable) from its stderr.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -18,8 +21,7 @@ use offload_nix::store_uri::{ServeKind, StoreUri};
 
 use crate::error::DriverError;
 
-/// Environment variable with extra ssh options, split on whitespace (as Nix does).
-pub const NIX_SSHOPTS: &str = "NIX_SSHOPTS";
+pub mod master;
 
 /// How the command reaches the machine.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -58,7 +60,7 @@ pub struct Endpoint {
     /// `NIX_SSHOPTS` so that the user's own choice wins.
     pub ssh_options: Vec<String>,
     /// The control socket of the connection shared with this machine
-    /// ([`crate::ssh_master`]): sessions go over it while it is up.
+    /// ([`crate::ssh::master`]): sessions go over it while it is up.
     #[serde(skip)]
     pub control_path: Option<PathBuf>,
 }
@@ -199,7 +201,7 @@ impl Endpoint {
     }
 
     /// The command that starts the connection shared by this machine's sessions, its
-    /// control socket at `socket` ([`crate::ssh_master`]); the guard keeps a private
+    /// control socket at `socket` ([`crate::ssh::master`]); the guard keeps a private
     /// known_hosts file alive. An error for a machine not reached over ssh.
     pub(crate) fn master_command(
         &self,
@@ -237,7 +239,7 @@ impl Endpoint {
         };
         // No X11 or agent forwarding, never a password prompt.
         cmd.args(["-x", "-a", "-oBatchMode=yes"]);
-        if let Ok(opts) = std::env::var(NIX_SSHOPTS) {
+        if let Some(opts) = crate::env::nix_sshopts() {
             cmd.args(opts.split_whitespace());
         }
         cmd.args(&self.ssh_options);

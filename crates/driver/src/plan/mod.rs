@@ -1,6 +1,8 @@
 //! From `.drv` files to the build nodes the runner executes: reading the derivation
 //! closure straight from the store directory, and keeping the derivations Nix would
 //! build.
+//!
+//! What Nix would build and fetch itself comes from its dry run ([`dry_run`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -9,9 +11,11 @@ use offload_nix::derivation::{name_from_drv_path, Derivation, DerivationError};
 use offload_nix::store_path::{StorePath, StorePathError};
 use thiserror::Error;
 
+pub mod dry_run;
+
 use crate::build::BuildNode;
-use crate::history::EstimateSource;
-use crate::learn::Knowledge;
+use crate::state::EstimateSource;
+use offload_learn::Knowledge;
 
 /// The derivation graph could not be read.
 #[derive(Debug, Error)]

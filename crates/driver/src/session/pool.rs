@@ -1,6 +1,6 @@
 //! Persistent serve sessions per machine, so a build does not pay an ssh handshake:
 //! sessions are taken for one operation (a build with its uploads, a transfer) and put
-//! back afterwards. New sessions share an ssh connection ([`crate::ssh_master`]).
+//! back afterwards. New sessions share an ssh connection ([`crate::ssh::master`]).
 //!
 //! The cores a build gets (`NIX_BUILD_CORES`) are fixed per session: the serve protocol
 //! carries no `cores`, so a session started with `--option cores N` builds with N. Idle
@@ -18,10 +18,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::ServeConn;
 use crate::error::DriverError;
-use crate::session::ServeConn;
-use crate::ssh_master::SshMaster;
-use crate::transport::Endpoint;
+use crate::ssh::master::SshMaster;
+use crate::ssh::Endpoint;
 
 /// How often a new session is tried before the machine counts as lost.
 pub const OPEN_ATTEMPTS: u32 = 3;

@@ -4,7 +4,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use crate::history::{History, HistoryError};
+use super::{StateDb, StateError};
 
 /// A machine's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,9 +18,9 @@ pub struct MachineRecord {
     pub quarantined_until: i64,
 }
 
-impl History {
+impl StateDb {
     /// The record of machine `name`, if it ever failed.
-    pub fn machine(&self, name: &str) -> Result<Option<MachineRecord>, HistoryError> {
+    pub fn machine(&self, name: &str) -> Result<Option<MachineRecord>, StateError> {
         self.conn()
             .query_row(
                 "SELECT failures, last_failure, last_failure_at, quarantined_until
@@ -41,7 +41,7 @@ impl History {
 
     /// Counts a connection failure of `name` at `at` (Unix seconds); returns its
     /// consecutive failures, this one included.
-    pub fn machine_failed(&self, name: &str, reason: &str, at: i64) -> Result<u32, HistoryError> {
+    pub fn machine_failed(&self, name: &str, reason: &str, at: i64) -> Result<u32, StateError> {
         self.conn()
             .query_row(
                 "INSERT INTO machines (name, failures, last_failure, last_failure_at, quarantined_until)
@@ -56,7 +56,7 @@ impl History {
     }
 
     /// Keeps `name` out of runs until `until` (Unix seconds).
-    pub fn quarantine(&self, name: &str, until: i64) -> Result<(), HistoryError> {
+    pub fn quarantine(&self, name: &str, until: i64) -> Result<(), StateError> {
         self.conn()
             .execute(
                 "UPDATE machines SET quarantined_until = ?2 WHERE name = ?1",
@@ -67,7 +67,7 @@ impl History {
     }
 
     /// `name` answered: its failures and any quarantine are forgotten.
-    pub fn machine_ok(&self, name: &str) -> Result<(), HistoryError> {
+    pub fn machine_ok(&self, name: &str) -> Result<(), StateError> {
         self.conn()
             .execute("DELETE FROM machines WHERE name = ?1", params![name])
             .map(|_| ())
@@ -103,7 +103,7 @@ mod tests {
     #[test]
     fn failures_count_until_a_success_and_quarantines_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let h = History::open(&dir.path().join("state.sqlite")).unwrap();
+        let h = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
         assert_eq!(h.machine("b1").unwrap(), None);
         assert_eq!(h.machine_failed("b1", "refused", 10).unwrap(), 1);
         assert_eq!(h.machine_failed("b1", "timed out", 20).unwrap(), 2);

@@ -15,6 +15,10 @@
 //!   (`secret-key-files` there) and that this store trusts its key.
 //!
 //! Probe paths are a few bytes each and are left to the garbage collector.
+//!
+//! Beside it: signing paths as Nix does ([`signing`]), for a daemon that trusts keys
+//! rather than the user, and `offload doctor` ([`doctor`]), which runs this check with
+//! the others, machine by machine.
 
 use offload_nix::derivation::{Derivation, Output};
 use offload_nix::hash::sha256;
@@ -26,7 +30,10 @@ use offload_sched::MachineId;
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
 use crate::session::ServeConn;
-use crate::signing::PathSigner;
+
+pub mod doctor;
+pub mod signing;
+use signing::PathSigner;
 
 /// What the local store lets this user do, as the runner needs to know it.
 #[derive(Debug, Clone)]
@@ -73,7 +80,7 @@ pub async fn check(
         let local = LocalAccess { trusted, signer };
         return Ok(TrustCheck { local, refused });
     }
-    let user = current_user();
+    let user = crate::env::current_user();
     let mut local_conn = ServeConn::open(local_endpoint).await?;
     if let Some(signer) = &signer {
         if let Err(e) = import_probe(&mut local_conn, Some(signer)).await {
@@ -109,13 +116,6 @@ pub async fn check(
     }
     let local = LocalAccess { trusted, signer };
     Ok(TrustCheck { local, refused })
-}
-
-/// The user offload runs as, for messages.
-fn current_user() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "your user".to_string())
 }
 
 /// Whether the store behind `conn` lets this user build derivations it does not hold.

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use offload_sched::{MachineId, MachineSpec};
 
+use super::TransferEngine;
 use crate::error::DriverError;
-use crate::pool::Pool;
-use crate::transfer::TransferEngine;
-use crate::transport::Endpoint;
+use crate::session::Pool;
+use crate::ssh::Endpoint;
 
 /// How a copy runs.
 #[derive(Debug, Clone)]

@@ -17,13 +17,13 @@ use super::runner::{BuildFacts, BuildTask, BuildTransport, TaskDone};
 use super::{BuildNode, BuildOptions, LogDestination, Reporter};
 use crate::error::DriverError;
 use crate::fleet::{MachineConfig, LOCAL};
-use crate::pool::Pool;
-use crate::process;
-use crate::remote_slots::RemoteSlots;
+use crate::session::{Pool, ServeConn};
+use crate::slots::remote::RemoteSlots;
 use crate::slots::SlotLedger;
 use crate::transfer::{TransferEngine, TransferNews, LANES_PER_MACHINE};
-use crate::transport::{shell_quote, Endpoint};
 use crate::trust::LocalAccess;
+
+mod check;
 
 /// Sessions with every machine of the fleet, and what each store holds.
 pub(crate) struct ServeTransport {
@@ -301,6 +301,39 @@ impl ServeTransport {
         if self.check.contains(&self.nodes[node].drv_path) {
             return self.check_on(node, machine, log).await;
         }
+        let mut conn = match self.session_with_inputs(node, machine, cores, facts).await {
+            Ok(conn) => conn,
+            Err(ended) => return ended,
+        };
+        let (result, build_seconds) = self.build_with_log(node, machine, &mut conn, log).await;
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => return (lost(e), true),
+        };
+        if let BuildOutcome::Failed(message) = result {
+            self.pool(machine).put(conn);
+            let mut reason = if message.is_empty() {
+                format!("build of {} failed", self.nodes[node].drv_path)
+            } else {
+                message
+            };
+            reason.push_str(&log.kept_note());
+            return (Outcome::Failed { reason }, false);
+        }
+        self.learn_outputs(node, machine, conn, build_seconds, facts)
+            .await
+    }
+
+    /// A session on `machine` with `cores`, once the node's inputs are there: an idle
+    /// one, or one that opens while the inputs go over sessions of their own. Else how
+    /// the build ends, and whether the machine is to be taken out.
+    async fn session_with_inputs(
+        &self,
+        node: usize,
+        machine: MachineId,
+        cores: Option<u32>,
+        facts: &mut BuildFacts,
+    ) -> Result<ServeConn, (Outcome, bool)> {
         let n = &self.nodes[node];
         // A builder may fetch what it lacks from its own substituters when allowed.
         let substitute = self.builders_use_substitutes && machine != LOCAL;
@@ -326,11 +359,11 @@ impl ServeTransport {
         };
         let (opened, shipped) = tokio::join!(open, ship);
         let opened = opened.unwrap_or_else(|| Ok(idle.take().expect("a session was idle")));
-        let mut conn = match opened {
+        let conn = match opened {
             Ok(c) => c,
             Err(e) => {
                 self.note_refusal(machine, &e);
-                return (lost(e), true);
+                return Err((lost(e), true));
             }
         };
         if let Err(e) = shipped {
@@ -338,8 +371,21 @@ impl ServeTransport {
             // connection takes it out as a broken build session would.
             let down = conn.is_broken()
                 || (e.is_connection_failure() && e.machine() == self.pool(machine).endpoint().name);
-            return (lost(e), down);
+            return Err((lost(e), down));
         }
+        Ok(conn)
+    }
+
+    /// Builds the node on `conn` while its log streams into `log`, to the log's end;
+    /// with the build's own time, which is what the planner learns.
+    async fn build_with_log(
+        &self,
+        node: usize,
+        machine: MachineId,
+        conn: &mut ServeConn,
+        log: &mut BuildLog<'_>,
+    ) -> (Result<BuildOutcome, DriverError>, f64) {
+        let n = &self.nodes[node];
         // As Nix's build hook does: the inputs are the whole shipped closure, as sources.
         let mut drv = n.drv.clone();
         drv.input_srcs = self.engine.registry().closure(&n.inputs);
@@ -379,20 +425,20 @@ impl ServeTransport {
         while let Some(line) = rx.recv().await {
             log.push(line);
         }
-        let result = match result {
-            Ok(r) => r,
-            Err(e) => return (lost(e), true),
-        };
-        if let BuildOutcome::Failed(message) = result {
-            self.pool(machine).put(conn);
-            let mut reason = if message.is_empty() {
-                format!("build of {} failed", n.drv_path)
-            } else {
-                message
-            };
-            reason.push_str(&log.kept_note());
-            return (Outcome::Failed { reason }, false);
-        }
+        (result, build_seconds)
+    }
+
+    /// Learns the outputs of a build that succeeded on `machine` (puts `conn` back):
+    /// their infos, registered there, and the facts the planner learns.
+    async fn learn_outputs(
+        &self,
+        node: usize,
+        machine: MachineId,
+        mut conn: ServeConn,
+        build_seconds: f64,
+        facts: &mut BuildFacts,
+    ) -> (Outcome, bool) {
+        let n = &self.nodes[node];
         let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
         let infos = match conn.query_path_infos(&outputs).await {
             Ok(infos) => infos,
@@ -413,119 +459,6 @@ impl ServeTransport {
             registry.insert(info, machine);
         }
         (Outcome::Built, false)
-    }
-}
-
-impl ServeTransport {
-    /// `--check` for one derivation on `machine`: ships it the `.drv` closure, the
-    /// inputs and the outputs valid here (Nix compares the new build with those), then
-    /// runs `nix-store --realise --check` there by the session's route. A difference
-    /// fails with Nix's own "may not be deterministic"; outputs valid nowhere get Nix's
-    /// "checking is not possible".
-    async fn check_on(
-        &self,
-        node: usize,
-        machine: MachineId,
-        log: &mut BuildLog<'_>,
-    ) -> (Outcome, bool) {
-        let n = &self.nodes[node];
-        let outputs: Vec<String> = n.outputs.iter().map(|(_, p)| p.clone()).collect();
-        let mut wanted = match self.learn_local_closure(&n.drv_path, &outputs).await {
-            Ok(paths) => paths,
-            Err(e) => return (lost(e), false),
-        };
-        wanted.extend(n.inputs.iter().cloned());
-        if let Err(e) = self.engine.ensure_on(machine, &wanted, None, false).await {
-            return (lost(e), false);
-        }
-        let endpoint = self.pool(machine).endpoint().clone();
-        let (mut cmd, known_hosts) = match endpoint.command(&self.check_command(&endpoint, n)) {
-            Ok(c) => c,
-            Err(e) => return (lost(e), true),
-        };
-        let checked = tokio::task::spawn_blocking(move || {
-            let _known_hosts = known_hosts;
-            process::run(&mut cmd)
-        })
-        .await;
-        let output = match checked {
-            Ok(Ok(output)) => output,
-            Ok(Err(e)) => {
-                let mut reason = e.to_string();
-                for line in reason.lines().skip(1) {
-                    log.push(line.to_string());
-                }
-                reason.push_str(&log.kept_note());
-                return (Outcome::Failed { reason }, false);
-            }
-            Err(e) => {
-                let reason = format!("the check of {} did not finish: {e}", n.drv_path);
-                return (Outcome::Failed { reason }, false);
-            }
-        };
-        for line in String::from_utf8_lossy(&output.stderr).lines() {
-            log.push(line.to_string());
-        }
-        let infos = async {
-            let mut conn = self.pool(machine).get().await?;
-            let infos = conn.query_path_infos(&outputs).await?;
-            self.pool(machine).put(conn);
-            Ok::<_, DriverError>(infos)
-        };
-        match infos.await {
-            Ok(infos) => {
-                let mut registry = self.engine.registry();
-                for info in infos {
-                    registry.insert(info, machine);
-                }
-                (Outcome::Built, false)
-            }
-            Err(e) => (lost(e), true),
-        }
-    }
-
-    /// Learns the local infos of the closure of `drv_path` and of those `outputs` valid
-    /// here; returns the roots it learned (the `.drv` and the valid outputs).
-    async fn learn_local_closure(
-        &self,
-        drv_path: &str,
-        outputs: &[String],
-    ) -> Result<Vec<String>, DriverError> {
-        let mut conn = self.pool(LOCAL).get().await?;
-        let mut roots = conn.query_valid_paths(outputs, false, false).await?;
-        self.pool(LOCAL).put(conn);
-        roots.push(drv_path.to_string());
-        self.learn_local_closure_of(&roots).await?;
-        Ok(roots)
-    }
-
-    /// The shell command that checks `node` on the machine behind `endpoint`, with the
-    /// run's build settings as `nix-store` flags.
-    fn check_command(&self, endpoint: &Endpoint, node: &BuildNode) -> String {
-        let mut words = vec![endpoint.remote_program.clone()];
-        if let Some(store) = &endpoint.remote_store {
-            words.extend(["--store".into(), store.clone()]);
-        }
-        words.extend(endpoint.extra_args.iter().cloned());
-        let s = &self.settings;
-        words.extend([
-            "--max-silent-time".into(),
-            s.max_silent_time.to_string(),
-            "--timeout".into(),
-            s.build_timeout.to_string(),
-            "--option".into(),
-            "max-build-log-size".into(),
-            s.max_log_size.to_string(),
-        ]);
-        if s.keep_failed {
-            words.push("--keep-failed".into());
-        }
-        words.extend(["--realise".into(), "--check".into(), node.drv_path.clone()]);
-        words
-            .iter()
-            .map(|w| shell_quote(w))
-            .collect::<Vec<_>>()
-            .join(" ")
     }
 }
 

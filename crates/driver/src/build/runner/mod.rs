@@ -2,14 +2,17 @@
 //! scheduler's actions into build tasks on a [`BuildTransport`], and each finished task
 //! back into events, until nothing runs and nothing more will start; then it brings the
 //! requested outputs home and reports. It holds no I/O of its own, so its logic is
-//! tested with a fake transport (`build/tests.rs`).
+//! tested with a fake transport (`build/tests/`).
+//!
+//! Beside the loop: the machines' health during the run (`machines.rs`), what the run
+//! learns as it goes (`learning.rs`), and its end, with the copy back (`finish.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use offload_learn::{moved_link, slower_under_way, Refits};
+use offload_learn::Refits;
 use offload_sched::{
     Action, Event, Failure, Graph, MachineId, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
     DEFAULT_OUTPUT_BYTES,
@@ -17,12 +20,18 @@ use offload_sched::{
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::health::{AfterFailure, Health, Reliability};
+use super::health::{Health, Reliability};
 use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
-use crate::history::{BuildRecord, History};
+use crate::state::StateDb;
 use crate::transfer::TransferNews;
+
+pub(super) mod finish;
+mod learning;
+mod machines;
+
+use machines::out_of_space;
 
 /// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
 /// serve protocol; the unit tests use a fake.
@@ -130,7 +139,7 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     machines: Vec<MachineSpec>,
     cores: Vec<Option<u32>>,
     sched: Scheduler,
-    history: Option<&'h History>,
+    history: Option<&'h StateDb>,
     reporter: Arc<dyn Reporter>,
     clock: Instant,
     /// Output paths to bring to the local store, and the same as a set.
@@ -181,7 +190,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         wanted: Vec<String>,
         keep_going: bool,
         reliability: Reliability,
-        history: Option<&'h History>,
+        history: Option<&'h StateDb>,
         reporter: Arc<dyn Reporter>,
     ) -> Result<Self, DriverError> {
         let graph =
@@ -261,28 +270,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         self
     }
 
-    /// Tells the scheduler where copies landed and the history how long they took.
-    fn take_news(&mut self) {
-        let news = self.transport.take_news();
-        let now = self.now();
-        for (path, machine) in news.landed {
-            if let Some(&node) = self.output_of.get(&path) {
-                let actions = self.sched.handle(Event::OutputsAt { node, machine }, now);
-                self.apply(actions);
-            }
-        }
-        if let Some(h) = self.history {
-            for t in news.transfers {
-                let key = &self.state_keys[t.machine];
-                if let Err(e) =
-                    h.record_transfer(key, t.to_machine, t.bytes, t.seconds, t.concurrent)
-                {
-                    tracing::warn!("{e}");
-                }
-            }
-        }
-    }
-
     /// Runs the graph to its end. When `stop` is cancelled first, every running build,
     /// transfer and copy is stopped and the run ends with [`DriverError::Interrupted`].
     pub(crate) async fn run(mut self, stop: CancellationToken) -> Result<BuildReport, DriverError> {
@@ -333,45 +320,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         self.finish(stop).await
     }
 
-    /// Others held every slot the rest of the graph could use for `waited` seconds:
-    /// what is left fails, naming the machines and their holders' lock files.
-    fn give_up_on_held_slots(&mut self, waited: f64) {
-        let held: Vec<String> = (0..self.machines.len())
-            .filter(|&m| self.sched.slots_held_elsewhere(m) > 0)
-            .map(|m| {
-                DriverError::SlotsBusy {
-                    machine: self.machines[m].name.clone(),
-                    slots: self.machines[m].slots,
-                    dir: "here or on the machine".into(),
-                    secs: waited as u64,
-                }
-                .with_hint()
-            })
-            .collect();
-        let why = held.join("; ");
-        self.reporter.machine_warning(&why);
-        for (node, result) in self.results.iter_mut().enumerate() {
-            if result.is_none() && *self.sched.state(node) == NodeState::Ready {
-                *result = Some(NodeResult::Failed {
-                    failure: format!("not built: {why}"),
-                    log_tail: Vec::new(),
-                });
-            }
-        }
-    }
-
-    /// Tells the scheduler how many slots of each machine others hold now.
-    async fn watch_slots(&mut self) {
-        let held = self.transport.clone().slots_held_elsewhere().await;
-        let now = self.now();
-        for (machine, count) in held {
-            let actions = self
-                .sched
-                .handle(Event::SlotsHeldElsewhere { machine, count }, now);
-            self.apply(actions);
-        }
-    }
-
     /// Stops every build and transfer. Dropping the sessions kills their processes,
     /// which stops the builds on every machine; nothing half-done is ever registered.
     async fn stop(&mut self) -> DriverError {
@@ -381,127 +329,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         self.early_copies.shutdown().await;
         self.sent_ahead.shutdown().await;
         DriverError::Interrupted { stopped }
-    }
-
-    /// Before the first build: skips the machines still quarantined by earlier runs,
-    /// and probes the others while the first builds start: one that cannot be reached
-    /// is said once (by its probe or by the first build there, whichever fails first)
-    /// and its work goes elsewhere.
-    fn check_machines(&mut self) {
-        for m in 0..self.machines.len() {
-            if m == LOCAL || self.machines[m].slots == 0 {
-                continue;
-            }
-            if let Some(why) = self.health.quarantined(m) {
-                let name = &self.machines[m].name;
-                self.reporter
-                    .machine_warning(&format!("skipping {name}: {why}"));
-                self.reporter.machine_event("machine_skipped", name, &why);
-                let actions = self.sched.handle(Event::MachineLost { machine: m }, 0.0);
-                self.apply(actions);
-                continue;
-            }
-            let probe = self.probe(m);
-            let handle = self.probes.spawn(async move { (m, probe.await) });
-            self.first_probes.insert(m, handle);
-        }
-    }
-
-    /// `machine`'s connection failed: it is down until a probe after its backoff, or
-    /// lost for the run when it keeps failing. Its running builds go elsewhere.
-    fn machine_failed(&mut self, machine: MachineId, why: &str, doing: &str) {
-        // A build there failed before the first probe answered: one failure, not two,
-        // said as the probe would have said it.
-        let doing = match self.first_probes.remove(&machine) {
-            Some(probe) => {
-                probe.abort();
-                "skipping it"
-            }
-            None => doing,
-        };
-        self.running.retain(|_, (handle, m)| {
-            if *m == machine {
-                handle.abort();
-            }
-            *m != machine
-        });
-        self.transport.forget_machine(machine);
-        let name = self.machines[machine].name.clone();
-        if self.transport.refused(machine) {
-            // Not a fault that passes: no backoff, no quarantine; the fix is the user's.
-            self.reporter.machine_warning(&format!(
-                "{name} cannot be used ({why}); {doing}, and it is not tried again in this \
-                 run: a retry would meet the same refusal"
-            ));
-            self.reporter.machine_event("machine_lost", &name, why);
-            let actions = self
-                .sched
-                .handle(Event::MachineLost { machine }, self.now());
-            self.apply(actions);
-            return;
-        }
-        let (event, next, kind) = match self.health.failed(machine, why) {
-            AfterFailure::RetryIn(wait) => {
-                let probe = self.probe(machine);
-                self.probes.spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    (machine, probe.await)
-                });
-                (
-                    Event::MachineDown { machine },
-                    format!("trying it again in {} s", wait.as_secs_f64()),
-                    "machine_lost",
-                )
-            }
-            AfterFailure::Quarantined(until) => (
-                Event::MachineLost { machine },
-                format!(
-                    "it failed too often: quarantined until {}",
-                    crate::machine_state::format_utc(until)
-                ),
-                "machine_quarantined",
-            ),
-        };
-        self.reporter
-            .machine_warning(&format!("{name} cannot be used ({why}); {doing}, {next}"));
-        self.reporter.machine_event(kind, &name, why);
-        let actions = self.sched.handle(event, self.now());
-        self.apply(actions);
-    }
-
-    /// A probe of `machine`, bounded: a host that takes the connection and then says
-    /// nothing (no keepalive notices a silent program) counts as down too.
-    fn probe(&self, machine: MachineId) -> impl Future<Output = Result<(), String>> + 'static {
-        let limit = self.health.probe_timeout();
-        let probe = self.transport.clone().probe(machine, self.cores[machine]);
-        async move {
-            match tokio::time::timeout(limit, probe).await {
-                Ok(answer) => answer,
-                Err(_) => Err(format!(
-                    "no serve-protocol answer within {} s",
-                    limit.as_secs()
-                )),
-            }
-        }
-    }
-
-    fn on_probed(&mut self, machine: MachineId, answer: Result<(), String>) {
-        let first = self.first_probes.remove(&machine).is_some();
-        match answer {
-            Ok(()) => {
-                if !first {
-                    tracing::info!(machine = %self.machines[machine].name, "answers again");
-                }
-                // The probe's session waits in the pool for the next build there.
-                self.sched.session_open(machine);
-                let actions = self
-                    .sched
-                    .handle(Event::MachineBack { machine }, self.now());
-                self.apply(actions);
-            }
-            Err(why) if first => self.machine_failed(machine, &why, "skipping it"),
-            Err(why) => self.machine_failed(machine, &why, "still down"),
-        }
     }
 
     fn now(&self) -> f64 {
@@ -524,7 +351,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                     (total / sharing).max(1)
                 });
                 let spec = &self.machines[machine];
-                let planned = super::Placement {
+                let planned = crate::reporter::Placement {
                     estimate_seconds: self.nodes[node].estimate / spec.speed.max(1e-6),
                     cores,
                 };
@@ -640,32 +467,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         );
     }
 
-    /// Learns from a build that ended well: the real size of its outputs, and (with a
-    /// state) its time, recorded, and the speeds fitted again.
-    fn learn_from(&mut self, done: &TaskDone) {
-        if let Some(bytes) = done.facts.output_bytes {
-            self.sched.outputs_measured(done.node, bytes);
-        }
-        let node = &self.nodes[done.node];
-        if let Some(h) = self.history {
-            let recorded = h.record_build(&BuildRecord {
-                name: &node.name,
-                system: &node.system,
-                machine: &self.state_keys[done.machine],
-                seconds: done.facts.build_seconds.unwrap_or(done.seconds),
-                declared_speed: self.declared_speeds[done.machine],
-                output_bytes: done.facts.output_bytes,
-                run: Some(&self.run_id),
-                // The inputs' copies are the links' to learn, not the machine's.
-                task_seconds: Some(done.seconds - done.facts.inputs_seconds.unwrap_or(0.0)),
-            });
-            if let Err(e) = recorded {
-                tracing::warn!("{e}");
-            }
-        }
-        self.refit_speeds();
-    }
-
     fn on_built(&mut self, done: &TaskDone) {
         self.health.built_on(done.machine);
         let node = &self.nodes[done.node];
@@ -727,154 +528,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         }
     }
 
-    /// Fits the machines' speeds and links again with this run's builds and copies so
-    /// far, as often as [`Refits`] says: a machine or link that turns out
-    /// slower or faster than planned gets the rest of the run's decisions right.
-    fn refit_speeds(&mut self) {
-        self.slow_links_under_way();
-        let now = self.now();
-        let Some(h) = self.history else { return };
-        if !self.refits.due(now) {
-            return;
-        }
-        let Some(system) = self.machines[LOCAL].systems.first().cloned() else {
-            return;
-        };
-        let knowledge = match h.knowledge(&system) {
-            Ok(k) => k,
-            Err(e) => return tracing::debug!("{e}"),
-        };
-        self.refits.fitted(knowledge.rows());
-        for m in 0..self.machines.len() {
-            let spec = &self.machines[m];
-            if let Some((speed, per_system)) =
-                knowledge.moved_speeds(&self.state_keys[m], spec, self.declared_speeds[m])
-            {
-                tracing::debug!(machine = %spec.name, "speed now {speed:.2}: {per_system:?}");
-                self.machines[m].speed = speed;
-                self.machines[m].system_speeds = per_system.clone();
-                self.sched.set_speeds(m, speed, per_system);
-            }
-        }
-        for m in 0..self.machines.len() {
-            let spec = &self.machines[m];
-            let Some(link) = moved_link(spec, knowledge.link(&self.state_keys[m])) else {
-                continue;
-            };
-            tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
-            self.machines[m].bandwidth = link.bandwidth;
-            self.machines[m].latency = link.latency;
-            self.sched.set_link(m, link.bandwidth, link.latency);
-        }
-    }
-
-    /// Links that carry their copies under way several times slower than planned
-    /// ([`slower_under_way`]) are planned at what
-    /// those copies show, before the first of them lands: on a first run every link is
-    /// planned at the default until then, and a copy over a slow one can take tens of
-    /// seconds.
-    fn slow_links_under_way(&mut self) {
-        for m in 0..self.machines.len() {
-            let spec = &self.machines[m];
-            if spec.is_local {
-                continue;
-            }
-            let Some(bound) = self.transport.link_bound(m, spec.latency) else {
-                continue;
-            };
-            if slower_under_way(spec, bound) {
-                tracing::debug!(machine = %spec.name, "link at most {:.1} MB/s by the copies under way", bound / 1e6);
-                let latency = spec.latency;
-                self.machines[m].bandwidth = bound;
-                self.sched.set_link(m, bound, latency);
-            }
-        }
-    }
-
-    /// Stops what still runs, brings the requested outputs of what was built home, and
-    /// reports. The copies stop when `stop` is cancelled.
-    async fn finish(mut self, stop: CancellationToken) -> Result<BuildReport, DriverError> {
-        self.tasks.shutdown().await;
-        self.probes.shutdown().await;
-        // Every build has ended: nothing needs them any more.
-        self.sent_ahead.shutdown().await;
-        let early = async { while self.early_copies.join_next().await.is_some() {} };
-        tokio::select! {
-            () = early => {}
-            () = stop.cancelled() => return Err(self.stop().await),
-        }
-        let measured_lower_bound = measured_bound(&self.nodes, &self.results, &self.machines);
-        // Outputs of derivations that failed cannot come home; the rest do, with -k too.
-        let unbuilt: HashSet<&str> = self
-            .nodes
-            .iter()
-            .zip(&self.results)
-            .filter(|(_, r)| !matches!(r, Some(NodeResult::Built { .. })))
-            .flat_map(|(n, _)| n.outputs.iter().map(|(_, p)| p.as_str()))
-            .collect();
-        let wanted: Vec<String> = self
-            .wanted
-            .iter()
-            .filter(|p| !unbuilt.contains(p.as_str()))
-            .cloned()
-            .collect();
-        let mut attempt = 1;
-        let copy_back_error = loop {
-            let copy_back = self.transport.clone().fetch(wanted.clone());
-            let result = tokio::select! {
-                result = copy_back => result,
-                // Dropping the copy kills its sessions: a half-copied path is never
-                // registered.
-                () = stop.cancelled() => return Err(self.stop().await),
-            };
-            match result {
-                Ok(()) => break None,
-                // A link that died or a session that broke may pass: each attempt opens
-                // new sessions and copies only what is still missing here.
-                Err(e) if attempt < COPY_BACK_ATTEMPTS && e.is_connection_failure() => {
-                    let wait = self.health.backoff();
-                    self.reporter.machine_warning(&format!(
-                        "copying the requested outputs here failed ({}); trying again in {} s \
-                         (attempt {} of {COPY_BACK_ATTEMPTS})",
-                        first_line(&e.to_string()),
-                        wait.as_secs_f64(),
-                        attempt + 1
-                    ));
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = stop.cancelled() => return Err(self.stop().await),
-                    }
-                    attempt += 1;
-                }
-                Err(e) => break Some(e),
-            }
-        };
-        self.take_news();
-        self.transport.close().await;
-        Ok(BuildReport {
-            results: self
-                .results
-                .into_iter()
-                .map(|r| {
-                    r.unwrap_or(NodeResult::Failed {
-                        failure: "not built".into(),
-                        log_tail: Vec::new(),
-                    })
-                })
-                .collect(),
-            wall_seconds: self.clock.elapsed().as_secs_f64(),
-            builds_per_machine: self
-                .machines
-                .iter()
-                .map(|m| m.name.clone())
-                .zip(self.builds_per_machine)
-                .collect(),
-            lower_bound: self.lower_bound,
-            measured_lower_bound,
-            copy_back_error,
-        })
-    }
-
     fn describe(&self, failure: &Failure) -> String {
         match failure {
             Failure::NoMachine {
@@ -911,47 +564,6 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     }
 }
 
-impl<T: BuildTransport> Runner<'_, T> {
-    /// `; lost: NAME (why); …` for the machines whose connections failed in this run.
-    fn why_machines_were_lost(&self) -> String {
-        let failures = self.health.failures();
-        if failures.is_empty() {
-            return String::new();
-        }
-        let each: Vec<String> = failures
-            .iter()
-            .map(|(name, why)| format!("{name} ({why})"))
-            .collect();
-        format!(
-            "; not used, as their connections failed: {}",
-            each.join("; ")
-        )
-    }
-}
-
-/// How often the requested outputs' copy home is tried before the run fails.
-pub(crate) const COPY_BACK_ATTEMPTS: u32 = 3;
-
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or(text)
-}
-
-/// Whether a build failed because its machine's disk is full: Nix says so in its
-/// message when the store or the build directory has too little space left after a
-/// failure ("may have been caused by lack of free disk space", `derivation-goal.cc`), and
-/// the builder's own log names the error (ENOSPC) when Nix's check came too late.
-fn out_of_space(outcome: &Outcome, log_tail: &[String]) -> bool {
-    match outcome {
-        Outcome::Failed { reason } => {
-            reason.contains("lack of free disk space")
-                || log_tail
-                    .iter()
-                    .any(|l| l.contains("No space left on device"))
-        }
-        _ => false,
-    }
-}
-
 /// How often the slots others hold are looked at: a lock file per slot, each a
 /// non-blocking flock.
 const SLOT_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -969,35 +581,5 @@ fn node_spec(n: &BuildNode) -> NodeSpec {
         duration: n.estimate,
         output_bytes: n.output_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES),
         prefer_local: n.prefer_local,
-    }
-}
-
-/// The lower bound ([`offload_sched::lower_bound`]) over the builds' measured times,
-/// each scaled to speed 1 by its machine's speed factor.
-fn measured_bound(
-    nodes: &[BuildNode],
-    results: &[Option<NodeResult>],
-    machines: &[MachineSpec],
-) -> f64 {
-    let speed: HashMap<&str, f64> = machines
-        .iter()
-        .map(|s| (s.name.as_str(), s.speed))
-        .collect();
-    let specs: Vec<NodeSpec> = nodes
-        .iter()
-        .zip(results)
-        .map(|(n, r)| NodeSpec {
-            duration: match r {
-                Some(NodeResult::Built {
-                    machine, seconds, ..
-                }) => seconds * speed.get(machine.as_str()).copied().unwrap_or(1.0),
-                _ => 0.0,
-            },
-            ..node_spec(n)
-        })
-        .collect();
-    match Graph::new(specs) {
-        Ok(g) => offload_sched::lower_bound(&g, machines),
-        Err(_) => 0.0,
     }
 }

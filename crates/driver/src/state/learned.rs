@@ -1,40 +1,20 @@
 //! What the state database teaches, read for the planner: the recorded builds, output
 //! sizes, copies and task times that `offload-learn` fits into [`Knowledge`]
-//! ([`History::knowledge`]), the copies recorded as they land, and each builder's CPU
-//! cores, asked once with `nproc` and kept in the state ([`learn_cores`]). The fitting
-//! itself is pure and lives in `offload-learn`, shared with the simulator.
+//! ([`StateDb::knowledge`]), the copies recorded as they land, and each builder's CPU
+//! cores once asked (`crate::fleet::learned::learn_cores` asks). The fitting itself is
+//! pure and lives in `offload-learn`, shared with the simulator.
 
 use std::collections::HashMap;
 
-use offload_learn::{RECENT_PER_CELL, RECENT_TRANSFERS, ROWS_READ};
+use offload_learn::{BuildRow, Knowledge, Transfer, RECENT_PER_CELL, RECENT_TRANSFERS, ROWS_READ};
 use rusqlite::params;
 
-use crate::fleet::MachineConfig;
-use crate::history::{History, HistoryError};
+use super::{StateDb, StateError};
 
-pub use offload_learn::{bound_under_way, BuildRow, Knowledge, Learned, LinkFigures, Transfer};
-
-/// Gives a fleet's planning figures what was learned ([`Knowledge::apply_to`] for each
-/// machine, by its key in the state).
-pub trait ApplyKnowledge {
-    /// Per system, the learned speed where there is one (the first system's also
-    /// becomes the machine's own); what a build costs there besides its own time; each
-    /// remote link's bandwidth and latency.
-    fn apply(&self, fleet: &mut [MachineConfig]);
-}
-
-impl ApplyKnowledge for Knowledge {
-    fn apply(&self, fleet: &mut [MachineConfig]) {
-        for m in fleet {
-            self.apply_to(&m.endpoint.name, &mut m.spec);
-        }
-    }
-}
-
-impl History {
+impl StateDb {
     /// Fits what the recorded builds and transfers say; `local_system` is this
     /// machine's native system, the unit of speed.
-    pub fn knowledge(&self, local_system: &str) -> Result<Knowledge, HistoryError> {
+    pub fn knowledge(&self, local_system: &str) -> Result<Knowledge, StateError> {
         let err = || self.error("reading what was learned");
         let mut stmt = self
             .conn()
@@ -97,7 +77,7 @@ impl History {
         sql: &str,
         per_key: usize,
         value: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> Result<HashMap<String, Vec<T>>, HistoryError> {
+    ) -> Result<HashMap<String, Vec<T>>, StateError> {
         let err = || self.error("reading what was learned");
         let mut stmt = self.conn().prepare(sql).map_err(err())?;
         let rows = stmt
@@ -125,7 +105,7 @@ impl History {
         bytes: u64,
         seconds: f64,
         concurrent: u32,
-    ) -> Result<(), HistoryError> {
+    ) -> Result<(), StateError> {
         self.conn()
             .execute(
                 "INSERT INTO transfers (machine, direction, bytes, seconds, concurrent, at)
@@ -136,7 +116,7 @@ impl History {
                     bytes as i64,
                     seconds,
                     concurrent.max(1),
-                    crate::history::unix_now()
+                    crate::state::unix_now()
                 ],
             )
             .map(|_| ())
@@ -144,7 +124,7 @@ impl History {
     }
 
     /// The CPU cores of `machine` (its key), when learned.
-    pub fn cores(&self, machine: &str) -> Result<Option<u32>, HistoryError> {
+    pub fn cores(&self, machine: &str) -> Result<Option<u32>, StateError> {
         use rusqlite::OptionalExtension;
         self.conn()
             .query_row(
@@ -156,70 +136,15 @@ impl History {
             .map_err(self.error("reading a machine's cores"))
     }
 
-    pub fn set_cores(&self, machine: &str, cores: u32) -> Result<(), HistoryError> {
+    pub fn set_cores(&self, machine: &str, cores: u32) -> Result<(), StateError> {
         self.conn()
             .execute(
                 "INSERT INTO machine_cores (machine, cores, learned_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (machine) DO UPDATE SET cores = ?2, learned_at = ?3",
-                params![machine, cores, crate::history::unix_now()],
+                params![machine, cores, crate::state::unix_now()],
             )
             .map(|_| ())
             .map_err(self.error("recording a machine's cores"))
-    }
-}
-
-/// Seconds a machine gets to say how many cores it has.
-const CORES_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// Gives each builder of `fleet` its CPU cores, so that builds there share them as they
-/// do here (a build alone gets all). Learned once per machine, by running `nproc`
-/// there the way its sessions run, and kept in the state database; a machine that
-/// cannot say keeps its own `cores` setting.
-pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&History>) {
-    let mut asking = tokio::task::JoinSet::new();
-    for (i, m) in fleet.iter_mut().enumerate() {
-        if m.cores.is_some() || m.spec.is_local || m.spec.slots == 0 {
-            continue;
-        }
-        let key = &m.endpoint.name;
-        if let Some(cores) = history.and_then(|h| h.cores(key).ok().flatten()) {
-            m.cores = Some(cores);
-            continue;
-        }
-        let Ok((mut cmd, known_hosts)) = m.endpoint.command("nproc") else {
-            continue;
-        };
-        asking.spawn(async move {
-            let asked = tokio::task::spawn_blocking(move || {
-                let _known_hosts = known_hosts;
-                crate::process::run(&mut cmd)
-            });
-            let answer = match tokio::time::timeout(CORES_QUESTION_TIMEOUT, asked).await {
-                Ok(Ok(Ok(out))) => String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse::<u32>()
-                    .ok(),
-                _ => None,
-            };
-            (i, answer)
-        });
-    }
-    while let Some(joined) = asking.join_next().await {
-        let Ok((i, answer)) = joined else { continue };
-        match answer.filter(|&n| n > 0) {
-            Some(cores) => {
-                fleet[i].cores = Some(cores);
-                if let Some(h) = history {
-                    if let Err(e) = h.set_cores(&fleet[i].endpoint.name, cores) {
-                        tracing::debug!("{e}");
-                    }
-                }
-            }
-            None => tracing::debug!(
-                machine = %fleet[i].spec.name,
-                "its cores are unknown (nproc gave no answer): its own setting stays"
-            ),
-        }
     }
 }
 
@@ -232,11 +157,11 @@ mod tests {
     #[test]
     fn what_a_build_costs_besides_itself_is_kept_per_machine() {
         let dir = tempfile::tempdir().unwrap();
-        let h = History::open(&dir.path().join("state.sqlite")).unwrap();
+        let h = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
         // Four builds on a builder: 0.4 s around each, and once 3 s of input copies.
         for (i, extra) in [0.4, 0.45, 3.0, 0.4].iter().enumerate() {
             let name = format!("d{i}");
-            h.record_build(&crate::history::BuildRecord {
+            h.record_build(&crate::state::BuildRecord {
                 name: &name,
                 system: SYS,
                 machine: "ssh://b",

@@ -10,7 +10,10 @@
 //! `main-lock` in the same directory; offload takes it around its choice too.
 //!
 //! The local machine's slots are Nix's `max-jobs`, counted by Nix itself, never here.
-//! [`SLOTS_DIR_ENV`] moves the ledger (for tests, or to keep offload's own).
+//! [`crate::env::OFFLOAD_SLOTS_DIR`] moves the ledger (for tests, or to keep offload's own).
+//!
+//! Clients on other machines keep ledgers of their own: [`remote`] locks slots on the
+//! builder itself, so that they do not overbook a builder they share.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -25,15 +28,10 @@ use rustix::fs::{flock, FlockOperation};
 
 use crate::error::DriverError;
 
-/// Environment variable naming the slot-lock directory instead of Nix's.
-pub const SLOTS_DIR_ENV: &str = "OFFLOAD_SLOTS_DIR";
-/// Nix's state directory when `NIX_STATE_DIR` does not say otherwise.
-const NIX_STATE_DIR: &str = "/nix/var/nix";
+pub mod remote;
+
 /// How often a build waiting for a slot looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a build waits for a slot before its machine counts as unavailable for it
-/// (the build then goes elsewhere): longer than most builds that could be holding it.
-pub const WAIT_LIMIT: Duration = Duration::from_secs(3 * 3600);
 
 /// The slot-lock directory and the lock files in it.
 #[derive(Debug, Clone)]
@@ -107,16 +105,9 @@ impl SlotLedger {
         SlotLedger { dir: dir.into() }
     }
 
-    /// `$OFFLOAD_SLOTS_DIR`, else `current-load` in Nix's state directory
-    /// (`$NIX_STATE_DIR`, else `/nix/var/nix`), where Nix's build hook keeps it.
+    /// The directory [`crate::env::slots_dir`] names.
     pub fn from_env() -> SlotLedger {
-        if let Some(dir) = std::env::var_os(SLOTS_DIR_ENV).filter(|d| !d.is_empty()) {
-            return SlotLedger::new(dir);
-        }
-        let state = std::env::var_os("NIX_STATE_DIR")
-            .filter(|d| !d.is_empty())
-            .map_or_else(|| PathBuf::from(NIX_STATE_DIR), PathBuf::from);
-        SlotLedger::new(state.join("current-load"))
+        SlotLedger::new(crate::env::slots_dir())
     }
 
     pub fn dir(&self) -> &Path {

@@ -1,16 +1,15 @@
-//! offload's state database in SQLite: how long each derivation took, where, so the next
-//! plan can estimate it, and which machines keep failing (`machine_state.rs`), so the
-//! next run skips them until their quarantine ends.
+//! The database itself: opening it, its schema and migrations, and the builds it
+//! records.
 //!
 //! One schema, upgraded in place: [`MIGRATIONS`] run in order, and SQLite's
-//! `user_version` records how many have run, so a history file of an older offload
+//! `user_version` records how many have run, so a state file of an older offload
 //! gains the new tables on its first open. WAL mode and a busy timeout let runs that
 //! overlap share the file.
 //!
 //! Builds are keyed by the derivation's name without its hash (`hello-2.12.1`), with a
 //! version-insensitive fallback (`hello`), since a version bump rarely changes the cost
 //! much. Durations are stored as measured, with the machine and its declared speed
-//! factor; `learn.rs` reads them for `offload-learn`'s fit of speeds and estimates.
+//! factor; `learned.rs` reads them for `offload-learn`'s fit of speeds and estimates.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -51,7 +50,7 @@ const MIGRATIONS: &[&str] = &[
          started_at INTEGER NOT NULL,
          report TEXT NOT NULL
      );",
-    // What the planner learns (`learn.rs`): from here on `builds.machine` is the store
+    // What the planner learns (`learned.rs`): from here on `builds.machine` is the store
     // URI as written and `seconds` the build's own time (its inputs' copies left out);
     // NAR bytes of the outputs, the run the build was part of and the task's time but
     // for its inputs' copies (the session and the build); every copy between this
@@ -79,7 +78,7 @@ const MIGRATIONS: &[&str] = &[
 /// The history database could not be used.
 #[derive(Debug, Error)]
 #[error("build history {path}: {op}")]
-pub struct HistoryError {
+pub struct StateError {
     pub path: PathBuf,
     pub op: &'static str,
     #[source]
@@ -87,17 +86,17 @@ pub struct HistoryError {
 }
 
 /// The duration history.
-pub struct History {
+pub struct StateDb {
     conn: Connection,
     path: PathBuf,
 }
 
-impl History {
+impl StateDb {
     /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> Result<History, HistoryError> {
+    pub fn open(path: &Path) -> Result<StateDb, StateError> {
         let err = |op| {
             let path = path.to_path_buf();
-            move |source| HistoryError { path, op, source }
+            move |source| StateError { path, op, source }
         };
         if let Some(dir) = path.parent() {
             // A missing directory surfaces as the open error below, with the path.
@@ -108,7 +107,7 @@ impl History {
             .map_err(err("setting the busy timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err("turning on WAL mode"))?;
-        let mut history = History {
+        let mut history = StateDb {
             conn,
             path: path.to_path_buf(),
         };
@@ -119,10 +118,10 @@ impl History {
     /// Runs the migrations this file has not had yet, each in its own transaction.
     /// Each takes the write lock before it reads the version (an immediate
     /// transaction), so runs that open a new file at once migrate it once, in turn.
-    fn migrate(&mut self) -> Result<(), HistoryError> {
+    fn migrate(&mut self) -> Result<(), StateError> {
         let err = |op| {
             let path = self.path.clone();
-            move |source| HistoryError { path, op, source }
+            move |source| StateError { path, op, source }
         };
         loop {
             let tx = self
@@ -133,7 +132,7 @@ impl History {
                 .pragma_query_value(None, "user_version", |row| row.get(0))
                 .map_err(err("reading the schema version"))?;
             if done > MIGRATIONS.len() {
-                return Err(HistoryError {
+                return Err(StateError {
                     path: self.path.clone(),
                     op: "reading the schema: it was made by a newer offload (give another \
                          file with --history)",
@@ -154,22 +153,9 @@ impl History {
         &self.conn
     }
 
-    pub(crate) fn error(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> HistoryError {
+    pub(crate) fn error(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
         let path = self.path.clone();
-        move |source| HistoryError { path, op, source }
-    }
-
-    /// The default location: `$OFFLOAD_HISTORY`, else
-    /// `$XDG_STATE_HOME/offload/history.sqlite`, else `~/.local/state/offload/…`.
-    pub fn default_path() -> PathBuf {
-        if let Some(p) = std::env::var_os("OFFLOAD_HISTORY") {
-            return PathBuf::from(p);
-        }
-        let state = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-            .unwrap_or_else(std::env::temp_dir);
-        state.join("offload").join("history.sqlite")
+        move |source| StateError { path, op, source }
     }
 
     /// Records a finished build of `name` for `system` that took `seconds` on
@@ -183,7 +169,7 @@ impl History {
         seconds: f64,
         speed: f64,
         output_bytes: Option<u64>,
-    ) -> Result<(), HistoryError> {
+    ) -> Result<(), StateError> {
         self.record_build(&BuildRecord {
             name,
             system,
@@ -197,7 +183,7 @@ impl History {
     }
 
     /// Records a finished build.
-    pub fn record_build(&self, b: &BuildRecord<'_>) -> Result<(), HistoryError> {
+    pub fn record_build(&self, b: &BuildRecord<'_>) -> Result<(), StateError> {
         self.conn
             .execute(
                 "INSERT INTO builds (name, pname, system, machine, seconds, speed,
@@ -217,7 +203,7 @@ impl History {
                 ],
             )
             .map(|_| ())
-            .map_err(|source| HistoryError {
+            .map_err(|source| StateError {
                 path: self.path.clone(),
                 op: "recording a build",
                 source,
@@ -259,7 +245,7 @@ mod tests {
     #[test]
     fn estimates_scale_by_speed_and_fall_back() {
         let dir = tempfile::tempdir().unwrap();
-        let h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        let h = StateDb::open(&dir.path().join("h.sqlite")).unwrap();
         assert_eq!(
             h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0"),
             (DEFAULT_SECONDS, EstimateSource::Default)
@@ -278,7 +264,7 @@ mod tests {
         );
         drop(h);
         // It persists.
-        let h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        let h = StateDb::open(&dir.path().join("h.sqlite")).unwrap();
         assert_eq!(
             h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0").1,
             EstimateSource::Exact
@@ -293,14 +279,14 @@ mod tests {
             .map(|_| {
                 let path = path.clone();
                 std::thread::spawn(move || {
-                    History::open(&path).map(|h| h.conn().path().map(str::to_owned))
+                    StateDb::open(&path).map(|h| h.conn().path().map(str::to_owned))
                 })
             })
             .collect();
         for run in opened {
             run.join().unwrap().expect("every concurrent open succeeds");
         }
-        let h = History::open(&path).unwrap();
+        let h = StateDb::open(&path).unwrap();
         let version: usize = h
             .conn()
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -322,7 +308,7 @@ mod tests {
             )
             .unwrap();
         }
-        let h = History::open(&path).unwrap();
+        let h = StateDb::open(&path).unwrap();
         assert_eq!(
             h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0"),
             (3.0, EstimateSource::Exact)
@@ -340,14 +326,14 @@ mod tests {
         h.machine_failed("b1", "connection refused", 100).unwrap();
         drop(h);
         // Opening it again runs nothing twice and keeps what was recorded.
-        let h = History::open(&path).unwrap();
+        let h = StateDb::open(&path).unwrap();
         assert_eq!(h.machine("b1").unwrap().map(|m| m.failures), Some(1));
         // A file of a newer offload is refused, not damaged.
         h.conn
             .pragma_update(None, "user_version", MIGRATIONS.len() + 1)
             .unwrap();
         drop(h);
-        let e = History::open(&path)
+        let e = StateDb::open(&path)
             .err()
             .expect("a newer schema is refused");
         assert!(e.op.contains("newer offload"), "{e}");

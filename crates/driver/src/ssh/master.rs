@@ -20,13 +20,11 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Child;
 
+use super::{classify_ssh_failure, Endpoint};
+use crate::env::HANDSHAKE_TIMEOUT;
+use crate::env::MASTER_RETRY_AFTER;
 use crate::error::DriverError;
-use crate::session::HANDSHAKE_TIMEOUT;
-use crate::transport::{classify_ssh_failure, Endpoint, NIX_SSHOPTS};
 
-/// After a master failed to start, sessions connect on their own for this long before
-/// a master is tried again (the builder may have come back).
-const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How often a starting master's socket is looked for.
 const SOCKET_POLL: Duration = Duration::from_millis(5);
 /// Lines of the master's stderr that go into a message.
@@ -61,7 +59,7 @@ struct Running {
 
 impl SshMaster {
     pub fn new(endpoint: &Endpoint) -> SshMaster {
-        let own_choice = std::env::var(NIX_SSHOPTS).is_ok_and(|opts| user_multiplexes(&opts));
+        let own_choice = crate::env::nix_sshopts().is_some_and(|opts| user_multiplexes(&opts));
         SshMaster {
             wanted: endpoint.is_ssh() && !own_choice,
             endpoint: endpoint.clone(),
@@ -85,7 +83,7 @@ impl SshMaster {
                     tracing::debug!(machine = %self.endpoint.name, "its shared ssh connection ended; starting another")
                 }
             },
-            State::Failed(at) if at.elapsed() < RETRY_AFTER => return Ok(None),
+            State::Failed(at) if at.elapsed() < MASTER_RETRY_AFTER => return Ok(None),
             State::Failed(_) | State::NotStarted => {}
         }
         match self.start().await {

@@ -1,15 +1,19 @@
 //! The machines a run may use, built in one place from Nix's settings and the user's
 //! choice of hosts: the local machine (always index [`LOCAL`], with Nix's `max-jobs`,
 //! `system`, `extra-platforms` and `system-features`) and the builders of the machines
-//! file or `--builders`, narrowed by `--on`, `--exclude` and `--local-only`.
+//! file or `--builders`, narrowed by `--on`, `--exclude` and `--local-only`. Nix's own
+//! settings, which it starts from, are read in [`nixconf`].
 
 use offload_nix::machines::{parse_builders, Machine, MachinesError};
 use offload_sched::{MachineId, MachineSpec};
 use thiserror::Error;
 
 use crate::error::DriverError;
-use crate::nixconf::NixSettings;
-use crate::transport::{Endpoint, Route};
+use nixconf::NixSettings;
+
+pub mod learned;
+pub mod nixconf;
+use crate::ssh::{Endpoint, Route};
 
 /// Index of the local machine in a fleet.
 pub const LOCAL: MachineId = 0;

@@ -3,7 +3,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use crate::history::{History, HistoryError};
+use super::{StateDb, StateError};
 
 /// One recorded run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,9 +14,9 @@ pub struct RunRecord {
     pub report: String,
 }
 
-impl History {
+impl StateDb {
     /// Keeps a run; returns its number.
-    pub fn record_run(&self, started_at: i64, report: &str) -> Result<i64, HistoryError> {
+    pub fn record_run(&self, started_at: i64, report: &str) -> Result<i64, StateError> {
         self.conn()
             .execute(
                 "INSERT INTO runs (started_at, report) VALUES (?1, ?2)",
@@ -27,7 +27,7 @@ impl History {
     }
 
     /// Run `id`, or the last one.
-    pub fn run(&self, id: Option<i64>) -> Result<Option<RunRecord>, HistoryError> {
+    pub fn run(&self, id: Option<i64>) -> Result<Option<RunRecord>, StateError> {
         let row = |r: &rusqlite::Row<'_>| {
             Ok(RunRecord {
                 id: r.get(0)?,
@@ -51,7 +51,7 @@ impl History {
     }
 
     /// The numbers and start times of the last `limit` runs, newest first.
-    pub fn runs(&self, limit: usize) -> Result<Vec<(i64, i64)>, HistoryError> {
+    pub fn runs(&self, limit: usize) -> Result<Vec<(i64, i64)>, StateError> {
         let mut stmt = self
             .conn()
             .prepare("SELECT id, started_at FROM runs ORDER BY id DESC LIMIT ?1")
@@ -71,7 +71,7 @@ mod tests {
     #[test]
     fn runs_are_numbered_and_the_last_is_the_default() {
         let dir = tempfile::tempdir().unwrap();
-        let h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        let h = StateDb::open(&dir.path().join("h.sqlite")).unwrap();
         assert_eq!(h.run(None).unwrap(), None);
         let first = h.record_run(100, "{\"a\":1}").unwrap();
         let second = h.record_run(200, "{\"a\":2}").unwrap();

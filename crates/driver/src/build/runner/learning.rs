@@ -1,0 +1,124 @@
+//! What a run learns as it goes: where copies landed and how long they took, each
+//! build's time and output size, recorded in the state, and the machines' speeds and
+//! links fitted again from them, so the rest of the run is planned on what was seen.
+
+use offload_learn::{moved_link, slower_under_way};
+use offload_sched::Event;
+
+use super::{BuildTransport, Runner, TaskDone};
+use crate::fleet::LOCAL;
+use crate::state::BuildRecord;
+
+impl<T: BuildTransport> Runner<'_, T> {
+    /// Tells the scheduler where copies landed and the history how long they took.
+    pub(super) fn take_news(&mut self) {
+        let news = self.transport.take_news();
+        let now = self.now();
+        for (path, machine) in news.landed {
+            if let Some(&node) = self.output_of.get(&path) {
+                let actions = self.sched.handle(Event::OutputsAt { node, machine }, now);
+                self.apply(actions);
+            }
+        }
+        if let Some(h) = self.history {
+            for t in news.transfers {
+                let key = &self.state_keys[t.machine];
+                if let Err(e) =
+                    h.record_transfer(key, t.to_machine, t.bytes, t.seconds, t.concurrent)
+                {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+
+    /// Learns from a build that ended well: the real size of its outputs, and (with a
+    /// state) its time, recorded, and the speeds fitted again.
+    pub(super) fn learn_from(&mut self, done: &TaskDone) {
+        if let Some(bytes) = done.facts.output_bytes {
+            self.sched.outputs_measured(done.node, bytes);
+        }
+        let node = &self.nodes[done.node];
+        if let Some(h) = self.history {
+            let recorded = h.record_build(&BuildRecord {
+                name: &node.name,
+                system: &node.system,
+                machine: &self.state_keys[done.machine],
+                seconds: done.facts.build_seconds.unwrap_or(done.seconds),
+                declared_speed: self.declared_speeds[done.machine],
+                output_bytes: done.facts.output_bytes,
+                run: Some(&self.run_id),
+                // The inputs' copies are the links' to learn, not the machine's.
+                task_seconds: Some(done.seconds - done.facts.inputs_seconds.unwrap_or(0.0)),
+            });
+            if let Err(e) = recorded {
+                tracing::warn!("{e}");
+            }
+        }
+        self.refit_speeds();
+    }
+
+    /// Fits the machines' speeds and links again with this run's builds and copies so
+    /// far, as often as [`offload_learn::Refits`] says: a machine or link that turns out
+    /// slower or faster than planned gets the rest of the run's decisions right.
+    pub(super) fn refit_speeds(&mut self) {
+        self.slow_links_under_way();
+        let now = self.now();
+        let Some(h) = self.history else { return };
+        if !self.refits.due(now) {
+            return;
+        }
+        let Some(system) = self.machines[LOCAL].systems.first().cloned() else {
+            return;
+        };
+        let knowledge = match h.knowledge(&system) {
+            Ok(k) => k,
+            Err(e) => return tracing::debug!("{e}"),
+        };
+        self.refits.fitted(knowledge.rows());
+        for m in 0..self.machines.len() {
+            let spec = &self.machines[m];
+            if let Some((speed, per_system)) =
+                knowledge.moved_speeds(&self.state_keys[m], spec, self.declared_speeds[m])
+            {
+                tracing::debug!(machine = %spec.name, "speed now {speed:.2}: {per_system:?}");
+                self.machines[m].speed = speed;
+                self.machines[m].system_speeds = per_system.clone();
+                self.sched.set_speeds(m, speed, per_system);
+            }
+        }
+        for m in 0..self.machines.len() {
+            let spec = &self.machines[m];
+            let Some(link) = moved_link(spec, knowledge.link(&self.state_keys[m])) else {
+                continue;
+            };
+            tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
+            self.machines[m].bandwidth = link.bandwidth;
+            self.machines[m].latency = link.latency;
+            self.sched.set_link(m, link.bandwidth, link.latency);
+        }
+    }
+
+    /// Links that carry their copies under way several times slower than planned
+    /// ([`slower_under_way`]) are planned at what
+    /// those copies show, before the first of them lands: on a first run every link is
+    /// planned at the default until then, and a copy over a slow one can take tens of
+    /// seconds.
+    pub(super) fn slow_links_under_way(&mut self) {
+        for m in 0..self.machines.len() {
+            let spec = &self.machines[m];
+            if spec.is_local {
+                continue;
+            }
+            let Some(bound) = self.transport.link_bound(m, spec.latency) else {
+                continue;
+            };
+            if slower_under_way(spec, bound) {
+                tracing::debug!(machine = %spec.name, "link at most {:.1} MB/s by the copies under way", bound / 1e6);
+                let latency = spec.latency;
+                self.machines[m].bandwidth = bound;
+                self.sched.set_link(m, bound, latency);
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! What was learned, applied to the fleet a run plans with: each machine's speeds, the
+//! cost of a build there besides its own time, and its link ([`ApplyKnowledge`]); and
+//! each builder's CPU cores, asked once with `nproc` and kept in the state
+//! ([`learn_cores`]).
+
+use offload_learn::Knowledge;
+
+use super::MachineConfig;
+use crate::env::CORES_QUESTION_TIMEOUT;
+use crate::state::StateDb;
+
+/// Gives a fleet's planning figures what was learned ([`Knowledge::apply_to`] for each
+/// machine, by its key in the state).
+pub trait ApplyKnowledge {
+    /// Per system, the learned speed where there is one (the first system's also
+    /// becomes the machine's own); what a build costs there besides its own time; each
+    /// remote link's bandwidth and latency.
+    fn apply(&self, fleet: &mut [MachineConfig]);
+}
+
+impl ApplyKnowledge for Knowledge {
+    fn apply(&self, fleet: &mut [MachineConfig]) {
+        for m in fleet {
+            self.apply_to(&m.endpoint.name, &mut m.spec);
+        }
+    }
+}
+
+/// Gives each builder of `fleet` its CPU cores, so that builds there share them as they
+/// do here (a build alone gets all). Learned once per machine, by running `nproc`
+/// there the way its sessions run, and kept in the state database; a machine that
+/// cannot say keeps its own `cores` setting.
+pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&StateDb>) {
+    let mut asking = tokio::task::JoinSet::new();
+    for (i, m) in fleet.iter_mut().enumerate() {
+        if m.cores.is_some() || m.spec.is_local || m.spec.slots == 0 {
+            continue;
+        }
+        let key = &m.endpoint.name;
+        if let Some(cores) = history.and_then(|h| h.cores(key).ok().flatten()) {
+            m.cores = Some(cores);
+            continue;
+        }
+        let Ok((mut cmd, known_hosts)) = m.endpoint.command("nproc") else {
+            continue;
+        };
+        asking.spawn(async move {
+            let asked = tokio::task::spawn_blocking(move || {
+                let _known_hosts = known_hosts;
+                crate::process::run(&mut cmd)
+            });
+            let answer = match tokio::time::timeout(CORES_QUESTION_TIMEOUT, asked).await {
+                Ok(Ok(Ok(out))) => String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok(),
+                _ => None,
+            };
+            (i, answer)
+        });
+    }
+    while let Some(joined) = asking.join_next().await {
+        let Ok((i, answer)) = joined else { continue };
+        match answer.filter(|&n| n > 0) {
+            Some(cores) => {
+                fleet[i].cores = Some(cores);
+                if let Some(h) = history {
+                    if let Err(e) = h.set_cores(&fleet[i].endpoint.name, cores) {
+                        tracing::debug!("{e}");
+                    }
+                }
+            }
+            None => tracing::debug!(
+                machine = %fleet[i].spec.name,
+                "its cores are unknown (nproc gave no answer): its own setting stays"
+            ),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! A build order: one build Nix's hook accepted, carried out on the builder by whoever
+//! holds a session there (the hook process itself, or the agent with its warm
+//! sessions): the inputs the builder lacks, the build with its log, the missing outputs
+//! back into the local store.
+
+use std::path::Path;
+
+use offload_nix::derivation::Derivation;
+use offload_nix::serve::{BuildSettings, BuildStatus};
+use offload_nix::store_path::StorePath;
+use offload_nix::wire::WireError;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::env::UPLOAD_LOCK_LIMIT;
+use crate::error::DriverError;
+use crate::fleet::LOCAL;
+use crate::plan::{output_path, PlanError};
+use crate::session::ServeConn;
+use crate::slots::SlotLedger;
+use crate::ssh::Endpoint;
+use crate::transfer::PathRegistry;
+
+/// One accepted build as it travels to whoever carries it out: this hook process, or
+/// the agent (`offload agent`) with its warm sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildOrder {
+    pub drv_path: String,
+    /// The store Nix builds into, unless it is the default local one.
+    pub store: Option<String>,
+    pub builders_use_substitutes: bool,
+    pub max_silent_time: u64,
+    pub build_timeout: u64,
+    pub max_log_size: u64,
+    pub keep_failed: bool,
+    /// What Nix sent after the accept.
+    pub inputs: Vec<String>,
+    pub wanted_outputs: Vec<String>,
+    /// The builder's slots, to lock on the builder itself ([`crate::slots::remote`]);
+    /// 0 (from a hook that does not send it): no such lock.
+    #[serde(default)]
+    pub slots: u32,
+}
+
+impl BuildOrder {
+    pub(crate) fn build_settings(&self) -> BuildSettings {
+        BuildSettings {
+            max_silent_time: self.max_silent_time,
+            build_timeout: self.build_timeout,
+            max_log_size: self.max_log_size,
+            keep_failed: self.keep_failed,
+            ..BuildSettings::default()
+        }
+    }
+}
+
+/// How a build carried out elsewhere (by the agent) failed, as the hook reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderFailure {
+    pub message: String,
+    /// Nix's build status code when the builder itself failed.
+    pub status: Option<u64>,
+}
+
+impl From<&OrderError> for OrderFailure {
+    fn from(e: &OrderError) -> OrderFailure {
+        OrderFailure {
+            message: describe(e),
+            status: match e {
+                OrderError::Build { status, .. } => Some(status.code()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Why an accepted build did not end with its outputs here.
+#[derive(Debug, Error)]
+pub enum OrderError {
+    #[error("cannot read the inputs Nix sends after an accept")]
+    Inputs(#[source] WireError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error("build of '{drv}' on '{machine}' failed: {message}")]
+    Build {
+        drv: String,
+        machine: String,
+        message: String,
+        status: BuildStatus,
+    },
+    #[error("{path} was built on '{machine}' but is not valid there")]
+    OutputMissing { machine: String, path: String },
+    #[error("{}", .0.message)]
+    Agent(OrderFailure),
+}
+
+/// The error with its causes and the driver's hint, as one message for Nix.
+fn describe(e: &OrderError) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    if let OrderError::Driver(d) = e {
+        if let Some(hint) = d.hint() {
+            msg.push_str(&format!("\nhint: {hint}"));
+        }
+    }
+    msg
+}
+
+/// Carries out `order` on the machine behind `remote` (a session the caller opened, or a
+/// warm one from the agent's pool): the inputs it lacks, the build with its log handed
+/// to `log`, the missing outputs back into the local store.
+pub(crate) async fn carry_out(
+    order: &BuildOrder,
+    remote: &mut ServeConn,
+    ledger: &SlotLedger,
+    log: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), OrderError> {
+    let drv_path = &order.drv_path;
+    let store_root = order
+        .store
+        .as_deref()
+        .filter(|s| s.starts_with('/'))
+        .unwrap_or("/");
+    let file = Path::new(store_root).join(drv_path.trim_start_matches('/'));
+    let text = std::fs::read(&file).map_err(|source| PlanError::Read {
+        path: file.clone(),
+        source,
+    })?;
+    let drv = Derivation::parse(&text).map_err(|source| PlanError::Parse {
+        path: drv_path.clone(),
+        source,
+    })?;
+    let parsed = StorePath::from_absolute_path(drv_path).map_err(PlanError::from)?;
+    let outputs = drv
+        .outputs
+        .keys()
+        .map(|name| Ok((name.clone(), output_path(&parsed, &drv, name)?)))
+        .collect::<Result<Vec<_>, PlanError>>()?;
+
+    // Nix holds the outputs' locks while the hook runs: the local import must not wait
+    // for them (LocalStore reads NIX_HELD_LOCKS when it opens).
+    let mut local_endpoint = Endpoint::local("local", order.store.clone());
+    let held: Vec<&str> = outputs.iter().map(|(_, p)| p.as_str()).collect();
+    local_endpoint
+        .env
+        .push(("NIX_HELD_LOCKS".into(), held.join(" ")));
+    let machine = remote.machine().to_string();
+    let mut local = ServeConn::open(&local_endpoint).await?;
+
+    {
+        let _upload = ledger.upload_lock(&machine, UPLOAD_LOCK_LIMIT).await?;
+        let substitute = order.builders_use_substitutes;
+        let present = remote
+            .query_valid_paths(&order.inputs, false, substitute)
+            .await?;
+        let missing: Vec<String> = order
+            .inputs
+            .iter()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        copy(&mut local, remote, &missing).await?;
+    }
+
+    // As Nix's hook does: with input derivations, the whole input closure goes as sources.
+    let srcs = if drv.input_drvs.is_empty() {
+        drv.input_srcs.iter().map(StorePath::to_absolute).collect()
+    } else {
+        order.inputs.clone()
+    };
+    let basic = drv.to_basic(srcs);
+    let settings = order.build_settings();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    remote.set_log_sink(Some(tx));
+    let result = {
+        let build = remote.build_derivation(drv_path, &basic, &settings);
+        tokio::pin!(build);
+        loop {
+            tokio::select! {
+                r = &mut build => break r,
+                Some(line) = rx.recv() => log(&line),
+            }
+        }
+    };
+    remote.set_log_sink(None);
+    while let Ok(line) = rx.try_recv() {
+        log(&line);
+    }
+    let result = result?;
+    if !result.status.is_success() {
+        return Err(OrderError::Build {
+            drv: drv_path.clone(),
+            machine,
+            message: if result.error_msg.is_empty() {
+                format!("{:?}", result.status)
+            } else {
+                result.error_msg
+            },
+            status: result.status,
+        });
+    }
+
+    let wanted: Vec<String> = outputs
+        .iter()
+        .filter(|(name, _)| order.wanted_outputs.is_empty() || order.wanted_outputs.contains(name))
+        .map(|(_, p)| p.clone())
+        .collect();
+    let valid_here = local.query_valid_paths(&wanted, false, false).await?;
+    let missing: Vec<String> = wanted
+        .into_iter()
+        .filter(|p| !valid_here.contains(p))
+        .collect();
+    copy(remote, &mut local, &missing).await?;
+    let _ = local.close().await;
+    Ok(())
+}
+
+/// Copies `paths` (valid on `from`) to `to`, each after the ones it refers to.
+async fn copy(
+    from: &mut ServeConn,
+    to: &mut ServeConn,
+    paths: &[String],
+) -> Result<(), OrderError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let infos = from.query_path_infos(paths).await?;
+    if let Some(lost) = paths.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
+        return Err(OrderError::OutputMissing {
+            machine: from.machine().to_string(),
+            path: lost.clone(),
+        });
+    }
+    let mut known = PathRegistry::default();
+    for info in infos {
+        known.insert(info, LOCAL);
+    }
+    // Dependencies first; references outside `paths` are valid there already.
+    for path in known.closure(paths) {
+        if let Some(info) = known.info(&path) {
+            to.add_to_store_nar_from(info, from).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! What the driver tells its caller while it works: builds placed, started, logging and
+//! ending, machines lost, transfers started and ended. The CLI implements [`Reporter`] to
+//! draw its progress; the driver never prints.
+
+/// Progress, for the CLI to show.
+pub trait Reporter: Send + Sync {
+    fn build_started(&self, drv: &str, machine: &str);
+    /// A build starts, with what the plan expects of it; by default the same as
+    /// [`Reporter::build_started`].
+    fn build_placed(&self, drv: &str, machine: &str, _placement: Placement) {
+        self.build_started(drv, machine);
+    }
+    fn build_log(&self, drv: &str, machine: &str, line: &str);
+    fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64);
+    /// A machine cannot be used, for now or for the run; `message` names it and says why.
+    fn machine_warning(&self, message: &str);
+    /// What happened to a machine, for machine-readable output: `kind` is
+    /// `machine_lost` (down, tried again later), `machine_quarantined` (failed too
+    /// often) or `machine_skipped` (quarantined by an earlier run); `why` says why.
+    fn machine_event(&self, _kind: &str, _machine: &str, _why: &str) {}
+    /// A store path's NAR (`bytes`) started from machine `from` to machine `to`.
+    fn transfer_started(&self, _path: &str, _from: &str, _to: &str, _bytes: u64) {}
+    /// That transfer ended after `seconds`; `ok` when the receiver took the path.
+    fn transfer_finished(
+        &self,
+        _path: &str,
+        _from: &str,
+        _to: &str,
+        _bytes: u64,
+        _seconds: f64,
+        _ok: bool,
+    ) {
+    }
+}
+
+/// What the plan expects of a build it starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    /// Estimated seconds on that machine (the estimate over its speed factor).
+    pub estimate_seconds: f64,
+    /// Cores its builder gets (`NIX_BUILD_CORES`), when shared out.
+    pub cores: Option<u32>,
+}

@@ -1,0 +1,166 @@
+//! Sending: NARs stream from the source's DumpStorePath into the target's
+//! AddToStoreNar, timed per path for learning the link, and the paths that landed are
+//! recorded.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use offload_sched::MachineId;
+
+use super::{TransferEngine, TransferRecord};
+use crate::error::DriverError;
+use crate::session::{ChainProgress, Traffic};
+
+impl TransferEngine {
+    /// Sends `infos` (in order; their references are on `machine` or earlier in the
+    /// list) from `source` to `machine` on one pair of pooled sessions, and records
+    /// each path as it lands.
+    pub(super) async fn send_in_order(
+        self: &Arc<Self>,
+        machine: MachineId,
+        source: MachineId,
+        mut infos: Vec<offload_nix::serve::PathInfo>,
+    ) -> Result<(), DriverError> {
+        if Some(machine) == self.client {
+            if let Some(signer) = &self.signer {
+                // The builder's own signatures stay; this one is for a daemon that
+                // trusts the user's key rather than the user.
+                for info in &mut infos {
+                    signer.sign(info);
+                }
+            }
+        }
+        let _lane = self.lanes[machine]
+            .acquire()
+            .await
+            .map_err(|_| DriverError::NotValid {
+                machine: self.pools[machine].endpoint().name.clone(),
+                path: infos.first().map(|i| i.path.clone()).unwrap_or_default(),
+            })?;
+        let mut from = self.pools[source].get_for(Traffic::FromMachine).await?;
+        let mut to = self.pools[machine].get_for(Traffic::ToMachine).await?;
+        let links: Vec<MachineId> = [source, machine]
+            .into_iter()
+            .filter(|&m| !self.specs[m].is_local)
+            .collect();
+        let concurrent = links
+            .iter()
+            .map(|&l| self.on_link[l].fetch_add(1, Ordering::Relaxed) + 1)
+            .max()
+            .unwrap_or(1);
+        let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
+        let started: Vec<Mutex<Option<Instant>>> = infos.iter().map(|_| Mutex::new(None)).collect();
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let progress = |event: ChainProgress| match event {
+            ChainProgress::Sending(i) => {
+                let now = Instant::now();
+                *Self::lock(&started[i]) = Some(now);
+                // As for timings: a copy with this machine on one end tells of the
+                // other's link alone.
+                if let [l] = links[..] {
+                    Self::lock(&self.crossing)[l].insert((call, i), (now, infos[i].nar_size));
+                }
+                if let Some(r) = &self.reporter {
+                    r.transfer_started(&infos[i].path, from_name, to_name, infos[i].nar_size);
+                }
+            }
+            ChainProgress::Registered(i) => {
+                let mut crossing = Self::lock(&self.crossing);
+                for &l in &links {
+                    crossing[l].remove(&(call, i));
+                }
+                drop(crossing);
+                let seconds = Self::lock(&started[i]).map_or(0.0, |t| t.elapsed().as_secs_f64());
+                self.landed(&infos[i], source, machine, seconds, concurrent);
+            }
+        };
+        let result = to
+            .add_to_store_nars_from(&infos, &mut from, &progress)
+            .await;
+        for &l in &links {
+            self.on_link[l].fetch_sub(1, Ordering::Relaxed);
+            Self::lock(&self.crossing)[l].retain(|&(c, _), _| c != call);
+        }
+        self.pools[source].put(from);
+        self.pools[machine].put(to);
+        if let Err(e) = result {
+            // The path that was on its way when the copy broke.
+            let registry = self.registry();
+            let failed = infos.iter().find(|i| !registry.is_on(&i.path, machine));
+            drop(registry);
+            let path = failed.map_or("", |i| i.path.as_str());
+            if let (Some(r), Some(info)) = (&self.reporter, failed) {
+                r.transfer_finished(path, from_name, to_name, info.nar_size, 0.0, false);
+            }
+            return Err(self.blame(e, source, machine, path));
+        }
+        Ok(())
+    }
+
+    /// Records that `info.path` landed on `machine`, copied from `source` in `seconds`.
+    fn landed(
+        &self,
+        info: &offload_nix::serve::PathInfo,
+        source: MachineId,
+        machine: MachineId,
+        seconds: f64,
+        concurrent: u32,
+    ) {
+        let path = &info.path;
+        if let Some(r) = &self.reporter {
+            let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
+            r.transfer_finished(path, from_name, to_name, info.nar_size, seconds, true);
+        }
+        self.registry().add_holder(path, machine);
+        self.copied.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(info.nar_size, Ordering::Relaxed);
+        let mut news = Self::lock(&self.news);
+        news.landed.push((path.to_string(), machine));
+        // A copy with this machine on one end times the other's link alone.
+        let timed = match self.client {
+            Some(c) if source == c && machine != c => Some((machine, true)),
+            Some(c) if machine == c && source != c => Some((source, false)),
+            _ => None,
+        };
+        if let Some((other, to_machine)) = timed {
+            news.transfers.push(TransferRecord {
+                machine: other,
+                to_machine,
+                bytes: info.nar_size,
+                seconds,
+                concurrent,
+            });
+        }
+    }
+
+    /// A pipe that broke while the source's NAR went to `target` broke on the target's
+    /// side: the error names the target, so that it is the one taken out.
+    fn blame(
+        &self,
+        e: DriverError,
+        source: MachineId,
+        target: MachineId,
+        path: &str,
+    ) -> DriverError {
+        match e {
+            DriverError::Io {
+                machine,
+                source: io,
+                ..
+            } if machine == self.pools[source].endpoint().name
+                && io.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                DriverError::Io {
+                    machine: self.pools[target].endpoint().name.clone(),
+                    op: "AddToStoreNar",
+                    source: std::io::Error::new(
+                        io.kind(),
+                        format!("the connection broke while {path} was sent to it ({io})"),
+                    ),
+                }
+            }
+            e => e,
+        }
+    }
+}
