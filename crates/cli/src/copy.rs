@@ -2,6 +2,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+pub use offload_driver::human_bytes;
 use offload_driver::{copy_closure, CopyOptions, Endpoint};
 use offload_nix::store_path::STORE_DIR;
 
@@ -82,21 +83,6 @@ fn store_prefix(path: &Path) -> Option<String> {
     }
 }
 
-/// Bytes in the units Nix prints (KiB, MiB, GiB).
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,12 +96,5 @@ mod tests {
         );
         assert_eq!(store_prefix(Path::new("/tmp/x")), None);
         assert_eq!(store_prefix(Path::new("/nix/store")), None);
-    }
-
-    #[test]
-    fn bytes_read_well() {
-        assert_eq!(human_bytes(100), "100 B");
-        assert_eq!(human_bytes(2048), "2.0 KiB");
-        assert_eq!(human_bytes(200 * 1024 * 1024), "200.0 MiB");
     }
 }

@@ -2,24 +2,29 @@
 //! another, each problem followed by what to change.
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
-use offload_driver::fleet::build_fleet;
 use offload_driver::fleet::nixconf::NixSettings;
+use offload_driver::fleet::{build_fleet, MachineChoice};
 use offload_driver::trust::doctor::{self, MachineReport, Severity};
 use offload_driver::trust::signing::PathSigner;
 
-use crate::args::DoctorArgs;
 use crate::Failure;
 
-pub async fn run(args: DoctorArgs) -> Result<(), Failure> {
+/// Examines the machines of `choice` (with `hosts` added to `--on`), checking the outputs
+/// path with the key at `sign_key`.
+pub async fn run(
+    mut choice: MachineChoice,
+    hosts: Vec<String>,
+    sign_key: Option<&Path>,
+) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
-    let mut choice = args.machines.choice();
-    choice.on.extend(args.hosts.iter().cloned());
+    choice.on.extend(hosts);
     let fleet = build_fleet(&choice, &settings).map_err(Failure::usage)?;
-    let signer = match &args.sign_key {
+    let signer = match sign_key {
         Some(path) => Some(PathSigner::load(path).map_err(Failure::usage)?),
         None => None,
     };

@@ -1,71 +1,30 @@
-//! `offload machines`: the fleet a build would use, as a table or JSON Lines: each
-//! machine's systems, features, slots, declared speed factor, what the planner learned
-//! of it from the state database (speed per system relative to this machine's native
-//! one, the link's bandwidth and latency, what a build costs there besides its own time,
-//! CPU cores, and how many builds or transfers each figure rests on), current load (slots held in the shared ledger by any offload
-//! or Nix hook build on this machine) and state (up, failing since, or quarantined
-//! until).
+//! `offload machines`: the fleet a build would use, as a table or JSON Lines, each
+//! machine as the driver sees it now ([`offload_driver::overview`]).
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use anyhow::Context as _;
 use offload_driver::fleet::nixconf::NixSettings;
-use offload_driver::fleet::{build_fleet, MachineConfig, LOCAL};
+use offload_driver::fleet::{build_fleet, MachineChoice};
+use offload_driver::overview::{overview, MachineOverview};
 use offload_driver::slots::SlotLedger;
-use offload_driver::state::{Knowledge, Learned, LinkFigures};
-use offload_driver::{format_utc, StateDb};
 use serde_json::json;
 
-use crate::args::MachinesArgs;
 use crate::Failure;
 
-/// One machine as shown.
-struct Row {
-    name: String,
-    uri: String,
-    systems: String,
-    features: String,
-    slots: u32,
-    speed: f64,
-    /// Slots held now, when the ledger can tell.
-    busy: Option<u32>,
-    /// Per system it builds: its learned speed (this machine's native system is 1).
-    learned: Vec<(String, Learned)>,
-    /// Per system, the speed the planner uses: the learned one, else its speed factor
-    /// on the scale the other builders showed, else its speed factor.
-    planned: Vec<(String, f64)>,
-    link: Option<LinkFigures>,
-    /// Seconds a build costs there besides its own time, and the builds behind it.
-    per_build: Option<(f64, usize)>,
-    cores: Option<u32>,
-    /// `up`, `failing`, or `quarantined`, and what the record says.
-    state: &'static str,
-    state_detail: Option<String>,
-}
-
-pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
+pub async fn run(choice: MachineChoice, history_path: &Path, json: bool) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
         .map_err(Failure::usage)?;
-    let fleet = build_fleet(&args.machines.choice(), &settings).map_err(Failure::usage)?;
-    let ledger = SlotLedger::from_env();
-    let history_path = args
-        .history
-        .clone()
-        .unwrap_or_else(offload_driver::env::state_db_path);
-    let history = StateDb::open(&history_path)
-        .map_err(|e| tracing::debug!("no machine records: {e}"))
-        .ok();
-    let knowledge = history
-        .as_ref()
-        .and_then(|h| h.knowledge(&settings.system).ok())
-        .unwrap_or_default();
-    let rows: Vec<Row> = fleet
-        .iter()
-        .enumerate()
-        .map(|(m, c)| row(m, c, &ledger, history.as_ref(), &knowledge))
-        .collect();
-    let out = if args.json {
+    let fleet = build_fleet(&choice, &settings).map_err(Failure::usage)?;
+    let rows = overview(
+        &fleet,
+        &settings.system,
+        history_path,
+        &SlotLedger::from_env(),
+    );
+    let out = if json {
         rows.iter()
             .map(|r| {
                 let mut v = json!({
@@ -107,112 +66,7 @@ pub async fn run(args: MachinesArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// What the state database says of a machine now.
-fn state(name: &str, history: Option<&StateDb>) -> (&'static str, Option<String>) {
-    let record = history.and_then(|h| h.machine(name).ok().flatten());
-    let Some(r) = record else {
-        return ("up", None);
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    if r.quarantined_until > now {
-        let detail = format!(
-            "until {}: {}",
-            format_utc(r.quarantined_until),
-            r.last_failure
-        );
-        ("quarantined", Some(detail))
-    } else if r.failures > 0 {
-        let detail = format!(
-            "{} failures, last at {}: {}",
-            r.failures,
-            format_utc(r.last_failure_at),
-            r.last_failure
-        );
-        ("failing", Some(detail))
-    } else {
-        ("up", None)
-    }
-}
-
-fn row(
-    m: usize,
-    config: &MachineConfig,
-    ledger: &SlotLedger,
-    history: Option<&StateDb>,
-    knowledge: &Knowledge,
-) -> Row {
-    let spec = &config.spec;
-    let mut features: Vec<String> = spec.supported_features.clone();
-    features.extend(
-        spec.mandatory_features
-            .iter()
-            .map(|f| format!("{f}(mandatory)")),
-    );
-    // The local machine's slots are Nix's max-jobs, not ledger locks.
-    let busy = (m != LOCAL)
-        .then(|| {
-            let _choosing = ledger.choosing(&config.endpoint.name).ok()?;
-            ledger
-                .probe(&config.endpoint.name, spec.slots)
-                .ok()
-                .map(|p| p.busy)
-        })
-        .flatten();
-    let (state, state_detail) = if m == LOCAL {
-        ("up", None)
-    } else {
-        state(&spec.name, history)
-    };
-    let key = &config.endpoint.name;
-    let learned = spec
-        .systems
-        .iter()
-        .filter_map(|system| {
-            let l = knowledge.speed(key, system)?;
-            (l.samples > 0).then(|| (system.clone(), l))
-        })
-        .collect();
-    let cores = if m == LOCAL {
-        config.cores
-    } else {
-        history.and_then(|h| h.cores(key).ok().flatten())
-    };
-    let planned = knowledge
-        .planned_speeds(key, spec, spec.speed)
-        .map(|(_, per_system)| per_system)
-        .unwrap_or_default();
-    let planned = spec
-        .systems
-        .iter()
-        .map(|s| {
-            let speed = planned
-                .iter()
-                .find(|(x, _)| x == s)
-                .map_or(spec.speed, |e| e.1);
-            (s.clone(), speed)
-        })
-        .collect();
-    Row {
-        learned,
-        planned,
-        link: knowledge.link(key),
-        per_build: knowledge.per_build(key),
-        cores,
-        state,
-        state_detail,
-        name: spec.name.clone(),
-        uri: config.endpoint.name.clone(),
-        systems: spec.systems.join(","),
-        features: features.join(","),
-        slots: spec.slots,
-        speed: spec.speed,
-        busy,
-    }
-}
-
-fn table(rows: &[Row]) -> String {
+fn table(rows: &[MachineOverview]) -> String {
     let header = [
         "machine",
         "systems",

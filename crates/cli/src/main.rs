@@ -2,14 +2,11 @@
 //! outcome to an exit code (0 success, 1 a build or copy failed, 2 bad usage or set-up;
 //! `offload hook` exits as Nix expects of a build hook: 0, 1, 100 or 101).
 
-mod access;
 mod args;
 mod build;
 mod completions;
-mod config;
 mod copy;
 mod doctor;
-mod evaluate;
 mod hook;
 mod live;
 mod machines;
@@ -22,6 +19,7 @@ mod simulate;
 use std::process::ExitCode;
 
 use clap::Parser;
+use offload_driver::config;
 use tracing_subscriber::EnvFilter;
 
 use crate::args::{Cli, Command};
@@ -40,61 +38,61 @@ fn main() -> ExitCode {
         }
     };
     let quiet = cli.quiet;
-    let outcome = runtime.block_on(async {
-        match cli.command {
-            Command::Copy(args) => copy::run(args, quiet).await.map(|()| 0),
-            Command::Build(mut args) => {
-                config::load()
-                    .and_then(|loaded| loaded.apply_to_build(&mut args))
-                    .map_err(Failure::usage)?;
-                build::run(*args, quiet).await.map(|()| 0)
-            }
-            Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
-            Command::Doctor(mut args) => {
-                config::load()
-                    .and_then(|loaded| loaded.expand_groups(&mut args.machines))
-                    .map_err(Failure::usage)?;
-                doctor::run(args).await.map(|()| 0)
-            }
-            Command::Config => {
-                let loaded = config::load().map_err(Failure::usage)?;
-                output::stdout(&loaded.describe());
-                Ok(0)
-            }
-            // Nix reads the hook's exit status itself (0, 1, 100, 101); offload's own
-            // configuration plays no part in it.
-            Command::Hook(args) => hook::run(args).await,
-            Command::Agent(args) => hook::agent(args).await.map(|()| 0),
-            Command::Report(mut args) => {
-                let loaded = config::load().map_err(Failure::usage)?;
-                if args.history.is_none() && !offload_driver::env::state_db_overridden() {
-                    args.history = loaded.state_dir().map(|d| d.join("history.sqlite"));
-                }
-                report::run(args).map(|()| 0)
-            }
-            Command::Machines(mut args) => {
-                let loaded = config::load().map_err(Failure::usage)?;
-                loaded
-                    .expand_groups(&mut args.machines)
-                    .map_err(Failure::usage)?;
-                if args.history.is_none() && !offload_driver::env::state_db_overridden() {
-                    args.history = loaded.state_dir().map(|d| d.join("history.sqlite"));
-                }
-                machines::run(args).await.map(|()| 0)
-            }
-            Command::Completions { shell } => {
-                completions::completions(shell);
-                Ok(0)
-            }
-            Command::Man { out } => completions::man_pages(&out, quiet).map(|()| 0),
-        }
-    });
+    let outcome = runtime.block_on(run(cli.command, quiet));
     match outcome {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
             render::error(&failure.error);
             ExitCode::from(failure.code)
         }
+    }
+}
+
+/// Runs `command`: its exit code, or the failure to print.
+async fn run(command: Command, quiet: bool) -> Result<u8, Failure> {
+    match command {
+        Command::Copy(args) => copy::run(args, quiet).await.map(|()| 0),
+        Command::Build(args) => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            build::run(*args, &loaded, quiet).await.map(|()| 0)
+        }
+        Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
+        Command::Doctor(args) => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            let choice = loaded
+                .machines(args.machines.choice())
+                .map_err(Failure::usage)?;
+            doctor::run(choice, args.hosts, args.sign_key.as_deref())
+                .await
+                .map(|()| 0)
+        }
+        Command::Config => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            output::stdout(&loaded.describe());
+            Ok(0)
+        }
+        // Nix reads the hook's exit status itself (0, 1, 100, 101); offload's own
+        // configuration plays no part in it.
+        Command::Hook(args) => hook::run(args).await,
+        Command::Agent(args) => hook::agent(args).await.map(|()| 0),
+        Command::Report(args) => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            let state = loaded.state_db(args.history.clone());
+            report::run(args, &state).map(|()| 0)
+        }
+        Command::Machines(args) => {
+            let loaded = config::load().map_err(Failure::usage)?;
+            let choice = loaded
+                .machines(args.machines.choice())
+                .map_err(Failure::usage)?;
+            let state = loaded.state_db(args.history);
+            machines::run(choice, &state, args.json).await.map(|()| 0)
+        }
+        Command::Completions { shell } => {
+            completions::completions(shell);
+            Ok(0)
+        }
+        Command::Man { out } => completions::man_pages(&out, quiet).map(|()| 0),
     }
 }
 

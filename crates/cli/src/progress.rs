@@ -21,25 +21,25 @@ use std::time::Instant;
 
 use offload_driver::build::{BuildReport, NodeResult};
 use offload_driver::fleet::MachineConfig;
+use offload_driver::job::{Events, Summary};
 use offload_driver::reporter::{Placement, Reporter};
+use offload_nix::store_path::derivation_name;
 use serde_json::{json, Value};
 
 use crate::live::Live;
-use crate::report::ReportTransfer;
 
 /// The reporter the runner calls.
 pub struct Progress {
     pub quiet: bool,
     pub logs: bool,
     pub json: bool,
-    started: Instant,
+    /// When the run began: the plan's event.
+    started: OnceLock<Instant>,
     /// One writer at a time: lines from concurrent builds never interleave.
     stdout: Mutex<()>,
     /// Whether to draw the live view, and the view once the plan is known.
     want_live: bool,
     live: OnceLock<Arc<Live>>,
-    /// Transfers that completed, for the run's report.
-    transfers: Mutex<Vec<ReportTransfer>>,
 }
 
 impl Progress {
@@ -49,11 +49,10 @@ impl Progress {
             quiet,
             logs,
             json,
-            started: Instant::now(),
+            started: OnceLock::new(),
             stdout: Mutex::new(()),
             want_live: terminal && !quiet && !json,
             live: OnceLock::new(),
-            transfers: Mutex::new(Vec::new()),
         }
     }
 
@@ -69,78 +68,16 @@ impl Progress {
     }
 
     fn at(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
-    }
-
-    /// The `planned` event; on a terminal, the live view starts.
-    pub fn planned(&self, derivations: usize, work: f64, machines: &[MachineConfig]) {
-        if self.want_live && derivations > 0 {
-            let names: Vec<String> = machines.iter().map(|m| m.spec.name.clone()).collect();
-            let capacity: f64 = machines
-                .iter()
-                .map(|m| f64::from(m.spec.slots) * m.spec.speed)
-                .sum();
-            let _ = self
-                .live
-                .set(Live::new(derivations, &names, work, capacity));
-        }
-        let machines: Vec<Value> = machines
-            .iter()
-            .map(|m| {
-                json!({"name": m.spec.name, "slots": m.spec.slots, "speed_factor": m.spec.speed})
-            })
-            .collect();
-        self.event(json!({
-            "type": "planned", "derivations": derivations, "machines": machines,
-            "estimated_work_s": work,
-        }));
-    }
-
-    /// The `summary` event; the live view is taken off the screen first.
-    pub fn summary(&self, report: &BuildReport, drvs: &[String], outputs: &[String]) {
-        if let Some(live) = self.live.get() {
-            live.finish();
-        }
-        let failures: Vec<Value> = drvs
-            .iter()
-            .zip(&report.results)
-            .filter_map(|(drv, r)| match r {
-                NodeResult::Failed { failure, log_tail } => Some(json!({
-                    "drv": drv, "reason": failure, "log_tail": log_tail,
-                })),
-                NodeResult::Built { .. } => None,
-            })
-            .collect();
-        let per_machine: serde_json::Map<String, Value> = report
-            .builds_per_machine
-            .iter()
-            .map(|(m, n)| (m.clone(), json!(n)))
-            .collect();
-        self.event(json!({
-            "type": "summary",
-            "ok": report.all_built(),
-            "built": report.builds_per_machine.iter().map(|(_, n)| n).sum::<usize>(),
-            "wall_s": report.wall_seconds,
-            "lower_bound_s": report.measured_lower_bound,
-            "builds_per_machine": per_machine,
-            "outputs": if report.all_built() { outputs.to_vec() } else { Vec::new() },
-            "failures": failures,
-            "copy_back_error": report.copy_back_error.as_ref().map(|e| e.to_string()),
-        }));
-    }
-
-    /// The transfers that completed so far.
-    pub fn transfers(&self) -> Vec<ReportTransfer> {
-        self.transfers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.started
+            .get_or_init(Instant::now)
+            .elapsed()
+            .as_secs_f64()
     }
 
     fn started(&self, drv: &str, machine: &str, placement: Option<Placement>) {
         let estimate = placement.map(|p| p.estimate_seconds);
         if let Some(live) = self.live.get() {
-            live.started(drv_name(drv), machine, estimate);
+            live.started(derivation_name(drv), machine, estimate);
         } else if !self.quiet {
             eprintln!("building '{drv}' on '{machine}'...");
         }
@@ -163,8 +100,8 @@ impl Reporter for Progress {
     fn build_log(&self, drv: &str, _machine: &str, line: &str) {
         if self.logs && !self.quiet {
             match self.live.get() {
-                Some(live) => live.println(&format!("{}> {line}", drv_name(drv))),
-                None => eprintln!("{}> {line}", drv_name(drv)),
+                Some(live) => live.println(&format!("{}> {line}", derivation_name(drv))),
+                None => eprintln!("{}> {line}", derivation_name(drv)),
             }
         }
     }
@@ -203,19 +140,6 @@ impl Reporter for Progress {
                 live.moved(from, to, bytes);
             }
         }
-        if ok {
-            let at = self.at();
-            self.transfers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(ReportTransfer {
-                    from: from.to_string(),
-                    to: to.to_string(),
-                    bytes,
-                    start: (at - seconds).max(0.0),
-                    seconds,
-                });
-        }
         self.event(json!({
             "type": "transfer_finished", "path": path, "from": from, "to": to,
             "bytes": bytes, "seconds": seconds, "ok": ok, "at_s": self.at(),
@@ -224,7 +148,7 @@ impl Reporter for Progress {
 
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64) {
         if let Some(live) = self.live.get() {
-            live.finished(drv_name(drv), machine, ok);
+            live.finished(derivation_name(drv), machine, ok);
         }
         let kind = if ok { "build_finished" } else { "build_failed" };
         self.event(json!({
@@ -233,10 +157,120 @@ impl Reporter for Progress {
     }
 }
 
-/// The derivation's name (its `.drv` base name without hash and suffix), for log
-/// prefixes and reports.
-pub fn drv_name(drv: &str) -> &str {
-    let base = drv.rsplit('/').next().unwrap_or(drv);
-    let name = base.get(33..).unwrap_or(base);
-    name.strip_suffix(".drv").unwrap_or(name)
+impl Events for Progress {
+    fn fetching(&self, paths: usize) {
+        if !self.quiet {
+            eprintln!("fetching {paths} paths from substituters");
+        }
+    }
+
+    fn notice(&self, text: &str) {
+        eprint!("{text}");
+    }
+
+    /// The `planned` event; on a terminal, the live view starts.
+    fn planned(&self, derivations: usize, work: f64, machines: &[MachineConfig]) {
+        let _ = self.started.set(Instant::now());
+        if self.want_live && derivations > 0 {
+            let names: Vec<String> = machines.iter().map(|m| m.spec.name.clone()).collect();
+            let capacity: f64 = machines
+                .iter()
+                .map(|m| f64::from(m.spec.slots) * m.spec.speed)
+                .sum();
+            let _ = self
+                .live
+                .set(Live::new(derivations, &names, work, capacity));
+        }
+        let machines: Vec<Value> = machines
+            .iter()
+            .map(|m| {
+                json!({"name": m.spec.name, "slots": m.spec.slots, "speed_factor": m.spec.speed})
+            })
+            .collect();
+        self.event(json!({
+            "type": "planned", "derivations": derivations, "machines": machines,
+            "estimated_work_s": work,
+        }));
+    }
+
+    /// The `summary` event, then the summary on stderr; the live view is taken off the
+    /// screen first.
+    fn summary(&self, summary: &Summary<'_>) {
+        let Summary {
+            report,
+            drvs,
+            outputs,
+            cpu_seconds,
+        } = *summary;
+        if let Some(live) = self.live.get() {
+            live.finish();
+        }
+        let failures: Vec<Value> = drvs
+            .iter()
+            .zip(&report.results)
+            .filter_map(|(drv, r)| match r {
+                NodeResult::Failed { failure, log_tail } => Some(json!({
+                    "drv": drv, "reason": failure, "log_tail": log_tail,
+                })),
+                NodeResult::Built { .. } => None,
+            })
+            .collect();
+        let per_machine: serde_json::Map<String, Value> = report
+            .builds_per_machine
+            .iter()
+            .map(|(m, n)| (m.clone(), json!(n)))
+            .collect();
+        self.event(json!({
+            "type": "summary",
+            "ok": report.all_built(),
+            "built": report.builds_per_machine.iter().map(|(_, n)| n).sum::<usize>(),
+            "wall_s": report.wall_seconds,
+            "lower_bound_s": report.measured_lower_bound,
+            "builds_per_machine": per_machine,
+            "outputs": if report.all_built() { outputs.to_vec() } else { Vec::new() },
+            "failures": failures,
+            "copy_back_error": report.copy_back_error.as_ref().map(|e| e.to_string()),
+        }));
+        if !self.quiet {
+            eprintln!("{}", summary_text(report, cpu_seconds));
+        }
+    }
+}
+
+/// What `build` says at the end on stderr: builds, wall time against the lower bound,
+/// offload's own CPU (`cpu` seconds), builds per machine.
+fn summary_text(report: &BuildReport, cpu: f64) -> String {
+    let used: Vec<String> = report
+        .builds_per_machine
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(m, n)| format!("{m} {n}"))
+        .collect();
+    let built = report
+        .builds_per_machine
+        .iter()
+        .map(|(_, n)| n)
+        .sum::<usize>();
+    // Nothing built, or builds too short to measure: no ratio worth printing.
+    let ratio = if report.measured_lower_bound > 0.001 {
+        format!(
+            " ({:.2}x)",
+            report.wall_seconds / report.measured_lower_bound
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "built {built} derivations in {:.2} s; lower bound {:.2} s by the measured build times\
+         {ratio}; offload's own CPU {:.0} ms ({:.1} ms per build)\nbuilds per machine: {}",
+        report.wall_seconds,
+        report.measured_lower_bound,
+        cpu * 1e3,
+        cpu * 1e3 / built.max(1) as f64,
+        if used.is_empty() {
+            "none".to_string()
+        } else {
+            used.join(", ")
+        }
+    )
 }

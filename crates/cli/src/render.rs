@@ -1,6 +1,7 @@
 //! How errors look: an `error:` line, a `Caused by:` line per source, then a hint after
 //! a blank line when offload knows the next step. Plain text, readable without colour.
 
+use offload_driver::job::JobError;
 use offload_driver::process::ProcessError;
 use offload_driver::DriverError;
 
@@ -17,6 +18,9 @@ pub fn format(err: &anyhow::Error) -> String {
         out.push_str(&format!("  Caused by: {}\n", indent(&cause.to_string())));
     }
     for cause in err.chain() {
+        if let Some(j) = cause.downcast_ref::<JobError>() {
+            hint = hint.or_else(|| j.hint());
+        }
         if let Some(d) = cause.downcast_ref::<DriverError>() {
             hint = hint.or_else(|| d.hint());
         }

@@ -7,6 +7,8 @@
 //! - [`ServeConn`] — one serve session: queries, NAR streaming, imports, builds;
 //! - [`copy_closure`] — copies a closure between two stores, several transfers at once;
 //! - [`build::run`] — builds a graph of derivations over a fleet, as the scheduler plans;
+//! - [`job::run`] — one `offload build` from request to outcome: evaluation, trust,
+//!   the build, the run's record, result links;
 //! - [`StateDb`] — the state database in SQLite: build durations for estimates, and
 //!   machines that keep failing;
 //! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
@@ -37,7 +39,12 @@
 //! - `slots/` — builders' slots: the local ledger shared with Nix's own hook, and locks
 //!   on the builders themselves (`slots/remote/`);
 //! - `state/` — the state database ([`StateDb`]): schema and builds, machines, runs, and
-//!   what the builds and copies teach, read for `offload-learn`'s fit;
+//!   what the builds and copies teach, read for `offload-learn`'s fit; the run report
+//!   kept for `offload report` (`state/report.rs`);
+//! - `html.rs` — the run report as one self-contained HTML file;
+//! - `overview.rs` — each machine as offload knows it now: load, what was learned, health;
+//! - `config.rs` — offload's own config file: machine groups, build defaults, the state
+//!   directory;
 //! - `fleet/` — the machines a run uses, from Nix's settings (`fleet/nixconf.rs`) and
 //!   the user's choice of hosts, with what was learned of them and their cores
 //!   (`fleet/learned.rs`);
@@ -51,16 +58,22 @@
 //! - `order.rs` — carrying out one build order on a builder, for the hook and the agent;
 //! - `hook/` — `offload hook`: Nix's build hook, the choice per `try`, the accepted build;
 //! - `agent.rs` — `offload agent`: warm sessions for the hook over a Unix socket;
-//! - `shutdown.rs` — SIGINT and SIGTERM: the cancellation token and the exit status.
+//! - `shutdown.rs` — SIGINT and SIGTERM: the cancellation token and the exit status;
+//! - `job/` — one `offload build` from request to outcome: evaluation, the trust check's
+//!   builders, the build, the run's record, result links.
 
 pub mod agent;
 pub mod build;
+pub mod config;
 pub mod daemon;
 pub mod env;
 mod error;
 pub mod fleet;
 pub mod hook;
+pub mod html;
+pub mod job;
 pub mod order;
+pub mod overview;
 pub mod plan;
 pub mod process;
 pub mod reporter;
@@ -81,4 +94,4 @@ pub use state::{
     StateError, DEFAULT_SECONDS,
 };
 pub use transfer::PathRegistry;
-pub use transfer::{copy_closure, CopyFailure, CopyOptions, CopyStats};
+pub use transfer::{copy_closure, human_bytes, CopyFailure, CopyOptions, CopyStats};

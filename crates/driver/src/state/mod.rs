@@ -4,10 +4,14 @@
 //! each run's record for `offload report` (`runs.rs`). What the builds teach (speeds,
 //! links, sizes, task costs) is read from it for `offload-learn`'s fit (`learned.rs`), and
 //! each builder's cores are kept there.
+//!
+//! Beside the database, [`report`]: the run report (where and when each build ran and
+//! what each link carried), kept for `offload report` and rendered by [`crate::html`].
 
 mod db;
 mod learned;
 mod machines;
+pub mod report;
 mod runs;
 
 pub(crate) use db::unix_now;

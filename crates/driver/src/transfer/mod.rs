@@ -37,7 +37,7 @@ mod order;
 mod paths;
 mod send;
 
-pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
+pub use copy::{copy_closure, human_bytes, CopyFailure, CopyOptions, CopyStats};
 pub use paths::PathRegistry;
 
 /// Copies to one machine at once during builds. They hide the round trip each path

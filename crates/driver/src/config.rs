@@ -1,4 +1,4 @@
-//! offload's own configuration: what only offload knows, in an optional TOML file at
+//! offload's own configuration file: what only offload knows, in an optional TOML file at
 //! `$OFFLOAD_CONFIG`, else `$XDG_CONFIG_HOME/offload/config.toml`, else
 //! `~/.config/offload/config.toml`. Nothing Nix's own files say is repeated here:
 //! machines stay in Nix's `builders` / machines file.
@@ -20,10 +20,29 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context as _};
 use serde::Deserialize;
+use thiserror::Error;
 
-use crate::args::{BuildArgs, MachineArgs};
+use crate::fleet::MachineChoice;
+
+/// The configuration file cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, or a key offload does not know.
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}: group {group:?} names another group; list its machines instead", path.display())]
+    NestedGroup { path: PathBuf, group: String },
+    /// `@NAME` names no group; `known` says where groups are (or would be) defined.
+    #[error("@{group}: no such machine group{known}")]
+    UnknownGroup { group: String, known: String },
+}
 
 /// The file, as read.
 #[derive(Debug, Default, Deserialize)]
@@ -60,18 +79,18 @@ pub struct Loaded {
 
 /// Where the configuration file is looked for.
 pub fn path() -> Option<PathBuf> {
-    offload_driver::env::config_path()
+    crate::env::config_path()
 }
 
 /// Reads the configuration file; none is fine, a bad one is an error naming it.
-pub fn load() -> anyhow::Result<Loaded> {
+pub fn load() -> Result<Loaded, ConfigError> {
     let Some(file) = path() else {
         return Ok(Loaded::default());
     };
     let text = match std::fs::read_to_string(&file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+        Err(source) => return Err(ConfigError::Read { path: file, source }),
     };
     let config = parse(&text, &file)?;
     Ok(Loaded {
@@ -80,87 +99,89 @@ pub fn load() -> anyhow::Result<Loaded> {
     })
 }
 
-fn parse(text: &str, file: &Path) -> anyhow::Result<Config> {
-    let config: Config = toml::from_str(text).map_err(|e| {
-        anyhow!(
-            "{}: {}",
-            file.display(),
-            e.to_string().trim_end().replace('\n', "\n  ")
-        )
+fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: file.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
     })?;
     for (name, members) in &config.groups {
         if members.iter().any(|m| m.starts_with('@')) {
-            bail!(
-                "{}: group {name:?} names another group; list its machines instead",
-                file.display()
-            );
+            return Err(ConfigError::NestedGroup {
+                path: file.to_path_buf(),
+                group: name.clone(),
+            });
         }
     }
     Ok(config)
 }
 
 impl Loaded {
-    /// Fills the build flags that were not given from the file's defaults, and expands
-    /// machine groups.
-    pub fn apply_to_build(&self, args: &mut BuildArgs) -> anyhow::Result<()> {
+    /// The machines `offload build` chooses: the file's defaults where no flag chose,
+    /// then groups expanded.
+    pub fn build_machines(&self, mut choice: MachineChoice) -> Result<MachineChoice, ConfigError> {
         let defaults = &self.config.build;
-        if defaults.keep_going == Some(true) {
-            args.keep_going = true;
+        if choice.max_jobs.is_none() {
+            choice.max_jobs = defaults.max_jobs;
         }
-        if args.machines.max_jobs.is_none() {
-            args.machines.max_jobs = defaults.max_jobs;
+        if choice.on.is_empty() {
+            choice.on = defaults.on.clone().unwrap_or_default();
         }
-        if args.sign_key.is_none() {
-            args.sign_key = defaults.sign_key.clone();
+        if choice.exclude.is_empty() {
+            choice.exclude = defaults.exclude.clone().unwrap_or_default();
         }
-        if args.machines.on.is_empty() {
-            args.machines.on = defaults.on.clone().unwrap_or_default();
-        }
-        if args.machines.exclude.is_empty() {
-            args.machines.exclude = defaults.exclude.clone().unwrap_or_default();
-        }
-        if args.history.is_none() && !offload_driver::env::state_db_overridden() {
-            args.history = self.state_dir().map(|d| d.join("history.sqlite"));
-        }
-        self.expand_groups(&mut args.machines)
+        self.machines(choice)
     }
 
-    /// Replaces `@NAME` in `--on` and `--exclude` by the group's machines.
-    pub fn expand_groups(&self, machines: &mut MachineArgs) -> anyhow::Result<()> {
-        for list in [&mut machines.on, &mut machines.exclude] {
+    /// `choice` with `@NAME` in `--on` and `--exclude` replaced by the group's machines.
+    pub fn machines(&self, mut choice: MachineChoice) -> Result<MachineChoice, ConfigError> {
+        for list in [&mut choice.on, &mut choice.exclude] {
             let mut expanded = Vec::new();
             for word in list.drain(..) {
                 match word.strip_prefix('@') {
                     Some(name) => match self.config.groups.get(name) {
                         Some(members) => expanded.extend(members.iter().cloned()),
-                        None => bail!(
-                            "@{name}: no such machine group{}",
-                            match &self.file {
-                                Some(f) => format!(
-                                    " in {} (groups there: {})",
-                                    f.display(),
-                                    self.config
-                                        .groups
-                                        .keys()
-                                        .map(String::as_str)
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                ),
-                                None => format!(
-                                    "; define it under [groups] in {}",
-                                    path().map_or("the config file".into(), |p| p
-                                        .display()
-                                        .to_string())
-                                ),
-                            }
-                        ),
+                        None => return Err(self.unknown_group(name)),
                     },
                     None => expanded.push(word),
                 }
             }
             *list = expanded;
         }
-        Ok(())
+        Ok(choice)
+    }
+
+    fn unknown_group(&self, name: &str) -> ConfigError {
+        let known = match &self.file {
+            Some(f) => format!(
+                " in {} (groups there: {})",
+                f.display(),
+                self.config
+                    .groups
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => format!(
+                "; define it under [groups] in {}",
+                path().map_or("the config file".into(), |p| p.display().to_string())
+            ),
+        };
+        ConfigError::UnknownGroup {
+            group: name.to_string(),
+            known,
+        }
+    }
+
+    /// The state database: `flag` (`--history`), else `$OFFLOAD_HISTORY`, else
+    /// `history.sqlite` in the file's state directory, else the default.
+    pub fn state_db(&self, flag: Option<PathBuf>) -> PathBuf {
+        flag.or_else(|| {
+            (!crate::env::state_db_overridden())
+                .then(|| self.state_dir().map(|d| d.join("history.sqlite")))
+                .flatten()
+        })
+        .unwrap_or_else(crate::env::state_db_path)
     }
 
     /// The state directory the file sets.
@@ -179,14 +200,11 @@ impl Loaded {
             (None, Some(p)) => format!("config file: {} (not present)\n", p.display()),
             (None, None) => "config file: none (no HOME or XDG_CONFIG_HOME)\n".to_string(),
         };
-        let history = match offload_driver::env::state_db_from_env() {
+        let history = match crate::env::state_db_from_env() {
             Some(h) => format!("{} (OFFLOAD_HISTORY)", h.display()),
             None => match self.state_dir() {
                 Some(d) => format!("{} (state_dir)", d.join("history.sqlite").display()),
-                None => format!(
-                    "{} (default)",
-                    offload_driver::env::state_db_path().display()
-                ),
+                None => format!("{} (default)", crate::env::state_db_path().display()),
             },
         };
         let state_dir = match self.state_dir() {
@@ -213,7 +231,7 @@ impl Loaded {
             "build.max_jobs = {}\n",
             show(b.max_jobs.map(|v| v.to_string()), "Nix's max-jobs")
         ));
-        let sign_key = match offload_driver::env::sign_key_from_env() {
+        let sign_key = match crate::env::sign_key_from_env() {
             Some(k) => format!("{} (OFFLOAD_SIGN_KEY)", k.display()),
             None => show(b.sign_key.as_ref().map(|p| p.display().to_string()), "none"),
         };
@@ -254,22 +272,43 @@ mod tests {
             config,
             file: Some("c.toml".into()),
         };
-        let mut machines = MachineArgs {
-            builders: None,
+        let mut machines = MachineChoice {
             on: vec!["@fast".into(), "b9".into()],
             exclude: vec!["@fast".into()],
-            local_only: false,
-            max_jobs: None,
+            ..MachineChoice::default()
         };
-        loaded.expand_groups(&mut machines).unwrap();
+        machines = loaded.machines(machines).unwrap();
         assert_eq!(machines.on, ["b1", "b2", "b9"]);
         assert_eq!(machines.exclude, ["b1", "b2"]);
         machines.on = vec!["@slow".into()];
-        let e = loaded.expand_groups(&mut machines).unwrap_err().to_string();
+        let e = loaded.machines(machines).unwrap_err().to_string();
         assert_eq!(
             e,
             "@slow: no such machine group in c.toml (groups there: fast)"
         );
+    }
+
+    #[test]
+    fn build_defaults_fill_what_no_flag_chose_and_groups_expand() {
+        let text = "[groups]\nfast = [\"b1\", \"b2\"]\n\n[build]\non = [\"@fast\"]\n\
+                    exclude = [\"b2\"]\nmax_jobs = 3\n";
+        let loaded = Loaded {
+            config: parse(text, Path::new("c.toml")).unwrap(),
+            file: Some("c.toml".into()),
+        };
+        let chosen = loaded.build_machines(MachineChoice::default()).unwrap();
+        assert_eq!(chosen.on, ["b1", "b2"]);
+        assert_eq!(chosen.exclude, ["b2"]);
+        assert_eq!(chosen.max_jobs, Some(3));
+        let flags = MachineChoice {
+            on: vec!["b9".into()],
+            max_jobs: Some(0),
+            ..MachineChoice::default()
+        };
+        let chosen = loaded.build_machines(flags).unwrap();
+        assert_eq!(chosen.on, ["b9"]);
+        assert_eq!(chosen.exclude, ["b2"]);
+        assert_eq!(chosen.max_jobs, Some(0));
     }
 
     #[test]

@@ -10,13 +10,32 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use anyhow::{anyhow, Context as _};
-use offload_driver::process;
 use offload_nix::store_path::StorePath;
 use serde::Deserialize;
 
-use crate::args::BuildArgs;
-use crate::Failure;
+use super::JobError;
+use crate::process;
+
+/// What to evaluate, as `nix-build` or `nix build` takes it.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    /// Nix files, `.drv` paths (with `!OUTPUTS`) or flake installables.
+    pub targets: Vec<String>,
+    /// `-A` attributes.
+    pub attrs: Vec<String>,
+    /// `-E`: an expression instead of files.
+    pub expr: Option<String>,
+    /// `--arg NAME EXPR` and `--argstr NAME STRING`.
+    pub args: Vec<(String, String)>,
+    pub argstrs: Vec<(String, String)>,
+    /// `-I` search path entries.
+    pub include: Vec<String>,
+    /// `--option NAME VALUE`.
+    pub options: Vec<(String, String)>,
+    /// `--override-input INPUT REF`, for flakes.
+    pub override_inputs: Vec<(String, String)>,
+    pub show_trace: bool,
+}
 
 /// A target: a `.drv`, the outputs wanted from it (all when `None`), and the suffix its
 /// result links get (`""`, `"-2"` for nix-build's second target, `"-1"` for
@@ -48,28 +67,25 @@ pub fn is_flake_installable(target: &str) -> bool {
 }
 
 /// Evaluates what `args` names. Evaluation errors are Nix's own, with the command run.
-pub fn evaluate(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
+pub fn evaluate(args: &Evaluation) -> Result<Vec<Target>, JobError> {
     if args.targets.iter().any(|t| is_flake_installable(t)) {
         return evaluate_flakes(args);
     }
-    if !args.override_input.is_empty() {
-        return Err(Failure::usage(anyhow!(
-            "--override-input applies to flake installables only, and none of {:?} is one\n\n\
-             hint: name the flake with `#` or a flake scheme, e.g. `offload build .#pkg` or \
-             `path:/dir#pkg`",
-            args.targets
-        )));
+    if !args.override_inputs.is_empty() {
+        return Err(JobError::OverrideWithoutFlake {
+            targets: args.targets.clone(),
+        });
     }
     evaluate_files(args)
 }
 
 /// The options every evaluation gets, whichever Nix tool runs it.
-fn common_options(cmd: &mut Command, args: &BuildArgs) {
+fn common_options(cmd: &mut Command, args: &Evaluation) {
     for path in &args.include {
         cmd.args(["-I", path]);
     }
-    for pair in args.option.chunks(2) {
-        cmd.arg("--option").args(pair);
+    for (name, value) in &args.options {
+        cmd.args(["--option", name, value]);
     }
     if args.show_trace {
         cmd.arg("--show-trace");
@@ -78,17 +94,15 @@ fn common_options(cmd: &mut Command, args: &BuildArgs) {
 
 /// Runs an evaluation; a Nix that cannot start is a set-up problem, a failed one an
 /// evaluation error.
-fn run_evaluation(cmd: &mut Command) -> Result<String, Failure> {
+fn run_evaluation(cmd: &mut Command) -> Result<String, JobError> {
     let out = process::run(cmd).map_err(|e| match e {
-        process::ProcessError::Spawn { .. } => Failure::usage(e),
-        process::ProcessError::Failed { .. } => {
-            Failure::work(anyhow!(e).context("evaluation failed"))
-        }
+        process::ProcessError::Spawn { .. } => JobError::Evaluator(e),
+        process::ProcessError::Failed { .. } => JobError::Evaluation(e),
     })?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn evaluate_files(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
+fn evaluate_files(args: &Evaluation) -> Result<Vec<Target>, JobError> {
     let mut drv_args = Vec::new();
     let mut files = Vec::new();
     for t in &args.targets {
@@ -111,11 +125,11 @@ fn evaluate_files(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
         for a in &args.attrs {
             cmd.args(["-A", a]);
         }
-        for pair in args.arg.chunks(2) {
-            cmd.arg("--arg").args(pair);
+        for (name, value) in &args.args {
+            cmd.args(["--arg", name, value]);
         }
-        for pair in args.argstr.chunks(2) {
-            cmd.arg("--argstr").args(pair);
+        for (name, value) in &args.argstrs {
+            cmd.args(["--argstr", name, value]);
         }
         common_options(&mut cmd, args);
         lines.extend(run_evaluation(&mut cmd)?.lines().map(str::to_string));
@@ -129,7 +143,7 @@ fn evaluate_files(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
                 None => (line.as_str(), None),
             };
             let drv = StorePath::from_absolute_path(drv.trim())
-                .map_err(|e| Failure::usage(anyhow!("{e}")))?;
+                .map_err(|e| JobError::NotAStorePath(e.to_string()))?;
             // nix-build numbers the second target's links `-2`.
             let link_suffix = if i == 0 {
                 String::new()
@@ -156,19 +170,18 @@ struct DerivedPath {
     path: Option<String>,
 }
 
-fn evaluate_flakes(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
+fn evaluate_flakes(args: &Evaluation) -> Result<Vec<Target>, JobError> {
     let nix_build_only = [
         ("-A", !args.attrs.is_empty()),
         ("-E", args.expr.is_some()),
-        ("--arg", !args.arg.is_empty()),
-        ("--argstr", !args.argstr.is_empty()),
+        ("--arg", !args.args.is_empty()),
+        ("--argstr", !args.argstrs.is_empty()),
     ];
     if let Some((flag, _)) = nix_build_only.iter().find(|(_, used)| *used) {
-        return Err(Failure::usage(anyhow!(
-            "{flag} applies to Nix files, not to the flake installables in {:?}\n\n\
-             hint: name the attribute in the installable instead: `.#ATTR`",
-            args.targets
-        )));
+        return Err(JobError::FlagForFiles {
+            flag,
+            targets: args.targets.clone(),
+        });
     }
     let mut cmd = Command::new("nix");
     cmd.args([
@@ -179,29 +192,29 @@ fn evaluate_flakes(args: &BuildArgs) -> Result<Vec<Target>, Failure> {
         "--json",
         "--no-link",
     ]);
-    for pair in args.override_input.chunks(2) {
-        cmd.arg("--override-input").args(pair);
+    for (input, flake) in &args.override_inputs {
+        cmd.args(["--override-input", input, flake]);
     }
     common_options(&mut cmd, args);
     // `--` so that an installable can never be read as a flag.
     cmd.arg("--").args(&args.targets);
     let json = run_evaluation(&mut cmd)?;
-    let paths: Vec<DerivedPath> = serde_json::from_str(&json)
-        .with_context(|| format!("reading what `nix build --dry-run --json` printed: {json}"))
-        .map_err(Failure::work)?;
+    let paths: Vec<DerivedPath> =
+        serde_json::from_str(&json).map_err(|source| JobError::FlakeOutput { json, source })?;
     paths
         .into_iter()
         .enumerate()
         .map(|(i, p)| {
             let Some(drv) = p.drv_path else {
-                return Err(Failure::usage(anyhow!(
-                    "{} is a store path, not a derivation: there is nothing to build\n\n\
-                     hint: pass the installable or .drv that produces it",
-                    p.path.unwrap_or_default()
-                )));
+                return Err(JobError::NotADerivation {
+                    path: p.path.unwrap_or_default(),
+                });
             };
-            let drv = StorePath::from_absolute_path(&drv)
-                .map_err(|e| Failure::work(anyhow!("nix build reported {drv}: {e}")))?;
+            let drv =
+                StorePath::from_absolute_path(&drv).map_err(|e| JobError::FlakeDerivation {
+                    reason: e.to_string(),
+                    drv,
+                })?;
             // `nix build` numbers the second installable's links `-1`.
             let link_suffix = if i == 0 {
                 String::new()
