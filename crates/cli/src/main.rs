@@ -129,10 +129,7 @@ fn init_logging(cli: &Cli) {
         (false, _) => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    // Colour only on a terminal, and never with NO_COLOR or TERM=dumb: a redirected log
-    // stays plain text.
-    let colour =
-        output::stderr_is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour = output::stderr_in_colour();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)

@@ -1,5 +1,6 @@
 //! stdout carries data only (output paths, one per line); everything else goes to
-//! stderr. A closed pipe (`offload build … | head -1`) is not an error.
+//! stderr. A closed pipe (`offload build … | head -1`) is not an error. The terminal
+//! variables (`TERM`, `NO_COLOR`) are read here; the others in `offload_driver::env`.
 
 use std::io::Write as _;
 
@@ -14,4 +15,10 @@ pub fn stdout(text: &str) {
 pub fn stderr_is_terminal() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("TERM").is_none_or(|t| t != "dumb")
+}
+
+/// Whether stderr may be coloured: a terminal that can redraw, and `NO_COLOR` unset or
+/// empty, so that a redirected log stays plain text.
+pub fn stderr_in_colour() -> bool {
+    stderr_is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
