@@ -30,10 +30,10 @@ fn fleet() -> Option<&'static SshFleet> {
         .as_ref()
 }
 
-/// Kills this process's shared ssh connection to `alias` (its `ssh -M`).
-fn kill_master(alias: &str) -> bool {
+/// This process's shared ssh connections to `alias` (its `ssh -M` children), by pid.
+fn masters(alias: &str) -> Vec<String> {
     let me = std::process::id().to_string();
-    let mut killed = false;
+    let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
@@ -47,13 +47,21 @@ fn kill_master(alias: &str) -> bool {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1));
         if is_master && parent == Some(me.as_str()) {
-            let pid = entry.file_name().to_string_lossy().into_owned();
-            killed |= std::process::Command::new("kill")
-                .args(["-KILL", &pid])
-                .status()
-                .unwrap()
-                .success();
+            pids.push(entry.file_name().to_string_lossy().into_owned());
         }
+    }
+    pids
+}
+
+/// Kills this process's shared ssh connection to `alias` (its `ssh -M`).
+fn kill_master(alias: &str) -> bool {
+    let mut killed = false;
+    for pid in masters(alias) {
+        killed |= std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success();
     }
     killed
 }
@@ -137,7 +145,15 @@ async fn a_shared_connection_that_ended_is_opened_again() {
     );
     assert_eq!(connections_settle(fleet, 2, 0), 0);
     let conns = three_sessions(&pool).await;
-    assert_eq!(connections_settle(fleet, 2, 1), 1);
+    // A new master carries them. Not reopened, each session would connect on its own
+    // (three); on a loaded machine one of them at times goes on its own all the same
+    // (ssh with ControlMaster=no does when the master does not answer it), so two.
+    assert_eq!(masters(fleet.alias(2)).len(), 1, "no new ssh master");
+    let n = connections_settle(fleet, 2, 1);
+    assert!(
+        n < 3,
+        "{n} connections: the sessions did not share a new one"
+    );
     drop(conns);
     pool.close().await;
     assert_eq!(connections_settle(fleet, 2, 0), 0);
