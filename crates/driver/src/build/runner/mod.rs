@@ -328,6 +328,9 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         self.probes.shutdown().await;
         self.early_copies.shutdown().await;
         self.sent_ahead.shutdown().await;
+        // The sessions and shared ssh connections end (and are reaped) before this
+        // process exits, not after it, as when a run ends.
+        self.transport.close().await;
         DriverError::Interrupted { stopped }
     }
 
