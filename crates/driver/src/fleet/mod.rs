@@ -174,6 +174,7 @@ pub fn remote_spec(m: &Machine, name: String, bandwidth: f64, latency: f64) -> M
         latency,
         per_build: 0.0,
         session_setup: SESSION_SETUP_SECONDS,
+        peers: Vec::new(),
     }
 }
 
