@@ -10,7 +10,7 @@ use offload_sched::MachineId;
 use super::MachineConfig;
 use crate::reporter::Reporter;
 use crate::state::{PeerReach, StateDb};
-use crate::transfer::{direct, prior_link, unreachable_note, RouteOptions};
+use crate::transfer::{cause, direct, prior_link, unreachable_note, RouteOptions};
 
 /// Sets the peers of `machines` (keyed in the state by `keys`) from what the state
 /// knows; returns the pairs to probe. None with `--relay`.
@@ -26,7 +26,8 @@ pub fn direct_routes(
     }
     let able: Vec<MachineId> = (0..machines.len())
         .filter(|&m| {
-            !machines[m].spec.is_local && direct::uri_from_elsewhere(&machines[m].endpoint).is_some()
+            !machines[m].spec.is_local
+                && direct::uri_from_elsewhere(&machines[m].endpoint).is_some()
         })
         .collect();
     if able.len() < 2 {
@@ -83,7 +84,9 @@ pub struct PairAnswer {
 /// once (`offload doctor`'s matrix).
 pub async fn probe_all(fleet: &[MachineConfig], store_dir: &str) -> Vec<PairAnswer> {
     let able: Vec<MachineId> = (0..fleet.len())
-        .filter(|&m| !fleet[m].spec.is_local && direct::uri_from_elsewhere(&fleet[m].endpoint).is_some())
+        .filter(|&m| {
+            !fleet[m].spec.is_local && direct::uri_from_elsewhere(&fleet[m].endpoint).is_some()
+        })
         .collect();
     let mut probes = tokio::task::JoinSet::new();
     for &from in &able {
@@ -99,12 +102,7 @@ pub async fn probe_all(fleet: &[MachineConfig], store_dir: &str) -> Vec<PairAnsw
             probes.spawn(async move {
                 let answer = match direct::run_on(&source, &script).await {
                     direct::Ran::Done { .. } => Ok(()),
-                    direct::Ran::Failed { reason } => Err(reason
-                        .trim_end()
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                        .to_string()),
+                    direct::Ran::Failed { reason } => Err(cause(&reason).to_string()),
                 };
                 PairAnswer { from, to, answer }
             });

@@ -60,12 +60,20 @@ fn store_program(endpoint: &Endpoint) -> String {
     words
 }
 
+/// How long a machine keeps its connection to another open after a direct copy, for
+/// the next copy between them.
+pub const CONNECTION_KEPT: Duration = Duration::from_secs(60);
+
 /// The ssh options a Nix started by offload on another machine uses to reach a third:
-/// never a prompt, a bounded wait.
+/// never a prompt, a bounded wait, and one connection shared by the copies between them
+/// (an ssh handshake per copy would cost more than the copy of a small path). The
+/// user's own `NIX_SSHOPTS` there come first, so their choices win.
 fn nix_sshopts() -> String {
     format!(
-        "NIX_SSHOPTS=\"${{NIX_SSHOPTS:+$NIX_SSHOPTS }}-oBatchMode=yes -oConnectTimeout={}\"",
-        CONNECT_TIMEOUT.as_secs()
+        "NIX_SSHOPTS=\"${{NIX_SSHOPTS:+$NIX_SSHOPTS }}-oBatchMode=yes -oConnectTimeout={} \
+         -oControlMaster=auto -oControlPath=/tmp/offload-ssh-%C -oControlPersist={}\"",
+        CONNECT_TIMEOUT.as_secs(),
+        CONNECTION_KEPT.as_secs()
     )
 }
 
@@ -147,7 +155,10 @@ pub async fn run_here(script: &str) -> Ran {
     run(cmd, None).await
 }
 
-async fn run(mut cmd: tokio::process::Command, known_hosts: Option<tempfile::NamedTempFile>) -> Ran {
+async fn run(
+    mut cmd: tokio::process::Command,
+    known_hosts: Option<tempfile::NamedTempFile>,
+) -> Ran {
     let _known_hosts = known_hosts;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -230,7 +241,13 @@ mod tests {
     fn paths_and_stores_reach_the_shell_as_words() {
         let a = Endpoint::parse("ssh://a?remote-store=/tmp/a%20b").unwrap();
         let cmd = copy_command(&a, "ssh://b?remote-store=/y", &["/nix/store/x-y z".into()]);
-        assert!(cmd.contains("--store '/tmp/a b' --export '/nix/store/x-y z'"), "{cmd}");
-        assert!(cmd.contains("--store 'ssh://b?remote-store=/y' --import"), "{cmd}");
+        assert!(
+            cmd.contains("--store '/tmp/a b' --export '/nix/store/x-y z'"),
+            "{cmd}"
+        );
+        assert!(
+            cmd.contains("--store 'ssh://b?remote-store=/y' --import"),
+            "{cmd}"
+        );
     }
 }

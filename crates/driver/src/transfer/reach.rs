@@ -11,7 +11,7 @@ use offload_sched::{Link, MachineId, MachineSpec};
 use tokio::sync::OnceCell;
 
 use super::direct::{self, Ran};
-use super::TransferEngine;
+use super::{PeerRecord, TransferEngine};
 
 /// A probe's answer for one ordered pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,13 +74,31 @@ impl TransferEngine {
         };
         let source = self.command_endpoint(from).await;
         let script = direct::probe_command(&source, &to_uri, &self.store_dir());
-        let answer = match direct::run_on(&source, &script).await {
-            Ran::Done { .. } => {
-                let link = self.prior_link(from, to);
+        let mut ran = direct::run_on(&source, &script).await;
+        if let Ran::Done { .. } = ran {
+            // Again, over the connection the first left open, as later copies go.
+            ran = direct::run_on(&source, &script).await;
+        }
+        let answer = match ran {
+            Ran::Done { seconds } => {
+                // A probe costs what every copy between them costs besides its bytes
+                // (the ssh to the source, the source's to the other, Nix starting):
+                // the pair's latency, which copies alone cannot tell from bandwidth.
+                let link = Link {
+                    latency: seconds,
+                    ..self.prior_link(from, to)
+                };
                 self.add_peer(from, to, link);
+                Self::lock(&self.news).peer_transfers.push(PeerRecord {
+                    from,
+                    to,
+                    bytes: 0,
+                    seconds,
+                    concurrent: 1,
+                });
                 Ok(link)
             }
-            Ran::Failed { reason } => Err(last_line(&reason).to_string()),
+            Ran::Failed { reason } => Err(cause(&reason).to_string()),
         };
         let reachable = answer.is_ok();
         Self::lock(&self.news)
@@ -129,11 +147,48 @@ pub fn unreachable_note(from: &str, to: &str, reason: &str) -> String {
     format!(
         "{from} cannot reach {to} directly ({}); copies from {from} to {to} go through this \
          machine",
-        last_line(reason)
+        cause(reason)
     )
 }
 
-/// The last line of a command's stderr: what it said as it failed.
-pub(super) fn last_line(text: &str) -> &str {
-    text.trim_end().lines().last().unwrap_or(text)
+/// What a failed copy or probe said of its cause: ssh's own complaint when there is
+/// one (the connection is what failed), else Nix's error, else its last line.
+pub fn cause(text: &str) -> &str {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("offload:"))
+        .collect();
+    lines
+        .iter()
+        .rev()
+        .find(|l| {
+            l.starts_with("ssh:") || l.contains("Permission denied") || l.contains("Host key")
+        })
+        .or_else(|| lines.iter().rev().find(|l| l.starts_with("error:")))
+        .or(lines.last())
+        .copied()
+        .or_else(|| text.trim().lines().last())
+        .unwrap_or("it failed without a word")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cause_is_what_failed_first_in_line() {
+        let ssh = "ssh: connect to host 127.0.0.1 port 9: Connection refused\n\
+                   error: cannot connect to 'b2'\n\
+                   offload: the export exited with 0, the import with 1\n";
+        assert_eq!(
+            cause(ssh),
+            "ssh: connect to host 127.0.0.1 port 9: Connection refused"
+        );
+        let nix = "error: path '/nix/store/x' is not valid\noffload: the export exited with 1, the import with 1";
+        assert_eq!(cause(nix), "error: path '/nix/store/x' is not valid");
+        let ours = "offload: the export exited with 1, the import with 0";
+        assert_eq!(cause(ours), ours);
+        assert_eq!(cause(""), "it failed without a word");
+    }
 }

@@ -46,7 +46,11 @@ impl TransferEngine {
                 .into_iter()
                 .filter(|&m| !specs[m].is_local)
                 .collect();
-            (links, specs[source].name.clone(), specs[machine].name.clone())
+            (
+                links,
+                specs[source].name.clone(),
+                specs[machine].name.clone(),
+            )
         };
         let (from_name, to_name) = (&from_name, &to_name);
         let concurrent = links
@@ -60,10 +64,12 @@ impl TransferEngine {
             ChainProgress::Sending(i) => {
                 let now = Instant::now();
                 *Self::lock(&started[i]) = Some(now);
-                // As for timings: a copy with this machine on one end tells of the
-                // other's link alone.
-                if let [l] = links[..] {
-                    Self::lock(&self.crossing)[l].insert((call, i), (now, infos[i].nar_size));
+                // A relay goes at its slower link's pace: what it shows bounds each of
+                // its links, the faster one too (planned no faster than seen, which
+                // only favours the routes that spare this machine's links).
+                let mut crossing = Self::lock(&self.crossing);
+                for &l in &links {
+                    crossing[l].insert((call, i), (now, infos[i].nar_size));
                 }
                 if let Some(r) = &self.reporter {
                     r.transfer_started(&infos[i].path, from_name, to_name, infos[i].nar_size);
@@ -124,13 +130,15 @@ impl TransferEngine {
         self.bytes.fetch_add(info.nar_size, Ordering::Relaxed);
         let mut news = Self::lock(&self.news);
         news.landed.push((path.to_string(), machine));
-        // A copy with this machine on one end times the other's link alone.
-        let timed = match self.client {
-            Some(c) if source == c && machine != c => Some((machine, true)),
-            Some(c) if machine == c && source != c => Some((source, false)),
-            _ => None,
+        // A copy with this machine on one end times the other's link alone; a relay
+        // times both of its links at the slower one's pace, a bound for each.
+        let timed: Vec<(MachineId, bool)> = match self.client {
+            Some(c) if source == c && machine != c => vec![(machine, true)],
+            Some(c) if machine == c && source != c => vec![(source, false)],
+            Some(_) => vec![(source, false), (machine, true)],
+            None => Vec::new(),
         };
-        if let Some((other, to_machine)) = timed {
+        for (other, to_machine) in timed {
             news.transfers.push(TransferRecord {
                 machine: other,
                 to_machine,
