@@ -242,7 +242,7 @@ pub async fn run(
     let declared: Vec<f64> = machines.iter().map(|m| m.spec.speed).collect();
     options.knowledge.apply(&mut machines);
     learn_cores(&mut machines, history).await;
-    let to_probe = crate::fleet::peers::direct_routes(
+    let to_probe = crate::transfer::routes::direct_routes(
         &mut machines,
         &keys,
         history,

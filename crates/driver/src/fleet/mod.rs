@@ -13,7 +13,6 @@ use nixconf::NixSettings;
 
 pub mod learned;
 pub mod nixconf;
-pub mod peers;
 use crate::ssh::{Endpoint, Route};
 
 /// Index of the local machine in a fleet.

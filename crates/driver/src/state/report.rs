@@ -49,10 +49,21 @@ pub struct RunReport {
     pub transfers: Vec<ReportTransfer>,
     /// NAR bytes moved, by the way they went.
     #[serde(default)]
-    pub route_bytes: crate::transfer::RouteBytes,
+    pub route_bytes: RouteBytes,
     /// Where the requested outputs went (`--to`); none: this machine's store.
     #[serde(default)]
     pub delivered_to: Option<String>,
+}
+
+/// NAR bytes a run moved, by the way they went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RouteBytes {
+    /// Over this machine's links (a relay crosses two: in and out).
+    pub client_links: u64,
+    /// Straight from one builder to another.
+    pub builder_to_builder: u64,
+    /// Into the delivery target (`--to`), whichever way.
+    pub to_target: u64,
 }
 
 /// Keeps `run` in the state database for `offload report`; a run that cannot be kept is

@@ -39,8 +39,10 @@ mod order;
 mod paths;
 mod peer;
 mod reach;
+pub mod routes;
 mod send;
 
+pub use crate::state::report::RouteBytes;
 pub use copy::{copy_closure, human_bytes, CopyFailure, CopyOptions, CopyStats};
 pub use deliver::{Delivered, DeliveryTarget};
 pub use paths::PathRegistry;
@@ -57,6 +59,37 @@ pub struct RouteOptions {
     pub forward_agent: bool,
     /// The requested outputs go there rather than here (`--to`).
     pub deliver_to: Option<DeliveryTarget>,
+}
+
+impl RouteOptions {
+    /// `--dry-run`'s word on routes, for a fleet of `builders`: which way copies
+    /// between builders and the requested outputs would go.
+    pub fn describe(&self, builders: usize) -> String {
+        let mut text = String::from("routes:\n");
+        if builders > 1 {
+            text.push_str(if self.relay {
+                "  between builders: through this machine (--relay)\n"
+            } else {
+                "  between builders: straight from one to the other where it reaches the other \
+                 by its own ssh (each pair probed once and kept), else through this machine\n"
+            });
+        }
+        match &self.deliver_to {
+            Some(target) if target.reachable_from_builders && !self.relay => {
+                text.push_str(&format!(
+                "  requested outputs: to {}, straight from the builders that hold them (through \
+                 this machine for one that cannot reach it); nothing comes here\n",
+                target.uri
+            ))
+            }
+            Some(target) => text.push_str(&format!(
+                "  requested outputs: to {}, through this machine without entering its store\n",
+                target.uri
+            )),
+            None => text.push_str("  requested outputs: to this machine's store\n"),
+        }
+        text
+    }
 }
 
 /// Copies to one machine at once during builds. They hide the round trip each path
@@ -91,17 +124,6 @@ pub struct TransferNews {
     pub unreachable: Vec<Unreachable>,
     /// Pairs probed, with their answers.
     pub probed: Vec<Probed>,
-}
-
-/// NAR bytes a run moved, by the way they went.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RouteBytes {
-    /// Over this machine's links (a relay crosses two: in and out).
-    pub client_links: u64,
-    /// Straight from one builder to another.
-    pub builder_to_builder: u64,
-    /// Into the delivery target (`--to`), whichever way.
-    pub to_target: u64,
 }
 
 /// The closure [`TransferEngine::ensure_on`] made valid, in numbers.

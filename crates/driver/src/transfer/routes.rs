@@ -4,13 +4,14 @@
 //! prior); a pair that cannot is named once; the others are probed during the run.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use offload_sched::MachineId;
 
-use super::MachineConfig;
+use super::{cause, direct, prior_link, unreachable_note, RouteOptions};
+use crate::fleet::MachineConfig;
 use crate::reporter::Reporter;
 use crate::state::{PeerReach, StateDb};
-use crate::transfer::{cause, direct, prior_link, unreachable_note, RouteOptions};
 
 /// Sets the peers of `machines` (keyed in the state by `keys`) from what the state
 /// knows; returns the pairs to probe. None with `--relay`.
@@ -116,4 +117,45 @@ pub async fn probe_all(fleet: &[MachineConfig], store_dir: &str) -> Vec<PairAnsw
     }
     answers.sort_by_key(|a| (a.from, a.to));
     answers
+}
+
+/// Which builder reaches which directly: a row per sender, a column per receiver, and
+/// under it why each pair that cannot, cannot (its copies go through this machine).
+pub fn matrix_text(names: &[&str], answers: &[PairAnswer]) -> String {
+    let mut machines: Vec<usize> = answers.iter().flat_map(|a| [a.from, a.to]).collect();
+    machines.sort_unstable();
+    machines.dedup();
+    let width = machines.iter().map(|&m| names[m].len()).max().unwrap_or(0);
+    let mut out = String::from(
+        "builder to builder (row sends to column by its own ssh; `no` relays through this \
+         machine):\n",
+    );
+    let _ = write!(out, "  {:width$}", "");
+    for (i, _) in machines.iter().enumerate() {
+        let _ = write!(out, "  {:>3}", i + 1);
+    }
+    out.push('\n');
+    for (i, &from) in machines.iter().enumerate() {
+        let _ = write!(out, "  {:width$}", format!("{} {}", i + 1, names[from]));
+        for &to in &machines {
+            let cell = match answers.iter().find(|a| a.from == from && a.to == to) {
+                _ if from == to => "-",
+                Some(PairAnswer { answer: Ok(()), .. }) => "yes",
+                Some(_) => "no",
+                None => "?",
+            };
+            let _ = write!(out, "  {cell:>3}");
+        }
+        out.push('\n');
+    }
+    for a in answers {
+        if let Err(reason) = &a.answer {
+            let _ = writeln!(
+                out,
+                "  {} cannot reach {}: {reason}",
+                names[a.from], names[a.to]
+            );
+        }
+    }
+    out
 }
