@@ -112,6 +112,15 @@ impl TransferEngine {
         prior_link(&specs[from], &specs[to])
     }
 
+    /// `machine`'s link to this one, as learned during the run.
+    pub fn set_link(&self, machine: MachineId, bandwidth: f64, latency: f64) {
+        let mut specs = self.specs_mut();
+        if let Some(spec) = specs.get_mut(machine) {
+            spec.bandwidth = bandwidth;
+            spec.latency = latency;
+        }
+    }
+
     /// Makes `from` → `to` a direct route at `link`.
     pub fn add_peer(&self, from: MachineId, to: MachineId, link: Link) {
         let mut specs = self.specs_mut();

@@ -152,6 +152,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             self.machines[m].bandwidth = link.bandwidth;
             self.machines[m].latency = link.latency;
             self.sched.set_link(m, link.bandwidth, link.latency);
+            self.transport.set_link(m, link.bandwidth, link.latency);
         }
     }
 
@@ -174,6 +175,7 @@ impl<T: BuildTransport> Runner<'_, T> {
                 let latency = spec.latency;
                 self.machines[m].bandwidth = bound;
                 self.sched.set_link(m, bound, latency);
+                self.transport.set_link(m, bound, latency);
             }
         }
     }

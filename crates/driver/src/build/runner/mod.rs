@@ -80,6 +80,10 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
         RouteBytes::default()
     }
 
+    /// `machine`'s link to this one turned out to carry `bandwidth` after `latency`:
+    /// the copies' routes go by that from now on, as the plan does.
+    fn set_link(&self, _machine: MachineId, _bandwidth: f64, _latency: f64) {}
+
     /// The most `machine`'s link can carry by the copies crossing it now
     /// ([`crate::transfer::TransferEngine::crossing_bound`]).
     fn link_bound(&self, _machine: MachineId, _latency: f64) -> Option<f64> {

@@ -174,6 +174,10 @@ impl BuildTransport for ServeTransport {
         self.engine.route_bytes()
     }
 
+    fn set_link(&self, machine: MachineId, bandwidth: f64, latency: f64) {
+        self.engine.set_link(machine, bandwidth, latency);
+    }
+
     async fn send_ahead(self: Arc<Self>, machine: MachineId, paths: Vec<String>) {
         if let Err(e) = self.engine.ensure_on(machine, &paths, None, false).await {
             tracing::debug!(machine = %self.names[machine], "sending outputs ahead failed: {e}");
