@@ -576,10 +576,20 @@ pub struct CopyArgs {
     #[arg(long, value_name = "URI", required_unless_present = "from")]
     pub to: Option<String>,
 
-    /// Store to copy from. Default: the local store. With both --from and --to, paths
-    /// stream from one machine to the other through offload.
+    /// Store to copy from. Default: the local store. With both --from and --to over
+    /// ssh, the source sends the paths straight to the destination itself (by the name
+    /// you use for it, with its own ssh config and keys); when it cannot, they stream
+    /// through offload.
     #[arg(long, value_name = "URI")]
     pub from: Option<String>,
+
+    /// Between two machines, stream everything through this one.
+    #[arg(long)]
+    pub relay: bool,
+
+    /// Forward your ssh agent to the source, for its copy to the destination.
+    #[arg(long)]
+    pub forward_agent: bool,
 
     /// What "the local store" means: `local` (this machine's store) or a chroot store
     /// directory.

@@ -22,12 +22,20 @@ pub async fn run(args: CopyArgs, quiet: bool) -> Result<(), Failure> {
         .map_err(Failure::usage)?;
     let options = CopyOptions {
         jobs: args.jobs.max(1),
+        relay: args.relay,
+        forward_agent: args.forward_agent,
     };
     let stats = copy_closure(&from, &to, &paths, &options)
         .await
         .map_err(Failure::work)?;
     if quiet {
         return Ok(());
+    }
+    if let Some(reason) = &stats.relayed_because {
+        eprintln!(
+            "note: {} cannot reach {} directly ({reason}); the paths went through this machine",
+            from.name, to.name
+        );
     }
     let secs = stats.elapsed.as_secs_f64();
     eprintln!(
@@ -40,6 +48,14 @@ pub async fn run(args: CopyArgs, quiet: bool) -> Result<(), Failure> {
         stats.already_present,
         stats.closure,
     );
+    if stats.direct_bytes > 0 {
+        eprintln!(
+            "{} of it went straight from {} to {}",
+            human_bytes(stats.direct_bytes),
+            from.name,
+            to.name
+        );
+    }
     Ok(())
 }
 
