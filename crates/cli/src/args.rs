@@ -533,21 +533,17 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE", env = env::OFFLOAD_SIGN_KEY)]
     pub sign_key: Option<PathBuf>,
 
-    /// Deliver the requested outputs' closures to this store instead of this machine's,
-    /// straight from the machines that hold them: `ssh://`, `ssh-ng://`, a binary cache
-    /// (`file:///DIR`, signed with --sign-key), any store `nix copy --to` takes. No
-    /// result links: the output paths are printed.
+    /// Deliver the requested outputs' closures here, straight from the machines holding
+    /// them: `ssh://`, `ssh-ng://`, `file:///DIR` (with --sign-key), … No result links.
     #[arg(long, value_name = "STORE", conflicts_with_all = ["through_daemon", "repair", "check"])]
     pub to: Option<String>,
 
-    /// Send every copy between machines through this one, as Nix does, instead of
-    /// letting builders that reach each other copy directly (for fleets whose builders
+    /// Send every copy between machines through this one, as Nix does (for builders that
     /// must not talk to each other, and for comparison).
     #[arg(long)]
     pub relay: bool,
 
-    /// Forward your ssh agent to the builders for the copies they make to each other
-    /// and to --to (otherwise their own ssh config and keys are used).
+    /// Forward your ssh agent to the builders for their copies to each other and to --to.
     #[arg(long)]
     pub forward_agent: bool,
 
@@ -576,10 +572,8 @@ pub struct CopyArgs {
     #[arg(long, value_name = "URI", required_unless_present = "from")]
     pub to: Option<String>,
 
-    /// Store to copy from. Default: the local store. With both --from and --to over
-    /// ssh, the source sends the paths straight to the destination itself (by the name
-    /// you use for it, with its own ssh config and keys); when it cannot, they stream
-    /// through offload.
+    /// Store to copy from. Default: the local store. Between two ssh stores the source
+    /// sends straight to the destination (its own ssh config and keys), else through here.
     #[arg(long, value_name = "URI")]
     pub from: Option<String>,
 
@@ -587,7 +581,7 @@ pub struct CopyArgs {
     #[arg(long)]
     pub relay: bool,
 
-    /// Forward your ssh agent to the source, for its copy to the destination.
+    /// Forward your ssh agent to the source for its copy.
     #[arg(long)]
     pub forward_agent: bool,
 
