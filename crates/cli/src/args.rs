@@ -66,11 +66,22 @@ pub enum Command {
     ///
     /// The graph comes from a JSON file, a real .drv closure (durations from the
     /// history), or a generator; machines from Nix's syntax plus an optional JSON file
-    /// with link figures and failures:
+    /// with link figures, failures, the builders' direct links and a delivery target:
     ///   {"bandwidth": 1e8, "latency": 0.005,
     ///    "links": {"HOST": {"bandwidth": 1e7, "latency": 0.05}},
     ///    "speeds": {"HOST": {"aarch64-linux": 0.2}},
-    ///    "failures": [{"machine": "HOST", "at": 30.0}]}
+    ///    "failures": [{"machine": "HOST", "at": 30.0}],
+    ///    "peers": {"bandwidth": 1e9, "latency": 0.3,
+    ///              "pairs": [{"from": "HOST", "to": "HOST2", "bandwidth": 5e7}],
+    ///              "unreachable": [{"from": "HOST", "to": "HOST3"}]},
+    ///    "target": {"name": "ssh://target", "bandwidth": 2.5e6, "latency": 0.02}}
+    /// `peers`: every builder sends to every other and to the target directly, at
+    /// these figures; `pairs` set others (both ways unless "one_way": true), and
+    /// `unreachable` pairs relay through the client. `target`: the requested outputs
+    /// and what they were built from ("closure": false: the outputs alone) go there
+    /// instead of home (as `offload build --to`), over the peer links or relayed;
+    /// the run ends when the last has arrived. The report then gives the bytes by
+    /// route: over the client's links, builder to builder, to the target.
     ///
     /// Examples:
     ///   offload simulate --generate nixpkgs:2000:1 --builders @machines --local-slots 8
@@ -350,6 +361,11 @@ pub struct SimulateArgs {
     /// The history for --from-drv estimates.
     #[arg(long, value_name = "FILE")]
     pub history: Option<PathBuf>,
+
+    /// As if every copy between builders (and to the target) relayed through the
+    /// client: the fleet file's `peers` left out.
+    #[arg(long)]
+    pub relay: bool,
 }
 
 /// Which machines a command uses: the same for `build`, `doctor` and `machines`.

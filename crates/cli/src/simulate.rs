@@ -13,9 +13,9 @@ use offload_driver::plan::{build_nodes, read_drv_closure};
 use offload_driver::{Endpoint, ServeConn, StateDb};
 use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
-use offload_sched::{Graph, MachineId, MachineSpec, NodeSpec, DEFAULT_OUTPUT_BYTES};
+use offload_sched::{Graph, MachineSpec, NodeSpec, DEFAULT_OUTPUT_BYTES};
 use offload_sim::dag::{generate, generate_fleet, shape_spec, DagFile};
-use offload_sim::fleet_file::FleetFile;
+use offload_sim::fleet_file::{Fleet, FleetFile};
 use offload_sim::report::unbuildable;
 use offload_sim::scenarios::{self, Knows};
 use offload_sim::Report;
@@ -126,11 +126,8 @@ async fn drv_graph(drv: &str, history: Option<&Path>) -> Result<Graph, Failure> 
     Graph::new(specs).map_err(Failure::usage)
 }
 
-/// The simulated machines as they are and as their machines file declares them (what
-/// a cold planner knows), and failures as (machine index, seconds).
-type SimFleet = (Vec<MachineSpec>, Vec<MachineSpec>, Vec<(MachineId, f64)>);
-
-fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
+/// The simulated fleet (as it is and as declared), with the fleet file's routes and failures.
+fn fleet(args: &SimulateArgs) -> Result<Fleet, Failure> {
     let local_system = NixSettings::load()
         .map(|s| s.system)
         .unwrap_or_else(|_| "x86_64-linux".into());
@@ -158,8 +155,9 @@ fn fleet(args: &SimulateArgs) -> Result<SimFleet, Failure> {
         declared.extend(generated.iter().cloned());
         machines.extend(generated);
     }
-    let failures = extra.failures(&machines).map_err(Failure::usage)?;
-    Ok((machines, declared, failures))
+    extra
+        .fleet(machines, declared, args.relay)
+        .map_err(Failure::usage)
 }
 
 /// "1 slot", "2 slots".
@@ -179,8 +177,8 @@ fn abbreviate(items: &[String], keep: usize) -> String {
 
 pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
     let graph = graph(&args).await?;
-    let (machines, declared, failures) = fleet(&args)?;
-    if machines.iter().all(|m| m.slots == 0) {
+    let f = fleet(&args)?;
+    if f.machines.iter().all(|m| m.slots == 0) {
         return Err(Failure::usage(anyhow!(
             "no machine has a build slot: give --builders/--machines or --local-slots"
         )));
@@ -193,9 +191,9 @@ pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
     let policies = args.policy.names();
     let mut reports: Vec<Report> = Vec::new();
     for p in policies {
-        let fleet = (machines.as_slice(), declared.as_slice());
+        let fleet = (f.machines.as_slice(), f.declared.as_slice());
         let trace = args.trace.is_some();
-        let report = scenarios::run(p, &graph, fleet, &failures, knows, trace)
+        let report = scenarios::run(p, &graph, fleet, f.delivery, &f.failures, knows, trace)
             .ok_or_else(|| Failure::usage(anyhow!("unknown policy {p}")))?;
         if let Some(path) = &args.trace {
             let path = if policies.len() > 1 {
@@ -221,7 +219,7 @@ pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
             out.push('\n');
         }
     } else {
-        out = table(&graph, &machines, &reports);
+        out = table(&graph, &f.machines, &reports);
     }
     crate::output::stdout(&out);
     Ok(())
@@ -268,6 +266,11 @@ fn table(graph: &Graph, machines: &[MachineSpec], reports: &[Report]) -> String 
             r.nodes,
             human_bytes(bytes)
         ));
+    }
+    for (r, b) in reports.iter().filter_map(|r| Some((r, r.bytes_by_route?))) {
+        let [c, p, t] = [b.client_links, b.builder_to_builder, b.to_target].map(human_bytes);
+        let line = format!("client links {c}, builder to builder {p}, to the target {t}");
+        out.push_str(&format!("{}: bytes by route: {line}\n", r.policy));
     }
     if let Some(r) = reports.first() {
         out.push_str(&format!(

@@ -1,8 +1,9 @@
 //! What offload learns from its builds and copies, as pure functions: how fast each
 //! machine builds each system, how long each derivation takes, how big its outputs are,
-//! how fast each link is, and when during a run to fit them again. The live driver
-//! (reading its state database) and the simulator's learning policy (reading the
-//! builds it simulated) both plan with this one model.
+//! how fast each link is (to the client, or straight between two builders), and when
+//! during a run to fit them again. The live driver (reading its state database) and the
+//! simulator's learning policy (reading the builds it simulated) both plan with this
+//! one model.
 //!
 //! Machines are keyed by their store URI as written ([`LOCAL_KEY`] for this machine),
 //! so a host reached with two stores, or with other parameters, is two machines.
@@ -17,6 +18,10 @@
 //! Layout:
 //! - [`speeds`]: the fit of work and speeds ([`fit`], [`Learned`]);
 //! - [`links`]: link figures from copies that landed and copies under way;
+//! - [`pairs`]: the direct links between two builders, learned by the same estimator
+//!   per ordered pair ([`PairLinks`]: record each timed copy from one builder to
+//!   another, read the [`offload_sched::Link`] back), with the prior of a pair not yet
+//!   measured ([`pair_prior`]: the better of the two machines' links to the client);
 //! - [`knowledge`]: all of it together, as the planner asks ([`Knowledge`]);
 //! - [`cadence`]: when a run fits again ([`Refits`]) and which figures moved;
 //! - [`estimate`]: where an estimate comes from, and package names;
@@ -30,6 +35,7 @@ pub mod cadence;
 pub mod estimate;
 pub mod knowledge;
 pub mod links;
+pub mod pairs;
 pub mod speeds;
 mod stats;
 
@@ -40,6 +46,7 @@ pub use links::{
     bound_under_way, link_figures, moved_link, slower_under_way, LinkFigures, Transfer,
     DEFAULT_BANDWIDTH, DEFAULT_LATENCY, RECENT_TRANSFERS, SLOWER_UNDER_WAY,
 };
+pub use pairs::{pair_prior, PairLinks};
 pub use speeds::{fit, Learned, RECENT_PER_CELL};
 
 /// What `machines` tables and the planner call this machine in the state.

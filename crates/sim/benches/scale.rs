@@ -42,8 +42,8 @@ fn main() {
             .expect("generated graph");
         let machines = fleet(m);
         let started = Instant::now();
-        let report =
-            run_policy("offload", &graph, &machines, None, &[], false, false).expect("policy");
+        let report = run_policy("offload", &graph, &machines, None, None, &[], false, false)
+            .expect("policy");
         let secs = started.elapsed().as_secs_f64();
         assert_eq!(report.built, n);
         println!(

@@ -3,12 +3,20 @@
 //! and a [`Policy`] deciding which build starts where.
 //!
 //! A build started on machine M at time t occupies a slot of M while (1) the inputs M
-//! lacks arrive — from the client, or from the machine that built them through the
-//! client —, (2) it runs for `duration / speed` plus the policy's fixed per-build cost,
-//! and (3) for policies that copy every output back (Nix's hook, Hydra), its outputs go
-//! to the client. Other policies copy only the requested outputs (the graph's sinks),
-//! each as soon as it is built, over its machine's link. Policies that decide one build
-//! at a time on the client add a serial dispatch cost per build.
+//! lacks arrive — from the client, from the machine that built them through the client,
+//! or straight from it over the pair's own link —, (2) it runs for `duration / speed`
+//! plus the policy's fixed per-build cost, and (3) for policies that copy every output
+//! back (Nix's hook, Hydra), its outputs go to the client. Other policies copy only the
+//! requested outputs (the graph's sinks), each as soon as it is built, over its
+//! machine's link. Policies that decide one build at a time on the client add a serial
+//! dispatch cost per build.
+//!
+//! With a delivery target ([`Delivery`]: `offload build --to STORE`), the requested
+//! outputs (and what they refer to) go there instead of home: each as soon as it and
+//! what it refers to are built and there, by the routes of the transfer model, never
+//! kept in the client; for a policy that copies every output back, from the client's
+//! store once every build has ended (`nix-build`, then `nix copy --to`). The run ends
+//! when the last has arrived.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -17,7 +25,7 @@ use offload_sched::{
     route, Direction, Graph, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
 };
 
-use crate::report::{Report, TraceEvent};
+use crate::report::{Report, RouteBytes, TraceEvent};
 
 /// Per-build costs of a policy, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,6 +42,12 @@ pub trait Policy {
     fn costs(&self) -> Costs;
     /// Whether each output is copied to the client right after its build.
     fn copies_outputs_back(&self) -> bool;
+    /// Whether builders send each other paths directly over their pair links
+    /// ([`MachineSpec::peers`]); else every copy leaves from the client's store or
+    /// relays through the client, as Nix's hook and Hydra do.
+    fn sends_directly(&self) -> bool {
+        false
+    }
     /// First starts.
     fn start(&mut self, now: f64) -> Vec<(NodeId, MachineId)>;
     /// A build ended successfully.
@@ -57,6 +71,17 @@ pub trait Policy {
     /// A copy crosses `machine`'s link alone (the client on its other end) from `start`
     /// until `end`, as the policy could time it; told when the copy starts.
     fn copy_sent(&mut self, _machine: MachineId, _bytes: u64, _start: f64, _end: f64) {}
+    /// A copy goes straight from `from` to `to` over the pair's own link from `start`
+    /// until `end`; told when the copy starts.
+    fn pair_copy_sent(
+        &mut self,
+        _from: MachineId,
+        _to: MachineId,
+        _bytes: u64,
+        _start: f64,
+        _end: f64,
+    ) {
+    }
     /// A copy of the node's outputs landed on `machine` (kept in the client's store
     /// on the way to a builder).
     fn outputs_at(
@@ -95,23 +120,77 @@ impl PartialOrd for Pending {
     }
 }
 
-/// Sends `bytes` along `r` from `ready` on; returns the arrival, and the copy as the
-/// client times it when it crosses one link alone: (that link's machine, start, end).
+/// Where the requested outputs go instead of home: a machine of the fleet that builds
+/// nothing (`offload build --to STORE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub target: MachineId,
+    /// Whether each requested output goes with every output it was built from (its
+    /// closure, when outputs refer to their inputs as `scripts/gen-dag.py`'s do), or
+    /// alone.
+    pub closure: bool,
+}
+
+/// A copy as it can be timed: over one link alone (that link's machine), or over a
+/// pair link (from, to); with its start.
+#[derive(Debug, Clone, Copy)]
+enum Timed {
+    Link(MachineId, f64),
+    Pair(MachineId, MachineId, f64),
+}
+
+/// Sends `bytes` along `r` from `ready` on; returns the arrival, and the copy as it
+/// can be timed: over one link alone (the client on its other end), or over a pair's.
 fn send(
     links: &mut Links,
     machines: &[MachineSpec],
     r: &Route,
     bytes: u64,
     ready: f64,
-) -> (f64, Option<(MachineId, f64)>) {
+) -> (f64, Option<Timed>) {
     let timed = match (r.kind, r.from) {
         (RouteKind::Direct, None) => Some((r.to, Direction::ToMachine)),
         (RouteKind::Direct, Some(from)) => Some((from, Direction::FromMachine)),
         _ => None,
     }
     .filter(|&(m, _)| !machines[m].is_local)
-    .map(|(m, d)| (m, ready.max(links.free_at(m, d))));
+    .map(|(m, d)| Timed::Link(m, ready.max(links.free_at(m, d))));
+    let timed = match (r.kind, r.from) {
+        (RouteKind::Peer, Some(from)) => Some(Timed::Pair(
+            from,
+            r.to,
+            ready.max(links.pair_free_at(from, r.to)),
+        )),
+        _ => timed,
+    };
     (links.send(machines, r, bytes, ready), timed)
+}
+
+/// Tells `policy` of a copy it can time.
+fn tell(policy: &mut dyn Policy, timed: Option<Timed>, bytes: u64, end: f64) {
+    match timed {
+        Some(Timed::Link(m, start)) => policy.copy_sent(m, bytes, start, end),
+        Some(Timed::Pair(from, to, start)) => policy.pair_copy_sent(from, to, bytes, start, end),
+        None => {}
+    }
+}
+
+/// The nodes whose outputs go to a delivery target: the requested ones (the graph's
+/// sinks), and with `closure` every node they were built from.
+fn delivered_nodes(graph: &Graph, closure: bool) -> Vec<bool> {
+    let mut delivered: Vec<bool> = (0..graph.len())
+        .map(|i| graph.dependents(i).is_empty())
+        .collect();
+    if closure {
+        for &id in graph.topo_order().iter().rev() {
+            if delivered[id] {
+                for &d in &graph.node(id).deps {
+                    delivered[d] = true;
+                }
+            }
+        }
+    }
+    delivered
 }
 
 /// The machine the client runs on, if it is in the fleet.
@@ -140,22 +219,40 @@ struct World<'a> {
     /// Each machine's link to the client: inputs sent to it or streamed from it, and
     /// requested outputs copied back as each is built, queue on it.
     links: Links,
-    /// When the last requested output copied back so far reaches the client.
+    /// When the last requested output copied back so far reaches the client (or the
+    /// delivery target).
     copied_back: f64,
     now: f64,
     finished: usize,
+    delivery: Option<Delivery>,
+    /// With a delivery: the nodes whose outputs go to the target, and when each arrives
+    /// there (infinite: not yet sent); the bytes sent there.
+    delivered: Vec<bool>,
+    delivered_at: Vec<f64>,
+    to_target: u64,
+    /// Of those, the bytes sent over pair links.
+    peer_to_target: u64,
+    /// Whether the report breaks bytes down by route (a fleet with pair links or a
+    /// delivery target).
+    routes: bool,
 }
 
 /// What starting builds did that the policy hears of: copies kept in the client's
-/// store, and copies sent over one link alone (machine, bytes, start, end).
+/// store, and copies it can time (how, bytes, end).
 #[derive(Default)]
 struct Started {
     landed: Vec<(NodeId, MachineId)>,
-    sent: Vec<(MachineId, u64, f64, f64)>,
+    sent: Vec<(Timed, u64, f64)>,
 }
 
 impl<'a> World<'a> {
-    fn new(graph: &'a Graph, machines: &'a [MachineSpec], costs: Costs, trace: bool) -> Self {
+    fn new(
+        graph: &'a Graph,
+        machines: &'a [MachineSpec],
+        costs: Costs,
+        trace: bool,
+        delivery: Option<Delivery>,
+    ) -> Self {
         let n = graph.len();
         World {
             graph,
@@ -177,6 +274,12 @@ impl<'a> World<'a> {
             copied_back: 0.0,
             now: 0.0,
             finished: 0,
+            delivered: delivery.map_or_else(Vec::new, |d| delivered_nodes(graph, d.closure)),
+            delivered_at: vec![f64::INFINITY; if delivery.is_some() { n } else { 0 }],
+            delivery,
+            to_target: 0,
+            peer_to_target: 0,
+            routes: false,
         }
     }
 
@@ -255,8 +358,8 @@ impl<'a> World<'a> {
                 continue;
             }
             let (arrival, timed) = send(&mut self.links, machines, &r, bytes, arrived);
-            if let Some((link, start)) = timed {
-                started.sent.push((link, bytes, start, arrival));
+            if let Some(timed) = timed {
+                started.sent.push((timed, bytes, arrival));
             }
             arrived = arrival;
             if r.keeps_in_client() {
@@ -309,25 +412,88 @@ impl<'a> World<'a> {
         self.on_machine[p.node].push(p.machine);
         if policy.copies_outputs_back() || Some(p.machine) == self.client {
             self.at_client[p.node] = true;
-        } else if self.graph.dependents(p.node).is_empty() {
+        } else if self.delivery.is_none() && self.graph.dependents(p.node).is_empty() {
             let bytes = self.graph.node(p.node).output_bytes;
             // Home over its machine's link (the client may not be in the fleet).
             let home = Route::home(p.machine, self.client.unwrap_or(p.machine));
             let (arrival, timed) = send(&mut self.links, self.machines, &home, bytes, self.now);
-            if let Some((link, start)) = timed {
-                policy.copy_sent(link, bytes, start, arrival);
-            }
+            tell(policy, timed, bytes, arrival);
             self.copied_back = self.copied_back.max(arrival);
             self.at_client[p.node] = true;
+        }
+        if !policy.copies_outputs_back() {
+            self.deliver(p.node, self.now, Some(&mut *policy));
         }
         true
     }
 
+    /// Sends the outputs of `node` to the delivery target, if they go there, by the
+    /// quickest route from where they are, once what they refer to has arrived there
+    /// and no earlier than `ready`; `policy` is told of the copy it can time.
+    fn deliver(&mut self, node: NodeId, ready: f64, policy: Option<&mut dyn Policy>) {
+        let Some(d) = self.delivery else { return };
+        if !self.delivered[node] || self.delivered_at[node].is_finite() {
+            return;
+        }
+        let graph = self.graph;
+        let ready = if d.closure {
+            graph
+                .node(node)
+                .deps
+                .iter()
+                .map(|&dep| self.delivered_at[dep])
+                .filter(|at| at.is_finite())
+                .fold(ready, f64::max)
+        } else {
+            ready
+        };
+        let bytes = graph.node(node).output_bytes;
+        let Some(r) = route(
+            self.machines,
+            &self.on_machine[node],
+            self.at_client[node],
+            d.target,
+            0,
+            bytes,
+        ) else {
+            return;
+        };
+        let (arrival, timed) = send(&mut self.links, self.machines, &r, bytes, ready);
+        if let Some(policy) = policy {
+            tell(policy, timed, bytes, arrival);
+        }
+        self.to_target += bytes;
+        if r.kind == RouteKind::Peer {
+            self.peer_to_target += bytes;
+        }
+        self.delivered_at[node] = arrival;
+        self.copied_back = self.copied_back.max(arrival);
+    }
+
+    /// For a policy that copies every output back: what goes to the delivery target,
+    /// from the client's store once every build has ended, in dependency order.
+    fn deliver_from_client(&mut self) {
+        if self.delivery.is_none() {
+            return;
+        }
+        let start = self.now.max(self.copied_back);
+        for i in 0..self.graph.len() {
+            let node = self.graph.topo_order()[i];
+            if self.done[node] {
+                self.deliver(node, start, None);
+            }
+        }
+    }
+
     /// The report of the run so far, ended when the last requested output has reached
     /// the client.
-    fn report(self, policy: &dyn Policy) -> Report {
+    fn report(mut self, policy: &dyn Policy) -> Report {
+        if policy.copies_outputs_back() {
+            self.deliver_from_client();
+        }
         let makespan = self.copied_back.max(self.now);
-        Report::new(
+        let routes = self.route_bytes();
+        let mut report = Report::new(
             policy.name(),
             self.graph,
             self.machines,
@@ -336,19 +502,48 @@ impl<'a> World<'a> {
             self.busy,
             self.links.bytes().to_vec(),
             self.trace_events,
-        )
+        );
+        report.bytes_by_route = self.routes.then_some(routes);
+        report
+    }
+
+    /// The bytes the run moved, by route.
+    fn route_bytes(&self) -> RouteBytes {
+        RouteBytes {
+            client_links: self.links.bytes().iter().sum(),
+            builder_to_builder: self.links.peer_bytes() - self.peer_to_target,
+            to_target: self.to_target,
+        }
     }
 }
 
-/// Runs `policy` on `graph` over `machines`, with `failures` (machine, time).
+/// Runs `policy` on `graph` over `machines`, with `failures` (machine, time); the
+/// requested outputs go home, or to `delivery`'s target.
 pub fn simulate(
     graph: &Graph,
     machines: &[MachineSpec],
+    delivery: Option<Delivery>,
     failures: &[(MachineId, f64)],
     policy: &mut dyn Policy,
     trace: bool,
 ) -> Report {
-    let mut world = World::new(graph, machines, policy.costs(), trace);
+    // A policy that sends nothing directly sees a fleet without pair links.
+    let relayed: Vec<MachineSpec>;
+    let peers = machines.iter().any(|m| !m.peers.is_empty());
+    let machines = if !policy.sends_directly() && peers {
+        relayed = machines
+            .iter()
+            .map(|m| MachineSpec {
+                peers: Vec::new(),
+                ..m.clone()
+            })
+            .collect();
+        &relayed
+    } else {
+        machines
+    };
+    let mut world = World::new(graph, machines, policy.costs(), trace, delivery);
+    world.routes = peers || delivery.is_some();
     let mut failures: Vec<(MachineId, f64)> = failures.to_vec();
     failures.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut starts = policy.start(world.now);
@@ -360,8 +555,8 @@ pub fn simulate(
             let copies_back = policy.copies_outputs_back();
             world.start(node, m, copies_back, &mut started);
         }
-        for (link, bytes, start, end) in started.sent {
-            policy.copy_sent(link, bytes, start, end);
+        for (timed, bytes, end) in started.sent {
+            tell(policy, Some(timed), bytes, end);
         }
         for (d, c) in started.landed {
             starts.extend(policy.outputs_at(d, c, world.now));

@@ -23,7 +23,7 @@ pub mod scenarios;
 
 use offload_sched::{Graph, MachineId, MachineSpec};
 
-pub use engine::{simulate, Costs};
+pub use engine::{simulate, Costs, Delivery};
 pub use report::Report;
 
 /// Costs calibrated against loopback runs of Nix 2.8 and offload (see the README).
@@ -57,12 +57,18 @@ pub mod calibration {
 ///
 /// `declared` is the fleet as its machines file says (speed factors, no links known),
 /// which a cold offload plans with while builds and copies take `machines`' true
-/// speeds and links; None: the same as `machines`.
+/// speeds and links; None: the same as `machines`. The requested outputs go home, or
+/// to `delivery`'s target.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the run's parts, as the CLI and the tests give them"
+)]
 pub fn run_policy(
     name: &str,
     graph: &Graph,
     machines: &[MachineSpec],
     declared: Option<&[MachineSpec]>,
+    delivery: Option<Delivery>,
     failures: &[(MachineId, f64)],
     cold: bool,
     trace: bool,
@@ -79,15 +85,16 @@ pub fn run_policy(
             if cold {
                 p.guess_durations(&(0..graph.len()).collect::<Vec<_>>());
             }
-            simulate(graph, machines, failures, &mut p, trace)
+            p.outputs_stay_away(delivery.is_some());
+            simulate(graph, machines, delivery, failures, &mut p, trace)
         }
         "nix" => {
             let mut p = NixPolicy::new(graph.clone(), machines.to_vec(), calibration::NIX);
-            simulate(graph, machines, failures, &mut p, trace)
+            simulate(graph, machines, delivery, failures, &mut p, trace)
         }
         "hydra" => {
             let mut p = HydraPolicy::new(graph.clone(), machines.to_vec(), calibration::HYDRA);
-            simulate(graph, machines, failures, &mut p, trace)
+            simulate(graph, machines, delivery, failures, &mut p, trace)
         }
         _ => return None,
     };

@@ -28,12 +28,28 @@ pub struct Report {
     pub nodes: usize,
     /// Bytes moved between the client and each machine.
     pub bytes_per_link: Vec<(String, u64)>,
+    /// Bytes moved by route, for fleets with pair links or a delivery target (`None`
+    /// for others, and left out of the JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_by_route: Option<RouteBytes>,
     /// Keys of the nodes on the duration-weighted critical path, first to last.
     pub critical_path: Vec<String>,
     #[serde(skip)]
     pub trace: Vec<TraceEvent>,
     #[serde(skip)]
     machine_names: Vec<String>,
+}
+
+/// The bytes a run moved, by route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RouteBytes {
+    /// Over the links between the client and each machine (the target's included): a
+    /// relayed copy counts on both machines' links.
+    pub client_links: u64,
+    /// Straight from one builder to another, over pair links.
+    pub builder_to_builder: u64,
+    /// To the delivery target, by any route.
+    pub to_target: u64,
 }
 
 /// The lower bound of any schedule of `graph` on `machines`
@@ -146,6 +162,7 @@ impl Report {
                 .filter(|(m, _)| !m.is_local)
                 .map(|(m, b)| (m.name.clone(), b))
                 .collect(),
+            bytes_by_route: None,
             critical_path,
             trace,
             machine_names: machines.iter().map(|m| m.name.clone()).collect(),

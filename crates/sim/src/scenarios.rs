@@ -7,7 +7,7 @@ use offload_learn::{BuildRow, EstimateSource, Knowledge};
 use offload_sched::{Graph, MachineId, MachineSpec, NodeSpec, DEFAULT_OUTPUT_BYTES};
 
 use crate::policy::learning::{local_system, newest_first, state_key, LearningPolicy};
-use crate::{run_policy, simulate, with_unknown_durations, Report};
+use crate::{run_policy, simulate, with_unknown_durations, Delivery, Report};
 
 /// What offload plans a simulated run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,25 +23,28 @@ pub enum Knows {
 
 /// Runs the named policy (`offload`, `nix`, `hydra`) on `graph` over `machines` (as they
 /// are; `declared` as their machines file says), with `failures` (machine, seconds into
-/// the run), offload knowing what `knows` says; `None` for an unknown policy. Nix's
-/// hook and Hydra learn nothing, so they run alike whatever offload knows.
+/// the run), offload knowing what `knows` says, the requested outputs going home or to
+/// `delivery`'s target; `None` for an unknown policy. Nix's hook and Hydra learn
+/// nothing, so they run alike whatever offload knows.
 pub fn run(
     name: &str,
     graph: &Graph,
     fleet: (&[MachineSpec], &[MachineSpec]),
+    delivery: Option<Delivery>,
     failures: &[(MachineId, f64)],
     knows: Knows,
     trace: bool,
 ) -> Option<Report> {
     let (machines, declared) = fleet;
     match (name, knows) {
-        ("offload", Knows::SecondRun) => Some(second_run(graph, fleet, failures, trace)),
-        ("offload", Knows::FirstRun) => Some(first_run(graph, fleet, failures, trace).0),
+        ("offload", Knows::SecondRun) => Some(second_run(graph, fleet, delivery, failures, trace)),
+        ("offload", Knows::FirstRun) => Some(first_run(graph, fleet, delivery, failures, trace).0),
         _ => run_policy(
             name,
             graph,
             machines,
             Some(declared),
+            delivery,
             failures,
             knows == Knows::FirstRun,
             trace,
@@ -55,6 +58,7 @@ pub fn run(
 pub fn first_run(
     graph: &Graph,
     fleet: (&[MachineSpec], &[MachineSpec]),
+    delivery: Option<Delivery>,
     failures: &[(MachineId, f64)],
     trace: bool,
 ) -> (Report, Vec<BuildRow>) {
@@ -81,7 +85,8 @@ pub fn first_run(
         Vec::new(),
         "first",
     );
-    let report = simulate(graph, machines, failures, &mut policy, trace);
+    policy.outputs_stay_away(delivery.is_some());
+    let report = simulate(graph, machines, delivery, failures, &mut policy, trace);
     (report, policy.into_rows())
 }
 
@@ -92,20 +97,22 @@ pub fn first_run(
 pub fn second_run(
     graph: &Graph,
     fleet: (&[MachineSpec], &[MachineSpec]),
+    delivery: Option<Delivery>,
     failures: &[(MachineId, f64)],
     trace: bool,
 ) -> Report {
     let (machines, _) = fleet;
-    let (_, rows) = first_run(graph, fleet, failures, false);
+    let (_, rows) = first_run(graph, fleet, delivery, failures, false);
     let (planning, guessed, believed) = taught(graph, fleet, &rows);
     let mut policy =
         LearningPolicy::new(fleet, graph, planning, &guessed, believed, rows, "second");
-    simulate(graph, machines, failures, &mut policy, trace)
+    policy.outputs_stay_away(delivery.is_some());
+    simulate(graph, machines, delivery, failures, &mut policy, trace)
 }
 
 /// What `rows` (a first run's builds, oldest first) teach a second run on `fleet`: the
 /// graph with the estimates fitted from them, the nodes whose estimates are still
-/// guesses, and the machines as fitted (their links as they are).
+/// guesses, and the machines as fitted (their links, pair links too, as they are).
 pub fn taught(
     graph: &Graph,
     fleet: (&[MachineSpec], &[MachineSpec]),
@@ -135,6 +142,7 @@ pub fn taught(
             learned.apply_to(&state_key(&spec), &mut spec);
             spec.bandwidth = truth.bandwidth;
             spec.latency = truth.latency;
+            spec.peers = truth.peers.clone();
             spec
         })
         .collect();

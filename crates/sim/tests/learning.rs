@@ -119,7 +119,7 @@ fn check(
 fn a_builder_three_times_slower_than_declared_is_planned_slower_the_next_time() {
     let graph = generate("layered", 60, 1).unwrap().to_graph().unwrap();
     let (truth, declared) = fleet(2, &[2, 2, 2], 3.0);
-    let (first, rows) = first_run(&graph, (&truth, &declared), &[], true);
+    let (first, rows) = first_run(&graph, (&truth, &declared), None, &[], true);
     check(&graph, &truth, &[], &first).unwrap();
     assert!(rows.iter().any(|r| r.machine == "ssh://b0"));
     assert!(rows.iter().any(|r| r.machine == LOCAL_KEY));
@@ -127,7 +127,7 @@ fn a_builder_three_times_slower_than_declared_is_planned_slower_the_next_time() 
     // Declared 1, truly 1/3: planned within a half of the truth, the others near 1.
     assert!((0.2..0.5).contains(&believed[1].speed), "{:?}", believed[1]);
     assert!(believed[2].speed > 0.6, "{:?}", believed[2]);
-    let second = second_run(&graph, (&truth, &declared), &[], true);
+    let second = second_run(&graph, (&truth, &declared), None, &[], true);
     check(&graph, &truth, &[], &second).unwrap();
     assert!(
         second.makespan_s < first.makespan_s,
@@ -155,7 +155,7 @@ proptest! {
         // A builder lost a little into the run, when there is one.
         let failures: Vec<(MachineId, f64)> = if fail && truth.len() > 1 { vec![(1, 1.5)] } else { Vec::new() };
         for knows in [Knows::FirstRun, Knows::SecondRun] {
-            let r = run("offload", &graph, (&truth, &declared), &failures, knows, true).unwrap();
+            let r = run("offload", &graph, (&truth, &declared), None, &failures, knows, true).unwrap();
             check(&graph, &truth, &failures, &r)?;
         }
     }
@@ -176,7 +176,7 @@ fn what_first_runs_teach_of_a_slow_builder_moves_towards_the_truth() {
             let n = 40 + (seed as usize * 7) % 80;
             let graph = generate("layered", n, seed).unwrap().to_graph().unwrap();
             let (truth, declared) = fleet(2, &[2, 2, 2], slow);
-            let (_, rows) = first_run(&graph, (&truth, &declared), &[], false);
+            let (_, rows) = first_run(&graph, (&truth, &declared), None, &[], false);
             let (_, _, believed) = taught(&graph, (&truth, &declared), &rows);
             let learned = believed[1].speed;
             if learned < 1.0 && learned >= 1.0 / slow.powf(1.5) {

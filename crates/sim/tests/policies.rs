@@ -30,9 +30,9 @@ fn fleet() -> Vec<MachineSpec> {
 fn offload_plans_closest_to_the_bound_on_a_layered_graph() {
     let graph = generate("layered", 40, 1).unwrap().to_graph().unwrap();
     let machines = fleet();
-    let off = run_policy("offload", &graph, &machines, None, &[], false, false).unwrap();
-    let nix = run_policy("nix", &graph, &machines, None, &[], false, false).unwrap();
-    let hydra = run_policy("hydra", &graph, &machines, None, &[], false, false).unwrap();
+    let off = run_policy("offload", &graph, &machines, None, None, &[], false, false).unwrap();
+    let nix = run_policy("nix", &graph, &machines, None, None, &[], false, false).unwrap();
+    let hydra = run_policy("hydra", &graph, &machines, None, None, &[], false, false).unwrap();
     for r in [&off, &nix, &hydra] {
         assert_eq!(r.built, 40, "{}", r.policy);
         assert!(r.makespan_s >= r.lower_bound_s - 1e-9, "{}", r.policy);
@@ -53,11 +53,12 @@ fn a_failing_machine_costs_time_but_no_builds() {
     let graph = generate("wide", 60, 3).unwrap().to_graph().unwrap();
     let machines = fleet();
     for policy in ["offload", "nix", "hydra"] {
-        let ok = run_policy(policy, &graph, &machines, None, &[], false, false).unwrap();
+        let ok = run_policy(policy, &graph, &machines, None, None, &[], false, false).unwrap();
         let failed = run_policy(
             policy,
             &graph,
             &machines,
+            None,
             None,
             &[(1, 1.0), (2, 2.0)],
             false,
@@ -77,7 +78,7 @@ fn a_failing_machine_costs_time_but_no_builds() {
 #[test]
 fn traces_are_chrome_trace_events() {
     let graph = generate("chain", 5, 1).unwrap().to_graph().unwrap();
-    let r = run_policy("offload", &graph, &fleet(), None, &[], false, true).unwrap();
+    let r = run_policy("offload", &graph, &fleet(), None, None, &[], false, true).unwrap();
     let trace = r.chrome_trace();
     let events = trace["traceEvents"].as_array().unwrap();
     let builds: Vec<_> = events.iter().filter(|e| e["ph"] == "X").collect();
@@ -109,11 +110,11 @@ proptest! {
         let graph = generate(shape, n, seed).unwrap().to_graph().unwrap();
         let machines = fleet();
         for policy in ["offload", "nix", "hydra"] {
-            let mut r = run_policy(policy, &graph, &machines, None, &[(2, 1.5)], cold, false).unwrap();
+            let mut r = run_policy(policy, &graph, &machines, None, None, &[(2, 1.5)], cold, false).unwrap();
             if policy == "nix" {
                 // Builds lost with the machine fail, and so do their dependents.
                 prop_assert!(r.built <= n);
-                r = run_policy(policy, &graph, &machines, None, &[], cold, false).unwrap();
+                r = run_policy(policy, &graph, &machines, None, None, &[], cold, false).unwrap();
             }
             prop_assert_eq!(r.built, n, "{} did not finish", policy);
             prop_assert!(r.makespan_s + 1e-9 >= r.lower_bound_s, "{} beat the lower bound", policy);
@@ -139,7 +140,7 @@ proptest! {
         }
         let expected = buildable.iter().filter(|&&b| b).count();
         for policy in ["offload", "nix", "hydra"] {
-            let r = run_policy(policy, &graph, &fleet, None, &[], false, false).unwrap();
+            let r = run_policy(policy, &graph, &fleet, None, None, &[], false, false).unwrap();
             prop_assert_eq!(r.built, expected, "{} did not finish", policy);
             if expected == n {
                 prop_assert!(r.makespan_s + 1e-9 >= r.lower_bound_s, "{} beat the lower bound", policy);

@@ -5,14 +5,15 @@
 //! the build is recorded as the state records it (its own time, at its machine's true
 //! speed), and as often as the driver's cadence says ([`Refits`]) the machines' speeds
 //! are fitted again with the earlier runs' builds and this one's so far, and the links
-//! with the copies that landed; those that moved by more than a tenth replace the
+//! with the copies that landed (each pair link between two builders with the direct
+//! copies over it, as [`PairLinks`]); those that moved by more than a tenth replace the
 //! planned ones.
 
 use offload_learn::{
-    bound_under_way, link_figures, moved_link, slower_under_way, BuildRow, Knowledge, Refits,
-    Transfer, LOCAL_KEY, RECENT_TRANSFERS, ROWS_READ,
+    bound_under_way, link_figures, moved, moved_link, slower_under_way, BuildRow, Knowledge,
+    PairLinks, Refits, Transfer, LOCAL_KEY, RECENT_TRANSFERS, ROWS_READ,
 };
-use offload_sched::{Graph, MachineId, MachineSpec, NodeId};
+use offload_sched::{Graph, Link, MachineId, MachineSpec, NodeId};
 
 use crate::engine::{Costs, Policy};
 use crate::policy::OffloadPolicy;
@@ -36,6 +37,10 @@ pub struct LearningPolicy<'a> {
     /// until they land; then their timings per machine.
     copies: Vec<(MachineId, u64, f64, f64)>,
     landed: Vec<Vec<Transfer>>,
+    /// Direct copies between two builders: (from, to, bytes, start, end) until they
+    /// land; then their timings per pair.
+    pair_copies: Vec<(MachineId, MachineId, u64, f64, f64)>,
+    pairs: PairLinks<MachineId>,
 }
 
 impl<'a> LearningPolicy<'a> {
@@ -73,7 +78,14 @@ impl<'a> LearningPolicy<'a> {
             guessing_outputs: !guessed.is_empty(),
             copies: Vec::new(),
             landed: vec![Vec::new(); machines.len()],
+            pair_copies: Vec::new(),
+            pairs: PairLinks::default(),
         }
+    }
+
+    /// Whether the requested outputs go to a delivery target rather than home.
+    pub fn outputs_stay_away(&mut self, away: bool) {
+        self.policy.outputs_stay_away(away);
     }
 
     /// The builds in the state after the run: the earlier runs' and this one's, oldest
@@ -158,6 +170,42 @@ impl<'a> LearningPolicy<'a> {
                 self.policy.set_link(m, link.bandwidth, link.latency);
             }
         }
+        self.pairs_landed(now);
+    }
+
+    /// Pair links fitted with the direct copies that landed by `now`.
+    fn pairs_landed(&mut self, now: f64) {
+        let (landed, under_way): (Vec<_>, Vec<_>) = self
+            .pair_copies
+            .iter()
+            .partition(|&&(_, _, _, _, end)| end <= now);
+        self.pair_copies = under_way;
+        if landed.is_empty() {
+            return;
+        }
+        for &(from, to, bytes, start, end) in &landed {
+            self.pairs.record(from, to, bytes, end - start, 1);
+        }
+        let mut pairs: Vec<(MachineId, MachineId)> =
+            landed.iter().map(|&(from, to, ..)| (from, to)).collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        for (from, to) in pairs {
+            let Some(planned) = self.planned[from].peer_link(to).copied() else {
+                continue;
+            };
+            let Some(f) = self.pairs.figures(&from, &to) else {
+                continue;
+            };
+            if moved(planned.bandwidth, f.bandwidth) {
+                let link = Link {
+                    bandwidth: f.bandwidth,
+                    latency: f.latency,
+                };
+                self.planned[from].set_peer_link(to, Some(link));
+                self.policy.set_peer_link(from, to, Some(link));
+            }
+        }
     }
 }
 
@@ -174,6 +222,10 @@ impl Policy for LearningPolicy<'_> {
         self.policy.copies_outputs_back()
     }
 
+    fn sends_directly(&self) -> bool {
+        self.policy.sends_directly()
+    }
+
     fn start(&mut self, now: f64) -> Vec<(NodeId, MachineId)> {
         self.policy.start(now)
     }
@@ -187,6 +239,10 @@ impl Policy for LearningPolicy<'_> {
 
     fn copy_sent(&mut self, machine: MachineId, bytes: u64, start: f64, end: f64) {
         self.copies.push((machine, bytes, start, end));
+    }
+
+    fn pair_copy_sent(&mut self, from: MachineId, to: MachineId, bytes: u64, start: f64, end: f64) {
+        self.pair_copies.push((from, to, bytes, start, end));
     }
 
     fn machine_lost(

@@ -404,7 +404,7 @@ mod tests {
     /// Start time of each node, from a traced run.
     fn starts(graph: &Graph, machines: Vec<MachineSpec>) -> Vec<(String, usize, f64)> {
         let mut p = NixPolicy::new(graph.clone(), machines.clone(), NIX);
-        let report = simulate(graph, &machines, &[], &mut p, true);
+        let report = simulate(graph, &machines, None, &[], &mut p, true);
         assert_eq!(report.built, graph.len());
         let mut starts: Vec<_> = report
             .trace

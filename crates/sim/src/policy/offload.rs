@@ -1,6 +1,8 @@
 //! offload's own policy: the real scheduler of `offload-sched`, unchanged.
 
-use offload_sched::{Action, Event, Graph, MachineId, MachineSpec, NodeId, Outcome, Scheduler};
+use offload_sched::{
+    Action, Event, Graph, Link, MachineId, MachineSpec, NodeId, Outcome, Scheduler,
+};
 
 use crate::engine::{Costs, Policy};
 
@@ -33,6 +35,17 @@ impl OffloadPolicy {
     /// The machine's link as a fit during the run says.
     pub fn set_link(&mut self, machine: MachineId, bandwidth: f64, latency: f64) {
         self.sched.set_link(machine, bandwidth, latency);
+    }
+
+    /// Whether the requested outputs go to a delivery target rather than home
+    /// ([`Scheduler::outputs_stay_away`]).
+    pub fn outputs_stay_away(&mut self, away: bool) {
+        self.sched.outputs_stay_away(away);
+    }
+
+    /// A pair link as a fit during the run says ([`Scheduler::set_peer_link`]).
+    pub fn set_peer_link(&mut self, from: MachineId, to: MachineId, link: Option<Link>) {
+        self.sched.set_peer_link(from, to, link);
     }
 
     /// Which nodes' durations the policy guesses ([`Scheduler::guess_durations`]).
@@ -72,6 +85,10 @@ impl Policy for OffloadPolicy {
 
     fn copies_outputs_back(&self) -> bool {
         false
+    }
+
+    fn sends_directly(&self) -> bool {
+        true
     }
 
     fn start(&mut self, now: f64) -> Vec<(NodeId, MachineId)> {
