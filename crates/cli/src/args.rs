@@ -42,7 +42,7 @@ pub enum Command {
     ///   offload copy --from 'ssh://localhost?remote-store=/tmp/fleet/m1' /nix/store/…-hello
     ///   offload copy --from ssh://builder1 --to ssh://builder2 /nix/store/…-hello
     #[command(verbatim_doc_comment)]
-    Copy(CopyArgs),
+    Copy(crate::copy::CopyArgs),
 
     /// Build derivations over the fleet and the local machine, planned as one graph.
     ///
@@ -579,38 +579,4 @@ pub struct BuildArgs {
     /// goes to stdout. The README lists the fields.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct CopyArgs {
-    /// Store to copy to: `ssh://[user@]host[?remote-store=DIR]`, `local`, or a chroot
-    /// store directory. Default: the local store.
-    #[arg(long, value_name = "URI", required_unless_present = "from")]
-    pub to: Option<String>,
-
-    /// Store to copy from. Default: the local store. Between two ssh stores the source
-    /// sends straight to the destination (its own ssh config and keys), else through here.
-    #[arg(long, value_name = "URI")]
-    pub from: Option<String>,
-
-    /// Between two machines, stream everything through this one.
-    #[arg(long)]
-    pub relay: bool,
-
-    /// Forward your ssh agent to the source for its copy.
-    #[arg(long)]
-    pub forward_agent: bool,
-
-    /// What "the local store" means: `local` (this machine's store) or a chroot store
-    /// directory.
-    #[arg(long, value_name = "URI", default_value = "local")]
-    pub store: String,
-
-    /// Transfers in flight at once.
-    #[arg(short, long, value_name = "N", default_value_t = 4)]
-    pub jobs: usize,
-
-    /// Store paths whose closures to copy.
-    #[arg(required = true, value_name = "PATH")]
-    pub paths: Vec<PathBuf>,
 }

@@ -66,6 +66,26 @@ pub struct RouteBytes {
     pub to_target: u64,
 }
 
+impl RouteBytes {
+    /// The bytes as the summary says them, naming the `--to` store; None when the run
+    /// moved none.
+    pub fn describe(&self, delivered_to: Option<&str>) -> Option<String> {
+        use crate::reporter::human_bytes;
+        if *self == RouteBytes::default() {
+            return None;
+        }
+        let mut text = format!(
+            "bytes moved: {} over this machine's links, {} builder to builder",
+            human_bytes(self.client_links),
+            human_bytes(self.builder_to_builder)
+        );
+        if let Some(target) = delivered_to {
+            text.push_str(&format!(", {} to {target}", human_bytes(self.to_target)));
+        }
+        Some(text)
+    }
+}
+
 /// Keeps `run` in the state database for `offload report`; a run that cannot be kept is
 /// reported, not failed.
 pub fn record(history: &StateDb, run: &RunReport) {

@@ -42,21 +42,6 @@ impl Default for CopyOptions {
     }
 }
 
-/// Bytes in the units Nix prints (KiB, MiB, GiB), for people.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
 /// What a copy did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CopyStats {
@@ -176,16 +161,4 @@ async fn copy_with(
     engine.learn_closure(SOURCE, paths).await?;
     engine.ensure_on(TARGET, paths, None, false).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bytes_read_well() {
-        assert_eq!(human_bytes(100), "100 B");
-        assert_eq!(human_bytes(2048), "2.0 KiB");
-        assert_eq!(human_bytes(200 * 1024 * 1024), "200.0 MiB");
-    }
 }

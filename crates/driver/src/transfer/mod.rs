@@ -42,8 +42,9 @@ mod reach;
 pub mod routes;
 mod send;
 
+pub use crate::reporter::human_bytes;
 pub use crate::state::report::RouteBytes;
-pub use copy::{copy_closure, human_bytes, CopyFailure, CopyOptions, CopyStats};
+pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use deliver::{Delivered, DeliveryTarget};
 pub use paths::PathRegistry;
 pub use peer::{PeerRecord, Unreachable};
