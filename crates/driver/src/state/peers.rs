@@ -1,12 +1,12 @@
 //! Builder to builder: whether one machine reaches another by its own ssh (probed once
 //! per pair and kept), and the copies it made straight to it, from which the pair's
-//! link is learned as the client's links are ([`offload_learn::link_figures`]).
+//! link is learned as the client's links are ([`offload_learn::PairLinks`]).
 
 use rusqlite::params;
 
 use super::StateDb;
 use crate::state::{unix_now, StateError};
-use offload_learn::{link_figures, LinkFigures, Transfer, RECENT_TRANSFERS};
+use offload_learn::{LinkFigures, PairLinks, RECENT_TRANSFERS};
 
 /// How long a probe's answer stands before the pair is probed again.
 pub const PROBE_STANDS_FOR: u64 = 24 * 3600;
@@ -114,18 +114,23 @@ impl StateDb {
         pairs
             .into_iter()
             .map(|mut p| {
-                let transfers: Vec<Transfer> = copies
+                let mut learned: PairLinks<()> = PairLinks::default();
+                let rows = copies
                     .query_map(params![p.from, p.to, RECENT_TRANSFERS as i64], |r| {
-                        Ok(Transfer {
-                            bytes: r.get::<_, i64>(0)?.max(0) as u64,
-                            seconds: r.get(1)?,
-                            concurrent: r.get::<_, i64>(2)?.max(1) as u32,
-                        })
+                        Ok((
+                            r.get::<_, i64>(0)?.max(0) as u64,
+                            r.get::<_, f64>(1)?,
+                            r.get::<_, i64>(2)?.max(1) as u32,
+                        ))
                     })
                     .map_err(err())?
-                    .collect::<Result<_, _>>()
+                    .collect::<Result<Vec<_>, _>>()
                     .map_err(err())?;
-                p.link = link_figures(&transfers);
+                // Oldest first, as they happened.
+                for (bytes, seconds, concurrent) in rows.into_iter().rev() {
+                    learned.record((), (), bytes, seconds, concurrent);
+                }
+                p.link = learned.figures(&(), &());
                 Ok(p)
             })
             .collect()

@@ -48,7 +48,7 @@ pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use deliver::{Delivered, DeliveryTarget};
 pub use paths::PathRegistry;
 pub use peer::{PeerRecord, Unreachable};
-pub use reach::{cause, prior_link, unreachable_note, Probed};
+pub use reach::{cause, unreachable_note, Probed};
 
 /// How copies go and where the requested outputs end up.
 #[derive(Debug, Clone, Default)]

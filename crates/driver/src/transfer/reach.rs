@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use offload_sched::{Link, MachineId, MachineSpec};
+use offload_sched::{Link, MachineId};
 use tokio::sync::OnceCell;
 
 use super::direct::{self, Ran};
@@ -107,9 +107,11 @@ impl TransferEngine {
         reachable
     }
 
+    /// The link a reachable pair is planned at before its copies are timed
+    /// ([`offload_learn::pair_prior`]).
     fn prior_link(&self, from: MachineId, to: MachineId) -> Link {
         let specs = self.specs();
-        prior_link(&specs[from], &specs[to])
+        offload_learn::pair_prior(&specs[from], &specs[to])
     }
 
     /// `machine`'s link to this one, as learned during the run.
@@ -138,16 +140,6 @@ impl TransferEngine {
             .any_path()
             .and_then(|p| p.rsplit_once('/').map(|(dir, _)| dir.to_string()))
             .unwrap_or_else(|| "/nix/store".to_string())
-    }
-}
-
-/// The link a reachable pair is planned at before its copies are timed: the better of
-/// the two machines' links to this one, so a direct copy is never planned slower than
-/// the relay it saves.
-pub fn prior_link(from: &MachineSpec, to: &MachineSpec) -> Link {
-    Link {
-        bandwidth: from.bandwidth.max(to.bandwidth),
-        latency: from.latency.min(to.latency),
     }
 }
 

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use offload_sched::MachineId;
 
-use super::{cause, direct, prior_link, unreachable_note, RouteOptions};
+use super::{cause, direct, unreachable_note, RouteOptions};
 use crate::fleet::MachineConfig;
 use crate::reporter::Reporter;
 use crate::state::{PeerReach, StateDb};
@@ -55,7 +55,7 @@ pub fn direct_routes(
                             bandwidth: l.bandwidth,
                             latency: l.latency,
                         },
-                        None => prior_link(&machines[from].spec, &machines[to].spec),
+                        None => offload_learn::pair_prior(&machines[from].spec, &machines[to].spec),
                     };
                     machines[from].spec.peers.push((to, link));
                 }

@@ -2,7 +2,7 @@
 //! build's time and output size, recorded in the state, and the machines' speeds and
 //! links fitted again from them, so the rest of the run is planned on what was seen.
 
-use offload_learn::{moved_link, slower_under_way};
+use offload_learn::{moved, moved_link, pair_prior, slower_under_way};
 use offload_sched::Event;
 
 use super::{BuildTransport, Runner, TaskDone};
@@ -71,6 +71,18 @@ impl<T: BuildTransport> Runner<'_, T> {
             }
         }
         for t in &news.peer_transfers {
+            self.pair_links
+                .record(t.from, t.to, t.bytes, t.seconds, t.concurrent);
+            let prior = self.sched.machines()[t.from]
+                .peer_link(t.to)
+                .copied()
+                .unwrap_or_else(|| pair_prior(&self.machines[t.from], &self.machines[t.to]));
+            let link = self.pair_links.link(&t.from, &t.to, prior);
+            // Planned again only when it moved: each change regroups the machines.
+            if moved(prior.bandwidth, link.bandwidth) || moved(prior.latency, link.latency) {
+                self.sched.set_peer_link(t.from, t.to, Some(link));
+                self.transport.set_peer_link(t.from, t.to, link);
+            }
             let (from, to) = (&self.state_keys[t.from], &self.state_keys[t.to]);
             let recorded = self
                 .state_op(|h| h.record_peer_transfer(from, to, t.bytes, t.seconds, t.concurrent));

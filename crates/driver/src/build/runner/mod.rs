@@ -108,6 +108,8 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     run_id: String,
     /// When the speeds were last fitted, and how long to wait for the next fit.
     refits: Refits,
+    /// The direct copies between builders this run timed, for their pairs' links.
+    pair_links: offload_learn::PairLinks<MachineId>,
     /// Machines whose first probe has not answered yet, and that probe.
     first_probes: HashMap<MachineId, AbortHandle>,
     /// Since when nothing of this run has run while others held the slots it needs.
@@ -179,6 +181,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             state_keys,
             declared_speeds,
             refits: Refits::default(),
+            pair_links: Default::default(),
             first_probes: HashMap::new(),
             waiting_for_others: None,
             slot_wait,

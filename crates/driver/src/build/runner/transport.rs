@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use offload_sched::MachineId;
+use offload_sched::{Link, MachineId};
 
 use super::{BuildTask, TaskDone};
 use crate::error::DriverError;
@@ -60,6 +60,10 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
     /// `machine`'s link to this one turned out to carry `bandwidth` after `latency`:
     /// the copies' routes go by that from now on, as the plan does.
     fn set_link(&self, _machine: MachineId, _bandwidth: f64, _latency: f64) {}
+
+    /// The link from `from` to `to` turned out to be `link`: their direct copies go by
+    /// that from now on.
+    fn set_peer_link(&self, _from: MachineId, _to: MachineId, _link: Link) {}
 
     /// The most `machine`'s link can carry by the copies crossing it now
     /// ([`crate::transfer::TransferEngine::crossing_bound`]).

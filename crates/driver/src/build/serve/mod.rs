@@ -178,6 +178,10 @@ impl BuildTransport for ServeTransport {
         self.engine.set_link(machine, bandwidth, latency);
     }
 
+    fn set_peer_link(&self, from: MachineId, to: MachineId, link: offload_sched::Link) {
+        self.engine.add_peer(from, to, link);
+    }
+
     async fn send_ahead(self: Arc<Self>, machine: MachineId, paths: Vec<String>) {
         if let Err(e) = self.engine.ensure_on(machine, &paths, None, false).await {
             tracing::debug!(machine = %self.names[machine], "sending outputs ahead failed: {e}");
