@@ -533,6 +533,24 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE", env = env::OFFLOAD_SIGN_KEY)]
     pub sign_key: Option<PathBuf>,
 
+    /// Deliver the requested outputs' closures to this store instead of this machine's,
+    /// straight from the machines that hold them: `ssh://`, `ssh-ng://`, a binary cache
+    /// (`file:///DIR`, signed with --sign-key), any store `nix copy --to` takes. No
+    /// result links: the output paths are printed.
+    #[arg(long, value_name = "STORE", conflicts_with_all = ["through_daemon", "repair", "check"])]
+    pub to: Option<String>,
+
+    /// Send every copy between machines through this one, as Nix does, instead of
+    /// letting builders that reach each other copy directly (for fleets whose builders
+    /// must not talk to each other, and for comparison).
+    #[arg(long)]
+    pub relay: bool,
+
+    /// Forward your ssh agent to the builders for the copies they make to each other
+    /// and to --to (otherwise their own ssh config and keys are used).
+    #[arg(long)]
+    pub forward_agent: bool,
+
     /// Stop when a builder's outputs could not enter the local store, instead of
     /// building without that builder.
     #[arg(long)]

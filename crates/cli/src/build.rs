@@ -11,6 +11,7 @@ use offload_driver::config::{ConfigError, Loaded};
 use offload_driver::fleet::MachineConfig;
 use offload_driver::job::{self, BuildRequest, Evaluation, Outcome};
 use offload_driver::shutdown::Shutdown;
+use offload_driver::transfer::RouteOptions;
 use offload_nix::serve::BuildSettings;
 
 use crate::args::BuildArgs;
@@ -29,10 +30,15 @@ pub async fn run(args: BuildArgs, loaded: &Loaded, quiet: bool) -> Result<(), Fa
         .map_err(Failure::usage)?;
     let progress = Arc::new(Progress::new(quiet, logs, json));
     match job::run(&request, progress, shutdown.token()).await {
-        Ok(Outcome::DryRun { plan, machines }) => {
+        Ok(Outcome::DryRun {
+            plan,
+            machines,
+            routes,
+        }) => {
             eprint!(
-                "{}",
-                dry_run_text(&plan.will_build, &plan.will_fetch, &machines)
+                "{}{}",
+                dry_run_text(&plan.will_build, &plan.will_fetch, &machines),
+                routes_text(&routes, &machines)
             );
             Ok(())
         }
@@ -109,6 +115,9 @@ fn request(args: BuildArgs, loaded: &Loaded) -> Result<BuildRequest, ConfigError
         no_local_fallback: args.no_local_fallback,
         through_daemon: args.through_daemon,
         out_link: (!args.no_out_link).then_some(args.out_link),
+        deliver_to: args.to,
+        relay: args.relay || defaults.relay == Some(true),
+        forward_agent: args.forward_agent || defaults.forward_agent == Some(true),
         state: loaded.state_db(args.history),
         files: files.into_iter().flatten().collect(),
     })
@@ -135,6 +144,34 @@ fn dry_run_text(build: &[String], fetch: &[String], machines: &[MachineConfig]) 
     }
     for p in fetch {
         text.push_str(&format!("  fetch {p}\n"));
+    }
+    text
+}
+
+/// `--dry-run`'s word on routes: which way copies between builders and the requested
+/// outputs would go.
+fn routes_text(routes: &RouteOptions, machines: &[MachineConfig]) -> String {
+    let builders = machines.iter().filter(|m| !m.spec.is_local).count();
+    let mut text = String::from("routes:\n");
+    if builders > 1 {
+        text.push_str(if routes.relay {
+            "  between builders: through this machine (--relay)\n"
+        } else {
+            "  between builders: straight from one to the other where it reaches the other \
+             by its own ssh (each pair probed once and kept), else through this machine\n"
+        });
+    }
+    match &routes.deliver_to {
+        Some(target) if target.reachable_from_builders && !routes.relay => text.push_str(&format!(
+            "  requested outputs: to {}, straight from the builders that hold them (through \
+             this machine for one that cannot reach it); nothing comes here\n",
+            target.uri
+        )),
+        Some(target) => text.push_str(&format!(
+            "  requested outputs: to {}, through this machine without entering its store\n",
+            target.uri
+        )),
+        None => text.push_str("  requested outputs: to this machine's store\n"),
     }
     text
 }

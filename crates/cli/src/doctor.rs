@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::nixconf::NixSettings;
+use offload_driver::fleet::peers::{self, PairAnswer};
 use offload_driver::fleet::{build_fleet, MachineChoice};
 use offload_driver::trust::doctor::{self, MachineReport, Severity};
 use offload_driver::trust::signing::PathSigner;
@@ -40,6 +41,11 @@ pub async fn run(
             broken.push(report.machine.clone());
         }
     }
+    let answers = peers::probe_all(&fleet, "/nix/store").await;
+    if !answers.is_empty() {
+        let names: Vec<&str> = fleet.iter().map(|m| m.spec.name.as_str()).collect();
+        eprint!("{}", render_matrix(&names, &answers));
+    }
     if broken.is_empty() {
         return Ok(());
     }
@@ -47,6 +53,43 @@ pub async fn run(
         "{} cannot build: see the fixes above",
         broken.join(", ")
     )))
+}
+
+/// Which builder reaches which directly: a row per sender, a column per receiver, and
+/// under it why each pair that cannot, cannot (its copies go through this machine).
+fn render_matrix(names: &[&str], answers: &[PairAnswer]) -> String {
+    let mut machines: Vec<usize> = answers.iter().flat_map(|a| [a.from, a.to]).collect();
+    machines.sort_unstable();
+    machines.dedup();
+    let width = machines.iter().map(|&m| names[m].len()).max().unwrap_or(0);
+    let mut out = String::from(
+        "builder to builder (row sends to column by its own ssh; `no` relays through this \
+         machine):\n",
+    );
+    let _ = write!(out, "  {:width$}", "");
+    for (i, _) in machines.iter().enumerate() {
+        let _ = write!(out, "  {:>3}", i + 1);
+    }
+    out.push('\n');
+    for (i, &from) in machines.iter().enumerate() {
+        let _ = write!(out, "  {:width$}", format!("{} {}", i + 1, names[from]));
+        for &to in &machines {
+            let cell = match answers.iter().find(|a| a.from == from && a.to == to) {
+                _ if from == to => "-",
+                Some(PairAnswer { answer: Ok(()), .. }) => "yes",
+                Some(_) => "no",
+                None => "?",
+            };
+            let _ = write!(out, "  {cell:>3}");
+        }
+        out.push('\n');
+    }
+    for a in answers {
+        if let Err(reason) = &a.answer {
+            let _ = writeln!(out, "  {} cannot reach {}: {reason}", names[a.from], names[a.to]);
+        }
+    }
+    out
 }
 
 /// One machine's findings: a heading, a line per check, the fix under each problem.

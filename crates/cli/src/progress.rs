@@ -23,6 +23,7 @@ use offload_driver::build::{BuildReport, NodeResult};
 use offload_driver::fleet::MachineConfig;
 use offload_driver::job::{Events, Summary};
 use offload_driver::reporter::{Placement, Reporter};
+use offload_driver::transfer::{human_bytes, RouteBytes};
 use offload_nix::store_path::derivation_name;
 use serde_json::{json, Value};
 
@@ -201,6 +202,7 @@ impl Events for Progress {
             drvs,
             outputs,
             cpu_seconds,
+            delivered_to,
         } = *summary;
         if let Some(live) = self.live.get() {
             live.finish();
@@ -230,11 +232,32 @@ impl Events for Progress {
             "outputs": if report.all_built() { outputs.to_vec() } else { Vec::new() },
             "failures": failures,
             "copy_back_error": report.copy_back_error.as_ref().map(|e| e.to_string()),
+            "to": delivered_to,
+            "bytes": report.route_bytes,
         }));
         if !self.quiet {
             eprintln!("{}", summary_text(report, cpu_seconds));
+            if let Some(line) = bytes_text(&report.route_bytes, delivered_to) {
+                eprintln!("{line}");
+            }
         }
     }
+}
+
+/// The NAR bytes the run moved, by route; None when it moved none.
+pub fn bytes_text(bytes: &RouteBytes, delivered_to: Option<&str>) -> Option<String> {
+    if *bytes == RouteBytes::default() {
+        return None;
+    }
+    let mut text = format!(
+        "bytes moved: {} over this machine's links, {} builder to builder",
+        human_bytes(bytes.client_links),
+        human_bytes(bytes.builder_to_builder)
+    );
+    if let Some(target) = delivered_to {
+        text.push_str(&format!(", {} to {target}", human_bytes(bytes.to_target)));
+    }
+    Some(text)
 }
 
 /// What `build` says at the end on stderr: builds, wall time against the lower bound,

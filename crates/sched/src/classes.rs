@@ -52,7 +52,8 @@ impl Ord for SlotKey {
 }
 
 /// What makes machines interchangeable for planning: everything of their spec but the
-/// name. Floats compare by their bits, so equal keys mean identical specs.
+/// name, and of their pair links the figures. Floats compare by their bits, so equal
+/// keys mean identical specs.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct ClassKey<'a> {
     systems: &'a [String],
@@ -66,10 +67,52 @@ struct ClassKey<'a> {
     latency_bits: u64,
     per_build_bits: u64,
     session_setup_bits: u64,
+    peers: PeerKey,
+}
+
+/// A machine's pair links as classes tell them apart: how many machines it sends to
+/// directly and is sent to from, and the distinct figures of those links. Which
+/// machines they are is left out (every machine of a full mesh has other peers), so two
+/// machines of a class may differ in which holder reaches them directly; the holders of
+/// a derivation's inputs are weighed one by one anyway.
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
+struct PeerKey {
+    out: usize,
+    into: usize,
+    out_links: Vec<(u64, u64)>,
+    in_links: Vec<(u64, u64)>,
+}
+
+impl PeerKey {
+    /// Each machine's key; all empty for a fleet without pair links.
+    fn of_fleet(machines: &[MachineSpec]) -> Vec<PeerKey> {
+        let mut keys: Vec<PeerKey> = machines.iter().map(|_| PeerKey::default()).collect();
+        if machines.iter().all(|m| m.peers.is_empty()) {
+            return keys;
+        }
+        for (from, spec) in machines.iter().enumerate() {
+            for &(to, link) in &spec.peers {
+                let bits = (link.bandwidth.to_bits(), link.latency.to_bits());
+                keys[from].out += 1;
+                keys[from].out_links.push(bits);
+                if let Some(k) = keys.get_mut(to) {
+                    k.into += 1;
+                    k.in_links.push(bits);
+                }
+            }
+        }
+        for k in &mut keys {
+            for links in [&mut k.out_links, &mut k.in_links] {
+                links.sort_unstable();
+                links.dedup();
+            }
+        }
+        keys
+    }
 }
 
 impl<'a> ClassKey<'a> {
-    fn of(spec: &'a MachineSpec) -> Self {
+    fn of(spec: &'a MachineSpec, peers: PeerKey) -> Self {
         // Taken apart in full: a field added to `MachineSpec` must be placed in the key
         // or left out here on purpose, never forgotten.
         let MachineSpec {
@@ -85,6 +128,7 @@ impl<'a> ClassKey<'a> {
             latency,
             per_build,
             session_setup,
+            peers: _,
         } = spec;
         ClassKey {
             systems,
@@ -101,20 +145,22 @@ impl<'a> ClassKey<'a> {
             latency_bits: latency.to_bits(),
             per_build_bits: per_build.to_bits(),
             session_setup_bits: session_setup.to_bits(),
+            peers,
         }
     }
 }
 
 /// Groups machines that are interchangeable for planning (same systems, features,
-/// slots, speed and link): a decision weighs one machine per group, plus those that
+/// slots, speed and links): a decision weighs one machine per group, plus those that
 /// hold inputs. Returns the classes, numbered in the order they first appear in the
 /// fleet, and each machine's class.
 pub(crate) fn machine_classes(machines: &[MachineSpec]) -> (Vec<Vec<MachineId>>, Vec<usize>) {
     let mut classes: Vec<Vec<MachineId>> = Vec::new();
     let mut class_of = vec![0; machines.len()];
     let mut index: HashMap<ClassKey, usize> = HashMap::new();
-    for (m, spec) in machines.iter().enumerate() {
-        let c = *index.entry(ClassKey::of(spec)).or_insert_with(|| {
+    let peers = PeerKey::of_fleet(machines);
+    for ((m, spec), peers) in machines.iter().enumerate().zip(peers) {
+        let c = *index.entry(ClassKey::of(spec, peers)).or_insert_with(|| {
             classes.push(Vec::new());
             classes.len() - 1
         });
@@ -214,5 +260,26 @@ mod tests {
         let (classes, class_of) = machine_classes(&fleet);
         assert_eq!(classes, vec![vec![0, 2], vec![1], vec![3]]);
         assert_eq!(class_of, vec![0, 1, 0, 2]);
+    }
+
+    #[test]
+    fn pair_links_part_classes() {
+        let link = crate::Link {
+            bandwidth: 1e9,
+            latency: 0.0001,
+        };
+        // A full mesh of four keeps them one class; a pair that cannot reach each
+        // other sets its two machines apart.
+        let mesh = |missing: Option<(MachineId, MachineId)>| {
+            let mut fleet: Vec<MachineSpec> = (0..4).map(|i| builder(&format!("b{i}"))).collect();
+            for (from, spec) in fleet.iter_mut().enumerate() {
+                for to in (0..4).filter(|&t| t != from && Some((from, t)) != missing) {
+                    spec.set_peer_link(to, Some(link));
+                }
+            }
+            machine_classes(&fleet).1
+        };
+        assert_eq!(mesh(None), vec![0, 0, 0, 0]);
+        assert_eq!(mesh(Some((1, 2))), vec![0, 1, 2, 0]);
     }
 }

@@ -156,31 +156,38 @@ impl Scheduler {
     }
 
     /// The way home of the outputs of a requested derivation (one nothing depends
-    /// on) built on `machine`: none when built on the client, or when others need it.
+    /// on) built on `machine`: none when built on the client, when others need it, or
+    /// when requested outputs go elsewhere ([`Scheduler::outputs_stay_away`]).
     pub(crate) fn home_route(&self, id: NodeId, machine: MachineId) -> Option<Route> {
         let client = self.client?;
-        (self.graph.dependents(id).is_empty() && machine != client)
+        (self.graph.dependents(id).is_empty() && machine != client && !self.outputs_away)
             .then(|| Route::home(machine, client))
     }
 
     /// When the outputs of `id`, built on `machine` by `built`, are where the run needs
-    /// them. Built on a builder, they cross its link once: home for a requested output
-    /// (behind those of the builds running there), or towards the builds that need them
-    /// unless those run there too. Counting that crossing keeps a builder behind a slow
-    /// link from taking the first builds of a chain whose outputs would then all leave
-    /// over it.
+    /// them. Built on a builder, they cross one of its links once: home for a requested
+    /// output (behind those of the builds running there), or towards the builds that
+    /// need them unless those run there too — over its quickest pair link when it has
+    /// some, else over its link to the client. Counting that crossing keeps a builder
+    /// behind a slow link from taking the first builds of a chain whose outputs would
+    /// then all leave over it.
     fn outputs_home(&self, id: NodeId, machine: MachineId, built: f64) -> f64 {
         let spec = &self.machines[machine];
         if spec.is_local {
             return built;
         }
-        let start = built.max(self.links.free_at(machine, Direction::FromMachine));
-        let ahead = if self.home_route(id, machine).is_some() {
-            self.home_pending[machine]
-        } else {
-            0
-        };
-        start + spec.transfer_time(ahead + self.graph.node(id).output_bytes)
+        let bytes = self.graph.node(id).output_bytes;
+        if self.home_route(id, machine).is_some() {
+            let start = built.max(self.links.free_at(machine, Direction::FromMachine));
+            return start + spec.transfer_time(self.home_pending[machine] + bytes);
+        }
+        match self.fastest_peer[machine] {
+            Some(link) => built + link.transfer_time(bytes),
+            None => {
+                let start = built.max(self.links.free_at(machine, Direction::FromMachine));
+                start + spec.transfer_time(bytes)
+            }
+        }
     }
 
     /// The ready node to place next: the best priority among kinds that some free slot

@@ -1,5 +1,6 @@
 //! The machines a plan may use: what each can build, how many builds at once, how fast,
-//! and how far its link is from the client (where offload runs).
+//! how far its link is from the client (where offload runs), and which other machines it
+//! sends to directly over links of its own ([`MachineSpec::peers`]).
 
 use crate::graph::NodeSpec;
 
@@ -36,6 +37,32 @@ pub struct MachineSpec {
     /// the remote Nix starting, until the driver says a session is open
     /// ([`crate::Scheduler::session_open`]).
     pub session_setup: f64,
+    /// The machines this one sends store paths to directly, over the pair's own link
+    /// (the client carries nothing), sorted by machine. A machine absent here is not
+    /// reached that way: copies from this one to it relay through the client. Sparse:
+    /// empty for a fleet without direct routes, which then costs nothing extra.
+    pub peers: Vec<(MachineId, Link)>,
+}
+
+/// A link between two places: the client and a machine, or two machines.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Link {
+    /// Bytes per second.
+    pub bandwidth: f64,
+    /// Seconds of fixed cost per transfer.
+    pub latency: f64,
+}
+
+impl Link {
+    /// Seconds to move `bytes` over this link when it is idle: its latency plus the
+    /// bytes at its bandwidth; nothing for no bytes.
+    pub fn transfer_time(&self, bytes: u64) -> f64 {
+        if bytes == 0 {
+            0.0
+        } else {
+            self.latency + bytes as f64 / self.bandwidth.max(1.0)
+        }
+    }
 }
 
 impl MachineSpec {
@@ -55,6 +82,7 @@ impl MachineSpec {
             latency: 0.0,
             per_build: 0.0,
             session_setup: 0.0,
+            peers: Vec::new(),
         }
     }
 
@@ -102,6 +130,35 @@ impl MachineSpec {
             self.latency + bytes as f64 / self.bandwidth.max(1.0)
         }
     }
+
+    /// This machine's link to the client.
+    pub fn link(&self) -> Link {
+        Link {
+            bandwidth: self.bandwidth,
+            latency: self.latency,
+        }
+    }
+
+    /// The link this machine sends to `to` over directly, if it has one.
+    pub fn peer_link(&self, to: MachineId) -> Option<&Link> {
+        self.peers
+            .binary_search_by_key(&to, |&(m, _)| m)
+            .ok()
+            .map(|i| &self.peers[i].1)
+    }
+
+    /// Sets (or, with `None`, removes) the direct link from this machine to `to`,
+    /// keeping [`MachineSpec::peers`] sorted.
+    pub fn set_peer_link(&mut self, to: MachineId, link: Option<Link>) {
+        match (self.peers.binary_search_by_key(&to, |&(m, _)| m), link) {
+            (Ok(i), Some(link)) => self.peers[i].1 = link,
+            (Ok(i), None) => {
+                self.peers.remove(i);
+            }
+            (Err(i), Some(link)) => self.peers.insert(i, (to, link)),
+            (Err(_), None) => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -122,6 +179,7 @@ mod tests {
             latency: 0.001,
             per_build: 0.0,
             session_setup: 0.0,
+            peers: Vec::new(),
         }
     }
 
@@ -148,5 +206,27 @@ mod tests {
         assert!(m.can_build(&node("builtin", &["big-parallel"])));
         let plain = machine(&["x86_64-linux"], &[], &[]);
         assert!(plain.can_build(&node("x86_64-linux", &[])));
+    }
+
+    #[test]
+    fn peer_links_stay_sorted() {
+        let mut m = machine(&["x86_64-linux"], &[], &[]);
+        let link = |bandwidth| Link {
+            bandwidth,
+            latency: 0.001,
+        };
+        m.set_peer_link(5, Some(link(1e9)));
+        m.set_peer_link(2, Some(link(2e9)));
+        m.set_peer_link(9, Some(link(3e9)));
+        m.set_peer_link(5, Some(link(4e9)));
+        let to: Vec<MachineId> = m.peers.iter().map(|&(t, _)| t).collect();
+        assert_eq!(to, vec![2, 5, 9]);
+        assert_eq!(m.peer_link(5), Some(&link(4e9)));
+        assert_eq!(m.peer_link(3), None);
+        m.set_peer_link(2, None);
+        assert_eq!(m.peer_link(2), None);
+        assert_eq!(m.peers.len(), 2);
+        assert_eq!(link(1e6).transfer_time(0), 0.0);
+        assert!((link(1e6).transfer_time(1_000_000) - 1.001).abs() < 1e-12);
     }
 }

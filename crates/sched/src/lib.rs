@@ -1,7 +1,7 @@
 //! The pure build scheduler of offload.
 //!
 //! Given a build graph ([`Graph`]: derivations, dependencies, estimated durations and
-//! output sizes) and a fleet ([`MachineSpec`]: systems, features, slots, speed, link),
+//! output sizes) and a fleet ([`MachineSpec`]: systems, features, slots, speed, links),
 //! the [`Scheduler`] decides which derivation runs where and when. Its whole interface
 //! is [`Scheduler::start`] and [`Scheduler::handle`]: events in, [`Action`]s out, with
 //! the current time passed in.
@@ -35,7 +35,7 @@ pub mod transfers;
 
 pub use bound::lower_bound;
 pub use events::{Action, Event, Failure, NodeState, Outcome};
-pub use fleet::{MachineId, MachineSpec};
+pub use fleet::{Link, MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
 pub use scheduler::{Scheduler, MAX_ATTEMPTS};
 pub use transfers::{route, Direction, Links, Route, RouteKind};

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use crate::classes::{machine_classes, SlotKey};
 use crate::dispatch::{Kind, ReadyKey};
-use crate::fleet::{MachineId, MachineSpec};
+use crate::fleet::{Link, MachineId, MachineSpec};
 use crate::graph::{Graph, NodeId};
 use crate::transfers::Links;
 
@@ -76,6 +76,12 @@ pub struct Scheduler {
     pub(crate) home_pending: Vec<u64>,
     /// The machine offload runs on, when it is one of the fleet.
     pub(crate) client: Option<MachineId>,
+    /// Requested outputs go to another store than the client's (`offload build --to`),
+    /// from the builders that hold them: none comes home.
+    pub(crate) outputs_away: bool,
+    /// Per machine, its pair link with the most bandwidth (the lower latency at a tie):
+    /// what its outputs cross towards other builders when it has pair links.
+    pub(crate) fastest_peer: Vec<Option<Link>>,
     /// Per machine, the slots others hold ([`Event::SlotsHeldElsewhere`]).
     pub(crate) held_elsewhere: Vec<u32>,
     /// Each node's priority among the ready ones: its rank (duration-weighted critical
@@ -118,6 +124,7 @@ impl Scheduler {
                 classes: Vec::new(),
             })
             .collect();
+        let fastest_peer = machines.iter().map(fastest_peer).collect();
         let mut sched = Scheduler {
             graph,
             alive: vec![true; m],
@@ -143,6 +150,8 @@ impl Scheduler {
             links: Links::new(m),
             home_pending: vec![0; m],
             client,
+            outputs_away: false,
+            fastest_peer,
             held_elsewhere: vec![0; m],
             priority,
             rehearsed_on: vec![None; n],
@@ -213,6 +222,28 @@ impl Scheduler {
             spec.latency = latency;
             self.regroup();
         }
+    }
+
+    /// What was learned of the direct link from `from` to `to` mid-run (`None`: `from`
+    /// cannot send to `to` directly, copies between them relay through the client).
+    pub fn set_peer_link(&mut self, from: MachineId, to: MachineId, link: Option<Link>) {
+        if to >= self.machines.len() {
+            return;
+        }
+        if let Some(spec) = self.machines.get_mut(from) {
+            if spec.peer_link(to).copied() == link {
+                return;
+            }
+            spec.set_peer_link(to, link);
+            self.fastest_peer[from] = fastest_peer(spec);
+            self.regroup();
+        }
+    }
+
+    /// Whether requested outputs go to another store than the client's (`offload build
+    /// --to STORE`) rather than home: with `true`, the plan counts no copy home.
+    pub fn outputs_stay_away(&mut self, away: bool) {
+        self.outputs_away = away;
     }
 
     /// Groups the machines into classes again after a spec changed.
@@ -470,6 +501,19 @@ impl Scheduler {
         }
         self.replace_queue_key(machine);
     }
+}
+
+/// The pair link of `spec` with the most bandwidth, the lower latency at a tie.
+fn fastest_peer(spec: &MachineSpec) -> Option<Link> {
+    spec.peers.iter().map(|&(_, l)| l).reduce(|a, b| {
+        let b_first =
+            b.bandwidth > a.bandwidth || (b.bandwidth == a.bandwidth && b.latency < a.latency);
+        if b_first {
+            b
+        } else {
+            a
+        }
+    })
 }
 
 /// Sets the flags of `nodes` (ids past the end are ignored).

@@ -1,14 +1,21 @@
 //! How store paths travel between machines: the one model of transfers that the
 //! scheduler plans with, the simulator simulates and the live driver follows.
 //!
-//! Every copy passes through the client (the machine offload runs on), since the serve
-//! sessions start there. A path on the client's store crosses the target's link; a path
-//! built on builder A goes to builder B streamed through the client, over both links at
-//! once; a path that several builds need stops in the client's store on the way, so
-//! that later copies cross one link and A serves it once. A link carries one transfer's
-//! bytes at a time in each direction (transfers queue on it: inputs going to a machine
-//! queue apart from outputs coming from it); latency delays a transfer without holding
-//! the link.
+//! A path on the client's store (the machine offload runs on) crosses the target's link.
+//! A path built on builder A goes to builder B by the quickest of the ways there are:
+//! - directly, when A sends to B over the pair's own link ([`MachineSpec::peers`]: A
+//!   runs `nix-store --export … | ssh B nix-store --import`); the client carries
+//!   nothing;
+//! - relayed through the client: streamed over both machines' links at once, or, when
+//!   several builds need the path, stopping in the client's store on the way, so that
+//!   later copies cross one link and A serves it once.
+//!
+//! A link carries one transfer's bytes at a time in each direction (transfers queue on
+//! it: inputs going to a machine queue apart from outputs coming from it; a pair link
+//! carries one transfer at a time from A to B); latency delays a transfer without
+//! holding the link.
+
+use std::collections::HashMap;
 
 use crate::fleet::{MachineId, MachineSpec};
 
@@ -33,6 +40,9 @@ pub enum RouteKind {
     Streamed,
     /// From one builder into the client's store, then on to another builder.
     ViaClient,
+    /// From one builder straight to another over the pair's own link
+    /// ([`MachineSpec::peer_link`]); the client carries nothing.
+    Peer,
 }
 
 impl Route {
@@ -49,7 +59,19 @@ impl Route {
                 f(&[(from, FromMachine)]);
                 f(&[(self.to, ToMachine)]);
             }
-            (RouteKind::Streamed | RouteKind::ViaClient, None) => f(&[(self.to, ToMachine)]),
+            (RouteKind::Streamed | RouteKind::ViaClient | RouteKind::Peer, None) => {
+                f(&[(self.to, ToMachine)])
+            }
+            // Over no client link: the pair's own, booked apart.
+            (RouteKind::Peer, Some(_)) => {}
+        }
+    }
+
+    /// The builder this route sends from directly to another, over the pair's link.
+    fn pair(&self) -> Option<(MachineId, MachineId)> {
+        match (self.kind, self.from) {
+            (RouteKind::Peer, Some(from)) => Some((from, self.to)),
+            _ => None,
         }
     }
 
@@ -71,7 +93,7 @@ impl Route {
         match self.kind {
             RouteKind::ViaClient => true,
             RouteKind::Direct => self.from.is_some(),
-            RouteKind::Present | RouteKind::Streamed => false,
+            RouteKind::Present | RouteKind::Streamed | RouteKind::Peer => false,
         }
     }
 }
@@ -80,9 +102,13 @@ impl Route {
 ///
 /// `holders` are the fleet machines that have it, `at_client` whether the client's store
 /// does (the client may be a fleet machine, the one with `is_local`, or not in the
-/// fleet), and `consumers` how many builds take it as an input. The source is the
-/// client when it has the path, else the holder whose link is quickest for `bytes`
-/// (the lower index at a tie). `None` when nothing holds the path.
+/// fleet), and `consumers` how many builds take it as an input. The way is the quickest
+/// for `bytes` over idle links among: from the client's store over the target's link
+/// (when the client has the path); directly from a holder that reaches the target over
+/// a pair link; relayed through the client from the holder whose link is quickest (the
+/// lower index at a tie). At a tie a direct pair goes first, then the client's store,
+/// then the lower machine. To the client itself, a path crosses its source's link.
+/// `None` when nothing holds the path.
 pub fn route(
     machines: &[MachineSpec],
     holders: &[MachineId],
@@ -101,8 +127,24 @@ pub fn route(
         return Some(on(None, RouteKind::Present));
     }
     let client_holds = at_client || holders.iter().any(|&h| machines[h].is_local);
+    // The quickest pair link from a holder to the target (the lower holder at a tie).
+    let mut peer: Option<(f64, MachineId)> = None;
+    if !target_is_client {
+        for &h in holders {
+            if let Some(link) = machines[h].peer_link(target) {
+                let t = link.transfer_time(bytes);
+                if peer.is_none_or(|(best, b)| t < best || (t == best && h < b)) {
+                    peer = Some((t, h));
+                }
+            }
+        }
+    }
     if client_holds {
-        return Some(on(None, RouteKind::Direct));
+        let from_client = machines[target].transfer_time(bytes);
+        return Some(match peer {
+            Some((t, h)) if t <= from_client => on(Some(h), RouteKind::Peer),
+            _ => on(None, RouteKind::Direct),
+        });
     }
     let from = holders.iter().copied().min_by(|&a, &b| {
         machines[a]
@@ -117,7 +159,36 @@ pub fn route(
     } else {
         RouteKind::Streamed
     };
-    Some(on(Some(from), kind))
+    let relay = on(Some(from), kind);
+    Some(match peer {
+        Some((t, h)) if t <= relay_time(machines, &relay, bytes) => on(Some(h), RouteKind::Peer),
+        _ => relay,
+    })
+}
+
+/// Seconds `bytes` take along a relay over idle links: streamed at the slower link's
+/// rate after both latencies, or one link after the other when kept on the way.
+fn relay_time(machines: &[MachineSpec], relay: &Route, bytes: u64) -> f64 {
+    let mut total = 0.0;
+    relay.each_hop(|links| {
+        let (rate, latency) = links.iter().fold((f64::INFINITY, 0.0), |(r, l), &(m, _)| {
+            let spec = &machines[m];
+            if spec.is_local {
+                (r, l)
+            } else {
+                (r.min(spec.bandwidth.max(1.0)), l + spec.latency)
+            }
+        });
+        if bytes > 0 {
+            total += latency
+                + if rate.is_finite() {
+                    bytes as f64 / rate
+                } else {
+                    0.0
+                };
+        }
+    });
+    total
 }
 
 /// Which way bytes cross a machine's link.
@@ -127,12 +198,16 @@ pub enum Direction {
     FromMachine = 1,
 }
 
-/// When each machine's link is next free in each direction, and the bytes each has
-/// carried.
+/// When each machine's link is next free in each direction, and when each pair link
+/// that carried something is; the bytes each machine's link has carried, and those the
+/// pair links have.
 #[derive(Debug, Clone)]
 pub struct Links {
     free_at: Vec<[f64; 2]>,
     bytes: Vec<u64>,
+    /// Pair links by (from, to): only those that carried something.
+    pair_free_at: HashMap<(MachineId, MachineId), f64>,
+    peer_bytes: u64,
 }
 
 impl Links {
@@ -140,12 +215,17 @@ impl Links {
         Links {
             free_at: vec![[0.0; 2]; machines],
             bytes: vec![0; machines],
+            pair_free_at: HashMap::new(),
+            peer_bytes: 0,
         }
     }
 
     /// When `bytes` sent along `route`, starting no earlier than `ready`, would arrive,
     /// behind what the links already carry; nothing is booked.
     pub fn arrival(&self, machines: &[MachineSpec], route: &Route, bytes: u64, ready: f64) -> f64 {
+        if let Some(pair) = route.pair() {
+            return self.pair_hop(machines, pair, bytes, ready).1;
+        }
         let mut at = ready;
         route.each_hop(|links| at = self.hop(machines, links, bytes, at).1);
         at
@@ -153,6 +233,14 @@ impl Links {
 
     /// Sends `bytes` along `route` from `ready` on: books the links, returns the arrival.
     pub fn send(&mut self, machines: &[MachineSpec], route: &Route, bytes: u64, ready: f64) -> f64 {
+        if let Some(pair) = route.pair() {
+            let (busy_until, arrival) = self.pair_hop(machines, pair, bytes, ready);
+            if bytes > 0 {
+                self.pair_free_at.insert(pair, busy_until);
+                self.peer_bytes += bytes;
+            }
+            return arrival;
+        }
         let mut at = ready;
         route.each_hop(|links| {
             let (busy_until, arrival) = self.hop(machines, links, bytes, at);
@@ -165,6 +253,33 @@ impl Links {
             at = arrival;
         });
         at
+    }
+
+    /// A direct copy from one builder to another: (when the pair link is free again,
+    /// when the bytes arrive). A pair with no link of its own (the route was made for
+    /// another fleet) goes at the source's link.
+    fn pair_hop(
+        &self,
+        machines: &[MachineSpec],
+        (from, to): (MachineId, MachineId),
+        bytes: u64,
+        ready: f64,
+    ) -> (f64, f64) {
+        if bytes == 0 {
+            return (ready, ready);
+        }
+        let link = machines[from]
+            .peer_link(to)
+            .copied()
+            .unwrap_or_else(|| machines[from].link());
+        let start = ready.max(self.pair_free_at(from, to));
+        let sending = bytes as f64 / link.bandwidth.max(1.0);
+        (start + sending, start + link.latency + sending)
+    }
+
+    /// When the pair link from `from` to `to` is next free.
+    pub fn pair_free_at(&self, from: MachineId, to: MachineId) -> f64 {
+        self.pair_free_at.get(&(from, to)).copied().unwrap_or(0.0)
     }
 
     /// One hop: (when its links are free again, when the bytes arrive). Several links
@@ -197,9 +312,14 @@ impl Links {
         (start + sending, start + latency + sending)
     }
 
-    /// Bytes each machine's link has carried.
+    /// Bytes each machine's link (to the client) has carried.
     pub fn bytes(&self) -> &[u64] {
         &self.bytes
+    }
+
+    /// Bytes the pair links have carried, all together.
+    pub fn peer_bytes(&self) -> u64 {
+        self.peer_bytes
     }
 
     /// When `machine`'s link is next free in direction `d`.
@@ -216,6 +336,7 @@ impl Links {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Link;
 
     fn fleet() -> Vec<MachineSpec> {
         let remote = |name: &str, bandwidth: f64| MachineSpec {
@@ -285,5 +406,128 @@ mod tests {
         assert_eq!(links.free_at(2, Direction::ToMachine), 2.0);
         assert_eq!(links.free_at(2, Direction::FromMachine), 1.0);
         assert_eq!(links.bytes(), &[0, 1_000_000, 3_000_000, 0]);
+    }
+
+    /// The fleet with pair links: 1 → 3 fast, 2 → 3 as slow as the client's link to 3,
+    /// 3 → 1 slower than the relay; 1 and 2 do not reach each other.
+    fn mesh() -> Vec<MachineSpec> {
+        let mut m = fleet();
+        let link = |bandwidth, latency| Link { bandwidth, latency };
+        m[1].set_peer_link(3, Some(link(1e9, 0.001)));
+        m[2].set_peer_link(3, Some(link(100e6, 0.01)));
+        m[3].set_peer_link(1, Some(link(1e6, 0.001)));
+        m
+    }
+
+    #[test]
+    fn routes_take_the_quickest_way() {
+        let m = mesh();
+        let way = |holders: &[MachineId], at_client, target, consumers, bytes| {
+            let r = route(&m, holders, at_client, target, consumers, bytes).unwrap();
+            (r.from, r.kind, r.keeps_in_client())
+        };
+        let mb = 1 << 20;
+        // A pair link quicker than the relay: straight there, nothing kept.
+        assert_eq!(
+            way(&[1], false, 3, 2, mb),
+            (Some(1), RouteKind::Peer, false)
+        );
+        // Quicker than the client's store too.
+        assert_eq!(way(&[1], true, 3, 1, mb), (Some(1), RouteKind::Peer, false));
+        // A slow pair link loses to the relay (3 → 1 at 1 MB/s, the relay at 100 MB/s).
+        assert_eq!(
+            way(&[3], false, 1, 1, mb),
+            (Some(3), RouteKind::Streamed, false)
+        );
+        // And to the client's store.
+        assert_eq!(way(&[3], true, 1, 1, mb), (None, RouteKind::Direct, false));
+        // A pair that does not reach each other relays.
+        assert_eq!(
+            way(&[1], false, 2, 1, mb),
+            (Some(1), RouteKind::Streamed, false)
+        );
+        assert_eq!(
+            way(&[1], false, 2, 2, mb),
+            (Some(1), RouteKind::ViaClient, true)
+        );
+        // Of two holders, the one with the quicker pair link.
+        assert_eq!(
+            way(&[2, 1], false, 3, 1, mb),
+            (Some(1), RouteKind::Peer, false)
+        );
+        // Home to the client: the source's link, whatever pair links there are.
+        assert_eq!(
+            way(&[1], false, 0, 1, mb),
+            (Some(1), RouteKind::Direct, true)
+        );
+    }
+
+    #[test]
+    fn ties_prefer_the_pair_then_the_client_then_the_lower_machine() {
+        let mut m = mesh();
+        // 2 → 3 takes exactly what the client's store → 3 takes: the pair goes.
+        assert_eq!(
+            route(&m, &[2], true, 3, 1, 1 << 20).map(|r| (r.from, r.kind)),
+            Some((Some(2), RouteKind::Peer))
+        );
+        // Two holders whose pair links tie: the lower.
+        let link = m[1].peer_link(3).copied();
+        m[2].set_peer_link(3, link);
+        assert_eq!(
+            route(&m, &[2, 1], false, 3, 1, 1 << 20).map(|r| (r.from, r.kind)),
+            Some((Some(1), RouteKind::Peer))
+        );
+        // No bytes: every way is free, the pair goes.
+        assert_eq!(
+            route(&m, &[2], true, 3, 1, 0).map(|r| r.kind),
+            Some(RouteKind::Peer)
+        );
+        // A pair link as quick as the relay (10 ms each way, then 1 MB at 100 MB/s):
+        // the pair.
+        let mut m = fleet();
+        m[1].set_peer_link(
+            3,
+            Some(Link {
+                bandwidth: 100e6,
+                latency: 0.02,
+            }),
+        );
+        let relay = Route {
+            kind: RouteKind::Streamed,
+            ..route(&m, &[1], false, 3, 1, 1_000_000).unwrap()
+        };
+        assert_eq!(
+            relay_time(&m, &relay, 1_000_000),
+            m[1].peer_link(3).unwrap().transfer_time(1_000_000)
+        );
+        assert_eq!(
+            route(&m, &[1], false, 3, 1, 1_000_000).map(|r| (r.from, r.kind)),
+            Some((Some(1), RouteKind::Peer))
+        );
+    }
+
+    #[test]
+    fn pair_links_queue_apart_from_the_client_links() {
+        let m = mesh();
+        let mut links = Links::new(m.len());
+        let direct = route(&m, &[2], false, 3, 1, 1_000_000).unwrap();
+        assert_eq!(direct.kind, RouteKind::Peer);
+        // 1 MB at 100 MB/s plus 10 ms.
+        assert!((links.send(&m, &direct, 1_000_000, 0.0) - 0.02).abs() < 1e-9);
+        // The second waits for the first to be sent, not for its latency.
+        assert!((links.arrival(&m, &direct, 1_000_000, 0.0) - 0.03).abs() < 1e-9);
+        assert!((links.send(&m, &direct, 1_000_000, 0.0) - 0.03).abs() < 1e-9);
+        assert!((links.pair_free_at(2, 3) - 0.02).abs() < 1e-9);
+        // The other direction, another pair and the machines' own links are free.
+        assert_eq!(links.pair_free_at(3, 2), 0.0);
+        let other = route(&m, &[1], false, 3, 1, 1_000_000).unwrap();
+        assert!((links.arrival(&m, &other, 1_000_000, 0.0) - 0.002).abs() < 1e-9);
+        assert_eq!(links.free_at(2, Direction::FromMachine), 0.0);
+        assert_eq!(links.free_at(3, Direction::ToMachine), 0.0);
+        // Bytes per route: the pair links' apart from each machine's.
+        let relay = route(&m, &[1], false, 2, 1, 500).unwrap();
+        links.send(&m, &relay, 500, 0.0);
+        assert_eq!(links.peer_bytes(), 2_000_000);
+        assert_eq!(links.bytes(), &[0, 500, 500, 0]);
     }
 }

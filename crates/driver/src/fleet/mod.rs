@@ -13,6 +13,7 @@ use nixconf::NixSettings;
 
 pub mod learned;
 pub mod nixconf;
+pub mod peers;
 use crate::ssh::{Endpoint, Route};
 
 /// Index of the local machine in a fleet.
@@ -174,6 +175,7 @@ pub fn remote_spec(m: &Machine, name: String, bandwidth: f64, latency: f64) -> M
         latency,
         per_build: 0.0,
         session_setup: SESSION_SETUP_SECONDS,
+        peers: Vec::new(),
     }
 }
 

@@ -47,6 +47,12 @@ pub struct RunReport {
     pub builds: Vec<ReportBuild>,
     #[serde(default)]
     pub transfers: Vec<ReportTransfer>,
+    /// NAR bytes moved, by the way they went.
+    #[serde(default)]
+    pub route_bytes: crate::transfer::RouteBytes,
+    /// Where the requested outputs went (`--to`); none: this machine's store.
+    #[serde(default)]
+    pub delivered_to: Option<String>,
 }
 
 /// Keeps `run` in the state database for `offload report`; a run that cannot be kept is

@@ -40,16 +40,20 @@ impl TransferEngine {
             })?;
         let mut from = self.pools[source].get_for(Traffic::FromMachine).await?;
         let mut to = self.pools[machine].get_for(Traffic::ToMachine).await?;
-        let links: Vec<MachineId> = [source, machine]
-            .into_iter()
-            .filter(|&m| !self.specs[m].is_local)
-            .collect();
+        let (links, from_name, to_name) = {
+            let specs = self.specs();
+            let links: Vec<MachineId> = [source, machine]
+                .into_iter()
+                .filter(|&m| !specs[m].is_local)
+                .collect();
+            (links, specs[source].name.clone(), specs[machine].name.clone())
+        };
+        let (from_name, to_name) = (&from_name, &to_name);
         let concurrent = links
             .iter()
             .map(|&l| self.on_link[l].fetch_add(1, Ordering::Relaxed) + 1)
             .max()
             .unwrap_or(1);
-        let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
         let started: Vec<Mutex<Option<Instant>>> = infos.iter().map(|_| Mutex::new(None)).collect();
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let progress = |event: ChainProgress| match event {
@@ -73,6 +77,8 @@ impl TransferEngine {
                 drop(crossing);
                 let seconds = Self::lock(&started[i]).map_or(0.0, |t| t.elapsed().as_secs_f64());
                 self.landed(&infos[i], source, machine, seconds, concurrent);
+                let crossed = infos[i].nar_size * links.len() as u64;
+                self.client_bytes.fetch_add(crossed, Ordering::Relaxed);
             }
         };
         let result = to
@@ -109,7 +115,8 @@ impl TransferEngine {
     ) {
         let path = &info.path;
         if let Some(r) = &self.reporter {
-            let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
+            let specs = self.specs();
+            let (from_name, to_name) = (&specs[source].name, &specs[machine].name);
             r.transfer_finished(path, from_name, to_name, info.nar_size, seconds, true);
         }
         self.registry().add_holder(path, machine);

@@ -7,21 +7,24 @@ use offload_sched::Event;
 
 use super::{BuildTransport, Runner, TaskDone};
 use crate::fleet::LOCAL;
-use crate::state::BuildRecord;
+use crate::state::{BuildRecord, StateDb, StateError};
+use crate::transfer::{unreachable_note, TransferNews};
 
 impl<T: BuildTransport> Runner<'_, T> {
     /// Tells the scheduler where copies landed and the history how long they took.
     pub(super) fn take_news(&mut self) {
         let news = self.transport.take_news();
         let now = self.now();
-        for (path, machine) in news.landed {
-            if let Some(&node) = self.output_of.get(&path) {
+        for (path, machine) in &news.landed {
+            if let Some(&node) = self.output_of.get(path) {
+                let machine = *machine;
                 let actions = self.sched.handle(Event::OutputsAt { node, machine }, now);
                 self.apply(actions);
             }
         }
+        self.learn_routes(&news);
         if let Some(h) = self.history {
-            for t in news.transfers {
+            for t in &news.transfers {
                 let key = &self.state_keys[t.machine];
                 if let Err(e) =
                     h.record_transfer(key, t.to_machine, t.bytes, t.seconds, t.concurrent)
@@ -30,6 +33,60 @@ impl<T: BuildTransport> Runner<'_, T> {
                 }
             }
         }
+    }
+
+    /// Learns which builders reach which directly, and how fast: probes answered,
+    /// pairs that failed to copy (named once), and direct copies timed.
+    fn learn_routes(&mut self, news: &TransferNews) {
+        for p in &news.probed {
+            let (from, to) = (&self.state_keys[p.from], &self.state_keys[p.to]);
+            let recorded = match &p.answer {
+                Ok(link) => {
+                    self.sched.set_peer_link(p.from, p.to, Some(*link));
+                    self.state_op(|h| h.record_peer_probe(from, to, true, ""))
+                }
+                Err(reason) => {
+                    self.reporter.machine_warning(&unreachable_note(
+                        &self.machines[p.from].name,
+                        &self.machines[p.to].name,
+                        reason,
+                    ));
+                    self.state_op(|h| h.record_peer_probe(from, to, false, reason))
+                }
+            };
+            if let Err(e) = recorded {
+                tracing::warn!("{e}");
+            }
+        }
+        for u in &news.unreachable {
+            self.sched.set_peer_link(u.from, u.to, None);
+            self.reporter.machine_warning(&unreachable_note(
+                &self.machines[u.from].name,
+                &self.machines[u.to].name,
+                &u.reason,
+            ));
+            let (from, to) = (&self.state_keys[u.from], &self.state_keys[u.to]);
+            if let Err(e) = self.state_op(|h| h.record_peer_probe(from, to, false, &u.reason)) {
+                tracing::warn!("{e}");
+            }
+        }
+        for t in &news.peer_transfers {
+            let (from, to) = (&self.state_keys[t.from], &self.state_keys[t.to]);
+            let recorded = self.state_op(|h| {
+                h.record_peer_transfer(from, to, t.bytes, t.seconds, t.concurrent)
+            });
+            if let Err(e) = recorded {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Runs `op` on the state, when the run has one.
+    fn state_op(
+        &self,
+        op: impl FnOnce(&StateDb) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        self.history.map_or(Ok(()), op)
     }
 
     /// Learns from a build that ended well: the real size of its outputs, and (with a

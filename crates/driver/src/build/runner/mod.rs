@@ -25,7 +25,7 @@ use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
 use crate::state::StateDb;
-use crate::transfer::TransferNews;
+use crate::transfer::{RouteBytes, TransferNews};
 
 pub(super) mod finish;
 mod learning;
@@ -73,6 +73,11 @@ pub(crate) trait BuildTransport: Send + Sync + 'static {
     /// Copies that landed and were timed since the last call.
     fn take_news(&self) -> TransferNews {
         TransferNews::default()
+    }
+
+    /// NAR bytes moved so far, by the way they went.
+    fn route_bytes(&self) -> RouteBytes {
+        RouteBytes::default()
     }
 
     /// The most `machine`'s link can carry by the copies crossing it now
@@ -267,6 +272,13 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     pub(crate) fn with_state_keys(mut self, keys: Vec<String>, declared_speeds: Vec<f64>) -> Self {
         self.state_keys = keys;
         self.declared_speeds = declared_speeds;
+        self
+    }
+
+    /// Requested outputs go elsewhere than this machine (`--to`): the plan counts no
+    /// copy home.
+    pub(crate) fn with_outputs_away(mut self, away: bool) -> Self {
+        self.sched.outputs_stay_away(away);
         self
     }
 
