@@ -86,7 +86,11 @@ fn render_matrix(names: &[&str], answers: &[PairAnswer]) -> String {
     }
     for a in answers {
         if let Err(reason) = &a.answer {
-            let _ = writeln!(out, "  {} cannot reach {}: {reason}", names[a.from], names[a.to]);
+            let _ = writeln!(
+                out,
+                "  {} cannot reach {}: {reason}",
+                names[a.from], names[a.to]
+            );
         }
     }
     out

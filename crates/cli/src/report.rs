@@ -103,7 +103,9 @@ pub fn run(args: ReportArgs, path: &Path) -> Result<(), Failure> {
             run.lower_bound,
             per_machine.join(", ")
         ));
-        if let Some(line) = crate::progress::bytes_text(&run.route_bytes, run.delivered_to.as_deref()) {
+        if let Some(line) =
+            crate::progress::bytes_text(&run.route_bytes, run.delivered_to.as_deref())
+        {
             crate::output::stdout(&format!("{line}\n"));
         }
     }

@@ -6,8 +6,8 @@
 //! `/root/.ssh` at all), which must stay untouched. So each host's mount namespace lays
 //! an overlay over `/root` whose upper layer (the host's `home/` under the fleet's
 //! directory) holds `.ssh/config`, `.ssh/id_ed25519` and `.ssh/known_hosts`: the
-//! host sees this machine's `/root` with that `.ssh` on top, and whatever it writes
-//! under `/root` stays in its own layer.
+//! host sees this machine's `/root` with that `.ssh` (and an empty `.bashrc` and
+//! `.profile`) on top, and whatever it writes under `/root` stays in its own layer.
 
 use std::fs;
 use std::path::Path;
@@ -86,6 +86,14 @@ pub(crate) fn write_home(
     for (name, text) in [("config", config), ("known_hosts", known_hosts)] {
         let path = ssh.join(name);
         fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    // A host is not this machine's login: sshd's bash reads ~/.bashrc for every command,
+    // and this machine's may set up tools (pyenv's rehash takes a lock under /root, which
+    // a session cut short leaves behind, and every later session then waits a minute).
+    for name in [".bashrc", ".profile"] {
+        let path = home.join("upper").join(name);
+        fs::write(&path, "# an offload test host: no shell set-up\n")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -242,7 +242,13 @@ pub async fn run(
     let declared: Vec<f64> = machines.iter().map(|m| m.spec.speed).collect();
     options.knowledge.apply(&mut machines);
     learn_cores(&mut machines, history).await;
-    let to_probe = crate::fleet::peers::direct_routes(&mut machines, &keys, history, &options.routes, &*reporter);
+    let to_probe = crate::fleet::peers::direct_routes(
+        &mut machines,
+        &keys,
+        history,
+        &options.routes,
+        &*reporter,
+    );
     let specs = machines.iter().map(|m| m.spec.clone()).collect();
     // What failed imports here leave on disk is removed at the end, however the run ends.
     let local = machines

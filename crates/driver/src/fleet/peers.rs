@@ -26,7 +26,8 @@ pub fn direct_routes(
     }
     let able: Vec<MachineId> = (0..machines.len())
         .filter(|&m| {
-            !machines[m].spec.is_local && direct::uri_from_elsewhere(&machines[m].endpoint).is_some()
+            !machines[m].spec.is_local
+                && direct::uri_from_elsewhere(&machines[m].endpoint).is_some()
         })
         .collect();
     if able.len() < 2 {
@@ -83,7 +84,9 @@ pub struct PairAnswer {
 /// once (`offload doctor`'s matrix).
 pub async fn probe_all(fleet: &[MachineConfig], store_dir: &str) -> Vec<PairAnswer> {
     let able: Vec<MachineId> = (0..fleet.len())
-        .filter(|&m| !fleet[m].spec.is_local && direct::uri_from_elsewhere(&fleet[m].endpoint).is_some())
+        .filter(|&m| {
+            !fleet[m].spec.is_local && direct::uri_from_elsewhere(&fleet[m].endpoint).is_some()
+        })
         .collect();
     let mut probes = tokio::task::JoinSet::new();
     for &from in &able {

@@ -19,7 +19,7 @@ mod runs;
 pub(crate) use db::unix_now;
 pub use db::{package_name, BuildRecord, EstimateSource, StateDb, StateError, DEFAULT_SECONDS};
 pub use machines::{format_utc, MachineRecord};
-pub use peers::PeerReach;
 /// What the state teaches, as `offload-learn` fits it ([`StateDb::knowledge`]).
 pub use offload_learn::{Knowledge, Learned, LinkFigures};
+pub use peers::PeerReach;
 pub use runs::RunRecord;

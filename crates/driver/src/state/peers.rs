@@ -142,7 +142,8 @@ mod tests {
         let db = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
         db.record_peer_probe("ssh://a", "ssh://b", false, "Connection refused")
             .unwrap();
-        db.record_peer_probe("ssh://a", "ssh://b", true, "").unwrap();
+        db.record_peer_probe("ssh://a", "ssh://b", true, "")
+            .unwrap();
         db.record_peer_probe("ssh://b", "ssh://a", false, "Permission denied")
             .unwrap();
         for _ in 0..3 {
@@ -152,7 +153,10 @@ mod tests {
         let pairs = db.peer_reach().unwrap();
         assert_eq!(pairs.len(), 2);
         let ab = &pairs[0];
-        assert_eq!((ab.from.as_str(), ab.to.as_str(), ab.reachable), ("ssh://a", "ssh://b", true));
+        assert_eq!(
+            (ab.from.as_str(), ab.to.as_str(), ab.reachable),
+            ("ssh://a", "ssh://b", true)
+        );
         assert!(ab.is_fresh());
         let link = ab.link.expect("learned from the copies");
         assert!((link.bandwidth - 83.9e6).abs() < 1e6, "{link:?}");

@@ -79,7 +79,9 @@ impl DeliveryTarget {
         let script = format!(
             "nix-store --store {} --check-validity --print-invalid {}",
             shell_quote(&self.open_as),
-            shell_quote(&format!("{store_dir}/00000000000000000000000000000000-offload-probe"))
+            shell_quote(&format!(
+                "{store_dir}/00000000000000000000000000000000-offload-probe"
+            ))
         );
         match direct::run_here(&script).await {
             Ran::Done { .. } => Ok(()),
@@ -146,9 +148,9 @@ impl TransferEngine {
             delivered.bytes += sent.map_err(|e| target.unreachable(e.to_string()))??;
         }
         if let Some(lost) = target.missing(&missing).await?.first() {
-            return Err(target.unreachable(format!(
-                "{lost} is still not valid there after it was sent"
-            )));
+            return Err(
+                target.unreachable(format!("{lost} is still not valid there after it was sent"))
+            );
         }
         Ok(delivered)
     }
@@ -176,7 +178,11 @@ impl TransferEngine {
     /// The paths each machine sends: per root, the machine it comes from (this
     /// machine's store when it has it, else a builder that reaches the target itself,
     /// else any holder), with every path of the root's closure the target lacks.
-    fn shares(&self, roots: &[String], missing: &HashSet<&str>) -> BTreeMap<MachineId, Vec<String>> {
+    fn shares(
+        &self,
+        roots: &[String],
+        missing: &HashSet<&str>,
+    ) -> BTreeMap<MachineId, Vec<String>> {
         let registry = self.registry();
         let mut by_source: BTreeMap<MachineId, Vec<String>> = BTreeMap::new();
         for root in roots {
@@ -186,7 +192,12 @@ impl TransferEngine {
                 .iter()
                 .copied()
                 .find(|&m| Some(m) == self.client)
-                .or_else(|| holders.iter().copied().find(|&m| self.peer_uris[m].is_some()))
+                .or_else(|| {
+                    holders
+                        .iter()
+                        .copied()
+                        .find(|&m| self.peer_uris[m].is_some())
+                })
                 .or_else(|| holders.first().copied());
             if let Some(from) = from {
                 by_source.entry(from).or_default().push(root.clone());
@@ -282,7 +293,6 @@ impl TransferEngine {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -147,7 +147,10 @@ pub async fn run_here(script: &str) -> Ran {
     run(cmd, None).await
 }
 
-async fn run(mut cmd: tokio::process::Command, known_hosts: Option<tempfile::NamedTempFile>) -> Ran {
+async fn run(
+    mut cmd: tokio::process::Command,
+    known_hosts: Option<tempfile::NamedTempFile>,
+) -> Ran {
     let _known_hosts = known_hosts;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -230,7 +233,13 @@ mod tests {
     fn paths_and_stores_reach_the_shell_as_words() {
         let a = Endpoint::parse("ssh://a?remote-store=/tmp/a%20b").unwrap();
         let cmd = copy_command(&a, "ssh://b?remote-store=/y", &["/nix/store/x-y z".into()]);
-        assert!(cmd.contains("--store '/tmp/a b' --export '/nix/store/x-y z'"), "{cmd}");
-        assert!(cmd.contains("--store 'ssh://b?remote-store=/y' --import"), "{cmd}");
+        assert!(
+            cmd.contains("--store '/tmp/a b' --export '/nix/store/x-y z'"),
+            "{cmd}"
+        );
+        assert!(
+            cmd.contains("--store 'ssh://b?remote-store=/y' --import"),
+            "{cmd}"
+        );
     }
 }

@@ -76,7 +76,11 @@ impl TransferEngine {
     /// Per source builder, the paths of `todo` it sends to `machine`: those the model
     /// routes from it, with every path of their closures in `todo` (the source has
     /// them all: a valid path's closure is valid).
-    fn direct_groups(&self, machine: MachineId, todo: &[String]) -> Vec<(MachineId, Vec<PathInfo>)> {
+    fn direct_groups(
+        &self,
+        machine: MachineId,
+        todo: &[String],
+    ) -> Vec<(MachineId, Vec<PathInfo>)> {
         let registry = self.registry();
         let mut roots: BTreeMap<MachineId, Vec<String>> = BTreeMap::new();
         for path in todo {
@@ -147,8 +151,10 @@ impl TransferEngine {
                 let valid = conn.query_valid_paths(&paths, false, false).await?;
                 self.pools[machine].put(conn);
                 let valid: HashSet<&String> = valid.iter().collect();
-                let landed: Vec<PathInfo> =
-                    infos.into_iter().filter(|i| valid.contains(&i.path)).collect();
+                let landed: Vec<PathInfo> = infos
+                    .into_iter()
+                    .filter(|i| valid.contains(&i.path))
+                    .collect();
                 self.record_landed(&landed, from, machine, 0.0);
                 Ok(landed.into_iter().map(|i| i.path).collect())
             }
@@ -167,11 +173,19 @@ impl TransferEngine {
         if let Some(r) = &self.reporter {
             let specs = self.specs();
             for i in infos {
-                r.transfer_finished(&i.path, &specs[from].name, &specs[machine].name, i.nar_size, seconds, true);
+                r.transfer_finished(
+                    &i.path,
+                    &specs[from].name,
+                    &specs[machine].name,
+                    i.nar_size,
+                    seconds,
+                    true,
+                );
             }
         }
         self.copied.fetch_add(infos.len(), Ordering::Relaxed);
-        self.bytes.fetch_add(infos.iter().map(|i| i.nar_size).sum(), Ordering::Relaxed);
+        self.bytes
+            .fetch_add(infos.iter().map(|i| i.nar_size).sum(), Ordering::Relaxed);
         let mut news = Self::lock(&self.news);
         news.landed
             .extend(infos.iter().map(|i| (i.path.clone(), machine)));
@@ -195,7 +209,9 @@ impl TransferEngine {
             had
         };
         if first {
-            Self::lock(&self.news).unreachable.push(Unreachable { from, to, reason });
+            Self::lock(&self.news)
+                .unreachable
+                .push(Unreachable { from, to, reason });
         }
     }
 }

@@ -46,7 +46,11 @@ impl TransferEngine {
                 .into_iter()
                 .filter(|&m| !specs[m].is_local)
                 .collect();
-            (links, specs[source].name.clone(), specs[machine].name.clone())
+            (
+                links,
+                specs[source].name.clone(),
+                specs[machine].name.clone(),
+            )
         };
         let (from_name, to_name) = (&from_name, &to_name);
         let concurrent = links

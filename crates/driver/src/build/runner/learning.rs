@@ -72,9 +72,8 @@ impl<T: BuildTransport> Runner<'_, T> {
         }
         for t in &news.peer_transfers {
             let (from, to) = (&self.state_keys[t.from], &self.state_keys[t.to]);
-            let recorded = self.state_op(|h| {
-                h.record_peer_transfer(from, to, t.bytes, t.seconds, t.concurrent)
-            });
+            let recorded = self
+                .state_op(|h| h.record_peer_transfer(from, to, t.bytes, t.seconds, t.concurrent));
             if let Err(e) = recorded {
                 tracing::warn!("{e}");
             }
