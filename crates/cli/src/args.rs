@@ -42,7 +42,7 @@ pub enum Command {
     ///   offload copy --from 'ssh://localhost?remote-store=/tmp/fleet/m1' /nix/store/…-hello
     ///   offload copy --from ssh://builder1 --to ssh://builder2 /nix/store/…-hello
     #[command(verbatim_doc_comment)]
-    Copy(CopyArgs),
+    Copy(crate::copy::CopyArgs),
 
     /// Build derivations over the fleet and the local machine, planned as one graph.
     ///
@@ -549,6 +549,20 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE", env = env::OFFLOAD_SIGN_KEY)]
     pub sign_key: Option<PathBuf>,
 
+    /// Deliver the requested outputs' closures here, straight from the machines holding
+    /// them: `ssh://`, `ssh-ng://`, `file:///DIR` (with --sign-key), … No result links.
+    #[arg(long, value_name = "STORE", conflicts_with_all = ["through_daemon", "repair", "check"])]
+    pub to: Option<String>,
+
+    /// Send every copy between machines through this one, as Nix does (for builders that
+    /// must not talk to each other, and for comparison).
+    #[arg(long)]
+    pub relay: bool,
+
+    /// Forward your ssh agent to the builders for their copies to each other and to --to.
+    #[arg(long)]
+    pub forward_agent: bool,
+
     /// Stop when a builder's outputs could not enter the local store, instead of
     /// building without that builder.
     #[arg(long)]
@@ -565,30 +579,4 @@ pub struct BuildArgs {
     /// goes to stdout. The README lists the fields.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct CopyArgs {
-    /// Store to copy to: `ssh://[user@]host[?remote-store=DIR]`, `local`, or a chroot
-    /// store directory. Default: the local store.
-    #[arg(long, value_name = "URI", required_unless_present = "from")]
-    pub to: Option<String>,
-
-    /// Store to copy from. Default: the local store. With both --from and --to, paths
-    /// stream from one machine to the other through offload.
-    #[arg(long, value_name = "URI")]
-    pub from: Option<String>,
-
-    /// What "the local store" means: `local` (this machine's store) or a chroot store
-    /// directory.
-    #[arg(long, value_name = "URI", default_value = "local")]
-    pub store: String,
-
-    /// Transfers in flight at once.
-    #[arg(short, long, value_name = "N", default_value_t = 4)]
-    pub jobs: usize,
-
-    /// Store paths whose closures to copy.
-    #[arg(required = true, value_name = "PATH")]
-    pub paths: Vec<PathBuf>,
 }

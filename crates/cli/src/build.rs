@@ -29,10 +29,15 @@ pub async fn run(args: BuildArgs, loaded: &Loaded, quiet: bool) -> Result<(), Fa
         .map_err(Failure::usage)?;
     let progress = Arc::new(Progress::new(quiet, logs, json));
     match job::run(&request, progress, shutdown.token()).await {
-        Ok(Outcome::DryRun { plan, machines }) => {
+        Ok(Outcome::DryRun {
+            plan,
+            machines,
+            routes,
+        }) => {
             eprint!(
-                "{}",
-                dry_run_text(&plan.will_build, &plan.will_fetch, &machines)
+                "{}{}",
+                dry_run_text(&plan.will_build, &plan.will_fetch, &machines),
+                routes.describe(machines.iter().filter(|m| !m.spec.is_local).count())
             );
             Ok(())
         }
@@ -109,6 +114,9 @@ fn request(args: BuildArgs, loaded: &Loaded) -> Result<BuildRequest, ConfigError
         no_local_fallback: args.no_local_fallback,
         through_daemon: args.through_daemon,
         out_link: (!args.no_out_link).then_some(args.out_link),
+        deliver_to: args.to,
+        relay: args.relay || defaults.relay == Some(true),
+        forward_agent: args.forward_agent || defaults.forward_agent == Some(true),
         state: loaded.state_db(args.history),
         files: files.into_iter().flatten().collect(),
     })

@@ -2,12 +2,48 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use clap::Args;
+
 pub use offload_driver::human_bytes;
 use offload_driver::{copy_closure, CopyOptions, Endpoint};
 use offload_nix::store_path::STORE_DIR;
 
-use crate::args::CopyArgs;
 use crate::Failure;
+
+/// `offload copy`'s arguments.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Store to copy to: `ssh://[user@]host[?remote-store=DIR]`, `local`, or a chroot
+    /// store directory. Default: the local store.
+    #[arg(long, value_name = "URI", required_unless_present = "from")]
+    pub to: Option<String>,
+
+    /// Store to copy from. Default: the local store. Between two ssh stores the source
+    /// sends straight to the destination (its own ssh config and keys), else through here.
+    #[arg(long, value_name = "URI")]
+    pub from: Option<String>,
+
+    /// Between two machines, stream everything through this one.
+    #[arg(long)]
+    pub relay: bool,
+
+    /// Forward your ssh agent to the source for its copy.
+    #[arg(long)]
+    pub forward_agent: bool,
+
+    /// What "the local store" means: `local` (this machine's store) or a chroot store
+    /// directory.
+    #[arg(long, value_name = "URI", default_value = "local")]
+    pub store: String,
+
+    /// Transfers in flight at once.
+    #[arg(short, long, value_name = "N", default_value_t = 4)]
+    pub jobs: usize,
+
+    /// Store paths whose closures to copy.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
 
 pub async fn run(args: CopyArgs, quiet: bool) -> Result<(), Failure> {
     let endpoint =
@@ -22,12 +58,20 @@ pub async fn run(args: CopyArgs, quiet: bool) -> Result<(), Failure> {
         .map_err(Failure::usage)?;
     let options = CopyOptions {
         jobs: args.jobs.max(1),
+        relay: args.relay,
+        forward_agent: args.forward_agent,
     };
     let stats = copy_closure(&from, &to, &paths, &options)
         .await
         .map_err(Failure::work)?;
     if quiet {
         return Ok(());
+    }
+    if let Some(reason) = &stats.relayed_because {
+        eprintln!(
+            "note: {} cannot reach {} directly ({reason}); the paths went through this machine",
+            from.name, to.name
+        );
     }
     let secs = stats.elapsed.as_secs_f64();
     eprintln!(
@@ -40,6 +84,14 @@ pub async fn run(args: CopyArgs, quiet: bool) -> Result<(), Failure> {
         stats.already_present,
         stats.closure,
     );
+    if stats.direct_bytes > 0 {
+        eprintln!(
+            "{} of it went straight from {} to {}",
+            human_bytes(stats.direct_bytes),
+            from.name,
+            to.name
+        );
+    }
     Ok(())
 }
 

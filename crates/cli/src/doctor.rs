@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::fleet::{build_fleet, MachineChoice};
+use offload_driver::transfer::routes as peers;
 use offload_driver::trust::doctor::{self, MachineReport, Severity};
 use offload_driver::trust::signing::PathSigner;
 
@@ -39,6 +40,11 @@ pub async fn run(
         if report.severity() == Severity::Broken {
             broken.push(report.machine.clone());
         }
+    }
+    let answers = peers::probe_all(&fleet, "/nix/store").await;
+    if !answers.is_empty() {
+        let names: Vec<&str> = fleet.iter().map(|m| m.spec.name.as_str()).collect();
+        eprint!("{}", peers::matrix_text(&names, &answers));
     }
     if broken.is_empty() {
         return Ok(());

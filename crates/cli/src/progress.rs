@@ -201,6 +201,7 @@ impl Events for Progress {
             drvs,
             outputs,
             cpu_seconds,
+            delivered_to,
         } = *summary;
         if let Some(live) = self.live.get() {
             live.finish();
@@ -230,9 +231,14 @@ impl Events for Progress {
             "outputs": if report.all_built() { outputs.to_vec() } else { Vec::new() },
             "failures": failures,
             "copy_back_error": report.copy_back_error.as_ref().map(|e| e.to_string()),
+            "to": delivered_to,
+            "bytes": report.route_bytes,
         }));
         if !self.quiet {
             eprintln!("{}", summary_text(report, cpu_seconds));
+            if let Some(line) = report.route_bytes.describe(delivered_to) {
+                eprintln!("{line}");
+            }
         }
     }
 }

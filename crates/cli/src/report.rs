@@ -103,6 +103,9 @@ pub fn run(args: ReportArgs, path: &Path) -> Result<(), Failure> {
             run.lower_bound,
             per_machine.join(", ")
         ));
+        if let Some(line) = run.route_bytes.describe(run.delivered_to.as_deref()) {
+            crate::output::stdout(&format!("{line}\n"));
+        }
     }
     Ok(())
 }

@@ -65,6 +65,10 @@ pub struct BuildDefaults {
     pub keep_going: Option<bool>,
     pub max_jobs: Option<u32>,
     pub sign_key: Option<PathBuf>,
+    /// Every copy between machines through this one (`--relay`).
+    pub relay: Option<bool>,
+    /// Forward the ssh agent to builders for their copies (`--forward-agent`).
+    pub forward_agent: Option<bool>,
     pub on: Option<Vec<String>>,
     pub exclude: Option<Vec<String>>,
 }

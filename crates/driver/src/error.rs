@@ -102,6 +102,9 @@ pub enum DriverError {
     StorePath(#[from] offload_nix::store_path::StorePathError),
     #[error("{uri:?} is not a store offload can reach: {reason}")]
     BadStoreUri { uri: String, reason: String },
+    /// `--to`: the target could not be opened, or refused what was sent.
+    #[error("cannot deliver to {target}: {reason}")]
+    Delivery { target: String, reason: String },
     #[error("{machine}: {op} {path}")]
     SlotLock {
         machine: String,
@@ -160,6 +163,7 @@ impl DriverError {
             | DriverError::SlotLock { machine, .. }
             | DriverError::SlotsBusy { machine, .. } => machine,
             DriverError::BadStoreUri { uri, .. } => uri,
+            DriverError::Delivery { target, .. } => target,
             DriverError::Interrupted { .. } | DriverError::StorePath(_) => "local",
         }
     }
@@ -225,6 +229,12 @@ impl DriverError {
             DriverError::BadStoreUri { .. } => "use `ssh://[user@]host[?remote-store=DIR]`, \
                  `local`, `daemon`, `auto` or an absolute path to a chroot store"
                 .to_string(),
+            DriverError::Delivery { target, .. } => format!(
+                "check that this machine opens it: `nix-store --store '{target}' \
+                 --check-validity --print-invalid /nix/store/00000000000000000000000000000000-x` \
+                 (ssh config, keys, a cache directory that can be written); --to takes any store \
+                 `nix copy --to` takes"
+            ),
             DriverError::SlotLock { .. } => format!(
                 "the slot lock directory must be writable by every user that builds (Nix \
                  creates it mode 0777); set {} to another directory to keep offload's own",

@@ -356,6 +356,8 @@ mod tests {
             }],
             builds: Vec::new(),
             transfers: Vec::new(),
+            route_bytes: Default::default(),
+            delivered_to: None,
         };
         let page = html(&run);
         assert!(page.contains("&lt;run&gt;") && page.contains("m&amp;1"));

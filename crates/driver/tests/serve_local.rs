@@ -172,7 +172,10 @@ async fn copy_closure_between_stores_verifies_clean() {
     let dst = tmp.path().join("dst");
     let out = build(&src, &chain_expr("copy", 12)).remove(0);
 
-    let opts = CopyOptions { jobs: 3 };
+    let opts = CopyOptions {
+        jobs: 3,
+        ..Default::default()
+    };
     let stats = copy_closure(
         &local(&src),
         &local(&dst),
@@ -240,7 +243,10 @@ async fn a_chain_whose_nar_breaks_midway_keeps_what_landed_and_registers_nothing
         &source,
         &local(&dst),
         std::slice::from_ref(&out),
-        &CopyOptions { jobs: 1 },
+        &CopyOptions {
+            jobs: 1,
+            ..Default::default()
+        },
     )
     .await
     .unwrap_err();

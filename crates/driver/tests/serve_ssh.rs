@@ -74,7 +74,10 @@ async fn copies_over_ssh_and_machine_to_machine() {
         &h1,
         &h2,
         std::slice::from_ref(&out),
-        &CopyOptions { jobs: 2 },
+        &CopyOptions {
+            jobs: 2,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();

@@ -16,6 +16,10 @@
 //!   Nix 2.26, in a root that `scripts/setup.sh` makes once), reached through `chroot`.
 //! - [`LinkCutter`] is a TCP proxy on loopback that cuts the link under load, and
 //!   [`SshFleet::alias_via`] routes a host's ssh through it.
+//! - [`require_sshd_fleet_with_peers`] gives a fleet two views ([`Peers`]): the hosts
+//!   reach each other directly by the client's names for them, and the client reaches
+//!   each through a [`CountingProxy`] that counts the bytes and can shape them
+//!   ([`LinkShape`]); one pair of hosts can be kept from reaching each other.
 //!
 //! - [`require_daemon_install`] is a multi-user install: a `nix-daemon` of its own and an
 //!   ordinary user, [`daemon::TEST_USER`], who builds through it.
@@ -23,10 +27,14 @@
 //! Nothing here is used outside tests.
 
 pub mod daemon;
+mod peers;
 mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
-pub use proxy::LinkCutter;
+pub use peers::Peers;
+pub use proxy::{CountingProxy, LinkCutter, LinkShape};
+
+use peers::PeerEntry;
 
 use std::fs;
 use std::net::TcpListener;
@@ -104,7 +112,25 @@ pub fn require_sshd_fleet_with(hosts: &[HostOptions]) -> Option<SshFleet> {
     if !require_nix() {
         return None;
     }
-    match SshFleet::start_with(hosts) {
+    match SshFleet::start_with(hosts, None) {
+        Ok(fleet) => Some(fleet),
+        Err(e) => {
+            unavailable(&e);
+            None
+        }
+    }
+}
+
+/// A fleet with two views (see [`Peers`]): each host's own ssh reaches every other host
+/// directly by the alias the client uses for it, while the client reaches host `i`
+/// through a proxy of its own that counts ([`SshFleet::bytes_through`]) and shapes
+/// ([`Peers::client_link`]) what it carries. One entry of `hosts` per host, as in
+/// [`require_sshd_fleet_with`].
+pub fn require_sshd_fleet_with_peers(hosts: &[HostOptions], peers: &Peers) -> Option<SshFleet> {
+    if !require_nix() {
+        return None;
+    }
+    match SshFleet::start_with(hosts, Some(peers)) {
         Ok(fleet) => Some(fleet),
         Err(e) => {
             unavailable(&e);
@@ -153,6 +179,9 @@ pub struct HostOptions {
     pub nix_conf: String,
     /// Its sshd's `MaxSessions`: sessions one connection may carry (sshd's default 10).
     pub max_sessions: Option<u32>,
+    /// It builds nothing (`max-jobs = 0` in its `nix.conf`): a plain store that others
+    /// copy to, a deploy target.
+    pub target: bool,
 }
 
 /// (pid, parent pid) of every process on this machine.
@@ -280,6 +309,8 @@ fn run(cmd: &mut Command) -> Result<Output, String> {
 pub struct SshFleet {
     dir: tempfile::TempDir,
     hosts: Vec<Host>,
+    /// The client's proxy to each host, in a fleet with [`Peers`]; else empty.
+    proxies: Vec<CountingProxy>,
 }
 
 struct Host {
@@ -294,11 +325,13 @@ impl SshFleet {
     /// Starts `n` hosts, or says why it cannot (not root, no sshd, no `unshare`).
     /// Tests start fleets through [`require_sshd_fleet`].
     fn start(n: usize) -> Result<SshFleet, String> {
-        SshFleet::start_with(&vec![HostOptions::default(); n])
+        SshFleet::start_with(&vec![HostOptions::default(); n], None)
     }
 
-    /// Starts one host per entry of `hosts`, each set up as it says.
-    fn start_with(options: &[HostOptions]) -> Result<SshFleet, String> {
+    /// Starts one host per entry of `options`, each set up as it says; with `peers`,
+    /// the hosts reach each other and the client reaches them through proxies (see
+    /// [`Peers`]).
+    fn start_with(options: &[HostOptions], peers: Option<&Peers>) -> Result<SshFleet, String> {
         let n = options.len();
         if !Path::new("/usr/sbin/sshd").exists() {
             return Err("no /usr/sbin/sshd: openssh-server is not installed".into());
@@ -317,141 +350,95 @@ impl SshFleet {
         let d = dir.path();
         fs::create_dir_all("/run/sshd").map_err(|e| e.to_string())?;
         let key = d.join("client_key");
-        run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", ""])
-            .arg("-f")
-            .arg(&key))?;
-        fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).map_err(|e| e.to_string())?;
-        let system_conf = fs::read_to_string("/etc/nix/nix.conf").unwrap_or_default();
-        let mut known_hosts = String::new();
-        let mut ssh_config = String::new();
+        keygen(&key)?;
+        let mut authorized =
+            fs::read_to_string(d.join("client_key.pub")).map_err(|e| e.to_string())?;
+        // The key the hosts use to reach each other.
+        let peer_key = d.join("peer_key");
+        if peers.is_some() {
+            keygen(&peer_key)?;
+            authorized += &fs::read_to_string(d.join("peer_key.pub")).map_err(|e| e.to_string())?;
+        }
+        fs::write(d.join("authorized_keys"), authorized).map_err(|e| e.to_string())?;
+        // Every port is chosen before any sshd starts: hosts' configs name each other.
+        let listeners = (0..=n)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let ports = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        drop(listeners);
+        // The last one stays closed: where an unreachable peer's alias points.
+        let closed_port = ports[n];
+        let mut entries = Vec::new();
+        for (i, opts) in options.iter().enumerate() {
+            let h = d.join(format!("h{}", i + 1));
+            prepare_host(d, &h, ports[i], opts)?;
+            let host_key = fs::read_to_string(h.join("host_key.pub")).map_err(|e| e.to_string())?;
+            let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
+            entries.push(PeerEntry {
+                alias: format!("offload-test-h{}", i + 1),
+                port: ports[i],
+                host_key: host_key.join(" "),
+            });
+        }
+        if let Some(peers) = peers {
+            for i in 0..n {
+                let home = d.join(format!("h{}/home", i + 1));
+                peers::write_home(&home, i, &entries, peers, &peer_key, closed_port)?;
+            }
+        }
         let mut hosts = Vec::new();
-        for (i, opts) in (1..=n).zip(options) {
-            let h = d.join(format!("h{i}"));
-            for sub in ["nix", "etc-nix", "tmp"] {
-                fs::create_dir_all(h.join(sub)).map_err(|e| e.to_string())?;
-            }
-            // Builds without build users: the nixbld uids are shared by every host on
-            // this machine, and Nix kills all processes of a build user around a build.
-            let conf: String = system_conf
-                .lines()
-                .filter(|l| !l.trim_start().starts_with("build-users-group"))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            let sandbox = if opts.chroot.is_some() {
-                "sandbox = false\n"
-            } else {
-                ""
-            };
-            fs::write(
-                h.join("etc-nix/nix.conf"),
-                conf + "build-users-group =\nsubstituters =\n" + sandbox + &opts.nix_conf,
-            )
-            .map_err(|e| e.to_string())?;
-            let host_key = h.join("host_key");
-            run(Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", ""])
-                .arg("-f")
-                .arg(&host_key))?;
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(|e| e.to_string())?
-                .port();
-            let pid_file = h.join("sshd.pid");
-            fs::write(
-                h.join("sshd_config"),
-                format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
-                     AuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
-                     PasswordAuthentication no\nStrictModes no\nUsePAM no\n{}",
-                    host_key.display(),
-                    pid_file.display(),
-                    d.join("authorized_keys").display(),
-                    opts.max_sessions
-                        .map(|n| format!("MaxSessions {n}\n"))
-                        .unwrap_or_default()
-                ),
-            )
-            .map_err(|e| e.to_string())?;
-            let (nix, etc) = (h.join("nix"), h.join("etc-nix"));
-            let mut mounts = Vec::new();
-            if let Some(mib) = opts.store_mib {
-                mounts.push(format!(
-                    "mount -t tmpfs -o size={mib}m offload-test-store '{}'",
-                    nix.display()
-                ));
-            }
-            mounts.push(format!("mount --bind '{}' /nix", nix.display()));
-            mounts.push(format!("mount --bind '{}' /etc/nix", etc.display()));
-            let mut remote_program = None;
-            if let Some(root) = &opts.chroot {
-                let r = root.display();
-                mounts.extend([
-                    format!("mount --bind '{}' '{r}/nix'", nix.display()),
-                    format!("mount --bind '{}' '{r}/etc/nix'", etc.display()),
-                    format!("mount --bind '{}' '{r}/tmp'", h.join("tmp").display()),
-                    format!("mount -t proc proc '{r}/proc'"),
-                    format!("mount --rbind /dev '{r}/dev'"),
-                ]);
-                let program = h.join("nix-store-chroot");
-                write_executable(
-                    &program,
-                    &format!("#!/bin/sh\nexec chroot '{r}' /usr/bin/nix-store \"$@\"\n"),
-                );
-                remote_program = Some(program);
-            }
-            let script = format!(
-                "{} && exec /usr/sbin/sshd -f '{cfg}' -E '{log}'",
-                mounts.join(" && "),
-                cfg = h.join("sshd_config").display(),
-                log = h.join("sshd.log").display(),
-            );
-            run(Command::new("unshare").args([
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-            ]))?;
-            let pubkey = fs::read_to_string(h.join("host_key.pub")).map_err(|e| e.to_string())?;
-            let pubkey: Vec<&str> = pubkey.split_whitespace().take(2).collect();
-            known_hosts.push_str(&format!("[127.0.0.1]:{port} {}\n", pubkey.join(" ")));
-            let alias = format!("offload-test-h{i}");
-            ssh_config.push_str(&format!(
-                "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {}\n  \
-                 IdentitiesOnly yes\n  UserKnownHostsFile {}\n  BatchMode yes\n\n",
-                key.display(),
-                d.join("known_hosts").display()
-            ));
+        for (i, opts) in options.iter().enumerate() {
+            let h = d.join(format!("h{}", i + 1));
+            let remote_program = launch_host(&h, opts, peers.is_some())?;
             hosts.push(Host {
-                alias,
-                pid_file,
-                port,
+                alias: entries[i].alias.clone(),
+                pid_file: h.join("sshd.pid"),
+                port: ports[i],
                 remote_program,
             });
         }
-        fs::write(d.join("known_hosts"), known_hosts).map_err(|e| e.to_string())?;
-        fs::write(d.join("ssh_config"), ssh_config).map_err(|e| e.to_string())?;
-        // A fleet kept in a `static` is never dropped: a watcher stops the hosts when
-        // this process exits, whatever way it does.
-        let pid_files: Vec<String> = hosts
+        let proxies = match peers {
+            Some(peers) => hosts
+                .iter()
+                .map(|h| CountingProxy::start(h.port, peers.client_link))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("starting the client's proxies: {e}"))?,
+            None => Vec::new(),
+        };
+        let known_hosts: String = entries
             .iter()
-            .map(|h| format!("'{}'", h.pid_file.display()))
+            .map(|e| format!("[127.0.0.1]:{} {}\n", e.port, e.host_key))
             .collect();
-        let watcher = format!(
-            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; for f in {files}; do kill $(cat $f) 2>/dev/null; done",
-            me = std::process::id(),
-            files = pid_files.join(" ")
-        );
-        Command::new("sh")
-            .args(["-c", &watcher])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting the fleet watcher: {e}"))?;
-        let fleet = SshFleet { dir, hosts };
+        fs::write(d.join("known_hosts"), known_hosts).map_err(|e| e.to_string())?;
+        // The client's view: through the proxies when there are, else direct; the
+        // fleet's own commands (`ssh`, `is_valid`) always go direct, uncounted.
+        let entry = |i: usize, port: u16| {
+            client_entry(
+                &entries[i].alias,
+                port,
+                entries[i].port,
+                &key,
+                &d.join("known_hosts"),
+            )
+        };
+        let direct: String = (0..n).map(|i| entry(i, ports[i])).collect();
+        let client: String = match proxies.is_empty() {
+            true => direct.clone(),
+            false => (0..n).map(|i| entry(i, proxies[i].port())).collect(),
+        };
+        fs::write(d.join("direct_config"), direct).map_err(|e| e.to_string())?;
+        fs::write(d.join("ssh_config"), client).map_err(|e| e.to_string())?;
+        watch_hosts(&hosts)?;
+        let fleet = SshFleet {
+            dir,
+            hosts,
+            proxies,
+        };
         for i in 0..n {
             fleet.wait_ready(i)?;
         }
@@ -531,11 +518,27 @@ impl SshFleet {
         format!("ssh://{}", self.hosts[i].alias)
     }
 
-    /// Runs a shell command on host `i` (in its namespace, so its store).
+    /// The bytes the client's proxy to host `i` carried so far: (to the host, from the
+    /// host). Only a fleet with [`Peers`] has proxies; the fleet's own commands
+    /// ([`SshFleet::ssh`], [`SshFleet::is_valid`]) do not go through them.
+    pub fn bytes_through(&self, i: usize) -> (u64, u64) {
+        self.proxies
+            .get(i)
+            .unwrap_or_else(|| panic!("host {i} has no proxy: start the fleet with peers"))
+            .bytes()
+    }
+
+    /// The port of the client's proxy to host `i`, in a fleet with [`Peers`].
+    pub fn proxy_port(&self, i: usize) -> Option<u16> {
+        self.proxies.get(i).map(CountingProxy::port)
+    }
+
+    /// Runs a shell command on host `i` (in its namespace, so its store), directly
+    /// rather than through the client's proxy.
     pub fn ssh(&self, i: usize, command: &str) -> Result<String, String> {
         let out = run(Command::new("ssh")
             .arg("-F")
-            .arg(self.ssh_config())
+            .arg(self.dir.path().join("direct_config"))
             .arg(&self.hosts[i].alias)
             .arg(format!("NIX_CONFIG='substituters =' {command}")))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -625,4 +628,135 @@ impl Drop for SshFleet {
             }
         }
     }
+}
+
+/// Makes an ed25519 key pair without a passphrase at `path` (and `path.pub`).
+fn keygen(path: &Path) -> Result<(), String> {
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(path))
+    .map(drop)
+}
+
+/// A client `Host` entry: `alias` at `port` on loopback, expecting the key of the sshd
+/// that listens on `real_port` (the same port, or a proxy's in front of it).
+fn client_entry(alias: &str, port: u16, real_port: u16, key: &Path, known_hosts: &Path) -> String {
+    format!(
+        "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  HostKeyAlias [127.0.0.1]:{real_port}\n  \
+         User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  \
+         BatchMode yes\n\n",
+        key.display(),
+        known_hosts.display()
+    )
+}
+
+/// Writes host directory `h` of the fleet in `d`: its `nix.conf`, host key and
+/// `sshd_config` listening on `port`.
+fn prepare_host(d: &Path, h: &Path, port: u16, opts: &HostOptions) -> Result<(), String> {
+    for sub in ["nix", "etc-nix", "tmp"] {
+        fs::create_dir_all(h.join(sub)).map_err(|e| e.to_string())?;
+    }
+    // Builds without build users: the nixbld uids are shared by every host on this
+    // machine, and Nix kills all processes of a build user around a build.
+    let system_conf = fs::read_to_string("/etc/nix/nix.conf").unwrap_or_default();
+    let conf: String = system_conf
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("build-users-group"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let sandbox = if opts.chroot.is_some() {
+        "sandbox = false\n"
+    } else {
+        ""
+    };
+    let target = if opts.target { "max-jobs = 0\n" } else { "" };
+    fs::write(
+        h.join("etc-nix/nix.conf"),
+        conf + "build-users-group =\nsubstituters =\n" + sandbox + target + &opts.nix_conf,
+    )
+    .map_err(|e| e.to_string())?;
+    let host_key = h.join("host_key");
+    keygen(&host_key)?;
+    fs::write(
+        h.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
+             AuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nStrictModes no\nUsePAM no\n{}",
+            host_key.display(),
+            h.join("sshd.pid").display(),
+            d.join("authorized_keys").display(),
+            opts.max_sessions
+                .map(|n| format!("MaxSessions {n}\n"))
+                .unwrap_or_default()
+        ),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Starts the sshd of host directory `h` in a mount namespace of its own (its `/nix`,
+/// `/etc/nix`, with `peers` its `/root` of [`peers::mount_home`]); returns the
+/// `remote-program` of a host on another Nix.
+fn launch_host(h: &Path, opts: &HostOptions, peers: bool) -> Result<Option<PathBuf>, String> {
+    let (nix, etc) = (h.join("nix"), h.join("etc-nix"));
+    let mut mounts = Vec::new();
+    if let Some(mib) = opts.store_mib {
+        mounts.push(format!(
+            "mount -t tmpfs -o size={mib}m offload-test-store '{}'",
+            nix.display()
+        ));
+    }
+    mounts.push(format!("mount --bind '{}' /nix", nix.display()));
+    mounts.push(format!("mount --bind '{}' /etc/nix", etc.display()));
+    if peers {
+        mounts.push(peers::mount_home(&h.join("home")));
+    }
+    let mut remote_program = None;
+    if let Some(root) = &opts.chroot {
+        let r = root.display();
+        mounts.extend([
+            format!("mount --bind '{}' '{r}/nix'", nix.display()),
+            format!("mount --bind '{}' '{r}/etc/nix'", etc.display()),
+            format!("mount --bind '{}' '{r}/tmp'", h.join("tmp").display()),
+            format!("mount -t proc proc '{r}/proc'"),
+            format!("mount --rbind /dev '{r}/dev'"),
+        ]);
+        let program = h.join("nix-store-chroot");
+        write_executable(
+            &program,
+            &format!("#!/bin/sh\nexec chroot '{r}' /usr/bin/nix-store \"$@\"\n"),
+        );
+        remote_program = Some(program);
+    }
+    let script = format!(
+        "{} && exec /usr/sbin/sshd -f '{cfg}' -E '{log}'",
+        mounts.join(" && "),
+        cfg = h.join("sshd_config").display(),
+        log = h.join("sshd.log").display(),
+    );
+    run(Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]))?;
+    Ok(remote_program)
+}
+
+/// A fleet kept in a `static` is never dropped: a watcher stops the hosts when this
+/// process exits, whatever way it does.
+fn watch_hosts(hosts: &[Host]) -> Result<(), String> {
+    let pid_files: Vec<String> = hosts
+        .iter()
+        .map(|h| format!("'{}'", h.pid_file.display()))
+        .collect();
+    let watcher = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; for f in {files}; do kill $(cat $f) 2>/dev/null; done",
+        me = std::process::id(),
+        files = pid_files.join(" ")
+    );
+    Command::new("sh")
+        .args(["-c", &watcher])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(drop)
+        .map_err(|e| format!("starting the fleet watcher: {e}"))
 }

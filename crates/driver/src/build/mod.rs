@@ -17,6 +17,7 @@ use crate::fleet::learned::{learn_cores, ApplyKnowledge};
 pub use crate::fleet::MachineConfig;
 use crate::reporter::Reporter;
 use crate::state::StateDb;
+use crate::transfer::{RouteBytes, RouteOptions};
 use crate::trust::LocalAccess;
 pub use health::Reliability;
 use offload_learn::Knowledge;
@@ -91,6 +92,8 @@ pub struct BuildOptions {
     pub reliability: Reliability,
     /// What earlier runs taught about the fleet: speeds, links, sizes.
     pub knowledge: Knowledge,
+    /// How copies go between machines and where the requested outputs end up.
+    pub routes: RouteOptions,
 }
 
 /// Where build logs are kept.
@@ -201,6 +204,8 @@ pub struct BuildReport {
     pub measured_lower_bound: f64,
     /// Set when copying the requested outputs back failed.
     pub copy_back_error: Option<DriverError>,
+    /// NAR bytes moved, by the way they went.
+    pub route_bytes: RouteBytes,
 }
 
 impl BuildReport {
@@ -237,6 +242,14 @@ pub async fn run(
     let declared: Vec<f64> = machines.iter().map(|m| m.spec.speed).collect();
     options.knowledge.apply(&mut machines);
     learn_cores(&mut machines, history).await;
+    let to_probe = crate::transfer::routes::direct_routes(
+        &mut machines,
+        &keys,
+        history,
+        &options.knowledge,
+        &options.routes,
+        &*reporter,
+    );
     let specs = machines.iter().map(|m| m.spec.clone()).collect();
     // What failed imports here leave on disk is removed at the end, however the run ends.
     let local = machines
@@ -251,6 +264,7 @@ pub async fn run(
         transport = connect => transport?,
         () = stop.cancelled() => return Err(DriverError::Interrupted { stopped: 0 }),
     };
+    transport.probe_pairs(to_probe);
     let runner = Runner::new(
         Arc::new(transport),
         nodes,
@@ -262,7 +276,9 @@ pub async fn run(
         history,
         reporter,
     )?
-    .with_state_keys(keys, declared);
+    .with_state_keys(keys, declared)
+    .with_links_measured(&options.knowledge)
+    .with_outputs_away(options.routes.deliver_to.is_some());
     let report = runner.run(stop).await;
     if let Some(local) = &local {
         imports.remove_leftovers(local).await;

@@ -87,6 +87,9 @@ pub enum JobError {
     Agent(AgentError),
     #[error("the nix-daemon's build failed")]
     DaemonBuild(#[source] ProcessError),
+    /// `--to`: the target cannot be used; said before any build starts.
+    #[error(transparent)]
+    Target(Box<DriverError>),
     /// The run itself; [`DriverError::Interrupted`] when a signal stopped it.
     #[error(transparent)]
     Build(Box<DriverError>),
@@ -133,6 +136,7 @@ impl JobError {
                 | JobError::Refused { .. }
                 | JobError::NoAgent(_)
                 | JobError::WriteFile { .. }
+                | JobError::Target(_)
         )
     }
 
@@ -144,7 +148,7 @@ impl JobError {
     /// What to do next, for the errors that stand for another error with a hint.
     pub fn hint(&self) -> Option<String> {
         match self {
-            JobError::Trust(e) | JobError::Build(e) => e.hint(),
+            JobError::Trust(e) | JobError::Build(e) | JobError::Target(e) => e.hint(),
             JobError::Evaluator(e) | JobError::DryRun(e) => e.hint(),
             _ => None,
         }

@@ -27,6 +27,7 @@ use crate::fleet::{build_fleet, MachineChoice, MachineConfig};
 use crate::plan::dry_run::{dry_run, DryRun};
 use crate::plan::{build_nodes, output_path, read_drv_closure};
 use crate::state::report::{record, ReportMachine, RunReport};
+use crate::transfer::{DeliveryTarget, RouteOptions};
 use crate::StateDb;
 
 mod access;
@@ -68,6 +69,13 @@ pub struct BuildRequest {
     pub through_daemon: bool,
     /// The result links' name (`result`); `None`: no links.
     pub out_link: Option<String>,
+    /// Deliver the requested outputs to this store rather than the local one (`--to`):
+    /// no result links then.
+    pub deliver_to: Option<String>,
+    /// Every copy between machines goes through this one (`--relay`).
+    pub relay: bool,
+    /// Forward the user's ssh agent to builders for their copies (`--forward-agent`).
+    pub forward_agent: bool,
     /// The state database.
     pub state: PathBuf,
     /// Files to write the run to once it is over (`--trace`, `--report`), in order.
@@ -117,14 +125,18 @@ pub struct Summary<'a> {
     pub outputs: &'a [String],
     /// CPU seconds offload itself used (children not counted).
     pub cpu_seconds: f64,
+    /// The store the requested outputs went to (`--to`); None: this machine's.
+    pub delivered_to: Option<&'a str>,
 }
 
 /// What a job did.
 pub enum Outcome {
-    /// `dry_run`: what Nix would build and fetch, and the machines.
+    /// `dry_run`: what Nix would build and fetch, the machines, and the way copies
+    /// and the requested outputs would go.
     DryRun {
         plan: DryRun,
         machines: Vec<MachineConfig>,
+        routes: RouteOptions,
     },
     /// The requested outputs are in the local store (linked when asked): their paths,
     /// in the order of the request.
@@ -156,6 +168,7 @@ pub async fn run(
     let mut machines = build_fleet(&choice, &settings)?;
     let mut options = options(request, &settings)?;
     let planned = plan(request)?;
+    options.routes = routes(request, &planned).await?;
     if request.check {
         options.check = planned.roots.iter().cloned().collect();
     }
@@ -163,6 +176,7 @@ pub async fn run(
         return Ok(Outcome::DryRun {
             plan: planned.plan,
             machines,
+            routes: options.routes,
         });
     }
     finish::substitute(&planned.plan.will_fetch, &*events)?;
@@ -221,6 +235,7 @@ fn options(request: &BuildRequest, settings: &NixSettings) -> Result<BuildOption
         check: Default::default(),
         reliability: request.reliability.clone(),
         knowledge: Default::default(),
+        routes: Default::default(),
     };
     for (name, value) in &request.evaluation.options {
         options
@@ -228,6 +243,33 @@ fn options(request: &BuildRequest, settings: &NixSettings) -> Result<BuildOption
             .map_err(JobError::NixOption)?;
     }
     Ok(options)
+}
+
+/// How copies go and where the outputs end up; a `--to` target is opened here first,
+/// so that one that cannot be used is named before any build starts.
+async fn routes(request: &BuildRequest, planned: &Planned) -> Result<RouteOptions, JobError> {
+    let deliver_to = match &request.deliver_to {
+        Some(uri) => {
+            let target = DeliveryTarget::new(uri, request.sign_key.as_deref())
+                .map_err(|e| JobError::Target(Box::new(e)))?;
+            let store_dir = planned
+                .roots
+                .first()
+                .and_then(|p| p.rsplit_once('/'))
+                .map_or("/nix/store", |(dir, _)| dir);
+            target
+                .probe(store_dir)
+                .await
+                .map_err(|e| JobError::Target(Box::new(e)))?;
+            Some(target)
+        }
+        None => None,
+    };
+    Ok(RouteOptions {
+        relay: request.relay,
+        forward_agent: request.forward_agent,
+        deliver_to,
+    })
 }
 
 /// Evaluates the request, reads the derivations and asks Nix what it would build and
@@ -343,6 +385,7 @@ impl Job<'_> {
         .map_err(|e| JobError::Build(Box::new(e)))?;
         let mut run = record::run_report(&names, &deps, fleet, &report);
         run.transfers = recorder.transfers();
+        run.delivered_to = self.request.deliver_to.clone();
         for file in &self.request.files {
             file.write(&run)?;
         }
@@ -355,12 +398,15 @@ impl Job<'_> {
             drvs: &names,
             outputs: &outputs,
             cpu_seconds: finish::own_cpu_seconds(),
+            delivered_to: self.request.deliver_to.as_deref(),
         });
         failures(&report, &names)?;
         if self.request.repair {
             finish::repair(&self.roots)?;
         }
-        finish::link(self.request.out_link.is_some(), &self.links)
+        // Delivered elsewhere, the outputs are not here to link to.
+        let link = self.request.out_link.is_some() && self.request.deliver_to.is_none();
+        finish::link(link, &self.links)
     }
 }
 

@@ -54,6 +54,8 @@ pub fn run_report(
         machines,
         builds,
         transfers: Vec::new(),
+        route_bytes: report.route_bytes,
+        delivered_to: None,
     }
 }
 

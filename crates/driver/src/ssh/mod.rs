@@ -63,6 +63,10 @@ pub struct Endpoint {
     /// ([`crate::ssh::master`]): sessions go over it while it is up.
     #[serde(skip)]
     pub control_path: Option<PathBuf>,
+    /// Forward this machine's ssh agent (`ssh -A`), for a command that goes on to a
+    /// third machine with the user's keys (`--forward-agent`); never for sessions.
+    #[serde(skip)]
+    pub forward_agent: bool,
 }
 
 impl Endpoint {
@@ -77,6 +81,7 @@ impl Endpoint {
             env: Vec::new(),
             ssh_options: Vec::new(),
             control_path: None,
+            forward_agent: false,
         }
     }
 
@@ -237,8 +242,9 @@ impl Endpoint {
         else {
             return Ok((cmd, None));
         };
-        // No X11 or agent forwarding, never a password prompt.
-        cmd.args(["-x", "-a", "-oBatchMode=yes"]);
+        // No X11 forwarding, no agent forwarding unless asked, never a password prompt.
+        let agent = if self.forward_agent { "-A" } else { "-a" };
+        cmd.args(["-x", agent, "-oBatchMode=yes"]);
         if let Some(opts) = crate::env::nix_sshopts() {
             cmd.args(opts.split_whitespace());
         }

@@ -73,6 +73,25 @@ const MIGRATIONS: &[&str] = &[
          cores INTEGER NOT NULL,
          learned_at INTEGER NOT NULL
      );",
+    // Copies straight from one machine to another (`peers.rs`): whether the first
+    // reaches the second by its own ssh, as last probed, and each such copy, timed.
+    "CREATE TABLE peer_reach (
+         from_machine TEXT NOT NULL,
+         to_machine TEXT NOT NULL,
+         reachable INTEGER NOT NULL,
+         reason TEXT NOT NULL,
+         probed_at INTEGER NOT NULL,
+         PRIMARY KEY (from_machine, to_machine)
+     );
+     CREATE TABLE peer_transfers (
+         from_machine TEXT NOT NULL,
+         to_machine TEXT NOT NULL,
+         bytes INTEGER NOT NULL,
+         seconds REAL NOT NULL,
+         concurrent INTEGER NOT NULL,
+         at INTEGER NOT NULL
+     );
+     CREATE INDEX peer_transfers_pair ON peer_transfers (from_machine, to_machine, at);",
 ];
 
 /// The history database could not be used.

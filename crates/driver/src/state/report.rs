@@ -47,6 +47,43 @@ pub struct RunReport {
     pub builds: Vec<ReportBuild>,
     #[serde(default)]
     pub transfers: Vec<ReportTransfer>,
+    /// NAR bytes moved, by the way they went.
+    #[serde(default)]
+    pub route_bytes: RouteBytes,
+    /// Where the requested outputs went (`--to`); none: this machine's store.
+    #[serde(default)]
+    pub delivered_to: Option<String>,
+}
+
+/// NAR bytes a run moved, by the way they went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RouteBytes {
+    /// Over this machine's links (a relay crosses two: in and out).
+    pub client_links: u64,
+    /// Straight from one builder to another.
+    pub builder_to_builder: u64,
+    /// Into the delivery target (`--to`), whichever way.
+    pub to_target: u64,
+}
+
+impl RouteBytes {
+    /// The bytes as the summary says them, naming the `--to` store; None when the run
+    /// moved none.
+    pub fn describe(&self, delivered_to: Option<&str>) -> Option<String> {
+        use crate::reporter::human_bytes;
+        if *self == RouteBytes::default() {
+            return None;
+        }
+        let mut text = format!(
+            "bytes moved: {} over this machine's links, {} builder to builder",
+            human_bytes(self.client_links),
+            human_bytes(self.builder_to_builder)
+        );
+        if let Some(target) = delivered_to {
+            text.push_str(&format!(", {} to {target}", human_bytes(self.to_target)));
+        }
+        Some(text)
+    }
 }
 
 /// Keeps `run` in the state database for `offload report`; a run that cannot be kept is

@@ -3,15 +3,17 @@
 //!
 //! The source's closure is computed there (QueryClosure), the destination says which of
 //! it it already has (QueryValidPaths), and only the rest moves, through the transfer
-//! engine that builds use too (`crate::transfer`): each NAR streams from the source
-//! straight into the destination through offload's memory, several at once, in
+//! engine that builds use too (`crate::transfer`). Between two machines reached over
+//! ssh, the source sends it straight to the destination itself (`direct.rs`), by the
+//! name this machine uses for it; when it cannot (or with `--relay`), each NAR streams
+//! from the source into the destination through offload's memory, several at once, in
 //! dependency order. A failure stops new transfers; the ones already done stay done (no
 //! lost work), and the error says how far the copy got.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use offload_sched::{MachineId, MachineSpec};
+use offload_sched::{Link, MachineId, MachineSpec};
 
 use super::TransferEngine;
 use crate::error::DriverError;
@@ -23,27 +25,21 @@ use crate::ssh::Endpoint;
 pub struct CopyOptions {
     /// Transfers in flight at once, each with its own pair of sessions.
     pub jobs: usize,
+    /// Everything through this machine, even between two machines that could copy
+    /// directly (`--relay`).
+    pub relay: bool,
+    /// This machine's ssh agent goes with the source's copy (`--forward-agent`).
+    pub forward_agent: bool,
 }
 
 impl Default for CopyOptions {
     fn default() -> Self {
-        CopyOptions { jobs: 4 }
+        CopyOptions {
+            jobs: 4,
+            relay: false,
+            forward_agent: false,
+        }
     }
-}
-
-/// Bytes in the units Nix prints (KiB, MiB, GiB), for people.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// What a copy did.
@@ -58,6 +54,11 @@ pub struct CopyStats {
     /// NAR bytes transferred.
     pub bytes: u64,
     pub elapsed: Duration,
+    /// Why the copy went through this machine although the source might have sent it
+    /// straight: the source could not reach the destination.
+    pub relayed_because: Option<String>,
+    /// The NAR bytes that went straight from the source to the destination.
+    pub direct_bytes: u64,
 }
 
 /// A copy that stopped on an error, with what it had finished by then.
@@ -92,11 +93,24 @@ pub async fn copy_closure(
 ) -> Result<CopyStats, CopyFailure> {
     let started = Instant::now();
     let spec = |e: &Endpoint| MachineSpec::new(e.name.clone(), "", 1, 1.0);
-    let engine = Arc::new(TransferEngine::new(
-        vec![Pool::new(from.clone()), Pool::new(to.clone())],
-        vec![spec(from), spec(to)],
-        options.jobs,
-    ));
+    let mut source = spec(from);
+    if from.is_ssh() && super::direct::uri_from_elsewhere(to).is_some() {
+        // A direct copy spares this machine both links: it goes first, at a tie.
+        let ideal = Link {
+            bandwidth: f64::INFINITY,
+            latency: 0.0,
+        };
+        source.peers = vec![(TARGET, ideal)];
+    }
+    let engine = Arc::new(
+        TransferEngine::new(
+            vec![Pool::new(from.clone()), Pool::new(to.clone())],
+            vec![source, spec(to)],
+            options.jobs,
+        )
+        .with_relay_forced(options.relay)
+        .with_forwarded_agent(options.forward_agent),
+    );
     let result = copy_with(&engine, from, paths).await;
     let (copied, bytes) = engine.copied();
     engine.close().await;
@@ -105,12 +119,15 @@ pub async fn copy_closure(
         .iter()
         .filter(|p| engine.registry().is_on(p, TARGET))
         .count();
+    let news = engine.take_news();
     let stats = CopyStats {
         closure: closure.len(),
         already_present: on_target.saturating_sub(copied),
         copied,
         bytes,
         elapsed: started.elapsed(),
+        relayed_because: news.unreachable.into_iter().next().map(|u| u.reason),
+        direct_bytes: engine.route_bytes().builder_to_builder,
     };
     match result {
         Ok(()) => Ok(stats),
@@ -144,16 +161,4 @@ async fn copy_with(
     engine.learn_closure(SOURCE, paths).await?;
     engine.ensure_on(TARGET, paths, None, false).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bytes_read_well() {
-        assert_eq!(human_bytes(100), "100 B");
-        assert_eq!(human_bytes(2048), "2.0 KiB");
-        assert_eq!(human_bytes(200 * 1024 * 1024), "200.0 MiB");
-    }
 }

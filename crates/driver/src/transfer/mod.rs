@@ -33,12 +33,65 @@ use crate::session::{Pool, ServeConn};
 use crate::trust::signing::PathSigner;
 
 mod copy;
+mod deliver;
+pub mod direct;
 mod order;
 mod paths;
+mod peer;
+mod reach;
+pub mod routes;
 mod send;
 
-pub use copy::{copy_closure, human_bytes, CopyFailure, CopyOptions, CopyStats};
+pub use crate::reporter::human_bytes;
+pub use crate::state::report::RouteBytes;
+pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
+pub use deliver::{Delivered, DeliveryTarget};
 pub use paths::PathRegistry;
+pub use peer::{PeerRecord, Unreachable};
+pub use reach::{cause, unreachable_note, Probed};
+
+/// How copies go and where the requested outputs end up.
+#[derive(Debug, Clone, Default)]
+pub struct RouteOptions {
+    /// Every copy goes through this machine (`--relay`).
+    pub relay: bool,
+    /// This machine's ssh agent goes with the copies builders make to others
+    /// (`--forward-agent`).
+    pub forward_agent: bool,
+    /// The requested outputs go there rather than here (`--to`).
+    pub deliver_to: Option<DeliveryTarget>,
+}
+
+impl RouteOptions {
+    /// `--dry-run`'s word on routes, for a fleet of `builders`: which way copies
+    /// between builders and the requested outputs would go.
+    pub fn describe(&self, builders: usize) -> String {
+        let mut text = String::from("routes:\n");
+        if builders > 1 {
+            text.push_str(if self.relay {
+                "  between builders: through this machine (--relay)\n"
+            } else {
+                "  between builders: straight from one to the other where it reaches the other \
+                 by its own ssh (each pair probed once and kept), else through this machine\n"
+            });
+        }
+        match &self.deliver_to {
+            Some(target) if target.reachable_from_builders && !self.relay => {
+                text.push_str(&format!(
+                "  requested outputs: to {}, straight from the builders that hold them (through \
+                 this machine for one that cannot reach it); nothing comes here\n",
+                target.uri
+            ))
+            }
+            Some(target) => text.push_str(&format!(
+                "  requested outputs: to {}, through this machine without entering its store\n",
+                target.uri
+            )),
+            None => text.push_str("  requested outputs: to this machine's store\n"),
+        }
+        text
+    }
+}
 
 /// Copies to one machine at once during builds. They hide the round trip each path
 /// costs on a link with latency. Into a loopback store on a 2-core machine, where the
@@ -66,6 +119,12 @@ pub struct TransferNews {
     /// Paths that became valid on a machine by a copy.
     pub landed: Vec<(String, MachineId)>,
     pub transfers: Vec<TransferRecord>,
+    /// Copies straight from one machine to another.
+    pub peer_transfers: Vec<PeerRecord>,
+    /// Pairs that could not copy directly: their copies relay from now on.
+    pub unreachable: Vec<Unreachable>,
+    /// Pairs probed, with their answers.
+    pub probed: Vec<Probed>,
 }
 
 /// The closure [`TransferEngine::ensure_on`] made valid, in numbers.
@@ -87,7 +146,27 @@ type PathGate = Arc<tokio::sync::Mutex<()>>;
 /// Sessions with every machine, what each store holds, and the copies between them.
 pub struct TransferEngine {
     pools: Vec<Pool>,
-    specs: Vec<MachineSpec>,
+    /// The machines as the model sees them; a pair that fails to copy directly loses
+    /// its peer link here.
+    specs: std::sync::RwLock<Vec<MachineSpec>>,
+    /// Each machine's store URI as Nix on another machine opens it (None: only this
+    /// machine reaches it), for direct copies to it.
+    peer_uris: Vec<Option<String>>,
+    /// Forward this machine's ssh agent to the sources of direct copies.
+    forward_agent: bool,
+    /// Every copy goes through this machine (`--relay`).
+    relay_forced: bool,
+    /// Machines that could not send to the delivery target themselves.
+    target_unreachable: Mutex<HashSet<String>>,
+    /// Pairs to probe when a copy between them is first due, each probed once.
+    pair_probes: Mutex<HashMap<(MachineId, MachineId), reach::PairProbe>>,
+    /// Direct copies running per (source, target).
+    pairs_busy: Mutex<HashMap<(MachineId, MachineId), u32>>,
+    /// NAR bytes over this machine's links, straight between builders, and to the
+    /// delivery target.
+    client_bytes: AtomicU64,
+    direct_bytes: AtomicU64,
+    target_bytes: AtomicU64,
     registry: Mutex<PathRegistry>,
     /// How many builds take each store path as an input.
     consumers: HashMap<String, usize>,
@@ -119,13 +198,25 @@ impl TransferEngine {
         let lanes = lanes.max(1);
         TransferEngine {
             client: specs.iter().position(|s| s.is_local),
+            peer_uris: pools
+                .iter()
+                .map(|p| direct::uri_from_elsewhere(p.endpoint()))
+                .collect(),
+            forward_agent: false,
+            relay_forced: false,
+            target_unreachable: Mutex::new(HashSet::new()),
+            pairs_busy: Mutex::new(HashMap::new()),
+            pair_probes: Mutex::new(HashMap::new()),
+            client_bytes: AtomicU64::new(0),
+            direct_bytes: AtomicU64::new(0),
+            target_bytes: AtomicU64::new(0),
             lanes: (0..n).map(|_| Semaphore::new(lanes)).collect(),
             lanes_per_machine: lanes,
             on_link: (0..n).map(|_| AtomicU32::new(0)).collect(),
             crossing: Mutex::new(vec![HashMap::new(); n]),
             calls: AtomicU64::new(0),
             pools,
-            specs,
+            specs: std::sync::RwLock::new(specs),
             registry: Mutex::new(PathRegistry::default()),
             consumers: HashMap::new(),
             copying: Mutex::new(HashMap::new()),
@@ -151,6 +242,52 @@ impl TransferEngine {
     pub fn with_signer(mut self, signer: Option<PathSigner>) -> Self {
         self.signer = signer;
         self
+    }
+
+    /// Forwards this machine's ssh agent to the machines that copy to others directly.
+    pub fn with_forwarded_agent(mut self, forward: bool) -> Self {
+        self.forward_agent = forward;
+        self
+    }
+
+    /// Sends every copy through this machine (`--relay`): no machine sends to another
+    /// itself.
+    pub fn with_relay_forced(mut self, relay: bool) -> Self {
+        self.relay_forced = relay;
+        if relay {
+            for spec in self.specs_mut().iter_mut() {
+                spec.peers.clear();
+            }
+        }
+        self
+    }
+
+    /// The machines as the model sees them now.
+    fn specs(&self) -> std::sync::RwLockReadGuard<'_, Vec<MachineSpec>> {
+        self.specs.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn specs_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<MachineSpec>> {
+        self.specs.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// NAR bytes moved so far, by route.
+    pub fn route_bytes(&self) -> RouteBytes {
+        RouteBytes {
+            client_links: self.client_bytes.load(Ordering::Relaxed),
+            builder_to_builder: self.direct_bytes.load(Ordering::Relaxed),
+            to_target: self.target_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// `machine`'s endpoint for a command run there: over its shared connection when
+    /// one is up, with the agent forwarded when asked.
+    async fn command_endpoint(&self, machine: MachineId) -> crate::ssh::Endpoint {
+        let pool = &self.pools[machine];
+        let mut endpoint = pool.endpoint().clone();
+        endpoint.control_path = pool.master().socket().await.ok().flatten();
+        endpoint.forward_agent = self.forward_agent;
+        endpoint
     }
 
     pub fn pool(&self, machine: MachineId) -> &Pool {
@@ -270,6 +407,7 @@ impl TransferEngine {
             .into_iter()
             .filter(|p| !present.contains(p))
             .collect();
+        let todo = self.copy_direct(machine, todo).await?;
         self.copy_in_order(machine, todo).await?;
         Ok(landing)
     }
@@ -315,7 +453,7 @@ impl TransferEngine {
         let holders: Vec<MachineId> = registry.holders(path).collect();
         let consumers = self.consumers.get(path).copied().unwrap_or(0);
         let way = route(
-            &self.specs,
+            &self.specs(),
             &holders,
             false,
             machine,

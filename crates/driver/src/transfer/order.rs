@@ -39,6 +39,15 @@ fn chain_from(
 }
 
 impl TransferEngine {
+    /// A copy task to `machine` that panicked or was cancelled.
+    pub(super) fn task_failed(&self, machine: MachineId, e: tokio::task::JoinError) -> DriverError {
+        DriverError::Io {
+            machine: self.pools[machine].endpoint().name.clone(),
+            op: "a copy task",
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+
     /// Copies `todo` to `machine`, each path once the paths of `todo` it refers to are
     /// there, several at once.
     pub(super) async fn copy_in_order(
@@ -89,11 +98,7 @@ impl TransferEngine {
             let Some(joined) = copies.join_next().await else {
                 break;
             };
-            let (chain, result) = joined.map_err(|e| DriverError::Io {
-                machine: self.pools[machine].endpoint().name.clone(),
-                op: "a copy task",
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            let (chain, result) = joined.map_err(|e| self.task_failed(machine, e))?;
             // Dropping `copies` on an error stops the others; what landed stays.
             result?;
             for path in &chain {

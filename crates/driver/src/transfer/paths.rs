@@ -38,6 +38,11 @@ impl PathRegistry {
         }
     }
 
+    /// Some path it knows (for the store directory they live in).
+    pub fn any_path(&self) -> Option<&str> {
+        self.infos.keys().next().map(String::as_str)
+    }
+
     pub fn info(&self, path: &str) -> Option<&PathInfo> {
         self.infos.get(path)
     }

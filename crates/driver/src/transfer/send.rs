@@ -40,26 +40,36 @@ impl TransferEngine {
             })?;
         let mut from = self.pools[source].get_for(Traffic::FromMachine).await?;
         let mut to = self.pools[machine].get_for(Traffic::ToMachine).await?;
-        let links: Vec<MachineId> = [source, machine]
-            .into_iter()
-            .filter(|&m| !self.specs[m].is_local)
-            .collect();
+        let (links, from_name, to_name) = {
+            let specs = self.specs();
+            let links: Vec<MachineId> = [source, machine]
+                .into_iter()
+                .filter(|&m| !specs[m].is_local)
+                .collect();
+            (
+                links,
+                specs[source].name.clone(),
+                specs[machine].name.clone(),
+            )
+        };
+        let (from_name, to_name) = (&from_name, &to_name);
         let concurrent = links
             .iter()
             .map(|&l| self.on_link[l].fetch_add(1, Ordering::Relaxed) + 1)
             .max()
             .unwrap_or(1);
-        let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
         let started: Vec<Mutex<Option<Instant>>> = infos.iter().map(|_| Mutex::new(None)).collect();
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let progress = |event: ChainProgress| match event {
             ChainProgress::Sending(i) => {
                 let now = Instant::now();
                 *Self::lock(&started[i]) = Some(now);
-                // As for timings: a copy with this machine on one end tells of the
-                // other's link alone.
-                if let [l] = links[..] {
-                    Self::lock(&self.crossing)[l].insert((call, i), (now, infos[i].nar_size));
+                // A relay goes at its slower link's pace: what it shows bounds each of
+                // its links, the faster one too (planned no faster than seen, which
+                // only favours the routes that spare this machine's links).
+                let mut crossing = Self::lock(&self.crossing);
+                for &l in &links {
+                    crossing[l].insert((call, i), (now, infos[i].nar_size));
                 }
                 if let Some(r) = &self.reporter {
                     r.transfer_started(&infos[i].path, from_name, to_name, infos[i].nar_size);
@@ -73,6 +83,8 @@ impl TransferEngine {
                 drop(crossing);
                 let seconds = Self::lock(&started[i]).map_or(0.0, |t| t.elapsed().as_secs_f64());
                 self.landed(&infos[i], source, machine, seconds, concurrent);
+                let crossed = infos[i].nar_size * links.len() as u64;
+                self.client_bytes.fetch_add(crossed, Ordering::Relaxed);
             }
         };
         let result = to
@@ -109,7 +121,8 @@ impl TransferEngine {
     ) {
         let path = &info.path;
         if let Some(r) = &self.reporter {
-            let (from_name, to_name) = (&self.specs[source].name, &self.specs[machine].name);
+            let specs = self.specs();
+            let (from_name, to_name) = (&specs[source].name, &specs[machine].name);
             r.transfer_finished(path, from_name, to_name, info.nar_size, seconds, true);
         }
         self.registry().add_holder(path, machine);
@@ -117,13 +130,15 @@ impl TransferEngine {
         self.bytes.fetch_add(info.nar_size, Ordering::Relaxed);
         let mut news = Self::lock(&self.news);
         news.landed.push((path.to_string(), machine));
-        // A copy with this machine on one end times the other's link alone.
-        let timed = match self.client {
-            Some(c) if source == c && machine != c => Some((machine, true)),
-            Some(c) if machine == c && source != c => Some((source, false)),
-            _ => None,
+        // A copy with this machine on one end times the other's link alone; a relay
+        // times both of its links at the slower one's pace, a bound for each.
+        let timed: Vec<(MachineId, bool)> = match self.client {
+            Some(c) if source == c && machine != c => vec![(machine, true)],
+            Some(c) if machine == c && source != c => vec![(source, false)],
+            Some(_) => vec![(source, false), (machine, true)],
+            None => Vec::new(),
         };
-        if let Some((other, to_machine)) = timed {
+        for (other, to_machine) in timed {
             news.transfers.push(TransferRecord {
                 machine: other,
                 to_machine,

@@ -73,6 +73,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             }
         };
         self.take_news();
+        let route_bytes = self.transport.route_bytes();
         self.transport.close().await;
         Ok(BuildReport {
             results: self
@@ -95,6 +96,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             lower_bound: self.lower_bound,
             measured_lower_bound,
             copy_back_error,
+            route_bytes,
         })
     }
 }

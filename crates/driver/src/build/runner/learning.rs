@@ -2,26 +2,30 @@
 //! build's time and output size, recorded in the state, and the machines' speeds and
 //! links fitted again from them, so the rest of the run is planned on what was seen.
 
-use offload_learn::{moved_link, slower_under_way};
+use offload_learn::{moved, moved_link, slower_under_way};
 use offload_sched::Event;
+use offload_sched::MachineId;
 
 use super::{BuildTransport, Runner, TaskDone};
 use crate::fleet::LOCAL;
-use crate::state::BuildRecord;
+use crate::state::{BuildRecord, StateDb, StateError};
+use crate::transfer::{unreachable_note, TransferNews};
 
 impl<T: BuildTransport> Runner<'_, T> {
     /// Tells the scheduler where copies landed and the history how long they took.
     pub(super) fn take_news(&mut self) {
         let news = self.transport.take_news();
         let now = self.now();
-        for (path, machine) in news.landed {
-            if let Some(&node) = self.output_of.get(&path) {
+        for (path, machine) in &news.landed {
+            if let Some(&node) = self.output_of.get(path) {
+                let machine = *machine;
                 let actions = self.sched.handle(Event::OutputsAt { node, machine }, now);
                 self.apply(actions);
             }
         }
+        self.learn_routes(&news);
         if let Some(h) = self.history {
-            for t in news.transfers {
+            for t in &news.transfers {
                 let key = &self.state_keys[t.machine];
                 if let Err(e) =
                     h.record_transfer(key, t.to_machine, t.bytes, t.seconds, t.concurrent)
@@ -30,6 +34,96 @@ impl<T: BuildTransport> Runner<'_, T> {
                 }
             }
         }
+    }
+
+    /// Learns which builders reach which directly, and how fast: probes answered,
+    /// pairs that failed to copy (named once), and direct copies timed.
+    fn learn_routes(&mut self, news: &TransferNews) {
+        for p in &news.probed {
+            let (from, to) = (&self.state_keys[p.from], &self.state_keys[p.to]);
+            let recorded = match &p.answer {
+                Ok(link) => {
+                    self.sched.set_peer_link(p.from, p.to, Some(*link));
+                    self.state_op(|h| h.record_peer_probe(from, to, true, ""))
+                }
+                Err(reason) => {
+                    self.reporter.machine_warning(&unreachable_note(
+                        &self.machines[p.from].name,
+                        &self.machines[p.to].name,
+                        reason,
+                    ));
+                    self.state_op(|h| h.record_peer_probe(from, to, false, reason))
+                }
+            };
+            if let Err(e) = recorded {
+                tracing::warn!("{e}");
+            }
+        }
+        for u in &news.unreachable {
+            self.sched.set_peer_link(u.from, u.to, None);
+            self.reporter.machine_warning(&unreachable_note(
+                &self.machines[u.from].name,
+                &self.machines[u.to].name,
+                &u.reason,
+            ));
+            let (from, to) = (&self.state_keys[u.from], &self.state_keys[u.to]);
+            if let Err(e) = self.state_op(|h| h.record_peer_probe(from, to, false, &u.reason)) {
+                tracing::warn!("{e}");
+            }
+        }
+        for t in &news.peer_transfers {
+            self.pair_links
+                .record(t.from, t.to, t.bytes, t.seconds, t.concurrent);
+            self.plan_pair(t.from, t.to);
+            let (from, to) = (&self.state_keys[t.from], &self.state_keys[t.to]);
+            let recorded = self
+                .state_op(|h| h.record_peer_transfer(from, to, t.bytes, t.seconds, t.concurrent));
+            if let Err(e) = recorded {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Plans the pair `from` → `to` at what its copies in this run showed, once both of
+    /// its machines' links to this one are measured (`transfer::routes` says why not
+    /// before); only when it moved, since each change regroups the machines.
+    fn plan_pair(&mut self, from: MachineId, to: MachineId) {
+        if !(self.link_measured[from] && self.link_measured[to]) {
+            return;
+        }
+        let Some(prior) = self.sched.machines()[from].peer_link(to).copied() else {
+            return;
+        };
+        let link = self.pair_links.link(&from, &to, prior);
+        if moved(prior.bandwidth, link.bandwidth) || moved(prior.latency, link.latency) {
+            self.sched.set_peer_link(from, to, Some(link));
+            self.transport.set_peer_link(from, to, link);
+        }
+    }
+
+    /// `machine`'s link counts as measured from now on: the pairs it is in go by what
+    /// their copies showed.
+    fn link_now_measured(&mut self, machine: MachineId) {
+        if std::mem::replace(&mut self.link_measured[machine], true) {
+            return;
+        }
+        let pairs: Vec<(MachineId, MachineId)> = self
+            .pair_links
+            .pairs()
+            .filter(|&&(a, b)| a == machine || b == machine)
+            .copied()
+            .collect();
+        for (from, to) in pairs {
+            self.plan_pair(from, to);
+        }
+    }
+
+    /// Runs `op` on the state, when the run has one.
+    fn state_op(
+        &self,
+        op: impl FnOnce(&StateDb) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        self.history.map_or(Ok(()), op)
     }
 
     /// Learns from a build that ended well: the real size of its outputs, and (with a
@@ -88,14 +182,19 @@ impl<T: BuildTransport> Runner<'_, T> {
             }
         }
         for m in 0..self.machines.len() {
+            let learned = knowledge.link(&self.state_keys[m]);
+            if learned.is_some() {
+                self.link_now_measured(m);
+            }
             let spec = &self.machines[m];
-            let Some(link) = moved_link(spec, knowledge.link(&self.state_keys[m])) else {
+            let Some(link) = moved_link(spec, learned) else {
                 continue;
             };
             tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
             self.machines[m].bandwidth = link.bandwidth;
             self.machines[m].latency = link.latency;
             self.sched.set_link(m, link.bandwidth, link.latency);
+            self.transport.set_link(m, link.bandwidth, link.latency);
         }
     }
 
@@ -118,6 +217,8 @@ impl<T: BuildTransport> Runner<'_, T> {
                 let latency = spec.latency;
                 self.machines[m].bandwidth = bound;
                 self.sched.set_link(m, bound, latency);
+                self.transport.set_link(m, bound, latency);
+                self.link_now_measured(m);
             }
         }
     }

@@ -8,7 +8,6 @@
 //! learns as it goes (`learning.rs`), and its end, with the copy back (`finish.rs`).
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,76 +24,14 @@ use super::{BuildNode, BuildReport, NodeResult, Reporter};
 use crate::error::DriverError;
 use crate::fleet::LOCAL;
 use crate::state::StateDb;
-use crate::transfer::TransferNews;
 
 pub(super) mod finish;
 mod learning;
 mod machines;
+mod transport;
 
 use machines::out_of_space;
-
-/// What the runner needs from the machines. [`super::serve::ServeTransport`] speaks the
-/// serve protocol; the unit tests use a fake.
-pub(crate) trait BuildTransport: Send + Sync + 'static {
-    /// Ships the inputs of the node that the machine lacks, builds it there and learns
-    /// its outputs. Dropping the future stops the build.
-    fn build(self: Arc<Self>, task: BuildTask) -> impl Future<Output = TaskDone> + Send + 'static;
-
-    /// Makes the closures of `paths` valid in the local store.
-    fn fetch(
-        self: Arc<Self>,
-        paths: Vec<String>,
-    ) -> impl Future<Output = Result<(), DriverError>> + Send + 'static;
-
-    /// Copies the closures of `paths` to `machine` ahead of the builds that will need
-    /// them there, best effort: a failure only means the builds ship them themselves.
-    fn send_ahead(
-        self: Arc<Self>,
-        _machine: MachineId,
-        _paths: Vec<String>,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        async {}
-    }
-
-    /// `machine` is lost: nothing it held can be fetched from it any more.
-    fn forget_machine(&self, machine: MachineId);
-
-    /// Whether `machine` answers: a session opens there, one that builds with `cores`
-    /// (those of a build alone there), kept for the first build. The error says why not.
-    fn probe(
-        self: Arc<Self>,
-        machine: MachineId,
-        cores: Option<u32>,
-    ) -> impl Future<Output = Result<(), String>> + Send + 'static;
-
-    /// Ends every idle session.
-    fn close(&self) -> impl Future<Output = ()> + Send;
-
-    /// Copies that landed and were timed since the last call.
-    fn take_news(&self) -> TransferNews {
-        TransferNews::default()
-    }
-
-    /// The most `machine`'s link can carry by the copies crossing it now
-    /// ([`crate::transfer::TransferEngine::crossing_bound`]).
-    fn link_bound(&self, _machine: MachineId, _latency: f64) -> Option<f64> {
-        None
-    }
-
-    /// Whether `machine` refused offload for good (authentication, host key): trying
-    /// it again in this run would meet the same refusal.
-    fn refused(&self, _machine: MachineId) -> bool {
-        false
-    }
-
-    /// Per machine with slots to share, how many of them others hold now (other runs,
-    /// Nix's own build hook).
-    fn slots_held_elsewhere(
-        self: Arc<Self>,
-    ) -> impl Future<Output = Vec<(MachineId, u32)>> + Send + 'static {
-        std::future::ready(Vec::new())
-    }
-}
+pub(crate) use transport::BuildTransport;
 
 /// What a build taught, for the state database.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -171,6 +108,11 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     run_id: String,
     /// When the speeds were last fitted, and how long to wait for the next fit.
     refits: Refits,
+    /// The direct copies between builders this run timed, for their pairs' links.
+    pair_links: offload_learn::PairLinks<MachineId>,
+    /// Whether each machine's link to this one is measured (learned, or seen under
+    /// way), rather than assumed: pairs are planned as learned only between those.
+    link_measured: Vec<bool>,
     /// Machines whose first probe has not answered yet, and that probe.
     first_probes: HashMap<MachineId, AbortHandle>,
     /// Since when nothing of this run has run while others held the slots it needs.
@@ -242,6 +184,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             state_keys,
             declared_speeds,
             refits: Refits::default(),
+            pair_links: Default::default(),
+            link_measured: vec![false; machine_count],
             first_probes: HashMap::new(),
             waiting_for_others: None,
             slot_wait,
@@ -267,6 +211,23 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     pub(crate) fn with_state_keys(mut self, keys: Vec<String>, declared_speeds: Vec<f64>) -> Self {
         self.state_keys = keys;
         self.declared_speeds = declared_speeds;
+        self
+    }
+
+    /// Which machines' links the state has measured.
+    pub(crate) fn with_links_measured(mut self, knowledge: &offload_learn::Knowledge) -> Self {
+        self.link_measured = self
+            .state_keys
+            .iter()
+            .map(|k| knowledge.link(k).is_some())
+            .collect();
+        self
+    }
+
+    /// Requested outputs go elsewhere than this machine (`--to`): the plan counts no
+    /// copy home.
+    pub(crate) fn with_outputs_away(mut self, away: bool) -> Self {
+        self.sched.outputs_stay_away(away);
         self
     }
 

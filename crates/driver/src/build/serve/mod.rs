@@ -20,7 +20,9 @@ use crate::fleet::{MachineConfig, LOCAL};
 use crate::session::{Pool, ServeConn};
 use crate::slots::remote::RemoteSlots;
 use crate::slots::SlotLedger;
-use crate::transfer::{TransferEngine, TransferNews, LANES_PER_MACHINE};
+use crate::transfer::{
+    DeliveryTarget, RouteBytes, TransferEngine, TransferNews, LANES_PER_MACHINE,
+};
 use crate::trust::LocalAccess;
 
 mod check;
@@ -47,6 +49,8 @@ pub(crate) struct ServeTransport {
     refused: Vec<std::sync::atomic::AtomicBool>,
     /// When the builders were last asked for the slots others hold there.
     remote_asked: std::sync::Mutex<Option<Instant>>,
+    /// Where the requested outputs go instead of here (`--to`).
+    delivery: Option<DeliveryTarget>,
 }
 
 impl ServeTransport {
@@ -96,8 +100,11 @@ impl ServeTransport {
                 TransferEngine::new(pools, specs, LANES_PER_MACHINE)
                     .with_consumers(consumers)
                     .with_reporter(reporter.clone())
-                    .with_signer(options.local_access.signer.clone()),
+                    .with_signer(options.local_access.signer.clone())
+                    .with_relay_forced(options.routes.relay)
+                    .with_forwarded_agent(options.routes.forward_agent),
             ),
+            delivery: options.routes.deliver_to.clone(),
             nodes,
             settings: options.settings.clone(),
             local_access: options.local_access.clone(),
@@ -112,6 +119,12 @@ impl ServeTransport {
 
     fn pool(&self, machine: MachineId) -> &Pool {
         self.engine.pool(machine)
+    }
+
+    /// Leaves `pairs` to be probed when a copy between them is first due
+    /// ([`TransferEngine::probe_when_due`]).
+    pub(crate) fn probe_pairs(&self, pairs: Vec<(MachineId, MachineId)>) {
+        self.engine.probe_when_due(pairs);
     }
 
     /// Remembers that `machine` refused a session for good (authentication, host key).
@@ -147,10 +160,26 @@ impl BuildTransport for ServeTransport {
     }
 
     async fn fetch(self: Arc<Self>, paths: Vec<String>) -> Result<(), DriverError> {
-        self.engine
-            .ensure_on(LOCAL, &paths, None, false)
-            .await
-            .map(|_| ())
+        match &self.delivery {
+            Some(target) => self.engine.deliver(&paths, target).await.map(|_| ()),
+            None => self
+                .engine
+                .ensure_on(LOCAL, &paths, None, false)
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    fn route_bytes(&self) -> RouteBytes {
+        self.engine.route_bytes()
+    }
+
+    fn set_link(&self, machine: MachineId, bandwidth: f64, latency: f64) {
+        self.engine.set_link(machine, bandwidth, latency);
+    }
+
+    fn set_peer_link(&self, from: MachineId, to: MachineId, link: offload_sched::Link) {
+        self.engine.add_peer(from, to, link);
     }
 
     async fn send_ahead(self: Arc<Self>, machine: MachineId, paths: Vec<String>) {
