@@ -25,6 +25,7 @@ use offload_sched::{
     route_in, Direction, Graph, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
 };
 
+use crate::delivery::{delivered_nodes, Delivery};
 use crate::report::{Report, RouteBytes, TraceEvent};
 
 /// Per-build costs of a policy, in seconds.
@@ -120,17 +121,6 @@ impl PartialOrd for Pending {
     }
 }
 
-/// Where the requested outputs go instead of home: a machine of the fleet that builds
-/// nothing (`offload build --to STORE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    pub target: MachineId,
-    /// Whether each requested output goes with every output it was built from (its
-    /// closure, when outputs refer to their inputs as `scripts/gen-dag.py`'s do), or
-    /// alone.
-    pub closure: bool,
-}
-
 /// A copy as it can be timed: over one link alone (that link's machine), or over a
 /// pair link (from, to); with its start.
 #[derive(Debug, Clone, Copy)]
@@ -173,24 +163,6 @@ fn tell(policy: &mut dyn Policy, timed: Option<Timed>, bytes: u64, end: f64) {
         Some(Timed::Pair(from, to, start)) => policy.pair_copy_sent(from, to, bytes, start, end),
         None => {}
     }
-}
-
-/// The nodes whose outputs go to a delivery target: the requested ones (the graph's
-/// sinks), and with `closure` every node they were built from.
-fn delivered_nodes(graph: &Graph, closure: bool) -> Vec<bool> {
-    let mut delivered: Vec<bool> = (0..graph.len())
-        .map(|i| graph.dependents(i).is_empty())
-        .collect();
-    if closure {
-        for &id in graph.topo_order().iter().rev() {
-            if delivered[id] {
-                for &d in &graph.node(id).deps {
-                    delivered[d] = true;
-                }
-            }
-        }
-    }
-    delivered
 }
 
 /// The machine the client runs on, if it is in the fleet.
