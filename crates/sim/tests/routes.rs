@@ -2,7 +2,8 @@
 //! behind a slow client link that reach each other fast, offload's run with pair links
 //! ends far sooner than relayed, and nothing but the requested outputs crosses the
 //! client's links (nothing at all with a target); Nix's hook still relays everything;
-//! a first run learns a pair link from the copies over it.
+//! a first run learns a pair link from the copies over it once the client links of both
+//! machines are measured.
 
 use offload_sched::{Graph, Link, MachineSpec, NodeSpec};
 use offload_sim::dag::generate;
@@ -162,16 +163,23 @@ fn a_pair_that_cannot_reach_relays() {
 #[test]
 fn a_first_run_learns_a_pair_link_from_its_copies() {
     let g = graph();
-    // Pair links are really 50 MB/s; a first run plans them at the prior (the better
-    // of the two client links, 2.5 MB/s here).
+    // Pair links are really 50 MB/s; a first run knows the client links only as
+    // declared (the default 100 MB/s) and plans the pairs at the prior (the better of
+    // the two, 100 MB/s).
     let slow_pair = Link {
         bandwidth: 50e6,
         latency: 0.01,
     };
-    let (truth, delivery) = fleet(Some(slow_pair), true);
+    let (mut truth, delivery) = fleet(Some(slow_pair), true);
+    // Builds here send their outputs over the client links, which measures them: a
+    // pair goes by its copies only once both its machines' client links are measured.
+    truth[0].slots = 2;
     let mut declared = truth.clone();
+    for m in &mut declared[1..] {
+        (m.bandwidth, m.latency) = (100e6, 0.005);
+    }
     offload_sim::fleet_file::declared_peers(&truth, &mut declared);
-    assert_eq!(declared[1].peer_link(2).unwrap().bandwidth, 2.5e6);
+    assert_eq!(declared[1].peer_link(2).unwrap().bandwidth, 100e6);
     let all: Vec<usize> = (0..g.len()).collect();
     let mut policy = LearningPolicy::new(
         (&truth, &declared),
@@ -194,7 +202,7 @@ fn a_first_run_learns_a_pair_link_from_its_copies() {
                 .map(|(_, l)| l.bandwidth)
                 .collect::<Vec<_>>()
         })
-        .filter(|&b| b != 2.5e6)
+        .filter(|&b| b != 100e6)
         .collect();
     assert!(!learned.is_empty(), "no pair link was learned");
     for b in learned {
