@@ -1,7 +1,9 @@
 //! Where the requested outputs go when they do not come home: a delivery target
-//! (`offload build --to STORE`), and which outputs go there.
+//! (`offload build --to STORE`), and which outputs go there: as the driver delivers,
+//! each requested output as soon as it is built, with what of its closure the target
+//! lacks.
 
-use offload_sched::{Graph, MachineId};
+use offload_sched::{Graph, MachineId, NodeId};
 
 /// Where the requested outputs go instead of home: a machine of the fleet that builds
 /// nothing (`offload build --to STORE`).
@@ -14,20 +16,37 @@ pub struct Delivery {
     pub closure: bool,
 }
 
-/// The nodes whose outputs go to a delivery target: the requested ones (the graph's
-/// sinks), and with `closure` every node they were built from.
-pub(crate) fn delivered_nodes(graph: &Graph, closure: bool) -> Vec<bool> {
-    let mut delivered: Vec<bool> = (0..graph.len())
-        .map(|i| graph.dependents(i).is_empty())
-        .collect();
+/// Each node's place in `graph`'s topological order.
+pub(crate) fn topo_positions(graph: &Graph) -> Vec<usize> {
+    let mut pos = vec![0; graph.len()];
+    for (i, &id) in graph.topo_order().iter().enumerate() {
+        pos[id] = i;
+    }
+    pos
+}
+
+/// What goes to the target when the requested output `root` is built: `root`, and with
+/// `closure` every node it was built from, dependencies first (`topo_pos`:
+/// [`topo_positions`]).
+pub(crate) fn closure_of(
+    graph: &Graph,
+    root: NodeId,
+    closure: bool,
+    topo_pos: &[usize],
+) -> Vec<NodeId> {
+    let mut nodes = vec![root];
     if closure {
-        for &id in graph.topo_order().iter().rev() {
-            if delivered[id] {
-                for &d in &graph.node(id).deps {
-                    delivered[d] = true;
+        let mut seen = std::collections::HashSet::from([root]);
+        let mut i = 0;
+        while i < nodes.len() {
+            for &d in &graph.node(nodes[i]).deps {
+                if seen.insert(d) {
+                    nodes.push(d);
                 }
             }
+            i += 1;
         }
     }
-    delivered
+    nodes.sort_unstable_by_key(|&n| topo_pos[n]);
+    nodes
 }
