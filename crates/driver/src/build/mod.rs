@@ -246,6 +246,7 @@ pub async fn run(
         &mut machines,
         &keys,
         history,
+        &options.knowledge,
         &options.routes,
         &*reporter,
     );
@@ -276,6 +277,7 @@ pub async fn run(
         reporter,
     )?
     .with_state_keys(keys, declared)
+    .with_links_measured(&options.knowledge)
     .with_outputs_away(options.routes.deliver_to.is_some());
     let report = runner.run(stop).await;
     if let Some(local) = &local {

@@ -81,13 +81,11 @@ impl TransferEngine {
         }
         let answer = match ran {
             Ran::Done { seconds } => {
-                // A probe costs what every copy between them costs besides its bytes
-                // (the ssh to the source, the source's to the other, Nix starting):
-                // the pair's latency, which copies alone cannot tell from bandwidth.
-                let link = Link {
-                    latency: seconds,
-                    ..self.prior_link(from, to)
-                };
+                // Planned at the prior; the probe's time is what every copy between
+                // them costs besides its bytes (the ssh to the source, the source's to
+                // the other, Nix starting): the pair's latency, which copies alone
+                // cannot tell from bandwidth, learned as a copy of nothing.
+                let link = self.prior_link(from, to);
                 self.add_peer(from, to, link);
                 Self::lock(&self.news).peer_transfers.push(PeerRecord {
                     from,

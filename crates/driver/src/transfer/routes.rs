@@ -1,7 +1,14 @@
 //! The direct routes a run starts with: which builder sends to which other itself
 //! ([`offload_sched::MachineSpec::peers`]), by what the state knows of each pair. A
-//! pair probed recently goes by that answer (at the link its copies taught, else the
-//! prior); a pair that cannot is named once; the others are probed during the run.
+//! pair probed recently goes by that answer; a pair that cannot is named once; the
+//! others are probed during the run.
+//!
+//! A pair is planned at what its copies taught only once both of its machines' links
+//! to this one are measured too, before that at the prior
+//! ([`offload_learn::pair_prior`], never slower than the relay): weighed against a
+//! link merely assumed, a measured pair would lose to the assumption, while the worst a
+//! direct copy risks is its fixed cost and the worst a relay risks is twice its bytes
+//! over a link that may be slow.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -11,7 +18,7 @@ use offload_sched::MachineId;
 use super::{cause, direct, unreachable_note, RouteOptions};
 use crate::fleet::MachineConfig;
 use crate::reporter::Reporter;
-use crate::state::{PeerReach, StateDb};
+use crate::state::{Knowledge, PeerReach, StateDb};
 
 /// Sets the peers of `machines` (keyed in the state by `keys`) from what the state
 /// knows; returns the pairs to probe. None with `--relay`.
@@ -19,6 +26,7 @@ pub fn direct_routes(
     machines: &mut [MachineConfig],
     keys: &[String],
     history: Option<&StateDb>,
+    knowledge: &Knowledge,
     routes: &RouteOptions,
     reporter: &dyn Reporter,
 ) -> Vec<(MachineId, MachineId)> {
@@ -50,7 +58,9 @@ pub fn direct_routes(
             }
             match known.get(&(keys[from].as_str(), keys[to].as_str())) {
                 Some(p) if p.reachable => {
-                    let link = match p.link {
+                    let measured = |m: MachineId| knowledge.link(&keys[m]).is_some();
+                    let learned = p.link.filter(|_| measured(from) && measured(to));
+                    let link = match learned {
                         Some(l) => offload_sched::Link {
                             bandwidth: l.bandwidth,
                             latency: l.latency,

@@ -2,8 +2,9 @@
 //! build's time and output size, recorded in the state, and the machines' speeds and
 //! links fitted again from them, so the rest of the run is planned on what was seen.
 
-use offload_learn::{moved, moved_link, pair_prior, slower_under_way};
+use offload_learn::{moved, moved_link, slower_under_way};
 use offload_sched::Event;
+use offload_sched::MachineId;
 
 use super::{BuildTransport, Runner, TaskDone};
 use crate::fleet::LOCAL;
@@ -73,22 +74,47 @@ impl<T: BuildTransport> Runner<'_, T> {
         for t in &news.peer_transfers {
             self.pair_links
                 .record(t.from, t.to, t.bytes, t.seconds, t.concurrent);
-            let prior = self.sched.machines()[t.from]
-                .peer_link(t.to)
-                .copied()
-                .unwrap_or_else(|| pair_prior(&self.machines[t.from], &self.machines[t.to]));
-            let link = self.pair_links.link(&t.from, &t.to, prior);
-            // Planned again only when it moved: each change regroups the machines.
-            if moved(prior.bandwidth, link.bandwidth) || moved(prior.latency, link.latency) {
-                self.sched.set_peer_link(t.from, t.to, Some(link));
-                self.transport.set_peer_link(t.from, t.to, link);
-            }
+            self.plan_pair(t.from, t.to);
             let (from, to) = (&self.state_keys[t.from], &self.state_keys[t.to]);
             let recorded = self
                 .state_op(|h| h.record_peer_transfer(from, to, t.bytes, t.seconds, t.concurrent));
             if let Err(e) = recorded {
                 tracing::warn!("{e}");
             }
+        }
+    }
+
+    /// Plans the pair `from` → `to` at what its copies in this run showed, once both of
+    /// its machines' links to this one are measured (`transfer::routes` says why not
+    /// before); only when it moved, since each change regroups the machines.
+    fn plan_pair(&mut self, from: MachineId, to: MachineId) {
+        if !(self.link_measured[from] && self.link_measured[to]) {
+            return;
+        }
+        let Some(prior) = self.sched.machines()[from].peer_link(to).copied() else {
+            return;
+        };
+        let link = self.pair_links.link(&from, &to, prior);
+        if moved(prior.bandwidth, link.bandwidth) || moved(prior.latency, link.latency) {
+            self.sched.set_peer_link(from, to, Some(link));
+            self.transport.set_peer_link(from, to, link);
+        }
+    }
+
+    /// `machine`'s link counts as measured from now on: the pairs it is in go by what
+    /// their copies showed.
+    fn link_now_measured(&mut self, machine: MachineId) {
+        if std::mem::replace(&mut self.link_measured[machine], true) {
+            return;
+        }
+        let pairs: Vec<(MachineId, MachineId)> = self
+            .pair_links
+            .pairs()
+            .filter(|&&(a, b)| a == machine || b == machine)
+            .copied()
+            .collect();
+        for (from, to) in pairs {
+            self.plan_pair(from, to);
         }
     }
 
@@ -156,8 +182,12 @@ impl<T: BuildTransport> Runner<'_, T> {
             }
         }
         for m in 0..self.machines.len() {
+            let learned = knowledge.link(&self.state_keys[m]);
+            if learned.is_some() {
+                self.link_now_measured(m);
+            }
             let spec = &self.machines[m];
-            let Some(link) = moved_link(spec, knowledge.link(&self.state_keys[m])) else {
+            let Some(link) = moved_link(spec, learned) else {
                 continue;
             };
             tracing::debug!(machine = %spec.name, "link now {:.1} MB/s", link.bandwidth / 1e6);
@@ -188,6 +218,7 @@ impl<T: BuildTransport> Runner<'_, T> {
                 self.machines[m].bandwidth = bound;
                 self.sched.set_link(m, bound, latency);
                 self.transport.set_link(m, bound, latency);
+                self.link_now_measured(m);
             }
         }
     }

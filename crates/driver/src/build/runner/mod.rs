@@ -110,6 +110,9 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     refits: Refits,
     /// The direct copies between builders this run timed, for their pairs' links.
     pair_links: offload_learn::PairLinks<MachineId>,
+    /// Whether each machine's link to this one is measured (learned, or seen under
+    /// way), rather than assumed: pairs are planned as learned only between those.
+    link_measured: Vec<bool>,
     /// Machines whose first probe has not answered yet, and that probe.
     first_probes: HashMap<MachineId, AbortHandle>,
     /// Since when nothing of this run has run while others held the slots it needs.
@@ -182,6 +185,7 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             declared_speeds,
             refits: Refits::default(),
             pair_links: Default::default(),
+            link_measured: vec![false; machine_count],
             first_probes: HashMap::new(),
             waiting_for_others: None,
             slot_wait,
@@ -207,6 +211,16 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
     pub(crate) fn with_state_keys(mut self, keys: Vec<String>, declared_speeds: Vec<f64>) -> Self {
         self.state_keys = keys;
         self.declared_speeds = declared_speeds;
+        self
+    }
+
+    /// Which machines' links the state has measured.
+    pub(crate) fn with_links_measured(mut self, knowledge: &offload_learn::Knowledge) -> Self {
+        self.link_measured = self
+            .state_keys
+            .iter()
+            .map(|k| knowledge.link(k).is_some())
+            .collect();
         self
     }
 
