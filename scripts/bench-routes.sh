@@ -33,8 +33,9 @@
 # beside the measured one.
 #
 # Environment: N (30), MB (8), RUNS (1), MBIT (20), DELAY_MS (20), CASES (all of the
-# above), WORK (/tmp/offload-bench-routes), TIMEOUT per command in seconds (1800),
-# OFFLOAD (a binary instead of a release build of this repo).
+# above), TIMEOUT per command in seconds (1800), OFFLOAD (a binary instead of a release
+# build of this repo), KEEP=1 keeps the run's directory (logs, caches; a new
+# /tmp/offload-bench-routes.XXXXXX each run, so that runs at once do not meet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-30}
@@ -43,7 +44,7 @@ RUNS=${RUNS:-1}
 MBIT=${MBIT:-20}
 DELAY_MS=${DELAY_MS:-20}
 CASES=${CASES:-"nix offload relay cache unreachable"}
-WORK=${WORK:-/tmp/offload-bench-routes}
+KEEP=${KEEP:-}
 TIMEOUT=${TIMEOUT:-1800}
 export NIX_CONFIG=${NIX_CONFIG:-"substituters ="}
 NIX_CMD=(--extra-experimental-features nix-command)
@@ -71,6 +72,7 @@ fi
 "$OFFLOAD" --version >/dev/null 2>&1 || die "$OFFLOAD --version failed" \
   "build it (cargo build --release -p offload) or point OFFLOAD at an offload binary"
 
+WORK=$(mktemp -d /tmp/offload-bench-routes.XXXXXX)
 FLEET_PID=
 fleet_down() { # stops the fleet (its hosts, proxies, stores); the last byte counts stay
   [ -n "$FLEET_PID" ] || return 0
@@ -86,12 +88,11 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$FLEET_PID" 2>/dev/null || break; sleep 0.1; done
     kill "$FLEET_PID" 2>/dev/null || true
   fi
+  if [ -n "$KEEP" ]; then echo "logs and caches kept in $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-rm -rf "$WORK"
-mkdir -p "$WORK"
 
 # fleet_up [--unreachable I,J]: four hosts, the fourth the target; sets NIX_SSHOPTS.
 fleet_up() {
@@ -103,7 +104,7 @@ fleet_up() {
   exec 7>"$WORK/fleet.ctl"
   for _ in $(seq 600); do [ -s "$WORK/fleet.info.bytes" ] && break; kill -0 "$FLEET_PID" 2>/dev/null || break; sleep 0.1; done
   [ -s "$WORK/fleet.info.bytes" ] || die "the fleet did not start: $(tail -n 3 "$WORK/fleet.log" | tr '\n' ' ')" \
-    "see $WORK/fleet.log"
+    "KEEP=1 keeps $WORK/fleet.log"
   # shellcheck disable=SC1091
   . "$WORK/fleet.info"
   export NIX_SSHOPTS="-F $SSH_CONFIG"
@@ -128,6 +129,10 @@ run() {
 # The target holds every output's closure, each path verifies, its store is clean.
 check_target() { # check_target OUTPUTS...: prints what it found
   local closure n
+  if [ $# -eq 0 ]; then
+    echo "target: no output paths were printed"
+    return 1
+  fi
   if ! closure=$(on_target "nix-store -qR $*" 2>/dev/null); then
     echo "target: outputs NOT valid there"
     return 1
@@ -225,7 +230,7 @@ for run_no in $(seq 1 "$RUNS"); do
     elif [ "$ok" = yes ]; then
       check=$(check_target "${outs[@]}") || ok=no
     else
-      check="failed (see $log)"
+      check="failed (see $log; KEEP=1 keeps it)"
     fi
     home=$(at_home "${outs[@]}")
     fleet_down
