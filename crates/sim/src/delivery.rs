@@ -10,9 +10,10 @@ use offload_sched::{Graph, MachineId, NodeId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
     pub target: MachineId,
-    /// Whether each requested output goes with every output it was built from (its
-    /// closure, when outputs refer to their inputs as `scripts/gen-dag.py`'s do), or
-    /// alone.
+    /// Whether outputs refer to the outputs they were built from (as those of
+    /// `scripts/gen-dag.py` do): each requested output then goes with its closure,
+    /// and a build's inputs reach its machine with theirs (Nix registers a path only
+    /// once its references are valid). Else each goes alone.
     pub closure: bool,
 }
 
@@ -49,4 +50,46 @@ pub(crate) fn closure_of(
     }
     nodes.sort_unstable_by_key(|&n| topo_pos[n]);
     nodes
+}
+
+/// The inputs of `node` with their closures, dependencies first (`topo_pos`: each
+/// node's place in the topological order).
+pub(crate) fn inputs_closure(graph: &Graph, node: NodeId, topo_pos: &[usize]) -> Vec<NodeId> {
+    let mut all: Vec<NodeId> = graph
+        .node(node)
+        .deps
+        .iter()
+        .flat_map(|&d| closure_of(graph, d, true, topo_pos))
+        .collect();
+    all.sort_unstable_by_key(|&n| topo_pos[n]);
+    all.dedup();
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use offload_sched::NodeSpec;
+
+    #[test]
+    fn a_closure_comes_dependencies_first() {
+        // d depends on b and c, both on a; e stands apart.
+        let node =
+            |key: &str, deps: &[usize]| NodeSpec::new(key, "x86_64-linux", deps.to_vec(), 1.0);
+        let graph = Graph::new(vec![
+            node("a", &[]),
+            node("e", &[]),
+            node("b", &[0]),
+            node("c", &[0]),
+            node("d", &[3, 2]),
+        ])
+        .unwrap();
+        let pos = topo_positions(&graph);
+        let closure = closure_of(&graph, 4, true, &pos);
+        assert_eq!(closure.len(), 4);
+        assert_eq!(closure[0], 0);
+        assert_eq!(closure[3], 4);
+        assert!(!closure.contains(&1));
+        assert_eq!(closure_of(&graph, 4, false, &pos), vec![4]);
+    }
 }

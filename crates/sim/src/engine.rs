@@ -25,7 +25,7 @@ use offload_sched::{
     route_in, Direction, Graph, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
 };
 
-use crate::delivery::{closure_of, topo_positions, Delivery};
+use crate::delivery::{closure_of, inputs_closure, topo_positions, Delivery};
 use crate::report::{Report, RouteBytes, TraceEvent};
 
 /// Per-build costs of a policy, in seconds.
@@ -316,7 +316,17 @@ impl<'a> World<'a> {
     ) -> f64 {
         let (graph, machines) = (self.graph, self.machines);
         let mut arrived = begin;
-        for &d in &graph.node(node).deps {
+        // Outputs that refer to their inputs reach a machine with their closure, as
+        // Nix registers a path only once its references are valid.
+        let closed: Vec<NodeId>;
+        let inputs: &[NodeId] = match self.delivery {
+            Some(d) if d.closure => {
+                closed = inputs_closure(graph, node, &self.topo_pos);
+                &closed
+            }
+            _ => &graph.node(node).deps,
+        };
+        for &d in inputs {
             let bytes = graph.node(d).output_bytes;
             let consumers = graph.dependents(d).len();
             let Some(r) = route_in(

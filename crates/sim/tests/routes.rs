@@ -146,6 +146,24 @@ fn with_a_target_nothing_crosses_the_client_link() {
 }
 
 #[test]
+fn inputs_that_refer_to_theirs_travel_with_their_closures() {
+    let (machines, delivery) = fleet(Some(FAST), true);
+    let alone = delivery.map(|d| Delivery {
+        closure: false,
+        ..d
+    });
+    let with = run("offload", &machines, delivery).bytes_by_route.unwrap();
+    let without = run("offload", &machines, alone).bytes_by_route.unwrap();
+    // The requested outputs alone go to the target; with closures, everything.
+    assert!(without.to_target < with.to_target, "{without:?} {with:?}");
+    // A build of the third layer needs the first layer's outputs too.
+    assert!(
+        without.builder_to_builder < with.builder_to_builder,
+        "{without:?} {with:?}"
+    );
+}
+
+#[test]
 fn a_pair_that_cannot_reach_relays() {
     let (mut machines, _) = fleet(Some(FAST), false);
     // b1 and b2 reach no one directly; b3 reaches everyone.
