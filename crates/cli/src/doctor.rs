@@ -14,11 +14,12 @@ use offload_driver::trust::signing::PathSigner;
 use crate::Failure;
 
 /// Examines the machines of `choice` (with `hosts` added to `--on`), checking the outputs
-/// path with the key at `sign_key`.
+/// path with the key at `sign_key`; which builder reaches which is kept in `state`.
 pub async fn run(
     mut choice: MachineChoice,
     hosts: Vec<String>,
     sign_key: Option<&Path>,
+    state: &Path,
 ) -> Result<(), Failure> {
     let settings = NixSettings::load()
         .context("reading Nix's settings")
@@ -42,6 +43,8 @@ pub async fn run(
         }
     }
     let answers = peers::probe_all(&fleet, "/nix/store").await;
+    // Kept, as a build keeps its own probes: the next build goes by them.
+    peers::record(&fleet, &answers, state);
     if !answers.is_empty() {
         let names: Vec<&str> = fleet.iter().map(|m| m.spec.name.as_str()).collect();
         eprint!("{}", peers::matrix_text(&names, &answers));

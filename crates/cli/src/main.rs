@@ -62,7 +62,8 @@ async fn run(command: Command, quiet: bool) -> Result<u8, Failure> {
             let choice = loaded
                 .machines(args.machines.choice())
                 .map_err(Failure::usage)?;
-            doctor::run(choice, args.hosts, args.sign_key.as_deref())
+            let state = loaded.state_db(None);
+            doctor::run(choice, args.hosts, args.sign_key.as_deref(), &state)
                 .await
                 .map(|()| 0)
         }

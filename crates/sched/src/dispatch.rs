@@ -15,7 +15,7 @@ use crate::events::{Action, NodeState};
 use crate::fleet::MachineId;
 use crate::graph::NodeId;
 use crate::scheduler::Scheduler;
-use crate::transfers::{route, Direction, Route};
+use crate::transfers::{route_in, Direction, Route};
 
 /// How many ready derivations per round may choose to wait for a busy machine beyond
 /// the number of free slots.
@@ -116,8 +116,9 @@ impl Scheduler {
         self.graph.node(id).deps.iter().filter_map(move |&dep| {
             let bytes = self.graph.node(dep).output_bytes;
             let consumers = self.graph.dependents(dep).len();
-            let r = route(
+            let r = route_in(
                 &self.machines,
+                self.pair_links,
                 &self.holders[dep],
                 false,
                 machine,

@@ -38,7 +38,7 @@ pub use events::{Action, Event, Failure, NodeState, Outcome};
 pub use fleet::{Link, MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
 pub use scheduler::{Scheduler, MAX_ATTEMPTS};
-pub use transfers::{route, Direction, Links, Route, RouteKind};
+pub use transfers::{has_pair_links, route, route_in, Direction, Links, Route, RouteKind};
 
 /// Seconds (at speed 1) assumed for a derivation nothing is known about: what the live
 /// driver plans with before the history has a build of its name, and what a simulated

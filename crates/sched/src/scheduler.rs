@@ -82,6 +82,8 @@ pub struct Scheduler {
     /// Per machine, its pair link with the most bandwidth (the lower latency at a tie):
     /// what its outputs cross towards other builders when it has pair links.
     pub(crate) fastest_peer: Vec<Option<Link>>,
+    /// Whether any machine has pair links ([`crate::has_pair_links`]).
+    pub(crate) pair_links: bool,
     /// Per machine, the slots others hold ([`Event::SlotsHeldElsewhere`]).
     pub(crate) held_elsewhere: Vec<u32>,
     /// Each node's priority among the ready ones: its rank (duration-weighted critical
@@ -125,6 +127,7 @@ impl Scheduler {
             })
             .collect();
         let fastest_peer = machines.iter().map(fastest_peer).collect();
+        let pair_links = crate::has_pair_links(&machines);
         let mut sched = Scheduler {
             graph,
             alive: vec![true; m],
@@ -152,6 +155,7 @@ impl Scheduler {
             client,
             outputs_away: false,
             fastest_peer,
+            pair_links,
             held_elsewhere: vec![0; m],
             priority,
             rehearsed_on: vec![None; n],
@@ -236,6 +240,7 @@ impl Scheduler {
             }
             spec.set_peer_link(to, link);
             self.fastest_peer[from] = fastest_peer(spec);
+            self.pair_links = crate::has_pair_links(&self.machines);
             self.regroup();
         }
     }

@@ -117,6 +117,30 @@ pub fn route(
     consumers: usize,
     bytes: u64,
 ) -> Option<Route> {
+    let pairs = has_pair_links(machines);
+    route_in(
+        machines, pairs, holders, at_client, target, consumers, bytes,
+    )
+}
+
+/// Whether any machine of `machines` sends to another directly.
+pub fn has_pair_links(machines: &[MachineSpec]) -> bool {
+    machines.iter().any(|m| !m.peers.is_empty())
+}
+
+/// [`route`] on a fleet known to have pair links or not ([`has_pair_links`]), for
+/// callers that route many paths: without them, no holder's pair links are looked at,
+/// and a path costs what it did before there were any.
+#[inline]
+pub fn route_in(
+    machines: &[MachineSpec],
+    pairs: bool,
+    holders: &[MachineId],
+    at_client: bool,
+    target: MachineId,
+    consumers: usize,
+    bytes: u64,
+) -> Option<Route> {
     let target_is_client = machines[target].is_local;
     let on = |from, kind| Route {
         from,
@@ -129,7 +153,7 @@ pub fn route(
     let client_holds = at_client || holders.iter().any(|&h| machines[h].is_local);
     // The quickest pair link from a holder to the target (the lower holder at a tie).
     let mut peer: Option<(f64, MachineId)> = None;
-    if !target_is_client {
+    if pairs && !target_is_client {
         for &h in holders {
             if let Some(link) = machines[h].peer_link(target) {
                 let t = link.transfer_time(bytes);
@@ -140,9 +164,10 @@ pub fn route(
         }
     }
     if client_holds {
-        let from_client = machines[target].transfer_time(bytes);
         return Some(match peer {
-            Some((t, h)) if t <= from_client => on(Some(h), RouteKind::Peer),
+            Some((t, h)) if t <= machines[target].transfer_time(bytes) => {
+                on(Some(h), RouteKind::Peer)
+            }
             _ => on(None, RouteKind::Direct),
         });
     }

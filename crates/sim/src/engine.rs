@@ -22,7 +22,7 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use offload_sched::{
-    route, Direction, Graph, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
+    route_in, Direction, Graph, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
 };
 
 use crate::report::{Report, RouteBytes, TraceEvent};
@@ -235,6 +235,8 @@ struct World<'a> {
     /// Whether the report breaks bytes down by route (a fleet with pair links or a
     /// delivery target).
     routes: bool,
+    /// Whether any machine has pair links (as this policy sees the fleet).
+    pair_links: bool,
 }
 
 /// What starting builds did that the policy hears of: copies kept in the client's
@@ -280,6 +282,7 @@ impl<'a> World<'a> {
             to_target: 0,
             peer_to_target: 0,
             routes: false,
+            pair_links: offload_sched::has_pair_links(machines),
         }
     }
 
@@ -344,8 +347,9 @@ impl<'a> World<'a> {
         for &d in &graph.node(node).deps {
             let bytes = graph.node(d).output_bytes;
             let consumers = graph.dependents(d).len();
-            let Some(r) = route(
+            let Some(r) = route_in(
                 machines,
+                self.pair_links,
                 &self.on_machine[d],
                 self.at_client[d],
                 m,
@@ -448,8 +452,9 @@ impl<'a> World<'a> {
             ready
         };
         let bytes = graph.node(node).output_bytes;
-        let Some(r) = route(
+        let Some(r) = route_in(
             self.machines,
+            self.pair_links,
             &self.on_machine[node],
             self.at_client[node],
             d.target,

@@ -28,6 +28,10 @@ use crate::ssh::{shell_quote, Endpoint};
 /// as failed (and relays).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a machine keeps its connection to another open after a direct copy, for
+/// the next copy between them.
+pub const CONNECTION_KEPT: Duration = Duration::from_secs(60);
+
 /// The end of a failed copy's stderr kept in its error.
 const STDERR_TAIL: usize = 2000;
 
@@ -60,21 +64,33 @@ fn store_program(endpoint: &Endpoint) -> String {
     words
 }
 
-/// How long a machine keeps its connection to another open after a direct copy, for
-/// the next copy between them.
-pub const CONNECTION_KEPT: Duration = Duration::from_secs(60);
-
-/// The ssh options a Nix started by offload on another machine uses to reach a third:
-/// never a prompt, a bounded wait, and one connection shared by the copies between them
-/// (an ssh handshake per copy would cost more than the copy of a small path). The
-/// user's own `NIX_SSHOPTS` there come first, so their choices win.
-fn nix_sshopts() -> String {
+/// The ssh options a Nix started by offload uses to reach a store it copies to: never a
+/// prompt, a bounded wait, and one connection shared by the copies to the same host (an
+/// ssh handshake per copy would cost more than the copy of a small path). After the
+/// user's own `NIX_SSHOPTS`, so that their choices win.
+fn copy_sshopts() -> String {
     format!(
-        "NIX_SSHOPTS=\"${{NIX_SSHOPTS:+$NIX_SSHOPTS }}-oBatchMode=yes -oConnectTimeout={} \
-         -oControlMaster=auto -oControlPath=/tmp/offload-ssh-%C -oControlPersist={}\"",
+        "-oBatchMode=yes -oConnectTimeout={} -oControlMaster=auto \
+         -oControlPath=/tmp/offload-ssh-%C -oControlPersist={}",
         CONNECT_TIMEOUT.as_secs(),
         CONNECTION_KEPT.as_secs()
     )
+}
+
+/// `NIX_SSHOPTS=…` for a command run on another machine ([`copy_sshopts`]).
+fn nix_sshopts() -> String {
+    format!(
+        "NIX_SSHOPTS=\"${{NIX_SSHOPTS:+$NIX_SSHOPTS }}{}\"",
+        copy_sshopts()
+    )
+}
+
+/// `NIX_SSHOPTS` for a Nix this process starts ([`copy_sshopts`] after the user's).
+pub fn local_sshopts() -> String {
+    match crate::env::nix_sshopts() {
+        Some(user) => format!("{user} {}", copy_sshopts()),
+        None => copy_sshopts(),
+    }
 }
 
 /// The shell command, run on `source`, that sends `paths` (with their references that
@@ -125,7 +141,11 @@ pub fn relay_command(source: &Endpoint, to: &str, paths: &[String]) -> Result<St
     words.extend(cmd.get_args().map(|a| shell_quote(&a.to_string_lossy())));
     Ok(pipe_command(
         &words.join(" "),
-        &format!("nix-store --store {} --import", shell_quote(to)),
+        &format!(
+            "NIX_SSHOPTS={} nix-store --store {} --import",
+            shell_quote(&local_sshopts()),
+            shell_quote(to)
+        ),
     ))
 }
 

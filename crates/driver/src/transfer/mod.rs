@@ -158,6 +158,10 @@ pub struct TransferEngine {
     relay_forced: bool,
     /// Machines that could not send to the delivery target themselves.
     target_unreachable: Mutex<HashSet<String>>,
+    /// Held while a delivery to the target runs.
+    delivering: tokio::sync::Mutex<()>,
+    /// Paths the delivery target has.
+    on_target: Mutex<HashSet<String>>,
     /// Pairs to probe when a copy between them is first due, each probed once.
     pair_probes: Mutex<HashMap<(MachineId, MachineId), reach::PairProbe>>,
     /// Direct copies running per (source, target).
@@ -205,6 +209,8 @@ impl TransferEngine {
             forward_agent: false,
             relay_forced: false,
             target_unreachable: Mutex::new(HashSet::new()),
+            delivering: tokio::sync::Mutex::new(()),
+            on_target: Mutex::new(HashSet::new()),
             pairs_busy: Mutex::new(HashMap::new()),
             pair_probes: Mutex::new(HashMap::new()),
             client_bytes: AtomicU64::new(0),

@@ -91,6 +91,21 @@ pub struct PairAnswer {
     pub answer: Result<(), String>,
 }
 
+/// Keeps `answers` in the state at `path`, for the builds that follow; a state that
+/// cannot be opened keeps nothing (the doctor's report stands without it).
+pub fn record(fleet: &[MachineConfig], answers: &[PairAnswer], path: &std::path::Path) {
+    let Ok(state) = StateDb::open(path) else {
+        return;
+    };
+    for a in answers {
+        let (from, to) = (&fleet[a.from].endpoint.name, &fleet[a.to].endpoint.name);
+        let reason = a.answer.as_ref().err().map_or("", String::as_str);
+        if let Err(e) = state.record_peer_probe(from, to, a.answer.is_ok(), reason) {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
 /// Probes every ordered pair of `fleet`'s machines that could copy directly, all at
 /// once (`offload doctor`'s matrix).
 pub async fn probe_all(fleet: &[MachineConfig], store_dir: &str) -> Vec<PairAnswer> {
