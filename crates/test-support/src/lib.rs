@@ -8,8 +8,9 @@
 //! - [`nix_system`] is this machine's Nix system, for machines specs of real builds.
 //! - [`nix_command`] and [`run_ok`] run Nix's tools with no binary cache configured.
 //! - [`SshFleet`] is real `sshd` hosts on 127.0.0.1, each in its own mount namespace
-//!   with a private `/nix` (its own store) and `/etc/nix`, reached through a generated
-//!   ssh config with one `Host` alias per host and pinned host keys.
+//!   with a private `/nix` (its own store) and `/etc/nix` and a layer of its own over
+//!   `/root` (no shell set-up of this machine's), reached through a generated ssh config
+//!   with one `Host` alias per host and pinned host keys.
 //!
 //! - [`HostOptions`] makes a host of the fleet special: its store on a small tmpfs (a
 //!   disk that fills up), or its Nix the newer one of [`require_newer_nix`] (Debian 13's
@@ -27,6 +28,7 @@
 //! Nothing here is used outside tests.
 
 pub mod daemon;
+mod home;
 mod peers;
 mod proxy;
 
@@ -385,16 +387,17 @@ impl SshFleet {
                 host_key: host_key.join(" "),
             });
         }
-        if let Some(peers) = peers {
-            for i in 0..n {
-                let home = d.join(format!("h{}/home", i + 1));
-                peers::write_home(&home, i, &entries, peers, &peer_key, closed_port)?;
+        for i in 0..n {
+            let home = d.join(format!("h{}/home", i + 1));
+            home::write_home(&home)?;
+            if let Some(peers) = peers {
+                peers::write_ssh(&home, i, &entries, peers, &peer_key, closed_port)?;
             }
         }
         let mut hosts = Vec::new();
         for (i, opts) in options.iter().enumerate() {
             let h = d.join(format!("h{}", i + 1));
-            let remote_program = launch_host(&h, opts, peers.is_some())?;
+            let remote_program = launch_host(&h, opts)?;
             hosts.push(Host {
                 alias: entries[i].alias.clone(),
                 pid_file: h.join("sshd.pid"),
@@ -696,9 +699,9 @@ fn prepare_host(d: &Path, h: &Path, port: u16, opts: &HostOptions) -> Result<(),
 }
 
 /// Starts the sshd of host directory `h` in a mount namespace of its own (its `/nix`,
-/// `/etc/nix`, with `peers` its `/root` of [`peers::mount_home`]); returns the
-/// `remote-program` of a host on another Nix.
-fn launch_host(h: &Path, opts: &HostOptions, peers: bool) -> Result<Option<PathBuf>, String> {
+/// `/etc/nix`, and its layer over `/root`: [`home`]); returns the `remote-program` of a
+/// host on another Nix.
+fn launch_host(h: &Path, opts: &HostOptions) -> Result<Option<PathBuf>, String> {
     let (nix, etc) = (h.join("nix"), h.join("etc-nix"));
     let mut mounts = Vec::new();
     if let Some(mib) = opts.store_mib {
@@ -709,9 +712,7 @@ fn launch_host(h: &Path, opts: &HostOptions, peers: bool) -> Result<Option<PathB
     }
     mounts.push(format!("mount --bind '{}' /nix", nix.display()));
     mounts.push(format!("mount --bind '{}' /etc/nix", etc.display()));
-    if peers {
-        mounts.push(peers::mount_home(&h.join("home")));
-    }
+    mounts.push(home::mount_home(&h.join("home")));
     let mut remote_program = None;
     if let Some(root) = &opts.chroot {
         let r = root.display();

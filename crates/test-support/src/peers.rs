@@ -2,12 +2,8 @@
 //! by the names the client uses, while the client reaches each host through a
 //! [`CountingProxy`](crate::CountingProxy) of its own.
 //!
-//! A host's own ssh reads `/root/.ssh`; this machine has its own `/root` (and perhaps no
-//! `/root/.ssh` at all), which must stay untouched. So each host's mount namespace lays
-//! an overlay over `/root` whose upper layer (the host's `home/` under the fleet's
-//! directory) holds `.ssh/config`, `.ssh/id_ed25519` and `.ssh/known_hosts`: the
-//! host sees this machine's `/root` with that `.ssh` (and an empty `.bashrc` and
-//! `.profile`) on top, and whatever it writes under `/root` stays in its own layer.
+//! A host's own ssh reads `/root/.ssh`, which is the `.ssh` of the host's own layer over
+//! `/root` ([`crate::home`]): its config, the fleet's peer key and every host key.
 
 use std::fs;
 use std::path::Path;
@@ -37,19 +33,10 @@ pub(crate) struct PeerEntry {
     pub host_key: String,
 }
 
-/// The mount commands that lay `home` (its `upper/` and `work/`) over `/root`.
-pub(crate) fn mount_home(home: &Path) -> String {
-    format!(
-        "mount -t overlay offload-test-home -o lowerdir=/root,upperdir='{up}',workdir='{work}' /root",
-        up = home.join("upper").display(),
-        work = home.join("work").display(),
-    )
-}
-
 /// Writes host `me`'s `/root/.ssh` under `home/upper`: a `Host` entry per host with its
 /// real port (a `closed_port` for the hosts `peers` says `me` cannot reach), the
 /// fleet's peer key `key` and every host key.
-pub(crate) fn write_home(
+pub(crate) fn write_ssh(
     home: &Path,
     me: usize,
     hosts: &[PeerEntry],
@@ -60,7 +47,6 @@ pub(crate) fn write_home(
     use std::os::unix::fs::PermissionsExt as _;
     let ssh = home.join("upper/.ssh");
     fs::create_dir_all(&ssh).map_err(|e| format!("{}: {e}", ssh.display()))?;
-    fs::create_dir_all(home.join("work")).map_err(|e| e.to_string())?;
     fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
     let id = ssh.join("id_ed25519");
     fs::copy(key, &id).map_err(|e| format!("{}: {e}", id.display()))?;
@@ -86,14 +72,6 @@ pub(crate) fn write_home(
     for (name, text) in [("config", config), ("known_hosts", known_hosts)] {
         let path = ssh.join(name);
         fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    // A host is not this machine's login: sshd's bash reads ~/.bashrc for every command,
-    // and this machine's may set up tools (pyenv's rehash takes a lock under /root, which
-    // a session cut short leaves behind, and every later session then waits a minute).
-    for name in [".bashrc", ".profile"] {
-        let path = home.join("upper").join(name);
-        fs::write(&path, "# an offload test host: no shell set-up\n")
-            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }

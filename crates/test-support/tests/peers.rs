@@ -87,6 +87,9 @@ fn hosts_reach_each_other_by_the_clients_names_and_the_client_goes_through_proxi
         real_root_ssh,
         "/root/.ssh untouched"
     );
+    // A host runs none of this machine's shell set-up.
+    let bashrc = fleet.ssh(0, "cat /root/.bashrc").unwrap();
+    assert!(bashrc.contains("no shell set-up"), "{bashrc}");
 }
 
 #[test]
