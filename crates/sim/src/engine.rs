@@ -12,9 +12,9 @@
 //! dispatch cost per build.
 //!
 //! With a delivery target ([`Delivery`]: `offload build --to STORE`), the requested
-//! outputs go there instead of home: each as soon as it is built, with what of its
-//! closure is not there yet (dependencies first), by the routes of the transfer model,
-//! never kept in the client; for a policy that copies every output back, from the client's
+//! outputs go there instead of home as the driver delivers them: each as soon as it is
+//! built, one delivery at a time, with what of its closure is not there yet, in one
+//! stream by the routes of the transfer model, never kept in the client; for a policy that copies every output back, from the client's
 //! store once every build has ended (`nix-build`, then `nix copy --to`). The run ends
 //! when the last has arrived.
 
@@ -201,6 +201,8 @@ struct World<'a> {
     /// outputs arrive at the target (infinite: not sent); the bytes sent there.
     topo_pos: Vec<usize>,
     delivered_at: Vec<f64>,
+    /// When the last delivery so far lands at the target: deliveries go one at a time.
+    target_free: f64,
     to_target: u64,
     /// Of those, the bytes sent over pair links.
     peer_to_target: u64,
@@ -250,6 +252,7 @@ impl<'a> World<'a> {
             finished: 0,
             topo_pos: delivery.map_or_else(Vec::new, |_| topo_positions(graph)),
             delivered_at: vec![f64::INFINITY; if delivery.is_some() { n } else { 0 }],
+            target_free: 0.0,
             delivery,
             to_target: 0,
             peer_to_target: 0,
@@ -408,52 +411,47 @@ impl<'a> World<'a> {
             self.at_client[p.node] = true;
         }
         if !policy.copies_outputs_back() && self.graph.dependents(p.node).is_empty() {
-            for (timed, bytes, end) in self.deliver_root(p.node, self.now) {
+            let delivered = self.deliver(&[p.node], self.now, true);
+            if let Some((timed, bytes, end)) = delivered {
                 tell(policy, Some(timed), bytes, end);
             }
         }
         true
     }
 
-    /// Sends the requested output `root` to the delivery target with what of its
-    /// closure is not there yet, dependencies first, from `ready` on; returns the
-    /// copies that can be timed (how, bytes, end).
-    fn deliver_root(&mut self, root: NodeId, ready: f64) -> Vec<(Timed, u64, f64)> {
-        let Some(d) = self.delivery else {
-            return Vec::new();
-        };
-        closure_of(self.graph, root, d.closure, &self.topo_pos)
-            .into_iter()
-            .filter_map(|node| self.deliver(node, ready))
-            .collect()
-    }
-
-    /// Sends the outputs of `node` to the delivery target, unless sent already, by the
-    /// quickest route from where they are, once what they refer to has arrived there
-    /// and no earlier than `ready`; returns the copy if it can be timed.
-    fn deliver(&mut self, node: NodeId, ready: f64) -> Option<(Timed, u64, f64)> {
+    /// Delivers the requested outputs `roots` to the target as the driver does: one
+    /// delivery at a time (after the one before has landed), which asks the target what
+    /// it lacks (a round trip over the target's link when `ask`) and sends what of the
+    /// roots' closures is not there, in one stream from where the first root is, by the
+    /// quickest route; returns the copy if it can be timed (how, bytes, end).
+    fn deliver(&mut self, roots: &[NodeId], ready: f64, ask: bool) -> Option<(Timed, u64, f64)> {
         let d = self.delivery?;
-        if self.delivered_at[node].is_finite() {
+        let mut missing: Vec<NodeId> = roots
+            .iter()
+            .flat_map(|&r| closure_of(self.graph, r, d.closure, &self.topo_pos))
+            .filter(|&n| self.delivered_at[n].is_infinite())
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let &first = roots.first()?;
+        if missing.is_empty() {
             return None;
         }
-        let graph = self.graph;
-        let ready = if d.closure {
-            graph
-                .node(node)
-                .deps
-                .iter()
-                .map(|&dep| self.delivered_at[dep])
-                .filter(|at| at.is_finite())
-                .fold(ready, f64::max)
+        let asking = if ask {
+            2.0 * self.machines[d.target].latency
         } else {
-            ready
+            0.0
         };
-        let bytes = graph.node(node).output_bytes;
+        let ready = ready.max(self.target_free) + asking;
+        let bytes: u64 = missing
+            .iter()
+            .map(|&n| self.graph.node(n).output_bytes)
+            .sum();
         let r = route_in(
             self.machines,
             self.pair_links,
-            &self.on_machine[node],
-            self.at_client[node],
+            &self.on_machine[first],
+            self.at_client[first],
             d.target,
             0,
             bytes,
@@ -463,24 +461,26 @@ impl<'a> World<'a> {
         if r.kind == RouteKind::Peer {
             self.peer_to_target += bytes;
         }
-        self.delivered_at[node] = arrival;
+        for n in missing {
+            self.delivered_at[n] = arrival;
+        }
+        self.target_free = arrival;
         self.copied_back = self.copied_back.max(arrival);
         timed.map(|t| (t, bytes, arrival))
     }
 
-    /// For a policy that copies every output back: what goes to the delivery target,
-    /// from the client's store once every build has ended, in dependency order.
+    /// For a policy that copies every output back: the requested outputs go to the
+    /// delivery target from the client's store once every build has ended, in one
+    /// copy (`nix copy --to`).
     fn deliver_from_client(&mut self) {
         if self.delivery.is_none() {
             return;
         }
+        let roots: Vec<NodeId> = (0..self.graph.len())
+            .filter(|&n| self.done[n] && self.graph.dependents(n).is_empty())
+            .collect();
         let start = self.now.max(self.copied_back);
-        for i in 0..self.graph.len() {
-            let node = self.graph.topo_order()[i];
-            if self.done[node] && self.graph.dependents(node).is_empty() {
-                self.deliver_root(node, start);
-            }
-        }
+        self.deliver(&roots, start, false);
     }
 
     /// The report of the run so far, ended when the last requested output has reached
