@@ -78,9 +78,9 @@ pub enum Command {
     /// `peers`: every builder sends to every other and to the target directly, at
     /// these figures; `pairs` set others (both ways unless "one_way": true), and
     /// `unreachable` pairs relay through the client. `target`: the requested outputs
-    /// and what they were built from ("closure": false: the outputs alone) go there
-    /// instead of home (as `offload build --to`), over the peer links or relayed;
-    /// the run ends when the last has arrived. The report then gives the bytes by
+    /// and what they were built from go there instead of home (as `offload build
+    /// --to`), over the peer links or relayed, and inputs reach builders with their
+    /// closures ("closure": false: outputs alone); the run ends when the last arrived. The report then gives the bytes by
     /// route: over the client's links, builder to builder, to the target.
     ///
     /// Examples:

@@ -338,3 +338,90 @@ fn a_second_run_plans_with_what_the_first_taught() {
     let both = offload(&["simulate", "--generate", "wide:5", "--cold", "--second-run"]);
     assert_eq!(both.status.code(), Some(2));
 }
+
+/// The routes benchmark's fleet file (scripts/fleets/routes.json): builders that reach
+/// each other and a target beside them, the client behind a slow link. With pair links
+/// nothing crosses the client's links; with --relay everything does, and the run takes
+/// longer; both print the bytes by route.
+#[test]
+fn a_fleet_with_pair_links_and_a_target_and_the_same_relayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let dag = dir.path().join("g.json");
+    // a → b, a → c: 8 MiB outputs.
+    std::fs::write(
+        &dag,
+        r#"{"nodes":[{"id":"a","deps":[],"duration_s":1,"output_bytes":8388608},
+                     {"id":"b","deps":["a"],"duration_s":1,"output_bytes":8388608},
+                     {"id":"c","deps":["a"],"duration_s":1,"output_bytes":8388608}]}"#,
+    )
+    .unwrap();
+    let fleet = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/fleets/routes.json"
+    );
+    let sim = |extra: &[&str]| {
+        let mut args = vec![
+            "simulate",
+            "--dag",
+            dag.to_str().unwrap(),
+            "--fleet",
+            fleet,
+            "--builders",
+            "ssh://b1 x86_64-linux - 1 1; ssh://b2 x86_64-linux - 1 1",
+            "--policy",
+            "offload",
+        ];
+        args.extend(extra);
+        let out = offload(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = sim(&[]);
+    assert!(
+        text.contains("offload: bytes by route: client links 0 B, builder to builder 8.0 MiB, to the target 24.0 MiB"),
+        "{text}"
+    );
+    let json = |extra: &[&str]| -> serde_json::Value {
+        serde_json::from_str(sim(&[extra, &["--json"]].concat()).trim()).unwrap()
+    };
+    let (direct, relayed) = (json(&[]), json(&["--relay"]));
+    assert_eq!(relayed["bytes_by_route"]["builder_to_builder"], 0);
+    assert_eq!(relayed["bytes_by_route"]["to_target"], 3 * 8388608);
+    // Relayed: each delivery crosses its builder's link and the target's.
+    assert!(relayed["bytes_by_route"]["client_links"].as_u64().unwrap() >= 6 * 8388608);
+    let span = |v: &serde_json::Value| v["makespan_s"].as_f64().unwrap();
+    assert!(
+        span(&direct) * 3.0 < span(&relayed),
+        "{direct} vs {relayed}"
+    );
+}
+
+#[test]
+fn a_pair_naming_no_machine_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet.json");
+    std::fs::write(
+        &fleet,
+        r#"{"peers": {"bandwidth": 1e9, "latency": 0.1, "unreachable": [{"from": "b1", "to": "b9"}]}}"#,
+    )
+    .unwrap();
+    let out = offload(&[
+        "simulate",
+        "--generate",
+        "layered:10:1",
+        "--builders",
+        "ssh://b1 x86_64-linux - 1 1; ssh://b2 x86_64-linux - 1 1",
+        "--fleet",
+        fleet.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"b9\"") && stderr.contains("b1, b2"),
+        "{stderr}"
+    );
+}

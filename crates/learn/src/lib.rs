@@ -21,7 +21,8 @@
 //! - [`pairs`]: the direct links between two builders, learned by the same estimator
 //!   per ordered pair ([`PairLinks`]: record each timed copy from one builder to
 //!   another, read the [`offload_sched::Link`] back), with the prior of a pair not yet
-//!   measured ([`pair_prior`]: the better of the two machines' links to the client);
+//!   measured ([`pair_prior`]: the better of the two machines' links to the client),
+//!   and when a run plans a pair at what its copies showed ([`moved_pair`]);
 //! - [`knowledge`]: all of it together, as the planner asks ([`Knowledge`]);
 //! - [`cadence`]: when a run fits again ([`Refits`]) and which figures moved;
 //! - [`estimate`]: where an estimate comes from, and package names;
@@ -46,7 +47,7 @@ pub use links::{
     bound_under_way, link_figures, moved_link, slower_under_way, LinkFigures, Transfer,
     DEFAULT_BANDWIDTH, DEFAULT_LATENCY, RECENT_TRANSFERS, SLOWER_UNDER_WAY,
 };
-pub use pairs::{pair_prior, PairLinks};
+pub use pairs::{moved_pair, pair_prior, PairLinks};
 pub use speeds::{fit, Learned, RECENT_PER_CELL};
 
 /// What `machines` tables and the planner call this machine in the state.

@@ -6,7 +6,9 @@
 //!
 //! A pair known to reach each other but not yet measured is planned at the better of
 //! the two machines' links to the client ([`pair_prior`]): a direct copy is then never
-//! planned slower than the relay through the client, which crosses both of them.
+//! planned slower than the relay through the client, which crosses both of them. A
+//! run plans a pair at what its copies showed only once both machines' links to the
+//! client are measured too ([`moved_pair`]).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -81,6 +83,20 @@ pub fn pair_prior(from: &MachineSpec, to: &MachineSpec) -> Link {
     }
 }
 
+/// The link a run plans the pair at from now on, if it should change from `planned`:
+/// what the pair's copies showed (`learned`), once both machines' links to the client
+/// are measured (`links_measured`), and when it moved ([`crate::moved`]: bandwidth or
+/// latency). Before the client links are measured, a pair at its measured figures
+/// would be weighed against a client link merely assumed and lose to the assumption,
+/// while the worst a direct copy risks is its fixed cost and the worst a relay risks is
+/// twice its bytes over a link that may be slow.
+pub fn moved_pair(planned: Link, learned: Option<Link>, links_measured: bool) -> Option<Link> {
+    let learned = learned.filter(|_| links_measured)?;
+    (crate::moved(planned.bandwidth, learned.bandwidth)
+        || crate::moved(planned.latency, learned.latency))
+    .then_some(learned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +128,23 @@ mod tests {
         let f = pairs.figures(&"a", &"b").unwrap();
         assert!((f.latency - 0.005).abs() < 1e-12);
         assert!((f.bandwidth - 100e6).abs() < 1e3, "{f:?}");
+    }
+
+    #[test]
+    fn a_pair_is_planned_anew_once_both_client_links_are_measured_and_it_moved() {
+        let link = |bandwidth, latency| Link { bandwidth, latency };
+        let planned = link(2.5e6, 0.02);
+        let seen = Some(link(200e6, 0.25));
+        assert_eq!(moved_pair(planned, seen, false), None);
+        assert_eq!(moved_pair(planned, seen, true), seen);
+        assert_eq!(moved_pair(planned, None, true), None);
+        // Close to what is planned: kept.
+        assert_eq!(moved_pair(planned, Some(link(2.6e6, 0.021)), true), None);
+        // The latency alone moved.
+        assert_eq!(
+            moved_pair(planned, Some(link(2.5e6, 0.3)), true),
+            Some(link(2.5e6, 0.3))
+        );
     }
 
     #[test]

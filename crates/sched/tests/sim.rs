@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use offload_sched::{Action, Event, Graph, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler};
+use offload_sched::{
+    Action, Event, Graph, Link, MachineSpec, NodeSpec, NodeState, Outcome, Scheduler,
+};
 use proptest::prelude::*;
 
 fn machine(name: &str, slots: u32, speed: f64, is_local: bool) -> MachineSpec {
@@ -255,8 +257,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     /// Mixed fleets: two systems, features, interchangeable machines, preferLocalBuild,
-    /// builds that overrun their estimates, a machine lost. Each build runs only where it
-    /// may, within slots, after its inputs, and every node ends built or failed.
+    /// builds that overrun their estimates, a machine lost, some builders sending to
+    /// others directly, requested outputs going home or elsewhere. Each build runs only
+    /// where it may, within slots, after its inputs, and every node ends built or
+    /// failed.
     #[test]
     fn mixed_fleets_keep_every_rule(
         specs in proptest::collection::vec(
@@ -265,6 +269,8 @@ proptest! {
         machines in proptest::collection::vec((0u8..2, 0u8..3, 1u32..4, 1u8..3), 1..7),
         local_slots in 0u32..3,
         lose in proptest::option::of((1usize..7, 0.0f64..4.0)),
+        pairs in proptest::collection::vec((1usize..7, 1usize..7, 1e5f64..1e10, 0.0f64..0.5), 0..12),
+        away in any::<bool>(),
     ) {
         let systems = ["x86_64-linux", "aarch64-linux"];
         let nodes: Vec<NodeSpec> = specs.iter().enumerate().map(|(i, (d, deps, arm, feat, local, _))| {
@@ -287,10 +293,17 @@ proptest! {
                 ..MachineSpec::new(format!("b{i}"), systems[usize::from(system)], slots, f64::from(speed))
             });
         }
+        for &(from, to, bandwidth, latency) in &pairs {
+            if from != to && from < fleet.len() && to < fleet.len() {
+                fleet[from].set_peer_link(to, Some(Link { bandwidth, latency }));
+            }
+        }
         let lose = lose.filter(|(m, _)| *m < fleet.len());
         let graph = Graph::new(nodes.clone()).unwrap();
+        let mut sched = Scheduler::new(graph, fleet.clone(), true);
+        sched.outputs_stay_away(away);
         let run = simulate(
-            Scheduler::new(graph, fleet.clone(), true),
+            sched,
             // Real durations differ from the estimates.
             |node, m| (nodes[node].duration * specs[node].5 / fleet[m].speed, Outcome::Built),
             lose,

@@ -12,9 +12,9 @@
 //! dispatch cost per build.
 //!
 //! With a delivery target ([`Delivery`]: `offload build --to STORE`), the requested
-//! outputs (and what they refer to) go there instead of home: each as soon as it and
-//! what it refers to are built and there, by the routes of the transfer model, never
-//! kept in the client; for a policy that copies every output back, from the client's
+//! outputs go there instead of home: each as soon as it is built, with what of its
+//! closure is not there yet (dependencies first), by the routes of the transfer model,
+//! never kept in the client; for a policy that copies every output back, from the client's
 //! store once every build has ended (`nix-build`, then `nix copy --to`). The run ends
 //! when the last has arrived.
 
@@ -25,6 +25,7 @@ use offload_sched::{
     route_in, Direction, Graph, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
 };
 
+use crate::delivery::{closure_of, inputs_closure, topo_positions, Delivery};
 use crate::report::{Report, RouteBytes, TraceEvent};
 
 /// Per-build costs of a policy, in seconds.
@@ -120,17 +121,6 @@ impl PartialOrd for Pending {
     }
 }
 
-/// Where the requested outputs go instead of home: a machine of the fleet that builds
-/// nothing (`offload build --to STORE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    pub target: MachineId,
-    /// Whether each requested output goes with every output it was built from (its
-    /// closure, when outputs refer to their inputs as `scripts/gen-dag.py`'s do), or
-    /// alone.
-    pub closure: bool,
-}
-
 /// A copy as it can be timed: over one link alone (that link's machine), or over a
 /// pair link (from, to); with its start.
 #[derive(Debug, Clone, Copy)]
@@ -175,24 +165,6 @@ fn tell(policy: &mut dyn Policy, timed: Option<Timed>, bytes: u64, end: f64) {
     }
 }
 
-/// The nodes whose outputs go to a delivery target: the requested ones (the graph's
-/// sinks), and with `closure` every node they were built from.
-fn delivered_nodes(graph: &Graph, closure: bool) -> Vec<bool> {
-    let mut delivered: Vec<bool> = (0..graph.len())
-        .map(|i| graph.dependents(i).is_empty())
-        .collect();
-    if closure {
-        for &id in graph.topo_order().iter().rev() {
-            if delivered[id] {
-                for &d in &graph.node(id).deps {
-                    delivered[d] = true;
-                }
-            }
-        }
-    }
-    delivered
-}
-
 /// The machine the client runs on, if it is in the fleet.
 fn client_machine(machines: &[MachineSpec]) -> Option<MachineId> {
     machines.iter().position(|m| m.is_local)
@@ -225,9 +197,9 @@ struct World<'a> {
     now: f64,
     finished: usize,
     delivery: Option<Delivery>,
-    /// With a delivery: the nodes whose outputs go to the target, and when each arrives
-    /// there (infinite: not yet sent); the bytes sent there.
-    delivered: Vec<bool>,
+    /// With a delivery: each node's place in the topological order, and when its
+    /// outputs arrive at the target (infinite: not sent); the bytes sent there.
+    topo_pos: Vec<usize>,
     delivered_at: Vec<f64>,
     to_target: u64,
     /// Of those, the bytes sent over pair links.
@@ -276,7 +248,7 @@ impl<'a> World<'a> {
             copied_back: 0.0,
             now: 0.0,
             finished: 0,
-            delivered: delivery.map_or_else(Vec::new, |d| delivered_nodes(graph, d.closure)),
+            topo_pos: delivery.map_or_else(Vec::new, |_| topo_positions(graph)),
             delivered_at: vec![f64::INFINITY; if delivery.is_some() { n } else { 0 }],
             delivery,
             to_target: 0,
@@ -344,7 +316,17 @@ impl<'a> World<'a> {
     ) -> f64 {
         let (graph, machines) = (self.graph, self.machines);
         let mut arrived = begin;
-        for &d in &graph.node(node).deps {
+        // Outputs that refer to their inputs reach a machine with their closure, as
+        // Nix registers a path only once its references are valid.
+        let closed: Vec<NodeId>;
+        let inputs: &[NodeId] = match self.delivery {
+            Some(d) if d.closure => {
+                closed = inputs_closure(graph, node, &self.topo_pos);
+                &closed
+            }
+            _ => &graph.node(node).deps,
+        };
+        for &d in inputs {
             let bytes = graph.node(d).output_bytes;
             let consumers = graph.dependents(d).len();
             let Some(r) = route_in(
@@ -425,19 +407,34 @@ impl<'a> World<'a> {
             self.copied_back = self.copied_back.max(arrival);
             self.at_client[p.node] = true;
         }
-        if !policy.copies_outputs_back() {
-            self.deliver(p.node, self.now, Some(&mut *policy));
+        if !policy.copies_outputs_back() && self.graph.dependents(p.node).is_empty() {
+            for (timed, bytes, end) in self.deliver_root(p.node, self.now) {
+                tell(policy, Some(timed), bytes, end);
+            }
         }
         true
     }
 
-    /// Sends the outputs of `node` to the delivery target, if they go there, by the
+    /// Sends the requested output `root` to the delivery target with what of its
+    /// closure is not there yet, dependencies first, from `ready` on; returns the
+    /// copies that can be timed (how, bytes, end).
+    fn deliver_root(&mut self, root: NodeId, ready: f64) -> Vec<(Timed, u64, f64)> {
+        let Some(d) = self.delivery else {
+            return Vec::new();
+        };
+        closure_of(self.graph, root, d.closure, &self.topo_pos)
+            .into_iter()
+            .filter_map(|node| self.deliver(node, ready))
+            .collect()
+    }
+
+    /// Sends the outputs of `node` to the delivery target, unless sent already, by the
     /// quickest route from where they are, once what they refer to has arrived there
-    /// and no earlier than `ready`; `policy` is told of the copy it can time.
-    fn deliver(&mut self, node: NodeId, ready: f64, policy: Option<&mut dyn Policy>) {
-        let Some(d) = self.delivery else { return };
-        if !self.delivered[node] || self.delivered_at[node].is_finite() {
-            return;
+    /// and no earlier than `ready`; returns the copy if it can be timed.
+    fn deliver(&mut self, node: NodeId, ready: f64) -> Option<(Timed, u64, f64)> {
+        let d = self.delivery?;
+        if self.delivered_at[node].is_finite() {
+            return None;
         }
         let graph = self.graph;
         let ready = if d.closure {
@@ -452,7 +449,7 @@ impl<'a> World<'a> {
             ready
         };
         let bytes = graph.node(node).output_bytes;
-        let Some(r) = route_in(
+        let r = route_in(
             self.machines,
             self.pair_links,
             &self.on_machine[node],
@@ -460,19 +457,15 @@ impl<'a> World<'a> {
             d.target,
             0,
             bytes,
-        ) else {
-            return;
-        };
+        )?;
         let (arrival, timed) = send(&mut self.links, self.machines, &r, bytes, ready);
-        if let Some(policy) = policy {
-            tell(policy, timed, bytes, arrival);
-        }
         self.to_target += bytes;
         if r.kind == RouteKind::Peer {
             self.peer_to_target += bytes;
         }
         self.delivered_at[node] = arrival;
         self.copied_back = self.copied_back.max(arrival);
+        timed.map(|t| (t, bytes, arrival))
     }
 
     /// For a policy that copies every output back: what goes to the delivery target,
@@ -484,8 +477,8 @@ impl<'a> World<'a> {
         let start = self.now.max(self.copied_back);
         for i in 0..self.graph.len() {
             let node = self.graph.topo_order()[i];
-            if self.done[node] {
-                self.deliver(node, start, None);
+            if self.done[node] && self.graph.dependents(node).is_empty() {
+                self.deliver_root(node, start);
             }
         }
     }

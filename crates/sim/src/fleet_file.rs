@@ -26,9 +26,10 @@
 //! - `target`: where the requested outputs go instead of home (`offload build --to`):
 //!   a store that builds nothing, linked to the client by its own `bandwidth` and
 //!   `latency` (the defaults above when left out) and to the builders by the peer
-//!   links. With `"closure": true` (the default) each requested output goes with every
-//!   output it was built from (the outputs of `scripts/gen-dag.py` refer to their
-//!   inputs); with `false`, alone.
+//!   links. With `"closure": true` (the default) outputs refer to their inputs (as
+//!   those of `scripts/gen-dag.py` do): each requested output goes with every output it
+//!   was built from, and a build's inputs reach its machine with their closures; with
+//!   `false`, each alone.
 
 use std::collections::HashMap;
 

@@ -4,8 +4,10 @@
 //! speeds, links and failures.
 //!
 //! - [`dag`]: the JSON graph schema and generated shapes;
-//! - [`fleet_file`]: the fleet file's links, speeds per system and failures;
+//! - [`fleet_file`]: the fleet file's links, speeds per system, failures, the builders'
+//!   direct links and a delivery target;
 //! - [`engine`]: the event loop and the [`engine::Policy`] trait;
+//! - [`delivery`]: where the requested outputs go when not home (a target);
 //! - [`policy`]: offload's scheduler, offload learning as the live driver learns
 //!   (`offload-learn`'s model), and the Nix and Hydra models;
 //! - [`scenarios`]: what offload knows when it plans: everything, a first run's
@@ -15,6 +17,7 @@
 //! Like the scheduler, this crate does no I/O and reads no clock.
 
 pub mod dag;
+pub mod delivery;
 pub mod engine;
 pub mod fleet_file;
 pub mod policy;
@@ -23,7 +26,8 @@ pub mod scenarios;
 
 use offload_sched::{Graph, MachineId, MachineSpec};
 
-pub use engine::{simulate, Costs, Delivery};
+pub use delivery::Delivery;
+pub use engine::{simulate, Costs};
 pub use report::Report;
 
 /// Costs calibrated against loopback runs of Nix 2.8 and offload (see the README).

@@ -10,7 +10,7 @@
 //! planned ones.
 
 use offload_learn::{
-    bound_under_way, link_figures, moved, moved_link, slower_under_way, BuildRow, Knowledge,
+    bound_under_way, link_figures, moved_link, moved_pair, slower_under_way, BuildRow, Knowledge,
     PairLinks, Refits, Transfer, LOCAL_KEY, RECENT_TRANSFERS, ROWS_READ,
 };
 use offload_sched::{Graph, Link, MachineId, MachineSpec, NodeId};
@@ -41,6 +41,9 @@ pub struct LearningPolicy<'a> {
     /// land; then their timings per pair.
     pair_copies: Vec<(MachineId, MachineId, u64, f64, f64)>,
     pairs: PairLinks<MachineId>,
+    /// Machines whose link to the client is measured (copies landed or under way told
+    /// its figures): pairs between two of them go by what their copies showed.
+    link_measured: Vec<bool>,
 }
 
 impl<'a> LearningPolicy<'a> {
@@ -80,6 +83,7 @@ impl<'a> LearningPolicy<'a> {
             landed: vec![Vec::new(); machines.len()],
             pair_copies: Vec::new(),
             pairs: PairLinks::default(),
+            link_measured: vec![false; machines.len()],
         }
     }
 
@@ -144,6 +148,7 @@ impl<'a> LearningPolicy<'a> {
                 if slower_under_way(spec, bound) {
                     spec.bandwidth = bound;
                     self.policy.set_link(m, bound, spec.latency);
+                    self.link_measured[m] = true;
                 }
             }
         }
@@ -164,7 +169,9 @@ impl<'a> LearningPolicy<'a> {
         }
         for (m, spec) in self.planned.iter_mut().enumerate() {
             let recent = &self.landed[m][self.landed[m].len().saturating_sub(RECENT_TRANSFERS)..];
-            if let Some(link) = moved_link(spec, link_figures(recent)) {
+            let learned = link_figures(recent);
+            self.link_measured[m] |= learned.is_some();
+            if let Some(link) = moved_link(spec, learned) {
                 spec.bandwidth = link.bandwidth;
                 spec.latency = link.latency;
                 self.policy.set_link(m, link.bandwidth, link.latency);
@@ -173,35 +180,29 @@ impl<'a> LearningPolicy<'a> {
         self.pairs_landed(now);
     }
 
-    /// Pair links fitted with the direct copies that landed by `now`.
+    /// Pair links fitted with the direct copies that landed by `now`, each planned at
+    /// its figures once both its machines' links are measured ([`moved_pair`]).
     fn pairs_landed(&mut self, now: f64) {
         let (landed, under_way): (Vec<_>, Vec<_>) = self
             .pair_copies
             .iter()
             .partition(|&&(_, _, _, _, end)| end <= now);
         self.pair_copies = under_way;
-        if landed.is_empty() {
-            return;
-        }
-        for &(from, to, bytes, start, end) in &landed {
+        for (from, to, bytes, start, end) in landed {
             self.pairs.record(from, to, bytes, end - start, 1);
         }
-        let mut pairs: Vec<(MachineId, MachineId)> =
-            landed.iter().map(|&(from, to, ..)| (from, to)).collect();
+        let mut pairs: Vec<(MachineId, MachineId)> = self.pairs.pairs().copied().collect();
         pairs.sort_unstable();
-        pairs.dedup();
         for (from, to) in pairs {
             let Some(planned) = self.planned[from].peer_link(to).copied() else {
                 continue;
             };
-            let Some(f) = self.pairs.figures(&from, &to) else {
-                continue;
-            };
-            if moved(planned.bandwidth, f.bandwidth) {
-                let link = Link {
-                    bandwidth: f.bandwidth,
-                    latency: f.latency,
-                };
+            let learned = self.pairs.figures(&from, &to).map(|f| Link {
+                bandwidth: f.bandwidth,
+                latency: f.latency,
+            });
+            let measured = self.link_measured[from] && self.link_measured[to];
+            if let Some(link) = moved_pair(planned, learned, measured) {
                 self.planned[from].set_peer_link(to, Some(link));
                 self.policy.set_peer_link(from, to, Some(link));
             }

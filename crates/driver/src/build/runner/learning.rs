@@ -2,9 +2,9 @@
 //! build's time and output size, recorded in the state, and the machines' speeds and
 //! links fitted again from them, so the rest of the run is planned on what was seen.
 
-use offload_learn::{moved, moved_link, slower_under_way};
+use offload_learn::{moved_link, moved_pair, slower_under_way};
 use offload_sched::Event;
-use offload_sched::MachineId;
+use offload_sched::{Link, MachineId};
 
 use super::{BuildTransport, Runner, TaskDone};
 use crate::fleet::LOCAL;
@@ -84,18 +84,20 @@ impl<T: BuildTransport> Runner<'_, T> {
         }
     }
 
-    /// Plans the pair `from` → `to` at what its copies in this run showed, once both of
-    /// its machines' links to this one are measured (`transfer::routes` says why not
-    /// before); only when it moved, since each change regroups the machines.
+    /// Plans the pair `from` → `to` at what its copies in this run showed, by
+    /// [`offload_learn::moved_pair`] (the simulator's rule too): once both of its
+    /// machines' links to this one are measured, and only when it moved, since each
+    /// change regroups the machines.
     fn plan_pair(&mut self, from: MachineId, to: MachineId) {
-        if !(self.link_measured[from] && self.link_measured[to]) {
-            return;
-        }
-        let Some(prior) = self.sched.machines()[from].peer_link(to).copied() else {
+        let Some(planned) = self.sched.machines()[from].peer_link(to).copied() else {
             return;
         };
-        let link = self.pair_links.link(&from, &to, prior);
-        if moved(prior.bandwidth, link.bandwidth) || moved(prior.latency, link.latency) {
+        let learned = self.pair_links.figures(&from, &to).map(|f| Link {
+            bandwidth: f.bandwidth,
+            latency: f.latency,
+        });
+        let measured = self.link_measured[from] && self.link_measured[to];
+        if let Some(link) = moved_pair(planned, learned, measured) {
             self.sched.set_peer_link(from, to, Some(link));
             self.transport.set_peer_link(from, to, link);
         }
