@@ -85,7 +85,8 @@ fn nix_sshopts() -> String {
     )
 }
 
-/// `NIX_SSHOPTS` for a Nix this process starts ([`copy_sshopts`] after the user's).
+/// `NIX_SSHOPTS` for a Nix this process starts: the user's own, then what copies add
+/// (no prompt, a bounded wait, a connection kept for the next copy).
 pub fn local_sshopts() -> String {
     match crate::env::nix_sshopts() {
         Some(user) => format!("{user} {}", copy_sshopts()),
