@@ -59,11 +59,11 @@ slow=$(awk "BEGIN {print 1 / $SLOW}")
 slow_arm=$(awk "BEGIN {print 1 / ($SLOW * $AARCH64_SLOW)}")
 three="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3 x86_64-linux - 2 1"
 arm="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3 x86_64-linux,aarch64-linux - 2 1"
-echo '{"links": {"fleet3-slow": {"bandwidth": 2400000, "latency": 0.02}}}' >"$work/slow-link.json"
+echo '{"links": {"fleet3-slow": {"bandwidth": 2400000, "latency": 0.02}}}' >"$work/slow-link-fleet.json"
 printf '{"speeds": {"fleet1": {"x86_64-linux": %s}, "fleet2": {"x86_64-linux": %s}, "fleet3": {"x86_64-linux": %s}}}\n' \
-  "$slow" "$slow" "$slow" >"$work/slow-builders.json"
+  "$slow" "$slow" "$slow" >"$work/slow-builders-fleet.json"
 printf '{"speeds": {"fleet1": {"x86_64-linux": %s}, "fleet2": {"x86_64-linux": %s}, "fleet3": {"x86_64-linux": %s, "aarch64-linux": %s}}}\n' \
-  "$slow" "$slow" "$slow" "$slow_arm" >"$work/slow-arm.json"
+  "$slow" "$slow" "$slow" "$slow_arm" >"$work/slow-arm-fleet.json"
 python3 scripts/gen-dag.py layered 30 1 "$work/slow-link.nix" --output-size $((16 * 1024 * 1024)) >/dev/null
 python3 scripts/gen-dag.py layered 30 1 "$work/slow-builders.nix" --speed >/dev/null
 python3 scripts/gen-dag.py layered 90 1 "$work/slow-builders-90.nix" --speed >/dev/null
@@ -71,9 +71,9 @@ python3 scripts/gen-dag.py layered 30 1 "$work/slow-arm.nix" --speed --aarch64 4
 python3 scripts/gen-dag.py layered 90 1 "$work/slow-arm-90.nix" --speed --aarch64 4 >/dev/null
 fleet_case() { # fleet_case GRAPH BUILDERS FLEETFILE
   for mode in --second-run --cold; do
-    sim --dag "$work/$1.json" --builders "$2" --local-slots 2 --fleet "$work/$3.json" --policy offload --json "$mode"
+    sim --dag "$work/$1.json" --builders "$2" --local-slots 2 --fleet "$work/$3-fleet.json" --policy offload --json "$mode"
   done
-  sim --dag "$work/$1.json" --builders "$2" --local-slots 2 --fleet "$work/$3.json"
+  sim --dag "$work/$1.json" --builders "$2" --local-slots 2 --fleet "$work/$3-fleet.json"
 }
 fleet_case slow-link "${three/fleet3/fleet3-slow}" slow-link
 fleet_case slow-builders "$three" slow-builders
