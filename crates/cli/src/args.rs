@@ -549,7 +549,7 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE", env = env::OFFLOAD_SIGN_KEY)]
     pub sign_key: Option<PathBuf>,
 
-    /// Deliver the requested outputs' closures here, straight from the machines holding
+    /// Deliver the requested outputs' closures to STORE, straight from the machines holding
     /// them: `ssh://`, `ssh-ng://`, `file:///DIR` (with --sign-key), … No result links.
     #[arg(long, value_name = "STORE", conflicts_with_all = ["through_daemon", "repair", "check"])]
     pub to: Option<String>,
