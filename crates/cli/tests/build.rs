@@ -537,3 +537,45 @@ fn an_excluded_machine_takes_no_builds() {
         "{top} is in the excluded m1's store"
     );
 }
+
+#[test]
+fn a_bare_store_directory_builder_builds_with_the_features_its_line_gives() {
+    if !require_nix() {
+        return;
+    }
+    // As Nix opens such a builder's store: with `system-features` from its machines-file
+    // line, so a derivation that requires `bar` builds there (without them that store
+    // refuses it: "a 'x86_64-linux' with features {bar} is required").
+    let expr = format!(
+        r#"derivation {{ name = "needs-bar"; salt = "{}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/bin:/usr/bin"; requiredSystemFeatures = [ "bar" ];
+             args = [ "-c" "echo built > $out" ]; }}"#,
+        salt("bare-store")
+    );
+    let work = Work::new("bar.nix", &expr);
+    let store = work.path().join("builder");
+    let builders = format!("{} {} - 1 1 bar", store.display(), nix_system());
+    let out = work.build(&[
+        "-j0",
+        "--no-out-link",
+        "--builders",
+        &builders,
+        "--option",
+        "build-users-group",
+        "",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let path = text(&out.stdout).trim().to_string();
+    assert!(is_valid_locally(&path), "{stderr}");
+    let in_builder = run_ok(nix_command("nix-store").arg("--store").arg(&store).args([
+        "--check-validity",
+        "--print-invalid",
+        &path,
+    ]));
+    assert!(
+        in_builder.trim().is_empty(),
+        "built in {}: {stderr}",
+        store.display()
+    );
+}

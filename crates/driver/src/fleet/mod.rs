@@ -143,6 +143,7 @@ fn endpoint(m: &Machine) -> Result<Endpoint, DriverError> {
         }
     }
     let mut endpoint = Endpoint::parse(&m.uri)?;
+    with_system_features(&mut endpoint, m);
     if let Route::Ssh {
         ssh_key,
         host_public_key,
@@ -157,6 +158,29 @@ fn endpoint(m: &Machine) -> Result<Endpoint, DriverError> {
         }
     }
     Ok(endpoint)
+}
+
+/// A builder that is a store on this machine (a bare store directory, `local?root=…`)
+/// is opened, as Nix opens it, with the machines file's features as its
+/// `system-features`, unless its URI sets them: a build that requires one of them is
+/// then taken there. (An ssh builder's own Nix has its own setting.)
+fn with_system_features(endpoint: &mut Endpoint, m: &Machine) {
+    let features: Vec<&str> = m
+        .supported_features
+        .iter()
+        .chain(&m.mandatory_features)
+        .map(String::as_str)
+        .collect();
+    if features.is_empty() || !endpoint.is_local_process() {
+        return;
+    }
+    let Ok(mut uri) = m.store_uri() else { return };
+    if !matches!(uri.scheme.as_str(), "path" | "local") || uri.param("system-features").is_some() {
+        return;
+    }
+    uri.params
+        .insert("system-features".into(), features.join(" "));
+    endpoint.remote_store = Some(uri.to_string());
 }
 
 /// The planning figures of a builder from its machines-file line.

@@ -115,7 +115,7 @@ impl Endpoint {
             }
             ServeKind::ThisMachine => {
                 endpoint.remote_store = match parsed.scheme.as_str() {
-                    "path" => Some(parsed.authority.clone()),
+                    "path" if parsed.params.is_empty() => Some(parsed.authority.clone()),
                     "auto" if parsed.params.is_empty() => None,
                     // With its parameters (`local?root=…`), which Nix itself reads.
                     _ => Some(parsed.to_string()),
