@@ -264,7 +264,7 @@ pub async fn run(
         transport = connect => transport?,
         () = stop.cancelled() => return Err(DriverError::Interrupted { stopped: 0 }),
     };
-    transport.probe_pairs(to_probe);
+    transport.probe_when_due(to_probe);
     let runner = Runner::new(
         Arc::new(transport),
         nodes,

@@ -123,7 +123,7 @@ impl ServeTransport {
 
     /// Leaves `pairs` to be probed when a copy between them is first due
     /// ([`TransferEngine::probe_when_due`]).
-    pub(crate) fn probe_pairs(&self, pairs: Vec<(MachineId, MachineId)>) {
+    pub(crate) fn probe_when_due(&self, pairs: Vec<(MachineId, MachineId)>) {
         self.engine.probe_when_due(pairs);
     }
 
