@@ -36,8 +36,10 @@
 #     (Nix's convention) a skip.
 #   - the hook: `build-hook = SCRIPT` appended to the test's own nix.conf after init.sh,
 #     where SCRIPT runs `offload hook "$@"` (what `offload hook --print-config` writes).
-#     For `agent`, one `offload agent` per test, its socket under the test's root and
-#     OFFLOAD_AGENT_SOCKET exported to the test, stopped after it.
+#     For `agent`, one `offload agent` per test, started in the test's environment
+#     (tests/common.sh sourced: builder sessions are the agent's children and must read
+#     the test's nix.conf, as the ones Nix's hook starts do), its socket under the
+#     test's root and OFFLOAD_AGENT_SOCKET exported to the test, stopped after it.
 #   - Nix's user-namespace sandbox must work (`unshare --user true`): the builds run in
 #     chroot stores under TEST_ROOT, whose /nix/store exists only in the sandbox.
 set -u -o pipefail
@@ -133,7 +135,9 @@ run_one() {
         fi
         if [[ $hook == agent ]]; then
             export OFFLOAD_AGENT_SOCKET=$root/offload-agent.sock
-            "$offload" agent >"$logdir/$test.agent.log" 2>&1 &
+            # In the test's environment (its NIX_CONF_DIR, store and state dirs), as
+            # the sessions Nix's hook opens are: they are the agent's children here.
+            (source common.sh && exec "$offload" agent) >"$logdir/$test.agent.log" 2>&1 &
             agent_pid=$!
             for _ in $(seq 100); do
                 [[ -S $OFFLOAD_AGENT_SOCKET ]] && break
