@@ -12,6 +12,7 @@
 //! copies the outputs back into the local store and exits with the status Nix reads.
 
 mod choice;
+mod machines;
 mod remote;
 
 use std::io::Write;
@@ -202,10 +203,15 @@ async fn set_up(
         }
     };
     let settings = HookSettings::from_pairs(&pairs);
-    let builders = options
+    let written = options
         .builders
         .clone()
         .unwrap_or_else(|| settings.builders.clone());
+    // A machine offload cannot use is skipped, as Nix's hook skips one it cannot reach.
+    let (builders, skipped) = machines::usable(&written, &settings.system);
+    for why in skipped {
+        tell(replies, LogLevel::Warn, &format!("offload hook: {why}"));
+    }
     let choice = MachineChoice {
         builders: Some(builders.clone()),
         max_jobs: Some(settings.max_jobs),
