@@ -155,8 +155,11 @@ pub(crate) async fn carry_out(
         // Nix's hook says these at `-v` (lvlTalkative); so does offload's.
         note(&format!("copying dependencies to '{machine}'..."));
         let substitute = order.builders_use_substitutes;
+        // With `lock`: what the builder has is held by this session (a temporary GC
+        // root) until it ends, as what is copied through it is; its garbage collector
+        // cannot take an input between this answer and the build.
         let present = remote
-            .query_valid_paths(&order.inputs, false, substitute)
+            .query_valid_paths(&order.inputs, true, substitute)
             .await?;
         let missing: Vec<String> = order
             .inputs
