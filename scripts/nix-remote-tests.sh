@@ -38,7 +38,8 @@
 #     where SCRIPT runs `offload hook "$@"` (what `offload hook --print-config` writes).
 #     For `agent`, one `offload agent` per test, started in the test's environment
 #     (tests/common.sh sourced: builder sessions are the agent's children and must read
-#     the test's nix.conf, as the ones Nix's hook starts do), its socket under the
+#     the test's nix.conf, as the ones Nix's hook starts do; NIX_STORE_DIR and
+#     NIX_STATE_DIR unset for the tests that unset them), its socket under the
 #     test's root and OFFLOAD_AGENT_SOCKET exported to the test, stopped after it.
 #   - Nix's user-namespace sandbox must work (`unshare --user true`): the builds run in
 #     chroot stores under TEST_ROOT, whose /nix/store exists only in the sandbox.
@@ -137,7 +138,16 @@ run_one() {
             export OFFLOAD_AGENT_SOCKET=$root/offload-agent.sock
             # In the test's environment (its NIX_CONF_DIR, store and state dirs), as
             # the sessions Nix's hook opens are: they are the agent's children here.
-            (source common.sh && exec "$offload" agent) >"$logdir/$test.agent.log" 2>&1 &
+            # The tests that build in chroot stores of /nix/store unset NIX_STORE_DIR
+            # and NIX_STATE_DIR after common.sh (build-remote.sh and friends): so does
+            # the agent for them.
+            local unset_dirs='' sourced
+            sourced=$(sed -n 's/^source \([^ ]*\).*/\1/p' "$test.sh")
+            if grep -qs '^unset NIX_STORE_DIR' "$test.sh" $sourced; then
+                unset_dirs='unset NIX_STORE_DIR NIX_STATE_DIR'
+            fi
+            (source common.sh && eval "$unset_dirs" && exec "$offload" agent) \
+                >"$logdir/$test.agent.log" 2>&1 &
             agent_pid=$!
             for _ in $(seq 100); do
                 [[ -S $OFFLOAD_AGENT_SOCKET ]] && break

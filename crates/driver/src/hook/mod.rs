@@ -280,25 +280,6 @@ async fn answer(
     input: &mut (impl AsyncRead + Unpin),
     replies: &mut (impl Write + Send),
 ) -> Option<HookExit> {
-    // Read as Nix's hook reads it, before any answer: what offload cannot build remotely
-    // is declined, not accepted and then failed.
-    let why_not = match crate::drv::read(setup.settings.store.as_deref(), &request.drv_path).await {
-        Ok(drv) => crate::drv::cannot_build_remotely(&request.drv_path, &drv)
-            .map(|why| (LogLevel::Talkative, why)),
-        Err(e) => Some((
-            LogLevel::Warn,
-            crate::order::OrderFailure::from(&crate::order::OrderError::from(e)).message,
-        )),
-    };
-    if let Some((level, why)) = why_not {
-        let msg = format!(
-            "offload hook: {why}; {} is not handed off",
-            request.drv_path
-        );
-        tell(replies, level, &msg);
-        say(replies, &HookReply::Decline.encode());
-        return None;
-    }
     let name = derivation_name(&request.drv_path);
     let estimate = setup.knowledge.estimate(name).0;
     let narrowed = narrowed_fleet(setup, &request.drv_path, replies).await;
@@ -331,6 +312,18 @@ async fn answer(
             }
             choice::Verdict::Accept(machine) => machine,
         };
+        // Read as Nix's hook reads it, before the accept: what offload cannot build
+        // remotely is declined, not accepted and then failed.
+        if let Some((level, why)) = unbuildable_remotely(setup, request).await {
+            drop(slot);
+            let msg = format!(
+                "offload hook: {why}; {} is not handed off",
+                request.drv_path
+            );
+            tell(replies, level, &msg);
+            say(replies, &HookReply::Decline.encode());
+            return None;
+        }
         let config = &current[machine];
         let msg = format!("connecting to '{}'...", config.endpoint.name);
         tell(replies, LogLevel::Talkative, &msg);
@@ -363,6 +356,19 @@ async fn answer(
         let exit = remote::build(job, session, input, replies).await;
         drop(slot);
         return Some(exit);
+    }
+}
+
+/// Why the derivation of `request` is not for a builder (and how loud to say it): it
+/// cannot be read through the store Nix names, or offload cannot build it remotely.
+async fn unbuildable_remotely(setup: &Setup, request: &TryRequest) -> Option<(LogLevel, String)> {
+    match crate::drv::read(setup.settings.store.as_deref(), &request.drv_path).await {
+        Ok(drv) => crate::drv::cannot_build_remotely(&request.drv_path, &drv)
+            .map(|why| (LogLevel::Talkative, why)),
+        Err(e) => {
+            let e = crate::order::OrderError::from(e);
+            Some((LogLevel::Warn, crate::order::OrderFailure::from(&e).message))
+        }
     }
 }
 
