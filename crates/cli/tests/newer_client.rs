@@ -6,10 +6,11 @@
 //! an ordinary user, flakes with 2.26's `nix`, and the trust check.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use offload_test_support::newer_client::{require_newer_client, ClientOptions, NewerClient};
-use offload_test_support::{loopback_machine, loopback_serve_program, salt, text};
+use offload_test_support::{loopback_machine, loopback_serve_program, require_sshd_fleet, salt};
+use offload_test_support::{text, write_executable};
 
 const OFFLOAD: &str = env!("CARGO_BIN_EXE_offload");
 
@@ -161,4 +162,365 @@ fn offload_build_with_nix_2_26_over_loopback_builders() {
         "{}",
         text(&again.stderr)
     );
+}
+
+#[test]
+fn offload_build_with_nix_2_26_over_sshd_builders() {
+    let Some(fleet) = require_sshd_fleet(2) else {
+        return;
+    };
+    // The fleet's ssh config, key and known hosts, where the client's ssh finds them.
+    let fleet_dir = fleet.ssh_config().parent().unwrap().to_path_buf();
+    let Some(client) = client(ClientOptions {
+        visible: vec![fleet_dir],
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    let work = client.work();
+    std::fs::write(work.join("graph.nix"), graph(&salt("client-sshd"))).unwrap();
+    let builders = (0..2)
+        .map(|i| {
+            format!(
+                "{} {} - 2 4",
+                fleet.store_uri(i),
+                offload_test_support::nix_system()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    let (opts_name, opts) = fleet.ssh_opts();
+    // -j0: every build goes to a builder.
+    let out = offload(&client, &work)
+        .env(opts_name, opts)
+        .args([
+            "build",
+            "graph.nix",
+            "-A",
+            "all",
+            "-j0",
+            "--builders",
+            &builders,
+        ])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(remote_builds(&stderr), 8, "{stderr}");
+    let outputs: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(outputs.len(), 2, "{outputs:?}");
+    assert_eq!(
+        std::fs::read_link(work.join("result")).unwrap(),
+        Path::new(&outputs[0])
+    );
+    assert_eq!(
+        std::fs::read_link(work.join("result-2")).unwrap(),
+        Path::new(&outputs[1])
+    );
+    for path in &outputs {
+        ok(client
+            .command("nix-store", &work)
+            .args(["--verify-path", path]));
+        assert!(
+            (0..2).any(|i| fleet.is_valid(i, path)),
+            "{path} was built on a host: {stderr}"
+        );
+    }
+    let top_drv = ok(client
+        .command("nix-store", &work)
+        .args(["-q", "--deriver", &outputs[0]]));
+    assert_store_sound_and_log_kept(&client, &work, top_drv.trim(), "building top");
+}
+
+/// A directory of the test's, visible in the client, for what must exist before the
+/// client starts: the hook script its daemon is started with, keys it trusts.
+fn setup_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ok(Command::new("chmod").arg("755").arg(dir.path()));
+    dir
+}
+
+#[test]
+fn nix_build_under_a_2_26_daemon_hands_builds_to_offload_hook_for_an_ordinary_user() {
+    let setup = setup_dir();
+    let s = setup.path();
+    let hook = s.join("hook");
+    // The hook runs in the daemon's environment: the script gives it this test's
+    // history and ledger.
+    write_executable(
+        &hook,
+        &format!(
+            "#!/bin/sh\nexport OFFLOAD_HISTORY={d}/history.sqlite OFFLOAD_SLOTS_DIR={d}/slots \
+             OFFLOAD_CONFIG={d}/none.toml OFFLOAD_AGENT_SOCKET={d}/agent.sock\n\
+             exec {OFFLOAD} hook \"$@\"\n",
+            d = s.display()
+        ),
+    );
+    // Nix 2.25 to 2.33 ignore `build-hook` in nix.conf (nix.conf is read before the
+    // `nix` binary sets its own hook as the default): the daemon gets it as an option.
+    let Some(client) = client(ClientOptions {
+        nix_conf: format!(
+            "builders = {}\ntrusted-users = root\n",
+            loopback_builders(s)
+        ),
+        daemon: Some(vec![
+            "--option".into(),
+            "build-hook".into(),
+            hook.display().to_string(),
+        ]),
+        visible: vec![s.to_path_buf()],
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    let work = client.work();
+    std::fs::write(work.join("graph.nix"), graph(&salt("client-hook"))).unwrap();
+    client.give_to_user(&work.join("graph.nix"));
+    let out = client
+        .user_command("nix-build", &work)
+        .args(["graph.nix", "-A", "top", "--no-out-link"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{stderr}\ndaemon: {}",
+        client.daemon_log()
+    );
+    let remote = built_remotely(&stderr);
+    assert!(!remote.is_empty(), "nothing built remotely:\n{stderr}");
+    // offload's hook, not Nix's own, took them: it kept its history.
+    assert!(
+        s.join("history.sqlite").exists(),
+        "offload hook did not run:\n{stderr}"
+    );
+    let top = text(&out.stdout).trim().to_string();
+    ok(client
+        .command("nix-store", &work)
+        .args(["--verify-path", &top]));
+    // The user sees a remote build's log with 2.26's `nix log`.
+    let log = ok(client.user_command("nix", &work).args([
+        "--extra-experimental-features",
+        "nix-command",
+        "log",
+        &remote[0],
+    ]));
+    assert!(log.contains("building "), "{log}");
+}
+
+#[test]
+fn flake_installables_build_with_nix_2_26() {
+    let Some(client) = client(ClientOptions {
+        nix_conf: "experimental-features = nix-command flakes\n".into(),
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    let work = client.work();
+    let flake = work.join("flake");
+    std::fs::create_dir(&flake).unwrap();
+    std::fs::write(
+        flake.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: let
+                 mk = name: derivation {{
+                   inherit name; system = "{sys}"; builder = "/bin/sh"; PATH = "/bin:/usr/bin";
+                   salt = "{salt}"; outputs = [ "out" "dev" ];
+                   args = [ "-c" "echo $name > $out; echo $name-dev > $dev" ];
+                 }};
+               in {{ packages.{sys} = {{ foo = mk "foo"; bar = mk "bar"; }}; }}; }}"#,
+            sys = offload_test_support::nix_system(),
+            salt = salt("client-flake")
+        ),
+    )
+    .unwrap();
+    let out = offload(&client, &flake)
+        .args(["build", ".#foo", ".#bar", ".#foo^dev", "-j0", "--builders"])
+        .arg(loopback_builders(&work))
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(remote_builds(&stderr), 2, "{stderr}");
+    // `nix build` numbers the second installable `-1`, names other outputs after them.
+    let read = |link: &str| {
+        let target = std::fs::read_link(flake.join(link)).unwrap();
+        std::fs::read_to_string(client.host_path(target.to_str().unwrap())).unwrap()
+    };
+    assert_eq!(read("result"), "foo\n");
+    assert_eq!(read("result-1"), "bar\n");
+    assert_eq!(read("result-2-dev"), "foo-dev\n");
+    assert!(!flake.join("result-2").exists());
+}
+
+/// `offload build graph.nix -A top` as the client's ordinary user through its 2.26
+/// daemon, over two loopback builders whose stores the user owns, served by `program`.
+fn user_offload(client: &NewerClient, program: &Path, args: &[&str]) -> Output {
+    let work = client.work();
+    let builders = (1..=2)
+        .map(|i| loopback_machine(&work, &format!("m{i}"), program, 2, 4))
+        .collect::<Vec<_>>()
+        .join(";");
+    let mut cmd = client.user_command(OFFLOAD, &work);
+    offload_env(&mut cmd, &work);
+    cmd.args([
+        "build",
+        "graph.nix",
+        "-A",
+        "top",
+        "-j2",
+        "--builders",
+        &builders,
+    ])
+    .args(args)
+    .output()
+    .unwrap()
+}
+
+/// A `remote-program` in the user's work directory: the client's `nix-store` with
+/// `extra` options.
+fn user_program(client: &NewerClient, name: &str, extra: &str) -> PathBuf {
+    let path = client.work().join(name);
+    write_executable(
+        &path,
+        &format!("#!/bin/sh\nexec nix-store {extra} \"$@\"\n"),
+    );
+    path
+}
+
+fn write_user_graph(client: &NewerClient, tag: &str) {
+    let file = client.work().join("graph.nix");
+    std::fs::write(&file, graph(&salt(tag))).unwrap();
+    client.give_to_user(&file);
+}
+
+#[test]
+fn the_trust_check_under_a_2_26_daemon_tells_an_untrusted_user_or_signs() {
+    // The key must exist before the daemon starts, which trusts its public half.
+    let setup = setup_dir();
+    let secret = setup.path().join("user-key.sec");
+    let public = setup.path().join("user-key.pub");
+    ok(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "offload-test-client-1"])
+        .arg(&secret)
+        .arg(&public));
+    ok(Command::new("chmod").arg("644").arg(&secret));
+    let public = std::fs::read_to_string(&public).unwrap();
+    let Some(client) = client(ClientOptions {
+        nix_conf: format!(
+            "trusted-users = root\nrequire-sigs = true\ntrusted-public-keys = {public}\n"
+        ),
+        daemon: Some(Vec::new()),
+        visible: vec![setup.path().to_path_buf()],
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    let work = client.work();
+    let plain = user_program(&client, "nix-store-plain", "");
+
+    // Unsigned outputs cannot enter: said before any build, everything built here.
+    write_user_graph(&client, "client-untrusted");
+    let out = user_offload(&client, &plain, &[]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warning = stderr
+        .find("does not trust you (offload-tester)")
+        .expect(&stderr);
+    let first_build = stderr.find("building '").expect(&stderr);
+    assert!(warning < first_build, "said before building: {stderr}");
+    assert!(
+        stderr.contains("`trusted-users = offload-tester`"),
+        "{stderr}"
+    );
+    assert_eq!(remote_builds(&stderr), 0, "{stderr}");
+    // --no-local-fallback stops instead, before building anything.
+    write_user_graph(&client, "client-untrusted-stop");
+    let out = user_offload(&client, &plain, &["--no-local-fallback"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("could not enter the local store"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("building '"), "{stderr}");
+
+    // Signed by the user's key, which the daemon trusts, they do.
+    write_user_graph(&client, "client-signed");
+    let key = secret.to_str().unwrap();
+    let out = user_offload(&client, &plain, &["--sign-key", key]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("does not trust"), "{stderr}");
+    assert!(remote_builds(&stderr) > 0, "builders were used: {stderr}");
+    let top = text(&out.stdout).trim().to_string();
+    ok(client
+        .command("nix-store", &work)
+        .args(["--verify-path", &top]));
+    // What came home of the remote builds (the others' outputs stay where they were
+    // built) carries the user's signature.
+    let home: Vec<String> = built_remotely(&stderr)
+        .iter()
+        .map(|drv| {
+            ok(client
+                .command("nix-store", &work)
+                .args(["-q", "--outputs", drv]))
+        })
+        .map(|o| o.trim().to_string())
+        .filter(|o| {
+            let mut check = client.command("nix-store", &work);
+            check.args(["--check-validity", o]);
+            check.output().unwrap().status.success()
+        })
+        .collect();
+    assert!(!home.is_empty(), "no remote output came home: {stderr}");
+    let sigs = ok(client
+        .command("nix", &work)
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--sigs",
+        ])
+        .args(&home));
+    assert_eq!(sigs.lines().count(), home.len(), "{sigs}");
+    for line in sigs.lines() {
+        assert!(line.contains("offload-test-client-1:"), "unsigned: {line}");
+    }
+}
+
+#[test]
+fn a_trusted_user_of_a_2_26_daemon_builds_remotely_and_nix_log_shows_it() {
+    let Some(client) = client(ClientOptions {
+        nix_conf: "trusted-users = root offload-tester\n".into(),
+        daemon: Some(Vec::new()),
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    let work = client.work();
+    write_user_graph(&client, "client-trusted");
+    let plain = user_program(&client, "nix-store-plain", "");
+    let out = user_offload(&client, &plain, &[]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("does not trust"), "{stderr}");
+    assert!(remote_builds(&stderr) > 0, "builders were used: {stderr}");
+    let top = text(&out.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::read_link(work.join("result")).unwrap(),
+        Path::new(&top)
+    );
+    ok(client
+        .command("nix-store", &work)
+        .args(["--verify-path", &top]));
+    // The daemon took the remote builds' logs: `nix log` shows one as the user.
+    let remote = built_remotely(&stderr);
+    let log = ok(client.user_command("nix", &work).args([
+        "--extra-experimental-features",
+        "nix-command",
+        "log",
+        &remote[0],
+    ]));
+    assert!(log.contains("building "), "{}: {log}", remote[0]);
 }
