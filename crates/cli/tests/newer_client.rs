@@ -15,7 +15,7 @@ use offload_test_support::{text, write_executable};
 const OFFLOAD: &str = env!("CARGO_BIN_EXE_offload");
 
 /// Eight derivations: four leaves, two over two leaves each, a top over those two, and
-/// a lone one; each logs a line and writes its Debian release (13 where 2.26 built it).
+/// a lone one, each logging a line; and `bad`, which fails.
 fn graph(salt: &str) -> String {
     format!(
         r#"let mk = name: deps: derivation {{
@@ -26,7 +26,14 @@ fn graph(salt: &str) -> String {
            at = builtins.elemAt;
            leaves = builtins.genList (i: mk "leaf${{toString i}}" []) 4;
            mids = builtins.genList (i: mk "mid${{toString i}}" [ (at leaves (2 * i)) (at leaves (2 * i + 1)) ]) 2;
-         in {{ top = mk "top" mids; lone = mk "lone" []; all = [ (mk "top" mids) (mk "lone" []) ]; }}"#
+           bad = derivation {{
+             name = "bad"; system = builtins.currentSystem; builder = "/bin/sh";
+             salt = "{salt}"; args = [ "-c" "echo about to fail; exit 3" ];
+           }};
+         in {{
+           top = mk "top" mids; lone = mk "lone" []; all = [ (mk "top" mids) (mk "lone" []) ];
+           inherit bad;
+         }}"#
     )
 }
 
@@ -155,6 +162,17 @@ fn offload_build_with_nix_2_26_over_loopback_builders() {
     let drv = remote.first().expect("a remote build");
     let drv_name = drv.rsplit_once('-').unwrap().1.trim_end_matches(".drv");
     assert_store_sound_and_log_kept(&client, &work, drv, &format!("building {drv_name}"));
+    // A build that fails there names the derivation, the machine and its log.
+    let out = offload(&client, &work)
+        .args(["build", "graph.nix", "-A", "bad", "-j0", "--builders"])
+        .arg(loopback_builders(&work))
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for said in ["-bad.drv", "localhost:", "about to fail", "exit code 3"] {
+        assert!(stderr.contains(said), "{said}: {stderr}");
+    }
     let again = build();
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert!(
@@ -244,25 +262,32 @@ fn setup_dir() -> tempfile::TempDir {
 fn nix_build_under_a_2_26_daemon_hands_builds_to_offload_hook_for_an_ordinary_user() {
     let setup = setup_dir();
     let s = setup.path();
+    let d = s.display();
     let hook = s.join("hook");
     // The hook runs in the daemon's environment: the script gives it this test's
-    // history and ledger.
+    // history, ledger and agent socket.
     write_executable(
         &hook,
         &format!(
             "#!/bin/sh\nexport OFFLOAD_HISTORY={d}/history.sqlite OFFLOAD_SLOTS_DIR={d}/slots \
              OFFLOAD_CONFIG={d}/none.toml OFFLOAD_AGENT_SOCKET={d}/agent.sock\n\
-             exec {OFFLOAD} hook \"$@\"\n",
-            d = s.display()
+             exec {OFFLOAD} hook \"$@\"\n"
         ),
     );
+    // One builder, whose serve program notes every session it starts.
+    write_executable(
+        &s.join("nix-store-counting"),
+        &format!("#!/bin/sh\necho started >> {d}/sessions\nexec nix-store \"$@\"\n"),
+    );
+    let builder = format!(
+        "ssh://localhost?remote-store={d}/b&remote-program={d}/nix-store-counting {} - 1 4",
+        offload_test_support::nix_system()
+    );
+    let sessions = || std::fs::read_to_string(s.join("sessions")).map_or(0, |t| t.lines().count());
     // Nix 2.25 to 2.33 ignore `build-hook` in nix.conf (nix.conf is read before the
     // `nix` binary sets its own hook as the default): the daemon gets it as an option.
     let Some(client) = client(ClientOptions {
-        nix_conf: format!(
-            "builders = {}\ntrusted-users = root\n",
-            loopback_builders(s)
-        ),
+        nix_conf: format!("builders = {builder}\ntrusted-users = root\n"),
         daemon: Some(vec![
             "--option".into(),
             "build-hook".into(),
@@ -274,27 +299,30 @@ fn nix_build_under_a_2_26_daemon_hands_builds_to_offload_hook_for_an_ordinary_us
         return;
     };
     let work = client.work();
-    std::fs::write(work.join("graph.nix"), graph(&salt("client-hook"))).unwrap();
-    client.give_to_user(&work.join("graph.nix"));
-    let out = client
-        .user_command("nix-build", &work)
-        .args(["graph.nix", "-A", "top", "--no-out-link"])
-        .output()
-        .unwrap();
-    let stderr = text(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{stderr}\ndaemon: {}",
-        client.daemon_log()
-    );
+    // -j0: the daemon builds nothing itself, so every build goes to the hook.
+    let nix_build = |tag: &str| {
+        write_user_graph(&client, tag);
+        let out = client
+            .user_command("nix-build", &work)
+            .args(["graph.nix", "-A", "top", "--no-out-link", "-j0"])
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{stderr}\ndaemon: {}",
+            client.daemon_log()
+        );
+        (text(&out.stdout).trim().to_string(), stderr)
+    };
+    let (top, stderr) = nix_build("client-hook");
     let remote = built_remotely(&stderr);
-    assert!(!remote.is_empty(), "nothing built remotely:\n{stderr}");
+    assert_eq!(remote.len(), 7, "{stderr}");
     // offload's hook, not Nix's own, took them: it kept its history.
     assert!(
         s.join("history.sqlite").exists(),
         "offload hook did not run:\n{stderr}"
     );
-    let top = text(&out.stdout).trim().to_string();
     ok(client
         .command("nix-store", &work)
         .args(["--verify-path", &top]));
@@ -306,6 +334,44 @@ fn nix_build_under_a_2_26_daemon_hands_builds_to_offload_hook_for_an_ordinary_us
         &remote[0],
     ]));
     assert!(log.contains("building "), "{log}");
+
+    // With `offload agent` running (root, as the daemon's hooks), builds share its
+    // warm sessions.
+    let mut agent = client.command(OFFLOAD, s);
+    agent
+        .args(["agent", "--socket"])
+        .arg(s.join("agent.sock"))
+        .env("OFFLOAD_SLOTS_DIR", s.join("slots"))
+        .stderr(std::process::Stdio::piped());
+    let mut agent = agent.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(agent.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(
+        line.contains("listening on"),
+        "the agent did not listen: {line}"
+    );
+    let before = sessions();
+    assert!(
+        before >= 7,
+        "without the agent, a session per build: {before}"
+    );
+    let (top, stderr) = nix_build("client-hook-agent");
+    assert_eq!(built_remotely(&stderr).len(), 7, "{stderr}");
+    assert!(
+        sessions() - before < 7,
+        "{} sessions for 7 builds: {stderr}",
+        sessions() - before
+    );
+    ok(client
+        .command("nix-store", &work)
+        .args(["--verify-path", &top]));
+    // Ending the client ends the agent inside it.
+    drop(client);
+    agent.wait().unwrap();
 }
 
 #[test]
@@ -351,6 +417,53 @@ fn flake_installables_build_with_nix_2_26() {
     assert_eq!(read("result-1"), "bar\n");
     assert_eq!(read("result-2-dev"), "foo-dev\n");
     assert!(!flake.join("result-2").exists());
+
+    // A flake in git (2.26 reads it with libgit2; the root has no git): what git does
+    // not track is not part of it.
+    let git = work.join("git-flake");
+    std::fs::create_dir(&git).unwrap();
+    std::fs::write(
+        git.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: {{
+                 packages.{sys}.default = derivation {{
+                   name = if builtins.pathExists ./untracked then "saw-untracked" else "in-git";
+                   system = "{sys}"; builder = "/bin/sh"; salt = "{salt}";
+                   args = [ "-c" "echo $name > $out" ];
+                 }}; }}; }}"#,
+            sys = offload_test_support::nix_system(),
+            salt = salt("client-git-flake")
+        ),
+    )
+    .unwrap();
+    for args in [
+        &["init", "-q"][..],
+        &["add", "flake.nix"],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "flake",
+        ],
+    ] {
+        ok(Command::new("git").current_dir(&git).args(args));
+    }
+    std::fs::write(git.join("untracked"), "").unwrap();
+    let installable = format!("git+file://{}", git.display());
+    let out = offload(&client, &git)
+        .args(["build", &installable, "-j0", "--builders"])
+        .arg(loopback_builders(&work))
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(remote_builds(&stderr), 1, "{stderr}");
+    let target = std::fs::read_link(git.join("result")).unwrap();
+    let built = std::fs::read_to_string(client.host_path(target.to_str().unwrap())).unwrap();
+    assert_eq!(built, "in-git\n");
 }
 
 /// `offload build graph.nix -A top` as the client's ordinary user through its 2.26
