@@ -274,20 +274,21 @@ fn nix_build_under_a_2_26_daemon_hands_builds_to_offload_hook_for_an_ordinary_us
              exec {OFFLOAD} hook \"$@\"\n"
         ),
     );
-    // One builder, whose serve program notes every session it starts.
+    // Two builders, whose serve program notes every session it starts.
     write_executable(
         &s.join("nix-store-counting"),
         &format!("#!/bin/sh\necho started >> {d}/sessions\nexec nix-store \"$@\"\n"),
     );
-    let builder = format!(
-        "ssh://localhost?remote-store={d}/b&remote-program={d}/nix-store-counting {} - 1 4",
-        offload_test_support::nix_system()
-    );
+    let uri = |i: u32| {
+        format!("ssh://localhost?remote-store={d}/b{i}&remote-program={d}/nix-store-counting")
+    };
+    let sys = offload_test_support::nix_system();
+    let builders = format!("{} {sys} - 1 4;{} {sys} - 1 4", uri(1), uri(2));
     let sessions = || std::fs::read_to_string(s.join("sessions")).map_or(0, |t| t.lines().count());
     // Nix 2.25 to 2.33 ignore `build-hook` in nix.conf (nix.conf is read before the
     // `nix` binary sets its own hook as the default): the daemon gets it as an option.
     let Some(client) = client(ClientOptions {
-        nix_conf: format!("builders = {builder}\ntrusted-users = root\n"),
+        nix_conf: format!("builders = {builders}\ntrusted-users = root\n"),
         daemon: Some(vec![
             "--option".into(),
             "build-hook".into(),
@@ -335,11 +336,17 @@ fn nix_build_under_a_2_26_daemon_hands_builds_to_offload_hook_for_an_ordinary_us
     ]));
     assert!(log.contains("building "), "{log}");
 
-    // With `offload agent` running (root, as the daemon's hooks), builds share its
-    // warm sessions.
+    // With `offload agent` running (root, as the daemon's hooks; the user in its
+    // group), builds share its warm sessions.
+    for cmd in [
+        &["groupadd", "offload-test-builders"][..],
+        &["usermod", "-aG", "offload-test-builders", "offload-tester"],
+    ] {
+        ok(client.command(cmd[0], s).args(&cmd[1..]));
+    }
     let mut agent = client.command(OFFLOAD, s);
     agent
-        .args(["agent", "--socket"])
+        .args(["agent", "--group", "offload-test-builders", "--socket"])
         .arg(s.join("agent.sock"))
         .env("OFFLOAD_SLOTS_DIR", s.join("slots"))
         .stderr(std::process::Stdio::piped());
@@ -369,6 +376,67 @@ fn nix_build_under_a_2_26_daemon_hands_builds_to_offload_hook_for_an_ordinary_us
     ok(client
         .command("nix-store", &work)
         .args(["--verify-path", &top]));
+
+    // The user chooses the builder for the daemon's builds, through the agent.
+    write_user_graph(&client, "client-hook-chosen");
+    let mut cmd = client.user_command(OFFLOAD, &work);
+    offload_env(&mut cmd, &work);
+    let out = cmd
+        .env("OFFLOAD_AGENT_SOCKET", s.join("agent.sock"))
+        .args([
+            "build",
+            "graph.nix",
+            "-A",
+            "top",
+            "--through-daemon",
+            "--on",
+            &uri(2),
+        ])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let top = text(&out.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::read_link(work.join("result")).unwrap(),
+        Path::new(&top)
+    );
+    let valid_on = |i: u32| {
+        let mut check = client.command("nix-store", s);
+        check.arg("--store").arg(s.join(format!("b{i}")));
+        check
+            .args(["--check-validity", &top])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(valid_on(2), "not built on the chosen builder:\n{stderr}");
+    assert!(!valid_on(1), "built on a builder not chosen:\n{stderr}");
+    // Nor any other derivation of the graph.
+    let drv = ok(client
+        .command("nix-store", &work)
+        .args(["-q", "--deriver", &top]));
+    let closure = ok(client
+        .command("nix-store", &work)
+        .args(["-q", "--requisites", drv.trim()]));
+    let drvs: Vec<&str> = closure.lines().filter(|p| p.ends_with(".drv")).collect();
+    assert_eq!(drvs.len(), 7, "{closure}");
+    let outputs = ok(client
+        .command("nix-store", &work)
+        .args(["-q", "--outputs"])
+        .args(&drvs));
+    let invalid_on_1 = ok(client
+        .command("nix-store", s)
+        .arg("--store")
+        .arg(s.join("b1"))
+        .args(["--check-validity", "--print-invalid"])
+        .args(outputs.lines()));
+    assert_eq!(
+        invalid_on_1.lines().count(),
+        7,
+        "on b1: {outputs}\n{stderr}"
+    );
     // Ending the client ends the agent inside it.
     drop(client);
     agent.wait().unwrap();
