@@ -6,9 +6,9 @@
 //! user namespace to a chrooted process), so builds here would not be sandboxed as a
 //! user's are. A holder process makes private mount and PID namespaces, lays a private
 //! overlay over the cached root (what a test writes there, a user it adds, stays its
-//! own), mounts `/proc`, `/dev`, a fresh `/nix` (the client's own store), `/etc/nix`, a
-//! tmpfs `/tmp`, and the directories the test names at their own paths, then
-//! `pivot_root`s into it. Every command of the test enters those namespaces with
+//! own, in memory), mounts `/proc`, `/dev`, a fresh `/nix` (the client's own store),
+//! `/etc/nix`, a tmpfs `/tmp`, and the directories the test names at their own paths,
+//! then `pivot_root`s into it. Every command of the test enters those namespaces with
 //! `nsenter`, so the client's processes, an optional 2.26 `nix-daemon` among them, share
 //! one machine. Dropping the client kills the holder, and with it every process inside.
 
@@ -53,7 +53,8 @@ pub struct NewerClient {
     holder: Child,
     /// The host pid of the namespace's first process, which `nsenter` targets.
     init: u32,
-    daemon: bool,
+    /// The `nsenter` that started the daemon, waited for once the holder is gone.
+    daemon: Option<Child>,
 }
 
 /// A client on Nix 2.26 set up as `options` says, or None after a `skipped: …` line
@@ -82,7 +83,7 @@ impl NewerClient {
         let d = dir.path();
         // The ordinary user reaches the work directory below this one.
         fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-        for sub in ["upper", "overlay-work", "merged", "nix", "etc-nix", "work"] {
+        for sub in ["rw", "merged", "nix", "etc-nix", "work"] {
             fs::create_dir_all(d.join(sub)).map_err(|e| e.to_string())?;
         }
         fs::set_permissions(d.join("work"), fs::Permissions::from_mode(0o755))
@@ -130,7 +131,7 @@ impl NewerClient {
             dir,
             holder,
             init,
-            daemon: false,
+            daemon: None,
         };
         if let Some(args) = &options.daemon {
             client.start_daemon(args)?;
@@ -145,7 +146,8 @@ impl NewerClient {
         let log =
             fs::File::create(self.dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
         // The holder's end takes the daemon with it; this process only enters.
-        self.enter()
+        let daemon = self
+            .enter()
             .arg("nix-daemon")
             .args(args)
             .stdin(Stdio::null())
@@ -153,6 +155,7 @@ impl NewerClient {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start nix-daemon: {e}"))?;
+        self.daemon = Some(daemon);
         let socket = self.host_path("/nix/var/nix/daemon-socket/socket");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
@@ -164,7 +167,6 @@ impl NewerClient {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.daemon = true;
         Ok(())
     }
 
@@ -208,7 +210,10 @@ impl NewerClient {
     /// `program` run inside as [`CLIENT_USER`] through the client's 2.26 daemon, in
     /// `cwd`, with `HOME` there and [`NIX_CONFIG`] set.
     pub fn user_command(&self, program: &str, cwd: &Path) -> Command {
-        assert!(self.daemon, "a user command needs a client with a daemon");
+        assert!(
+            self.daemon.is_some(),
+            "a user command needs a client with a daemon"
+        );
         let mut cmd = self.enter();
         cmd.args(["runuser", "-u", CLIENT_USER, "--", "/usr/bin/env", "-C"])
             .arg(cwd)
@@ -238,6 +243,9 @@ impl Drop for NewerClient {
         // every other one in it.
         let _ = self.holder.kill();
         let _ = self.holder.wait();
+        if let Some(daemon) = &mut self.daemon {
+            let _ = daemon.wait();
+        }
     }
 }
 
@@ -247,13 +255,19 @@ fn holder_script(root: &Path, d: &Path, offload: &Path, visible: &[PathBuf]) -> 
     let q = |p: &Path| format!("'{}'", p.display());
     let m = d.join("merged");
     let at = |p: &Path| q(&m.join(p.strip_prefix("/").unwrap_or(p)));
+    // The overlay's writable layer is a tmpfs of the namespace's own: it goes with
+    // the namespace, and works whatever file system the host's /tmp is (an overlay
+    // cannot have its upper layer on another overlay).
+    let rw = d.join("rw");
     let mut lines = vec![
         "set -e".to_string(),
+        format!("mount -t tmpfs offload-client-rw {}", q(&rw)),
+        format!("mkdir {} {}", q(&rw.join("upper")), q(&rw.join("work"))),
         format!(
             "mount -t overlay offload-newer-client -o lowerdir={},upperdir={},workdir={} {}",
             root.display(),
-            d.join("upper").display(),
-            d.join("overlay-work").display(),
+            rw.join("upper").display(),
+            rw.join("work").display(),
             q(&m)
         ),
         format!("mount -t proc proc {}", at(Path::new("/proc"))),
