@@ -127,13 +127,16 @@ impl ServeTransport {
         self.engine.probe_when_due(pairs);
     }
 
-    /// Remembers that `machine` refused a session for good (authentication, host key), or
-    /// has no room for what it was to build.
+    /// Remembers that `machine` refused a session for good (authentication, host key, a
+    /// login that prints before the protocol, a protocol too old), or has no room for
+    /// what it was to build: another attempt would meet the same answer.
     fn note_refusal(&self, machine: MachineId, e: &DriverError) {
         if matches!(
             e,
             DriverError::SshAuth { .. }
                 | DriverError::SshHostKey { .. }
+                | DriverError::NotServeProtocol { .. }
+                | DriverError::IncompatibleVersion { .. }
                 | DriverError::NoRoom { .. }
         ) {
             self.refused[machine].store(true, std::sync::atomic::Ordering::Relaxed);
