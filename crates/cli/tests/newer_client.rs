@@ -615,6 +615,20 @@ fn the_trust_check_under_a_2_26_daemon_tells_an_untrusted_user_or_signs() {
         "{stderr}"
     );
     assert_eq!(remote_builds(&stderr), 0, "{stderr}");
+    // `offload doctor` says the same of the local store and of each builder.
+    let mut doctor = client.user_command(OFFLOAD, &work);
+    offload_env(&mut doctor, &work);
+    let builder = loopback_machine(&work, "m1", &plain, 2, 4);
+    let out = doctor
+        .args(["doctor", "--builders", &builder])
+        .output()
+        .unwrap();
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert!(said.contains("the nix-daemon does not trust you"), "{said}");
+    assert!(
+        said.contains("does not trust you (offload-tester)"),
+        "{said}"
+    );
     // --no-local-fallback stops instead, before building anything.
     write_user_graph(&client, "client-untrusted-stop");
     let out = user_offload(&client, &plain, &["--no-local-fallback"]);
