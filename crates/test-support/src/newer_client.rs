@@ -126,7 +126,14 @@ impl NewerClient {
             let _ = holder.wait();
             return Err(format!("entering {} failed: {stderr}", root.display()));
         }
-        let init = first_child(holder.id())?;
+        let init = match first_child(holder.id()) {
+            Ok(init) => init,
+            Err(e) => {
+                let _ = holder.kill();
+                let _ = holder.wait();
+                return Err(e);
+            }
+        };
         let mut client = NewerClient {
             dir,
             holder,
