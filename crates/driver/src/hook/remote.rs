@@ -162,8 +162,8 @@ async fn by_agent_or_here(
 /// A slot of the builder locked on the builder itself, across clients, held by the
 /// caller for the build (the client-side slot is held since the choice). This process
 /// builds once: its broker lives as long as the slot. While others hold every slot,
-/// `waiting` hears so every [`crate::order::WAIT_NOTICE`]; after [`SLOT_WAIT_LIMIT`] it is an error
-/// naming the machine.
+/// `waiting` hears so every [`crate::order::WAIT_NOTICE`]; after [`SLOT_WAIT_LIMIT`]
+/// it is an error naming the machine.
 pub(crate) async fn hold_on_builder(
     endpoint: &Endpoint,
     order: &BuildOrder,
@@ -171,8 +171,7 @@ pub(crate) async fn hold_on_builder(
 ) -> Result<Option<RemoteSlot>, DriverError> {
     let slots = RemoteSlots::new([(endpoint.clone(), order.slots)]);
     let what = format!(
-        "waiting for a build slot on '{}': other clients hold all {} of its slots \
-         (`offload status` shows them)",
+        "waiting for a build slot on '{}': other clients hold all {} of its slots",
         endpoint.name, order.slots
     );
     saying_while(slots.take(0, SLOT_WAIT_LIMIT), &what, waiting).await
