@@ -151,8 +151,9 @@ pub(crate) async fn carry_out(
     let mut local = ServeConn::open(&local_endpoint).await?;
 
     {
-        let _upload = ledger.upload_lock(&machine, UPLOAD_LOCK_LIMIT).await?;
         // Nix's hook says these at `-v` (lvlTalkative); so does offload's.
+        note(&format!("waiting for the upload lock to '{machine}'..."));
+        let _upload = ledger.upload_lock(&machine, UPLOAD_LOCK_LIMIT).await?;
         note(&format!("copying dependencies to '{machine}'..."));
         let substitute = order.builders_use_substitutes;
         // With `lock`: what the builder has is held by this session (a temporary GC
