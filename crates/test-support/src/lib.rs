@@ -28,11 +28,13 @@
 //! Nothing here is used outside tests.
 
 pub mod daemon;
+mod daemon_only;
 mod home;
 mod peers;
 mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
+pub use daemon_only::DaemonOnly;
 pub use peers::Peers;
 pub use proxy::{CountingProxy, LinkCutter, LinkShape};
 

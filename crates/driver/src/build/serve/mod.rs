@@ -131,7 +131,9 @@ impl ServeTransport {
     fn note_refusal(&self, machine: MachineId, e: &DriverError) {
         if matches!(
             e,
-            DriverError::SshAuth { .. } | DriverError::SshHostKey { .. }
+            DriverError::SshAuth { .. }
+                | DriverError::SshHostKey { .. }
+                | DriverError::DaemonOnly { .. }
         ) {
             self.refused[machine].store(true, std::sync::atomic::Ordering::Relaxed);
         }
