@@ -346,12 +346,19 @@ pub(super) async fn after_serve_failed(
         };
     }
     if endpoint.is_ssh() && answered_like_a_daemon(&serve) {
-        return Err(DriverError::DaemonOnly {
-            machine: endpoint.name.clone(),
-            fix: ssh_ng_form(&endpoint.name),
-        });
+        // Nothing else runs there either: the slot broker gives up at once.
+        endpoint.protocol.set(Speaks::Daemon);
+        return Err(written_as_ssh(endpoint));
     }
     Err(serve)
+}
+
+/// The refusal of a daemon-only machine written as `ssh://`, with its fix.
+pub(super) fn written_as_ssh(endpoint: &Endpoint) -> DriverError {
+    DriverError::DaemonOnly {
+        machine: endpoint.name.clone(),
+        fix: ssh_ng_form(&endpoint.name),
+    }
 }
 
 /// Whether a serve session's failure is a daemon's answer to the serve protocol's

@@ -128,7 +128,10 @@ impl ServeConn {
     /// (`nix-daemon --stdio`), which the endpoint then remembers for its later sessions.
     pub async fn open(endpoint: &Endpoint) -> Result<ServeConn, DriverError> {
         if endpoint.protocol.is_daemon_only() {
-            return ServeConn::open_daemon(endpoint).await;
+            return match endpoint.daemon_program {
+                Some(_) => ServeConn::open_daemon(endpoint).await,
+                None => Err(daemon::written_as_ssh(endpoint)),
+            };
         }
         match ServeConn::open_serve(endpoint).await {
             Ok(conn) => {

@@ -59,3 +59,86 @@ fn set_options_names_cores_and_carries_overrides() {
     assert_eq!(word(13), 1, "one override");
     assert!(bytes.windows(7).any(|w| w == b"timeout"));
 }
+
+/// The replies of real daemons to the requests of `scripts/capture-worker-fixtures.sh`,
+/// read as offload reads them: every byte accounted for.
+#[cfg(feature = "async")]
+mod captured {
+    use super::*;
+    use crate::serve::BuildStatus;
+
+    const VALID_2_8: &str = include_str!("../../../../fixtures/worker/paths-2.8.txt");
+    const MISSING: &str = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-missing";
+
+    async fn replay(replies: &[u8], nix: &str, expect_version: u64) {
+        let valid = VALID_2_8.trim();
+        let mut r = replies;
+        let theirs = read_hello_reply(&mut r).await.unwrap();
+        let version = theirs.min(PROTOCOL_VERSION);
+        assert_eq!(version, expect_version);
+        if exchanges_features(version) {
+            read_features(&mut r).await.unwrap();
+        }
+        let hello = read_hello_info(&mut r, version).await.unwrap();
+        assert!(hello.nix_version.unwrap().starts_with(nix));
+        if sends_trust(version) {
+            assert_eq!(hello.trusted, Some(true), "--stdio on a local store trusts");
+        }
+        let mut log = Vec::new();
+        let until_last = async |r: &mut &[u8], log: &mut Vec<String>| {
+            read_until_last(r, version, |l| log.push(l))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        until_last(&mut r, &mut log).await;
+        // QueryValidPaths.
+        until_last(&mut r, &mut log).await;
+        assert_eq!(
+            read_path_set(&mut r).await.unwrap(),
+            vec![valid.to_string()]
+        );
+        // QueryPathInfo of the valid path, then of the missing one.
+        until_last(&mut r, &mut log).await;
+        let info = read_path_info(&mut r, valid).await.unwrap().unwrap();
+        assert!(info.nar_hash.starts_with("sha256:") && info.references.is_empty());
+        until_last(&mut r, &mut log).await;
+        assert_eq!(read_path_info(&mut r, MISSING).await.unwrap(), None);
+        // NarFromPath: the NAR, of the size and hash the info gave.
+        until_last(&mut r, &mut log).await;
+        let mut nar = Vec::new();
+        let summary = crate::nar::tokio_io::copy_nar(&mut r, &mut nar)
+            .await
+            .unwrap();
+        assert_eq!(summary.size, info.nar_size);
+        assert_eq!(
+            format!("sha256:{}", crate::nixbase32::encode(&summary.sha256)),
+            info.nar_hash
+        );
+        // BuildDerivation: the log line among the messages, then the failure.
+        log.clear();
+        until_last(&mut r, &mut log).await;
+        assert!(log.iter().any(|l| l == "captured log line"), "{log:?}");
+        let result = read_build_result(&mut r, version).await.unwrap();
+        assert_eq!(result.status, BuildStatus::from_code(result.status.code()));
+        assert!(!result.status.is_success());
+        assert!(
+            result.error_msg.contains("exit code 3"),
+            "{}",
+            result.error_msg
+        );
+        assert!(r.is_empty(), "{} bytes left over", r.len());
+    }
+
+    #[tokio::test]
+    async fn a_nix_2_8_daemon_reads_as_offload_expects() {
+        let replies = include_bytes!("../../../../fixtures/worker/replies-2.8.bin");
+        replay(replies, "2.8", 0x122).await;
+    }
+
+    #[tokio::test]
+    async fn a_nix_2_26_daemon_reads_as_offload_expects() {
+        let replies = include_bytes!("../../../../fixtures/worker/replies-2.26.bin");
+        replay(replies, "2.26", 0x126).await;
+    }
+}
