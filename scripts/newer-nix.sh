@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Makes the root of the test fleet's builder on a newer Nix: Debian 13 (trixie) with its
-# nix-bin (Nix 2.26), in /var/cache/offload-test/ (OFFLOAD_TEST_CACHE). The directory is
+# Makes the root of the tests' newer Nix: Debian 13 (trixie) with its nix-bin (Nix 2.26)
+# and openssh-client (for a client on that Nix reaching sshd builders), in
+# /var/cache/offload-test/ (OFFLOAD_TEST_CACHE). A test builder on 2.26 runs it through
+# chroot, a test client on 2.26 enters it with pivot_root. The directory is
 # made under a temporary name and renamed once complete, so a half-made root is never
 # used; its name carries a recipe version, bumped when what it holds changes. Done once:
 # when the root is there this does nothing. Needs root and Debian's mirrors.
@@ -9,7 +11,7 @@
 set -euo pipefail
 
 CACHE=${OFFLOAD_TEST_CACHE:-/var/cache/offload-test}
-ROOT=$CACHE/nix-trixie-1
+ROOT=$CACHE/nix-trixie-2
 # Renamed into place only when complete: if it is there, it is whole.
 [ -d "$ROOT" ] && exit 0
 
@@ -30,9 +32,9 @@ debootstrap --variant=minbase trixie "$tmp" http://deb.debian.org/debian >"$tmp.
   { tail -n 20 "$tmp.log" >&2; echo "setup: debootstrap failed; log: $tmp.log" >&2; exit 1; }
 unshare -m --propagation private sh -c '
   mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" &&
-  DEBIAN_FRONTEND=noninteractive chroot "$1" apt-get install -y -qq --no-install-recommends nix-bin
+  DEBIAN_FRONTEND=noninteractive chroot "$1" apt-get install -y -qq --no-install-recommends nix-bin openssh-client
 ' sh "$tmp" >>"$tmp.log" 2>&1 ||
-  { tail -n 20 "$tmp.log" >&2; echo "setup: installing nix-bin failed; log: $tmp.log" >&2; exit 1; }
+  { tail -n 20 "$tmp.log" >&2; echo "setup: installing nix-bin and openssh-client failed; log: $tmp.log" >&2; exit 1; }
 chroot "$tmp" apt-get clean
 # Mount points for the test host's own store, configuration and build directories.
 mkdir -p "$tmp/nix" "$tmp/etc/nix" "$tmp/tmp"

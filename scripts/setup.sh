@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a Debian machine for offload: Nix 2.8 (nix-bin) and its build users, OpenSSH
 # client and server, the nix.conf line chroot-store builds need, a Debian 13 root with
-# Nix 2.26 for the tests' builder on a newer Nix (scripts/newer-nix.sh), and a Rust
+# Nix 2.26 for the tests' builder and client on a newer Nix (scripts/newer-nix.sh), and a Rust
 # toolchain with rustfmt and clippy. Idempotent: it installs only what is missing, and says
 # nothing else when everything is there.
 #

@@ -3,7 +3,7 @@
 //! 8-derivation graph built there with `-j0` over `ssh-ng://` on Nix 2.8 and on Nix
 //! 2.26, outputs valid and verifying here and their logs where `nix log` looks; a
 //! failure there reported with its log; and the `ssh://` form of such a host named,
-//! with its fix, at the first answer. See docs/nix-protocols.md §10.
+//! with its fix, at the first answer. See docs/nix-protocols.md §11.
 
 mod common;
 

@@ -109,6 +109,24 @@ pub enum DriverError {
         op: &'static str,
         reply: u64,
     },
+    #[error(
+        "{machine}: inputs went from its store {attempts} times before a build there could \
+         hold them (its garbage collector?)"
+    )]
+    InputsCollected { machine: String, attempts: usize },
+    #[error(
+        "{machine}: its store has {} free, less than the {} of inputs a build there needs \
+         beside its min-free of {}",
+        crate::reporter::human_bytes(*free),
+        crate::reporter::human_bytes(*needed),
+        crate::reporter::human_bytes(*min_free)
+    )]
+    NoRoom {
+        machine: String,
+        free: u64,
+        needed: u64,
+        min_free: u64,
+    },
     #[error("interrupted: {stopped} running builds were stopped")]
     Interrupted { stopped: usize },
     #[error("a store path offload made is not valid")]
@@ -177,7 +195,9 @@ impl DriverError {
             | DriverError::NotValid { machine, .. }
             | DriverError::Refused { machine, .. }
             | DriverError::SlotLock { machine, .. }
-            | DriverError::SlotsBusy { machine, .. } => machine,
+            | DriverError::SlotsBusy { machine, .. }
+            | DriverError::InputsCollected { machine, .. }
+            | DriverError::NoRoom { machine, .. } => machine,
             DriverError::BadStoreUri { uri, .. } => uri,
             DriverError::Delivery { target, .. } => target,
             DriverError::Interrupted { .. } | DriverError::StorePath(_) => "local",
@@ -260,6 +280,16 @@ impl DriverError {
                 "the slot lock directory must be writable by every user that builds (Nix \
                  creates it mode 0777); set {} to another directory to keep offload's own",
                 crate::env::OFFLOAD_SLOTS_DIR
+            ),
+            DriverError::NoRoom { machine, .. } => format!(
+                "free space on {} (`nix-collect-garbage` there, or a larger disk) or lower its \
+                 `min-free`; offload leaves it out until then",
+                ssh_host(machine)
+            ),
+            DriverError::InputsCollected { machine, .. } => format!(
+                "something collects garbage on {} all the time (a `min-free` close to its free \
+                 space?): give its store more room",
+                ssh_host(machine)
             ),
             DriverError::SlotsBusy { .. } => "other builds (another offload, or Nix's own \
                  build hook) hold that machine's slots: wait for them, or leave the machine out \

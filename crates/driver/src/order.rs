@@ -157,8 +157,11 @@ pub(crate) async fn carry_out(
     {
         let _upload = ledger.upload_lock(&machine, UPLOAD_LOCK_LIMIT).await?;
         let substitute = order.builders_use_substitutes;
+        // With `lock`: what the builder has is held by this session (a temporary GC
+        // root) until it ends, as what is copied through it is; its garbage collector
+        // cannot take an input between this answer and the build.
         let present = remote
-            .query_valid_paths(&order.inputs, false, substitute)
+            .query_valid_paths(&order.inputs, true, substitute)
             .await?;
         let missing: Vec<String> = order
             .inputs

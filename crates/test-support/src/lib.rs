@@ -30,6 +30,7 @@
 pub mod daemon;
 mod daemon_only;
 mod home;
+pub mod newer_client;
 mod peers;
 mod proxy;
 
@@ -156,7 +157,7 @@ fn test_cache() -> PathBuf {
 /// prints `skipped: …` and returns None, or panics under [`REQUIRE_E2E`]`=1`.
 pub fn require_newer_nix() -> Option<PathBuf> {
     // The name scripts/newer-nix.sh gives it; it renames the root there only when whole.
-    let root = test_cache().join("nix-trixie-1");
+    let root = test_cache().join("nix-trixie-2");
     if root.join("usr/bin/nix-store").exists() {
         Some(root)
     } else {

@@ -274,6 +274,10 @@ impl ServeConn {
             Ok(summary)
         })
         .await
+        .inspect(|_| {
+            // The daemon roots what it adds for as long as the connection lives.
+            self.held.insert(info.path.clone());
+        })
     }
 }
 

@@ -23,6 +23,7 @@ mod pool;
 pub use pool::{Pool, Traffic};
 mod stderr;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use offload_nix::nar::NarError;
@@ -111,6 +112,10 @@ pub struct ServeConn {
     traffic: Traffic,
     /// For a session with `nix-daemon --stdio`: what it knows of the daemon.
     daemon: Option<daemon::DaemonSide>,
+    /// Paths the server holds temporary GC roots for, so its store's garbage collector
+    /// leaves them alone while the session lives: those it found valid when asked with
+    /// `lock`, added through it, or built by it (Nix roots a build's outputs).
+    held: HashSet<String>,
     _known_hosts: Option<tempfile::NamedTempFile>,
 }
 
@@ -193,6 +198,7 @@ impl ServeConn {
             control_path: endpoint.control_path.clone(),
             traffic: Traffic::Control,
             daemon: None,
+            held: HashSet::new(),
             _known_hosts: known_hosts,
         })
     }
@@ -440,6 +446,39 @@ impl ServeConn {
         .await
     }
 
+    /// The valid ones among `paths`, each held from then on by this session (a temporary
+    /// GC root for as long as it runs): a build relying on them is safe from the store's
+    /// garbage collector between this answer and its end. Only the paths the session
+    /// does not hold yet are asked about, so a warm session often asks nothing. With
+    /// `substitute`, the machine first tries its own substituters for them.
+    pub async fn hold_valid(
+        &mut self,
+        paths: &[String],
+        substitute: bool,
+    ) -> Result<HashSet<String>, DriverError> {
+        let ask: Vec<String> = paths
+            .iter()
+            .filter(|p| !self.held.contains(*p))
+            .cloned()
+            .collect();
+        let mut valid: HashSet<String> = paths
+            .iter()
+            .filter(|p| self.held.contains(*p))
+            .cloned()
+            .collect();
+        if !ask.is_empty() {
+            let found = self.query_valid_paths(&ask, true, substitute).await?;
+            self.held.extend(found.iter().cloned());
+            valid.extend(found);
+        }
+        Ok(valid)
+    }
+
+    /// Whether this session holds `path` against the store's garbage collector.
+    pub fn holds(&self, path: &str) -> bool {
+        self.held.contains(path)
+    }
+
     /// Metadata of the valid ones among `paths`.
     pub async fn query_path_infos(
         &mut self,
@@ -489,21 +528,28 @@ impl ServeConn {
         settings: &BuildSettings,
     ) -> Result<BuildResult, DriverError> {
         const OP: &str = "BuildDerivation";
-        if self.is_daemon() {
-            return self.daemon_build_derivation(drv_path, drv, settings).await;
+        let result = if self.is_daemon() {
+            self.daemon_build_derivation(drv_path, drv, settings)
+                .await?
+        } else {
+            let frame = Request::BuildDerivation {
+                drv_path,
+                drv,
+                settings,
+            }
+            .encode();
+            let version = self.server_version;
+            self.exchange(OP, async |to, from| {
+                send(to, OP, &frame).await?;
+                Ok(serve::read_build_result(from, version).await?)
+            })
+            .await?
+        };
+        if result.status.is_success() {
+            // Nix roots a build's outputs for as long as the process that built them.
+            self.held.extend(drv.outputs.iter().map(|o| o.path.clone()));
         }
-        let frame = Request::BuildDerivation {
-            drv_path,
-            drv,
-            settings,
-        }
-        .encode();
-        let version = self.server_version;
-        self.exchange(OP, async |to, from| {
-            send(to, OP, &frame).await?;
-            Ok(serve::read_build_result(from, version).await?)
-        })
-        .await
+        Ok(result)
     }
 
     /// Builds derivations already in that store (`drv!out` or plain paths).

@@ -193,42 +193,53 @@ impl ServeConn {
         }
         let machine = self.machine.clone();
         let all_sent = std::sync::atomic::AtomicBool::new(false);
-        self.exchange(OP, async |to, from| {
-            let send_all = async {
-                for (i, info) in infos.iter().enumerate() {
-                    progress(ChainProgress::Sending(i));
-                    send(to, OP, &Request::AddToStoreNar { info }.encode()).await?;
-                    let summary = relay_from(source, to, &info.path).await?;
-                    check_summary(&machine, info, &summary).map_err(ReplyError::Driver)?;
-                    to.flush().await.map_err(|source| {
-                        ReplyError::Wire(WireError::Io {
-                            what: "the NAR",
-                            source,
-                        })
-                    })?;
-                }
-                all_sent.store(true, std::sync::atomic::Ordering::Relaxed);
-                Ok::<(), ReplyError>(())
-            };
-            let read_acks = async {
-                for i in 0..infos.len() {
-                    // A path's acknowledgement may take as long as its NAR takes to
-                    // arrive; once all are sent, each of the rest is bounded.
-                    let ack = if all_sent.load(std::sync::atomic::Ordering::Relaxed) {
-                        within(QUERY_TIMEOUT, serve::read_ack(from)).await?
-                    } else {
-                        serve::read_ack(from).await?
-                    };
-                    match ack {
-                        1 => progress(ChainProgress::Registered(i)),
-                        other => return Err(ReplyError::Refused(other)),
+        let registered = std::sync::Mutex::new(Vec::new());
+        let sent = self
+            .exchange(OP, async |to, from| {
+                let send_all = async {
+                    for (i, info) in infos.iter().enumerate() {
+                        progress(ChainProgress::Sending(i));
+                        send(to, OP, &Request::AddToStoreNar { info }.encode()).await?;
+                        let summary = relay_from(source, to, &info.path).await?;
+                        check_summary(&machine, info, &summary).map_err(ReplyError::Driver)?;
+                        to.flush().await.map_err(|source| {
+                            ReplyError::Wire(WireError::Io {
+                                what: "the NAR",
+                                source,
+                            })
+                        })?;
                     }
-                }
-                Ok(())
-            };
-            tokio::try_join!(send_all, read_acks).map(|_| ())
-        })
-        .await
+                    all_sent.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok::<(), ReplyError>(())
+                };
+                let read_acks = async {
+                    for i in 0..infos.len() {
+                        // A path's acknowledgement may take as long as its NAR takes to
+                        // arrive; once all are sent, each of the rest is bounded.
+                        let ack = if all_sent.load(std::sync::atomic::Ordering::Relaxed) {
+                            within(QUERY_TIMEOUT, serve::read_ack(from)).await?
+                        } else {
+                            serve::read_ack(from).await?
+                        };
+                        match ack {
+                            1 => {
+                                registered.lock().unwrap_or_else(|p| p.into_inner()).push(i);
+                                progress(ChainProgress::Registered(i))
+                            }
+                            other => return Err(ReplyError::Refused(other)),
+                        }
+                    }
+                    Ok(())
+                };
+                tokio::try_join!(send_all, read_acks).map(|_| ())
+            })
+            .await;
+        // The server roots what it adds for as long as it runs, a failed chain's
+        // registered part too.
+        let registered = registered.into_inner().unwrap_or_else(|p| p.into_inner());
+        self.held
+            .extend(registered.into_iter().map(|i| infos[i].path.clone()));
+        sent
     }
 
     /// Adds `info.path` to this store with `nar` as its contents, checked as it passes.
@@ -292,6 +303,10 @@ impl ServeConn {
             }
         })
         .await
+        .inspect(|_| {
+            // The server roots what it adds for as long as it runs.
+            self.held.insert(info.path.clone());
+        })
     }
 }
 

@@ -35,6 +35,7 @@ use crate::trust::signing::PathSigner;
 mod copy;
 mod deliver;
 pub mod direct;
+mod hold;
 mod order;
 mod paths;
 mod peer;
@@ -46,6 +47,7 @@ pub use crate::reporter::human_bytes;
 pub use crate::state::report::RouteBytes;
 pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use deliver::{Delivered, DeliveryTarget};
+pub use hold::StoreSpace;
 pub use paths::PathRegistry;
 pub use peer::{PeerRecord, Unreachable};
 pub use reach::{cause, unreachable_note, Probed};
@@ -192,6 +194,8 @@ pub struct TransferEngine {
     signer: Option<PathSigner>,
     /// This machine, when it is one of the fleet.
     client: Option<MachineId>,
+    /// The room each machine's store has.
+    space: hold::SpaceLedger,
 }
 
 impl TransferEngine {
@@ -231,6 +235,7 @@ impl TransferEngine {
             bytes: AtomicU64::new(0),
             reporter: None,
             signer: None,
+            space: hold::SpaceLedger::new(n),
         }
     }
 
@@ -388,31 +393,50 @@ impl TransferEngine {
             closure: closure.len(),
             already_present: closure.len() - unknown.len(),
         };
-        if unknown.is_empty() {
+        if unknown.is_empty() && conn.is_none() {
             return Ok(landing);
         }
-        // The machine may have some already (an earlier run).
-        let present = match conn {
-            Some(c) => c.query_valid_paths(&unknown, false, substitute).await?,
+        // The machine may have some already (an earlier run). A build's own session
+        // asks about the whole closure and holds what it finds (temporary GC roots);
+        // what it no longer finds went to the builder's garbage collector.
+        let (present, todo) = match conn {
+            Some(c) => {
+                let valid = c.hold_valid(&closure, substitute).await?;
+                let todo: Vec<String> = closure
+                    .iter()
+                    .filter(|p| !valid.contains(*p))
+                    .cloned()
+                    .collect();
+                let mut registry = self.registry();
+                for p in &todo {
+                    registry.remove_holder(p, machine);
+                }
+                landing.already_present = closure.len() - todo.len();
+                (valid, todo)
+            }
             None => {
                 let mut c = self.pools[machine].get().await?;
-                let present = c.query_valid_paths(&unknown, false, substitute).await?;
+                let present = c.query_valid_paths(&unknown, true, substitute).await?;
                 self.pools[machine].put(c);
-                present
+                landing.already_present += present.len();
+                let present: HashSet<String> = present.into_iter().collect();
+                let todo = unknown
+                    .into_iter()
+                    .filter(|p| !present.contains(p))
+                    .collect();
+                (present, todo)
             }
         };
-        landing.already_present += present.len();
-        let present: HashSet<String> = present.into_iter().collect();
         {
             let mut registry = self.registry();
             for p in &present {
                 registry.add_holder(p, machine);
             }
         }
-        let todo: Vec<String> = unknown
-            .into_iter()
-            .filter(|p| !present.contains(p))
-            .collect();
+        if todo.is_empty() {
+            return Ok(landing);
+        }
+        self.make_room(machine, &todo).await?;
         let todo = self.copy_direct(machine, todo).await?;
         self.copy_in_order(machine, todo).await?;
         Ok(landing)

@@ -31,6 +31,13 @@ impl PathRegistry {
             .insert(machine);
     }
 
+    /// Records that `path` is no longer valid on `machine` (its garbage collector took it).
+    pub fn remove_holder(&mut self, path: &str, machine: MachineId) {
+        if let Some(h) = self.holders.get_mut(path) {
+            h.remove(&machine);
+        }
+    }
+
     /// Forgets everything a lost machine held.
     pub fn remove_machine(&mut self, machine: MachineId) {
         for h in self.holders.values_mut() {

@@ -132,7 +132,7 @@ impl TransferEngine {
     }
 
     /// The store directory of the paths this run knows (Nix's default without any).
-    fn store_dir(&self) -> String {
+    pub(super) fn store_dir(&self) -> String {
         let registry = self.registry();
         registry
             .any_path()

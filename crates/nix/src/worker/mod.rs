@@ -4,7 +4,7 @@
 //! BuildDerivation, NarFromPath, SetOptions) and AddBuildLog, and the replies. The
 //! connections themselves live in the driver. Facts from Nix 2.8's `daemon.cc` and
 //! `worker-protocol.hh` (1.34) and Nix 2.26's `worker-protocol*.cc` (1.38); see
-//! docs/nix-protocols.md §10.
+//! docs/nix-protocols.md §11.
 //!
 //! The exchange: the client's magic and version (sent together, as Nix 2.26 does), the
 //! daemon's magic and version; both speak the lower version from then on. From 1.38

@@ -127,13 +127,18 @@ impl ServeTransport {
         self.engine.probe_when_due(pairs);
     }
 
-    /// Remembers that `machine` refused a session for good (authentication, host key).
+    /// Remembers that `machine` refused a session for good (authentication, host key, a
+    /// login that prints before the protocol, a protocol too old), or has no room for
+    /// what it was to build: another attempt would meet the same answer.
     fn note_refusal(&self, machine: MachineId, e: &DriverError) {
         if matches!(
             e,
             DriverError::SshAuth { .. }
                 | DriverError::SshHostKey { .. }
                 | DriverError::DaemonOnly { .. }
+                | DriverError::NotServeProtocol { .. }
+                | DriverError::IncompatibleVersion { .. }
+                | DriverError::NoRoom { .. }
         ) {
             self.refused[machine].store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -210,6 +215,10 @@ impl BuildTransport for ServeTransport {
         // The session opened goes to the pool, for the first build there (a build alone
         // gets `cores`) or the first copies; the slot broker starts meanwhile, so the
         // first build there waits for neither.
+        // The room its store has is asked meanwhile, by the time the first copy there
+        // needs it.
+        let engine = self.engine.clone();
+        tokio::spawn(async move { engine.learn_space(machine).await });
         let (opened, ()) = tokio::join!(
             self.pool(machine).get_with_cores(cores),
             self.remote_slots.warm(machine)
@@ -397,10 +406,24 @@ impl ServeTransport {
                 return Err((lost(e), true));
             }
         };
-        if let Err(e) = shipped {
+        let mut conn = conn;
+        let held = match shipped {
+            // Held by the build's own session until it ends, sent again if the builder's
+            // garbage collector took any meanwhile.
+            Ok(_) => {
+                self.engine
+                    .hold_inputs(machine, &n.inputs, &mut conn, substitute)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = held {
             // The inputs go over sessions of their own: a failure of this machine's
-            // connection takes it out as a broken build session would.
+            // connection takes it out as a broken build session would, and so does a
+            // store without room for them.
+            self.note_refusal(machine, &e);
             let down = conn.is_broken()
+                || self.refused(machine)
                 || (e.is_connection_failure() && e.machine() == self.pool(machine).endpoint().name);
             return Err((lost(e), down));
         }
