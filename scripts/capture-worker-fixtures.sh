@@ -65,7 +65,6 @@ echo "$valid" > "$out/paths-2.8.txt"
 # Nix 2.26: its daemon in the Debian 13 root, in a mount namespace of its own.
 if [ -x "$root/usr/bin/nix-daemon" ]; then
   python3 "$work/requests.py" 0x126 "$valid" "$missing" "$system" > "$out/requests-2.26.bin"
-  cp "$work/file.txt" "$work/requests.py" "$out/requests-2.26.bin" "$work/" 2>/dev/null || true
   unshare -m --propagation private sh -c "
     set -e
     mount -t tmpfs capture '$root/tmp'
