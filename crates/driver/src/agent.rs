@@ -21,9 +21,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use offload_nix::hook::LogLevel;
+
 use crate::env::HOST_CHOICE_LIFETIME;
 use crate::env::SLOT_WAIT_LIMIT;
-use crate::order::{carry_out, BuildOrder, OrderFailure};
+
+use crate::order::{carry_out, saying_while, BuildOrder, OrderFailure};
 use crate::session::Pool;
 use crate::slots::remote::RemoteSlots;
 use crate::slots::SlotLedger;
@@ -82,6 +85,12 @@ pub struct HostChoice {
 #[serde(rename_all = "snake_case")]
 enum Message {
     Log(String),
+    /// What the agent is doing or waiting for, for Nix to show at Nix's verbosity
+    /// `level` (see [`offload_nix::hook::LogLevel`]).
+    Note {
+        level: u8,
+        msg: String,
+    },
     Done(Option<OrderFailure>),
     Choice(Option<HostChoice>),
 }
@@ -111,22 +120,59 @@ impl Choices {
 /// Warm sessions per machine, shared by every build the agent carries out.
 #[derive(Default)]
 struct Sessions {
-    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// Per machine, its pool and the identity of its store when last seen.
+    pools: Mutex<HashMap<String, SeenPool>>,
     /// Per machine (and slot count), its slots locked on the machine itself; the
     /// broker there lives as long as the agent.
     remote_slots: Mutex<HashMap<(String, u32), Arc<RemoteSlots>>>,
 }
 
+/// Which store a machine's sessions serve: the device and inode of its database
+/// directory. A store deleted and made again at the same place is another store, whose
+/// sessions must be opened anew (old ones still see the deleted database).
+type StoreId = (u64, u64);
+
+/// A machine's pool and the identity of its store when last seen.
+type SeenPool = (Arc<Pool>, Option<StoreId>);
+
+/// The identity of the store behind `endpoint`, when it is on this machine (a chroot
+/// store, `local?root=…`, the local store) and exists.
+fn store_identity(endpoint: &Endpoint) -> Option<StoreId> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !endpoint.is_local_process() {
+        return None;
+    }
+    let root = crate::drv::files_root(endpoint.remote_store.as_deref())?;
+    let meta = std::fs::metadata(root.join("nix/var/nix/db")).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
 impl Sessions {
+    /// The machine's pool: a new one (and a new slot broker) when its store is not the
+    /// one its sessions were opened on.
     fn pool(&self, endpoint: &Endpoint) -> Arc<Pool> {
         // The endpoint's full description is the key: the same host reached another way
         // is another machine.
         let key = serde_json::to_string(endpoint).unwrap_or_else(|_| endpoint.name.clone());
+        let now = store_identity(endpoint);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools
-            .entry(key)
-            .or_insert_with(|| Arc::new(Pool::new(endpoint.clone())))
-            .clone()
+        let entry = pools
+            .entry(key.clone())
+            .or_insert_with(|| (Arc::new(Pool::new(endpoint.clone())), now));
+        match (entry.1, now) {
+            (Some(seen), now) if Some(seen) != now => {
+                tracing::info!(
+                    "{}: its store was deleted or made again; opening new sessions",
+                    endpoint.name
+                );
+                *entry = (Arc::new(Pool::new(endpoint.clone())), now);
+                let mut slots = self.remote_slots.lock().unwrap_or_else(|p| p.into_inner());
+                slots.retain(|(k, _), _| *k != key);
+            }
+            (None, Some(_)) => entry.1 = now,
+            _ => {}
+        }
+        entry.0.clone()
     }
 
     /// The machine's slot broker, over the ssh connection its sessions share.
@@ -208,8 +254,13 @@ pub async fn serve(
         let choices = choices.clone();
         let ledger = ledger.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &sessions, &choices, &ledger).await {
-                tracing::warn!("{e}");
+            match serve_one(stream, &sessions, &choices, &ledger).await {
+                // The hook went away (Nix killed it): nobody to tell.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    tracing::debug!("a hook left before its answer: {e}");
+                }
+                Err(e) => tracing::warn!("{e}"),
+                Ok(()) => {}
             }
         });
     }
@@ -219,7 +270,7 @@ pub async fn serve(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .values()
-        .cloned()
+        .map(|(pool, _)| pool.clone())
         .collect();
     for pool in pools {
         pool.close().await;
@@ -258,7 +309,10 @@ async fn serve_one(
     let peer = stream.peer_cred().ok().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
+    if BufReader::new(read).read_line(&mut line).await? == 0 {
+        // A hook that only checked that the agent is up.
+        return Ok(());
+    }
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
@@ -302,10 +356,21 @@ async fn serve_one(
     let work = async {
         let pool = sessions.pool(&endpoint);
         // Held until the build ends, so clients on other machines do not overbook it.
-        let on_builder = sessions
-            .remote_slots(&endpoint, order.slots)
-            .take(0, SLOT_WAIT_LIMIT)
-            .await;
+        let note_tx = tx.clone();
+        let note = move |level: LogLevel, msg: &str| {
+            let msg = msg.to_string();
+            let _ = note_tx.send(Message::Note {
+                level: level as u8,
+                msg,
+            });
+        };
+        let what = format!(
+            "waiting for a build slot on '{}': other clients hold all {} of its slots",
+            endpoint.name, order.slots
+        );
+        let slots = sessions.remote_slots(&endpoint, order.slots);
+        let taking = slots.take(0, SLOT_WAIT_LIMIT);
+        let on_builder = saying_while(taking, &what, &mut |m| note(LogLevel::Info, m)).await;
         let session = match on_builder {
             Ok(held) => pool.get_with_cores(None).await.map(|remote| (held, remote)),
             Err(e) => Err(e),
@@ -316,7 +381,8 @@ async fn serve_one(
                 let mut log = move |l: &str| {
                     let _ = log_tx.send(Message::Log(l.to_string()));
                 };
-                let result = carry_out(&order, &mut remote, ledger, &mut log).await;
+                let mut talk = |m: &str| note(LogLevel::Talkative, m);
+                let result = carry_out(&order, &mut remote, ledger, &mut log, &mut talk).await;
                 // A session that failed mid-frame is never reused.
                 pool.put(remote);
                 result.map_err(|e| OrderFailure::from(&e))
@@ -383,6 +449,7 @@ impl AgentClient {
         endpoint: &Endpoint,
         order: &BuildOrder,
         log: &mut (dyn FnMut(&str) + Send),
+        note: &mut (dyn FnMut(LogLevel, &str) + Send),
     ) -> Result<Result<(), OrderFailure>, AgentError> {
         let request = Request::Build {
             endpoint: Box::new(endpoint.clone()),
@@ -393,6 +460,7 @@ impl AgentClient {
         loop {
             match next_message(&path, &mut lines).await? {
                 Message::Log(text) => log(&text),
+                Message::Note { level, msg } => note(level_of(level), &msg),
                 Message::Done(None) => return Ok(Ok(())),
                 Message::Done(Some(failure)) => return Ok(Err(failure)),
                 Message::Choice(_) => {
@@ -466,6 +534,17 @@ impl AgentClient {
         line.push(b'\n');
         write.write_all(&line).await.map_err(io)?;
         Ok(BufReader::new(read).lines())
+    }
+}
+
+/// Nix's verbosity level from its number (anything past talkative is talkative).
+fn level_of(level: u8) -> LogLevel {
+    match level {
+        0 => LogLevel::Error,
+        1 => LogLevel::Warn,
+        2 => LogLevel::Notice,
+        3 => LogLevel::Info,
+        _ => LogLevel::Talkative,
     }
 }
 

@@ -56,6 +56,7 @@
 //! - `trust/` — the trust check, signing (`trust/signing.rs`) and `offload doctor`
 //!   (`trust/doctor.rs`);
 //! - `order.rs` — carrying out one build order on a builder, for the hook and the agent;
+//! - `drv.rs` — the `.drv` Nix offers the hook, read through the store Nix names;
 //! - `hook/` — `offload hook`: Nix's build hook, the choice per `try`, the accepted build;
 //! - `agent.rs` — `offload agent`: warm sessions for the hook over a Unix socket;
 //! - `shutdown.rs` — SIGINT and SIGTERM: the cancellation token and the exit status;
@@ -66,6 +67,7 @@ pub mod agent;
 pub mod build;
 pub mod config;
 pub mod daemon;
+mod drv;
 pub mod env;
 mod error;
 pub mod fleet;

@@ -3,9 +3,6 @@
 //! sessions): the inputs the builder lacks, the build with its log, the missing outputs
 //! back into the local store.
 
-use std::path::Path;
-
-use offload_nix::derivation::Derivation;
 use offload_nix::serve::{BuildSettings, BuildStatus};
 use offload_nix::store_path::StorePath;
 use offload_nix::wire::WireError;
@@ -97,6 +94,15 @@ pub enum OrderError {
     Agent(OrderFailure),
 }
 
+impl From<crate::drv::ReadError> for OrderError {
+    fn from(e: crate::drv::ReadError) -> OrderError {
+        match e {
+            crate::drv::ReadError::Plan(e) => OrderError::Plan(e),
+            crate::drv::ReadError::Driver(e) => OrderError::Driver(e),
+        }
+    }
+}
+
 /// The error with its causes and the driver's hint, as one message for Nix.
 fn describe(e: &OrderError) -> String {
     let mut msg = e.to_string();
@@ -115,28 +121,18 @@ fn describe(e: &OrderError) -> String {
 
 /// Carries out `order` on the machine behind `remote` (a session the caller opened, or a
 /// warm one from the agent's pool): the inputs it lacks, the build with its log handed
-/// to `log`, the missing outputs back into the local store.
+/// to `log`, the missing outputs back into the local store. What it is doing goes to
+/// `note`, in the words of Nix's hook.
 pub(crate) async fn carry_out(
     order: &BuildOrder,
     remote: &mut ServeConn,
     ledger: &SlotLedger,
     log: &mut (dyn FnMut(&str) + Send),
+    note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), OrderError> {
     let drv_path = &order.drv_path;
-    let store_root = order
-        .store
-        .as_deref()
-        .filter(|s| s.starts_with('/'))
-        .unwrap_or("/");
-    let file = Path::new(store_root).join(drv_path.trim_start_matches('/'));
-    let text = std::fs::read(&file).map_err(|source| PlanError::Read {
-        path: file.clone(),
-        source,
-    })?;
-    let drv = Derivation::parse(&text).map_err(|source| PlanError::Parse {
-        path: drv_path.clone(),
-        source,
-    })?;
+    // Through the store Nix names, as Nix's hook reads it (a binary cache has no file).
+    let drv = crate::drv::read(order.store.as_deref(), drv_path).await?;
     let parsed = StorePath::from_absolute_path(drv_path).map_err(PlanError::from)?;
     let outputs = drv
         .outputs
@@ -155,7 +151,10 @@ pub(crate) async fn carry_out(
     let mut local = ServeConn::open(&local_endpoint).await?;
 
     {
+        // Nix's hook says these at `-v` (lvlTalkative); so does offload's.
+        note(&format!("waiting for the upload lock to '{machine}'..."));
         let _upload = ledger.upload_lock(&machine, UPLOAD_LOCK_LIMIT).await?;
+        note(&format!("copying dependencies to '{machine}'..."));
         let substitute = order.builders_use_substitutes;
         // With `lock`: what the builder has is held by this session (a temporary GC
         // root) until it ends, as what is copied through it is; its garbage collector
@@ -220,6 +219,7 @@ pub(crate) async fn carry_out(
         .into_iter()
         .filter(|p| !valid_here.contains(p))
         .collect();
+    note(&format!("copying outputs from '{machine}'..."));
     copy(remote, &mut local, &missing).await?;
     let _ = local.close().await;
     Ok(())
@@ -252,4 +252,29 @@ async fn copy(
         }
     }
     Ok(())
+}
+
+/// How often a wait is said.
+pub(crate) const WAIT_NOTICE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Awaits `work`, telling `say` every [`WAIT_NOTICE`] that it waits and for what.
+pub(crate) async fn saying_while<T>(
+    work: impl std::future::Future<Output = T>,
+    what: &str,
+    say: &mut (dyn FnMut(&str) + Send),
+) -> T {
+    tokio::pin!(work);
+    let started = std::time::Instant::now();
+    let first = tokio::time::Instant::now() + WAIT_NOTICE;
+    let mut tick = tokio::time::interval_at(first, WAIT_NOTICE);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tick.tick() => say(&format!(
+                "{what}; {} s so far, giving up after {} s",
+                started.elapsed().as_secs(),
+                crate::env::SLOT_WAIT_LIMIT.as_secs()
+            )),
+        }
+    }
 }

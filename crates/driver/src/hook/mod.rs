@@ -12,6 +12,7 @@
 //! copies the outputs back into the local store and exits with the status Nix reads.
 
 mod choice;
+mod machines;
 mod remote;
 
 use std::io::Write;
@@ -46,17 +47,15 @@ pub struct HookOptions {
     pub ledger: SlotLedger,
 }
 
-/// How the hook ends, as Nix reads its exit status (docs/nix-protocols.md §9.3).
+/// How the hook ends, as Nix reads its exit status (docs/nix-protocols.md §9.3). Nix's own
+/// hook exits 1 whenever an accepted build fails (the builder's status is in its
+/// message), so `nix-build` ends with 1 then, as it does here, through the agent or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookExit {
     /// Declined, postponed until Nix stopped asking, or built with the outputs valid here.
     Done,
-    /// The build failed (Nix: MiscFailure).
+    /// The build failed, or the hook could not go on (Nix: MiscFailure).
     Failed,
-    /// The builder failed (Nix: PermanentFailure).
-    PermanentFailure,
-    /// The build hit `timeout` or `max-silent-time` (Nix: TimedOut).
-    TimedOut,
 }
 
 impl HookExit {
@@ -64,8 +63,6 @@ impl HookExit {
         match self {
             HookExit::Done => 0,
             HookExit::Failed => 1,
-            HookExit::PermanentFailure => 100,
-            HookExit::TimedOut => 101,
         }
     }
 }
@@ -135,9 +132,15 @@ fn say(to: &mut impl Write, text: &str) {
     let _ = to.write_all(text.as_bytes()).and_then(|()| to.flush());
 }
 
-/// A message Nix shows, at `level`.
+/// A message Nix shows, at `level`; errors and warnings begin as Nix's own do
+/// (`error: `, `warning: `).
 fn tell(to: &mut impl Write, level: LogLevel, msg: &str) {
-    say(to, &log_line(level, msg));
+    let prefix = match level {
+        LogLevel::Error => "error: ",
+        LogLevel::Warn => "warning: ",
+        _ => "",
+    };
+    say(to, &log_line(level, &format!("{prefix}{msg}")));
 }
 
 /// Speaks the hook protocol on `input` (Nix's requests) and `replies` (the pipe Nix
@@ -146,7 +149,7 @@ fn tell(to: &mut impl Write, level: LogLevel, msg: &str) {
 pub async fn run(
     options: HookOptions,
     mut input: impl AsyncRead + Unpin,
-    replies: &mut impl Write,
+    replies: &mut (impl Write + Send),
 ) -> HookExit {
     let setup = match set_up(&options, &mut input, replies).await {
         Ok(setup) => setup,
@@ -200,10 +203,15 @@ async fn set_up(
         }
     };
     let settings = HookSettings::from_pairs(&pairs);
-    let builders = options
+    let written = options
         .builders
         .clone()
         .unwrap_or_else(|| settings.builders.clone());
+    // A machine offload cannot use is skipped, as Nix's hook skips one it cannot reach.
+    let (builders, skipped) = machines::usable(&written, &settings.system);
+    for why in skipped {
+        tell(replies, LogLevel::Warn, &format!("offload hook: {why}"));
+    }
     let choice = MachineChoice {
         builders: Some(builders.clone()),
         max_jobs: Some(settings.max_jobs),
@@ -270,7 +278,7 @@ async fn answer(
     options: &HookOptions,
     request: &TryRequest,
     input: &mut (impl AsyncRead + Unpin),
-    replies: &mut impl Write,
+    replies: &mut (impl Write + Send),
 ) -> Option<HookExit> {
     let name = derivation_name(&request.drv_path);
     let estimate = setup.knowledge.estimate(name).0;
@@ -304,7 +312,21 @@ async fn answer(
             }
             choice::Verdict::Accept(machine) => machine,
         };
+        // Read as Nix's hook reads it, before the accept: what offload cannot build
+        // remotely is declined, not accepted and then failed.
+        if let Some((level, why)) = unbuildable_remotely(setup, request).await {
+            drop(slot);
+            let msg = format!(
+                "offload hook: {why}; {} is not handed off",
+                request.drv_path
+            );
+            tell(replies, level, &msg);
+            say(replies, &HookReply::Decline.encode());
+            return None;
+        }
         let config = &current[machine];
+        let msg = format!("connecting to '{}'...", config.endpoint.name);
+        tell(replies, LogLevel::Talkative, &msg);
         // The session opens (here, or warm in the agent) before Nix is told: a machine
         // that cannot be reached is passed over, as Nix's own hook does.
         let session = match reach(&config.endpoint, setup.agent_up).await {
@@ -334,6 +356,19 @@ async fn answer(
         let exit = remote::build(job, session, input, replies).await;
         drop(slot);
         return Some(exit);
+    }
+}
+
+/// Why the derivation of `request` is not for a builder (and how loud to say it): it
+/// cannot be read through the store Nix names, or offload cannot build it remotely.
+async fn unbuildable_remotely(setup: &Setup, request: &TryRequest) -> Option<(LogLevel, String)> {
+    match crate::drv::read(setup.settings.store.as_deref(), &request.drv_path).await {
+        Ok(drv) => crate::drv::cannot_build_remotely(&request.drv_path, &drv)
+            .map(|why| (LogLevel::Talkative, why)),
+        Err(e) => {
+            let e = crate::order::OrderError::from(e);
+            Some((LogLevel::Warn, crate::order::OrderFailure::from(&e).message))
+        }
     }
 }
 

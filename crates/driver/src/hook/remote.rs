@@ -6,7 +6,6 @@ use std::io::Write;
 use std::time::Instant;
 
 use offload_nix::hook::{BuildInputs, BuildInputsDecoder, LogLevel, TryRequest};
-use offload_nix::serve::BuildStatus;
 use offload_nix::store_path::derivation_name;
 use offload_nix::wire::tokio_io::read_message;
 use tokio::io::AsyncRead;
@@ -15,7 +14,7 @@ use super::{tell, HookExit, HookSettings};
 use crate::env::SLOT_WAIT_LIMIT;
 use crate::error::DriverError;
 use crate::fleet::MachineConfig;
-use crate::order::{carry_out, BuildOrder, OrderError, OrderFailure};
+use crate::order::{carry_out, saying_while, BuildOrder, OrderError, OrderFailure};
 use crate::session::ServeConn;
 use crate::slots::remote::{RemoteSlot, RemoteSlots};
 use crate::slots::SlotLedger;
@@ -57,7 +56,7 @@ pub(super) async fn build(
     job: Job<'_>,
     session: Option<ServeConn>,
     input: &mut (impl AsyncRead + Unpin),
-    replies: &mut impl Write,
+    replies: &mut (impl Write + Send),
 ) -> HookExit {
     let started = Instant::now();
     let result = match read_message(input, BuildInputsDecoder::default()).await {
@@ -89,11 +88,7 @@ pub(super) async fn build(
         Err(e) => {
             let failure = OrderFailure::from(&e);
             tell(replies, LogLevel::Error, &failure.message);
-            match failure.status.map(BuildStatus::from_code) {
-                Some(BuildStatus::TimedOut) => HookExit::TimedOut,
-                Some(BuildStatus::PermanentFailure) => HookExit::PermanentFailure,
-                _ => HookExit::Failed,
-            }
+            HookExit::Failed
         }
     }
 }
@@ -104,18 +99,29 @@ async fn by_agent_or_here(
     job: &Job<'_>,
     session: Option<ServeConn>,
     order: &BuildOrder,
-    replies: &mut impl Write,
+    replies: &mut (impl Write + Send),
 ) -> Result<(), OrderError> {
     let socket = crate::env::agent_socket();
     let mut log = HookLog::open();
+    let endpoint = &job.machine.endpoint;
     if let Some(mut remote) = session {
-        let _on_builder = hold_on_builder(&job.machine.endpoint, order).await?;
-        return carry_out(order, &mut remote, job.ledger, &mut |line| log.line(line)).await;
+        let _on_builder =
+            hold_on_builder(endpoint, order, &mut |m| tell(replies, LogLevel::Info, m)).await?;
+        let mut note = |msg: &str| tell(replies, LogLevel::Talkative, msg);
+        return carry_out(
+            order,
+            &mut remote,
+            job.ledger,
+            &mut |l| log.line(l),
+            &mut note,
+        )
+        .await;
     }
     match crate::agent::AgentClient::connect(&socket).await {
         Ok(client) => {
+            let mut note = |level: LogLevel, msg: &str| tell(replies, level, msg);
             let done = client
-                .build(&job.machine.endpoint, order, &mut |line| log.line(line))
+                .build(endpoint, order, &mut |line| log.line(line), &mut note)
                 .await;
             match done {
                 Ok(Ok(())) => Ok(()),
@@ -137,23 +143,38 @@ async fn by_agent_or_here(
                     socket.display()
                 ),
             );
-            let _on_builder = hold_on_builder(&job.machine.endpoint, order).await?;
-            let mut remote = ServeConn::open(&job.machine.endpoint).await?;
-            carry_out(order, &mut remote, job.ledger, &mut |line| log.line(line)).await
+            let _on_builder =
+                hold_on_builder(endpoint, order, &mut |m| tell(replies, LogLevel::Info, m)).await?;
+            let mut note = |msg: &str| tell(replies, LogLevel::Talkative, msg);
+            let mut remote = ServeConn::open(endpoint).await?;
+            carry_out(
+                order,
+                &mut remote,
+                job.ledger,
+                &mut |l| log.line(l),
+                &mut note,
+            )
+            .await
         }
     }
 }
 
 /// A slot of the builder locked on the builder itself, across clients, held by the
 /// caller for the build (the client-side slot is held since the choice). This process
-/// builds once: its broker lives as long as the slot.
+/// builds once: its broker lives as long as the slot. While others hold every slot,
+/// `waiting` hears so every [`crate::order::WAIT_NOTICE`]; after [`SLOT_WAIT_LIMIT`]
+/// it is an error naming the machine.
 pub(crate) async fn hold_on_builder(
     endpoint: &Endpoint,
     order: &BuildOrder,
+    waiting: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Option<RemoteSlot>, DriverError> {
-    RemoteSlots::new([(endpoint.clone(), order.slots)])
-        .take(0, SLOT_WAIT_LIMIT)
-        .await
+    let slots = RemoteSlots::new([(endpoint.clone(), order.slots)]);
+    let what = format!(
+        "waiting for a build slot on '{}': other clients hold all {} of its slots",
+        endpoint.name, order.slots
+    );
+    saying_while(slots.take(0, SLOT_WAIT_LIMIT), &what, waiting).await
 }
 
 /// The build log, written where Nix reads it: fd 4, or stderr when the hook was started

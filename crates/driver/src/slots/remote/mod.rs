@@ -73,6 +73,8 @@ while IFS= read -r line; do
         done
         if [ "$fd" -gt "$hi" ]; then full=1; break; fi
         f="$dir/slot-$k"
+        # Made again when the store (and with it the directory) was deleted and re-made.
+        [ -e "$f" ] || { mkdir -p "${dir%/*}"; mkdir -m 1777 "$dir"; (umask 0; : >>"$f"); } 2>/dev/null
         # No redirection on this line: bash would save stderr to a free fd >= 10,
         # and undo the exec when it restores it.
         if [ -r "$f" ] && command eval "exec $fd<\"\$f\""; then

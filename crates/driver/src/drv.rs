@@ -1,0 +1,128 @@
+//! The derivation Nix offers the hook, read through the store Nix builds into (its
+//! `store` setting), as Nix's own hook reads it (`store->readDerivation`): from the
+//! file where the store keeps it on this machine (the local store, a chroot store,
+//! `local?root=DIR`), else through a session with that store (`nix-store --serve
+//! --store URI`: a binary cache, for one, has no `.drv` file to open).
+
+use std::path::{Path, PathBuf};
+
+use offload_nix::derivation::Derivation;
+use offload_nix::nar::{NarDecoder, NarEvent};
+use offload_nix::store_path::StorePath;
+use offload_nix::store_uri::StoreUri;
+
+use crate::error::DriverError;
+use crate::plan::{output_path, PlanError};
+use crate::session::ServeConn;
+use crate::ssh::Endpoint;
+
+/// Why a derivation could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+}
+
+/// The directory under which the store `store` (Nix's `store` setting; None: the
+/// default) keeps its files on this machine; None when it keeps none there.
+pub(crate) fn files_root(store: Option<&str>) -> Option<PathBuf> {
+    let Some(store) = store else {
+        return Some(PathBuf::from("/"));
+    };
+    let uri = StoreUri::parse(store).ok()?;
+    match uri.scheme.as_str() {
+        "path" => Some(PathBuf::from(&uri.authority)),
+        "auto" | "local" | "daemon" | "unix" => {
+            Some(PathBuf::from(uri.param("root").unwrap_or("/")))
+        }
+        _ => None,
+    }
+}
+
+/// Reads and parses `drv_path` through `store` (see the module doc).
+pub(crate) async fn read(store: Option<&str>, drv_path: &str) -> Result<Derivation, ReadError> {
+    let text = match files_root(store) {
+        Some(root) => {
+            let file = root.join(drv_path.trim_start_matches('/'));
+            std::fs::read(&file).map_err(|source| PlanError::Read { path: file, source })?
+        }
+        None => {
+            let endpoint = Endpoint::local("local", store.map(str::to_string));
+            let mut session = ServeConn::open(&endpoint).await?;
+            let mut nar = Vec::new();
+            session.dump_store_path(drv_path, &mut nar).await?;
+            let _ = session.close().await;
+            regular_file(&nar).map_err(|e| PlanError::Read {
+                path: Path::new(drv_path).to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "its NAR in the store {} is not one regular file: {e}",
+                    store.unwrap_or("")
+                )),
+            })?
+        }
+    };
+    Ok(Derivation::parse(&text).map_err(|source| PlanError::Parse {
+        path: drv_path.to_string(),
+        source,
+    })?)
+}
+
+/// The contents of a NAR that holds one regular file (a `.drv`).
+fn regular_file(nar: &[u8]) -> Result<Vec<u8>, String> {
+    let mut decoder = NarDecoder::new();
+    let mut contents = Vec::new();
+    let mut rest = nar;
+    while !decoder.is_done() {
+        let (used, event) = decoder.feed(rest).map_err(|e| e.to_string())?;
+        if used == 0 {
+            return Err(format!("it ends early, after {} bytes", nar.len()));
+        }
+        match event {
+            Some(NarEvent::Contents(piece)) => contents.extend_from_slice(piece),
+            Some(NarEvent::Regular { .. } | NarEvent::RegularEnd) | None => {}
+            Some(other) => return Err(format!("it holds {other:?}")),
+        }
+        rest = rest.get(used..).unwrap_or_default();
+    }
+    Ok(contents)
+}
+
+/// Why offload declines to build `drv` remotely, if it does: an output whose path is
+/// known only once it is built (a floating content-addressed or impure derivation)
+/// cannot be named to the builder's serve session nor brought back by its path.
+pub(crate) fn cannot_build_remotely(drv_path: &str, drv: &Derivation) -> Option<String> {
+    let parsed = StorePath::from_absolute_path(drv_path).ok()?;
+    let name = drv
+        .outputs
+        .keys()
+        .find(|name| output_path(&parsed, drv, name).is_err())?;
+    Some(format!(
+        "{drv_path} is content-addressed: the path of its output {name} is known only once \
+         it is built, and offload brings outputs back by their paths"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_with_files_here_and_without() {
+        assert_eq!(files_root(None), Some(PathBuf::from("/")));
+        assert_eq!(files_root(Some("/tmp/s")), Some(PathBuf::from("/tmp/s")));
+        assert_eq!(
+            files_root(Some("local?root=/tmp/r")),
+            Some(PathBuf::from("/tmp/r"))
+        );
+        assert_eq!(files_root(Some("daemon")), Some(PathBuf::from("/")));
+        assert_eq!(files_root(Some("file:///tmp/cache")), None);
+    }
+
+    #[test]
+    fn a_drv_comes_out_of_its_nar() {
+        let nar = offload_nix::nar::regular_file_nar(b"Derive([])", false);
+        assert_eq!(regular_file(&nar).unwrap(), b"Derive([])");
+    }
+}
