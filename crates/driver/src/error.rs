@@ -38,6 +38,19 @@ pub enum DriverError {
         got: String,
         word: u64,
     },
+    #[error(
+        "{machine} answers only the daemon protocol (a forced `nix-daemon --stdio`?): \
+         write it as {fix}"
+    )]
+    DaemonOnly { machine: String, fix: String },
+    #[error("{machine}: {op} failed there: {message}")]
+    DaemonRefused {
+        machine: String,
+        op: &'static str,
+        message: String,
+    },
+    #[error("{machine}: {op} is not offered over the daemon protocol, which its sessions speak")]
+    NotOverDaemon { machine: String, op: &'static str },
     #[error("{machine} speaks serve protocol version {version:#x}; offload needs 2.4 or later")]
     IncompatibleVersion { machine: String, version: u64 },
     #[error("{machine}: `{command}` ended during {op} ({status}){stderr}")]
@@ -170,6 +183,9 @@ impl DriverError {
             | DriverError::Ssh { machine, .. }
             | DriverError::NotServeProtocol { machine, .. }
             | DriverError::IncompatibleVersion { machine, .. }
+            | DriverError::DaemonOnly { machine, .. }
+            | DriverError::DaemonRefused { machine, .. }
+            | DriverError::NotOverDaemon { machine, .. }
             | DriverError::Exited { machine, .. }
             | DriverError::Protocol { machine, .. }
             | DriverError::Nar { machine, .. }
@@ -240,6 +256,11 @@ impl DriverError {
                  install Nix there or set `?remote-program=/path/to/nix-store` in the store URI"
                     .to_string()
             }
+            DriverError::DaemonOnly { fix, .. } => format!(
+                "its `authorized_keys` runs the daemon whatever offload asks for; in the \
+                 machines file or --builders, write {fix} (offload then speaks the daemon's \
+                 protocol there)"
+            ),
             DriverError::IncompatibleVersion { .. } => {
                 "upgrade Nix on that machine to 2.3 or later".to_string()
             }

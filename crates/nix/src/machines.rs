@@ -411,6 +411,9 @@ mod tests {
     fn every_uri_is_checked_when_read_and_named_by_its_place() {
         let m = parse_builders("ssh-ng://root@b1 x86_64-linux - 4", "machines", SYS).unwrap();
         assert_eq!(m[0].uri, "ssh-ng://root@b1");
+        // A daemon by another name is spoken to in the daemon's protocol.
+        let m = parse_builders("ssh-ng://b1?remote-program=/opt/daemon", "machines", SYS).unwrap();
+        assert_eq!(m[0].uri, "ssh-ng://b1?remote-program=/opt/daemon");
         for (line, says) in [
             ("ssh://[bad", "without closing"),
             ("ssh://", "no host"),
@@ -419,7 +422,6 @@ mod tests {
             ("ssh-ng://b1?base64-ssh-public-host-key=!!", "base64"),
             ("https://cache.nixos.org", "nix copy"),
             ("s3://bucket?region=eu-west-1", "nix copy"),
-            ("ssh-ng://b1?remote-program=/opt/daemon", "nix-daemon"),
         ] {
             let e = parse_builders(
                 &format!("good\n{line} x86_64-linux"),

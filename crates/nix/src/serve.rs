@@ -193,7 +193,7 @@ pub struct BasicDerivation {
 }
 
 impl BasicDerivation {
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         put_u64(out, self.outputs.len() as u64);
         for o in &self.outputs {
             put_bytes(out, o.name.as_bytes());

@@ -155,7 +155,8 @@ impl StoreUri {
     /// The program to run with `--serve --write`. For `ssh` that is `remote-program`;
     /// for `ssh-ng`, whose `remote-program` names the daemon, it is the `nix-store` next
     /// to that daemon (`DIR/nix-daemon` → `DIR/nix-store`), because every Nix install
-    /// ships both. `None` when an `ssh-ng` program is not called `nix-daemon`.
+    /// ships both. `None` when an `ssh-ng` program is not called `nix-daemon`: that
+    /// machine is spoken to in the daemon's protocol (`PROGRAM --stdio`) only.
     pub fn serve_program(&self) -> Option<String> {
         let program = self.remote_program();
         if self.scheme != "ssh-ng" {
@@ -235,15 +236,9 @@ impl StoreUri {
             let bad =
                 |expected: &str| err(format!("parameter {key} is {value:?}: expected {expected}"));
             match key.as_str() {
-                "ssh-key" | "remote-store" => {}
-                "remote-program" => {
-                    if self.serve_program().is_none() {
-                        return Err(bad(
-                            "the path of `nix-daemon` (offload runs the `nix-store` beside it); \
-                             or write ssh:// with `remote-program=PATH/nix-store`",
-                        ));
-                    }
-                }
+                // An ssh-ng program not called `nix-daemon` is spoken to in the daemon's
+                // own protocol ([`StoreUri::serve_program`] is `None`).
+                "ssh-key" | "remote-store" | "remote-program" => {}
                 "compress" | "trusted" | "want-mass-query" => {
                     if nix_bool(value).is_none() {
                         return Err(bad("`true` or `false`"));
@@ -474,12 +469,9 @@ mod tests {
         );
         for other in ["/opt/my-nix-daemon", "/opt/daemon"] {
             let u = StoreUri::parse(&format!("ssh-ng://b1?remote-program={other}")).unwrap();
+            // No `nix-store` known beside it: the daemon's protocol only.
             assert_eq!(u.serve_program(), None);
-            let e = u.check_serve().unwrap_err().reason;
-            assert!(
-                e.contains("remote-program") && e.contains("nix-daemon"),
-                "{e}"
-            );
+            assert_eq!(u.check_serve().unwrap().kind, ServeKind::Ssh);
         }
         // For ssh:// the program is the serve program itself.
         let u = StoreUri::parse("ssh://b1?remote-program=/opt/nix-daemon").unwrap();

@@ -28,12 +28,14 @@
 //! Nothing here is used outside tests.
 
 pub mod daemon;
+mod daemon_only;
 mod home;
 pub mod newer_client;
 mod peers;
 mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
+pub use daemon_only::DaemonOnly;
 pub use peers::Peers;
 pub use proxy::{CountingProxy, LinkCutter, LinkShape};
 

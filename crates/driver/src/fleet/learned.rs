@@ -33,7 +33,12 @@ impl ApplyKnowledge for Knowledge {
 pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&StateDb>) {
     let mut asking = tokio::task::JoinSet::new();
     for (i, m) in fleet.iter_mut().enumerate() {
-        if m.cores.is_some() || m.spec.is_local || m.spec.slots == 0 {
+        // A machine that runs only the daemon runs no `nproc` either.
+        if m.cores.is_some()
+            || m.spec.is_local
+            || m.spec.slots == 0
+            || m.endpoint.protocol.is_daemon_only()
+        {
             continue;
         }
         let key = &m.endpoint.name;

@@ -10,7 +10,13 @@
 //! later call fails. Callers drop a broken session and open a new one.
 //!
 //! Sessions are kept open between operations in a [`Pool`] per run ([`pool`]).
+//!
+//! A session with an `ssh-ng://` machine where `nix-store --serve` cannot run speaks the
+//! daemon's protocol to `nix-daemon --stdio` instead ([`daemon`]): the same operations,
+//! the same exchanges, the build log on the same sink. [`ServeConn::open`] finds out at
+//! the first session and the machine's endpoint remembers it for the run.
 
+mod daemon;
 mod nar;
 pub use nar::ChainProgress;
 mod pool;
@@ -23,6 +29,7 @@ use std::time::Duration;
 use offload_nix::nar::NarError;
 use offload_nix::serve::{self, BasicDerivation, BuildResult, BuildSettings, PathInfo, Request};
 use offload_nix::wire::WireError;
+use offload_nix::worker::RemoteError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
@@ -30,7 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::env::{HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
 use crate::error::DriverError;
-use crate::ssh::{classify_ssh_failure, Endpoint, Route};
+use crate::ssh::{classify_ssh_failure, Endpoint, Route, Speaks};
 use stderr::StderrLog;
 
 /// Pipe buffer sizes: large enough that NAR streaming moves big chunks.
@@ -53,6 +60,8 @@ enum ReplyError {
     Timeout(u64),
     /// Already a full error (another session's, or a check of the reply).
     Driver(DriverError),
+    /// The daemon reported the operation's failure (`STDERR_ERROR`).
+    Remote(RemoteError),
 }
 
 impl From<WireError> for ReplyError {
@@ -72,12 +81,12 @@ async fn send(to: &mut Writer, what: &'static str, frame: &[u8]) -> Result<(), R
 }
 
 /// Bounds a read by `limit`.
-async fn within<T>(
+async fn within<T, E: Into<ReplyError>>(
     limit: Duration,
-    read: impl std::future::Future<Output = Result<T, WireError>>,
+    read: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, ReplyError> {
     match tokio::time::timeout(limit, read).await {
-        Ok(reply) => Ok(reply?),
+        Ok(reply) => reply.map_err(Into::into),
         Err(_) => Err(ReplyError::Timeout(limit.as_secs())),
     }
 }
@@ -101,6 +110,8 @@ pub struct ServeConn {
     /// The control socket of the shared ssh connection it went over, if any.
     control_path: Option<std::path::PathBuf>,
     traffic: Traffic,
+    /// For a session with `nix-daemon --stdio`: what it knows of the daemon.
+    daemon: Option<daemon::DaemonSide>,
     /// Paths the server holds temporary GC roots for, so its store's garbage collector
     /// leaves them alone while the session lives: those it found valid when asked with
     /// `lock`, added through it, or built by it (Nix roots a build's outputs).
@@ -117,37 +128,33 @@ impl Drop for ServeConn {
 }
 
 impl ServeConn {
-    /// Starts the server on `endpoint` and performs the handshake.
+    /// Starts the server on `endpoint` and performs the handshake: `nix-store --serve
+    /// --write`, or on an `ssh-ng://` machine where that does not start, the daemon
+    /// (`nix-daemon --stdio`), which the endpoint then remembers for its later sessions.
     pub async fn open(endpoint: &Endpoint) -> Result<ServeConn, DriverError> {
-        let (mut child, known_hosts) = endpoint.spawn()?;
-        let (Some(stdin), Some(stdout), Some(stderr_pipe)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(DriverError::Io {
-                machine: endpoint.name.clone(),
-                op: "starting the serve process",
-                source: std::io::Error::other("child process has no piped stdio"),
-            });
-        };
-        let (stderr, finish_requests) = StderrLog::new();
-        let stderr_task = tokio::spawn(stderr.clone().pump(stderr_pipe, finish_requests));
-        let mut conn = ServeConn {
-            machine: endpoint.name.clone(),
-            command: endpoint.describe(),
-            is_ssh: matches!(endpoint.route, Route::Ssh { .. }),
-            to: BufWriter::with_capacity(IO_BUFFER, stdin),
-            from: BufReader::with_capacity(IO_BUFFER, stdout),
-            child,
-            stderr,
-            stderr_task,
-            server_version: 0,
-            broken: false,
-            cores: None,
-            control_path: endpoint.control_path.clone(),
-            traffic: Traffic::Control,
-            held: HashSet::new(),
-            _known_hosts: known_hosts,
-        };
+        if endpoint.protocol.is_daemon_only() {
+            return match endpoint.daemon_program {
+                Some(_) => ServeConn::open_daemon(endpoint).await,
+                None => Err(daemon::written_as_ssh(endpoint)),
+            };
+        }
+        match ServeConn::open_serve(endpoint).await {
+            Ok(conn) => {
+                if endpoint.protocol.get() == Speaks::Unknown {
+                    endpoint.protocol.set(Speaks::Serve);
+                }
+                Ok(conn)
+            }
+            Err(e) if daemon::serve_did_not_start(&e) => {
+                daemon::after_serve_failed(endpoint, e).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a serve-protocol session.
+    async fn open_serve(endpoint: &Endpoint) -> Result<ServeConn, DriverError> {
+        let mut conn = ServeConn::start(endpoint, &endpoint.server_command())?;
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake()).await {
             Ok(result) => result?,
             Err(_) => {
@@ -160,6 +167,40 @@ impl ServeConn {
             }
         }
         Ok(conn)
+    }
+
+    /// Starts `remote` on the machine, its stderr pumped, before any handshake.
+    fn start(endpoint: &Endpoint, remote: &str) -> Result<ServeConn, DriverError> {
+        let (mut child, known_hosts) = endpoint.spawn_command(remote)?;
+        let (Some(stdin), Some(stdout), Some(stderr_pipe)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(DriverError::Io {
+                machine: endpoint.name.clone(),
+                op: "starting the serve process",
+                source: std::io::Error::other("child process has no piped stdio"),
+            });
+        };
+        let (stderr, finish_requests) = StderrLog::new();
+        let stderr_task = tokio::spawn(stderr.clone().pump(stderr_pipe, finish_requests));
+        Ok(ServeConn {
+            machine: endpoint.name.clone(),
+            command: endpoint.describe_command(remote),
+            is_ssh: matches!(endpoint.route, Route::Ssh { .. }),
+            to: BufWriter::with_capacity(IO_BUFFER, stdin),
+            from: BufReader::with_capacity(IO_BUFFER, stdout),
+            child,
+            stderr,
+            stderr_task,
+            server_version: 0,
+            broken: false,
+            cores: None,
+            control_path: endpoint.control_path.clone(),
+            traffic: Traffic::Control,
+            daemon: None,
+            held: HashSet::new(),
+            _known_hosts: known_hosts,
+        })
     }
 
     async fn handshake(&mut self) -> Result<(), DriverError> {
@@ -228,6 +269,12 @@ impl ServeConn {
     /// The protocol version the server announced.
     pub fn server_version(&self) -> u64 {
         self.server_version
+    }
+
+    /// Whether the session speaks the daemon's protocol (`nix-daemon --stdio`) rather
+    /// than the serve protocol.
+    pub fn is_daemon(&self) -> bool {
+        self.daemon.is_some()
     }
 
     /// Whether an earlier failure left the session unusable.
@@ -315,6 +362,11 @@ impl ServeConn {
                 },
                 ReplyError::Timeout(secs) => DriverError::Timeout { machine, op, secs },
                 ReplyError::Driver(e) => e,
+                ReplyError::Remote(e) => DriverError::DaemonRefused {
+                    machine,
+                    op,
+                    message: e.message,
+                },
             };
         }
         let status = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
@@ -379,6 +431,9 @@ impl ServeConn {
         lock: bool,
         substitute: bool,
     ) -> Result<Vec<String>, DriverError> {
+        if self.is_daemon() {
+            return self.daemon_query_valid_paths(paths, lock, substitute).await;
+        }
         let frame = Request::QueryValidPaths {
             lock,
             substitute,
@@ -429,6 +484,9 @@ impl ServeConn {
         &mut self,
         paths: &[String],
     ) -> Result<Vec<PathInfo>, DriverError> {
+        if self.is_daemon() {
+            return self.daemon_query_path_infos(paths).await;
+        }
         let version = self.server_version;
         let frame = Request::QueryPathInfos { paths }.encode();
         self.query("QueryPathInfos", frame, async |from| {
@@ -443,6 +501,12 @@ impl ServeConn {
         paths: &[String],
         include_outputs: bool,
     ) -> Result<Vec<String>, DriverError> {
+        if self.is_daemon() {
+            if include_outputs {
+                return Err(self.not_over_daemon("QueryClosure with outputs"));
+            }
+            return self.daemon_query_closure(paths).await;
+        }
         let frame = Request::QueryClosure {
             include_outputs,
             paths,
@@ -464,19 +528,23 @@ impl ServeConn {
         settings: &BuildSettings,
     ) -> Result<BuildResult, DriverError> {
         const OP: &str = "BuildDerivation";
-        let frame = Request::BuildDerivation {
-            drv_path,
-            drv,
-            settings,
-        }
-        .encode();
-        let version = self.server_version;
-        let result = self
-            .exchange(OP, async |to, from| {
+        let result = if self.is_daemon() {
+            self.daemon_build_derivation(drv_path, drv, settings)
+                .await?
+        } else {
+            let frame = Request::BuildDerivation {
+                drv_path,
+                drv,
+                settings,
+            }
+            .encode();
+            let version = self.server_version;
+            self.exchange(OP, async |to, from| {
                 send(to, OP, &frame).await?;
                 Ok(serve::read_build_result(from, version).await?)
             })
-            .await?;
+            .await?
+        };
         if result.status.is_success() {
             // Nix roots a build's outputs for as long as the process that built them.
             self.held.extend(drv.outputs.iter().map(|o| o.path.clone()));
@@ -491,12 +559,22 @@ impl ServeConn {
         settings: &BuildSettings,
     ) -> Result<Result<(), (u64, String)>, DriverError> {
         const OP: &str = "BuildPaths";
+        if self.is_daemon() {
+            return Err(self.not_over_daemon(OP));
+        }
         let frame = Request::BuildPaths { paths, settings }.encode();
         self.exchange(OP, async |to, from| {
             send(to, OP, &frame).await?;
             Ok(serve::read_build_paths_result(from).await?)
         })
         .await
+    }
+
+    fn not_over_daemon(&self, op: &'static str) -> DriverError {
+        DriverError::NotOverDaemon {
+            machine: self.machine.clone(),
+            op,
+        }
     }
 
     /// Ends the session. The server sits at a command boundary, so stopping it loses

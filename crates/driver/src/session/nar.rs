@@ -7,7 +7,7 @@ use offload_nix::nar::tokio_io::copy_nar;
 use offload_nix::nar::{NarError, NarSummary};
 use offload_nix::serve::{self, PathInfo, Request};
 use offload_nix::wire::{put_bytes, put_strings, put_u64, WireError};
-use offload_nix::{export, nixbase32};
+use offload_nix::{export, nixbase32, worker};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{send, within, ReplyError, ServeConn};
@@ -15,7 +15,11 @@ use crate::env::QUERY_TIMEOUT;
 use crate::error::DriverError;
 
 /// Relays one NAR, blaming a failed write on `sink` and anything else on the NAR.
-async fn relay_nar<R, W>(from: &mut R, sink: &mut W, path: &str) -> Result<NarSummary, ReplyError>
+pub(super) async fn relay_nar<R, W>(
+    from: &mut R,
+    sink: &mut W,
+    path: &str,
+) -> Result<NarSummary, ReplyError>
 where
     R: tokio::io::AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -45,16 +49,28 @@ pub enum ChainProgress {
 
 /// Streams the NAR of `path` from `source` into `to`, another session's stdin: from one
 /// server's stdout straight into the other's. The source's own failures come back as
-/// its errors; a write into `to` that breaks is `to`'s server going away.
-async fn relay_from(
+/// its errors; a write into `to` that breaks is `to`'s server going away. A source that
+/// speaks the daemon's protocol is asked with NarFromPath.
+async fn relay_from<W: AsyncWrite + Unpin>(
     source: &mut ServeConn,
-    to: &mut super::Writer,
+    to: &mut W,
     path: &str,
 ) -> Result<NarSummary, ReplyError> {
-    let dump = Request::DumpStorePath { path }.encode();
+    let version = source.worker_version();
+    let (op, dump) = match version {
+        Some(_) => (
+            "NarFromPath",
+            worker::path_request(worker::OP_NAR_FROM_PATH, path),
+        ),
+        None => ("DumpStorePath", Request::DumpStorePath { path }.encode()),
+    };
+    let log = source.stderr.clone();
     source
-        .exchange("DumpStorePath", async |source_to, source_from| {
-            send(source_to, "DumpStorePath", &dump).await?;
+        .exchange(op, async |source_to, source_from| {
+            send(source_to, op, &dump).await?;
+            if let Some(version) = version {
+                super::daemon::messages(source_from, version, &log).await?;
+            }
             relay_nar(source_from, to, path).await
         })
         .await
@@ -77,6 +93,9 @@ impl ServeConn {
         sink: &mut W,
     ) -> Result<NarSummary, DriverError> {
         const OP: &str = "DumpStorePath";
+        if self.is_daemon() {
+            return self.daemon_dump_store_path(path, sink).await;
+        }
         let frame = Request::DumpStorePath { path }.encode();
         self.exchange(OP, async |to, from| {
             send(to, OP, &frame).await?;
@@ -93,6 +112,9 @@ impl ServeConn {
         sink: &mut W,
     ) -> Result<Vec<export::ExportedPath>, DriverError> {
         const OP: &str = "ExportPaths";
+        if self.is_daemon() {
+            return Err(self.not_over_daemon(OP));
+        }
         let frame = Request::ExportPaths { paths }.encode();
         self.exchange(OP, async |to, from| {
             send(to, OP, &frame).await?;
@@ -137,6 +159,11 @@ impl ServeConn {
         info: &PathInfo,
         source: &mut ServeConn,
     ) -> Result<NarSummary, DriverError> {
+        if self.is_daemon() {
+            return self
+                .daemon_import(info, async |to| relay_from(source, to, &info.path).await)
+                .await;
+        }
         self.import(info, async |to| relay_from(source, to, &info.path).await)
             .await
     }
@@ -154,8 +181,9 @@ impl ServeConn {
         progress: &(dyn Fn(ChainProgress) + Send + Sync),
     ) -> Result<(), DriverError> {
         const OP: &str = "AddToStoreNar";
-        if !serve::takes_add_to_store_nar(self.server_version) {
-            // ImportPaths, the only import of older servers, has one path per call here.
+        if self.is_daemon() || !serve::takes_add_to_store_nar(self.server_version) {
+            // ImportPaths, the only import of older servers, has one path per call here;
+            // so has the daemon's AddToStoreNar, each waited for.
             for (i, info) in infos.iter().enumerate() {
                 progress(ChainProgress::Sending(i));
                 self.add_to_store_nar_from(info, source).await?;
@@ -220,6 +248,13 @@ impl ServeConn {
         info: &PathInfo,
         nar: &[u8],
     ) -> Result<NarSummary, DriverError> {
+        if self.is_daemon() {
+            return self
+                .daemon_import(info, async |to| {
+                    relay_nar(&mut std::io::Cursor::new(nar), to, &info.path).await
+                })
+                .await;
+        }
         self.import(info, async |to| {
             relay_nar(&mut std::io::Cursor::new(nar), to, &info.path).await
         })
@@ -276,7 +311,11 @@ impl ServeConn {
 }
 
 /// The relayed NAR has the size and hash the source's store recorded.
-fn check_summary(machine: &str, info: &PathInfo, got: &NarSummary) -> Result<(), DriverError> {
+pub(super) fn check_summary(
+    machine: &str,
+    info: &PathInfo,
+    got: &NarSummary,
+) -> Result<(), DriverError> {
     let mismatch = |what, expected: String, got: String| DriverError::NarMismatch {
         machine: machine.to_string(),
         path: info.path.clone(),

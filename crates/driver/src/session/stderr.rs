@@ -64,6 +64,12 @@ impl StderrLog {
         self.set_sink(None);
     }
 
+    /// Takes `line` as if the server had written it to stderr: a line of a build's log
+    /// that came inside the protocol's own stream (the daemon's messages).
+    pub(super) fn push(&self, line: &str) {
+        self.line(line.as_bytes());
+    }
+
     /// The last lines read.
     pub(super) fn tail(&self) -> Vec<String> {
         self.lock().tail.iter().cloned().collect()

@@ -2,7 +2,9 @@
 //! run through OpenSSH for remote machines, or as a local process for the local store and
 //! for host `localhost` (as Nix itself does, so `ssh://localhost?remote-store=/dir`
 //! addresses a chroot store without any ssh). An `ssh-ng://` store is reached the same
-//! way, through the `nix-store` beside the daemon its `remote-program` names.
+//! way, through the `nix-store` beside the daemon its `remote-program` names; where that
+//! cannot run (a forced `nix-daemon --stdio` in `authorized_keys`), through the daemon
+//! itself, `remote-program --stdio` ([`Endpoint::daemon_command`], [`Protocol`]).
 //!
 //! OpenSSH runs as a child process so that the user's ssh config, agent, ControlMaster
 //! and known_hosts all apply. Host-key checking is never turned off: a public host key
@@ -22,6 +24,8 @@ use offload_nix::store_uri::{ServeKind, StoreUri};
 use crate::error::DriverError;
 
 pub mod master;
+mod protocol;
+pub use protocol::{Protocol, Speaks};
 
 /// How the command reaches the machine.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +71,14 @@ pub struct Endpoint {
     /// third machine with the user's keys (`--forward-agent`); never for sessions.
     #[serde(skip)]
     pub forward_agent: bool,
+    /// For `ssh-ng://`: the daemon its `remote-program` names (`nix-daemon`), run as
+    /// `PROGRAM --stdio` where `nix-store --serve` cannot run.
+    #[serde(default)]
+    pub daemon_program: Option<String>,
+    /// Which protocol its sessions speak, learned at the first session and shared by
+    /// every copy of this endpoint for the run.
+    #[serde(skip)]
+    pub protocol: Protocol,
 }
 
 impl Endpoint {
@@ -82,6 +94,8 @@ impl Endpoint {
             ssh_options: Vec::new(),
             control_path: None,
             forward_agent: false,
+            daemon_program: None,
+            protocol: Protocol::default(),
         }
     }
 
@@ -99,9 +113,14 @@ impl Endpoint {
         let mut endpoint = Endpoint::local(uri, None);
         match check.kind {
             ServeKind::Ssh => {
-                // check_serve has refused an ssh-ng program it cannot derive from.
-                if let Some(program) = parsed.serve_program() {
-                    endpoint.remote_program = program;
+                match parsed.serve_program() {
+                    Some(program) => endpoint.remote_program = program,
+                    // An ssh-ng daemon with no `nix-store` known beside it: the daemon's
+                    // protocol from the first session.
+                    None => endpoint.protocol.set(Speaks::Daemon),
+                }
+                if parsed.scheme == "ssh-ng" {
+                    endpoint.daemon_program = Some(parsed.remote_program().to_string());
                 }
                 endpoint.remote_store = parsed.remote_store().map(str::to_string);
                 if !parsed.is_localhost() {
@@ -151,18 +170,43 @@ impl Endpoint {
         cmd
     }
 
-    /// The full local command line, for messages.
-    pub fn describe(&self) -> String {
+    /// The shell command that starts the daemon's side of a session in the worker
+    /// protocol: `remote-program --stdio`, as Nix's `ssh-ng://` store runs it, or
+    /// `nix-daemon --stdio` for a machine written without one.
+    pub fn daemon_command(&self) -> String {
+        let program = self.daemon_program.as_deref().unwrap_or("nix-daemon");
+        let mut cmd = format!("{} --stdio", shell_quote(program));
+        if let Some(store) = &self.remote_store {
+            cmd.push_str(" --store ");
+            cmd.push_str(&shell_quote(store));
+        }
+        for arg in &self.extra_args {
+            cmd.push(' ');
+            cmd.push_str(&shell_quote(arg));
+        }
+        cmd
+    }
+
+    /// The full local command line of `remote`, for messages.
+    pub fn describe_command(&self, remote: &str) -> String {
         match &self.route {
-            Route::LocalProcess => self.server_command(),
-            Route::Ssh { host, .. } => format!("ssh {host} {}", self.server_command()),
+            Route::LocalProcess => remote.to_string(),
+            Route::Ssh { host, .. } => format!("ssh {host} {remote}"),
         }
     }
 
-    /// Starts the server process with piped stdio. The returned guard keeps a private
-    /// known_hosts file alive for as long as the session runs.
-    pub(crate) fn spawn(&self) -> Result<(Child, Option<tempfile::NamedTempFile>), DriverError> {
-        let (cmd, known_hosts) = self.command(&self.server_command())?;
+    /// The full local command line, for messages.
+    pub fn describe(&self) -> String {
+        self.describe_command(&self.server_command())
+    }
+
+    /// Starts `remote` (the server's command) on the machine with piped stdio. The
+    /// returned guard keeps a private known_hosts file alive for as long as it runs.
+    pub(crate) fn spawn_command(
+        &self,
+        remote: &str,
+    ) -> Result<(Child, Option<tempfile::NamedTempFile>), DriverError> {
+        let (cmd, known_hosts) = self.command(remote)?;
         let mut cmd = Command::from(cmd);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -135,6 +135,7 @@ impl ServeTransport {
             e,
             DriverError::SshAuth { .. }
                 | DriverError::SshHostKey { .. }
+                | DriverError::DaemonOnly { .. }
                 | DriverError::NotServeProtocol { .. }
                 | DriverError::IncompatibleVersion { .. }
                 | DriverError::NoRoom { .. }

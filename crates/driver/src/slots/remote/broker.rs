@@ -188,6 +188,9 @@ impl Broker {
     /// Starts the broker and waits for its first line.
     async fn start(&self) -> Result<mpsc::UnboundedSender<Request>, BrokerFailure> {
         let machine = &self.endpoint.name;
+        if self.endpoint.protocol.is_daemon_only() {
+            return Err(daemon_only());
+        }
         let command = broker_command(&self.dir, self.slots);
         let mut endpoint = self.endpoint.clone();
         if let Some(master) = &self.master {
@@ -232,7 +235,13 @@ impl Broker {
                 format!(" ({})", k.iter().cloned().collect::<Vec<_>>().join("; "))
             }
         };
-        let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stdout.next_line()).await {
+        // A machine found to run only the daemon meanwhile (its first session) never
+        // answers: its daemon waits for the worker protocol's magic.
+        let first_line = tokio::time::timeout(HANDSHAKE_TIMEOUT, stdout.next_line());
+        let first = match tokio::select! {
+            line = first_line => line,
+            () = self.endpoint.protocol.daemon_only() => return Err(daemon_only()),
+        } {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None) | Err(_)) => {
                 // Let stderr's last lines arrive: they say why (ssh's own message).
@@ -295,6 +304,16 @@ impl Broker {
         ));
         Ok(tx)
     }
+}
+
+/// Why a machine that runs only `nix-daemon --stdio` has no broker: nothing else runs
+/// there, so its builds rely on this client's own slot ledger.
+fn daemon_only() -> BrokerFailure {
+    BrokerFailure::Lasting(
+        "it runs only `nix-daemon --stdio` for offload's key (an ssh-ng:// builder whose \
+         authorized_keys forces that command), so the slot broker cannot run there"
+            .into(),
+    )
 }
 
 /// The broker process and its pipes.
