@@ -103,11 +103,6 @@ fn print_config(script_dir: Option<&Path>) -> Result<(), Failure> {
          build-hook = {path}\n\
          builders = @/etc/nix/machines\n\
          builders-use-substitutes = true\n\
-         # Nix 2.25 to 2.33 ignore build-hook in nix.conf (fixed in 2.34): there, give it on\n\
-         # the command line of the daemon or of nix-build:\n\
-         #   --option build-hook {path}\n\
-         # From Nix 2.29 on, a hook outside Nix cannot import the outputs Nix holds locks\n\
-         # on: use `offload build` there.\n\
          \n\
          # NixOS (configuration.nix), with `offload` the package:\n\
          #   environment.etc.\"nix/{SCRIPT_NAME}\" = {{ mode = \"0755\"; text = ''\n\
