@@ -219,12 +219,13 @@ fn a_collector_looping_on_the_builder_fails_no_build_in_three_runs() {
     let Some(fleet) = require_sshd_fleet_with(&[HostOptions::default()]) else {
         return;
     };
-    // Its own ssh session, killed at the end: the loop runs in the host's namespace.
+    // Its own ssh session, killed at the end: the loop runs in the host's namespace and
+    // ends with the session that started it (sshd sends no hangup without a terminal).
     let collector = Command::new("ssh")
         .arg("-F")
         .arg(fleet.ssh_config())
         .arg(fleet.alias(0))
-        .arg("while true; do nix-store --gc >/dev/null 2>&1; done")
+        .arg("while kill -0 $PPID 2>/dev/null; do nix-store --gc >/dev/null 2>&1; done")
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
