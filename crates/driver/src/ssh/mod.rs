@@ -156,18 +156,7 @@ impl Endpoint {
 
     /// The shell command that starts the server on the machine.
     pub fn server_command(&self) -> String {
-        // The program is one word, as Nix documents it (a path to `nix-store`): quoted,
-        // so no machines-file value reaches the shell as anything but text.
-        let mut cmd = format!("{} --serve --write", shell_quote(&self.remote_program));
-        if let Some(store) = &self.remote_store {
-            cmd.push_str(" --store ");
-            cmd.push_str(&shell_quote(store));
-        }
-        for arg in &self.extra_args {
-            cmd.push(' ');
-            cmd.push_str(&shell_quote(arg));
-        }
-        cmd
+        self.store_command(&self.remote_program, "--serve --write")
     }
 
     /// The shell command that starts the daemon's side of a session in the worker
@@ -175,7 +164,14 @@ impl Endpoint {
     /// `nix-daemon --stdio` for a machine written without one.
     pub fn daemon_command(&self) -> String {
         let program = self.daemon_program.as_deref().unwrap_or("nix-daemon");
-        let mut cmd = format!("{} --stdio", shell_quote(program));
+        self.store_command(program, "--stdio")
+    }
+
+    /// `program mode` on the machine's store, with the endpoint's extra arguments.
+    fn store_command(&self, program: &str, mode: &str) -> String {
+        // The program is one word, as Nix documents it (a path to `nix-store`): quoted,
+        // so no machines-file value reaches the shell as anything but text.
+        let mut cmd = format!("{} {mode}", shell_quote(program));
         if let Some(store) = &self.remote_store {
             cmd.push_str(" --store ");
             cmd.push_str(&shell_quote(store));
