@@ -131,7 +131,7 @@ impl Scheduler {
 
     /// When the inputs of `id` that `machine` lacks would all be there, sent one after
     /// another from `ready` on, behind what the links carry already.
-    fn inputs_arrive(&self, id: NodeId, machine: MachineId, ready: f64) -> f64 {
+    pub(crate) fn inputs_arrive(&self, id: NodeId, machine: MachineId, ready: f64) -> f64 {
         self.input_routes(id, machine)
             .fold(ready, |at, (_, r, bytes)| {
                 self.links.arrival(&self.machines, &r, bytes, at)

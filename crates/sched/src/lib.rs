@@ -15,6 +15,8 @@
 //!   build;
 //! - [`events`]: the scheduler's inputs ([`Event`]) and outputs ([`Action`]);
 //! - [`scheduler`]: the state machine, event by event;
+//! - [`hedge`]: duplicates of builds that overrun their plan, one rule for the driver
+//!   and the simulator;
 //! - [`bound`]: the lower bound of any schedule, that runs are measured against;
 //! - [`transfers`]: how paths travel (routes, link queues), one model for the planner,
 //!   the simulator and the driver;
@@ -29,6 +31,7 @@ pub mod events;
 mod failures;
 pub mod fleet;
 pub mod graph;
+pub mod hedge;
 mod rehearsal;
 pub mod scheduler;
 pub mod transfers;
@@ -37,6 +40,7 @@ pub use bound::lower_bound;
 pub use events::{Action, Event, Failure, NodeState, Outcome};
 pub use fleet::{Link, MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
+pub use hedge::{HedgeCounts, HedgeRule, Hedger};
 pub use scheduler::{Scheduler, MAX_ATTEMPTS};
 pub use transfers::{has_pair_links, route, route_in, Direction, Links, Route, RouteKind};
 
