@@ -6,20 +6,23 @@
 //!   `estimated_work_s` (their estimates at speed 1, summed);
 //! - `build_started`: `drv`, `machine`, `at_s` (seconds since the run began),
 //!   `estimate_s` (on that machine) and `cores` (when shared out);
+//! - `build_hedged`: a duplicate of `drv`, running on `from`, starts on `machine` (at
+//!   `at_s`); the copy that finishes first is the `build_finished`;
 //! - `build_finished` / `build_failed`: `drv`, `machine`, `at_s`, `seconds`;
 //! - `machine_lost` (down, tried again later), `machine_quarantined` (failed too often),
 //!   `machine_skipped` (quarantined by an earlier run): `machine`, `why`, `at_s`;
 //! - `transfer_started` / `transfer_finished`: `path`, `from`, `to` (machine names),
 //!   `bytes` (the NAR's size), `at_s`; when finished also `seconds` and `ok`;
 //! - `summary`: `ok`, `built`, `wall_s`, `lower_bound_s` (by the measured build times),
-//!   `builds_per_machine`, `outputs` (the requested output paths), and `failures`, each
-//!   with `drv`, `reason` and `log_tail`.
+//!   `builds_per_machine`, `outputs` (the requested output paths), `hedges`
+//!   (`duplicates`, `wins`, `waste_s`), and `failures`, each with `drv`, `reason` and
+//!   `log_tail`.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use offload_driver::build::{BuildReport, NodeResult};
+use offload_driver::build::NodeResult;
 use offload_driver::fleet::MachineConfig;
 use offload_driver::job::{Events, Summary};
 use offload_driver::reporter::{Placement, Reporter};
@@ -91,6 +94,11 @@ impl Progress {
 impl Reporter for Progress {
     fn build_started(&self, drv: &str, machine: &str) {
         self.started(drv, machine, None);
+    }
+
+    fn build_hedged(&self, drv: &str, from: &str, machine: &str) {
+        let at_s = self.at();
+        self.event(json!({"type": "build_hedged", "drv": drv, "from": from, "machine": machine, "at_s": at_s}));
     }
 
     fn build_placed(&self, drv: &str, machine: &str, placement: Placement) {
@@ -233,50 +241,14 @@ impl Events for Progress {
             "copy_back_error": report.copy_back_error.as_ref().map(|e| e.to_string()),
             "to": delivered_to,
             "bytes": report.route_bytes,
+            "hedges": {"duplicates": report.hedges.duplicates, "wins": report.hedges.wins,
+                       "waste_s": report.hedges.waste_seconds},
         }));
         if !self.quiet {
-            eprintln!("{}", summary_text(report, cpu_seconds));
+            eprintln!("{}", report.summary_text(cpu_seconds));
             if let Some(line) = report.route_bytes.describe(delivered_to) {
                 eprintln!("{line}");
             }
         }
     }
-}
-
-/// What `build` says at the end on stderr: builds, wall time against the lower bound,
-/// offload's own CPU (`cpu` seconds), builds per machine.
-fn summary_text(report: &BuildReport, cpu: f64) -> String {
-    let used: Vec<String> = report
-        .builds_per_machine
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(m, n)| format!("{m} {n}"))
-        .collect();
-    let built = report
-        .builds_per_machine
-        .iter()
-        .map(|(_, n)| n)
-        .sum::<usize>();
-    // Nothing built, or builds too short to measure: no ratio worth printing.
-    let ratio = if report.measured_lower_bound > 0.001 {
-        format!(
-            " ({:.2}x)",
-            report.wall_seconds / report.measured_lower_bound
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "built {built} derivations in {:.2} s; lower bound {:.2} s by the measured build times\
-         {ratio}; offload's own CPU {:.0} ms ({:.1} ms per build)\nbuilds per machine: {}",
-        report.wall_seconds,
-        report.measured_lower_bound,
-        cpu * 1e3,
-        cpu * 1e3 / built.max(1) as f64,
-        if used.is_empty() {
-            "none".to_string()
-        } else {
-            used.join(", ")
-        }
-    )
 }

@@ -12,6 +12,10 @@ pub trait Reporter: Send + Sync {
     }
     fn build_log(&self, drv: &str, machine: &str, line: &str);
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64);
+    /// A build running on `from` overran its plan: a duplicate of it starts on
+    /// `machine`; the first to finish is the build ([`Reporter::build_finished`] names
+    /// its machine), the other is stopped.
+    fn build_hedged(&self, _drv: &str, _from: &str, _machine: &str) {}
     /// A machine cannot be used, for now or for the run; `message` names it and says why.
     fn machine_warning(&self, message: &str);
     /// What happened to a machine, for machine-readable output: `kind` is

@@ -206,9 +206,56 @@ pub struct BuildReport {
     pub copy_back_error: Option<DriverError>,
     /// NAR bytes moved, by the way they went.
     pub route_bytes: RouteBytes,
+    /// Duplicates of builds that overran their plan: started, won, slot time wasted.
+    pub hedges: offload_sched::HedgeCounts,
 }
 
 impl BuildReport {
+    /// What `build` says at the end: builds, wall time against the lower bound,
+    /// offload's own CPU (`cpu` seconds), builds per machine, and duplicates if any.
+    pub fn summary_text(&self, cpu: f64) -> String {
+        let used: Vec<String> = self
+            .builds_per_machine
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(m, n)| format!("{m} {n}"))
+            .collect();
+        let built = self
+            .builds_per_machine
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<usize>();
+        // Nothing built, or builds too short to measure: no ratio worth printing.
+        let ratio = if self.measured_lower_bound > 0.001 {
+            format!(" ({:.2}x)", self.wall_seconds / self.measured_lower_bound)
+        } else {
+            String::new()
+        };
+        let mut text = format!(
+            "built {built} derivations in {:.2} s; lower bound {:.2} s by the measured build \
+             times{ratio}; offload's own CPU {:.0} ms ({:.1} ms per build)\nbuilds per \
+             machine: {}",
+            self.wall_seconds,
+            self.measured_lower_bound,
+            cpu * 1e3,
+            cpu * 1e3 / built.max(1) as f64,
+            if used.is_empty() {
+                "none".to_string()
+            } else {
+                used.join(", ")
+            }
+        );
+        let h = self.hedges;
+        if h.duplicates > 0 {
+            text.push_str(&format!(
+                "\nduplicates of builds that overran their plan: {} started, {} finished \
+                 first; {:.1} s of slot time spent on the copies that lost",
+                h.duplicates, h.wins, h.waste_seconds
+            ));
+        }
+        text
+    }
+
     pub fn all_built(&self) -> bool {
         self.copy_back_error.is_none()
             && self

@@ -97,6 +97,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             measured_lower_bound,
             copy_back_error,
             route_bytes,
+            hedges: self.hedging.hedger.counts(),
         })
     }
 }

@@ -177,6 +177,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             if let Some((speed, per_system)) =
                 knowledge.moved_speeds(&self.state_keys[m], spec, self.declared_speeds[m])
             {
+                let (speed, per_system) = self.hedging.capped(m, speed, per_system);
                 tracing::debug!(machine = %spec.name, "speed now {speed:.2}: {per_system:?}");
                 self.machines[m].speed = speed;
                 self.machines[m].system_speeds = per_system.clone();

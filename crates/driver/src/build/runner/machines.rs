@@ -88,6 +88,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             }
             None => doing,
         };
+        self.hedge_machine_failing(machine);
         self.running.retain(|_, (handle, m)| {
             if *m == machine {
                 handle.abort();

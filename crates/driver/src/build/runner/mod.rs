@@ -26,6 +26,7 @@ use crate::fleet::LOCAL;
 use crate::state::StateDb;
 
 pub(super) mod finish;
+mod hedging;
 mod learning;
 mod machines;
 mod transport;
@@ -118,6 +119,8 @@ pub(crate) struct Runner<'h, T: BuildTransport> {
     /// Since when nothing of this run has run while others held the slots it needs.
     waiting_for_others: Option<f64>,
     slot_wait: std::time::Duration,
+    /// Duplicates of builds that overrun their plan.
+    hedging: hedging::Hedging,
 }
 
 impl<'h, T: BuildTransport> Runner<'h, T> {
@@ -147,18 +150,21 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
         let state_keys = machines.iter().map(|m| m.name.clone()).collect();
         let declared_speeds = machines.iter().map(|m| m.speed).collect();
         let machine_count = machines.len();
+        let mut sched = Scheduler::new(graph, machines.clone(), keep_going);
+        let guessed: Vec<usize> = (0..n)
+            .filter(|&i| nodes[i].output_bytes.is_none())
+            .collect();
+        sched.guess_output_sizes(&guessed);
+        let guessed: Vec<usize> = (0..n).filter(|&i| !nodes[i].estimate_known).collect();
+        sched.guess_durations(&guessed);
+        let never: Vec<usize> = (0..n)
+            .filter(|&i| !hedging::may_build_twice(&nodes[i].drv))
+            .collect();
+        let hedging = hedging::Hedging::new(&sched, &never);
         Ok(Runner {
             transport,
-            sched: {
-                let mut sched = Scheduler::new(graph, machines.clone(), keep_going);
-                let guessed: Vec<usize> = (0..n)
-                    .filter(|&i| nodes[i].output_bytes.is_none())
-                    .collect();
-                sched.guess_output_sizes(&guessed);
-                let guessed: Vec<usize> = (0..n).filter(|&i| !nodes[i].estimate_known).collect();
-                sched.guess_durations(&guessed);
-                sched
-            },
+            sched,
+            hedging,
             health: Health::new(
                 reliability,
                 history,
@@ -262,7 +268,10 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 self.waiting_for_others = None;
             }
             tokio::select! {
-                _ = slot_watch.tick() => self.watch_slots().await,
+                _ = slot_watch.tick() => {
+                    self.watch_slots().await;
+                    self.hedge_now();
+                }
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     // An aborted task (a Cancel, its machine's failure) is accounted for.
                     if let Ok((id, done)) = joined {
@@ -329,12 +338,9 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                 };
                 let handle = self.tasks.spawn(self.transport.clone().build(task));
                 self.running.insert(node, (handle, machine));
+                self.hedging.hedger.started(&self.sched, node, self.now());
             }
-            Action::Cancel { node, .. } => {
-                if let Some((handle, _)) = self.running.remove(&node) {
-                    handle.abort();
-                }
-            }
+            Action::Cancel { node, machine } => self.cancel_copy(node, machine),
             Action::Fail { node, reason } => {
                 if self.results[node].is_none() {
                     self.results[node] = Some(NodeResult::Failed {
@@ -348,12 +354,10 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
 
     /// Feeds a finished task to the scheduler and records what it did.
     fn on_finished(&mut self, id: tokio::task::Id, done: TaskDone) {
-        match self.running.get(&done.node) {
-            Some((handle, _)) if handle.id() == id => {}
-            // The end of a task the runner already gave up on (its machine failed).
-            _ => return,
+        // Else the end of a task the runner already gave up on (its machine failed).
+        if !self.take_task(id, done.node) {
+            return;
         }
-        self.running.remove(&done.node);
         let now = self.now();
         // A builder whose disk is full fails every build that writes much: that is the
         // machine's fault, not the derivation's, so the build runs elsewhere.
@@ -389,21 +393,22 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             tracing::warn!(machine = %machine_name, drv = %drv_path, "build lost, will retry: {reason}");
         }
         let current = matches!(self.sched.state(done.node),
-            NodeState::Running { machine, .. } if *machine == done.machine);
+            NodeState::Running { machine, .. } if *machine == done.machine)
+            || self.is_duplicate(done.node, done.machine);
         if current && done.outcome == Outcome::Built {
             // What the build showed goes into the plan before its end places the builds
             // that waited for it.
             self.learn_from(&done);
         }
-        let actions = self.sched.handle(
-            Event::Finished {
-                node: done.node,
-                machine: done.machine,
-                outcome: done.outcome.clone(),
-            },
+        let actions = self.hedging.hedger.finished(
+            &mut self.sched,
+            done.node,
+            done.machine,
+            done.outcome.clone(),
             now,
         );
         self.apply(actions);
+        self.hedge_settled(done.node);
         // Count only what the scheduler took: a build of a lost machine is stale.
         let accepted = match self.sched.state(done.node) {
             NodeState::Done { machine, .. } => *machine == done.machine,
