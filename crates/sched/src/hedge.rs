@@ -39,7 +39,9 @@ pub struct HedgeRule {
     /// A duplicate starts only when it would finish this many times sooner than what
     /// is left of the original by current estimates.
     pub gain: f64,
-    /// Slot time duplicates may take, as a share of the run's planned work.
+    /// Slot time duplicates may take, as a share of the run's: of its planned work, or
+    /// of its slots' time so far (all slots × the seconds since the run began) once that
+    /// is more.
     pub budget_share: f64,
 }
 
@@ -171,18 +173,22 @@ pub struct Hedger {
     /// Derivations hedged once already, and those never to be built twice.
     hedged: Vec<bool>,
     never: Vec<bool>,
-    budget: f64,
+    /// The run's planned work (seconds at speed 1) and its slots.
+    work: f64,
+    slots: f64,
+    /// Slot seconds duplicates took so far (those running at what they were expected
+    /// to take).
     spent: f64,
     counts: HedgeCounts,
 }
 
 impl Hedger {
-    /// A hedger for the run `sched` is about to make: its budget is
-    /// [`HedgeRule::budget_share`] of the graph's work at speed 1.
+    /// A hedger for the run `sched` is about to make, from time 0.
     pub fn new(rule: HedgeRule, sched: &Scheduler) -> Hedger {
         let n = sched.graph().len();
         Hedger {
-            budget: rule.budget_share * sched.graph().total_work(),
+            work: sched.graph().total_work(),
+            slots: sched.machines().iter().map(|m| f64::from(m.slots)).sum(),
             rule,
             due: BTreeSet::new(),
             watched: HashMap::new(),
@@ -295,7 +301,7 @@ impl Hedger {
                 elapsed,
                 remaining,
                 duplicate: best.map_or(f64::INFINITY, |(_, s)| s),
-                budget_left: self.budget - self.spent,
+                budget_left: self.budget(now) - self.spent,
             };
             match best {
                 Some((to, seconds)) if decide(&self.rule, &estimate) => {
@@ -406,6 +412,11 @@ impl Hedger {
             return sched.handle(event(machine), now);
         }
         actions
+    }
+
+    /// Slot seconds duplicates may take by `now` ([`HedgeRule::budget_share`]).
+    pub fn budget(&self, now: f64) -> f64 {
+        self.rule.budget_share * self.work.max(self.slots * now)
     }
 
     /// The duplicate `dup` ended: the budget is charged what it really took.

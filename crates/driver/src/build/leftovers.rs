@@ -86,6 +86,9 @@ impl Reporter for Imports {
     fn build_finished(&self, drv: &str, machine: &str, ok: bool, seconds: f64) {
         self.inner.build_finished(drv, machine, ok, seconds);
     }
+    fn build_hedged(&self, drv: &str, from: &str, machine: &str) {
+        self.inner.build_hedged(drv, from, machine);
+    }
     fn machine_warning(&self, message: &str) {
         self.inner.machine_warning(message);
     }

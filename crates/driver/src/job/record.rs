@@ -102,6 +102,10 @@ impl Reporter for Recorder {
         self.events.build_finished(drv, machine, ok, seconds);
     }
 
+    fn build_hedged(&self, drv: &str, from: &str, machine: &str) {
+        self.events.build_hedged(drv, from, machine);
+    }
+
     fn machine_warning(&self, message: &str) {
         self.events.machine_warning(message);
     }

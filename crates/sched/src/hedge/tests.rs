@@ -192,16 +192,20 @@ fn when_the_original_wins_the_duplicate_is_cancelled() {
 }
 
 #[test]
-fn the_default_budget_is_a_tenth_of_the_work() {
-    // 12 s of work: 1.2 s for duplicates, less than the 10 s one would take.
+fn duplicates_take_a_tenth_of_the_slot_time_at_most() {
+    // 12 s of work on two slots: by 16 s, 3.2 s of slot time for duplicates, less than
+    // the 10 s one would take; by 60 s, 12 s.
     let mut sched = two_machines();
     let mut hedger = Hedger::new(HedgeRule::default(), &sched);
     started(&mut sched, &mut hedger);
+    assert!((hedger.budget(0.0) - 1.2).abs() < 1e-9);
     assert!(hedger.poll(&mut sched, 16.0).hedges.is_empty());
-    // Looked at again later, still over budget.
+    // Looked at again after half as long again as it ran.
     assert_eq!(hedger.next_due(), Some(24.0));
-    assert!(hedger.poll(&mut sched, 100.0).hedges.is_empty());
-    assert_eq!(hedger.counts(), HedgeCounts::default());
+    assert!(hedger.poll(&mut sched, 40.0).hedges.is_empty());
+    assert_eq!(hedger.next_due(), Some(60.0));
+    assert_eq!(hedger.poll(&mut sched, 60.0).hedges.len(), 1);
+    assert_eq!(hedger.counts().duplicates, 1);
 }
 
 #[test]

@@ -77,6 +77,12 @@ impl<T: BuildTransport> Runner<'_, T> {
             return;
         }
         let poll = self.hedging.hedger.poll(&mut self.sched, now);
+        tracing::debug!(
+            "overruns at {now:.2} s: {} duplicates, {} machines slower, budget {:.1} s",
+            poll.hedges.len(),
+            poll.slower.len(),
+            self.hedging.hedger.budget(now)
+        );
         for (m, share) in poll.slower {
             let spec = &self.machines[m];
             let speed = spec.speed * share;
