@@ -143,7 +143,7 @@ impl TransferEngine {
 /// Where the store of `endpoint` keeps `store_dir` on its machine's file system: inside
 /// the root of a chroot store. None for a store given by a URI whose files offload does
 /// not know (`daemon` reaches `/nix/store` too).
-fn directory_on_disk(endpoint: &Endpoint, store_dir: &str) -> Option<String> {
+pub(crate) fn directory_on_disk(endpoint: &Endpoint, store_dir: &str) -> Option<String> {
     let Some(store) = &endpoint.remote_store else {
         return Some(store_dir.to_string());
     };
