@@ -18,6 +18,9 @@ use std::path::Path;
 
 use crate::ssh::Endpoint;
 
+/// How long `nix-store --version` may take to answer.
+const VERSION_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The first Nix whose store ignores `NIX_HELD_LOCKS`.
 const FIRST_NIX_IGNORING_HELD_LOCKS: (u32, u32) = (2, 29);
 
@@ -49,14 +52,15 @@ pub(crate) async fn release_held_output_locks(local: &Endpoint, outputs: &[Strin
     if outputs.is_empty() {
         return Vec::new();
     }
-    let (local, outputs) = (local.clone(), outputs.to_vec());
-    tokio::task::spawn_blocking(move || release_blocking(&local, &outputs))
+    // An answer it cannot read counts as a Nix that ignores the variable.
+    let version = local
+        .ask(
+            &format!("{} --version", local.remote_program),
+            VERSION_QUESTION_TIMEOUT,
+        )
         .await
-        .unwrap_or_default()
-}
-
-fn release_blocking(local: &Endpoint, outputs: &[String]) -> Vec<String> {
-    if honours_held_locks(&local_nix_version(local)) {
+        .unwrap_or_default();
+    if honours_held_locks(&version) {
         return Vec::new();
     }
     let Some(dir) = crate::transfer::directory_on_disk(local, offload_nix::store_path::STORE_DIR)
@@ -93,18 +97,6 @@ fn remove_if_held(path: &Path) -> bool {
             tracing::warn!("cannot test the lock {}: {e}", path.display());
             false
         }
-    }
-}
-
-/// What the local `nix-store --version` prints; empty when it cannot be run.
-fn local_nix_version(local: &Endpoint) -> String {
-    let Ok((mut cmd, _guard)) = local.command(&format!("{} --version", local.remote_program))
-    else {
-        return String::new();
-    };
-    match crate::process::run(&mut cmd) {
-        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
-        Err(_) => String::new(),
     }
 }
 
