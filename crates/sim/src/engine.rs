@@ -182,6 +182,8 @@ struct World<'a> {
     at_client: Vec<bool>,
     busy: Vec<f64>,
     running: Vec<Vec<NodeId>>,
+    /// Copies of each node running: a duplicate runs beside its original.
+    copies: crate::hedge::Copies,
     generation: Vec<u64>,
     done: Vec<bool>,
     alive: Vec<bool>,
@@ -240,6 +242,7 @@ impl<'a> World<'a> {
             at_client: vec![false; n],
             busy: vec![0.0f64; machines.len()],
             running: vec![Vec::new(); machines.len()],
+            copies: crate::hedge::Copies::new(n),
             generation: vec![0u64; n],
             done: vec![false; n],
             alive: vec![true; machines.len()],
@@ -290,7 +293,10 @@ impl<'a> World<'a> {
         };
         let end = begin + transfer + build + back;
         self.running[m].push(node);
-        self.generation[node] += 1;
+        // A duplicate runs beside the original: the first of the two to end counts.
+        if !self.copies.start(node) {
+            self.generation[node] += 1;
+        }
         if self.trace {
             self.trace_events.push(TraceEvent {
                 name: self.graph.node(node).key.clone(),
@@ -376,10 +382,16 @@ impl<'a> World<'a> {
             return None;
         }
         self.alive[m] = false;
-        let lost = std::mem::take(&mut self.running[m]);
-        for &node in &lost {
-            self.generation[node] += 1;
-        }
+        let mut lost = std::mem::take(&mut self.running[m]);
+        // A node with another copy running elsewhere goes on there.
+        lost.retain(|&node| {
+            let alone = self.copies.alone(node);
+            self.copies.lost(node);
+            if alone {
+                self.generation[node] += 1;
+            }
+            alone
+        });
         for holders in &mut self.on_machine {
             holders.retain(|&h| h != m);
         }
@@ -394,6 +406,22 @@ impl<'a> World<'a> {
         }
         self.now = p.at;
         self.running[p.machine].retain(|&x| x != p.node);
+        if self.copies.end(p.node) {
+            // The other copy loses: it stops where it runs, now.
+            self.generation[p.node] += 1;
+            for running in &mut self.running {
+                running.retain(|&x| x != p.node);
+            }
+            let key = &self.graph.node(p.node).key;
+            let now = self.now;
+            if let Some(e) =
+                self.trace_events.iter_mut().rev().find(|e| {
+                    e.name == *key && e.machine != p.machine && e.start + e.duration > now
+                })
+            {
+                e.duration = now - e.start;
+            }
+        }
         let spec = &self.machines[p.machine];
         self.busy[p.machine] += spec.build_time(self.graph.node(p.node)) + self.costs.per_build;
         self.done[p.node] = true;

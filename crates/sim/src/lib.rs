@@ -7,6 +7,7 @@
 //! - [`fleet_file`]: the fleet file's links, speeds per system, failures, the builders'
 //!   direct links and a delivery target;
 //! - [`engine`]: the event loop and the [`engine::Policy`] trait;
+//! - [`hedge`]: duplicates of builds that overrun their plan, by the driver's rule;
 //! - [`delivery`]: where the requested outputs go when not home (a target);
 //! - [`policy`]: offload's scheduler, offload learning as the live driver learns
 //!   (`offload-learn`'s model), and the Nix and Hydra models;
@@ -20,6 +21,7 @@ pub mod dag;
 pub mod delivery;
 pub mod engine;
 pub mod fleet_file;
+pub mod hedge;
 pub mod policy;
 pub mod report;
 pub mod scenarios;

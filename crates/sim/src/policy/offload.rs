@@ -1,15 +1,16 @@
-//! offload's own policy: the real scheduler of `offload-sched`, unchanged.
+//! offload's own policy: the real scheduler of `offload-sched`, unchanged, with the
+//! driver's hedging of stragglers beside it ([`crate::hedge`]).
 
-use offload_sched::{
-    Action, Event, Graph, Link, MachineId, MachineSpec, NodeId, Outcome, Scheduler,
-};
+use offload_sched::{Event, Graph, HedgeCounts, Link, MachineId, MachineSpec, NodeId, Scheduler};
 
 use crate::engine::{Costs, Policy};
+use crate::hedge::Hedging;
 
 /// The live scheduler, driven by simulated events.
 pub struct OffloadPolicy {
     sched: Scheduler,
     costs: Costs,
+    hedging: Hedging,
 }
 
 impl OffloadPolicy {
@@ -20,16 +21,25 @@ impl OffloadPolicy {
         for m in &mut machines {
             m.per_build = m.per_build.max(costs.per_build);
         }
+        let sched = Scheduler::new(graph, machines, true);
         OffloadPolicy {
-            sched: Scheduler::new(graph, machines, true),
+            hedging: Hedging::new(&sched),
+            sched,
             costs,
         }
     }
 
     /// The machine's speeds as a fit during the run says, as the live driver tells
     /// its scheduler.
+    /// No faster than builds under way showed it.
     pub fn set_speeds(&mut self, machine: MachineId, speed: f64, per_system: Vec<(String, f64)>) {
+        let (speed, per_system) = self.hedging.capped(machine, speed, per_system);
         self.sched.set_speeds(machine, speed, per_system);
+    }
+
+    /// Duplicates of builds that overran their plan: started, won, slot time lost.
+    pub fn hedges(&self) -> HedgeCounts {
+        self.hedging.counts()
     }
 
     /// The machine's link as a fit during the run says.
@@ -62,16 +72,6 @@ impl OffloadPolicy {
     pub fn outputs_measured(&mut self, node: NodeId, bytes: u64) {
         self.sched.outputs_measured(node, bytes);
     }
-
-    fn starts(actions: Vec<Action>) -> Vec<(NodeId, MachineId)> {
-        actions
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::Start { node, machine } => Some((node, machine)),
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 impl Policy for OffloadPolicy {
@@ -92,16 +92,12 @@ impl Policy for OffloadPolicy {
     }
 
     fn start(&mut self, now: f64) -> Vec<(NodeId, MachineId)> {
-        Self::starts(self.sched.start(now))
+        let actions = self.sched.start(now);
+        self.hedging.starts(&self.sched, actions, now)
     }
 
     fn finished(&mut self, node: NodeId, machine: MachineId, now: f64) -> Vec<(NodeId, MachineId)> {
-        let event = Event::Finished {
-            node,
-            machine,
-            outcome: Outcome::Built,
-        };
-        Self::starts(self.sched.handle(event, now))
+        self.hedging.finished(&mut self.sched, node, machine, now)
     }
 
     fn machine_lost(
@@ -110,7 +106,17 @@ impl Policy for OffloadPolicy {
         _lost: &[NodeId],
         now: f64,
     ) -> Vec<(NodeId, MachineId)> {
-        Self::starts(self.sched.handle(Event::MachineLost { machine }, now))
+        self.hedging.machine_failing(&mut self.sched, machine, now);
+        let actions = self.sched.handle(Event::MachineLost { machine }, now);
+        self.hedging.starts(&self.sched, actions, now)
+    }
+
+    fn next_wakeup(&self) -> Option<f64> {
+        self.hedging.next_due()
+    }
+
+    fn wake(&mut self, now: f64) -> Vec<(NodeId, MachineId)> {
+        self.hedging.poll(&mut self.sched, now)
     }
 
     fn outputs_at(
@@ -119,6 +125,7 @@ impl Policy for OffloadPolicy {
         machine: MachineId,
         now: f64,
     ) -> Vec<(NodeId, MachineId)> {
-        Self::starts(self.sched.handle(Event::OutputsAt { node, machine }, now))
+        let actions = self.sched.handle(Event::OutputsAt { node, machine }, now);
+        self.hedging.starts(&self.sched, actions, now)
     }
 }

@@ -1,0 +1,146 @@
+//! Hedged stragglers in a simulated run, by the live driver's rule
+//! (`offload_sched::hedge`): offload's policy watches each build it starts, is woken
+//! when one would overrun its plan, and starts a duplicate where the rule says; the
+//! engine runs both copies and keeps the first to end ([`Copies`]). Machines a build
+//! under way shows slower than planned are planned at that bound, and a fit during the
+//! run does not plan them faster, as in the driver.
+
+use offload_sched::hedge::{HedgeCounts, HedgeRule, Hedger};
+use offload_sched::{Action, MachineId, NodeId, Outcome, Scheduler};
+
+/// Hedging beside the simulated scheduler.
+#[derive(Debug, Clone)]
+pub struct Hedging {
+    hedger: Hedger,
+    /// Per machine, the most its speed can be by what builds under way showed.
+    caps: Vec<Option<f64>>,
+}
+
+impl Hedging {
+    pub fn new(sched: &Scheduler) -> Hedging {
+        Hedging {
+            hedger: Hedger::new(HedgeRule::default(), sched),
+            caps: vec![None; sched.machines().len()],
+        }
+    }
+
+    /// Duplicates started, won and the slot time lost to them so far.
+    pub fn counts(&self) -> HedgeCounts {
+        self.hedger.counts()
+    }
+
+    /// The starts among `actions` (each told to the hedger).
+    pub fn starts(
+        &mut self,
+        sched: &Scheduler,
+        actions: Vec<Action>,
+        now: f64,
+    ) -> Vec<(NodeId, MachineId)> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Start { node, machine } => {
+                    self.hedger.started(sched, node, now);
+                    Some((node, machine))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A build ended well: the scheduler hears of it through the hedger (the losing
+    /// copy of a hedged build is cancelled there; the engine drops it itself).
+    pub fn finished(
+        &mut self,
+        sched: &mut Scheduler,
+        node: NodeId,
+        machine: MachineId,
+        now: f64,
+    ) -> Vec<(NodeId, MachineId)> {
+        let actions = self
+            .hedger
+            .finished(sched, node, machine, Outcome::Built, now);
+        self.starts(sched, actions, now)
+    }
+
+    /// `machine` is lost: the hedger first.
+    pub fn machine_failing(&mut self, sched: &mut Scheduler, machine: MachineId, now: f64) {
+        self.hedger.machine_failing(sched, machine, now);
+    }
+
+    /// When the next watched build would overrun.
+    pub fn next_due(&self) -> Option<f64> {
+        self.hedger.next_due()
+    }
+
+    /// The duplicates to start now; machines seen slower are planned at that.
+    pub fn poll(&mut self, sched: &mut Scheduler, now: f64) -> Vec<(NodeId, MachineId)> {
+        let poll = self.hedger.poll(sched, now);
+        for (m, share) in poll.slower {
+            let spec = &sched.machines()[m];
+            let speed = spec.speed * share;
+            let per_system = spec
+                .system_speeds
+                .iter()
+                .map(|(s, v)| (s.clone(), v * share))
+                .collect();
+            self.caps[m] = Some(speed);
+            sched.set_speeds(m, speed, per_system);
+        }
+        poll.hedges.iter().map(|h| (h.node, h.to)).collect()
+    }
+
+    /// `speed` and `per_system` for `machine`, no faster than builds under way showed.
+    pub fn capped(
+        &self,
+        machine: MachineId,
+        speed: f64,
+        per_system: Vec<(String, f64)>,
+    ) -> (f64, Vec<(String, f64)>) {
+        match self.caps.get(machine).copied().flatten() {
+            Some(cap) if speed > cap => {
+                let share = cap / speed;
+                let per_system = per_system.into_iter().map(|(s, v)| (s, v * share));
+                (cap, per_system.collect())
+            }
+            _ => (speed, per_system),
+        }
+    }
+}
+
+/// How many copies of each node the engine runs: a second one is a duplicate (started
+/// while the first runs), and the first copy to end is the build.
+#[derive(Debug, Clone)]
+pub(crate) struct Copies {
+    running: Vec<u8>,
+}
+
+impl Copies {
+    pub(crate) fn new(nodes: usize) -> Copies {
+        Copies {
+            running: vec![0; nodes],
+        }
+    }
+
+    /// A copy of `node` starts; whether it is a duplicate of one running.
+    pub(crate) fn start(&mut self, node: NodeId) -> bool {
+        self.running[node] = self.running[node].saturating_add(1);
+        self.running[node] > 1
+    }
+
+    /// The copy of `node` that counts ended (or every copy was lost): whether another
+    /// ran beside it, to be dropped.
+    pub(crate) fn end(&mut self, node: NodeId) -> bool {
+        std::mem::replace(&mut self.running[node], 0) > 1
+    }
+
+    /// Whether `node` runs as one copy (or none).
+    pub(crate) fn alone(&self, node: NodeId) -> bool {
+        self.running[node] <= 1
+    }
+
+    /// One copy of `node` was lost with its machine.
+    pub(crate) fn lost(&mut self, node: NodeId) {
+        self.running[node] = self.running[node].saturating_sub(1);
+    }
+}
