@@ -35,6 +35,10 @@
 #   slow-builders-aarch64-90  the same fleet on a layered graph of 90, 4 of them
 #                          aarch64-linux, whose optimum is within 1 % of the bound.
 #                          Target: run 2 <= 1.15x the bound.
+#   turned-slow            builders as fast as this machine, but fleet3 turns $TURNED
+#                          times slower after run 1 (its speed file says 1 for run 1, the
+#                          history, and $TURNED for nix-build and run 2). Target: run 2
+#                          <= 1.25x the CP-SAT optimum for the true speeds.
 #
 # How a builder is made slow: its `remote-program` is a wrapper that runs `nix-store`
 # with `--option extra-sandbox-paths /speed=FILE` (and `/speed-aarch64-linux=FILE`), and
@@ -45,7 +49,7 @@
 # work counted on fleet3, the one machine able to build it.
 #
 # Environment: CASES, RUNS, OFFLOAD, WORK (default /tmp/offload-bench-fleet), MBIT (20),
-# DELAY_MS (20), SLOW (3), AARCH64_SLOW (5), TIMEOUT per build command in seconds (900),
+# DELAY_MS (20), SLOW (3), AARCH64_SLOW (5), TURNED (6), TIMEOUT per build command in seconds (900),
 # KEEP=1 keeps the builders' stores and this run's outputs in the local store; RUN3=1
 # adds a third offload run with the history of the first two (how far learning goes).
 set -euo pipefail
@@ -57,6 +61,7 @@ MBIT=${MBIT:-20}
 DELAY_MS=${DELAY_MS:-20}
 SLOW=${SLOW:-3}
 AARCH64_SLOW=${AARCH64_SLOW:-5}
+TURNED=${TURNED:-6}
 TIMEOUT=${TIMEOUT:-900}
 KEEP=${KEEP:-}
 RUN3=${RUN3:-}
@@ -81,8 +86,8 @@ fi
 "$OFFLOAD" --version >/dev/null 2>&1 || die "$OFFLOAD --version failed (mid-rebuild?)" \
   "wait for the build to finish, or build your own copy with cargo build --release -p offload"
 for c in $CASES; do
-  case $c in slow-link | slow-builders | slow-builders-90 | slow-builders-aarch64 | slow-builders-aarch64-90) ;;
-  *) die "unknown case $c" "CASES takes slow-link, slow-builders, slow-builders-90, slow-builders-aarch64 and slow-builders-aarch64-90" ;;
+  case $c in slow-link | slow-builders | slow-builders-90 | slow-builders-aarch64 | slow-builders-aarch64-90 | turned-slow) ;;
+  *) die "unknown case $c" "CASES takes slow-link, slow-builders, slow-builders-90, slow-builders-aarch64, slow-builders-aarch64-90 and turned-slow" ;;
   esac
 done
 
@@ -161,7 +166,14 @@ cat >"$WORK/nix-store-slow-aarch64" <<SH
 #!/bin/sh
 exec nix-store --option extra-sandbox-paths "/speed=$WORK/speed-native /speed-aarch64-linux=$WORK/speed-aarch64" "\$@"
 SH
-chmod +x "$WORK/nix-store-slow" "$WORK/nix-store-slow-aarch64"
+# turned-slow: fleet3's speed file changes between the runs, its machine (and so its
+# history) stays the same.
+echo 1 >"$WORK/speed-turn"
+cat >"$WORK/nix-store-turn" <<SH
+#!/bin/sh
+exec nix-store --option extra-sandbox-paths "/speed=$WORK/speed-turn" "\$@"
+SH
+chmod +x "$WORK/nix-store-slow" "$WORK/nix-store-slow-aarch64" "$WORK/nix-store-turn"
 
 now() { date +%s.%N; }
 secs() { awk "BEGIN {printf \"%.2f\", $2 - $1}"; }
@@ -238,6 +250,15 @@ for case in $CASES; do
       title="slow builders + aarch64: $nodes derivations, 4 of them aarch64-linux (fleet3 only, ${AARCH64_SLOW}x slower than its native system)"
       target="run 2 <= 1.15x the bound"
       ;;
+    turned-slow)
+      spec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; "
+      spec+="ssh://fleet3?remote-program=$WORK/nix-store-turn x86_64-linux - 2 1"
+      bound+=(fleet1:2:x86_64-linux=1 fleet2:2:x86_64-linux=1 fleet3:2:x86_64-linux="$TURNED")
+      simspec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3 x86_64-linux - 2 1"
+      printf '{"speeds": {"fleet3": {"x86_64-linux": %s}}}\n' "$(awk "BEGIN {print 1 / $TURNED}")" >"$WORK/$case-simfleet.json"
+      title="turned slow: $nodes derivations; fleet3 ${TURNED}x slower than in run 1 (the history), the others as fast as this machine"
+      target="run 2 <= 1.25x the optimum"
+      ;;
   esac
   nix=$WORK/$case.nix
   python3 scripts/gen-dag.py layered "$nodes" 1 "$nix" "${gen[@]}" >/dev/null
@@ -274,12 +295,16 @@ for case in $CASES; do
   nix_t=(); one_t=(); two_t=(); three_t=()
   for run in $(seq 1 "$RUNS"); do
     salt=$(date +%s%N)
+    [ "$case" = turned-slow ] && echo "$TURNED" >"$WORK/speed-turn"
     nix_t+=("$(timed "$WORK/$case-nix.log" nix-build "$nix" --argstr salt "nix-$salt" --builders "$spec" -j "$local_slots" --no-out-link)")
     forget "$nix" "nix-$salt"
     rm -f "$hist"
+    # turned-slow: run 1, the history, sees fleet3 at full speed.
+    [ "$case" = turned-slow ] && echo 1 >"$WORK/speed-turn"
     one_t+=("$(timed "$WORK/$case-offload1.log" "$OFFLOAD" build "$nix" --argstr salt "a-$salt" --builders "$spec" -j "$local_slots" \
       --no-out-link --no-build-output --history "$hist" --trace "$WORK/$case-offload1.trace.json")")
     forget "$nix" "a-$salt"
+    [ "$case" = turned-slow ] && echo "$TURNED" >"$WORK/speed-turn"
     two_t+=("$(timed "$WORK/$case-offload2.log" "$OFFLOAD" build "$nix" --argstr salt "b-$salt" --builders "$spec" -j "$local_slots" \
       --no-out-link --no-build-output --history "$hist" --trace "$WORK/$case-offload2.trace.json")")
     forget "$nix" "b-$salt"
@@ -312,12 +337,18 @@ for case in $CASES; do
   if [ -n "$RUN3" ]; then
     LOG=$WORK/$case-offload3.log PLACES="builds: $(offload_places "$WORK/$case-offload3.log")" report "offload run 3 (history of runs 1-2):" "${three_t[@]}"
   fi
+  for log in "$WORK/$case-offload1.log" "$WORK/$case-offload2.log"; do
+    dup=$(grep '^duplicates of builds' "$log" | tail -n 1 || true)
+    [ -n "$dup" ] && echo "   $(basename "$log" .log): $dup"
+  done
   if ! printf '%s\n' "${two_t[@]}" | grep -q failed; then
     t2=$(median "${two_t[@]}")
     limit=1.15
     [ "$case" = slow-link ] && limit=1.30
-    met=$(awk -v t="$t2" -v lb="$lb" -v lim="$limit" -v n="$tn" -v c="$case" \
-      'BEGIN {ok = t <= lim * lb; if (c == "slow-link") ok = ok && n != "failed" && n >= 2 * t; print ok ? "met" : "not met"}')
+    [ "$case" = turned-slow ] && limit=1.25
+    met=$(awk -v t="$t2" -v lb="$lb" -v lim="$limit" -v n="$tn" -v c="$case" -v opt="$opt" \
+      'BEGIN {ok = t <= lim * lb; if (c == "slow-link") ok = ok && n != "failed" && n >= 2 * t;
+              if (c == "turned-slow") ok = opt != "-" && t <= lim * opt; print ok ? "met" : "not met"}')
     echo "   target: $target: $met"
   fi
   sim_vs() { # sim_vs SIM MEASURED...: the simulated time beside the measured median

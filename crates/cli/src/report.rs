@@ -103,7 +103,11 @@ pub fn run(args: ReportArgs, path: &Path) -> Result<(), Failure> {
             run.lower_bound,
             per_machine.join(", ")
         ));
-        if let Some(line) = run.route_bytes.describe(run.delivered_to.as_deref()) {
+        let lines = [
+            run.route_bytes.describe(run.delivered_to.as_deref()),
+            run.hedges.describe(),
+        ];
+        for line in lines.into_iter().flatten() {
             crate::output::stdout(&format!("{line}\n"));
         }
     }

@@ -240,6 +240,19 @@ fn a_builder_turned_slow_loses_its_builds_to_duplicates() {
         "{summary}"
     );
     assert_eq!(summary["hedges"]["wins"].as_u64(), Some(won), "{summary}");
+    // `offload report` counts them too.
+    let report = common::offload(work.path())
+        .arg("report")
+        .arg("--history")
+        .arg(work.path().join("history.sqlite"))
+        .output()
+        .unwrap();
+    let said = text(&report.stdout);
+    let line = format!(
+        "duplicates of builds that overran their plan: {} started, {won} finished first",
+        hedged.len()
+    );
+    assert!(said.contains(&line), "{said}{}", text(&report.stderr));
     // Without duplicates, the slow builder's two builds alone take 20 s.
     assert!(
         wall < Duration::from_secs(u64::from(SLOW) * 2),

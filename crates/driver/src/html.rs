@@ -358,6 +358,7 @@ mod tests {
             transfers: Vec::new(),
             route_bytes: Default::default(),
             delivered_to: None,
+            hedges: Default::default(),
         };
         let page = html(&run);
         assert!(page.contains("&lt;run&gt;") && page.contains("m&amp;1"));

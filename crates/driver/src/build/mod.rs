@@ -245,13 +245,10 @@ impl BuildReport {
                 used.join(", ")
             }
         );
-        let h = self.hedges;
-        if h.duplicates > 0 {
-            text.push_str(&format!(
-                "\nduplicates of builds that overran their plan: {} started, {} finished \
-                 first; {:.1} s of slot time spent on the copies that lost",
-                h.duplicates, h.wins, h.waste_seconds
-            ));
+        let hedges = crate::state::report::ReportHedges::from(self.hedges);
+        if let Some(line) = hedges.describe() {
+            text.push('\n');
+            text.push_str(&line);
         }
         text
     }

@@ -56,6 +56,7 @@ pub fn run_report(
         transfers: Vec::new(),
         route_bytes: report.route_bytes,
         delivered_to: None,
+        hedges: report.hedges.into(),
     }
 }
 

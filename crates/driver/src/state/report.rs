@@ -53,6 +53,43 @@ pub struct RunReport {
     /// Where the requested outputs went (`--to`); none: this machine's store.
     #[serde(default)]
     pub delivered_to: Option<String>,
+    /// Duplicates of builds that overran their plan (none in runs kept before them).
+    #[serde(default)]
+    pub hedges: ReportHedges,
+}
+
+/// Duplicates of builds that overran their plan, in a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReportHedges {
+    /// Duplicates started.
+    pub duplicates: u32,
+    /// Those that finished before their original.
+    pub wins: u32,
+    /// Slot seconds spent on the copies that lost.
+    pub waste_seconds: f64,
+}
+
+impl ReportHedges {
+    /// What a run's summary and `offload report` say of them; None without any.
+    pub fn describe(&self) -> Option<String> {
+        (self.duplicates > 0).then(|| {
+            format!(
+                "duplicates of builds that overran their plan: {} started, {} finished first; \
+                 {:.1} s of slot time spent on the copies that lost",
+                self.duplicates, self.wins, self.waste_seconds
+            )
+        })
+    }
+}
+
+impl From<offload_sched::HedgeCounts> for ReportHedges {
+    fn from(c: offload_sched::HedgeCounts) -> Self {
+        ReportHedges {
+            duplicates: c.duplicates,
+            wins: c.wins,
+            waste_seconds: c.waste_seconds,
+        }
+    }
 }
 
 /// NAR bytes a run moved, by the way they went.
