@@ -1,7 +1,7 @@
 //! Hedged stragglers in a simulated run, by the live driver's rule
 //! (`offload_sched::hedge`): offload's policy watches each build it starts, is woken
 //! when one would overrun its plan, and starts a duplicate where the rule says; the
-//! engine runs both copies and keeps the first to end ([`Copies`]). Machines a build
+//! engine runs both copies and keeps the first to end (`Copies`). Machines a build
 //! under way shows slower than planned are planned at that bound, and a fit during the
 //! run does not plan them faster, as in the driver.
 
