@@ -88,10 +88,13 @@ pub fn decide(rule: &HedgeRule, e: &Estimate) -> bool {
 }
 
 /// The most a machine's speed can be, planned at `speed` for a build expected to take
-/// `planned` seconds that has run `elapsed` without ending; `None` unless that shows
-/// the machine at least twice slower than planned.
+/// `planned` seconds that has run `elapsed` without ending; `None` unless the build
+/// overruns its plan ([`HedgeRule::overrun`], [`HedgeRule::slack`]): the overrun that
+/// makes a build a straggler also makes its machine planned slower, so the builds that
+/// start after it go elsewhere.
 pub fn speed_under_way(rule: &HedgeRule, speed: f64, planned: f64, elapsed: f64) -> Option<f64> {
-    (planned > 0.0 && elapsed >= 2.0 * planned + rule.slack).then(|| speed * planned / elapsed)
+    (planned > 0.0 && elapsed >= rule.overrun * planned + rule.slack)
+        .then(|| speed * planned / elapsed)
 }
 
 /// A duplicate to start.

@@ -79,9 +79,9 @@ fn the_budget_caps_duplicates() {
 }
 
 #[test]
-fn a_build_twice_as_slow_as_planned_bounds_its_machines_speed() {
+fn an_overrun_bounds_its_machines_speed() {
     let rule = HedgeRule::default();
-    assert_eq!(speed_under_way(&rule, 2.0, 10.0, 20.0), None);
+    assert_eq!(speed_under_way(&rule, 2.0, 10.0, 15.9), None);
     assert_eq!(speed_under_way(&rule, 2.0, 10.0, 25.0), Some(0.8));
     assert_eq!(speed_under_way(&rule, 2.0, 0.0, 25.0), None);
 }
@@ -266,10 +266,12 @@ fn a_slow_build_reports_its_machine() {
     let mut sched = two_machines();
     let mut hedger = Hedger::new(HedgeRule::default(), &sched);
     let a = started(&mut sched, &mut hedger);
-    hedger.poll(&mut sched, 16.0);
-    // Looked at again after half as long again: at 24 s, 2.4 times its 10 s.
-    let poll = hedger.poll(&mut sched, 24.0);
+    assert_eq!(hedger.poll(&mut sched, 15.0), Poll::default());
+    // At 16 s, 1.6 times its 10 s: too little budget for a duplicate, but its machine is
+    // planned slower from now on.
+    let poll = hedger.poll(&mut sched, 16.0);
+    assert!(poll.hedges.is_empty());
     assert_eq!(poll.slower.len(), 1);
     assert_eq!(poll.slower[0].0, a);
-    assert!((poll.slower[0].1 - 10.0 / 24.0).abs() < 1e-9);
+    assert!((poll.slower[0].1 - 10.0 / 16.0).abs() < 1e-9);
 }
