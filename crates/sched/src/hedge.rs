@@ -18,8 +18,9 @@
 //! - a machine going down or lost is told with [`Hedger::machine_failing`] before the
 //!   scheduler hears of it;
 //! - at [`Hedger::next_due`] (or any time after), [`Hedger::poll`] gives the
-//!   duplicates to start and the machines seen slower than planned
-//!   ([`Poll::slower`]), to be planned at that bound.
+//!   duplicates to start;
+//! - after an end, [`Hedger::take_slower`] gives the machines a duplicate's win showed
+//!   slower than planned, to be planned at that bound.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
@@ -90,8 +91,8 @@ pub fn decide(rule: &HedgeRule, e: &Estimate) -> bool {
 /// The most a machine's speed can be, planned at `speed` for a build expected to take
 /// `planned` seconds that has run `elapsed` without ending; `None` unless the build
 /// overruns its plan ([`HedgeRule::overrun`], [`HedgeRule::slack`]): the overrun that
-/// makes a build a straggler also makes its machine planned slower, so the builds that
-/// start after it go elsewhere.
+/// makes a build a straggler, once its duplicate finished first, also makes its machine
+/// planned slower, so the builds that start after it go elsewhere.
 pub fn speed_under_way(rule: &HedgeRule, speed: f64, planned: f64, elapsed: f64) -> Option<f64> {
     (planned > 0.0 && elapsed >= rule.overrun * planned + rule.slack)
         .then(|| speed * planned / elapsed)
@@ -111,10 +112,6 @@ pub struct Hedge {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Poll {
     pub hedges: Vec<Hedge>,
-    /// Machines a build under way shows slower than planned, with the most their speed
-    /// can be ([`speed_under_way`]), as a share of the speed planned: the caller plans
-    /// them at that from now on.
-    pub slower: Vec<(MachineId, f64)>,
 }
 
 /// Duplicates of a run, as reported.
@@ -163,6 +160,8 @@ struct Duplicate {
     started: f64,
     /// The seconds taken from the budget for it.
     charged: f64,
+    /// The original as the hedger saw it start.
+    original: Watched,
 }
 
 /// Hedging's state beside a [`Scheduler`] (see the module's doc).
@@ -183,6 +182,8 @@ pub struct Hedger {
     /// to take).
     spent: f64,
     counts: HedgeCounts,
+    /// Machines shown slower than planned, not yet taken ([`Hedger::take_slower`]).
+    slower: Vec<(MachineId, f64)>,
 }
 
 impl Hedger {
@@ -200,6 +201,7 @@ impl Hedger {
             never: vec![false; n],
             spent: 0.0,
             counts: HedgeCounts::default(),
+            slower: Vec::new(),
         }
     }
 
@@ -270,8 +272,7 @@ impl Hedger {
     }
 
     /// Looks at the builds that overran by `now`: starts a duplicate of each where
-    /// [`decide`] says so (its slot taken in `sched`), and reports machines seen slower
-    /// than planned. A build not hedged now is looked at again after half as long
+    /// [`decide`] says so (its slot taken in `sched`). A build not hedged now is looked at again after half as long
     /// again as it has run.
     pub fn poll(&mut self, sched: &mut Scheduler, now: f64) -> Poll {
         let mut poll = Poll::default();
@@ -288,13 +289,6 @@ impl Hedger {
                 continue;
             };
             let elapsed = now - w.started;
-            if let Some(bound) = speed_under_way(&self.rule, w.speed, w.planned, elapsed) {
-                let spec = &sched.machines()[from];
-                let current = spec.speed_for(&sched.graph().node(node).system);
-                if bound < current * 0.9 {
-                    poll.slower.push((from, bound / current));
-                }
-            }
             let spec = &sched.machines()[from];
             let node_spec = sched.graph().node(node);
             let remaining = w.started + spec.build_time(node_spec) + spec.per_build - now;
@@ -319,6 +313,7 @@ impl Hedger {
                             machine: to,
                             started: now,
                             charged: seconds,
+                            original: w,
                         },
                     );
                     poll.hedges.push(Hedge { node, from, to });
@@ -373,6 +368,15 @@ impl Hedger {
                 // duplicate's.
                 self.counts.wins += 1;
                 self.counts.waste_seconds += now - original_started;
+                let o = dup.original;
+                let elapsed = now - o.started;
+                if let Some(bound) = speed_under_way(&self.rule, o.speed, o.planned, elapsed) {
+                    let system = &sched.graph().node(node).system;
+                    let current = sched.machines()[original].speed_for(system);
+                    if bound < current * 0.9 {
+                        self.slower.push((original, bound / current));
+                    }
+                }
                 sched.release(node, original);
                 sched.set_state(
                     node,
@@ -420,6 +424,13 @@ impl Hedger {
     /// Slot seconds duplicates may take by `now` ([`HedgeRule::budget_share`]).
     pub fn budget(&self, now: f64) -> f64 {
         self.rule.budget_share * self.work.max(self.slots * now)
+    }
+
+    /// Machines whose build lost to its duplicate, each with the most its speed can be
+    /// by that build ([`speed_under_way`]) as a share of the speed planned now: the
+    /// caller plans them at that from now on.
+    pub fn take_slower(&mut self) -> Vec<(MachineId, f64)> {
+        std::mem::take(&mut self.slower)
     }
 
     /// The duplicate `dup` ended: the budget is charged what it really took.

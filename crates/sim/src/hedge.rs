@@ -60,6 +60,20 @@ impl Hedging {
         let actions = self
             .hedger
             .finished(sched, node, machine, Outcome::Built, now);
+        // Machines its loser showed slower are planned so from the next decision on, as
+        // the driver does.
+        let slower = self.hedger.take_slower();
+        for (m, share) in slower {
+            let spec = &sched.machines()[m];
+            let speed = spec.speed * share;
+            let per_system = spec
+                .system_speeds
+                .iter()
+                .map(|(s, v)| (s.clone(), v * share))
+                .collect();
+            self.caps[m] = Some(speed);
+            sched.set_speeds(m, speed, per_system);
+        }
         self.starts(sched, actions, now)
     }
 
@@ -73,20 +87,9 @@ impl Hedging {
         self.hedger.next_due()
     }
 
-    /// The duplicates to start now; machines seen slower are planned at that.
+    /// The duplicates to start now.
     pub fn poll(&mut self, sched: &mut Scheduler, now: f64) -> Vec<(NodeId, MachineId)> {
         let poll = self.hedger.poll(sched, now);
-        for (m, share) in poll.slower {
-            let spec = &sched.machines()[m];
-            let speed = spec.speed * share;
-            let per_system = spec
-                .system_speeds
-                .iter()
-                .map(|(s, v)| (s.clone(), v * share))
-                .collect();
-            self.caps[m] = Some(speed);
-            sched.set_speeds(m, speed, per_system);
-        }
         poll.hedges.iter().map(|h| (h.node, h.to)).collect()
     }
 

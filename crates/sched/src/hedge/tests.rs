@@ -135,7 +135,7 @@ fn an_overrun_gets_one_duplicate_which_wins() {
     let a = started(&mut sched, &mut hedger);
     let b = 1 - a;
     assert_eq!(hedger.next_due(), Some(16.0));
-    assert_eq!(hedger.poll(&mut sched, 15.0), Poll::default());
+    assert!(hedger.poll(&mut sched, 15.0).hedges.is_empty());
     let poll = hedger.poll(&mut sched, 16.0);
     assert_eq!(
         poll.hedges,
@@ -262,16 +262,27 @@ fn the_originals_machine_lost_leaves_the_duplicate_as_the_build() {
 }
 
 #[test]
-fn a_slow_build_reports_its_machine() {
+fn a_build_that_loses_to_its_duplicate_reports_its_machine() {
     let mut sched = two_machines();
-    let mut hedger = Hedger::new(HedgeRule::default(), &sched);
+    let mut hedger = Hedger::new(generous(), &sched);
     let a = started(&mut sched, &mut hedger);
-    assert_eq!(hedger.poll(&mut sched, 15.0), Poll::default());
-    // At 16 s, 1.6 times its 10 s: too little budget for a duplicate, but its machine is
-    // planned slower from now on.
-    let poll = hedger.poll(&mut sched, 16.0);
-    assert!(poll.hedges.is_empty());
-    assert_eq!(poll.slower.len(), 1);
-    assert_eq!(poll.slower[0].0, a);
-    assert!((poll.slower[0].1 - 10.0 / 16.0).abs() < 1e-9);
+    let b = 1 - a;
+    hedger.poll(&mut sched, 16.0);
+    assert!(hedger.take_slower().is_empty());
+    hedger.finished(&mut sched, 0, b, Outcome::Built, 26.0);
+    // Planned 10 s, ran 26 s without ending.
+    let slower = hedger.take_slower();
+    assert_eq!(slower.len(), 1);
+    assert_eq!(slower[0].0, a);
+    assert!((slower[0].1 - 10.0 / 26.0).abs() < 1e-9);
+}
+
+#[test]
+fn an_original_that_wins_reports_nothing() {
+    let mut sched = two_machines();
+    let mut hedger = Hedger::new(generous(), &sched);
+    let a = started(&mut sched, &mut hedger);
+    hedger.poll(&mut sched, 16.0);
+    hedger.finished(&mut sched, 0, a, Outcome::Built, 18.0);
+    assert!(hedger.take_slower().is_empty());
 }

@@ -78,25 +78,10 @@ impl<T: BuildTransport> Runner<'_, T> {
         }
         let poll = self.hedging.hedger.poll(&mut self.sched, now);
         tracing::debug!(
-            "overruns at {now:.2} s: {} duplicates, {} machines slower, budget {:.1} s",
+            "overruns at {now:.2} s: {} duplicates, budget {:.1} s",
             poll.hedges.len(),
-            poll.slower.len(),
             self.hedging.hedger.budget(now)
         );
-        for (m, share) in poll.slower {
-            let spec = &self.machines[m];
-            let speed = spec.speed * share;
-            let per_system: Vec<(String, f64)> = spec
-                .system_speeds
-                .iter()
-                .map(|(s, v)| (s.clone(), v * share))
-                .collect();
-            tracing::debug!(machine = %spec.name, "speed at most {speed:.2} by a build under way");
-            self.hedging.caps[m] = Some(speed);
-            self.machines[m].speed = speed;
-            self.machines[m].system_speeds = per_system.clone();
-            self.sched.set_speeds(m, speed, per_system);
-        }
         for h in poll.hedges {
             let cores = self.cores[h.to].map(|total| {
                 let sharing = self.sched.running_on(h.to).len().max(1) as u32;
@@ -147,9 +132,29 @@ impl<T: BuildTransport> Runner<'_, T> {
         }
     }
 
+    /// Plans the machines whose builds lost to their duplicates at what those builds
+    /// showed.
+    fn plan_slower(&mut self) {
+        for (m, share) in self.hedging.hedger.take_slower() {
+            let spec = &self.machines[m];
+            let speed = spec.speed * share;
+            let per_system: Vec<(String, f64)> = spec
+                .system_speeds
+                .iter()
+                .map(|(s, v)| (s.clone(), v * share))
+                .collect();
+            tracing::debug!(machine = %spec.name, "speed at most {speed:.2} by a build that lost to its duplicate");
+            self.hedging.caps[m] = Some(speed);
+            self.machines[m].speed = speed;
+            self.machines[m].system_speeds = per_system.clone();
+            self.sched.set_speeds(m, speed, per_system);
+        }
+    }
+
     /// After a build of `node` ended: a duplicate that outlived its original is the
     /// build from now on.
     pub(super) fn hedge_settled(&mut self, node: usize) {
+        self.plan_slower();
         if self.hedging.hedger.duplicate_of(node).is_none() {
             if let Some(dup) = self.hedging.duplicates.remove(&node) {
                 self.running.insert(node, dup);
