@@ -152,7 +152,8 @@ pub(crate) async fn carry_out(
     };
 
     // Nix holds the outputs' locks while the hook runs: the local import must not wait
-    // for them (LocalStore reads NIX_HELD_LOCKS when it opens).
+    // for them (LocalStore reads NIX_HELD_LOCKS when it opens, up to Nix 2.28; see
+    // hook/locks.rs for later ones).
     let mut local_endpoint = Endpoint::local("local", order.store.clone());
     let held: Vec<&str> = outputs.iter().map(|(_, p)| p.as_str()).collect();
     local_endpoint
@@ -229,7 +230,7 @@ pub(crate) async fn carry_out(
                 &machine,
                 drv_path,
             )?;
-            realised_home(order, built, remote, &mut local, note).await?;
+            realised_home(order, built, remote, (&mut local, &local_endpoint), note).await?;
         }
         None => {
             let wanted: Vec<String> = outputs
@@ -239,7 +240,7 @@ pub(crate) async fn carry_out(
                 })
                 .map(|(_, p)| p.clone())
                 .collect();
-            outputs_home(remote, &mut local, wanted, note).await?;
+            outputs_home(remote, (&mut local, &local_endpoint), wanted, note).await?;
         }
     }
     let _ = local.close().await;
@@ -253,7 +254,7 @@ async fn realised_home(
     order: &BuildOrder,
     built: Vec<crate::realise::Built>,
     remote: &mut ServeConn,
-    local: &mut ServeConn,
+    local: (&mut ServeConn, &Endpoint),
     note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), OrderError> {
     let features = &order.experimental_features;
@@ -270,7 +271,7 @@ async fn realised_home(
 /// valid in `local` there.
 async fn outputs_home(
     remote: &mut ServeConn,
-    local: &mut ServeConn,
+    (local, local_endpoint): (&mut ServeConn, &Endpoint),
     wanted: Vec<String>,
     note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), OrderError> {
@@ -280,6 +281,9 @@ async fn outputs_home(
         .filter(|p| !valid_here.contains(p))
         .collect();
     note(&format!("copying outputs from '{}'...", remote.machine()));
+    for lock in crate::hook::locks::release_held_output_locks(local_endpoint, &missing).await {
+        tracing::debug!("removed the name of {lock}, held by the Nix that runs this hook");
+    }
     copy(remote, local, &missing).await
 }
 
