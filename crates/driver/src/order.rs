@@ -39,7 +39,7 @@ pub struct BuildOrder {
     #[serde(default)]
     pub slots: u32,
     /// Nix's `experimental-features`: with `ca-derivations`, floating content-addressed
-    /// outputs are registered here as Nix's hook registers them ([`crate::realise`]).
+    /// outputs are registered here as Nix's hook registers them (`realise.rs`).
     #[serde(default)]
     pub experimental_features: Vec<String>,
 }

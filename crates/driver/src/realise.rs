@@ -9,7 +9,7 @@
 //! QueryRealisation and RegisterDrvOutput, spoken to `nix-daemon --stdio` on the store
 //! Nix builds into (`--store URI` unless it is the default), with the experimental
 //! features Nix runs with: the serve protocol has no realisations (docs/nix-protocols.md
-//! §11.4).
+//! §4.4, §9, §11).
 
 use std::collections::BTreeMap;
 
