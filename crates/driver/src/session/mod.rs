@@ -20,7 +20,7 @@ mod daemon;
 mod nar;
 pub use nar::ChainProgress;
 mod pool;
-pub use pool::{Pool, Traffic};
+pub use pool::{Pool, StoreId, Traffic};
 mod stderr;
 
 use std::collections::HashSet;
@@ -269,6 +269,16 @@ impl ServeConn {
     /// The protocol version the server announced.
     pub fn server_version(&self) -> u64 {
         self.server_version
+    }
+
+    /// The protocol the session speaks and its version, for people: `serve protocol
+    /// 2.7` or `daemon protocol 1.35`.
+    pub fn protocol_version(&self) -> String {
+        let (name, v) = match &self.daemon {
+            Some(d) => ("daemon", d.version),
+            None => ("serve", self.server_version),
+        };
+        format!("{name} protocol {}.{}", v >> 8, v & 0xff)
     }
 
     /// Whether the session speaks the daemon's protocol (`nix-daemon --stdio`) rather
