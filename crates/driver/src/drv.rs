@@ -103,7 +103,8 @@ pub(crate) fn cannot_build_remotely(
     let parsed = StorePath::from_absolute_path(drv_path).ok()?;
     let floating = drv.outputs.values().all(|o| o.is_floating());
     if floating && features.iter().any(|f| f == "ca-derivations") {
-        return match crate::realise::Floating::of(drv) {
+        // Output ids can be computed (realise.rs brings the outputs home by them).
+        return match drv.output_ids() {
             Some(_) => None,
             None => Some(format!(
                 "{drv_path} is content-addressed and still names input derivations; \
