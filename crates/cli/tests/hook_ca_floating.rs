@@ -4,16 +4,16 @@
 //! its realisation registered here, so that Nix resolves the next one and, once done,
 //! finds every output: valid, verifying, `nix realisation info` naming it, and a second
 //! `nix-build` building nothing. Without the agent and with it, over loopback builders
-//! (serve protocol), and once over an `ssh-ng://` builder that answers only the daemon
-//! protocol.
+//! (serve protocol), and over `ssh-ng://` builders that answer only the daemon protocol,
+//! on Nix 2.8 and on Nix 2.26.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use offload_test_support::{
-    nix_command, nix_system, require_nix, require_root, require_sshd_fleet_with, run_ok, salt,
-    text, write_executable, DaemonOnly, HostOptions,
+    nix_command, nix_system, require_newer_nix, require_nix, require_root, require_sshd_fleet_with,
+    run_ok, salt, text, write_executable, DaemonOnly, HostOptions,
 };
 
 /// Nix's experimental features for the client and the builders.
@@ -196,6 +196,30 @@ fn a_chain_of_floating_derivations_builds_on_a_daemon_only_ssh_ng_builder() {
     };
     let alias = DaemonOnly::default().alias(&fleet, 0);
     let work = Work::new("ca-daemon-only");
+    let builders = format!("ssh-ng://{alias} {} - 1 4 ca-derivations", nix_system());
+    let (name, opts) = fleet.ssh_opts();
+    work.builds_the_chain_there(&builders, &[(name, opts)]);
+}
+
+#[test]
+fn a_chain_of_floating_derivations_builds_on_a_daemon_only_nix_2_26_builder() {
+    if !require_root() {
+        return;
+    }
+    let Some(root) = require_newer_nix() else {
+        return;
+    };
+    let host = HostOptions {
+        chroot: Some(root.clone()),
+        nix_conf: format!("experimental-features = {FEATURES}\n"),
+        ..HostOptions::default()
+    };
+    let Some(fleet) = require_sshd_fleet_with(&[host]) else {
+        return;
+    };
+    // Its BuildResult comes in 1.38's layout, its realisations as Nix 2.26 writes them.
+    let alias = DaemonOnly::in_root(&root).alias(&fleet, 0);
+    let work = Work::new("ca-daemon-only-2.26");
     let builders = format!("ssh-ng://{alias} {} - 1 4 ca-derivations", nix_system());
     let (name, opts) = fleet.ssh_opts();
     work.builds_the_chain_there(&builders, &[(name, opts)]);
