@@ -10,6 +10,9 @@
 //! slot of the chosen builder held in the shared ledger ([`crate::slots`]). An accepted
 //! build (`remote.rs`) copies the inputs the builder lacks, builds with the log on fd 4,
 //! copies the outputs back into the local store and exits with the status Nix reads.
+//! Floating content-addressed outputs (Nix with `ca-derivations`) come back by the paths
+//! the builder reports, their realisations registered in the store Nix names
+//! (`realise.rs`), as Nix's own hook does.
 
 mod choice;
 pub(crate) mod locks;
