@@ -196,8 +196,9 @@ fn a_floating_content_addressed_derivation_is_declined_before_accepting() {
     ];
     let out = work.nix_build(&file, false, &args);
     let stderr = text(&out.stderr);
-    // The builder would finish first, but offload cannot bring back an output it cannot
-    // name: Nix builds it here, after a decline, not after an accept that fails.
+    // The builder would finish first, but it does not declare `ca-derivations`, which Nix
+    // requires of a machine for such a derivation: Nix builds it here, after a decline,
+    // not after an accept that fails.
     assert!(out.status.success(), "{stderr}");
     assert_eq!(remote_builds(&stderr), 0, "{stderr}");
     assert!(!stderr.contains("has no path"), "{stderr}");

@@ -78,6 +78,7 @@ pub mod order;
 pub mod overview;
 pub mod plan;
 pub mod process;
+mod realise;
 pub mod reporter;
 mod session;
 pub mod shutdown;

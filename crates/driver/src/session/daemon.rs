@@ -281,6 +281,64 @@ impl ServeConn {
     }
 }
 
+impl ServeConn {
+    /// QueryRealisation of each of `ids` (`sha256:<base16>!out`), in one batch: per id,
+    /// the store's realisation if it has one (Nix's JSON from 1.31, else the output's
+    /// path). A session with the daemon only: the serve protocol has no realisations.
+    pub async fn query_realisations(
+        &mut self,
+        ids: &[String],
+    ) -> Result<Vec<Option<String>>, DriverError> {
+        self.needs_daemon("QueryRealisation")?;
+        let frame: Vec<u8> = ids
+            .iter()
+            .flat_map(|id| worker::query_realisation(id))
+            .collect();
+        let replies = self
+            .daemon_batch("QueryRealisation", frame, vec![Expect::Paths; ids.len()])
+            .await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Paths(found) => found.into_iter().next(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// RegisterDrvOutput of each realisation, in one batch: `(id, output's base name,
+    /// Nix's JSON)`, sent in the form the daemon's version reads. The daemon needs the
+    /// `ca-derivations` feature and each output valid in its store.
+    pub async fn register_drv_outputs(
+        &mut self,
+        realisations: &[(String, String, String)],
+    ) -> Result<(), DriverError> {
+        self.needs_daemon("RegisterDrvOutput")?;
+        let version = self.worker_version().unwrap_or(0);
+        let frame: Vec<u8> = realisations
+            .iter()
+            .flat_map(|(id, out, json)| worker::register_drv_output(id, out, json, version))
+            .collect();
+        let expect = vec![Expect::Nothing; realisations.len()];
+        self.daemon_batch("RegisterDrvOutput", frame, expect)
+            .await?;
+        Ok(())
+    }
+
+    fn needs_daemon(&self, op: &'static str) -> Result<(), DriverError> {
+        match self.daemon {
+            Some(_) => Ok(()),
+            None => Err(DriverError::Io {
+                machine: self.machine.clone(),
+                op,
+                source: std::io::Error::other(
+                    "the serve protocol has no realisations; it takes a session with the daemon",
+                ),
+            }),
+        }
+    }
+}
+
 /// The reply a request of a batch gets after its messages.
 #[derive(Clone)]
 enum Expect<'a> {
