@@ -4,12 +4,11 @@
 //! `local?root=DIR`), else through a session with that store (`nix-store --serve
 //! --store URI`: a binary cache, for one, has no `.drv` file to open).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use offload_nix::derivation::Derivation;
 use offload_nix::nar::{NarDecoder, NarEvent};
 use offload_nix::store_path::StorePath;
-use offload_nix::store_uri::StoreUri;
 
 use crate::error::DriverError;
 use crate::plan::{output_path, PlanError};
@@ -17,28 +16,14 @@ use crate::session::ServeConn;
 use crate::ssh::Endpoint;
 
 /// Why a derivation could not be read.
+pub(crate) use crate::ssh::files_root;
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ReadError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
     Driver(#[from] DriverError),
-}
-
-/// The directory under which the store `store` (Nix's `store` setting; None: the
-/// default) keeps its files on this machine; None when it keeps none there.
-pub(crate) fn files_root(store: Option<&str>) -> Option<PathBuf> {
-    let Some(store) = store else {
-        return Some(PathBuf::from("/"));
-    };
-    let uri = StoreUri::parse(store).ok()?;
-    match uri.scheme.as_str() {
-        "path" => Some(PathBuf::from(&uri.authority)),
-        "auto" | "local" | "daemon" | "unix" => {
-            Some(PathBuf::from(uri.param("root").unwrap_or("/")))
-        }
-        _ => None,
-    }
 }
 
 /// Reads and parses `drv_path` through `store` (see the module doc).
@@ -131,6 +116,7 @@ pub(crate) fn cannot_build_remotely(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn stores_with_files_here_and_without() {

@@ -15,7 +15,6 @@
 //! (`realise.rs`), as Nix's own hook does.
 
 mod choice;
-pub(crate) mod locks;
 mod machines;
 mod remote;
 

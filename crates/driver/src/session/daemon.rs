@@ -31,6 +31,18 @@ pub(super) struct DaemonSide {
     options: Option<BuildSettings>,
 }
 
+impl super::ServeConn {
+    /// The protocol the session speaks and its version, for people: `serve protocol
+    /// 2.7` or `daemon protocol 1.35`.
+    pub fn protocol_version(&self) -> String {
+        let (name, v) = match &self.daemon {
+            Some(d) => ("daemon", d.version),
+            None => ("serve", self.server_version),
+        };
+        format!("{name} protocol {}.{}", v >> 8, v & 0xff)
+    }
+}
+
 /// Reads the daemon's messages up to `STDERR_LAST`, log lines to `log`.
 pub(super) async fn messages(
     from: &mut Reader,

@@ -271,16 +271,6 @@ impl ServeConn {
         self.server_version
     }
 
-    /// The protocol the session speaks and its version, for people: `serve protocol
-    /// 2.7` or `daemon protocol 1.35`.
-    pub fn protocol_version(&self) -> String {
-        let (name, v) = match &self.daemon {
-            Some(d) => ("daemon", d.version),
-            None => ("serve", self.server_version),
-        };
-        format!("{name} protocol {}.{}", v >> 8, v & 0xff)
-    }
-
     /// Whether the session speaks the daemon's protocol (`nix-daemon --stdio`) rather
     /// than the serve protocol.
     pub fn is_daemon(&self) -> bool {

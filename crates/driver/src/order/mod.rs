@@ -3,6 +3,8 @@
 //! sessions): the inputs the builder lacks, the build with its log, the missing outputs
 //! back into the local store.
 
+mod held_locks;
+
 use offload_nix::serve::{BuildSettings, BuildStatus};
 use offload_nix::store_path::StorePath;
 use offload_nix::wire::WireError;
@@ -153,7 +155,7 @@ pub(crate) async fn carry_out(
 
     // Nix holds the outputs' locks while the hook runs: the local import must not wait
     // for them (LocalStore reads NIX_HELD_LOCKS when it opens, up to Nix 2.28; see
-    // hook/locks.rs for later ones).
+    // order/held_locks.rs for later ones).
     let mut local_endpoint = Endpoint::local("local", order.store.clone());
     let held: Vec<&str> = outputs.iter().map(|(_, p)| p.as_str()).collect();
     local_endpoint
@@ -281,7 +283,7 @@ async fn outputs_home(
         .filter(|p| !valid_here.contains(p))
         .collect();
     note(&format!("copying outputs from '{}'...", remote.machine()));
-    for lock in crate::hook::locks::release_held_output_locks(local_endpoint, &missing).await {
+    for lock in held_locks::release_held_output_locks(local_endpoint, &missing).await {
         tracing::debug!("removed the name of {lock}, held by the Nix that runs this hook");
     }
     copy(remote, local, &missing).await
