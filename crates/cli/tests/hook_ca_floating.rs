@@ -4,8 +4,8 @@
 //! its realisation registered here, so that Nix resolves the next one and, once done,
 //! finds every output: valid, verifying, `nix realisation info` naming it, and a second
 //! `nix-build` building nothing. Without the agent and with it, over loopback builders
-//! (serve protocol), and over `ssh-ng://` builders that answer only the daemon protocol,
-//! on Nix 2.8 and on Nix 2.26.
+//! (serve protocol), over `ssh-ng://` builders that answer only the daemon protocol, on
+//! Nix 2.8 and on Nix 2.26, and over the serve protocol to a Nix 2.26 builder.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -202,7 +202,7 @@ fn a_chain_of_floating_derivations_builds_on_a_daemon_only_ssh_ng_builder() {
 }
 
 #[test]
-fn a_chain_of_floating_derivations_builds_on_a_daemon_only_nix_2_26_builder() {
+fn a_chain_of_floating_derivations_builds_on_nix_2_26_builders_over_both_protocols() {
     if !require_root() {
         return;
     }
@@ -217,10 +217,19 @@ fn a_chain_of_floating_derivations_builds_on_a_daemon_only_nix_2_26_builder() {
     let Some(fleet) = require_sshd_fleet_with(&[host]) else {
         return;
     };
-    // Its BuildResult comes in 1.38's layout, its realisations as Nix 2.26 writes them.
+    let ssh = fleet.ssh_opts();
+    let env = [(ssh.0, ssh.1)];
+    let sys = nix_system();
+    // The serve protocol: its BuildResult's built outputs as 2.26 writes them at 2.7.
+    let program = fleet.remote_program(0).unwrap();
+    let serve = format!(
+        "{}?remote-program={} {sys} - 1 4 ca-derivations",
+        fleet.store_uri(0),
+        program.display()
+    );
+    Work::new("ca-serve-2.26").builds_the_chain_there(&serve, &env);
+    // The daemon's: its BuildResult in 1.38's layout.
     let alias = DaemonOnly::in_root(&root).alias(&fleet, 0);
-    let work = Work::new("ca-daemon-only-2.26");
-    let builders = format!("ssh-ng://{alias} {} - 1 4 ca-derivations", nix_system());
-    let (name, opts) = fleet.ssh_opts();
-    work.builds_the_chain_there(&builders, &[(name, opts)]);
+    let daemon = format!("ssh-ng://{alias} {sys} - 1 4 ca-derivations");
+    Work::new("ca-daemon-only-2.26").builds_the_chain_there(&daemon, &env);
 }
