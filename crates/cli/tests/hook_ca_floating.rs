@@ -4,16 +4,15 @@
 //! its realisation registered here, so that Nix resolves the next one and, once done,
 //! finds every output: valid, verifying, `nix realisation info` naming it, and a second
 //! `nix-build` building nothing. Without the agent and with it, over loopback builders
-//! (serve protocol), and over `ssh-ng://` builders that answer only the daemon protocol,
-//! on Nix 2.8 and on Nix 2.26.
+//! (serve protocol), over `ssh-ng://` builders that answer only the daemon protocol, on
+//! Nix 2.8 and on Nix 2.26, and over the serve protocol to a Nix 2.26 builder.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use offload_test_support::{
     nix_command, nix_system, require_newer_nix, require_nix, require_root, require_sshd_fleet_with,
-    run_ok, salt, text, write_executable, DaemonOnly, HostOptions,
+    run_ok, salt, start_hook_agent, text, write_executable, DaemonOnly, HostOptions,
 };
 
 /// Nix's experimental features for the client and the builders.
@@ -94,30 +93,6 @@ impl Work {
         cmd.output().unwrap()
     }
 
-    /// `offload agent` on the hook's socket, once it listens.
-    fn start_agent(&self) -> std::process::Child {
-        let log = self.path().join("agent.log");
-        let agent = Command::new(env!("CARGO_BIN_EXE_offload"))
-            .arg("agent")
-            .arg("--socket")
-            .arg(self.path().join("agent.sock"))
-            .env("OFFLOAD_SLOTS_DIR", self.path().join("slots"))
-            .env("NIX_CONFIG", "substituters =")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            assert!(started.elapsed() < Duration::from_secs(30), "no agent");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        agent
-    }
-
     /// Builds the chain and checks what Nix has once it is done; the output's path.
     fn builds_the_chain_there(&self, builders: &str, env: &[(&str, String)]) -> String {
         let out = self.nix_build(builders, env);
@@ -176,7 +151,8 @@ fn a_chain_of_floating_derivations_builds_remotely_through_the_agent() {
     }
     let work = Work::new("ca-agent");
     let builders = work.builder("m1");
-    let mut agent = work.start_agent();
+    let (mut agent, _) =
+        start_hook_agent(Path::new(env!("CARGO_BIN_EXE_offload")), work.path(), &[]);
     work.builds_the_chain_there(&builders, &[]);
     run_ok(Command::new("kill").arg(agent.id().to_string()));
     agent.wait().unwrap();
@@ -202,7 +178,7 @@ fn a_chain_of_floating_derivations_builds_on_a_daemon_only_ssh_ng_builder() {
 }
 
 #[test]
-fn a_chain_of_floating_derivations_builds_on_a_daemon_only_nix_2_26_builder() {
+fn a_chain_of_floating_derivations_builds_on_nix_2_26_builders_over_both_protocols() {
     if !require_root() {
         return;
     }
@@ -217,10 +193,19 @@ fn a_chain_of_floating_derivations_builds_on_a_daemon_only_nix_2_26_builder() {
     let Some(fleet) = require_sshd_fleet_with(&[host]) else {
         return;
     };
-    // Its BuildResult comes in 1.38's layout, its realisations as Nix 2.26 writes them.
+    let ssh = fleet.ssh_opts();
+    let env = [(ssh.0, ssh.1)];
+    let sys = nix_system();
+    // The serve protocol: its BuildResult's built outputs as 2.26 writes them at 2.7.
+    let program = fleet.remote_program(0).unwrap();
+    let serve = format!(
+        "{}?remote-program={} {sys} - 1 4 ca-derivations",
+        fleet.store_uri(0),
+        program.display()
+    );
+    Work::new("ca-serve-2.26").builds_the_chain_there(&serve, &env);
+    // The daemon's: its BuildResult in 1.38's layout.
     let alias = DaemonOnly::in_root(&root).alias(&fleet, 0);
-    let work = Work::new("ca-daemon-only-2.26");
-    let builders = format!("ssh-ng://{alias} {} - 1 4 ca-derivations", nix_system());
-    let (name, opts) = fleet.ssh_opts();
-    work.builds_the_chain_there(&builders, &[(name, opts)]);
+    let daemon = format!("ssh-ng://{alias} {sys} - 1 4 ca-derivations");
+    Work::new("ca-daemon-only-2.26").builds_the_chain_there(&daemon, &env);
 }

@@ -77,29 +77,8 @@ impl Work {
     /// `offload agent` on the socket the hook script names, its stderr in a file, once
     /// it listens.
     fn start_agent(&self) -> (std::process::Child, PathBuf) {
-        let log = self.path().join("agent.log");
-        let agent = Command::new(env!("CARGO_BIN_EXE_offload"))
-            .arg("agent")
-            .arg("--socket")
-            .arg(self.path().join("agent.sock"))
-            .env("OFFLOAD_SLOTS_DIR", self.path().join("slots"))
-            .env("NIX_CONFIG", "substituters =")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the agent did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (agent, log)
+        let offload = Path::new(env!("CARGO_BIN_EXE_offload"));
+        offload_test_support::start_hook_agent(offload, self.path(), &[])
     }
 }
 
