@@ -26,6 +26,10 @@ pub struct BuildOrder {
     pub drv_path: String,
     /// The store Nix builds into, unless it is the default local one.
     pub store: Option<String>,
+    /// The store directory of the hook's paths; None (from a hook that does not send
+    /// it): the carrier's own.
+    #[serde(default)]
+    pub store_dir: Option<String>,
     pub builders_use_substitutes: bool,
     pub max_silent_time: u64,
     pub build_timeout: u64,
@@ -92,6 +96,11 @@ pub enum OrderError {
     OutputMissing { machine: String, path: String },
     #[error("{}", .0.message)]
     Agent(OrderFailure),
+    #[error(
+        "the build's paths are under the store directory {order}, but this offload agent's \
+         is {here}; start the agent with NIX_STORE_DIR={order}, as Nix runs"
+    )]
+    OtherStoreDir { order: String, here: String },
 }
 
 impl From<crate::drv::ReadError> for OrderError {
@@ -131,6 +140,13 @@ pub(crate) async fn carry_out(
     note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), OrderError> {
     let drv_path = &order.drv_path;
+    let here = offload_nix::store_path::store_dir();
+    if let Some(dir) = order.store_dir.as_ref().filter(|d| *d != here.as_str()) {
+        return Err(OrderError::OtherStoreDir {
+            order: dir.clone(),
+            here: here.to_string(),
+        });
+    }
     // Through the store Nix names, as Nix's hook reads it (a binary cache has no file).
     let drv = crate::drv::read(order.store.as_deref(), drv_path).await?;
     let parsed = StorePath::from_absolute_path(drv_path).map_err(PlanError::from)?;
