@@ -127,6 +127,15 @@ pub enum DriverError {
         needed: u64,
         min_free: u64,
     },
+    #[error(
+        "{machine} keeps its store in another directory than this machine's, {ours}: it \
+         refuses this machine's paths ({said})"
+    )]
+    OtherStoreDir {
+        machine: String,
+        ours: String,
+        said: String,
+    },
     #[error("interrupted: {stopped} running builds were stopped")]
     Interrupted { stopped: usize },
     #[error("a store path offload made is not valid")]
@@ -197,7 +206,8 @@ impl DriverError {
             | DriverError::SlotLock { machine, .. }
             | DriverError::SlotsBusy { machine, .. }
             | DriverError::InputsCollected { machine, .. }
-            | DriverError::NoRoom { machine, .. } => machine,
+            | DriverError::NoRoom { machine, .. }
+            | DriverError::OtherStoreDir { machine, .. } => machine,
             DriverError::BadStoreUri { uri, .. } => uri,
             DriverError::Delivery { target, .. } => target,
             DriverError::Interrupted { .. } | DriverError::StorePath(_) => "local",
@@ -291,12 +301,44 @@ impl DriverError {
                  space?): give its store more room",
                 ssh_host(machine)
             ),
+            DriverError::OtherStoreDir { machine, ours, .. } => format!(
+                "a store path names its store directory, so a builder must keep the same one \
+                 (Nix refuses such a builder too): run Nix on {} with NIX_STORE_DIR={ours}, \
+                 or leave it out of the builders (Nix's default is {})",
+                ssh_host(machine),
+                offload_nix::store_path::DEFAULT_STORE_DIR
+            ),
             DriverError::SlotsBusy { .. } => "other builds (another offload, or Nix's own \
                  build hook) hold that machine's slots: wait for them, or leave the machine out \
                  with --exclude"
                 .to_string(),
             _ => return None,
         })
+    }
+}
+
+impl DriverError {
+    /// The error as what it is when the machine refused a path of this machine's store
+    /// directory as not in its store (Nix: "path '…' is not in the Nix store"): its
+    /// store directory is another.
+    pub(crate) fn or_other_store_dir(self) -> DriverError {
+        let said = match &self {
+            DriverError::Exited { stderr, .. } => stderr,
+            DriverError::DaemonRefused { message, .. } => message,
+            _ => return self,
+        };
+        let ours = offload_nix::store_path::store_dir();
+        let Some(line) = said
+            .lines()
+            .find(|l| l.contains("is not in the Nix store") && l.contains(&format!("'{ours}/")))
+        else {
+            return self;
+        };
+        DriverError::OtherStoreDir {
+            machine: self.machine().to_string(),
+            ours: ours.to_string(),
+            said: line.trim().trim_start_matches("error: ").to_string(),
+        }
     }
 }
 

@@ -230,8 +230,15 @@ pub(crate) async fn carry_out(
         .filter(|(name, _)| order.wanted_outputs.is_empty() || order.wanted_outputs.contains(name))
         .map(|(_, p)| p.clone())
         .collect();
-    let valid_here = local.query_valid_paths(&wanted, false, false).await?;
-    let missing: Vec<String> = wanted
+    // With what they refer to that the store Nix builds into lacks: a binary cache
+    // holds the inputs' closures only as far as Nix put them there.
+    let closure = if wanted.is_empty() {
+        wanted
+    } else {
+        remote.query_closure(&wanted, false).await?
+    };
+    let valid_here = local.query_valid_paths(&closure, false, false).await?;
+    let missing: Vec<String> = closure
         .into_iter()
         .filter(|p| !valid_here.contains(p))
         .collect();

@@ -31,11 +31,13 @@ pub mod daemon;
 mod daemon_only;
 mod home;
 pub mod newer_client;
+mod other_store;
 mod peers;
 mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
 pub use daemon_only::DaemonOnly;
+pub use other_store::OtherStore;
 pub use peers::Peers;
 pub use proxy::{CountingProxy, LinkCutter, LinkShape};
 

@@ -366,7 +366,8 @@ impl ServeConn {
                     machine,
                     op,
                     message: e.message,
-                },
+                }
+                .or_other_store_dir(),
             };
         }
         let status = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
@@ -407,6 +408,7 @@ impl ServeConn {
                 format!("; its last output:\n{tail}")
             },
         }
+        .or_other_store_dir()
     }
 
     /// Sends `frame` and reads the reply with `read`, within [`QUERY_TIMEOUT`].
