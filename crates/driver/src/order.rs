@@ -157,7 +157,8 @@ pub(crate) async fn carry_out(
         .collect::<Result<Vec<_>, PlanError>>()?;
 
     // Nix holds the outputs' locks while the hook runs: the local import must not wait
-    // for them (LocalStore reads NIX_HELD_LOCKS when it opens).
+    // for them (LocalStore reads NIX_HELD_LOCKS when it opens, up to Nix 2.28; see
+    // hook/locks.rs for later ones).
     let mut local_endpoint = Endpoint::local("local", order.store.clone());
     let held: Vec<&str> = outputs.iter().map(|(_, p)| p.as_str()).collect();
     local_endpoint
@@ -243,6 +244,9 @@ pub(crate) async fn carry_out(
         .filter(|p| !valid_here.contains(p))
         .collect();
     note(&format!("copying outputs from '{machine}'..."));
+    for lock in crate::hook::locks::release_held_output_locks(&local_endpoint, &missing).await {
+        tracing::debug!("removed the name of {lock}, held by the Nix that runs this hook");
+    }
     copy(remote, &mut local, &missing).await?;
     let _ = local.close().await;
     Ok(())

@@ -12,6 +12,7 @@
 //! copies the outputs back into the local store and exits with the status Nix reads.
 
 mod choice;
+pub(crate) mod locks;
 mod machines;
 mod remote;
 

@@ -220,6 +220,21 @@ impl Endpoint {
         Ok((child, known_hosts))
     }
 
+    /// Asks the machine a short question: runs the shell command `question` there by
+    /// [`Endpoint::command`] and returns what it printed on stdout, or None when it
+    /// could not be run, failed, or gave no answer within `limit`.
+    pub(crate) async fn ask(&self, question: &str, limit: std::time::Duration) -> Option<String> {
+        let (mut cmd, known_hosts) = self.command(question).ok()?;
+        let asked = tokio::task::spawn_blocking(move || {
+            let _known_hosts = known_hosts;
+            crate::process::run(&mut cmd)
+        });
+        match tokio::time::timeout(limit, asked).await {
+            Ok(Ok(Ok(out))) => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+            _ => None,
+        }
+    }
+
     /// The local command that runs the shell command `remote` on the machine, by the
     /// same route as its sessions; the guard keeps a private known_hosts file alive.
     pub fn command(
