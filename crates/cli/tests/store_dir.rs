@@ -255,3 +255,47 @@ fn a_binary_cache_as_the_store_gets_the_outputs_from_the_auto_builder() {
         assert_eq!(text(&again.stdout).trim(), path);
     }
 }
+
+/// An agent started without the store directory Nix builds in (its own is Nix's
+/// default) refuses the hook's order by name instead of reading other paths.
+#[test]
+fn an_agent_of_another_store_directory_says_so() {
+    if !ready() {
+        return;
+    }
+    let store = OtherStore::new();
+    let log = store.path().join("agent.log");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .arg("agent")
+        .arg("--socket")
+        .arg(store.path().join("agent.sock"))
+        .env("OFFLOAD_SLOTS_DIR", store.path().join("slots"))
+        .env_remove("NIX_STORE_DIR")
+        .env_remove("NIX_STORE")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no agent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let file = graph(&store, "agent-other-dir");
+    let builders = store.builder("b1", None, 1, 4);
+    let out = nix_build(&store, &file, &["-j0", "--builders", &builders]);
+    let _ = Command::new("kill").arg(agent.id().to_string()).status();
+    let _ = agent.wait();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let ours = store.store_dir().display().to_string();
+    assert!(
+        stderr.contains(&format!(
+            "under the store directory {ours}, but this offload agent's is /nix/store"
+        )),
+        "{stderr}"
+    );
+}
