@@ -299,3 +299,34 @@ fn an_agent_of_another_store_directory_says_so() {
         "{stderr}"
     );
 }
+
+/// The store directory named by the store URI Nix builds into (`?store=`), not by the
+/// environment: the hook takes it from Nix's `store` setting.
+#[test]
+fn the_hook_takes_the_store_directory_from_the_store_nix_names() {
+    if !ready() {
+        return;
+    }
+    let store = OtherStore::new();
+    let uri = format!(
+        "local?store={}&state={}&log={}",
+        store.store_dir().display(),
+        store.path().join("state").display(),
+        store.path().join("log").display()
+    );
+    let builders = store.builder("b1", None, 1, 4);
+    let file = graph(&store, "store-uri-dir");
+    let mut cmd = store.command("timeout");
+    let out = cmd
+        .env_remove("NIX_STORE_DIR")
+        .env_remove("NIX_STATE_DIR")
+        .env_remove("NIX_LOG_DIR")
+        .args(["300", "nix-build", "--no-out-link", "--store", &uri])
+        .arg(&file)
+        .args(["-j0", "--builders", &builders, "--option", "build-hook"])
+        .arg(hook_script(&store))
+        .output()
+        .unwrap();
+    let path = built_path(&store, &out);
+    assert!(store.builder_has("b1", &path), "{}", text(&out.stderr));
+}

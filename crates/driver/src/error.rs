@@ -282,9 +282,10 @@ impl DriverError {
                 .to_string(),
             DriverError::Delivery { target, .. } => format!(
                 "check that this machine opens it: `nix-store --store '{target}' \
-                 --check-validity --print-invalid /nix/store/00000000000000000000000000000000-x` \
+                 --check-validity --print-invalid {}/00000000000000000000000000000000-x` \
                  (ssh config, keys, a cache directory that can be written); --to takes any store \
-                 `nix copy --to` takes"
+                 `nix copy --to` takes",
+                offload_nix::store_path::store_dir()
             ),
             DriverError::SlotLock { .. } => format!(
                 "the slot lock directory must be writable by every user that builds (Nix \
