@@ -128,12 +128,14 @@ pub enum DriverError {
         min_free: u64,
     },
     #[error(
-        "{machine} keeps its store in another directory than this machine's, {ours}: it \
-         refuses this machine's paths ({said})"
+        "{machine} keeps its store in {theirs}, not in this machine's store directory \
+         {ours}: it refuses this machine's paths ({said})"
     )]
     OtherStoreDir {
         machine: String,
         ours: String,
+        /// Its store directory, or "another directory" when it could not be asked.
+        theirs: String,
         said: String,
     },
     #[error("interrupted: {stopped} running builds were stopped")]
@@ -322,7 +324,11 @@ impl DriverError {
     /// The error as what it is when the machine refused a path of this machine's store
     /// directory as not in its store (Nix: "path '…' is not in the Nix store"): its
     /// store directory is another.
-    pub(crate) fn or_other_store_dir(self) -> DriverError {
+    /// `theirs` asks the machine for its own directory (None: it cannot say).
+    pub(crate) async fn or_other_store_dir(
+        self,
+        theirs: impl AsyncFnOnce() -> Option<String>,
+    ) -> DriverError {
         let said = match &self {
             DriverError::Exited { stderr, .. } => stderr,
             DriverError::DaemonRefused { message, .. } => message,
@@ -335,10 +341,14 @@ impl DriverError {
         else {
             return self;
         };
+        let said = line.trim().trim_start_matches("error: ").to_string();
         DriverError::OtherStoreDir {
             machine: self.machine().to_string(),
             ours: ours.to_string(),
-            said: line.trim().trim_start_matches("error: ").to_string(),
+            theirs: theirs()
+                .await
+                .unwrap_or_else(|| "another directory".to_string()),
+            said,
         }
     }
 }
