@@ -2,7 +2,7 @@
 //! local Nix, under a daemon as on NixOS: `nix-build` hands builds to `offload hook`,
 //! which imports their outputs while Nix holds their locks. From Nix 2.29 on no Nix reads
 //! `NIX_HELD_LOCKS`, so an import that relied on it waited for ever (driver's
-//! hook/locks.rs); here every build must come back, without and with the agent.
+//! order/held_locks.rs); here every build must come back, without and with the agent.
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -30,6 +30,7 @@
 pub mod daemon;
 mod daemon_only;
 mod home;
+mod hook_agent;
 pub mod newer_client;
 mod other_store;
 mod peers;
@@ -37,6 +38,7 @@ mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
 pub use daemon_only::DaemonOnly;
+pub use hook_agent::start_hook_agent;
 pub use other_store::OtherStore;
 pub use peers::Peers;
 pub use proxy::{CountingProxy, LinkCutter, LinkShape};

@@ -245,10 +245,12 @@ impl Endpoint {
         let (mut cmd, known_hosts) = self.command(question).ok()?;
         let asked = tokio::task::spawn_blocking(move || {
             let _known_hosts = known_hosts;
-            crate::process::run(&mut cmd)
+            cmd.stdin(std::process::Stdio::null()).output()
         });
         match tokio::time::timeout(limit, asked).await {
-            Ok(Ok(Ok(out))) => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+            Ok(Ok(Ok(out))) if out.status.success() => {
+                Some(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
             _ => None,
         }
     }
@@ -396,6 +398,22 @@ pub fn shell_quote(word: &str) -> String {
         word.to_string()
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The directory under which the store `store` (Nix's `store` setting; None: the
+/// default) keeps its files on this machine; None when it keeps none there.
+pub(crate) fn files_root(store: Option<&str>) -> Option<std::path::PathBuf> {
+    let Some(store) = store else {
+        return Some(std::path::PathBuf::from("/"));
+    };
+    let uri = offload_nix::store_uri::StoreUri::parse(store).ok()?;
+    match uri.scheme.as_str() {
+        "path" => Some(std::path::PathBuf::from(&uri.authority)),
+        "auto" | "local" | "daemon" | "unix" => {
+            Some(std::path::PathBuf::from(uri.param("root").unwrap_or("/")))
+        }
+        _ => None,
     }
 }
 
