@@ -15,11 +15,16 @@ use crate::events::{Action, NodeState};
 use crate::fleet::MachineId;
 use crate::graph::NodeId;
 use crate::scheduler::Scheduler;
-use crate::transfers::{route_in, Direction, Route};
+use crate::transfers::{Direction, Route};
 
 /// How many ready derivations per round may choose to wait for a busy machine beyond
 /// the number of free slots.
 pub const RESERVATIONS_PER_ROUND: usize = 64;
+
+/// Inputs held by at most this many machines have their holders weighed one by one
+/// when placing a derivation that needs them; those held more widely set no machine
+/// apart and are weighed at each class's earliest machine.
+pub const WEIGHED_HOLDERS: usize = 32;
 
 /// Priority-ordered key of a ready node: higher rank first, then lower id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -116,11 +121,10 @@ impl Scheduler {
         self.graph.node(id).deps.iter().filter_map(move |&dep| {
             let bytes = self.graph.node(dep).output_bytes;
             let consumers = self.graph.dependents(dep).len();
-            let r = route_in(
+            let r = self.holders.route(
                 &self.machines,
                 self.pair_links,
-                &self.holders[dep],
-                false,
+                dep,
                 machine,
                 consumers,
                 bytes,
@@ -149,9 +153,7 @@ impl Scheduler {
             at = self.links.send(&self.machines, &r, bytes, at);
             let kept = client.filter(|_| r.keeps_in_client());
             for m in kept.into_iter().chain([machine]) {
-                if !self.holders[dep].contains(&m) {
-                    self.holders[dep].push(m);
-                }
+                self.holders.add(&self.machines, dep, m, bytes);
             }
         }
     }
@@ -274,10 +276,16 @@ impl Scheduler {
     ) -> Option<Placement> {
         let node = self.graph.node(id);
         // Machines holding some of its inputs are weighed one by one; of the
-        // others, only the earliest of each class can be best.
+        // others, only the earliest of each class can be best. An input held by more
+        // than a few machines sets none of them apart (a toolchain every builder has
+        // fetched): its holders are not weighed one by one, and the earliest machine of
+        // each class is weighed with what it holds.
         holders.clear();
         for &d in &node.deps {
-            holders.extend(self.holders[d].iter().copied());
+            let held = &self.holders[d];
+            if held.len() <= WEIGHED_HOLDERS {
+                holders.extend(held.iter().copied());
+            }
         }
         holders.sort_unstable();
         holders.dedup();
@@ -316,6 +324,13 @@ impl Scheduler {
                 } else {
                     self.machines[m].session_setup
                 };
+                // Built no earlier than with every input there: a machine that would not
+                // be better even so is not worth routing its inputs for (a later finish
+                // never wins where an earlier one loses).
+                let soonest = slot_time.max(now) + build_time + self.machines[m].per_build + setup;
+                if best.is_some_and(|b| !b.loses_to(soonest, is_free, m)) {
+                    continue;
+                }
                 let built = self.inputs_arrive(id, m, slot_time.max(now))
                     + build_time
                     + self.machines[m].per_build
@@ -323,15 +338,7 @@ impl Scheduler {
                 let finish = self.outputs_home(id, m, built);
                 // Earliest finish; at a tie, a slot free now beats waiting for one,
                 // then the lower machine index.
-                let better = match best {
-                    None => true,
-                    Some(b) => {
-                        finish < b.finish - 1e-9
-                            || (finish <= b.finish + 1e-9
-                                && ((is_free && !b.free_now)
-                                    || (is_free == b.free_now && m < b.machine)))
-                    }
-                };
+                let better = best.is_none_or(|b| b.loses_to(finish, is_free, m));
                 if better {
                     best = Some(Placement {
                         finish,
@@ -416,4 +423,15 @@ struct Placement {
     machine: MachineId,
     /// When it would be built.
     built: f64,
+}
+
+impl Placement {
+    /// Whether a placement finishing at `finish` on machine `m`, free now or not, is
+    /// better: an earlier finish; at a tie, a slot free now beats waiting for one, then
+    /// the lower machine index.
+    fn loses_to(&self, finish: f64, free: bool, m: MachineId) -> bool {
+        finish < self.finish - 1e-9
+            || (finish <= self.finish + 1e-9
+                && ((free && !self.free_now) || (free == self.free_now && m < self.machine)))
+    }
 }

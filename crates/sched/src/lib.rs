@@ -29,6 +29,7 @@ pub mod events;
 mod failures;
 pub mod fleet;
 pub mod graph;
+mod holding;
 mod rehearsal;
 pub mod scheduler;
 pub mod transfers;

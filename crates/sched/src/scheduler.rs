@@ -14,6 +14,7 @@ use crate::classes::{machine_classes, SlotKey};
 use crate::dispatch::{Kind, ReadyKey};
 use crate::fleet::{Link, MachineId, MachineSpec};
 use crate::graph::{Graph, NodeId};
+use crate::holding::Holding;
 use crate::transfers::Links;
 
 // Re-exported so that paths through this module (`scheduler::Event`, …) keep working.
@@ -50,7 +51,7 @@ pub struct Scheduler {
     pub(crate) started_at: Vec<f64>,
     pub(crate) attempts: Vec<u32>,
     /// Machines that hold each node's outputs.
-    pub(crate) holders: Vec<Vec<MachineId>>,
+    pub(crate) holders: Holding,
     pub(crate) running: Vec<Vec<NodeId>>,
     pub(crate) running_count: usize,
     pub(crate) keep_going: bool,
@@ -139,7 +140,7 @@ impl Scheduler {
             settled: 0,
             started_at: vec![0.0; n],
             attempts: vec![0; n],
-            holders: vec![Vec::new(); n],
+            holders: Holding::new(n),
             keep_going,
             stopping: false,
             queues: vec![BTreeSet::new(); classes.len()],
@@ -186,7 +187,7 @@ impl Scheduler {
             .iter()
             .filter(|&&d| matches!(self.state[d], NodeState::Waiting(_) | NodeState::Ready))
             .filter_map(|&d| self.rehearsed_on[d])
-            .filter(|m| !self.holders[node].contains(m) && self.alive[*m])
+            .filter(|&m| !self.holders.contains(node, m) && self.alive[m])
             .collect();
         machines.sort_unstable();
         machines.dedup();
@@ -224,6 +225,8 @@ impl Scheduler {
         if let Some(spec) = self.machines.get_mut(machine) {
             spec.bandwidth = bandwidth;
             spec.latency = latency;
+            // Which holder relays a path quickest may have changed.
+            self.holders.refresh_all(&self.machines, &self.graph);
             self.regroup();
         }
     }
@@ -291,6 +294,7 @@ impl Scheduler {
             return;
         }
         self.graph.set_output_bytes(node, bytes);
+        self.holders.refresh(&self.machines, node, bytes);
         self.output_guessed[node] = false;
         self.measured_outputs.push(bytes);
         // The median settles fast: taken again for the first builds and then each time
@@ -309,6 +313,7 @@ impl Scheduler {
         for id in 0..self.graph.len() {
             if self.output_guessed[id] {
                 self.graph.set_output_bytes(id, median);
+                self.holders.refresh(&self.machines, id, median);
             }
         }
     }
@@ -366,7 +371,7 @@ impl Scheduler {
                         }
                         let seconds = now - self.started_at[node];
                         self.set_state(node, NodeState::Done { machine, seconds });
-                        self.holders[node] = vec![machine];
+                        self.holders.set_only(&self.machines, node, machine);
                         for i in 0..self.graph.dependents(node).len() {
                             let d = self.graph.dependents(node)[i];
                             if let NodeState::Waiting(k) = &mut self.state[d] {
@@ -407,8 +412,9 @@ impl Scheduler {
                 }
             }
             Event::OutputsAt { node, machine } => {
-                if !self.holders[node].contains(&machine) {
-                    self.holders[node].push(machine);
+                if node < self.graph.len() && machine < self.machines.len() {
+                    let bytes = self.graph.node(node).output_bytes;
+                    self.holders.add(&self.machines, node, machine, bytes);
                 }
             }
             Event::SlotsHeldElsewhere { machine, count } => {
