@@ -8,7 +8,7 @@ use std::ops::Index;
 
 use crate::fleet::{MachineId, MachineSpec};
 use crate::graph::{Graph, NodeId};
-use crate::transfers::{nearest_holder, route_from, HeldBy, Route};
+use crate::transfers::{route_from, HeldBy, Route};
 
 /// Each node's holders with what routing asks of them ([`HeldBy`]).
 #[derive(Debug, Clone)]
@@ -127,4 +127,18 @@ impl Holding {
         };
         route_from(machines, pairs, &held, false, target, consumers, bytes)
     }
+}
+
+/// The holder whose own link sends `bytes` quickest, the lower index at a tie.
+pub(crate) fn nearest_holder(
+    machines: &[MachineSpec],
+    holders: &[MachineId],
+    bytes: u64,
+) -> Option<MachineId> {
+    holders.iter().copied().min_by(|&a, &b| {
+        machines[a]
+            .transfer_time(bytes)
+            .total_cmp(&machines[b].transfer_time(bytes))
+            .then(a.cmp(&b))
+    })
 }

@@ -32,6 +32,7 @@ pub mod graph;
 mod holding;
 mod rehearsal;
 pub mod scheduler;
+mod tiers;
 pub mod transfers;
 
 pub use bound::lower_bound;

@@ -62,6 +62,10 @@ pub struct Scheduler {
     /// Per class, its live machines by their first slot; each machine's key there.
     pub(crate) queues: Vec<BTreeSet<SlotKey>>,
     pub(crate) queued: Vec<Option<SlotKey>>,
+    /// Per class, its first slot as its kinds' tiers hold it, and those tiers (kind,
+    /// tier) ([`crate::tiers`]).
+    pub(crate) class_head: Vec<Option<SlotKey>>,
+    pub(crate) class_tiers: Vec<Vec<(usize, usize)>>,
     /// Per class, its free slots.
     pub(crate) free_in_class: Vec<usize>,
     /// Kinds of nodes (interchangeable for placement), each node's kind, and the ready
@@ -125,6 +129,7 @@ impl Scheduler {
             .map(|example| Kind {
                 example,
                 classes: Vec::new(),
+                tiers: Vec::new(),
             })
             .collect();
         let fastest_peer = machines.iter().map(fastest_peer).collect();
@@ -145,6 +150,8 @@ impl Scheduler {
             stopping: false,
             queues: vec![BTreeSet::new(); classes.len()],
             queued: vec![None; m],
+            class_head: vec![None; classes.len()],
+            class_tiers: vec![Vec::new(); classes.len()],
             free_in_class: vec![0; classes.len()],
             classes,
             class_of,
@@ -262,6 +269,8 @@ impl Scheduler {
         self.classes = classes;
         self.class_of = class_of;
         self.queued = vec![None; self.machines.len()];
+        self.class_head = vec![None; self.classes.len()];
+        self.class_tiers = vec![Vec::new(); self.classes.len()];
         for m in 0..self.machines.len() {
             self.replace_queue_key(m);
             if self.alive[m] {
@@ -441,6 +450,13 @@ impl Scheduler {
             assert_eq!(self.free_in_class[c], free, "free slots of class {c}");
             let keys: Vec<SlotKey> = class.iter().filter_map(|&m| self.first_slot(m)).collect();
             assert_eq!(self.queues[c].len(), keys.len(), "queue of class {c}");
+            assert_eq!(
+                self.class_head[c],
+                self.queues[c].first().copied(),
+                "head of class {c}"
+            );
+            let free_head = self.class_head[c].is_some_and(|k| !k.busy);
+            assert_eq!(free_head, free > 0, "free head of class {c}");
             assert!(
                 keys.iter().all(|k| self.queues[c].contains(k)),
                 "queue of class {c}: {:?}, machines' first slots: {keys:?}",

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 
 use crate::fleet::{MachineId, MachineSpec};
+use crate::holding::nearest_holder;
 
 /// The way one path goes to one machine (a machine's link is the one between it and
 /// the client).
@@ -156,20 +157,6 @@ pub fn route_in(
         nearest,
     };
     route_from(machines, pairs, &held, at_client, target, consumers, bytes)
-}
-
-/// The holder whose own link sends `bytes` quickest, the lower index at a tie.
-pub(crate) fn nearest_holder(
-    machines: &[MachineSpec],
-    holders: &[MachineId],
-    bytes: u64,
-) -> Option<MachineId> {
-    holders.iter().copied().min_by(|&a, &b| {
-        machines[a]
-            .transfer_time(bytes)
-            .total_cmp(&machines[b].transfer_time(bytes))
-            .then(a.cmp(&b))
-    })
 }
 
 /// What routing a path to one target asks of its holders: who they are, whether the
