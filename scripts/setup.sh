@@ -59,9 +59,11 @@ if ! grep -qs '^extra-sandbox-paths' "$CONF"; then
   $SUDO mkdir -p /etc/nix
   echo 'extra-sandbox-paths = /bin /lib /lib64 /usr' | $SUDO tee -a "$CONF" >/dev/null
 fi
-# The test fleet's builder on a newer Nix: a Debian 13 root with its Nix 2.26, made
-# once (about 40 s) and kept in /var/cache/offload-test/.
+# The test fleet's builder and client on a newer Nix: a Debian 13 root with its Nix 2.26,
+# and a Debian unstable root with the newest Nix Debian has, each made once (about a
+# minute) and kept in /var/cache/offload-test/.
 $SUDO bash "$(dirname "$0")/newer-nix.sh"
+$SUDO bash "$(dirname "$0")/newer-nix.sh" sid
 # sshd refuses to start without its privilege-separation directory.
 [ -d /run/sshd ] || $SUDO mkdir -p /run/sshd
 

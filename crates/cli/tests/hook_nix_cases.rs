@@ -77,29 +77,8 @@ impl Work {
     /// `offload agent` on the socket the hook script names, its stderr in a file, once
     /// it listens.
     fn start_agent(&self) -> (std::process::Child, PathBuf) {
-        let log = self.path().join("agent.log");
-        let agent = Command::new(env!("CARGO_BIN_EXE_offload"))
-            .arg("agent")
-            .arg("--socket")
-            .arg(self.path().join("agent.sock"))
-            .env("OFFLOAD_SLOTS_DIR", self.path().join("slots"))
-            .env("NIX_CONFIG", "substituters =")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the agent did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (agent, log)
+        let offload = Path::new(env!("CARGO_BIN_EXE_offload"));
+        offload_test_support::start_hook_agent(offload, self.path(), &[])
     }
 }
 
@@ -196,8 +175,9 @@ fn a_floating_content_addressed_derivation_is_declined_before_accepting() {
     ];
     let out = work.nix_build(&file, false, &args);
     let stderr = text(&out.stderr);
-    // The builder would finish first, but offload cannot bring back an output it cannot
-    // name: Nix builds it here, after a decline, not after an accept that fails.
+    // The builder would finish first, but it does not declare `ca-derivations`, which Nix
+    // requires of a machine for such a derivation: Nix builds it here, after a decline,
+    // not after an accept that fails.
     assert!(out.status.success(), "{stderr}");
     assert_eq!(remote_builds(&stderr), 0, "{stderr}");
     assert!(!stderr.contains("has no path"), "{stderr}");
@@ -296,4 +276,89 @@ fn the_agent_opens_new_sessions_to_a_builder_store_made_again_between_two_rounds
     let said = std::fs::read_to_string(&log).unwrap();
     // Each hook first checks that the agent is up, then hangs up: nothing to warn about.
     assert!(!said.contains("Broken pipe"), "{said}");
+}
+
+#[test]
+fn the_agent_opens_new_sessions_to_a_store_made_again_on_an_ssh_builder() {
+    let Some(fleet) = offload_test_support::require_sshd_fleet(1) else {
+        return;
+    };
+    let work = Work::new();
+    // A chroot store on the host, at a path this test sees too (the hosts share /tmp).
+    let store = work.path().join("on-host");
+    let builders = format!(
+        "{}?remote-store={} {} - 1 4",
+        fleet.store_uri(0),
+        store.display(),
+        nix_system()
+    );
+    let (name, opts) = fleet.ssh_opts();
+    let log = work.path().join("agent.log");
+    let agent = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .arg("agent")
+        .arg("--socket")
+        .arg(work.path().join("agent.sock"))
+        .env("OFFLOAD_SLOTS_DIR", work.path().join("slots"))
+        .env("NIX_CONFIG", "substituters =")
+        .env(name, &opts)
+        // Its notice of a store made again is at `info`.
+        .env("RUST_LOG", "offload_driver=info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the agent did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for round in ["first", "second"] {
+        let leaf = derivation("leaf", round, "echo leaf > $out", "");
+        let top = derivation("top", round, "cat $leaf > $out", &format!("leaf = {leaf};"));
+        let file = work.write(&format!("ssh-{round}.nix"), &top);
+        let out = nix_command("timeout")
+            .env(name, &opts)
+            .args([
+                "300",
+                "nix-build",
+                "--no-out-link",
+                "-j0",
+                "--builders",
+                &builders,
+            ])
+            .arg(&file)
+            .arg("--option")
+            .arg("build-hook")
+            .arg(work.hook())
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{round} round:\n{stderr}\nagent: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert_eq!(remote_builds(&stderr), 2, "{round} round:\n{stderr}");
+        let path = text(&out.stdout);
+        run_ok(
+            nix_command("nix-store")
+                .arg("--store")
+                .arg(&store)
+                .args(["--verify-path", path.trim()]),
+        );
+        // The builder's store goes away; the next round, after the agent's sessions sat
+        // idle long enough for it to look again, makes it anew.
+        run_ok(Command::new("chmod").arg("-R").arg("u+w").arg(&store));
+        std::fs::remove_dir_all(&store).unwrap();
+        std::thread::sleep(Duration::from_secs(11));
+    }
+    stop(agent);
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("made again"), "{said}");
 }

@@ -27,7 +27,7 @@ use crate::env::HOST_CHOICE_LIFETIME;
 use crate::env::SLOT_WAIT_LIMIT;
 
 use crate::order::{carry_out, saying_while, BuildOrder, OrderFailure};
-use crate::session::Pool;
+use crate::session::{Pool, StoreId};
 use crate::slots::remote::RemoteSlots;
 use crate::slots::SlotLedger;
 use crate::ssh::Endpoint;
@@ -120,64 +120,81 @@ impl Choices {
 /// Warm sessions per machine, shared by every build the agent carries out.
 #[derive(Default)]
 struct Sessions {
-    /// Per machine, its pool and the identity of its store when last seen.
+    /// Per machine, its pool and what was last seen of its store.
     pools: Mutex<HashMap<String, SeenPool>>,
     /// Per machine (and slot count), its slots locked on the machine itself; the
     /// broker there lives as long as the agent.
     remote_slots: Mutex<HashMap<(String, u32), Arc<RemoteSlots>>>,
 }
 
-/// Which store a machine's sessions serve: the device and inode of its database
-/// directory. A store deleted and made again at the same place is another store, whose
-/// sessions must be opened anew (old ones still see the deleted database).
-type StoreId = (u64, u64);
+/// How long the agent trusts what it last saw of a builder's store reached over ssh
+/// before asking again whether it is the same store (a store on this machine is looked
+/// at every time: that costs nothing).
+const STORE_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A machine's pool and the identity of its store when last seen.
-type SeenPool = (Arc<Pool>, Option<StoreId>);
-
-/// The identity of the store behind `endpoint`, when it is on this machine (a chroot
-/// store, `local?root=…`, the local store) and exists.
-fn store_identity(endpoint: &Endpoint) -> Option<StoreId> {
-    use std::os::unix::fs::MetadataExt as _;
-    if !endpoint.is_local_process() {
-        return None;
-    }
-    let root = crate::drv::files_root(endpoint.remote_store.as_deref())?;
-    let meta = std::fs::metadata(root.join("nix/var/nix/db")).ok()?;
-    Some((meta.dev(), meta.ino()))
+/// A machine's pool, the identity of its store when last seen, and when that was.
+struct SeenPool {
+    pool: Arc<Pool>,
+    store: Option<StoreId>,
+    checked: Option<std::time::Instant>,
 }
 
 impl Sessions {
     /// The machine's pool: a new one (and a new slot broker) when its store is not the
     /// one its sessions were opened on.
-    fn pool(&self, endpoint: &Endpoint) -> Arc<Pool> {
+    async fn pool(&self, endpoint: &Endpoint) -> Arc<Pool> {
         // The endpoint's full description is the key: the same host reached another way
         // is another machine.
         let key = serde_json::to_string(endpoint).unwrap_or_else(|_| endpoint.name.clone());
-        let now = store_identity(endpoint);
+        let pool = {
+            let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = pools.entry(key.clone()).or_insert_with(|| SeenPool {
+                pool: Arc::new(Pool::new(endpoint.clone())),
+                store: None,
+                checked: None,
+            });
+            let due = endpoint.is_local_process()
+                || entry.checked.is_none_or(|at| at.elapsed() >= STORE_RECHECK);
+            if !due {
+                return entry.pool.clone();
+            }
+            entry.pool.clone()
+        };
+        // Asked without the lock held: over ssh it takes a round trip.
+        let now = pool.store_identity().await;
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = pools
-            .entry(key.clone())
-            .or_insert_with(|| (Arc::new(Pool::new(endpoint.clone())), now));
-        match (entry.1, now) {
+        let Some(entry) = pools.get_mut(&key) else {
+            return pool;
+        };
+        if !Arc::ptr_eq(&entry.pool, &pool) {
+            // Another build replaced it meanwhile.
+            return entry.pool.clone();
+        }
+        // Until the store is known (it may not exist before the first session), it is
+        // looked at on every build.
+        if now.is_some() {
+            entry.checked = Some(std::time::Instant::now());
+        }
+        match (entry.store, now) {
             (Some(seen), now) if Some(seen) != now => {
                 tracing::info!(
                     "{}: its store was deleted or made again; opening new sessions",
                     endpoint.name
                 );
-                *entry = (Arc::new(Pool::new(endpoint.clone())), now);
+                entry.pool = Arc::new(Pool::new(endpoint.clone()));
+                entry.store = now;
                 let mut slots = self.remote_slots.lock().unwrap_or_else(|p| p.into_inner());
                 slots.retain(|(k, _), _| *k != key);
             }
-            (None, Some(_)) => entry.1 = now,
+            (None, Some(_)) => entry.store = now,
             _ => {}
         }
-        entry.0.clone()
+        entry.pool.clone()
     }
 
     /// The machine's slot broker, over the ssh connection its sessions share.
-    fn remote_slots(&self, endpoint: &Endpoint, slots: u32) -> Arc<RemoteSlots> {
-        let master = self.pool(endpoint).master();
+    async fn remote_slots(&self, endpoint: &Endpoint, slots: u32) -> Arc<RemoteSlots> {
+        let master = self.pool(endpoint).await.master();
         let key = serde_json::to_string(endpoint).unwrap_or_else(|_| endpoint.name.clone());
         let mut all = self.remote_slots.lock().unwrap_or_else(|p| p.into_inner());
         all.entry((key, slots))
@@ -270,7 +287,7 @@ pub async fn serve(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .values()
-        .map(|(pool, _)| pool.clone())
+        .map(|seen| seen.pool.clone())
         .collect();
     for pool in pools {
         pool.close().await;
@@ -338,7 +355,7 @@ async fn serve_one(
             return send(&mut write, &Message::Choice(choices.get(&drv))).await;
         }
         Request::Warm { endpoint } => {
-            let pool = sessions.pool(&endpoint);
+            let pool = sessions.pool(&endpoint).await;
             let failure = match pool.get().await {
                 Ok(conn) => {
                     pool.put(conn);
@@ -354,7 +371,7 @@ async fn serve_one(
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let work = async {
-        let pool = sessions.pool(&endpoint);
+        let pool = sessions.pool(&endpoint).await;
         // Held until the build ends, so clients on other machines do not overbook it.
         let note_tx = tx.clone();
         let note = move |level: LogLevel, msg: &str| {
@@ -368,7 +385,7 @@ async fn serve_one(
             "waiting for a build slot on '{}': other clients hold all {} of its slots",
             endpoint.name, order.slots
         );
-        let slots = sessions.remote_slots(&endpoint, order.slots);
+        let slots = sessions.remote_slots(&endpoint, order.slots).await;
         let taking = slots.take(0, SLOT_WAIT_LIMIT);
         let on_builder = saying_while(taking, &what, &mut |m| note(LogLevel::Info, m)).await;
         let session = match on_builder {

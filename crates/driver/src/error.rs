@@ -251,10 +251,17 @@ impl DriverError {
                  /etc/nix/nix.conf on {} and restart its nix-daemon",
                 ssh_host(machine)
             ),
-            DriverError::Exited { stderr, .. } if stderr.contains("not found") => {
-                "the machine has no `nix-store` on the PATH of non-interactive ssh sessions: \
-                 install Nix there or set `?remote-program=/path/to/nix-store` in the store URI"
-                    .to_string()
+            DriverError::Exited {
+                stderr, command, ..
+            } if stderr.contains("not found") => {
+                // The program that was missing: `nix-store` for the serve protocol, the
+                // daemon program for an ssh-ng host that speaks only the daemon's.
+                let daemon = command.contains("--stdio");
+                let program = if daemon { "nix-daemon" } else { "nix-store" };
+                format!(
+                    "the machine has no `{program}` on the PATH of non-interactive ssh sessions: \
+                     install Nix there or set `?remote-program=/path/to/{program}` in the store URI"
+                )
             }
             DriverError::DaemonOnly { fix, .. } => format!(
                 "its `authorized_keys` runs the daemon whatever offload asks for; in the \
@@ -303,4 +310,28 @@ impl DriverError {
 fn ssh_host(machine: &str) -> &str {
     let rest = machine.strip_prefix("ssh://").unwrap_or(machine);
     rest.split(['?', '/']).next().unwrap_or(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_is_named_as_the_protocol_needs_it() {
+        let missing = |command: &str| DriverError::Exited {
+            machine: "ssh://b".into(),
+            command: command.into(),
+            op: "the handshake",
+            status: "exit status: 127".into(),
+            stderr: "; its last output:\nsh: 1: nix-daemon: not found".into(),
+        };
+        let hint = missing("ssh b nix-daemon --stdio").hint().unwrap();
+        assert!(hint.contains("no `nix-daemon`"), "{hint}");
+        assert!(
+            hint.contains("remote-program=/path/to/nix-daemon"),
+            "{hint}"
+        );
+        let hint = missing("ssh b nix-store --serve --write").hint().unwrap();
+        assert!(hint.contains("no `nix-store`"), "{hint}");
+    }
 }

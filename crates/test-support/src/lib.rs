@@ -30,12 +30,14 @@
 pub mod daemon;
 mod daemon_only;
 mod home;
+mod hook_agent;
 pub mod newer_client;
 mod peers;
 mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
 pub use daemon_only::DaemonOnly;
+pub use hook_agent::start_hook_agent;
 pub use peers::Peers;
 pub use proxy::{CountingProxy, LinkCutter, LinkShape};
 
@@ -156,13 +158,24 @@ fn test_cache() -> PathBuf {
 /// ([`HostOptions::chroot`]); `scripts/setup.sh` makes it once. When it is missing,
 /// prints `skipped: …` and returns None, or panics under [`REQUIRE_E2E`]`=1`.
 pub fn require_newer_nix() -> Option<PathBuf> {
-    // The name scripts/newer-nix.sh gives it; it renames the root there only when whole.
-    let root = test_cache().join("nix-trixie-2");
+    cached_root("nix-trixie-2", "Debian 13 root with Nix 2.26", "")
+}
+
+/// The root of a Debian unstable system with its Nix (the newest Debian has: 2.34 when
+/// it was made), made once like [`require_newer_nix`]'s.
+pub fn require_newest_nix() -> Option<PathBuf> {
+    cached_root("nix-sid-1", "Debian unstable root with its Nix", " sid")
+}
+
+/// A root `scripts/newer-nix.sh` made under `name` (it renames a root there only when
+/// whole), or None after saying how to make it.
+fn cached_root(name: &str, what: &str, script_args: &str) -> Option<PathBuf> {
+    let root = test_cache().join(name);
     if root.join("usr/bin/nix-store").exists() {
         Some(root)
     } else {
         unavailable(&format!(
-            "no Debian 13 root with Nix 2.26 at {}: `bash scripts/newer-nix.sh` (as root) makes it",
+            "no {what} at {}: `bash scripts/newer-nix.sh{script_args}` (as root) makes it",
             root.display()
         ));
         None

@@ -44,6 +44,8 @@ pub struct ClientOptions {
     /// Host directories the client sees at their own paths: an [`crate::SshFleet`]'s
     /// (its ssh config, key and known hosts), a work directory of the test's.
     pub visible: Vec<PathBuf>,
+    /// Run Debian unstable's Nix ([`crate::require_newest_nix`]) instead of 13's 2.26.
+    pub newest: bool,
 }
 
 /// A client on Nix 2.26 (see the module doc). Dropping it ends everything inside.
@@ -61,7 +63,11 @@ pub struct NewerClient {
 /// saying what is missing (the Debian 13 root, root, `unshare`); under
 /// [`crate::REQUIRE_E2E`]`=1` it panics instead.
 pub fn require_newer_client(options: &ClientOptions) -> Option<NewerClient> {
-    let root = crate::require_newer_nix()?;
+    let root = if options.newest {
+        crate::require_newest_nix()?
+    } else {
+        crate::require_newer_nix()?
+    };
     if !crate::require_root() {
         return None;
     }

@@ -46,22 +46,10 @@ pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&StateDb>)
             m.cores = Some(cores);
             continue;
         }
-        let Ok((mut cmd, known_hosts)) = m.endpoint.command("nproc") else {
-            continue;
-        };
+        let endpoint = m.endpoint.clone();
         asking.spawn(async move {
-            let asked = tokio::task::spawn_blocking(move || {
-                let _known_hosts = known_hosts;
-                crate::process::run(&mut cmd)
-            });
-            let answer = match tokio::time::timeout(CORES_QUESTION_TIMEOUT, asked).await {
-                Ok(Ok(Ok(out))) => String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse::<u32>()
-                    .ok(),
-                _ => None,
-            };
-            (i, answer)
+            let answer = endpoint.ask("nproc", CORES_QUESTION_TIMEOUT).await;
+            (i, answer.and_then(|out| out.trim().parse::<u32>().ok()))
         });
     }
     while let Some(joined) = asking.join_next().await {

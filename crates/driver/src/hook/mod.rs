@@ -10,6 +10,9 @@
 //! slot of the chosen builder held in the shared ledger ([`crate::slots`]). An accepted
 //! build (`remote.rs`) copies the inputs the builder lacks, builds with the log on fd 4,
 //! copies the outputs back into the local store and exits with the status Nix reads.
+//! Floating content-addressed outputs (Nix with `ca-derivations`) come back by the paths
+//! the builder reports, their realisations registered in the store Nix names
+//! (`realise.rs`), as Nix's own hook does.
 
 mod choice;
 mod machines;
@@ -80,6 +83,9 @@ pub struct HookSettings {
     pub build: BuildSettings,
     /// The store Nix builds into (`store`), unless it is the default local one.
     pub store: Option<String>,
+    /// Nix's `experimental-features` (`ca-derivations`: floating content-addressed
+    /// derivations may be handed off).
+    pub experimental_features: Vec<String>,
 }
 
 impl HookSettings {
@@ -103,6 +109,7 @@ impl HookSettings {
                 "timeout" => s.build.build_timeout = number.unwrap_or(0),
                 "max-build-log-size" => s.build.max_log_size = number.unwrap_or(0),
                 "keep-failed" => s.build.keep_failed = value == "true",
+                "experimental-features" => s.experimental_features = words(value),
                 "store" if !matches!(value.as_str(), "" | "auto" | "local") => {
                     s.store = Some(value.clone());
                 }
@@ -363,8 +370,11 @@ async fn answer(
 /// cannot be read through the store Nix names, or offload cannot build it remotely.
 async fn unbuildable_remotely(setup: &Setup, request: &TryRequest) -> Option<(LogLevel, String)> {
     match crate::drv::read(setup.settings.store.as_deref(), &request.drv_path).await {
-        Ok(drv) => crate::drv::cannot_build_remotely(&request.drv_path, &drv)
-            .map(|why| (LogLevel::Talkative, why)),
+        Ok(drv) => {
+            let features = &setup.settings.experimental_features;
+            crate::drv::cannot_build_remotely(&request.drv_path, &drv, features)
+                .map(|why| (LogLevel::Talkative, why))
+        }
         Err(e) => {
             let e = crate::order::OrderError::from(e);
             Some((LogLevel::Warn, crate::order::OrderFailure::from(&e).message))
@@ -492,6 +502,7 @@ mod tests {
             ("system-features", "kvm big-parallel"),
             ("timeout", "60"),
             ("store", "auto"),
+            ("experimental-features", "nix-command ca-derivations"),
         ]
         .iter()
         .map(|(n, v)| (n.to_string(), v.to_string()))
@@ -502,5 +513,6 @@ mod tests {
         assert_eq!(s.system_features, ["kvm", "big-parallel"]);
         assert_eq!(s.build.build_timeout, 60);
         assert_eq!(s.store, None);
+        assert_eq!(s.experimental_features, ["nix-command", "ca-derivations"]);
     }
 }

@@ -38,6 +38,7 @@ fn order_for(job: &Job<'_>, inputs: BuildInputs) -> BuildOrder {
         inputs: inputs.inputs,
         wanted_outputs: inputs.wanted_outputs,
         slots: job.machine.spec.slots,
+        experimental_features: job.settings.experimental_features.clone(),
     }
 }
 

@@ -20,7 +20,7 @@ mod daemon;
 mod nar;
 pub use nar::ChainProgress;
 mod pool;
-pub use pool::{Pool, Traffic};
+pub use pool::{Pool, StoreId, Traffic};
 mod stderr;
 
 use std::collections::HashSet;

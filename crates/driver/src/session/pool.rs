@@ -37,6 +37,14 @@ pub enum Traffic {
     FromMachine,
 }
 
+/// Which store a machine's sessions serve: the device and inode of its database
+/// directory. A store deleted and made again at the same place is another store, whose
+/// sessions must be opened anew (old ones still see the deleted database).
+pub type StoreId = (u64, u64);
+
+/// How long the question behind [`Pool::store_identity`] may take over ssh.
+const IDENTITY_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Idle sessions per cores setting and traffic.
 type Idle = HashMap<(Option<u32>, Traffic), Vec<ServeConn>>;
 
@@ -59,6 +67,34 @@ impl Pool {
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// The identity of the store this machine's sessions serve: its database directory
+    /// looked at on this machine's disk, or its inode asked over the machine's ssh
+    /// connection. None when it cannot be told: a store that is not a directory, a host
+    /// that runs only the daemon (no other command), no answer.
+    pub async fn store_identity(&self) -> Option<StoreId> {
+        let root = crate::ssh::files_root(self.endpoint.remote_store.as_deref())?;
+        let db = root.join("nix/var/nix/db");
+        if self.endpoint.is_local_process() {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::metadata(&db).ok()?;
+            return Some((meta.dev(), meta.ino()));
+        }
+        if self.endpoint.protocol.is_daemon_only() {
+            return None;
+        }
+        let mut endpoint = self.endpoint.clone();
+        endpoint.control_path = self.master.socket().await.ok().flatten();
+        // `ls -di` is POSIX (GNU and BSD `stat` differ): the inode alone tells a
+        // directory made again from the one sessions were opened on.
+        let question = format!(
+            "ls -di -- {}",
+            crate::ssh::shell_quote(&db.to_string_lossy())
+        );
+        let answer = endpoint.ask(&question, IDENTITY_QUESTION_TIMEOUT).await?;
+        let inode = answer.split_whitespace().next()?.parse::<u64>().ok()?;
+        Some((0, inode))
     }
 
     /// The ssh connection of this machine's builds and queries, for other processes

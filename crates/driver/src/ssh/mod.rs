@@ -220,6 +220,23 @@ impl Endpoint {
         Ok((child, known_hosts))
     }
 
+    /// Asks the machine a short question: runs the shell command `question` there by
+    /// [`Endpoint::command`] and returns what it printed on stdout, or None when it
+    /// could not be run, failed, or gave no answer within `limit`.
+    pub(crate) async fn ask(&self, question: &str, limit: std::time::Duration) -> Option<String> {
+        let (mut cmd, known_hosts) = self.command(question).ok()?;
+        let asked = tokio::task::spawn_blocking(move || {
+            let _known_hosts = known_hosts;
+            cmd.stdin(std::process::Stdio::null()).output()
+        });
+        match tokio::time::timeout(limit, asked).await {
+            Ok(Ok(Ok(out))) if out.status.success() => {
+                Some(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            _ => None,
+        }
+    }
+
     /// The local command that runs the shell command `remote` on the machine, by the
     /// same route as its sessions; the guard keeps a private known_hosts file alive.
     pub fn command(
@@ -363,6 +380,22 @@ pub fn shell_quote(word: &str) -> String {
         word.to_string()
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The directory under which the store `store` (Nix's `store` setting; None: the
+/// default) keeps its files on this machine; None when it keeps none there.
+pub(crate) fn files_root(store: Option<&str>) -> Option<std::path::PathBuf> {
+    let Some(store) = store else {
+        return Some(std::path::PathBuf::from("/"));
+    };
+    let uri = offload_nix::store_uri::StoreUri::parse(store).ok()?;
+    match uri.scheme.as_str() {
+        "path" => Some(std::path::PathBuf::from(&uri.authority)),
+        "auto" | "local" | "daemon" | "unix" => {
+            Some(std::path::PathBuf::from(uri.param("root").unwrap_or("/")))
+        }
+        _ => None,
     }
 }
 

@@ -143,7 +143,7 @@ impl TransferEngine {
 /// Where the store of `endpoint` keeps `store_dir` on its machine's file system: inside
 /// the root of a chroot store. None for a store given by a URI whose files offload does
 /// not know (`daemon` reaches `/nix/store` too).
-fn directory_on_disk(endpoint: &Endpoint, store_dir: &str) -> Option<String> {
+pub(crate) fn directory_on_disk(endpoint: &Endpoint, store_dir: &str) -> Option<String> {
     let Some(store) = &endpoint.remote_store else {
         return Some(store_dir.to_string());
     };
@@ -201,19 +201,11 @@ pub(crate) fn parse_space(out: &str) -> Option<StoreSpace> {
 
 async fn ask_space(endpoint: &Endpoint, store_dir: String) -> Option<StoreSpace> {
     let dir = directory_on_disk(endpoint, &store_dir)?;
-    let (mut cmd, known_hosts) = endpoint.command(&space_command(endpoint, &dir)).ok()?;
-    let asked = tokio::task::spawn_blocking(move || {
-        let _known_hosts = known_hosts;
-        crate::process::run(&mut cmd)
-    });
-    let out = match tokio::time::timeout(SPACE_QUESTION_TIMEOUT, asked).await {
-        Ok(Ok(Ok(out))) => out,
-        _ => {
-            tracing::debug!(machine = %endpoint.name, "its store's free space is unknown");
-            return None;
-        }
+    let question = space_command(endpoint, &dir);
+    let Some(printed) = endpoint.ask(&question, SPACE_QUESTION_TIMEOUT).await else {
+        tracing::debug!(machine = %endpoint.name, "its store's free space is unknown");
+        return None;
     };
-    let printed = String::from_utf8_lossy(&out.stdout);
     let space = parse_space(&printed);
     tracing::debug!(machine = %endpoint.name, ?space, %printed, "room in its store");
     space

@@ -47,6 +47,7 @@ pub use crate::reporter::human_bytes;
 pub use crate::state::report::RouteBytes;
 pub use copy::{copy_closure, CopyFailure, CopyOptions, CopyStats};
 pub use deliver::{Delivered, DeliveryTarget};
+pub(crate) use hold::directory_on_disk;
 pub use hold::StoreSpace;
 pub use paths::PathRegistry;
 pub use peer::{PeerRecord, Unreachable};
@@ -430,7 +431,7 @@ impl TransferEngine {
         {
             let mut registry = self.registry();
             for p in &present {
-                registry.add_holder(p, machine);
+                registry.add_found_holder(p, machine);
             }
         }
         if todo.is_empty() {
