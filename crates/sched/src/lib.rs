@@ -29,8 +29,10 @@ pub mod events;
 mod failures;
 pub mod fleet;
 pub mod graph;
+mod holding;
 mod rehearsal;
 pub mod scheduler;
+mod tiers;
 pub mod transfers;
 
 pub use bound::lower_bound;
