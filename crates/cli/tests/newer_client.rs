@@ -257,6 +257,31 @@ fn offload_build_with_nix_2_26_over_sshd_builders() {
 
 /// A directory of the test's, visible in the client, for what must exist before the
 /// client starts: the hook script its daemon is started with, keys it trusts.
+/// `offload agent ARGS` as root in the client, its socket and slots in `s`, once it
+/// listens.
+fn start_agent(client: &NewerClient, s: &Path, args: &[&str]) -> std::process::Child {
+    let mut agent = client.command(OFFLOAD, s);
+    agent
+        .arg("agent")
+        .args(args)
+        .arg("--socket")
+        .arg(s.join("agent.sock"))
+        .env("OFFLOAD_SLOTS_DIR", s.join("slots"))
+        .stderr(std::process::Stdio::piped());
+    let mut agent = agent.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(agent.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(
+        line.contains("listening on"),
+        "the agent did not listen: {line}"
+    );
+    agent
+}
+
 fn setup_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     ok(Command::new("chmod").arg("755").arg(dir.path()));
@@ -349,23 +374,7 @@ fn nix_build_under_a_2_26_daemon_hands_builds_to_offload_hook_for_an_ordinary_us
     ] {
         ok(client.command(cmd[0], s).args(&cmd[1..]));
     }
-    let mut agent = client.command(OFFLOAD, s);
-    agent
-        .args(["agent", "--group", "offload-test-builders", "--socket"])
-        .arg(s.join("agent.sock"))
-        .env("OFFLOAD_SLOTS_DIR", s.join("slots"))
-        .stderr(std::process::Stdio::piped());
-    let mut agent = agent.spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(agent.stderr.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(
-        line.contains("listening on"),
-        "the agent did not listen: {line}"
-    );
+    let mut agent = start_agent(&client, s, &["--group", "offload-test-builders"]);
     let before = sessions();
     assert!(
         before >= 7,
@@ -794,23 +803,7 @@ fn nix_build_under_the_newest_nix_daemon_gets_every_output_back_from_offload_hoo
         "offload hook did not run"
     );
     // Through the agent (root, as the daemon's hooks are), whose sessions import.
-    let mut agent = client.command(OFFLOAD, s);
-    agent
-        .args(["agent", "--socket"])
-        .arg(s.join("agent.sock"))
-        .env("OFFLOAD_SLOTS_DIR", s.join("slots"))
-        .stderr(std::process::Stdio::piped());
-    let mut agent = agent.spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(agent.stderr.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(
-        line.contains("listening on"),
-        "the agent did not listen: {line}"
-    );
+    let mut agent = start_agent(&client, s, &[]);
     nix_build("newest-hook-agent");
     drop(client);
     let _ = agent.wait();
