@@ -9,6 +9,7 @@
 # for a valid path (the JSON), QueryRealisation of it again. Run as root. See
 # fixtures/README.md.
 set -euo pipefail
+. "$(dirname "$0")/lib/newer-daemon.sh"
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=$here/fixtures/worker
 root=${OFFLOAD_TEST_CACHE:-/var/cache/offload-test}/nix-trixie-1
@@ -55,16 +56,6 @@ python3 "$work/requests.py" 0x122 "$out/realisation-2.8.json" > "$out/realisatio
 if [ -x "$root/usr/bin/nix-daemon" ]; then
   realisation "$(basename "$valid")" > "$out/realisation-2.26.json"
   python3 "$work/requests.py" 0x126 "$out/realisation-2.26.json" > "$out/realisation-requests-2.26.bin"
-  unshare -m --propagation private sh -c "
-    set -e
-    mount -t tmpfs capture '$root/tmp'
-    mount -t proc proc '$root/proc'
-    mount --rbind /dev '$root/dev'
-    cp '$work/file.txt' '$root/tmp/file.txt'
-    chroot '$root' env NIX_CONFIG=\"\$NIX_CONFIG\" nix-store --store /tmp/store --add /tmp/file.txt > /dev/null
-    (cat '$out/realisation-requests-2.26.bin'; sleep 2) \
-      | chroot '$root' env NIX_CONFIG=\"\$NIX_CONFIG\" nix-daemon --stdio --store /tmp/store \
-      > '$out/realisation-replies-2.26.bin'
-  "
+  daemon_in_root "$root" "$work/file.txt" "$out/realisation-requests-2.26.bin" "$out/realisation-replies-2.26.bin" 2
 fi
 ls -l "$out"/realisation-*
