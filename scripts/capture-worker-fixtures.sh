@@ -7,6 +7,7 @@
 # QueryPathInfo of each, NarFromPath of the valid one, BuildDerivation of a derivation
 # that logs a line and fails. Run as root. See fixtures/README.md.
 set -euo pipefail
+. "$(dirname "$0")/lib/newer-daemon.sh"
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=$here/fixtures/worker
 root=${OFFLOAD_TEST_CACHE:-/var/cache/offload-test}/nix-trixie-1
@@ -65,16 +66,6 @@ echo "$valid" > "$out/paths-2.8.txt"
 # Nix 2.26: its daemon in the Debian 13 root, in a mount namespace of its own.
 if [ -x "$root/usr/bin/nix-daemon" ]; then
   python3 "$work/requests.py" 0x126 "$valid" "$missing" "$system" > "$out/requests-2.26.bin"
-  unshare -m --propagation private sh -c "
-    set -e
-    mount -t tmpfs capture '$root/tmp'
-    mount -t proc proc '$root/proc'
-    mount --rbind /dev '$root/dev'
-    cp '$work/file.txt' '$root/tmp/file.txt'
-    chroot '$root' env NIX_CONFIG=\"\$NIX_CONFIG\" nix-store --store /tmp/store --add /tmp/file.txt > /dev/null
-    (cat '$out/requests-2.26.bin'; sleep 5) \
-      | chroot '$root' env NIX_CONFIG=\"\$NIX_CONFIG\" nix-daemon --stdio --store /tmp/store \
-      > '$out/replies-2.26.bin'
-  "
+  daemon_in_root "$root" "$work/file.txt" "$out/requests-2.26.bin" "$out/replies-2.26.bin" 5
 fi
 ls -l "$out"

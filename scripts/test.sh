@@ -37,6 +37,8 @@ check modules-self-test python3 scripts/check-modules.py --self-test
 check modules python3 scripts/check-modules.py --limits
 # Every parser of remote or file input, fuzzed briefly from the committed corpus.
 check fuzz bash scripts/fuzz.sh "${OFFLOAD_FUZZ_SECONDS:-5}"
+# The planner and simulator at fleet scale: 100,000 derivations on 1,000 machines.
+check sim-guard bash scripts/sim-guard.sh
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

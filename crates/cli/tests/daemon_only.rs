@@ -130,6 +130,16 @@ fn a_daemon_only_builder_on_nix_2_8_builds_the_graph_over_ssh_ng() {
     let builders = format!("ssh-ng://{alias} {} - 2 1", nix_system());
     // Its builds run in Nix's sandbox, which has no /etc/debian_version.
     builds_the_graph_there(&fleet, &builders, "daemon-only-2.8", None);
+    // `offload doctor` says which protocol the session speaks, and its version.
+    let work = tempfile::tempdir().unwrap();
+    let (name, opts) = fleet.ssh_opts();
+    let out = common::offload(work.path())
+        .env(name, opts)
+        .args(["doctor", "--builders", &builders])
+        .output()
+        .unwrap();
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert!(said.contains("daemon protocol 1."), "{said}");
 }
 
 #[test]

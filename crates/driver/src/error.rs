@@ -127,6 +127,17 @@ pub enum DriverError {
         needed: u64,
         min_free: u64,
     },
+    #[error(
+        "{machine} keeps its store in {theirs}, not in this machine's store directory \
+         {ours}: it refuses this machine's paths ({said})"
+    )]
+    OtherStoreDir {
+        machine: String,
+        ours: String,
+        /// Its store directory, or "another directory" when it could not be asked.
+        theirs: String,
+        said: String,
+    },
     #[error("interrupted: {stopped} running builds were stopped")]
     Interrupted { stopped: usize },
     #[error("a store path offload made is not valid")]
@@ -197,7 +208,8 @@ impl DriverError {
             | DriverError::SlotLock { machine, .. }
             | DriverError::SlotsBusy { machine, .. }
             | DriverError::InputsCollected { machine, .. }
-            | DriverError::NoRoom { machine, .. } => machine,
+            | DriverError::NoRoom { machine, .. }
+            | DriverError::OtherStoreDir { machine, .. } => machine,
             DriverError::BadStoreUri { uri, .. } => uri,
             DriverError::Delivery { target, .. } => target,
             DriverError::Interrupted { .. } | DriverError::StorePath(_) => "local",
@@ -251,10 +263,17 @@ impl DriverError {
                  /etc/nix/nix.conf on {} and restart its nix-daemon",
                 ssh_host(machine)
             ),
-            DriverError::Exited { stderr, .. } if stderr.contains("not found") => {
-                "the machine has no `nix-store` on the PATH of non-interactive ssh sessions: \
-                 install Nix there or set `?remote-program=/path/to/nix-store` in the store URI"
-                    .to_string()
+            DriverError::Exited {
+                stderr, command, ..
+            } if stderr.contains("not found") => {
+                // The program that was missing: `nix-store` for the serve protocol, the
+                // daemon program for an ssh-ng host that speaks only the daemon's.
+                let daemon = command.contains("--stdio");
+                let program = if daemon { "nix-daemon" } else { "nix-store" };
+                format!(
+                    "the machine has no `{program}` on the PATH of non-interactive ssh sessions: \
+                     install Nix there or set `?remote-program=/path/to/{program}` in the store URI"
+                )
             }
             DriverError::DaemonOnly { fix, .. } => format!(
                 "its `authorized_keys` runs the daemon whatever offload asks for; in the \
@@ -272,9 +291,10 @@ impl DriverError {
                 .to_string(),
             DriverError::Delivery { target, .. } => format!(
                 "check that this machine opens it: `nix-store --store '{target}' \
-                 --check-validity --print-invalid /nix/store/00000000000000000000000000000000-x` \
+                 --check-validity --print-invalid {}/00000000000000000000000000000000-x` \
                  (ssh config, keys, a cache directory that can be written); --to takes any store \
-                 `nix copy --to` takes"
+                 `nix copy --to` takes",
+                offload_nix::store_path::store_dir()
             ),
             DriverError::SlotLock { .. } => format!(
                 "the slot lock directory must be writable by every user that builds (Nix \
@@ -291,6 +311,13 @@ impl DriverError {
                  space?): give its store more room",
                 ssh_host(machine)
             ),
+            DriverError::OtherStoreDir { machine, ours, .. } => format!(
+                "a store path names its store directory, so a builder must keep the same one \
+                 (Nix refuses such a builder too): run Nix on {} with NIX_STORE_DIR={ours}, \
+                 or leave it out of the builders (Nix's default is {})",
+                ssh_host(machine),
+                offload_nix::store_path::DEFAULT_STORE_DIR
+            ),
             DriverError::SlotsBusy { .. } => "other builds (another offload, or Nix's own \
                  build hook) hold that machine's slots: wait for them, or leave the machine out \
                  with --exclude"
@@ -300,7 +327,64 @@ impl DriverError {
     }
 }
 
+impl DriverError {
+    /// The error as what it is when the machine refused a path of this machine's store
+    /// directory as not in its store (Nix: "path '…' is not in the Nix store"): its
+    /// store directory is another.
+    /// `theirs` asks the machine for its own directory (None: it cannot say).
+    pub(crate) async fn or_other_store_dir(
+        self,
+        theirs: impl AsyncFnOnce() -> Option<String>,
+    ) -> DriverError {
+        let said = match &self {
+            DriverError::Exited { stderr, .. } => stderr,
+            DriverError::DaemonRefused { message, .. } => message,
+            _ => return self,
+        };
+        let ours = offload_nix::store_path::store_dir();
+        let Some(line) = said
+            .lines()
+            .find(|l| l.contains("is not in the Nix store") && l.contains(&format!("'{ours}/")))
+        else {
+            return self;
+        };
+        let said = line.trim().trim_start_matches("error: ").to_string();
+        DriverError::OtherStoreDir {
+            machine: self.machine().to_string(),
+            ours: ours.to_string(),
+            theirs: theirs()
+                .await
+                .unwrap_or_else(|| "another directory".to_string()),
+            said,
+        }
+    }
+}
+
 fn ssh_host(machine: &str) -> &str {
     let rest = machine.strip_prefix("ssh://").unwrap_or(machine);
     rest.split(['?', '/']).next().unwrap_or(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_is_named_as_the_protocol_needs_it() {
+        let missing = |command: &str| DriverError::Exited {
+            machine: "ssh://b".into(),
+            command: command.into(),
+            op: "the handshake",
+            status: "exit status: 127".into(),
+            stderr: "; its last output:\nsh: 1: nix-daemon: not found".into(),
+        };
+        let hint = missing("ssh b nix-daemon --stdio").hint().unwrap();
+        assert!(hint.contains("no `nix-daemon`"), "{hint}");
+        assert!(
+            hint.contains("remote-program=/path/to/nix-daemon"),
+            "{hint}"
+        );
+        let hint = missing("ssh b nix-store --serve --write").hint().unwrap();
+        assert!(hint.contains("no `nix-store`"), "{hint}");
+    }
 }

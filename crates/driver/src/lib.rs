@@ -55,7 +55,7 @@
 //!   logs, and its tests on a fake transport (`build/tests/`);
 //! - `trust/` — the trust check, signing (`trust/signing.rs`) and `offload doctor`
 //!   (`trust/doctor.rs`);
-//! - `order.rs` — carrying out one build order on a builder, for the hook and the agent;
+//! - `order/` — carrying out one build order on a builder, for the hook and the agent;
 //! - `drv.rs` — the `.drv` Nix offers the hook, read through the store Nix names;
 //! - `hook/` — `offload hook`: Nix's build hook, the choice per `try`, the accepted build;
 //! - `agent.rs` — `offload agent`: warm sessions for the hook over a Unix socket;
@@ -78,6 +78,7 @@ pub mod order;
 pub mod overview;
 pub mod plan;
 pub mod process;
+mod realise;
 pub mod reporter;
 mod session;
 pub mod shutdown;

@@ -230,6 +230,7 @@ impl Scheduler {
             self.queues[class].insert(new);
         }
         self.queued[machine] = new;
+        self.head_moved(class);
     }
 }
 

@@ -15,11 +15,17 @@ use crate::events::{Action, NodeState};
 use crate::fleet::MachineId;
 use crate::graph::NodeId;
 use crate::scheduler::Scheduler;
-use crate::transfers::{route_in, Direction, Route};
+use crate::tiers::Tier;
+use crate::transfers::{Direction, Route};
 
 /// How many ready derivations per round may choose to wait for a busy machine beyond
 /// the number of free slots.
 pub const RESERVATIONS_PER_ROUND: usize = 64;
+
+/// Inputs held by at most this many machines have their holders weighed one by one
+/// when placing a derivation that needs them; those held more widely set no machine
+/// apart and are weighed at each class's earliest machine.
+pub const WEIGHED_HOLDERS: usize = 32;
 
 /// Priority-ordered key of a ready node: higher rank first, then lower id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,6 +41,8 @@ pub(crate) struct Kind {
     pub(crate) example: NodeId,
     /// Classes that may take nodes of this kind, fastest first.
     pub(crate) classes: Vec<usize>,
+    /// Those classes in tiers, fastest first ([`crate::tiers`]).
+    pub(crate) tiers: Vec<Tier>,
 }
 
 impl Scheduler {
@@ -105,6 +113,7 @@ impl Scheduler {
             kind.classes
                 .sort_by(|&a, &b| speed(b).total_cmp(&speed(a)).then(a.cmp(&b)));
         }
+        self.build_tiers();
     }
 
     /// The inputs of `id` that `machine` lacks, each with its route and size.
@@ -116,11 +125,10 @@ impl Scheduler {
         self.graph.node(id).deps.iter().filter_map(move |&dep| {
             let bytes = self.graph.node(dep).output_bytes;
             let consumers = self.graph.dependents(dep).len();
-            let r = route_in(
+            let r = self.holders.route(
                 &self.machines,
                 self.pair_links,
-                &self.holders[dep],
-                false,
+                dep,
                 machine,
                 consumers,
                 bytes,
@@ -149,9 +157,7 @@ impl Scheduler {
             at = self.links.send(&self.machines, &r, bytes, at);
             let kept = client.filter(|_| r.keeps_in_client());
             for m in kept.into_iter().chain([machine]) {
-                if !self.holders[dep].contains(&m) {
-                    self.holders[dep].push(m);
-                }
+                self.holders.add(&self.machines, dep, m, bytes);
             }
         }
     }
@@ -196,7 +202,7 @@ impl Scheduler {
     fn next_ready(&self, next: &mut [Option<Option<ReadyKey>>]) -> Option<(usize, ReadyKey)> {
         let mut best: Option<(usize, ReadyKey)> = None;
         for (k, kind) in self.kinds.iter().enumerate() {
-            if !kind.classes.iter().any(|&c| self.free_in_class[c] > 0) {
+            if !kind.tiers.iter().any(Tier::has_free) {
                 continue;
             }
             let candidate = *next[k].get_or_insert_with(|| self.ready[k].iter().next().copied());
@@ -256,6 +262,7 @@ impl Scheduler {
         for (m, slots) in booked {
             let (t, free) = slots[0];
             self.queues[self.class_of[m]].remove(&SlotKey::new(t, free, m));
+            // (`replace_queue_key` moves the class in its tiers.)
             self.queued[m] = None;
             self.replace_queue_key(m);
         }
@@ -274,75 +281,110 @@ impl Scheduler {
     ) -> Option<Placement> {
         let node = self.graph.node(id);
         // Machines holding some of its inputs are weighed one by one; of the
-        // others, only the earliest of each class can be best.
+        // others, only the earliest of each class can be best. An input held by more
+        // than a few machines sets none of them apart (a toolchain every builder has
+        // fetched): its holders are not weighed one by one, and the earliest machine of
+        // each class is weighed with what it holds.
         holders.clear();
         for &d in &node.deps {
-            holders.extend(self.holders[d].iter().copied());
+            let held = &self.holders[d];
+            if held.len() <= WEIGHED_HOLDERS {
+                holders.extend(held.iter().copied());
+            }
         }
         holders.sort_unstable();
         holders.dedup();
         let mut best: Option<Placement> = None;
-        for &c in &self.kinds[kind].classes {
-            let spec = &self.machines[self.classes[c][0]];
+        for tier in &self.kinds[kind].tiers {
+            let spec = &self.machines[tier.example];
             let build_time = spec.build_time(node);
             if best.is_some_and(|b| now + build_time > b.finish + 1e-9) {
-                // This class and all slower ones finish later even if free now.
+                // This tier and all slower ones finish later even if free now.
                 break;
             }
-            if only_free && self.free_in_class[c] == 0 {
-                continue;
-            }
-            let earliest = self.queues[c]
-                .iter()
-                .find(|k| holders.binary_search(&k.machine).is_err())
-                .map(|k| k.machine);
-            let in_class = holders
-                .iter()
-                .copied()
-                .filter(|&h| self.class_of[h] == c && self.alive[h]);
-            for m in earliest.into_iter().chain(in_class) {
-                let first = match booked.get(&m) {
-                    Some(slots) => slots.first().copied(),
-                    None => self.queued[m].map(|k| (k.time, !k.busy)),
-                };
-                let Some((slot_time, is_free)) = first else {
-                    continue;
-                };
-                if only_free && !is_free {
-                    continue;
+            for &(head, c) in &tier.heads {
+                // Classes free soonest first: once one could not be better even with
+                // every input there, none of the rest can.
+                let soonest = head.time.max(now) + build_time + spec.per_build;
+                if (only_free && head.busy)
+                    || best.is_some_and(|b| !b.loses_to(soonest, !head.busy, 0))
+                {
+                    break;
                 }
-                let setup = if self.session_ready[m] {
-                    0.0
-                } else {
-                    self.machines[m].session_setup
-                };
-                let built = self.inputs_arrive(id, m, slot_time.max(now))
-                    + build_time
-                    + self.machines[m].per_build
-                    + setup;
-                let finish = self.outputs_home(id, m, built);
-                // Earliest finish; at a tie, a slot free now beats waiting for one,
-                // then the lower machine index.
-                let better = match best {
-                    None => true,
-                    Some(b) => {
-                        finish < b.finish - 1e-9
-                            || (finish <= b.finish + 1e-9
-                                && ((is_free && !b.free_now)
-                                    || (is_free == b.free_now && m < b.machine)))
-                    }
-                };
-                if better {
-                    best = Some(Placement {
-                        finish,
-                        free_now: is_free,
-                        machine: m,
-                        built,
-                    });
-                }
+                self.weigh_class(
+                    c, id, now, only_free, booked, holders, build_time, &mut best,
+                );
             }
         }
         best
+    }
+
+    /// Weighs the machines of class `c` for ready node `id`: its earliest machine that
+    /// holds none of the inputs weighed one by one, and those that hold some; keeps the
+    /// better placement in `best`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one placement's state, passed down"
+    )]
+    fn weigh_class(
+        &self,
+        c: usize,
+        id: NodeId,
+        now: f64,
+        only_free: bool,
+        booked: &Booked,
+        holders: &[MachineId],
+        build_time: f64,
+        best: &mut Option<Placement>,
+    ) {
+        let earliest = self.queues[c]
+            .iter()
+            .find(|k| holders.binary_search(&k.machine).is_err())
+            .map(|k| k.machine);
+        let in_class = holders
+            .iter()
+            .copied()
+            .filter(|&h| self.class_of[h] == c && self.alive[h]);
+        for m in earliest.into_iter().chain(in_class) {
+            let first = match booked.get(&m) {
+                Some(slots) => slots.first().copied(),
+                None => self.queued[m].map(|k| (k.time, !k.busy)),
+            };
+            let Some((slot_time, is_free)) = first else {
+                continue;
+            };
+            if only_free && !is_free {
+                continue;
+            }
+            let setup = if self.session_ready[m] {
+                0.0
+            } else {
+                self.machines[m].session_setup
+            };
+            // Built no earlier than with every input there: a machine that would not
+            // be better even so is not worth routing its inputs for (a later finish
+            // never wins where an earlier one loses).
+            let soonest = slot_time.max(now) + build_time + self.machines[m].per_build + setup;
+            if best.is_some_and(|b| !b.loses_to(soonest, is_free, m)) {
+                continue;
+            }
+            let built = self.inputs_arrive(id, m, slot_time.max(now))
+                + build_time
+                + self.machines[m].per_build
+                + setup;
+            let finish = self.outputs_home(id, m, built);
+            // Earliest finish; at a tie, a slot free now beats waiting for one,
+            // then the lower machine index.
+            let better = best.is_none_or(|b| b.loses_to(finish, is_free, m));
+            if better {
+                *best = Some(Placement {
+                    finish,
+                    free_now: is_free,
+                    machine: m,
+                    built,
+                });
+            }
+        }
     }
 
     /// Books the first slot of machine `m` until `built` for everything planned after
@@ -363,6 +405,7 @@ impl Scheduler {
         let (t, free) = slots[0];
         // `queued` keeps the machine's key outside this round's bookings.
         self.queues[class].insert(SlotKey::new(t, free, m));
+        self.head_moved(class);
     }
 
     /// Starts ready node `key.node` of `kind` on machine `m` now, expected built at
@@ -416,4 +459,15 @@ struct Placement {
     machine: MachineId,
     /// When it would be built.
     built: f64,
+}
+
+impl Placement {
+    /// Whether a placement finishing at `finish` on machine `m`, free now or not, is
+    /// better: an earlier finish; at a tie, a slot free now beats waiting for one, then
+    /// the lower machine index.
+    fn loses_to(&self, finish: f64, free: bool, m: MachineId) -> bool {
+        finish < self.finish - 1e-9
+            || (finish <= self.finish + 1e-9
+                && ((free && !self.free_now) || (free == self.free_now && m < self.machine)))
+    }
 }

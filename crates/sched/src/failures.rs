@@ -26,9 +26,8 @@ impl Scheduler {
         for node in lost {
             self.make_ready(node);
         }
-        for h in &mut self.holders {
-            h.retain(|&m| m != machine);
-        }
+        self.holders
+            .drop_machine(&self.machines, &self.graph, machine);
         self.match_kinds();
         self.rebuild_lost_outputs();
         self.fail_unplaceable(actions);

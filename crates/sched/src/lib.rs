@@ -32,8 +32,10 @@ mod failures;
 pub mod fleet;
 pub mod graph;
 pub mod hedge;
+mod holding;
 mod rehearsal;
 pub mod scheduler;
+mod tiers;
 pub mod transfers;
 
 pub use bound::lower_bound;

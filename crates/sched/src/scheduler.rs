@@ -14,6 +14,7 @@ use crate::classes::{machine_classes, SlotKey};
 use crate::dispatch::{Kind, ReadyKey};
 use crate::fleet::{Link, MachineId, MachineSpec};
 use crate::graph::{Graph, NodeId};
+use crate::holding::Holding;
 use crate::transfers::Links;
 
 // Re-exported so that paths through this module (`scheduler::Event`, …) keep working.
@@ -50,7 +51,7 @@ pub struct Scheduler {
     pub(crate) started_at: Vec<f64>,
     pub(crate) attempts: Vec<u32>,
     /// Machines that hold each node's outputs.
-    pub(crate) holders: Vec<Vec<MachineId>>,
+    pub(crate) holders: Holding,
     pub(crate) running: Vec<Vec<NodeId>>,
     pub(crate) running_count: usize,
     pub(crate) keep_going: bool,
@@ -61,6 +62,10 @@ pub struct Scheduler {
     /// Per class, its live machines by their first slot; each machine's key there.
     pub(crate) queues: Vec<BTreeSet<SlotKey>>,
     pub(crate) queued: Vec<Option<SlotKey>>,
+    /// Per class, its first slot as its kinds' tiers hold it, and those tiers (kind,
+    /// tier) ([`crate::tiers`]).
+    pub(crate) class_head: Vec<Option<SlotKey>>,
+    pub(crate) class_tiers: Vec<Vec<(usize, usize)>>,
     /// Per class, its free slots.
     pub(crate) free_in_class: Vec<usize>,
     /// Kinds of nodes (interchangeable for placement), each node's kind, and the ready
@@ -124,6 +129,7 @@ impl Scheduler {
             .map(|example| Kind {
                 example,
                 classes: Vec::new(),
+                tiers: Vec::new(),
             })
             .collect();
         let fastest_peer = machines.iter().map(fastest_peer).collect();
@@ -139,11 +145,13 @@ impl Scheduler {
             settled: 0,
             started_at: vec![0.0; n],
             attempts: vec![0; n],
-            holders: vec![Vec::new(); n],
+            holders: Holding::new(n),
             keep_going,
             stopping: false,
             queues: vec![BTreeSet::new(); classes.len()],
             queued: vec![None; m],
+            class_head: vec![None; classes.len()],
+            class_tiers: vec![Vec::new(); classes.len()],
             free_in_class: vec![0; classes.len()],
             classes,
             class_of,
@@ -186,7 +194,7 @@ impl Scheduler {
             .iter()
             .filter(|&&d| matches!(self.state[d], NodeState::Waiting(_) | NodeState::Ready))
             .filter_map(|&d| self.rehearsed_on[d])
-            .filter(|m| !self.holders[node].contains(m) && self.alive[*m])
+            .filter(|&m| !self.holders.contains(node, m) && self.alive[m])
             .collect();
         machines.sort_unstable();
         machines.dedup();
@@ -224,6 +232,8 @@ impl Scheduler {
         if let Some(spec) = self.machines.get_mut(machine) {
             spec.bandwidth = bandwidth;
             spec.latency = latency;
+            // Which holder relays a path quickest may have changed.
+            self.holders.refresh_all(&self.machines, &self.graph);
             self.regroup();
         }
     }
@@ -259,6 +269,8 @@ impl Scheduler {
         self.classes = classes;
         self.class_of = class_of;
         self.queued = vec![None; self.machines.len()];
+        self.class_head = vec![None; self.classes.len()];
+        self.class_tiers = vec![Vec::new(); self.classes.len()];
         for m in 0..self.machines.len() {
             self.replace_queue_key(m);
             if self.alive[m] {
@@ -291,6 +303,7 @@ impl Scheduler {
             return;
         }
         self.graph.set_output_bytes(node, bytes);
+        self.holders.refresh(&self.machines, node, bytes);
         self.output_guessed[node] = false;
         self.measured_outputs.push(bytes);
         // The median settles fast: taken again for the first builds and then each time
@@ -309,6 +322,7 @@ impl Scheduler {
         for id in 0..self.graph.len() {
             if self.output_guessed[id] {
                 self.graph.set_output_bytes(id, median);
+                self.holders.refresh(&self.machines, id, median);
             }
         }
     }
@@ -366,7 +380,7 @@ impl Scheduler {
                         }
                         let seconds = now - self.started_at[node];
                         self.set_state(node, NodeState::Done { machine, seconds });
-                        self.holders[node] = vec![machine];
+                        self.holders.set_only(&self.machines, node, machine);
                         for i in 0..self.graph.dependents(node).len() {
                             let d = self.graph.dependents(node)[i];
                             if let NodeState::Waiting(k) = &mut self.state[d] {
@@ -407,8 +421,9 @@ impl Scheduler {
                 }
             }
             Event::OutputsAt { node, machine } => {
-                if !self.holders[node].contains(&machine) {
-                    self.holders[node].push(machine);
+                if node < self.graph.len() && machine < self.machines.len() {
+                    let bytes = self.graph.node(node).output_bytes;
+                    self.holders.add(&self.machines, node, machine, bytes);
                 }
             }
             Event::SlotsHeldElsewhere { machine, count } => {
@@ -435,6 +450,13 @@ impl Scheduler {
             assert_eq!(self.free_in_class[c], free, "free slots of class {c}");
             let keys: Vec<SlotKey> = class.iter().filter_map(|&m| self.first_slot(m)).collect();
             assert_eq!(self.queues[c].len(), keys.len(), "queue of class {c}");
+            assert_eq!(
+                self.class_head[c],
+                self.queues[c].first().copied(),
+                "head of class {c}"
+            );
+            let free_head = self.class_head[c].is_some_and(|k| !k.busy);
+            assert_eq!(free_head, free > 0, "free head of class {c}");
             assert!(
                 keys.iter().all(|k| self.queues[c].contains(k)),
                 "queue of class {c}: {:?}, machines' first slots: {keys:?}",

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 
 use crate::fleet::{MachineId, MachineSpec};
+use crate::holding::nearest_holder;
 
 /// The way one path goes to one machine (a machine's link is the one between it and
 /// the client).
@@ -141,20 +142,59 @@ pub fn route_in(
     consumers: usize,
     bytes: u64,
 ) -> Option<Route> {
+    let held_by_target = holders.contains(&target);
+    let local = holders.iter().any(|&h| machines[h].is_local);
+    // The relay's source matters only when neither the target nor the client holds it.
+    let nearest = if held_by_target || local || at_client {
+        None
+    } else {
+        nearest_holder(machines, holders, bytes)
+    };
+    let held = HeldBy {
+        machines: holders,
+        target: held_by_target,
+        local,
+        nearest,
+    };
+    route_from(machines, pairs, &held, at_client, target, consumers, bytes)
+}
+
+/// What routing a path to one target asks of its holders: who they are, whether the
+/// target or a local machine is one of them, and the holder whose own link sends the
+/// path quickest (the lower index at a tie). The scheduler keeps these up to date as
+/// holders change, so that a path held everywhere costs no scan of the fleet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeldBy<'a> {
+    pub(crate) machines: &'a [MachineId],
+    pub(crate) target: bool,
+    pub(crate) local: bool,
+    pub(crate) nearest: Option<MachineId>,
+}
+
+/// [`route_in`] with its holders worked out ([`HeldBy`]).
+pub(crate) fn route_from(
+    machines: &[MachineSpec],
+    pairs: bool,
+    held: &HeldBy,
+    at_client: bool,
+    target: MachineId,
+    consumers: usize,
+    bytes: u64,
+) -> Option<Route> {
     let target_is_client = machines[target].is_local;
     let on = |from, kind| Route {
         from,
         to: target,
         kind,
     };
-    if holders.contains(&target) || (target_is_client && at_client) {
+    if held.target || (target_is_client && at_client) {
         return Some(on(None, RouteKind::Present));
     }
-    let client_holds = at_client || holders.iter().any(|&h| machines[h].is_local);
+    let client_holds = at_client || held.local;
     // The quickest pair link from a holder to the target (the lower holder at a tie).
     let mut peer: Option<(f64, MachineId)> = None;
     if pairs && !target_is_client {
-        for &h in holders {
+        for &h in held.machines {
             if let Some(link) = machines[h].peer_link(target) {
                 let t = link.transfer_time(bytes);
                 if peer.is_none_or(|(best, b)| t < best || (t == best && h < b)) {
@@ -171,12 +211,7 @@ pub fn route_in(
             _ => on(None, RouteKind::Direct),
         });
     }
-    let from = holders.iter().copied().min_by(|&a, &b| {
-        machines[a]
-            .transfer_time(bytes)
-            .total_cmp(&machines[b].transfer_time(bytes))
-            .then(a.cmp(&b))
-    })?;
+    let from = held.nearest?;
     let kind = if target_is_client {
         RouteKind::Direct
     } else if consumers > 1 {

@@ -4,6 +4,8 @@
 //! file or `--builders`, narrowed by `--on`, `--exclude` and `--local-only`. Nix's own
 //! settings, which it starts from, are read in [`nixconf`].
 
+use std::collections::HashMap;
+
 use offload_nix::machines::{parse_builders, Machine, MachinesError};
 use offload_sched::{MachineId, MachineSpec};
 use thiserror::Error;
@@ -213,6 +215,8 @@ pub const SESSION_SETUP_SECONDS: f64 = 0.5;
 /// every machine has its own.
 pub fn machine_names(machines: &[Machine]) -> Vec<String> {
     let mut names: Vec<String> = Vec::with_capacity(machines.len());
+    // How many names so far are each base or start with it and `#`.
+    let mut taken: HashMap<String, usize> = HashMap::new();
     for m in machines {
         let base = match m.store_uri() {
             Ok(u) if u.is_ssh() => match u.remote_store() {
@@ -221,15 +225,17 @@ pub fn machine_names(machines: &[Machine]) -> Vec<String> {
             },
             _ => m.uri.clone(),
         };
-        let repeats = names
-            .iter()
-            .filter(|n| **n == base || n.starts_with(&format!("{base}#")))
-            .count();
-        names.push(if repeats == 0 {
+        let repeats = taken.get(&base).copied().unwrap_or(0);
+        let name = if repeats == 0 {
             base
         } else {
             format!("{base}#{}", repeats + 1)
-        });
+        };
+        for (at, _) in name.match_indices('#') {
+            *taken.entry(name[..at].to_string()).or_default() += 1;
+        }
+        *taken.entry(name.clone()).or_default() += 1;
+        names.push(name);
     }
     names
 }

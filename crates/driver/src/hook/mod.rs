@@ -10,9 +10,11 @@
 //! slot of the chosen builder held in the shared ledger ([`crate::slots`]). An accepted
 //! build (`remote.rs`) copies the inputs the builder lacks, builds with the log on fd 4,
 //! copies the outputs back into the local store and exits with the status Nix reads.
+//! Floating content-addressed outputs (Nix with `ca-derivations`) come back by the paths
+//! the builder reports, their realisations registered in the store Nix names
+//! (`realise.rs`), as Nix's own hook does.
 
 mod choice;
-pub(crate) mod locks;
 mod machines;
 mod remote;
 
@@ -23,7 +25,7 @@ use offload_nix::hook::{
     log_line, HookReply, HookRequest, LogLevel, RequestDecoder, SettingsDecoder, TryRequest,
 };
 use offload_nix::serve::BuildSettings;
-use offload_nix::store_path::derivation_name;
+use offload_nix::store_path::{derivation_name, set_store_dir, StoreDir};
 use offload_nix::wire::{tokio_io::read_message, WireError};
 use tokio::io::AsyncRead;
 
@@ -81,6 +83,9 @@ pub struct HookSettings {
     pub build: BuildSettings,
     /// The store Nix builds into (`store`), unless it is the default local one.
     pub store: Option<String>,
+    /// Nix's `experimental-features` (`ca-derivations`: floating content-addressed
+    /// derivations may be handed off).
+    pub experimental_features: Vec<String>,
 }
 
 impl HookSettings {
@@ -104,6 +109,7 @@ impl HookSettings {
                 "timeout" => s.build.build_timeout = number.unwrap_or(0),
                 "max-build-log-size" => s.build.max_log_size = number.unwrap_or(0),
                 "keep-failed" => s.build.keep_failed = value == "true",
+                "experimental-features" => s.experimental_features = words(value),
                 "store" if !matches!(value.as_str(), "" | "auto" | "local") => {
                     s.store = Some(value.clone());
                 }
@@ -204,6 +210,11 @@ async fn set_up(
         }
     };
     let settings = HookSettings::from_pairs(&pairs);
+    if let Err(why) = use_store_dir(settings.store.as_deref()) {
+        tell(replies, LogLevel::Error, &format!("offload hook: {why}"));
+        say(replies, &HookReply::DeclinePermanently.encode());
+        return Err(HookExit::Done);
+    }
     let written = options
         .builders
         .clone()
@@ -269,6 +280,22 @@ async fn set_up(
         fleet,
         overhead,
         agent_up,
+    })
+}
+
+/// Makes the store directory Nix builds in this process's, before any path is read: the
+/// `?store=` of the store Nix names (`store`), else the one Nix's environment gives
+/// (`NIX_STORE_DIR`, as Nix reads it), as Nix's hook opens that store.
+fn use_store_dir(store: Option<&str>) -> Result<(), String> {
+    let named = store
+        .and_then(|uri| offload_nix::store_uri::StoreUri::parse(uri).ok())
+        .and_then(|uri| uri.param("store").map(str::to_string));
+    let dir = match named {
+        Some(dir) => StoreDir::new(&dir, "the `store` setting's `?store=`"),
+        None => StoreDir::from_env(),
+    };
+    dir.and_then(set_store_dir).map_err(|e| {
+        format!("{e}; no builds are handed off (fix NIX_STORE_DIR or the `store` setting)")
     })
 }
 
@@ -364,8 +391,11 @@ async fn answer(
 /// cannot be read through the store Nix names, or offload cannot build it remotely.
 async fn unbuildable_remotely(setup: &Setup, request: &TryRequest) -> Option<(LogLevel, String)> {
     match crate::drv::read(setup.settings.store.as_deref(), &request.drv_path).await {
-        Ok(drv) => crate::drv::cannot_build_remotely(&request.drv_path, &drv)
-            .map(|why| (LogLevel::Talkative, why)),
+        Ok(drv) => {
+            let features = &setup.settings.experimental_features;
+            crate::drv::cannot_build_remotely(&request.drv_path, &drv, features)
+                .map(|why| (LogLevel::Talkative, why))
+        }
         Err(e) => {
             let e = crate::order::OrderError::from(e);
             Some((LogLevel::Warn, crate::order::OrderFailure::from(&e).message))
@@ -493,6 +523,7 @@ mod tests {
             ("system-features", "kvm big-parallel"),
             ("timeout", "60"),
             ("store", "auto"),
+            ("experimental-features", "nix-command ca-derivations"),
         ]
         .iter()
         .map(|(n, v)| (n.to_string(), v.to_string()))
@@ -503,5 +534,6 @@ mod tests {
         assert_eq!(s.system_features, ["kvm", "big-parallel"]);
         assert_eq!(s.build.build_timeout, 60);
         assert_eq!(s.store, None);
+        assert_eq!(s.experimental_features, ["nix-command", "ca-derivations"]);
     }
 }

@@ -30,6 +30,7 @@ fn order_for(job: &Job<'_>, inputs: BuildInputs) -> BuildOrder {
     BuildOrder {
         drv_path: job.request.drv_path.clone(),
         store: job.settings.store.clone(),
+        store_dir: Some(offload_nix::store_path::store_dir().to_string()),
         builders_use_substitutes: job.settings.builders_use_substitutes,
         max_silent_time: build.max_silent_time,
         build_timeout: build.build_timeout,
@@ -38,6 +39,7 @@ fn order_for(job: &Job<'_>, inputs: BuildInputs) -> BuildOrder {
         inputs: inputs.inputs,
         wanted_outputs: inputs.wanted_outputs,
         slots: job.machine.spec.slots,
+        experimental_features: job.settings.experimental_features.clone(),
     }
 }
 

@@ -31,6 +31,18 @@ pub(super) struct DaemonSide {
     options: Option<BuildSettings>,
 }
 
+impl super::ServeConn {
+    /// The protocol the session speaks and its version, for people: `serve protocol
+    /// 2.7` or `daemon protocol 1.35`.
+    pub fn protocol_version(&self) -> String {
+        let (name, v) = match &self.daemon {
+            Some(d) => ("daemon", d.version),
+            None => ("serve", self.server_version),
+        };
+        format!("{name} protocol {}.{}", v >> 8, v & 0xff)
+    }
+}
+
 /// Reads the daemon's messages up to `STDERR_LAST`, log lines to `log`.
 pub(super) async fn messages(
     from: &mut Reader,
@@ -278,6 +290,64 @@ impl ServeConn {
             // The daemon roots what it adds for as long as the connection lives.
             self.held.insert(info.path.clone());
         })
+    }
+}
+
+impl ServeConn {
+    /// QueryRealisation of each of `ids` (`sha256:<base16>!out`), in one batch: per id,
+    /// the store's realisation if it has one (Nix's JSON from 1.31, else the output's
+    /// path). A session with the daemon only: the serve protocol has no realisations.
+    pub async fn query_realisations(
+        &mut self,
+        ids: &[String],
+    ) -> Result<Vec<Option<String>>, DriverError> {
+        self.needs_daemon("QueryRealisation")?;
+        let frame: Vec<u8> = ids
+            .iter()
+            .flat_map(|id| worker::query_realisation(id))
+            .collect();
+        let replies = self
+            .daemon_batch("QueryRealisation", frame, vec![Expect::Paths; ids.len()])
+            .await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Paths(found) => found.into_iter().next(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// RegisterDrvOutput of each realisation, in one batch: `(id, output's base name,
+    /// Nix's JSON)`, sent in the form the daemon's version reads. The daemon needs the
+    /// `ca-derivations` feature and each output valid in its store.
+    pub async fn register_drv_outputs(
+        &mut self,
+        realisations: &[(String, String, String)],
+    ) -> Result<(), DriverError> {
+        self.needs_daemon("RegisterDrvOutput")?;
+        let version = self.worker_version().unwrap_or(0);
+        let frame: Vec<u8> = realisations
+            .iter()
+            .flat_map(|(id, out, json)| worker::register_drv_output(id, out, json, version))
+            .collect();
+        let expect = vec![Expect::Nothing; realisations.len()];
+        self.daemon_batch("RegisterDrvOutput", frame, expect)
+            .await?;
+        Ok(())
+    }
+
+    fn needs_daemon(&self, op: &'static str) -> Result<(), DriverError> {
+        match self.daemon {
+            Some(_) => Ok(()),
+            None => Err(DriverError::Io {
+                machine: self.machine.clone(),
+                op,
+                source: std::io::Error::other(
+                    "the serve protocol has no realisations; it takes a session with the daemon",
+                ),
+            }),
+        }
     }
 }
 

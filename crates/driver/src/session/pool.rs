@@ -74,7 +74,7 @@ impl Pool {
     /// connection. None when it cannot be told: a store that is not a directory, a host
     /// that runs only the daemon (no other command), no answer.
     pub async fn store_identity(&self) -> Option<StoreId> {
-        let root = crate::drv::files_root(self.endpoint.remote_store.as_deref())?;
+        let root = crate::ssh::files_root(self.endpoint.remote_store.as_deref())?;
         let db = root.join("nix/var/nix/db");
         if self.endpoint.is_local_process() {
             use std::os::unix::fs::MetadataExt as _;

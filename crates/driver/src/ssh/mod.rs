@@ -23,6 +23,9 @@ use offload_nix::store_uri::{ServeKind, StoreUri};
 
 use crate::error::DriverError;
 
+/// How long a machine may take to say its store directory.
+const STORE_DIR_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub mod master;
 mod protocol;
 pub use protocol::{Protocol, Speaks};
@@ -167,6 +170,21 @@ impl Endpoint {
         self.store_command(program, "--stdio")
     }
 
+    /// The machine's store directory, asked with a command that prints a path of its
+    /// store and writes nothing (`nix-store --print-fixed-path`); None when it does not
+    /// say (a daemon-only host runs no other command).
+    pub(crate) async fn store_dir(&self) -> Option<String> {
+        if self.protocol.is_daemon_only() {
+            return None;
+        }
+        let hash = "0".repeat(64);
+        let mode = format!("--print-fixed-path sha256 {hash} offload-store-dir");
+        let question = self.store_command(&self.remote_program, &mode);
+        let answer = self.ask(&question, STORE_DIR_QUESTION_TIMEOUT).await?;
+        let (dir, _) = answer.trim().rsplit_once('/')?;
+        dir.starts_with('/').then(|| dir.to_string())
+    }
+
     /// `program mode` on the machine's store, with the endpoint's extra arguments.
     fn store_command(&self, program: &str, mode: &str) -> String {
         // The program is one word, as Nix documents it (a path to `nix-store`): quoted,
@@ -227,10 +245,12 @@ impl Endpoint {
         let (mut cmd, known_hosts) = self.command(question).ok()?;
         let asked = tokio::task::spawn_blocking(move || {
             let _known_hosts = known_hosts;
-            crate::process::run(&mut cmd)
+            cmd.stdin(std::process::Stdio::null()).output()
         });
         match tokio::time::timeout(limit, asked).await {
-            Ok(Ok(Ok(out))) => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+            Ok(Ok(Ok(out))) if out.status.success() => {
+                Some(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
             _ => None,
         }
     }
@@ -378,6 +398,22 @@ pub fn shell_quote(word: &str) -> String {
         word.to_string()
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The directory under which the store `store` (Nix's `store` setting; None: the
+/// default) keeps its files on this machine; None when it keeps none there.
+pub(crate) fn files_root(store: Option<&str>) -> Option<std::path::PathBuf> {
+    let Some(store) = store else {
+        return Some(std::path::PathBuf::from("/"));
+    };
+    let uri = offload_nix::store_uri::StoreUri::parse(store).ok()?;
+    match uri.scheme.as_str() {
+        "path" => Some(std::path::PathBuf::from(&uri.authority)),
+        "auto" | "local" | "daemon" | "unix" => {
+            Some(std::path::PathBuf::from(uri.param("root").unwrap_or("/")))
+        }
+        _ => None,
     }
 }
 

@@ -431,7 +431,7 @@ impl TransferEngine {
         {
             let mut registry = self.registry();
             for p in &present {
-                registry.add_holder(p, machine);
+                registry.add_found_holder(p, machine);
             }
         }
         if todo.is_empty() {

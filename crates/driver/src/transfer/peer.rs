@@ -166,8 +166,7 @@ impl TransferEngine {
         {
             let mut registry = self.registry();
             for i in infos {
-                registry.add_holder(&i.path, machine);
-                registry.add_holder(&i.path, from);
+                registry.add_holder_like(&i.path, machine, from);
             }
         }
         if let Some(r) = &self.reporter {

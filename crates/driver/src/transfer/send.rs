@@ -22,6 +22,21 @@ impl TransferEngine {
         source: MachineId,
         mut infos: Vec<offload_nix::serve::PathInfo>,
     ) -> Result<(), DriverError> {
+        let _lane = self.lanes[machine]
+            .acquire()
+            .await
+            .map_err(|_| DriverError::NotValid {
+                machine: self.pools[machine].endpoint().name.clone(),
+                path: infos.first().map(|i| i.path.clone()).unwrap_or_default(),
+            })?;
+        let mut from = self.pools[source].get_for(Traffic::FromMachine).await?;
+        // What the source holds goes under its own info: the same path may hold other
+        // bytes there than where it was first learned (a build that is not reproducible,
+        // made there by someone else).
+        if let Err(e) = self.as_held_on(source, &mut from, &mut infos).await {
+            self.pools[source].put(from);
+            return Err(e);
+        }
         if Some(machine) == self.client {
             if let Some(signer) = &self.signer {
                 // The builder's own signatures stay; this one is for a daemon that
@@ -31,15 +46,13 @@ impl TransferEngine {
                 }
             }
         }
-        let _lane = self.lanes[machine]
-            .acquire()
-            .await
-            .map_err(|_| DriverError::NotValid {
-                machine: self.pools[machine].endpoint().name.clone(),
-                path: infos.first().map(|i| i.path.clone()).unwrap_or_default(),
-            })?;
-        let mut from = self.pools[source].get_for(Traffic::FromMachine).await?;
-        let mut to = self.pools[machine].get_for(Traffic::ToMachine).await?;
+        let mut to = match self.pools[machine].get_for(Traffic::ToMachine).await {
+            Ok(to) => to,
+            Err(e) => {
+                self.pools[source].put(from);
+                return Err(e);
+            }
+        };
         let (links, from_name, to_name) = {
             let specs = self.specs();
             let links: Vec<MachineId> = [source, machine]
@@ -110,6 +123,46 @@ impl TransferEngine {
         Ok(())
     }
 
+    /// Replaces each of `infos` by the info of what `source` holds at that path: asked
+    /// of it (on `conn`) where the run knows the path there only from a validity
+    /// answer, else as the registry keeps it for that holder.
+    async fn as_held_on(
+        &self,
+        source: MachineId,
+        conn: &mut crate::session::ServeConn,
+        infos: &mut [offload_nix::serve::PathInfo],
+    ) -> Result<(), DriverError> {
+        let unverified: Vec<String> = {
+            let registry = self.registry();
+            infos
+                .iter()
+                .filter(|i| registry.unverified_on(&i.path, source))
+                .map(|i| i.path.clone())
+                .collect()
+        };
+        if !unverified.is_empty() {
+            let held = conn.query_path_infos(&unverified).await?;
+            let mut registry = self.registry();
+            for info in held {
+                registry.insert(info, source);
+            }
+        }
+        let registry = self.registry();
+        for info in infos.iter_mut() {
+            if registry.unverified_on(&info.path, source) {
+                // Asked, and not there any more: its garbage collector took it.
+                return Err(DriverError::NotValid {
+                    machine: self.pools[source].endpoint().name.clone(),
+                    path: info.path.clone(),
+                });
+            }
+            if let Some(held) = registry.info_on(&info.path, source) {
+                *info = held.clone();
+            }
+        }
+        Ok(())
+    }
+
     /// Records that `info.path` landed on `machine`, copied from `source` in `seconds`.
     fn landed(
         &self,
@@ -125,7 +178,7 @@ impl TransferEngine {
             let (from_name, to_name) = (&specs[source].name, &specs[machine].name);
             r.transfer_finished(path, from_name, to_name, info.nar_size, seconds, true);
         }
-        self.registry().add_holder(path, machine);
+        self.registry().add_holder_as(info, machine);
         self.copied.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(info.nar_size, Ordering::Relaxed);
         let mut news = Self::lock(&self.news);

@@ -121,7 +121,6 @@ pub async fn examine(
         report.problem("session", Severity::Broken, &e);
         return report;
     }
-    let version = conn.server_version();
     report.add(
         "session",
         if open_ms > SLOW_SESSION_MS {
@@ -130,9 +129,8 @@ pub async fn examine(
             Severity::Ok
         },
         format!(
-            "{route}; serve protocol {}.{} opened in {open_ms:.0} ms, round trip {rtt_ms:.1} ms",
-            version >> 8,
-            version & 0xff
+            "{route}; {} opened in {open_ms:.0} ms, round trip {rtt_ms:.1} ms",
+            conn.protocol_version()
         ),
     );
     nix_version(machine, &mut report);

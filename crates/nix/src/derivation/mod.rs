@@ -52,6 +52,12 @@ impl Output {
     pub fn is_fixed(&self) -> bool {
         !self.hash_algo.is_empty() && !self.hash.is_empty() && self.hash != "impure"
     }
+
+    /// Floating content-addressed (`hashAlgo` `r:sha256` or `sha256`, no path, no
+    /// hash): its path is known only once it is built, from its contents.
+    pub fn is_floating(&self) -> bool {
+        self.path.is_none() && !self.hash_algo.is_empty() && self.hash.is_empty()
+    }
 }
 
 /// A parsed derivation.
@@ -170,6 +176,25 @@ impl Derivation {
             .keys()
             .map(|o| Ok((o.clone(), make_output_path(o, hash_modulo_masked, name)?)))
             .collect()
+    }
+
+    /// The ids Nix gives this derivation's outputs, by which their realisations (the
+    /// paths they were built at) are found: `DrvOutput`, `sha256:<base16>!<output>`, the
+    /// hash being [`Derivation::hash_modulo`] with outputs masked. Only for a
+    /// derivation without input derivations, which is what Nix hands a build hook for
+    /// a floating content-addressed one (it resolves the inputs first); None else.
+    pub fn output_ids(&self) -> Option<BTreeMap<String, String>> {
+        if !self.input_drvs.is_empty() {
+            return None;
+        }
+        let hash = self.hash_modulo(true, |_| Err::<[u8; 32], ()>(())).ok()?;
+        let hex = to_base16(&hash);
+        Some(
+            self.outputs
+                .keys()
+                .map(|name| (name.clone(), format!("sha256:{hex}!{name}")))
+                .collect(),
+        )
     }
 
     /// The derivation as BuildDerivation sends it, with `input_srcs` as given.

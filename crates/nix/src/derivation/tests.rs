@@ -185,3 +185,43 @@ fn escapes_in_fields_nix_writes_plain_are_refused() {
     assert_eq!(parsed.args, [b"a\\b".to_vec()]);
     assert_eq!(parsed.to_aterm(), ok.to_vec());
 }
+
+/// A floating content-addressed derivation as Nix 2.8 writes it (`fixtures/drv/ca-leaf.drv`):
+/// its output has a hash algorithm and no path; it goes to a builder with an empty path
+/// and hash (as Nix's `writeDerivation` sends `CAFloating`), and its output id is the one
+/// Nix registered its realisation under (`nix realisation info --json`).
+#[test]
+fn a_floating_output_has_no_path_and_the_id_nix_gives_it() {
+    let text = crate::testing::fixture!("drv/ca-leaf.drv");
+    let drv = Derivation::parse(text).unwrap();
+    assert_eq!(drv.to_aterm(), text);
+    let out = &drv.outputs["out"];
+    assert!(out.is_floating() && !out.is_fixed());
+    assert_eq!(
+        (out.path.as_ref(), out.hash_algo.as_str()),
+        (None, "r:sha256")
+    );
+    let basic = drv.to_basic(Vec::new());
+    let wire = &basic.outputs[0];
+    assert_eq!(
+        (
+            wire.path.as_str(),
+            wire.hash_algo.as_str(),
+            wire.hash.as_str()
+        ),
+        ("", "r:sha256", "")
+    );
+    let ids = drv.output_ids().unwrap();
+    assert_eq!(
+        ids["out"],
+        "sha256:9fcb7f76f1298b26d085e0e8e5565ddb6f541ff4a7536659454a5bcd262bc248!out"
+    );
+    let fod = Derivation::parse(crate::testing::fixture!("drv/fod.drv")).unwrap();
+    assert!(!fod.outputs["out"].is_floating());
+    let top = Derivation::parse(crate::testing::fixture!("drv/top.drv")).unwrap();
+    assert_eq!(
+        top.output_ids(),
+        None,
+        "input derivations are resolved first"
+    );
+}

@@ -1,7 +1,8 @@
 //! The nix-daemon's own protocol (the worker protocol), as `nix-daemon --stdio` speaks
 //! it over ssh and the daemon's socket speaks it here: the handshake, the requests a
 //! remote build needs (QueryValidPaths, AddTempRoot, QueryPathInfo, AddToStoreNar,
-//! BuildDerivation, NarFromPath, SetOptions) and AddBuildLog, and the replies. The
+//! BuildDerivation, NarFromPath, SetOptions), AddBuildLog, and QueryRealisation and
+//! RegisterDrvOutput for content-addressed outputs built elsewhere, and the replies. The
 //! connections themselves live in the driver. Facts from Nix 2.8's `daemon.cc` and
 //! `worker-protocol.hh` (1.34) and Nix 2.26's `worker-protocol*.cc` (1.38); see
 //! docs/nix-protocols.md §11.
@@ -46,6 +47,11 @@ pub const OP_BUILD_DERIVATION: u64 = 36;
 pub const OP_NAR_FROM_PATH: u64 = 38;
 /// Operation: add a path with its NAR.
 pub const OP_ADD_TO_STORE_NAR: u64 = 39;
+/// Operation: record which path an output of a content-addressed derivation has (a
+/// realisation; needs Nix's `ca-derivations` feature on the daemon).
+pub const OP_REGISTER_DRV_OUTPUT: u64 = 42;
+/// Operation: the realisation of a derivation output, if the store has one.
+pub const OP_QUERY_REALISATION: u64 = 43;
 /// Operation: store a build log for a derivation (`nix log` reads it).
 pub const OP_ADD_BUILD_LOG: u64 = 45;
 
@@ -231,6 +237,32 @@ pub fn build_derivation(drv_path: &str, drv: &BasicDerivation) -> Vec<u8> {
     drv.encode(&mut out);
     put_u64(&mut out, 0); // bmNormal
     out
+}
+
+/// Whether realisations travel as Nix's JSON (1.31); before, as an id and a path.
+pub fn realisations_as_json(version: u64) -> bool {
+    minor(version) >= 31
+}
+
+/// RegisterDrvOutput: from 1.31 the realisation as Nix's JSON (`json`, as the builder
+/// wrote it), before as its id (`sha256:<base16>!out`) and the output's base name
+/// (`out_path`, no store directory). The daemon answers with messages only.
+pub fn register_drv_output(id: &str, out_path: &str, json: &str, version: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_u64(&mut out, OP_REGISTER_DRV_OUTPUT);
+    if realisations_as_json(version) {
+        put_bytes(&mut out, json.as_bytes());
+    } else {
+        put_bytes(&mut out, id.as_bytes());
+        put_bytes(&mut out, out_path.as_bytes());
+    }
+    out
+}
+
+/// QueryRealisation of one derivation output id; the reply is a list of at most one
+/// entry ([`read_realisations`]).
+pub fn query_realisation(id: &str) -> Vec<u8> {
+    path_request(OP_QUERY_REALISATION, id)
 }
 
 /// AddBuildLog's header: the `.drv`'s base name; the log follows in frames.

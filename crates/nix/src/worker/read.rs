@@ -227,6 +227,14 @@ mod tokio_io {
         read_strings(r, "path list", MAX_STRING).await
     }
 
+    /// Reads a QueryRealisation reply: at most one entry, from 1.31 the realisation as
+    /// Nix's JSON, before the output's base name.
+    pub async fn read_realisations<R: AsyncRead + Unpin>(
+        r: &mut R,
+    ) -> Result<Vec<String>, WireError> {
+        read_strings(r, "realisations", MAX_STRING).await
+    }
+
     /// Reads the one-word reply of AddTempRoot, SetOptions-less operations and
     /// AddBuildLog (1).
     pub async fn read_word<R: AsyncRead + Unpin>(r: &mut R) -> Result<u64, WireError> {

@@ -142,3 +142,79 @@ mod captured {
         replay(replies, "2.26", 0x126).await;
     }
 }
+
+/// The realisation operations of `scripts/capture-realisation-fixtures.sh`: the requests
+/// offload writes are the bytes the daemons were sent, and their replies read back
+/// whole (none, then the realisation registered, as the JSON that was sent).
+#[cfg(feature = "async")]
+mod realisations {
+    use super::*;
+
+    const ID: &str = "sha256:5555555555555555555555555555555555555555555555555555555555555555!out";
+
+    fn requests(version: u64, json: &str) -> Vec<u8> {
+        let out_path = json.split("\"outPath\":\"").nth(1).unwrap();
+        let out_path = &out_path[..out_path.find('"').unwrap()];
+        let mut want = hello();
+        want.extend(after_hello(version));
+        want.extend(query_realisation(ID));
+        want.extend(register_drv_output(ID, out_path, json, version));
+        want.extend(query_realisation(ID));
+        want
+    }
+
+    async fn replay(sent: &[u8], replies: &[u8], json: &str, expect_version: u64) {
+        assert_eq!(requests(expect_version, json), sent);
+        let mut r = replies;
+        let version = read_hello_reply(&mut r)
+            .await
+            .unwrap()
+            .min(PROTOCOL_VERSION);
+        assert_eq!(version, expect_version);
+        if exchanges_features(version) {
+            read_features(&mut r).await.unwrap();
+        }
+        read_hello_info(&mut r, version).await.unwrap();
+        let until_last =
+            async |r: &mut &[u8]| read_until_last(r, version, |_| ()).await.unwrap().unwrap();
+        until_last(&mut r).await;
+        until_last(&mut r).await;
+        assert!(read_realisations(&mut r).await.unwrap().is_empty());
+        until_last(&mut r).await; // RegisterDrvOutput: messages only
+        until_last(&mut r).await;
+        assert_eq!(read_realisations(&mut r).await.unwrap(), [json]);
+        assert!(r.is_empty(), "{} bytes left over", r.len());
+    }
+
+    #[tokio::test]
+    async fn a_nix_2_8_daemon_registers_a_realisation() {
+        replay(
+            include_bytes!("../../../../fixtures/worker/realisation-requests-2.8.bin"),
+            include_bytes!("../../../../fixtures/worker/realisation-replies-2.8.bin"),
+            include_str!("../../../../fixtures/worker/realisation-2.8.json").trim(),
+            0x122,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_nix_2_26_daemon_registers_a_realisation() {
+        replay(
+            include_bytes!("../../../../fixtures/worker/realisation-requests-2.26.bin"),
+            include_bytes!("../../../../fixtures/worker/realisation-replies-2.26.bin"),
+            include_str!("../../../../fixtures/worker/realisation-2.26.json").trim(),
+            0x126,
+        )
+        .await;
+    }
+
+    #[test]
+    fn before_1_31_a_realisation_is_its_id_and_path() {
+        let bytes = register_drv_output(ID, "abc-x", "{}", 0x11e);
+        let mut want = Vec::new();
+        put_u64(&mut want, OP_REGISTER_DRV_OUTPUT);
+        crate::wire::put_bytes(&mut want, ID.as_bytes());
+        crate::wire::put_bytes(&mut want, b"abc-x");
+        assert_eq!(bytes, want);
+    }
+}

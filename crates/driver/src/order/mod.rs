@@ -3,6 +3,8 @@
 //! sessions): the inputs the builder lacks, the build with its log, the missing outputs
 //! back into the local store.
 
+mod held_locks;
+
 use offload_nix::serve::{BuildSettings, BuildStatus};
 use offload_nix::store_path::StorePath;
 use offload_nix::wire::WireError;
@@ -26,6 +28,10 @@ pub struct BuildOrder {
     pub drv_path: String,
     /// The store Nix builds into, unless it is the default local one.
     pub store: Option<String>,
+    /// The store directory of the hook's paths; None (from a hook that does not send
+    /// it): the carrier's own.
+    #[serde(default)]
+    pub store_dir: Option<String>,
     pub builders_use_substitutes: bool,
     pub max_silent_time: u64,
     pub build_timeout: u64,
@@ -38,6 +44,10 @@ pub struct BuildOrder {
     /// 0 (from a hook that does not send it): no such lock.
     #[serde(default)]
     pub slots: u32,
+    /// Nix's `experimental-features`: with `ca-derivations`, floating content-addressed
+    /// outputs are registered here as Nix's hook registers them (`realise.rs`).
+    #[serde(default)]
+    pub experimental_features: Vec<String>,
 }
 
 impl BuildOrder {
@@ -92,6 +102,13 @@ pub enum OrderError {
     OutputMissing { machine: String, path: String },
     #[error("{}", .0.message)]
     Agent(OrderFailure),
+    #[error(
+        "the build's paths are under the store directory {order}, but this offload agent's \
+         is {here}; start the agent with NIX_STORE_DIR={order}, as Nix runs"
+    )]
+    OtherStoreDir { order: String, here: String },
+    #[error(transparent)]
+    Realise(#[from] crate::realise::RealiseError),
 }
 
 impl From<crate::drv::ReadError> for OrderError {
@@ -131,18 +148,24 @@ pub(crate) async fn carry_out(
     note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), OrderError> {
     let drv_path = &order.drv_path;
+    same_store_dir(order)?;
     // Through the store Nix names, as Nix's hook reads it (a binary cache has no file).
     let drv = crate::drv::read(order.store.as_deref(), drv_path).await?;
     let parsed = StorePath::from_absolute_path(drv_path).map_err(PlanError::from)?;
-    let outputs = drv
-        .outputs
-        .keys()
-        .map(|name| Ok((name.clone(), output_path(&parsed, &drv, name)?)))
-        .collect::<Result<Vec<_>, PlanError>>()?;
+    // Floating content-addressed outputs have no path before they are built.
+    let floating = crate::realise::Floating::of(&drv);
+    let outputs = match floating {
+        Some(_) => Vec::new(),
+        None => drv
+            .outputs
+            .keys()
+            .map(|name| Ok((name.clone(), output_path(&parsed, &drv, name)?)))
+            .collect::<Result<Vec<_>, PlanError>>()?,
+    };
 
     // Nix holds the outputs' locks while the hook runs: the local import must not wait
     // for them (LocalStore reads NIX_HELD_LOCKS when it opens, up to Nix 2.28; see
-    // hook/locks.rs for later ones).
+    // order/held_locks.rs for later ones).
     let mut local_endpoint = Endpoint::local("local", order.store.clone());
     let held: Vec<&str> = outputs.iter().map(|(_, p)| p.as_str()).collect();
     local_endpoint
@@ -210,23 +233,88 @@ pub(crate) async fn carry_out(
         });
     }
 
-    let wanted: Vec<String> = outputs
-        .iter()
-        .filter(|(name, _)| order.wanted_outputs.is_empty() || order.wanted_outputs.contains(name))
-        .map(|(_, p)| p.clone())
-        .collect();
-    let valid_here = local.query_valid_paths(&wanted, false, false).await?;
-    let missing: Vec<String> = wanted
+    match floating {
+        Some(floating) => {
+            let built = crate::realise::reported(
+                &floating,
+                &order.wanted_outputs,
+                &result,
+                &machine,
+                drv_path,
+            )?;
+            realised_home(order, built, remote, (&mut local, &local_endpoint), note).await?;
+        }
+        None => {
+            let wanted: Vec<String> = outputs
+                .iter()
+                .filter(|(name, _)| {
+                    order.wanted_outputs.is_empty() || order.wanted_outputs.contains(name)
+                })
+                .map(|(_, p)| p.clone())
+                .collect();
+            outputs_home(remote, (&mut local, &local_endpoint), wanted, note).await?;
+        }
+    }
+    let _ = local.close().await;
+    Ok(())
+}
+
+/// An error when `order` comes from a hook whose store directory is not this process's.
+fn same_store_dir(order: &BuildOrder) -> Result<(), OrderError> {
+    let here = offload_nix::store_path::store_dir();
+    match order.store_dir.as_ref().filter(|d| *d != here.as_str()) {
+        Some(dir) => Err(OrderError::OtherStoreDir {
+            order: dir.clone(),
+            here: here.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Floating content-addressed outputs the builder reported (`built`), as Nix's hook
+/// brings them home: those the local store has no realisation for are copied here, then
+/// their realisations registered.
+async fn realised_home(
+    order: &BuildOrder,
+    built: Vec<crate::realise::Built>,
+    remote: &mut ServeConn,
+    local: (&mut ServeConn, &Endpoint),
+    note: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), OrderError> {
+    let features = &order.experimental_features;
+    let mut here =
+        crate::realise::LocalRealisations::open(order.store.as_deref(), features).await?;
+    let built = here.missing(built).await?;
+    let paths: Vec<String> = built.iter().map(|b| b.out_path.clone()).collect();
+    outputs_home(remote, local, paths, note).await?;
+    here.register(&built).await?;
+    Ok(())
+}
+
+/// Copies those of `wanted` (outputs valid on the builder behind `remote`) that are not
+/// valid in `local` there, with what they refer to that `local` lacks: a binary cache
+/// holds the inputs' closures only as far as Nix put them there.
+async fn outputs_home(
+    remote: &mut ServeConn,
+    (local, local_endpoint): (&mut ServeConn, &Endpoint),
+    wanted: Vec<String>,
+    note: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), OrderError> {
+    let closure = if wanted.is_empty() {
+        wanted
+    } else {
+        remote.query_closure(&wanted, false).await?
+    };
+    let valid_here = local.query_valid_paths(&closure, false, false).await?;
+    let missing: Vec<String> = closure
         .into_iter()
         .filter(|p| !valid_here.contains(p))
         .collect();
-    note(&format!("copying outputs from '{machine}'..."));
-    for lock in crate::hook::locks::release_held_output_locks(&local_endpoint, &missing).await {
+    note(&format!("copying outputs from '{}'...", remote.machine()));
+    for lock in held_locks::release_held_output_locks(local_endpoint, &missing).await {
         tracing::debug!("removed the name of {lock}, held by the Nix that runs this hook");
     }
-    copy(remote, &mut local, &missing).await?;
-    let _ = local.close().await;
-    Ok(())
+    copy(remote, local, &missing).await
 }
 
 /// Copies `paths` (valid on `from`) to `to`, each after the ones it refers to.
