@@ -537,6 +537,21 @@ impl Scheduler {
         best
     }
 
+    /// Frees the slots duplicates take (`node` running on a machine other than its
+    /// state's), for a rehearsal that plays each build as its original.
+    pub(crate) fn release_duplicates(&mut self) {
+        for m in 0..self.running.len() {
+            let dups: Vec<NodeId> = self.running[m]
+                .iter()
+                .copied()
+                .filter(|&n| !matches!(self.state[n], NodeState::Running { machine, .. } if machine == m))
+                .collect();
+            for n in dups {
+                self.release(n, m);
+            }
+        }
+    }
+
     /// A duplicate of running `node` takes a slot of `machine`.
     pub(crate) fn start_duplicate(&mut self, node: NodeId, machine: MachineId) {
         self.change_free(machine, |s| s.running[machine].push(node));

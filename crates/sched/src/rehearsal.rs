@@ -100,6 +100,8 @@ impl Scheduler {
         let mut sched = self.clone();
         // A rehearsal plays its own plan: it never re-plans.
         sched.rehearsed_end.clear();
+        // It plays each build as its original: the slots of duplicates are free.
+        sched.release_duplicates();
         let n = self.graph.len();
         let mut placed = vec![None; n];
         let mut ends = vec![f64::INFINITY; n];

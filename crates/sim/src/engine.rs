@@ -293,10 +293,7 @@ impl<'a> World<'a> {
         };
         let end = begin + transfer + build + back;
         self.running[m].push(node);
-        // A duplicate runs beside the original: the first of the two to end counts.
-        if !self.copies.start(node) {
-            self.generation[node] += 1;
-        }
+        self.copies.start(node, &mut self.generation);
         if self.trace {
             self.trace_events.push(TraceEvent {
                 name: self.graph.node(node).key.clone(),
@@ -383,15 +380,7 @@ impl<'a> World<'a> {
         }
         self.alive[m] = false;
         let mut lost = std::mem::take(&mut self.running[m]);
-        // A node with another copy running elsewhere goes on there.
-        lost.retain(|&node| {
-            let alone = self.copies.alone(node);
-            self.copies.lost(node);
-            if alone {
-                self.generation[node] += 1;
-            }
-            alone
-        });
+        self.copies.keep_lost(&mut lost, &mut self.generation);
         for holders in &mut self.on_machine {
             holders.retain(|&h| h != m);
         }
@@ -406,21 +395,10 @@ impl<'a> World<'a> {
         }
         self.now = p.at;
         self.running[p.machine].retain(|&x| x != p.node);
-        if self.copies.end(p.node) {
-            // The other copy loses: it stops where it runs, now.
-            self.generation[p.node] += 1;
-            for running in &mut self.running {
-                running.retain(|&x| x != p.node);
-            }
+        if self.copies.end(p.node, &mut self.generation) {
             let key = &self.graph.node(p.node).key;
-            let now = self.now;
-            if let Some(e) =
-                self.trace_events.iter_mut().rev().find(|e| {
-                    e.name == *key && e.machine != p.machine && e.start + e.duration > now
-                })
-            {
-                e.duration = now - e.start;
-            }
+            let (running, trace) = (&mut self.running, &mut self.trace_events);
+            crate::hedge::stop_loser(p.node, key, p.machine, self.now, running, trace);
         }
         let spec = &self.machines[p.machine];
         self.busy[p.machine] += spec.build_time(self.graph.node(p.node)) + self.costs.per_build;

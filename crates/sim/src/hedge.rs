@@ -125,25 +125,58 @@ impl Copies {
         }
     }
 
-    /// A copy of `node` starts; whether it is a duplicate of one running.
-    pub(crate) fn start(&mut self, node: NodeId) -> bool {
+    /// A copy of `node` starts. Unless it is a duplicate of one running, the ends of
+    /// earlier copies are forgotten (its `generation` moves on).
+    pub(crate) fn start(&mut self, node: NodeId, generation: &mut [u64]) {
         self.running[node] = self.running[node].saturating_add(1);
-        self.running[node] > 1
+        if self.running[node] == 1 {
+            generation[node] += 1;
+        }
     }
 
-    /// The copy of `node` that counts ended (or every copy was lost): whether another
-    /// ran beside it, to be dropped.
-    pub(crate) fn end(&mut self, node: NodeId) -> bool {
-        std::mem::replace(&mut self.running[node], 0) > 1
+    /// The copy of `node` that counts ended: whether another ran beside it, to be
+    /// dropped (its end forgotten: the `generation` moves on).
+    pub(crate) fn end(&mut self, node: NodeId, generation: &mut [u64]) -> bool {
+        let beside = std::mem::replace(&mut self.running[node], 0) > 1;
+        if beside {
+            generation[node] += 1;
+        }
+        beside
     }
 
-    /// Whether `node` runs as one copy (or none).
-    pub(crate) fn alone(&self, node: NodeId) -> bool {
-        self.running[node] <= 1
+    /// The builds `lost` with a machine: one copy of each is gone. Those with another
+    /// copy running elsewhere go on there and leave `lost`; the others' ends are
+    /// forgotten (their `generation` moves on).
+    pub(crate) fn keep_lost(&mut self, lost: &mut Vec<NodeId>, generation: &mut [u64]) {
+        lost.retain(|&node| {
+            let alone = self.running[node] <= 1;
+            self.running[node] = self.running[node].saturating_sub(1);
+            if alone {
+                generation[node] += 1;
+            }
+            alone
+        });
     }
+}
 
-    /// One copy of `node` was lost with its machine.
-    pub(crate) fn lost(&mut self, node: NodeId) {
-        self.running[node] = self.running[node].saturating_sub(1);
+/// The copy of `node` (called `key`) on `winner` ended first at `now`: the other copy
+/// stops where it runs, and its trace event ends now. The caller forgets its end.
+pub(crate) fn stop_loser(
+    node: NodeId,
+    key: &str,
+    winner: MachineId,
+    now: f64,
+    running: &mut [Vec<NodeId>],
+    trace: &mut [crate::report::TraceEvent],
+) {
+    for r in running.iter_mut() {
+        r.retain(|&x| x != node);
+    }
+    let loser = trace
+        .iter_mut()
+        .rev()
+        .find(|e| e.name == key && e.machine != winner && e.start + e.duration > now);
+    if let Some(e) = loser {
+        e.duration = now - e.start;
     }
 }
