@@ -6,7 +6,7 @@ use clap::Args;
 
 pub use offload_driver::human_bytes;
 use offload_driver::{copy_closure, CopyOptions, Endpoint};
-use offload_nix::store_path::STORE_DIR;
+use offload_nix::store_path::store_dir;
 
 use crate::Failure;
 
@@ -110,8 +110,9 @@ fn store_path_of(arg: &Path) -> anyhow::Result<String> {
                 anyhow::bail!("{}: no such file or directory", arg.display())
             }
             Err(_) => anyhow::bail!(
-                "{} is neither a store path (under {STORE_DIR}) nor a symlink to one",
-                arg.display()
+                "{} is neither a store path (under {}) nor a symlink to one",
+                arg.display(),
+                store_dir()
             ),
         };
         path = match path.parent() {
@@ -123,14 +124,11 @@ fn store_path_of(arg: &Path) -> anyhow::Result<String> {
 }
 
 fn store_prefix(path: &Path) -> Option<String> {
-    let rest = path.strip_prefix(STORE_DIR).ok()?;
+    let rest = path.strip_prefix(store_dir().as_str()).ok()?;
     match rest.components().next() {
-        Some(Component::Normal(name)) => Some(
-            PathBuf::from(STORE_DIR)
-                .join(name)
-                .to_string_lossy()
-                .into_owned(),
-        ),
+        Some(Component::Normal(name)) => {
+            Some(format!("{}/{}", store_dir(), name.to_string_lossy()))
+        }
         _ => None,
     }
 }

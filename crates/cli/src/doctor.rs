@@ -42,7 +42,7 @@ pub async fn run(
             broken.push(report.machine.clone());
         }
     }
-    let answers = peers::probe_all(&fleet, "/nix/store").await;
+    let answers = peers::probe_all(&fleet, offload_nix::store_path::store_dir().as_str()).await;
     // Kept, as a build keeps its own probes: the next build goes by them.
     peers::record(&fleet, &answers, state);
     if !answers.is_empty() {

@@ -4,8 +4,8 @@
 //! comparison is the point, Nix's own hook run side by side.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use offload_test_support::{
     loopback_serve_program, nix_command, nix_system, require_nix, require_root, run_ok, salt, text,
@@ -293,31 +293,13 @@ fn the_agent_opens_new_sessions_to_a_store_made_again_on_an_ssh_builder() {
         nix_system()
     );
     let (name, opts) = fleet.ssh_opts();
-    let log = work.path().join("agent.log");
-    let agent = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .arg("agent")
-        .arg("--socket")
-        .arg(work.path().join("agent.sock"))
-        .env("OFFLOAD_SLOTS_DIR", work.path().join("slots"))
-        .env("NIX_CONFIG", "substituters =")
-        .env(name, &opts)
-        // Its notice of a store made again is at `info`.
-        .env("RUST_LOG", "offload_driver=info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("listening on")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the agent did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let offload = Path::new(env!("CARGO_BIN_EXE_offload"));
+    // Its notice of a store made again is at `info`.
+    let (agent, log) = offload_test_support::start_hook_agent(
+        offload,
+        work.path(),
+        &[(name, &opts), ("RUST_LOG", "offload_driver=info")],
+    );
     for round in ["first", "second"] {
         let leaf = derivation("leaf", round, "echo leaf > $out", "");
         let top = derivation("top", round, "cat $leaf > $out", &format!("leaf = {leaf};"));

@@ -4,6 +4,11 @@
 //! its own). The other files run the same paths with Nix 2.8: `offload build` over
 //! loopback and sshd builders, `nix-build` with `offload hook` under a 2.26 daemon for
 //! an ordinary user, flakes with 2.26's `nix`, and the trust check.
+//!
+//! The last test runs the newest Nix Debian has (Debian unstable's: 2.34 when its root
+//! was made) under a daemon, as on NixOS: from Nix 2.29 on no Nix reads
+//! `NIX_HELD_LOCKS`, so the hook's import of outputs whose locks Nix holds waited for
+//! ever until offload removed the held locks' names (driver's order/held_locks.rs).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -718,4 +723,95 @@ fn a_trusted_user_of_a_2_26_daemon_builds_remotely_and_nix_log_shows_it() {
         &remote[0],
     ]));
     assert!(log.contains("building "), "{}: {log}", remote[0]);
+}
+
+#[test]
+fn nix_build_under_the_newest_nix_daemon_gets_every_output_back_from_offload_hook() {
+    let setup = setup_dir();
+    let s = setup.path();
+    let d = s.display();
+    let hook = s.join("hook");
+    write_executable(
+        &hook,
+        &format!(
+            "#!/bin/sh\nexport OFFLOAD_HISTORY={d}/history.sqlite OFFLOAD_SLOTS_DIR={d}/slots \
+             OFFLOAD_CONFIG={d}/none.toml OFFLOAD_AGENT_SOCKET={d}/agent.sock\n\
+             exec {OFFLOAD} hook \"$@\"\n"
+        ),
+    );
+    let sys = offload_test_support::nix_system();
+    let builders = format!(
+        "ssh://localhost?remote-store={d}/b1 {sys} - 1 4;ssh://localhost?remote-store={d}/b2 {sys} - 1 4"
+    );
+    let Some(client) = client(ClientOptions {
+        nix_conf: format!("builders = {builders}\ntrusted-users = root\n"),
+        daemon: Some(vec![
+            "--option".into(),
+            "build-hook".into(),
+            hook.display().to_string(),
+        ]),
+        visible: vec![s.to_path_buf()],
+        newest: true,
+        ..ClientOptions::default()
+    }) else {
+        return;
+    };
+    let version = ok(client.command("nix-store", s).arg("--version"));
+    eprintln!("client: {}", version.trim());
+    let work = client.work();
+    // -j0, under `timeout`: a build whose outputs never come back hangs nix-build.
+    let nix_build = |tag: &str| {
+        write_user_graph(&client, tag);
+        let out = client
+            .user_command("timeout", &work)
+            .args([
+                "120",
+                "nix-build",
+                "graph.nix",
+                "-A",
+                "top",
+                "--no-out-link",
+                "-j0",
+            ])
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert!(
+            out.status.success(),
+            "nix-build ended with {:?} (124: it hung):\n{stderr}\ndaemon: {}",
+            out.status.code(),
+            client.daemon_log()
+        );
+        assert_eq!(built_remotely(&stderr).len(), 7, "{stderr}");
+        let top = text(&out.stdout).trim().to_string();
+        ok(client
+            .command("nix-store", &work)
+            .args(["--verify-path", &top]));
+    };
+    nix_build("newest-hook");
+    assert!(
+        s.join("history.sqlite").exists(),
+        "offload hook did not run"
+    );
+    // Through the agent (root, as the daemon's hooks are), whose sessions import.
+    let mut agent = client.command(OFFLOAD, s);
+    agent
+        .args(["agent", "--socket"])
+        .arg(s.join("agent.sock"))
+        .env("OFFLOAD_SLOTS_DIR", s.join("slots"))
+        .stderr(std::process::Stdio::piped());
+    let mut agent = agent.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(agent.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(
+        line.contains("listening on"),
+        "the agent did not listen: {line}"
+    );
+    nix_build("newest-hook-agent");
+    drop(client);
+    let _ = agent.wait();
 }

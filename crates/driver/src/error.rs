@@ -127,6 +127,17 @@ pub enum DriverError {
         needed: u64,
         min_free: u64,
     },
+    #[error(
+        "{machine} keeps its store in {theirs}, not in this machine's store directory \
+         {ours}: it refuses this machine's paths ({said})"
+    )]
+    OtherStoreDir {
+        machine: String,
+        ours: String,
+        /// Its store directory, or "another directory" when it could not be asked.
+        theirs: String,
+        said: String,
+    },
     #[error("interrupted: {stopped} running builds were stopped")]
     Interrupted { stopped: usize },
     #[error("a store path offload made is not valid")]
@@ -197,7 +208,8 @@ impl DriverError {
             | DriverError::SlotLock { machine, .. }
             | DriverError::SlotsBusy { machine, .. }
             | DriverError::InputsCollected { machine, .. }
-            | DriverError::NoRoom { machine, .. } => machine,
+            | DriverError::NoRoom { machine, .. }
+            | DriverError::OtherStoreDir { machine, .. } => machine,
             DriverError::BadStoreUri { uri, .. } => uri,
             DriverError::Delivery { target, .. } => target,
             DriverError::Interrupted { .. } | DriverError::StorePath(_) => "local",
@@ -279,9 +291,10 @@ impl DriverError {
                 .to_string(),
             DriverError::Delivery { target, .. } => format!(
                 "check that this machine opens it: `nix-store --store '{target}' \
-                 --check-validity --print-invalid /nix/store/00000000000000000000000000000000-x` \
+                 --check-validity --print-invalid {}/00000000000000000000000000000000-x` \
                  (ssh config, keys, a cache directory that can be written); --to takes any store \
-                 `nix copy --to` takes"
+                 `nix copy --to` takes",
+                offload_nix::store_path::store_dir()
             ),
             DriverError::SlotLock { .. } => format!(
                 "the slot lock directory must be writable by every user that builds (Nix \
@@ -298,12 +311,52 @@ impl DriverError {
                  space?): give its store more room",
                 ssh_host(machine)
             ),
+            DriverError::OtherStoreDir { machine, ours, .. } => format!(
+                "a store path names its store directory, so a builder must keep the same one \
+                 (Nix refuses such a builder too): run Nix on {} with NIX_STORE_DIR={ours}, \
+                 or leave it out of the builders (Nix's default is {})",
+                ssh_host(machine),
+                offload_nix::store_path::DEFAULT_STORE_DIR
+            ),
             DriverError::SlotsBusy { .. } => "other builds (another offload, or Nix's own \
                  build hook) hold that machine's slots: wait for them, or leave the machine out \
                  with --exclude"
                 .to_string(),
             _ => return None,
         })
+    }
+}
+
+impl DriverError {
+    /// The error as what it is when the machine refused a path of this machine's store
+    /// directory as not in its store (Nix: "path '…' is not in the Nix store"): its
+    /// store directory is another.
+    /// `theirs` asks the machine for its own directory (None: it cannot say).
+    pub(crate) async fn or_other_store_dir(
+        self,
+        theirs: impl AsyncFnOnce() -> Option<String>,
+    ) -> DriverError {
+        let said = match &self {
+            DriverError::Exited { stderr, .. } => stderr,
+            DriverError::DaemonRefused { message, .. } => message,
+            _ => return self,
+        };
+        let ours = offload_nix::store_path::store_dir();
+        let Some(line) = said
+            .lines()
+            .find(|l| l.contains("is not in the Nix store") && l.contains(&format!("'{ours}/")))
+        else {
+            return self;
+        };
+        let said = line.trim().trim_start_matches("error: ").to_string();
+        DriverError::OtherStoreDir {
+            machine: self.machine().to_string(),
+            ours: ours.to_string(),
+            theirs: theirs()
+                .await
+                .unwrap_or_else(|| "another directory".to_string()),
+            said,
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use offload_nix::derivation::Derivation;
 use offload_nix::serve::BuildResult;
-use offload_nix::store_path::STORE_DIR;
+use offload_nix::store_path::store_dir;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -126,7 +126,7 @@ pub(crate) fn reported(
             }
             Ok(Built {
                 id: id.to_string(),
-                out_path: format!("{STORE_DIR}/{}", parsed.out_path),
+                out_path: format!("{}/{}", store_dir(), parsed.out_path),
                 json: json.clone(),
             })
         })

@@ -32,12 +32,14 @@ mod daemon_only;
 mod home;
 mod hook_agent;
 pub mod newer_client;
+mod other_store;
 mod peers;
 mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
 pub use daemon_only::DaemonOnly;
 pub use hook_agent::start_hook_agent;
+pub use other_store::OtherStore;
 pub use peers::Peers;
 pub use proxy::{CountingProxy, LinkCutter, LinkShape};
 

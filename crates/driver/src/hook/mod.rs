@@ -25,7 +25,7 @@ use offload_nix::hook::{
     log_line, HookReply, HookRequest, LogLevel, RequestDecoder, SettingsDecoder, TryRequest,
 };
 use offload_nix::serve::BuildSettings;
-use offload_nix::store_path::derivation_name;
+use offload_nix::store_path::{derivation_name, set_store_dir, StoreDir};
 use offload_nix::wire::{tokio_io::read_message, WireError};
 use tokio::io::AsyncRead;
 
@@ -210,6 +210,11 @@ async fn set_up(
         }
     };
     let settings = HookSettings::from_pairs(&pairs);
+    if let Err(why) = use_store_dir(settings.store.as_deref()) {
+        tell(replies, LogLevel::Error, &format!("offload hook: {why}"));
+        say(replies, &HookReply::DeclinePermanently.encode());
+        return Err(HookExit::Done);
+    }
     let written = options
         .builders
         .clone()
@@ -275,6 +280,22 @@ async fn set_up(
         fleet,
         overhead,
         agent_up,
+    })
+}
+
+/// Makes the store directory Nix builds in this process's, before any path is read: the
+/// `?store=` of the store Nix names (`store`), else the one Nix's environment gives
+/// (`NIX_STORE_DIR`, as Nix reads it), as Nix's hook opens that store.
+fn use_store_dir(store: Option<&str>) -> Result<(), String> {
+    let named = store
+        .and_then(|uri| offload_nix::store_uri::StoreUri::parse(uri).ok())
+        .and_then(|uri| uri.param("store").map(str::to_string));
+    let dir = match named {
+        Some(dir) => StoreDir::new(&dir, "the `store` setting's `?store=`"),
+        None => StoreDir::from_env(),
+    };
+    dir.and_then(set_store_dir).map_err(|e| {
+        format!("{e}; no builds are handed off (fix NIX_STORE_DIR or the `store` setting)")
     })
 }
 

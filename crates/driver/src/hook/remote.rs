@@ -30,6 +30,7 @@ fn order_for(job: &Job<'_>, inputs: BuildInputs) -> BuildOrder {
     BuildOrder {
         drv_path: job.request.drv_path.clone(),
         store: job.settings.store.clone(),
+        store_dir: Some(offload_nix::store_path::store_dir().to_string()),
         builders_use_substitutes: job.settings.builders_use_substitutes,
         max_silent_time: build.max_silent_time,
         build_timeout: build.build_timeout,

@@ -168,7 +168,7 @@ pub async fn run(
     let mut machines = build_fleet(&choice, &settings)?;
     let mut options = options(request, &settings)?;
     let planned = plan(request)?;
-    options.routes = routes(request, &planned).await?;
+    options.routes = routes(request).await?;
     if request.check {
         options.check = planned.roots.iter().cloned().collect();
     }
@@ -247,18 +247,13 @@ fn options(request: &BuildRequest, settings: &NixSettings) -> Result<BuildOption
 
 /// How copies go and where the outputs end up; a `--to` target is opened here first,
 /// so that one that cannot be used is named before any build starts.
-async fn routes(request: &BuildRequest, planned: &Planned) -> Result<RouteOptions, JobError> {
+async fn routes(request: &BuildRequest) -> Result<RouteOptions, JobError> {
     let deliver_to = match &request.deliver_to {
         Some(uri) => {
             let target = DeliveryTarget::new(uri, request.sign_key.as_deref())
                 .map_err(|e| JobError::Target(Box::new(e)))?;
-            let store_dir = planned
-                .roots
-                .first()
-                .and_then(|p| p.rsplit_once('/'))
-                .map_or("/nix/store", |(dir, _)| dir);
             target
-                .probe(store_dir)
+                .probe(offload_nix::store_path::store_dir().as_str())
                 .await
                 .map_err(|e| JobError::Target(Box::new(e)))?;
             Some(target)

@@ -63,7 +63,8 @@ pub(crate) async fn release_held_output_locks(local: &Endpoint, outputs: &[Strin
     if honours_held_locks(&version) {
         return Vec::new();
     }
-    let Some(dir) = crate::transfer::directory_on_disk(local, offload_nix::store_path::STORE_DIR)
+    let Some(dir) =
+        crate::transfer::directory_on_disk(local, offload_nix::store_path::store_dir().as_str())
     else {
         return Vec::new();
     };

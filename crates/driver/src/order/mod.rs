@@ -28,6 +28,10 @@ pub struct BuildOrder {
     pub drv_path: String,
     /// The store Nix builds into, unless it is the default local one.
     pub store: Option<String>,
+    /// The store directory of the hook's paths; None (from a hook that does not send
+    /// it): the carrier's own.
+    #[serde(default)]
+    pub store_dir: Option<String>,
     pub builders_use_substitutes: bool,
     pub max_silent_time: u64,
     pub build_timeout: u64,
@@ -98,6 +102,11 @@ pub enum OrderError {
     OutputMissing { machine: String, path: String },
     #[error("{}", .0.message)]
     Agent(OrderFailure),
+    #[error(
+        "the build's paths are under the store directory {order}, but this offload agent's \
+         is {here}; start the agent with NIX_STORE_DIR={order}, as Nix runs"
+    )]
+    OtherStoreDir { order: String, here: String },
     #[error(transparent)]
     Realise(#[from] crate::realise::RealiseError),
 }
@@ -139,6 +148,7 @@ pub(crate) async fn carry_out(
     note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), OrderError> {
     let drv_path = &order.drv_path;
+    same_store_dir(order)?;
     // Through the store Nix names, as Nix's hook reads it (a binary cache has no file).
     let drv = crate::drv::read(order.store.as_deref(), drv_path).await?;
     let parsed = StorePath::from_absolute_path(drv_path).map_err(PlanError::from)?;
@@ -249,6 +259,18 @@ pub(crate) async fn carry_out(
     Ok(())
 }
 
+/// An error when `order` comes from a hook whose store directory is not this process's.
+fn same_store_dir(order: &BuildOrder) -> Result<(), OrderError> {
+    let here = offload_nix::store_path::store_dir();
+    match order.store_dir.as_ref().filter(|d| *d != here.as_str()) {
+        Some(dir) => Err(OrderError::OtherStoreDir {
+            order: dir.clone(),
+            here: here.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Floating content-addressed outputs the builder reported (`built`), as Nix's hook
 /// brings them home: those the local store has no realisation for are copied here, then
 /// their realisations registered.
@@ -270,15 +292,21 @@ async fn realised_home(
 }
 
 /// Copies those of `wanted` (outputs valid on the builder behind `remote`) that are not
-/// valid in `local` there.
+/// valid in `local` there, with what they refer to that `local` lacks: a binary cache
+/// holds the inputs' closures only as far as Nix put them there.
 async fn outputs_home(
     remote: &mut ServeConn,
     (local, local_endpoint): (&mut ServeConn, &Endpoint),
     wanted: Vec<String>,
     note: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), OrderError> {
-    let valid_here = local.query_valid_paths(&wanted, false, false).await?;
-    let missing: Vec<String> = wanted
+    let closure = if wanted.is_empty() {
+        wanted
+    } else {
+        remote.query_closure(&wanted, false).await?
+    };
+    let valid_here = local.query_valid_paths(&closure, false, false).await?;
+    let missing: Vec<String> = closure
         .into_iter()
         .filter(|p| !valid_here.contains(p))
         .collect();

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::env::{HANDSHAKE_TIMEOUT, QUERY_TIMEOUT};
 use crate::error::DriverError;
-use crate::ssh::{classify_ssh_failure, Endpoint, Route, Speaks};
+use crate::ssh::{classify_ssh_failure, Endpoint, Speaks};
 use stderr::StderrLog;
 
 /// Pipe buffer sizes: large enough that NAR streaming moves big chunks.
@@ -95,7 +95,6 @@ async fn within<T, E: Into<ReplyError>>(
 pub struct ServeConn {
     machine: String,
     command: String,
-    is_ssh: bool,
     /// The server's stdin and stdout. Declared before `child`, so they close first when
     /// the session drops and a healthy server sees end-of-input before it is killed.
     to: Writer,
@@ -117,6 +116,7 @@ pub struct ServeConn {
     /// `lock`, added through it, or built by it (Nix roots a build's outputs).
     held: HashSet<String>,
     _known_hosts: Option<tempfile::NamedTempFile>,
+    endpoint: Endpoint,
 }
 
 impl Drop for ServeConn {
@@ -186,7 +186,6 @@ impl ServeConn {
         Ok(ServeConn {
             machine: endpoint.name.clone(),
             command: endpoint.describe_command(remote),
-            is_ssh: matches!(endpoint.route, Route::Ssh { .. }),
             to: BufWriter::with_capacity(IO_BUFFER, stdin),
             from: BufReader::with_capacity(IO_BUFFER, stdout),
             child,
@@ -200,6 +199,7 @@ impl ServeConn {
             daemon: None,
             held: HashSet::new(),
             _known_hosts: known_hosts,
+            endpoint: endpoint.clone(),
         })
     }
 
@@ -362,11 +362,15 @@ impl ServeConn {
                 },
                 ReplyError::Timeout(secs) => DriverError::Timeout { machine, op, secs },
                 ReplyError::Driver(e) => e,
-                ReplyError::Remote(e) => DriverError::DaemonRefused {
-                    machine,
-                    op,
-                    message: e.message,
-                },
+                ReplyError::Remote(e) => {
+                    DriverError::DaemonRefused {
+                        machine,
+                        op,
+                        message: e.message,
+                    }
+                    .or_other_store_dir(async || None)
+                    .await
+                }
             };
         }
         let status = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
@@ -377,7 +381,7 @@ impl ServeConn {
             Ok(Ok(s)) => s.code(),
             _ => None,
         };
-        if self.is_ssh && code == Some(255) {
+        if self.endpoint.is_ssh() && code == Some(255) {
             // Over a shared connection, what ended it is in its master's words.
             let master = self
                 .control_path
@@ -407,6 +411,8 @@ impl ServeConn {
                 format!("; its last output:\n{tail}")
             },
         }
+        .or_other_store_dir(async || self.endpoint.store_dir().await)
+        .await
     }
 
     /// Sends `frame` and reads the reply with `read`, within [`QUERY_TIMEOUT`].

@@ -23,6 +23,9 @@ use offload_nix::store_uri::{ServeKind, StoreUri};
 
 use crate::error::DriverError;
 
+/// How long a machine may take to say its store directory.
+const STORE_DIR_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub mod master;
 mod protocol;
 pub use protocol::{Protocol, Speaks};
@@ -165,6 +168,21 @@ impl Endpoint {
     pub fn daemon_command(&self) -> String {
         let program = self.daemon_program.as_deref().unwrap_or("nix-daemon");
         self.store_command(program, "--stdio")
+    }
+
+    /// The machine's store directory, asked with a command that prints a path of its
+    /// store and writes nothing (`nix-store --print-fixed-path`); None when it does not
+    /// say (a daemon-only host runs no other command).
+    pub(crate) async fn store_dir(&self) -> Option<String> {
+        if self.protocol.is_daemon_only() {
+            return None;
+        }
+        let hash = "0".repeat(64);
+        let mode = format!("--print-fixed-path sha256 {hash} offload-store-dir");
+        let question = self.store_command(&self.remote_program, &mode);
+        let answer = self.ask(&question, STORE_DIR_QUESTION_TIMEOUT).await?;
+        let (dir, _) = answer.trim().rsplit_once('/')?;
+        dir.starts_with('/').then(|| dir.to_string())
     }
 
     /// `program mode` on the machine's store, with the endpoint's extra arguments.

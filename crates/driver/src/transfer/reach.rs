@@ -137,7 +137,7 @@ impl TransferEngine {
         registry
             .any_path()
             .and_then(|p| p.rsplit_once('/').map(|(dir, _)| dir.to_string()))
-            .unwrap_or_else(|| "/nix/store".to_string())
+            .unwrap_or_else(|| offload_nix::store_path::store_dir().to_string())
     }
 }
 

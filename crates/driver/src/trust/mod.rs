@@ -23,7 +23,7 @@
 use offload_nix::derivation::{Derivation, Output};
 use offload_nix::hash::sha256;
 use offload_nix::serve::{BasicDerivation, BuildSettings, PathInfo, WireOutput};
-use offload_nix::store_path::{make_output_path, make_store_path, StorePath, STORE_DIR};
+use offload_nix::store_path::{make_output_path, make_store_path, store_dir, StorePath};
 use offload_nix::{nar, nixbase32};
 use offload_sched::MachineId;
 
@@ -123,7 +123,7 @@ pub(crate) async fn probe_trust(conn: &mut ServeConn) -> Result<bool, DriverErro
     // No real derivation has this hash, and no machine builds for this system: a
     // trusted user's build fails at once without running anything.
     let hash = "0".repeat(32);
-    let out = format!("{STORE_DIR}/{hash}-offload-trust-probe");
+    let out = format!("{}/{hash}-offload-trust-probe", store_dir());
     let drv = BasicDerivation {
         outputs: vec![WireOutput {
             name: "out".into(),
@@ -137,7 +137,7 @@ pub(crate) async fn probe_trust(conn: &mut ServeConn) -> Result<bool, DriverErro
         args: Vec::new(),
         env: vec![(b"out".to_vec(), out.into_bytes())],
     };
-    let drv_path = format!("{STORE_DIR}/{hash}-offload-trust-probe.drv");
+    let drv_path = format!("{}/{hash}-offload-trust-probe.drv", store_dir());
     match conn
         .build_derivation(&drv_path, &drv, &BuildSettings::default())
         .await

@@ -139,6 +139,7 @@ impl ServeTransport {
                 | DriverError::NotServeProtocol { .. }
                 | DriverError::IncompatibleVersion { .. }
                 | DriverError::NoRoom { .. }
+                | DriverError::OtherStoreDir { .. }
         ) {
             self.refused[machine].store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -348,7 +349,10 @@ impl ServeTransport {
         let (result, build_seconds) = self.build_with_log(node, machine, &mut conn, log).await;
         let result = match result {
             Ok(r) => r,
-            Err(e) => return (lost(e), true),
+            Err(e) => {
+                self.note_refusal(machine, &e);
+                return (lost(e), true);
+            }
         };
         if let BuildOutcome::Failed(message) = result {
             self.pool(machine).put(conn);
