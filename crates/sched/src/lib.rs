@@ -29,7 +29,7 @@ pub mod events;
 mod failures;
 pub mod fleet;
 pub mod graph;
-mod holding;
+pub mod holding;
 mod rehearsal;
 pub mod scheduler;
 mod tiers;
@@ -39,6 +39,7 @@ pub use bound::lower_bound;
 pub use events::{Action, Event, Failure, NodeState, Outcome};
 pub use fleet::{Link, MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
+pub use holding::Holding;
 pub use scheduler::{Scheduler, MAX_ATTEMPTS};
 pub use transfers::{has_pair_links, route, route_in, Direction, Links, Route, RouteKind};
 
