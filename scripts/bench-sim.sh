@@ -4,7 +4,12 @@
 # simulator against measured runs is in scripts/bench-build.sh, which prints the
 # simulated figure beside each measured one.)
 #
-#   bash scripts/bench-sim.sh
+# Then the planner at fleet scale on a machines file of 1,000 builders (scripts/sim-guard.sh
+# writes it: a quarter aarch64-linux, 2-32 slots, speed 1-4, some big-parallel, kvm or
+# benchmark): nixpkgs:100000:7, each policy; with SIM_1M=1 also nixpkgs:1000000:7 on
+# 10,000 such builders, offload's policy (about a minute and a half of CPU).
+#
+#   bash scripts/bench-sim.sh            # SIM_1M=1 for the 1,000,000-derivation case
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p offload
@@ -18,3 +23,32 @@ for graph in nixpkgs-mixed:100000:1 layered:100000:1; do
       --generate-fleet mixed:1000:5 --local-slots 8 --policy "$p" 2>&1 | grep -E "^$p +[0-9]|CPU"
   done
 done
+
+# sim_machines FILE N SEED: N builders, as scripts/sim-guard.sh writes them.
+sim_machines() {
+  python3 - "$@" <<'PY'
+import random, sys
+path, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+r = random.Random(seed)
+with open(path, "w") as f:
+    for i in range(n):
+        sysname = "x86_64-linux" if i % 4 else "aarch64-linux"
+        feats = ",".join(x for x in ("big-parallel", "kvm", "benchmark") if r.random() < 0.3) or "-"
+        f.write("ssh://b%d %s - %d %d %s -\n" % (i, sysname, r.choice([2, 4, 8, 16, 32]), r.choice([1, 1, 2, 3, 4]), feats))
+PY
+}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+sim_machines "$work/m1000" 1000 1000
+echo "== nixpkgs:100000:7 on 1,000 builders (--machines FILE)"
+for p in offload nix hydra; do
+  /usr/bin/time -f "   $p: %U s CPU, %M KiB peak RSS" "$OFFLOAD" simulate --generate nixpkgs:100000:7 \
+    --machines "$work/m1000" --policy "$p" 2>&1 | grep -E "^$p +[0-9]|CPU"
+done
+if [ "${SIM_1M:-0}" = 1 ]; then
+  sim_machines "$work/m10000" 10000 10000
+  echo "== nixpkgs:1000000:7 on 10,000 builders (--machines FILE), offload's policy"
+  /usr/bin/time -f "   offload: %U s CPU, %M KiB peak RSS" "$OFFLOAD" simulate \
+    --generate nixpkgs:1000000:7 --machines "$work/m10000" --policy offload 2>&1 |
+    grep -E "^offload +[0-9]|CPU"
+fi

@@ -108,3 +108,22 @@ fn groups_choose_machines_and_an_unknown_group_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_store_directory_nix_could_not_use_is_named_before_anything_runs() {
+    let work = tempfile::tempdir().unwrap();
+    for (variable, dir) in [("NIX_STORE_DIR", "relative/store"), ("NIX_STORE", "/")] {
+        let out = common::offload(work.path())
+            .env_remove("NIX_STORE_DIR")
+            .env(variable, dir)
+            .args(["build", "-E", "builtins.toFile \"x\" \"y\""])
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{dir:?} (from {variable})")) && stderr.contains("unset it"),
+            "{stderr}"
+        );
+    }
+}

@@ -195,6 +195,7 @@ fn a_daemon_only_host_written_as_ssh_is_named_with_its_fix_at_once() {
     let started = Instant::now();
     let out = build(work.path(), &fleet, &builders, "top");
     let took = started.elapsed();
+    eprintln!("named in {took:?}");
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

@@ -42,6 +42,9 @@ pub enum ConfigError {
     /// `@NAME` names no group; `known` says where groups are (or would be) defined.
     #[error("@{group}: no such machine group{known}")]
     UnknownGroup { group: String, known: String },
+    /// The environment names a store directory Nix could not use either.
+    #[error("{message}; unset it for Nix's /nix/store, or give the absolute directory Nix keeps its store in")]
+    StoreDir { message: String },
 }
 
 /// The file, as read.
@@ -88,6 +91,11 @@ pub fn path() -> Option<PathBuf> {
 
 /// Reads the configuration file; none is fine, a bad one is an error naming it.
 pub fn load() -> Result<Loaded, ConfigError> {
+    // A store directory the environment names wrongly is said now, rather than taken as
+    // /nix/store and met later as paths "not in the store".
+    offload_nix::store_path::StoreDir::from_env().map_err(|e| ConfigError::StoreDir {
+        message: e.to_string(),
+    })?;
     let Some(file) = path() else {
         return Ok(Loaded::default());
     };

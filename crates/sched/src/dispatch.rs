@@ -129,6 +129,7 @@ impl Scheduler {
                 &self.machines,
                 self.pair_links,
                 dep,
+                false,
                 machine,
                 consumers,
                 bytes,

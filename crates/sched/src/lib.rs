@@ -32,7 +32,7 @@ mod failures;
 pub mod fleet;
 pub mod graph;
 pub mod hedge;
-mod holding;
+pub mod holding;
 mod rehearsal;
 pub mod scheduler;
 mod tiers;
@@ -43,6 +43,7 @@ pub use events::{Action, Event, Failure, NodeState, Outcome};
 pub use fleet::{Link, MachineId, MachineSpec};
 pub use graph::{Graph, GraphError, NodeId, NodeSpec};
 pub use hedge::{HedgeCounts, HedgeRule, Hedger};
+pub use holding::Holding;
 pub use scheduler::{Scheduler, MAX_ATTEMPTS};
 pub use transfers::{has_pair_links, route, route_in, Direction, Links, Route, RouteKind};
 

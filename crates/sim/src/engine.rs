@@ -22,7 +22,7 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use offload_sched::{
-    route_in, Direction, Graph, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
+    Direction, Graph, Holding, Links, MachineId, MachineSpec, NodeId, Route, RouteKind,
 };
 
 use crate::delivery::{closure_of, inputs_closure, topo_positions, Delivery};
@@ -178,7 +178,7 @@ struct World<'a> {
     trace: bool,
     client: Option<MachineId>,
     /// Where each node's outputs are: machines, and whether the client has them.
-    on_machine: Vec<Vec<MachineId>>,
+    on_machine: Holding,
     at_client: Vec<bool>,
     busy: Vec<f64>,
     running: Vec<Vec<NodeId>>,
@@ -238,7 +238,7 @@ impl<'a> World<'a> {
             costs,
             trace,
             client: client_machine(machines),
-            on_machine: vec![Vec::new(); n],
+            on_machine: Holding::new(n),
             at_client: vec![false; n],
             busy: vec![0.0f64; machines.len()],
             running: vec![Vec::new(); machines.len()],
@@ -335,10 +335,10 @@ impl<'a> World<'a> {
         for &d in inputs {
             let bytes = graph.node(d).output_bytes;
             let consumers = graph.dependents(d).len();
-            let Some(r) = route_in(
+            let Some(r) = self.on_machine.route(
                 machines,
                 self.pair_links,
-                &self.on_machine[d],
+                d,
                 self.at_client[d],
                 m,
                 consumers,
@@ -357,8 +357,8 @@ impl<'a> World<'a> {
             if r.keeps_in_client() {
                 self.at_client[d] = true;
                 if let Some(c) = self.client {
-                    if !self.on_machine[d].contains(&c) {
-                        self.on_machine[d].push(c);
+                    if !self.on_machine.contains(d, c) {
+                        self.on_machine.add(machines, d, c, bytes);
                         started.landed.push((d, c));
                     }
                 }
@@ -366,7 +366,7 @@ impl<'a> World<'a> {
             if machines[m].is_local {
                 self.at_client[d] = true;
             }
-            self.on_machine[d].push(m);
+            self.on_machine.add(machines, d, m, bytes);
         }
         arrived
     }
@@ -381,9 +381,7 @@ impl<'a> World<'a> {
         self.alive[m] = false;
         let mut lost = std::mem::take(&mut self.running[m]);
         self.copies.keep_lost(&mut lost, &mut self.generation);
-        for holders in &mut self.on_machine {
-            holders.retain(|&h| h != m);
-        }
+        self.on_machine.drop_machine(self.machines, self.graph, m);
         Some(lost)
     }
 
@@ -404,7 +402,8 @@ impl<'a> World<'a> {
         self.busy[p.machine] += spec.build_time(self.graph.node(p.node)) + self.costs.per_build;
         self.done[p.node] = true;
         self.finished += 1;
-        self.on_machine[p.node].push(p.machine);
+        let bytes = self.graph.node(p.node).output_bytes;
+        self.on_machine.add(self.machines, p.node, p.machine, bytes);
         if policy.copies_outputs_back() || Some(p.machine) == self.client {
             self.at_client[p.node] = true;
         } else if self.delivery.is_none() && self.graph.dependents(p.node).is_empty() {
@@ -453,10 +452,10 @@ impl<'a> World<'a> {
             .iter()
             .map(|&n| self.graph.node(n).output_bytes)
             .sum();
-        let r = route_in(
+        let r = self.on_machine.route(
             self.machines,
             self.pair_links,
-            &self.on_machine[first],
+            first,
             self.at_client[first],
             d.target,
             0,

@@ -3,10 +3,6 @@
 //! is where a build's log arrives) and the replies of the operations offload sends.
 //! None of them is cancel-safe: a read cut short leaves the stream mid-message.
 
-use super::*;
-use crate::serve::{strip_ansi, BuildResult, BuildStatus};
-use crate::wire::WireError;
-
 /// Longest string read from the daemon (a log line, an error, a path).
 pub const MAX_STRING: usize = crate::wire::MAX_STRING_LEN;
 
@@ -51,8 +47,11 @@ pub use self::tokio_io::*;
 mod tokio_io {
     use tokio::io::AsyncRead;
 
+    use super::super::*;
     use super::*;
+    use crate::serve::{strip_ansi, BuildResult, BuildStatus};
     use crate::wire::tokio_io::{read_bool, read_string, read_strings, read_u64};
+    use crate::wire::WireError;
 
     /// Reads the daemon's magic and version; a wrong magic is `BadValue` of "daemon
     /// magic" (a serve server, a login banner).
