@@ -98,6 +98,24 @@ pub fn speed_under_way(rule: &HedgeRule, speed: f64, planned: f64, elapsed: f64)
         .then(|| speed * planned / elapsed)
 }
 
+/// `speed` and `per_system` (a machine's speed and its speeds per system) no faster than
+/// `cap`, what builds under way showed of it ([`speed_under_way`]); the per-system speeds
+/// keep their proportions.
+pub fn capped_speeds(
+    cap: Option<f64>,
+    speed: f64,
+    per_system: Vec<(String, f64)>,
+) -> (f64, Vec<(String, f64)>) {
+    match cap {
+        Some(cap) if speed > cap => {
+            let share = cap / speed;
+            let per_system = per_system.into_iter().map(|(s, v)| (s, v * share));
+            (cap, per_system.collect())
+        }
+        _ => (speed, per_system),
+    }
+}
+
 /// A duplicate to start.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hedge {

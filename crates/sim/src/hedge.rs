@@ -100,14 +100,8 @@ impl Hedging {
         speed: f64,
         per_system: Vec<(String, f64)>,
     ) -> (f64, Vec<(String, f64)>) {
-        match self.caps.get(machine).copied().flatten() {
-            Some(cap) if speed > cap => {
-                let share = cap / speed;
-                let per_system = per_system.into_iter().map(|(s, v)| (s, v * share));
-                (cap, per_system.collect())
-            }
-            _ => (speed, per_system),
-        }
+        let cap = self.caps.get(machine).copied().flatten();
+        offload_sched::hedge::capped_speeds(cap, speed, per_system)
     }
 }
 
