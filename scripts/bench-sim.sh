@@ -11,6 +11,7 @@
 #
 #   bash scripts/bench-sim.sh            # SIM_1M=1 for the 1,000,000-derivation case
 set -euo pipefail
+. "$(dirname "$0")/lib/sim-machines.sh"
 cd "$(dirname "$0")/.."
 cargo build --release -q -p offload
 OFFLOAD=$PWD/target/release/offload
@@ -24,19 +25,6 @@ for graph in nixpkgs-mixed:100000:1 layered:100000:1; do
   done
 done
 
-# sim_machines FILE N SEED: N builders, as scripts/sim-guard.sh writes them.
-sim_machines() {
-  python3 - "$@" <<'PY'
-import random, sys
-path, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-r = random.Random(seed)
-with open(path, "w") as f:
-    for i in range(n):
-        sysname = "x86_64-linux" if i % 4 else "aarch64-linux"
-        feats = ",".join(x for x in ("big-parallel", "kvm", "benchmark") if r.random() < 0.3) or "-"
-        f.write("ssh://b%d %s - %d %d %s -\n" % (i, sysname, r.choice([2, 4, 8, 16, 32]), r.choice([1, 1, 2, 3, 4]), feats))
-PY
-}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 sim_machines "$work/m1000" 1000 1000

@@ -9,24 +9,12 @@
 #
 #   bash scripts/sim-guard.sh            # SIM_GUARD_LIMIT=SECONDS to change the limit
 set -euo pipefail
+. "$(dirname "$0")/lib/sim-machines.sh"
 cd "$(dirname "$0")/.."
 limit=${SIM_GUARD_LIMIT:-15}
 cargo build --release -q -p offload
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-# sim_machines FILE N SEED: N machines in Nix's machines-file syntax.
-sim_machines() {
-  python3 - "$@" <<'PY'
-import random, sys
-path, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-r = random.Random(seed)
-with open(path, "w") as f:
-    for i in range(n):
-        sysname = "x86_64-linux" if i % 4 else "aarch64-linux"
-        feats = ",".join(x for x in ("big-parallel", "kvm", "benchmark") if r.random() < 0.3) or "-"
-        f.write("ssh://b%d %s - %d %d %s -\n" % (i, sysname, r.choice([2, 4, 8, 16, 32]), r.choice([1, 1, 2, 3, 4]), feats))
-PY
-}
 sim_machines "$work/machines" 1000 1000
 /usr/bin/time -f '%U %S %M' -o "$work/time" target/release/offload simulate \
   --generate nixpkgs:100000:7 --machines "$work/machines" >"$work/out"
