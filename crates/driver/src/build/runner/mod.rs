@@ -161,6 +161,9 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
             .filter(|&i| !hedging::may_build_twice(&nodes[i].drv))
             .collect();
         let hedging = hedging::Hedging::new(&sched, &never);
+        if let Some(h) = history {
+            learning::commit_without_waiting_for_the_disk(h);
+        }
         Ok(Runner {
             transport,
             sched,

@@ -331,8 +331,16 @@ async fn ask(rx: oneshot::Receiver<Result<Reply, String>>) -> Result<Reply, Stri
         .unwrap_or_else(|_| Err("its slot broker has exited".into()))
 }
 
+/// How long a slot freed by a build stays held for the run's next build on the machine.
+/// A busy run places that build within milliseconds of the last one's end: handing it
+/// the same slot spares two requests to the broker (each a round trip, and a `flock`
+/// forked there), which cost a tiny build more than its own time. Others wait at most
+/// this long for a slot the run has no more use for.
+pub(super) const SPARE_LINGER: Duration = Duration::from_millis(250);
+
 /// Carries requests to the broker one at a time, until it dies or every sender (the
 /// run's and every held slot's) has gone; then its stdin closes and it frees its locks.
+/// A released slot stays locked as a spare for [`SPARE_LINGER`], for the next take.
 async fn serve(
     conversation: Conversation,
     mut rx: mpsc::UnboundedReceiver<Request>,
@@ -347,38 +355,49 @@ async fn serve(
         _known_hosts,
     } = conversation;
     let mut held: HashSet<u32> = HashSet::new();
-    // A slot taken for a take whose caller has gone (cancelled): freed at once.
-    let mut orphaned: Option<u32> = None;
+    // Slots released (or taken for a take whose caller has gone), still locked there,
+    // with when each goes back to the broker.
+    let mut spare: Vec<(u32, Instant)> = Vec::new();
+    let linger = || Instant::now() + SPARE_LINGER;
     loop {
-        let request = match orphaned.take() {
-            Some(k) => Request::Release(k),
-            None => match rx.recv().await {
-                Some(request) => request,
+        let due = spare.iter().map(|&(_, at)| at).min();
+        let request = tokio::select! {
+            biased;
+            // Between requests the broker says nothing: a line or its end now means it
+            // died (killed, its ssh connection gone), and the spares with it.
+            said = stdout.next_line() => {
+                tracing::debug!(machine = %machine, "slot broker ended: {said:?}");
+                break;
+            }
+            request = rx.recv() => match request {
                 None => break,
+                Some(Request::Release(k)) if held.contains(&k) => {
+                    spare.push((k, linger()));
+                    continue;
+                }
+                Some(Request::Take(reply_to)) if !spare.is_empty() => {
+                    let (k, _) = spare.pop().expect("a spare");
+                    if reply_to.send(Ok(Reply::Slot(k))).is_err() {
+                        spare.push((k, linger()));
+                    }
+                    continue;
+                }
+                Some(request) => request,
             },
+            () = sleep_until(due) => {
+                let now = Instant::now();
+                let Some(i) = spare.iter().position(|&(_, at)| at <= now) else {
+                    continue;
+                };
+                Request::Release(spare.swap_remove(i).0)
+            }
         };
         let (line, reply_to) = match request {
             Request::Take(r) => ("take".to_string(), Some(r)),
             Request::Others(r) => ("others".to_string(), Some(r)),
             Request::Release(k) => (format!("release {k}"), None),
         };
-        let answer = async {
-            stdin.write_all(format!("{line}\n").as_bytes()).await?;
-            stdin.flush().await?;
-            match stdout.next_line().await? {
-                Some(answer) => Ok(answer),
-                None => Err(std::io::Error::other("it exited")),
-            }
-        };
-        let answer = match tokio::time::timeout(SLOT_REQUEST_TIMEOUT, answer).await {
-            Ok(Ok(a)) => Ok(a),
-            Ok(Err(e)) => Err(format!("its slot broker failed: {e}")),
-            Err(_) => Err(format!(
-                "its slot broker did not answer `{line}` in {} s",
-                SLOT_REQUEST_TIMEOUT.as_secs()
-            )),
-        };
-        let reply = answer.and_then(|a| parse_reply(&a, slots));
+        let reply = exchange(&mut stdin, &mut stdout, &line, slots).await;
         match &reply {
             Ok(Reply::Slot(k)) => {
                 held.insert(*k);
@@ -405,8 +424,9 @@ async fn serve(
             }
         }
         if let Some(r) = reply_to {
+            // A slot taken for a take whose caller has gone (cancelled) is a spare.
             if let Err(Ok(Reply::Slot(k))) = r.send(reply) {
-                orphaned = Some(k);
+                spare.push((k, linger()));
             }
         }
         if failed {
@@ -416,6 +436,40 @@ async fn serve(
     // EOF on its stdin: the broker exits and its shell's fds (the locks) close.
     drop(stdin);
     let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+}
+
+/// One request line to the broker and its reply, read.
+async fn exchange(
+    stdin: &mut tokio::process::ChildStdin,
+    stdout: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    line: &str,
+    slots: u32,
+) -> Result<Reply, String> {
+    let answer = async {
+        stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        stdin.flush().await?;
+        match stdout.next_line().await? {
+            Some(answer) => Ok(answer),
+            None => Err(std::io::Error::other("it exited")),
+        }
+    };
+    let answer = match tokio::time::timeout(SLOT_REQUEST_TIMEOUT, answer).await {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => Err(format!("its slot broker failed: {e}")),
+        Err(_) => Err(format!(
+            "its slot broker did not answer `{line}` in {} s",
+            SLOT_REQUEST_TIMEOUT.as_secs()
+        )),
+    };
+    answer.and_then(|a| parse_reply(&a, slots))
+}
+
+/// Sleeps until `at`; forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// One line from the broker, checked: a slot it names must be one of the machine's.

@@ -1,4 +1,4 @@
-use super::broker::{parse_reply, Reply};
+use super::broker::{parse_reply, Reply, SPARE_LINGER};
 use super::*;
 use crate::slots::SlotLedger;
 use std::process::Stdio;
@@ -172,16 +172,7 @@ async fn a_killed_broker_is_started_again() {
     let slots = slots_at(root.path(), 1);
     drop(take_now(&slots).await.unwrap().unwrap());
     let dir = root.path().join(SLOTS_SUBDIR).display().to_string();
-    // The broker's shell: its arguments end with this directory and the slot count.
-    let pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = args.split(|&b| b == 0).collect();
-            args.len() >= 3 && args[args.len() - 3] == dir.as_bytes()
-        })
-        .expect("the broker's process");
+    let pid = broker_pid(&dir);
     let killed = std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()
@@ -189,6 +180,66 @@ async fn a_killed_broker_is_started_again() {
     assert!(killed.success());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(take_now(&slots).await.unwrap().is_some());
+}
+
+/// The pid of the broker's shell for the lock directory `dir`: its arguments end with
+/// the directory and the slot count.
+fn broker_pid(dir: &str) -> u32 {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = args.split(|&b| b == 0).collect();
+            args.len() >= 3 && args[args.len() - 3] == dir.as_bytes()
+        })
+        .expect("the broker's process")
+}
+
+#[tokio::test]
+async fn a_freed_slot_stays_held_a_moment_for_the_next_build() {
+    let root = tempfile::tempdir().unwrap();
+    let (one, two) = (slots_at(root.path(), 1), slots_at(root.path(), 1));
+    drop(take_now(&one).await.unwrap().expect("slot"));
+    // Still locked on the machine, as a spare of this run: another client waits.
+    assert!(
+        take_now(&two).await.is_err(),
+        "the spare was given up at once"
+    );
+    // The run's next take gets it without asking the broker.
+    let again = take_now(&one).await.unwrap().expect("the spare");
+    assert_eq!(again.slot(), 0);
+    drop(again);
+    // Unused for its linger, it goes back: the other client gets it.
+    tokio::time::sleep(SPARE_LINGER + Duration::from_millis(300)).await;
+    assert!(
+        take_now(&two).await.unwrap().is_some(),
+        "the spare was never freed"
+    );
+}
+
+#[tokio::test]
+async fn the_spares_of_a_killed_broker_are_not_handed_out() {
+    let root = tempfile::tempdir().unwrap();
+    let (one, two) = (slots_at(root.path(), 1), slots_at(root.path(), 1));
+    drop(take_now(&one).await.unwrap().expect("slot"));
+    let dir = root.path().join(SLOTS_SUBDIR).display().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &broker_pid(&dir).to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The lock went with the broker; the next take locks the slot again, for real.
+    let held = take_now(&one)
+        .await
+        .unwrap()
+        .expect("a slot from a new broker");
+    assert!(
+        take_now(&two).await.is_err(),
+        "the take was given a spare no broker held"
+    );
+    drop(held);
 }
 
 #[tokio::test]
