@@ -39,6 +39,11 @@
 #                          times slower after run 1 (its speed file says 1 for run 1, the
 #                          history, and $TURNED for nix-build and run 2). Target: run 2
 #                          <= 1.25x the CP-SAT optimum for the true speeds.
+#   tiny                   200 trivial derivations (scripts/gen-dag.py trivial: each makes
+#                          a 16-byte file at once) on the three builders x 4 slots, nothing
+#                          local (-j0): what a build costs besides itself. Nix's hook pays
+#                          an ssh handshake per build. Target: offload run 1 and run 2 each
+#                          >= 15x faster than nix-build.
 #
 # How a builder is made slow: its `remote-program` is a wrapper that runs `nix-store`
 # with `--option extra-sandbox-paths /speed=FILE` (and `/speed-aarch64-linux=FILE`), and
@@ -86,8 +91,8 @@ fi
 "$OFFLOAD" --version >/dev/null 2>&1 || die "$OFFLOAD --version failed (mid-rebuild?)" \
   "wait for the build to finish, or build your own copy with cargo build --release -p offload"
 for c in $CASES; do
-  case $c in slow-link | slow-builders | slow-builders-90 | slow-builders-aarch64 | slow-builders-aarch64-90 | turned-slow) ;;
-  *) die "unknown case $c" "CASES takes slow-link, slow-builders, slow-builders-90, slow-builders-aarch64, slow-builders-aarch64-90 and turned-slow" ;;
+  case $c in slow-link | slow-builders | slow-builders-90 | slow-builders-aarch64 | slow-builders-aarch64-90 | turned-slow | tiny) ;;
+  *) die "unknown case $c" "CASES takes slow-link, slow-builders, slow-builders-90, slow-builders-aarch64, slow-builders-aarch64-90, turned-slow and tiny" ;;
   esac
 done
 
@@ -209,6 +214,7 @@ timed() {
 
 for case in $CASES; do
   local_slots=2
+  shape=layered
   nodes=30
   gen=(--speed)
   bound=(local:2:x86_64-linux=1)
@@ -259,13 +265,28 @@ for case in $CASES; do
       title="turned slow: $nodes derivations; fleet3 ${TURNED}x slower than in run 1 (the history), the others as fast as this machine"
       target="run 2 <= 1.25x the optimum"
       ;;
+    tiny)
+      shape=trivial nodes=200 local_slots=0
+      gen=()
+      bound=()
+      spec="ssh://fleet1 x86_64-linux - 4 1; ssh://fleet2 x86_64-linux - 4 1; ssh://fleet3 x86_64-linux - 4 1"
+      simspec=$spec
+      echo '{}' >"$WORK/$case-simfleet.json"
+      title="tiny builds: $nodes trivial derivations on 3 sshd builders x 4 slots, nothing local"
+      target="run 1 and run 2 each >= 15x faster than nix-build"
+      ;;
   esac
   nix=$WORK/$case.nix
-  python3 scripts/gen-dag.py layered "$nodes" 1 "$nix" "${gen[@]}" >/dev/null
-  read -r lb cp cap excl < <(python3 scripts/fleet-bound.py "${nix%.nix}.json" "${bound[@]}" |
-    sed 's/[a-z_]*=//g')
-  read -r opt proven < <("$ORTOOLS_PYTHON" scripts/fleet-optimum.py "${nix%.nix}.json" "${bound[@]}" 2>>"$WORK/optimum.log" |
-    sed 's/[a-z_]*=//g')
+  python3 scripts/gen-dag.py "$shape" "$nodes" 1 "$nix" "${gen[@]}" >/dev/null
+  if [ "$case" = tiny ]; then
+    # Builds of no duration: no bound or optimum to measure against, only Nix.
+    lb=0 cp=0 cap=0 excl=0 opt=- proven=-
+  else
+    read -r lb cp cap excl < <(python3 scripts/fleet-bound.py "${nix%.nix}.json" "${bound[@]}" |
+      sed 's/[a-z_]*=//g')
+    read -r opt proven < <("$ORTOOLS_PYTHON" scripts/fleet-optimum.py "${nix%.nix}.json" "${bound[@]}" 2>>"$WORK/optimum.log" |
+      sed 's/[a-z_]*=//g')
+  fi
   hist=$WORK/history-$case.sqlite
   # offload's scheduler on the simulator's model of this fleet: the machines file as
   # declared ($simspec) and its true speeds and links ($case-simfleet.json; the slow link
@@ -281,9 +302,11 @@ for case in $CASES; do
   sim_cold=$(simulate --cold)
 
   echo "== $title"
-  echo "   3 sshd builders x 2 slots + $local_slots local slots; machines: $spec"
-  echo "   lower bound ${lb} s: critical path ${cp} s, work / capacity ${cap} s, work only one machine can build ${excl} s"
-  if [ "$opt" = - ]; then
+  echo "   $local_slots local slots; machines: $spec"
+  [ "$case" != tiny ] && echo "   lower bound ${lb} s: critical path ${cp} s, work / capacity ${cap} s, work only one machine can build ${excl} s"
+  if [ "$case" = tiny ]; then
+    :
+  elif [ "$opt" = - ]; then
     echo "   optimum: not computed (scripts/fleet-optimum.py needs the ortools Python package; see $WORK/optimum.log)"
   else
     if [ "$proven" = yes ]; then
@@ -325,7 +348,8 @@ for case in $CASES; do
       return
     fi
     t=$(median "$@")
-    printf '   %-34s %7.2f s  %5sx the bound' "$label" "$t" "$(ratio "$t" "$lb")"
+    printf '   %-34s %7.2f s' "$label" "$t"
+    [ "$lb" != 0 ] && printf '  %5sx the bound' "$(ratio "$t" "$lb")"
     [ -n "${tn:-}" ] && [ "$tn" != failed ] && printf ', nix/offload %sx' "$(ratio "$tn" "$t")"
     printf '   [%s]\n' "$PLACES"
   }
@@ -341,7 +365,14 @@ for case in $CASES; do
     dup=$(grep '^duplicates of builds' "$log" | tail -n 1 || true)
     [ -n "$dup" ] && echo "   $(basename "$log" .log): $dup"
   done
-  if ! printf '%s\n' "${two_t[@]}" | grep -q failed; then
+  if [ "$case" = tiny ]; then
+    met="not met"
+    if ! printf '%s\n' "${one_t[@]}" "${two_t[@]}" | grep -q failed && [ "$tn" != failed ]; then
+      met=$(awk -v n="$tn" -v a="$(median "${one_t[@]}")" -v b="$(median "${two_t[@]}")" \
+        'BEGIN {print (n >= 15 * a && n >= 15 * b) ? "met" : "not met"}')
+    fi
+    echo "   target: $target: $met"
+  elif ! printf '%s\n' "${two_t[@]}" | grep -q failed; then
     t2=$(median "${two_t[@]}")
     limit=1.15
     [ "$case" = slow-link ] && limit=1.30

@@ -7,6 +7,8 @@
 //! shell, and takes or frees them on request (one line each way). The locks are not tied
 //! to the pooled serve sessions (an idle warm session must not keep a slot from others),
 //! and a build pays no extra ssh handshake: the broker starts once, on the first build.
+//! A slot a build frees stays held for a moment as a spare, handed to the run's next
+//! build there without a request (`broker::SPARE_LINGER`).
 //! When the broker ends (its stdin closes, or the ssh connection dies) its shell exits,
 //! and every lock it held goes with it: a crashed client never leaves a stale lock.
 //!
