@@ -285,7 +285,12 @@ pub async fn run(
     let keys: Vec<String> = machines.iter().map(|m| m.endpoint.name.clone()).collect();
     let declared: Vec<f64> = machines.iter().map(|m| m.spec.speed).collect();
     options.knowledge.apply(&mut machines);
-    learn_cores(&mut machines, history).await;
+    // One ssh connection per machine for the whole run, from its first question on.
+    let masters: Vec<Arc<crate::ssh::master::SshMaster>> = machines
+        .iter()
+        .map(|m| Arc::new(crate::ssh::master::SshMaster::new(&m.endpoint)))
+        .collect();
+    learn_cores(&mut machines, &masters, history).await;
     let to_probe = crate::transfer::routes::direct_routes(
         &mut machines,
         &keys,
@@ -303,7 +308,8 @@ pub async fn run(
     let imports = leftovers::Imports::new(reporter);
     let reporter: Arc<dyn Reporter> = imports.clone();
     let cores = machines.iter().map(|m| m.cores).collect();
-    let connect = ServeTransport::connect(machines, nodes.clone(), options, reporter.clone());
+    let connect =
+        ServeTransport::connect(machines, masters, nodes.clone(), options, reporter.clone());
     let transport = tokio::select! {
         transport = connect => transport?,
         () = stop.cancelled() => return Err(DriverError::Interrupted { stopped: 0 }),

@@ -5,8 +5,11 @@
 
 use offload_learn::Knowledge;
 
+use std::sync::Arc;
+
 use super::MachineConfig;
 use crate::env::CORES_QUESTION_TIMEOUT;
+use crate::ssh::master::SshMaster;
 use crate::state::StateDb;
 
 /// Gives a fleet's planning figures what was learned ([`Knowledge::apply_to`] for each
@@ -29,8 +32,15 @@ impl ApplyKnowledge for Knowledge {
 /// Gives each builder of `fleet` its CPU cores, so that builds there share them as they
 /// do here (a build alone gets all). Learned once per machine, by running `nproc`
 /// there the way its sessions run, and kept in the state database; a machine that
-/// cannot say keeps its own `cores` setting.
-pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&StateDb>) {
+/// cannot say keeps its own `cores` setting. `masters` (in the fleet's order) are the
+/// machines' ssh connections for the run: the question starts them, so the run's
+/// first sessions find them open rather than each machine costing a first run two
+/// handshakes before its first build.
+pub async fn learn_cores(
+    fleet: &mut [MachineConfig],
+    masters: &[Arc<SshMaster>],
+    history: Option<&StateDb>,
+) {
     let mut asking = tokio::task::JoinSet::new();
     for (i, m) in fleet.iter_mut().enumerate() {
         // A machine that runs only the daemon runs no `nproc` either.
@@ -46,8 +56,13 @@ pub async fn learn_cores(fleet: &mut [MachineConfig], history: Option<&StateDb>)
             m.cores = Some(cores);
             continue;
         }
-        let endpoint = m.endpoint.clone();
+        let mut endpoint = m.endpoint.clone();
+        let master = masters.get(i).cloned();
         asking.spawn(async move {
+            if let Some(master) = master {
+                // A master that cannot start leaves the question its own connection.
+                endpoint.control_path = master.socket().await.ok().flatten();
+            }
             let answer = endpoint.ask("nproc", CORES_QUESTION_TIMEOUT).await;
             (i, answer.and_then(|out| out.trim().parse::<u32>().ok()))
         });

@@ -58,8 +58,13 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(endpoint: Endpoint) -> Pool {
+        Pool::with_master(Arc::new(SshMaster::new(&endpoint)), endpoint)
+    }
+
+    /// A pool whose new sessions share `master`, a connection the run already uses.
+    pub fn with_master(master: Arc<SshMaster>, endpoint: Endpoint) -> Pool {
         Pool {
-            master: Arc::new(SshMaster::new(&endpoint)),
+            master,
             endpoint,
             idle: Mutex::new(HashMap::new()),
         }

@@ -58,6 +58,7 @@ impl ServeTransport {
     /// no node's output, read from the local store.
     pub(crate) async fn connect(
         machines: Vec<MachineConfig>,
+        masters: Vec<Arc<crate::ssh::master::SshMaster>>,
         nodes: Arc<[BuildNode]>,
         options: &BuildOptions,
         reporter: Arc<dyn Reporter>,
@@ -69,14 +70,15 @@ impl ServeTransport {
         let specs = machines.iter().map(|m| m.spec.clone()).collect();
         let pools: Vec<Pool> = machines
             .iter()
-            .map(|m| {
+            .zip(masters)
+            .map(|(m, master)| {
                 let mut endpoint = m.endpoint.clone();
                 for (name, value) in &options.session_options {
                     endpoint
                         .extra_args
                         .extend(["--option".into(), name.clone(), value.clone()]);
                 }
-                Pool::new(endpoint)
+                Pool::with_master(master, endpoint)
             })
             .collect();
         let masters: Vec<_> = pools.iter().map(Pool::master).collect();
@@ -333,16 +335,30 @@ impl ServeTransport {
             Err(DriverError::SlotsBusy { .. }) => return (Outcome::Deferred, false),
             Err(e) => return (lost(e), false),
         };
-        let _remote_slot = match self.remote_slots.take(machine, Duration::ZERO).await {
-            Ok(slot) => slot,
-            // Another client holds the builder's slots: as for the local ledger.
-            Err(DriverError::SlotsBusy { .. }) => return (Outcome::Deferred, false),
-            Err(e) => return (lost(e), false),
-        };
+        let take = self.remote_slots.take(machine, Duration::ZERO);
         if self.check.contains(&self.nodes[node].drv_path) {
+            let _remote_slot = match take.await {
+                Ok(slot) => slot,
+                Err(e) => return slot_refused(e),
+            };
             return self.check_on(node, machine, log).await;
         }
-        let mut conn = match self.session_with_inputs(node, machine, cores, facts).await {
+        // The builder's slot is asked for while the session opens and the inputs go:
+        // a machine's first builds wait for its broker to start and for their sessions
+        // to open, one after the other before (over ssh, 3 s of a tiny build's slot on
+        // a busy client). The build itself starts only once the slot is held.
+        let (taken, session) =
+            tokio::join!(take, self.session_with_inputs(node, machine, cores, facts));
+        let _remote_slot = match taken {
+            Ok(slot) => slot,
+            Err(e) => {
+                if let Ok(conn) = session {
+                    self.pool(machine).put(conn);
+                }
+                return slot_refused(e);
+            }
+        };
+        let mut conn = match session {
             Ok(conn) => conn,
             Err(ended) => return ended,
         };
@@ -517,6 +533,15 @@ impl ServeTransport {
             registry.insert(info, machine);
         }
         (Outcome::Built, false)
+    }
+}
+
+/// How a build ends that did not get its slot on the builder: another client holds
+/// them all (as for the local ledger, it goes back to the scheduler), or the lock failed.
+fn slot_refused(e: DriverError) -> (Outcome, bool) {
+    match e {
+        DriverError::SlotsBusy { .. } => (Outcome::Deferred, false),
+        e => (lost(e), false),
     }
 }
 
