@@ -27,6 +27,7 @@ declare -A WANT=(
   [chromium]=/usr/bin/chromium
   [man-db]=/usr/bin/man
   [groff-base]=/usr/bin/groff
+  [curl]=/usr/bin/curl
 )
 missing=()
 for pkg in "${!WANT[@]}"; do

@@ -225,6 +225,13 @@ pub struct AgentArgs {
     /// without it only the agent's own user may.
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics: builds running and queued per
+    /// machine, slots, bytes per link, failures (ADDR: IP:PORT, port 0 for any free
+    /// one; the address is said on stderr) [default: `metrics` in offload's config,
+    /// else none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -502,6 +509,12 @@ pub struct BuildArgs {
     /// slot on a time line with the critical path, utilisation, the ten longest builds.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+
+    /// Serve Prometheus metrics of this run at http://ADDR/metrics while it lasts
+    /// (ADDR: IP:PORT, port 0 for any free one; the address is said on stderr)
+    /// [default: `metrics` in offload's config, else none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 
     /// Seconds of silence before a build is killed (0: no limit).
     #[arg(long, value_name = "S", default_value_t = 0)]

@@ -5,6 +5,7 @@
 //!
 //! ```toml
 //! state_dir = "/var/lib/offload"        # history and logs; default ~/.local/state/offload
+//! metrics = "127.0.0.1:9464"            # Prometheus metrics of the agent and of builds; default none
 //!
 //! [groups]                              # --on @fast, --exclude @slow
 //! fast = ["b1", "b2"]
@@ -59,6 +60,9 @@ pub struct Config {
     /// Defaults for `offload build`.
     #[serde(default)]
     pub build: BuildDefaults,
+    /// Where `offload agent` and `offload build` serve Prometheus metrics
+    /// (`--metrics`); none by default.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Defaults for `offload build` flags; a flag given on the command line wins.
@@ -224,6 +228,11 @@ impl Loaded {
             None => "~/.local/state/offload (default)".to_string(),
         };
         out.push_str(&format!("state_dir = {state_dir}\nhistory = {history}\n"));
+        let metrics = self.config.metrics.map(|a| a.to_string());
+        out.push_str(&format!(
+            "metrics = {}\n",
+            show_from(metrics, "none", &from_file)
+        ));
         for (name, members) in &self.config.groups {
             out.push_str(&format!(
                 "groups.{name} = {} {from_file}\n",
@@ -231,10 +240,7 @@ impl Loaded {
             ));
         }
         let b = &self.config.build;
-        let show = |v: Option<String>, default: &str| match v {
-            Some(v) => format!("{v} {from_file}"),
-            None => format!("{default} (default)"),
-        };
+        let show = |v: Option<String>, default: &str| show_from(v, default, &from_file);
         out.push_str(&format!(
             "build.keep_going = {}\n",
             show(b.keep_going.map(|v| v.to_string()), "false")
@@ -257,6 +263,14 @@ impl Loaded {
             show(b.exclude.as_ref().map(|v| v.join(", ")), "none")
         ));
         out
+    }
+}
+
+/// A setting's value with where it came from: the file, or the default.
+fn show_from(v: Option<String>, default: &str, from_file: &str) -> String {
+    match v {
+        Some(v) => format!("{v} {from_file}"),
+        None => format!("{default} (default)"),
     }
 }
 

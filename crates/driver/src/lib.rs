@@ -59,6 +59,8 @@
 //! - `drv.rs` — the `.drv` Nix offers the hook, read through the store Nix names;
 //! - `hook/` — `offload hook`: Nix's build hook, the choice per `try`, the accepted build;
 //! - `agent.rs` — `offload agent`: warm sessions for the hook over a Unix socket;
+//! - `metrics/` — Prometheus metrics for operators (`--metrics ADDR`): the registry,
+//!   the HTTP endpoint (`metrics/http.rs`), a run's events counted (`metrics/run.rs`);
 //! - `shutdown.rs` — SIGINT and SIGTERM: the cancellation token and the exit status;
 //! - `job/` — one `offload build` from request to outcome: evaluation, the trust check's
 //!   builders, the build, the run's record, result links.
@@ -74,6 +76,7 @@ pub mod fleet;
 pub mod hook;
 pub mod html;
 pub mod job;
+pub mod metrics;
 pub mod order;
 pub mod overview;
 pub mod plan;

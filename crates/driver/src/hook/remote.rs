@@ -14,7 +14,7 @@ use super::{tell, HookExit, HookSettings};
 use crate::env::SLOT_WAIT_LIMIT;
 use crate::error::DriverError;
 use crate::fleet::MachineConfig;
-use crate::order::{carry_out, saying_while, BuildOrder, OrderError, OrderFailure};
+use crate::order::{carry_out, saying_while, BuildOrder, Moved, OrderError, OrderFailure};
 use crate::session::ServeConn;
 use crate::slots::remote::{RemoteSlot, RemoteSlots};
 use crate::slots::SlotLedger;
@@ -116,6 +116,8 @@ async fn by_agent_or_here(
             job.ledger,
             &mut |l| log.line(l),
             &mut note,
+            // The hook runs once per build and serves no metrics.
+            &mut Moved::default(),
         )
         .await;
     }
@@ -155,6 +157,7 @@ async fn by_agent_or_here(
                 job.ledger,
                 &mut |l| log.line(l),
                 &mut note,
+                &mut Moved::default(),
             )
             .await
         }

@@ -18,6 +18,9 @@ use crate::DriverError;
 pub enum JobError {
     #[error("reading Nix's settings")]
     Settings(#[source] Box<NixConfError>),
+    /// The metrics address (`--metrics`) cannot be bound.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::http::MetricsError),
     #[error(transparent)]
     Fleet(Box<FleetError>),
     /// A `--option` value the build settings cannot take.
@@ -137,6 +140,7 @@ impl JobError {
                 | JobError::NoAgent(_)
                 | JobError::WriteFile { .. }
                 | JobError::Target(_)
+                | JobError::Metrics(_)
         )
     }
 
