@@ -60,7 +60,7 @@
 //! - `hook/` — `offload hook`: Nix's build hook, the choice per `try`, the accepted build;
 //! - `agent.rs` — `offload agent`: warm sessions for the hook over a Unix socket;
 //! - `metrics/` — Prometheus metrics for operators (`--metrics ADDR`): the registry,
-//!   the HTTP endpoint (`metrics/http.rs`), a run's events counted (`metrics/run.rs`);
+//!   the HTTP endpoint (`metrics/http.rs`); a run's events are counted in `job/metrics.rs`;
 //! - `shutdown.rs` — SIGINT and SIGTERM: the cancellation token and the exit status;
 //! - `job/` — one `offload build` from request to outcome: evaluation, the trust check's
 //!   builders, the build, the run's record, result links.
