@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use offload_test_support::start_hook_agent;
 use offload_test_support::{
     loopback_machine, loopback_serve_program, nix_command, nix_system, require_nix, require_root,
-    run_ok, salt, text, write_executable,
+    require_sshd_fleet_with_peers, run_ok, salt, text, write_executable, HostOptions, LinkShape,
+    Peers,
 };
 
 mod common;
@@ -221,32 +222,21 @@ fn the_agent_serves_what_its_builds_did_per_machine() {
     agent.wait().unwrap();
 }
 
-#[test]
-fn a_running_build_serves_its_builds_and_bytes_per_machine() {
-    if !require_nix() {
-        return;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let w = work.path();
-    let program = loopback_serve_program(w);
-    let builders = (1..=2)
-        .map(|i| loopback_machine(w, &format!("m{i}"), &program, 2, 1))
-        .collect::<Vec<_>>()
-        .join(";");
-    // The store URIs the metrics name machines by, in the fleet's order.
-    let fleet: Vec<String> = std::iter::once("local".to_string())
-        .chain((1..=2).map(|i| {
-            let line = loopback_machine(w, &format!("m{i}"), &program, 2, 1);
-            line.split(' ').next().unwrap().to_string()
-        }))
-        .collect();
-    let file = w.join("graph.nix");
-    std::fs::write(&file, graph(&salt("metrics-build"), 6, 4)).unwrap();
-    let mut child = common::offload(w)
-        .arg("build")
-        .arg(&file)
-        .args(["-A", "top", "--json", "--no-out-link", "-j", "1"])
-        .args(["--builders", &builders, "--metrics", "127.0.0.1:0"])
+/// What `offload build --json --metrics 127.0.0.1:0` served while a build ran: one
+/// scrape, the events until then, and the store URI of each machine name in them.
+struct Scraped {
+    samples: Vec<Sample>,
+    events: Vec<serde_json::Value>,
+    uris: BTreeMap<String, String>,
+}
+
+/// Runs `cmd` (an `offload build --json`, with `--metrics 127.0.0.1:0` added) and
+/// scrapes it once a line of its stderr starts with `marker` (a build saying it
+/// started, all its inputs landed) and half a second passed; `remotes`: the builders'
+/// store URIs in the machines' order. The run must succeed.
+fn scraped_while(cmd: &mut Command, marker: &str, remotes: &[String]) -> Scraped {
+    let mut child = cmd
+        .args(["--metrics", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -267,11 +257,8 @@ fn a_running_build_serves_its_builds_and_bytes_per_machine() {
             let _ = tx.send(line.unwrap());
         }
     });
-    // The address first; then, once the top says it started, every leaf has finished
-    // and every input of the top has landed: nothing moves for four seconds.
-    let mut said = Vec::new();
-    let mut addr = None;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut said, mut addr) = (Vec::new(), None);
+    let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline {
         let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
             continue;
@@ -279,83 +266,121 @@ fn a_running_build_serves_its_builds_and_bytes_per_machine() {
         if let Some(rest) = line.strip_prefix("metrics at http://") {
             addr = rest.strip_suffix("/metrics").map(str::to_string);
         }
-        let top_started = line.starts_with("top> top started");
+        let reached = line.starts_with(marker);
         said.push(line);
-        if top_started {
+        if reached {
             break;
         }
     }
     let addr = addr.unwrap_or_else(|| panic!("no metrics address said: {said:#?}"));
-    assert!(said.iter().any(|l| l.starts_with("top> ")), "{said:#?}");
+    assert!(said.iter().any(|l| l.starts_with(marker)), "{said:#?}");
     std::thread::sleep(Duration::from_millis(500));
     let samples = scrape(&addr);
-    let seen = events.lock().unwrap().clone();
+    let events = events.lock().unwrap().clone();
+    let status = child.wait().unwrap();
+    out_thread.join().unwrap();
+    err_thread.join().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "{said:#?}\n{rest:#?}");
     // The events' machine names, by the plan's list of machines (the fleet's order).
-    let planned = seen.iter().find(|e| e["type"] == "planned").unwrap();
-    let names = planned["machines"].as_array().unwrap().iter();
-    let uris: BTreeMap<String, String> = names
-        .map(|m| m["name"].as_str().unwrap().to_string())
-        .zip(fleet)
+    let planned = events.iter().find(|e| e["type"] == "planned").unwrap();
+    let mut remotes = remotes.iter();
+    let uris = planned["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let name = m["name"].as_str().unwrap().to_string();
+            let uri = match name.as_str() {
+                "local" => "local".to_string(),
+                _ => remotes.next().expect("as many builders as planned").clone(),
+            };
+            (name, uri)
+        })
         .collect();
-    assert_eq!(uris.len(), 3, "{planned}");
+    Scraped {
+        samples,
+        events,
+        uris,
+    }
+}
 
+impl Scraped {
+    /// Every link the run's transfers used carried what they say, by its store URIs;
+    /// returns the links and their bytes.
+    fn links_carried_what_the_events_say(&self) -> BTreeMap<(String, String), f64> {
+        let mut per_link: BTreeMap<(String, String), f64> = BTreeMap::new();
+        for e in self
+            .events
+            .iter()
+            .filter(|e| e["type"] == "transfer_finished" && e["ok"] == true)
+        {
+            let (from, to) = (e["from"].as_str().unwrap(), e["to"].as_str().unwrap());
+            let link = (self.uris[from].clone(), self.uris[to].clone());
+            *per_link.entry(link).or_default() += e["bytes"].as_f64().unwrap();
+        }
+        assert!(!per_link.is_empty(), "no transfers: {:#?}", self.events);
+        for ((from, to), bytes) in &per_link {
+            let link = [("from", from.as_str()), ("to", to.as_str())];
+            let served = value(&self.samples, "offload_bytes_total", &link);
+            assert_eq!(served, *bytes, "{from} -> {to}");
+        }
+        per_link
+    }
+}
+
+#[test]
+fn a_running_build_serves_its_builds_and_bytes_per_machine() {
+    if !require_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let program = loopback_serve_program(w);
+    let lines: Vec<String> = (1..=2)
+        .map(|i| loopback_machine(w, &format!("m{i}"), &program, 2, 1))
+        .collect();
+    let remotes: Vec<String> = lines
+        .iter()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    let file = w.join("graph.nix");
+    std::fs::write(&file, graph(&salt("metrics-build"), 6, 4)).unwrap();
+    // Once the top says it started, every leaf has finished and every input of the top
+    // has landed: nothing moves for four seconds.
+    let run = scraped_while(
+        common::offload(w)
+            .arg("build")
+            .arg(&file)
+            .args(["-A", "top", "--json", "--no-out-link", "-j", "1"])
+            .args(["--builders", &lines.join(";")]),
+        "top> top started",
+        &remotes,
+    );
+    let (samples, seen) = (&run.samples, &run.events);
+    assert_eq!(run.uris.len(), 3, "{seen:#?}");
     let top_machine = seen
         .iter()
         .find(|e| e["type"] == "build_started" && e["drv"].as_str().unwrap().ends_with("-top.drv"))
         .and_then(|e| e["machine"].as_str())
         .unwrap_or_else(|| panic!("the top did not start: {seen:#?}"))
         .to_string();
-    for (name, uri) in &uris {
+    for (name, uri) in &run.uris {
         let here = [("machine", uri.as_str())];
         let finished = seen
             .iter()
             .filter(|e| e["type"] == "build_finished" && e["machine"] == name.as_str())
             .count();
-        assert_eq!(
-            value(&samples, "offload_builds_finished_total", &here),
-            finished as f64,
-            "{name}: {seen:#?}"
-        );
+        let served = value(samples, "offload_builds_finished_total", &here);
+        assert_eq!(served, finished as f64, "{name}: {seen:#?}");
         let running = if *name == top_machine { 1.0 } else { 0.0 };
-        assert_eq!(
-            value(&samples, "offload_builds_running", &here),
-            running,
-            "{name}"
-        );
-        assert_eq!(
-            value(&samples, "offload_slots_held", &here),
-            running,
-            "{name}"
-        );
+        assert_eq!(value(samples, "offload_builds_running", &here), running);
+        assert_eq!(value(samples, "offload_slots_held", &here), running);
         let slots = if name == "local" { 1.0 } else { 2.0 };
-        assert_eq!(value(&samples, "offload_slots", &here), slots, "{name}");
+        assert_eq!(value(samples, "offload_slots", &here), slots, "{name}");
     }
-    assert_eq!(value(&samples, "offload_builds_pending", &[]), 0.0);
-    // Every link the run's transfers used carried what they say, by its store URIs.
-    let mut per_link: BTreeMap<(String, String), f64> = BTreeMap::new();
-    for e in seen
-        .iter()
-        .filter(|e| e["type"] == "transfer_finished" && e["ok"] == true)
-    {
-        let (from, to) = (e["from"].as_str().unwrap(), e["to"].as_str().unwrap());
-        *per_link
-            .entry((uris[from].clone(), uris[to].clone()))
-            .or_default() += e["bytes"].as_f64().unwrap();
-    }
-    assert!(!per_link.is_empty(), "no transfers: {seen:#?}");
-    for ((from, to), bytes) in &per_link {
-        let link = [("from", from.as_str()), ("to", to.as_str())];
-        assert_eq!(
-            value(&samples, "offload_bytes_total", &link),
-            *bytes,
-            "{from} -> {to}"
-        );
-    }
-    let status = child.wait().unwrap();
-    out_thread.join().unwrap();
-    err_thread.join().unwrap();
-    let rest: Vec<String> = rx.try_iter().collect();
-    assert!(status.success(), "{said:#?}\n{rest:#?}");
+    assert_eq!(value(samples, "offload_builds_pending", &[]), 0.0);
+    run.links_carried_what_the_events_say();
 }
 
 #[test]
@@ -389,4 +414,71 @@ fn an_address_that_cannot_be_bound_stops_the_command_naming_it() {
         "{stderr}"
     );
     assert!(!stderr.contains("evaluated"), "{stderr}");
+}
+
+#[test]
+fn bytes_between_builders_are_served_by_their_route() {
+    // Two sshd builders that reach each other; this machine behind a slower link. A
+    // chain a → b → c goes first builder → second → first (features force it).
+    let peers = Peers {
+        unreachable: Vec::new(),
+        client_link: LinkShape {
+            rate: Some(5_000_000),
+            delay: Duration::from_millis(5),
+        },
+    };
+    let builder = |feature: &str| HostOptions {
+        nix_conf: format!("extra-system-features = {feature}\n"),
+        ..HostOptions::default()
+    };
+    let hosts = [builder("route-a"), builder("route-b")];
+    let Some(fleet) = require_sshd_fleet_with_peers(&hosts, &peers) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("chain.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"let mk = name: feature: script: extra: derivation ({{
+                 inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+                 PATH = "/bin:/usr/bin"; salt = "{salt}"; requiredSystemFeatures = [ feature ];
+                 args = [ "-c" script ];
+               }} // extra);
+               a = mk "a" "route-a" "mkdir $out; head -c 1048576 /dev/urandom > $out/blob" {{}};
+               b = mk "b" "route-b" "mkdir $out; cp $a/blob $out/blob" {{ inherit a; }};
+             in mk "c" "route-a" "echo c started; sleep 3; mkdir $out; sha256sum < $b/blob > $out/sum" {{ inherit b; }}"#,
+            salt = salt("metrics-peers")
+        ),
+    )
+    .unwrap();
+    let remotes = [fleet.store_uri(0), fleet.store_uri(1)];
+    let system = nix_system();
+    let builders = format!(
+        "{} {system} - 1 1 route-a; {} {system} - 1 1 route-b",
+        remotes[0], remotes[1]
+    );
+    let (name, opts) = fleet.ssh_opts();
+    let run = scraped_while(
+        common::offload(work.path())
+            .env(name, opts)
+            .arg("build")
+            .arg(&file)
+            .args(["-j0", "--json", "--no-out-link", "--builders", &builders])
+            .args(["--option", "sandbox", "false"]),
+        "c> c started",
+        &remotes,
+    );
+    let links = run.links_carried_what_the_events_say();
+    // a went from the first builder to the second and b back, straight between them.
+    for (from, to) in [(&remotes[0], &remotes[1]), (&remotes[1], &remotes[0])] {
+        let carried = links.get(&(from.clone(), to.clone())).copied();
+        assert!(
+            carried.unwrap_or(0.0) >= 1048576.0,
+            "{from} -> {to}: {links:?}"
+        );
+        let direct = [("route", "builder_to_builder"), ("from", from), ("to", to)];
+        let served = value(&run.samples, "offload_bytes_total", &direct);
+        assert_eq!(Some(served), carried, "{from} -> {to}");
+    }
 }

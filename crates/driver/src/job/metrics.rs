@@ -194,3 +194,67 @@ impl Events for MetricEvents {
         self.inner.summary(summary);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Serving;
+
+    /// Events that go nowhere.
+    struct Nowhere;
+
+    impl Reporter for Nowhere {
+        fn build_started(&self, _: &str, _: &str) {}
+        fn build_log(&self, _: &str, _: &str, _: &str) {}
+        fn build_finished(&self, _: &str, _: &str, _: bool, _: f64) {}
+        fn machine_warning(&self, _: &str) {}
+    }
+
+    impl Events for Nowhere {
+        fn fetching(&self, _: usize) {}
+        fn notice(&self, _: &str) {}
+        fn planned(&self, _: usize, _: f64, _: &[MachineConfig]) {}
+        fn summary(&self, _: &Summary<'_>) {}
+    }
+
+    /// The value of the sample written exactly `series` in `text`.
+    fn sample(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    }
+
+    #[test]
+    fn hedged_and_lost_builds_leave_the_running_gauges_when_they_stop() {
+        let metrics = Arc::new(Metrics::new(Serving::Run));
+        let events = MetricEvents::new(Arc::new(Nowhere), metrics.clone());
+        let placement = Placement {
+            estimate_seconds: 1.0,
+            cores: None,
+        };
+        let running = |m: &str| {
+            let series = format!("offload_builds_running{{machine=\"{m}\"}}");
+            sample(&metrics.encode(), &series)
+        };
+        // A duplicate runs on b while the first copy still runs on a; b wins.
+        events.build_placed("d1", "a", placement);
+        events.build_hedged("d1", "a", "b");
+        assert_eq!((running("a"), running("b")), (1.0, 1.0));
+        events.build_finished("d1", "b", true, 2.0);
+        assert_eq!((running("a"), running("b")), (0.0, 0.0));
+        // A build whose machine is lost starts again elsewhere.
+        events.build_placed("d2", "a", placement);
+        events.machine_event("machine_lost", "a", "gone");
+        assert_eq!(running("a"), 0.0);
+        events.build_placed("d2", "b", placement);
+        events.build_finished("d2", "b", false, 1.0);
+        let text = metrics.encode();
+        assert_eq!(running("b"), 0.0);
+        assert_eq!(sample(&text, "offload_hedges_started_total"), 1.0);
+        let at = |name: &str, m: &str| sample(&text, &format!("{name}{{machine=\"{m}\"}}"));
+        assert_eq!(at("offload_builds_finished_total", "b"), 1.0);
+        assert_eq!(at("offload_builds_failed_total", "b"), 1.0);
+        assert_eq!(at("offload_machine_failures_total", "a"), 1.0);
+        assert_eq!(at("offload_slots_held", "a"), 0.0);
+    }
+}
