@@ -512,7 +512,7 @@ pub struct BuildArgs {
 
     /// Serve Prometheus metrics of this run at http://ADDR/metrics while it lasts
     /// (ADDR: IP:PORT, port 0 for any free one; the address is said on stderr)
-    /// [default: `metrics` in offload's config, else none].
+    /// [default: `[build] metrics` in offload's config, else none].
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
 

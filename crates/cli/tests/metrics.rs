@@ -402,9 +402,12 @@ fn an_address_that_cannot_be_bound_stops_the_command_naming_it() {
         "{stderr}"
     );
     assert!(!socket.exists(), "the agent listened anyway");
-    // The same for a build, before it evaluates anything.
+    // The same for a build (its address from the config's `[build]`), before it
+    // evaluates anything.
+    let config = format!("[build]\nmetrics = \"{addr}\"\n");
+    std::fs::write(work.path().join("offload-config.toml"), config).unwrap();
     let out = common::offload(work.path())
-        .args(["build", "-E", "throw \"evaluated\"", "--metrics", &addr])
+        .args(["build", "-E", "throw \"evaluated\""])
         .output()
         .unwrap();
     let stderr = text(&out.stderr);

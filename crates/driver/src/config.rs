@@ -5,7 +5,7 @@
 //!
 //! ```toml
 //! state_dir = "/var/lib/offload"        # history and logs; default ~/.local/state/offload
-//! metrics = "127.0.0.1:9464"            # Prometheus metrics of the agent and of builds; default none
+//! metrics = "127.0.0.1:9464"            # the agent's Prometheus metrics; default none
 //!
 //! [groups]                              # --on @fast, --exclude @slow
 //! fast = ["b1", "b2"]
@@ -14,6 +14,7 @@
 //! keep_going = true
 //! max_jobs = 4
 //! sign_key = "/etc/offload/key.sec"
+//! metrics = "127.0.0.1:9465"            # each build's own, while it runs
 //! ```
 //!
 //! Unknown keys are errors that name the key and the file.
@@ -60,8 +61,8 @@ pub struct Config {
     /// Defaults for `offload build`.
     #[serde(default)]
     pub build: BuildDefaults,
-    /// Where `offload agent` and `offload build` serve Prometheus metrics
-    /// (`--metrics`); none by default.
+    /// Where `offload agent` serves Prometheus metrics (`--metrics`); none by default.
+    /// Builds have their own (`[build] metrics`): one address cannot serve both.
     pub metrics: Option<std::net::SocketAddr>,
 }
 
@@ -78,6 +79,8 @@ pub struct BuildDefaults {
     pub forward_agent: Option<bool>,
     pub on: Option<Vec<String>>,
     pub exclude: Option<Vec<String>>,
+    /// Where each build serves its Prometheus metrics while it runs (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The configuration and where it came from.
@@ -262,6 +265,8 @@ impl Loaded {
             "build.exclude = {}\n",
             show(b.exclude.as_ref().map(|v| v.join(", ")), "none")
         ));
+        let metrics = b.metrics.map(|a| a.to_string());
+        out.push_str(&format!("build.metrics = {}\n", show(metrics, "none")));
         out
     }
 }
@@ -335,6 +340,18 @@ mod tests {
         assert_eq!(chosen.on, ["b9"]);
         assert_eq!(chosen.exclude, ["b2"]);
         assert_eq!(chosen.max_jobs, Some(0));
+    }
+
+    #[test]
+    fn metrics_addresses_are_read_and_a_bad_one_is_named() {
+        let text = "metrics = \"127.0.0.1:9464\"\n[build]\nmetrics = \"[::1]:0\"\n";
+        let config = parse(text, Path::new("c.toml")).unwrap();
+        assert_eq!(config.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(config.build.metrics, Some("[::1]:0".parse().unwrap()));
+        let e = parse("metrics = \"localhost\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml: ") && e.contains("metrics"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,10 @@ use super::{Metrics, Serving};
 
 /// The metrics address cannot be served.
 #[derive(Debug, Error)]
-#[error("cannot serve metrics on {addr}: {source}; choose another address with --metrics or `metrics` in offload's config")]
+#[error(
+    "cannot serve metrics on {addr}: {source}\n\nhint: choose another address with --metrics, \
+     or `metrics` (the agent) or `[build] metrics` in offload's config"
+)]
 pub struct MetricsError {
     pub addr: SocketAddr,
     #[source]
