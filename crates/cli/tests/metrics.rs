@@ -337,9 +337,14 @@ fn a_running_build_serves_its_builds_and_bytes_per_machine() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let program = loopback_serve_program(w);
-    let lines: Vec<String> = (1..=2)
+    // Two loopback builders, and one no name resolves.
+    let mut lines: Vec<String> = (1..=2)
         .map(|i| loopback_machine(w, &format!("m{i}"), &program, 2, 1))
         .collect();
+    lines.push(format!(
+        "ssh://offload-no-such-host.invalid {} - 1 1",
+        nix_system()
+    ));
     let remotes: Vec<String> = lines
         .iter()
         .map(|l| l.split(' ').next().unwrap().to_string())
@@ -358,7 +363,7 @@ fn a_running_build_serves_its_builds_and_bytes_per_machine() {
         &remotes,
     );
     let (samples, seen) = (&run.samples, &run.events);
-    assert_eq!(run.uris.len(), 3, "{seen:#?}");
+    assert_eq!(run.uris.len(), 4, "{seen:#?}");
     let top_machine = seen
         .iter()
         .find(|e| e["type"] == "build_started" && e["drv"].as_str().unwrap().ends_with("-top.drv"))
@@ -373,10 +378,25 @@ fn a_running_build_serves_its_builds_and_bytes_per_machine() {
             .count();
         let served = value(samples, "offload_builds_finished_total", &here);
         assert_eq!(served, finished as f64, "{name}: {seen:#?}");
+        let failures = seen
+            .iter()
+            .filter(|e| e["type"] == "machine_lost" && e["machine"] == name.as_str())
+            .count();
+        let served = value(samples, "offload_machine_failures_total", &here);
+        assert_eq!(served, failures as f64, "{name}: {seen:#?}");
+        assert_eq!(
+            failures > 0,
+            uri.contains("no-such-host"),
+            "{name}: {seen:#?}"
+        );
         let running = if *name == top_machine { 1.0 } else { 0.0 };
         assert_eq!(value(samples, "offload_builds_running", &here), running);
         assert_eq!(value(samples, "offload_slots_held", &here), running);
-        let slots = if name == "local" { 1.0 } else { 2.0 };
+        let slots = match uri.as_str() {
+            "local" => 1.0,
+            u if u.contains("no-such-host") => 1.0,
+            _ => 2.0,
+        };
         assert_eq!(value(samples, "offload_slots", &here), slots, "{name}");
     }
     assert_eq!(value(samples, "offload_builds_pending", &[]), 0.0);

@@ -20,13 +20,13 @@ use super::{Metrics, Serving};
 /// The metrics address cannot be served.
 #[derive(Debug, Error)]
 #[error(
-    "cannot serve metrics on {addr}: {source}\n\nhint: choose another address with --metrics, \
+    "cannot serve metrics on {addr}: {reason}\n\nhint: choose another address with --metrics, \
      or `metrics` (the agent) or `[build] metrics` in offload's config"
 )]
 pub struct MetricsError {
     pub addr: SocketAddr,
-    #[source]
-    pub source: std::io::Error,
+    /// Said in the message, before the hint.
+    pub reason: std::io::Error,
 }
 
 /// This process's metrics, and the server that answers scrapes of them when an address
@@ -83,10 +83,10 @@ impl MetricsServer {
     pub async fn bind(addr: SocketAddr) -> Result<MetricsServer, MetricsError> {
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| MetricsError { addr, source })?;
+            .map_err(|reason| MetricsError { addr, reason })?;
         let addr = listener
             .local_addr()
-            .map_err(|source| MetricsError { addr, source })?;
+            .map_err(|reason| MetricsError { addr, reason })?;
         Ok(MetricsServer { listener, addr })
     }
 
