@@ -30,14 +30,20 @@ struct Sample {
 /// Scrapes `http://addr/metrics` with curl; the samples, after checking the status and
 /// the text format's Content-Type.
 fn scrape(addr: &str) -> Vec<Sample> {
-    let out = run_ok(Command::new("curl").args([
-        "-sS",
-        "--max-time",
-        "10",
-        "-D",
-        "-",
-        &format!("http://{addr}/metrics"),
-    ]));
+    try_scrape(addr).unwrap_or_else(|| panic!("nothing answers at {addr}"))
+}
+
+/// [`scrape`], or None when nothing answers (the run ended).
+fn try_scrape(addr: &str) -> Option<Vec<Sample>> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-D", "-"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let out = text(&out.stdout);
     let (head, body) = out.split_once("\r\n\r\n").expect("headers and a body");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
@@ -45,10 +51,12 @@ fn scrape(addr: &str) -> Vec<Sample> {
             .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
         "{head}"
     );
-    body.lines()
+    let samples = body
+        .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| parse_sample(l).unwrap_or_else(|| panic!("not a sample: {l:?}\n{body}")))
-        .collect()
+        .collect();
+    Some(samples)
 }
 
 /// `name{k="v",…} value` (label values here hold no quotes or backslashes).
@@ -223,18 +231,28 @@ fn the_agent_serves_what_its_builds_did_per_machine() {
 }
 
 /// What `offload build --json --metrics 127.0.0.1:0` served while a build ran: one
-/// scrape, the events until then, and the store URI of each machine name in them.
+/// scrape, the events until then and all of them, and the store URI of each machine
+/// name in them.
 struct Scraped {
     samples: Vec<Sample>,
     events: Vec<serde_json::Value>,
+    all_events: Vec<serde_json::Value>,
     uris: BTreeMap<String, String>,
 }
 
+/// Whether a scrape shows what a test waits for.
+type Ready<'a> = dyn Fn(&[Sample]) -> bool + 'a;
+
 /// Runs `cmd` (an `offload build --json`, with `--metrics 127.0.0.1:0` added) and
 /// scrapes it once a line of its stderr starts with `marker` (a build saying it
-/// started, all its inputs landed) and half a second passed; `remotes`: the builders'
-/// store URIs in the machines' order. The run must succeed.
-fn scraped_while(cmd: &mut Command, marker: &str, remotes: &[String]) -> Scraped {
+/// started, all its inputs landed), half a second passed and a scrape is `ready` (asked
+/// again for up to 10 s); `remotes`: the builders' store URIs in the machines' order.
+/// The run must succeed.
+fn scraped_while(
+    cmd: &mut Command,
+    (marker, ready): (&str, &Ready<'_>),
+    remotes: &[String],
+) -> Scraped {
     let mut child = cmd
         .args(["--metrics", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -275,10 +293,20 @@ fn scraped_while(cmd: &mut Command, marker: &str, remotes: &[String]) -> Scraped
     let addr = addr.unwrap_or_else(|| panic!("no metrics address said: {said:#?}"));
     assert!(said.iter().any(|l| l.starts_with(marker)), "{said:#?}");
     std::thread::sleep(Duration::from_millis(500));
-    let samples = scrape(&addr);
-    let events = events.lock().unwrap().clone();
+    let mut samples = scrape(&addr);
+    let asked = Instant::now();
+    while !ready(&samples) && asked.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+        match try_scrape(&addr) {
+            Some(now) => samples = now,
+            None => break,
+        }
+    }
+    let until_then = events.lock().unwrap().clone();
     let status = child.wait().unwrap();
     out_thread.join().unwrap();
+    let all_events = events.lock().unwrap().clone();
+    let events = until_then;
     err_thread.join().unwrap();
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(status.success(), "{said:#?}\n{rest:#?}");
@@ -301,6 +329,7 @@ fn scraped_while(cmd: &mut Command, marker: &str, remotes: &[String]) -> Scraped
     Scraped {
         samples,
         events,
+        all_events,
         uris,
     }
 }
@@ -359,7 +388,7 @@ fn a_running_build_serves_its_builds_and_bytes_per_machine() {
             .arg(&file)
             .args(["-A", "top", "--json", "--no-out-link", "-j", "1"])
             .args(["--builders", &lines.join(";")]),
-        "top> top started",
+        ("top> top started", &|_| true),
         &remotes,
     );
     let (samples, seen) = (&run.samples, &run.events);
@@ -489,7 +518,7 @@ fn bytes_between_builders_are_served_by_their_route() {
             .arg(&file)
             .args(["-j0", "--json", "--no-out-link", "--builders", &builders])
             .args(["--option", "sandbox", "false"]),
-        "c> c started",
+        ("c> c started", &|_| true),
         &remotes,
     );
     let links = run.links_carried_what_the_events_say();
@@ -504,4 +533,76 @@ fn bytes_between_builders_are_served_by_their_route() {
         let served = value(&run.samples, "offload_bytes_total", &direct);
         assert_eq!(Some(served), carried, "{from} -> {to}");
     }
+}
+
+#[test]
+fn bytes_delivered_to_a_target_are_served_as_they_land() {
+    let target = HostOptions {
+        target: true,
+        ..HostOptions::default()
+    };
+    let builder = HostOptions {
+        nix_conf: "extra-system-features = metrics-b\n".into(),
+        ..HostOptions::default()
+    };
+    let hosts = [HostOptions::default(), builder, target];
+    let Some(fleet) = require_sshd_fleet_with_peers(&hosts, &Peers::default()) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("pair.nix");
+    // c is requested, so it leaves for the target as soon as it is built, while d (on
+    // the other builder, after c) sleeps.
+    std::fs::write(
+        &file,
+        format!(
+            r#"let c = derivation {{
+                 name = "c"; system = builtins.currentSystem; builder = "/bin/sh";
+                 PATH = "/bin:/usr/bin"; salt = "{salt}";
+                 args = [ "-c" "mkdir $out; head -c 65536 /dev/urandom > $out/blob" ];
+               }};
+               d = derivation {{
+                 name = "d"; system = builtins.currentSystem; builder = "/bin/sh";
+                 PATH = "/bin:/usr/bin"; inherit c; requiredSystemFeatures = [ "metrics-b" ];
+                 args = [ "-c" "echo d started; sleep 4; mkdir $out; cp $c/blob $out/" ];
+               }};
+             in {{ inherit c d; }}"#,
+            salt = salt("metrics-to")
+        ),
+    )
+    .unwrap();
+    let remotes = [fleet.store_uri(0), fleet.store_uri(1)];
+    let to = fleet.store_uri(2);
+    let system = nix_system();
+    let builders = format!(
+        "{} {system} - 1 1; {} {system} - 1 1 metrics-b",
+        remotes[0], remotes[1]
+    );
+    let delivered = |samples: &[Sample]| -> f64 {
+        value(
+            samples,
+            "offload_bytes_total",
+            &[("route", "to_target"), ("to", &to)],
+        )
+    };
+    let (name, opts) = fleet.ssh_opts();
+    let run = scraped_while(
+        common::offload(work.path())
+            .env(name, opts)
+            .arg("build")
+            .arg(&file)
+            .args(["-A", "c", "-A", "d", "-j0", "--json", "--to", &to])
+            .args(["--builders", &builders, "--option", "sandbox", "false"]),
+        ("d> d started", &|samples| delivered(samples) > 0.0),
+        &remotes,
+    );
+    // c's share, while d still ran: no more than the run's whole delivery, at least c.
+    let served = delivered(&run.samples);
+    let summary = run.all_events.iter().find(|e| e["type"] == "summary");
+    let summary = summary.unwrap_or_else(|| panic!("no summary: {:#?}", run.all_events));
+    let whole = summary["bytes"]["to_target"].as_f64().unwrap();
+    assert!(
+        served >= 65536.0 && served <= whole,
+        "{served} of {whole}: {summary}"
+    );
 }
