@@ -226,10 +226,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics: builds running and queued per
-    /// machine, slots, bytes per link, failures (ADDR: IP:PORT, port 0 for any free
-    /// one; the address is said on stderr) [default: `metrics` in offload's config,
-    /// else none].
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; port 0: any free one, said
+    /// on stderr) [default: `metrics` in offload's config, else none].
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
 }
@@ -516,9 +514,8 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
 
-    /// Serve Prometheus metrics of this run at http://ADDR/metrics while it lasts
-    /// (ADDR: IP:PORT, port 0 for any free one; the address is said on stderr)
-    /// [default: `[build] metrics` in offload's config, else none].
+    /// Serve Prometheus metrics of this run at http://ADDR/metrics while it lasts (IP:PORT;
+    /// port 0: any free one) [default: `[build] metrics` in offload's config, else none].
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
 
