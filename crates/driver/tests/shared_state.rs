@@ -81,8 +81,8 @@ fn clients_that_start_at_once_upgrade_the_schema_once() {
     let tables = pg
         .psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
         .unwrap();
-    assert_eq!(versions.trim(), "1|5", "one row, every migration");
-    assert_eq!(tables.trim(), "8", "seven tables and offload_schema");
+    assert_eq!(versions.trim(), "1|6", "one row, every migration");
+    assert_eq!(tables.trim(), "9", "eight tables and offload_schema");
 }
 
 #[test]
@@ -100,7 +100,7 @@ fn a_database_of_a_newer_offload_is_refused_with_the_fix() {
     assert!(e.refuses(), "{said}");
     assert!(said.contains(&pg.uri()), "names the database: {said}");
     assert!(
-        said.contains("newer than this offload's 5") && said.contains("upgrade offload"),
+        said.contains("newer than this offload's 6") && said.contains("upgrade offload"),
         "{said}"
     );
 }

@@ -14,6 +14,7 @@
 
 mod db;
 mod learned;
+pub mod leases;
 mod machines;
 mod peers;
 mod pg;

@@ -73,6 +73,17 @@ impl PgState {
         answer.recv().unwrap_or_else(|_| Err(gone()))
     }
 
+    /// Runs `sql` without waiting for its answer: it runs in order with every other
+    /// request of this connection, and a failure is not heard of.
+    pub fn send(&self, sql: &str, params: &[Value]) {
+        let (reply, _) = mpsc::channel();
+        let _ = self.ask(Request::Query {
+            sql: postgres_query(sql),
+            params: params.to_vec(),
+            reply,
+        });
+    }
+
     /// Brings the schema to `migrations`, or refuses a newer one.
     pub fn migrate(&self, migrations: &'static [&'static str]) -> Result<(), DbError> {
         let (reply, answer) = mpsc::channel();

@@ -84,6 +84,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
          at INTEGER NOT NULL
      );
      CREATE INDEX peer_transfers_pair ON peer_transfers (from_machine, to_machine, at);",
+    // Builder slots held by the clients of a shared state (`leases.rs`): each held by a
+    // database session (`pid`, with an advisory lock), with who holds it, for which
+    // build, since when and until when the plan expects it (Unix seconds). A row whose
+    // session has ended is no lease. SQLite keeps none (it has no sessions).
+    "CREATE TABLE leases (
+         machine TEXT NOT NULL,
+         slot INTEGER NOT NULL,
+         pid INTEGER NOT NULL,
+         who TEXT NOT NULL,
+         what TEXT NOT NULL,
+         since INTEGER NOT NULL,
+         expected_end INTEGER NOT NULL,
+         PRIMARY KEY (machine, slot)
+     );",
 ];
 
 /// Opens (creating if needed) the SQLite state at `path`, its schema brought up to date.
