@@ -2,7 +2,7 @@
 //! real sshd builders: a fresh client plans its first run on builders slower than
 //! declared from what another client learned, `offload report` reads the runs of every
 //! client from the database, a database of a newer offload or a URI that does not parse
-//! is refused with the fix, and clients that lose the database mid-run finish, say so
+//! is refused with the fix, Nix's build hook plans with what the database holds, and clients that lose the database mid-run finish, say so
 //! once, and keep what is left of the run in their local state.
 
 mod common;
@@ -11,9 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use std::io::Write as _;
+
+use offload_nix::hook::{encode_settings, TryRequest};
 use offload_test_support::{
-    nix_command, require_postgres, require_sshd_fleet_with, run_ok, salt, text, write_executable,
-    HostOptions, PgServer, SshFleet,
+    loopback_serve_program, nix_command, nix_system, require_postgres, require_sshd_fleet_with,
+    run_ok, salt, text, write_executable, HostOptions, PgServer, SshFleet,
 };
 use serde_json::Value;
 
@@ -336,4 +339,78 @@ fn clients_that_lose_the_database_finish_and_say_so() {
     );
     assert!(late.join("history.sqlite").exists());
     drop::<PgServer>(pg);
+}
+
+/// What `offload hook 3` answers Nix's first request for a build of `quick-1.0`, one
+/// builder of speed 2 in reach; with the shared state at `uri` when given, and a fresh
+/// file of its own either way.
+fn hook_answer(work: &Work, home: &Path, uri: Option<&str>, drv: &str) -> String {
+    let builder = format!(
+        "ssh://localhost?remote-store={}/m1&remote-program={} {} - 1 2",
+        work.dir.path().display(),
+        loopback_serve_program(work.dir.path()).display(),
+        nix_system()
+    );
+    let mut frames = encode_settings([
+        ("builders", builder.as_str()),
+        ("max-jobs", "1"),
+        ("system", nix_system()),
+        ("system-features", ""),
+    ]);
+    frames.extend(
+        TryRequest {
+            am_willing: true,
+            system: nix_system().to_string(),
+            drv_path: drv.into(),
+            required_features: Vec::new(),
+        }
+        .encode(),
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_offload"));
+    cmd.args(["hook", "3"])
+        .env("OFFLOAD_HISTORY", home.join("history.sqlite"))
+        .env("OFFLOAD_SLOTS_DIR", home.join("slots"))
+        .env("OFFLOAD_CONFIG", home.join("offload-config.toml"))
+        .env_remove("OFFLOAD_HOOK_BUILDERS")
+        .env_remove("OFFLOAD_STATE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(uri) = uri {
+        cmd.env("OFFLOAD_STATE", uri);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(&frames).unwrap();
+    let out = child.wait_with_output().unwrap();
+    // Its answer, among what it tells Nix's log.
+    let said = text(&out.stderr);
+    said.lines()
+        .find(|l| l.starts_with("# "))
+        .unwrap_or_else(|| panic!("no answer: {said}"))
+        .to_string()
+}
+
+#[test]
+fn nix_build_hook_plans_with_what_the_shared_state_holds() {
+    let Some(pg) = require_postgres() else { return };
+    let work = Work::new();
+    // Another client learned the build takes 0.2 s here: done before a builder twice
+    // as fast would have its session.
+    let other = work.home("other").join("history.sqlite");
+    let shared = offload_driver::StateDb::open_shared(&pg.uri(), &other).unwrap();
+    shared
+        .record("quick-1.0", nix_system(), "local", 0.2, 1.0, None)
+        .unwrap();
+    let expr = format!(
+        "derivation {{ name = \"quick-1.0\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [ \"-c\" \"mkdir $out\" ]; salt = \"{}\"; }}",
+        salt("hook")
+    );
+    let drv = run_ok(nix_command("nix-instantiate").args(["-E", &expr]));
+    let drv = drv.trim();
+    let hook = work.home("hook");
+    assert_eq!(hook_answer(&work, &hook, Some(&pg.uri()), drv), "# decline");
+    // Without it, the build is a stranger (5 s by default): the faster builder takes it.
+    let alone = work.home("alone");
+    assert_eq!(hook_answer(&work, &alone, None, drv), "# accept");
 }
