@@ -232,6 +232,16 @@ fn a_newer_database_or_a_bad_uri_is_refused_with_the_fix() {
     // The schema as this offload makes it, then one step newer.
     let first = report(&home, &pg.uri(), &["--list"]);
     assert!(first.status.success(), "{}", text(&first.stderr));
+    let config = common::offload(&home)
+        .env("OFFLOAD_STATE", pg.uri())
+        .arg("config")
+        .output()
+        .unwrap();
+    let shown = text(&config.stdout);
+    assert!(
+        shown.contains(&format!("state = {} (OFFLOAD_STATE)", pg.uri())),
+        "{shown}"
+    );
     pg.psql("UPDATE offload_schema SET version = version + 1")
         .unwrap();
     let refused = report(&home, &pg.uri(), &["--list"]);
@@ -324,6 +334,15 @@ fn clients_that_lose_the_database_finish_and_say_so() {
         // What came after the loss is in the local state: the run, and builds.
         let local = offload_driver::StateDb::open_file(&home.join("history.sqlite")).unwrap();
         assert_eq!(local.runs(10).unwrap().len(), 1, "{}", home.display());
+        let k = local.knowledge(nix_system()).unwrap();
+        let kept = (0..8)
+            .filter(|i| k.estimate(&format!("w-{i}")).1 == offload_driver::EstimateSource::Exact)
+            .count();
+        assert!(
+            kept > 0,
+            "no build of the run's end kept in {}",
+            home.display()
+        );
     }
     // A client that cannot reach it at the start says so and uses its own.
     let late = work.home("late");
