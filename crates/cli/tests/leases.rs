@@ -3,7 +3,7 @@
 //! builds on it than its slots, counted by their marker processes, and never more
 //! leases), each lease names who holds it for which build, and a client killed with
 //! SIGKILL frees its leases at once: a client launched at the kill holds every slot
-//! within 2 s.
+//! within 2 s; Nix's build hook leases the slots it builds on too.
 
 mod common;
 
@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use offload_test_support::{
-    require_postgres, require_sshd_fleet_with, run_ok, salt, text, HostOptions, PgServer, SshFleet,
+    nix_command, require_postgres, require_sshd_fleet_with, run_ok, salt, text, write_executable,
+    HostOptions, PgServer, SshFleet,
 };
 
 /// The builder's slots.
@@ -183,4 +184,57 @@ fn a_killed_client_frees_its_leases_at_once() {
     eprintln!("a client launched at the kill held every slot after {taken:?}");
     assert!(taken < Duration::from_secs(2), "{taken:?}");
     succeeded(taker);
+}
+
+#[test]
+fn nix_build_hook_leases_the_slots_it_builds_on() {
+    let Some(pg) = require_postgres() else { return };
+    let Some(fleet) = fleet() else { return };
+    let work = Work::new();
+    work.schema(&pg);
+    let home = work.home("hook");
+    // The hook runs in nix-build's environment: the script gives it the shared state,
+    // a local file and ledger of its own, and no agent (it builds itself).
+    let hook = home.join("hook");
+    write_executable(
+        &hook,
+        &format!(
+            "#!/bin/sh\nexport OFFLOAD_STATE='{}' OFFLOAD_HISTORY={d}/history.sqlite \
+             OFFLOAD_SLOTS_DIR={d}/slots OFFLOAD_AGENT_SOCKET={d}/no-agent.sock\n\
+             exec {} hook \"$@\"\n",
+            pg.uri(),
+            env!("CARGO_BIN_EXE_offload"),
+            d = home.display()
+        ),
+    );
+    let (var, opts) = fleet.ssh_opts();
+    let mut nix_build = nix_command("nix-build")
+        .env(var, opts)
+        .arg(&work.file)
+        .args(["--no-out-link", "-j0"])
+        .args(["--argstr", "salt", &salt("hook-leases")])
+        .args([
+            "--argstr", "prefix", "hook", "--arg", "n", "2", "--argstr", "sleep", "3",
+        ])
+        .args([
+            "--builders",
+            &format!("ssh://{} - - {SLOTS} 1", fleet.alias(0)),
+        ])
+        .arg("--option")
+        .arg("build-hook")
+        .arg(&hook)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut most = 0;
+    while nix_build.try_wait().unwrap().is_none() {
+        let held = leases(&pg);
+        assert!(held.iter().all(|l| l.contains("|hook-")), "{held:?}");
+        most = most.max(held.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    succeeded(nix_build);
+    assert_eq!(most, SLOTS, "the hook's builds were not both leased");
+    assert!(leases(&pg).is_empty());
 }

@@ -125,10 +125,30 @@ fn held(pg: &PgState) -> Result<Vec<LeaseRecord>, DbError> {
     .collect()
 }
 
+/// A derivation's name from its `.drv` path (`/nix/store/HASH-hello-2.12.drv` →
+/// `hello-2.12`), as leases name their build.
+pub fn drv_name(drv_path: &str) -> &str {
+    let file = drv_path.rsplit('/').next().unwrap_or(drv_path);
+    let name = file.split_once('-').map_or(file, |(_, name)| name);
+    name.strip_suffix(".drv").unwrap_or(name)
+}
+
 /// `user@host` of this process.
 fn holder() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     format!("{}@{host}", crate::env::current_user())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_lease_names_its_build_by_the_derivation_name() {
+        assert_eq!(
+            super::drv_name("/nix/store/00000000000000000000000000000000-hello-2.12.drv"),
+            "hello-2.12"
+        );
+        assert_eq!(super::drv_name("odd"), "odd");
+    }
 }
