@@ -7,13 +7,13 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use offload_test_support::{
-    nix_command, require_postgres, require_sshd_fleet_with, run_ok, salt, text, write_executable,
-    HostOptions, PgServer, SshFleet,
+    nix_command, require_postgres, require_sshd_fleet_with, run_ok, salt, start_hook_agent, text,
+    write_executable, HostOptions, PgServer, SshFleet,
 };
 
 /// The builder's slots.
@@ -192,15 +192,36 @@ fn nix_build_hook_leases_the_slots_it_builds_on() {
     let Some(fleet) = fleet() else { return };
     let work = Work::new();
     work.schema(&pg);
-    let home = work.home("hook");
+    // The hook building itself, then through the agent.
+    for with_agent in [false, true] {
+        let home = work.home(if with_agent { "agent" } else { "hook" });
+        let agent = with_agent.then(|| {
+            let (var, opts) = fleet.ssh_opts();
+            let env = [("OFFLOAD_STATE", pg.uri()), (var, opts)];
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            start_hook_agent(Path::new(env!("CARGO_BIN_EXE_offload")), &home, &env).0
+        });
+        let most = hook_build(&work, &fleet, &pg, &home);
+        if let Some(mut agent) = agent {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        assert_eq!(most, SLOTS, "not both builds leased (agent: {with_agent})");
+        assert!(leases(&pg).is_empty());
+    }
+}
+
+/// `nix-build -j0` of two builds through the hook (and the agent at `home`'s socket when
+/// it runs); the most leases seen at once, each checked to name a build of it.
+fn hook_build(work: &Work, fleet: &SshFleet, pg: &PgServer, home: &Path) -> usize {
     // The hook runs in nix-build's environment: the script gives it the shared state,
-    // a local file and ledger of its own, and no agent (it builds itself).
+    // a local file and ledger of its own, and the agent's socket.
     let hook = home.join("hook");
     write_executable(
         &hook,
         &format!(
             "#!/bin/sh\nexport OFFLOAD_STATE='{}' OFFLOAD_HISTORY={d}/history.sqlite \
-             OFFLOAD_SLOTS_DIR={d}/slots OFFLOAD_AGENT_SOCKET={d}/no-agent.sock\n\
+             OFFLOAD_SLOTS_DIR={d}/slots OFFLOAD_AGENT_SOCKET={d}/agent.sock\n\
              exec {} hook \"$@\"\n",
             pg.uri(),
             env!("CARGO_BIN_EXE_offload"),
@@ -229,12 +250,11 @@ fn nix_build_hook_leases_the_slots_it_builds_on() {
         .unwrap();
     let mut most = 0;
     while nix_build.try_wait().unwrap().is_none() {
-        let held = leases(&pg);
+        let held = leases(pg);
         assert!(held.iter().all(|l| l.contains("|hook-")), "{held:?}");
         most = most.max(held.len());
         std::thread::sleep(Duration::from_millis(50));
     }
     succeeded(nix_build);
-    assert_eq!(most, SLOTS, "the hook's builds were not both leased");
-    assert!(leases(&pg).is_empty());
+    most
 }

@@ -179,9 +179,8 @@ pub(crate) async fn hold_on_builder(
         endpoint.name, order.slots
     );
     let held = saying_while(slots.take(0, SLOT_WAIT_LIMIT), &what, waiting).await?;
-    let name = crate::state::leases::drv_name(&order.drv_path);
     let lease = (held.as_ref().zip(Leases::open()))
-        .map(|(slot, leases)| leases.take(&endpoint.name, slot.slot(), name, 0.0));
+        .map(|(slot, leases)| leases.take(&endpoint.name, slot.slot(), order.name(), 0.0));
     Ok((held, lease))
 }
 
