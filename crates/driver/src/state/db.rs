@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 use thiserror::Error;
@@ -58,6 +58,24 @@ pub struct StateDb {
 
 /// The loss of the shared database has been said (once a process).
 static LOSS_SAID: AtomicBool = AtomicBool::new(false);
+/// When the shared database was last found gone, in this process.
+static DOWN_SINCE: Mutex<Option<Instant>> = Mutex::new(None);
+/// How long a database found gone is not asked again by what can do without it (leases).
+const DOWN_FOR: Duration = Duration::from_secs(60);
+
+/// Notes that the shared database is gone (unreachable, or lost).
+pub(crate) fn note_down() {
+    *DOWN_SINCE.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+}
+
+/// Whether the shared database was found gone in the last minute: leases are not tried
+/// then (each try could wait for the connect timeout).
+pub(crate) fn recently_down() -> bool {
+    DOWN_SINCE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .is_some_and(|at| at.elapsed() < DOWN_FOR)
+}
 
 impl StateDb {
     /// Opens the state: the shared database when one is configured (`state` in the
@@ -246,6 +264,7 @@ impl StateDb {
 /// Says `what` of the shared database, once a process (every later loss is the same
 /// news).
 fn say_lost(what: &str) {
+    note_down();
     if LOSS_SAID.swap(true, Ordering::Relaxed) {
         tracing::debug!("{what}");
     } else {

@@ -45,9 +45,13 @@ impl Leases {
     /// otherwise (the builders' locks alone keep slots apart then).
     pub fn open() -> Option<Arc<Leases>> {
         let uri = super::shared_uri()?;
+        if super::db::recently_down() {
+            return None;
+        }
         match PgState::connect(&uri) {
             Ok(pg) => Some(Arc::new(Leases { pg, who: holder() })),
             Err(e) => {
+                super::db::note_down();
                 tracing::debug!("no leases in {}: {e:?}", redact(&uri));
                 None
             }
