@@ -2,7 +2,8 @@
 //! real sshd builders: a fresh client plans its first run on builders slower than
 //! declared from what another client learned, `offload report` reads the runs of every
 //! client from the database, a database of a newer offload or a URI that does not parse
-//! is refused with the fix, Nix's build hook plans with what the database holds, and clients that lose the database mid-run finish, say so
+//! is refused with the fix, Nix's build hook and `offload simulate` plan with what the
+//! database holds, `offload machines` shows what it remembers, and clients that lose the database mid-run finish, say so
 //! once, and keep what is left of the run in their local state.
 
 mod common;
@@ -432,4 +433,80 @@ fn nix_build_hook_plans_with_what_the_shared_state_holds() {
     // Without it, the build is a stranger (5 s by default): the faster builder takes it.
     let alone = work.home("alone");
     assert_eq!(hook_answer(&work, &alone, None, drv), "# accept");
+}
+
+#[test]
+fn offload_simulate_reads_its_history_from_the_shared_state() {
+    let Some(pg) = require_postgres() else { return };
+    let work = Work::new();
+    let expr = format!(
+        "derivation {{ name = \"sim-shared-1\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; args = [ \"-c\" \"mkdir $out\" ]; salt = \"{}\"; }}",
+        salt("simulate")
+    );
+    let drv = run_ok(nix_command("nix-instantiate").args(["-E", &expr]));
+    let other = work.home("other").join("history.sqlite");
+    offload_driver::StateDb::open_shared(&pg.uri(), &other)
+        .unwrap()
+        .record("sim-shared-1", nix_system(), "local", 30.0, 1.0, None)
+        .unwrap();
+    let bound = |uri: Option<&str>| {
+        let home = work.home("simulating");
+        let mut cmd = common::offload(&home);
+        cmd.env_remove("OFFLOAD_STATE")
+            .args(["simulate", "--from-drv", drv.trim(), "--local-slots", "1"])
+            .args(["--policy", "offload", "--json"]);
+        if let Some(uri) = uri {
+            cmd.env("OFFLOAD_STATE", uri);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["lower_bound_s"].as_f64().unwrap()
+    };
+    // 30 s as the other client measured it; without the database, the default.
+    assert_eq!(bound(Some(&pg.uri())), 30.0);
+    assert_eq!(bound(None), offload_driver::DEFAULT_SECONDS);
+}
+
+#[test]
+fn offload_machines_shows_what_the_shared_state_remembers() {
+    let Some(pg) = require_postgres() else { return };
+    let work = Work::new();
+    let other = work.home("other").join("history.sqlite");
+    let shared = offload_driver::StateDb::open_shared(&pg.uri(), &other).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    shared
+        .machine_failed("b2", "connection refused", now)
+        .unwrap();
+    shared.quarantine("b2", now + 3600).unwrap();
+    shared.set_cores("ssh://b1", 12).unwrap();
+    let home = work.home("looking");
+    let out = common::offload(&home)
+        .env("OFFLOAD_STATE", pg.uri())
+        .args([
+            "machines",
+            "--json",
+            "--builders",
+            "ssh://b1 - - 2; ssh://b2 - - 2",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[1]["cores"], 12, "{rows:?}");
+    assert_eq!(rows[1]["state"], "up", "{rows:?}");
+    assert!(
+        rows[2]["state"]
+            .as_str()
+            .unwrap()
+            .starts_with("quarantined"),
+        "{rows:?}"
+    );
 }
