@@ -24,20 +24,21 @@ pub use offload_learn::{package_name, EstimateSource, DEFAULT_SECONDS};
 
 /// The state could not be used.
 #[derive(Debug, Error)]
-#[error("state {place}: {op}: {source}")]
+#[error("state {place}: {op}: {cause}")]
 pub struct StateError {
     /// The file, or the shared database's URI (its password hidden).
     pub place: String,
     pub op: &'static str,
-    #[source]
-    pub source: DbError,
+    /// What the database said; part of the message (not a separate cause, so that it
+    /// is said once).
+    pub cause: DbError,
 }
 
 impl StateError {
     /// This offload must not go on with the state as it is (a URI that does not parse, a
     /// schema of a newer offload); other errors cost a run its estimates, not the run.
     pub fn refuses(&self) -> bool {
-        matches!(self.source, DbError::Other(_)) && self.op.starts_with("opening")
+        matches!(self.cause, DbError::Other(_)) && self.op.starts_with("opening")
     }
 }
 
@@ -93,7 +94,7 @@ impl StateDb {
         let conn = open_sqlite(path).map_err(|(op, e)| StateError {
             place: path.display().to_string(),
             op,
-            source: e.into(),
+            cause: e.into(),
         })?;
         Ok(StateDb {
             backend: Mutex::new(Backend::Sqlite(conn)),
@@ -116,29 +117,30 @@ impl StateDb {
                     })
                 }
                 Err(e) if e.is_lost() => e.to_string(),
-                Err(source) => {
+                Err(cause) => {
                     return Err(StateError {
                         place,
                         op: "opening it",
-                        source,
+                        cause,
                     })
                 }
             },
             Err(ConnectError::Uri(why)) => {
                 return Err(StateError {
                     place,
-                    op: "opening it: the URI does not parse; fix `state` in offload's \
-                         config file or $OFFLOAD_STATE (e.g. \
-                         postgresql:///offload?host=/run/postgresql&user=offload)",
-                    source: DbError::Other(why),
+                    op: "opening it",
+                    cause: DbError::Other(format!(
+                        "{why}; fix `state` in offload's config file or $OFFLOAD_STATE \
+                         (e.g. postgresql:///offload?host=/run/postgresql&user=offload)"
+                    )),
                 })
             }
             Err(ConnectError::Unreachable(why)) => why,
         };
         say_lost(&format!(
-            "the shared state {place} cannot be reached ({unreachable}); this run keeps its \
-             state in {} and the builder locks keep slots apart: check that the server runs \
-             and the URI (`state` in offload's config file, or $OFFLOAD_STATE)",
+            "the shared state {place} cannot be reached ({unreachable}); offload uses the \
+             local state {} instead, and the builder locks keep slots apart: check that the \
+             server runs and the URI (`state` in offload's config file, or $OFFLOAD_STATE)",
             local.display()
         ));
         StateDb::open_file(local)
@@ -170,10 +172,10 @@ impl StateDb {
         params: &[Value],
         read: impl Fn(&Row) -> Result<T, DbError>,
     ) -> Result<Vec<T>, StateError> {
-        let err = |source| StateError {
+        let err = |cause| StateError {
             place: self.place(),
             op,
-            source,
+            cause,
         };
         let rows = self.rows(sql, params).map_err(err)?;
         rows.iter().map(|r| read(r).map_err(err)).collect()
