@@ -349,6 +349,12 @@ pub struct SimulateArgs {
     #[arg(long, conflicts_with = "cold")]
     pub second_run: bool,
 
+    /// With --second-run: the fleet file of the machines as they were during the first
+    /// run (the history), when they have changed since (a builder turned slow); the
+    /// second run meets them as --fleet says.
+    #[arg(long, value_name = "FILE", requires = "second_run")]
+    pub history_fleet: Option<PathBuf>,
+
     /// JSON Lines on stdout, one object per policy.
     #[arg(long)]
     pub json: bool,

@@ -134,6 +134,11 @@ impl<T: BuildTransport> Runner<'_, T> {
         if let Some(bytes) = done.facts.output_bytes {
             self.sched.outputs_measured(done.node, bytes);
         }
+        if let Some(seconds) = done.facts.build_seconds {
+            let hedger = &mut self.hedging.hedger;
+            hedger.built(&mut self.sched, done.node, done.machine, seconds);
+            self.plan_slower();
+        }
         let node = &self.nodes[done.node];
         if let Some(h) = self.history {
             let recorded = h.record_build(&BuildRecord {
@@ -177,7 +182,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             if let Some((speed, per_system)) =
                 knowledge.moved_speeds(&self.state_keys[m], spec, self.declared_speeds[m])
             {
-                let (speed, per_system) = self.hedging.capped(m, speed, per_system);
+                let (speed, per_system) = self.hedging.hedger.capped(m, speed, per_system);
                 tracing::debug!(machine = %spec.name, "speed now {speed:.2}: {per_system:?}");
                 self.machines[m].speed = speed;
                 self.machines[m].system_speeds = per_system.clone();
