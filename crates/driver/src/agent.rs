@@ -392,6 +392,9 @@ async fn serve_one(
         let slots = sessions.remote_slots(&endpoint, order.slots).await;
         let taking = slots.take(0, SLOT_WAIT_LIMIT);
         let on_builder = saying_while(taking, &what, &mut |m| note(LogLevel::Info, m)).await;
+        let _lease = (on_builder.as_ref().ok().and_then(Option::as_ref))
+            .zip(crate::state::leases::Leases::open())
+            .map(|(slot, leases)| leases.take(&endpoint.name, slot.slot(), order.name(), 0.0));
         let session = match on_builder {
             Ok(held) => pool.get_with_cores(None).await.map(|remote| (held, remote)),
             Err(e) => Err(e),

@@ -6,6 +6,7 @@
 //! ```toml
 //! state_dir = "/var/lib/offload"        # history and logs; default ~/.local/state/offload
 //! metrics = "127.0.0.1:9464"            # the agent's Prometheus metrics; default none
+//! state = "postgresql:///offload?host=/run/postgresql"  # one state for a team (OFFLOAD_STATE)
 //!
 //! [groups]                              # --on @fast, --exclude @slow
 //! fast = ["b1", "b2"]
@@ -55,6 +56,9 @@ pub enum ConfigError {
 pub struct Config {
     /// Where offload keeps its state (the build history, logs it keeps itself).
     pub state_dir: Option<PathBuf>,
+    /// A PostgreSQL database (libpq-style URI) that holds the state instead of the
+    /// SQLite file in `state_dir`, shared by every client that names it.
+    pub state: Option<String>,
     /// Named sets of machines, for `--on @NAME` and `--exclude @NAME`.
     #[serde(default)]
     pub groups: BTreeMap<String, Vec<String>>,
@@ -112,6 +116,8 @@ pub fn load() -> Result<Loaded, ConfigError> {
         Err(source) => return Err(ConfigError::Read { path: file, source }),
     };
     let config = parse(&text, &file)?;
+    // Every state this process opens is the shared one from here on.
+    crate::state::use_shared(config.state.clone());
     Ok(Loaded {
         config,
         file: Some(file),
@@ -123,6 +129,18 @@ fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         path: file.to_path_buf(),
         message: e.to_string().trim_end().replace('\n', "\n  "),
     })?;
+    if let Some(uri) = &config.state {
+        if !(uri.starts_with("postgresql://") || uri.starts_with("postgres://")) {
+            return Err(ConfigError::Parse {
+                path: file.to_path_buf(),
+                message: format!(
+                    "state = {uri:?}: give a PostgreSQL URI \
+                     (postgresql:///offload?host=/run/postgresql&user=offload), or leave \
+                     `state` out for the SQLite file in state_dir"
+                ),
+            });
+        }
+    }
     for (name, members) in &config.groups {
         if members.iter().any(|m| m.starts_with('@')) {
             return Err(ConfigError::NestedGroup {
@@ -236,6 +254,12 @@ impl Loaded {
             "metrics = {}\n",
             show_from(metrics, "none", &from_file)
         ));
+        let shared = match (crate::env::state_uri_from_env(), &self.config.state) {
+            (Some(uri), _) => format!("{} (OFFLOAD_STATE)", crate::state::redact(&uri)),
+            (None, Some(uri)) => format!("{} {from_file}", crate::state::redact(uri)),
+            (None, None) => "the history file (default)".to_string(),
+        };
+        out.push_str(&format!("state = {shared}\n"));
         for (name, members) in &self.config.groups {
             out.push_str(&format!(
                 "groups.{name} = {} {from_file}\n",

@@ -16,6 +16,9 @@ use crate::DriverError;
 /// (bad flags, missing tools, refused machines) from work that failed.
 #[derive(Debug, Error)]
 pub enum JobError {
+    /// The state cannot be used as configured.
+    #[error(transparent)]
+    State(Box<crate::state::StateError>),
     #[error("reading Nix's settings")]
     Settings(#[source] Box<NixConfError>),
     /// The metrics address (`--metrics`) cannot be bound.

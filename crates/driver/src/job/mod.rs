@@ -214,7 +214,7 @@ async fn run_counted(
         // Checked targets are built again wherever the plan puts them, valid or not.
         will_build.extend(planned.targets.iter().map(|t| t.drv.clone()));
     }
-    let history = open_state(&request.state, &settings.system, &mut options);
+    let history = open_state(&request.state, &settings.system, &mut options)?;
     let nodes = build_nodes(&planned.drvs, &will_build, &options.knowledge)?;
     let links = result_links(request, &planned)?;
     if request.through_daemon {
@@ -316,9 +316,15 @@ fn plan(request: &BuildRequest) -> Result<Planned, JobError> {
 
 /// The state database, and what it learned into `options`; without it, default
 /// estimates.
-fn open_state(path: &Path, system: &str, options: &mut BuildOptions) -> Option<StateDb> {
+fn open_state(
+    path: &Path,
+    system: &str,
+    options: &mut BuildOptions,
+) -> Result<Option<StateDb>, JobError> {
     let history = match StateDb::open(path) {
         Ok(h) => Some(h),
+        // A shared state this offload must not use is not quietly replaced.
+        Err(e) if e.refuses() => return Err(JobError::State(Box::new(e))),
         Err(e) => {
             tracing::warn!("{e}; planning with default estimates");
             None
@@ -330,7 +336,7 @@ fn open_state(path: &Path, system: &str, options: &mut BuildOptions) -> Option<S
             Err(e) => tracing::warn!("{e}; planning with default estimates"),
         }
     }
-    history
+    Ok(history)
 }
 
 /// Each requested output with its result link's name, as nix-build names them.

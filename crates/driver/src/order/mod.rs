@@ -51,6 +51,11 @@ pub struct BuildOrder {
 }
 
 impl BuildOrder {
+    /// The derivation's name (`hello-2.12`), as leases name the build.
+    pub(crate) fn name(&self) -> &str {
+        crate::state::leases::drv_name(&self.drv_path)
+    }
+
     pub(crate) fn build_settings(&self) -> BuildSettings {
         BuildSettings {
             max_silent_time: self.max_silent_time,

@@ -45,6 +45,8 @@ pub(crate) struct ServeTransport {
     slots: Vec<u32>,
     /// The same slots locked on each builder, shared with clients on other machines.
     remote_slots: RemoteSlots,
+    /// Those slots also leased in the shared state, when there is one.
+    leases: Option<Arc<crate::state::leases::Leases>>,
     /// Machines that refused a session for good.
     refused: Vec<std::sync::atomic::AtomicBool>,
     /// When the builders were last asked for the slots others hold there.
@@ -95,6 +97,7 @@ impl ServeTransport {
                 )
             }))
             .with_masters(masters),
+            leases: crate::state::leases::Leases::open(),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
             engine: Arc::new(
                 TransferEngine::new(pools, specs, LANES_PER_MACHINE)
@@ -339,6 +342,9 @@ impl ServeTransport {
             Err(DriverError::SlotsBusy { .. }) => return (Outcome::Deferred, false),
             Err(e) => return (lost(e), false),
         };
+        let n = &self.nodes[node];
+        let _lease = (self.leases.as_ref().zip(_remote_slot.as_ref()))
+            .map(|(leases, slot)| leases.take(uri, slot.slot(), &n.name, n.estimate));
         if self.check.contains(&self.nodes[node].drv_path) {
             return self.check_on(node, machine, log).await;
         }
