@@ -218,6 +218,9 @@ for case in $CASES; do
   nodes=30
   gen=(--speed)
   bound=(local:2:x86_64-linux=1)
+  # The fleet as it was during run 1 (the history), for the simulated run 2; as it is
+  # unless the case changes it between the runs.
+  simhistory=()
   case $case in
     slow-link)
       gen=(--output-size $((16 * 1024 * 1024)))
@@ -262,6 +265,8 @@ for case in $CASES; do
       bound+=(fleet1:2:x86_64-linux=1 fleet2:2:x86_64-linux=1 fleet3:2:x86_64-linux="$TURNED")
       simspec="ssh://fleet1 x86_64-linux - 2 1; ssh://fleet2 x86_64-linux - 2 1; ssh://fleet3 x86_64-linux - 2 1"
       printf '{"speeds": {"fleet3": {"x86_64-linux": %s}}}\n' "$(awk "BEGIN {print 1 / $TURNED}")" >"$WORK/$case-simfleet.json"
+      echo '{}' >"$WORK/$case-simhistory.json"
+      simhistory=(--history-fleet "$WORK/$case-simhistory.json")
       title="turned slow: $nodes derivations; fleet3 ${TURNED}x slower than in run 1 (the history), the others as fast as this machine"
       target="run 2 <= 1.25x the optimum"
       ;;
@@ -298,7 +303,7 @@ for case in $CASES; do
       --fleet "$WORK/$case-simfleet.json" --policy offload --json "$@" 2>/dev/null |
       python3 -c 'import json, sys; print("%.2f" % json.loads(sys.stdin.readline())["makespan_s"])' 2>/dev/null || echo -
   }
-  sim_warm=$(simulate --second-run)
+  sim_warm=$(simulate --second-run "${simhistory[@]}")
   sim_cold=$(simulate --cold)
 
   echo "== $title"

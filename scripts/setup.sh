@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a Debian machine for offload: Nix 2.8 (nix-bin) and its build users, OpenSSH
 # client and server, the nix.conf line chroot-store builds need, a Debian 13 root with
-# Nix 2.26 for the tests' builder and client on a newer Nix (scripts/newer-nix.sh), and a Rust
-# toolchain with rustfmt and clippy. Idempotent: it installs only what is missing, and says
+# Nix 2.26 for the tests' builder and client on a newer Nix (scripts/newer-nix.sh),
+# PostgreSQL for the shared state's tests, and a Rust toolchain with rustfmt and clippy. Idempotent: it installs only what is missing, and says
 # nothing else when everything is there.
 #
 #   bash scripts/setup.sh
@@ -27,6 +27,7 @@ declare -A WANT=(
   [chromium]=/usr/bin/chromium
   [man-db]=/usr/bin/man
   [groff-base]=/usr/bin/groff
+  [curl]=/usr/bin/curl
 )
 missing=()
 for pkg in "${!WANT[@]}"; do
@@ -36,6 +37,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The shared state's tests start a private PostgreSQL server (Debian's, any version).
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  echo "setup: installing postgresql"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
 fi
 
 # Local builds run as the `nixbld` build users. Debian creates them in the package

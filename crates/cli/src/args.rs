@@ -225,6 +225,11 @@ pub struct AgentArgs {
     /// without it only the agent's own user may.
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; port 0: any free one, said
+    /// on stderr) [default: `metrics` in offload's config, else none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -348,6 +353,12 @@ pub struct SimulateArgs {
     /// system); links as they are. What a first run could not teach stays wrong.
     #[arg(long, conflicts_with = "cold")]
     pub second_run: bool,
+
+    /// With --second-run: the fleet file of the machines as they were during the first
+    /// run (the history), when they have changed since (a builder turned slow); the
+    /// second run meets them as --fleet says.
+    #[arg(long, value_name = "FILE", requires = "second_run")]
+    pub history_fleet: Option<PathBuf>,
 
     /// JSON Lines on stdout, one object per policy.
     #[arg(long)]
@@ -502,6 +513,11 @@ pub struct BuildArgs {
     /// slot on a time line with the critical path, utilisation, the ten longest builds.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+
+    /// Serve Prometheus metrics of this run at http://ADDR/metrics while it lasts (IP:PORT;
+    /// port 0: any free one) [default: `[build] metrics` in offload's config, else none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 
     /// Seconds of silence before a build is killed (0: no limit).
     #[arg(long, value_name = "S", default_value_t = 0)]

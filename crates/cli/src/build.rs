@@ -119,6 +119,7 @@ fn request(args: BuildArgs, loaded: &Loaded) -> Result<BuildRequest, ConfigError
         forward_agent: args.forward_agent || defaults.forward_agent == Some(true),
         state: loaded.state_db(args.history),
         files: files.into_iter().flatten().collect(),
+        metrics: args.metrics.or(defaults.metrics),
     })
 }
 

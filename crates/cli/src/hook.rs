@@ -6,7 +6,11 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use offload_driver::config;
 use offload_driver::hook::{self, HookOptions};
+use offload_driver::metrics::http::Exposed;
+use offload_driver::metrics::Serving;
+use offload_driver::shutdown::Shutdown;
 use offload_driver::slots::SlotLedger;
 
 use crate::args::{AgentArgs, HookArgs};
@@ -43,29 +47,25 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
         .unwrap_or_else(offload_driver::env::agent_socket);
     // Watched from here on, before the socket is announced: a SIGTERM right after the
     // announcement still removes the socket.
-    let watched = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .and_then(|term| {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-                .map(|int| (term, int))
-        });
-    let stop = async move {
-        match watched {
-            Ok((mut term, mut int)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!("cannot watch for SIGTERM: {e}");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+    let shutdown = Shutdown::on_signals()
+        .context("cannot watch for SIGINT and SIGTERM")
+        .map_err(Failure::usage)?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(addr),
+        None => config::load().map_err(Failure::usage)?.config.metrics,
     };
-    let listening = |at: &Path| eprintln!("offload agent: listening on {}", at.display());
-    offload_driver::agent::serve(&socket, args.group.as_deref(), listening, stop)
+    // Bound before the socket: an address that cannot be had stops the agent at once.
+    let exposed = Exposed::bind(metrics, Serving::Agent)
         .await
-        .map_err(Failure::usage)
+        .map_err(Failure::usage)?;
+    if let Some(addr) = exposed.addr() {
+        eprintln!("offload agent: metrics at http://{addr}/metrics");
+    }
+    let listening = |at: &Path| eprintln!("offload agent: listening on {}", at.display());
+    let (group, counted) = (args.group.as_deref(), exposed.metrics());
+    let stop = shutdown.token().cancelled_owned();
+    let agent = offload_driver::agent::serve(&socket, group, counted, listening, stop);
+    exposed.around(agent).await.map_err(Failure::usage)
 }
 
 /// The script `build-hook` names: Nix runs a program with the verbosity as its one

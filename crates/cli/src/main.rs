@@ -56,7 +56,10 @@ async fn run(command: Command, quiet: bool) -> Result<u8, Failure> {
             let loaded = config::load().map_err(Failure::usage)?;
             build::run(*args, &loaded, quiet).await.map(|()| 0)
         }
-        Command::Simulate(args) => simulate::run(args).await.map(|()| 0),
+        Command::Simulate(args) => {
+            shared_state_only();
+            simulate::run(args).await.map(|()| 0)
+        }
         Command::Doctor(args) => {
             let loaded = config::load().map_err(Failure::usage)?;
             let choice = loaded
@@ -74,8 +77,14 @@ async fn run(command: Command, quiet: bool) -> Result<u8, Failure> {
         }
         // Nix reads the hook's exit status itself (0, 1, 100, 101); offload's own
         // configuration plays no part in it.
-        Command::Hook(args) => hook::run(args).await,
-        Command::Agent(args) => hook::agent(args).await.map(|()| 0),
+        Command::Hook(args) => {
+            shared_state_only();
+            hook::run(args).await
+        }
+        Command::Agent(args) => {
+            shared_state_only();
+            hook::agent(args).await.map(|()| 0)
+        }
         Command::Report(args) => {
             let loaded = config::load().map_err(Failure::usage)?;
             let state = loaded.state_db(args.history.clone());
@@ -94,6 +103,15 @@ async fn run(command: Command, quiet: bool) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Man { out } => completions::man_pages(&out, quiet).map(|()| 0),
+    }
+}
+
+/// Reads the config file for its `state` alone, for commands the rest of it does not
+/// concern: the shared state is every client's. A file that cannot be read leaves the
+/// state as `$OFFLOAD_STATE` (or the file) says.
+fn shared_state_only() {
+    if let Err(e) = config::load() {
+        tracing::debug!("the config file's `state` is not used: {e}");
     }
 }
 

@@ -53,6 +53,7 @@ pub fn trace_file(path: PathBuf) -> RunFile {
 /// `offload report`: a recorded run as HTML, a trace, or a summary; or the list of runs.
 pub fn run(args: ReportArgs, path: &Path) -> Result<(), Failure> {
     let history = StateDb::open(path).map_err(Failure::usage)?;
+    let place = history.place();
     if args.list {
         let mut out = String::new();
         for (id, started) in history.runs(50).map_err(Failure::usage)? {
@@ -66,18 +67,12 @@ pub fn run(args: ReportArgs, path: &Path) -> Result<(), Failure> {
         .map_err(Failure::usage)?
         .ok_or_else(|| {
             Failure::usage(match args.run {
-                Some(id) => anyhow!(
-                    "no run {id} in {} (`offload report --list`)",
-                    path.display()
-                ),
-                None => anyhow!(
-                    "no run recorded in {} yet: `offload build` records each run",
-                    path.display()
-                ),
+                Some(id) => anyhow!("no run {id} in {place} (`offload report --list`)"),
+                None => anyhow!("no run recorded in {place} yet: `offload build` records each run"),
             })
         })?;
     let run: RunReport = serde_json::from_str(&record.report)
-        .with_context(|| format!("run {} in {} cannot be read", record.id, path.display()))
+        .with_context(|| format!("run {} in {place} cannot be read", record.id))
         .map_err(Failure::usage)?;
     let asked = args.html.is_some() || args.trace.is_some();
     // The report first, then the trace.

@@ -3,14 +3,13 @@
 //! are `offload-sim`'s; this file reads the arguments, the graph and the fleet, and
 //! prints.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use offload_driver::fleet::nixconf::NixSettings;
 use offload_driver::fleet::{machine_names, remote_spec, DEFAULT_BANDWIDTH, DEFAULT_LATENCY};
-use offload_driver::plan::{build_nodes, read_drv_closure};
-use offload_driver::{Endpoint, ServeConn, StateDb};
+use offload_driver::plan::{build_nodes, local_nar_sizes, read_drv_closure};
+use offload_driver::StateDb;
 use offload_nix::machines::parse_builders;
 use offload_nix::store_path::StorePath;
 use offload_sched::{Graph, MachineSpec, NodeSpec, DEFAULT_OUTPUT_BYTES};
@@ -26,18 +25,16 @@ use crate::args::SimulateArgs;
 use crate::copy::human_bytes;
 use crate::Failure;
 
-/// `path`'s JSON, as `schema` says (named in the error when it does not).
+/// `path`'s JSON, as `schema` says (named in the error, beside serde's line and column,
+/// when it is not).
 fn read_json<T: DeserializeOwned>(path: &Path, schema: &str) -> Result<T, Failure> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading {}", path.display()))
         .map_err(Failure::usage)?;
-    let value: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))
-        .map_err(Failure::usage)?;
-    serde_json::from_value(value)
+    serde_json::from_str(&text)
         .with_context(|| {
             format!(
-                "{} does not follow the {schema} schema (see --help)",
+                "{} is not JSON of the {schema} schema (see --help)",
                 path.display()
             )
         })
@@ -47,23 +44,6 @@ fn read_json<T: DeserializeOwned>(path: &Path, schema: &str) -> Result<T, Failur
 /// `SHAPE:N[:SEED]` of `flag`.
 fn shape<'a>(flag: &str, spec: &'a str) -> Result<(&'a str, usize, u64), Failure> {
     shape_spec(spec).map_err(|e| Failure::usage(anyhow!("{flag} {spec}: {e}")))
-}
-
-/// NAR sizes of those of `paths` that are valid in the local store; none when the store
-/// cannot be asked.
-async fn local_nar_sizes(paths: &[String]) -> HashMap<String, u64> {
-    let query = async {
-        let mut conn = ServeConn::open(&Endpoint::local("local", None)).await?;
-        let valid = conn.query_valid_paths(paths, false, false).await?;
-        conn.query_path_infos(&valid).await
-    };
-    match query.await {
-        Ok(infos) => infos.into_iter().map(|i| (i.path, i.nar_size)).collect(),
-        Err(e) => {
-            tracing::debug!("output sizes from the local store: {e}");
-            HashMap::new()
-        }
-    }
 }
 
 async fn graph(args: &SimulateArgs) -> Result<Graph, Failure> {
@@ -126,8 +106,8 @@ async fn drv_graph(drv: &str, history: Option<&Path>) -> Result<Graph, Failure> 
     Graph::new(specs).map_err(Failure::usage)
 }
 
-/// The simulated fleet (as it is and as declared), with the fleet file's routes and failures.
-fn fleet(args: &SimulateArgs) -> Result<Fleet, Failure> {
+/// The simulated fleet (as it is and as declared), with `fleet_file`'s routes and failures.
+fn fleet(args: &SimulateArgs, fleet_file: Option<&Path>) -> Result<Fleet, Failure> {
     let local_system = NixSettings::load()
         .map(|s| s.system)
         .unwrap_or_else(|_| "x86_64-linux".into());
@@ -136,7 +116,7 @@ fn fleet(args: &SimulateArgs) -> Result<Fleet, Failure> {
         None => args.builders.clone(),
     };
     let parsed = parse_builders(&spec, "--builders", &local_system).map_err(Failure::usage)?;
-    let extra: FleetFile = match &args.fleet {
+    let extra: FleetFile = match fleet_file {
         Some(path) => read_json(path, "fleet")?,
         None => FleetFile::default(),
     };
@@ -177,14 +157,22 @@ fn abbreviate(items: &[String], keep: usize) -> String {
 
 pub async fn run(args: SimulateArgs) -> Result<(), Failure> {
     let graph = graph(&args).await?;
-    let f = fleet(&args)?;
+    let f = fleet(&args, args.fleet.as_deref())?;
+    // The machines as they were when the history was recorded.
+    let then = args
+        .history_fleet
+        .as_deref()
+        .map(|p| fleet(&args, Some(p)).map(|f| f.machines))
+        .transpose()?;
     if f.machines.iter().all(|m| m.slots == 0) {
         return Err(Failure::usage(anyhow!(
             "no machine has a build slot: give --builders/--machines or --local-slots"
         )));
     }
     let knows = match (args.second_run, args.cold) {
-        (true, _) => Knows::SecondRun,
+        (true, _) => Knows::SecondRun {
+            then: then.as_deref(),
+        },
         (false, true) => Knows::FirstRun,
         (false, false) => Knows::Everything,
     };

@@ -26,7 +26,8 @@ use offload_nix::hook::LogLevel;
 use crate::env::HOST_CHOICE_LIFETIME;
 use crate::env::SLOT_WAIT_LIMIT;
 
-use crate::order::{carry_out, saying_while, BuildOrder, OrderFailure};
+use crate::metrics::Metrics;
+use crate::order::{carry_out, saying_while, BuildOrder, Moved, OrderFailure};
 use crate::session::{Pool, StoreId};
 use crate::slots::remote::RemoteSlots;
 use crate::slots::SlotLedger;
@@ -205,12 +206,13 @@ impl Sessions {
     }
 }
 
-/// Listens on `socket` until `stop` completes; each connection is one build. With
-/// `group`, members of that group may connect too. `listening` is called once the
-/// socket is ready.
+/// Listens on `socket` until `stop` completes; each connection is one build, counted in
+/// `metrics`. With `group`, members of that group may connect too. `listening` is
+/// called once the socket is ready.
 pub async fn serve(
     socket: &Path,
     group: Option<&str>,
+    metrics: Arc<Metrics>,
     listening: impl FnOnce(&Path),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
@@ -269,9 +271,9 @@ pub async fn serve(
         };
         let sessions = sessions.clone();
         let choices = choices.clone();
-        let ledger = ledger.clone();
+        let (ledger, metrics) = (ledger.clone(), metrics.clone());
         tokio::spawn(async move {
-            match serve_one(stream, &sessions, &choices, &ledger).await {
+            match serve_one(stream, &sessions, &choices, &ledger, &metrics).await {
                 // The hook went away (Nix killed it): nobody to tell.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                     tracing::debug!("a hook left before its answer: {e}");
@@ -322,6 +324,7 @@ async fn serve_one(
     sessions: &Sessions,
     choices: &Choices,
     ledger: &SlotLedger,
+    metrics: &Arc<Metrics>,
 ) -> std::io::Result<()> {
     let peer = stream.peer_cred().ok().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
@@ -371,6 +374,7 @@ async fn serve_one(
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let work = async {
+        let mut watch = metrics.build(&endpoint.name, order.slots);
         let pool = sessions.pool(&endpoint).await;
         // Held until the build ends, so clients on other machines do not overbook it.
         let note_tx = tx.clone();
@@ -388,18 +392,24 @@ async fn serve_one(
         let slots = sessions.remote_slots(&endpoint, order.slots).await;
         let taking = slots.take(0, SLOT_WAIT_LIMIT);
         let on_builder = saying_while(taking, &what, &mut |m| note(LogLevel::Info, m)).await;
+        let _lease = (on_builder.as_ref().ok().and_then(Option::as_ref))
+            .zip(crate::state::leases::Leases::open())
+            .map(|(slot, leases)| leases.take(&endpoint.name, slot.slot(), order.name(), 0.0));
         let session = match on_builder {
             Ok(held) => pool.get_with_cores(None).await.map(|remote| (held, remote)),
             Err(e) => Err(e),
         };
+        let mut moved = Moved::default();
         let outcome = match session {
             Ok((_held, mut remote)) => {
+                watch.started();
                 let log_tx = tx.clone();
                 let mut log = move |l: &str| {
                     let _ = log_tx.send(Message::Log(l.to_string()));
                 };
                 let mut talk = |m: &str| note(LogLevel::Talkative, m);
-                let result = carry_out(&order, &mut remote, ledger, &mut log, &mut talk).await;
+                let result =
+                    carry_out(&order, &mut remote, ledger, &mut log, &mut talk, &mut moved).await;
                 // A session that failed mid-frame is never reused.
                 pool.put(remote);
                 result.map_err(|e| OrderFailure::from(&e))
@@ -412,6 +422,7 @@ async fn serve_one(
                 status: None,
             }),
         };
+        watch.ended(outcome.is_ok(), moved.sent, moved.fetched);
         let _ = tx.send(Message::Done(outcome.err()));
     };
     let forward = async {

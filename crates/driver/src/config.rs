@@ -5,6 +5,8 @@
 //!
 //! ```toml
 //! state_dir = "/var/lib/offload"        # history and logs; default ~/.local/state/offload
+//! metrics = "127.0.0.1:9464"            # the agent's Prometheus metrics; default none
+//! state = "postgresql:///offload?host=/run/postgresql"  # one state for a team (OFFLOAD_STATE)
 //!
 //! [groups]                              # --on @fast, --exclude @slow
 //! fast = ["b1", "b2"]
@@ -13,6 +15,7 @@
 //! keep_going = true
 //! max_jobs = 4
 //! sign_key = "/etc/offload/key.sec"
+//! metrics = "127.0.0.1:9465"            # each build's own, while it runs
 //! ```
 //!
 //! Unknown keys are errors that name the key and the file.
@@ -53,12 +56,18 @@ pub enum ConfigError {
 pub struct Config {
     /// Where offload keeps its state (the build history, logs it keeps itself).
     pub state_dir: Option<PathBuf>,
+    /// A PostgreSQL database (libpq-style URI) that holds the state instead of the
+    /// SQLite file in `state_dir`, shared by every client that names it.
+    pub state: Option<String>,
     /// Named sets of machines, for `--on @NAME` and `--exclude @NAME`.
     #[serde(default)]
     pub groups: BTreeMap<String, Vec<String>>,
     /// Defaults for `offload build`.
     #[serde(default)]
     pub build: BuildDefaults,
+    /// Where `offload agent` serves Prometheus metrics (`--metrics`); none by default.
+    /// Builds have their own (`[build] metrics`): one address cannot serve both.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Defaults for `offload build` flags; a flag given on the command line wins.
@@ -74,6 +83,8 @@ pub struct BuildDefaults {
     pub forward_agent: Option<bool>,
     pub on: Option<Vec<String>>,
     pub exclude: Option<Vec<String>>,
+    /// Where each build serves its Prometheus metrics while it runs (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The configuration and where it came from.
@@ -105,6 +116,8 @@ pub fn load() -> Result<Loaded, ConfigError> {
         Err(source) => return Err(ConfigError::Read { path: file, source }),
     };
     let config = parse(&text, &file)?;
+    // Every state this process opens is the shared one from here on.
+    crate::state::use_shared(config.state.clone());
     Ok(Loaded {
         config,
         file: Some(file),
@@ -116,6 +129,18 @@ fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         path: file.to_path_buf(),
         message: e.to_string().trim_end().replace('\n', "\n  "),
     })?;
+    if let Some(uri) = &config.state {
+        if !(uri.starts_with("postgresql://") || uri.starts_with("postgres://")) {
+            return Err(ConfigError::Parse {
+                path: file.to_path_buf(),
+                message: format!(
+                    "state = {uri:?}: give a PostgreSQL URI \
+                     (postgresql:///offload?host=/run/postgresql&user=offload), or leave \
+                     `state` out for the SQLite file in state_dir"
+                ),
+            });
+        }
+    }
     for (name, members) in &config.groups {
         if members.iter().any(|m| m.starts_with('@')) {
             return Err(ConfigError::NestedGroup {
@@ -224,6 +249,17 @@ impl Loaded {
             None => "~/.local/state/offload (default)".to_string(),
         };
         out.push_str(&format!("state_dir = {state_dir}\nhistory = {history}\n"));
+        let metrics = self.config.metrics.map(|a| a.to_string());
+        out.push_str(&format!(
+            "metrics = {}\n",
+            show_from(metrics, "none", &from_file)
+        ));
+        let shared = match (crate::env::state_uri_from_env(), &self.config.state) {
+            (Some(uri), _) => format!("{} (OFFLOAD_STATE)", crate::state::redact(&uri)),
+            (None, Some(uri)) => format!("{} {from_file}", crate::state::redact(uri)),
+            (None, None) => "the history file (default)".to_string(),
+        };
+        out.push_str(&format!("state = {shared}\n"));
         for (name, members) in &self.config.groups {
             out.push_str(&format!(
                 "groups.{name} = {} {from_file}\n",
@@ -231,10 +267,7 @@ impl Loaded {
             ));
         }
         let b = &self.config.build;
-        let show = |v: Option<String>, default: &str| match v {
-            Some(v) => format!("{v} {from_file}"),
-            None => format!("{default} (default)"),
-        };
+        let show = |v: Option<String>, default: &str| show_from(v, default, &from_file);
         out.push_str(&format!(
             "build.keep_going = {}\n",
             show(b.keep_going.map(|v| v.to_string()), "false")
@@ -256,7 +289,17 @@ impl Loaded {
             "build.exclude = {}\n",
             show(b.exclude.as_ref().map(|v| v.join(", ")), "none")
         ));
+        let metrics = b.metrics.map(|a| a.to_string());
+        out.push_str(&format!("build.metrics = {}\n", show(metrics, "none")));
         out
+    }
+}
+
+/// A setting's value with where it came from: the file, or the default.
+fn show_from(v: Option<String>, default: &str, from_file: &str) -> String {
+    match v {
+        Some(v) => format!("{v} {from_file}"),
+        None => format!("{default} (default)"),
     }
 }
 
@@ -321,6 +364,18 @@ mod tests {
         assert_eq!(chosen.on, ["b9"]);
         assert_eq!(chosen.exclude, ["b2"]);
         assert_eq!(chosen.max_jobs, Some(0));
+    }
+
+    #[test]
+    fn metrics_addresses_are_read_and_a_bad_one_is_named() {
+        let text = "metrics = \"127.0.0.1:9464\"\n[build]\nmetrics = \"[::1]:0\"\n";
+        let config = parse(text, Path::new("c.toml")).unwrap();
+        assert_eq!(config.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(config.build.metrics, Some("[::1]:0".parse().unwrap()));
+        let e = parse("metrics = \"localhost\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml: ") && e.contains("metrics"), "{e}");
     }
 
     #[test]

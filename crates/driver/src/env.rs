@@ -8,6 +8,9 @@ use std::time::Duration;
 
 /// The state database's path, instead of the default ([`state_db_path`]).
 pub const OFFLOAD_HISTORY: &str = "OFFLOAD_HISTORY";
+/// A PostgreSQL database (libpq-style URI) that holds the state instead of the SQLite
+/// file, shared by every client that names it; wins over the config file's `state`.
+pub const OFFLOAD_STATE: &str = "OFFLOAD_STATE";
 /// The agent's Unix socket, instead of the default ([`agent_socket`]).
 pub const OFFLOAD_AGENT_SOCKET: &str = "OFFLOAD_AGENT_SOCKET";
 /// The slot-lock directory instead of Nix's ([`slots_dir`]).
@@ -95,6 +98,13 @@ pub fn state_db_overridden() -> bool {
 /// The state database `$OFFLOAD_HISTORY` names, if it is set.
 pub fn state_db_from_env() -> Option<PathBuf> {
     std::env::var_os(OFFLOAD_HISTORY).map(PathBuf::from)
+}
+
+/// The shared state database `$OFFLOAD_STATE` names, if it is set and not empty.
+pub fn state_uri_from_env() -> Option<String> {
+    std::env::var(OFFLOAD_STATE)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
 }
 
 /// The signing key `$OFFLOAD_SIGN_KEY` names, if it is set.

@@ -9,8 +9,8 @@
 //! - [`build::run`] — builds a graph of derivations over a fleet, as the scheduler plans;
 //! - [`job::run`] — one `offload build` from request to outcome: evaluation, trust,
 //!   the build, the run's record, result links;
-//! - [`StateDb`] — the state database in SQLite: build durations for estimates, and
-//!   machines that keep failing;
+//! - [`StateDb`] — the state database, in SQLite or a PostgreSQL database a team's
+//!   clients share: build durations for estimates, and machines that keep failing;
 //! - [`hook::run`] — Nix's build hook with offload's machine choice and transport;
 //! - [`slots::SlotLedger`] — builders' slots, shared with Nix's own build hook;
 //! - [`slots::remote::RemoteSlots`] — builders' slots locked on the builders themselves,
@@ -38,7 +38,8 @@
 //!   the registry of which store holds which path;
 //! - `slots/` — builders' slots: the local ledger shared with Nix's own hook, and locks
 //!   on the builders themselves (`slots/remote/`);
-//! - `state/` — the state database ([`StateDb`]): schema and builds, machines, runs, and
+//! - `state/` — the state database ([`StateDb`]): SQLite or PostgreSQL, one schema and
+//!   one SQL for both, the fall-back to the local file; builds, machines, runs, and
 //!   what the builds and copies teach, read for `offload-learn`'s fit; the run report
 //!   kept for `offload report` (`state/report.rs`);
 //! - `html.rs` — the run report as one self-contained HTML file;
@@ -59,6 +60,8 @@
 //! - `drv.rs` — the `.drv` Nix offers the hook, read through the store Nix names;
 //! - `hook/` — `offload hook`: Nix's build hook, the choice per `try`, the accepted build;
 //! - `agent.rs` — `offload agent`: warm sessions for the hook over a Unix socket;
+//! - `metrics/` — Prometheus metrics for operators (`--metrics ADDR`): the registry,
+//!   the HTTP endpoint (`metrics/http.rs`); a run's events are counted in `job/metrics.rs`;
 //! - `shutdown.rs` — SIGINT and SIGTERM: the cancellation token and the exit status;
 //! - `job/` — one `offload build` from request to outcome: evaluation, the trust check's
 //!   builders, the build, the run's record, result links.
@@ -74,6 +77,7 @@ pub mod fleet;
 pub mod hook;
 pub mod html;
 pub mod job;
+pub mod metrics;
 pub mod order;
 pub mod overview;
 pub mod plan;

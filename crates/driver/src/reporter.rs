@@ -35,6 +35,36 @@ pub trait Reporter: Send + Sync {
         _ok: bool,
     ) {
     }
+    /// `bytes` NAR bytes landed by `route`, from machine `from` to `to` (for
+    /// [`ByteRoute::ToTarget`], the target's URI): what the run's `RouteBytes` count.
+    fn bytes_moved(&self, _route: ByteRoute, _from: &str, _to: &str, _bytes: u64) {}
+}
+
+/// The way bytes went, as the run counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRoute {
+    /// From this machine's store to a builder.
+    ClientToMachine,
+    /// From a builder to this machine's store.
+    MachineToClient,
+    /// From one builder to another through this machine, over both of its links.
+    Relayed,
+    /// From one builder to another directly.
+    BuilderToBuilder,
+    /// Into the delivery target (`--to`), whichever way.
+    ToTarget,
+}
+
+impl ByteRoute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ByteRoute::ClientToMachine => "client_to_machine",
+            ByteRoute::MachineToClient => "machine_to_client",
+            ByteRoute::Relayed => "relayed",
+            ByteRoute::BuilderToBuilder => "builder_to_builder",
+            ByteRoute::ToTarget => "to_target",
+        }
+    }
 }
 
 /// What the plan expects of a build it starts.

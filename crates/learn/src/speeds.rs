@@ -58,7 +58,9 @@ pub(crate) fn fit_calibrated(
     HashMap<String, f64>,
 ) {
     let mut declared = declared_speeds(rows);
-    let (work, speeds) = fit_with(rows, local_system, &declared);
+    let anchor: Key = (LOCAL_KEY.to_string(), local_system.to_string());
+    let population = population_speeds(rows, &anchor);
+    let (work, speeds) = fit_with(rows, &anchor, &declared, &population);
     let mut ratios: HashMap<&str, Vec<f64>> = HashMap::new();
     for ((machine, system), l) in &speeds {
         if machine != LOCAL_KEY && l.samples > 0 {
@@ -70,16 +72,21 @@ pub(crate) fn fit_calibrated(
         .into_iter()
         .map(|(system, mut v)| (system.to_string(), median(&mut v).exp()))
         .collect();
+    // A builder its runs showed alike this machine keeps its declared speed when that
+    // scale is more than its runs allow (one builder that stood out slow says little
+    // of the others).
     let rescaled: HashMap<Key, f64> = speeds
         .iter()
         .filter(|((machine, _), l)| machine != LOCAL_KEY && l.samples == 0)
-        .filter_map(|(key, _)| Some((key.clone(), declared[key] * scales.get(&key.1)?)))
+        .filter_map(|(key, _)| Some((key, declared[key] * scales.get(&key.1)?)))
+        .filter(|(key, speed)| population.get(*key).is_none_or(|p| p.admits(*speed)))
+        .map(|(key, speed)| (key.clone(), speed))
         .collect();
     if rescaled.is_empty() {
         return (work, speeds, scales);
     }
     declared.extend(rescaled);
-    let (work, speeds) = fit_with(rows, local_system, &declared);
+    let (work, speeds) = fit_with(rows, &anchor, &declared, &population);
     (work, speeds, scales)
 }
 
@@ -98,11 +105,14 @@ fn declared_speeds(rows: &[BuildRow]) -> HashMap<Key, f64> {
     declared
 }
 
-/// [`fit`] with `declared` as each machine and system's speed before any comparison.
+/// [`fit`] with `declared` as each machine and system's speed before any comparison,
+/// `anchor` (this machine's native system) the unit, and what the runs' `population`
+/// of builds said.
 fn fit_with(
     rows: &[BuildRow],
-    local_system: &str,
+    anchor: &Key,
     declared: &HashMap<Key, f64>,
+    population: &HashMap<Key, Population>,
 ) -> (HashMap<String, f64>, HashMap<Key, Learned>) {
     // Each (name, machine+system) cell: the median of its recent builds.
     let mut cells: HashMap<(String, Key), Vec<f64>> = HashMap::new();
@@ -117,17 +127,17 @@ fn fit_with(
         .into_iter()
         .map(|((name, key), mut v)| (name, key, median(&mut v)))
         .collect();
-    let anchor: Key = (LOCAL_KEY.to_string(), local_system.to_string());
-    let anchored = declared.contains_key(&anchor);
+    let anchored = declared.contains_key(anchor);
     // Before any comparison, a run's own builds say something: its derivations on
-    // each machine against those on this one.
-    let population = population_speeds(rows, &anchor);
+    // each machine against those on this one, when they stand out of the noise.
     let prior: HashMap<Key, f64> = declared
         .iter()
         .map(|(key, &d)| {
             let p = match population.get(key) {
-                Some(&(speed, n)) => shrink(speed, n as f64 * POPULATION_WEIGHT, d),
-                None => d,
+                Some(p) if p.stands_out() => {
+                    shrink(p.speed(), p.builds as f64 * POPULATION_WEIGHT, d)
+                }
+                _ => d,
             };
             (key.clone(), p)
         })
@@ -154,7 +164,7 @@ fn fit_with(
         if anchored {
             let mut scale: Vec<f64> = cells
                 .iter()
-                .filter(|(_, key, _)| *key == anchor)
+                .filter(|(_, key, _)| key == anchor)
                 .map(|(name, _, t)| t / work[name].max(1e-9))
                 .collect();
             let c = median(&mut scale);
@@ -173,7 +183,7 @@ fn fit_with(
         samples.clear();
         for (key, mut v) in ratios {
             samples.insert(key.clone(), v.len());
-            if !(anchored && *key == anchor) {
+            if !(anchored && key == anchor) {
                 speed.insert(key.clone(), median(&mut v).max(1e-6));
             }
         }
@@ -184,8 +194,11 @@ fn fit_with(
         .into_iter()
         .map(|(key, fitted)| {
             let compared = samples.get(&key).copied().unwrap_or(0);
-            let from_runs = population.get(&key).map_or(0, |&(_, n)| n);
-            let speed = if anchored && key == anchor {
+            let from_runs = population
+                .get(&key)
+                .filter(|p| p.stands_out())
+                .map_or(0, |p| p.builds);
+            let speed = if anchored && &key == anchor {
                 1.0
             } else if compared == 0 {
                 prior[&key]
@@ -215,10 +228,7 @@ fn shrink(measured: f64, weight: f64, prior: f64) -> f64 {
 /// much the run's derivations differ, measured over all its builds wherever they ran
 /// (a pooled variance), so a machine that took only three builds is judged by the
 /// spread of thirty, not of its three.
-fn population_speeds(
-    rows: &[BuildRow],
-    anchor: &(String, String),
-) -> HashMap<(String, String), (f64, usize)> {
+fn population_speeds(rows: &[BuildRow], anchor: &Key) -> HashMap<Key, Population> {
     let mut per_run: HashMap<&str, HashMap<(String, String), Vec<f64>>> = HashMap::new();
     for r in rows {
         if let Some(run) = &r.run {
@@ -231,7 +241,7 @@ fn population_speeds(
         }
     }
     // Per key: sum of d / se², sum of 1 / se², builds.
-    let mut sums: HashMap<(String, String), (f64, f64, usize)> = HashMap::new();
+    let mut sums: HashMap<Key, (f64, f64, usize)> = HashMap::new();
     for keys in per_run.values_mut() {
         let Some(mut here) = keys.remove(anchor) else {
             continue;
@@ -254,12 +264,43 @@ fn population_speeds(
         }
     }
     sums.into_iter()
-        .filter_map(|(key, (weighted, weights, n))| {
-            let d = weighted / weights;
-            let se = (1.0 / weights).sqrt();
-            (d.abs() > 2.0 * se).then(|| (key, (d.exp(), n)))
+        .map(|(key, (weighted, weights, builds))| {
+            let population = Population {
+                log_speed: weighted / weights,
+                se: (1.0 / weights).sqrt(),
+                builds,
+            };
+            (key, population)
         })
         .collect()
+}
+
+/// What a machine's builds in runs beside this machine's say of its speed.
+#[derive(Debug, Clone, Copy)]
+struct Population {
+    /// Its speed's logarithm, against this machine's.
+    log_speed: f64,
+    /// The standard error of that.
+    se: f64,
+    /// The builds behind it.
+    builds: usize,
+}
+
+impl Population {
+    /// Its speed.
+    fn speed(&self) -> f64 {
+        self.log_speed.exp()
+    }
+
+    /// Whether it differs from this machine beyond the noise (two standard errors).
+    fn stands_out(&self) -> bool {
+        self.log_speed.abs() > 2.0 * self.se
+    }
+
+    /// Whether `speed` is within the noise of what it says.
+    fn admits(&self, speed: f64) -> bool {
+        (speed.max(1e-9).ln() - self.log_speed).abs() <= 2.0 * self.se
+    }
 }
 
 #[cfg(test)]
@@ -402,6 +443,37 @@ mod tests {
             fit(&lone, SYS).1[&("ssh://slow".to_string(), SYS.to_string())].speed,
             1.0
         );
+    }
+
+    #[test]
+    fn one_builder_standing_out_slow_leaves_those_measured_alike_at_their_speed() {
+        // A first run where fleet3 was six times slower and fleet1 and fleet2 were like
+        // this machine (scripts/bench-fleet.sh's turned-slow case, after it turned):
+        // fleet3's speed must not become the scale of the others, as it did for a
+        // builder nothing was learned of.
+        let times = [0.6, 0.9, 2.3, 1.6, 2.2, 0.3, 2.1, 2.8, 2.3, 2.6];
+        let mut rows = Vec::new();
+        for (machine, factor) in [
+            ("local", 1.0),
+            ("ssh://fleet1", 1.0),
+            ("ssh://fleet2", 1.0),
+            ("ssh://fleet3", 6.0),
+        ] {
+            for (i, t) in times.iter().enumerate() {
+                // Each derivation built once: names differ per machine.
+                let t = t * factor * if i % 2 == 0 { 1.1 } else { 0.9 };
+                rows.push(BuildRow {
+                    run: Some("run-1".into()),
+                    ..row(&format!("{machine}-{i}"), SYS, machine, t)
+                });
+            }
+        }
+        let speeds = fit(&rows, SYS).1;
+        let speed = |m: &str| speeds[&(m.to_string(), SYS.to_string())].speed;
+        for m in ["ssh://fleet1", "ssh://fleet2"] {
+            assert!((0.8..1.25).contains(&speed(m)), "{m}: {}", speed(m));
+        }
+        assert!(speed("ssh://fleet3") < 0.5, "{}", speed("ssh://fleet3"));
     }
 
     #[test]

@@ -19,8 +19,11 @@
 //!   scheduler hears of it;
 //! - at [`Hedger::next_due`] (or any time after), [`Hedger::poll`] gives the
 //!   duplicates to start;
-//! - after an end, [`Hedger::take_slower`] gives the machines a duplicate's win showed
-//!   slower than planned, to be planned at that bound.
+//! - a build that ended well is told with [`Hedger::built`] (its own seconds) first;
+//! - after an end, [`Hedger::take_slower`] gives the machines that builds showed
+//!   slower than planned; the hedger has planned them at that bound
+//!   in the scheduler already (the caller updates its own copy of their specs), and
+//!   [`Hedger::capped`] keeps later fits from planning them faster.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
@@ -29,6 +32,8 @@ use crate::events::{Action, Event, NodeState, Outcome};
 use crate::fleet::MachineId;
 use crate::graph::NodeId;
 use crate::scheduler::Scheduler;
+use witness::Witness;
+pub use witness::{capped_speeds, speed_under_way};
 
 /// The bounds of hedging.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,34 +93,6 @@ pub fn decide(rule: &HedgeRule, e: &Estimate) -> bool {
         && e.duplicate <= e.budget_left
 }
 
-/// The most a machine's speed can be, planned at `speed` for a build expected to take
-/// `planned` seconds that has run `elapsed` without ending; `None` unless the build
-/// overruns its plan ([`HedgeRule::overrun`], [`HedgeRule::slack`]): the overrun that
-/// makes a build a straggler, once its duplicate finished first, also makes its machine
-/// planned slower, so the builds that start after it go elsewhere.
-pub fn speed_under_way(rule: &HedgeRule, speed: f64, planned: f64, elapsed: f64) -> Option<f64> {
-    (planned > 0.0 && elapsed >= rule.overrun * planned + rule.slack)
-        .then(|| speed * planned / elapsed)
-}
-
-/// `speed` and `per_system` (a machine's speed and its speeds per system) no faster than
-/// `cap`, what builds under way showed of it ([`speed_under_way`]); the per-system speeds
-/// keep their proportions.
-pub fn capped_speeds(
-    cap: Option<f64>,
-    speed: f64,
-    per_system: Vec<(String, f64)>,
-) -> (f64, Vec<(String, f64)>) {
-    match cap {
-        Some(cap) if speed > cap => {
-            let share = cap / speed;
-            let per_system = per_system.into_iter().map(|(s, v)| (s, v * share));
-            (cap, per_system.collect())
-        }
-        _ => (speed, per_system),
-    }
-}
-
 /// A duplicate to start.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hedge {
@@ -167,6 +144,8 @@ struct Watched {
     due: f64,
     started: f64,
     planned: f64,
+    /// Of that, the build's own seconds (its inputs' copies and session left out).
+    planned_build: f64,
     /// The speed its machine was planned at then, for its system.
     speed: f64,
 }
@@ -200,8 +179,18 @@ pub struct Hedger {
     /// to take).
     spent: f64,
     counts: HedgeCounts,
-    /// Machines shown slower than planned, not yet taken ([`Hedger::take_slower`]).
-    slower: Vec<(MachineId, f64)>,
+    /// Machines planned slower since the last [`Hedger::take_slower`].
+    slower: Vec<MachineId>,
+    /// Overrunning builds whose duplicate waits only for a free slot, and the
+    /// duplicates started when one freed, for the next [`Hedger::poll`].
+    awaiting: Vec<NodeId>,
+    pending: Vec<Hedge>,
+    /// Per machine, the most its speed can be by what builds under way showed.
+    caps: Vec<Option<f64>>,
+    /// Per machine, the builds seen overrunning their plan there since the last one
+    /// that kept to it, each with the speed it showed last: one overrun may be a
+    /// derivation estimated short, two on one machine are the machine.
+    suspects: HashMap<MachineId, Vec<(NodeId, f64)>>,
 }
 
 impl Hedger {
@@ -220,6 +209,10 @@ impl Hedger {
             spent: 0.0,
             counts: HedgeCounts::default(),
             slower: Vec::new(),
+            awaiting: Vec::new(),
+            pending: Vec::new(),
+            caps: vec![None; sched.machines().len()],
+            suspects: HashMap::new(),
         }
     }
 
@@ -265,7 +258,8 @@ impl Hedger {
         let planned = (expected_end - now).max(0.0);
         let due = now + self.rule.overrun * planned + self.rule.slack;
         let spec = &sched.machines()[machine];
-        let speed = spec.speed_for(&sched.graph().node(node).system);
+        let node_spec = sched.graph().node(node);
+        let speed = spec.speed_for(&node_spec.system);
         self.due.insert((Due(due), node));
         self.watched.insert(
             node,
@@ -273,6 +267,7 @@ impl Hedger {
                 due,
                 started: now,
                 planned,
+                planned_build: spec.build_time(node_spec),
                 speed,
             },
         );
@@ -284,16 +279,24 @@ impl Hedger {
         }
     }
 
-    /// When the next watched build would overrun.
+    /// When the next watched build would overrun, or `-inf` when duplicates started
+    /// at a build's end wait to be taken by [`Hedger::poll`].
     pub fn next_due(&self) -> Option<f64> {
+        if !self.pending.is_empty() {
+            return Some(f64::NEG_INFINITY);
+        }
         self.due.first().map(|(d, _)| d.0)
     }
 
     /// Looks at the builds that overran by `now`: starts a duplicate of each where
-    /// [`decide`] says so (its slot taken in `sched`). A build not hedged now is looked at again after half as long
-    /// again as it has run.
+    /// [`decide`] says so (its slot taken in `sched`). A build not hedged now is looked
+    /// at again after half as long again as it has run, or at the next end of a build
+    /// when only a free slot was missing. The duplicates started at builds' ends since
+    /// the last poll come first.
     pub fn poll(&mut self, sched: &mut Scheduler, now: f64) -> Poll {
-        let mut poll = Poll::default();
+        let mut poll = Poll {
+            hedges: std::mem::take(&mut self.pending),
+        };
         while let Some(&(Due(due), node)) = self.due.first() {
             if due > now {
                 break;
@@ -306,38 +309,17 @@ impl Hedger {
                 self.watched.remove(&node);
                 continue;
             };
-            let elapsed = now - w.started;
-            let spec = &sched.machines()[from];
-            let node_spec = sched.graph().node(node);
-            let remaining = w.started + spec.build_time(node_spec) + spec.per_build - now;
-            let best = sched.free_machine_for(node, from, now);
-            let estimate = Estimate {
-                planned: w.planned,
-                elapsed,
-                remaining,
-                duplicate: best.map_or(f64::INFINITY, |(_, s)| s),
-                budget_left: self.budget(now) - self.spent,
-            };
-            match best {
-                Some((to, seconds)) if decide(&self.rule, &estimate) => {
-                    sched.start_duplicate(node, to);
-                    self.watched.remove(&node);
-                    self.hedged[node] = true;
-                    self.spent += seconds;
-                    self.counts.duplicates += 1;
-                    self.duplicates.insert(
-                        node,
-                        Duplicate {
-                            machine: to,
-                            started: now,
-                            charged: seconds,
-                            original: w,
-                        },
-                    );
-                    poll.hedges.push(Hedge { node, from, to });
-                }
-                _ => {
-                    let again = now + (0.5 * elapsed).max(self.rule.slack);
+            // A build running past its plan is a witness against its machine (with
+            // another, it is planned slower: the builds placed next avoid it).
+            let timing = (w.speed, w.planned);
+            self.showed(sched, node, from, timing, now - w.started, Witness::Running);
+            match self.consider(sched, node, from, w, now) {
+                Ok(hedge) => poll.hedges.push(hedge),
+                Err(no_slot) => {
+                    if no_slot && !self.awaiting.contains(&node) {
+                        self.awaiting.push(node);
+                    }
+                    let again = now + (0.5 * (now - w.started)).max(self.rule.slack);
                     self.due.insert((Due(again), node));
                     if let Some(w) = self.watched.get_mut(&node) {
                         w.due = again;
@@ -346,6 +328,77 @@ impl Hedger {
             }
         }
         poll
+    }
+
+    /// Starts a duplicate of overrunning `node` (running on `from`, watched as `w`)
+    /// when [`decide`] says so; else whether only a free slot was missing.
+    fn consider(
+        &mut self,
+        sched: &mut Scheduler,
+        node: NodeId,
+        from: MachineId,
+        w: Watched,
+        now: f64,
+    ) -> Result<Hedge, bool> {
+        let spec = &sched.machines()[from];
+        let node_spec = sched.graph().node(node);
+        let remaining = w.started + spec.build_time(node_spec) + spec.per_build - now;
+        let best = sched.free_machine_for(node, from, now);
+        let estimate = Estimate {
+            planned: w.planned,
+            elapsed: now - w.started,
+            remaining,
+            duplicate: best.map_or(f64::INFINITY, |(_, s)| s),
+            budget_left: self.budget(now) - self.spent,
+        };
+        let Some((to, seconds)) = best else {
+            let overruns = decide(
+                &self.rule,
+                &Estimate {
+                    duplicate: 0.0,
+                    ..estimate
+                },
+            );
+            return Err(overruns);
+        };
+        if !decide(&self.rule, &estimate) {
+            return Err(false);
+        }
+        sched.start_duplicate(node, to);
+        self.watched.remove(&node);
+        self.awaiting.retain(|&n| n != node);
+        self.hedged[node] = true;
+        self.spent += seconds;
+        self.counts.duplicates += 1;
+        self.duplicates.insert(
+            node,
+            Duplicate {
+                machine: to,
+                started: now,
+                charged: seconds,
+                original: w,
+            },
+        );
+        Ok(Hedge { node, from, to })
+    }
+
+    /// A build ended and freed its slot (not yet given to anything): the overrunning
+    /// builds that waited for a free slot take it first, ahead of the ready builds,
+    /// since the builds after them wait on them.
+    fn first_pick(&mut self, sched: &mut Scheduler, now: f64) {
+        for node in std::mem::take(&mut self.awaiting) {
+            let Some(w) = self.watched.get(&node).copied() else {
+                continue;
+            };
+            let NodeState::Running { machine: from, .. } = *sched.state(node) else {
+                continue;
+            };
+            match self.consider(sched, node, from, w, now) {
+                Ok(hedge) => self.pending.push(hedge),
+                Err(true) => self.awaiting.push(node),
+                Err(false) => {}
+            }
+        }
     }
 
     /// The build of `node` on `machine` ended with `outcome` at `now`: the scheduler
@@ -366,7 +419,13 @@ impl Hedger {
             outcome: outcome.clone(),
         };
         let Some(dup) = self.duplicates.get(&node).copied() else {
-            return sched.handle(event(machine), now);
+            if self.awaiting.is_empty() {
+                return sched.handle(event(machine), now);
+            }
+            let mut actions = sched.handle_undispatched(event(machine), now);
+            self.first_pick(sched, now);
+            sched.dispatch(now, &mut actions);
+            return actions;
         };
         let NodeState::Running {
             machine: original, ..
@@ -387,14 +446,15 @@ impl Hedger {
                 self.counts.wins += 1;
                 self.counts.waste_seconds += now - original_started;
                 let o = dup.original;
-                let elapsed = now - o.started;
-                if let Some(bound) = speed_under_way(&self.rule, o.speed, o.planned, elapsed) {
-                    let system = &sched.graph().node(node).system;
-                    let current = sched.machines()[original].speed_for(system);
-                    if bound < current * 0.9 {
-                        self.slower.push((original, bound / current));
-                    }
-                }
+                let timing = (o.speed, o.planned);
+                self.showed(
+                    sched,
+                    node,
+                    original,
+                    timing,
+                    now - o.started,
+                    Witness::Lost,
+                );
                 sched.release(node, original);
                 sched.set_state(
                     node,
@@ -442,13 +502,6 @@ impl Hedger {
     /// Slot seconds duplicates may take by `now` ([`HedgeRule::budget_share`]).
     pub fn budget(&self, now: f64) -> f64 {
         self.rule.budget_share * self.work.max(self.slots * now)
-    }
-
-    /// Machines whose build lost to its duplicate, each with the most its speed can be
-    /// by that build ([`speed_under_way`]) as a share of the speed planned now: the
-    /// caller plans them at that from now on.
-    pub fn take_slower(&mut self) -> Vec<(MachineId, f64)> {
-        std::mem::take(&mut self.slower)
     }
 
     /// The duplicate `dup` ended: the budget is charged what it really took.
@@ -516,67 +569,7 @@ impl Hedger {
     }
 }
 
-impl Scheduler {
-    /// The live machine other than `except` with a slot free now where `node` would
-    /// be built first, and the seconds it would take there (its inputs' transfer
-    /// included): one machine per class that can build it.
-    pub(crate) fn free_machine_for(
-        &self,
-        node: NodeId,
-        except: MachineId,
-        now: f64,
-    ) -> Option<(MachineId, f64)> {
-        let spec = self.graph.node(node);
-        let mut best: Option<(MachineId, f64)> = None;
-        for &c in &self.kinds[self.kind_of[node]].classes {
-            if self.free_in_class[c] == 0 {
-                continue;
-            }
-            let free = self.queues[c]
-                .iter()
-                .take_while(|k| !k.busy)
-                .find(|k| k.machine != except);
-            let Some(key) = free else { continue };
-            let m = key.machine;
-            let machine = &self.machines[m];
-            let setup = if self.session_ready[m] {
-                0.0
-            } else {
-                machine.session_setup
-            };
-            let seconds = self.inputs_arrive(node, m, now) - now
-                + machine.build_time(spec)
-                + machine.per_build
-                + setup;
-            if best.is_none_or(|(_, s)| seconds < s) {
-                best = Some((m, seconds));
-            }
-        }
-        best
-    }
-
-    /// Frees the slots duplicates take (`node` running on a machine other than its
-    /// state's), for a rehearsal that plays each build as its original.
-    pub(crate) fn release_duplicates(&mut self) {
-        for m in 0..self.running.len() {
-            let dups: Vec<NodeId> = self.running[m]
-                .iter()
-                .copied()
-                .filter(|&n| !matches!(self.state[n], NodeState::Running { machine, .. } if machine == m))
-                .collect();
-            for n in dups {
-                self.release(n, m);
-            }
-        }
-    }
-
-    /// A duplicate of running `node` takes a slot of `machine`.
-    pub(crate) fn start_duplicate(&mut self, node: NodeId, machine: MachineId) {
-        self.change_free(machine, |s| s.running[machine].push(node));
-        self.running_count += 1;
-        self.session_ready[machine] = true;
-    }
-}
-
+mod scheduler;
 #[cfg(test)]
 mod tests;
+mod witness;

@@ -358,6 +358,16 @@ impl Scheduler {
 
     /// Feeds one event in; returns what to do now.
     pub fn handle(&mut self, event: Event, now: f64) -> Vec<Action> {
+        let mut actions = self.handle_undispatched(event, now);
+        self.dispatch(now, &mut actions);
+        #[cfg(debug_assertions)]
+        self.check_bookkeeping();
+        actions
+    }
+
+    /// [`Scheduler::handle`] but for giving the free slots to ready builds: the
+    /// caller dispatches (hedging gives an overrunning build's duplicate first pick).
+    pub(crate) fn handle_undispatched(&mut self, event: Event, now: f64) -> Vec<Action> {
         let mut actions = Vec::new();
         match event {
             Event::Finished {
@@ -432,9 +442,6 @@ impl Scheduler {
                 }
             }
         }
-        self.dispatch(now, &mut actions);
-        #[cfg(debug_assertions)]
-        self.check_bookkeeping();
         actions
     }
 

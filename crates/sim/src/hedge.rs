@@ -12,15 +12,12 @@ use offload_sched::{Action, MachineId, NodeId, Outcome, Scheduler};
 #[derive(Debug, Clone)]
 pub struct Hedging {
     hedger: Hedger,
-    /// Per machine, the most its speed can be by what builds under way showed.
-    caps: Vec<Option<f64>>,
 }
 
 impl Hedging {
     pub fn new(sched: &Scheduler) -> Hedging {
         Hedging {
             hedger: Hedger::new(HedgeRule::default(), sched),
-            caps: vec![None; sched.machines().len()],
         }
     }
 
@@ -48,6 +45,12 @@ impl Hedging {
             .collect()
     }
 
+    /// A build of `node` on `machine` took `seconds` of its own and ended well (told
+    /// before [`Hedging::finished`]).
+    pub fn built(&mut self, sched: &mut Scheduler, node: NodeId, machine: MachineId, seconds: f64) {
+        self.hedger.built(sched, node, machine, seconds);
+    }
+
     /// A build ended well: the scheduler hears of it through the hedger (the losing
     /// copy of a hedged build is cancelled there; the engine drops it itself).
     pub fn finished(
@@ -60,20 +63,8 @@ impl Hedging {
         let actions = self
             .hedger
             .finished(sched, node, machine, Outcome::Built, now);
-        // Machines its loser showed slower are planned so from the next decision on, as
-        // the driver does.
-        let slower = self.hedger.take_slower();
-        for (m, share) in slower {
-            let spec = &sched.machines()[m];
-            let speed = spec.speed * share;
-            let per_system = spec
-                .system_speeds
-                .iter()
-                .map(|(s, v)| (s.clone(), v * share))
-                .collect();
-            self.caps[m] = Some(speed);
-            sched.set_speeds(m, speed, per_system);
-        }
+        // Machines its build showed slower are planned so already, in the scheduler.
+        self.hedger.take_slower();
         self.starts(sched, actions, now)
     }
 
@@ -100,8 +91,7 @@ impl Hedging {
         speed: f64,
         per_system: Vec<(String, f64)>,
     ) -> (f64, Vec<(String, f64)>) {
-        let cap = self.caps.get(machine).copied().flatten();
-        offload_sched::hedge::capped_speeds(cap, speed, per_system)
+        self.hedger.capped(machine, speed, per_system)
     }
 }
 

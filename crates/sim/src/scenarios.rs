@@ -10,15 +10,17 @@ use crate::policy::learning::{local_system, newest_first, state_key, LearningPol
 use crate::{run_policy, simulate, with_unknown_durations, Delivery, Report};
 
 /// What offload plans a simulated run with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Knows {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Knows<'a> {
     /// The true durations, output sizes, speeds and links.
     Everything,
     /// Nothing learned yet: every estimate the default, the machines as declared; it
     /// learns during the run.
     FirstRun,
-    /// What a simulated first run taught; it learns on during the run.
-    SecondRun,
+    /// What a simulated first run taught; it learns on during the run. The first ran
+    /// on the machines as they were `then` (their true speeds and links when the
+    /// history was recorded), as they are now when `None`.
+    SecondRun { then: Option<&'a [MachineSpec]> },
 }
 
 /// Runs the named policy (`offload`, `nix`, `hydra`) on `graph` over `machines` (as they
@@ -37,7 +39,10 @@ pub fn run(
 ) -> Option<Report> {
     let (machines, declared) = fleet;
     match (name, knows) {
-        ("offload", Knows::SecondRun) => Some(second_run(graph, fleet, delivery, failures, trace)),
+        ("offload", Knows::SecondRun { then }) => {
+            let then = then.unwrap_or(machines);
+            Some(second_run(graph, fleet, then, delivery, failures, trace))
+        }
         ("offload", Knows::FirstRun) => Some(first_run(graph, fleet, delivery, failures, trace).0),
         _ => run_policy(
             name,
@@ -90,19 +95,22 @@ pub fn first_run(
     (report, policy.into_rows())
 }
 
-/// offload's second run on the simulated fleet: a first run as [`first_run`]; the second
-/// plans with what its builds say, fitted as `offload build` fits its state (each
-/// derivation's time, each machine's speed per system), and the links as they are (as
-/// offload learns them from the first run's copies), and learns on during the run.
+/// offload's second run on the simulated fleet: a first run as [`first_run`] on the
+/// machines as they were then (`then`: their true speeds and links when the history was
+/// recorded; `fleet`'s own when nothing changed since); the second plans with what its
+/// builds say, fitted as `offload build` fits its state (each derivation's time, each
+/// machine's speed per system), and the links as they are (as offload learns them from
+/// the first run's copies), and learns on during the run, on the machines as they are now.
 pub fn second_run(
     graph: &Graph,
     fleet: (&[MachineSpec], &[MachineSpec]),
+    then: &[MachineSpec],
     delivery: Option<Delivery>,
     failures: &[(MachineId, f64)],
     trace: bool,
 ) -> Report {
-    let (machines, _) = fleet;
-    let (_, rows) = first_run(graph, fleet, delivery, failures, false);
+    let (machines, declared) = fleet;
+    let (_, rows) = first_run(graph, (then, declared), delivery, failures, false);
     let (planning, guessed, believed) = taught(graph, fleet, &rows);
     let mut policy =
         LearningPolicy::new(fleet, graph, planning, &guessed, believed, rows, "second");

@@ -25,6 +25,9 @@
 //! - [`require_daemon_install`] is a multi-user install: a `nix-daemon` of its own and an
 //!   ordinary user, [`daemon::TEST_USER`], who builds through it.
 //!
+//! - [`require_postgres`] is a private PostgreSQL server ([`PgServer`]) for the shared
+//!   state.
+//!
 //! Nothing here is used outside tests.
 
 pub mod daemon;
@@ -34,6 +37,7 @@ mod hook_agent;
 pub mod newer_client;
 mod other_store;
 mod peers;
+pub mod postgres;
 mod proxy;
 
 pub use daemon::{require_daemon_install, DaemonConfig, DaemonInstall};
@@ -41,6 +45,7 @@ pub use daemon_only::DaemonOnly;
 pub use hook_agent::start_hook_agent;
 pub use other_store::OtherStore;
 pub use peers::Peers;
+pub use postgres::{require_postgres, PgServer};
 pub use proxy::{CountingProxy, LinkCutter, LinkShape};
 
 use peers::PeerEntry;

@@ -122,4 +122,7 @@ impl Reporter for Imports {
         self.inner
             .transfer_finished(path, from, to, bytes, seconds, ok);
     }
+    fn bytes_moved(&self, route: crate::reporter::ByteRoute, from: &str, to: &str, bytes: u64) {
+        self.inner.bytes_moved(route, from, to, bytes);
+    }
 }

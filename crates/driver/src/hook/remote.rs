@@ -14,11 +14,12 @@ use super::{tell, HookExit, HookSettings};
 use crate::env::SLOT_WAIT_LIMIT;
 use crate::error::DriverError;
 use crate::fleet::MachineConfig;
-use crate::order::{carry_out, saying_while, BuildOrder, OrderError, OrderFailure};
+use crate::order::{carry_out, saying_while, BuildOrder, Moved, OrderError, OrderFailure};
 use crate::session::ServeConn;
 use crate::slots::remote::{RemoteSlot, RemoteSlots};
 use crate::slots::SlotLedger;
 use crate::ssh::Endpoint;
+use crate::state::leases::{Lease, Leases};
 use crate::state::StateDb;
 
 /// Where Nix reads the build log of a hook's build.
@@ -116,6 +117,8 @@ async fn by_agent_or_here(
             job.ledger,
             &mut |l| log.line(l),
             &mut note,
+            // The hook runs once per build and serves no metrics.
+            &mut Moved::default(),
         )
         .await;
     }
@@ -155,6 +158,7 @@ async fn by_agent_or_here(
                 job.ledger,
                 &mut |l| log.line(l),
                 &mut note,
+                &mut Moved::default(),
             )
             .await
         }
@@ -165,18 +169,22 @@ async fn by_agent_or_here(
 /// caller for the build (the client-side slot is held since the choice). This process
 /// builds once: its broker lives as long as the slot. While others hold every slot,
 /// `waiting` hears so every [`crate::order::WAIT_NOTICE`]; after [`SLOT_WAIT_LIMIT`]
-/// it is an error naming the machine.
+/// it is an error naming the machine. With a shared state, the slot is also leased
+/// there (its expected end unknown here: its start).
 pub(crate) async fn hold_on_builder(
     endpoint: &Endpoint,
     order: &BuildOrder,
     waiting: &mut (dyn FnMut(&str) + Send),
-) -> Result<Option<RemoteSlot>, DriverError> {
+) -> Result<(Option<RemoteSlot>, Option<Lease>), DriverError> {
     let slots = RemoteSlots::new([(endpoint.clone(), order.slots)]);
     let what = format!(
         "waiting for a build slot on '{}': other clients hold all {} of its slots",
         endpoint.name, order.slots
     );
-    saying_while(slots.take(0, SLOT_WAIT_LIMIT), &what, waiting).await
+    let held = saying_while(slots.take(0, SLOT_WAIT_LIMIT), &what, waiting).await?;
+    let lease = (held.as_ref().zip(Leases::open()))
+        .map(|(slot, leases)| leases.take(&endpoint.name, slot.slot(), order.name(), 0.0));
+    Ok((held, lease))
 }
 
 /// The build log, written where Nix reads it: fd 4, or stderr when the hook was started

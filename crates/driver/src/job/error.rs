@@ -16,8 +16,14 @@ use crate::DriverError;
 /// (bad flags, missing tools, refused machines) from work that failed.
 #[derive(Debug, Error)]
 pub enum JobError {
+    /// The state cannot be used as configured.
+    #[error(transparent)]
+    State(Box<crate::state::StateError>),
     #[error("reading Nix's settings")]
     Settings(#[source] Box<NixConfError>),
+    /// The metrics address (`--metrics`) cannot be bound.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::http::MetricsError),
     #[error(transparent)]
     Fleet(Box<FleetError>),
     /// A `--option` value the build settings cannot take.
@@ -137,6 +143,7 @@ impl JobError {
                 | JobError::NoAgent(_)
                 | JobError::WriteFile { .. }
                 | JobError::Target(_)
+                | JobError::Metrics(_)
         )
     }
 

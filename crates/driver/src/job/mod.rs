@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use crate::build::{self, BuildOptions, BuildReport, LogDestination, NodeResult, Reliability};
 use crate::fleet::nixconf::NixSettings;
 use crate::fleet::{build_fleet, MachineChoice, MachineConfig};
+use crate::metrics::http::Exposed;
+use crate::metrics::Serving;
 use crate::plan::dry_run::{dry_run, DryRun};
 use crate::plan::{build_nodes, output_path, read_drv_closure};
 use crate::state::report::{record, ReportMachine, RunReport};
@@ -34,6 +36,7 @@ mod access;
 mod error;
 mod evaluate;
 mod finish;
+mod metrics;
 mod record;
 
 pub use error::JobError;
@@ -80,6 +83,8 @@ pub struct BuildRequest {
     pub state: PathBuf,
     /// Files to write the run to once it is over (`--trace`, `--report`), in order.
     pub files: Vec<RunFile>,
+    /// Serve Prometheus metrics of the run here while it lasts (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A file the run is written to once it is over.
@@ -153,7 +158,26 @@ struct Planned {
 }
 
 /// Runs `request`, telling `events` as it goes; `stop` cancels the build (a signal).
+/// With `request.metrics`, the address is bound first and serves the run's metrics
+/// until it ends.
 pub async fn run(
+    request: &BuildRequest,
+    events: Arc<dyn Events>,
+    stop: CancellationToken,
+) -> Result<Outcome, JobError> {
+    let exposed = Exposed::bind(request.metrics, Serving::Run).await?;
+    let events: Arc<dyn Events> = match exposed.addr() {
+        Some(addr) => {
+            events.notice(&format!("metrics at http://{addr}/metrics\n"));
+            Arc::new(metrics::MetricEvents::new(events, exposed.metrics()))
+        }
+        None => events,
+    };
+    exposed.around(run_counted(request, events, stop)).await
+}
+
+/// [`run`], its events counted.
+async fn run_counted(
     request: &BuildRequest,
     events: Arc<dyn Events>,
     stop: CancellationToken,
@@ -190,7 +214,7 @@ pub async fn run(
         // Checked targets are built again wherever the plan puts them, valid or not.
         will_build.extend(planned.targets.iter().map(|t| t.drv.clone()));
     }
-    let history = open_state(&request.state, &settings.system, &mut options);
+    let history = open_state(&request.state, &settings.system, &mut options)?;
     let nodes = build_nodes(&planned.drvs, &will_build, &options.knowledge)?;
     let links = result_links(request, &planned)?;
     if request.through_daemon {
@@ -292,9 +316,15 @@ fn plan(request: &BuildRequest) -> Result<Planned, JobError> {
 
 /// The state database, and what it learned into `options`; without it, default
 /// estimates.
-fn open_state(path: &Path, system: &str, options: &mut BuildOptions) -> Option<StateDb> {
+fn open_state(
+    path: &Path,
+    system: &str,
+    options: &mut BuildOptions,
+) -> Result<Option<StateDb>, JobError> {
     let history = match StateDb::open(path) {
         Ok(h) => Some(h),
+        // A shared state this offload must not use is not quietly replaced.
+        Err(e) if e.refuses() => return Err(JobError::State(Box::new(e))),
         Err(e) => {
             tracing::warn!("{e}; planning with default estimates");
             None
@@ -306,7 +336,7 @@ fn open_state(path: &Path, system: &str, options: &mut BuildOptions) -> Option<S
             Err(e) => tracing::warn!("{e}; planning with default estimates"),
         }
     }
-    history
+    Ok(history)
 }
 
 /// Each requested output with its result link's name, as nix-build names them.

@@ -144,4 +144,8 @@ impl Reporter for Recorder {
         self.events
             .transfer_finished(path, from, to, bytes, seconds, ok);
     }
+
+    fn bytes_moved(&self, route: crate::reporter::ByteRoute, from: &str, to: &str, bytes: u64) {
+        self.events.bytes_moved(route, from, to, bytes);
+    }
 }

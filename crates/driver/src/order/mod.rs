@@ -51,6 +51,11 @@ pub struct BuildOrder {
 }
 
 impl BuildOrder {
+    /// The derivation's name (`hello-2.12`), as leases name the build.
+    pub(crate) fn name(&self) -> &str {
+        crate::state::leases::drv_name(&self.drv_path)
+    }
+
     pub(crate) fn build_settings(&self) -> BuildSettings {
         BuildSettings {
             max_silent_time: self.max_silent_time,
@@ -60,6 +65,14 @@ impl BuildOrder {
             ..BuildSettings::default()
         }
     }
+}
+
+/// NAR bytes a build order moved: inputs to the builder (`sent`), outputs home
+/// (`fetched`); what landed counts, even when a later step failed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    pub sent: u64,
+    pub fetched: u64,
 }
 
 /// How a build carried out elsewhere (by the agent) failed, as the hook reports it.
@@ -139,13 +152,14 @@ fn describe(e: &OrderError) -> String {
 /// Carries out `order` on the machine behind `remote` (a session the caller opened, or a
 /// warm one from the agent's pool): the inputs it lacks, the build with its log handed
 /// to `log`, the missing outputs back into the local store. What it is doing goes to
-/// `note`, in the words of Nix's hook.
+/// `note`, in the words of Nix's hook; the bytes copied are added to `moved`.
 pub(crate) async fn carry_out(
     order: &BuildOrder,
     remote: &mut ServeConn,
     ledger: &SlotLedger,
     log: &mut (dyn FnMut(&str) + Send),
     note: &mut (dyn FnMut(&str) + Send),
+    moved: &mut Moved,
 ) -> Result<(), OrderError> {
     let drv_path = &order.drv_path;
     same_store_dir(order)?;
@@ -192,7 +206,7 @@ pub(crate) async fn carry_out(
             .filter(|p| !present.contains(p))
             .cloned()
             .collect();
-        copy(&mut local, remote, &missing).await?;
+        copy(&mut local, remote, &missing, &mut moved.sent).await?;
     }
 
     // As Nix's hook does: with input derivations, the whole input closure goes as sources.
@@ -233,6 +247,7 @@ pub(crate) async fn carry_out(
         });
     }
 
+    let home = (&mut local, &local_endpoint);
     match floating {
         Some(floating) => {
             let built = crate::realise::reported(
@@ -242,7 +257,7 @@ pub(crate) async fn carry_out(
                 &machine,
                 drv_path,
             )?;
-            realised_home(order, built, remote, (&mut local, &local_endpoint), note).await?;
+            realised_home(order, built, remote, home, note, &mut moved.fetched).await?;
         }
         None => {
             let wanted: Vec<String> = outputs
@@ -252,7 +267,7 @@ pub(crate) async fn carry_out(
                 })
                 .map(|(_, p)| p.clone())
                 .collect();
-            outputs_home(remote, (&mut local, &local_endpoint), wanted, note).await?;
+            outputs_home(remote, home, wanted, note, &mut moved.fetched).await?;
         }
     }
     let _ = local.close().await;
@@ -280,13 +295,14 @@ async fn realised_home(
     remote: &mut ServeConn,
     local: (&mut ServeConn, &Endpoint),
     note: &mut (dyn FnMut(&str) + Send),
+    fetched: &mut u64,
 ) -> Result<(), OrderError> {
     let features = &order.experimental_features;
     let mut here =
         crate::realise::LocalRealisations::open(order.store.as_deref(), features).await?;
     let built = here.missing(built).await?;
     let paths: Vec<String> = built.iter().map(|b| b.out_path.clone()).collect();
-    outputs_home(remote, local, paths, note).await?;
+    outputs_home(remote, local, paths, note, fetched).await?;
     here.register(&built).await?;
     Ok(())
 }
@@ -299,6 +315,7 @@ async fn outputs_home(
     (local, local_endpoint): (&mut ServeConn, &Endpoint),
     wanted: Vec<String>,
     note: &mut (dyn FnMut(&str) + Send),
+    fetched: &mut u64,
 ) -> Result<(), OrderError> {
     let closure = if wanted.is_empty() {
         wanted
@@ -314,14 +331,16 @@ async fn outputs_home(
     for lock in held_locks::release_held_output_locks(local_endpoint, &missing).await {
         tracing::debug!("removed the name of {lock}, held by the Nix that runs this hook");
     }
-    copy(remote, local, &missing).await
+    copy(remote, local, &missing, fetched).await
 }
 
-/// Copies `paths` (valid on `from`) to `to`, each after the ones it refers to.
+/// Copies `paths` (valid on `from`) to `to`, each after the ones it refers to; adds
+/// the NAR bytes of each that lands to `bytes`.
 async fn copy(
     from: &mut ServeConn,
     to: &mut ServeConn,
     paths: &[String],
+    bytes: &mut u64,
 ) -> Result<(), OrderError> {
     if paths.is_empty() {
         return Ok(());
@@ -341,6 +360,7 @@ async fn copy(
     for path in known.closure(paths) {
         if let Some(info) = known.info(&path) {
             to.add_to_store_nar_from(info, from).await?;
+            *bytes += info.nar_size;
         }
     }
     Ok(())

@@ -142,3 +142,20 @@ pub fn build_nodes(
     }
     Ok(nodes)
 }
+
+/// NAR sizes of those of `paths` that are valid in the local store; none when the store
+/// cannot be asked.
+pub async fn local_nar_sizes(paths: &[String]) -> HashMap<String, u64> {
+    let query = async {
+        let mut conn = crate::ServeConn::open(&crate::Endpoint::local("local", None)).await?;
+        let valid = conn.query_valid_paths(paths, false, false).await?;
+        conn.query_path_infos(&valid).await
+    };
+    match query.await {
+        Ok(infos) => infos.into_iter().map(|i| (i.path, i.nar_size)).collect(),
+        Err(e) => {
+            tracing::debug!("output sizes from the local store: {e}");
+            HashMap::new()
+        }
+    }
+}

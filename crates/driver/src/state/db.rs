@@ -1,10 +1,7 @@
-//! The database itself: opening it, its schema and migrations, and the builds it
+//! The database itself: where the state lives (a local SQLite file, or a PostgreSQL
+//! database shared by every client of a team), the one way queries run on either, the
+//! fall-back to the local file when the shared database is lost, and the builds it
 //! records.
-//!
-//! One schema, upgraded in place: [`MIGRATIONS`] run in order, and SQLite's
-//! `user_version` records how many have run, so a state file of an older offload
-//! gains the new tables on its first open. WAL mode and a busy timeout let runs that
-//! overlap share the file.
 //!
 //! Builds are keyed by the derivation's name without its hash (`hello-2.12.1`), with a
 //! version-insensitive fallback (`hello`), since a version bump rarely changes the cost
@@ -12,169 +9,211 @@
 //! factor; `learned.rs` reads them for `offload-learn`'s fit of speeds and estimates.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use thiserror::Error;
+
+use super::pg::{ConnectError, PgState};
+use super::schema::{open_sqlite, MIGRATIONS};
+use super::sql::{args, DbError, Row, Value};
 
 pub use offload_learn::{package_name, EstimateSource, DEFAULT_SECONDS};
 
-/// The schema, one step per entry; an entry never changes once released, a change is a
-/// new entry. The first is the duration history as it was before versioning (hence
-/// `IF NOT EXISTS`: files of that time already have it).
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS builds (
-         name TEXT NOT NULL,
-         pname TEXT NOT NULL,
-         system TEXT NOT NULL,
-         machine TEXT NOT NULL,
-         seconds REAL NOT NULL,
-         speed REAL NOT NULL,
-         finished_at INTEGER NOT NULL
-     );
-     CREATE INDEX IF NOT EXISTS builds_name ON builds (name, finished_at);
-     CREATE INDEX IF NOT EXISTS builds_pname ON builds (pname, finished_at);",
-    // Machines that failed: consecutive connection failures (reset by a success), the
-    // last one, and the end of a quarantine (Unix seconds; 0 for none).
-    "CREATE TABLE machines (
-         name TEXT PRIMARY KEY,
-         failures INTEGER NOT NULL,
-         last_failure TEXT NOT NULL,
-         last_failure_at INTEGER NOT NULL,
-         quarantined_until INTEGER NOT NULL
-     );",
-    // Every `offload build` run, for `offload report`: when it started (Unix seconds)
-    // and the run as the CLI records it (JSON).
-    "CREATE TABLE runs (
-         id INTEGER PRIMARY KEY AUTOINCREMENT,
-         started_at INTEGER NOT NULL,
-         report TEXT NOT NULL
-     );",
-    // What the planner learns (`learned.rs`): from here on `builds.machine` is the store
-    // URI as written and `seconds` the build's own time (its inputs' copies left out);
-    // NAR bytes of the outputs, the run the build was part of and the task's time but
-    // for its inputs' copies (the session and the build); every copy between this
-    // machine and another, with how many copies shared the link when it started; each
-    // machine's CPU cores.
-    "ALTER TABLE builds ADD COLUMN output_bytes INTEGER;
-     ALTER TABLE builds ADD COLUMN run TEXT;
-     ALTER TABLE builds ADD COLUMN task_seconds REAL;
-     CREATE TABLE transfers (
-         machine TEXT NOT NULL,
-         direction TEXT NOT NULL,
-         bytes INTEGER NOT NULL,
-         seconds REAL NOT NULL,
-         concurrent INTEGER NOT NULL,
-         at INTEGER NOT NULL
-     );
-     CREATE INDEX transfers_machine ON transfers (machine, at);
-     CREATE TABLE machine_cores (
-         machine TEXT PRIMARY KEY,
-         cores INTEGER NOT NULL,
-         learned_at INTEGER NOT NULL
-     );",
-    // Copies straight from one machine to another (`peers.rs`): whether the first
-    // reaches the second by its own ssh, as last probed, and each such copy, timed.
-    "CREATE TABLE peer_reach (
-         from_machine TEXT NOT NULL,
-         to_machine TEXT NOT NULL,
-         reachable INTEGER NOT NULL,
-         reason TEXT NOT NULL,
-         probed_at INTEGER NOT NULL,
-         PRIMARY KEY (from_machine, to_machine)
-     );
-     CREATE TABLE peer_transfers (
-         from_machine TEXT NOT NULL,
-         to_machine TEXT NOT NULL,
-         bytes INTEGER NOT NULL,
-         seconds REAL NOT NULL,
-         concurrent INTEGER NOT NULL,
-         at INTEGER NOT NULL
-     );
-     CREATE INDEX peer_transfers_pair ON peer_transfers (from_machine, to_machine, at);",
-];
-
-/// The history database could not be used.
+/// The state could not be used.
 #[derive(Debug, Error)]
-#[error("build history {path}: {op}")]
+#[error("state {place}: {op}: {cause}")]
 pub struct StateError {
-    pub path: PathBuf,
+    /// The file, or the shared database's URI (its password hidden).
+    pub place: String,
     pub op: &'static str,
-    #[source]
-    pub source: rusqlite::Error,
+    /// What the database said; part of the message (not a separate cause, so that it
+    /// is said once).
+    pub cause: DbError,
 }
 
-/// The duration history.
+impl StateError {
+    /// This offload must not go on with the state as it is (a URI that does not parse, a
+    /// schema of a newer offload); other errors cost a run its estimates, not the run.
+    pub fn refuses(&self) -> bool {
+        matches!(self.cause, DbError::Other(_)) && self.op.starts_with("opening")
+    }
+}
+
+/// Where the state's queries run.
+enum Backend {
+    Sqlite(Connection),
+    Postgres(PgState),
+}
+
+/// The state: build history, what was learned, machine records and runs.
 pub struct StateDb {
-    conn: Connection,
-    path: PathBuf,
+    backend: Mutex<Backend>,
+    /// The SQLite file: the state itself, or where it goes when the shared one is lost.
+    local: PathBuf,
+    /// The shared database's URI as messages name it, when it is the state.
+    shared: Option<String>,
+}
+
+/// The loss of the shared database has been said (once a process).
+static LOSS_SAID: AtomicBool = AtomicBool::new(false);
+/// When the shared database was last found gone, in this process.
+static DOWN_SINCE: Mutex<Option<Instant>> = Mutex::new(None);
+/// How long a database found gone is not asked again by what can do without it (leases).
+const DOWN_FOR: Duration = Duration::from_secs(60);
+
+/// Notes that the shared database is gone (unreachable, or lost).
+pub(crate) fn note_down() {
+    *DOWN_SINCE.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+}
+
+/// Whether the shared database was found gone in the last minute: leases are not tried
+/// then (each try could wait for the connect timeout).
+pub(crate) fn recently_down() -> bool {
+    DOWN_SINCE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .is_some_and(|at| at.elapsed() < DOWN_FOR)
 }
 
 impl StateDb {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens the state: the shared database when one is configured (`state` in the
+    /// config file, `$OFFLOAD_STATE`), with `path` as its local stand-in; else the
+    /// SQLite file at `path`.
     pub fn open(path: &Path) -> Result<StateDb, StateError> {
-        let err = |op| {
-            let path = path.to_path_buf();
-            move |source| StateError { path, op, source }
-        };
-        if let Some(dir) = path.parent() {
-            // A missing directory surfaces as the open error below, with the path.
-            let _ = std::fs::create_dir_all(dir);
+        match super::shared_uri() {
+            Some(uri) => StateDb::open_shared(&uri, path),
+            None => StateDb::open_file(path),
         }
-        let conn = Connection::open(path).map_err(err("opening"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(err("setting the busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err("turning on WAL mode"))?;
-        let mut history = StateDb {
-            conn,
-            path: path.to_path_buf(),
-        };
-        history.migrate()?;
-        Ok(history)
     }
 
-    /// Runs the migrations this file has not had yet, each in its own transaction.
-    /// Each takes the write lock before it reads the version (an immediate
-    /// transaction), so runs that open a new file at once migrate it once, in turn.
-    fn migrate(&mut self) -> Result<(), StateError> {
-        let err = |op| {
-            let path = self.path.clone();
-            move |source| StateError { path, op, source }
-        };
-        loop {
-            let tx = self
-                .conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(err("upgrading the schema"))?;
-            let done: usize = tx
-                .pragma_query_value(None, "user_version", |row| row.get(0))
-                .map_err(err("reading the schema version"))?;
-            if done > MIGRATIONS.len() {
+    /// Opens (creating if needed) the SQLite state at `path`.
+    pub fn open_file(path: &Path) -> Result<StateDb, StateError> {
+        let conn = open_sqlite(path).map_err(|(op, e)| StateError {
+            place: path.display().to_string(),
+            op,
+            cause: e.into(),
+        })?;
+        Ok(StateDb {
+            backend: Mutex::new(Backend::Sqlite(conn)),
+            local: path.to_path_buf(),
+            shared: None,
+        })
+    }
+
+    /// Opens the PostgreSQL state at `uri`, its schema brought up to date; one that
+    /// cannot be reached is said and the local file at `local` used instead.
+    pub fn open_shared(uri: &str, local: &Path) -> Result<StateDb, StateError> {
+        let place = redact(uri);
+        let unreachable = match PgState::connect(uri) {
+            Ok(pg) => match pg.migrate(MIGRATIONS) {
+                Ok(()) => {
+                    return Ok(StateDb {
+                        backend: Mutex::new(Backend::Postgres(pg)),
+                        local: local.to_path_buf(),
+                        shared: Some(place),
+                    })
+                }
+                Err(e) if e.is_lost() => e.to_string(),
+                Err(cause) => {
+                    return Err(StateError {
+                        place,
+                        op: "opening it",
+                        cause,
+                    })
+                }
+            },
+            Err(ConnectError::Uri(why)) => {
                 return Err(StateError {
-                    path: self.path.clone(),
-                    op: "reading the schema: it was made by a newer offload (give another \
-                         file with --history)",
-                    source: rusqlite::Error::InvalidQuery,
-                });
+                    place,
+                    op: "opening it",
+                    cause: DbError::Other(format!(
+                        "{why}; fix `state` in offload's config file or $OFFLOAD_STATE \
+                         (e.g. postgresql:///offload?host=/run/postgresql&user=offload)"
+                    )),
+                })
             }
-            let Some(sql) = MIGRATIONS.get(done) else {
-                return Ok(());
-            };
-            tx.execute_batch(sql).map_err(err("upgrading the schema"))?;
-            tx.pragma_update(None, "user_version", done + 1)
-                .map_err(err("upgrading the schema"))?;
-            tx.commit().map_err(err("upgrading the schema"))?;
+            Err(ConnectError::Unreachable(why)) => why,
+        };
+        say_lost(&format!(
+            "the shared state {place} cannot be reached ({unreachable}); offload uses the \
+             local state {} instead, and the builder locks keep slots apart: check that the \
+             server runs and the URI (`state` in offload's config file, or $OFFLOAD_STATE)",
+            local.display()
+        ));
+        StateDb::open_file(local)
+    }
+
+    /// Where the state is, for messages: the shared database, or the file.
+    pub fn place(&self) -> String {
+        match &*self.backend() {
+            Backend::Postgres(_) => self.shared.clone().unwrap_or_default(),
+            Backend::Sqlite(_) => self.local.display().to_string(),
         }
     }
 
-    pub(crate) fn conn(&self) -> &Connection {
-        &self.conn
+    /// Whether the state is the shared database (and it has not been lost).
+    pub fn is_shared(&self) -> bool {
+        matches!(&*self.backend(), Backend::Postgres(_))
     }
 
-    pub(crate) fn error(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
-        let path = self.path.clone();
-        move |source| StateError { path, op, source }
+    fn backend(&self) -> std::sync::MutexGuard<'_, Backend> {
+        self.backend.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `sql` (SQLite's spelling, `sql.rs`) and reads each row it returns with
+    /// `read`; `op` names what it does in an error.
+    pub(crate) fn query<T>(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Value],
+        read: impl Fn(&Row) -> Result<T, DbError>,
+    ) -> Result<Vec<T>, StateError> {
+        let err = |cause| StateError {
+            place: self.place(),
+            op,
+            cause,
+        };
+        let rows = self.rows(sql, params).map_err(err)?;
+        rows.iter().map(|r| read(r).map_err(err)).collect()
+    }
+
+    /// Runs `sql`, its rows unread.
+    pub(crate) fn execute(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<(), StateError> {
+        self.query(op, sql, params, |_| Ok(())).map(|_| ())
+    }
+
+    /// The rows of `sql`: on the shared database while it answers, else (from its loss
+    /// on, said once) on the local file.
+    fn rows(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        let mut backend = self.backend();
+        let lost = match &*backend {
+            Backend::Sqlite(conn) => return sqlite_rows(conn, sql, params),
+            Backend::Postgres(pg) => match pg.query(sql, params) {
+                Err(e) if e.is_lost() => e,
+                answer => return answer,
+            },
+        };
+        let conn = open_sqlite(&self.local).map_err(|(_, e)| e)?;
+        say_lost(&format!(
+            "lost the shared state {} ({lost}); what is left of this run is kept in {} and \
+             the builder locks keep slots apart",
+            self.shared.as_deref().unwrap_or_default(),
+            self.local.display()
+        ));
+        *backend = Backend::Sqlite(conn);
+        let Backend::Sqlite(conn) = &*backend else {
+            unreachable!("just set")
+        };
+        sqlite_rows(conn, sql, params)
     }
 
     /// Records a finished build of `name` for `system` that took `seconds` on
@@ -203,31 +242,95 @@ impl StateDb {
 
     /// Records a finished build.
     pub fn record_build(&self, b: &BuildRecord<'_>) -> Result<(), StateError> {
-        self.conn
-            .execute(
-                "INSERT INTO builds (name, pname, system, machine, seconds, speed,
-                                     finished_at, output_bytes, run, task_seconds)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
-                    b.name,
-                    package_name(b.name),
-                    b.system,
-                    b.machine,
-                    b.seconds,
-                    b.declared_speed,
-                    unix_now(),
-                    b.output_bytes.map(|n| n as i64),
-                    b.run,
-                    b.task_seconds
-                ],
-            )
-            .map(|_| ())
-            .map_err(|source| StateError {
-                path: self.path.clone(),
-                op: "recording a build",
-                source,
-            })
+        self.execute(
+            "recording a build",
+            "INSERT INTO builds (name, pname, system, machine, seconds, speed,
+                                 finished_at, output_bytes, run, task_seconds)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            args![
+                b.name,
+                package_name(b.name),
+                b.system,
+                b.machine,
+                b.seconds,
+                b.declared_speed,
+                unix_now(),
+                b.output_bytes.map(|n| n as i64),
+                b.run,
+                b.task_seconds
+            ],
+        )
     }
+}
+
+/// Says `what` of the shared database, once a process (every later loss is the same
+/// news).
+fn say_lost(what: &str) {
+    note_down();
+    if LOSS_SAID.swap(true, Ordering::Relaxed) {
+        tracing::debug!("{what}");
+    } else {
+        tracing::warn!("{what}");
+    }
+}
+
+/// `sql`'s rows on SQLite.
+fn sqlite_rows(conn: &Connection, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let columns = stmt.column_count();
+    let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| {
+        (0..columns)
+            .map(|i| {
+                Ok(match r.get_ref(i)? {
+                    rusqlite::types::ValueRef::Null => Value::Null,
+                    rusqlite::types::ValueRef::Integer(v) => Value::Int(v),
+                    rusqlite::types::ValueRef::Real(v) => Value::Real(v),
+                    rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                        Value::Text(String::from_utf8_lossy(t).into_owned())
+                    }
+                })
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map(Row)
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Int(v) => ValueRef::Integer(*v),
+            Value::Real(v) => ValueRef::Real(*v),
+            Value::Text(v) => ValueRef::Text(v.as_bytes()),
+        }))
+    }
+}
+
+/// `uri` with its password hidden, for messages.
+pub fn redact(uri: &str) -> String {
+    let mut out = uri.to_string();
+    // postgresql://user:password@host/…
+    if let Some(scheme_end) = out.find("://") {
+        let rest = &out[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                let (from, to) = (scheme_end + 3 + colon + 1, scheme_end + 3 + at);
+                out.replace_range(from..to, "***");
+            }
+        }
+    }
+    // password=… as a query parameter or a key=value pair.
+    if let Some(at) = out.find("password=") {
+        let from = at + "password=".len();
+        let to = out[from..]
+            .find(['&', ' '])
+            .map_or(out.len(), |end| from + end);
+        out.replace_range(from..to, "***");
+    }
+    out
 }
 
 /// One finished build, as the state keeps it.
@@ -262,99 +365,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn estimates_scale_by_speed_and_fall_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = StateDb::open(&dir.path().join("h.sqlite")).unwrap();
+    fn passwords_stay_out_of_messages() {
         assert_eq!(
-            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0"),
-            (DEFAULT_SECONDS, EstimateSource::Default)
-        );
-        h.record("hello-1.0", "x86_64-linux", "fast", 2.0, 2.0, None)
-            .unwrap();
-        h.record("hello-1.0", "x86_64-linux", "slow", 4.0, 1.0, None)
-            .unwrap();
-        assert_eq!(
-            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0"),
-            (4.0, EstimateSource::Exact)
+            redact("postgresql://ann:s3cret@db.example/offload?sslmode=prefer"),
+            "postgresql://ann:***@db.example/offload?sslmode=prefer"
         );
         assert_eq!(
-            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.1"),
-            (4.0, EstimateSource::OtherVersion)
+            redact("postgresql:///offload?host=/run/pg&password=x&user=u"),
+            "postgresql:///offload?host=/run/pg&password=***&user=u"
         );
-        drop(h);
-        // It persists.
-        let h = StateDb::open(&dir.path().join("h.sqlite")).unwrap();
         assert_eq!(
-            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0").1,
-            EstimateSource::Exact
+            redact("postgresql:///offload?host=/run/pg&port=5439"),
+            "postgresql:///offload?host=/run/pg&port=5439"
         );
-    }
-
-    #[test]
-    fn runs_that_open_a_new_file_at_once_all_get_the_whole_schema() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("h.sqlite");
-        let opened: Vec<_> = (0..12)
-            .map(|_| {
-                let path = path.clone();
-                std::thread::spawn(move || {
-                    StateDb::open(&path).map(|h| h.conn().path().map(str::to_owned))
-                })
-            })
-            .collect();
-        for run in opened {
-            run.join().unwrap().expect("every concurrent open succeeds");
-        }
-        let h = StateDb::open(&path).unwrap();
-        let version: usize = h
-            .conn()
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, MIGRATIONS.len());
-    }
-
-    #[test]
-    fn a_history_file_from_before_versioning_upgrades_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("old.sqlite");
-        {
-            // The schema as offload created it before migrations, with one build.
-            let old = Connection::open(&path).unwrap();
-            old.execute_batch(MIGRATIONS[0]).unwrap();
-            old.execute(
-                "INSERT INTO builds VALUES ('hello-1.0', 'hello', 'x86_64-linux', 'b1', 3.0, 1.0, 1)",
-                [],
-            )
-            .unwrap();
-        }
-        let h = StateDb::open(&path).unwrap();
-        assert_eq!(
-            h.knowledge("x86_64-linux").unwrap().estimate("hello-1.0"),
-            (3.0, EstimateSource::Exact)
-        );
-        let version: usize = h
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, MIGRATIONS.len());
-        let mode: String = h
-            .conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, "wal");
-        h.machine_failed("b1", "connection refused", 100).unwrap();
-        drop(h);
-        // Opening it again runs nothing twice and keeps what was recorded.
-        let h = StateDb::open(&path).unwrap();
-        assert_eq!(h.machine("b1").unwrap().map(|m| m.failures), Some(1));
-        // A file of a newer offload is refused, not damaged.
-        h.conn
-            .pragma_update(None, "user_version", MIGRATIONS.len() + 1)
-            .unwrap();
-        drop(h);
-        let e = StateDb::open(&path)
-            .err()
-            .expect("a newer schema is refused");
-        assert!(e.op.contains("newer offload"), "{e}");
     }
 }

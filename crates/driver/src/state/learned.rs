@@ -6,43 +6,36 @@
 
 use std::collections::HashMap;
 
-use offload_learn::{BuildRow, Knowledge, Transfer, RECENT_PER_CELL, RECENT_TRANSFERS, ROWS_READ};
-use rusqlite::params;
-
+use super::sql::{args, DbError, Row};
 use super::{StateDb, StateError};
+use offload_learn::{BuildRow, Knowledge, Transfer, RECENT_PER_CELL, RECENT_TRANSFERS, ROWS_READ};
 
 impl StateDb {
     /// Fits what the recorded builds and transfers say; `local_system` is this
     /// machine's native system, the unit of speed.
     pub fn knowledge(&self, local_system: &str) -> Result<Knowledge, StateError> {
-        let err = || self.error("reading what was learned");
-        let mut stmt = self
-            .conn()
-            .prepare(
-                "SELECT name, system, machine, seconds, speed, run FROM builds
-                 ORDER BY rowid DESC LIMIT ?1",
-            )
-            .map_err(err())?;
-        let rows: Vec<BuildRow> = stmt
-            .query_map(params![ROWS_READ as i64], |r| {
+        const OP: &str = "reading what was learned";
+        let rows: Vec<BuildRow> = self.query(
+            OP,
+            "SELECT name, system, machine, seconds, speed, run FROM builds
+             ORDER BY rowid DESC LIMIT ?1",
+            args![ROWS_READ as i64],
+            |r| {
                 Ok(BuildRow {
-                    name: r.get(0)?,
-                    system: r.get(1)?,
-                    machine: r.get(2)?,
-                    seconds: r.get(3)?,
-                    declared_speed: r.get(4)?,
-                    run: r.get(5)?,
+                    name: r.text(0)?,
+                    system: r.text(1)?,
+                    machine: r.text(2)?,
+                    seconds: r.real(3)?,
+                    declared_speed: r.real(4)?,
+                    run: r.opt_text(5)?,
                 })
-            })
-            .map_err(err())?
-            .collect::<Result<_, _>>()
-            .map_err(err())?;
-
+            },
+        )?;
         let sizes: HashMap<String, Vec<f64>> = self.recent_by_key(
             "SELECT name, output_bytes FROM builds WHERE output_bytes IS NOT NULL
              ORDER BY rowid DESC LIMIT ?1",
             RECENT_PER_CELL,
-            |r| Ok(r.get::<_, i64>(1)?.max(0) as f64),
+            |r| Ok(r.int(1)?.max(0) as f64),
         )?;
         let per_machine: HashMap<String, Vec<Transfer>> = self.recent_by_key(
             "SELECT machine, bytes, seconds, concurrent FROM transfers
@@ -50,9 +43,9 @@ impl StateDb {
             RECENT_TRANSFERS,
             |r| {
                 Ok(Transfer {
-                    bytes: r.get::<_, i64>(1)?.max(0) as u64,
-                    seconds: r.get(2)?,
-                    concurrent: r.get::<_, i64>(3)?.max(1) as u32,
+                    bytes: r.int(1)?.max(0) as u64,
+                    seconds: r.real(2)?,
+                    concurrent: r.int(3)?.max(1) as u32,
                 })
             },
         )?;
@@ -62,7 +55,7 @@ impl StateDb {
             "SELECT machine, task_seconds - seconds FROM builds
              WHERE task_seconds IS NOT NULL ORDER BY rowid DESC LIMIT ?1",
             RECENT_TRANSFERS,
-            |r| Ok(r.get::<_, f64>(1)?.max(0.0)),
+            |r| Ok(r.real(1)?.max(0.0)),
         )?;
         Ok(Knowledge::from_builds(&rows, local_system)
             .with_output_sizes(sizes)
@@ -76,18 +69,16 @@ impl StateDb {
         &self,
         sql: &str,
         per_key: usize,
-        value: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        value: impl Fn(&Row) -> Result<T, DbError>,
     ) -> Result<HashMap<String, Vec<T>>, StateError> {
-        let err = || self.error("reading what was learned");
-        let mut stmt = self.conn().prepare(sql).map_err(err())?;
-        let rows = stmt
-            .query_map(params![ROWS_READ as i64], |r| {
-                Ok((r.get::<_, String>(0)?, value(r)?))
-            })
-            .map_err(err())?;
+        let rows = self.query(
+            "reading what was learned",
+            sql,
+            args![ROWS_READ as i64],
+            |r| Ok((r.text(0)?, value(r)?)),
+        )?;
         let mut by_key: HashMap<String, Vec<T>> = HashMap::new();
-        for row in rows {
-            let (key, v) = row.map_err(err())?;
+        for (key, v) in rows {
             let cell = by_key.entry(key).or_default();
             if cell.len() < per_key {
                 cell.push(v);
@@ -106,45 +97,39 @@ impl StateDb {
         seconds: f64,
         concurrent: u32,
     ) -> Result<(), StateError> {
-        self.conn()
-            .execute(
-                "INSERT INTO transfers (machine, direction, bytes, seconds, concurrent, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    machine,
-                    if to_machine { "to" } else { "from" },
-                    bytes as i64,
-                    seconds,
-                    concurrent.max(1),
-                    crate::state::unix_now()
-                ],
-            )
-            .map(|_| ())
-            .map_err(self.error("recording a transfer"))
+        self.execute(
+            "recording a transfer",
+            "INSERT INTO transfers (machine, direction, bytes, seconds, concurrent, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            args![
+                machine,
+                if to_machine { "to" } else { "from" },
+                bytes as i64,
+                seconds,
+                concurrent.max(1),
+                crate::state::unix_now()
+            ],
+        )
     }
 
     /// The CPU cores of `machine` (its key), when learned.
     pub fn cores(&self, machine: &str) -> Result<Option<u32>, StateError> {
-        use rusqlite::OptionalExtension;
-        self.conn()
-            .query_row(
-                "SELECT cores FROM machine_cores WHERE machine = ?1",
-                params![machine],
-                |r| r.get::<_, u32>(0),
-            )
-            .optional()
-            .map_err(self.error("reading a machine's cores"))
+        let cores = self.query(
+            "reading a machine's cores",
+            "SELECT cores FROM machine_cores WHERE machine = ?1",
+            args![machine],
+            |r| Ok(r.int(0)?.clamp(0, u32::MAX.into()) as u32),
+        )?;
+        Ok(cores.into_iter().next())
     }
 
     pub fn set_cores(&self, machine: &str, cores: u32) -> Result<(), StateError> {
-        self.conn()
-            .execute(
-                "INSERT INTO machine_cores (machine, cores, learned_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (machine) DO UPDATE SET cores = ?2, learned_at = ?3",
-                params![machine, cores, crate::state::unix_now()],
-            )
-            .map(|_| ())
-            .map_err(self.error("recording a machine's cores"))
+        self.execute(
+            "recording a machine's cores",
+            "INSERT INTO machine_cores (machine, cores, learned_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (machine) DO UPDATE SET cores = ?2, learned_at = ?3",
+            args![machine, cores, crate::state::unix_now()],
+        )
     }
 }
 
@@ -157,7 +142,7 @@ mod tests {
     #[test]
     fn what_a_build_costs_besides_itself_is_kept_per_machine() {
         let dir = tempfile::tempdir().unwrap();
-        let h = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+        let h = StateDb::open_file(&dir.path().join("state.sqlite")).unwrap();
         // Four builds on a builder: 0.4 s around each, and once 3 s of input copies.
         for (i, extra) in [0.4, 0.45, 3.0, 0.4].iter().enumerate() {
             let name = format!("d{i}");

@@ -2,8 +2,7 @@
 //! failures, the last one, and a quarantine's end. The decisions (when to back off,
 //! when to quarantine) are the runner's (`build/health.rs`); this only keeps the record.
 
-use rusqlite::{params, OptionalExtension};
-
+use super::sql::args;
 use super::{StateDb, StateError};
 
 /// A machine's record.
@@ -21,57 +20,55 @@ pub struct MachineRecord {
 impl StateDb {
     /// The record of machine `name`, if it ever failed.
     pub fn machine(&self, name: &str) -> Result<Option<MachineRecord>, StateError> {
-        self.conn()
-            .query_row(
-                "SELECT failures, last_failure, last_failure_at, quarantined_until
-                 FROM machines WHERE name = ?1",
-                params![name],
-                |row| {
-                    Ok(MachineRecord {
-                        failures: row.get(0)?,
-                        last_failure: row.get(1)?,
-                        last_failure_at: row.get(2)?,
-                        quarantined_until: row.get(3)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(self.error("reading a machine's record"))
+        let found = self.query(
+            "reading a machine's record",
+            "SELECT failures, last_failure, last_failure_at, quarantined_until
+             FROM machines WHERE name = ?1",
+            args![name],
+            |row| {
+                Ok(MachineRecord {
+                    failures: row.int(0)?.clamp(0, u32::MAX.into()) as u32,
+                    last_failure: row.text(1)?,
+                    last_failure_at: row.int(2)?,
+                    quarantined_until: row.int(3)?,
+                })
+            },
+        )?;
+        Ok(found.into_iter().next())
     }
 
     /// Counts a connection failure of `name` at `at` (Unix seconds); returns its
     /// consecutive failures, this one included.
     pub fn machine_failed(&self, name: &str, reason: &str, at: i64) -> Result<u32, StateError> {
-        self.conn()
-            .query_row(
-                "INSERT INTO machines (name, failures, last_failure, last_failure_at, quarantined_until)
-                 VALUES (?1, 1, ?2, ?3, 0)
-                 ON CONFLICT (name) DO UPDATE SET failures = failures + 1,
-                     last_failure = ?2, last_failure_at = ?3
-                 RETURNING failures",
-                params![name, reason, at],
-                |row| row.get(0),
-            )
-            .map_err(self.error("recording a machine's failure"))
+        let failures = self.query(
+            "recording a machine's failure",
+            "INSERT INTO machines (name, failures, last_failure, last_failure_at, quarantined_until)
+             VALUES (?1, 1, ?2, ?3, 0)
+             ON CONFLICT (name) DO UPDATE SET failures = machines.failures + 1,
+                 last_failure = ?2, last_failure_at = ?3
+             RETURNING failures",
+            args![name, reason, at],
+            |row| Ok(row.int(0)?.clamp(0, u32::MAX.into()) as u32),
+        )?;
+        Ok(failures.into_iter().next().unwrap_or(1))
     }
 
     /// Keeps `name` out of runs until `until` (Unix seconds).
     pub fn quarantine(&self, name: &str, until: i64) -> Result<(), StateError> {
-        self.conn()
-            .execute(
-                "UPDATE machines SET quarantined_until = ?2 WHERE name = ?1",
-                params![name, until],
-            )
-            .map(|_| ())
-            .map_err(self.error("quarantining a machine"))
+        self.execute(
+            "quarantining a machine",
+            "UPDATE machines SET quarantined_until = ?2 WHERE name = ?1",
+            args![name, until],
+        )
     }
 
     /// `name` answered: its failures and any quarantine are forgotten.
     pub fn machine_ok(&self, name: &str) -> Result<(), StateError> {
-        self.conn()
-            .execute("DELETE FROM machines WHERE name = ?1", params![name])
-            .map(|_| ())
-            .map_err(self.error("clearing a machine's failures"))
+        self.execute(
+            "clearing a machine's failures",
+            "DELETE FROM machines WHERE name = ?1",
+            args![name],
+        )
     }
 }
 
@@ -103,7 +100,7 @@ mod tests {
     #[test]
     fn failures_count_until_a_success_and_quarantines_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let h = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+        let h = StateDb::open_file(&dir.path().join("state.sqlite")).unwrap();
         assert_eq!(h.machine("b1").unwrap(), None);
         assert_eq!(h.machine_failed("b1", "refused", 10).unwrap(), 1);
         assert_eq!(h.machine_failed("b1", "timed out", 20).unwrap(), 2);

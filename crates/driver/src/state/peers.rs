@@ -2,8 +2,7 @@
 //! per pair and kept), and the copies it made straight to it, from which the pair's
 //! link is learned as the client's links are ([`offload_learn::PairLinks`]).
 
-use rusqlite::params;
-
+use super::sql::args;
 use super::StateDb;
 use crate::state::{unix_now, StateError};
 use offload_learn::{LinkFigures, PairLinks, RECENT_TRANSFERS};
@@ -41,17 +40,15 @@ impl StateDb {
         reachable: bool,
         reason: &str,
     ) -> Result<(), StateError> {
-        self.conn()
-            .execute(
-                "INSERT INTO peer_reach (from_machine, to_machine, reachable, reason, probed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (from_machine, to_machine) DO UPDATE SET
-                     reachable = excluded.reachable, reason = excluded.reason,
-                     probed_at = excluded.probed_at",
-                params![from, to, reachable, reason, unix_now()],
-            )
-            .map(|_| ())
-            .map_err(self.error("recording a probe between machines"))
+        self.execute(
+            "recording a probe between machines",
+            "INSERT INTO peer_reach (from_machine, to_machine, reachable, reason, probed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (from_machine, to_machine) DO UPDATE SET
+                 reachable = excluded.reachable, reason = excluded.reason,
+                 probed_at = excluded.probed_at",
+            args![from, to, reachable, reason, unix_now()],
+        )
     }
 
     /// Records a copy straight from `from` to `to` of `bytes` that took `seconds`.
@@ -63,69 +60,51 @@ impl StateDb {
         seconds: f64,
         concurrent: u32,
     ) -> Result<(), StateError> {
-        self.conn()
-            .execute(
-                "INSERT INTO peer_transfers (from_machine, to_machine, bytes, seconds, concurrent, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    from,
-                    to,
-                    bytes as i64,
-                    seconds,
-                    concurrent.max(1),
-                    unix_now()
-                ],
-            )
-            .map(|_| ())
-            .map_err(self.error("recording a copy between machines"))
+        self.execute(
+            "recording a copy between machines",
+            "INSERT INTO peer_transfers (from_machine, to_machine, bytes, seconds, concurrent, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            args![
+                from,
+                to,
+                bytes as i64,
+                seconds,
+                concurrent.max(1),
+                unix_now()
+            ],
+        )
     }
 
     /// Every pair probed, with its learned link.
     pub fn peer_reach(&self) -> Result<Vec<PeerReach>, StateError> {
-        let err = || self.error("reading the probes between machines");
-        let mut stmt = self
-            .conn()
-            .prepare(
-                "SELECT from_machine, to_machine, reachable, reason, probed_at FROM peer_reach
-                 ORDER BY from_machine, to_machine",
-            )
-            .map_err(err())?;
-        let pairs: Vec<PeerReach> = stmt
-            .query_map([], |r| {
+        const OP: &str = "reading the probes between machines";
+        let pairs: Vec<PeerReach> = self.query(
+            OP,
+            "SELECT from_machine, to_machine, reachable, reason, probed_at FROM peer_reach
+             ORDER BY from_machine, to_machine",
+            args![],
+            |r| {
                 Ok(PeerReach {
-                    from: r.get(0)?,
-                    to: r.get(1)?,
-                    reachable: r.get(2)?,
-                    reason: r.get(3)?,
-                    probed_at: r.get::<_, i64>(4)?.max(0) as u64,
+                    from: r.text(0)?,
+                    to: r.text(1)?,
+                    reachable: r.int(2)? != 0,
+                    reason: r.text(3)?,
+                    probed_at: r.int(4)?.max(0) as u64,
                     link: None,
                 })
-            })
-            .map_err(err())?
-            .collect::<Result<_, _>>()
-            .map_err(err())?;
-        let mut copies = self
-            .conn()
-            .prepare(
-                "SELECT bytes, seconds, concurrent FROM peer_transfers
-                 WHERE from_machine = ?1 AND to_machine = ?2 ORDER BY rowid DESC LIMIT ?3",
-            )
-            .map_err(err())?;
+            },
+        )?;
         pairs
             .into_iter()
             .map(|mut p| {
+                let rows = self.query(
+                    OP,
+                    "SELECT bytes, seconds, concurrent FROM peer_transfers
+                     WHERE from_machine = ?1 AND to_machine = ?2 ORDER BY rowid DESC LIMIT ?3",
+                    args![&p.from, &p.to, RECENT_TRANSFERS as i64],
+                    |r| Ok((r.int(0)?.max(0) as u64, r.real(1)?, r.int(2)?.max(1) as u32)),
+                )?;
                 let mut learned: PairLinks<()> = PairLinks::default();
-                let rows = copies
-                    .query_map(params![p.from, p.to, RECENT_TRANSFERS as i64], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?.max(0) as u64,
-                            r.get::<_, f64>(1)?,
-                            r.get::<_, i64>(2)?.max(1) as u32,
-                        ))
-                    })
-                    .map_err(err())?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(err())?;
                 // Oldest first, as they happened.
                 for (bytes, seconds, concurrent) in rows.into_iter().rev() {
                     learned.record((), (), bytes, seconds, concurrent);
@@ -144,7 +123,7 @@ mod tests {
     #[test]
     fn a_probe_is_kept_per_pair_and_copies_teach_its_link() {
         let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
+        let db = StateDb::open_file(&dir.path().join("state.sqlite")).unwrap();
         db.record_peer_probe("ssh://a", "ssh://b", false, "Connection refused")
             .unwrap();
         db.record_peer_probe("ssh://a", "ssh://b", true, "")

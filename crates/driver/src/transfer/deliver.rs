@@ -284,6 +284,10 @@ impl TransferEngine {
             }
         };
         self.target_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(r) = &self.reporter {
+            let route = crate::reporter::ByteRoute::ToTarget;
+            r.bytes_moved(route, &name, &target.uri, bytes);
+        }
         self.client_bytes
             .fetch_add(bytes * crossings, Ordering::Relaxed);
         Ok(bytes)

@@ -134,6 +134,10 @@ impl TransferEngine {
         match ran {
             Ran::Done { seconds } => {
                 self.direct_bytes.fetch_add(bytes, Ordering::Relaxed);
+                if let Some(r) = &self.reporter {
+                    let route = crate::reporter::ByteRoute::BuilderToBuilder;
+                    r.bytes_moved(route, &from_name, &to_name, bytes);
+                }
                 self.record_landed(&infos, from, machine, seconds);
                 Self::lock(&self.news).peer_transfers.push(PeerRecord {
                     from,

@@ -10,6 +10,7 @@ use offload_sched::MachineId;
 
 use super::{TransferEngine, TransferRecord};
 use crate::error::DriverError;
+use crate::reporter::ByteRoute;
 use crate::session::{ChainProgress, Traffic};
 
 impl TransferEngine {
@@ -53,8 +54,13 @@ impl TransferEngine {
                 return Err(e);
             }
         };
-        let (links, from_name, to_name) = {
+        let (links, from_name, to_name, route) = {
             let specs = self.specs();
+            let route = match (specs[source].is_local, specs[machine].is_local) {
+                (true, _) => ByteRoute::ClientToMachine,
+                (_, true) => ByteRoute::MachineToClient,
+                _ => ByteRoute::Relayed,
+            };
             let links: Vec<MachineId> = [source, machine]
                 .into_iter()
                 .filter(|&m| !specs[m].is_local)
@@ -63,6 +69,7 @@ impl TransferEngine {
                 links,
                 specs[source].name.clone(),
                 specs[machine].name.clone(),
+                route,
             )
         };
         let (from_name, to_name) = (&from_name, &to_name);
@@ -98,6 +105,9 @@ impl TransferEngine {
                 self.landed(&infos[i], source, machine, seconds, concurrent);
                 let crossed = infos[i].nar_size * links.len() as u64;
                 self.client_bytes.fetch_add(crossed, Ordering::Relaxed);
+                if let Some(r) = &self.reporter {
+                    r.bytes_moved(route, from_name, to_name, infos[i].nar_size);
+                }
             }
         };
         let result = to

@@ -270,19 +270,75 @@ fn a_build_that_loses_to_its_duplicate_reports_its_machine() {
     hedger.poll(&mut sched, 16.0);
     assert!(hedger.take_slower().is_empty());
     hedger.finished(&mut sched, 0, b, Outcome::Built, 26.0);
-    // Planned 10 s, ran 26 s without ending.
-    let slower = hedger.take_slower();
-    assert_eq!(slower.len(), 1);
-    assert_eq!(slower[0].0, a);
-    assert!((slower[0].1 - 10.0 / 26.0).abs() < 1e-9);
+    // Planned 10 s, ran 26 s without ending: planned at that from now on, and a fit
+    // during the run plans it no faster.
+    assert_eq!(hedger.take_slower(), vec![a]);
+    assert!((sched.machines()[a].speed - 10.0 / 26.0).abs() < 1e-9);
+    let (speed, _) = hedger.capped(a, 1.0, Vec::new());
+    assert!((speed - 10.0 / 26.0).abs() < 1e-9);
+    assert_eq!(hedger.capped(b, 1.0, Vec::new()).0, 1.0);
+}
+
+/// Four builds of 10 s on machine `a` (one slot), one after another, each watched.
+fn four_in_a_row() -> (Scheduler, Hedger) {
+    let graph = Graph::new(
+        (0..4)
+            .map(|i| NodeSpec::new(format!("n{i}"), "x86_64-linux", vec![], 10.0))
+            .collect(),
+    )
+    .unwrap();
+    let machines = vec![MachineSpec::new("a", "x86_64-linux", 1, 1.0)];
+    let sched = Scheduler::new(graph, machines, true);
+    let hedger = Hedger::new(HedgeRule::default(), &sched);
+    (sched, hedger)
+}
+
+/// Runs the builds on `a` one after another, the i-th taking `seconds[i]` of its own;
+/// returns what [`Hedger::take_slower`] said after each.
+fn run_builds(sched: &mut Scheduler, hedger: &mut Hedger, seconds: &[f64]) -> Vec<Vec<MachineId>> {
+    let mut actions = sched.start(0.0);
+    let mut now = 0.0;
+    let mut slower = Vec::new();
+    for &took in seconds {
+        let node = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Start { node, .. } => Some(*node),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("nothing started at {now}: {actions:?}"));
+        hedger.started(sched, node, now);
+        now += took;
+        hedger.built(sched, node, 0, took);
+        actions = hedger.finished(sched, node, 0, Outcome::Built, now);
+        slower.push(hedger.take_slower());
+    }
+    slower
 }
 
 #[test]
-fn an_original_that_wins_reports_nothing() {
-    let mut sched = two_machines();
-    let mut hedger = Hedger::new(generous(), &sched);
-    let a = started(&mut sched, &mut hedger);
-    hedger.poll(&mut sched, 16.0);
-    hedger.finished(&mut sched, 0, a, Outcome::Built, 18.0);
-    assert!(hedger.take_slower().is_empty());
+fn a_build_far_over_its_plan_plans_its_machine_slower_at_once() {
+    let (mut sched, mut hedger) = four_in_a_row();
+    // 10 s planned, 25 s of its own: the machine is at most 0.4 of what was planned.
+    let slower = run_builds(&mut sched, &mut hedger, &[25.0]);
+    assert_eq!(slower, vec![vec![0]]);
+    assert!((sched.machines()[0].speed - 0.4).abs() < 1e-9);
+}
+
+#[test]
+fn one_build_a_little_over_is_a_witness_and_two_convict() {
+    let (mut sched, mut hedger) = four_in_a_row();
+    // 17 s: over 1.5 × 10 s + 1 s, but not twice the plan: perhaps the derivation. A
+    // second one there: the machine, planned at the milder of the two.
+    let slower = run_builds(&mut sched, &mut hedger, &[17.0, 18.0]);
+    assert_eq!(slower, vec![vec![], vec![0]]);
+    assert!((sched.machines()[0].speed - 10.0 / 17.0).abs() < 1e-9);
+}
+
+#[test]
+fn a_build_on_time_clears_the_witness_against_its_machine() {
+    let (mut sched, mut hedger) = four_in_a_row();
+    let slower = run_builds(&mut sched, &mut hedger, &[17.0, 10.0, 17.0, 10.0]);
+    assert!(slower.iter().all(Vec::is_empty), "{slower:?}");
+    assert_eq!(sched.machines()[0].speed, 1.0);
 }

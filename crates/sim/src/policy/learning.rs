@@ -108,11 +108,13 @@ impl<'a> LearningPolicy<'a> {
         if self.guessing_outputs {
             self.policy.outputs_measured(node, n.output_bytes);
         }
+        let seconds = self.machines[machine].build_time(n);
+        self.policy.built(node, machine, seconds);
         self.rows.push(BuildRow {
             name: n.key.clone(),
             system: n.system.clone(),
             machine: state_key(&self.machines[machine]),
-            seconds: self.machines[machine].build_time(n),
+            seconds,
             declared_speed: self.declared[machine].speed_for(&n.system),
             run: Some(self.run.clone()),
         });

@@ -37,6 +37,12 @@ impl OffloadPolicy {
         self.sched.set_speeds(machine, speed, per_system);
     }
 
+    /// A build of `node` on `machine` took `seconds` of its own and ended well: a
+    /// machine it shows slower than planned is planned so at once (the hedger's rule).
+    pub fn built(&mut self, node: NodeId, machine: MachineId, seconds: f64) {
+        self.hedging.built(&mut self.sched, node, machine, seconds);
+    }
+
     /// Duplicates of builds that overran their plan: started, won, slot time lost.
     pub fn hedges(&self) -> HedgeCounts {
         self.hedging.counts()

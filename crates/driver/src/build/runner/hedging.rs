@@ -34,8 +34,6 @@ pub(super) struct Hedging {
     pub(super) hedger: Hedger,
     /// Each running duplicate's task and machine, by node.
     duplicates: HashMap<usize, (AbortHandle, MachineId)>,
-    /// Per machine, the most its speed can be by what builds under way showed.
-    caps: Vec<Option<f64>>,
 }
 
 impl Hedging {
@@ -45,20 +43,7 @@ impl Hedging {
         Hedging {
             hedger,
             duplicates: HashMap::new(),
-            caps: vec![None; sched.machines().len()],
         }
-    }
-
-    /// `speed` and `per_system`, no faster than what builds under way showed of
-    /// `machine`.
-    pub(super) fn capped(
-        &self,
-        machine: MachineId,
-        speed: f64,
-        per_system: Vec<(String, f64)>,
-    ) -> (f64, Vec<(String, f64)>) {
-        let cap = self.caps.get(machine).copied().flatten();
-        offload_sched::hedge::capped_speeds(cap, speed, per_system)
     }
 }
 
@@ -126,22 +111,14 @@ impl<T: BuildTransport> Runner<'_, T> {
         }
     }
 
-    /// Plans the machines whose builds lost to their duplicates at what those builds
-    /// showed.
-    fn plan_slower(&mut self) {
-        for (m, share) in self.hedging.hedger.take_slower() {
-            let spec = &self.machines[m];
-            let speed = spec.speed * share;
-            let per_system: Vec<(String, f64)> = spec
-                .system_speeds
-                .iter()
-                .map(|(s, v)| (s.clone(), v * share))
-                .collect();
-            tracing::debug!(machine = %spec.name, "speed at most {speed:.2} by a build that lost to its duplicate");
-            self.hedging.caps[m] = Some(speed);
-            self.machines[m].speed = speed;
-            self.machines[m].system_speeds = per_system.clone();
-            self.sched.set_speeds(m, speed, per_system);
+    /// Takes the speeds the hedger planned the machines its builds under way showed
+    /// slower at.
+    pub(super) fn plan_slower(&mut self) {
+        for m in self.hedging.hedger.take_slower() {
+            let planned = &self.sched.machines()[m];
+            tracing::debug!(machine = %planned.name, "speed at most {:.2} by its builds under way", planned.speed);
+            self.machines[m].speed = planned.speed;
+            self.machines[m].system_speeds = planned.system_speeds.clone();
         }
     }
 

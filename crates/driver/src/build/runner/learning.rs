@@ -19,7 +19,12 @@ use crate::transfer::{unreachable_note, TransferNews};
 /// commits a second). In WAL mode this keeps the database intact across a crash; a
 /// power loss may take the last rows, which only cost estimates.
 pub(super) fn commit_without_waiting_for_the_disk(history: &StateDb) {
-    if let Err(e) = history.conn().pragma_update(None, "synchronous", "NORMAL") {
+    // A shared state (PostgreSQL) has no such setting.
+    if history.is_shared() {
+        return;
+    }
+    let quick = history.execute("skipping fsync", "PRAGMA synchronous = NORMAL", &[]);
+    if let Err(e) = quick {
         tracing::debug!("the state's commits wait for the disk: {e}");
     }
 }
@@ -147,6 +152,11 @@ impl<T: BuildTransport> Runner<'_, T> {
         if let Some(bytes) = done.facts.output_bytes {
             self.sched.outputs_measured(done.node, bytes);
         }
+        if let Some(seconds) = done.facts.build_seconds {
+            let hedger = &mut self.hedging.hedger;
+            hedger.built(&mut self.sched, done.node, done.machine, seconds);
+            self.plan_slower();
+        }
         let node = &self.nodes[done.node];
         if let Some(h) = self.history {
             let recorded = h.record_build(&BuildRecord {
@@ -190,7 +200,7 @@ impl<T: BuildTransport> Runner<'_, T> {
             if let Some((speed, per_system)) =
                 knowledge.moved_speeds(&self.state_keys[m], spec, self.declared_speeds[m])
             {
-                let (speed, per_system) = self.hedging.capped(m, speed, per_system);
+                let (speed, per_system) = self.hedging.hedger.capped(m, speed, per_system);
                 tracing::debug!(machine = %spec.name, "speed now {speed:.2}: {per_system:?}");
                 self.machines[m].speed = speed;
                 self.machines[m].system_speeds = per_system.clone();

@@ -280,6 +280,8 @@ impl<'h, T: BuildTransport> Runner<'h, T> {
                     if let Ok((id, done)) = joined {
                         self.take_news();
                         self.on_finished(id, done);
+                        // Duplicates that took a slot this end freed start now.
+                        self.hedge_now();
                     }
                 }
                 Some(probed) = self.probes.join_next(), if !self.probes.is_empty() => {

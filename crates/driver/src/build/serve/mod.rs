@@ -45,6 +45,8 @@ pub(crate) struct ServeTransport {
     slots: Vec<u32>,
     /// The same slots locked on each builder, shared with clients on other machines.
     remote_slots: RemoteSlots,
+    /// Those slots also leased in the shared state, when there is one.
+    leases: Option<Arc<crate::state::leases::Leases>>,
     /// Machines that refused a session for good.
     refused: Vec<std::sync::atomic::AtomicBool>,
     /// When the builders were last asked for the slots others hold there.
@@ -97,6 +99,7 @@ impl ServeTransport {
                 )
             }))
             .with_masters(masters),
+            leases: crate::state::leases::Leases::open(),
             names: machines.iter().map(|m| m.spec.name.clone()).collect(),
             engine: Arc::new(
                 TransferEngine::new(pools, specs, LANES_PER_MACHINE)
@@ -336,11 +339,17 @@ impl ServeTransport {
             Err(e) => return (lost(e), false),
         };
         let take = self.remote_slots.take(machine, Duration::ZERO);
+        let n = &self.nodes[node];
+        let lease = |slot: Option<&crate::slots::remote::RemoteSlot>| {
+            (self.leases.as_ref().zip(slot))
+                .map(|(leases, slot)| leases.take(uri, slot.slot(), &n.name, n.estimate))
+        };
         if self.check.contains(&self.nodes[node].drv_path) {
             let _remote_slot = match take.await {
                 Ok(slot) => slot,
                 Err(e) => return slot_refused(e),
             };
+            let _lease = lease(_remote_slot.as_ref());
             return self.check_on(node, machine, log).await;
         }
         // The builder's slot is asked for while the session opens and the inputs go:
@@ -358,6 +367,7 @@ impl ServeTransport {
                 return slot_refused(e);
             }
         };
+        let _lease = lease(_remote_slot.as_ref());
         let mut conn = match session {
             Ok(conn) => conn,
             Err(ended) => return ended,
