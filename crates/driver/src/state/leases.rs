@@ -3,7 +3,7 @@
 //! by a session-level advisory lock of a connection of its own and a row in `leases`
 //! saying who holds it, for which build, since when and until when the plan expects it.
 //! Both belong to the client's database session: a client that dies (even by SIGKILL)
-//! frees its leases the moment the server sees its connection close, and [`held`] never
+//! frees its leases the moment the server sees its connection close, and [`Leases::held`] never
 //! shows the row of a session that has ended. The builders' locks stay the guard for
 //! clients without the database; leases make the team's slots visible in one place.
 
