@@ -28,6 +28,8 @@ declare -A WANT=(
   [man-db]=/usr/bin/man
   [groff-base]=/usr/bin/groff
   [curl]=/usr/bin/curl
+  # The sandbox shell of Nix's own remote-build tests (scripts/nix-remote-tests.sh).
+  [busybox-static]=/bin/busybox
 )
 missing=()
 for pkg in "${!WANT[@]}"; do
