@@ -124,13 +124,10 @@ impl Hedger {
         }
         let bound = mildest;
         self.suspects.remove(&machine);
-        let share = bound / current;
-        let speed = spec.speed * share;
-        let per_system = spec
-            .system_speeds
-            .iter()
-            .map(|(s, v)| (s.clone(), v * share))
-            .collect();
+        // The machine's speed at the share of the planned one its builds showed (its
+        // per-system speeds in proportion), kept as its cap.
+        let cap = spec.speed * bound / current;
+        let (speed, per_system) = capped_speeds(Some(cap), spec.speed, spec.system_speeds.clone());
         if let Some(cap) = self.caps.get_mut(machine) {
             *cap = Some(speed);
         }
